@@ -1,0 +1,169 @@
+//! Encoding, in one place so it can be replaced: typed payloads through serde and bincode 2, and
+//! the framing of a stored record body (raw, or lz4-compressed with the `compression` feature).
+//!
+//! A record body is one tag byte then the data:
+//! - `0`: the payload as sent;
+//! - `1`: lz4 block, prefixed with the decompressed length as a little-endian `u32`.
+//!
+//! Decoding checks the declared length against a cap before allocating, so a corrupt or hostile
+//! record cannot make the reader allocate without bound (a decompression bomb).
+
+use crate::error::Error;
+
+const TAG_RAW: u8 = 0;
+const TAG_LZ4: u8 = 1;
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Serializes `value` for a payload ([`Envelope::encode`](crate::Envelope::encode) uses this).
+///
+/// # Errors
+/// [`Error::Codec`] if serde fails.
+pub fn to_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| Error::Codec(e.to_string()))
+}
+
+/// Deserializes a payload made by [`to_bytes`]; trailing bytes are an error.
+///
+/// # Errors
+/// [`Error::Codec`] if `bytes` is not a complete encoding of `T`.
+pub fn from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| Error::Codec(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(Error::Codec(format!(
+            "{} trailing bytes after the value",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// Frames `payload` as a record body, compressing it when it is at least `compress_at` bytes
+/// long and compression makes it smaller.
+pub fn encode_body(payload: &[u8], compress_at: Option<usize>) -> Vec<u8> {
+    #[cfg(feature = "compression")]
+    if let Some(threshold) = compress_at
+        && payload.len() >= threshold
+        && let Ok(len) = u32::try_from(payload.len())
+    {
+        let compressed = lz4_flex::block::compress(payload);
+        if compressed.len() + 4 < payload.len() {
+            let mut body = Vec::with_capacity(compressed.len() + 5);
+            body.push(TAG_LZ4);
+            body.extend_from_slice(&len.to_le_bytes());
+            body.extend_from_slice(&compressed);
+            return body;
+        }
+    }
+    #[cfg(not(feature = "compression"))]
+    let _ = compress_at;
+    let mut body = Vec::with_capacity(payload.len() + 1);
+    body.push(TAG_RAW);
+    body.extend_from_slice(payload);
+    body
+}
+
+/// Reads a record body back into its payload, refusing anything that would exceed `max_len`
+/// bytes once decoded.
+///
+/// # Errors
+/// [`Error::Codec`] for an empty body, an unknown tag, a declared length over `max_len`, or
+/// compressed data that does not decode to exactly the declared length.
+pub fn decode_body(body: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
+    let (&tag, data) = body
+        .split_first()
+        .ok_or_else(|| Error::Codec("empty record body".into()))?;
+    match tag {
+        TAG_RAW => {
+            if data.len() > max_len {
+                return Err(Error::Codec(format!(
+                    "record of {} bytes is over the cap of {max_len}",
+                    data.len()
+                )));
+            }
+            Ok(data.to_vec())
+        }
+        TAG_LZ4 => decode_lz4(data, max_len),
+        other => Err(Error::Codec(format!("unknown record tag {other}"))),
+    }
+}
+
+#[cfg(feature = "compression")]
+fn decode_lz4(data: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
+    let (len, compressed) = data
+        .split_first_chunk::<4>()
+        .ok_or_else(|| Error::Codec("compressed record shorter than its header".into()))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > max_len {
+        return Err(Error::Codec(format!(
+            "compressed record declares {len} bytes, over the cap of {max_len}"
+        )));
+    }
+    let mut out = vec![0u8; len];
+    let written = lz4_flex::block::decompress_into(compressed, &mut out)
+        .map_err(|e| Error::Codec(format!("corrupt compressed record: {e}")))?;
+    if written != len {
+        return Err(Error::Codec(format!(
+            "compressed record decoded to {written} bytes, header said {len}"
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "compression"))]
+fn decode_lz4(_data: &[u8], _max_len: usize) -> Result<Vec<u8>, Error> {
+    Err(Error::Codec(
+        "record is lz4-compressed but the `compression` feature is off".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_round_trip_and_trailing_bytes() {
+        let value = (42u32, String::from("hi"), vec![1u8, 2, 3]);
+        let bytes = to_bytes(&value).unwrap();
+        assert_eq!(from_bytes::<(u32, String, Vec<u8>)>(&bytes).unwrap(), value);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            from_bytes::<(u32, String, Vec<u8>)>(&longer),
+            Err(Error::Codec(_))
+        ));
+    }
+
+    #[test]
+    fn raw_body_round_trip_and_cap() {
+        let body = encode_body(b"hello", None);
+        assert_eq!(decode_body(&body, 5).unwrap(), b"hello");
+        assert!(decode_body(&body, 4).is_err());
+        assert!(decode_body(&[], 10).is_err());
+        assert!(decode_body(&[9, 1, 2], 10).is_err());
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn compressed_round_trip_and_bomb() {
+        let payload = vec![7u8; 10_000];
+        let body = encode_body(&payload, Some(64));
+        assert_eq!(body[0], TAG_LZ4);
+        assert!(body.len() < 200);
+        assert_eq!(decode_body(&body, 10_000).unwrap(), payload);
+        // Declares more than the cap: refused before allocating.
+        let mut bomb = vec![TAG_LZ4];
+        bomb.extend_from_slice(&u32::MAX.to_le_bytes());
+        bomb.extend_from_slice(&body[5..]);
+        assert!(decode_body(&bomb, 10_000).is_err());
+        // Declares less than it holds: refused, not truncated silently.
+        let mut short = body.clone();
+        short[1..5].copy_from_slice(&100u32.to_le_bytes());
+        assert!(decode_body(&short, 10_000).is_err());
+        // Small or incompressible payloads stay raw.
+        assert_eq!(encode_body(b"abc", Some(64))[0], TAG_RAW);
+    }
+}

@@ -1,0 +1,132 @@
+//! [`Notifier`]: how an offline recipient is nudged to reconnect (FCM, APNs, Web Push, a
+//! webhook). The engine decides when, by [`NotifyPolicy`]; the notifier only sends.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::channel::mpsc;
+use parking_lot::Mutex;
+
+use crate::message::RecipientId;
+
+/// Why a nudge goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NudgeReason {
+    /// An urgent message was stored for an offline recipient.
+    Urgent,
+    /// A background message was stored for an offline recipient.
+    Background,
+    /// A session ended with messages still unacked or undelivered.
+    Unacked,
+}
+
+/// A content-free push: who, why, and how many messages wait. Never the payload or the sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nudge {
+    /// Who to nudge.
+    pub recipient: RecipientId,
+    /// Messages waiting, when the engine knows.
+    pub pending: Option<u64>,
+    /// Why.
+    pub reason: NudgeReason,
+}
+
+/// The push failed; the message it announced is stored all the same.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("notify failed: {0}")]
+pub struct NotifyError(pub String);
+
+/// Sends a nudge to an offline recipient.
+///
+/// Called from `send` after the message is stored, so it should return quickly: a notifier
+/// that talks to a slow service should queue the nudge (see [`ChannelNotifier`]) and send it from
+/// its own task. An error is counted and logged; it never fails or loses a send.
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    /// Sends `nudge`.
+    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError>;
+}
+
+/// A notifier that does nothing (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoopNotifier;
+
+#[async_trait]
+impl Notifier for NoopNotifier {
+    async fn notify(&self, _nudge: Nudge) -> Result<(), NotifyError> {
+        Ok(())
+    }
+}
+
+/// A notifier that keeps every nudge, for tests and examples.
+#[derive(Debug, Default)]
+pub struct RecordingNotifier(Mutex<Vec<Nudge>>);
+
+impl RecordingNotifier {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the nudges recorded so far.
+    pub fn take(&self) -> Vec<Nudge> {
+        std::mem::take(&mut self.0.lock())
+    }
+}
+
+#[async_trait]
+impl Notifier for RecordingNotifier {
+    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+        self.0.lock().push(nudge);
+        Ok(())
+    }
+}
+
+/// A notifier that queues nudges on a bounded channel and never waits: a full channel fails
+/// the nudge (counted by the engine), so a slow push service never slows a send.
+#[derive(Clone, Debug)]
+pub struct ChannelNotifier(mpsc::Sender<Nudge>);
+
+impl ChannelNotifier {
+    /// A notifier with room for `buffer` queued nudges, and the receiving end to drain them.
+    pub fn new(buffer: usize) -> (Self, mpsc::Receiver<Nudge>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        (Self(tx), rx)
+    }
+}
+
+#[async_trait]
+impl Notifier for ChannelNotifier {
+    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+        self.0.clone().try_send(nudge).map_err(|e| {
+            NotifyError(if e.is_full() {
+                "queue full".into()
+            } else {
+                "receiver dropped".into()
+            })
+        })
+    }
+}
+
+/// When the engine nudges. Defaults follow Signal's: urgent at once then at most once a minute,
+/// background at most once per 20 minutes, and a session that ends with messages pending earns
+/// a nudge a minute later (sent by [`OfflineQueue::maintain`](crate::OfflineQueue::maintain)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifyPolicy {
+    /// After a nudge, further urgent messages do not nudge for this long.
+    pub urgent_cooldown: Duration,
+    /// Background messages nudge at most once per this period.
+    pub background_interval: Duration,
+    /// Delay before nudging a recipient whose session ended with messages pending.
+    pub unacked_delay: Duration,
+}
+
+impl Default for NotifyPolicy {
+    fn default() -> Self {
+        Self {
+            urgent_cooldown: Duration::from_secs(60),
+            background_interval: Duration::from_secs(20 * 60),
+            unacked_delay: Duration::from_secs(60),
+        }
+    }
+}

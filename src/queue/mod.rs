@@ -1,0 +1,665 @@
+//! The [`OfflineQueue`] engine: validation, encoding, storage, wake-ups, nudges and sessions.
+
+mod nudges;
+mod session;
+
+pub use session::{Session, SessionEnd, SessionHandle};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Limits, Quota};
+use crate::message::{Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt};
+use crate::metrics::{self, Metrics, MetricsSnapshot};
+use crate::notifier::{NoopNotifier, Notifier, NotifyPolicy, Nudge, NudgeReason};
+use crate::storage::{Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
+use crate::transport::Transport;
+use nudges::NudgeState;
+use session::SessionShared;
+
+/// The smallest cap on a decoded payload, whatever `max_message_bytes` says.
+const DECODE_CAP_FLOOR: usize = 16 * 1024 * 1024;
+
+/// Called with each message that reached `max_deliveries` without an ack; the message is then
+/// removed. Keep it quick (log it, or queue it for inspection).
+pub type DeadLetterHook = Arc<dyn Fn(&RecipientId, Delivery) + Send + Sync>;
+
+/// The engine. Build one with [`OfflineQueue::builder`], clone it freely (clones share
+/// everything), and use it from every connection.
+///
+/// It starts no threads and needs no async runtime: sessions are futures the host runs, and
+/// periodic work is [`maintain`](Self::maintain), which the host calls on its own timer.
+#[derive(Clone)]
+pub struct OfflineQueue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for OfflineQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfflineQueue")
+            .field("limits", &self.inner.limits)
+            .field("batch", &self.inner.batch)
+            .field("live_sessions", &self.inner.sessions.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) storage: Arc<dyn Storage>,
+    notifier: Arc<dyn Notifier>,
+    pub(crate) clock: Arc<dyn Clock>,
+    limits: Limits,
+    quota: Quota,
+    pub(crate) batch: BatchLimit,
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_deliveries: u32,
+    pub(crate) dead_letter: Option<DeadLetterHook>,
+    notify_policy: NotifyPolicy,
+    compress_at: Option<usize>,
+    pub(crate) sessions: Mutex<HashMap<RecipientId, Arc<SessionShared>>>,
+    next_session_id: AtomicU64,
+    nudges: Mutex<NudgeState>,
+    pub(crate) metrics: Metrics,
+}
+
+/// Builds an [`OfflineQueue`]. Every setting has a default; `build` checks them all.
+#[must_use]
+pub struct OfflineQueueBuilder {
+    storage: Option<Arc<dyn Storage>>,
+    notifier: Arc<dyn Notifier>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    batch: BatchLimit,
+    max_in_flight: usize,
+    max_deliveries: u32,
+    dead_letter: Option<DeadLetterHook>,
+    notify_policy: NotifyPolicy,
+    compress_at: Option<usize>,
+}
+
+impl Default for OfflineQueueBuilder {
+    fn default() -> Self {
+        Self {
+            storage: None,
+            notifier: Arc::new(NoopNotifier),
+            clock: Arc::new(SystemClock),
+            limits: Limits::default(),
+            batch: BatchLimit::default(),
+            max_in_flight: 256,
+            max_deliveries: 10,
+            dead_letter: None,
+            notify_policy: NotifyPolicy::default(),
+            compress_at: None,
+        }
+    }
+}
+
+impl OfflineQueueBuilder {
+    /// Where messages are kept. Default: a new [`MemoryStorage`] (not durable).
+    pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// How offline recipients are nudged. Default: nobody is.
+    pub fn notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    /// The source of time. Default: the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Size limits, quotas and TTLs. Default: [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Bounds on one delivered batch. Default: 100 messages, 1 MiB.
+    pub fn batch(mut self, batch: BatchLimit) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Most messages delivered and not yet acked per session (MQTT's Receive Maximum).
+    /// Default 256, as Signal.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max;
+        self
+    }
+
+    /// After this many deliveries without an ack, a message goes to the dead-letter hook and is
+    /// removed instead of looping forever. Default 10.
+    pub fn max_deliveries(mut self, max: u32) -> Self {
+        self.max_deliveries = max;
+        self
+    }
+
+    /// Receives messages that reached `max_deliveries`. Default: they are logged and removed.
+    pub fn on_dead_letter(
+        mut self,
+        hook: impl Fn(&RecipientId, Delivery) + Send + Sync + 'static,
+    ) -> Self {
+        self.dead_letter = Some(Arc::new(hook));
+        self
+    }
+
+    /// When nudges go out. Default: [`NotifyPolicy::default`].
+    pub fn notify_policy(mut self, policy: NotifyPolicy) -> Self {
+        self.notify_policy = policy;
+        self
+    }
+
+    /// Compresses stored payloads of at least `threshold` bytes with lz4 (when that makes them
+    /// smaller). Off by default.
+    #[cfg(feature = "compression")]
+    pub fn compress_above(mut self, threshold: usize) -> Self {
+        self.compress_at = Some(threshold);
+        self
+    }
+
+    /// Checks every setting and builds the engine.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first setting out of range.
+    pub fn build(self) -> Result<OfflineQueue> {
+        self.limits.validate()?;
+        self.batch.validate()?;
+        if self.max_in_flight == 0 {
+            return Err(Error::InvalidConfig {
+                field: "max_in_flight",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::InvalidConfig {
+                field: "max_deliveries",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let storage = self
+            .storage
+            .unwrap_or_else(|| Arc::new(MemoryStorage::new()));
+        let mut batch = self.batch;
+        batch.max_messages = batch
+            .max_messages
+            .min(storage.capabilities().max_read_batch.max(1));
+        Ok(OfflineQueue {
+            inner: Arc::new(Inner {
+                storage,
+                notifier: self.notifier,
+                clock: self.clock,
+                quota: self.limits.quota(),
+                limits: self.limits,
+                batch,
+                max_in_flight: self.max_in_flight,
+                max_deliveries: self.max_deliveries,
+                dead_letter: self.dead_letter,
+                notify_policy: self.notify_policy,
+                compress_at: self.compress_at,
+                sessions: Mutex::new(HashMap::new()),
+                next_session_id: AtomicU64::new(1),
+                nudges: Mutex::new(NudgeState::default()),
+                metrics: Metrics::default(),
+            }),
+        })
+    }
+}
+
+/// A recipient's queue at a glance ([`OfflineQueue::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages stored (expired but not yet purged ones included).
+    pub messages: u64,
+    /// Stored bytes (encoded, after compression).
+    pub bytes: u64,
+    /// Age of the oldest stored message.
+    pub oldest_age: Option<Duration>,
+    /// Messages lost (dropped or expired unread) and not yet reported to the recipient.
+    pub lost: u64,
+}
+
+/// What one [`OfflineQueue::maintain`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Expired messages removed.
+    pub expired: u64,
+    /// Idle recipient queues removed whole.
+    pub idle_recipients: u64,
+    /// Nudges sent for sessions that ended with messages pending.
+    pub nudges: u64,
+    /// True if the budget ran out with work left: call again soon.
+    pub more: bool,
+}
+
+impl OfflineQueue {
+    /// A builder with every default.
+    pub fn builder() -> OfflineQueueBuilder {
+        OfflineQueueBuilder::default()
+    }
+
+    /// Stores one message and wakes its recipient: delivered at once to a live session, else
+    /// nudged (as [`NotifyPolicy`] allows). Returns once the message is stored.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
+    /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
+    pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
+        let urgency = envelope.urgency;
+        let recipient = envelope.recipient.clone();
+        let (id, record) = self.prepare(envelope)?;
+        let receipt = self.store(&recipient, vec![(id, record, urgency)]).await?;
+        Ok(receipt[0])
+    }
+
+    /// Stores many messages. Every envelope is validated first: if any is invalid, that error is
+    /// returned and nothing is stored. Then each recipient's messages are stored atomically
+    /// (all or none of that recipient's), so the result holds one outcome per envelope, in
+    /// input order.
+    ///
+    /// # Errors
+    /// The outer error is a validation error of the first invalid envelope.
+    pub async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Result<SendReceipt>>> {
+        let mut groups: Vec<(
+            RecipientId,
+            Vec<(usize, MessageId, NewRecord, crate::Urgency)>,
+        )> = Vec::new();
+        let mut group_of: HashMap<RecipientId, usize> = HashMap::new();
+        for (index, envelope) in envelopes.into_iter().enumerate() {
+            let urgency = envelope.urgency;
+            let recipient = envelope.recipient.clone();
+            let (id, record) = self.prepare(envelope)?;
+            let group = *group_of.entry(recipient.clone()).or_insert_with(|| {
+                groups.push((recipient, Vec::new()));
+                groups.len() - 1
+            });
+            groups[group].1.push((index, id, record, urgency));
+        }
+        let total = groups.iter().map(|(_, g)| g.len()).sum();
+        let mut results: Vec<Option<Result<SendReceipt>>> = (0..total).map(|_| None).collect();
+        for (recipient, group) in groups {
+            let indexes: Vec<usize> = group.iter().map(|(i, ..)| *i).collect();
+            let items = group
+                .into_iter()
+                .map(|(_, id, record, urgency)| (id, record, urgency))
+                .collect();
+            match self.store(&recipient, items).await {
+                Ok(receipts) => {
+                    for (index, receipt) in indexes.into_iter().zip(receipts) {
+                        results[index] = Some(Ok(receipt));
+                    }
+                }
+                Err(error) => {
+                    for index in indexes {
+                        results[index] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every envelope has an outcome"))
+            .collect())
+    }
+
+    /// Validates and encodes one envelope; nothing is written.
+    fn prepare(&self, envelope: Envelope) -> Result<(MessageId, NewRecord)> {
+        let inner = &self.inner;
+        let max = inner.limits.max_message_bytes;
+        if envelope.payload.len() > max {
+            metrics::add(&inner.metrics.rejected_too_large, 1);
+            return Err(Error::MessageTooLarge {
+                size: envelope.payload.len(),
+                max,
+            });
+        }
+        let ttl = inner.limits.effective_ttl(envelope.ttl).inspect_err(|_| {
+            metrics::add(&inner.metrics.rejected_invalid_ttl, 1);
+        })?;
+        let now = inner.clock.now();
+        let id = envelope.id.unwrap_or_else(MessageId::generate);
+        let record = NewRecord {
+            id,
+            dedup: envelope.id.is_some(),
+            sent_at: now,
+            expires_at: ttl.map(|ttl| now.saturating_add(ttl)),
+            body: codec::encode_body(&envelope.payload, inner.compress_at),
+        };
+        Ok((id, record))
+    }
+
+    async fn store(
+        &self,
+        recipient: &RecipientId,
+        items: Vec<(MessageId, NewRecord, crate::Urgency)>,
+    ) -> Result<Vec<SendReceipt>> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let ids: Vec<(MessageId, crate::Urgency)> =
+            items.iter().map(|(id, _, u)| (*id, *u)).collect();
+        let records = items.into_iter().map(|(_, record, _)| record).collect();
+        let outcome = match inner
+            .storage
+            .append(recipient, records, &inner.quota, now)
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                let counter = match &error {
+                    Error::QueueFull { .. } => &inner.metrics.rejected_queue_full,
+                    Error::StorageFull { .. } => &inner.metrics.rejected_storage_full,
+                    _ => &inner.metrics.storage_errors,
+                };
+                metrics::add(counter, 1);
+                tracing::debug!(%recipient, %error, "send failed");
+                return Err(error);
+            }
+        };
+        let stored = outcome
+            .records
+            .iter()
+            .filter(|a| matches!(a, Appended::Stored(_)))
+            .count() as u64;
+        metrics::add(&inner.metrics.stored, stored);
+        metrics::add(
+            &inner.metrics.duplicates,
+            outcome.records.len() as u64 - stored,
+        );
+        metrics::add(&inner.metrics.dropped, outcome.dropped);
+
+        let woke_local = stored > 0 && self.wake(recipient);
+        let online = woke_local || outcome.live_elsewhere || self.is_online(recipient);
+        if stored > 0 && !online {
+            let strongest = ids
+                .iter()
+                .zip(&outcome.records)
+                .filter(|(_, a)| matches!(a, Appended::Stored(_)))
+                .map(|((_, urgency), _)| *urgency)
+                .min_by_key(|u| match u {
+                    crate::Urgency::Urgent => 0,
+                    crate::Urgency::Background => 1,
+                    crate::Urgency::Silent => 2,
+                });
+            if let Some(urgency) = strongest {
+                let reason =
+                    inner
+                        .nudges
+                        .lock()
+                        .on_stored(&inner.notify_policy, recipient, urgency, now);
+                match reason {
+                    Some(reason) => self.nudge(recipient, Some(outcome.pending), reason).await,
+                    None if urgency != crate::Urgency::Silent => {
+                        metrics::add(&inner.metrics.notifications_coalesced, 1);
+                    }
+                    None => {}
+                }
+            }
+        }
+        tracing::trace!(%recipient, stored, online, "stored");
+        Ok(ids
+            .iter()
+            .zip(outcome.records)
+            .map(|((id, _), appended)| SendReceipt {
+                id: *id,
+                seq: appended.seq(),
+                duplicate: matches!(appended, Appended::Duplicate(_)),
+                recipient_online: online,
+                dropped: outcome.dropped,
+            })
+            .collect())
+    }
+
+    async fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {
+        let inner = &self.inner;
+        let nudge = Nudge {
+            recipient: recipient.clone(),
+            pending,
+            reason,
+        };
+        match inner.notifier.notify(nudge).await {
+            Ok(()) => metrics::add(&inner.metrics.notifications_sent, 1),
+            Err(error) => {
+                metrics::add(&inner.metrics.notifications_failed, 1);
+                tracing::warn!(%recipient, %error, "nudge failed; the message stays stored");
+            }
+        }
+    }
+
+    /// Wakes the recipient's live session on this engine, if any.
+    fn wake(&self, recipient: &RecipientId) -> bool {
+        let session = self.inner.sessions.lock().get(recipient).cloned();
+        session.is_some_and(|s| {
+            s.wake();
+            true
+        })
+    }
+
+    /// Hands a live-only payload (typing, presence) to the recipient's live session on this
+    /// engine. Never stored, never a reason to nudge. Returns false (and drops it) when the
+    /// recipient has no live session here.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`] for a payload over `max_message_bytes`.
+    pub fn send_ephemeral(
+        &self,
+        recipient: &RecipientId,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<bool> {
+        let payload = payload.into();
+        let max = self.inner.limits.max_message_bytes;
+        if payload.len() > max {
+            metrics::add(&self.inner.metrics.rejected_too_large, 1);
+            return Err(Error::MessageTooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        let session = self.inner.sessions.lock().get(recipient).cloned();
+        let Some(session) = session else {
+            metrics::add(&self.inner.metrics.ephemeral_dropped, 1);
+            return Ok(false);
+        };
+        let ephemeral = Ephemeral {
+            payload,
+            sent_at: self.inner.clock.now(),
+        };
+        if session.push_ephemeral(ephemeral) {
+            metrics::add(&self.inner.metrics.ephemeral_dropped, 1);
+        }
+        Ok(true)
+    }
+
+    /// Opens a session for `recipient` over `transport`. A live session of the same recipient
+    /// on this engine is displaced (its driver ends with [`SessionEnd::Displaced`]).
+    ///
+    /// Nothing happens until the host runs [`Session::run`]: spawn it, or poll it inside the
+    /// connection's own task. Acks go through [`Session::handle`].
+    pub fn connect(&self, recipient: RecipientId, transport: impl Transport) -> Session {
+        let id = self.inner.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SessionShared::new(id));
+        let previous = self
+            .inner
+            .sessions
+            .lock()
+            .insert(recipient.clone(), shared.clone());
+        if let Some(previous) = previous {
+            previous.displace();
+        }
+        self.inner.nudges.lock().on_connect(&recipient);
+        tracing::debug!(%recipient, session = id, "connected");
+        Session::new(self.inner.clone(), recipient, shared, Arc::new(transport))
+    }
+
+    /// True if `recipient` has a live session on this engine.
+    pub fn is_online(&self, recipient: &RecipientId) -> bool {
+        self.inner.sessions.lock().contains_key(recipient)
+    }
+
+    /// The recipient's queue at a glance.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn stats(&self, recipient: &RecipientId) -> Result<QueueStats> {
+        let stats = self.inner.storage.stats(recipient).await?;
+        let now = self.inner.clock.now();
+        Ok(QueueStats {
+            messages: stats.messages,
+            bytes: stats.bytes,
+            oldest_age: stats.oldest_sent_at.map(|sent| now.duration_since(sent)),
+            lost: stats.lost,
+        })
+    }
+
+    /// Up to `max` of the recipient's deliverable messages, without delivering them (nothing is
+    /// marked or acked).
+    ///
+    /// # Errors
+    /// A storage error, or [`Error::Codec`] for a record that does not decode.
+    pub async fn peek(&self, recipient: &RecipientId, max: usize) -> Result<Vec<Delivery>> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let limit = BatchLimit {
+            max_messages: max.max(1),
+            max_bytes: usize::MAX,
+        };
+        let batch = inner.storage.read(recipient, None, limit, now).await?;
+        batch
+            .records
+            .into_iter()
+            .take(max)
+            .map(|record| self.inner.to_delivery(record, now, false))
+            .collect()
+    }
+
+    /// Removes the recipient's whole queue (a device unlinked); returns how many messages were
+    /// removed. A live session keeps running and sees only what is sent afterwards.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        self.inner.storage.remove_recipient(recipient).await
+    }
+
+    /// Periodic upkeep, on the host's timer (every few seconds is plenty): removes up to
+    /// `budget` expired messages and idle queues, and sends nudges due for sessions that ended
+    /// with messages pending. Cost follows the work done, not what is stored.
+    ///
+    /// # Errors
+    /// A storage error from purging; due nudges are still sent.
+    pub async fn maintain(&self, budget: usize) -> Result<MaintenanceReport> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let idle_before = inner
+            .limits
+            .idle_recipient_timeout
+            .map(|idle| now.saturating_sub(idle));
+        let purged = inner.storage.purge(now, idle_before, budget).await;
+        let due = inner.nudges.lock().due(&inner.notify_policy, now);
+        let mut report = MaintenanceReport::default();
+        for recipient in due {
+            if self.is_online(&recipient) {
+                continue;
+            }
+            let pending = inner
+                .storage
+                .stats(&recipient)
+                .await
+                .ok()
+                .map(|s| s.messages);
+            if pending == Some(0) {
+                continue;
+            }
+            self.nudge(&recipient, pending, NudgeReason::Unacked).await;
+            report.nudges += 1;
+        }
+        let purged = purged?;
+        metrics::add(&inner.metrics.expired, purged.expired);
+        metrics::add(
+            &inner.metrics.idle_recipients_removed,
+            purged.idle_recipients,
+        );
+        report.expired = purged.expired;
+        report.idle_recipients = purged.idle_recipients;
+        report.more = purged.more;
+        Ok(report)
+    }
+
+    /// Runs until the storage's wake-up stream ends, waking local sessions of recipients that
+    /// got messages through another engine instance. `None` when the storage is single-node.
+    /// Spawn the future on the host's runtime.
+    pub fn wakeup_listener(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let stream = self.inner.storage.wakeups()?;
+        let queue = self.clone();
+        Some(async move {
+            let mut stream = stream;
+            while let Some(recipient) = stream.next().await {
+                queue.wake(&recipient);
+            }
+        })
+    }
+
+    /// The engine's counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let live = self.inner.sessions.lock().len() as u64;
+        self.inner.metrics.snapshot(live)
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Entries held by the nudge coalescing state (bounded by recipients nudged recently).
+    #[doc(hidden)]
+    pub fn nudge_state_len(&self) -> usize {
+        self.inner.nudges.lock().len()
+    }
+
+    /// The engine's current time.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+}
+
+impl Inner {
+    /// Decodes a stored record for delivery.
+    pub(crate) fn to_delivery(
+        &self,
+        record: StoredRecord,
+        now: Timestamp,
+        handed_now: bool,
+    ) -> Result<Delivery> {
+        // The cap guards against decompression bombs; it stays above the configured limit so
+        // records written under a larger limit still decode after it was lowered.
+        let cap = self.limits.max_message_bytes.max(DECODE_CAP_FLOOR);
+        let payload = codec::decode_body(&record.body, cap)?;
+        Ok(Delivery {
+            id: record.id,
+            seq: record.seq,
+            payload,
+            sent_at: record.sent_at,
+            expires_at: record.expires_at,
+            remaining_ttl: record.expires_at.map(|at| at.duration_since(now)),
+            redelivered: record.delivery_count > 0,
+            delivery_count: record.delivery_count + u32::from(handed_now),
+        })
+    }
+
+    pub(crate) fn session_ended_pending(&self, recipient: &RecipientId) {
+        self.nudges
+            .lock()
+            .on_ended_pending(recipient, self.clock.now());
+    }
+}

@@ -1,0 +1,97 @@
+//! When to nudge: the coalescing state behind [`NotifyPolicy`]. Its memory is bounded by the
+//! recipients nudged within the longest period and the sessions ended within `unacked_delay`,
+//! never by the number of offline recipients.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::clock::Timestamp;
+use crate::message::{RecipientId, Urgency};
+use crate::notifier::{NotifyPolicy, NudgeReason};
+
+#[derive(Debug, Default)]
+pub(crate) struct NudgeState {
+    /// When each recently nudged recipient was last nudged.
+    last_sent: HashMap<RecipientId, Timestamp>,
+    /// `last_sent` insertions in time order, to forget them in order.
+    sent_order: VecDeque<(Timestamp, RecipientId)>,
+    /// Sessions that ended with messages pending: `(ended at, recipient)`, in time order.
+    ended_pending: VecDeque<(Timestamp, RecipientId)>,
+}
+
+impl NudgeState {
+    /// Whether a message of `urgency` stored for offline `recipient` now earns a nudge; records
+    /// it as sent if so.
+    pub(crate) fn on_stored(
+        &mut self,
+        policy: &NotifyPolicy,
+        recipient: &RecipientId,
+        urgency: Urgency,
+        now: Timestamp,
+    ) -> Option<NudgeReason> {
+        let (reason, period) = match urgency {
+            Urgency::Silent => return None,
+            Urgency::Urgent => (NudgeReason::Urgent, policy.urgent_cooldown),
+            Urgency::Background => (NudgeReason::Background, policy.background_interval),
+        };
+        if let Some(&last) = self.last_sent.get(recipient)
+            && now.duration_since(last) < period
+            && now >= last
+        {
+            return None;
+        }
+        self.record_sent(recipient, now);
+        Some(reason)
+    }
+
+    fn record_sent(&mut self, recipient: &RecipientId, now: Timestamp) {
+        self.last_sent.insert(recipient.clone(), now);
+        self.sent_order.push_back((now, recipient.clone()));
+    }
+
+    /// A session connected: its recipient's next offline message nudges at once.
+    pub(crate) fn on_connect(&mut self, recipient: &RecipientId) {
+        self.last_sent.remove(recipient);
+    }
+
+    /// A session ended with messages pending.
+    pub(crate) fn on_ended_pending(&mut self, recipient: &RecipientId, now: Timestamp) {
+        self.ended_pending.push_back((now, recipient.clone()));
+    }
+
+    /// Recipients whose ended session is now due a nudge (skipping any nudged since it ended),
+    /// recorded as nudged; and forgets nudges older than every period.
+    pub(crate) fn due(&mut self, policy: &NotifyPolicy, now: Timestamp) -> Vec<RecipientId> {
+        let mut due = Vec::new();
+        while let Some((ended, _)) = self.ended_pending.front() {
+            if now.duration_since(*ended) < policy.unacked_delay && now >= *ended {
+                break;
+            }
+            let (ended, recipient) = self.ended_pending.pop_front().expect("front exists");
+            if self
+                .last_sent
+                .get(&recipient)
+                .is_some_and(|&last| last >= ended)
+            {
+                continue;
+            }
+            self.record_sent(&recipient, now);
+            due.push(recipient);
+        }
+        let keep = policy.urgent_cooldown.max(policy.background_interval);
+        while let Some((at, _)) = self.sent_order.front() {
+            if now.duration_since(*at) < keep && now >= *at {
+                break;
+            }
+            let (at, recipient) = self.sent_order.pop_front().expect("front exists");
+            if self.last_sent.get(&recipient) == Some(&at) {
+                self.last_sent.remove(&recipient);
+            }
+        }
+        due
+    }
+
+    /// Entries held (for the memory-bound tests).
+    pub(crate) fn len(&self) -> usize {
+        self.last_sent.len() + self.sent_order.len() + self.ended_pending.len()
+    }
+}

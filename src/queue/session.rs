@@ -1,0 +1,422 @@
+//! A recipient's live session: the driver future that drains the backlog in batches, keeps a
+//! bounded window in flight, pushes new messages as they arrive, and applies acks.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures::task::AtomicWaker;
+use parking_lot::Mutex;
+use tracing::Instrument;
+
+use super::Inner;
+use crate::error::Result;
+use crate::limits::BatchLimit;
+use crate::message::{Batch, Ephemeral, RecipientId, Seq};
+use crate::metrics;
+use crate::storage::Ack;
+use crate::transport::{Outbound, Transport};
+
+/// Ephemeral messages buffered for a session that has not sent them yet; older ones are dropped
+/// beyond this (a typing indicator that old is worthless).
+const EPHEMERAL_BUFFER: usize = 64;
+
+/// How a session ended (its driver's `Ok` value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// The host called [`SessionHandle::close`].
+    Closed,
+    /// A newer session of the same recipient took over.
+    Displaced,
+    /// The transport failed: the connection is gone.
+    TransportClosed(String),
+}
+
+/// What the host and the engine ask of a running session.
+#[derive(Default)]
+struct Control {
+    woken: bool,
+    displaced: bool,
+    closed: bool,
+    ack_through: Option<Seq>,
+    ack_seqs: Vec<Seq>,
+    ephemerals: VecDeque<Ephemeral>,
+}
+
+impl Control {
+    fn has_work(&self) -> bool {
+        self.woken
+            || self.displaced
+            || self.closed
+            || self.ack_through.is_some()
+            || !self.ack_seqs.is_empty()
+            || !self.ephemerals.is_empty()
+    }
+}
+
+/// State shared between a session's driver, its handles and the engine.
+pub(crate) struct SessionShared {
+    id: u64,
+    control: Mutex<Control>,
+    waker: AtomicWaker,
+}
+
+impl SessionShared {
+    pub(crate) fn new(id: u64) -> Self {
+        Self {
+            id,
+            control: Mutex::new(Control::default()),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Control)) {
+        change(&mut self.control.lock());
+        self.waker.wake();
+    }
+
+    pub(crate) fn wake(&self) {
+        self.update(|c| c.woken = true);
+    }
+
+    pub(crate) fn displace(&self) {
+        self.update(|c| c.displaced = true);
+    }
+
+    /// Queues an ephemeral message; returns true if an older one was dropped to make room.
+    pub(crate) fn push_ephemeral(&self, ephemeral: Ephemeral) -> bool {
+        let mut dropped = false;
+        self.update(|c| {
+            if c.ephemerals.len() >= EPHEMERAL_BUFFER {
+                c.ephemerals.pop_front();
+                dropped = true;
+            }
+            c.ephemerals.push_back(ephemeral);
+        });
+        dropped
+    }
+
+    /// Waits until there is something to do, then takes it.
+    async fn next(&self) -> Control {
+        futures::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let mut control = self.control.lock();
+            if control.has_work() {
+                Poll::Ready(std::mem::take(&mut *control))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Takes what is asked now, without waiting.
+    fn take(&self) -> Control {
+        std::mem::take(&mut *self.control.lock())
+    }
+}
+
+/// The host's side of a running session: acks and close. Cheap to clone; usable from the
+/// connection's read loop while the driver runs elsewhere.
+#[derive(Clone)]
+pub struct SessionHandle {
+    shared: Arc<SessionShared>,
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl SessionHandle {
+    /// Acks every message delivered in this session up to and including `seq` (cumulative).
+    /// A seq beyond what was delivered is clamped to the last delivered.
+    pub fn ack_through(&self, seq: Seq) {
+        self.shared
+            .update(|c| c.ack_through = c.ack_through.max(Some(seq)));
+    }
+
+    /// Acks these delivered messages (selective). Seqs not delivered in this session are
+    /// ignored, so a client cannot remove what it was never given.
+    pub fn ack(&self, seqs: impl IntoIterator<Item = Seq>) {
+        self.shared.update(|c| c.ack_seqs.extend(seqs));
+    }
+
+    /// Ends the session (the connection closed). Unacked messages stay stored.
+    pub fn close(&self) {
+        self.shared.update(|c| c.closed = true);
+    }
+}
+
+/// A connected recipient's session. Run its driver with [`Session::run`]; ack through
+/// [`Session::handle`].
+#[must_use = "a session does nothing until its driver runs"]
+pub struct Session {
+    registration: Registration,
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("recipient", &self.registration.recipient)
+            .field("id", &self.registration.shared.id)
+            .finish()
+    }
+}
+
+/// Keeps the session in the engine's table while it lives; removes it (and schedules a nudge
+/// if messages were left pending) however the driver ends: returned, failed, or dropped.
+struct Registration {
+    inner: Arc<Inner>,
+    recipient: RecipientId,
+    shared: Arc<SessionShared>,
+    left_pending: bool,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut sessions = self.inner.sessions.lock();
+        let current = sessions
+            .get(&self.recipient)
+            .is_some_and(|s| s.id == self.shared.id);
+        if current {
+            sessions.remove(&self.recipient);
+        }
+        drop(sessions);
+        if current && self.left_pending {
+            self.inner.session_ended_pending(&self.recipient);
+        }
+    }
+}
+
+/// The driver's position.
+struct Cursor {
+    /// The highest seq handed over (or passed over) in this session.
+    last: Option<Seq>,
+    /// Seqs handed over and not yet acked.
+    in_flight: BTreeSet<Seq>,
+    /// Set when a read found nothing more; cleared by a wake.
+    exhausted: bool,
+}
+
+impl Session {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        recipient: RecipientId,
+        shared: Arc<SessionShared>,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
+        Self {
+            registration: Registration {
+                inner,
+                recipient,
+                shared,
+                left_pending: true,
+            },
+            transport,
+        }
+    }
+
+    /// The handle to ack and close this session.
+    pub fn handle(&self) -> SessionHandle {
+        SessionHandle {
+            shared: self.registration.shared.clone(),
+        }
+    }
+
+    /// The recipient this session serves.
+    pub fn recipient(&self) -> &RecipientId {
+        &self.registration.recipient
+    }
+
+    /// Drives the session until it is closed, displaced, or its transport fails.
+    ///
+    /// # Errors
+    /// A storage error ends the session with `Err`; unacked messages stay stored, and the
+    /// client may reconnect.
+    pub async fn run(mut self) -> Result<SessionEnd> {
+        let span = tracing::debug_span!("session", recipient = %self.registration.recipient, id = self.registration.shared.id);
+        let end = self.drive().instrument(span).await;
+        if let Ok(SessionEnd::Displaced) = end {
+            // The new session redelivers; no nudge for a recipient who is online.
+            self.registration.left_pending = false;
+        }
+        end
+    }
+
+    async fn drive(&mut self) -> Result<SessionEnd> {
+        let inner = self.registration.inner.clone();
+        let recipient = self.registration.recipient.clone();
+        let shared = self.registration.shared.clone();
+        let backlog_end = inner.storage.stats(&recipient).await?.newest_seq;
+        let mut cursor = Cursor {
+            last: None,
+            in_flight: BTreeSet::new(),
+            exhausted: false,
+        };
+        let mut caught_up = false;
+        let mut control = shared.take();
+        loop {
+            // Acks first: those that arrived with a close or displacement still count.
+            self.apply_acks(&inner, &recipient, &mut cursor, &mut control)
+                .await?;
+            if control.displaced {
+                return Ok(SessionEnd::Displaced);
+            }
+            if control.closed {
+                self.registration.left_pending = !cursor.exhausted || !cursor.in_flight.is_empty();
+                return Ok(SessionEnd::Closed);
+            }
+            for ephemeral in control.ephemerals.drain(..) {
+                if let Err(closed) = self.transport.send(Outbound::Ephemeral(ephemeral)).await {
+                    return Ok(SessionEnd::TransportClosed(closed.0));
+                }
+                metrics::add(&inner.metrics.ephemeral_delivered, 1);
+            }
+            if control.woken {
+                cursor.exhausted = false;
+            }
+            while !cursor.exhausted && cursor.in_flight.len() < inner.max_in_flight {
+                if let Some(end) = self.deliver_batch(&inner, &recipient, &mut cursor).await? {
+                    return Ok(end);
+                }
+            }
+            if !caught_up && (cursor.exhausted || cursor.last >= backlog_end) {
+                if let Err(closed) = self.transport.send(Outbound::CaughtUp).await {
+                    return Ok(SessionEnd::TransportClosed(closed.0));
+                }
+                caught_up = true;
+            }
+            self.registration.left_pending = !cursor.exhausted || !cursor.in_flight.is_empty();
+            control = shared.next().await;
+        }
+    }
+
+    async fn apply_acks(
+        &self,
+        inner: &Inner,
+        recipient: &RecipientId,
+        cursor: &mut Cursor,
+        control: &mut Control,
+    ) -> Result<()> {
+        let through = control
+            .ack_through
+            .take()
+            .and_then(|seq| seq.min(cursor.last?).into());
+        let mut ack = Ack::default();
+        if let Some(through) = through {
+            let rest = cursor
+                .in_flight
+                .split_off(&Seq(through.0.saturating_add(1)));
+            cursor.in_flight = rest;
+            ack.through = Some(through);
+        }
+        for seq in control.ack_seqs.drain(..) {
+            if cursor.in_flight.remove(&seq) {
+                ack.seqs.push(seq);
+            }
+        }
+        if ack.through.is_none() && ack.seqs.is_empty() {
+            return Ok(());
+        }
+        let removed = inner
+            .storage
+            .ack(recipient, &ack, inner.clock.now())
+            .await?;
+        metrics::add(&inner.metrics.acked, removed);
+        Ok(())
+    }
+
+    /// Reads and hands over one batch. `Some` ends the session.
+    async fn deliver_batch(
+        &self,
+        inner: &Inner,
+        recipient: &RecipientId,
+        cursor: &mut Cursor,
+    ) -> Result<Option<SessionEnd>> {
+        let now = inner.clock.now();
+        let room = inner.max_in_flight - cursor.in_flight.len();
+        let limit = BatchLimit {
+            max_messages: inner.batch.max_messages.min(room),
+            max_bytes: inner.batch.max_bytes,
+        };
+        let read = inner
+            .storage
+            .read(recipient, cursor.last, limit, now)
+            .await?;
+        if read.records.is_empty() && read.expired.is_empty() && read.lost == 0 {
+            cursor.exhausted = true;
+            return Ok(None);
+        }
+        // Removed without delivery: expired ones (reported in the gap), dead letters and
+        // records that fail to decode (also reported).
+        let mut discard = read.expired.clone();
+        let mut gap = read.lost + read.expired.len() as u64;
+        let mut deliver = Vec::with_capacity(read.records.len());
+        for record in read.records {
+            let seq = record.seq;
+            cursor.last = cursor.last.max(Some(seq));
+            if record.delivery_count >= inner.max_deliveries {
+                discard.push(seq);
+                metrics::add(&inner.metrics.dead_lettered, 1);
+                match inner.to_delivery(record, now, false) {
+                    Ok(delivery) => match &inner.dead_letter {
+                        Some(hook) => hook(recipient, delivery),
+                        None => {
+                            tracing::warn!(%recipient, id = %delivery.id, %seq, "dead letter removed after max_deliveries")
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(%recipient, %seq, %error, "undecodable dead letter removed")
+                    }
+                }
+                continue;
+            }
+            match inner.to_delivery(record, now, true) {
+                Ok(delivery) => deliver.push(delivery),
+                Err(error) => {
+                    tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
+                    metrics::add(&inner.metrics.corrupt, 1);
+                    discard.push(seq);
+                    gap += 1;
+                }
+            }
+        }
+        if let Some(&last_expired) = read.expired.last() {
+            cursor.last = cursor.last.max(Some(last_expired));
+        }
+        let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
+        if !seqs.is_empty() {
+            inner.storage.mark_delivered(recipient, &seqs).await?;
+        }
+        if !seqs.is_empty() || gap > 0 {
+            let redelivered = deliver.iter().filter(|d| d.redelivered).count() as u64;
+            let batch = Batch {
+                messages: deliver,
+                gap,
+            };
+            if let Err(closed) = self.transport.send(Outbound::Batch(batch)).await {
+                return Ok(Some(SessionEnd::TransportClosed(closed.0)));
+            }
+            metrics::add(&inner.metrics.delivered, seqs.len() as u64);
+            metrics::add(&inner.metrics.redelivered, redelivered);
+            metrics::add(&inner.metrics.expired, read.expired.len() as u64);
+            cursor.in_flight.extend(seqs);
+        }
+        if !discard.is_empty() || read.lost > 0 {
+            // The gap was handed over: forget the lost count and remove what was passed over.
+            let ack = Ack {
+                through: None,
+                seqs: discard,
+                lost_reported: read.lost,
+            };
+            inner.storage.ack(recipient, &ack, now).await?;
+        }
+        Ok(None)
+    }
+}

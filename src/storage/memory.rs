@@ -1,0 +1,657 @@
+//! [`MemoryStorage`]: the reference backend, in RAM (lost when the process ends).
+//!
+//! Layout, per shard (recipients are spread over shards by hash, so appends for different
+//! recipients rarely contend for one lock):
+//! - `queues`: one [`RecipientQueue`] per recipient with anything stored, in a slab addressed by
+//!   a `u32` slot so the indexes below stay small. A queue holds its records in a `VecDeque` in
+//!   seq order; a selective ack leaves a tombstone that is popped once it reaches the front.
+//! - `expiry`: one entry per queue, `(earliest deadline, slot)`. Purging pops queues whose
+//!   earliest deadline has passed and removes their expired records, so its cost follows what it
+//!   removes, not what is stored. Deadlines within a queue are usually non-decreasing (most
+//!   messages use the default TTL): then the expired records are a prefix. A queue that receives
+//!   a deadline earlier than one it holds switches to its own ordered set of deadlines.
+//! - `idle`: `(last append or ack, slot)`, so idle queues are found the same way.
+//! - `dedup`: sender-chosen ids seen within the window, with a time-ordered list to prune them.
+//!
+//! Seqs come from a per-shard counter, so a queue that empties and is removed (leaving no entry
+//! behind) still never reuses a seq its recipient may have seen.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use super::{
+    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+    Storage, StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// Deadline value meaning "never expires".
+const NEVER: u64 = u64::MAX;
+
+/// In-memory storage, sharded by recipient. Cheap to create; share it with `Arc`.
+pub struct MemoryStorage {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    total_bytes: AtomicU64,
+    next_purge_shard: AtomicUsize,
+}
+
+impl std::fmt::Debug for MemoryStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStorage")
+            .field("shards", &self.shards.len())
+            .field("total_bytes", &self.total_bytes.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStorage {
+    /// A store with 16 shards.
+    pub fn new() -> Self {
+        Self::with_shards(16)
+    }
+
+    /// A store with `shards` shards (at least one).
+    pub fn with_shards(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            total_bytes: AtomicU64::new(0),
+            next_purge_shard: AtomicUsize::new(0),
+        }
+    }
+
+    /// Record bytes stored across all recipients.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Recipients with an entry (a non-empty queue, or an unreported loss).
+    pub fn recipient_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().by_id.len()).sum()
+    }
+
+    fn shard(&self, recipient: &RecipientId) -> &Mutex<Shard> {
+        let mut hasher = self.hasher.build_hasher();
+        recipient.hash(&mut hasher);
+        &self.shards[(hasher.finish() % self.shards.len() as u64) as usize]
+    }
+
+    /// Reserves `adding` bytes of the global budget, atomically.
+    fn reserve(&self, adding: u64, max: Option<u64>) -> Result<()> {
+        let Some(max) = max else {
+            self.total_bytes.fetch_add(adding, Ordering::Relaxed);
+            return Ok(());
+        };
+        self.total_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(adding).filter(|&total| total <= max)
+            })
+            .map(|_| ())
+            .map_err(|used| Error::StorageFull { used, adding, max })
+    }
+
+    fn release(&self, bytes: u64) {
+        self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+struct Record {
+    seq: u64,
+    sent_at: u64,
+    expires_at: u64,
+    id: MessageId,
+    delivery_count: u32,
+    removed: bool,
+    body: Box<[u8]>,
+}
+
+#[derive(Default)]
+struct RecipientQueue {
+    id: Option<RecipientId>,
+    records: VecDeque<Record>,
+    live: u64,
+    bytes: u64,
+    lost: u64,
+    last_touch: u64,
+    /// Highest deadline appended; a lower one turns on `deadlines`.
+    max_deadline: u64,
+    /// `(deadline, seq)` of live records, kept only once deadlines arrived out of order.
+    deadlines: Option<BTreeSet<(u64, u64)>>,
+    /// The key under which this queue sits in the shard's expiry index.
+    indexed_deadline: Option<u64>,
+}
+
+impl RecipientQueue {
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.records.binary_search_by_key(&seq, |r| r.seq).ok()
+    }
+
+    fn earliest_deadline(&self) -> Option<u64> {
+        let earliest = match &self.deadlines {
+            Some(set) => set.first().map(|&(deadline, _)| deadline),
+            None => self
+                .records
+                .iter()
+                .find(|r| !r.removed)
+                .map(|r| r.expires_at),
+        };
+        earliest.filter(|&d| d != NEVER)
+    }
+
+    /// Removes the record at `index`; returns its body length.
+    fn remove_at(&mut self, index: usize) -> u64 {
+        let record = &mut self.records[index];
+        debug_assert!(!record.removed);
+        record.removed = true;
+        let len = record.body.len() as u64;
+        record.body = Box::default();
+        if let Some(set) = &mut self.deadlines {
+            set.remove(&(record.expires_at, record.seq));
+        }
+        self.live -= 1;
+        self.bytes -= len;
+        while self.records.front().is_some_and(|r| r.removed) {
+            self.records.pop_front();
+        }
+        len
+    }
+
+    fn push(&mut self, record: Record) {
+        if record.expires_at < self.max_deadline && self.deadlines.is_none() {
+            let set = self
+                .records
+                .iter()
+                .filter(|r| !r.removed)
+                .map(|r| (r.expires_at, r.seq))
+                .collect();
+            self.deadlines = Some(set);
+        }
+        self.max_deadline = self.max_deadline.max(record.expires_at);
+        if let Some(set) = &mut self.deadlines {
+            set.insert((record.expires_at, record.seq));
+        }
+        self.live += 1;
+        self.bytes += record.body.len() as u64;
+        self.records.push_back(record);
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    by_id: HashMap<RecipientId, u32>,
+    queues: Vec<RecipientQueue>,
+    free: Vec<u32>,
+    expiry: BTreeSet<(u64, u32)>,
+    idle: BTreeSet<(u64, u32)>,
+    dedup: HashMap<(RecipientId, MessageId), (Seq, u64)>,
+    dedup_order: VecDeque<(u64, RecipientId, MessageId)>,
+    next_seq: u64,
+}
+
+impl Shard {
+    fn slot_of(&self, recipient: &RecipientId) -> Option<u32> {
+        self.by_id.get(recipient).copied()
+    }
+
+    fn slot_or_insert(&mut self, recipient: &RecipientId) -> u32 {
+        if let Some(slot) = self.slot_of(recipient) {
+            return slot;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.queues.push(RecipientQueue::default());
+                u32::try_from(self.queues.len() - 1)
+                    .expect("more than 4 billion recipients in one shard")
+            }
+        };
+        self.queues[slot as usize].id = Some(recipient.clone());
+        self.by_id.insert(recipient.clone(), slot);
+        slot
+    }
+
+    /// Puts the queue's index entries right after a change, and frees it when it holds nothing
+    /// worth keeping (no records, no unreported loss).
+    fn settle(&mut self, slot: u32, touched_at: Option<u64>) {
+        let queue = &mut self.queues[slot as usize];
+        let deadline = queue.earliest_deadline();
+        if deadline != queue.indexed_deadline {
+            if let Some(old) = queue.indexed_deadline {
+                self.expiry.remove(&(old, slot));
+            }
+            if let Some(new) = deadline {
+                self.expiry.insert((new, slot));
+            }
+            queue.indexed_deadline = deadline;
+        }
+        let queue = &mut self.queues[slot as usize];
+        let was_touched = queue.last_touch;
+        if let Some(now) = touched_at {
+            queue.last_touch = now;
+        }
+        if queue.live == 0 && queue.lost == 0 {
+            self.free_slot(slot);
+            return;
+        }
+        if touched_at.is_some() {
+            let now = self.queues[slot as usize].last_touch;
+            self.idle.remove(&(was_touched, slot));
+            self.idle.insert((now, slot));
+        }
+    }
+
+    fn free_slot(&mut self, slot: u32) {
+        let queue = std::mem::take(&mut self.queues[slot as usize]);
+        if let Some(deadline) = queue.indexed_deadline {
+            self.expiry.remove(&(deadline, slot));
+        }
+        self.idle.remove(&(queue.last_touch, slot));
+        if let Some(id) = queue.id {
+            self.by_id.remove(&id);
+        }
+        self.free.push(slot);
+    }
+
+    fn prune_dedup(&mut self, now: u64, window_ms: u64) {
+        while let Some((at, _, _)) = self.dedup_order.front() {
+            if now.saturating_sub(*at) < window_ms {
+                break;
+            }
+            let (_, recipient, id) = self.dedup_order.pop_front().expect("front exists");
+            self.dedup.remove(&(recipient, id));
+        }
+    }
+}
+
+fn ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_read_batch: usize::MAX,
+            durable: false,
+            native_ttl: false,
+            shared: false,
+        }
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let now = now.as_millis();
+        let mut shard = self.shard(recipient).lock();
+        let shard = &mut *shard;
+        shard.prune_dedup(now, ms(quota.dedup_window));
+
+        // Plan without writing: which records are new, and what they cost.
+        enum Plan {
+            New(usize),
+            Dup(Seq),
+            DupOfNew(usize),
+        }
+        let mut plan = Vec::with_capacity(records.len());
+        let mut batch_ids: HashMap<MessageId, usize> = HashMap::new();
+        let (mut adding, mut adding_bytes) = (0u64, 0u64);
+        for record in &records {
+            if record.dedup {
+                if let Some(&(seq, _)) = shard.dedup.get(&(recipient.clone(), record.id)) {
+                    plan.push(Plan::Dup(seq));
+                    continue;
+                }
+                if let Some(&index) = batch_ids.get(&record.id) {
+                    plan.push(Plan::DupOfNew(index));
+                    continue;
+                }
+                batch_ids.insert(record.id, adding as usize);
+            }
+            plan.push(Plan::New(adding as usize));
+            adding += 1;
+            adding_bytes += record.body.len() as u64;
+        }
+
+        let slot = shard.slot_of(recipient);
+        let (live, bytes) = slot.map_or((0, 0), |s| {
+            let q = &shard.queues[s as usize];
+            (q.live, q.bytes)
+        });
+        let mut drop_count = 0usize;
+        let mut drop_bytes = 0u64;
+        if adding > 0
+            && (live + adding > quota.max_messages || bytes + adding_bytes > quota.max_bytes)
+        {
+            let full = Error::QueueFull {
+                messages: live,
+                bytes,
+                adding_messages: adding,
+                adding_bytes,
+                max_messages: quota.max_messages,
+                max_bytes: quota.max_bytes,
+            };
+            if quota.overflow == Overflow::Reject
+                || adding > quota.max_messages
+                || adding_bytes > quota.max_bytes
+            {
+                return Err(full);
+            }
+            let queue = &shard.queues[slot.expect("a full queue exists") as usize];
+            let (mut keep, mut keep_bytes) = (live, bytes);
+            for record in queue.records.iter().filter(|r| !r.removed) {
+                if keep + adding <= quota.max_messages
+                    && keep_bytes + adding_bytes <= quota.max_bytes
+                {
+                    break;
+                }
+                keep -= 1;
+                keep_bytes -= record.body.len() as u64;
+                drop_count += 1;
+                drop_bytes += record.body.len() as u64;
+            }
+        }
+        if adding_bytes > drop_bytes {
+            self.reserve(adding_bytes - drop_bytes, quota.max_total_bytes)?;
+        } else {
+            self.release(drop_bytes - adding_bytes);
+        }
+
+        // Write.
+        let mut assigned = Vec::with_capacity(adding as usize);
+        if adding == 0 {
+            let results = plan
+                .into_iter()
+                .map(|p| match p {
+                    Plan::Dup(seq) => Appended::Duplicate(seq),
+                    Plan::New(_) | Plan::DupOfNew(_) => unreachable!("nothing new to store"),
+                })
+                .collect();
+            return Ok(AppendOutcome {
+                records: results,
+                dropped: 0,
+                pending: live,
+                live_elsewhere: false,
+            });
+        }
+        let slot = shard.slot_or_insert(recipient);
+        let window_ms = ms(quota.dedup_window);
+        let queue = &mut shard.queues[slot as usize];
+        for _ in 0..drop_count {
+            let index = queue
+                .records
+                .iter()
+                .position(|r| !r.removed)
+                .expect("planned drops exist");
+            queue.remove_at(index);
+        }
+        queue.lost += drop_count as u64;
+        let mut dedup_new = Vec::new();
+        for record in records
+            .into_iter()
+            .zip(&plan)
+            .filter_map(|(r, p)| matches!(p, Plan::New(_)).then_some(r))
+        {
+            shard.next_seq += 1;
+            let seq = shard.next_seq;
+            assigned.push(Seq(seq));
+            if record.dedup && window_ms > 0 {
+                dedup_new.push((record.id, Seq(seq)));
+            }
+            shard.queues[slot as usize].push(Record {
+                seq,
+                sent_at: record.sent_at.as_millis(),
+                expires_at: record.expires_at.map_or(NEVER, Timestamp::as_millis),
+                id: record.id,
+                delivery_count: 0,
+                removed: false,
+                body: record.body.into_boxed_slice(),
+            });
+        }
+        for (id, seq) in dedup_new {
+            shard.dedup.insert((recipient.clone(), id), (seq, now));
+            shard.dedup_order.push_back((now, recipient.clone(), id));
+        }
+        let pending = shard.queues[slot as usize].live;
+        shard.settle(slot, Some(now));
+        let results = plan
+            .into_iter()
+            .map(|p| match p {
+                Plan::New(i) => Appended::Stored(assigned[i]),
+                Plan::DupOfNew(i) => Appended::Duplicate(assigned[i]),
+                Plan::Dup(seq) => Appended::Duplicate(seq),
+            })
+            .collect();
+        Ok(AppendOutcome {
+            records: results,
+            dropped: drop_count as u64,
+            pending,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let now = now.as_millis();
+        let shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return Ok(ReadBatch::default());
+        };
+        let queue = &shard.queues[slot as usize];
+        let start = after.map_or(0, |after| {
+            queue.records.partition_point(|r| r.seq <= after.0)
+        });
+        let mut batch = ReadBatch {
+            lost: queue.lost,
+            ..ReadBatch::default()
+        };
+        let mut bytes = 0usize;
+        for record in queue.records.range(start..).filter(|r| !r.removed) {
+            if record.expires_at <= now {
+                batch.expired.push(Seq(record.seq));
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += record.body.len();
+            batch.records.push(StoredRecord {
+                seq: Seq(record.seq),
+                id: record.id,
+                sent_at: Timestamp::from_millis(record.sent_at),
+                expires_at: (record.expires_at != NEVER)
+                    .then(|| Timestamp::from_millis(record.expires_at)),
+                delivery_count: record.delivery_count,
+                body: record.body.to_vec(),
+            });
+        }
+        Ok(batch)
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        let mut shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return Ok(());
+        };
+        let queue = &mut shard.queues[slot as usize];
+        for seq in seqs {
+            if let Some(index) = queue.position(seq.0) {
+                let record = &mut queue.records[index];
+                record.delivery_count = record.delivery_count.saturating_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
+        let mut shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return Ok(0);
+        };
+        let queue = &mut shard.queues[slot as usize];
+        let mut removed = 0u64;
+        let mut freed = 0u64;
+        if let Some(through) = ack.through {
+            while let Some(front) = queue.records.front() {
+                if front.seq > through.0 {
+                    break;
+                }
+                freed += queue.remove_at(0);
+                removed += 1;
+            }
+        }
+        for seq in &ack.seqs {
+            if let Some(index) = queue.position(seq.0)
+                && !queue.records[index].removed
+            {
+                freed += queue.remove_at(index);
+                removed += 1;
+            }
+        }
+        queue.lost = queue.lost.saturating_sub(ack.lost_reported);
+        shard.settle(slot, Some(now.as_millis()));
+        drop(shard);
+        self.release(freed);
+        Ok(removed)
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        let now = now.as_millis();
+        let mut outcome = PurgeOutcome::default();
+        let mut left = budget;
+        let first = self.next_purge_shard.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.shards.len() {
+            let mut shard = self.shards[(first + i) % self.shards.len()].lock();
+            let mut freed = 0u64;
+            while left > 0 {
+                let Some(&(deadline, slot)) = shard.expiry.first() else {
+                    break;
+                };
+                if deadline > now {
+                    break;
+                }
+                let queue = &mut shard.queues[slot as usize];
+                while left > 0 {
+                    let index = match &queue.deadlines {
+                        Some(set) => set
+                            .first()
+                            .filter(|&&(d, _)| d <= now)
+                            .and_then(|&(_, seq)| queue.position(seq)),
+                        None => queue
+                            .records
+                            .iter()
+                            .position(|r| !r.removed)
+                            .filter(|&i| queue.records[i].expires_at <= now),
+                    };
+                    let Some(index) = index else { break };
+                    freed += queue.remove_at(index);
+                    queue.lost += 1;
+                    outcome.expired += 1;
+                    left -= 1;
+                }
+                shard.settle(slot, None);
+            }
+            if let Some(idle_before) = idle_before {
+                while left > 0 {
+                    let Some(&(touched, slot)) = shard.idle.first() else {
+                        break;
+                    };
+                    if touched >= idle_before.as_millis() {
+                        break;
+                    }
+                    let queue = &shard.queues[slot as usize];
+                    freed += queue.bytes;
+                    left = left.saturating_sub((queue.live as usize).max(1));
+                    shard.free_slot(slot);
+                    outcome.idle_recipients += 1;
+                }
+            }
+            drop(shard);
+            self.release(freed);
+            if left == 0 {
+                break;
+            }
+        }
+        if left == 0 {
+            outcome.more = self.shards.iter().any(|shard| {
+                let shard = shard.lock();
+                shard.expiry.first().is_some_and(|&(d, _)| d <= now)
+                    || idle_before.is_some_and(|before| {
+                        shard
+                            .idle
+                            .first()
+                            .is_some_and(|&(t, _)| t < before.as_millis())
+                    })
+            });
+        }
+        Ok(outcome)
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return Ok(RecipientStats::default());
+        };
+        let queue = &shard.queues[slot as usize];
+        let mut live = queue.records.iter().filter(|r| !r.removed);
+        Ok(RecipientStats {
+            messages: queue.live,
+            bytes: queue.bytes,
+            oldest_sent_at: live.next().map(|r| Timestamp::from_millis(r.sent_at)),
+            newest_seq: queue
+                .records
+                .iter()
+                .rev()
+                .find(|r| !r.removed)
+                .map(|r| Seq(r.seq)),
+            lost: queue.lost,
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let mut shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return Ok(0);
+        };
+        let queue = &shard.queues[slot as usize];
+        let (removed, freed) = (queue.live, queue.bytes);
+        shard.free_slot(slot);
+        drop(shard);
+        self.release(freed);
+        Ok(removed)
+    }
+}

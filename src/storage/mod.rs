@@ -1,0 +1,283 @@
+//! The [`Storage`] trait: a durable, per-recipient FIFO of encoded records, and the contract
+//! every backend keeps. [`MemoryStorage`] is the reference implementation.
+//!
+//! # Contract
+//! A backend is correct when the conformance suite in `offline_queue::testing` (feature
+//! `testing`) passes against it unchanged. In words:
+//!
+//! 1. **Order.** `append` assigns each stored record a [`Seq`] greater than every seq the
+//!    recipient's queue has held, even after the queue was emptied by acks. `read` returns records
+//!    in seq order.
+//! 2. **Atomic quotas.** An append is all-or-nothing for its recipient: it fits the [`Quota`]
+//!    (possibly after dropping the oldest records, with [`Overflow::DropOldest`](crate::Overflow))
+//!    or it fails with [`Error::QueueFull`]/[`Error::StorageFull`] and changes nothing.
+//! 3. **Dedup.** A record with `dedup: true` whose id was appended for the same recipient within
+//!    `Quota::dedup_window` is not stored again; the append reports the original seq, even if
+//!    the original was since acked.
+//! 4. **Expiry.** `read` never returns a record with `expires_at <= now`; it reports the seqs of
+//!    those it skipped so the engine can count them as lost and remove them. `purge` removes
+//!    expired records with work in proportion to what it removes (an index by deadline), and
+//!    counts them in the recipient's `lost` counter.
+//! 5. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
+//!    (listed seqs), ignores seqs it does not hold, and subtracts `lost_reported` from the
+//!    recipient's lost counter (saturating).
+//! 6. **Isolation.** Nothing addressed to one recipient id is visible through another, whatever
+//!    bytes the ids contain.
+//! 7. **Cost.** An offline recipient costs storage for its records and small metadata, and no
+//!    memory beyond what the backend's medium needs.
+
+mod memory;
+
+pub use memory::MemoryStorage;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::limits::{BatchLimit, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// A record to append: the engine has encoded the payload into `body`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
+    /// The message id, returned with the record.
+    pub id: MessageId,
+    /// True if `id` was chosen by the sender and must be deduplicated; generated ids are unique
+    /// by construction and need no dedup entry.
+    pub dedup: bool,
+    /// When the engine accepted it.
+    pub sent_at: Timestamp,
+    /// When it stops being deliverable.
+    pub expires_at: Option<Timestamp>,
+    /// The encoded payload (see [`codec`](crate::codec)); its length counts against quotas.
+    pub body: Vec<u8>,
+}
+
+/// A record as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Position in the recipient's queue.
+    pub seq: Seq,
+    /// The message id.
+    pub id: MessageId,
+    /// When the engine accepted it.
+    pub sent_at: Timestamp,
+    /// When it stops being deliverable.
+    pub expires_at: Option<Timestamp>,
+    /// How many times it has been marked delivered (`Storage::mark_delivered`).
+    pub delivery_count: u32,
+    /// The encoded payload.
+    pub body: Vec<u8>,
+}
+
+/// The result of one record of an append, in input order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at this seq.
+    Stored(Seq),
+    /// Not stored: the same id was appended within the dedup window, at this seq.
+    Duplicate(Seq),
+}
+
+impl Appended {
+    /// The seq, stored or original.
+    pub fn seq(self) -> Seq {
+        match self {
+            Appended::Stored(seq) | Appended::Duplicate(seq) => seq,
+        }
+    }
+}
+
+/// What an append did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// One entry per record, in input order.
+    pub records: Vec<Appended>,
+    /// Records removed by `Overflow::DropOldest` to make room (added to the lost counter).
+    pub dropped: u64,
+    /// Records in the recipient's queue after the append (a hint for push notifications).
+    pub pending: u64,
+    /// True if a node sharing this storage holds a live session for the recipient (backends
+    /// that span nodes learn this from their wake-up channel); always false for single-node
+    /// backends.
+    pub live_elsewhere: bool,
+}
+
+/// What a read returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadBatch {
+    /// Unexpired records after the cursor, in seq order, within the batch limit.
+    pub records: Vec<StoredRecord>,
+    /// Seqs of expired records the read passed over (still stored until acked or purged).
+    pub expired: Vec<Seq>,
+    /// The recipient's lost counter: records dropped or purged unread and not yet reported.
+    pub lost: u64,
+}
+
+/// An acknowledgement: which records to remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// Remove every record with a seq at or below this one.
+    pub through: Option<Seq>,
+    /// Remove these records (unknown seqs are ignored).
+    pub seqs: Vec<Seq>,
+    /// Subtract this much from the lost counter: the engine reported it as a gap.
+    pub lost_reported: u64,
+}
+
+/// What a purge call removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeOutcome {
+    /// Expired records removed.
+    pub expired: u64,
+    /// Whole recipient queues removed for being idle.
+    pub idle_recipients: u64,
+    /// True if the budget ran out before everything due was removed.
+    pub more: bool,
+}
+
+/// One recipient's queue at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecipientStats {
+    /// Records stored (expired but unpurged ones included).
+    pub messages: u64,
+    /// Bytes of record bodies stored.
+    pub bytes: u64,
+    /// When the oldest stored record was accepted.
+    pub oldest_sent_at: Option<Timestamp>,
+    /// The highest seq stored.
+    pub newest_seq: Option<Seq>,
+    /// Records lost (dropped or expired unread) and not yet reported to the recipient.
+    pub lost: u64,
+}
+
+/// What a backend does natively; the engine adapts to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Largest batch one read may return; the engine clamps its batch limit to it.
+    pub max_read_batch: usize,
+    /// True if records survive a process crash once `append` returned.
+    pub durable: bool,
+    /// True if the backend expires data by itself (a server-side TTL), so maintenance is
+    /// only a tidy-up.
+    pub native_ttl: bool,
+    /// True if several engine instances may share this storage; `wakeups` then yields their
+    /// appends.
+    pub shared: bool,
+}
+
+/// Durable per-recipient FIFO storage. See the [module docs](self) for the contract.
+///
+/// Object-safe: the engine holds an `Arc<dyn Storage>`. Only the primitives a backend must
+/// supply live here; conveniences are in [`StorageExt`].
+///
+/// Reads are cursor-shaped (`after`): the engine keeps one cursor per session, so a broker-style
+/// backend (a queue per recipient, a JetStream consumer) can map a session's reads to its own
+/// consumer position, and redeliver from the broker's unacked set when `after` is `None`.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// What this backend does natively.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Appends `records` for `recipient` atomically under `quota`, assigning seqs in input order.
+    ///
+    /// # Errors
+    /// [`Error::QueueFull`](crate::Error::QueueFull) or
+    /// [`Error::StorageFull`](crate::Error::StorageFull) with nothing written; a storage error.
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome>;
+
+    /// Reads up to `limit` unexpired records with seq greater than `after` (all when `None`).
+    /// The byte bound counts body lengths; the first record is returned even if it alone is
+    /// larger.
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch>;
+
+    /// Records that these records were handed to a transport (increments their
+    /// `delivery_count`), before the hand-over, so a crash marks them redelivered.
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()>;
+
+    /// Removes acknowledged records; returns how many were removed. `now` counts as activity
+    /// for idle removal.
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;
+
+    /// Removes up to `budget` expired records (deadline at or before `now`) and, when
+    /// `idle_before` is set, whole recipient queues last appended to or acked before it.
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome>;
+
+    /// The recipient's queue at a glance (all zero for an unknown recipient).
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats>;
+
+    /// Removes the recipient's whole queue and metadata (a device unlinked); returns how many
+    /// records were removed.
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64>;
+
+    /// For backends shared by several engine instances: a stream of recipients that got new
+    /// records through another instance. `None` for single-node backends.
+    fn wakeups(&self) -> Option<BoxStream<'static, RecipientId>> {
+        None
+    }
+}
+
+/// Conveniences over [`Storage`], for every backend.
+#[async_trait]
+pub trait StorageExt: Storage {
+    /// Every unexpired record of `recipient`, in order (reads in pages).
+    async fn read_all(&self, recipient: &RecipientId, now: Timestamp) -> Result<Vec<StoredRecord>> {
+        let mut out = Vec::new();
+        let mut after = None;
+        let page = BatchLimit {
+            max_messages: self.capabilities().max_read_batch.clamp(1, 1000),
+            max_bytes: usize::MAX,
+        };
+        loop {
+            let batch = self.read(recipient, after, page, now).await?;
+            let Some(last) = batch.records.last() else {
+                return Ok(out);
+            };
+            after = Some(last.seq);
+            out.extend(batch.records);
+        }
+    }
+
+    /// Removes every record of `recipient` up to and including `through`.
+    async fn ack_through(
+        &self,
+        recipient: &RecipientId,
+        through: Seq,
+        now: Timestamp,
+    ) -> Result<u64> {
+        let ack = Ack {
+            through: Some(through),
+            ..Ack::default()
+        };
+        self.ack(recipient, &ack, now).await
+    }
+
+    /// Removes the listed records of `recipient`.
+    async fn ack_seqs(&self, recipient: &RecipientId, seqs: &[Seq], now: Timestamp) -> Result<u64> {
+        let ack = Ack {
+            seqs: seqs.to_vec(),
+            ..Ack::default()
+        };
+        self.ack(recipient, &ack, now).await
+    }
+}
+
+impl<S: Storage + ?Sized> StorageExt for S {}

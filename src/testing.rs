@@ -1,0 +1,755 @@
+//! The conformance suite: the [`Storage`] contract written once, for every backend, in-tree or
+//! not (as arrow-rs `object_store` does with its integration tests).
+//!
+//! ```
+//! # futures::executor::block_on(async {
+//! use std::sync::Arc;
+//! use offline_queue::{MemoryStorage, Storage};
+//! offline_queue::testing::run_all(|| async { Arc::new(MemoryStorage::new()) as Arc<dyn Storage> }).await;
+//! # });
+//! ```
+//!
+//! Each check is also public on its own, taking a fresh, empty storage. Checks panic with a
+//! message naming the broken rule. Time is passed explicitly, so no check sleeps.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{ManualClock, Timestamp};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{Envelope, MessageId, RecipientId, Seq};
+use crate::queue::OfflineQueue;
+use crate::storage::{Ack, Appended, NewRecord, Storage, StorageExt};
+use crate::transport::{Outbound, channel_transport};
+
+/// The time every check starts at.
+pub const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+/// A recipient id for tests.
+pub fn recipient(name: &str) -> RecipientId {
+    RecipientId::new(name).expect("valid test recipient")
+}
+
+/// A record with a fresh id, no dedup, sent at `T0`, never expiring.
+pub fn record(body: &[u8]) -> NewRecord {
+    NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: T0,
+        expires_at: None,
+        body: body.to_vec(),
+    }
+}
+
+fn expiring(body: &[u8], expires_at: Timestamp) -> NewRecord {
+    NewRecord {
+        expires_at: Some(expires_at),
+        ..record(body)
+    }
+}
+
+fn deduped(body: &[u8], id: MessageId) -> NewRecord {
+    NewRecord {
+        id,
+        dedup: true,
+        ..record(body)
+    }
+}
+
+const ALL: BatchLimit = BatchLimit {
+    max_messages: usize::MAX,
+    max_bytes: usize::MAX,
+};
+
+async fn bodies(storage: &dyn Storage, who: &RecipientId, now: Timestamp) -> Vec<Vec<u8>> {
+    storage
+        .read_all(who, now)
+        .await
+        .expect("read_all")
+        .into_iter()
+        .map(|r| r.body)
+        .collect()
+}
+
+async fn append(storage: &dyn Storage, who: &RecipientId, records: Vec<NewRecord>) -> Vec<Seq> {
+    storage
+        .append(who, records, &Quota::UNLIMITED, T0)
+        .await
+        .expect("append")
+        .records
+        .into_iter()
+        .map(Appended::seq)
+        .collect()
+}
+
+/// Runs every check, each against a fresh storage from `make`.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Storage>>,
+{
+    order_and_seqs(&*make().await).await;
+    seqs_never_reused_after_empty(&*make().await).await;
+    read_bounds(&*make().await).await;
+    acks(&*make().await).await;
+    delivery_counts(&*make().await).await;
+    dedup(&*make().await).await;
+    quota_reject_is_atomic(&*make().await).await;
+    quota_drop_oldest(&*make().await).await;
+    global_budget(&*make().await).await;
+    expiry(&*make().await).await;
+    purge_budget(&*make().await).await;
+    idle_removal(&*make().await).await;
+    isolation(&*make().await).await;
+    stats_and_remove(&*make().await).await;
+    concurrent_appends(make().await).await;
+    engine_round_trip(make().await).await;
+}
+
+/// Seqs strictly increase in append order, within and across appends; reads return seq order.
+pub async fn order_and_seqs(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let first = append(storage, &bob, vec![record(b"1"), record(b"2")]).await;
+    let second = append(storage, &bob, vec![record(b"3")]).await;
+    let all: Vec<Seq> = first.into_iter().chain(second).collect();
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "seqs must strictly increase: {all:?}"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"1", b"2", b"3"],
+        "read order"
+    );
+    let read = storage.read(&bob, Some(all[0]), ALL, T0).await.unwrap();
+    let after: Vec<Seq> = read.records.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        after,
+        all[1..],
+        "read after a cursor returns only later seqs"
+    );
+    let empty = storage
+        .append(&bob, vec![], &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    assert!(empty.records.is_empty(), "an empty append stores nothing");
+    let unknown = storage
+        .read(&recipient("nobody"), None, ALL, T0)
+        .await
+        .unwrap();
+    assert!(
+        unknown.records.is_empty() && unknown.lost == 0,
+        "unknown recipient reads empty"
+    );
+}
+
+/// A queue emptied by acks never hands out a seq its recipient has seen.
+pub async fn seqs_never_reused_after_empty(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let old = append(storage, &bob, vec![record(b"a"), record(b"b")]).await;
+    storage.ack_through(&bob, old[1], T0).await.unwrap();
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 0);
+    let new = append(storage, &bob, vec![record(b"c")]).await;
+    assert!(
+        new[0] > old[1],
+        "seq reused after the queue emptied: {new:?} after {old:?}"
+    );
+}
+
+/// Reads are bounded by count and bytes; a single record larger than the byte bound still
+/// comes out alone, so delivery never stalls.
+pub async fn read_bounds(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let records = (0..10).map(|i| record(&[i; 10])).collect();
+    append(storage, &bob, records).await;
+    let by_count = BatchLimit {
+        max_messages: 3,
+        max_bytes: usize::MAX,
+    };
+    assert_eq!(
+        storage
+            .read(&bob, None, by_count, T0)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        3
+    );
+    let by_bytes = BatchLimit {
+        max_messages: 100,
+        max_bytes: 25,
+    };
+    assert_eq!(
+        storage
+            .read(&bob, None, by_bytes, T0)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
+    let tiny = BatchLimit {
+        max_messages: 100,
+        max_bytes: 1,
+    };
+    assert_eq!(
+        storage
+            .read(&bob, None, tiny, T0)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        1,
+        "an oversize first record is returned alone"
+    );
+}
+
+/// Cumulative and selective acks remove exactly what they name; unknown seqs are ignored.
+pub async fn acks(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let seqs = append(storage, &bob, (0..6).map(|i| record(&[i])).collect()).await;
+    assert_eq!(
+        storage.ack_through(&bob, seqs[1], T0).await.unwrap(),
+        2,
+        "cumulative ack"
+    );
+    assert_eq!(
+        storage
+            .ack_seqs(&bob, &[seqs[3], seqs[5]], T0)
+            .await
+            .unwrap(),
+        2,
+        "selective ack"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [[2u8], [4]],
+        "what remains"
+    );
+    let again = Ack {
+        through: Some(seqs[1]),
+        seqs: vec![seqs[3], Seq(u64::MAX)],
+        lost_reported: 0,
+    };
+    assert_eq!(
+        storage.ack(&bob, &again, T0).await.unwrap(),
+        0,
+        "acks of removed or unknown seqs do nothing"
+    );
+    assert_eq!(storage.ack_through(&bob, seqs[5], T0).await.unwrap(), 2);
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 0);
+}
+
+/// `mark_delivered` increments the count a later read reports.
+pub async fn delivery_counts(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let seqs = append(storage, &bob, vec![record(b"a"), record(b"b")]).await;
+    storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
+    storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
+    let read = storage.read(&bob, None, ALL, T0).await.unwrap();
+    let counts: Vec<u32> = read.records.iter().map(|r| r.delivery_count).collect();
+    assert_eq!(counts, [2, 0], "delivery counts");
+}
+
+/// A sender-chosen id is stored once per recipient within the window, even after it was acked
+/// and within one append; other recipients and generated ids are unaffected.
+pub async fn dedup(storage: &dyn Storage) {
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let id = MessageId::from_bytes([7; 16]);
+    let quota = Quota {
+        dedup_window: Duration::from_secs(60),
+        ..Quota::UNLIMITED
+    };
+    let first = storage
+        .append(&bob, vec![deduped(b"x", id)], &quota, T0)
+        .await
+        .unwrap();
+    let Appended::Stored(seq) = first.records[0] else {
+        panic!("first send must store")
+    };
+    let later = T0.saturating_add(Duration::from_secs(30));
+    let again = storage
+        .append(
+            &bob,
+            vec![deduped(b"x", id), deduped(b"x", id)],
+            &quota,
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.records,
+        [Appended::Duplicate(seq), Appended::Duplicate(seq)],
+        "resend within window"
+    );
+    storage.ack_through(&bob, seq, later).await.unwrap();
+    let after_ack = storage
+        .append(&bob, vec![deduped(b"x", id)], &quota, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        after_ack.records,
+        [Appended::Duplicate(seq)],
+        "acked then resent within window"
+    );
+    let other = storage
+        .append(&carol, vec![deduped(b"x", id)], &quota, later)
+        .await
+        .unwrap();
+    assert!(
+        matches!(other.records[0], Appended::Stored(_)),
+        "dedup is per recipient"
+    );
+    let within = storage
+        .append(
+            &bob,
+            vec![deduped(b"y", MessageId::from_bytes([8; 16])); 2],
+            &quota,
+            later,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(within.records[..], [Appended::Stored(a), Appended::Duplicate(b)] if a == b),
+        "dup within one append"
+    );
+    let expired_window = T0.saturating_add(Duration::from_secs(61));
+    let fresh = storage
+        .append(&bob, vec![deduped(b"x", id)], &quota, expired_window)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fresh.records[0], Appended::Stored(_)),
+        "the window ended"
+    );
+}
+
+/// With `Overflow::Reject`, an append that does not fit fails with `QueueFull` and changes
+/// nothing, by message count and by bytes.
+pub async fn quota_reject_is_atomic(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 3,
+        max_bytes: 100,
+        ..Quota::UNLIMITED
+    };
+    storage
+        .append(&bob, vec![record(b"1"), record(b"2")], &quota, T0)
+        .await
+        .unwrap();
+    let err = storage
+        .append(&bob, vec![record(b"3"), record(b"4")], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::QueueFull {
+                messages: 2,
+                max_messages: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = storage
+        .append(&bob, vec![record(&[0; 99])], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::QueueFull {
+                bytes: 2,
+                max_bytes: 100,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"1", b"2"],
+        "nothing partial written"
+    );
+    storage
+        .append(&bob, vec![record(b"3")], &quota, T0)
+        .await
+        .expect("exactly full fits");
+}
+
+/// With `Overflow::DropOldest`, the oldest records make room, are counted as lost, and the
+/// count is cleared by `lost_reported`; a batch larger than the quota itself is rejected.
+pub async fn quota_drop_oldest(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 3,
+        max_bytes: 1000,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    for i in 0..3u8 {
+        storage
+            .append(&bob, vec![record(&[i])], &quota, T0)
+            .await
+            .unwrap();
+    }
+    let outcome = storage
+        .append(&bob, vec![record(&[3]), record(&[4])], &quota, T0)
+        .await
+        .unwrap();
+    assert_eq!(outcome.dropped, 2);
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [[2u8], [3], [4]],
+        "oldest dropped"
+    );
+    let read = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(read.lost, 2, "drops are counted for the gap report");
+    let too_big = storage
+        .append(&bob, (0..4).map(|i| record(&[i])).collect(), &quota, T0)
+        .await;
+    assert!(
+        matches!(too_big, Err(crate::Error::QueueFull { .. })),
+        "a batch over the quota alone"
+    );
+    let ack = Ack {
+        lost_reported: 2,
+        ..Ack::default()
+    };
+    storage.ack(&bob, &ack, T0).await.unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        0,
+        "reported loss is forgotten"
+    );
+}
+
+/// The storage-wide byte budget rejects with `StorageFull` and frees with acks.
+pub async fn global_budget(storage: &dyn Storage) {
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let quota = Quota {
+        max_total_bytes: Some(100),
+        ..Quota::UNLIMITED
+    };
+    let seqs: Vec<Seq> = storage
+        .append(&bob, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(Appended::seq)
+        .collect();
+    let err = storage
+        .append(&carol, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::StorageFull {
+                max: 100,
+                adding: 60,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(storage.stats(&carol).await.unwrap().messages, 0);
+    storage.ack_through(&bob, seqs[0], T0).await.unwrap();
+    storage
+        .append(&carol, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .expect("space freed by ack");
+}
+
+/// Expired records are never read, are reported as passed over, and purge removes them and
+/// counts them as lost, whatever order their deadlines arrived in.
+pub async fn expiry(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let at = |s| T0.saturating_add(Duration::from_secs(s));
+    let seqs = append(
+        storage,
+        &bob,
+        vec![
+            expiring(b"late", at(20)),
+            expiring(b"early", at(10)),
+            record(b"never"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        bodies(storage, &bob, at(9)).await,
+        [&b"late"[..], b"early", b"never"]
+    );
+    let read = storage.read(&bob, None, ALL, at(10)).await.unwrap();
+    let got: Vec<&[u8]> = read.records.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(
+        got,
+        [&b"late"[..], b"never"],
+        "expired at its deadline exactly"
+    );
+    assert_eq!(read.expired, [seqs[1]], "passed-over seqs are reported");
+    let purged = storage.purge(at(15), None, 100).await.unwrap();
+    assert_eq!((purged.expired, purged.more), (1, false));
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        1,
+        "purged unread is lost"
+    );
+    assert_eq!(
+        storage.purge(at(15), None, 100).await.unwrap().expired,
+        0,
+        "nothing twice"
+    );
+    assert_eq!(storage.purge(at(25), None, 100).await.unwrap().expired, 1);
+    assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
+}
+
+/// Purge stops at its budget and says there is more.
+pub async fn purge_budget(storage: &dyn Storage) {
+    let deadline = T0.saturating_add(Duration::from_secs(1));
+    for i in 0..5 {
+        let who = recipient(&format!("r{i}"));
+        append(
+            storage,
+            &who,
+            (0..4).map(|_| expiring(b"x", deadline)).collect(),
+        )
+        .await;
+    }
+    let later = T0.saturating_add(Duration::from_secs(2));
+    let first = storage.purge(later, None, 7).await.unwrap();
+    assert_eq!((first.expired, first.more), (7, true));
+    let rest = storage.purge(later, None, 100).await.unwrap();
+    assert_eq!((rest.expired, rest.more), (13, false));
+}
+
+/// Queues not appended to or acked since `idle_before` are removed whole.
+pub async fn idle_removal(storage: &dyn Storage) {
+    let (old, fresh) = (recipient("old"), recipient("fresh"));
+    storage
+        .append(
+            &old,
+            vec![record(b"a"), record(b"b")],
+            &Quota::UNLIMITED,
+            T0,
+        )
+        .await
+        .unwrap();
+    let later = T0.saturating_add(Duration::from_secs(100));
+    storage
+        .append(&fresh, vec![record(b"c")], &Quota::UNLIMITED, later)
+        .await
+        .unwrap();
+    let purged = storage
+        .purge(later, Some(T0.saturating_add(Duration::from_secs(50))), 100)
+        .await
+        .unwrap();
+    assert_eq!(purged.idle_recipients, 1);
+    assert_eq!(
+        storage.stats(&old).await.unwrap().messages,
+        0,
+        "idle queue removed"
+    );
+    assert_eq!(
+        storage.stats(&fresh).await.unwrap().messages,
+        1,
+        "active queue kept"
+    );
+}
+
+/// Look-alike ids (prefixes, separators, hash-tag braces, NUL, invalid UTF-8) never see each
+/// other's records, acks or purges.
+pub async fn isolation(storage: &dyn Storage) {
+    let ids: Vec<RecipientId> = [
+        &b"a"[..],
+        b"a:",
+        b"a:b",
+        b"a\0",
+        b"a\0b",
+        b"{a}",
+        b"{a}:b",
+        b"a}",
+        b"\xff\xfe",
+        b"a*",
+        b"a b",
+        b"*",
+        b"a/..",
+        b"A",
+    ]
+    .iter()
+    .map(|raw| RecipientId::new(raw).unwrap())
+    .collect();
+    let mut seqs = Vec::new();
+    for (i, who) in ids.iter().enumerate() {
+        seqs.push(append(storage, who, vec![record(&[i as u8])]).await[0]);
+    }
+    for (i, who) in ids.iter().enumerate() {
+        assert_eq!(
+            bodies(storage, who, T0).await,
+            [[i as u8]],
+            "{who} sees only its own"
+        );
+    }
+    // Acking one id's seq through another id removes nothing of either. (Seqs are per
+    // recipient, so two ids may hold the same number: such pairs are skipped.)
+    for (i, who) in ids.iter().enumerate() {
+        let j = (i + 1) % ids.len();
+        if seqs[i] == seqs[j] {
+            continue;
+        }
+        let other = &ids[j];
+        storage.ack_seqs(other, &[seqs[i]], T0).await.unwrap();
+        assert_eq!(
+            storage.stats(who).await.unwrap().messages,
+            1,
+            "{other} acked {who}'s record"
+        );
+        assert_eq!(
+            storage.stats(other).await.unwrap().messages,
+            1,
+            "{other} lost its own"
+        );
+    }
+    storage.remove_recipient(&ids[0]).await.unwrap();
+    for who in &ids[1..] {
+        assert_eq!(
+            storage.stats(who).await.unwrap().messages,
+            1,
+            "removing a removed {who}"
+        );
+    }
+}
+
+/// Stats report count, bytes, oldest and newest; removing a recipient removes everything.
+pub async fn stats_and_remove(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let seqs = append(
+        storage,
+        &bob,
+        vec![
+            record(b"abc"),
+            NewRecord {
+                sent_at: T0.saturating_add(Duration::from_secs(5)),
+                ..record(b"de")
+            },
+        ],
+    )
+    .await;
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!((stats.messages, stats.bytes), (2, 5));
+    assert_eq!(stats.oldest_sent_at, Some(T0));
+    assert_eq!(stats.newest_seq, Some(seqs[1]));
+    assert_eq!(storage.remove_recipient(&bob).await.unwrap(), 2);
+    assert_eq!(storage.stats(&bob).await.unwrap(), Default::default());
+    assert_eq!(storage.remove_recipient(&bob).await.unwrap(), 0);
+}
+
+/// Concurrent appends to one recipient each keep their own order, and no seq is handed out
+/// twice.
+pub async fn concurrent_appends(storage: Arc<dyn Storage>) {
+    let bob = recipient("bob");
+    let writers = (0..8u8).map(|writer| {
+        let storage = storage.clone();
+        let bob = bob.clone();
+        async move {
+            let mut seqs = Vec::new();
+            for i in 0..25u8 {
+                seqs.extend(append(&*storage, &bob, vec![record(&[writer, i])]).await);
+            }
+            seqs
+        }
+    });
+    let per_writer = futures::future::join_all(writers).await;
+    let mut all: Vec<Seq> = per_writer.iter().flatten().copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 200, "every append got its own seq");
+    let stored = storage.read_all(&bob, T0).await.unwrap();
+    for writer in 0..8u8 {
+        let mine: Vec<u8> = stored
+            .iter()
+            .filter(|r| r.body[0] == writer)
+            .map(|r| r.body[1])
+            .collect();
+        assert_eq!(mine, (0..25).collect::<Vec<_>>(), "writer {writer}'s order");
+    }
+}
+
+/// The engine over this storage: offline store, batched delivery, ack, redelivery marked on the
+/// next session, and a live session woken by a new send.
+pub async fn engine_round_trip(storage: Arc<dyn Storage>) {
+    use futures::StreamExt;
+    let clock = ManualClock::new(T0);
+    let queue = OfflineQueue::builder()
+        .storage(storage)
+        .clock(Arc::new(clock))
+        .batch(BatchLimit {
+            max_messages: 2,
+            max_bytes: usize::MAX,
+        })
+        .build()
+        .unwrap();
+    let bob = recipient("bob");
+    for i in 0..3u8 {
+        queue
+            .send(Envelope::new(bob.clone(), vec![i]))
+            .await
+            .unwrap();
+    }
+    // First session: receives two batches (2 + 1), acks only the first message.
+    let (transport, mut inbox) = channel_transport(16);
+    let session = queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let client = async {
+        let Some(Outbound::Batch(first)) = inbox.next().await else {
+            panic!("first batch")
+        };
+        let Some(Outbound::Batch(second)) = inbox.next().await else {
+            panic!("second batch")
+        };
+        assert_eq!(
+            (first.messages.len(), second.messages.len()),
+            (2, 1),
+            "batch bound"
+        );
+        assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+        handle.ack([first.messages[0].seq]);
+        handle.close();
+    };
+    let (end, ()) = futures::join!(session.run(), client);
+    end.unwrap();
+    // Second session: the two unacked come back marked, then a live send arrives unmarked.
+    let (transport, mut inbox) = channel_transport(16);
+    let session = queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let client = async {
+        let Some(Outbound::Batch(again)) = inbox.next().await else {
+            panic!("redelivery")
+        };
+        let payloads: Vec<&[u8]> = again.messages.iter().map(|d| &d.payload[..]).collect();
+        assert_eq!(payloads, [[1u8], [2]], "unacked redelivered in order");
+        assert!(
+            again.messages.iter().all(|d| d.redelivered),
+            "redeliveries are marked"
+        );
+        assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+        let receipt = queue
+            .send(Envelope::new(bob.clone(), vec![9]))
+            .await
+            .unwrap();
+        assert!(receipt.recipient_online);
+        let Some(Outbound::Batch(live)) = inbox.next().await else {
+            panic!("live delivery")
+        };
+        assert_eq!(live.messages[0].payload, [9]);
+        assert!(!live.messages[0].redelivered);
+        handle.ack_through(live.messages[0].seq);
+        handle.close();
+    };
+    let (end, ()) = futures::join!(session.run(), client);
+    end.unwrap();
+    assert_eq!(queue.stats(&bob).await.unwrap().messages, 0, "all acked");
+}
