@@ -172,7 +172,8 @@ impl Quota {
 pub struct BatchLimit {
     /// Most messages in a batch. Default 100 (Signal's and Matrix's page size).
     pub max_messages: usize,
-    /// Most payload bytes in a batch; a single larger message still goes out alone, so a batch
+    /// Most stored bytes in a batch (encoded payloads: one framing byte more than the payload,
+    /// or less when compressed); a single larger message still goes out alone, so delivery
     /// never stalls. Default 1 MiB.
     pub max_bytes: usize,
 }

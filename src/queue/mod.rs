@@ -17,7 +17,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Limits, Quota};
-use crate::message::{Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt};
+use crate::message::{Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt, Urgency};
 use crate::metrics::{self, Metrics, MetricsSnapshot};
 use crate::notifier::{NoopNotifier, Notifier, NotifyPolicy, Nudge, NudgeReason};
 use crate::storage::{Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
@@ -218,6 +218,12 @@ impl OfflineQueueBuilder {
     }
 }
 
+/// An envelope validated and encoded, ready to append.
+struct Prepared {
+    record: NewRecord,
+    urgency: Urgency,
+}
+
 /// A recipient's queue at a glance ([`OfflineQueue::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -257,11 +263,10 @@ impl OfflineQueue {
     /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
-        let urgency = envelope.urgency;
         let recipient = envelope.recipient.clone();
-        let (id, record) = self.prepare(envelope)?;
-        let receipt = self.store(&recipient, vec![(id, record, urgency)]).await?;
-        Ok(receipt[0])
+        let prepared = self.prepare(envelope)?;
+        let receipts = self.store(&recipient, vec![prepared]).await?;
+        Ok(receipts[0])
     }
 
     /// Stores many messages. Every envelope is validated first: if any is invalid, that error is
@@ -272,30 +277,22 @@ impl OfflineQueue {
     /// # Errors
     /// The outer error is a validation error of the first invalid envelope.
     pub async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Result<SendReceipt>>> {
-        let mut groups: Vec<(
-            RecipientId,
-            Vec<(usize, MessageId, NewRecord, crate::Urgency)>,
-        )> = Vec::new();
+        let total = envelopes.len();
+        let mut groups: Vec<(RecipientId, Vec<usize>, Vec<Prepared>)> = Vec::new();
         let mut group_of: HashMap<RecipientId, usize> = HashMap::new();
         for (index, envelope) in envelopes.into_iter().enumerate() {
-            let urgency = envelope.urgency;
             let recipient = envelope.recipient.clone();
-            let (id, record) = self.prepare(envelope)?;
+            let prepared = self.prepare(envelope)?;
             let group = *group_of.entry(recipient.clone()).or_insert_with(|| {
-                groups.push((recipient, Vec::new()));
+                groups.push((recipient, Vec::new(), Vec::new()));
                 groups.len() - 1
             });
-            groups[group].1.push((index, id, record, urgency));
+            groups[group].1.push(index);
+            groups[group].2.push(prepared);
         }
-        let total = groups.iter().map(|(_, g)| g.len()).sum();
         let mut results: Vec<Option<Result<SendReceipt>>> = (0..total).map(|_| None).collect();
-        for (recipient, group) in groups {
-            let indexes: Vec<usize> = group.iter().map(|(i, ..)| *i).collect();
-            let items = group
-                .into_iter()
-                .map(|(_, id, record, urgency)| (id, record, urgency))
-                .collect();
-            match self.store(&recipient, items).await {
+        for (recipient, indexes, prepared) in groups {
+            match self.store(&recipient, prepared).await {
                 Ok(receipts) => {
                     for (index, receipt) in indexes.into_iter().zip(receipts) {
                         results[index] = Some(Ok(receipt));
@@ -315,7 +312,7 @@ impl OfflineQueue {
     }
 
     /// Validates and encodes one envelope; nothing is written.
-    fn prepare(&self, envelope: Envelope) -> Result<(MessageId, NewRecord)> {
+    fn prepare(&self, envelope: Envelope) -> Result<Prepared> {
         let inner = &self.inner;
         let max = inner.limits.max_message_bytes;
         if envelope.payload.len() > max {
@@ -337,19 +334,22 @@ impl OfflineQueue {
             expires_at: ttl.map(|ttl| now.saturating_add(ttl)),
             body: codec::encode_body(&envelope.payload, inner.compress_at),
         };
-        Ok((id, record))
+        Ok(Prepared {
+            record,
+            urgency: envelope.urgency,
+        })
     }
 
     async fn store(
         &self,
         recipient: &RecipientId,
-        items: Vec<(MessageId, NewRecord, crate::Urgency)>,
+        items: Vec<Prepared>,
     ) -> Result<Vec<SendReceipt>> {
         let inner = &self.inner;
         let now = inner.clock.now();
-        let ids: Vec<(MessageId, crate::Urgency)> =
-            items.iter().map(|(id, _, u)| (*id, *u)).collect();
-        let records = items.into_iter().map(|(_, record, _)| record).collect();
+        let meta: Vec<(MessageId, Urgency)> =
+            items.iter().map(|p| (p.record.id, p.urgency)).collect();
+        let records = items.into_iter().map(|p| p.record).collect();
         let outcome = match inner
             .storage
             .append(recipient, records, &inner.quota, now)
@@ -381,18 +381,19 @@ impl OfflineQueue {
 
         let woke_local = stored > 0 && self.wake(recipient);
         let online = woke_local || outcome.live_elsewhere || self.is_online(recipient);
-        if stored > 0 && !online {
-            let strongest = ids
+        if !online {
+            // The most urgent of the newly stored messages decides the nudge.
+            let strongest = meta
                 .iter()
                 .zip(&outcome.records)
                 .filter(|(_, a)| matches!(a, Appended::Stored(_)))
                 .map(|((_, urgency), _)| *urgency)
                 .min_by_key(|u| match u {
-                    crate::Urgency::Urgent => 0,
-                    crate::Urgency::Background => 1,
-                    crate::Urgency::Silent => 2,
+                    Urgency::Urgent => 0,
+                    Urgency::Background => 1,
+                    Urgency::Silent => 2,
                 });
-            if let Some(urgency) = strongest {
+            if let Some(urgency) = strongest.filter(|u| *u != Urgency::Silent) {
                 let reason =
                     inner
                         .nudges
@@ -400,15 +401,12 @@ impl OfflineQueue {
                         .on_stored(&inner.notify_policy, recipient, urgency, now);
                 match reason {
                     Some(reason) => self.nudge(recipient, Some(outcome.pending), reason).await,
-                    None if urgency != crate::Urgency::Silent => {
-                        metrics::add(&inner.metrics.notifications_coalesced, 1);
-                    }
-                    None => {}
+                    None => metrics::add(&inner.metrics.notifications_coalesced, 1),
                 }
             }
         }
         tracing::trace!(%recipient, stored, online, "stored");
-        Ok(ids
+        Ok(meta
             .iter()
             .zip(outcome.records)
             .map(|((id, _), appended)| SendReceipt {

@@ -17,7 +17,7 @@
 //! behind) still never reuses a seq its recipient may have seen.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
@@ -87,9 +87,8 @@ impl MemoryStorage {
     }
 
     fn shard(&self, recipient: &RecipientId) -> &Mutex<Shard> {
-        let mut hasher = self.hasher.build_hasher();
-        recipient.hash(&mut hasher);
-        &self.shards[(hasher.finish() % self.shards.len() as u64) as usize]
+        let hash = self.hasher.hash_one(recipient);
+        &self.shards[(hash % self.shards.len() as u64) as usize]
     }
 
     /// Reserves `adding` bytes of the global budget, atomically.

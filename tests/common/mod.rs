@@ -1,0 +1,159 @@
+//! A deterministic harness: one `LocalPool` runs session drivers; tests step it until it
+//! stalls, so "nothing more arrived" is a fact, not a timeout.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::{mpsc, oneshot};
+use futures::executor::LocalPool;
+use futures::task::LocalSpawnExt;
+use offline_queue::{
+    Batch, Clock, Envelope, ManualClock, OfflineQueue, OfflineQueueBuilder, Outbound, RecipientId,
+    RecordingNotifier, Result, SessionEnd, SessionHandle, Timestamp, channel_transport,
+};
+
+pub const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+pub struct Harness {
+    pub pool: LocalPool,
+    pub clock: ManualClock,
+    pub notifier: Arc<RecordingNotifier>,
+    pub queue: OfflineQueue,
+}
+
+pub fn id(name: &str) -> RecipientId {
+    RecipientId::new(name).unwrap()
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with(|b| b)
+    }
+
+    pub fn with(configure: impl FnOnce(OfflineQueueBuilder) -> OfflineQueueBuilder) -> Self {
+        let clock = ManualClock::new(T0);
+        let notifier = Arc::new(RecordingNotifier::new());
+        let builder = OfflineQueue::builder()
+            .clock(Arc::new(clock.clone()))
+            .notifier(notifier.clone());
+        let queue = configure(builder).build().unwrap();
+        Self {
+            pool: LocalPool::new(),
+            clock,
+            notifier,
+            queue,
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// Runs a future to completion, letting sessions progress meanwhile.
+    pub fn run<T>(&mut self, future: impl Future<Output = T>) -> T {
+        self.pool.run_until(future)
+    }
+
+    pub fn send(&mut self, to: &str, payload: &[u8]) -> offline_queue::SendReceipt {
+        let envelope = Envelope::new(id(to), payload.to_vec());
+        let queue = self.queue.clone();
+        self.run(queue.send(envelope)).unwrap()
+    }
+
+    pub fn try_send(&mut self, envelope: Envelope) -> Result<offline_queue::SendReceipt> {
+        let queue = self.queue.clone();
+        self.run(queue.send(envelope))
+    }
+
+    /// Connects `who` with a channel transport of `buffer` items and spawns its driver.
+    pub fn connect(&mut self, who: &str) -> Client {
+        self.connect_buffered(who, 1024)
+    }
+
+    pub fn connect_buffered(&mut self, who: &str, buffer: usize) -> Client {
+        let (transport, inbox) = channel_transport(buffer);
+        let session = self.queue.connect(id(who), transport);
+        let handle = session.handle();
+        let (tx, end) = oneshot::channel();
+        self.pool
+            .spawner()
+            .spawn_local(async move {
+                let _ = tx.send(session.run().await);
+            })
+            .unwrap();
+        self.pool.run_until_stalled();
+        Client { inbox, handle, end }
+    }
+
+    pub fn stall(&mut self) {
+        self.pool.run_until_stalled();
+    }
+
+    pub fn stats(&mut self, who: &str) -> offline_queue::QueueStats {
+        let queue = self.queue.clone();
+        self.run(queue.stats(&id(who))).unwrap()
+    }
+
+    pub fn maintain(&mut self) -> offline_queue::MaintenanceReport {
+        let queue = self.queue.clone();
+        self.run(queue.maintain(10_000)).unwrap()
+    }
+}
+
+pub struct Client {
+    pub inbox: mpsc::Receiver<Outbound>,
+    pub handle: SessionHandle,
+    pub end: oneshot::Receiver<Result<SessionEnd>>,
+}
+
+impl Client {
+    /// Everything delivered so far, after the pool stalled.
+    pub fn drain(&mut self, harness: &mut Harness) -> Vec<Outbound> {
+        harness.stall();
+        let mut out = Vec::new();
+        while let Ok(item) = self.inbox.try_recv() {
+            out.push(item);
+            harness.stall();
+        }
+        out
+    }
+
+    /// The batches delivered so far.
+    pub fn batches(&mut self, harness: &mut Harness) -> Vec<Batch> {
+        self.drain(harness)
+            .into_iter()
+            .filter_map(|item| match item {
+                Outbound::Batch(batch) => Some(batch),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Closes the session and returns how it ended.
+    pub fn close(mut self, harness: &mut Harness) -> SessionEnd {
+        self.handle.close();
+        harness.stall();
+        self.end
+            .try_recv()
+            .unwrap()
+            .expect("session ended")
+            .unwrap()
+    }
+
+    pub fn ended(&mut self, harness: &mut Harness) -> Option<Result<SessionEnd>> {
+        harness.stall();
+        self.end.try_recv().unwrap()
+    }
+}
+
+pub fn payloads(batches: &[Batch]) -> Vec<Vec<u8>> {
+    batches
+        .iter()
+        .flat_map(|b| b.messages.iter().map(|m| m.payload.clone()))
+        .collect()
+}
