@@ -464,8 +464,8 @@ pub async fn global_budget(storage: &dyn Storage) {
         .expect("space freed by ack");
 }
 
-/// Expired records are never read, are reported as passed over, and purge removes them and
-/// counts them as lost, whatever order their deadlines arrived in.
+/// Expired records are never read, are reported as passed over, and purge removes them,
+/// whatever order their deadlines arrived in; only those never delivered count as lost.
 pub async fn expiry(storage: &dyn Storage) {
     let bob = recipient("bob");
     let at = |s| T0.saturating_add(Duration::from_secs(s));
@@ -491,6 +491,8 @@ pub async fn expiry(storage: &dyn Storage) {
         "expired at its deadline exactly"
     );
     assert_eq!(read.expired, [seqs[1]], "passed-over seqs are reported");
+    assert_eq!(read.expired_unread, 1);
+    storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
     let purged = storage.purge(at(15), None, 100).await.unwrap();
     assert_eq!((purged.expired, purged.more), (1, false));
     assert_eq!(
@@ -504,6 +506,11 @@ pub async fn expiry(storage: &dyn Storage) {
         "nothing twice"
     );
     assert_eq!(storage.purge(at(25), None, 100).await.unwrap().expired, 1);
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        1,
+        "a delivered record that expires is not lost"
+    );
     assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
 }
 

@@ -356,7 +356,7 @@ impl Session {
         // Removed without delivery: expired ones (reported in the gap), dead letters and
         // records that fail to decode (also reported).
         let mut discard = read.expired.clone();
-        let mut gap = read.lost + read.expired.len() as u64;
+        let mut gap = read.lost + read.expired_unread;
         let mut deliver = Vec::with_capacity(read.records.len());
         for record in read.records {
             let seq = record.seq;

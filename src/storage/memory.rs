@@ -472,6 +472,7 @@ impl Storage for MemoryStorage {
         for record in queue.records.range(start..).filter(|r| !r.removed) {
             if record.expires_at <= now {
                 batch.expired.push(Seq(record.seq));
+                batch.expired_unread += u64::from(record.delivery_count == 0);
                 if batch.expired.len() >= limit.max_messages {
                     break;
                 }
@@ -577,8 +578,9 @@ impl Storage for MemoryStorage {
                             .filter(|&i| queue.records[i].expires_at <= now),
                     };
                     let Some(index) = index else { break };
+                    let unread = queue.records[index].delivery_count == 0;
                     freed += queue.remove_at(index);
-                    queue.lost += 1;
+                    queue.lost += u64::from(unread);
                     outcome.expired += 1;
                     left -= 1;
                 }

@@ -15,9 +15,9 @@
 //!    `Quota::dedup_window` is not stored again; the append reports the original seq, even if
 //!    the original was since acked.
 //! 4. **Expiry.** `read` never returns a record with `expires_at <= now`; it reports the seqs of
-//!    those it skipped so the engine can count them as lost and remove them. `purge` removes
-//!    expired records with work in proportion to what it removes (an index by deadline), and
-//!    counts them in the recipient's `lost` counter.
+//!    those it skipped so the engine can report and remove them. `purge` removes expired records
+//!    with work in proportion to what it removes (an index by deadline), and counts those never
+//!    marked delivered in the recipient's `lost` counter ("expired unread").
 //! 5. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
 //!    (listed seqs), ignores seqs it does not hold, and subtracts `lost_reported` from the
 //!    recipient's lost counter (saturating).
@@ -111,6 +111,8 @@ pub struct ReadBatch {
     pub records: Vec<StoredRecord>,
     /// Seqs of expired records the read passed over (still stored until acked or purged).
     pub expired: Vec<Seq>,
+    /// How many of `expired` were never marked delivered: those count as lost.
+    pub expired_unread: u64,
     /// The recipient's lost counter: records dropped or purged unread and not yet reported.
     pub lost: u64,
 }
@@ -148,7 +150,8 @@ pub struct RecipientStats {
     pub oldest_sent_at: Option<Timestamp>,
     /// The highest seq stored.
     pub newest_seq: Option<Seq>,
-    /// Records lost (dropped or expired unread) and not yet reported to the recipient.
+    /// Records lost (dropped, or expired without ever being delivered) and not yet reported to
+    /// the recipient.
     pub lost: u64,
 }
 
