@@ -32,9 +32,13 @@ impl Timestamp {
         Self(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// `self + duration`, or `None` past the end of representable time.
+    /// `self + duration`, rounded up to the next millisecond (so a positive TTL never yields a
+    /// deadline that has already passed), or `None` past the end of representable time.
     pub fn checked_add(self, duration: Duration) -> Option<Self> {
-        let millis = u64::try_from(duration.as_millis()).ok()?;
+        let partial = u64::from(duration.subsec_nanos() % 1_000_000 != 0);
+        let millis = u64::try_from(duration.as_millis())
+            .ok()?
+            .checked_add(partial)?;
         self.0.checked_add(millis).map(Self)
     }
 
