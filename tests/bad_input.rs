@@ -119,6 +119,12 @@ fn ttls_zero_over_the_limit_and_overflowing() {
         2,
         "only the valid ones were written"
     );
+    let mut bob = h.connect("bob");
+    assert_eq!(
+        common::payloads(&bob.batches(&mut h)).len(),
+        2,
+        "a 1 ns TTL rounds up to 1 ms: deliverable now"
+    );
     assert_eq!(h.queue.metrics().rejected_invalid_ttl, 3);
 }
 
