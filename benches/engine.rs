@@ -1,1 +1,198 @@
-fn main() {}
+//! Engine throughput over `MemoryStorage`, each beside its bare baseline in the same group:
+//! a `VecDeque` per recipient behind one mutex doing the same pushes and pops.
+//!
+//! `cargo bench --bench engine`
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use futures::executor::block_on;
+use offline_queue::{
+    BatchLimit, Envelope, Limits, OfflineQueue, Outbound, RecipientId, SessionHandle, Transport,
+    TransportClosed,
+};
+use parking_lot::Mutex;
+
+const RECIPIENTS: usize = 100;
+const PER_RECIPIENT: usize = 100;
+const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
+const PAYLOAD: usize = 256;
+
+/// A client that acks each batch as it arrives and closes once caught up, so a session's
+/// driver runs to completion on its own.
+struct AckingClient(OnceLock<SessionHandle>);
+
+#[async_trait]
+impl Transport for AckingClient {
+    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
+        let handle = self.0.get().expect("handle set before run");
+        match item {
+            Outbound::Batch(batch) => {
+                if let Some(last) = batch.messages.last() {
+                    handle.ack_through(last.seq);
+                }
+            }
+            Outbound::CaughtUp => handle.close(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn queue() -> OfflineQueue {
+    OfflineQueue::builder()
+        .limits(Limits {
+            max_messages_per_recipient: 1_000_000,
+            ..Limits::default()
+        })
+        .batch(BatchLimit {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        })
+        .build()
+        .unwrap()
+}
+
+fn ids() -> Vec<RecipientId> {
+    (0..RECIPIENTS)
+        .map(|i| RecipientId::new(format!("user-{i}")).unwrap())
+        .collect()
+}
+
+async fn engine_send(queue: &OfflineQueue, ids: &[RecipientId], payload: &[u8]) {
+    for _ in 0..PER_RECIPIENT {
+        for id in ids {
+            queue
+                .send(Envelope::new(id.clone(), payload.to_vec()))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn engine_drain(queue: &OfflineQueue, ids: &[RecipientId]) {
+    for id in ids {
+        let client = Arc::new(AckingClient(OnceLock::new()));
+        let session = queue.connect(id.clone(), ForwardTo(client.clone()));
+        client.0.set(session.handle()).ok();
+        session.run().await.unwrap();
+    }
+}
+
+/// `connect` takes the transport by value; this forwards to a shared client.
+struct ForwardTo(Arc<AckingClient>);
+
+#[async_trait]
+impl Transport for ForwardTo {
+    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
+        self.0.send(item).await
+    }
+}
+
+type Baseline = Mutex<HashMap<usize, VecDeque<(u64, Vec<u8>)>>>;
+
+fn baseline_send(store: &Baseline, payload: &[u8]) {
+    let mut seq = 0;
+    for _ in 0..PER_RECIPIENT {
+        for r in 0..RECIPIENTS {
+            seq += 1;
+            store
+                .lock()
+                .entry(r)
+                .or_default()
+                .push_back((seq, payload.to_vec()));
+        }
+    }
+}
+
+fn baseline_drain(store: &Baseline) -> usize {
+    let mut delivered = 0;
+    for r in 0..RECIPIENTS {
+        loop {
+            let batch: Vec<(u64, Vec<u8>)> = {
+                let mut store = store.lock();
+                let queue = store.entry(r).or_default();
+                let n = queue.len().min(100);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            delivered += std::hint::black_box(batch).len();
+        }
+    }
+    delivered
+}
+
+fn bench(c: &mut Criterion) {
+    let payload = vec![7u8; PAYLOAD];
+    let ids = ids();
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group.sample_size(20);
+
+    group.bench_function("send/engine", |b| {
+        b.iter_batched(
+            queue,
+            |q| block_on(engine_send(&q, &ids, &payload)),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("send/baseline", |b| {
+        b.iter_batched(
+            Baseline::default,
+            |s| baseline_send(&s, &payload),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("deliver_ack/engine", |b| {
+        b.iter_batched(
+            || {
+                let q = queue();
+                block_on(engine_send(&q, &ids, &payload));
+                q
+            },
+            |q| block_on(engine_drain(&q, &ids)),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("deliver_ack/baseline", |b| {
+        b.iter_batched(
+            || {
+                let s = Baseline::default();
+                baseline_send(&s, &payload);
+                s
+            },
+            |s| assert_eq!(baseline_drain(&s), MESSAGES),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("round_trip/engine", |b| {
+        b.iter_batched(
+            queue,
+            |q| {
+                block_on(async {
+                    engine_send(&q, &ids, &payload).await;
+                    engine_drain(&q, &ids).await;
+                })
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("round_trip/baseline", |b| {
+        b.iter_batched(
+            Baseline::default,
+            |s| {
+                baseline_send(&s, &payload);
+                assert_eq!(baseline_drain(&s), MESSAGES);
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
