@@ -92,4 +92,9 @@ pub use queue::{
     SessionEnd, SessionHandle,
 };
 pub use storage::{MemoryStorage, Storage, StorageExt};
+/// README's examples, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use transport::{ChannelTransport, Outbound, Transport, TransportClosed, channel_transport};
