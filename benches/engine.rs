@@ -136,14 +136,20 @@ fn bench(c: &mut Criterion) {
     group.bench_function("send/engine", |b| {
         b.iter_batched(
             queue,
-            |q| block_on(engine_send(&q, &ids, &payload)),
+            |q| {
+                block_on(engine_send(&q, &ids, &payload));
+                q // dropped outside the timing
+            },
             BatchSize::PerIteration,
         )
     });
     group.bench_function("send/baseline", |b| {
         b.iter_batched(
             Baseline::default,
-            |s| baseline_send(&s, &payload),
+            |s| {
+                baseline_send(&s, &payload);
+                s
+            },
             BatchSize::PerIteration,
         )
     });

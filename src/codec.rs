@@ -1,9 +1,10 @@
 //! Encoding, in one place so it can be replaced: typed payloads through serde and bincode 2, and
 //! the framing of a stored record body (raw, or lz4-compressed with the `compression` feature).
 //!
-//! A record body is one tag byte then the data:
+//! A record body is the data then one tag byte (a trailer, so decoding a raw body is a
+//! truncation, not a copy):
 //! - `0`: the payload as sent;
-//! - `1`: lz4 block, prefixed with the decompressed length as a little-endian `u32`.
+//! - `1`: an lz4 block followed by the decompressed length as a little-endian `u32`.
 //!
 //! Decoding checks the declared length against a cap before allocating, so a corrupt or hostile
 //! record cannot make the reader allocate without bound (a decompression bomb).
@@ -49,52 +50,50 @@ pub fn encode_body(payload: &[u8], compress_at: Option<usize>) -> Vec<u8> {
         && payload.len() >= threshold
         && let Ok(len) = u32::try_from(payload.len())
     {
-        let compressed = lz4_flex::block::compress(payload);
-        if compressed.len() + 4 < payload.len() {
-            let mut body = Vec::with_capacity(compressed.len() + 5);
-            body.push(TAG_LZ4);
+        let mut body = lz4_flex::block::compress(payload);
+        if body.len() + 5 < payload.len() + 1 {
             body.extend_from_slice(&len.to_le_bytes());
-            body.extend_from_slice(&compressed);
+            body.push(TAG_LZ4);
             return body;
         }
     }
     #[cfg(not(feature = "compression"))]
     let _ = compress_at;
     let mut body = Vec::with_capacity(payload.len() + 1);
-    body.push(TAG_RAW);
     body.extend_from_slice(payload);
+    body.push(TAG_RAW);
     body
 }
 
 /// Reads a record body back into its payload, refusing anything that would exceed `max_len`
-/// bytes once decoded.
+/// bytes once decoded. A raw body is returned in place, without copying.
 ///
 /// # Errors
 /// [`Error::Codec`] for an empty body, an unknown tag, a declared length over `max_len`, or
 /// compressed data that does not decode to exactly the declared length.
-pub fn decode_body(body: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
-    let (&tag, data) = body
-        .split_first()
+pub fn decode_body(mut body: Vec<u8>, max_len: usize) -> Result<Vec<u8>, Error> {
+    let tag = body
+        .pop()
         .ok_or_else(|| Error::Codec("empty record body".into()))?;
     match tag {
         TAG_RAW => {
-            if data.len() > max_len {
+            if body.len() > max_len {
                 return Err(Error::Codec(format!(
                     "record of {} bytes is over the cap of {max_len}",
-                    data.len()
+                    body.len()
                 )));
             }
-            Ok(data.to_vec())
+            Ok(body)
         }
-        TAG_LZ4 => decode_lz4(data, max_len),
+        TAG_LZ4 => decode_lz4(&body, max_len),
         other => Err(Error::Codec(format!("unknown record tag {other}"))),
     }
 }
 
 #[cfg(feature = "compression")]
 fn decode_lz4(data: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
-    let (len, compressed) = data
-        .split_first_chunk::<4>()
+    let (compressed, len) = data
+        .split_last_chunk::<4>()
         .ok_or_else(|| Error::Codec("compressed record shorter than its header".into()))?;
     let len = u32::from_le_bytes(*len) as usize;
     if len > max_len {
@@ -140,10 +139,10 @@ mod tests {
     #[test]
     fn raw_body_round_trip_and_cap() {
         let body = encode_body(b"hello", None);
-        assert_eq!(decode_body(&body, 5).unwrap(), b"hello");
-        assert!(decode_body(&body, 4).is_err());
-        assert!(decode_body(&[], 10).is_err());
-        assert!(decode_body(&[9, 1, 2], 10).is_err());
+        assert_eq!(decode_body(body.clone(), 5).unwrap(), b"hello");
+        assert!(decode_body(body, 4).is_err());
+        assert!(decode_body(vec![], 10).is_err());
+        assert!(decode_body(vec![1, 2, 9], 10).is_err());
     }
 
     #[cfg(feature = "compression")]
@@ -151,19 +150,19 @@ mod tests {
     fn compressed_round_trip_and_bomb() {
         let payload = vec![7u8; 10_000];
         let body = encode_body(&payload, Some(64));
-        assert_eq!(body[0], TAG_LZ4);
+        assert_eq!(body.last(), Some(&TAG_LZ4));
         assert!(body.len() < 200);
-        assert_eq!(decode_body(&body, 10_000).unwrap(), payload);
+        assert_eq!(decode_body(body.clone(), 10_000).unwrap(), payload);
+        let n = body.len();
         // Declares more than the cap: refused before allocating.
-        let mut bomb = vec![TAG_LZ4];
-        bomb.extend_from_slice(&u32::MAX.to_le_bytes());
-        bomb.extend_from_slice(&body[5..]);
-        assert!(decode_body(&bomb, 10_000).is_err());
+        let mut bomb = body.clone();
+        bomb[n - 5..n - 1].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_body(bomb, 10_000).is_err());
         // Declares less than it holds: refused, not truncated silently.
         let mut short = body.clone();
-        short[1..5].copy_from_slice(&100u32.to_le_bytes());
-        assert!(decode_body(&short, 10_000).is_err());
+        short[n - 5..n - 1].copy_from_slice(&100u32.to_le_bytes());
+        assert!(decode_body(short, 10_000).is_err());
         // Small or incompressible payloads stay raw.
-        assert_eq!(encode_body(b"abc", Some(64))[0], TAG_RAW);
+        assert_eq!(encode_body(b"abc", Some(64)).last(), Some(&TAG_RAW));
     }
 }

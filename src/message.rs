@@ -107,7 +107,8 @@ impl MessageId {
         Self::generate_at(millis)
     }
 
-    fn generate_at(millis: u64) -> Self {
+    /// A new id stamped with `millis` since the epoch (the engine passes its clock's time).
+    pub(crate) fn generate_at(millis: u64) -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
         let salt = process_salt();

@@ -326,7 +326,9 @@ impl OfflineQueue {
             metrics::add(&inner.metrics.rejected_invalid_ttl, 1);
         })?;
         let now = inner.clock.now();
-        let id = envelope.id.unwrap_or_else(MessageId::generate);
+        let id = envelope
+            .id
+            .unwrap_or_else(|| MessageId::generate_at(now.as_millis()));
         let record = NewRecord {
             id,
             dedup: envelope.id.is_some(),
@@ -346,7 +348,10 @@ impl OfflineQueue {
         items: Vec<Prepared>,
     ) -> Result<Vec<SendReceipt>> {
         let inner = &self.inner;
-        let now = inner.clock.now();
+        // The time `prepare` stamped them with: one clock read per send.
+        let now = items
+            .first()
+            .map_or_else(|| inner.clock.now(), |p| p.record.sent_at);
         let meta: Vec<(MessageId, Urgency)> =
             items.iter().map(|p| (p.record.id, p.urgency)).collect();
         let records = items.into_iter().map(|p| p.record).collect();
@@ -379,8 +384,7 @@ impl OfflineQueue {
         );
         metrics::add(&inner.metrics.dropped, outcome.dropped);
 
-        let woke_local = stored > 0 && self.wake(recipient);
-        let online = woke_local || outcome.live_elsewhere || self.is_online(recipient);
+        let online = self.wake_if_live(recipient, stored > 0) || outcome.live_elsewhere;
         if !online {
             // The most urgent of the newly stored messages decides the nudge.
             let strongest = meta
@@ -435,13 +439,16 @@ impl OfflineQueue {
         }
     }
 
-    /// Wakes the recipient's live session on this engine, if any.
-    fn wake(&self, recipient: &RecipientId) -> bool {
-        let session = self.inner.sessions.lock().get(recipient).cloned();
-        session.is_some_and(|s| {
-            s.wake();
-            true
-        })
+    /// True if the recipient has a live session on this engine; wakes it when `wake` is set.
+    fn wake_if_live(&self, recipient: &RecipientId, wake: bool) -> bool {
+        let sessions = self.inner.sessions.lock();
+        let Some(session) = sessions.get(recipient) else {
+            return false;
+        };
+        if wake {
+            session.wake();
+        }
+        true
     }
 
     /// Hands a live-only payload (typing, presence) to the recipient's live session on this
@@ -603,7 +610,7 @@ impl OfflineQueue {
         Some(async move {
             let mut stream = stream;
             while let Some(recipient) = stream.next().await {
-                queue.wake(&recipient);
+                queue.wake_if_live(&recipient, true);
             }
         })
     }
@@ -642,7 +649,7 @@ impl Inner {
         // The cap guards against decompression bombs; it stays above the configured limit so
         // records written under a larger limit still decode after it was lowered.
         let cap = self.limits.max_message_bytes.max(DECODE_CAP_FLOOR);
-        let payload = codec::decode_body(&record.body, cap)?;
+        let payload = codec::decode_body(record.body, cap)?;
         Ok(Delivery {
             id: record.id,
             seq: record.seq,

@@ -134,6 +134,10 @@ struct RecipientQueue {
     deadlines: Option<BTreeSet<(u64, u64)>>,
     /// The key under which this queue sits in the shard's expiry index.
     indexed_deadline: Option<u64>,
+    /// The key under which this queue sits in the shard's idle index: a past `last_touch`.
+    /// Appends only move `last_touch`; purge re-files an entry it finds stale, so the hot
+    /// path never touches the idle index.
+    idle_key: Option<u64>,
 }
 
 impl RecipientQueue {
@@ -167,6 +171,9 @@ impl RecipientQueue {
         self.bytes -= len;
         while self.records.front().is_some_and(|r| r.removed) {
             self.records.pop_front();
+        }
+        while self.records.back().is_some_and(|r| r.removed) {
+            self.records.pop_back();
         }
         len
     }
@@ -240,18 +247,16 @@ impl Shard {
             queue.indexed_deadline = deadline;
         }
         let queue = &mut self.queues[slot as usize];
-        let was_touched = queue.last_touch;
         if let Some(now) = touched_at {
-            queue.last_touch = now;
+            queue.last_touch = queue.last_touch.max(now);
         }
         if queue.live == 0 && queue.lost == 0 {
             self.free_slot(slot);
             return;
         }
-        if touched_at.is_some() {
-            let now = self.queues[slot as usize].last_touch;
-            self.idle.remove(&(was_touched, slot));
-            self.idle.insert((now, slot));
+        if queue.idle_key.is_none() {
+            queue.idle_key = Some(queue.last_touch);
+            self.idle.insert((queue.last_touch, slot));
         }
     }
 
@@ -260,7 +265,9 @@ impl Shard {
         if let Some(deadline) = queue.indexed_deadline {
             self.expiry.remove(&(deadline, slot));
         }
-        self.idle.remove(&(queue.last_touch, slot));
+        if let Some(key) = queue.idle_key {
+            self.idle.remove(&(key, slot));
+        }
         if let Some(id) = queue.id {
             self.by_id.remove(&id);
         }
@@ -586,15 +593,23 @@ impl Storage for MemoryStorage {
                 }
                 shard.settle(slot, None);
             }
-            if let Some(idle_before) = idle_before {
+            if let Some(idle_before) = idle_before.map(Timestamp::as_millis) {
                 while left > 0 {
-                    let Some(&(touched, slot)) = shard.idle.first() else {
+                    let Some(&(key, slot)) = shard.idle.first() else {
                         break;
                     };
-                    if touched >= idle_before.as_millis() {
+                    if key >= idle_before {
                         break;
                     }
-                    let queue = &shard.queues[slot as usize];
+                    let queue = &mut shard.queues[slot as usize];
+                    if queue.last_touch >= idle_before {
+                        // Touched since it was filed: file it under its latest touch.
+                        let touched = queue.last_touch;
+                        queue.idle_key = Some(touched);
+                        shard.idle.remove(&(key, slot));
+                        shard.idle.insert((touched, slot));
+                        continue;
+                    }
                     freed += queue.bytes;
                     left = left.saturating_sub((queue.live as usize).max(1));
                     shard.free_slot(slot);
