@@ -82,5 +82,8 @@ metrics! {
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+    // Most adds on the hot path are zero (no duplicates, no drops): skip the atomic.
+    if n > 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }

@@ -20,7 +20,7 @@ use crate::limits::{BatchLimit, Limits, Quota};
 use crate::message::{Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt, Urgency};
 use crate::metrics::{self, Metrics, MetricsSnapshot};
 use crate::notifier::{NoopNotifier, Notifier, NotifyPolicy, Nudge, NudgeReason};
-use crate::storage::{Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
+use crate::storage::{AppendOutcome, Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
 use crate::transport::Transport;
 use nudges::NudgeState;
 use session::SessionShared;
@@ -218,10 +218,19 @@ impl OfflineQueueBuilder {
     }
 }
 
-/// An envelope validated and encoded, ready to append.
-struct Prepared {
-    record: NewRecord,
-    urgency: Urgency,
+fn receipt(
+    id: MessageId,
+    appended: Appended,
+    outcome: &AppendOutcome,
+    online: bool,
+) -> SendReceipt {
+    SendReceipt {
+        id,
+        seq: appended.seq(),
+        duplicate: matches!(appended, Appended::Duplicate(_)),
+        recipient_online: online,
+        dropped: outcome.dropped,
+    }
 }
 
 /// A recipient's queue at a glance ([`OfflineQueue::stats`]).
@@ -264,9 +273,10 @@ impl OfflineQueue {
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
         let recipient = envelope.recipient.clone();
-        let prepared = self.prepare(envelope)?;
-        let receipts = self.store(&recipient, vec![prepared]).await?;
-        Ok(receipts[0])
+        let (record, urgency) = self.prepare(envelope)?;
+        let id = record.id;
+        let (outcome, online) = self.store(&recipient, vec![record], &[urgency]).await?;
+        Ok(receipt(id, outcome.records[0], &outcome, online))
     }
 
     /// Stores many messages. Every envelope is validated first: if any is invalid, that error is
@@ -277,29 +287,43 @@ impl OfflineQueue {
     /// # Errors
     /// The outer error is a validation error of the first invalid envelope.
     pub async fn send_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Result<SendReceipt>>> {
+        #[derive(Default)]
+        struct Group {
+            indexes: Vec<usize>,
+            records: Vec<NewRecord>,
+            urgencies: Vec<Urgency>,
+        }
         let total = envelopes.len();
-        let mut groups: Vec<(RecipientId, Vec<usize>, Vec<Prepared>)> = Vec::new();
+        let mut groups: Vec<(RecipientId, Group)> = Vec::new();
         let mut group_of: HashMap<RecipientId, usize> = HashMap::new();
         for (index, envelope) in envelopes.into_iter().enumerate() {
             let recipient = envelope.recipient.clone();
-            let prepared = self.prepare(envelope)?;
+            let (record, urgency) = self.prepare(envelope)?;
             let group = *group_of.entry(recipient.clone()).or_insert_with(|| {
-                groups.push((recipient, Vec::new(), Vec::new()));
+                groups.push((recipient, Group::default()));
                 groups.len() - 1
             });
-            groups[group].1.push(index);
-            groups[group].2.push(prepared);
+            let group = &mut groups[group].1;
+            group.indexes.push(index);
+            group.records.push(record);
+            group.urgencies.push(urgency);
         }
         let mut results: Vec<Option<Result<SendReceipt>>> = (0..total).map(|_| None).collect();
-        for (recipient, indexes, prepared) in groups {
-            match self.store(&recipient, prepared).await {
-                Ok(receipts) => {
-                    for (index, receipt) in indexes.into_iter().zip(receipts) {
-                        results[index] = Some(Ok(receipt));
+        for (recipient, group) in groups {
+            let ids: Vec<MessageId> = group.records.iter().map(|r| r.id).collect();
+            match self
+                .store(&recipient, group.records, &group.urgencies)
+                .await
+            {
+                Ok((outcome, online)) => {
+                    for ((index, id), appended) in
+                        group.indexes.into_iter().zip(ids).zip(&outcome.records)
+                    {
+                        results[index] = Some(Ok(receipt(id, *appended, &outcome, online)));
                     }
                 }
                 Err(error) => {
-                    for index in indexes {
+                    for index in group.indexes {
                         results[index] = Some(Err(error.clone()));
                     }
                 }
@@ -312,7 +336,7 @@ impl OfflineQueue {
     }
 
     /// Validates and encodes one envelope; nothing is written.
-    fn prepare(&self, envelope: Envelope) -> Result<Prepared> {
+    fn prepare(&self, envelope: Envelope) -> Result<(NewRecord, Urgency)> {
         let inner = &self.inner;
         let max = inner.limits.max_message_bytes;
         if envelope.payload.len() > max {
@@ -336,25 +360,22 @@ impl OfflineQueue {
             expires_at: ttl.map(|ttl| now.saturating_add(ttl)),
             body: codec::encode_body(&envelope.payload, inner.compress_at),
         };
-        Ok(Prepared {
-            record,
-            urgency: envelope.urgency,
-        })
+        Ok((record, envelope.urgency))
     }
 
+    /// Appends one recipient's records, then wakes or nudges. Returns the outcome and whether
+    /// the recipient is online.
     async fn store(
         &self,
         recipient: &RecipientId,
-        items: Vec<Prepared>,
-    ) -> Result<Vec<SendReceipt>> {
+        records: Vec<NewRecord>,
+        urgencies: &[Urgency],
+    ) -> Result<(AppendOutcome, bool)> {
         let inner = &self.inner;
         // The time `prepare` stamped them with: one clock read per send.
-        let now = items
+        let now = records
             .first()
-            .map_or_else(|| inner.clock.now(), |p| p.record.sent_at);
-        let meta: Vec<(MessageId, Urgency)> =
-            items.iter().map(|p| (p.record.id, p.urgency)).collect();
-        let records = items.into_iter().map(|p| p.record).collect();
+            .map_or_else(|| inner.clock.now(), |r| r.sent_at);
         let outcome = match inner
             .storage
             .append(recipient, records, &inner.quota, now)
@@ -387,11 +408,11 @@ impl OfflineQueue {
         let online = self.wake_if_live(recipient, stored > 0) || outcome.live_elsewhere;
         if !online {
             // The most urgent of the newly stored messages decides the nudge.
-            let strongest = meta
+            let strongest = urgencies
                 .iter()
                 .zip(&outcome.records)
                 .filter(|(_, a)| matches!(a, Appended::Stored(_)))
-                .map(|((_, urgency), _)| *urgency)
+                .map(|(urgency, _)| *urgency)
                 .min_by_key(|u| match u {
                     Urgency::Urgent => 0,
                     Urgency::Background => 1,
@@ -410,17 +431,7 @@ impl OfflineQueue {
             }
         }
         tracing::trace!(%recipient, stored, online, "stored");
-        Ok(meta
-            .iter()
-            .zip(outcome.records)
-            .map(|((id, _), appended)| SendReceipt {
-                id: *id,
-                seq: appended.seq(),
-                duplicate: matches!(appended, Appended::Duplicate(_)),
-                recipient_online: online,
-                dropped: outcome.dropped,
-            })
-            .collect())
+        Ok((outcome, online))
     }
 
     async fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {

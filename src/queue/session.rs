@@ -1,7 +1,7 @@
 //! A recipient's live session: the driver future that drains the backlog in batches, keeps a
 //! bounded window in flight, pushes new messages as they arrive, and applies acks.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -198,8 +198,8 @@ impl Drop for Registration {
 struct Cursor {
     /// The highest seq handed over (or passed over) in this session.
     last: Option<Seq>,
-    /// Seqs handed over and not yet acked.
-    in_flight: BTreeSet<Seq>,
+    /// Seqs handed over and not yet acked, ascending (handed over in seq order).
+    in_flight: VecDeque<Seq>,
     /// Set when a read found nothing more; cleared by a wake.
     exhausted: bool,
 }
@@ -256,7 +256,7 @@ impl Session {
         let backlog_end = inner.storage.stats(&recipient).await?.newest_seq;
         let mut cursor = Cursor {
             last: None,
-            in_flight: BTreeSet::new(),
+            in_flight: VecDeque::new(),
             exhausted: false,
         };
         let mut caught_up = false;
@@ -310,14 +310,14 @@ impl Session {
             .and_then(|seq| seq.min(cursor.last?).into());
         let mut ack = Ack::default();
         if let Some(through) = through {
-            let rest = cursor
-                .in_flight
-                .split_off(&Seq(through.0.saturating_add(1)));
-            cursor.in_flight = rest;
+            while cursor.in_flight.front().is_some_and(|&seq| seq <= through) {
+                cursor.in_flight.pop_front();
+            }
             ack.through = Some(through);
         }
         for seq in control.ack_seqs.drain(..) {
-            if cursor.in_flight.remove(&seq) {
+            if let Ok(index) = cursor.in_flight.binary_search(&seq) {
+                cursor.in_flight.remove(index);
                 ack.seqs.push(seq);
             }
         }

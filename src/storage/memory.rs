@@ -383,7 +383,6 @@ impl Storage for MemoryStorage {
         }
 
         // Write.
-        let mut assigned = Vec::with_capacity(adding as usize);
         if adding == 0 {
             let results = plan
                 .into_iter()
@@ -412,6 +411,8 @@ impl Storage for MemoryStorage {
         }
         queue.lost += drop_count as u64;
         let mut dedup_new = Vec::new();
+        // New records take consecutive seqs from here.
+        let first_seq = shard.next_seq + 1;
         for record in records
             .into_iter()
             .zip(&plan)
@@ -419,7 +420,6 @@ impl Storage for MemoryStorage {
         {
             shard.next_seq += 1;
             let seq = shard.next_seq;
-            assigned.push(Seq(seq));
             if record.dedup && window_ms > 0 {
                 dedup_new.push((record.id, Seq(seq)));
             }
@@ -442,8 +442,8 @@ impl Storage for MemoryStorage {
         let results = plan
             .into_iter()
             .map(|p| match p {
-                Plan::New(i) => Appended::Stored(assigned[i]),
-                Plan::DupOfNew(i) => Appended::Duplicate(assigned[i]),
+                Plan::New(i) => Appended::Stored(Seq(first_seq + i as u64)),
+                Plan::DupOfNew(i) => Appended::Duplicate(Seq(first_seq + i as u64)),
                 Plan::Dup(seq) => Appended::Duplicate(seq),
             })
             .collect();
