@@ -14,8 +14,43 @@ use crate::error::Error;
 /// Valid ids are non-empty and at most [`RecipientId::MAX_LEN`] bytes; any bytes are allowed,
 /// including `:`, `{`, NUL or invalid UTF-8. Backends must keep look-alike ids apart (the
 /// conformance suite checks this). Cloning is cheap (a reference count).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The id's hash (keyed per process, so ids chosen by an attacker cannot collide on purpose) is
+/// computed once, at construction, and stored with it: the engine's maps look ids up without
+/// hashing their bytes again.
+#[derive(Clone)]
 pub struct RecipientId(Arc<[u8]>);
+
+/// Bytes before the id's own bytes: its precomputed hash.
+const HASH_PREFIX: usize = 8;
+
+impl PartialEq for RecipientId {
+    fn eq(&self, other: &Self) -> bool {
+        // The hash prefix makes most unequal ids differ in the first word.
+        self.0 == other.0
+    }
+}
+
+impl Eq for RecipientId {}
+
+impl std::hash::Hash for RecipientId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.precomputed_hash());
+    }
+}
+
+impl PartialOrd for RecipientId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RecipientId {
+    /// Byte order of the ids.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
 
 impl RecipientId {
     /// The longest recipient id accepted, in bytes.
@@ -37,14 +72,51 @@ impl RecipientId {
                 max: Self::MAX_LEN,
             });
         }
-        Ok(Self(Arc::from(id)))
+        use std::hash::BuildHasher;
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let hash = KEY.get_or_init(Default::default).hash_one(id);
+        let mut bytes = Vec::with_capacity(HASH_PREFIX + id.len());
+        bytes.extend_from_slice(&hash.to_ne_bytes());
+        bytes.extend_from_slice(id);
+        Ok(Self(Arc::from(bytes)))
     }
 
     /// The id's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0[HASH_PREFIX..]
+    }
+
+    pub(crate) fn precomputed_hash(&self) -> u64 {
+        let prefix: [u8; HASH_PREFIX] = self.0[..HASH_PREFIX].try_into().expect("prefix");
+        u64::from_ne_bytes(prefix)
     }
 }
+
+/// A hasher for maps keyed by [`RecipientId`]: it passes the id's precomputed hash through.
+#[derive(Default)]
+pub(crate) struct RecipientHasher(u64);
+
+impl std::hash::Hasher for RecipientHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for `RecipientId` keys; a plain FNV-1a keeps it correct for anything else.
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// A map keyed by recipient, without rehashing the id.
+pub(crate) type RecipientMap<V> =
+    std::collections::HashMap<RecipientId, V, std::hash::BuildHasherDefault<RecipientHasher>>;
 
 impl fmt::Debug for RecipientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -55,7 +127,7 @@ impl fmt::Debug for RecipientId {
 impl fmt::Display for RecipientId {
     /// UTF-8 ids print as text; other bytes are escaped, so logs never carry raw control bytes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.escape_ascii())
+        write!(f, "{}", self.as_bytes().escape_ascii())
     }
 }
 

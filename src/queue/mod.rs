@@ -5,7 +5,6 @@ mod session;
 
 pub use session::{Session, SessionEnd, SessionHandle};
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +16,9 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Limits, Quota};
-use crate::message::{Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt, Urgency};
+use crate::message::{
+    Delivery, Envelope, Ephemeral, MessageId, RecipientId, RecipientMap, SendReceipt, Urgency,
+};
 use crate::metrics::{self, Metrics, MetricsSnapshot};
 use crate::notifier::{NoopNotifier, Notifier, NotifyPolicy, Nudge, NudgeReason};
 use crate::storage::{AppendOutcome, Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
@@ -64,7 +65,7 @@ pub(crate) struct Inner {
     pub(crate) dead_letter: Option<DeadLetterHook>,
     notify_policy: NotifyPolicy,
     compress_at: Option<usize>,
-    pub(crate) sessions: Mutex<HashMap<RecipientId, Arc<SessionShared>>>,
+    pub(crate) sessions: Mutex<RecipientMap<Arc<SessionShared>>>,
     next_session_id: AtomicU64,
     nudges: Mutex<NudgeState>,
     pub(crate) metrics: Metrics,
@@ -209,7 +210,7 @@ impl OfflineQueueBuilder {
                 dead_letter: self.dead_letter,
                 notify_policy: self.notify_policy,
                 compress_at: self.compress_at,
-                sessions: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(RecipientMap::default()),
                 next_session_id: AtomicU64::new(1),
                 nudges: Mutex::new(NudgeState::default()),
                 metrics: Metrics::default(),
@@ -272,10 +273,11 @@ impl OfflineQueue {
     /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
-        let recipient = envelope.recipient.clone();
-        let (record, urgency) = self.prepare(envelope)?;
+        let (record, urgency) = self.prepare(&envelope)?;
         let id = record.id;
-        let (outcome, online) = self.store(&recipient, vec![record], &[urgency]).await?;
+        let (outcome, online) = self
+            .store(&envelope.recipient, vec![record], &[urgency])
+            .await?;
         Ok(receipt(id, outcome.records[0], &outcome, online))
     }
 
@@ -295,10 +297,10 @@ impl OfflineQueue {
         }
         let total = envelopes.len();
         let mut groups: Vec<(RecipientId, Group)> = Vec::new();
-        let mut group_of: HashMap<RecipientId, usize> = HashMap::new();
+        let mut group_of: RecipientMap<usize> = RecipientMap::default();
         for (index, envelope) in envelopes.into_iter().enumerate() {
-            let recipient = envelope.recipient.clone();
-            let (record, urgency) = self.prepare(envelope)?;
+            let (record, urgency) = self.prepare(&envelope)?;
+            let recipient = envelope.recipient;
             let group = *group_of.entry(recipient.clone()).or_insert_with(|| {
                 groups.push((recipient, Group::default()));
                 groups.len() - 1
@@ -336,7 +338,7 @@ impl OfflineQueue {
     }
 
     /// Validates and encodes one envelope; nothing is written.
-    fn prepare(&self, envelope: Envelope) -> Result<(NewRecord, Urgency)> {
+    fn prepare(&self, envelope: &Envelope) -> Result<(NewRecord, Urgency)> {
         let inner = &self.inner;
         let max = inner.limits.max_message_bytes;
         if envelope.payload.len() > max {

@@ -2,16 +2,16 @@
 //! recipients nudged within the longest period and the sessions ended within `unacked_delay`,
 //! never by the number of offline recipients.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::clock::Timestamp;
-use crate::message::{RecipientId, Urgency};
+use crate::message::{RecipientId, RecipientMap, Urgency};
 use crate::notifier::{NotifyPolicy, NudgeReason};
 
 #[derive(Debug, Default)]
 pub(crate) struct NudgeState {
     /// When each recently nudged recipient was last nudged.
-    last_sent: HashMap<RecipientId, Timestamp>,
+    last_sent: RecipientMap<Timestamp>,
     /// `last_sent` insertions in time order, to forget them in order.
     sent_order: VecDeque<(Timestamp, RecipientId)>,
     /// Sessions that ended with messages pending: `(ended at, recipient)`, in time order.

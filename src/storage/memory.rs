@@ -17,7 +17,6 @@
 //! behind) still never reuses a seq its recipient may have seen.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
@@ -30,7 +29,7 @@ use super::{
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Overflow, Quota};
-use crate::message::{MessageId, RecipientId, Seq};
+use crate::message::{MessageId, RecipientId, RecipientMap, Seq};
 
 /// Deadline value meaning "never expires".
 const NEVER: u64 = u64::MAX;
@@ -38,7 +37,6 @@ const NEVER: u64 = u64::MAX;
 /// In-memory storage, sharded by recipient. Cheap to create; share it with `Arc`.
 pub struct MemoryStorage {
     shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
     total_bytes: AtomicU64,
     next_purge_shard: AtomicUsize,
 }
@@ -70,7 +68,6 @@ impl MemoryStorage {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
             total_bytes: AtomicU64::new(0),
             next_purge_shard: AtomicUsize::new(0),
         }
@@ -87,7 +84,8 @@ impl MemoryStorage {
     }
 
     fn shard(&self, recipient: &RecipientId) -> &Mutex<Shard> {
-        let hash = self.hasher.hash_one(recipient);
+        // Middle bits: the shard's own map buckets by the low bits of the same hash.
+        let hash = recipient.precomputed_hash() >> 32;
         &self.shards[(hash % self.shards.len() as u64) as usize]
     }
 
@@ -200,7 +198,7 @@ impl RecipientQueue {
 
 #[derive(Default)]
 struct Shard {
-    by_id: HashMap<RecipientId, u32>,
+    by_id: RecipientMap<u32>,
     queues: Vec<RecipientQueue>,
     free: Vec<u32>,
     expiry: BTreeSet<(u64, u32)>,
