@@ -35,7 +35,7 @@ impl Timestamp {
     /// `self + duration`, rounded up to the next millisecond (so a positive TTL never yields a
     /// deadline that has already passed), or `None` past the end of representable time.
     pub fn checked_add(self, duration: Duration) -> Option<Self> {
-        let partial = u64::from(duration.subsec_nanos() % 1_000_000 != 0);
+        let partial = u64::from(!duration.subsec_nanos().is_multiple_of(1_000_000));
         let millis = u64::try_from(duration.as_millis())
             .ok()?
             .checked_add(partial)?;

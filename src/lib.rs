@@ -92,6 +92,8 @@ pub use queue::{
     SessionEnd, SessionHandle,
 };
 pub use storage::{MemoryStorage, Storage, StorageExt};
+#[cfg(feature = "redb")]
+pub use storage::{RedbOptions, RedbStorage};
 /// README's examples, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Client, Harness, id};
-use offline_queue::{Envelope, MessageId, Outbound, Seq, Timestamp};
+use offline_queue::{Envelope, MemoryStorage, MessageId, Outbound, Seq, Storage, Timestamp};
 use proptest::prelude::*;
 
 const RECIPIENTS: usize = 3;
@@ -73,8 +74,12 @@ fn payload(recipient: usize, number: u32) -> Vec<u8> {
     p
 }
 
-fn run(ops: Vec<Op>) {
-    let mut h = Harness::with(|b| b.max_in_flight(10_000).max_deliveries(u32::MAX));
+fn run(ops: Vec<Op>, storage: Arc<dyn Storage>) {
+    let mut h = Harness::with(|b| {
+        b.storage(storage)
+            .max_in_flight(10_000)
+            .max_deliveries(u32::MAX)
+    });
     let mut model = Model {
         messages: (0..RECIPIENTS).map(|_| BTreeMap::new()).collect(),
         gaps: vec![0; RECIPIENTS],
@@ -177,8 +182,10 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::AckAll(who) => {
-                if let Some(session) = live.get_mut(&who) {
-                    if let Some(&(_, seq)) = session.unacked.iter().max_by_key(|(_, s)| *s) {
+                if let Some(session) = live.get_mut(&who)
+                    && let Some(&(_, seq)) = session.unacked.iter().max_by_key(|(_, s)| *s)
+                {
+                    {
                         session.client.handle.ack_through(seq);
                         for (number, _) in session.unacked.drain(..) {
                             model.messages[who].get_mut(&number).unwrap().acked = true;
@@ -303,7 +310,19 @@ fn check(h: &mut Harness, model: &mut Model, live: &mut HashMap<usize, Live>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
-    fn engine_keeps_the_contract(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops);
+    fn engine_keeps_the_contract_on_memory(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops, Arc::new(MemoryStorage::new()));
+    }
+}
+
+#[cfg(feature = "redb")]
+proptest! {
+    // Every write is an fsynced commit: fewer cases, same contract.
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn engine_keeps_the_contract_on_redb(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = offline_queue::RedbStorage::open(dir.path().join("model.redb")).unwrap();
+        run(ops, Arc::new(common::Settled(storage)));
     }
 }

@@ -27,7 +27,11 @@
 //!    memory beyond what the backend's medium needs.
 
 mod memory;
+#[cfg(feature = "redb")]
+mod redb;
 
+#[cfg(feature = "redb")]
+pub use self::redb::{RedbOptions, RedbStorage};
 pub use memory::MemoryStorage;
 
 use async_trait::async_trait;

@@ -157,3 +157,84 @@ pub fn payloads(batches: &[Batch]) -> Vec<Vec<u8>> {
         .flat_map(|b| b.messages.iter().map(|m| m.payload.clone()))
         .collect()
 }
+
+/// Runs a future to completion on this thread, parking between polls. Unlike
+/// `futures::executor::block_on` it may be called from inside a `LocalPool` task.
+pub fn wait<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
+/// Makes a storage whose work completes on other threads (a writer thread) look synchronous
+/// to the harness's `LocalPool`, so "the pool stalled" still means "everything settled".
+pub struct Settled<S>(pub S);
+
+#[async_trait::async_trait]
+impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
+    fn capabilities(&self) -> offline_queue::storage::Capabilities {
+        self.0.capabilities()
+    }
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<offline_queue::storage::NewRecord>,
+        quota: &offline_queue::Quota,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::AppendOutcome> {
+        wait(self.0.append(recipient, records, quota, now))
+    }
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<offline_queue::Seq>,
+        limit: offline_queue::BatchLimit,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::ReadBatch> {
+        wait(self.0.read(recipient, after, limit, now))
+    }
+    async fn mark_delivered(
+        &self,
+        recipient: &RecipientId,
+        seqs: &[offline_queue::Seq],
+    ) -> Result<()> {
+        wait(self.0.mark_delivered(recipient, seqs))
+    }
+    async fn ack(
+        &self,
+        recipient: &RecipientId,
+        ack: &offline_queue::storage::Ack,
+        now: Timestamp,
+    ) -> Result<u64> {
+        wait(self.0.ack(recipient, ack, now))
+    }
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<offline_queue::storage::PurgeOutcome> {
+        wait(self.0.purge(now, idle_before, budget))
+    }
+    async fn stats(
+        &self,
+        recipient: &RecipientId,
+    ) -> Result<offline_queue::storage::RecipientStats> {
+        wait(self.0.stats(recipient))
+    }
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        wait(self.0.remove_recipient(recipient))
+    }
+}

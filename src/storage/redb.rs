@@ -1,0 +1,1143 @@
+//! [`RedbStorage`]: durable, embedded storage in one file, on [redb](https://docs.rs/redb)
+//! (pure Rust, ACID, crash-safe copy-on-write B-trees). Feature `redb`, on by default.
+//!
+//! **Durability:** once `append` (and so `send`) returns `Ok`, the message is on disk (the
+//! commit was fsynced); a crash at any point loses nothing that was acknowledged, and acks that
+//! returned are not undone.
+//!
+//! # Layout
+//! All keys start with the recipient's bytes as a length-delimited tuple element, so no id can
+//! reach into another id's range, whatever bytes it holds.
+//!
+//! | table | key | value | why |
+//! |---|---|---|---|
+//! | `records` | (recipient, seq) | id, sent_at, expires_at, body | the queue, read by range |
+//! | `deliveries` | (recipient, seq) | times delivered | rewritten per delivery without copying bodies |
+//! | `meta` | recipient | count, bytes, lost, last touch, idle key | quotas and stats in one read |
+//! | `expiry` | (deadline, recipient, seq) | - | purging walks only what is due |
+//! | `idle` | (touch time, recipient) | - | idle queues are found the same way |
+//! | `dedup` | (recipient, message id) | seq, time | sender-chosen ids within the window |
+//! | `dedup_order` | (time, recipient, message id) | - | to forget them in order |
+//! | `info` | name | u64 | format version, next seq, total bytes |
+//!
+//! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
+//! row behind and still never sees a seq reused.
+//!
+//! # Group commit
+//! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`, `purge` and
+//! `remove_recipient` calls queue up while a commit is in flight; the writer applies everything
+//! waiting in one write transaction and one fsync, then answers each caller. A lone caller still
+//! gets its answer only after its data is durable. If the commit fails, every caller in that
+//! group gets the error and none of the group's writes are visible. Reads use their own read
+//! transactions and never wait for the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use futures::channel::oneshot;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+
+use super::{
+    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+    Storage, StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// (recipient, seq)
+type Key<'a> = (&'a [u8], u64);
+/// (recipient, message id)
+type DedupKey<'a> = (&'a [u8], [u8; 16]);
+/// (seq, when)
+type DedupValue = (u64, u64);
+
+const RECORDS: TableDefinition<Key, &[u8]> = TableDefinition::new("records");
+const DELIVERIES: TableDefinition<Key, u32> = TableDefinition::new("deliveries");
+const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
+const EXPIRY: TableDefinition<(u64, &[u8], u64), ()> = TableDefinition::new("expiry");
+const IDLE: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("idle");
+const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition::new("dedup");
+const DEDUP_ORDER: TableDefinition<(u64, &[u8], [u8; 16]), ()> =
+    TableDefinition::new("dedup_order");
+const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
+
+/// The file format this code writes; a file with a higher number was written by a newer
+/// version and is refused.
+const FORMAT: u64 = 1;
+const NEVER: u64 = u64::MAX;
+/// Bytes before the body in a `records` value: id, sent_at, expires_at.
+const HEADER: usize = 32;
+/// Dedup entries forgotten per append at most, so one append never does unbounded work.
+const DEDUP_PRUNE_PER_APPEND: usize = 64;
+
+/// Durable storage in one redb file. See the [module docs](self).
+pub struct RedbStorage {
+    db: Arc<Database>,
+    path: PathBuf,
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RedbStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStorage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for opening a [`RedbStorage`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RedbOptions {
+    cache_bytes: usize,
+    max_group: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+            max_group: 4096,
+        }
+    }
+}
+
+impl RedbOptions {
+    /// Memory redb may use to cache pages. Default 64 MiB (redb's own default is 1 GiB; a
+    /// queue mostly writes and reads recent pages).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Most operations committed together in one transaction. Default 4096.
+    pub fn max_group(mut self, max: usize) -> Self {
+        self.max_group = max.max(1);
+        self
+    }
+
+    /// Opens (or creates) the storage file at `path`, creating its directory if needed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] naming the path when the file cannot be created or opened, is not a
+    /// redb file, is a redb file of someone else's, was written by a newer version of this
+    /// crate, or is damaged.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStorage> {
+        let path = path.as_ref().to_path_buf();
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::storage_msg(false, format!("{}: {what}: {e}", path.display()))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", &e))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&path)
+            .map_err(|e| fail("cannot open as an offline-queue database", &e))?;
+        init(&db).map_err(|e| match e {
+            Error::Storage { message, .. } => fail("cannot use it", &message),
+            other => other,
+        })?;
+        let db = Arc::new(db);
+        let (jobs, inbox) = mpsc::channel();
+        let writer_db = db.clone();
+        let max_group = self.max_group;
+        let writer = std::thread::Builder::new()
+            .name("offline-queue-redb-writer".into())
+            .spawn(move || Writer::new(writer_db, max_group).run(inbox))
+            .map_err(|e| fail("cannot start the writer thread", &e))?;
+        Ok(RedbStorage {
+            db,
+            path,
+            jobs: Some(jobs),
+            writer: Some(writer),
+        })
+    }
+}
+
+impl RedbStorage {
+    /// Opens (or creates) the storage file at `path` with default options.
+    ///
+    /// # Errors
+    /// See [`RedbOptions::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        RedbOptions::default().open(path)
+    }
+
+    /// Options for opening, starting from the defaults.
+    pub fn options() -> RedbOptions {
+        RedbOptions::default()
+    }
+
+    /// The file this storage lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        let jobs = self.jobs.as_ref().expect("writer runs until drop");
+        jobs.send(make(reply))
+            .map_err(|_| Error::storage_msg(false, "redb writer thread has stopped"))?;
+        answer
+            .await
+            .map_err(|_| Error::storage_msg(false, "redb writer thread stopped mid-commit"))?
+    }
+}
+
+impl Drop for RedbStorage {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it commits what it holds.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Maps any redb error to ours. I/O errors may pass; everything else (corruption, a table of
+/// the wrong type) will not.
+fn db_error(error: impl Into<redb::Error>) -> Error {
+    let error: redb::Error = error.into();
+    let retryable = matches!(error, redb::Error::Io(_));
+    Error::storage(retryable, error)
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::storage_msg(false, format!("corrupt record: {what}"))
+}
+
+/// Creates the tables of a new file, or checks an existing file is ours and not newer.
+fn init(db: &Database) -> Result<()> {
+    let txn = db.begin_write().map_err(db_error)?;
+    {
+        let mut info = txn.open_table(INFO).map_err(db_error)?;
+        let format = info.get("format").map_err(db_error)?.map(|v| v.value());
+        match format {
+            Some(format) if format > FORMAT => {
+                return Err(Error::storage_msg(
+                    false,
+                    format!(
+                        "written by a newer version of offline-queue (format {format}, this one reads up to {FORMAT})"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let foreign = txn
+                    .list_tables()
+                    .map_err(db_error)?
+                    .any(|t| t.name() != INFO.name());
+                if foreign {
+                    return Err(Error::storage_msg(
+                        false,
+                        "a redb database that is not offline-queue's",
+                    ));
+                }
+                info.insert("format", FORMAT).map_err(db_error)?;
+            }
+        }
+    }
+    txn.open_table(RECORDS).map_err(db_error)?;
+    txn.open_table(DELIVERIES).map_err(db_error)?;
+    txn.open_table(META).map_err(db_error)?;
+    txn.open_table(EXPIRY).map_err(db_error)?;
+    txn.open_table(IDLE).map_err(db_error)?;
+    txn.open_table(DEDUP).map_err(db_error)?;
+    txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    txn.commit().map_err(db_error)
+}
+
+/// A recipient's row in `meta`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Meta {
+    count: u64,
+    bytes: u64,
+    lost: u64,
+    last_touch: u64,
+    /// The key under which the recipient is filed in `idle` (lazily refiled by purge).
+    idle_key: u64,
+}
+
+impl Meta {
+    const LEN: usize = 40;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        for (i, v) in [
+            self.count,
+            self.bytes,
+            self.lost,
+            self.last_touch,
+            self.idle_key,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Result<Self> {
+        if raw.len() != Self::LEN {
+            return Err(Error::storage_msg(
+                false,
+                format!("corrupt recipient metadata: {} bytes", raw.len()),
+            ));
+        }
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8"));
+        Ok(Self {
+            count: word(0),
+            bytes: word(1),
+            lost: word(2),
+            last_touch: word(3),
+            idle_key: word(4),
+        })
+    }
+}
+
+fn encode_record(record: &NewRecord) -> Vec<u8> {
+    let mut value = Vec::with_capacity(HEADER + record.body.len());
+    value.extend_from_slice(&record.id.to_bytes());
+    value.extend_from_slice(&record.sent_at.as_millis().to_le_bytes());
+    value.extend_from_slice(
+        &record
+            .expires_at
+            .map_or(NEVER, Timestamp::as_millis)
+            .to_le_bytes(),
+    );
+    value.extend_from_slice(&record.body);
+    value
+}
+
+/// (id, sent_at, expires_at, body) of a `records` value.
+fn decode_header(value: &[u8]) -> Result<(MessageId, u64, u64, &[u8])> {
+    if value.len() < HEADER {
+        return Err(corrupt("shorter than its header"));
+    }
+    let id = MessageId::from_bytes(value[..16].try_into().expect("16"));
+    let sent_at = u64::from_le_bytes(value[16..24].try_into().expect("8"));
+    let expires_at = u64::from_le_bytes(value[24..32].try_into().expect("8"));
+    Ok((id, sent_at, expires_at, &value[HEADER..]))
+}
+
+fn opt_time(millis: u64) -> Option<Timestamp> {
+    (millis != NEVER).then(|| Timestamp::from_millis(millis))
+}
+
+fn ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+enum Job {
+    Append {
+        recipient: RecipientId,
+        records: Vec<NewRecord>,
+        quota: Quota,
+        now: u64,
+        reply: oneshot::Sender<Result<AppendOutcome>>,
+    },
+    MarkDelivered {
+        recipient: RecipientId,
+        seqs: Vec<Seq>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Ack {
+        recipient: RecipientId,
+        ack: Ack,
+        now: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Purge {
+        now: u64,
+        idle_before: Option<u64>,
+        budget: usize,
+        reply: oneshot::Sender<Result<PurgeOutcome>>,
+    },
+    Remove {
+        recipient: RecipientId,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+/// An answer computed inside the group's transaction, sent once the commit is durable.
+enum Answer {
+    Append(
+        oneshot::Sender<Result<AppendOutcome>>,
+        Result<AppendOutcome>,
+    ),
+    Unit(oneshot::Sender<Result<()>>, Result<()>),
+    Count(oneshot::Sender<Result<u64>>, Result<u64>),
+    Purge(oneshot::Sender<Result<PurgeOutcome>>, Result<PurgeOutcome>),
+}
+
+impl Answer {
+    /// Sends the answer, or `error` instead of a success when the commit failed.
+    fn send(self, failed: Option<&Error>) {
+        fn pick<T>(result: Result<T>, failed: Option<&Error>) -> Result<T> {
+            match (result, failed) {
+                (Ok(_), Some(error)) => Err(error.clone()),
+                (result, _) => result,
+            }
+        }
+        // A caller that stopped waiting is not an error.
+        let _ = match self {
+            Answer::Append(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Unit(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Count(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Purge(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+        };
+    }
+}
+
+/// The writer thread: applies groups of jobs in one transaction each.
+struct Writer {
+    db: Arc<Database>,
+    max_group: usize,
+}
+
+/// The tables a group writes, opened once per transaction.
+struct Tables<'t> {
+    records: redb::Table<'t, Key<'static>, &'static [u8]>,
+    deliveries: redb::Table<'t, Key<'static>, u32>,
+    meta: redb::Table<'t, &'static [u8], &'static [u8]>,
+    expiry: redb::Table<'t, (u64, &'static [u8], u64), ()>,
+    idle: redb::Table<'t, (u64, &'static [u8]), ()>,
+    dedup: redb::Table<'t, DedupKey<'static>, DedupValue>,
+    dedup_order: redb::Table<'t, (u64, &'static [u8], [u8; 16]), ()>,
+    info: redb::Table<'t, &'static str, u64>,
+}
+
+impl Writer {
+    fn new(db: Arc<Database>, max_group: usize) -> Self {
+        Self { db, max_group }
+    }
+
+    fn run(self, inbox: mpsc::Receiver<Job>) {
+        while let Ok(first) = inbox.recv() {
+            let mut group = vec![first];
+            while group.len() < self.max_group {
+                match inbox.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn commit_group(&self, group: Vec<Job>) {
+        let mut answers = Vec::with_capacity(group.len());
+        let outcome = self.apply(group, &mut answers);
+        let failed = outcome.err();
+        if let Some(error) = &failed {
+            tracing::error!(%error, callers = answers.len(), "redb group commit failed");
+        }
+        for answer in answers {
+            answer.send(failed.as_ref());
+        }
+    }
+
+    /// Applies every job in one transaction and commits it. A job's own error (a full queue)
+    /// leaves the transaction untouched by that job; a storage error fails the whole group.
+    fn apply(&self, group: Vec<Job>, answers: &mut Vec<Answer>) -> Result<()> {
+        let txn = match self.db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let error = db_error(e);
+                answers.extend(group.into_iter().map(|job| failed_answer(job, &error)));
+                return Err(error);
+            }
+        };
+        let mut storage_error = None;
+        {
+            let mut tables = match open_tables(&txn) {
+                Ok(tables) => tables,
+                Err(error) => {
+                    answers.extend(group.into_iter().map(|job| failed_answer(job, &error)));
+                    return Err(error);
+                }
+            };
+            for job in group {
+                if let Some(error) = &storage_error {
+                    answers.push(failed_answer(job, error));
+                    continue;
+                }
+                let answer = apply_job(&mut tables, job);
+                if let Some(error) = answer_storage_error(&answer) {
+                    storage_error = Some(error);
+                }
+                answers.push(answer);
+            }
+        }
+        if let Some(error) = storage_error {
+            // Abort: nothing of this group becomes visible.
+            drop(txn);
+            return Err(error);
+        }
+        txn.commit().map_err(db_error)
+    }
+}
+
+fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
+    Ok(Tables {
+        records: txn.open_table(RECORDS).map_err(db_error)?,
+        deliveries: txn.open_table(DELIVERIES).map_err(db_error)?,
+        meta: txn.open_table(META).map_err(db_error)?,
+        expiry: txn.open_table(EXPIRY).map_err(db_error)?,
+        idle: txn.open_table(IDLE).map_err(db_error)?,
+        dedup: txn.open_table(DEDUP).map_err(db_error)?,
+        dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
+        info: txn.open_table(INFO).map_err(db_error)?,
+    })
+}
+
+fn failed_answer(job: Job, error: &Error) -> Answer {
+    match job {
+        Job::Append { reply, .. } => Answer::Append(reply, Err(error.clone())),
+        Job::MarkDelivered { reply, .. } => Answer::Unit(reply, Err(error.clone())),
+        Job::Ack { reply, .. } => Answer::Count(reply, Err(error.clone())),
+        Job::Purge { reply, .. } => Answer::Purge(reply, Err(error.clone())),
+        Job::Remove { reply, .. } => Answer::Count(reply, Err(error.clone())),
+    }
+}
+
+/// The storage error in an answer, if the job failed on storage (not on a quota).
+fn answer_storage_error(answer: &Answer) -> Option<Error> {
+    let error = match answer {
+        Answer::Append(_, Err(e)) | Answer::Unit(_, Err(e)) | Answer::Count(_, Err(e)) => e,
+        Answer::Purge(_, Err(e)) => e,
+        _ => return None,
+    };
+    matches!(error, Error::Storage { .. }).then(|| error.clone())
+}
+
+fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
+    match job {
+        Job::Append {
+            recipient,
+            records,
+            quota,
+            now,
+            reply,
+        } => Answer::Append(reply, append(t, &recipient, records, &quota, now)),
+        Job::MarkDelivered {
+            recipient,
+            seqs,
+            reply,
+        } => Answer::Unit(reply, mark_delivered(t, &recipient, &seqs)),
+        Job::Ack {
+            recipient,
+            ack,
+            now,
+            reply,
+        } => Answer::Count(reply, ack_records(t, &recipient, &ack, now)),
+        Job::Purge {
+            now,
+            idle_before,
+            budget,
+            reply,
+        } => Answer::Purge(reply, purge(t, now, idle_before, budget)),
+        Job::Remove { recipient, reply } => Answer::Count(reply, remove_recipient(t, &recipient)),
+    }
+}
+
+fn info_get(t: &Tables<'_>, name: &str) -> Result<u64> {
+    Ok(t.info.get(name).map_err(db_error)?.map_or(0, |v| v.value()))
+}
+
+fn meta_get(t: &Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
+    match t.meta.get(who).map_err(db_error)? {
+        Some(raw) => Meta::decode(raw.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Writes the recipient's metadata back, or removes it when nothing is worth keeping.
+fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: &Meta) -> Result<()> {
+    if meta.count == 0 && meta.lost == 0 {
+        t.meta.remove(who).map_err(db_error)?;
+        t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
+        return Ok(());
+    }
+    t.meta.insert(who, &meta.encode()[..]).map_err(db_error)?;
+    Ok(())
+}
+
+/// Removes one record and its index entries; returns (body bytes, was never delivered).
+fn remove_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64, bool)>> {
+    let Some(value) = t.records.remove((who, seq)).map_err(db_error)? else {
+        return Ok(None);
+    };
+    let (_, _, expires_at, body) = decode_header(value.value())?;
+    let len = body.len() as u64;
+    drop(value);
+    if expires_at != NEVER {
+        t.expiry.remove((expires_at, who, seq)).map_err(db_error)?;
+    }
+    let delivered = t.deliveries.remove((who, seq)).map_err(db_error)?.is_some();
+    Ok(Some((len, !delivered)))
+}
+
+fn append(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    records: Vec<NewRecord>,
+    quota: &Quota,
+    now: u64,
+) -> Result<AppendOutcome> {
+    let who = recipient.as_bytes();
+    prune_dedup(t, now, ms(quota.dedup_window))?;
+    let mut meta = meta_get(t, who)?.unwrap_or_default();
+
+    // Plan without writing: which records are new, what they cost, what must be dropped.
+    enum Plan {
+        New,
+        Dup(u64),
+        DupOf(usize),
+    }
+    let window = ms(quota.dedup_window);
+    let mut plan = Vec::with_capacity(records.len());
+    let mut batch_ids: Vec<(MessageId, usize)> = Vec::new();
+    let (mut adding, mut adding_bytes) = (0u64, 0u64);
+    for (index, record) in records.iter().enumerate() {
+        if record.dedup {
+            let seen = t
+                .dedup
+                .get((who, record.id.to_bytes()))
+                .map_err(db_error)?
+                .map(|v| v.value());
+            if let Some((seq, at)) = seen
+                && now.saturating_sub(at) < window
+            {
+                plan.push(Plan::Dup(seq));
+                continue;
+            }
+            if let Some(&(_, earlier)) = batch_ids.iter().find(|(id, _)| *id == record.id) {
+                plan.push(Plan::DupOf(earlier));
+                continue;
+            }
+            batch_ids.push((record.id, index));
+        }
+        plan.push(Plan::New);
+        adding += 1;
+        adding_bytes += record.body.len() as u64;
+    }
+    let mut drop_seqs = Vec::new();
+    let mut drop_bytes = 0u64;
+    if adding > 0
+        && (meta.count + adding > quota.max_messages || meta.bytes + adding_bytes > quota.max_bytes)
+    {
+        let full = Error::QueueFull {
+            messages: meta.count,
+            bytes: meta.bytes,
+            adding_messages: adding,
+            adding_bytes,
+            max_messages: quota.max_messages,
+            max_bytes: quota.max_bytes,
+        };
+        if quota.overflow == Overflow::Reject
+            || adding > quota.max_messages
+            || adding_bytes > quota.max_bytes
+        {
+            return Err(full);
+        }
+        let (mut keep, mut keep_bytes) = (meta.count, meta.bytes);
+        for entry in t
+            .records
+            .range((who, 0)..=(who, u64::MAX))
+            .map_err(db_error)?
+        {
+            if keep + adding <= quota.max_messages && keep_bytes + adding_bytes <= quota.max_bytes {
+                break;
+            }
+            let (key, value) = entry.map_err(db_error)?;
+            let len = decode_header(value.value())?.3.len() as u64;
+            drop_seqs.push(key.value().1);
+            keep -= 1;
+            keep_bytes -= len;
+            drop_bytes += len;
+        }
+    }
+    let total = info_get(t, "total_bytes")?;
+    if let Some(max) = quota.max_total_bytes
+        && adding_bytes > drop_bytes
+    {
+        let net = adding_bytes - drop_bytes;
+        if total.saturating_add(net) > max {
+            return Err(Error::StorageFull {
+                used: total,
+                adding: net,
+                max,
+            });
+        }
+    }
+
+    // Write.
+    if adding > 0 {
+        for seq in &drop_seqs {
+            if let Some((len, _)) = remove_record(t, who, *seq)? {
+                meta.count -= 1;
+                meta.bytes -= len;
+            }
+        }
+        meta.lost += drop_seqs.len() as u64;
+    }
+    let mut next_seq = info_get(t, "next_seq")?;
+    let mut assigned = vec![0u64; records.len()];
+    for (index, record) in records.iter().enumerate() {
+        if !matches!(plan[index], Plan::New) {
+            continue;
+        }
+        next_seq += 1;
+        assigned[index] = next_seq;
+        t.records
+            .insert((who, next_seq), &encode_record(record)[..])
+            .map_err(db_error)?;
+        if let Some(deadline) = record.expires_at {
+            t.expiry
+                .insert((deadline.as_millis(), who, next_seq), ())
+                .map_err(db_error)?;
+        }
+        if record.dedup && window > 0 {
+            t.dedup
+                .insert((who, record.id.to_bytes()), (next_seq, now))
+                .map_err(db_error)?;
+            t.dedup_order
+                .insert((now, who, record.id.to_bytes()), ())
+                .map_err(db_error)?;
+        }
+        meta.count += 1;
+        meta.bytes += record.body.len() as u64;
+    }
+    if adding > 0 {
+        t.info.insert("next_seq", next_seq).map_err(db_error)?;
+        t.info
+            .insert("total_bytes", total + adding_bytes - drop_bytes)
+            .map_err(db_error)?;
+        touch(t, who, &mut meta, now)?;
+        meta_put(t, who, &meta)?;
+    }
+    let results = plan
+        .iter()
+        .enumerate()
+        .map(|(index, p)| match p {
+            Plan::New => Appended::Stored(Seq(assigned[index])),
+            Plan::Dup(seq) => Appended::Duplicate(Seq(*seq)),
+            Plan::DupOf(earlier) => Appended::Duplicate(Seq(assigned[*earlier])),
+        })
+        .collect();
+    Ok(AppendOutcome {
+        records: results,
+        dropped: drop_seqs.len() as u64,
+        pending: meta.count,
+        live_elsewhere: false,
+    })
+}
+
+/// Records activity: files the recipient in `idle` the first time; later touches only move
+/// `last_touch` (purge refiles lazily).
+fn touch(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, now: u64) -> Result<()> {
+    let filed = meta.last_touch != 0 || meta.idle_key != 0;
+    meta.last_touch = meta.last_touch.max(now);
+    if !filed {
+        meta.idle_key = meta.last_touch;
+        t.idle.insert((meta.idle_key, who), ()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64) -> Result<()> {
+    let cutoff = now.saturating_sub(window);
+    let mut stale = Vec::new();
+    let empty: &[u8] = &[];
+    for entry in t
+        .dedup_order
+        .range(..(cutoff, empty, [0u8; 16]))
+        .map_err(db_error)?
+        .take(DEDUP_PRUNE_PER_APPEND)
+    {
+        let (key, _) = entry.map_err(db_error)?;
+        let (at, who, id) = key.value();
+        stale.push((at, who.to_vec(), id));
+    }
+    for (at, who, id) in stale {
+        t.dedup_order.remove((at, &who[..], id)).map_err(db_error)?;
+        let current = t
+            .dedup
+            .get((&who[..], id))
+            .map_err(db_error)?
+            .map(|v| v.value().1);
+        if current == Some(at) {
+            t.dedup.remove((&who[..], id)).map_err(db_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn mark_delivered(t: &mut Tables<'_>, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+    let who = recipient.as_bytes();
+    for seq in seqs {
+        if t.records.get((who, seq.0)).map_err(db_error)?.is_none() {
+            continue;
+        }
+        let count = t
+            .deliveries
+            .get((who, seq.0))
+            .map_err(db_error)?
+            .map_or(0, |v| v.value());
+        t.deliveries
+            .insert((who, seq.0), count.saturating_add(1))
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64) -> Result<u64> {
+    let who = recipient.as_bytes();
+    let Some(mut meta) = meta_get(t, who)? else {
+        return Ok(0);
+    };
+    let mut seqs: Vec<u64> = Vec::new();
+    if let Some(through) = ack.through {
+        for entry in t
+            .records
+            .range((who, 0)..=(who, through.0))
+            .map_err(db_error)?
+        {
+            seqs.push(entry.map_err(db_error)?.0.value().1);
+        }
+    }
+    seqs.extend(ack.seqs.iter().map(|s| s.0));
+    let mut removed = 0;
+    let mut freed = 0;
+    for seq in seqs {
+        if let Some((len, _)) = remove_record(t, who, seq)? {
+            removed += 1;
+            freed += len;
+        }
+    }
+    meta.count -= removed;
+    meta.bytes -= freed;
+    meta.lost = meta.lost.saturating_sub(ack.lost_reported);
+    if freed > 0 {
+        let total = info_get(t, "total_bytes")?;
+        t.info
+            .insert("total_bytes", total.saturating_sub(freed))
+            .map_err(db_error)?;
+    }
+    touch(t, who, &mut meta, now)?;
+    meta_put(t, who, &meta)?;
+    Ok(removed)
+}
+
+fn purge(
+    t: &mut Tables<'_>,
+    now: u64,
+    idle_before: Option<u64>,
+    budget: usize,
+) -> Result<PurgeOutcome> {
+    let mut outcome = PurgeOutcome::default();
+    let mut left = budget;
+    let mut due = Vec::new();
+    // Every key with a deadline at or before `now` sorts before (now + 1, [], 0).
+    let empty: &[u8] = &[];
+    let end = (now.saturating_add(1), empty, 0u64);
+    for entry in t.expiry.range(..end).map_err(db_error)?.take(budget) {
+        let (key, _) = entry.map_err(db_error)?;
+        let (_, who, seq) = key.value();
+        due.push((who.to_vec(), seq));
+    }
+    let mut freed = 0;
+    for (who, seq) in due {
+        if let Some((len, unread)) = remove_record(t, &who, seq)? {
+            let mut meta = meta_get(t, &who)?.unwrap_or_default();
+            meta.count = meta.count.saturating_sub(1);
+            meta.bytes = meta.bytes.saturating_sub(len);
+            meta.lost += u64::from(unread);
+            meta_put(t, &who, &meta)?;
+            freed += len;
+            outcome.expired += 1;
+            left -= 1;
+        }
+    }
+    if let Some(idle_before) = idle_before {
+        while left > 0 {
+            let first = t.idle.first().map_err(db_error)?.map(|(k, _)| {
+                let (key, who) = k.value();
+                (key, who.to_vec())
+            });
+            let Some((key, who)) = first else { break };
+            if key >= idle_before {
+                break;
+            }
+            t.idle.remove((key, &who[..])).map_err(db_error)?;
+            let Some(mut meta) = meta_get(t, &who)? else {
+                continue;
+            };
+            if meta.last_touch >= idle_before {
+                // Touched since it was filed: file it under its latest touch.
+                meta.idle_key = meta.last_touch;
+                t.idle
+                    .insert((meta.idle_key, &who[..]), ())
+                    .map_err(db_error)?;
+                t.meta
+                    .insert(&who[..], &meta.encode()[..])
+                    .map_err(db_error)?;
+                continue;
+            }
+            let (removed, bytes) = remove_all(t, &who)?;
+            freed += bytes;
+            left = left.saturating_sub((removed as usize).max(1));
+            outcome.idle_recipients += 1;
+        }
+    }
+    if freed > 0 {
+        let total = info_get(t, "total_bytes")?;
+        t.info
+            .insert("total_bytes", total.saturating_sub(freed))
+            .map_err(db_error)?;
+    }
+    if left == 0 {
+        let expiry_due = t
+            .expiry
+            .first()
+            .map_err(db_error)?
+            .is_some_and(|(k, _)| k.value().0 <= now);
+        let idle_due = match idle_before {
+            Some(before) => t
+                .idle
+                .first()
+                .map_err(db_error)?
+                .is_some_and(|(k, _)| k.value().0 < before),
+            None => false,
+        };
+        outcome.more = expiry_due || idle_due;
+    }
+    Ok(outcome)
+}
+
+/// Removes a recipient's records, delivery counts, metadata and idle entry; returns
+/// (records removed, bytes freed). Dedup entries stay until their window ends.
+fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
+    let mut seqs = Vec::new();
+    for entry in t
+        .records
+        .range((who, 0)..=(who, u64::MAX))
+        .map_err(db_error)?
+    {
+        seqs.push(entry.map_err(db_error)?.0.value().1);
+    }
+    let mut freed = 0;
+    let mut removed = 0;
+    for seq in seqs {
+        if let Some((len, _)) = remove_record(t, who, seq)? {
+            freed += len;
+            removed += 1;
+        }
+    }
+    if let Some(meta) = meta_get(t, who)? {
+        t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
+        t.meta.remove(who).map_err(db_error)?;
+    }
+    Ok((removed, freed))
+}
+
+fn remove_recipient(t: &mut Tables<'_>, recipient: &RecipientId) -> Result<u64> {
+    let (removed, freed) = remove_all(t, recipient.as_bytes())?;
+    if freed > 0 {
+        let total = info_get(t, "total_bytes")?;
+        t.info
+            .insert("total_bytes", total.saturating_sub(freed))
+            .map_err(db_error)?;
+    }
+    Ok(removed)
+}
+
+#[async_trait]
+impl Storage for RedbStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_read_batch: usize::MAX,
+            durable: true,
+            native_ttl: false,
+            shared: false,
+        }
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        if records.is_empty() {
+            let stats = self.stats(recipient).await?;
+            return Ok(AppendOutcome {
+                pending: stats.messages,
+                ..AppendOutcome::default()
+            });
+        }
+        let (recipient, quota, now) = (recipient.clone(), *quota, now.as_millis());
+        self.submit(|reply| Job::Append {
+            recipient,
+            records,
+            quota,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let who = recipient.as_bytes();
+        let now = now.as_millis();
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
+        let meta = txn.open_table(META).map_err(db_error)?;
+        let mut batch = ReadBatch {
+            lost: match meta.get(who).map_err(db_error)? {
+                Some(raw) => Meta::decode(raw.value())?.lost,
+                None => 0,
+            },
+            ..ReadBatch::default()
+        };
+        let start = after.map_or(0, |after| after.0.saturating_add(1));
+        if after.is_some_and(|after| after.0 == u64::MAX) {
+            return Ok(batch);
+        }
+        let mut bytes = 0usize;
+        for entry in records
+            .range((who, start)..=(who, u64::MAX))
+            .map_err(db_error)?
+        {
+            let (key, value) = entry.map_err(db_error)?;
+            let seq = key.value().1;
+            let (id, sent_at, expires_at, body) = decode_header(value.value())?;
+            let delivery_count = deliveries
+                .get((who, seq))
+                .map_err(db_error)?
+                .map_or(0, |v| v.value());
+            if expires_at <= now {
+                batch.expired.push(Seq(seq));
+                batch.expired_unread += u64::from(delivery_count == 0);
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += body.len();
+            batch.records.push(StoredRecord {
+                seq: Seq(seq),
+                id,
+                sent_at: Timestamp::from_millis(sent_at),
+                expires_at: opt_time(expires_at),
+                delivery_count,
+                body: body.to_vec(),
+            });
+        }
+        Ok(batch)
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (recipient, seqs) = (recipient.clone(), seqs.to_vec());
+        self.submit(|reply| Job::MarkDelivered {
+            recipient,
+            seqs,
+            reply,
+        })
+        .await
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
+        let (recipient, ack, now) = (recipient.clone(), ack.clone(), now.as_millis());
+        self.submit(|reply| Job::Ack {
+            recipient,
+            ack,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        let (now, idle_before) = (now.as_millis(), idle_before.map(Timestamp::as_millis));
+        self.submit(|reply| Job::Purge {
+            now,
+            idle_before,
+            budget,
+            reply,
+        })
+        .await
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let who = recipient.as_bytes();
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let meta = txn.open_table(META).map_err(db_error)?;
+        let Some(raw) = meta.get(who).map_err(db_error)? else {
+            return Ok(RecipientStats::default());
+        };
+        let meta = Meta::decode(raw.value())?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let oldest = match records
+            .range((who, 0)..=(who, u64::MAX))
+            .map_err(db_error)?
+            .next()
+        {
+            Some(entry) => {
+                let (_, value) = entry.map_err(db_error)?;
+                Some(Timestamp::from_millis(decode_header(value.value())?.1))
+            }
+            None => None,
+        };
+        let newest = match records
+            .range((who, 0)..=(who, u64::MAX))
+            .map_err(db_error)?
+            .next_back()
+        {
+            Some(entry) => Some(Seq(entry.map_err(db_error)?.0.value().1)),
+            None => None,
+        };
+        Ok(RecipientStats {
+            messages: meta.count,
+            bytes: meta.bytes,
+            oldest_sent_at: oldest,
+            newest_seq: newest,
+            lost: meta.lost,
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let recipient = recipient.clone();
+        self.submit(|reply| Job::Remove { recipient, reply }).await
+    }
+}
