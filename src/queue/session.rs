@@ -349,14 +349,20 @@ impl Session {
             .storage
             .read(recipient, cursor.last, limit, now)
             .await?;
-        if read.records.is_empty() && read.expired.is_empty() && read.lost == 0 {
+        if read.records.is_empty()
+            && read.expired.is_empty()
+            && read.damaged.is_empty()
+            && read.lost == 0
+        {
             cursor.exhausted = true;
             return Ok(None);
         }
-        // Removed without delivery: expired ones (reported in the gap), dead letters and
-        // records that fail to decode (also reported).
+        // Removed without delivery: expired ones (reported in the gap), dead letters, and
+        // damaged records or ones that fail to decode (also reported).
         let mut discard = read.expired.clone();
-        let mut gap = read.lost + read.expired_unread;
+        discard.extend(&read.damaged);
+        metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
+        let mut gap = read.lost + read.expired_unread + read.damaged.len() as u64;
         let mut deliver = Vec::with_capacity(read.records.len());
         for record in read.records {
             let seq = record.seq;
@@ -387,9 +393,8 @@ impl Session {
                 }
             }
         }
-        if let Some(&last_expired) = read.expired.last() {
-            cursor.last = cursor.last.max(Some(last_expired));
-        }
+        let passed_over = read.expired.iter().chain(&read.damaged).max();
+        cursor.last = cursor.last.max(passed_over.copied());
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
         if !seqs.is_empty() {
             inner.storage.mark_delivered(recipient, &seqs).await?;

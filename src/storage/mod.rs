@@ -117,6 +117,9 @@ pub struct ReadBatch {
     pub expired: Vec<Seq>,
     /// How many of `expired` were never marked delivered: those count as lost.
     pub expired_unread: u64,
+    /// Seqs of records the read passed over because they are damaged (a checksum mismatch):
+    /// never delivered; the engine reports them as lost and removes them.
+    pub damaged: Vec<Seq>,
     /// The recipient's lost counter: records dropped or purged unread and not yet reported.
     pub lost: u64,
 }

@@ -70,8 +70,8 @@ const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
 /// version and is refused.
 const FORMAT: u64 = 1;
 const NEVER: u64 = u64::MAX;
-/// Bytes before the body in a `records` value: id, sent_at, expires_at.
-const HEADER: usize = 32;
+/// Bytes before the body in a `records` value: checksum, id, sent_at, expires_at.
+const HEADER: usize = 36;
 /// Dedup entries forgotten per append at most, so one append never does unbounded work.
 const DEDUP_PRUNE_PER_APPEND: usize = 64;
 
@@ -303,8 +303,20 @@ impl Meta {
     }
 }
 
-fn encode_record(record: &NewRecord) -> Vec<u8> {
+/// CRC-32 of a record's key and value (after the checksum itself), so a damaged record, or a
+/// record whose key was damaged, is reported instead of delivered wrong.
+fn checksum(who: &[u8], seq: u64, rest: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&(who.len() as u64).to_le_bytes());
+    hasher.update(who);
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(rest);
+    hasher.finalize()
+}
+
+fn encode_record(who: &[u8], seq: u64, record: &NewRecord) -> Vec<u8> {
     let mut value = Vec::with_capacity(HEADER + record.body.len());
+    value.extend_from_slice(&[0; 4]);
     value.extend_from_slice(&record.id.to_bytes());
     value.extend_from_slice(&record.sent_at.as_millis().to_le_bytes());
     value.extend_from_slice(
@@ -314,17 +326,33 @@ fn encode_record(record: &NewRecord) -> Vec<u8> {
             .to_le_bytes(),
     );
     value.extend_from_slice(&record.body);
+    let sum = checksum(who, seq, &value[4..]);
+    value[..4].copy_from_slice(&sum.to_le_bytes());
     value
 }
 
-/// (id, sent_at, expires_at, body) of a `records` value.
-fn decode_header(value: &[u8]) -> Result<(MessageId, u64, u64, &[u8])> {
+/// (id, sent_at, expires_at, body) of the `records` value stored under (who, seq), checked.
+fn decode_record<'v>(
+    who: &[u8],
+    seq: u64,
+    value: &'v [u8],
+) -> Result<(MessageId, u64, u64, &'v [u8])> {
     if value.len() < HEADER {
-        return Err(corrupt("shorter than its header"));
+        return Err(corrupt(&format!(
+            "{} seq {seq}: shorter than its header",
+            who.escape_ascii()
+        )));
     }
-    let id = MessageId::from_bytes(value[..16].try_into().expect("16"));
-    let sent_at = u64::from_le_bytes(value[16..24].try_into().expect("8"));
-    let expires_at = u64::from_le_bytes(value[24..32].try_into().expect("8"));
+    let stored = u32::from_le_bytes(value[..4].try_into().expect("4"));
+    if stored != checksum(who, seq, &value[4..]) {
+        return Err(corrupt(&format!(
+            "{} seq {seq}: checksum mismatch",
+            who.escape_ascii()
+        )));
+    }
+    let id = MessageId::from_bytes(value[4..20].try_into().expect("16"));
+    let sent_at = u64::from_le_bytes(value[20..28].try_into().expect("8"));
+    let expires_at = u64::from_le_bytes(value[28..36].try_into().expect("8"));
     Ok((id, sent_at, expires_at, &value[HEADER..]))
 }
 
@@ -576,8 +604,12 @@ fn remove_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64
     let Some(value) = t.records.remove((who, seq)).map_err(db_error)? else {
         return Ok(None);
     };
-    let (_, _, expires_at, body) = decode_header(value.value())?;
-    let len = body.len() as u64;
+    // A damaged record is still removed; its expiry entry, if any, is dropped when purge
+    // reaches it.
+    let (len, expires_at) = match decode_record(who, seq, value.value()) {
+        Ok((_, _, expires_at, body)) => (body.len() as u64, expires_at),
+        Err(_) => (value.value().len().saturating_sub(HEADER) as u64, NEVER),
+    };
     drop(value);
     if expires_at != NEVER {
         t.expiry.remove((expires_at, who, seq)).map_err(db_error)?;
@@ -659,7 +691,7 @@ fn append(
                 break;
             }
             let (key, value) = entry.map_err(db_error)?;
-            let len = decode_header(value.value())?.3.len() as u64;
+            let len = value.value().len().saturating_sub(HEADER) as u64;
             drop_seqs.push(key.value().1);
             keep -= 1;
             keep_bytes -= len;
@@ -699,7 +731,7 @@ fn append(
         next_seq += 1;
         assigned[index] = next_seq;
         t.records
-            .insert((who, next_seq), &encode_record(record)[..])
+            .insert((who, next_seq), &encode_record(who, next_seq, record)[..])
             .map_err(db_error)?;
         if let Some(deadline) = record.expires_at {
             t.expiry
@@ -852,11 +884,15 @@ fn purge(
     let end = (now.saturating_add(1), empty, 0u64);
     for entry in t.expiry.range(..end).map_err(db_error)?.take(budget) {
         let (key, _) = entry.map_err(db_error)?;
-        let (_, who, seq) = key.value();
-        due.push((who.to_vec(), seq));
+        let (deadline, who, seq) = key.value();
+        due.push((deadline, who.to_vec(), seq));
     }
     let mut freed = 0;
-    for (who, seq) in due {
+    for (deadline, who, seq) in due {
+        // Normally removed with its record; this also clears one whose record was damaged.
+        t.expiry
+            .remove((deadline, &who[..], seq))
+            .map_err(db_error)?;
         if let Some((len, unread)) = remove_record(t, &who, seq)? {
             let mut meta = meta_get(t, &who)?.unwrap_or_default();
             meta.count = meta.count.saturating_sub(1);
@@ -1028,7 +1064,14 @@ impl Storage for RedbStorage {
         {
             let (key, value) = entry.map_err(db_error)?;
             let seq = key.value().1;
-            let (id, sent_at, expires_at, body) = decode_header(value.value())?;
+            let (id, sent_at, expires_at, body) = match decode_record(who, seq, value.value()) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
+                    batch.damaged.push(Seq(seq));
+                    continue;
+                }
+            };
             let delivery_count = deliveries
                 .get((who, seq))
                 .map_err(db_error)?
@@ -1114,8 +1157,10 @@ impl Storage for RedbStorage {
             .next()
         {
             Some(entry) => {
-                let (_, value) = entry.map_err(db_error)?;
-                Some(Timestamp::from_millis(decode_header(value.value())?.1))
+                let (key, value) = entry.map_err(db_error)?;
+                decode_record(who, key.value().1, value.value())
+                    .ok()
+                    .map(|(_, sent_at, _, _)| Timestamp::from_millis(sent_at))
             }
             None => None,
         };
