@@ -136,21 +136,27 @@ impl RedbOptions {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", &e))?;
         }
-        let db = Database::builder()
-            .set_cache_size(self.cache_bytes)
-            .create(&path)
-            .map_err(|e| fail("cannot open as an offline-queue database", &e))?;
-        init(&db).map_err(|e| match e {
-            Error::Storage { message, .. } => fail("cannot use it", &message),
-            other => other,
-        })?;
+        let cache_bytes = self.cache_bytes;
+        let opened = std::panic::catch_unwind(|| {
+            let db = Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)
+                .map_err(|e| fail("cannot open as an offline-queue database", &e))?;
+            init(&db).map_err(|e| match e {
+                Error::Storage { message, .. } => fail("cannot use it", &message),
+                other => other,
+            })?;
+            Ok(db)
+        });
+        let db = opened.unwrap_or_else(|panic| Err(damaged(&path, &panic)))?;
         let db = Arc::new(db);
         let (jobs, inbox) = mpsc::channel();
         let writer_db = db.clone();
         let max_group = self.max_group;
+        let writer_path = path.clone();
         let writer = std::thread::Builder::new()
             .name("offline-queue-redb-writer".into())
-            .spawn(move || Writer::new(writer_db, max_group).run(inbox))
+            .spawn(move || Writer::new(writer_db, writer_path, max_group).run(inbox))
             .map_err(|e| fail("cannot start the writer thread", &e))?;
         Ok(RedbStorage {
             db,
@@ -185,10 +191,146 @@ impl RedbStorage {
         let jobs = self.jobs.as_ref().expect("writer runs until drop");
         jobs.send(make(reply))
             .map_err(|_| Error::storage_msg(false, "redb writer thread has stopped"))?;
-        answer
-            .await
-            .map_err(|_| Error::storage_msg(false, "redb writer thread stopped mid-commit"))?
+        answer.await.map_err(|_| {
+            Error::storage_msg(
+                false,
+                format!(
+                    "{}: the write failed inside redb (the file may be damaged)",
+                    self.path.display()
+                ),
+            )
+        })?
     }
+}
+
+impl RedbStorage {
+    /// Runs a read, turning a panic inside redb (which some damaged files provoke) into an
+    /// error naming the file.
+    fn guarded<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+            .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)))
+    }
+
+    fn read_now(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let who = recipient.as_bytes();
+        let now = now.as_millis();
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
+        let meta = txn.open_table(META).map_err(db_error)?;
+        let mut batch = ReadBatch {
+            lost: match meta.get(who).map_err(db_error)? {
+                Some(raw) => Meta::decode(raw.value())?.lost,
+                None => 0,
+            },
+            ..ReadBatch::default()
+        };
+        let start = after.map_or(0, |after| after.0.saturating_add(1));
+        if after.is_some_and(|after| after.0 == u64::MAX) {
+            return Ok(batch);
+        }
+        let mut bytes = 0usize;
+        for entry in records
+            .range((who, start)..=(who, u64::MAX))
+            .map_err(db_error)?
+        {
+            let (key, value) = entry.map_err(db_error)?;
+            let seq = key.value().1;
+            let (id, sent_at, expires_at, body) = match decode_record(who, seq, value.value()) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
+                    batch.damaged.push(Seq(seq));
+                    continue;
+                }
+            };
+            let delivery_count = deliveries
+                .get((who, seq))
+                .map_err(db_error)?
+                .map_or(0, |v| v.value());
+            if expires_at <= now {
+                batch.expired.push(Seq(seq));
+                batch.expired_unread += u64::from(delivery_count == 0);
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += body.len();
+            batch.records.push(StoredRecord {
+                seq: Seq(seq),
+                id,
+                sent_at: Timestamp::from_millis(sent_at),
+                expires_at: opt_time(expires_at),
+                delivery_count,
+                body: body.to_vec(),
+            });
+        }
+        Ok(batch)
+    }
+
+    fn stats_now(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let who = recipient.as_bytes();
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let meta = txn.open_table(META).map_err(db_error)?;
+        let Some(raw) = meta.get(who).map_err(db_error)? else {
+            return Ok(RecipientStats::default());
+        };
+        let meta = Meta::decode(raw.value())?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let oldest = match records
+            .range((who, 0)..=(who, u64::MAX))
+            .map_err(db_error)?
+            .next()
+        {
+            Some(entry) => {
+                let (key, value) = entry.map_err(db_error)?;
+                decode_record(who, key.value().1, value.value())
+                    .ok()
+                    .map(|(_, sent_at, _, _)| Timestamp::from_millis(sent_at))
+            }
+            None => None,
+        };
+        let newest = match records
+            .range((who, 0)..=(who, u64::MAX))
+            .map_err(db_error)?
+            .next_back()
+        {
+            Some(entry) => Some(Seq(entry.map_err(db_error)?.0.value().1)),
+            None => None,
+        };
+        Ok(RecipientStats {
+            messages: meta.count,
+            bytes: meta.bytes,
+            oldest_sent_at: oldest,
+            newest_seq: newest,
+            lost: meta.lost,
+        })
+    }
+}
+
+/// The error for a panic caught inside redb.
+fn damaged(path: &Path, panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    Error::storage_msg(
+        false,
+        format!("{}: the database file is damaged ({what})", path.display()),
+    )
 }
 
 impl Drop for RedbStorage {
@@ -428,6 +570,7 @@ impl Answer {
 /// The writer thread: applies groups of jobs in one transaction each.
 struct Writer {
     db: Arc<Database>,
+    path: PathBuf,
     max_group: usize,
 }
 
@@ -444,8 +587,12 @@ struct Tables<'t> {
 }
 
 impl Writer {
-    fn new(db: Arc<Database>, max_group: usize) -> Self {
-        Self { db, max_group }
+    fn new(db: Arc<Database>, path: PathBuf, max_group: usize) -> Self {
+        Self {
+            db,
+            path,
+            max_group,
+        }
     }
 
     fn run(self, inbox: mpsc::Receiver<Job>) {
@@ -463,7 +610,12 @@ impl Writer {
 
     fn commit_group(&self, group: Vec<Job>) {
         let mut answers = Vec::with_capacity(group.len());
-        let outcome = self.apply(group, &mut answers);
+        // A panic inside redb (a damaged file) fails this group; callers whose jobs had not
+        // been answered yet see their reply dropped, which is an error too.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.apply(group, &mut answers)
+        }))
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
         let failed = outcome.err();
         if let Some(error) = &failed {
             tracing::error!(%error, callers = answers.len(), "redb group commit failed");
@@ -1040,66 +1192,7 @@ impl Storage for RedbStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<ReadBatch> {
-        let who = recipient.as_bytes();
-        let now = now.as_millis();
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let records = txn.open_table(RECORDS).map_err(db_error)?;
-        let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
-        let meta = txn.open_table(META).map_err(db_error)?;
-        let mut batch = ReadBatch {
-            lost: match meta.get(who).map_err(db_error)? {
-                Some(raw) => Meta::decode(raw.value())?.lost,
-                None => 0,
-            },
-            ..ReadBatch::default()
-        };
-        let start = after.map_or(0, |after| after.0.saturating_add(1));
-        if after.is_some_and(|after| after.0 == u64::MAX) {
-            return Ok(batch);
-        }
-        let mut bytes = 0usize;
-        for entry in records
-            .range((who, start)..=(who, u64::MAX))
-            .map_err(db_error)?
-        {
-            let (key, value) = entry.map_err(db_error)?;
-            let seq = key.value().1;
-            let (id, sent_at, expires_at, body) = match decode_record(who, seq, value.value()) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
-                    batch.damaged.push(Seq(seq));
-                    continue;
-                }
-            };
-            let delivery_count = deliveries
-                .get((who, seq))
-                .map_err(db_error)?
-                .map_or(0, |v| v.value());
-            if expires_at <= now {
-                batch.expired.push(Seq(seq));
-                batch.expired_unread += u64::from(delivery_count == 0);
-                if batch.expired.len() >= limit.max_messages {
-                    break;
-                }
-                continue;
-            }
-            if batch.records.len() >= limit.max_messages
-                || (!batch.records.is_empty() && bytes + body.len() > limit.max_bytes)
-            {
-                break;
-            }
-            bytes += body.len();
-            batch.records.push(StoredRecord {
-                seq: Seq(seq),
-                id,
-                sent_at: Timestamp::from_millis(sent_at),
-                expires_at: opt_time(expires_at),
-                delivery_count,
-                body: body.to_vec(),
-            });
-        }
-        Ok(batch)
+        self.guarded(|| self.read_now(recipient, after, limit, now))
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
@@ -1143,42 +1236,7 @@ impl Storage for RedbStorage {
     }
 
     async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
-        let who = recipient.as_bytes();
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let meta = txn.open_table(META).map_err(db_error)?;
-        let Some(raw) = meta.get(who).map_err(db_error)? else {
-            return Ok(RecipientStats::default());
-        };
-        let meta = Meta::decode(raw.value())?;
-        let records = txn.open_table(RECORDS).map_err(db_error)?;
-        let oldest = match records
-            .range((who, 0)..=(who, u64::MAX))
-            .map_err(db_error)?
-            .next()
-        {
-            Some(entry) => {
-                let (key, value) = entry.map_err(db_error)?;
-                decode_record(who, key.value().1, value.value())
-                    .ok()
-                    .map(|(_, sent_at, _, _)| Timestamp::from_millis(sent_at))
-            }
-            None => None,
-        };
-        let newest = match records
-            .range((who, 0)..=(who, u64::MAX))
-            .map_err(db_error)?
-            .next_back()
-        {
-            Some(entry) => Some(Seq(entry.map_err(db_error)?.0.value().1)),
-            None => None,
-        };
-        Ok(RecipientStats {
-            messages: meta.count,
-            bytes: meta.bytes,
-            oldest_sent_at: oldest,
-            newest_seq: newest,
-            lost: meta.lost,
-        })
+        self.guarded(|| self.stats_now(recipient))
     }
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {

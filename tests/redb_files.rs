@@ -1,0 +1,277 @@
+//! `RedbStorage` facing files it should refuse or that were damaged: someone else's file,
+//! someone else's redb database, a newer format, truncation, flipped bits, a damaged record.
+//! Each gives a typed error naming the path (or a gap for the damaged record), never a panic
+//! and never wrong data.
+
+#![cfg(feature = "redb")]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::executor::block_on;
+use offline_queue::{
+    Envelope, Error, OfflineQueue, Outbound, RecipientId, RedbStorage, Storage, StorageExt,
+    Timestamp, channel_transport,
+};
+use redb::ReadableTable;
+
+const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+fn open_error(path: &Path) -> String {
+    match RedbStorage::open(path) {
+        Err(
+            error @ Error::Storage {
+                retryable: false, ..
+            },
+        ) => {
+            let text = error.to_string();
+            assert!(
+                text.contains(&path.display().to_string()),
+                "error does not name the path: {text}"
+            );
+            text
+        }
+        Err(other) => panic!("expected a storage error, got {other:?}"),
+        Ok(_) => panic!("{} opened", path.display()),
+    }
+}
+
+/// Stores `count` messages for each of three recipients through the engine; returns them.
+fn fill(path: &Path, count: usize) -> Vec<(RecipientId, Vec<Vec<u8>>)> {
+    let storage = Arc::new(RedbStorage::open(path).unwrap());
+    let queue = OfflineQueue::builder().storage(storage).build().unwrap();
+    let mut all = Vec::new();
+    for r in 0..3 {
+        let who = RecipientId::new(format!("user-{r}")).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..count)
+            .map(|i| format!("message {i} for {r}").repeat(20).into_bytes())
+            .collect();
+        for payload in &payloads {
+            block_on(queue.send(Envelope::new(who.clone(), payload.clone()))).unwrap();
+        }
+        all.push((who, payloads));
+    }
+    all
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "these are my notes, not a queue\n".repeat(500)).unwrap();
+    open_error(&path);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "these are my notes, not a queue\n".repeat(500),
+        "left untouched"
+    );
+}
+
+#[test]
+fn someone_elses_redb_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let table: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("users");
+            txn.open_table(table)
+                .unwrap()
+                .insert("alice", "admin")
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let text = open_error(&path);
+    assert!(text.contains("not offline-queue's"), "{text}");
+}
+
+#[test]
+fn a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer.redb");
+    drop(RedbStorage::open(&path).unwrap());
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
+            txn.open_table(info).unwrap().insert("format", 99).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let text = open_error(&path);
+    assert!(text.contains("newer version"), "{text}");
+}
+
+#[test]
+fn the_directory_is_created_and_data_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dirs/queue.redb");
+    let stored = fill(&path, 5);
+    let storage = RedbStorage::open(&path).unwrap();
+    for (who, payloads) in stored {
+        let records = block_on(storage.read_all(&who, NOW)).unwrap();
+        let bodies: Vec<Vec<u8>> = records
+            .into_iter()
+            .map(|r| offline_queue::codec::decode_body(r.body, 1 << 20).unwrap())
+            .collect();
+        assert_eq!(bodies, payloads);
+    }
+}
+
+/// Reads every recipient; each read is either an error or exactly the original data.
+fn check_never_wrong(path: &Path, stored: &[(RecipientId, Vec<Vec<u8>>)]) -> &'static str {
+    let storage = match RedbStorage::open(path) {
+        Err(Error::Storage { message, .. }) => {
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            return "refused on open";
+        }
+        Err(other) => panic!("unexpected error kind: {other:?}"),
+        Ok(storage) => storage,
+    };
+    let mut outcome = "read back intact";
+    for (who, payloads) in stored {
+        match block_on(storage.read(
+            who,
+            None,
+            offline_queue::BatchLimit {
+                max_messages: 1000,
+                max_bytes: usize::MAX,
+            },
+            NOW,
+        )) {
+            Err(Error::Storage { .. }) => outcome = "error on read",
+            Err(other) => panic!("unexpected error kind: {other:?}"),
+            Ok(batch) => {
+                if !batch.damaged.is_empty() {
+                    outcome = "damaged records reported";
+                }
+                for record in batch.records {
+                    let body = offline_queue::codec::decode_body(record.body, 1 << 20)
+                        .expect("a checked record decodes");
+                    assert!(
+                        payloads.contains(&body),
+                        "{who}: wrong data returned as valid"
+                    );
+                }
+            }
+        }
+    }
+    outcome
+}
+
+#[test]
+fn truncated_files_give_errors_not_panics_or_wrong_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.redb");
+    let stored = fill(&original, 50);
+    let len = std::fs::metadata(&original).unwrap().len();
+    for keep in [1, 512, 4096, len / 4, len / 2, len - 1] {
+        let path = dir.path().join(format!("truncated-{keep}.redb"));
+        std::fs::copy(&original, &path).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        let outcome = std::panic::catch_unwind(|| check_never_wrong(&path, &stored));
+        let outcome = outcome
+            .unwrap_or_else(|_| panic!("truncating to {keep} of {len} bytes caused a panic"));
+        println!("truncated to {keep} of {len} bytes: {outcome}");
+    }
+}
+
+#[test]
+fn flipped_bits_give_errors_not_panics_or_wrong_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.redb");
+    let stored = fill(&original, 50);
+    let bytes = std::fs::read(&original).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for trial in 0..200 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let offset = (state % bytes.len() as u64) as usize;
+        let bit = (state >> 32) % 8;
+        let mut damaged = bytes.clone();
+        damaged[offset] ^= 1 << bit;
+        let path = dir.path().join(format!("flip-{trial}.redb"));
+        std::fs::write(&path, &damaged).unwrap();
+        let outcome = std::panic::catch_unwind(|| check_never_wrong(&path, &stored))
+            .unwrap_or_else(|_| panic!("flipping bit {bit} at byte {offset} caused a panic"));
+        *outcomes.entry(outcome).or_insert(0) += 1;
+        std::fs::remove_file(&path).unwrap();
+    }
+    println!("200 single-bit flips: {outcomes:?}");
+}
+
+#[test]
+fn a_damaged_record_reaches_the_client_as_a_gap_not_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let stored = fill(&path, 3);
+    let (bob, payloads) = &stored[0];
+    // Damage the body of bob's second record, as a bad sector would.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let records: redb::TableDefinition<(&[u8], u64), &[u8]> =
+            redb::TableDefinition::new("records");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(records).unwrap();
+            let keys: Vec<u64> = table
+                .range((bob.as_bytes(), 0)..=(bob.as_bytes(), u64::MAX))
+                .unwrap()
+                .map(|e| e.unwrap().0.value().1)
+                .collect();
+            let mut value = table
+                .get((bob.as_bytes(), keys[1]))
+                .unwrap()
+                .unwrap()
+                .value()
+                .to_vec();
+            let last = value.len() - 2;
+            value[last] ^= 0x20;
+            table.insert((bob.as_bytes(), keys[1]), &value[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let storage = Arc::new(RedbStorage::open(&path).unwrap());
+    let queue = OfflineQueue::builder()
+        .storage(storage.clone())
+        .build()
+        .unwrap();
+    let (transport, mut inbox) = channel_transport(16);
+    let session = queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let client = async {
+        use futures::StreamExt;
+        let Some(Outbound::Batch(batch)) = inbox.next().await else {
+            panic!("a batch")
+        };
+        handle.close();
+        batch
+    };
+    let (end, batch) = block_on(async { futures::join!(session.run(), client) });
+    end.unwrap();
+    let got: Vec<&Vec<u8>> = batch.messages.iter().map(|m| &m.payload).collect();
+    assert_eq!(
+        got,
+        [&payloads[0], &payloads[2]],
+        "the damaged one is not delivered"
+    );
+    assert_eq!(batch.gap, 1, "and the client is told one is missing");
+    assert_eq!(queue.metrics().corrupt, 1);
+    assert_eq!(
+        block_on(storage.stats(bob)).unwrap().messages,
+        2,
+        "the damaged record was removed"
+    );
+}
