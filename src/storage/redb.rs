@@ -584,6 +584,34 @@ struct Tables<'t> {
     dedup: redb::Table<'t, DedupKey<'static>, DedupValue>,
     dedup_order: redb::Table<'t, (u64, &'static [u8], [u8; 16]), ()>,
     info: redb::Table<'t, &'static str, u64>,
+    // Values read once per group and written back once, before the commit: the hot rows.
+    next_seq: u64,
+    total_bytes: u64,
+    /// Recipients' metadata as changed by this group (`None`: to remove).
+    metas: std::collections::HashMap<Vec<u8>, Option<Meta>>,
+    dedup_pruned: bool,
+}
+
+impl Tables<'_> {
+    /// Writes the group's cached rows back.
+    fn flush(&mut self) -> Result<()> {
+        self.info
+            .insert("next_seq", self.next_seq)
+            .map_err(db_error)?;
+        self.info
+            .insert("total_bytes", self.total_bytes)
+            .map_err(db_error)?;
+        for (who, meta) in self.metas.drain() {
+            match meta {
+                Some(meta) => self
+                    .meta
+                    .insert(&who[..], &meta.encode()[..])
+                    .map_err(db_error)?,
+                None => self.meta.remove(&who[..]).map_err(db_error)?,
+            };
+        }
+        Ok(())
+    }
 }
 
 impl Writer {
@@ -656,6 +684,11 @@ impl Writer {
                 }
                 answers.push(answer);
             }
+            if storage_error.is_none()
+                && let Err(error) = tables.flush()
+            {
+                storage_error = Some(error);
+            }
         }
         if let Some(error) = storage_error {
             // Abort: nothing of this group becomes visible.
@@ -667,7 +700,15 @@ impl Writer {
 }
 
 fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
+    let info = txn.open_table(INFO).map_err(db_error)?;
+    let read =
+        |name| -> Result<u64> { Ok(info.get(name).map_err(db_error)?.map_or(0, |v| v.value())) };
+    let (next_seq, total_bytes) = (read("next_seq")?, read("total_bytes")?);
     Ok(Tables {
+        next_seq,
+        total_bytes,
+        metas: std::collections::HashMap::new(),
+        dedup_pruned: false,
         records: txn.open_table(RECORDS).map_err(db_error)?,
         deliveries: txn.open_table(DELIVERIES).map_err(db_error)?,
         meta: txn.open_table(META).map_err(db_error)?,
@@ -675,7 +716,7 @@ fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         idle: txn.open_table(IDLE).map_err(db_error)?,
         dedup: txn.open_table(DEDUP).map_err(db_error)?,
         dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
-        info: txn.open_table(INFO).map_err(db_error)?,
+        info,
     })
 }
 
@@ -729,25 +770,27 @@ fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
     }
 }
 
-fn info_get(t: &Tables<'_>, name: &str) -> Result<u64> {
-    Ok(t.info.get(name).map_err(db_error)?.map_or(0, |v| v.value()))
-}
-
-fn meta_get(t: &Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
-    match t.meta.get(who).map_err(db_error)? {
-        Some(raw) => Meta::decode(raw.value()).map(Some),
-        None => Ok(None),
+fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
+    if let Some(cached) = t.metas.get(who) {
+        return Ok(*cached);
     }
+    let meta = match t.meta.get(who).map_err(db_error)? {
+        Some(raw) => Some(Meta::decode(raw.value())?),
+        None => None,
+    };
+    t.metas.insert(who.to_vec(), meta);
+    Ok(meta)
 }
 
-/// Writes the recipient's metadata back, or removes it when nothing is worth keeping.
+/// Keeps the recipient's metadata for the flush, or marks it for removal (with its idle
+/// entry) when nothing is worth keeping.
 fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: &Meta) -> Result<()> {
     if meta.count == 0 && meta.lost == 0 {
-        t.meta.remove(who).map_err(db_error)?;
         t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
+        t.metas.insert(who.to_vec(), None);
         return Ok(());
     }
-    t.meta.insert(who, &meta.encode()[..]).map_err(db_error)?;
+    t.metas.insert(who.to_vec(), Some(*meta));
     Ok(())
 }
 
@@ -778,7 +821,10 @@ fn append(
     now: u64,
 ) -> Result<AppendOutcome> {
     let who = recipient.as_bytes();
-    prune_dedup(t, now, ms(quota.dedup_window))?;
+    if !t.dedup_pruned {
+        prune_dedup(t, now, ms(quota.dedup_window))?;
+        t.dedup_pruned = true;
+    }
     let mut meta = meta_get(t, who)?.unwrap_or_default();
 
     // Plan without writing: which records are new, what they cost, what must be dropped.
@@ -850,7 +896,7 @@ fn append(
             drop_bytes += len;
         }
     }
-    let total = info_get(t, "total_bytes")?;
+    let total = t.total_bytes;
     if let Some(max) = quota.max_total_bytes
         && adding_bytes > drop_bytes
     {
@@ -874,7 +920,7 @@ fn append(
         }
         meta.lost += drop_seqs.len() as u64;
     }
-    let mut next_seq = info_get(t, "next_seq")?;
+    let mut next_seq = t.next_seq;
     let mut assigned = vec![0u64; records.len()];
     for (index, record) in records.iter().enumerate() {
         if !matches!(plan[index], Plan::New) {
@@ -902,10 +948,8 @@ fn append(
         meta.bytes += record.body.len() as u64;
     }
     if adding > 0 {
-        t.info.insert("next_seq", next_seq).map_err(db_error)?;
-        t.info
-            .insert("total_bytes", total + adding_bytes - drop_bytes)
-            .map_err(db_error)?;
+        t.next_seq = next_seq;
+        t.total_bytes = total + adding_bytes - drop_bytes;
         touch(t, who, &mut meta, now)?;
         meta_put(t, who, &meta)?;
     }
@@ -1011,12 +1055,7 @@ fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64)
     meta.count -= removed;
     meta.bytes -= freed;
     meta.lost = meta.lost.saturating_sub(ack.lost_reported);
-    if freed > 0 {
-        let total = info_get(t, "total_bytes")?;
-        t.info
-            .insert("total_bytes", total.saturating_sub(freed))
-            .map_err(db_error)?;
-    }
+    t.total_bytes = t.total_bytes.saturating_sub(freed);
     touch(t, who, &mut meta, now)?;
     meta_put(t, who, &meta)?;
     Ok(removed)
@@ -1076,9 +1115,7 @@ fn purge(
                 t.idle
                     .insert((meta.idle_key, &who[..]), ())
                     .map_err(db_error)?;
-                t.meta
-                    .insert(&who[..], &meta.encode()[..])
-                    .map_err(db_error)?;
+                t.metas.insert(who.clone(), Some(meta));
                 continue;
             }
             let (removed, bytes) = remove_all(t, &who)?;
@@ -1087,12 +1124,7 @@ fn purge(
             outcome.idle_recipients += 1;
         }
     }
-    if freed > 0 {
-        let total = info_get(t, "total_bytes")?;
-        t.info
-            .insert("total_bytes", total.saturating_sub(freed))
-            .map_err(db_error)?;
-    }
+    t.total_bytes = t.total_bytes.saturating_sub(freed);
     if left == 0 {
         let expiry_due = t
             .expiry
@@ -1133,19 +1165,14 @@ fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
     }
     if let Some(meta) = meta_get(t, who)? {
         t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
-        t.meta.remove(who).map_err(db_error)?;
+        t.metas.insert(who.to_vec(), None);
     }
     Ok((removed, freed))
 }
 
 fn remove_recipient(t: &mut Tables<'_>, recipient: &RecipientId) -> Result<u64> {
     let (removed, freed) = remove_all(t, recipient.as_bytes())?;
-    if freed > 0 {
-        let total = info_get(t, "total_bytes")?;
-        t.info
-            .insert("total_bytes", total.saturating_sub(freed))
-            .map_err(db_error)?;
-    }
+    t.total_bytes = t.total_bytes.saturating_sub(freed);
     Ok(removed)
 }
 

@@ -1,0 +1,165 @@
+//! Durable send throughput on `RedbStorage` with 1, 16 and 256 concurrent senders (256-byte
+//! payloads), beside (a) the same backend with one write transaction per message and (b) the
+//! raw floor: the same bytes appended to a plain file with one `fdatasync` per group of the
+//! same size. Then the drain rate on reconnect: 10,000 pending messages delivered and acked in
+//! batches of 100, beside the same drain on `MemoryStorage`.
+//!
+//! `cargo bench --bench redb`
+
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures::executor::block_on;
+use offline_queue::{
+    BatchLimit, Envelope, Limits, MemoryStorage, OfflineQueue, Outbound, RecipientId, RedbStorage,
+    SessionHandle, Storage, Transport, TransportClosed,
+};
+
+const PAYLOAD: usize = 256;
+
+fn queue(storage: Arc<dyn Storage>) -> OfflineQueue {
+    OfflineQueue::builder()
+        .storage(storage)
+        .limits(Limits {
+            max_messages_per_recipient: 1_000_000,
+            ..Limits::default()
+        })
+        .batch(BatchLimit {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        })
+        .build()
+        .unwrap()
+}
+
+/// `senders` concurrent senders, each sending `per_sender` messages one after another.
+async fn send_concurrently(queue: &OfflineQueue, senders: usize, per_sender: usize) {
+    let payload = vec![7u8; PAYLOAD];
+    let tasks = (0..senders).map(|s| {
+        let queue = queue.clone();
+        let payload = payload.clone();
+        let who = RecipientId::new(format!("user-{}", s % 64)).unwrap();
+        async move {
+            for _ in 0..per_sender {
+                queue
+                    .send(Envelope::new(who.clone(), payload.clone()))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(tasks).await;
+}
+
+/// The floor: `groups` rounds of writing `group` payloads to a plain file and one fdatasync.
+fn raw_fdatasync(file: &mut std::fs::File, group: usize, groups: usize) {
+    let bytes = vec![7u8; PAYLOAD * group];
+    for _ in 0..groups {
+        file.write_all(&bytes).unwrap();
+        file.sync_data().unwrap();
+    }
+}
+
+fn durable_send(c: &mut Criterion) {
+    let mut group = c.benchmark_group("durable_send");
+    group.sample_size(10);
+    for (senders, per_sender) in [(1usize, 100usize), (16, 50), (256, 16)] {
+        let messages = senders * per_sender;
+        group.throughput(Throughput::Elements(messages as u64));
+        let dir = tempfile::tempdir().unwrap();
+        let grouped = queue(Arc::new(
+            RedbStorage::open(dir.path().join("grouped.redb")).unwrap(),
+        ));
+        group.bench_with_input(
+            BenchmarkId::new("group_commit", senders),
+            &senders,
+            |b, &n| b.iter(|| block_on(send_concurrently(&grouped, n, per_sender))),
+        );
+        let single = queue(Arc::new(
+            RedbStorage::options()
+                .max_group(1)
+                .open(dir.path().join("single.redb"))
+                .unwrap(),
+        ));
+        group.bench_with_input(
+            BenchmarkId::new("txn_per_message", senders),
+            &senders,
+            |b, &n| b.iter(|| block_on(send_concurrently(&single, n, per_sender))),
+        );
+        let mut file = std::fs::File::create(dir.path().join("raw.log")).unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("raw_fdatasync", senders),
+            &senders,
+            |b, &n| b.iter(|| raw_fdatasync(&mut file, n, per_sender)),
+        );
+    }
+    group.finish();
+}
+
+/// Acks each batch as it arrives and closes once caught up.
+struct AckingClient(Arc<OnceLock<SessionHandle>>);
+
+#[async_trait]
+impl Transport for AckingClient {
+    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
+        let handle = self.0.get().expect("set before run");
+        match item {
+            Outbound::Batch(batch) => {
+                if let Some(last) = batch.messages.last() {
+                    handle.ack_through(last.seq);
+                }
+            }
+            Outbound::CaughtUp => handle.close(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn drain(queue: &OfflineQueue, who: &RecipientId) {
+    let handle = Arc::new(OnceLock::new());
+    let session = queue.connect(who.clone(), AckingClient(handle.clone()));
+    handle.set(session.handle()).ok();
+    session.run().await.unwrap();
+}
+
+fn drain_on_reconnect(c: &mut Criterion) {
+    const PENDING: usize = 10_000;
+    let mut group = c.benchmark_group("drain_10k");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(PENDING as u64));
+    let who = RecipientId::new("bob").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let redb = queue(Arc::new(
+        RedbStorage::open(dir.path().join("drain.redb")).unwrap(),
+    ));
+    let memory = queue(Arc::new(MemoryStorage::new()));
+    for (name, queue) in [("redb", &redb), ("memory", &memory)] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                // Filled with 256 concurrent senders so filling is quick; only the drain is timed.
+                || block_on(send_concurrently_to(queue, &who, PENDING)),
+                |()| block_on(drain(queue, &who)),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+async fn send_concurrently_to(queue: &OfflineQueue, who: &RecipientId, count: usize) {
+    let payload = vec![7u8; PAYLOAD];
+    let envelopes: Vec<Envelope> = (0..count)
+        .map(|_| Envelope::new(who.clone(), payload.clone()))
+        .collect();
+    for chunk in envelopes.chunks(500) {
+        for result in queue.send_many(chunk.to_vec()).await.unwrap() {
+            result.unwrap();
+        }
+    }
+}
+
+criterion_group!(benches, durable_send, drain_on_reconnect);
+criterion_main!(benches);
