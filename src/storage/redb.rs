@@ -72,6 +72,8 @@ const FORMAT: u64 = 1;
 const NEVER: u64 = u64::MAX;
 /// Bytes before the body in a `records` value: checksum, id, sent_at, expires_at.
 const HEADER: usize = 36;
+/// Longest the writer waits to gather a group as large as the last one.
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
 /// Dedup entries forgotten per append at most, so one append never does unbounded work.
 const DEDUP_PRUNE_PER_APPEND: usize = 64;
 
@@ -624,14 +626,31 @@ impl Writer {
     }
 
     fn run(self, inbox: mpsc::Receiver<Job>) {
+        let mut last_group = 1;
         while let Ok(first) = inbox.recv() {
             let mut group = vec![first];
+            // Take what is waiting. Callers answered by the last commit are still submitting
+            // their next writes, so if fewer than last time have arrived, wait a moment (far
+            // shorter than an fsync) for them: groups stay large instead of alternating
+            // small and large. A lone caller (last group of one) never waits.
+            let deadline = std::time::Instant::now() + GATHER_WAIT;
             while group.len() < self.max_group {
-                match inbox.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
-                }
+                let job = match inbox.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(mpsc::TryRecvError::Empty) if group.len() >= last_group => break,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        match inbox.recv_timeout(
+                            deadline.saturating_duration_since(std::time::Instant::now()),
+                        ) {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                group.push(job);
             }
+            last_group = group.len();
             self.commit_group(group);
         }
     }
