@@ -1,15 +1,18 @@
-//! The whole offline-to-delivered path in one process:
-//! alice sends three messages to bob while he is offline, bob gets one push nudge (not three),
-//! connects, receives them in one batch, acks them, and his queue is empty.
+//! The whole offline-to-delivered path in one process, on the embedded durable storage:
+//! alice sends three messages to bob while he is offline (they go to a redb file, fsynced),
+//! bob gets one push nudge (not three), connects, receives them in one batch, acks them, and
+//! his queue is empty.
 //!
 //! Run it: `cargo run --example quickstart`
+//! (the file is `offline-queue-data/quickstart.redb` under the current directory).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use offline_queue::{
-    Envelope, Notifier, NotifyError, Nudge, OfflineQueue, Outbound, RecipientId, channel_transport,
+    Envelope, Notifier, NotifyError, Nudge, OfflineQueue, Outbound, RecipientId, RedbStorage,
+    channel_transport,
 };
 
 /// A notifier that prints instead of calling a push service. A real one would hand the nudge
@@ -35,7 +38,12 @@ fn main() -> Result<(), offline_queue::Error> {
 }
 
 async fn run() -> Result<(), offline_queue::Error> {
+    // Durable: a send returns once its message is on disk. For tests, leave `.storage(..)`
+    // out and the queue keeps messages in memory.
+    let storage = RedbStorage::open("offline-queue-data/quickstart.redb")?;
+    println!("storage: {}", storage.path().display());
     let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage))
         .notifier(Arc::new(PrintingNotifier))
         .build()?;
     let bob = RecipientId::new("bob")?;

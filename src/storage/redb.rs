@@ -79,7 +79,7 @@ const DEDUP_PRUNE_PER_APPEND: usize = 64;
 
 /// Durable storage in one redb file. See the [module docs](self).
 pub struct RedbStorage {
-    db: Arc<Database>,
+    db: SharedDb,
     path: PathBuf,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
@@ -151,14 +151,14 @@ impl RedbOptions {
             Ok(db)
         });
         let db = opened.unwrap_or_else(|panic| Err(damaged(&path, &panic)))?;
-        let db = Arc::new(db);
+        let db: SharedDb = Arc::new(parking_lot::RwLock::new(Some(Arc::new(db))));
         let (jobs, inbox) = mpsc::channel();
         let writer_db = db.clone();
         let max_group = self.max_group;
         let writer_path = path.clone();
         let writer = std::thread::Builder::new()
             .name("offline-queue-redb-writer".into())
-            .spawn(move || Writer::new(writer_db, writer_path, max_group).run(inbox))
+            .spawn(move || Writer::new(writer_db, writer_path, cache_bytes, max_group).run(inbox))
             .map_err(|e| fail("cannot start the writer thread", &e))?;
         Ok(RedbStorage {
             db,
@@ -206,6 +206,16 @@ impl RedbStorage {
 }
 
 impl RedbStorage {
+    /// The open database; none while the writer reopens it after an I/O failure.
+    fn database(&self) -> Result<Arc<Database>> {
+        self.db.read().clone().ok_or_else(|| {
+            Error::storage_msg(
+                true,
+                format!("{}: reopening after a write failure", self.path.display()),
+            )
+        })
+    }
+
     /// Runs a read, turning a panic inside redb (which some damaged files provoke) into an
     /// error naming the file.
     fn guarded<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -222,7 +232,8 @@ impl RedbStorage {
     ) -> Result<ReadBatch> {
         let who = recipient.as_bytes();
         let now = now.as_millis();
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let db = self.database()?;
+        let txn = db.begin_read().map_err(db_error)?;
         let records = txn.open_table(RECORDS).map_err(db_error)?;
         let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
         let meta = txn.open_table(META).map_err(db_error)?;
@@ -284,7 +295,8 @@ impl RedbStorage {
 
     fn stats_now(&self, recipient: &RecipientId) -> Result<RecipientStats> {
         let who = recipient.as_bytes();
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let db = self.database()?;
+        let txn = db.begin_read().map_err(db_error)?;
         let meta = txn.open_table(META).map_err(db_error)?;
         let Some(raw) = meta.get(who).map_err(db_error)? else {
             return Ok(RecipientStats::default());
@@ -349,7 +361,9 @@ impl Drop for RedbStorage {
 /// the wrong type) will not.
 fn db_error(error: impl Into<redb::Error>) -> Error {
     let error: redb::Error = error.into();
-    let retryable = matches!(error, redb::Error::Io(_));
+    // After an I/O error redb refuses further writes (`PreviousIo`) until the file is
+    // reopened, which the writer does: both pass.
+    let retryable = matches!(error, redb::Error::Io(_) | redb::Error::PreviousIo);
     Error::storage(retryable, error)
 }
 
@@ -571,10 +585,16 @@ impl Answer {
 
 /// The writer thread: applies groups of jobs in one transaction each.
 struct Writer {
-    db: Arc<Database>,
+    db: SharedDb,
     path: PathBuf,
+    cache_bytes: usize,
     max_group: usize,
+    /// Set after a write failed on I/O: the next group reopens the file first.
+    needs_reopen: bool,
 }
+
+/// The database, shared by readers and the writer, which replaces it when it reopens.
+type SharedDb = Arc<parking_lot::RwLock<Option<Arc<Database>>>>;
 
 /// The tables a group writes, opened once per transaction.
 struct Tables<'t> {
@@ -617,15 +637,42 @@ impl Tables<'_> {
 }
 
 impl Writer {
-    fn new(db: Arc<Database>, path: PathBuf, max_group: usize) -> Self {
+    fn new(db: SharedDb, path: PathBuf, cache_bytes: usize, max_group: usize) -> Self {
         Self {
             db,
             path,
+            cache_bytes,
             max_group,
+            needs_reopen: false,
         }
     }
 
-    fn run(self, inbox: mpsc::Receiver<Job>) {
+    /// Closes and reopens the file after an I/O failure (redb refuses writes until then; the
+    /// reopen recovers to the last durable commit).
+    fn reopen(&mut self) -> Result<()> {
+        let mut slot = self.db.write();
+        if let Some(old) = slot.take() {
+            // Readers hold the handle for one read at most; the file lock goes with the last.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(old)));
+        }
+        let reopened = std::panic::catch_unwind(|| {
+            Database::builder()
+                .set_cache_size(self.cache_bytes)
+                .create(&self.path)
+                .map_err(db_error)
+        })
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)))?;
+        *slot = Some(Arc::new(reopened));
+        self.needs_reopen = false;
+        tracing::info!(path = %self.path.display(), "redb file reopened after a write failure");
+        Ok(())
+    }
+
+    fn run(mut self, inbox: mpsc::Receiver<Job>) {
         let mut last_group = 1;
         while let Ok(first) = inbox.recv() {
             let mut group = vec![first];
@@ -655,7 +702,16 @@ impl Writer {
         }
     }
 
-    fn commit_group(&self, group: Vec<Job>) {
+    fn commit_group(&mut self, group: Vec<Job>) {
+        if self.needs_reopen
+            && let Err(error) = self.reopen()
+        {
+            tracing::error!(%error, "redb reopen failed; failing this group");
+            for job in group {
+                failed_answer(job, &error).send(None);
+            }
+            return;
+        }
         let mut answers = Vec::with_capacity(group.len());
         // A panic inside redb (a damaged file) fails this group; callers whose jobs had not
         // been answered yet see their reply dropped, which is an error too.
@@ -666,6 +722,7 @@ impl Writer {
         let failed = outcome.err();
         if let Some(error) = &failed {
             tracing::error!(%error, callers = answers.len(), "redb group commit failed");
+            self.needs_reopen |= error.is_retryable();
         }
         for answer in answers {
             answer.send(failed.as_ref());
@@ -675,7 +732,12 @@ impl Writer {
     /// Applies every job in one transaction and commits it. A job's own error (a full queue)
     /// leaves the transaction untouched by that job; a storage error fails the whole group.
     fn apply(&self, group: Vec<Job>, answers: &mut Vec<Answer>) -> Result<()> {
-        let txn = match self.db.begin_write() {
+        let db = self
+            .db
+            .read()
+            .clone()
+            .expect("open unless reopening, which this thread does");
+        let txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
                 let error = db_error(e);
