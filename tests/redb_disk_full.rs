@@ -161,7 +161,6 @@ fn full_disk_fails_cleanly_and_recovers() {
         take(&line);
     }
     assert!(child.wait().unwrap().success(), "the child failed");
-    drop(take);
     assert!(
         failed.len() >= FAILURES_WANTED,
         "the limit never bit: {} failures",
