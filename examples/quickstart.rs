@@ -8,20 +8,19 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use offline_queue::{
     Envelope, Notifier, NotifyError, Nudge, OfflineQueue, Outbound, RecipientId, RedbStorage,
     channel_transport,
 };
 
-/// A notifier that prints instead of calling a push service. A real one would hand the nudge
-/// to FCM, APNs or a webhook from its own task, so `send` never waits on the network.
+/// A notifier that prints instead of calling a push service. A real one queues the nudge
+/// (`ChannelNotifier`) and calls FCM, APNs or a webhook from its own task, so `send` never
+/// waits on the network.
 struct PrintingNotifier;
 
-#[async_trait]
 impl Notifier for PrintingNotifier {
-    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+    fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
         println!(
             "push -> {}: {:?}, {} message(s) waiting (no content in the push)",
             nudge.recipient,

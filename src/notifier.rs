@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::channel::mpsc;
 use parking_lot::Mutex;
 
@@ -36,24 +35,24 @@ pub struct Nudge {
 #[error("notify failed: {0}")]
 pub struct NotifyError(pub String);
 
-/// Sends a nudge to an offline recipient.
+/// Hands a nudge for an offline recipient to the push service.
 ///
-/// Called from `send` after the message is stored, so it should return quickly: a notifier
-/// that talks to a slow service should queue the nudge (see [`ChannelNotifier`]) and send it from
-/// its own task. An error is counted and logged; it never fails or loses a send.
-#[async_trait]
+/// Called from `send` after the message is stored, and deliberately not `async`: a send never
+/// waits on a push service, and a hung push service cannot hang a send. A notifier that talks
+/// to the network queues the nudge and sends it from its own task ([`ChannelNotifier`] is that
+/// queue: drain its receiver in a task that calls FCM, APNs or a webhook, with retries). An
+/// error is counted and logged; it never fails or loses a send.
 pub trait Notifier: Send + Sync + 'static {
-    /// Sends `nudge`.
-    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError>;
+    /// Queues `nudge` for sending; must not block.
+    fn notify(&self, nudge: Nudge) -> Result<(), NotifyError>;
 }
 
 /// A notifier that does nothing (the default).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoopNotifier;
 
-#[async_trait]
 impl Notifier for NoopNotifier {
-    async fn notify(&self, _nudge: Nudge) -> Result<(), NotifyError> {
+    fn notify(&self, _nudge: Nudge) -> Result<(), NotifyError> {
         Ok(())
     }
 }
@@ -74,9 +73,8 @@ impl RecordingNotifier {
     }
 }
 
-#[async_trait]
 impl Notifier for RecordingNotifier {
-    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+    fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
         self.0.lock().push(nudge);
         Ok(())
     }
@@ -95,9 +93,8 @@ impl ChannelNotifier {
     }
 }
 
-#[async_trait]
 impl Notifier for ChannelNotifier {
-    async fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+    fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
         self.0.clone().try_send(nudge).map_err(|e| {
             NotifyError(if e.is_full() {
                 "queue full".into()

@@ -99,6 +99,7 @@ where
     quota_drop_oldest(&*make().await).await;
     global_budget(&*make().await).await;
     expiry(&*make().await).await;
+    passed_over_counts_once(&*make().await).await;
     purge_budget(&*make().await).await;
     idle_removal(&*make().await).await;
     isolation(&*make().await).await;
@@ -230,7 +231,7 @@ pub async fn acks(storage: &dyn Storage) {
     let again = Ack {
         through: Some(seqs[1]),
         seqs: vec![seqs[3], Seq(u64::MAX)],
-        lost_reported: 0,
+        ..Ack::default()
     };
     assert_eq!(
         storage.ack(&bob, &again, T0).await.unwrap(),
@@ -512,6 +513,56 @@ pub async fn expiry(storage: &dyn Storage) {
         "a delivered record that expires is not lost"
     );
     assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
+}
+
+/// Records the engine passed over are removed by `Ack::passed_over`, counted as lost only if
+/// never delivered, and counted once whether the ack or a purge removes them.
+pub async fn passed_over_counts_once(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let at = |s| T0.saturating_add(Duration::from_secs(s));
+    let seqs = append(
+        storage,
+        &bob,
+        vec![
+            expiring(b"unread", at(10)),
+            expiring(b"delivered", at(10)),
+            record(b"kept"),
+        ],
+    )
+    .await;
+    storage.mark_delivered(&bob, &seqs[1..2]).await.unwrap();
+    let read = storage.read(&bob, None, ALL, at(10)).await.unwrap();
+    assert_eq!((read.expired.len(), read.expired_unread), (2, 1));
+    let pass = Ack {
+        passed_over: vec![seqs[0]],
+        ..Ack::default()
+    };
+    storage.ack(&bob, &pass, at(10)).await.unwrap();
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!(
+        (stats.messages, stats.lost),
+        (2, 1),
+        "unread passed-over record is lost"
+    );
+    let purged = storage.purge(at(15), None, 100).await.unwrap();
+    assert_eq!(purged.expired, 1, "purge takes the other one");
+    storage.ack(&bob, &pass, at(15)).await.unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        1,
+        "counted once; delivered one not at all"
+    );
+    let confirm = Ack {
+        lost_reported: 5,
+        ..Ack::default()
+    };
+    storage.ack(&bob, &confirm, at(15)).await.unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        0,
+        "reported loss forgotten, saturating"
+    );
+    assert_eq!(bodies(storage, &bob, at(15)).await, [b"kept"]);
 }
 
 /// Purge stops at its budget and says there is more.

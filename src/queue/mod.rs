@@ -427,7 +427,7 @@ impl OfflineQueue {
                         .lock()
                         .on_stored(&inner.notify_policy, recipient, urgency, now);
                 match reason {
-                    Some(reason) => self.nudge(recipient, Some(outcome.pending), reason).await,
+                    Some(reason) => self.nudge(recipient, Some(outcome.pending), reason),
                     None => metrics::add(&inner.metrics.notifications_coalesced, 1),
                 }
             }
@@ -436,14 +436,14 @@ impl OfflineQueue {
         Ok((outcome, online))
     }
 
-    async fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {
+    fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {
         let inner = &self.inner;
         let nudge = Nudge {
             recipient: recipient.clone(),
             pending,
             reason,
         };
-        match inner.notifier.notify(nudge).await {
+        match inner.notifier.notify(nudge) {
             Ok(()) => metrics::add(&inner.metrics.notifications_sent, 1),
             Err(error) => {
                 metrics::add(&inner.metrics.notifications_failed, 1);
@@ -599,7 +599,7 @@ impl OfflineQueue {
             if pending == Some(0) {
                 continue;
             }
-            self.nudge(&recipient, pending, NudgeReason::Unacked).await;
+            self.nudge(&recipient, pending, NudgeReason::Unacked);
             report.nudges += 1;
         }
         let purged = purged?;

@@ -202,6 +202,13 @@ struct Cursor {
     in_flight: VecDeque<Seq>,
     /// Set when a read found nothing more; cleared by a wake.
     exhausted: bool,
+    /// Gaps handed over with messages and not yet confirmed: forgotten by the storage once
+    /// the client acks a message at or after the batch's first seq, proof the batch arrived.
+    /// Until then a new session reports them again. `(first seq of the batch, gap)`.
+    unconfirmed_gaps: VecDeque<(Seq, u64)>,
+    /// The lost count in `unconfirmed_gaps`, so later reads in this session do not report it
+    /// twice.
+    lost_unconfirmed: u64,
 }
 
 impl Session {
@@ -258,6 +265,8 @@ impl Session {
             last: None,
             in_flight: VecDeque::new(),
             exhausted: false,
+            unconfirmed_gaps: VecDeque::new(),
+            lost_unconfirmed: 0,
         };
         let mut caught_up = false;
         let mut control = shared.take();
@@ -321,8 +330,18 @@ impl Session {
                 ack.seqs.push(seq);
             }
         }
-        if ack.through.is_none() && ack.seqs.is_empty() {
+        let Some(highest) = ack.seqs.iter().copied().chain(ack.through).max() else {
             return Ok(());
+        };
+        // An ack proves every batch up to it arrived (one connection delivers in order), and
+        // with it the gaps those batches reported.
+        while let Some(&(first, gap)) = cursor.unconfirmed_gaps.front() {
+            if first > highest {
+                break;
+            }
+            cursor.unconfirmed_gaps.pop_front();
+            ack.lost_reported += gap;
+            cursor.lost_unconfirmed -= gap;
         }
         let removed = inner
             .storage
@@ -349,26 +368,30 @@ impl Session {
             .storage
             .read(recipient, cursor.last, limit, now)
             .await?;
+        // Lost messages this session already reported (awaiting confirmation) are not new.
+        let lost_before = read.lost.saturating_sub(cursor.lost_unconfirmed);
         if read.records.is_empty()
             && read.expired.is_empty()
             && read.damaged.is_empty()
-            && read.lost == 0
+            && lost_before == 0
         {
             cursor.exhausted = true;
             return Ok(None);
         }
-        // Removed without delivery: expired ones (reported in the gap), dead letters, and
-        // damaged records or ones that fail to decode (also reported).
-        let mut discard = read.expired.clone();
-        discard.extend(&read.damaged);
+        // Not delivered: expired and damaged records, and ones that fail to decode (removed
+        // now, counted as lost by the storage, reported in this batch's gap), and dead letters
+        // (handed to the hook, removed now).
+        let mut passed_over = read.expired.clone();
+        passed_over.extend(&read.damaged);
+        let mut passed_over_unread = read.expired_unread + read.damaged.len() as u64;
+        let mut dead = Vec::new();
         metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
-        let mut gap = read.lost + read.expired_unread + read.damaged.len() as u64;
         let mut deliver = Vec::with_capacity(read.records.len());
         for record in read.records {
             let seq = record.seq;
             cursor.last = cursor.last.max(Some(seq));
             if record.delivery_count >= inner.max_deliveries {
-                discard.push(seq);
+                dead.push(seq);
                 metrics::add(&inner.metrics.dead_lettered, 1);
                 match inner.to_delivery(record, now, false) {
                     Ok(delivery) => match &inner.dead_letter {
@@ -383,45 +406,62 @@ impl Session {
                 }
                 continue;
             }
+            let unread = record.delivery_count == 0;
             match inner.to_delivery(record, now, true) {
                 Ok(delivery) => deliver.push(delivery),
                 Err(error) => {
                     tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
                     metrics::add(&inner.metrics.corrupt, 1);
-                    discard.push(seq);
-                    gap += 1;
+                    passed_over.push(seq);
+                    passed_over_unread += u64::from(unread);
                 }
             }
         }
-        let passed_over = read.expired.iter().chain(&read.damaged).max();
-        cursor.last = cursor.last.max(passed_over.copied());
+        cursor.last = cursor.last.max(passed_over.iter().max().copied());
+        metrics::add(&inner.metrics.expired, read.expired.len() as u64);
+        if !dead.is_empty() || !passed_over.is_empty() {
+            let ack = Ack {
+                seqs: dead,
+                passed_over,
+                ..Ack::default()
+            };
+            inner.storage.ack(recipient, &ack, now).await?;
+        }
+        let gap = lost_before + passed_over_unread;
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
         if !seqs.is_empty() {
             inner.storage.mark_delivered(recipient, &seqs).await?;
         }
-        if !seqs.is_empty() || gap > 0 {
-            let redelivered = deliver.iter().filter(|d| d.redelivered).count() as u64;
-            let batch = Batch {
-                messages: deliver,
-                gap,
-            };
-            if let Err(closed) = self.transport.send(Outbound::Batch(batch)).await {
-                return Ok(Some(SessionEnd::TransportClosed(closed.0)));
+        if seqs.is_empty() && gap == 0 {
+            return Ok(None);
+        }
+        let redelivered = deliver.iter().filter(|d| d.redelivered).count() as u64;
+        let batch = Batch {
+            messages: deliver,
+            gap,
+        };
+        if let Err(closed) = self.transport.send(Outbound::Batch(batch)).await {
+            return Ok(Some(SessionEnd::TransportClosed(closed.0)));
+        }
+        metrics::add(&inner.metrics.delivered, seqs.len() as u64);
+        metrics::add(&inner.metrics.redelivered, redelivered);
+        match seqs.first() {
+            // Confirmed when the client acks a message of this batch or a later one.
+            Some(&first) if gap > 0 => {
+                cursor.unconfirmed_gaps.push_back((first, gap));
+                cursor.lost_unconfirmed += gap;
             }
-            metrics::add(&inner.metrics.delivered, seqs.len() as u64);
-            metrics::add(&inner.metrics.redelivered, redelivered);
-            metrics::add(&inner.metrics.expired, read.expired.len() as u64);
-            cursor.in_flight.extend(seqs);
+            Some(_) => {}
+            // A batch with only a gap: no ack can confirm it; the transport took it.
+            None => {
+                let ack = Ack {
+                    lost_reported: gap,
+                    ..Ack::default()
+                };
+                inner.storage.ack(recipient, &ack, now).await?;
+            }
         }
-        if !discard.is_empty() || read.lost > 0 {
-            // The gap was handed over: forget the lost count and remove what was passed over.
-            let ack = Ack {
-                through: None,
-                seqs: discard,
-                lost_reported: read.lost,
-            };
-            inner.storage.ack(recipient, &ack, now).await?;
-        }
+        cursor.in_flight.extend(seqs);
         Ok(None)
     }
 }

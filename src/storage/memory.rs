@@ -542,6 +542,15 @@ impl Storage for MemoryStorage {
                 removed += 1;
             }
         }
+        for seq in &ack.passed_over {
+            if let Some(index) = queue.position(seq.0)
+                && !queue.records[index].removed
+            {
+                let unread = queue.records[index].delivery_count == 0;
+                freed += queue.remove_at(index);
+                queue.lost += u64::from(unread);
+            }
+        }
         queue.lost = queue.lost.saturating_sub(ack.lost_reported);
         shard.settle(slot, Some(now.as_millis()));
         drop(shard);

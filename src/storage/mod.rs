@@ -131,7 +131,12 @@ pub struct Ack {
     pub through: Option<Seq>,
     /// Remove these records (unknown seqs are ignored).
     pub seqs: Vec<Seq>,
-    /// Subtract this much from the lost counter: the engine reported it as a gap.
+    /// Remove these records, which the engine passed over (expired, or damaged), counting each
+    /// one that was never marked delivered in the lost counter, exactly as `purge` does: a
+    /// record is counted once whichever of the two removes it.
+    pub passed_over: Vec<Seq>,
+    /// Then subtract this much from the lost counter (saturating): the engine reported it as a
+    /// gap and the recipient confirmed the report.
     pub lost_reported: u64,
 }
 

@@ -1133,6 +1133,13 @@ fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64)
             freed += len;
         }
     }
+    for seq in &ack.passed_over {
+        if let Some((len, unread)) = remove_record(t, who, seq.0)? {
+            meta.count -= 1;
+            freed += len;
+            meta.lost += u64::from(unread);
+        }
+    }
     meta.count -= removed;
     meta.bytes -= freed;
     meta.lost = meta.lost.saturating_sub(ack.lost_reported);
