@@ -14,8 +14,13 @@ use crate::error::Error;
 const TAG_RAW: u8 = 0;
 const TAG_LZ4: u8 = 1;
 
-fn bincode_config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// Longest length a decoded payload may declare for one string or collection: bincode
+/// allocates what a length prefix says, so a 9-byte hostile payload could otherwise ask for
+/// exabytes.
+const DECODE_LIMIT: usize = 16 << 20;
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Serializes `value` for a payload ([`Envelope::encode`](crate::Envelope::encode) uses this).
@@ -65,26 +70,21 @@ pub fn encode_body(payload: &[u8], compress_at: Option<usize>) -> Vec<u8> {
     body
 }
 
-/// Reads a record body back into its payload, refusing anything that would exceed `max_len`
-/// bytes once decoded. A raw body is returned in place, without copying.
+/// Reads a record body back into its payload. A raw body is returned in place, without
+/// copying; a compressed one is refused if it declares more than `max_len` bytes.
 ///
 /// # Errors
 /// [`Error::Codec`] for an empty body, an unknown tag, a declared length over `max_len`, or
-/// compressed data that does not decode to exactly the declared length.
+/// compressed data that does not decode to exactly the declared length;
+/// [`Error::InvalidConfig`] for a compressed body when the `compression` feature is off (the
+/// record is fine; this build cannot read it).
 pub fn decode_body(mut body: Vec<u8>, max_len: usize) -> Result<Vec<u8>, Error> {
     let tag = body
         .pop()
         .ok_or_else(|| Error::Codec("empty record body".into()))?;
     match tag {
-        TAG_RAW => {
-            if body.len() > max_len {
-                return Err(Error::Codec(format!(
-                    "record of {} bytes is over the cap of {max_len}",
-                    body.len()
-                )));
-            }
-            Ok(body)
-        }
+        // Already in memory: no cap needed, and none that a lowered limit could trip.
+        TAG_RAW => Ok(body),
         TAG_LZ4 => decode_lz4(&body, max_len),
         other => Err(Error::Codec(format!("unknown record tag {other}"))),
     }
@@ -114,9 +114,12 @@ fn decode_lz4(data: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
 
 #[cfg(not(feature = "compression"))]
 fn decode_lz4(_data: &[u8], _max_len: usize) -> Result<Vec<u8>, Error> {
-    Err(Error::Codec(
-        "record is lz4-compressed but the `compression` feature is off".into(),
-    ))
+    Err(Error::InvalidConfig {
+        field: "compression",
+        reason:
+            "a stored record is lz4-compressed; build with the `compression` feature to read it"
+                .into(),
+    })
 }
 
 #[cfg(test)]
@@ -140,9 +143,21 @@ mod tests {
     fn raw_body_round_trip_and_cap() {
         let body = encode_body(b"hello", None);
         assert_eq!(decode_body(body.clone(), 5).unwrap(), b"hello");
-        assert!(decode_body(body, 4).is_err());
+        assert_eq!(
+            decode_body(body, 4).unwrap(),
+            b"hello",
+            "raw bodies have no cap"
+        );
         assert!(decode_body(vec![], 10).is_err());
         assert!(decode_body(vec![1, 2, 9], 10).is_err());
+    }
+
+    #[test]
+    fn hostile_length_prefixes_are_errors_not_allocations() {
+        // A String whose varint length prefix says 2^62 bytes.
+        let bomb = [0xFD, 0, 0, 0, 0, 0, 0, 0, 0x40];
+        assert!(matches!(from_bytes::<String>(&bomb), Err(Error::Codec(_))));
+        assert!(matches!(from_bytes::<Vec<u8>>(&bomb), Err(Error::Codec(_))));
     }
 
     #[cfg(feature = "compression")]

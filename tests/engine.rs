@@ -640,3 +640,112 @@ fn metrics_count_the_path() {
     assert_eq!((m.notifications_sent, m.notifications_coalesced), (1, 1));
     assert!(m.iter().any(|(name, value)| name == "stored" && value == 2));
 }
+
+#[test]
+fn a_message_stored_while_online_still_earns_a_nudge_if_the_connection_dies_before_delivery() {
+    let mut h = Harness::new();
+    let bob = h.connect("bob");
+    h.stall();
+    // The phone vanished: the transport will fail on the next hand-over.
+    drop(bob.inbox);
+    let receipt = h.send("bob", b"x");
+    assert!(
+        receipt.recipient_online,
+        "stored while the session was registered"
+    );
+    assert!(
+        h.notifier.take().is_empty(),
+        "no push for an online recipient"
+    );
+    h.stall();
+    assert!(
+        !h.queue.is_online(&id("bob")),
+        "the failed transport ended the session"
+    );
+    h.advance(Duration::from_secs(60));
+    assert_eq!(
+        h.maintain().nudges,
+        1,
+        "the pending message earns its nudge"
+    );
+}
+
+#[test]
+fn a_skipped_delayed_nudge_does_not_silence_the_next_push() {
+    let mut h = Harness::new();
+    h.send("bob", b"x");
+    h.notifier.take();
+    let mut bob = h.connect("bob");
+    bob.batches(&mut h);
+    bob.close(&mut h); // ended with x unacked: a delayed nudge is due at +60 s
+    h.advance(Duration::from_secs(10));
+    let mut bob = h.connect("bob"); // back online before it is due
+    let batch = bob.batches(&mut h).remove(0);
+    h.advance(Duration::from_secs(50));
+    assert_eq!(h.maintain().nudges, 0, "online: skipped");
+    bob.handle.ack_through(batch.messages[0].seq);
+    bob.close(&mut h);
+    h.advance(Duration::from_secs(10));
+    h.send("bob", b"urgent");
+    assert_eq!(
+        h.notifier.take().len(),
+        1,
+        "the skipped nudge did not count as sent"
+    );
+}
+
+#[test]
+fn a_message_stored_under_a_larger_limit_is_delivered_after_the_limit_is_lowered() {
+    let storage: Arc<dyn offline_queue::Storage> = Arc::new(offline_queue::MemoryStorage::new());
+    let mut before = Harness::with(|b| b.storage(storage.clone()));
+    let big = vec![9u8; 60_000];
+    before.send("bob", &big);
+    let small = Limits {
+        max_message_bytes: 1_000,
+        ..Limits::default()
+    };
+    let mut after = Harness::with(|b| b.storage(storage).limits(small));
+    let mut bob = after.connect("bob");
+    let batches = bob.batches(&mut after);
+    assert_eq!(
+        payloads(&batches),
+        [big],
+        "kept and delivered, not discarded as corrupt"
+    );
+    assert_eq!(after.queue.metrics().corrupt, 0);
+}
+
+#[test]
+fn an_expired_dedup_entry_never_swallows_a_new_message_even_after_a_clock_step_back() {
+    let limits = Limits {
+        dedup_window: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let mut h = Harness::with(|b| b.limits(limits));
+    let with_id = |n: u8| Envelope::new(id("bob"), vec![n]).with_id(MessageId::from_bytes([n; 16]));
+    h.advance(Duration::from_secs(100));
+    h.try_send(with_id(1)).unwrap();
+    h.clock.set(common::T0); // the wall clock steps back 100 s
+    h.try_send(with_id(2)).unwrap();
+    h.advance(Duration::from_secs(130)); // id 2 is 130 s old, id 1 only 30 s
+    let again = h.try_send(with_id(2)).unwrap();
+    assert!(!again.duplicate, "id 2 left the window: stored again");
+    let dup = h.try_send(with_id(1)).unwrap();
+    assert!(dup.duplicate, "id 1 is still within the window");
+}
+
+#[test]
+fn acking_with_an_iterator_that_calls_back_into_the_queue_does_not_deadlock() {
+    let mut h = Harness::new();
+    h.send("bob", b"x");
+    let mut bob = h.connect("bob");
+    let seq = bob.batches(&mut h)[0].messages[0].seq;
+    let queue = h.queue.clone();
+    let handle = bob.handle.clone();
+    bob.handle.ack(std::iter::once(seq).inspect(|_| {
+        assert!(queue.is_online(&id("bob")));
+        handle.ack_through(seq);
+    }));
+    h.stall();
+    assert_eq!(h.stats("bob").messages, 0);
+}

@@ -26,8 +26,10 @@ use crate::transport::Transport;
 use nudges::NudgeState;
 use session::SessionShared;
 
-/// The smallest cap on a decoded payload, whatever `max_message_bytes` says.
-const DECODE_CAP_FLOOR: usize = 16 * 1024 * 1024;
+/// The smallest cap on a decompressed payload, whatever `max_message_bytes` says: records
+/// written under a larger limit still decode after it was lowered, and a hostile record cannot
+/// make a reader allocate more than this.
+const DECODE_CAP_FLOOR: usize = 64 * 1024 * 1024;
 
 /// Called with each message that reached `max_deliveries` without an ack; the message is then
 /// removed. Keep it quick (log it, or queue it for inspection).
@@ -454,8 +456,9 @@ impl OfflineQueue {
 
     /// True if the recipient has a live session on this engine; wakes it when `wake` is set.
     fn wake_if_live(&self, recipient: &RecipientId, wake: bool) -> bool {
-        let sessions = self.inner.sessions.lock();
-        let Some(session) = sessions.get(recipient) else {
+        // Woken outside the map's lock: an executor that polls on wake must not find it held.
+        let session = self.inner.sessions.lock().get(recipient).cloned();
+        let Some(session) = session else {
             return false;
         };
         if wake {
@@ -599,6 +602,7 @@ impl OfflineQueue {
             if pending == Some(0) {
                 continue;
             }
+            inner.nudges.lock().record_sent(&recipient, now);
             self.nudge(&recipient, pending, NudgeReason::Unacked);
             report.nudges += 1;
         }

@@ -43,7 +43,7 @@ impl NudgeState {
         Some(reason)
     }
 
-    fn record_sent(&mut self, recipient: &RecipientId, now: Timestamp) {
+    pub(crate) fn record_sent(&mut self, recipient: &RecipientId, now: Timestamp) {
         self.last_sent.insert(recipient.clone(), now);
         self.sent_order.push_back((now, recipient.clone()));
     }
@@ -59,7 +59,8 @@ impl NudgeState {
     }
 
     /// Recipients whose ended session is now due a nudge (skipping any nudged since it ended),
-    /// recorded as nudged; and forgets nudges older than every period.
+    /// each once; the caller records the ones it actually nudges. Also forgets nudges older
+    /// than every period.
     pub(crate) fn due(&mut self, policy: &NotifyPolicy, now: Timestamp) -> Vec<RecipientId> {
         let mut due = Vec::new();
         while let Some((ended, _)) = self.ended_pending.front() {
@@ -74,8 +75,9 @@ impl NudgeState {
             {
                 continue;
             }
-            self.record_sent(&recipient, now);
-            due.push(recipient);
+            if !due.contains(&recipient) {
+                due.push(recipient);
+            }
         }
         let keep = policy.urgent_cooldown.max(policy.background_interval);
         while let Some((at, _)) = self.sent_order.front() {

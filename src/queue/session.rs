@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 
 use super::Inner;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::limits::BatchLimit;
 use crate::message::{Batch, Ephemeral, RecipientId, Seq};
 use crate::metrics;
@@ -143,6 +143,8 @@ impl SessionHandle {
     /// Acks these delivered messages (selective). Seqs not delivered in this session are
     /// ignored, so a client cannot remove what it was never given.
     pub fn ack(&self, seqs: impl IntoIterator<Item = Seq>) {
+        // Collected before the lock: the caller's iterator may call back into the queue.
+        let seqs: Vec<Seq> = seqs.into_iter().collect();
         self.shared.update(|c| c.ack_seqs.extend(seqs));
     }
 
@@ -169,13 +171,14 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// Keeps the session in the engine's table while it lives; removes it (and schedules a nudge
-/// if messages were left pending) however the driver ends: returned, failed, or dropped.
+/// Keeps the session in the engine's table while it lives; removes it however the driver
+/// ends (returned, failed, or dropped) and asks `maintain` to check, after `unacked_delay`,
+/// whether messages were left pending, so none waits without a nudge whatever ended the
+/// session. A displaced session does neither: the newer one owns the recipient.
 struct Registration {
     inner: Arc<Inner>,
     recipient: RecipientId,
     shared: Arc<SessionShared>,
-    left_pending: bool,
 }
 
 impl Drop for Registration {
@@ -188,7 +191,7 @@ impl Drop for Registration {
             sessions.remove(&self.recipient);
         }
         drop(sessions);
-        if current && self.left_pending {
+        if current {
             self.inner.session_ended_pending(&self.recipient);
         }
     }
@@ -223,7 +226,6 @@ impl Session {
                 inner,
                 recipient,
                 shared,
-                left_pending: true,
             },
             transport,
         }
@@ -248,12 +250,7 @@ impl Session {
     /// client may reconnect.
     pub async fn run(mut self) -> Result<SessionEnd> {
         let span = tracing::debug_span!("session", recipient = %self.registration.recipient, id = self.registration.shared.id);
-        let end = self.drive().instrument(span).await;
-        if let Ok(SessionEnd::Displaced) = end {
-            // The new session redelivers; no nudge for a recipient who is online.
-            self.registration.left_pending = false;
-        }
-        end
+        self.drive().instrument(span).await
     }
 
     async fn drive(&mut self) -> Result<SessionEnd> {
@@ -278,7 +275,6 @@ impl Session {
                 return Ok(SessionEnd::Displaced);
             }
             if control.closed {
-                self.registration.left_pending = !cursor.exhausted || !cursor.in_flight.is_empty();
                 return Ok(SessionEnd::Closed);
             }
             for ephemeral in control.ephemerals.drain(..) {
@@ -301,7 +297,6 @@ impl Session {
                 }
                 caught_up = true;
             }
-            self.registration.left_pending = !cursor.exhausted || !cursor.in_flight.is_empty();
             control = shared.next().await;
         }
     }
@@ -385,6 +380,7 @@ impl Session {
         passed_over.extend(&read.damaged);
         let mut passed_over_unread = read.expired_unread + read.damaged.len() as u64;
         let mut dead = Vec::new();
+        let mut dead_letters = Vec::new();
         metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
         let mut deliver = Vec::with_capacity(read.records.len());
         for record in read.records {
@@ -392,23 +388,14 @@ impl Session {
             cursor.last = cursor.last.max(Some(seq));
             if record.delivery_count >= inner.max_deliveries {
                 dead.push(seq);
-                metrics::add(&inner.metrics.dead_lettered, 1);
-                match inner.to_delivery(record, now, false) {
-                    Ok(delivery) => match &inner.dead_letter {
-                        Some(hook) => hook(recipient, delivery),
-                        None => {
-                            tracing::warn!(%recipient, id = %delivery.id, %seq, "dead letter removed after max_deliveries")
-                        }
-                    },
-                    Err(error) => {
-                        tracing::warn!(%recipient, %seq, %error, "undecodable dead letter removed")
-                    }
-                }
+                dead_letters.push((seq, inner.to_delivery(record, now, false)));
                 continue;
             }
             let unread = record.delivery_count == 0;
             match inner.to_delivery(record, now, true) {
                 Ok(delivery) => deliver.push(delivery),
+                // Not damage: this build cannot read the record. Keep it; end the session.
+                Err(error @ Error::InvalidConfig { .. }) => return Err(error),
                 Err(error) => {
                     tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
                     metrics::add(&inner.metrics.corrupt, 1);
@@ -426,6 +413,20 @@ impl Session {
                 ..Ack::default()
             };
             inner.storage.ack(recipient, &ack, now).await?;
+        }
+        // Handed to the hook once removed, so a failure before the removal cannot hand the
+        // same message over twice.
+        for (seq, delivery) in dead_letters {
+            metrics::add(&inner.metrics.dead_lettered, 1);
+            match (delivery, &inner.dead_letter) {
+                (Ok(delivery), Some(hook)) => hook(recipient, delivery),
+                (Ok(delivery), None) => {
+                    tracing::warn!(%recipient, id = %delivery.id, %seq, "dead letter removed after max_deliveries")
+                }
+                (Err(error), _) => {
+                    tracing::warn!(%recipient, %seq, %error, "undecodable dead letter removed")
+                }
+            }
         }
         let gap = lost_before + passed_over_unread;
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();

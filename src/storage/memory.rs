@@ -321,7 +321,11 @@ impl Storage for MemoryStorage {
         let (mut adding, mut adding_bytes) = (0u64, 0u64);
         for record in &records {
             if record.dedup {
-                if let Some(&(seq, _)) = shard.dedup.get(&(recipient.clone(), record.id)) {
+                // Pruning stops at the first entry inside the window, and entries are not
+                // strictly in time order (a clock step back): check the age here too.
+                if let Some(&(seq, at)) = shard.dedup.get(&(recipient.clone(), record.id))
+                    && now.saturating_sub(at) < ms(quota.dedup_window)
+                {
                     plan.push(Plan::Dup(seq));
                     continue;
                 }

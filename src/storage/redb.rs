@@ -611,7 +611,6 @@ struct Tables<'t> {
     total_bytes: u64,
     /// Recipients' metadata as changed by this group (`None`: to remove).
     metas: std::collections::HashMap<Vec<u8>, Option<Meta>>,
-    dedup_pruned: bool,
 }
 
 impl Tables<'_> {
@@ -789,7 +788,6 @@ fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         next_seq,
         total_bytes,
         metas: std::collections::HashMap::new(),
-        dedup_pruned: false,
         records: txn.open_table(RECORDS).map_err(db_error)?,
         deliveries: txn.open_table(DELIVERIES).map_err(db_error)?,
         meta: txn.open_table(META).map_err(db_error)?,
@@ -902,10 +900,13 @@ fn append(
     now: u64,
 ) -> Result<AppendOutcome> {
     let who = recipient.as_bytes();
-    if !t.dedup_pruned {
-        prune_dedup(t, now, ms(quota.dedup_window))?;
-        t.dedup_pruned = true;
-    }
+    // At least as many as this append can add, so the tables never outgrow the window.
+    prune_dedup(
+        t,
+        now,
+        ms(quota.dedup_window),
+        DEDUP_PRUNE_PER_APPEND.max(records.len()),
+    )?;
     let mut meta = meta_get(t, who)?.unwrap_or_default();
 
     // Plan without writing: which records are new, what they cost, what must be dropped.
@@ -1063,7 +1064,7 @@ fn touch(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, now: u64) -> Result<()
     Ok(())
 }
 
-fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64) -> Result<()> {
+fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64, budget: usize) -> Result<()> {
     let cutoff = now.saturating_sub(window);
     let mut stale = Vec::new();
     let empty: &[u8] = &[];
@@ -1071,7 +1072,7 @@ fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64) -> Result<()> {
         .dedup_order
         .range(..(cutoff, empty, [0u8; 16]))
         .map_err(db_error)?
-        .take(DEDUP_PRUNE_PER_APPEND)
+        .take(budget)
     {
         let (key, _) = entry.map_err(db_error)?;
         let (at, who, id) = key.value();
@@ -1135,13 +1136,13 @@ fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64)
     }
     for seq in &ack.passed_over {
         if let Some((len, unread)) = remove_record(t, who, seq.0)? {
-            meta.count -= 1;
+            meta.count = meta.count.saturating_sub(1);
             freed += len;
             meta.lost += u64::from(unread);
         }
     }
-    meta.count -= removed;
-    meta.bytes -= freed;
+    meta.count = meta.count.saturating_sub(removed);
+    meta.bytes = meta.bytes.saturating_sub(freed);
     meta.lost = meta.lost.saturating_sub(ack.lost_reported);
     t.total_bytes = t.total_bytes.saturating_sub(freed);
     touch(t, who, &mut meta, now)?;
