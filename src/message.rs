@@ -373,9 +373,8 @@ impl Delivery {
 pub struct Batch {
     /// Messages in seq order. Empty only when the batch exists to report a gap.
     pub messages: Vec<Delivery>,
-    /// How many messages for this recipient were dropped (by `Overflow::DropOldest`) or expired
-    /// before they were ever delivered, since the last gap report. (A message delivered but not
-    /// acked before it expired is not counted: the client was handed it.) Zero when nothing was lost. May over-count, never
+    /// How many messages for this recipient were dropped (by `Overflow::DropOldest`), expired
+    /// before the client acked them, or were damaged, since the last confirmed gap report. Zero when nothing was lost. May over-count, never
     /// under-count: a client is never silently short.
     pub gap: u64,
 }

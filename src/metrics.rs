@@ -49,7 +49,7 @@ metrics! {
     redelivered,
     /// Messages acked by recipients.
     acked,
-    /// Messages expired unread (purged, or passed over at delivery).
+    /// Messages expired before an ack (purged, or passed over at delivery).
     expired,
     /// Messages dropped by `Overflow::DropOldest`.
     dropped,

@@ -20,7 +20,7 @@ use crate::clock::{ManualClock, Timestamp};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{Envelope, MessageId, RecipientId, Seq};
 use crate::queue::OfflineQueue;
-use crate::storage::{Ack, Appended, NewRecord, Storage, StorageExt};
+use crate::storage::{Ack, Appended, NewRecord, RecipientStats, Storage, StorageExt};
 use crate::transport::{Outbound, channel_transport};
 
 /// The time every check starts at.
@@ -97,6 +97,7 @@ where
     dedup(&*make().await).await;
     quota_reject_is_atomic(&*make().await).await;
     quota_drop_oldest(&*make().await).await;
+    loss_confirmation_is_idempotent(&*make().await).await;
     global_budget(&*make().await).await;
     expiry(&*make().await).await;
     passed_over_counts_once(&*make().await).await;
@@ -408,6 +409,7 @@ pub async fn quota_drop_oldest(storage: &dyn Storage) {
     );
     let read = storage.read(&bob, None, ALL, T0).await.unwrap();
     assert_eq!(read.lost, 2, "drops are counted for the gap report");
+    let total = read.lost_total;
     let too_big = storage
         .append(&bob, (0..4).map(|i| record(&[i])).collect(), &quota, T0)
         .await;
@@ -416,7 +418,7 @@ pub async fn quota_drop_oldest(storage: &dyn Storage) {
         "a batch over the quota alone"
     );
     let ack = Ack {
-        lost_reported: 2,
+        lost_confirmed_through: Some(total),
         ..Ack::default()
     };
     storage.ack(&bob, &ack, T0).await.unwrap();
@@ -425,6 +427,72 @@ pub async fn quota_drop_oldest(storage: &dyn Storage) {
         0,
         "reported loss is forgotten"
     );
+}
+
+/// Confirming a loss report is idempotent and never hides a later loss: the total only grows,
+/// even across the queue being emptied and created again.
+pub async fn loss_confirmation_is_idempotent(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 1,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let put = |body: &'static [u8]| storage.append(&bob, vec![record(body)], &quota, T0);
+    put(b"1").await.unwrap();
+    put(b"2").await.unwrap(); // drops 1
+    let first = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(first.lost, 1);
+    let confirm = |through: u64| Ack {
+        lost_confirmed_through: Some(through),
+        ..Ack::default()
+    };
+    storage
+        .ack(&bob, &confirm(first.lost_total), T0)
+        .await
+        .unwrap();
+    storage
+        .ack(&bob, &confirm(first.lost_total), T0)
+        .await
+        .unwrap();
+    put(b"3").await.unwrap(); // drops 2
+    let second = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(
+        second.lost, 1,
+        "a repeated confirmation did not eat the new loss"
+    );
+    storage
+        .ack(&bob, &confirm(first.lost_total), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        1,
+        "a stale confirmation changes nothing"
+    );
+    storage
+        .ack(&bob, &confirm(second.lost_total), T0)
+        .await
+        .unwrap();
+    let last = second.records[0].seq;
+    storage.ack_through(&bob, last, T0).await.unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap(),
+        RecipientStats::default(),
+        "emptied"
+    );
+    put(b"4").await.unwrap();
+    put(b"5").await.unwrap(); // a loss in the queue's new life
+    storage
+        .ack(&bob, &confirm(second.lost_total), T0)
+        .await
+        .unwrap();
+    let third = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(
+        third.lost, 1,
+        "a confirmation from the queue's earlier life hides nothing"
+    );
+    assert!(third.lost_total > second.lost_total, "totals never go back");
 }
 
 /// The storage-wide byte budget rejects with `StorageFull` and frees with acks.
@@ -492,14 +560,13 @@ pub async fn expiry(storage: &dyn Storage) {
         "expired at its deadline exactly"
     );
     assert_eq!(read.expired, [seqs[1]], "passed-over seqs are reported");
-    assert_eq!(read.expired_unread, 1);
     storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
     let purged = storage.purge(at(15), None, 100).await.unwrap();
     assert_eq!((purged.expired, purged.more), (1, false));
     assert_eq!(
         storage.stats(&bob).await.unwrap().lost,
         1,
-        "purged unread is lost"
+        "purged before an ack: lost"
     );
     assert_eq!(
         storage.purge(at(15), None, 100).await.unwrap().expired,
@@ -509,14 +576,14 @@ pub async fn expiry(storage: &dyn Storage) {
     assert_eq!(storage.purge(at(25), None, 100).await.unwrap().expired, 1);
     assert_eq!(
         storage.stats(&bob).await.unwrap().lost,
-        1,
-        "a delivered record that expires is not lost"
+        2,
+        "delivered but never acked, then expired: lost too (the client may not have it)"
     );
     assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
 }
 
-/// Records the engine passed over are removed by `Ack::passed_over`, counted as lost only if
-/// never delivered, and counted once whether the ack or a purge removes them.
+/// Records the engine passed over are removed by `Ack::passed_over` and counted as lost,
+/// once, whether the ack or a purge removes them.
 pub async fn passed_over_counts_once(storage: &dyn Storage) {
     let bob = recipient("bob");
     let at = |s| T0.saturating_add(Duration::from_secs(s));
@@ -524,15 +591,14 @@ pub async fn passed_over_counts_once(storage: &dyn Storage) {
         storage,
         &bob,
         vec![
-            expiring(b"unread", at(10)),
-            expiring(b"delivered", at(10)),
+            expiring(b"first", at(10)),
+            expiring(b"second", at(10)),
             record(b"kept"),
         ],
     )
     .await;
-    storage.mark_delivered(&bob, &seqs[1..2]).await.unwrap();
     let read = storage.read(&bob, None, ALL, at(10)).await.unwrap();
-    assert_eq!((read.expired.len(), read.expired_unread), (2, 1));
+    assert_eq!(read.expired.len(), 2);
     let pass = Ack {
         passed_over: vec![seqs[0]],
         ..Ack::default()
@@ -542,25 +608,30 @@ pub async fn passed_over_counts_once(storage: &dyn Storage) {
     assert_eq!(
         (stats.messages, stats.lost),
         (2, 1),
-        "unread passed-over record is lost"
+        "a passed-over record is lost"
     );
     let purged = storage.purge(at(15), None, 100).await.unwrap();
     assert_eq!(purged.expired, 1, "purge takes the other one");
     storage.ack(&bob, &pass, at(15)).await.unwrap();
     assert_eq!(
         storage.stats(&bob).await.unwrap().lost,
-        1,
-        "counted once; delivered one not at all"
+        2,
+        "each counted once"
     );
+    let total = storage
+        .read(&bob, None, ALL, at(15))
+        .await
+        .unwrap()
+        .lost_total;
     let confirm = Ack {
-        lost_reported: 5,
+        lost_confirmed_through: Some(total + 5),
         ..Ack::default()
     };
     storage.ack(&bob, &confirm, at(15)).await.unwrap();
     assert_eq!(
         storage.stats(&bob).await.unwrap().lost,
         0,
-        "reported loss forgotten, saturating"
+        "confirmed, never past the total"
     );
     assert_eq!(bodies(storage, &bob, at(15)).await, [b"kept"]);
 }

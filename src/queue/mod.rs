@@ -245,7 +245,7 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Age of the oldest stored message.
     pub oldest_age: Option<Duration>,
-    /// Messages lost (dropped or expired unread) and not yet reported to the recipient.
+    /// Messages lost (dropped, or expired before an ack) and not yet reported to the recipient.
     pub lost: u64,
 }
 

@@ -205,13 +205,13 @@ struct Cursor {
     in_flight: VecDeque<Seq>,
     /// Set when a read found nothing more; cleared by a wake.
     exhausted: bool,
-    /// Gaps handed over with messages and not yet confirmed: forgotten by the storage once
-    /// the client acks a message at or after the batch's first seq, proof the batch arrived.
-    /// Until then a new session reports them again. `(first seq of the batch, gap)`.
+    /// Gaps handed over with messages and not yet confirmed: the storage learns the client
+    /// was told once it acks a message at or after the batch's first seq, proof the batch
+    /// arrived; until then a new session reports them again. `(first seq of the batch, loss
+    /// total the report covers)`.
     unconfirmed_gaps: VecDeque<(Seq, u64)>,
-    /// The lost count in `unconfirmed_gaps`, so later reads in this session do not report it
-    /// twice.
-    lost_unconfirmed: u64,
+    /// The highest loss total this session reported, so later reads do not report it twice.
+    reported_total: u64,
 }
 
 impl Session {
@@ -263,7 +263,7 @@ impl Session {
             in_flight: VecDeque::new(),
             exhausted: false,
             unconfirmed_gaps: VecDeque::new(),
-            lost_unconfirmed: 0,
+            reported_total: 0,
         };
         let mut caught_up = false;
         let mut control = shared.take();
@@ -330,13 +330,12 @@ impl Session {
         };
         // An ack proves every batch up to it arrived (one connection delivers in order), and
         // with it the gaps those batches reported.
-        while let Some(&(first, gap)) = cursor.unconfirmed_gaps.front() {
+        while let Some(&(first, through)) = cursor.unconfirmed_gaps.front() {
             if first > highest {
                 break;
             }
             cursor.unconfirmed_gaps.pop_front();
-            ack.lost_reported += gap;
-            cursor.lost_unconfirmed -= gap;
+            ack.lost_confirmed_through = ack.lost_confirmed_through.max(Some(through));
         }
         let removed = inner
             .storage
@@ -363,8 +362,12 @@ impl Session {
             .storage
             .read(recipient, cursor.last, limit, now)
             .await?;
-        // Lost messages this session already reported (awaiting confirmation) are not new.
-        let lost_before = read.lost.saturating_sub(cursor.lost_unconfirmed);
+        // Losses are counted by a total that only grows: report what lies beyond both the
+        // confirmed mark and what this session already reported (awaiting confirmation).
+        let confirmed = read.lost_total.saturating_sub(read.lost);
+        let lost_before = read
+            .lost_total
+            .saturating_sub(confirmed.max(cursor.reported_total));
         if read.records.is_empty()
             && read.expired.is_empty()
             && read.damaged.is_empty()
@@ -378,7 +381,7 @@ impl Session {
         // (handed to the hook, removed now).
         let mut passed_over = read.expired.clone();
         passed_over.extend(&read.damaged);
-        let mut passed_over_unread = read.expired_unread + read.damaged.len() as u64;
+
         let mut dead = Vec::new();
         let mut dead_letters = Vec::new();
         metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
@@ -391,7 +394,6 @@ impl Session {
                 dead_letters.push((seq, inner.to_delivery(record, now, false)));
                 continue;
             }
-            let unread = record.delivery_count == 0;
             match inner.to_delivery(record, now, true) {
                 Ok(delivery) => deliver.push(delivery),
                 // Not damage: this build cannot read the record. Keep it; end the session.
@@ -400,11 +402,11 @@ impl Session {
                     tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
                     metrics::add(&inner.metrics.corrupt, 1);
                     passed_over.push(seq);
-                    passed_over_unread += u64::from(unread);
                 }
             }
         }
         cursor.last = cursor.last.max(passed_over.iter().max().copied());
+        let passed_over_count = passed_over.len() as u64;
         metrics::add(&inner.metrics.expired, read.expired.len() as u64);
         if !dead.is_empty() || !passed_over.is_empty() {
             let ack = Ack {
@@ -428,7 +430,10 @@ impl Session {
                 }
             }
         }
-        let gap = lost_before + passed_over_unread;
+        let gap = lost_before + passed_over_count;
+        // The passed-over records were just added to the total (by us, or by a purge that got
+        // there first): this report covers the total up to here.
+        let covers = read.lost_total + passed_over_count;
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
         if !seqs.is_empty() {
             inner.storage.mark_delivered(recipient, &seqs).await?;
@@ -449,14 +454,15 @@ impl Session {
         match seqs.first() {
             // Confirmed when the client acks a message of this batch or a later one.
             Some(&first) if gap > 0 => {
-                cursor.unconfirmed_gaps.push_back((first, gap));
-                cursor.lost_unconfirmed += gap;
+                cursor.unconfirmed_gaps.push_back((first, covers));
+                cursor.reported_total = covers;
             }
             Some(_) => {}
             // A batch with only a gap: no ack can confirm it; the transport took it.
             None => {
+                cursor.reported_total = covers;
                 let ack = Ack {
-                    lost_reported: gap,
+                    lost_confirmed_through: Some(covers),
                     ..Ack::default()
                 };
                 inner.storage.ack(recipient, &ack, now).await?;

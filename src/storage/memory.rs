@@ -124,7 +124,10 @@ struct RecipientQueue {
     records: VecDeque<Record>,
     live: u64,
     bytes: u64,
-    lost: u64,
+    /// Losses ever counted, from a base that only grows (see `slot_or_insert`).
+    lost_total: u64,
+    /// Losses the client confirmed it was told of; `lost_total - lost_confirmed` are pending.
+    lost_confirmed: u64,
     last_touch: u64,
     /// Highest deadline appended; a lower one turns on `deadlines`.
     max_deadline: u64,
@@ -225,7 +228,12 @@ impl Shard {
                     .expect("more than 4 billion recipients in one shard")
             }
         };
-        self.queues[slot as usize].id = Some(recipient.clone());
+        let queue = &mut self.queues[slot as usize];
+        queue.id = Some(recipient.clone());
+        // A new queue's loss total starts above any an earlier queue of this recipient
+        // reached (seqs only grow), so a stale confirmation cannot hide a new loss.
+        queue.lost_total = self.next_seq;
+        queue.lost_confirmed = self.next_seq;
         self.by_id.insert(recipient.clone(), slot);
         slot
     }
@@ -248,7 +256,7 @@ impl Shard {
         if let Some(now) = touched_at {
             queue.last_touch = queue.last_touch.max(now);
         }
-        if queue.live == 0 && queue.lost == 0 {
+        if queue.live == 0 && queue.lost_total == queue.lost_confirmed {
             self.free_slot(slot);
             return;
         }
@@ -411,7 +419,7 @@ impl Storage for MemoryStorage {
                 .expect("planned drops exist");
             queue.remove_at(index);
         }
-        queue.lost += drop_count as u64;
+        queue.lost_total += drop_count as u64;
         let mut dedup_new = Vec::new();
         // New records take consecutive seqs from here.
         let first_seq = shard.next_seq + 1;
@@ -474,14 +482,14 @@ impl Storage for MemoryStorage {
             queue.records.partition_point(|r| r.seq <= after.0)
         });
         let mut batch = ReadBatch {
-            lost: queue.lost,
+            lost: queue.lost_total - queue.lost_confirmed,
+            lost_total: queue.lost_total,
             ..ReadBatch::default()
         };
         let mut bytes = 0usize;
         for record in queue.records.range(start..).filter(|r| !r.removed) {
             if record.expires_at <= now {
                 batch.expired.push(Seq(record.seq));
-                batch.expired_unread += u64::from(record.delivery_count == 0);
                 if batch.expired.len() >= limit.max_messages {
                     break;
                 }
@@ -550,12 +558,13 @@ impl Storage for MemoryStorage {
             if let Some(index) = queue.position(seq.0)
                 && !queue.records[index].removed
             {
-                let unread = queue.records[index].delivery_count == 0;
                 freed += queue.remove_at(index);
-                queue.lost += u64::from(unread);
+                queue.lost_total += 1;
             }
         }
-        queue.lost = queue.lost.saturating_sub(ack.lost_reported);
+        if let Some(through) = ack.lost_confirmed_through {
+            queue.lost_confirmed = queue.lost_confirmed.max(through.min(queue.lost_total));
+        }
         shard.settle(slot, Some(now.as_millis()));
         drop(shard);
         self.release(freed);
@@ -596,9 +605,8 @@ impl Storage for MemoryStorage {
                             .filter(|&i| queue.records[i].expires_at <= now),
                     };
                     let Some(index) = index else { break };
-                    let unread = queue.records[index].delivery_count == 0;
                     freed += queue.remove_at(index);
-                    queue.lost += u64::from(unread);
+                    queue.lost_total += 1;
                     outcome.expired += 1;
                     left -= 1;
                 }
@@ -665,7 +673,7 @@ impl Storage for MemoryStorage {
                 .rev()
                 .find(|r| !r.removed)
                 .map(|r| Seq(r.seq)),
-            lost: queue.lost,
+            lost: queue.lost_total - queue.lost_confirmed,
         })
     }
 

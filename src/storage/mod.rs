@@ -16,11 +16,15 @@
 //!    the original was since acked.
 //! 4. **Expiry.** `read` never returns a record with `expires_at <= now`; it reports the seqs of
 //!    those it skipped so the engine can report and remove them. `purge` removes expired records
-//!    with work in proportion to what it removes (an index by deadline), and counts those never
-//!    marked delivered in the recipient's `lost` counter ("expired unread").
+//!    with work in proportion to what it removes (an index by deadline), and counts each in the
+//!    recipient's `lost` counter: a record that expires before it was acked is lost, even if a
+//!    transport took it once (the client may never have seen it; a gap may over-count, never
+//!    under-count).
 //! 5. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
-//!    (listed seqs), ignores seqs it does not hold, and subtracts `lost_reported` from the
-//!    recipient's lost counter (saturating).
+//!    (listed seqs), ignores seqs it does not hold, and moves the recipient's confirmed-loss mark
+//!    forward to `lost_confirmed_through` (never backward, never past the loss total). Loss
+//!    totals never go back, even when a queue is emptied and created again (start a new queue's
+//!    total from a counter that only grows, such as the seq counter).
 //! 6. **Isolation.** Nothing addressed to one recipient id is visible through another, whatever
 //!    bytes the ids contain.
 //! 7. **Cost.** An offline recipient costs storage for its records and small metadata, and no
@@ -115,13 +119,15 @@ pub struct ReadBatch {
     pub records: Vec<StoredRecord>,
     /// Seqs of expired records the read passed over (still stored until acked or purged).
     pub expired: Vec<Seq>,
-    /// How many of `expired` were never marked delivered: those count as lost.
-    pub expired_unread: u64,
     /// Seqs of records the read passed over because they are damaged (a checksum mismatch):
     /// never delivered; the engine reports them as lost and removes them.
     pub damaged: Vec<Seq>,
-    /// The recipient's lost counter: records dropped or purged unread and not yet reported.
+    /// Records lost (dropped, or expired before an ack) and not yet confirmed as reported.
     pub lost: u64,
+    /// The recipient's loss total: a counter that grows by one per lost record and never goes
+    /// back, even across the queue being emptied and created again. The engine hands it back
+    /// in `Ack::lost_confirmed_through` once the client confirmed a report up to it.
+    pub lost_total: u64,
 }
 
 /// An acknowledgement: which records to remove.
@@ -132,12 +138,13 @@ pub struct Ack {
     /// Remove these records (unknown seqs are ignored).
     pub seqs: Vec<Seq>,
     /// Remove these records, which the engine passed over (expired, or damaged), counting each
-    /// one that was never marked delivered in the lost counter, exactly as `purge` does: a
-    /// record is counted once whichever of the two removes it.
+    /// in the lost counter, exactly as `purge` does: a record is counted once, whichever of
+    /// the two removes it.
     pub passed_over: Vec<Seq>,
-    /// Then subtract this much from the lost counter (saturating): the engine reported it as a
-    /// gap and the recipient confirmed the report.
-    pub lost_reported: u64,
+    /// Then: the client confirmed a gap report covering the losses up to this total (see
+    /// `ReadBatch::lost_total`). Idempotent: the confirmed mark only moves forward, and never
+    /// past the current total, so two sessions confirming the same report count it once.
+    pub lost_confirmed_through: Option<u64>,
 }
 
 /// What a purge call removed.

@@ -237,11 +237,16 @@ impl RedbStorage {
         let records = txn.open_table(RECORDS).map_err(db_error)?;
         let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
         let meta = txn.open_table(META).map_err(db_error)?;
+        let (lost, lost_total) = match meta.get(who).map_err(db_error)? {
+            Some(raw) => {
+                let meta = Meta::decode(raw.value())?;
+                (meta.lost(), meta.lost_total)
+            }
+            None => (0, 0),
+        };
         let mut batch = ReadBatch {
-            lost: match meta.get(who).map_err(db_error)? {
-                Some(raw) => Meta::decode(raw.value())?.lost,
-                None => 0,
-            },
+            lost,
+            lost_total,
             ..ReadBatch::default()
         };
         let start = after.map_or(0, |after| after.0.saturating_add(1));
@@ -269,7 +274,6 @@ impl RedbStorage {
                 .map_or(0, |v| v.value());
             if expires_at <= now {
                 batch.expired.push(Seq(seq));
-                batch.expired_unread += u64::from(delivery_count == 0);
                 if batch.expired.len() >= limit.max_messages {
                     break;
                 }
@@ -329,7 +333,7 @@ impl RedbStorage {
             bytes: meta.bytes,
             oldest_sent_at: oldest,
             newest_seq: newest,
-            lost: meta.lost,
+            lost: meta.lost(),
         })
     }
 }
@@ -417,21 +421,40 @@ fn init(db: &Database) -> Result<()> {
 struct Meta {
     count: u64,
     bytes: u64,
-    lost: u64,
+    /// Losses ever counted, from a base that only grows (see `Meta::new`).
+    lost_total: u64,
+    /// Losses the client confirmed it was told of.
+    lost_confirmed: u64,
     last_touch: u64,
     /// The key under which the recipient is filed in `idle` (lazily refiled by purge).
     idle_key: u64,
 }
 
 impl Meta {
-    const LEN: usize = 40;
+    const LEN: usize = 48;
+
+    /// A new recipient's row. Its loss total starts at the file's seq counter, above any total
+    /// an earlier row of this recipient reached (each loss is a record, and each record took a
+    /// seq), so a stale confirmation cannot hide a new loss.
+    fn new(t: &Tables<'_>) -> Self {
+        Self {
+            lost_total: t.next_seq,
+            lost_confirmed: t.next_seq,
+            ..Self::default()
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost_total.saturating_sub(self.lost_confirmed)
+    }
 
     fn encode(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         for (i, v) in [
             self.count,
             self.bytes,
-            self.lost,
+            self.lost_total,
+            self.lost_confirmed,
             self.last_touch,
             self.idle_key,
         ]
@@ -454,9 +477,10 @@ impl Meta {
         Ok(Self {
             count: word(0),
             bytes: word(1),
-            lost: word(2),
-            last_touch: word(3),
-            idle_key: word(4),
+            lost_total: word(2),
+            lost_confirmed: word(3),
+            last_touch: word(4),
+            idle_key: word(5),
         })
     }
 }
@@ -864,7 +888,7 @@ fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
 /// Keeps the recipient's metadata for the flush, or marks it for removal (with its idle
 /// entry) when nothing is worth keeping.
 fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: &Meta) -> Result<()> {
-    if meta.count == 0 && meta.lost == 0 {
+    if meta.count == 0 && meta.lost() == 0 {
         t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
         t.metas.insert(who.to_vec(), None);
         return Ok(());
@@ -907,7 +931,10 @@ fn append(
         ms(quota.dedup_window),
         DEDUP_PRUNE_PER_APPEND.max(records.len()),
     )?;
-    let mut meta = meta_get(t, who)?.unwrap_or_default();
+    let mut meta = match meta_get(t, who)? {
+        Some(meta) => meta,
+        None => Meta::new(t),
+    };
 
     // Plan without writing: which records are new, what they cost, what must be dropped.
     enum Plan {
@@ -1000,7 +1027,7 @@ fn append(
                 meta.bytes -= len;
             }
         }
-        meta.lost += drop_seqs.len() as u64;
+        meta.lost_total += drop_seqs.len() as u64;
     }
     let mut next_seq = t.next_seq;
     let mut assigned = vec![0u64; records.len()];
@@ -1135,15 +1162,17 @@ fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64)
         }
     }
     for seq in &ack.passed_over {
-        if let Some((len, unread)) = remove_record(t, who, seq.0)? {
+        if let Some((len, _)) = remove_record(t, who, seq.0)? {
             meta.count = meta.count.saturating_sub(1);
             freed += len;
-            meta.lost += u64::from(unread);
+            meta.lost_total += 1;
         }
     }
     meta.count = meta.count.saturating_sub(removed);
     meta.bytes = meta.bytes.saturating_sub(freed);
-    meta.lost = meta.lost.saturating_sub(ack.lost_reported);
+    if let Some(through) = ack.lost_confirmed_through {
+        meta.lost_confirmed = meta.lost_confirmed.max(through.min(meta.lost_total));
+    }
     t.total_bytes = t.total_bytes.saturating_sub(freed);
     touch(t, who, &mut meta, now)?;
     meta_put(t, who, &meta)?;
@@ -1173,11 +1202,14 @@ fn purge(
         t.expiry
             .remove((deadline, &who[..], seq))
             .map_err(db_error)?;
-        if let Some((len, unread)) = remove_record(t, &who, seq)? {
-            let mut meta = meta_get(t, &who)?.unwrap_or_default();
+        if let Some((len, _)) = remove_record(t, &who, seq)? {
+            let mut meta = match meta_get(t, &who)? {
+                Some(meta) => meta,
+                None => Meta::new(t),
+            };
             meta.count = meta.count.saturating_sub(1);
             meta.bytes = meta.bytes.saturating_sub(len);
-            meta.lost += u64::from(unread);
+            meta.lost_total += 1;
             meta_put(t, &who, &meta)?;
             freed += len;
             outcome.expired += 1;
