@@ -249,7 +249,7 @@ impl fmt::Display for MessageId {
 
 /// A message's position in its recipient's queue. Strictly increasing per recipient, for as long
 /// as the recipient's queue exists; not contiguous (a backend may skip numbers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Seq(pub u64);
 
 impl fmt::Display for Seq {
@@ -369,14 +369,23 @@ impl Delivery {
 
 /// What one [`Transport`](crate::Transport) call hands to a connected recipient: a run of
 /// messages in seq order, and how many messages were lost before them.
+///
+/// Once the client has processed a batch it acks it: cumulatively with
+/// `handle.ack_through(batch.position)`, or message by message with `handle.ack(..)`. That ack
+/// also confirms the gap report; an unconfirmed gap is reported again on the next connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     /// Messages in seq order. Empty only when the batch exists to report a gap.
     pub messages: Vec<Delivery>,
     /// How many messages for this recipient were dropped (by `Overflow::DropOldest`), expired
-    /// before the client acked them, or were damaged, since the last confirmed gap report. Zero when nothing was lost. May over-count, never
-    /// under-count: a client is never silently short.
+    /// before the client acked them, or were damaged, and whose report the client has not
+    /// confirmed yet. Zero when nothing was lost. May over-count, never under-count: a client
+    /// is never silently short.
     pub gap: u64,
+    /// The highest seq this batch covers (its last message, or the last record it passed
+    /// over): what to give `ack_through` once the batch is processed, which also works for a
+    /// batch with no messages.
+    pub position: Seq,
 }
 
 /// A payload for a live session only (typing, presence): never stored, never a reason to push.

@@ -749,3 +749,28 @@ fn acking_with_an_iterator_that_calls_back_into_the_queue_does_not_deadlock() {
     h.stall();
     assert_eq!(h.stats("bob").messages, 0);
 }
+
+#[test]
+fn a_gap_only_batch_is_confirmed_by_acking_its_position() {
+    let mut h = Harness::new();
+    h.try_send(Envelope::new(id("bob"), b"x".to_vec()).with_ttl(Duration::from_secs(1)))
+        .unwrap();
+    h.advance(Duration::from_secs(2));
+    let mut bob = h.connect("bob");
+    let first = bob.batches(&mut h).remove(0);
+    assert!(first.messages.is_empty());
+    assert_eq!(first.gap, 1);
+    bob.close(&mut h);
+    // Not acked: the batch may never have arrived, so the next connection hears it again.
+    let mut bob = h.connect("bob");
+    let again = bob.batches(&mut h).remove(0);
+    assert_eq!(again.gap, 1);
+    bob.handle.ack_through(again.position);
+    bob.close(&mut h);
+    let mut bob = h.connect("bob");
+    assert_eq!(
+        bob.drain(&mut h),
+        [Outbound::CaughtUp],
+        "confirmed: never reported again"
+    );
+}

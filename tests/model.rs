@@ -75,8 +75,10 @@ struct Live {
     in_session: HashSet<u32>,
     /// Delivered in this session, unacked: (number, seq).
     unacked: Vec<(u32, Seq)>,
-    /// Gaps reported with messages and not yet confirmed by an ack: (first seq, gap).
+    /// Gaps reported and not yet confirmed by an ack: (first seq or position, gap).
     pending_gaps: Vec<(Seq, u64)>,
+    /// The highest batch position seen in this session.
+    position: Option<Seq>,
 }
 
 impl Live {
@@ -87,6 +89,7 @@ impl Live {
             in_session: HashSet::new(),
             unacked: Vec::new(),
             pending_gaps: Vec::new(),
+            position: None,
         }
     }
 
@@ -209,15 +212,19 @@ fn run(ops: Vec<Op>, storage: Arc<dyn Storage>) {
                 }
             }
             Op::AckAll(who) => {
+                // Through the last message, or the last batch position (a gap-only batch).
                 if let Some(session) = live.get_mut(&who)
-                    && let Some(&(_, seq)) = session.unacked.iter().max_by_key(|(_, s)| *s)
+                    && let Some(seq) = session
+                        .unacked
+                        .iter()
+                        .map(|(_, s)| *s)
+                        .max()
+                        .max(session.position)
                 {
-                    {
-                        session.confirm_gaps(seq, &mut model.gaps[who]);
-                        session.client.handle.ack_through(seq);
-                        for (number, _) in session.unacked.drain(..) {
-                            model.messages[who].get_mut(&number).unwrap().ack(h.now());
-                        }
+                    session.confirm_gaps(seq, &mut model.gaps[who]);
+                    session.client.handle.ack_through(seq);
+                    for (number, _) in session.unacked.drain(..) {
+                        model.messages[who].get_mut(&number).unwrap().ack(h.now());
                     }
                 }
             }
@@ -293,11 +300,12 @@ fn check(h: &mut Harness, model: &mut Model, live: &mut HashMap<usize, Live>) {
             let Outbound::Batch(batch) = item else {
                 continue;
             };
-            match batch.messages.first() {
-                // Confirmed once a message of this batch or a later one is acked.
-                Some(first) if batch.gap > 0 => session.pending_gaps.push((first.seq, batch.gap)),
-                // A gap-only batch needs no confirmation.
-                _ => model.gaps[who] += batch.gap,
+            session.position = session.position.max(Some(batch.position));
+            if batch.gap > 0 {
+                // Confirmed once a message of this batch or a later one is acked, or, for a
+                // batch without messages, an ack through its position.
+                let first = batch.messages.first().map_or(batch.position, |m| m.seq);
+                session.pending_gaps.push((first, batch.gap));
             }
             for message in batch.messages {
                 assert_eq!(

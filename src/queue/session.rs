@@ -308,10 +308,9 @@ impl Session {
         cursor: &mut Cursor,
         control: &mut Control,
     ) -> Result<()> {
-        let through = control
-            .ack_through
-            .take()
-            .and_then(|seq| seq.min(cursor.last?).into());
+        let requested = control.ack_through.take();
+        // Clamped: nothing beyond what was handed over can be acked.
+        let through = requested.and_then(|seq| Some(seq.min(cursor.last?)));
         let mut ack = Ack::default();
         if let Some(through) = through {
             while cursor.in_flight.front().is_some_and(|&seq| seq <= through) {
@@ -325,7 +324,9 @@ impl Session {
                 ack.seqs.push(seq);
             }
         }
-        let Some(highest) = ack.seqs.iter().copied().chain(ack.through).max() else {
+        // A gap-only batch before any record was read sits at position 0.
+        let confirms = requested.map(|seq| seq.min(cursor.last.unwrap_or(Seq(0))));
+        let Some(highest) = ack.seqs.iter().copied().chain(confirms).max() else {
             return Ok(());
         };
         // An ack proves every batch up to it arrived (one connection delivers in order), and
@@ -442,31 +443,23 @@ impl Session {
             return Ok(None);
         }
         let redelivered = deliver.iter().filter(|d| d.redelivered).count() as u64;
+        let position = cursor.last.unwrap_or(Seq(0));
         let batch = Batch {
             messages: deliver,
             gap,
+            position,
         };
         if let Err(closed) = self.transport.send(Outbound::Batch(batch)).await {
             return Ok(Some(SessionEnd::TransportClosed(closed.0)));
         }
         metrics::add(&inner.metrics.delivered, seqs.len() as u64);
         metrics::add(&inner.metrics.redelivered, redelivered);
-        match seqs.first() {
-            // Confirmed when the client acks a message of this batch or a later one.
-            Some(&first) if gap > 0 => {
-                cursor.unconfirmed_gaps.push_back((first, covers));
-                cursor.reported_total = covers;
-            }
-            Some(_) => {}
-            // A batch with only a gap: no ack can confirm it; the transport took it.
-            None => {
-                cursor.reported_total = covers;
-                let ack = Ack {
-                    lost_confirmed_through: Some(covers),
-                    ..Ack::default()
-                };
-                inner.storage.ack(recipient, &ack, now).await?;
-            }
+        if gap > 0 {
+            // Confirmed when the client acks a message of this batch or a later one (or, for a
+            // batch without messages, acks through its position): proof it arrived.
+            let first = seqs.first().copied().unwrap_or(position);
+            cursor.unconfirmed_gaps.push_back((first, covers));
+            cursor.reported_total = covers;
         }
         cursor.in_flight.extend(seqs);
         Ok(None)

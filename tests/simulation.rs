@@ -1,0 +1,782 @@
+//! Deterministic fault simulation: one seed decides a whole run. The real engine, with many
+//! recipients, is driven through random interleavings of sends (some with sender ids), connects
+//! and displacements, acks (partial, reordered, duplicated, missing), disconnects mid-batch,
+//! dropped session futures, clock jumps forward and back, and maintenance, while wrappers
+//! inject faults: a storage that fails before or *after* its write took effect (the ambiguous
+//! case), or goes down for a while; a transport that loses, duplicates or fails batches; a
+//! notifier that fails. Every few seeds run on `RedbStorage` with process restarts (engine and
+//! storage dropped and reopened on the same file mid-run).
+//!
+//! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
+//! dropped by the overflow policy (and then reported as a gap); nothing delivered after expiry;
+//! per-session order; redeliveries marked; nothing delivered that was never sent to that
+//! recipient; the engine's memory back to its baseline once all sessions are gone.
+//!
+//! `SIM_SEEDS=N` runs N seeds (default 2,000); a failure prints its seed and a command that
+//! replays just that run: `SIM_SEED=<seed> cargo test --test simulation -- --nocapture`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::channel::oneshot;
+use futures::executor::LocalPool;
+use futures::task::LocalSpawnExt;
+use offline_queue::storage::{
+    Ack, AppendOutcome, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+};
+use offline_queue::{
+    Batch, BatchLimit, Clock, Envelope, Error, Limits, ManualClock, MemoryStorage, MessageId,
+    Notifier, NotifyError, Nudge, OfflineQueue, Outbound, Overflow, Quota, RecipientId, Seq,
+    SessionEnd, SessionHandle, Storage, Timestamp, Transport, TransportClosed, Urgency,
+};
+use parking_lot::Mutex;
+
+const RECIPIENTS: usize = 4;
+const STEPS: usize = 160;
+const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+/// SplitMix64: small, fast, and the same everywhere.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// True with probability `percent` / 100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// How faulty this run's world is.
+#[derive(Clone, Copy, Debug)]
+struct Faults {
+    storage_fail: u64,
+    storage_fail_after: u64,
+    transport_lose: u64,
+    transport_dup: u64,
+    transport_fail: u64,
+    notifier_fail: u64,
+}
+
+/// A storage that fails: before the call (nothing happened), after it (it happened, the caller
+/// is told it did not), or for a stretch of calls (the server is down).
+struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    rng: Arc<Mutex<Rng>>,
+    faults: Arc<Mutex<Option<Faults>>>,
+    down_for: Mutex<u32>,
+}
+
+enum Fate {
+    Pass,
+    FailBefore,
+    FailAfter,
+}
+
+impl FaultyStorage {
+    fn fate(&self, may_fail_after: bool) -> Fate {
+        let Some(faults) = *self.faults.lock() else {
+            return Fate::Pass;
+        };
+        let mut down = self.down_for.lock();
+        if *down > 0 {
+            *down -= 1;
+            return Fate::FailBefore;
+        }
+        let mut rng = self.rng.lock();
+        if rng.chance(faults.storage_fail) {
+            if rng.chance(10) {
+                *down = 1 + rng.below(8) as u32;
+            }
+            return Fate::FailBefore;
+        }
+        if may_fail_after && rng.chance(faults.storage_fail_after) {
+            return Fate::FailAfter;
+        }
+        Fate::Pass
+    }
+}
+
+fn injected() -> Error {
+    Error::storage_msg(true, "injected fault")
+}
+
+macro_rules! faulty {
+    ($self:ident, $may_fail_after:expr, $call:expr) => {
+        match $self.fate($may_fail_after) {
+            Fate::FailBefore => Err(injected()),
+            Fate::Pass => $call,
+            Fate::FailAfter => $call.and(Err(injected())),
+        }
+    };
+}
+
+#[async_trait]
+impl Storage for FaultyStorage {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn append(
+        &self,
+        r: &RecipientId,
+        records: Vec<NewRecord>,
+        q: &Quota,
+        now: Timestamp,
+    ) -> offline_queue::Result<AppendOutcome> {
+        faulty!(
+            self,
+            true,
+            common::wait(self.inner.append(r, records.clone(), q, now))
+        )
+    }
+    async fn read(
+        &self,
+        r: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> offline_queue::Result<ReadBatch> {
+        let out = faulty!(
+            self,
+            false,
+            common::wait(self.inner.read(r, after, limit, now))
+        );
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!(
+                "  read after {after:?} -> {:?}",
+                out.as_ref().map(|b| (
+                    b.records.iter().map(|r| r.seq.0).collect::<Vec<_>>(),
+                    &b.expired,
+                    b.lost,
+                    b.lost_total
+                ))
+            );
+        }
+        out
+    }
+    async fn mark_delivered(&self, r: &RecipientId, seqs: &[Seq]) -> offline_queue::Result<()> {
+        faulty!(self, true, common::wait(self.inner.mark_delivered(r, seqs)))
+    }
+    async fn ack(&self, r: &RecipientId, ack: &Ack, now: Timestamp) -> offline_queue::Result<u64> {
+        let out = faulty!(self, true, common::wait(self.inner.ack(r, ack, now)));
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("  {r} ack {ack:?} -> {out:?}");
+        }
+        out
+    }
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle: Option<Timestamp>,
+        budget: usize,
+    ) -> offline_queue::Result<PurgeOutcome> {
+        let out = faulty!(
+            self,
+            true,
+            common::wait(self.inner.purge(now, idle, budget))
+        );
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!(
+                "  purge at {} -> {out:?}",
+                now.as_millis() as i64 - T0.as_millis() as i64
+            );
+        }
+        out
+    }
+    async fn stats(&self, r: &RecipientId) -> offline_queue::Result<RecipientStats> {
+        faulty!(self, false, common::wait(self.inner.stats(r)))
+    }
+    async fn remove_recipient(&self, r: &RecipientId) -> offline_queue::Result<u64> {
+        common::wait(self.inner.remove_recipient(r))
+    }
+}
+
+/// What a client's connection carried: each hand-over, and whether it was a wire duplicate.
+type Wire = Arc<Mutex<Vec<(Outbound, bool)>>>;
+
+/// A transport whose connection dies silently (from some batch on the client sees nothing,
+/// while the engine thinks it handed everything over: one connection loses a suffix, never a
+/// batch in the middle, as TCP and WebSocket do), duplicates batches, or fails loudly.
+struct LossyTransport {
+    wire: Wire,
+    rng: Arc<Mutex<Rng>>,
+    faults: Arc<Mutex<Option<Faults>>>,
+    silently_dead: Mutex<bool>,
+}
+
+#[async_trait]
+impl Transport for LossyTransport {
+    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
+        if let Some(faults) = *self.faults.lock() {
+            let mut rng = self.rng.lock();
+            if rng.chance(faults.transport_fail) {
+                return Err(TransportClosed("injected: connection reset".into()));
+            }
+            let mut dead = self.silently_dead.lock();
+            *dead |= rng.chance(faults.transport_lose);
+            if *dead {
+                return Ok(());
+            }
+            if rng.chance(faults.transport_dup) {
+                self.wire.lock().push((item.clone(), true));
+            }
+        }
+        self.wire.lock().push((item, false));
+        Ok(())
+    }
+}
+
+struct FlakyNotifier {
+    rng: Arc<Mutex<Rng>>,
+    faults: Arc<Mutex<Option<Faults>>>,
+}
+
+impl Notifier for FlakyNotifier {
+    fn notify(&self, _nudge: Nudge) -> Result<(), NotifyError> {
+        match *self.faults.lock() {
+            Some(faults) if self.rng.lock().chance(faults.notifier_fail) => {
+                Err(NotifyError("injected".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What the test knows of one message it sent.
+#[derive(Debug)]
+struct Sent {
+    recipient: usize,
+    sent_at: Timestamp,
+    expires_at: Option<Timestamp>,
+    /// `send` returned `Ok` and not as a duplicate: must not be lost.
+    acknowledged: bool,
+}
+
+struct Client {
+    wire: Wire,
+    handle: SessionHandle,
+    end: oneshot::Receiver<offline_queue::Result<SessionEnd>>,
+    last_seq: Option<Seq>,
+    /// (seq, id) received in this session and not acked yet.
+    unacked: Vec<(Seq, MessageId)>,
+    /// Distinct seqs received in this session (a wire duplicate is not a new hand-over).
+    seen: HashSet<Seq>,
+    /// The highest batch position received: acking through it also confirms gap-only batches.
+    position: Option<Seq>,
+    acked_position: Option<Seq>,
+}
+
+impl Client {
+    /// What a cumulative ack of everything received so far names, if anything is new.
+    fn ack_all(&mut self) -> Option<Seq> {
+        let highest = self
+            .unacked
+            .iter()
+            .map(|(s, _)| *s)
+            .max()
+            .max(self.position)?;
+        if self.unacked.is_empty() && self.acked_position >= Some(highest) {
+            return None;
+        }
+        self.unacked.clear();
+        self.acked_position = Some(highest);
+        Some(highest)
+    }
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    clock: ManualClock,
+    high_water: Timestamp,
+    faults: Arc<Mutex<Option<Faults>>>,
+    fault_rng: Arc<Mutex<Rng>>,
+    pool: LocalPool,
+    queue: OfflineQueue,
+    redb: Option<(tempfile::TempDir, std::path::PathBuf)>,
+    overflow: Overflow,
+    limits: Limits,
+    clients: HashMap<usize, Client>,
+    sent: BTreeMap<MessageId, Sent>,
+    /// Per recipient: ids received at least once, in any session.
+    received: Vec<HashSet<MessageId>>,
+    gaps: Vec<u64>,
+    next_payload: u64,
+}
+
+fn who(r: usize) -> RecipientId {
+    // Look-alike ids, so isolation is tested too.
+    RecipientId::new(["a", "a:", "{a}", "a\0"][r]).unwrap()
+}
+
+impl World {
+    fn new(seed: u64, on_redb: bool) -> Self {
+        let mut rng = Rng(seed);
+        let faults = Faults {
+            storage_fail: rng.below(8),
+            storage_fail_after: rng.below(6),
+            transport_lose: rng.below(6),
+            transport_dup: rng.below(6),
+            transport_fail: rng.below(6),
+            notifier_fail: rng.below(50),
+        };
+        let overflow = if rng.chance(30) {
+            Overflow::DropOldest
+        } else {
+            Overflow::Reject
+        };
+        let limits = Limits {
+            max_messages_per_recipient: 4 + rng.below(30),
+            overflow,
+            default_ttl: Some(Duration::from_secs(60 + rng.below(3600))),
+            dedup_window: Duration::from_secs(30 + rng.below(600)),
+            idle_recipient_timeout: None,
+            ..Limits::default()
+        };
+        let redb = on_redb.then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("sim.redb");
+            (dir, path)
+        });
+        let clock = ManualClock::new(T0);
+        let faults = Arc::new(Mutex::new(Some(faults)));
+        let fault_rng = Arc::new(Mutex::new(Rng(seed ^ 0x5eed)));
+        let mut world = Self {
+            seed,
+            queue: OfflineQueue::builder().build().unwrap(),
+            rng,
+            clock,
+            high_water: T0,
+            faults,
+            fault_rng,
+            pool: LocalPool::new(),
+            redb,
+            overflow,
+            limits,
+            clients: HashMap::new(),
+            sent: BTreeMap::new(),
+            received: vec![HashSet::new(); RECIPIENTS],
+            gaps: vec![0; RECIPIENTS],
+            next_payload: 0,
+        };
+        world.queue = world.build_queue(None);
+        world
+    }
+
+    fn build_queue(&mut self, memory: Option<Arc<dyn Storage>>) -> OfflineQueue {
+        let inner: Arc<dyn Storage> = match (&self.redb, memory) {
+            (Some((_, path)), _) => Arc::new(offline_queue::RedbStorage::open(path).unwrap()),
+            (None, Some(memory)) => memory,
+            (None, None) => Arc::new(MemoryStorage::with_shards(1 + self.rng.below(4) as usize)),
+        };
+        let storage = FaultyStorage {
+            inner,
+            rng: self.fault_rng.clone(),
+            faults: self.faults.clone(),
+            down_for: Mutex::new(0),
+        };
+        OfflineQueue::builder()
+            .storage(Arc::new(storage))
+            .clock(Arc::new(self.clock.clone()))
+            .notifier(Arc::new(FlakyNotifier {
+                rng: self.fault_rng.clone(),
+                faults: self.faults.clone(),
+            }))
+            .limits(self.limits.clone())
+            .batch(BatchLimit {
+                max_messages: 1 + self.rng.below(6) as usize,
+                max_bytes: 1 << 20,
+            })
+            .max_in_flight(1 + self.rng.below(12) as usize)
+            .max_deliveries(u32::MAX)
+            .build()
+            .unwrap()
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> ! {
+        panic!(
+            "seed {}: {what}\nreplay: SIM_SEED={} cargo test --test simulation -- --nocapture",
+            self.seed, self.seed
+        )
+    }
+
+    fn send(&mut self) {
+        let r = self.rng.below(RECIPIENTS as u64) as usize;
+        self.next_payload += 1;
+        let mut payload = vec![r as u8];
+        payload.extend_from_slice(&self.next_payload.to_be_bytes());
+        let mut envelope = Envelope::new(who(r), payload).with_urgency(match self.rng.below(3) {
+            0 => Urgency::Urgent,
+            1 => Urgency::Background,
+            _ => Urgency::Silent,
+        });
+        if self.rng.chance(40) {
+            envelope = envelope.with_ttl(Duration::from_secs(1 + self.rng.below(300)));
+        }
+        // Sometimes a sender retry of an earlier id to the same recipient, well within the
+        // dedup window (idempotent send); else a fresh id.
+        let now = self.clock.now();
+        let window = self.limits.dedup_window / 2;
+        // Measured from the furthest the clock has been: an entry the storage pruned then is
+        // gone, even if the clock stepped back since.
+        let high_water = self.high_water;
+        let retries: Vec<MessageId> = self
+            .sent
+            .iter()
+            .filter(|(_, s)| {
+                s.recipient == r
+                    && now >= s.sent_at
+                    && high_water.duration_since(s.sent_at) < window
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let id = if self.rng.chance(15) && !retries.is_empty() {
+            retries[self.rng.below(retries.len() as u64) as usize]
+        } else {
+            MessageId::from_bytes(self.rng.next().to_be_bytes().repeat(2).try_into().unwrap())
+        };
+        envelope = envelope.with_id(id);
+        let ttl = envelope.ttl.or(self.limits.default_ttl);
+        let queue = self.queue.clone();
+        let result = self.pool.run_until(queue.send(envelope));
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!(
+                "t={} r{r} send {id} ttl={ttl:?} -> {:?}",
+                now.as_millis() as i64 - T0.as_millis() as i64,
+                result.as_ref().map(|x| (x.seq, x.duplicate, x.dropped))
+            );
+        }
+        let deadline = ttl.map(|t| now.saturating_add(t));
+        let entry = self.sent.entry(id).or_insert(Sent {
+            recipient: r,
+            sent_at: now,
+            expires_at: deadline,
+            acknowledged: false,
+        });
+        // Until an attempt is known to have stored it, any failed attempt may be the one that
+        // did (a failure reported after the write): keep the earliest deadline among them.
+        if !entry.acknowledged {
+            entry.expires_at = match (entry.expires_at, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        match result {
+            Ok(receipt) if !receipt.duplicate => {
+                entry.acknowledged = true;
+                entry.expires_at = ttl.map(|t| now.saturating_add(t));
+            }
+            // Already stored by an earlier attempt (perhaps one that reported a failure after
+            // its write): the sender was told Ok, so it must not be lost either.
+            Ok(_) => entry.acknowledged = true,
+            Err(Error::QueueFull { .. }) if self.overflow == Overflow::Reject => {}
+            Err(error) if error.is_retryable() => {}
+            Err(error) => self.fail(format!("send failed with a non-retryable error: {error}")),
+        }
+    }
+
+    fn connect(&mut self, r: usize) {
+        let wire: Wire = Arc::default();
+        let transport = LossyTransport {
+            wire: wire.clone(),
+            rng: self.fault_rng.clone(),
+            faults: self.faults.clone(),
+            silently_dead: Mutex::new(false),
+        };
+        let session = self.queue.connect(who(r), transport);
+        let handle = session.handle();
+        let (tx, end) = oneshot::channel();
+        self.pool
+            .spawner()
+            .spawn_local(async move {
+                let _ = tx.send(session.run().await);
+            })
+            .unwrap();
+        let client = Client {
+            wire,
+            handle,
+            end,
+            last_seq: None,
+            unacked: Vec::new(),
+            seen: HashSet::new(),
+            position: None,
+            acked_position: None,
+        };
+        if let Some(old) = self.clients.insert(r, client) {
+            self.pool.run_until_stalled();
+            drop(old);
+        }
+        self.pool.run_until_stalled();
+    }
+
+    /// Processes everything every client received, checking each delivery.
+    fn observe(&mut self) {
+        self.pool.run_until_stalled();
+        let now = self.clock.now();
+        let mut ended = Vec::new();
+        for (&r, client) in self.clients.iter_mut() {
+            let items: Vec<(Outbound, bool)> = std::mem::take(&mut *client.wire.lock());
+            for (item, wire_dup) in items {
+                let Outbound::Batch(Batch {
+                    messages,
+                    gap,
+                    position,
+                }) = item
+                else {
+                    continue;
+                };
+                if !wire_dup {
+                    self.gaps[r] += gap;
+                    client.position = client.position.max(Some(position));
+                }
+                if std::env::var("SIM_TRACE").is_ok() {
+                    let seqs: Vec<u64> = messages.iter().map(|m| m.seq.0).collect();
+                    eprintln!(
+                        "t={} r{r} batch gap={gap} dup={wire_dup} seqs={seqs:?}",
+                        now.as_millis() as i64 - T0.as_millis() as i64
+                    );
+                }
+                for m in messages {
+                    let Some(sent) = self.sent.get(&m.id) else {
+                        panic!("seed {}: delivered a message never sent: {m:?}", self.seed)
+                    };
+                    if sent.recipient != r || m.payload[0] as usize != r {
+                        panic!(
+                            "seed {}: recipient {r} got a message for {}",
+                            self.seed, sent.recipient
+                        );
+                    }
+                    if m.expires_at.is_some_and(|at| at <= now) {
+                        panic!("seed {}: delivered after expiry: {m:?} at {now}", self.seed);
+                    }
+                    if wire_dup || !client.seen.insert(m.seq) {
+                        continue;
+                    }
+                    if client.last_seq >= Some(m.seq) {
+                        panic!(
+                            "seed {}: out of order within a session: {:?} then {}",
+                            self.seed, client.last_seq, m.seq
+                        );
+                    }
+                    client.last_seq = Some(m.seq);
+                    if self.received[r].contains(&m.id) && !m.redelivered {
+                        panic!("seed {}: a redelivery was not marked: {m:?}", self.seed);
+                    }
+                    self.received[r].insert(m.id);
+                    client.unacked.push((m.seq, m.id));
+                }
+            }
+            if let Ok(Some(_)) = client.end.try_recv() {
+                ended.push(r);
+            }
+        }
+        for r in ended {
+            self.clients.remove(&r);
+        }
+    }
+
+    fn ack(&mut self, r: usize) {
+        let Some(client) = self.clients.get_mut(&r) else {
+            return;
+        };
+        match self.rng.below(4) {
+            0 => {
+                if let Some(highest) = client.ack_all() {
+                    client.handle.ack_through(highest);
+                }
+            }
+            1 => {
+                // Some of them, reordered, with duplicates.
+                let mut picked = Vec::new();
+                client.unacked.retain(|&(seq, _)| {
+                    let take = self.rng.chance(50);
+                    if take {
+                        picked.push(seq);
+                    }
+                    !take
+                });
+                picked.reverse();
+                let again = picked.clone();
+                picked.extend(again);
+                client.handle.ack(picked);
+            }
+            2 => client.handle.ack([Seq(self.rng.next())]), // a seq it never got: ignored
+            _ => {}                                         // no ack this time
+        }
+        self.pool.run_until_stalled();
+    }
+
+    fn step(&mut self) {
+        let r = self.rng.below(RECIPIENTS as u64) as usize;
+        match self.rng.below(100) {
+            0..=34 => self.send(),
+            35..=49 => self.connect(r),
+            50..=69 => self.ack(r),
+            70..=76 => {
+                if let Some(client) = self.clients.remove(&r) {
+                    client.handle.close();
+                    self.pool.run_until_stalled();
+                }
+            }
+            // The host cancels the session futures mid-flight (their tasks are dropped).
+            77..=79 if self.clients.remove(&r).is_some() => {
+                self.pool = LocalPool::new();
+                self.clients.clear();
+            }
+            80..=89 => {
+                let by = Duration::from_secs(self.rng.below(120));
+                self.clock.advance(by);
+            }
+            90..=91 => {
+                // The wall clock steps back.
+                let back = Duration::from_secs(self.rng.below(60));
+                self.clock.set(self.clock.now().saturating_sub(back));
+            }
+            92..=96 => {
+                let queue = self.queue.clone();
+                let _ = self
+                    .pool
+                    .run_until(queue.maintain(1 + self.rng.below(20) as usize));
+            }
+            _ if self.redb.is_some() => self.restart(),
+            _ => {}
+        }
+        self.high_water = self.high_water.max(self.clock.now());
+        self.observe();
+    }
+
+    /// The process dies and comes back: every session and the engine are gone; the file stays.
+    fn restart(&mut self) {
+        self.clients.clear();
+        self.pool = LocalPool::new();
+        self.queue = OfflineQueue::builder().build().unwrap();
+        self.queue = self.build_queue(None);
+    }
+
+    fn finish(mut self) {
+        // Faults end; every recipient connects and drains to the end, acking everything.
+        *self.faults.lock() = None;
+        for r in 0..RECIPIENTS {
+            self.connect(r);
+        }
+        for _ in 0..200 {
+            self.observe();
+            let mut pending = false;
+            for r in 0..RECIPIENTS {
+                if let Some(client) = self.clients.get_mut(&r)
+                    && let Some(highest) = client.ack_all()
+                {
+                    client.handle.ack_through(highest);
+                    pending = true;
+                }
+            }
+            self.pool.run_until_stalled();
+            if !pending {
+                break;
+            }
+        }
+        for r in 0..RECIPIENTS {
+            let stats = {
+                let queue = self.queue.clone();
+                self.pool.run_until(queue.stats(&who(r))).unwrap()
+            };
+            if stats.messages > 0 {
+                // Only expired-but-unpurged messages may remain.
+                let queue = self.queue.clone();
+                let peek = self.pool.run_until(queue.peek(&who(r), 1000)).unwrap();
+                if !peek.is_empty() {
+                    self.fail(format!(
+                        "recipient {r} still has {} deliverable messages after the final drain",
+                        peek.len()
+                    ));
+                }
+            }
+        }
+        // No loss: every acknowledged send was received, or expired, or was dropped (DropOldest),
+        // and each one missing was reported in some gap.
+        let mut missing = [0u64; RECIPIENTS];
+        for (id, sent) in &self.sent {
+            if !sent.acknowledged || self.received[sent.recipient].contains(id) {
+                continue;
+            }
+            let expired = sent.expires_at.is_some_and(|at| at <= self.high_water);
+            if !expired && self.overflow != Overflow::DropOldest {
+                self.fail(format!(
+                    "acknowledged send {id} to recipient {} was lost: {sent:?}",
+                    sent.recipient
+                ));
+            }
+            missing[sent.recipient] += 1;
+        }
+        for (r, missing) in missing.iter().enumerate() {
+            if self.gaps[r] < *missing {
+                self.fail(format!(
+                    "recipient {r}: {missing} messages missing but only {} reported in gaps",
+                    self.gaps[r]
+                ));
+            }
+        }
+        // Memory back to baseline once every session is gone.
+        for (_, client) in self.clients.drain() {
+            client.handle.close();
+        }
+        self.pool.run_until_stalled();
+        if self.queue.metrics().live_sessions != 0 {
+            self.fail("sessions left registered after all ended");
+        }
+        // Twice: the first pass sends the nudges still due, the second forgets them.
+        for _ in 0..2 {
+            self.clock.advance(Duration::from_secs(24 * 3600));
+            let queue = self.queue.clone();
+            let _ = self.pool.run_until(queue.maintain(100_000));
+        }
+        if self.queue.nudge_state_len() != 0 {
+            self.fail(format!(
+                "nudge state holds {} entries after everything ended",
+                self.queue.nudge_state_len()
+            ));
+        }
+    }
+}
+
+fn run(seed: u64) {
+    // Every 25th seed runs on redb with restarts (each write is an fsync: slower).
+    let mut world = World::new(seed, seed % 25 == 7);
+    for _ in 0..STEPS {
+        world.step();
+    }
+    world.finish();
+}
+
+#[test]
+fn simulation() {
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        let seed = seed.parse().expect("SIM_SEED is a number");
+        run(seed);
+        println!("seed {seed}: ok");
+        return;
+    }
+    let seeds: u64 =
+        std::env::var("SIM_SEEDS").map_or(2_000, |n| n.parse().expect("SIM_SEEDS is a number"));
+    let started = std::time::Instant::now();
+    for seed in 0..seeds {
+        run(seed);
+    }
+    println!(
+        "simulation: {seeds} seeds passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
