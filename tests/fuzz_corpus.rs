@@ -1,0 +1,54 @@
+//! The fuzz targets (`fuzz/`, run by `cargo fuzz` where it is installed) as regression tests:
+//! every file of each committed corpus, then a few thousand seeded random inputs, through the
+//! same target functions.
+
+use offline_queue::testing::fuzz;
+use proptest::prelude::*;
+
+fn corpus(target: &str, run: fn(&[u8])) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        run(&std::fs::read(&path).unwrap());
+        count += 1;
+    }
+    assert!(count > 0, "empty corpus in {}", dir.display());
+}
+
+#[test]
+fn record_codec_corpus() {
+    corpus("record_codec", fuzz::record_codec);
+}
+
+#[test]
+fn typed_payload_corpus() {
+    corpus("typed_payload", fuzz::typed_payload);
+}
+
+#[cfg(feature = "redb")]
+#[test]
+fn redb_keys_corpus() {
+    corpus("redb_keys", fuzz::redb_keys);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+    #[test]
+    fn record_codec_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fuzz::record_codec(&data);
+    }
+
+    #[test]
+    fn typed_payload_random(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fuzz::typed_payload(&data);
+    }
+
+    #[cfg(feature = "redb")]
+    #[test]
+    fn redb_keys_random(data in proptest::collection::vec(any::<u8>(), 1..600)) {
+        fuzz::redb_keys(&data);
+    }
+}
