@@ -2,9 +2,11 @@
 //! recipients, is driven through random interleavings of sends (some with sender ids), connects
 //! and displacements, acks (partial, reordered, duplicated, missing), disconnects mid-batch,
 //! dropped session futures, clock jumps forward and back, and maintenance, while wrappers
-//! inject faults: a storage that fails before or *after* its write took effect (the ambiguous
-//! case), or goes down for a while; a transport that loses, duplicates or fails batches; a
-//! notifier that fails. Every few seeds run on `RedbStorage` with process restarts (engine and
+//! inject faults: a storage that is slow, fails before or *after* its write took effect (the
+//! ambiguous case), or goes down for a while; a transport that is slow, dies silently,
+//! duplicates batches, or fails; a notifier that fails. ("Slow" here means the call yields, so
+//! every other ready task runs in between: it reorders, which is what delay does to
+//! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every few seeds run on `RedbStorage` with process restarts (engine and
 //! storage dropped and reopened on the same file mid-run).
 //!
 //! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
@@ -69,6 +71,7 @@ struct Faults {
     transport_dup: u64,
     transport_fail: u64,
     notifier_fail: u64,
+    delay: u64,
 }
 
 /// A storage that fails: before the call (nothing happened), after it (it happened, the caller
@@ -87,6 +90,13 @@ enum Fate {
 }
 
 impl FaultyStorage {
+    fn delayed(&self) -> bool {
+        let Some(faults) = *self.faults.lock() else {
+            return false;
+        };
+        self.rng.lock().chance(faults.delay)
+    }
+
     fn fate(&self, may_fail_after: bool) -> Fate {
         let Some(faults) = *self.faults.lock() else {
             return Fate::Pass;
@@ -114,14 +124,32 @@ fn injected() -> Error {
     Error::storage_msg(true, "injected fault")
 }
 
+/// Suspends once, so every other ready task (other sessions, other clients) runs first: a
+/// slow storage call or a slow network, as far as interleavings go.
+async fn delay() {
+    let mut yielded = false;
+    futures::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 macro_rules! faulty {
-    ($self:ident, $may_fail_after:expr, $call:expr) => {
+    ($self:ident, $may_fail_after:expr, $call:expr) => {{
+        if $self.delayed() {
+            delay().await;
+        }
         match $self.fate($may_fail_after) {
             Fate::FailBefore => Err(injected()),
             Fate::Pass => $call,
             Fate::FailAfter => $call.and(Err(injected())),
         }
-    };
+    }};
 }
 
 #[async_trait]
@@ -220,7 +248,11 @@ struct LossyTransport {
 #[async_trait]
 impl Transport for LossyTransport {
     async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
-        if let Some(faults) = *self.faults.lock() {
+        let faults = *self.faults.lock();
+        if faults.is_some_and(|f| self.rng.lock().chance(f.delay)) {
+            delay().await;
+        }
+        if let Some(faults) = faults {
             let mut rng = self.rng.lock();
             if rng.chance(faults.transport_fail) {
                 return Err(TransportClosed("injected: connection reset".into()));
@@ -332,6 +364,7 @@ impl World {
             transport_dup: rng.below(6),
             transport_fail: rng.below(6),
             notifier_fail: rng.below(50),
+            delay: rng.below(40),
         };
         let overflow = if rng.chance(30) {
             Overflow::DropOldest

@@ -131,8 +131,12 @@ struct RecipientQueue {
     last_touch: u64,
     /// Highest deadline appended; a lower one turns on `deadlines`.
     max_deadline: u64,
-    /// `(deadline, seq)` of live records, kept only once deadlines arrived out of order.
+    /// `(deadline, absolute position)` of live records, kept only once deadlines arrived out
+    /// of order. A record's absolute position is `popped` + its index in `records`, so purge
+    /// finds it without searching.
     deadlines: Option<BTreeSet<(u64, u64)>>,
+    /// Records popped from the front of `records` so far.
+    popped: u64,
     /// The key under which this queue sits in the shard's expiry index.
     indexed_deadline: Option<u64>,
     /// The key under which this queue sits in the shard's idle index: a past `last_touch`.
@@ -166,12 +170,13 @@ impl RecipientQueue {
         let len = record.body.len() as u64;
         record.body = Box::default();
         if let Some(set) = &mut self.deadlines {
-            set.remove(&(record.expires_at, record.seq));
+            set.remove(&(record.expires_at, self.popped + index as u64));
         }
         self.live -= 1;
         self.bytes -= len;
         while self.records.front().is_some_and(|r| r.removed) {
             self.records.pop_front();
+            self.popped += 1;
         }
         while self.records.back().is_some_and(|r| r.removed) {
             self.records.pop_back();
@@ -184,14 +189,15 @@ impl RecipientQueue {
             let set = self
                 .records
                 .iter()
-                .filter(|r| !r.removed)
-                .map(|r| (r.expires_at, r.seq))
+                .zip(self.popped..)
+                .filter(|(r, _)| !r.removed)
+                .map(|(r, position)| (r.expires_at, position))
                 .collect();
             self.deadlines = Some(set);
         }
         self.max_deadline = self.max_deadline.max(record.expires_at);
         if let Some(set) = &mut self.deadlines {
-            set.insert((record.expires_at, record.seq));
+            set.insert((record.expires_at, self.popped + self.records.len() as u64));
         }
         self.live += 1;
         self.bytes += record.body.len() as u64;
@@ -597,7 +603,7 @@ impl Storage for MemoryStorage {
                         Some(set) => set
                             .first()
                             .filter(|&&(d, _)| d <= now)
-                            .and_then(|&(_, seq)| queue.position(seq)),
+                            .map(|&(_, position)| (position - queue.popped) as usize),
                         None => queue
                             .records
                             .iter()
