@@ -8,8 +8,9 @@
 //! - `expiry`: one entry per queue, `(earliest deadline, slot)`. Purging pops queues whose
 //!   earliest deadline has passed and removes their expired records, so its cost follows what it
 //!   removes, not what is stored. Deadlines within a queue are usually non-decreasing (most
-//!   messages use the default TTL): then the expired records are a prefix. A queue that receives
-//!   a deadline earlier than one it holds switches to its own ordered set of deadlines.
+//!   messages use the default TTL), so a queue keeps only the exceptions, records whose deadline
+//!   arrived earlier than one it already held, in a small ordered set; the rest stay in deadline
+//!   order in the queue itself, and the expired ones are a prefix of them.
 //! - `idle`: `(last append or ack, slot)`, so idle queues are found the same way.
 //! - `dedup`: sender-chosen ids seen within the window, with a time-ordered list to prune them.
 //!
@@ -115,6 +116,8 @@ struct Record {
     id: MessageId,
     delivery_count: u32,
     removed: bool,
+    /// Its deadline was earlier than one already queued: tracked in `exceptions`.
+    out_of_order: bool,
     body: Box<[u8]>,
 }
 
@@ -129,12 +132,11 @@ struct RecipientQueue {
     /// Losses the client confirmed it was told of; `lost_total - lost_confirmed` are pending.
     lost_confirmed: u64,
     last_touch: u64,
-    /// Highest deadline appended; a lower one turns on `deadlines`.
+    /// Highest deadline appended; a lower one makes the record an exception.
     max_deadline: u64,
-    /// `(deadline, absolute position)` of live records, kept only once deadlines arrived out
-    /// of order. A record's absolute position is `popped` + its index in `records`, so purge
-    /// finds it without searching.
-    deadlines: Option<BTreeSet<(u64, u64)>>,
+    /// `(deadline, absolute position)` of live out-of-order records. A record's absolute
+    /// position is `popped` + its index in `records`, so purge finds it without searching.
+    exceptions: BTreeSet<(u64, u64)>,
     /// Records popped from the front of `records` so far.
     popped: u64,
     /// The key under which this queue sits in the shard's expiry index.
@@ -150,28 +152,40 @@ impl RecipientQueue {
         self.records.binary_search_by_key(&seq, |r| r.seq).ok()
     }
 
+    /// The first live record kept in deadline order (not an exception).
+    fn first_in_order(&self) -> Option<usize> {
+        self.records
+            .iter()
+            .position(|r| !r.removed && !r.out_of_order)
+    }
+
     fn earliest_deadline(&self) -> Option<u64> {
-        let earliest = match &self.deadlines {
-            Some(set) => set.first().map(|&(deadline, _)| deadline),
-            None => self
-                .records
-                .iter()
-                .find(|r| !r.removed)
-                .map(|r| r.expires_at),
+        let in_order = self.first_in_order().map(|i| self.records[i].expires_at);
+        let exception = self.exceptions.first().map(|&(deadline, _)| deadline);
+        let earliest = match (in_order, exception) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         earliest.filter(|&d| d != NEVER)
     }
 
     /// Removes the record at `index`; returns its body length.
     fn remove_at(&mut self, index: usize) -> u64 {
+        let record = &self.records[index];
+        if record.out_of_order {
+            self.exceptions
+                .remove(&(record.expires_at, self.popped + index as u64));
+        }
+        self.remove_untracked(index)
+    }
+
+    /// Removes the record at `index` whose `exceptions` entry, if any, is already gone.
+    fn remove_untracked(&mut self, index: usize) -> u64 {
         let record = &mut self.records[index];
         debug_assert!(!record.removed);
         record.removed = true;
         let len = record.body.len() as u64;
         record.body = Box::default();
-        if let Some(set) = &mut self.deadlines {
-            set.remove(&(record.expires_at, self.popped + index as u64));
-        }
         self.live -= 1;
         self.bytes -= len;
         while self.records.front().is_some_and(|r| r.removed) {
@@ -184,21 +198,13 @@ impl RecipientQueue {
         len
     }
 
-    fn push(&mut self, record: Record) {
-        if record.expires_at < self.max_deadline && self.deadlines.is_none() {
-            let set = self
-                .records
-                .iter()
-                .zip(self.popped..)
-                .filter(|(r, _)| !r.removed)
-                .map(|(r, position)| (r.expires_at, position))
-                .collect();
-            self.deadlines = Some(set);
+    fn push(&mut self, mut record: Record) {
+        if record.expires_at < self.max_deadline {
+            record.out_of_order = true;
+            let position = self.popped + self.records.len() as u64;
+            self.exceptions.insert((record.expires_at, position));
         }
         self.max_deadline = self.max_deadline.max(record.expires_at);
-        if let Some(set) = &mut self.deadlines {
-            set.insert((record.expires_at, self.popped + self.records.len() as u64));
-        }
         self.live += 1;
         self.bytes += record.body.len() as u64;
         self.records.push_back(record);
@@ -446,6 +452,7 @@ impl Storage for MemoryStorage {
                 id: record.id,
                 delivery_count: 0,
                 removed: false,
+                out_of_order: false,
                 body: record.body.into_boxed_slice(),
             });
         }
@@ -599,19 +606,19 @@ impl Storage for MemoryStorage {
                 }
                 let queue = &mut shard.queues[slot as usize];
                 while left > 0 {
-                    let index = match &queue.deadlines {
-                        Some(set) => set
-                            .first()
-                            .filter(|&&(d, _)| d <= now)
-                            .map(|&(_, position)| (position - queue.popped) as usize),
-                        None => queue
-                            .records
-                            .iter()
-                            .position(|r| !r.removed)
-                            .filter(|&i| queue.records[i].expires_at <= now),
+                    let exception = queue.exceptions.first().filter(|&&(d, _)| d <= now);
+                    let removed = if exception.is_some() {
+                        let (_, position) = queue.exceptions.pop_first().expect("first exists");
+                        queue.remove_untracked((position - queue.popped) as usize)
+                    } else {
+                        match queue.first_in_order() {
+                            Some(i) if queue.records[i].expires_at <= now => {
+                                queue.remove_untracked(i)
+                            }
+                            _ => break,
+                        }
                     };
-                    let Some(index) = index else { break };
-                    freed += queue.remove_at(index);
+                    freed += removed;
                     queue.lost_total += 1;
                     outcome.expired += 1;
                     left -= 1;
