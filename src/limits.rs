@@ -157,6 +157,50 @@ pub struct Quota {
 }
 
 impl Quota {
+    /// Whether `adding` records of `adding_bytes` fit a queue holding `messages` records of
+    /// `bytes`: `Ok(false)` if they fit, `Ok(true)` if the oldest must be dropped first
+    /// (`Overflow::DropOldest`; drop until [`Quota::fits`]).
+    ///
+    /// # Errors
+    /// [`Error::QueueFull`] when they do not fit and the policy is `Reject`, or when the append
+    /// alone is larger than the quota.
+    pub fn admit(
+        &self,
+        messages: u64,
+        bytes: u64,
+        adding: u64,
+        adding_bytes: u64,
+    ) -> Result<bool, Error> {
+        if adding == 0 || self.fits(messages, bytes, adding, adding_bytes) {
+            return Ok(false);
+        }
+        if self.overflow == Overflow::Reject
+            || adding > self.max_messages
+            || adding_bytes > self.max_bytes
+        {
+            return Err(Error::QueueFull {
+                messages,
+                bytes,
+                adding_messages: adding,
+                adding_bytes,
+                max_messages: self.max_messages,
+                max_bytes: self.max_bytes,
+            });
+        }
+        Ok(true)
+    }
+
+    /// The dedup window in milliseconds (saturating), as stored timestamps count.
+    pub fn dedup_window_ms(&self) -> u64 {
+        u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `adding` records of `adding_bytes` fit beside `keep` records of `keep_bytes`.
+    pub fn fits(&self, keep: u64, keep_bytes: u64, adding: u64, adding_bytes: u64) -> bool {
+        keep.saturating_add(adding) <= self.max_messages
+            && keep_bytes.saturating_add(adding_bytes) <= self.max_bytes
+    }
+
     /// No limits that matter: for tests and tools that append directly.
     pub const UNLIMITED: Quota = Quota {
         max_messages: u64::MAX,

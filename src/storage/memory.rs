@@ -29,7 +29,7 @@ use super::{
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::limits::{BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, RecipientMap, Seq};
 
 /// Deadline value meaning "never expires".
@@ -303,10 +303,6 @@ impl Shard {
     }
 }
 
-fn ms(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[async_trait]
 impl Storage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
@@ -328,7 +324,7 @@ impl Storage for MemoryStorage {
         let now = now.as_millis();
         let mut shard = self.shard(recipient).lock();
         let shard = &mut *shard;
-        shard.prune_dedup(now, ms(quota.dedup_window));
+        shard.prune_dedup(now, quota.dedup_window_ms());
 
         // Plan without writing: which records are new, and what they cost.
         enum Plan {
@@ -344,7 +340,7 @@ impl Storage for MemoryStorage {
                 // Pruning stops at the first entry inside the window, and entries are not
                 // strictly in time order (a clock step back): check the age here too.
                 if let Some(&(seq, at)) = shard.dedup.get(&(recipient.clone(), record.id))
-                    && now.saturating_sub(at) < ms(quota.dedup_window)
+                    && now.saturating_sub(at) < quota.dedup_window_ms()
                 {
                     plan.push(Plan::Dup(seq));
                     continue;
@@ -367,29 +363,11 @@ impl Storage for MemoryStorage {
         });
         let mut drop_count = 0usize;
         let mut drop_bytes = 0u64;
-        if adding > 0
-            && (live + adding > quota.max_messages || bytes + adding_bytes > quota.max_bytes)
-        {
-            let full = Error::QueueFull {
-                messages: live,
-                bytes,
-                adding_messages: adding,
-                adding_bytes,
-                max_messages: quota.max_messages,
-                max_bytes: quota.max_bytes,
-            };
-            if quota.overflow == Overflow::Reject
-                || adding > quota.max_messages
-                || adding_bytes > quota.max_bytes
-            {
-                return Err(full);
-            }
+        if quota.admit(live, bytes, adding, adding_bytes)? {
             let queue = &shard.queues[slot.expect("a full queue exists") as usize];
             let (mut keep, mut keep_bytes) = (live, bytes);
             for record in queue.records.iter().filter(|r| !r.removed) {
-                if keep + adding <= quota.max_messages
-                    && keep_bytes + adding_bytes <= quota.max_bytes
-                {
+                if quota.fits(keep, keep_bytes, adding, adding_bytes) {
                     break;
                 }
                 keep -= 1;
@@ -421,7 +399,7 @@ impl Storage for MemoryStorage {
             });
         }
         let slot = shard.slot_or_insert(recipient);
-        let window_ms = ms(quota.dedup_window);
+        let window_ms = quota.dedup_window_ms();
         let queue = &mut shard.queues[slot as usize];
         for _ in 0..drop_count {
             let index = queue

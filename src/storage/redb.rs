@@ -46,7 +46,7 @@ use super::{
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::limits::{BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 
 /// (recipient, seq)
@@ -542,10 +542,6 @@ fn opt_time(millis: u64) -> Option<Timestamp> {
     (millis != NEVER).then(|| Timestamp::from_millis(millis))
 }
 
-fn ms(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 enum Job {
     Append {
         recipient: RecipientId,
@@ -928,7 +924,7 @@ fn append(
     prune_dedup(
         t,
         now,
-        ms(quota.dedup_window),
+        quota.dedup_window_ms(),
         DEDUP_PRUNE_PER_APPEND.max(records.len()),
     )?;
     let mut meta = match meta_get(t, who)? {
@@ -942,7 +938,7 @@ fn append(
         Dup(u64),
         DupOf(usize),
     }
-    let window = ms(quota.dedup_window);
+    let window = quota.dedup_window_ms();
     let mut plan = Vec::with_capacity(records.len());
     let mut batch_ids: Vec<(MessageId, usize)> = Vec::new();
     let (mut adding, mut adding_bytes) = (0u64, 0u64);
@@ -971,30 +967,14 @@ fn append(
     }
     let mut drop_seqs = Vec::new();
     let mut drop_bytes = 0u64;
-    if adding > 0
-        && (meta.count + adding > quota.max_messages || meta.bytes + adding_bytes > quota.max_bytes)
-    {
-        let full = Error::QueueFull {
-            messages: meta.count,
-            bytes: meta.bytes,
-            adding_messages: adding,
-            adding_bytes,
-            max_messages: quota.max_messages,
-            max_bytes: quota.max_bytes,
-        };
-        if quota.overflow == Overflow::Reject
-            || adding > quota.max_messages
-            || adding_bytes > quota.max_bytes
-        {
-            return Err(full);
-        }
+    if quota.admit(meta.count, meta.bytes, adding, adding_bytes)? {
         let (mut keep, mut keep_bytes) = (meta.count, meta.bytes);
         for entry in t
             .records
             .range((who, 0)..=(who, u64::MAX))
             .map_err(db_error)?
         {
-            if keep + adding <= quota.max_messages && keep_bytes + adding_bytes <= quota.max_bytes {
+            if quota.fits(keep, keep_bytes, adding, adding_bytes) {
                 break;
             }
             let (key, value) = entry.map_err(db_error)?;
