@@ -3,43 +3,19 @@
 //!
 //! `cargo bench --bench engine`
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, OnceLock};
+mod support;
 
-use async_trait::async_trait;
+use std::collections::{HashMap, VecDeque};
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
-use offline_queue::{
-    BatchLimit, Envelope, Limits, OfflineQueue, Outbound, RecipientId, SessionHandle, Transport,
-    TransportClosed,
-};
+use offline_queue::{BatchLimit, Envelope, Limits, OfflineQueue, RecipientId};
 use parking_lot::Mutex;
 
 const RECIPIENTS: usize = 100;
 const PER_RECIPIENT: usize = 100;
 const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
 const PAYLOAD: usize = 256;
-
-/// A client that acks each batch as it arrives and closes once caught up, so a session's
-/// driver runs to completion on its own.
-struct AckingClient(OnceLock<SessionHandle>);
-
-#[async_trait]
-impl Transport for AckingClient {
-    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
-        let handle = self.0.get().expect("handle set before run");
-        match item {
-            Outbound::Batch(batch) => {
-                if let Some(last) = batch.messages.last() {
-                    handle.ack_through(last.seq);
-                }
-            }
-            Outbound::CaughtUp => handle.close(),
-            _ => {}
-        }
-        Ok(())
-    }
-}
 
 fn queue() -> OfflineQueue {
     OfflineQueue::builder()
@@ -74,20 +50,7 @@ async fn engine_send(queue: &OfflineQueue, ids: &[RecipientId], payload: &[u8]) 
 
 async fn engine_drain(queue: &OfflineQueue, ids: &[RecipientId]) {
     for id in ids {
-        let client = Arc::new(AckingClient(OnceLock::new()));
-        let session = queue.connect(id.clone(), ForwardTo(client.clone()));
-        client.0.set(session.handle()).ok();
-        session.run().await.unwrap();
-    }
-}
-
-/// `connect` takes the transport by value; this forwards to a shared client.
-struct ForwardTo(Arc<AckingClient>);
-
-#[async_trait]
-impl Transport for ForwardTo {
-    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
-        self.0.send(item).await
+        support::drain(queue, id).await;
     }
 }
 

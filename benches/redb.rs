@@ -6,15 +6,15 @@
 //!
 //! `cargo bench --bench redb`
 
-use std::io::Write;
-use std::sync::{Arc, OnceLock};
+mod support;
 
-use async_trait::async_trait;
+use std::io::Write;
+use std::sync::Arc;
+
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
 use offline_queue::{
-    BatchLimit, Envelope, Limits, MemoryStorage, OfflineQueue, Outbound, RecipientId, RedbStorage,
-    SessionHandle, Storage, Transport, TransportClosed,
+    BatchLimit, Envelope, Limits, MemoryStorage, OfflineQueue, RecipientId, RedbStorage, Storage,
 };
 
 const PAYLOAD: usize = 256;
@@ -98,33 +98,6 @@ fn durable_send(c: &mut Criterion) {
     group.finish();
 }
 
-/// Acks each batch as it arrives and closes once caught up.
-struct AckingClient(Arc<OnceLock<SessionHandle>>);
-
-#[async_trait]
-impl Transport for AckingClient {
-    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
-        let handle = self.0.get().expect("set before run");
-        match item {
-            Outbound::Batch(batch) => {
-                if let Some(last) = batch.messages.last() {
-                    handle.ack_through(last.seq);
-                }
-            }
-            Outbound::CaughtUp => handle.close(),
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-async fn drain(queue: &OfflineQueue, who: &RecipientId) {
-    let handle = Arc::new(OnceLock::new());
-    let session = queue.connect(who.clone(), AckingClient(handle.clone()));
-    handle.set(session.handle()).ok();
-    session.run().await.unwrap();
-}
-
 fn drain_on_reconnect(c: &mut Criterion) {
     const PENDING: usize = 10_000;
     let mut group = c.benchmark_group("drain_10k");
@@ -141,7 +114,7 @@ fn drain_on_reconnect(c: &mut Criterion) {
             b.iter_batched(
                 // Filled with 256 concurrent senders so filling is quick; only the drain is timed.
                 || block_on(send_concurrently_to(queue, &who, PENDING)),
-                |()| block_on(drain(queue, &who)),
+                |()| block_on(support::drain(queue, &who)),
                 BatchSize::PerIteration,
             )
         });
