@@ -371,8 +371,10 @@ impl Delivery {
 /// messages in seq order, and how many messages were lost before them.
 ///
 /// Once the client has processed a batch it acks it: cumulatively with
-/// `handle.ack_through(batch.position)`, or message by message with `handle.ack(..)`. That ack
-/// also confirms the gap report; an unconfirmed gap is reported again on the next connection.
+/// `handle.ack_through(batch.position)`, or message by message with `handle.ack(..)`. An ack
+/// of a message of the batch (or of a later one) also confirms its gap report; a gap reported
+/// in a batch without messages is confirmed by the ack of a later message. An unconfirmed gap
+/// is reported again on the next connection: gaps may over-count, never under-count.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     /// Messages in seq order. Empty only when the batch exists to report a gap.
@@ -383,8 +385,7 @@ pub struct Batch {
     /// is never silently short.
     pub gap: u64,
     /// The highest seq this batch covers (its last message, or the last record it passed
-    /// over): what to give `ack_through` once the batch is processed, which also works for a
-    /// batch with no messages.
+    /// over): what to give `ack_through` once the batch is processed.
     pub position: Seq,
 }
 

@@ -382,7 +382,8 @@ pub async fn quota_reject_is_atomic(storage: &dyn Storage) {
 }
 
 /// With `Overflow::DropOldest`, the oldest records make room, are counted as lost, and the
-/// count is cleared by `lost_reported`; a batch larger than the quota itself is rejected.
+/// count is confirmed through `lost_confirmed_through`; a batch larger than the quota itself
+/// is rejected.
 pub async fn quota_drop_oldest(storage: &dyn Storage) {
     let bob = recipient("bob");
     let quota = Quota {
@@ -534,7 +535,7 @@ pub async fn global_budget(storage: &dyn Storage) {
 }
 
 /// Expired records are never read, are reported as passed over, and purge removes them,
-/// whatever order their deadlines arrived in; only those never delivered count as lost.
+/// whatever order their deadlines arrived in; each one removed before an ack counts as lost.
 pub async fn expiry(storage: &dyn Storage) {
     let bob = recipient("bob");
     let at = |s| T0.saturating_add(Duration::from_secs(s));

@@ -302,9 +302,12 @@ fn check(h: &mut Harness, model: &mut Model, live: &mut HashMap<usize, Live>) {
             };
             session.position = session.position.max(Some(batch.position));
             if batch.gap > 0 {
-                // Confirmed once a message of this batch or a later one is acked, or, for a
-                // batch without messages, an ack through its position.
-                let first = batch.messages.first().map_or(batch.position, |m| m.seq);
+                // Confirmed once a message of this batch or a later one is acked (for a batch
+                // without messages: a later one).
+                let first = batch
+                    .messages
+                    .first()
+                    .map_or(Seq(batch.position.0 + 1), |m| m.seq);
                 session.pending_gaps.push((first, batch.gap));
             }
             for message in batch.messages {

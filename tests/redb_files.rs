@@ -108,6 +108,24 @@ fn a_newer_format_is_refused() {
 }
 
 #[test]
+fn an_older_development_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("older.redb");
+    drop(RedbStorage::open(&path).unwrap());
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
+            txn.open_table(info).unwrap().insert("format", 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let text = open_error(&path);
+    assert!(text.contains("earlier development version"), "{text}");
+}
+
+#[test]
 fn the_directory_is_created_and_data_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dirs/queue.redb");

@@ -455,9 +455,14 @@ impl Session {
         metrics::add(&inner.metrics.delivered, seqs.len() as u64);
         metrics::add(&inner.metrics.redelivered, redelivered);
         if gap > 0 {
-            // Confirmed when the client acks a message of this batch or a later one (or, for a
-            // batch without messages, acks through its position): proof it arrived.
-            let first = seqs.first().copied().unwrap_or(position);
+            // Confirmed when the client acks a message of this batch or a later one: proof it
+            // arrived. A batch without messages shares its position with the batch before it,
+            // so only an ack of a later message can prove it arrived; until then it is
+            // reported again (over-counting, never under-counting).
+            let first = seqs
+                .first()
+                .copied()
+                .unwrap_or(Seq(position.0.saturating_add(1)));
             cursor.unconfirmed_gaps.push_back((first, covers));
             cursor.reported_total = covers;
         }

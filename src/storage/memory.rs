@@ -139,6 +139,8 @@ struct RecipientQueue {
     exceptions: BTreeSet<(u64, u64)>,
     /// Records popped from the front of `records` so far.
     popped: u64,
+    /// Absolute position where the search for the first in-order record resumes.
+    in_order_head: u64,
     /// The key under which this queue sits in the shard's expiry index.
     indexed_deadline: Option<u64>,
     /// The key under which this queue sits in the shard's idle index: a past `last_touch`.
@@ -152,14 +154,25 @@ impl RecipientQueue {
         self.records.binary_search_by_key(&seq, |r| r.seq).ok()
     }
 
-    /// The first live record kept in deadline order (not an exception).
-    fn first_in_order(&self) -> Option<usize> {
-        self.records
-            .iter()
-            .position(|r| !r.removed && !r.out_of_order)
+    /// The first live record kept in deadline order (not an exception). The search resumes
+    /// where the last one stopped (records before it are removed or exceptions, and stay so),
+    /// so a run of exceptions at the front is walked once, not on every call.
+    fn first_in_order(&mut self) -> Option<usize> {
+        // Clamped: tombstones popped from the back may leave the mark past the end.
+        let mut index =
+            (self.in_order_head.saturating_sub(self.popped) as usize).min(self.records.len());
+        while self
+            .records
+            .get(index)
+            .is_some_and(|r| r.removed || r.out_of_order)
+        {
+            index += 1;
+        }
+        self.in_order_head = self.popped + index as u64;
+        (index < self.records.len()).then_some(index)
     }
 
-    fn earliest_deadline(&self) -> Option<u64> {
+    fn earliest_deadline(&mut self) -> Option<u64> {
         let in_order = self.first_in_order().map(|i| self.records[i].expires_at);
         let exception = self.exceptions.first().map(|&(deadline, _)| deadline);
         let earliest = match (in_order, exception) {
@@ -199,6 +212,11 @@ impl RecipientQueue {
     }
 
     fn push(&mut self, mut record: Record) {
+        if self.first_in_order().is_none() {
+            // No in-order record left: order restarts here, so one long-lived message does
+            // not make every later one an exception.
+            self.max_deadline = 0;
+        }
         if record.expires_at < self.max_deadline {
             record.out_of_order = true;
             let position = self.popped + self.records.len() as u64;

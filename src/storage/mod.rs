@@ -169,8 +169,8 @@ pub struct RecipientStats {
     pub oldest_sent_at: Option<Timestamp>,
     /// The highest seq stored.
     pub newest_seq: Option<Seq>,
-    /// Records lost (dropped, or expired without ever being delivered) and not yet reported to
-    /// the recipient.
+    /// Records lost (dropped, expired before an ack, or damaged) whose report the recipient
+    /// has not confirmed yet.
     pub lost: u64,
 }
 

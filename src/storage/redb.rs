@@ -68,7 +68,9 @@ const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
 
 /// The file format this code writes; a file with a higher number was written by a newer
 /// version and is refused.
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
+/// The oldest format this code reads (format 1 had a shorter recipient row).
+const OLDEST_FORMAT: u64 = 2;
 const NEVER: u64 = u64::MAX;
 /// Bytes before the body in a `records` value: checksum, id, sent_at, expires_at.
 const HEADER: usize = 36;
@@ -387,6 +389,14 @@ fn init(db: &Database) -> Result<()> {
                     false,
                     format!(
                         "written by a newer version of offline-queue (format {format}, this one reads up to {FORMAT})"
+                    ),
+                ));
+            }
+            Some(format) if format < OLDEST_FORMAT => {
+                return Err(Error::storage_msg(
+                    false,
+                    format!(
+                        "written by an earlier development version of offline-queue (format {format}); this one reads formats {OLDEST_FORMAT} to {FORMAT}"
                     ),
                 ));
             }
@@ -893,8 +903,8 @@ fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: &Meta) -> Result<()> {
     Ok(())
 }
 
-/// Removes one record and its index entries; returns (body bytes, was never delivered).
-fn remove_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64, bool)>> {
+/// Removes one record and its index entries; returns its body length.
+fn remove_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
     let Some(value) = t.records.remove((who, seq)).map_err(db_error)? else {
         return Ok(None);
     };
@@ -908,8 +918,8 @@ fn remove_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64
     if expires_at != NEVER {
         t.expiry.remove((expires_at, who, seq)).map_err(db_error)?;
     }
-    let delivered = t.deliveries.remove((who, seq)).map_err(db_error)?.is_some();
-    Ok(Some((len, !delivered)))
+    t.deliveries.remove((who, seq)).map_err(db_error)?;
+    Ok(Some(len))
 }
 
 fn append(
@@ -1002,7 +1012,7 @@ fn append(
     // Write.
     if adding > 0 {
         for seq in &drop_seqs {
-            if let Some((len, _)) = remove_record(t, who, *seq)? {
+            if let Some(len) = remove_record(t, who, *seq)? {
                 meta.count -= 1;
                 meta.bytes -= len;
             }
@@ -1136,13 +1146,13 @@ fn ack_records(t: &mut Tables<'_>, recipient: &RecipientId, ack: &Ack, now: u64)
     let mut removed = 0;
     let mut freed = 0;
     for seq in seqs {
-        if let Some((len, _)) = remove_record(t, who, seq)? {
+        if let Some(len) = remove_record(t, who, seq)? {
             removed += 1;
             freed += len;
         }
     }
     for seq in &ack.passed_over {
-        if let Some((len, _)) = remove_record(t, who, seq.0)? {
+        if let Some(len) = remove_record(t, who, seq.0)? {
             meta.count = meta.count.saturating_sub(1);
             freed += len;
             meta.lost_total += 1;
@@ -1182,7 +1192,7 @@ fn purge(
         t.expiry
             .remove((deadline, &who[..], seq))
             .map_err(db_error)?;
-        if let Some((len, _)) = remove_record(t, &who, seq)? {
+        if let Some(len) = remove_record(t, &who, seq)? {
             let mut meta = match meta_get(t, &who)? {
                 Some(meta) => meta,
                 None => Meta::new(t),
@@ -1259,7 +1269,7 @@ fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
     let mut freed = 0;
     let mut removed = 0;
     for seq in seqs {
-        if let Some((len, _)) = remove_record(t, who, seq)? {
+        if let Some(len) = remove_record(t, who, seq)? {
             freed += len;
             removed += 1;
         }
