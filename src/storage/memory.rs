@@ -2,7 +2,7 @@
 //!
 //! Layout, per shard (recipients are spread over shards by hash, so appends for different
 //! recipients rarely contend for one lock):
-//! - `queues`: one [`RecipientQueue`] per recipient with anything stored, in a slab addressed by
+//! - `queues`: one `RecipientQueue` per recipient with anything stored, in a slab addressed by
 //!   a `u32` slot so the indexes below stay small. A queue holds its records in a `VecDeque` in
 //!   seq order; a selective ack leaves a tombstone that is popped once it reaches the front.
 //! - `expiry`: one entry per queue, `(earliest deadline, slot)`. Purging pops queues whose

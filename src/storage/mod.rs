@@ -10,7 +10,8 @@
 //!    in seq order.
 //! 2. **Atomic quotas.** An append is all-or-nothing for its recipient: it fits the [`Quota`]
 //!    (possibly after dropping the oldest records, with [`Overflow::DropOldest`](crate::Overflow))
-//!    or it fails with [`Error::QueueFull`]/[`Error::StorageFull`] and changes nothing.
+//!    or it fails with [`Error::QueueFull`](crate::Error::QueueFull) /
+//!    [`Error::StorageFull`](crate::Error::StorageFull) and changes nothing.
 //! 3. **Dedup.** A record with `dedup: true` whose id was appended for the same recipient within
 //!    `Quota::dedup_window` is not stored again; the append reports the original seq, even if
 //!    the original was since acked.
@@ -30,9 +31,9 @@
 //! 7. **Cost.** An offline recipient costs storage for its records and small metadata, and no
 //!    memory beyond what the backend's medium needs.
 
-mod memory;
+pub mod memory;
 #[cfg(feature = "redb")]
-mod redb;
+pub mod redb;
 
 #[cfg(feature = "redb")]
 pub use self::redb::{RedbOptions, RedbStorage};

@@ -79,7 +79,8 @@ const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
 /// Dedup entries forgotten per append at most, so one append never does unbounded work.
 const DEDUP_PRUNE_PER_APPEND: usize = 64;
 
-/// Durable storage in one redb file. See the [module docs](self).
+/// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
+/// layout, group commit and durability.
 pub struct RedbStorage {
     db: SharedDb,
     path: PathBuf,
