@@ -30,6 +30,11 @@
 //! gets its answer only after its data is durable. If the commit fails, every caller in that
 //! group gets the error and none of the group's writes are visible. Reads use their own read
 //! transactions and never wait for the writer.
+//!
+//! Writes wait on the writer thread without blocking the caller's executor. Reads run on the
+//! caller's thread: short on a warm page cache, but a read that misses it waits on the disk.
+//! On a slow disk under an async runtime, size the cache (`RedbOptions::cache_bytes`) to hold
+//! the recent part of the queues.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
