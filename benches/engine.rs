@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
-use offline_queue::{BatchLimit, Envelope, Limits, OfflineQueue, RecipientId};
+use offline_queue::{Envelope, OfflineQueue, RecipientId};
 use parking_lot::Mutex;
 
 const RECIPIENTS: usize = 100;
@@ -18,17 +18,7 @@ const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
 const PAYLOAD: usize = 256;
 
 fn queue() -> OfflineQueue {
-    OfflineQueue::builder()
-        .limits(Limits {
-            max_messages_per_recipient: 1_000_000,
-            ..Limits::default()
-        })
-        .batch(BatchLimit {
-            max_messages: 100,
-            max_bytes: 1 << 20,
-        })
-        .build()
-        .unwrap()
+    support::queue(std::sync::Arc::new(offline_queue::MemoryStorage::new()))
 }
 
 fn ids() -> Vec<RecipientId> {

@@ -13,25 +13,12 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
-use offline_queue::{
-    BatchLimit, Envelope, Limits, MemoryStorage, OfflineQueue, RecipientId, RedbStorage, Storage,
-};
+use offline_queue::{Envelope, MemoryStorage, OfflineQueue, RecipientId, RedbStorage, Storage};
 
 const PAYLOAD: usize = 256;
 
 fn queue(storage: Arc<dyn Storage>) -> OfflineQueue {
-    OfflineQueue::builder()
-        .storage(storage)
-        .limits(Limits {
-            max_messages_per_recipient: 1_000_000,
-            ..Limits::default()
-        })
-        .batch(BatchLimit {
-            max_messages: 100,
-            max_bytes: 1 << 20,
-        })
-        .build()
-        .unwrap()
+    support::queue(storage)
 }
 
 /// `senders` concurrent senders, each sending `per_sender` messages one after another.

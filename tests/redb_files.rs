@@ -89,20 +89,26 @@ fn someone_elses_redb_database_is_refused() {
     assert!(text.contains("not offline-queue's"), "{text}");
 }
 
+/// Creates our file at `path`, then rewrites its format number.
+fn stamp_format(path: &Path, format: u64) {
+    drop(RedbStorage::open(path).unwrap());
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
+        txn.open_table(info)
+            .unwrap()
+            .insert("format", format)
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
 #[test]
 fn a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("newer.redb");
-    drop(RedbStorage::open(&path).unwrap());
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
-            txn.open_table(info).unwrap().insert("format", 99).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    stamp_format(&path, 99);
     let text = open_error(&path);
     assert!(text.contains("newer version"), "{text}");
 }
@@ -111,16 +117,7 @@ fn a_newer_format_is_refused() {
 fn an_older_development_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("older.redb");
-    drop(RedbStorage::open(&path).unwrap());
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
-            txn.open_table(info).unwrap().insert("format", 1).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    stamp_format(&path, 1);
     let text = open_error(&path);
     assert!(text.contains("earlier development version"), "{text}");
 }

@@ -4,7 +4,8 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use offline_queue::{
-    OfflineQueue, Outbound, RecipientId, SessionHandle, Transport, TransportClosed,
+    BatchLimit, Limits, OfflineQueue, Outbound, RecipientId, SessionHandle, Storage, Transport,
+    TransportClosed,
 };
 
 /// Acks each batch as it arrives (through its position) and closes once caught up, so a
@@ -30,4 +31,20 @@ pub async fn drain(queue: &OfflineQueue, who: &RecipientId) {
     let session = queue.connect(who.clone(), AckingClient(handle.clone()));
     handle.set(session.handle()).ok();
     session.run().await.unwrap();
+}
+
+/// The queue every bench measures: room for any backlog, batches of 100 up to 1 MiB.
+pub fn queue(storage: Arc<dyn Storage>) -> OfflineQueue {
+    OfflineQueue::builder()
+        .storage(storage)
+        .limits(Limits {
+            max_messages_per_recipient: 1_000_000,
+            ..Limits::default()
+        })
+        .batch(BatchLimit {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        })
+        .build()
+        .unwrap()
 }
