@@ -1,0 +1,76 @@
+//! A WebSocket chat server that holds messages for offline users and delivers them, in order
+//! and in batches, when they come back.
+//!
+//! ```text
+//! cargo run --example chat_server          # then open http://127.0.0.1:8080
+//! cargo run --example chat_server -- --help
+//! ```
+//!
+//! Messages wait in `offline-queue-data/chat.redb` (durable: a `sent` reply means the message
+//! is on disk). `--storage memory` keeps them in memory instead.
+//!
+//! # How it embeds the crate
+//! - `server/mod.rs` builds one [`offline_queue::OfflineQueue`] from the flags and shares it
+//!   with every request; a task calls `maintain` once a second (expiry, delayed pushes).
+//! - `server/connection.rs` serves one socket: `queue.connect(user, transport)` returns a
+//!   session whose driver runs in its own task and hands batches to the socket's writer; the
+//!   read loop turns frames into `queue.send` and `handle.ack*` calls.
+//! - `server/webhook.rs` turns the engine's coalesced nudges into HTTP calls, off the send path.
+//!
+//! # Protocol
+//! WebSocket at `GET /ws?user=<url-encoded user id>`; text frames of JSON.
+//!
+//! Client to server:
+//! - `{"type":"send","to":"<user>","body":"<text>","id":"<optional>","ttl_secs":<optional>}`.
+//!   `id` is the client's message id, a UUID or 32 hex digits: a resend with the same id
+//!   (within 30 minutes) is not stored twice, so a client may resend whatever it has no
+//!   `sent` for.
+//! - `{"type":"ack","up_to":<seq>}` acks everything through `seq`;
+//!   `{"type":"ack","seqs":[<seq>,..]}` acks exactly those.
+//!
+//! Server to client:
+//! - `{"type":"sent","id":"<message id>","seq":<seq>}` for each stored send, in order.
+//! - `{"type":"error","id":"<client id, if given>","code":"..","message":".."}`, where code is
+//!   `message_too_large`, `queue_full`, `invalid_recipient`, `invalid_ttl`, `bad_request` or
+//!   `unavailable` (storage down: try again). A bad frame never closes the connection.
+//! - `{"type":"deliver","messages":[{"id","seq","from","body","sent_at_ms","expires_at_ms",
+//!   "redelivered"},..],"gap":<n>,"position":<seq>}`: the backlog in batches of up to
+//!   `--batch-max`, then live messages as they come. `gap`, present when not zero, counts
+//!   messages lost before this batch (expired unread, or damaged). `position` is what to ack
+//!   to cover the whole batch. Unacked messages come again on the next connection with
+//!   `"redelivered":true`.
+//! - `{"type":"caught_up"}` once per connection, when the backlog present at connect has been
+//!   delivered (at once if there was none).
+//!
+//! One connection per user: a newer one closes the older with close code 4000.
+//!
+//! Pushes: with `--notify-webhook URL`, a message for an offline user makes a
+//! `POST URL` with `{"recipient":"<user>","pending":<count or null>}`: no content, no sender.
+//! At most one per user per `--notify-cooldown-secs`; retried with backoff; never in the way
+//! of a send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
+//! `GET /stats?user=<id>` (pending count and presence, for the page).
+//!
+//! SIGINT or SIGTERM shut down gracefully: no new connections, sessions closed (unacked
+//! messages stay stored), storage closed after its last commit.
+
+mod server;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match server::run(server::Config::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("chat_server: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

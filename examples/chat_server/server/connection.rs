@@ -1,0 +1,224 @@
+//! One WebSocket connection: a read loop for the client's frames, a writer task for the
+//! server's, and the engine's session driver between them.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{SinkExt, StreamExt};
+use offline_queue::{
+    Envelope, MessageId, Outbound, RecipientId, Seq, SessionEnd, SessionHandle, Transport,
+    TransportClosed,
+};
+use tokio::sync::mpsc;
+
+use super::App;
+use super::protocol::{ChatMessage, ClientFrame, ServerFrame};
+
+/// Frames queued for the socket. Bounded: a client that stops reading slows its own delivery
+/// (the session's `Transport::send` waits), never the server.
+const OUTBOX: usize = 64;
+
+/// WebSocket close code (private range) for a connection replaced by a newer one.
+const CLOSE_DISPLACED: u16 = 4000;
+/// WebSocket close code for "going away" (RFC 6455): the server is shutting down.
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Why a connection's read loop stopped.
+enum Ended {
+    /// The client closed, or the socket failed.
+    ClientLeft,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// The session's driver ended by itself (displaced, or it failed).
+    Session(Result<offline_queue::Result<SessionEnd>, tokio::task::JoinError>),
+}
+
+/// Hands the engine's batches to the connection's writer task.
+struct SocketTransport(mpsc::Sender<ServerFrame>);
+
+#[async_trait]
+impl Transport for SocketTransport {
+    async fn send(&self, item: Outbound) -> Result<(), TransportClosed> {
+        let frame = match item {
+            Outbound::Batch(batch) => ServerFrame::deliver(&batch),
+            Outbound::CaughtUp => ServerFrame::CaughtUp,
+            // This server sends no ephemeral messages.
+            _ => return Ok(()),
+        };
+        self.0
+            .send(frame)
+            .await
+            .map_err(|_| TransportClosed("socket closed".into()))
+    }
+}
+
+/// Serves `user` on `socket` until the client leaves, a newer connection of the same user
+/// displaces this one, or the server shuts down.
+pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
+    let (sink, mut incoming) = socket.split();
+    let (outbox, frames) = mpsc::channel(OUTBOX);
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+    let writer = tokio::spawn(write_frames(sink, frames, close_rx));
+
+    let session = app
+        .queue
+        .connect(user.clone(), SocketTransport(outbox.clone()));
+    let handle = session.handle();
+    let mut driver = tokio::spawn(session.run());
+    let mut shutdown = app.shutdown.clone();
+    tracing::info!(%user, "connected");
+
+    let ended = loop {
+        tokio::select! {
+            frame = incoming.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(reply) = handle_frame(&text, &user, &handle, &app).await
+                        && outbox.send(reply).await.is_err()
+                    {
+                        break Ended::ClientLeft;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    let reply = ServerFrame::bad_request(None, "frames are JSON text");
+                    if outbox.send(reply).await.is_err() {
+                        break Ended::ClientLeft;
+                    }
+                }
+                // Pings are answered by axum; a close, an error or the end all mean gone.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break Ended::ClientLeft,
+            },
+            end = &mut driver => break Ended::Session(end),
+            // Mapped to `()`: the watch guard it returns must not live across an await.
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                break Ended::ShuttingDown;
+            }
+        }
+    };
+
+    // Closing the session ends the driver after the item it is handing over; whatever was
+    // delivered but not acked stays stored and comes back, marked, on the next connection.
+    handle.close();
+    let shutting_down = matches!(ended, Ended::ShuttingDown);
+    let end = match ended {
+        Ended::Session(end) => end,
+        Ended::ClientLeft | Ended::ShuttingDown => driver.await,
+    };
+    let close = match end {
+        _ if shutting_down => Some(CloseFrame {
+            code: CLOSE_GOING_AWAY,
+            reason: Utf8Bytes::from_static("server shutting down"),
+        }),
+        Ok(Ok(SessionEnd::Displaced)) => Some(CloseFrame {
+            code: CLOSE_DISPLACED,
+            reason: Utf8Bytes::from_static("displaced by a newer connection"),
+        }),
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(%user, %error, "session failed");
+            None
+        }
+        Err(panic) => {
+            tracing::error!(%user, %panic, "session task failed");
+            None
+        }
+    };
+    let _ = close_tx.send(close);
+    drop(outbox);
+    let _ = writer.await;
+    tracing::info!(%user, "disconnected");
+}
+
+/// Writes queued frames until every sender is gone, then a close frame.
+async fn write_frames(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut frames: mpsc::Receiver<ServerFrame>,
+    close: tokio::sync::oneshot::Receiver<Option<CloseFrame>>,
+) {
+    while let Some(frame) = frames.recv().await {
+        let text = serde_json::to_string(&frame).expect("frames serialize");
+        if sink.send(Message::Text(text.into())).await.is_err() {
+            return;
+        }
+    }
+    let reason = close.await.ok().flatten();
+    // The client may be gone already; a close that cannot be sent needs no retry.
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(reason))).await;
+}
+
+/// Acts on one text frame; returns the reply, if the frame has one.
+async fn handle_frame(
+    text: &str,
+    user: &RecipientId,
+    handle: &SessionHandle,
+    app: &App,
+) -> Option<ServerFrame> {
+    let frame = match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => frame,
+        Err(error) => return Some(ServerFrame::bad_request(None, error.to_string())),
+    };
+    match frame {
+        ClientFrame::Send {
+            to,
+            body,
+            id,
+            ttl_secs,
+        } => Some(send(user, to, body, id, ttl_secs, app).await),
+        ClientFrame::Ack { up_to, seqs } => match (up_to, seqs.is_empty()) {
+            (Some(up_to), true) => {
+                handle.ack_through(Seq(up_to));
+                None
+            }
+            (None, false) => {
+                handle.ack(seqs.into_iter().map(Seq));
+                None
+            }
+            _ => Some(ServerFrame::bad_request(
+                None,
+                "an ack carries either up_to or a non-empty seqs list",
+            )),
+        },
+    }
+}
+
+/// Stores one message and answers `sent` with its id and seq, or an error frame.
+async fn send(
+    from: &RecipientId,
+    to: String,
+    body: String,
+    client_id: Option<String>,
+    ttl_secs: Option<u64>,
+    app: &App,
+) -> ServerFrame {
+    let to = match RecipientId::new(&to) {
+        Ok(to) => to,
+        Err(error) => return ServerFrame::from_error(client_id, &error),
+    };
+    let message = ChatMessage {
+        from: from.to_string(),
+        body,
+    };
+    let mut envelope = match Envelope::encode(to, &message) {
+        Ok(envelope) => envelope,
+        Err(error) => return ServerFrame::from_error(client_id, &error),
+    };
+    if let Some(text) = &client_id {
+        // Browsers make UUIDs (crypto.randomUUID()); without the dashes they are 32 hex digits.
+        match MessageId::parse_hex(&text.replace('-', "")) {
+            Ok(id) => envelope = envelope.with_id(id),
+            Err(error) => return ServerFrame::from_error(client_id, &error),
+        }
+    }
+    if let Some(secs) = ttl_secs {
+        envelope = envelope.with_ttl(Duration::from_secs(secs));
+    }
+    match app.queue.send(envelope).await {
+        // The canonical id (32 hex digits), the same the recipient's `deliver` frame carries.
+        Ok(receipt) => ServerFrame::Sent {
+            id: receipt.id.to_string(),
+            seq: receipt.seq.0,
+        },
+        Err(error) => ServerFrame::from_error(client_id, &error),
+    }
+}

@@ -1,0 +1,278 @@
+//! The chat server: flags, the engine's set-up, the HTTP routes, and graceful shutdown.
+
+mod connection;
+mod protocol;
+mod webhook;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use clap::Parser;
+use offline_queue::{
+    BatchLimit, Limits, MemoryStorage, NotifyPolicy, OfflineQueue, Overflow, RecipientId,
+    RedbStorage, Storage,
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use webhook::Webhook;
+
+/// A WebSocket chat server that holds messages for offline users.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "chat_server")]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://..`,
+    /// `postgres://..`.
+    #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
+    pub storage: String,
+    /// Largest stored message in bytes (sender, text and framing).
+    #[arg(long, default_value_t = 65536)]
+    pub max_message_bytes: usize,
+    /// Most messages waiting per recipient; a send beyond it gets `queue_full`.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_pending: u64,
+    /// TTL of a message sent without `ttl_secs`.
+    #[arg(long, default_value_t = 604_800)]
+    pub default_ttl_secs: u64,
+    /// Most messages per `deliver` frame.
+    #[arg(long, default_value_t = 100)]
+    pub batch_max: usize,
+    /// POST a JSON nudge here when a message waits for an offline user (http:// only).
+    #[arg(long)]
+    pub notify_webhook: Option<String>,
+    /// After a push, no further push for the same user for this long.
+    #[arg(long, default_value_t = 60)]
+    pub notify_cooldown_secs: u64,
+    /// Wait before retrying a failed webhook call; doubles per retry.
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub notify_retry_ms: u64,
+    /// How often expired messages are purged and delayed pushes sent.
+    #[arg(long, default_value_t = 1000, hide = true)]
+    pub maintain_interval_ms: u64,
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct App {
+    queue: OfflineQueue,
+    /// Turns true when the server is shutting down; connections then close their sessions.
+    shutdown: watch::Receiver<bool>,
+    /// Each live connection holds a clone; shutdown waits until all are dropped.
+    #[expect(dead_code, reason = "held, never read")]
+    connections: mpsc::Sender<()>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the storage named by `--storage`.
+fn open_storage(spec: &str) -> Result<Arc<dyn Storage>, BoxError> {
+    if spec == "memory" {
+        return Ok(Arc::new(MemoryStorage::new()));
+    }
+    if let Some(path) = spec.strip_prefix("redb:") {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        return Ok(Arc::new(RedbStorage::open(path)?));
+    }
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        return Err("--storage redis://: the Redis backend is not built yet in this version of offline-queue".into());
+    }
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Err("--storage postgres://: the PostgreSQL backend is not built yet in this version of offline-queue".into());
+    }
+    Err(
+        format!("--storage {spec:?}: expected redb:<path>, memory, redis://.. or postgres://..")
+            .into(),
+    )
+}
+
+/// Builds the engine from the flags. The webhook task, if any, ends when the engine is dropped.
+fn build_queue(
+    config: &Config,
+) -> Result<(OfflineQueue, Option<tokio::task::JoinHandle<()>>), BoxError> {
+    let limits = Limits {
+        max_message_bytes: config.max_message_bytes,
+        max_messages_per_recipient: config.max_pending,
+        overflow: Overflow::Reject,
+        default_ttl: Some(Duration::from_secs(config.default_ttl_secs)),
+        ..Limits::default()
+    };
+    let policy = NotifyPolicy {
+        urgent_cooldown: Duration::from_secs(config.notify_cooldown_secs),
+        ..NotifyPolicy::default()
+    };
+    let mut builder = OfflineQueue::builder()
+        .storage(open_storage(&config.storage)?)
+        .limits(limits)
+        .batch(BatchLimit {
+            max_messages: config.batch_max,
+            ..BatchLimit::default()
+        })
+        .notify_policy(policy);
+    let mut webhook_task = None;
+    if let Some(url) = &config.notify_webhook {
+        let webhook = Webhook::new(url, Duration::from_millis(config.notify_retry_ms))?;
+        let (notifier, task) = webhook.start();
+        builder = builder.notifier(Arc::new(notifier));
+        webhook_task = Some(task);
+    }
+    Ok((builder.build()?, webhook_task))
+}
+
+/// Binds `--listen`, prints the address (tests and scripts read this line), and serves until
+/// SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", config.listen))?;
+    println!("listening on http://{}", listener.local_addr()?);
+    serve(config, listener, stop_signal()).await
+}
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// Serves on `listener` until `stop` resolves, then shuts down gracefully: stops accepting,
+/// closes every session (what was delivered and not acked stays stored), waits for the
+/// connections to finish, and closes the storage, which commits what it holds.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let (queue, webhook_task) = build_queue(&config)?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (connections, mut all_closed) = mpsc::channel(1);
+    let app = App {
+        queue: queue.clone(),
+        shutdown,
+        connections,
+    };
+    let maintenance = tokio::spawn(maintain(
+        queue.clone(),
+        Duration::from_millis(config.maintain_interval_ms),
+    ));
+
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/ws", get(websocket))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .with_state(app.clone());
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            stop.await;
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+        })
+        .await?;
+
+    // Upgraded WebSockets are not tracked by the HTTP server; wait for them here.
+    drop(app);
+    if tokio::time::timeout(Duration::from_secs(10), all_closed.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing storage anyway");
+    }
+    maintenance.abort();
+    drop(queue);
+    if let Some(task) = webhook_task {
+        // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(())
+}
+
+/// Purges expired messages and sends the delayed pushes for sessions that ended with messages
+/// pending. The engine has no timers of its own: the host decides how often.
+async fn maintain(queue: OfflineQueue, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = queue.maintain(10_000).await {
+            tracing::warn!(%error, "maintenance failed");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UserQuery {
+    user: String,
+}
+
+/// `GET /ws?user=<id>`: upgrades to the chat protocol.
+async fn websocket(
+    upgrade: WebSocketUpgrade,
+    Query(query): Query<UserQuery>,
+    State(app): State<App>,
+) -> Response {
+    let user = match RecipientId::new(&query.user) {
+        Ok(user) => user,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
+    };
+    if *app.shutdown.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    // `app` holds a clone of `connections` until the connection ends: shutdown waits for it.
+    upgrade.on_upgrade(move |socket| connection::serve(socket, user, app))
+}
+
+/// `GET /stats?user=<id>`: what waits for one user, for the page's status line.
+async fn stats(Query(query): Query<UserQuery>, State(app): State<App>) -> Response {
+    let user = match RecipientId::new(&query.user) {
+        Ok(user) => user,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
+    };
+    match app.queue.stats(&user).await {
+        Ok(stats) => axum::Json(serde_json::json!({
+            "user": query.user,
+            "online": app.queue.is_online(&user),
+            "pending": stats.messages,
+            "bytes": stats.bytes,
+        }))
+        .into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
+    }
+}
+
+/// `GET /metrics`: the engine's counters in Prometheus text format.
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let mut text = String::new();
+    for (name, value) in app.queue.metrics().iter() {
+        let (kind, suffix) = if name == "live_sessions" {
+            ("gauge", "")
+        } else {
+            ("counter", "_total")
+        };
+        let _ = writeln!(text, "# TYPE offline_queue_{name}{suffix} {kind}");
+        let _ = writeln!(text, "offline_queue_{name}{suffix} {value}");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// `GET /`: the demo page.
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}

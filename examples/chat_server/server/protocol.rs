@@ -1,0 +1,135 @@
+//! The JSON frames of the WebSocket protocol, and how engine types map onto them.
+
+use offline_queue::{Batch, Delivery, Error};
+use serde::{Deserialize, Serialize};
+
+/// What a client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Store `body` for `to` (delivered at once if `to` is online).
+    Send {
+        to: String,
+        body: String,
+        /// The client's id for this message: a UUID or 32 hex digits. The dedup key: a resend
+        /// with the same id within the dedup window is not stored twice.
+        id: Option<String>,
+        ttl_secs: Option<u64>,
+    },
+    /// Acks every message through `up_to`, or exactly the listed `seqs`.
+    Ack {
+        up_to: Option<u64>,
+        #[serde(default)]
+        seqs: Vec<u64>,
+    },
+}
+
+/// What the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// A send was stored (or was a duplicate of one stored before).
+    Sent { id: String, seq: u64 },
+    /// A frame was refused; the connection stays open.
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        code: &'static str,
+        message: String,
+    },
+    /// A batch of stored messages, in seq order.
+    Deliver {
+        messages: Vec<WireMessage>,
+        /// Messages lost (expired unread, dropped, damaged) before this batch; absent when none.
+        #[serde(skip_serializing_if = "is_zero")]
+        gap: u64,
+        /// The seq to ack once the batch is processed: it covers a gap-only batch too.
+        position: u64,
+    },
+    /// The backlog present at connect has been delivered.
+    CaughtUp,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
+}
+
+/// One delivered message.
+#[derive(Debug, Serialize)]
+pub struct WireMessage {
+    pub id: String,
+    pub seq: u64,
+    pub from: String,
+    pub body: String,
+    pub sent_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub redelivered: bool,
+}
+
+/// The stored payload: the engine stores it encoded by its codec and never looks inside.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub from: String,
+    pub body: String,
+}
+
+impl ServerFrame {
+    /// A delivered batch, with each payload decoded back into its sender and text.
+    pub fn deliver(batch: &Batch) -> Self {
+        ServerFrame::Deliver {
+            messages: batch.messages.iter().map(WireMessage::from).collect(),
+            gap: batch.gap,
+            position: batch.position.0,
+        }
+    }
+
+    /// An error frame for an engine error.
+    pub fn from_error(id: Option<String>, error: &Error) -> Self {
+        ServerFrame::Error {
+            id,
+            code: error_code(error),
+            message: error.to_string(),
+        }
+    }
+
+    /// An error frame for a frame that is not valid protocol.
+    pub fn bad_request(id: Option<String>, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            id,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&Delivery> for WireMessage {
+    fn from(delivery: &Delivery) -> Self {
+        // Every message this server stores is a ChatMessage; a payload stored by another
+        // program on the same storage is shown as text rather than dropped.
+        let ChatMessage { from, body } = delivery.decode().unwrap_or_else(|_| ChatMessage {
+            from: String::new(),
+            body: String::from_utf8_lossy(&delivery.payload).into_owned(),
+        });
+        WireMessage {
+            id: delivery.id.to_string(),
+            seq: delivery.seq.0,
+            from,
+            body,
+            sent_at_ms: delivery.sent_at.as_millis(),
+            expires_at_ms: delivery.expires_at.map(|at| at.as_millis()),
+            redelivered: delivery.redelivered,
+        }
+    }
+}
+
+/// The protocol's error code for an engine error. Only `unavailable` is worth retrying as is.
+pub fn error_code(error: &Error) -> &'static str {
+    match error {
+        Error::MessageTooLarge { .. } => "message_too_large",
+        Error::QueueFull { .. } | Error::StorageFull { .. } => "queue_full",
+        Error::RecipientIdEmpty | Error::RecipientIdTooLong { .. } => "invalid_recipient",
+        Error::TtlZero | Error::TtlTooLong { .. } => "invalid_ttl",
+        Error::InvalidMessageId { .. } | Error::Codec(_) => "bad_request",
+        _ => "unavailable",
+    }
+}

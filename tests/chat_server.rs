@@ -1,0 +1,459 @@
+//! The chat_server example, tested from outside over real WebSockets: each test starts the
+//! server as its own process (this test binary, re-run as `chat_server_process` with the
+//! server's flags) and talks to it as a browser would.
+//!
+//! No test waits on a guess: replies are awaited (with a generous bound that only turns a hang
+//! into a failure), and state is polled until it holds.
+
+#[path = "../examples/chat_server/server/mod.rs"]
+mod server;
+
+mod chat_support;
+
+use std::time::Duration;
+
+use chat_support::{Client, Server, http_get, wait_until};
+use serde_json::{Value, json};
+
+/// The server process of the other tests; does nothing unless they start it.
+#[test]
+#[ignore = "the server process the other tests start"]
+fn chat_server_process() {
+    let Some(args) = chat_support::child_args() else {
+        return;
+    };
+    use clap::Parser as _;
+    let config = server::Config::try_parse_from(args).expect("flags");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    if let Err(error) = runtime.block_on(server::run(config)) {
+        // What the example's main prints on a failed start; the parent reads it.
+        println!("Error: {error}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::test]
+async fn offline_messages_arrive_in_order_in_batches_then_caught_up() {
+    let server = Server::start(&["--batch-max", "2"]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let mut seqs = Vec::new();
+    for i in 1..=5 {
+        seqs.push(alice.send_message("bob", &format!("m{i}")).await);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs grow: {seqs:?}");
+    wait_until("bob has 5 waiting", || async {
+        server.pending("bob").await == 5
+    })
+    .await;
+
+    let mut bob = Client::connect(&server, "bob").await;
+    let backlog = bob.drain().await;
+    let sizes: Vec<usize> = backlog.batches.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2, 2, 1], "batches of --batch-max 2");
+    let messages: Vec<&Value> = backlog.batches.iter().flatten().collect();
+    let bodies: Vec<&str> = messages
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m1", "m2", "m3", "m4", "m5"]);
+    for (message, seq) in messages.iter().zip(&seqs) {
+        assert_eq!(message["seq"], *seq);
+        assert_eq!(message["from"], "alice");
+        assert_eq!(message["redelivered"], false);
+        let sent_at = message["sent_at_ms"].as_u64().unwrap();
+        let expires_at = message["expires_at_ms"].as_u64().unwrap();
+        assert_eq!(
+            expires_at - sent_at,
+            604_800_000,
+            "the default TTL of 7 days"
+        );
+    }
+    assert_eq!(backlog.gap, 0);
+}
+
+#[tokio::test]
+async fn live_messages_reach_an_online_recipient() {
+    let server = Server::start(&[]);
+    let mut bob = Client::connect(&server, "bob").await;
+    bob.expect_caught_up_empty().await;
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let seq = alice.send_message("bob", "are you there?").await;
+    let frame = bob.recv().await;
+    assert_eq!(frame["type"], "deliver");
+    assert_eq!(frame["messages"][0]["body"], "are you there?");
+    assert_eq!(frame["messages"][0]["seq"], seq);
+}
+
+#[tokio::test]
+async fn acked_messages_are_gone_and_unacked_come_back_marked() {
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    for body in ["one", "two", "three"] {
+        alice.send_message("bob", body).await;
+    }
+
+    let mut bob = Client::connect(&server, "bob").await;
+    let first = bob.drain().await.messages();
+    assert_eq!(first.len(), 3);
+    bob.send(json!({"type": "ack", "seqs": [first[0]["seq"]]}))
+        .await;
+    bob.send(json!({"type": "ack", "up_to": first[1]["seq"]}))
+        .await;
+    wait_until("acks stored", || async { server.pending("bob").await == 1 }).await;
+    bob.close().await;
+
+    let mut bob = Client::connect(&server, "bob").await;
+    let again = bob.drain().await.messages();
+    assert_eq!(again.len(), 1, "only the unacked message: {again:?}");
+    assert_eq!(again[0]["body"], "three");
+    assert_eq!(again[0]["redelivered"], true);
+    assert_eq!(again[0]["id"], first[2]["id"], "the same message, by id");
+}
+
+#[tokio::test]
+async fn expired_messages_are_not_delivered_and_are_reported_as_a_gap() {
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    alice
+        .send(json!({"type": "send", "to": "bob", "body": "gone soon", "ttl_secs": 1}))
+        .await;
+    assert_eq!(alice.recv().await["type"], "sent");
+    alice.send_message("bob", "still here").await;
+    // Expiry is judged against sent_at + ttl; waiting past that deadline is the test itself.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let mut bob = Client::connect(&server, "bob").await;
+    let backlog = bob.drain().await;
+    let bodies: Vec<Value> = backlog
+        .messages()
+        .iter()
+        .map(|m| m["body"].clone())
+        .collect();
+    assert_eq!(bodies, [json!("still here")]);
+    assert_eq!(
+        backlog.gap, 1,
+        "the expired message is counted, not silently missing"
+    );
+}
+
+#[tokio::test]
+async fn a_resend_with_the_same_client_id_is_stored_once() {
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let id = "7f0c2a4e-9a51-4c1e-8f57-1b2d3c4d5e6f";
+    let frame = json!({"type": "send", "to": "bob", "body": "once", "id": id});
+    alice.send(frame.clone()).await;
+    let first = alice.recv().await;
+    alice.send(frame).await;
+    let second = alice.recv().await;
+    assert_eq!(first["type"], "sent");
+    assert_eq!(first, second, "same id, same seq");
+    assert_eq!(first["id"], id.replace('-', ""));
+    assert_eq!(server.pending("bob").await, 1);
+
+    let mut bob = Client::connect(&server, "bob").await;
+    assert_eq!(bob.drain().await.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn every_error_code_answers_and_the_connection_stays_open() {
+    let server = Server::start(&["--max-message-bytes", "200", "--max-pending", "2"]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let big = "x".repeat(300);
+    let cases = [
+        (
+            json!({"type": "send", "to": "bob", "body": big, "id": "00000000000000000000000000000001"}),
+            "message_too_large",
+        ),
+        (
+            json!({"type": "send", "to": "", "body": "hi"}),
+            "invalid_recipient",
+        ),
+        (
+            json!({"type": "send", "to": "x".repeat(256), "body": "hi"}),
+            "invalid_recipient",
+        ),
+        (
+            json!({"type": "send", "to": "bob", "body": "hi", "ttl_secs": 0}),
+            "invalid_ttl",
+        ),
+        (
+            json!({"type": "send", "to": "bob", "body": "hi", "ttl_secs": 10_000_000_000u64}),
+            "invalid_ttl",
+        ),
+        (
+            json!({"type": "send", "to": "bob", "body": "hi", "id": "not-an-id"}),
+            "bad_request",
+        ),
+        (json!({"type": "send", "to": "bob"}), "bad_request"),
+        (json!({"type": "shout", "to": "bob"}), "bad_request"),
+        (json!({"type": "ack"}), "bad_request"),
+        (
+            json!({"type": "ack", "up_to": 3, "seqs": [1]}),
+            "bad_request",
+        ),
+        (json!([1, 2, 3]), "bad_request"),
+    ];
+    for (frame, code) in cases {
+        alice.send(frame.clone()).await;
+        let reply = alice.recv().await;
+        assert_eq!(reply["type"], "error", "{frame} -> {reply}");
+        assert_eq!(reply["code"], code, "{frame} -> {reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+    }
+    let reply = alice.send_raw_text("{not json").await;
+    assert_eq!(reply["code"], "bad_request");
+    let reply = alice.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(reply["code"], "bad_request");
+    // The id of a refused send is echoed so the client can match the error to its message.
+    alice
+        .send(json!({"type": "send", "to": "bob", "body": "x".repeat(300), "id": "00000000000000000000000000000002"}))
+        .await;
+    assert_eq!(alice.recv().await["id"], "00000000000000000000000000000002");
+
+    // The queue limit: two fit, the third is refused with the limit named.
+    alice.send_message("bob", "1").await;
+    alice.send_message("bob", "2").await;
+    alice
+        .send(json!({"type": "send", "to": "bob", "body": "3"}))
+        .await;
+    let full = alice.recv().await;
+    assert_eq!(full["code"], "queue_full", "{full}");
+    assert!(
+        full["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceed 2 messages"),
+        "{full}"
+    );
+    // Still open and serving.
+    alice.send_message("carol", "after all that").await;
+    assert_eq!(server.pending("bob").await, 2);
+}
+
+#[tokio::test]
+async fn a_storage_failure_answers_unavailable_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.redb");
+    // A file size limit on the server process: writes past it fail as on a full disk.
+    let server = Server::start_with_file_limit(&path, 2 * 1024 * 1024);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let body = "y".repeat(60_000);
+    let mut stored = 0;
+    let failure = loop {
+        assert!(stored < 200, "the file limit was never reached");
+        alice
+            .send(json!({"type": "send", "to": "bob", "body": body}))
+            .await;
+        let reply = alice.recv().await;
+        match reply["type"].as_str() {
+            Some("sent") => stored += 1,
+            _ => break reply,
+        }
+    };
+    assert_eq!(failure["code"], "unavailable", "{failure}");
+    assert!(stored > 0);
+    // Small messages still fit in the pages the file already has, or fail the same way: either
+    // way the connection answers.
+    alice
+        .send(json!({"type": "send", "to": "carol", "body": "hi"}))
+        .await;
+    let reply = alice.recv().await;
+    assert!(
+        reply["type"] == "sent" || reply["code"] == "unavailable",
+        "{reply}"
+    );
+    assert_eq!(http_get(server.addr, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_killed_server_loses_nothing_it_answered_sent_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("redb:{}", dir.path().join("chat.redb").display());
+    let server = Server::start(&["--storage", &storage]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(alice.send_message("bob", &format!("durable {i}")).await);
+    }
+    let mut bob = Client::connect(&server, "bob").await;
+    let first = bob.drain().await.messages();
+    assert_eq!(first.len(), 20);
+    bob.send(json!({"type": "ack", "up_to": first[9]["seq"]}))
+        .await;
+    wait_until("ten acked", || async { server.pending("bob").await == 10 }).await;
+    server.kill();
+
+    let server = Server::start(&["--storage", &storage]);
+    let mut bob = Client::connect(&server, "bob").await;
+    let after = bob.drain().await.messages();
+    let seqs: Vec<u64> = after.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        sent[10..],
+        "the unacked ten, in order; the acked ten gone"
+    );
+    assert!(after.iter().all(|m| m["redelivered"] == true));
+}
+
+#[tokio::test]
+async fn sigterm_closes_sessions_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("redb:{}", dir.path().join("chat.redb").display());
+    let server = Server::start(&["--storage", &storage]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    alice.send_message("bob", "kept across the restart").await;
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    let close = alice.recv_close().await.expect("the client is told");
+    assert_eq!(u16::from(close.code), 1001, "going away");
+
+    let server = Server::start(&["--storage", &storage]);
+    let mut bob = Client::connect(&server, "bob").await;
+    let messages = bob.drain().await.messages();
+    assert_eq!(messages[0]["body"], "kept across the restart");
+}
+
+#[tokio::test]
+async fn a_newer_connection_displaces_the_older_one() {
+    let server = Server::start(&[]);
+    let mut first = Client::connect(&server, "bob").await;
+    first.expect_caught_up_empty().await;
+    let mut second = Client::connect(&server, "bob").await;
+    second.expect_caught_up_empty().await;
+    let close = first.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 4000);
+}
+
+#[tokio::test]
+async fn webhook_pushes_are_coalesced_retried_and_carry_no_content() {
+    let (hook, mut posts) = chat_support::WebhookReceiver::start(1).await;
+    let server = Server::start(&[
+        "--notify-webhook",
+        &hook,
+        "--notify-retry-ms",
+        "20",
+        "--notify-cooldown-secs",
+        "3600",
+    ]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    for i in 0..3 {
+        alice.send_message("bob", &format!("secret {i}")).await;
+    }
+    // Carol connected: nothing for her is pushed.
+    let mut carol = Client::connect(&server, "carol").await;
+    carol.expect_caught_up_empty().await;
+    alice.send_message("carol", "you are online").await;
+    // Dave's push goes out after everything above (one sender, in order): once it is here,
+    // every push the messages above caused has been made.
+    alice.send_message("dave", "hello").await;
+
+    let mut received = Vec::new();
+    loop {
+        let post = posts.recv().await;
+        let done = post.body["recipient"] == "dave";
+        received.push(post);
+        if done {
+            break;
+        }
+    }
+    let for_bob: Vec<_> = received
+        .iter()
+        .filter(|p| p.body["recipient"] == "bob")
+        .collect();
+    assert_eq!(
+        for_bob.len(),
+        2,
+        "one push, refused once and retried: {received:?}"
+    );
+    assert_eq!(for_bob[0].status, 500);
+    assert_eq!(for_bob[1].status, 200);
+    assert_eq!(for_bob[1].body, json!({"recipient": "bob", "pending": 1}));
+    assert!(
+        received.iter().all(|p| p.body["recipient"] != "carol"),
+        "{received:?}"
+    );
+    assert!(
+        received
+            .iter()
+            .all(|p| !p.raw.contains("secret") && !p.raw.contains("alice")),
+        "no content or sender in a push"
+    );
+
+    let (status, metrics) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("offline_queue_notifications_sent_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("offline_queue_notifications_coalesced_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE offline_queue_live_sessions gauge\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("offline_queue_live_sessions 2\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_page_health_and_bad_upgrades_answer() {
+    let server = Server::start(&[]);
+    let (status, page) = http_get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>offline-queue chat</title>"));
+    assert_eq!(
+        http_get(server.addr, "/healthz").await,
+        (200, "ok\n".to_string())
+    );
+    let (status, body) = http_get(server.addr, "/stats?user=").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = http_get(server.addr, "/stats?user=nobody").await;
+    assert_eq!(status, 200);
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        stats,
+        json!({"user": "nobody", "online": false, "pending": 0, "bytes": 0})
+    );
+    assert!(
+        Client::try_connect(&server, "").await.is_err(),
+        "an empty user is refused"
+    );
+}
+
+#[test]
+fn bad_flags_fail_at_start_naming_the_flag() {
+    for (args, expected) in [
+        (
+            vec!["--storage", "redis://127.0.0.1:6379"],
+            "Redis backend is not built",
+        ),
+        (
+            vec!["--storage", "postgres://localhost/test"],
+            "PostgreSQL backend is not built",
+        ),
+        (vec!["--storage", "floppy:a"], "--storage \"floppy:a\""),
+        (
+            vec!["--notify-webhook", "https://push.example"],
+            "--notify-webhook",
+        ),
+        (vec!["--listen", "192.0.2.1:80"], "--listen 192.0.2.1:80"),
+    ] {
+        let message = Server::start_failure(&args);
+        assert!(message.contains(expected), "{args:?}: {message}");
+    }
+}
