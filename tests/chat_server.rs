@@ -457,3 +457,64 @@ fn bad_flags_fail_at_start_naming_the_flag() {
         assert!(message.contains(expected), "{args:?}: {message}");
     }
 }
+
+/// The demo page in a real browser: alice sends to bob while he is offline, the page shows the
+/// message waiting, bob connects and the page shows it delivered. Needs Debian's chromium;
+/// skipped without it unless `OFFLINE_QUEUE_BROWSER=required` (as in `.ci/run`).
+#[tokio::test]
+async fn the_page_shows_offline_delivery_in_a_browser() {
+    use chat_support::browser::{Browser, CHROMIUM};
+    if !std::path::Path::new(CHROMIUM).exists() {
+        assert_ne!(
+            std::env::var("OFFLINE_QUEUE_BROWSER").as_deref(),
+            Ok("required"),
+            "{CHROMIUM} is missing"
+        );
+        eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+        return;
+    }
+    let server = Server::start(&[]);
+    let mut browser = Browser::launch().await;
+    browser.open(&format!("http://{}/", server.addr)).await;
+
+    browser.click("#user-alice .connect").await;
+    browser.wait_for_text("#user-alice .status", "online").await;
+    browser
+        .eval("document.querySelector('#user-alice .to').value = 'bob'")
+        .await;
+    browser
+        .fill("#user-alice .text", "hello bob, from the browser")
+        .await;
+    browser.click("#user-alice .send").await;
+    browser
+        .wait_for_text("#user-alice .messages", "sent, stored as seq")
+        .await;
+    browser
+        .wait_for_text("#user-bob .status", "1 waiting")
+        .await;
+    assert!(browser.text("#user-bob .status").await.contains("offline"));
+
+    browser.click("#user-bob .connect").await;
+    browser
+        .wait_for_text("#user-bob .messages", "caught up")
+        .await;
+    let bob = browser.text("#user-bob .messages").await;
+    assert!(bob.contains("batch of 1 message"), "{bob}");
+    assert!(bob.contains("alice: hello bob, from the browser"), "{bob}");
+    browser.wait_for_text("#user-bob .status", "online").await;
+    wait_until("bob's message acked", || async {
+        server.pending("bob").await == 0
+    })
+    .await;
+    // The page polls once a second; ask it now, so the screenshot shows the final state.
+    browser
+        .eval("panels.forEach((panel) => panel.refresh())")
+        .await;
+    browser
+        .wait_for_exact_text("#user-bob .status", "● online")
+        .await;
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat_page.png");
+    browser.screenshot(&shot).await;
+    eprintln!("screenshot: {}", shot.display());
+}

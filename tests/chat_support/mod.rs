@@ -1,6 +1,8 @@
 //! What the chat_server tests share: the server as a child process, a WebSocket client that
 //! speaks the protocol, a webhook receiver, and small HTTP helpers.
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
