@@ -51,7 +51,8 @@
 //!    by the overflow policy you chose (and then reported to the recipient as a gap).
 //! 2. **At least once, in order**: per recipient, in seq order; a message not acked when its
 //!    session ended is redelivered, marked `redelivered`, with the same [`MessageId`]. After
-//!    `max_deliveries` it goes to the dead-letter hook instead of looping.
+//!    `max_deliveries` it goes to the dead-letter hook instead of looping (and counts in the
+//!    recipient's next gap).
 //! 3. **Idempotent send**: a sender-chosen id is stored once per recipient within the dedup
 //!    window.
 //! 4. **Expiry**: a message past its deadline is never delivered.

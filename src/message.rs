@@ -380,7 +380,8 @@ pub struct Batch {
     /// Messages in seq order. Empty only when the batch exists to report a gap.
     pub messages: Vec<Delivery>,
     /// How many messages for this recipient were dropped (by `Overflow::DropOldest`), expired
-    /// before the client acked them, or were damaged, and whose report the client has not
+    /// before the client acked them, were damaged, or were given up on after
+    /// `max_deliveries`, and whose report the client has not
     /// confirmed yet. Zero when nothing was lost. May over-count, never under-count: a client
     /// is never silently short.
     pub gap: u64,

@@ -81,21 +81,24 @@ impl Notifier for RecordingNotifier {
 }
 
 /// A notifier that queues nudges on a bounded channel and never waits: a full channel fails
-/// the nudge (counted by the engine), so a slow push service never slows a send.
+/// the nudge (counted by the engine), so a slow push service never slows a send. Clones share
+/// the one channel and its bound.
 #[derive(Clone, Debug)]
-pub struct ChannelNotifier(mpsc::Sender<Nudge>);
+pub struct ChannelNotifier(std::sync::Arc<Mutex<mpsc::Sender<Nudge>>>);
 
 impl ChannelNotifier {
     /// A notifier with room for `buffer` queued nudges, and the receiving end to drain them.
     pub fn new(buffer: usize) -> (Self, mpsc::Receiver<Nudge>) {
         let (tx, rx) = mpsc::channel(buffer);
-        (Self(tx), rx)
+        (Self(std::sync::Arc::new(Mutex::new(tx))), rx)
     }
 }
 
 impl Notifier for ChannelNotifier {
     fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
-        self.0.clone().try_send(nudge).map_err(|e| {
+        // One sender, never cloned per call: each futures-channel sender clone brings its own
+        // extra slot, so cloning here would make the bound meaningless.
+        self.0.lock().try_send(nudge).map_err(|e| {
             NotifyError(if e.is_full() {
                 "queue full".into()
             } else {
@@ -125,5 +128,36 @@ impl Default for NotifyPolicy {
             background_interval: Duration::from_secs(20 * 60),
             unacked_delay: Duration::from_secs(60),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nudge() -> Nudge {
+        Nudge {
+            recipient: RecipientId::new("bob").unwrap(),
+            pending: Some(1),
+            reason: NudgeReason::Urgent,
+        }
+    }
+
+    #[test]
+    fn a_channel_notifier_is_bounded_even_through_clones() {
+        let (notifier, _receiver) = ChannelNotifier::new(2);
+        let clone = notifier.clone();
+        let accepted = (0..10)
+            .filter(|i| {
+                let target = if i % 2 == 0 { &notifier } else { &clone };
+                target.notify(nudge()).is_ok()
+            })
+            .count();
+        // futures' channel holds `buffer` plus one slot for the one sender.
+        assert_eq!(accepted, 3);
+        assert_eq!(
+            notifier.notify(nudge()),
+            Err(NotifyError("queue full".into()))
+        );
     }
 }

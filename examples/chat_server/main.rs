@@ -42,7 +42,8 @@
 //! - `{"type":"caught_up"}` once per connection, when the backlog present at connect has been
 //!   delivered (at once if there was none).
 //!
-//! One connection per user: a newer one closes the older with close code 4000.
+//! One connection per user: a newer one closes the older with close code 4000. Close code
+//! 1001 means the server is shutting down, 1013 that its storage failed: reconnect later.
 //!
 //! Pushes: with `--notify-webhook URL`, a message for an offline user makes a
 //! `POST URL` with `{"recipient":"<user>","pending":<count or null>}`: no content, no sender.

@@ -144,7 +144,8 @@ impl OfflineQueueBuilder {
     }
 
     /// After this many deliveries without an ack, a message goes to the dead-letter hook and is
-    /// removed instead of looping forever. Default 10.
+    /// removed instead of looping forever; the recipient's next batch counts it in its `gap`.
+    /// Default 10.
     pub fn max_deliveries(mut self, max: u32) -> Self {
         self.max_deliveries = max;
         self

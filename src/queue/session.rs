@@ -377,13 +377,12 @@ impl Session {
             cursor.exhausted = true;
             return Ok(None);
         }
-        // Not delivered: expired and damaged records, and ones that fail to decode (removed
-        // now, counted as lost by the storage, reported in this batch's gap), and dead letters
-        // (handed to the hook, removed now).
+        // Not delivered, removed now, counted as lost by the storage and reported in this
+        // batch's gap: expired and damaged records, ones that fail to decode, and dead letters
+        // (also handed to the hook). The client is short of each, so it is told.
         let mut passed_over = read.expired.clone();
         passed_over.extend(&read.damaged);
 
-        let mut dead = Vec::new();
         let mut dead_letters = Vec::new();
         metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
         let mut deliver = Vec::with_capacity(read.records.len());
@@ -391,7 +390,7 @@ impl Session {
             let seq = record.seq;
             cursor.last = cursor.last.max(Some(seq));
             if record.delivery_count >= inner.max_deliveries {
-                dead.push(seq);
+                passed_over.push(seq);
                 dead_letters.push((seq, inner.to_delivery(record, now, false)));
                 continue;
             }
@@ -409,9 +408,8 @@ impl Session {
         cursor.last = cursor.last.max(passed_over.iter().max().copied());
         let passed_over_count = passed_over.len() as u64;
         metrics::add(&inner.metrics.expired, read.expired.len() as u64);
-        if !dead.is_empty() || !passed_over.is_empty() {
+        if !passed_over.is_empty() {
             let ack = Ack {
-                seqs: dead,
                 passed_over,
                 ..Ack::default()
             };

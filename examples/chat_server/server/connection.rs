@@ -23,6 +23,8 @@ const OUTBOX: usize = 64;
 const CLOSE_DISPLACED: u16 = 4000;
 /// WebSocket close code for "going away" (RFC 6455): the server is shutting down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// WebSocket close code for "try again later" (IANA registry): a transient server failure.
+const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// Why a connection's read loop stopped.
 enum Ended {
@@ -115,9 +117,13 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
             reason: Utf8Bytes::from_static("displaced by a newer connection"),
         }),
         Ok(Ok(_)) => None,
+        // Storage failed under the session: tell the client to come back, as after a restart.
         Ok(Err(error)) => {
             tracing::warn!(%user, %error, "session failed");
-            None
+            Some(CloseFrame {
+                code: CLOSE_TRY_AGAIN,
+                reason: Utf8Bytes::from_static("storage unavailable, reconnect"),
+            })
         }
         Err(panic) => {
             tracing::error!(%user, %panic, "session task failed");
