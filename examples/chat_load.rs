@@ -99,8 +99,15 @@ fn now_ms() -> u64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let (mut server, url, pid, _dir) = match &args.url {
-        Some(url) => (None, url.clone(), args.server_pid, None),
+    if !(0.0..1.0).contains(&args.offline_share) {
+        return Err(format!(
+            "--offline-share {}: must be at least 0 and below 1",
+            args.offline_share
+        )
+        .into());
+    }
+    let (_server, url, pid, _dir) = match &args.url {
+        Some(url) => (ServerGuard(None), url.clone(), args.server_pid, None),
         None => {
             let dir = tempfile::tempdir()?;
             let storage = match args.server_storage.as_str() {
@@ -109,7 +116,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let (child, addr) = start_server(&storage)?;
             let pid = child.id();
-            (Some(child), format!("ws://{addr}"), Some(pid), Some(dir))
+            (
+                ServerGuard(Some(child)),
+                format!("ws://{addr}"),
+                Some(pid),
+                Some(dir),
+            )
         }
     };
     let rss_before = pid.and_then(|pid| rss_kib(pid, "VmRSS"));
@@ -155,11 +167,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         rss_after,
         rss_peak,
     );
-    if let Some(child) = server.as_mut() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
     Ok(())
+}
+
+/// The server this tool started, stopped however the run ends.
+struct ServerGuard(Option<Child>);
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts `chat_server` from the directory of this binary on a free port.

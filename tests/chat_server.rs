@@ -26,8 +26,8 @@ fn chat_server_process() {
     let config = server::Config::try_parse_from(args).expect("flags");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     if let Err(error) = runtime.block_on(server::run(config)) {
-        // What the example's main prints on a failed start; the parent reads it.
-        println!("Error: {error}");
+        // As the example's main reports a failed start, on stdout where the parent reads it.
+        println!("chat_server: {error}");
         std::process::exit(1);
     }
 }
@@ -335,6 +335,29 @@ async fn a_newer_connection_displaces_the_older_one() {
 }
 
 #[tokio::test]
+async fn a_silent_client_is_dropped_and_one_that_answers_pings_is_kept() {
+    let server = Server::start(&["--idle-timeout-ms", "300"]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    // Alice keeps reading, so her client answers the server's pings; she sends nothing else.
+    let reader = tokio::spawn(async move {
+        loop {
+            alice.recv().await;
+        }
+    });
+    let mut bob = Client::connect(&server, "bob").await;
+    bob.expect_caught_up_empty().await;
+    assert!(server.online("bob").await);
+    // Bob stops reading: no pongs. His connection goes, and with it his presence, so pushes
+    // for him resume.
+    wait_until("bob dropped", || async { !server.online("bob").await }).await;
+    // Alice connected earlier and has been as quiet as bob, pongs aside: only they kept her.
+    assert!(server.online("alice").await, "pongs count as signs of life");
+    assert!(!reader.is_finished(), "alice's connection is open");
+    reader.abort();
+}
+
+#[tokio::test]
 async fn webhook_pushes_are_coalesced_retried_and_carry_no_content() {
     let (hook, mut posts) = chat_support::WebhookReceiver::start(1).await;
     let server = Server::start(&[
@@ -452,6 +475,16 @@ fn bad_flags_fail_at_start_naming_the_flag() {
             "--notify-webhook",
         ),
         (vec!["--listen", "192.0.2.1:80"], "--listen 192.0.2.1:80"),
+        (
+            vec!["--batch-max", "0"],
+            "--batch-max 0: must be between 1 and",
+        ),
+        (vec!["--default-ttl-secs", "0"], "--default-ttl-secs 0"),
+        (
+            vec!["--default-ttl-secs", "99999999"],
+            "--default-ttl-secs 99999999",
+        ),
+        (vec!["--max-pending", "0"], "--max-pending 0"),
     ] {
         let message = Server::start_failure(&args);
         assert!(message.contains(expected), "{args:?}: {message}");
@@ -475,7 +508,8 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
     }
     let server = Server::start(&[]);
     let mut browser = Browser::launch().await;
-    browser.open(&format!("http://{}/", server.addr)).await;
+    let page = format!("http://{}/", server.addr);
+    browser.open(&page, "#user-carol .status", "offline").await;
 
     browser.click("#user-alice .connect").await;
     browser.wait_for_text("#user-alice .status", "online").await;

@@ -24,7 +24,8 @@
 //! - `{"type":"send","to":"<user>","body":"<text>","id":"<optional>","ttl_secs":<optional>}`.
 //!   `id` is the client's message id, a UUID or 32 hex digits: a resend with the same id
 //!   (within 30 minutes) is not stored twice, so a client may resend whatever it has no
-//!   `sent` for.
+//!   `sent` for. Ids are per recipient, not per sender: use random ones (UUIDv4). Replies
+//!   carry ids in their canonical 32-hex form.
 //! - `{"type":"ack","up_to":<seq>}` acks everything through `seq`;
 //!   `{"type":"ack","seqs":[<seq>,..]}` acks exactly those.
 //!
@@ -35,20 +36,26 @@
 //!   `unavailable` (storage down: try again). A bad frame never closes the connection.
 //! - `{"type":"deliver","messages":[{"id","seq","from","body","sent_at_ms","expires_at_ms",
 //!   "redelivered"},..],"gap":<n>,"position":<seq>}`: the backlog in batches of up to
-//!   `--batch-max`, then live messages as they come. `gap`, present when not zero, counts
-//!   messages lost before this batch (expired unread, or damaged). `position` is what to ack
-//!   to cover the whole batch. Unacked messages come again on the next connection with
-//!   `"redelivered":true`.
+//!   `--batch-max` messages (and 1 MiB), then live messages as they come. At most 256
+//!   messages are delivered and not yet acked at a time: a client that stops acking stops
+//!   receiving. `gap`, present when not zero, counts messages lost before this batch
+//!   (expired unread, damaged, or given up on after 10 deliveries without an ack).
+//!   `position` is what to ack to cover the whole batch. Unacked messages come again on the
+//!   next connection with `"redelivered":true`.
 //! - `{"type":"caught_up"}` once per connection, when the backlog present at connect has been
 //!   delivered (at once if there was none).
 //!
 //! One connection per user: a newer one closes the older with close code 4000. Close code
-//! 1001 means the server is shutting down, 1013 that its storage failed: reconnect later.
+//! 1001 means the server is shutting down, 1013 that its storage failed (reconnect later),
+//! 1011 an internal error. The server pings; a connection silent for 60 s is closed, so a
+//! vanished client does not hold its user "online" (and unpushed).
 //!
 //! Pushes: with `--notify-webhook URL`, a message for an offline user makes a
 //! `POST URL` with `{"recipient":"<user>","pending":<count or null>}`: no content, no sender.
-//! At most one per user per `--notify-cooldown-secs`; retried with backoff; never in the way
-//! of a send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
+//! While a user stays offline, at most one per `--notify-cooldown-secs` (a connection starts
+//! the count afresh), plus one a minute after a connection ends with messages unacked.
+//! Retried with backoff (5 tries, 10 s each at most), one at a time, never in the way of a
+//! send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
 //! `GET /stats?user=<id>` (pending count and presence, for the page).
 //!
 //! SIGINT or SIGTERM shut down gracefully: no new connections, sessions closed (unacked

@@ -108,20 +108,11 @@ impl Browser {
         }
     }
 
-    /// Loads `url` and waits until the document is complete.
-    pub async fn open(&mut self, url: &str) {
+    /// Loads `url` and waits until an element matching `ready` shows `ready_text`: the page's
+    /// own sign of life, not `document.readyState`, which about:blank also reports.
+    pub async fn open(&mut self, url: &str, ready: &str, ready_text: &str) {
         self.command("Page.navigate", json!({"url": url})).await;
-        let mut ready = String::new();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while ready != "complete" {
-            assert!(tokio::time::Instant::now() < deadline, "{url} never loaded");
-            ready = self
-                .eval("document.readyState")
-                .await
-                .as_str()
-                .unwrap_or("")
-                .into();
-        }
+        self.wait_for_text(ready, ready_text).await;
     }
 
     /// Runs `expression` in the page; its value (JSON-able).

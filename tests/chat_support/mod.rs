@@ -62,7 +62,17 @@ impl Server {
     /// Starts the server with `args`, expects it to exit with an error, and returns its output.
     pub fn start_failure(args: &[&str]) -> String {
         let (mut child, lines) = spawn(&with_defaults(args), None);
-        let status = child.wait().unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?}: the server did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         // Until the reader thread reaches the end of the pipe: every line the child wrote.
         let output: Vec<String> = lines.iter().collect();
         assert!(!status.success(), "{args:?} started: {output:?}");
@@ -88,11 +98,19 @@ impl Server {
 
     /// Messages stored for `user`, from `GET /stats`.
     pub async fn pending(&self, user: &str) -> u64 {
-        let (status, body) =
-            http_get(self.addr, &format!("/stats?user={}", url_encode(user))).await;
+        self.stats(user).await["pending"].as_u64().unwrap()
+    }
+
+    /// Whether `user` has a live session, from `GET /stats`.
+    pub async fn online(&self, user: &str) -> bool {
+        self.stats(user).await["online"].as_bool().unwrap()
+    }
+
+    async fn stats(&self, user: &str) -> Value {
+        let path = format!("/stats?user={}", url_encode(user));
+        let (status, body) = http_get(self.addr, &path).await;
         assert_eq!(status, 200, "{body}");
-        let stats: Value = serde_json::from_str(&body).unwrap();
-        stats["pending"].as_u64().unwrap()
+        serde_json::from_str(&body).unwrap()
     }
 
     /// SIGKILL: no shutdown, no flush; what survives is what was durable.

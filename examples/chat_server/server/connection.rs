@@ -18,17 +18,30 @@ use super::protocol::{ChatMessage, ClientFrame, ServerFrame};
 /// Frames queued for the socket. Bounded: a client that stops reading slows its own delivery
 /// (the session's `Transport::send` waits), never the server.
 const OUTBOX: usize = 64;
+/// A socket write that takes longer than this means the client is not reading: drop it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// WebSocket close code (private range) for a connection replaced by a newer one.
 const CLOSE_DISPLACED: u16 = 4000;
 /// WebSocket close code for "going away" (RFC 6455): the server is shutting down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// WebSocket close code for an internal error that retrying will not fix.
+const CLOSE_INTERNAL: u16 = 1011;
 /// WebSocket close code for "try again later" (IANA registry): a transient server failure.
 const CLOSE_TRY_AGAIN: u16 = 1013;
 
+/// Per-connection bounds, from the flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest WebSocket message accepted.
+    pub max_frame_bytes: usize,
+    /// Silence after which the connection is closed; the server pings three times as often.
+    pub idle_timeout: Duration,
+}
+
 /// Why a connection's read loop stopped.
 enum Ended {
-    /// The client closed, or the socket failed.
+    /// The client closed, went silent, or the socket failed.
     ClientLeft,
     /// The server is shutting down.
     ShuttingDown,
@@ -61,7 +74,8 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
     let (sink, mut incoming) = socket.split();
     let (outbox, frames) = mpsc::channel(OUTBOX);
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-    let writer = tokio::spawn(write_frames(sink, frames, close_rx));
+    let ping_every = app.limits.idle_timeout / 3;
+    let writer = tokio::spawn(write_frames(sink, frames, close_rx, ping_every));
 
     let session = app
         .queue
@@ -69,32 +83,36 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
     let handle = session.handle();
     let mut driver = tokio::spawn(session.run());
     let mut shutdown = app.shutdown.clone();
+    let mut last_heard = tokio::time::Instant::now();
     tracing::info!(%user, "connected");
 
     let ended = loop {
         tokio::select! {
-            frame = incoming.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    if let Some(reply) = handle_frame(&text, &user, &handle, &app).await
-                        && outbox.send(reply).await.is_err()
-                    {
-                        break Ended::ClientLeft;
+            frame = incoming.next() => {
+                last_heard = tokio::time::Instant::now();
+                let reply = match frame {
+                    Some(Ok(Message::Text(text))) => handle_frame(&text, &user, &handle, &app).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        Some(ServerFrame::bad_request(None, "frames are JSON text"))
                     }
+                    // Pings are answered by axum; pongs only prove the client is there.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break Ended::ClientLeft,
+                };
+                if let Some(reply) = reply
+                    && outbox.send(reply).await.is_err()
+                {
+                    break Ended::ClientLeft;
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    let reply = ServerFrame::bad_request(None, "frames are JSON text");
-                    if outbox.send(reply).await.is_err() {
-                        break Ended::ClientLeft;
-                    }
-                }
-                // Pings are answered by axum; a close, an error or the end all mean gone.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break Ended::ClientLeft,
-            },
+            }
             end = &mut driver => break Ended::Session(end),
             // Mapped to `()`: the watch guard it returns must not live across an await.
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                 break Ended::ShuttingDown;
+            }
+            _ = tokio::time::sleep_until(last_heard + app.limits.idle_timeout) => {
+                tracing::info!(%user, "silent for {:?}: closing", app.limits.idle_timeout);
+                break Ended::ClientLeft;
             }
         }
     };
@@ -107,27 +125,28 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
         Ended::Session(end) => end,
         Ended::ClientLeft | Ended::ShuttingDown => driver.await,
     };
+    let close = |code, reason| {
+        Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })
+    };
     let close = match end {
-        _ if shutting_down => Some(CloseFrame {
-            code: CLOSE_GOING_AWAY,
-            reason: Utf8Bytes::from_static("server shutting down"),
-        }),
-        Ok(Ok(SessionEnd::Displaced)) => Some(CloseFrame {
-            code: CLOSE_DISPLACED,
-            reason: Utf8Bytes::from_static("displaced by a newer connection"),
-        }),
+        _ if shutting_down => close(CLOSE_GOING_AWAY, "server shutting down"),
+        Ok(Ok(SessionEnd::Displaced)) => close(CLOSE_DISPLACED, "displaced by a newer connection"),
         Ok(Ok(_)) => None,
-        // Storage failed under the session: tell the client to come back, as after a restart.
+        // Storage failed under the session: a retryable fault means "come back later".
         Ok(Err(error)) => {
             tracing::warn!(%user, %error, "session failed");
-            Some(CloseFrame {
-                code: CLOSE_TRY_AGAIN,
-                reason: Utf8Bytes::from_static("storage unavailable, reconnect"),
-            })
+            if error.is_retryable() {
+                close(CLOSE_TRY_AGAIN, "storage unavailable, reconnect later")
+            } else {
+                close(CLOSE_INTERNAL, "storage failed")
+            }
         }
         Err(panic) => {
             tracing::error!(%user, %panic, "session task failed");
-            None
+            close(CLOSE_INTERNAL, "internal error")
         }
     };
     let _ = close_tx.send(close);
@@ -136,16 +155,27 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
     tracing::info!(%user, "disconnected");
 }
 
-/// Writes queued frames until every sender is gone, then a close frame.
+/// Writes queued frames, and a ping every `ping_every`, until every sender is gone; then a
+/// close frame. A write the client does not take within `WRITE_TIMEOUT` ends the writer,
+/// which ends the session (its transport fails) and so the connection.
 async fn write_frames(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut frames: mpsc::Receiver<ServerFrame>,
     close: tokio::sync::oneshot::Receiver<Option<CloseFrame>>,
+    ping_every: Duration,
 ) {
-    while let Some(frame) = frames.recv().await {
-        let text = serde_json::to_string(&frame).expect("frames serialize");
-        if sink.send(Message::Text(text.into())).await.is_err() {
-            return;
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    loop {
+        let message = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(frame) => Message::Text(serde_json::to_string(&frame).expect("frames serialize").into()),
+                None => break,
+            },
+            _ = pings.tick() => Message::Ping(Default::default()),
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
     }
     let reason = close.await.ok().flatten();
@@ -209,10 +239,15 @@ async fn send(
         Ok(envelope) => envelope,
         Err(error) => return ServerFrame::from_error(client_id, &error),
     };
+    let mut client_id = client_id;
     if let Some(text) = &client_id {
         // Browsers make UUIDs (crypto.randomUUID()); without the dashes they are 32 hex digits.
+        // Replies carry the id in that canonical form, as `sent` and `deliver` frames do.
         match MessageId::parse_hex(&text.replace('-', "")) {
-            Ok(id) => envelope = envelope.with_id(id),
+            Ok(id) => {
+                envelope = envelope.with_id(id);
+                client_id = Some(id.to_string());
+            }
             Err(error) => return ServerFrame::from_error(client_id, &error),
         }
     }

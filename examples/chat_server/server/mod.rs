@@ -23,7 +23,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-pub use webhook::Webhook;
+use webhook::Webhook;
 
 /// A WebSocket chat server that holds messages for offline users.
 #[derive(Clone, Debug, Parser)]
@@ -32,8 +32,8 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://..`,
-    /// `postgres://..`.
+    /// Where messages wait: `redb:<path>` (durable, one file) or `memory`. (`redis://` and
+    /// `postgres://` are refused until those backends exist.)
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
     /// Largest stored message in bytes (sender, text and framing).
@@ -60,6 +60,41 @@ pub struct Config {
     /// How often expired messages are purged and delayed pushes sent.
     #[arg(long, default_value_t = 1000, hide = true)]
     pub maintain_interval_ms: u64,
+    /// A connection that sends nothing (not even a pong to the server's pings) for this long
+    /// is closed, so a vanished client does not keep its user "online" and unpushed.
+    #[arg(long, default_value_t = 60_000, hide = true)]
+    pub idle_timeout_ms: u64,
+}
+
+impl Config {
+    /// Checks the numeric flags, naming the flag that is out of range.
+    fn validate(&self) -> Result<(), String> {
+        let max_ttl_secs = Limits::default().max_ttl.as_secs();
+        let checks = [
+            (
+                "--max-message-bytes",
+                self.max_message_bytes as u64,
+                1,
+                16 << 20,
+            ),
+            ("--max-pending", self.max_pending, 1, u64::MAX),
+            ("--default-ttl-secs", self.default_ttl_secs, 1, max_ttl_secs),
+            ("--batch-max", self.batch_max as u64, 1, 10_000),
+            ("--idle-timeout-ms", self.idle_timeout_ms, 100, u64::MAX),
+            (
+                "--maintain-interval-ms",
+                self.maintain_interval_ms,
+                1,
+                u64::MAX,
+            ),
+        ];
+        for (flag, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(format!("{flag} {value}: must be between {min} and {max}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What every request handler shares.
@@ -71,6 +106,7 @@ pub struct App {
     /// Each live connection holds a clone; shutdown waits until all are dropped.
     #[expect(dead_code, reason = "held, never read")]
     connections: mpsc::Sender<()>,
+    limits: connection::Limits,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -131,41 +167,58 @@ fn build_queue(
     Ok((builder.build()?, webhook_task))
 }
 
-/// Binds `--listen`, prints the address (tests and scripts read this line), and serves until
-/// SIGINT or SIGTERM.
+/// Opens the storage, binds `--listen`, and serves until SIGINT or SIGTERM. The address is
+/// printed only once the server is ready for both traffic and a stop signal: tests and scripts
+/// wait for that line.
 pub async fn run(config: Config) -> Result<(), BoxError> {
+    config.validate()?;
+    let (queue, webhook_task) = build_queue(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", config.listen))?;
+    let stop = stop_signal()?;
     println!("listening on http://{}", listener.local_addr()?);
-    serve(config, listener, stop_signal()).await
+    serve(&config, queue, listener, stop).await?;
+    if let Some(task) = webhook_task {
+        // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(())
 }
 
-/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
-async fn stop_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+/// Installs the handlers now; the future resolves on the first SIGINT (Ctrl-C) or SIGTERM.
+fn stop_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 /// Serves on `listener` until `stop` resolves, then shuts down gracefully: stops accepting,
 /// closes every session (what was delivered and not acked stays stored), waits for the
-/// connections to finish, and closes the storage, which commits what it holds.
-pub async fn serve(
-    config: Config,
+/// connections to finish, and closes the storage.
+async fn serve(
+    config: &Config,
+    queue: OfflineQueue,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
-    let (queue, webhook_task) = build_queue(&config)?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (connections, mut all_closed) = mpsc::channel(1);
     let app = App {
         queue: queue.clone(),
         shutdown,
         connections,
+        limits: connection::Limits {
+            // JSON escaping can make a body up to six times longer on the wire.
+            max_frame_bytes: config.max_message_bytes.saturating_mul(6) + 4096,
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        },
     };
     let maintenance = tokio::spawn(maintain(
         queue.clone(),
@@ -193,26 +246,33 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("connections still open after 10 s; closing storage anyway");
+        // Nothing is at risk: every `sent` was answered after its message was durable.
+        tracing::warn!("connections still open after 10 s; exiting without them");
     }
     maintenance.abort();
-    drop(queue);
-    if let Some(task) = webhook_task {
-        // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
+    // The last handle closes the storage, which joins redb's writer thread: off the runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(queue)).await;
     Ok(())
 }
 
 /// Purges expired messages and sends the delayed pushes for sessions that ended with messages
-/// pending. The engine has no timers of its own: the host decides how often.
+/// pending. The engine has no timers of its own: the host decides how often. One node needs
+/// nothing else; nodes sharing a storage would also run `queue.wakeup_listener()`.
 async fn maintain(queue: OfflineQueue, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if let Err(error) = queue.maintain(10_000).await {
-            tracing::warn!(%error, "maintenance failed");
+        // Each call's work is bounded; go on while it says more is due.
+        loop {
+            match queue.maintain(10_000).await {
+                Ok(report) if report.more => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "maintenance failed");
+                    break;
+                }
+            }
         }
     }
 }
@@ -236,7 +296,10 @@ async fn websocket(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     // `app` holds a clone of `connections` until the connection ends: shutdown waits for it.
-    upgrade.on_upgrade(move |socket| connection::serve(socket, user, app))
+    upgrade
+        .max_message_size(app.limits.max_frame_bytes)
+        .max_frame_size(app.limits.max_frame_bytes)
+        .on_upgrade(move |socket| connection::serve(socket, user, app))
 }
 
 /// `GET /stats?user=<id>`: what waits for one user, for the page's status line.

@@ -18,6 +18,9 @@ use offline_queue::{ChannelNotifier, Nudge};
 const QUEUED_NUDGES: usize = 1024;
 /// Tries per nudge, the first included.
 const ATTEMPTS: u32 = 5;
+/// A webhook that takes longer than this to answer has failed this attempt: one hung endpoint
+/// must not hold every later push.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to deliver nudges.
 #[derive(Clone, Debug)]
@@ -74,10 +77,12 @@ impl Webhook {
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body.clone())))
                 .expect("a checked URL makes a valid request");
-            let outcome = match client.request(request).await {
-                Ok(response) if response.status().is_success() => return,
-                Ok(response) => format!("status {}", response.status()),
-                Err(error) => error.to_string(),
+            let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, client.request(request)).await
+            {
+                Ok(Ok(response)) if response.status().is_success() => return,
+                Ok(Ok(response)) => format!("status {}", response.status()),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer in {REQUEST_TIMEOUT:?}"),
             };
             tracing::warn!(recipient = %nudge.recipient, attempt, %outcome, "webhook push failed");
             if attempt < ATTEMPTS {
