@@ -95,6 +95,8 @@ pub use queue::{
 pub use storage::{MemoryStorage, Storage, StorageExt};
 #[cfg(feature = "redb")]
 pub use storage::{RedbOptions, RedbStorage};
+#[cfg(feature = "redis")]
+pub use storage::{RedisOptions, RedisStorage};
 /// README's examples, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

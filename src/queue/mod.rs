@@ -520,6 +520,7 @@ impl OfflineQueue {
             previous.displace();
         }
         self.inner.nudges.lock().on_connect(&recipient);
+        self.inner.storage.presence(&recipient, true);
         tracing::debug!(%recipient, session = id, "connected");
         Session::new(self.inner.clone(), recipient, shared, Arc::new(transport))
     }

@@ -192,6 +192,7 @@ impl Drop for Registration {
         }
         drop(sessions);
         if current {
+            self.inner.storage.presence(&self.recipient, false);
             self.inner.session_ended_pending(&self.recipient);
         }
     }

@@ -34,9 +34,13 @@
 pub mod memory;
 #[cfg(feature = "redb")]
 pub mod redb;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 #[cfg(feature = "redb")]
 pub use self::redb::{RedbOptions, RedbStorage};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisOptions, RedisStorage};
 pub use memory::MemoryStorage;
 
 use async_trait::async_trait;
@@ -255,6 +259,15 @@ pub trait Storage: Send + Sync + 'static {
     /// records through another instance. `None` for single-node backends.
     fn wakeups(&self) -> Option<BoxStream<'static, RecipientId>> {
         None
+    }
+
+    /// For backends shared by several engine instances: this instance now holds (`live`) or no
+    /// longer holds a session for `recipient`, so appends through other instances can report
+    /// [`AppendOutcome::live_elsewhere`] and wake it. Called by the engine on connect and when a
+    /// session ends; must not block (a backend queues the change for its own task). Nothing for
+    /// single-node backends.
+    fn presence(&self, recipient: &RecipientId, live: bool) {
+        let _ = (recipient, live);
     }
 }
 

@@ -1,0 +1,94 @@
+//! Key names. Every key of one recipient carries the same hash tag, the recipient id in hex,
+//! so a script touching them stays in one cluster slot, and no id, whatever bytes it holds,
+//! can produce another id's key or break out of its tag (hex has no braces or separators).
+
+use crate::message::RecipientId;
+
+/// Global index keys are spread over this many buckets, so no single key (and no single
+/// cluster node) takes every queue's index traffic.
+pub(super) const BUCKETS: u32 = 16;
+
+/// The hex form of a recipient id: its hash tag, and its name in indexes and wake-ups.
+pub(super) fn hex(recipient: &RecipientId) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(recipient.as_bytes().len() * 2);
+    for byte in recipient.as_bytes() {
+        out.push(DIGITS[(byte >> 4) as usize] as char);
+        out.push(DIGITS[(byte & 15) as usize] as char);
+    }
+    out
+}
+
+/// The recipient id a hex name stands for; `None` if the text is not one of ours.
+pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |d: u8| (d as char).to_digit(16).map(|v| v as u8);
+    let bytes: Option<Vec<u8>> = text
+        .chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect();
+    RecipientId::new(bytes?).ok()
+}
+
+/// The eight keys of one recipient, in the order the scripts expect (see `prelude.lua`).
+pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 8] {
+    ["m", "q", "b", "x", "d", "u", "ut", "p"].map(|suffix| format!("{prefix}:{{{hex}}}:{suffix}"))
+}
+
+/// Which index bucket a recipient is filed in (FNV-1a of its hex name: stable across nodes
+/// and versions).
+pub(super) fn bucket(hex: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in hex.bytes() {
+        hash = (hash ^ byte as u32).wrapping_mul(0x0100_0193);
+    }
+    hash % BUCKETS
+}
+
+/// The bucket of queues by earliest deadline (score: a deadline no later than the queue's
+/// earliest).
+pub(super) fn deadline_index(prefix: &str, bucket: u32) -> String {
+    format!("{prefix}:deadlines:{{oq-{bucket}}}")
+}
+
+/// The bucket of queues by last append or ack.
+pub(super) fn idle_index(prefix: &str, bucket: u32) -> String {
+    format!("{prefix}:idle:{{oq-{bucket}}}")
+}
+
+/// The storage-wide byte counter (kept only with `RedisOptions::track_total_bytes`).
+pub(super) fn total_bytes(prefix: &str) -> String {
+    format!("{prefix}:total-bytes")
+}
+
+/// The sharded pub/sub channel a node listens on for wake-ups.
+pub(super) fn wake_channel(prefix: &str, node: &str) -> String {
+    format!("{prefix}:wake:{{{node}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_names_round_trip_and_never_contain_tag_braces() {
+        for raw in [&b"a"[..], b"a}b", b"{x}", b"\0\xff", &[b'z'; 255]] {
+            let id = RecipientId::new(raw).unwrap();
+            let name = hex(&id);
+            assert!(name.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(from_hex(name.as_bytes()), Some(id));
+        }
+        assert_eq!(from_hex(b"zz"), None);
+        assert_eq!(from_hex(b"abc"), None);
+        assert_eq!(from_hex(b""), None, "an empty id is not valid");
+    }
+
+    #[test]
+    fn keys_of_one_recipient_share_one_hash_tag() {
+        let keys = recipient_keys("oq", "6162");
+        assert!(keys.iter().all(|k| k.contains("{6162}")));
+        assert_eq!(keys[0], "oq:{6162}:m");
+    }
+}

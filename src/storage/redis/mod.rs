@@ -1,0 +1,1042 @@
+//! [`RedisStorage`]: queues in Redis or Redis Cluster, shared by every engine instance that
+//! points at it (feature `redis`; needs a tokio runtime).
+//!
+//! # Layout
+//! Each recipient has up to eight keys, all tagged `{<recipient id in hex>}` so one Lua script
+//! reaches them in one cluster slot (`prefix.lua` in the source lists them): metadata (the seq
+//! counter, record and byte counts, loss counters, last activity), the queue order (a sorted
+//! set of seqs), the records (a hash), the deadlines (a sorted set, only for records that
+//! expire), delivery counts, the dedup ids with their times, and presence (which nodes hold a
+//! session). Every step that changes a queue is one script, so it is atomic: append with its
+//! quota, overflow policy and dedup; ack; purge; removal. Scripts run by `EVALSHA` and are
+//! loaded again when the server answers `NOSCRIPT` (after a restart or failover).
+//!
+//! Lists or streams would also hold the order; a sorted set with a hash does it with the
+//! fewest commands for what the engine asks most: a range after a cursor (`ZRANGEBYSCORE`),
+//! removal of single records (selective acks), and per-record delivery counts.
+//!
+//! # Expiry
+//! Reads skip expired records by their deadline. Purging finds queues through sixteen index
+//! buckets (sorted sets keyed by each queue's earliest deadline, on their own slots), so a
+//! purge touches the queues with something due, not every queue. The index is a hint kept
+//! beside the scripts, not inside them (a cluster cannot update two slots atomically): an
+//! append lowers its queue's entry, a purge raises it again. Each recipient key also carries
+//! a Redis TTL of `idle_ttl` (default 90 days), refreshed by every append and ack, so an
+//! abandoned queue vanishes even if no engine ever runs maintenance.
+//!
+//! # Several nodes
+//! Each engine instance is a node with its own id. While it holds a session for a recipient
+//! it marks the recipient's presence hash (`node -> deadline`, by the Redis server's clock,
+//! refreshed every `presence_ttl / 3`), and an append through any other node reads it in the
+//! same script: the send is answered `recipient_online`, no push goes out, and the other node
+//! is woken over sharded pub/sub (`SPUBLISH` to the node's own channel) so its session
+//! delivers at once. A session's start or end reaches Redis within one round trip; a node
+//! that dies without ending its sessions still counts as present for up to `presence_ttl`
+//! (default 30 s), during which pushes for its recipients are held back.
+//!
+//! # Failures
+//! Connection loss, timeouts, and a server that is loading or failing over are retryable
+//! errors; the connection reconnects by itself. A key of one of ours that holds another type
+//! (someone else's data under our prefix) is a non-retryable error, and the script stops
+//! before writing anything.
+
+mod keys;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::channel::mpsc as fmpsc;
+use futures::stream::BoxStream;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture, Script,
+    Value,
+};
+
+use super::{
+    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+    Storage, StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// Bytes before the body in a stored record: sent-at (8) and id (16).
+const HEADER: usize = 24;
+/// Largest count passed to a script: Lua numbers are doubles.
+const LUA_MAX: u64 = 1 << 53;
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
+    };
+}
+
+struct Scripts {
+    append: Script,
+    read: Script,
+    mark: Script,
+    ack: Script,
+    purge: Script,
+    idle: Script,
+    stats: Script,
+    remove: Script,
+    presence: Script,
+    reserve: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            append: script!("append.lua"),
+            read: script!("read.lua"),
+            mark: script!("mark.lua"),
+            ack: script!("ack.lua"),
+            purge: script!("purge.lua"),
+            idle: script!("idle.lua"),
+            stats: script!("stats.lua"),
+            remove: script!("remove.lua"),
+            presence: script!("presence.lua"),
+            reserve: Script::new(include_str!("reserve.lua")),
+        }
+    }
+}
+
+/// A connection to one server (reconnecting) or to a cluster (following its slots).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How to build a [`RedisStorage`]: `RedisStorage::options()`, then `connect` or
+/// `connect_cluster`.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    prefix: String,
+    node_id: Option<String>,
+    idle_ttl: Duration,
+    presence_ttl: Duration,
+    track_total_bytes: bool,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "oq".into(),
+            node_id: None,
+            idle_ttl: Duration::from_secs(90 * 24 * 3600),
+            presence_ttl: Duration::from_secs(30),
+            track_total_bytes: false,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// Prefix of every key (default `oq`); lets several queues share one Redis. No braces.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// This node's id among the engines sharing the storage (default: random). Stable ids let
+    /// a restarted node take its presence marks back at once.
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.node_id = Some(id.into());
+        self
+    }
+
+    /// A queue untouched (no append, no ack) this long vanishes through Redis TTLs, even if no
+    /// maintenance runs. Default 90 days, as `Limits::idle_recipient_timeout`; zero keeps queues.
+    pub fn idle_ttl(mut self, ttl: Duration) -> Self {
+        self.idle_ttl = ttl;
+        self
+    }
+
+    /// How long a node's presence mark outlives its last refresh: the longest a dead node
+    /// can hold back pushes for its recipients. Default 30 s.
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl = ttl;
+        self
+    }
+
+    /// Keeps a storage-wide byte counter, which `Limits::max_total_bytes` needs. Costs one
+    /// more command per append and ack. Default off; a quota with a global budget is refused
+    /// without it.
+    pub fn track_total_bytes(mut self, track: bool) -> Self {
+        self.track_total_bytes = track;
+        self
+    }
+
+    /// Bounds connecting, and each command once connected. Default 5 s each.
+    pub fn timeouts(mut self, connect: Duration, response: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.response_timeout = response;
+        self
+    }
+
+    /// Connects to one Redis server (`redis://host:port/db`), through a connection manager
+    /// that reconnects by itself.
+    ///
+    /// # Errors
+    /// A URL that does not parse, or a server that does not answer: an [`Error::Storage`]
+    /// naming the URL.
+    pub async fn connect(self, url: &str) -> Result<RedisStorage> {
+        let (pushes, wakeups) = WakeupSender::channel(&self.prefix);
+        let info = url
+            .into_connection_info()
+            .map_err(|e| invalid_url(url, e))?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|e| invalid_url(url, e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(2)
+            .set_push_sender(pushes)
+            .set_automatic_resubscription();
+        let manager = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| unreachable_server(url, e))?;
+        RedisStorage::start(self, Connection::Single(manager), wakeups).await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each).
+    ///
+    /// # Errors
+    /// As [`RedisOptions::connect`], naming the URLs.
+    pub async fn connect_cluster(self, urls: &[&str]) -> Result<RedisStorage> {
+        let named = urls.join(",");
+        let (pushes, wakeups) = WakeupSender::channel(&self.prefix);
+        let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+            .use_protocol(ProtocolVersion::RESP3)
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.response_timeout)
+            .push_sender(pushes)
+            .build()
+            .map_err(|e| invalid_url(&named, e))?;
+        let connection = client
+            .get_async_connection()
+            .await
+            .map_err(|e| unreachable_server(&named, e))?;
+        RedisStorage::start(self, Connection::Cluster(connection), wakeups).await
+    }
+}
+
+fn invalid_url(url: &str, error: redis::RedisError) -> Error {
+    Error::InvalidConfig {
+        field: "redis url",
+        reason: format!("{url:?} does not parse: {error}"),
+    }
+}
+
+fn unreachable_server(url: &str, error: redis::RedisError) -> Error {
+    Error::Storage {
+        message: format!("redis at {url} does not answer: {error}"),
+        retryable: true,
+        source: Some(Arc::new(error)),
+    }
+}
+
+/// Maps a Redis error to ours: lost connections, timeouts, and a server that is loading or
+/// failing over may pass; anything else (a wrong key type, a script error) will not.
+fn redis_error(error: redis::RedisError) -> Error {
+    const PASSING: [&str; 7] = [
+        "LOADING",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MASTERDOWN",
+        "BUSY",
+        "READONLY",
+        "NOREPLICAS",
+    ];
+    let retryable = error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+        || error.is_connection_refusal()
+        || error.code().is_some_and(|code| PASSING.contains(&code));
+    let message = match error.code() {
+        Some("OQWRONGTYPE") | Some("WRONGTYPE") => {
+            format!("a key of this queue holds data of another type, left untouched: {error}")
+        }
+        _ => format!("redis: {error}"),
+    };
+    Error::Storage {
+        message,
+        retryable,
+        source: Some(Arc::new(error)),
+    }
+}
+
+/// Turns the connection's pushes (sharded pub/sub messages on this node's channel) into
+/// recipient ids.
+struct WakeupSender {
+    channel: String,
+    tx: fmpsc::UnboundedSender<RecipientId>,
+}
+
+impl WakeupSender {
+    fn channel(prefix: &str) -> (Self, fmpsc::UnboundedReceiver<RecipientId>) {
+        let (tx, rx) = fmpsc::unbounded();
+        // The channel name is set once the node id is known; pushes before that are ignored.
+        (
+            Self {
+                channel: format!("{prefix}:wake:"),
+                tx,
+            },
+            rx,
+        )
+    }
+}
+
+impl redis::aio::AsyncPushSender for WakeupSender {
+    fn send(&self, info: PushInfo) -> std::result::Result<(), redis::aio::SendError> {
+        if !matches!(info.kind, PushKind::SMessage | PushKind::Message) {
+            return Ok(());
+        }
+        let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+            (info.data.first(), info.data.get(1))
+        else {
+            return Ok(());
+        };
+        if !channel.starts_with(self.channel.as_bytes()) {
+            return Ok(());
+        }
+        if let Some(recipient) = keys::from_hex(payload) {
+            // The receiver gone means the storage is gone: nothing to wake.
+            let _ = self.tx.unbounded_send(recipient);
+        }
+        Ok(())
+    }
+}
+
+struct Shared {
+    connection: Connection,
+    options: RedisOptions,
+    node: String,
+    scripts: Scripts,
+    wakeups: Mutex<Option<fmpsc::UnboundedReceiver<RecipientId>>>,
+    presence: fmpsc::UnboundedSender<(RecipientId, bool)>,
+}
+
+/// Queues in Redis or Redis Cluster, shared by every engine that connects to them. See the
+/// [module docs](self) for the layout and what presence and wake-ups cost.
+#[derive(Clone)]
+pub struct RedisStorage {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStorage")
+            .field("prefix", &self.shared.options.prefix)
+            .field("node", &self.shared.node)
+            .finish()
+    }
+}
+
+impl RedisStorage {
+    /// Options with their defaults.
+    pub fn options() -> RedisOptions {
+        RedisOptions::default()
+    }
+
+    /// Connects to one Redis server with default options.
+    ///
+    /// # Errors
+    /// As [`RedisOptions::connect`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::options().connect(url).await
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node
+    }
+
+    async fn start(
+        options: RedisOptions,
+        mut connection: Connection,
+        wakeups: fmpsc::UnboundedReceiver<RecipientId>,
+    ) -> Result<Self> {
+        if options.prefix.contains(['{', '}']) || options.prefix.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "redis prefix",
+                reason: format!("{:?} must be non-empty and without braces", options.prefix),
+            });
+        }
+        let node = options
+            .node_id
+            .clone()
+            .unwrap_or_else(|| MessageId::generate().to_string());
+        if node.contains(['{', '}']) || node.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "redis node id",
+                reason: format!("{node:?} must be non-empty and without braces"),
+            });
+        }
+        let channel = keys::wake_channel(&options.prefix, &node);
+        redis::cmd("SSUBSCRIBE")
+            .arg(&channel)
+            .exec_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        let (presence, changes) = fmpsc::unbounded();
+        let shared = Arc::new(Shared {
+            connection,
+            options,
+            node,
+            scripts: Scripts::new(),
+            wakeups: Mutex::new(Some(wakeups)),
+            presence,
+        });
+        tokio::spawn(keep_presence(Arc::downgrade(&shared), changes));
+        Ok(Self { shared })
+    }
+
+    fn connection(&self) -> Connection {
+        self.shared.connection.clone()
+    }
+
+    fn keys(&self, recipient: &RecipientId) -> (String, [String; 8]) {
+        let hex = keys::hex(recipient);
+        let keys = keys::recipient_keys(&self.shared.options.prefix, &hex);
+        (hex, keys)
+    }
+
+    fn idle_ttl_ms(&self) -> u64 {
+        u64::try_from(self.shared.options.idle_ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Adds `delta` to the storage-wide byte counter, when it is kept.
+    async fn count_bytes(&self, delta: i64) -> Result<()> {
+        if !self.shared.options.track_total_bytes || delta == 0 {
+            return Ok(());
+        }
+        redis::cmd("INCRBY")
+            .arg(keys::total_bytes(&self.shared.options.prefix))
+            .arg(delta)
+            .exec_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Files the queue in the idle index, and in the deadline index no later than `deadline`.
+    async fn file(&self, hex: &str, touched: u64, deadline: Option<u64>) -> Result<()> {
+        let prefix = &self.shared.options.prefix;
+        let bucket = keys::bucket(hex);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(keys::idle_index(prefix, bucket))
+            .arg(touched)
+            .arg(hex)
+            .ignore();
+        if let Some(deadline) = deadline {
+            pipe.cmd("ZADD")
+                .arg(keys::deadline_index(prefix, bucket))
+                .arg("LT")
+                .arg(deadline)
+                .arg(hex)
+                .ignore();
+        }
+        pipe.exec_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Reserves `adding` bytes of the storage-wide budget before an append.
+    async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
+        let (ok, used): (u64, u64) = self
+            .shared
+            .scripts
+            .reserve
+            .key(keys::total_bytes(&self.shared.options.prefix))
+            .arg(adding)
+            .arg(max.min(LUA_MAX))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(Error::StorageFull { used, adding, max })
+        }
+    }
+}
+
+/// Writes this node's presence marks: each change at once, and all of them again every
+/// `presence_ttl / 3` so they outlive no more than `presence_ttl` if the node dies. Ends with
+/// the storage.
+async fn keep_presence(
+    shared: std::sync::Weak<Shared>,
+    mut changes: fmpsc::UnboundedReceiver<(RecipientId, bool)>,
+) {
+    let Some(ttl) = shared.upgrade().map(|s| s.options.presence_ttl) else {
+        return;
+    };
+    let mut live: HashSet<RecipientId> = HashSet::new();
+    let mut refresh = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let batch: Vec<(RecipientId, bool)> = tokio::select! {
+            change = changes.next() => match change {
+                Some((recipient, on)) => {
+                    if on { live.insert(recipient.clone()); } else { live.remove(&recipient); }
+                    vec![(recipient, on)]
+                }
+                None => return,
+            },
+            _ = refresh.tick() => live.iter().map(|r| (r.clone(), true)).collect(),
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let storage = RedisStorage { shared };
+        for (recipient, on) in batch {
+            let (_, keys) = storage.keys(&recipient);
+            let result: redis::RedisResult<i64> = storage
+                .shared
+                .scripts
+                .presence
+                .key(&keys[..])
+                .arg(&storage.shared.node)
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                .arg(u8::from(on))
+                .invoke_async(&mut storage.connection())
+                .await;
+            if let Err(error) = result {
+                // The next refresh writes it again; a lost "off" expires by itself.
+                tracing::warn!(%recipient, %error, "presence update failed");
+            }
+        }
+    }
+}
+
+/// Reads an integer out of a script reply.
+fn int(value: Option<&Value>) -> Result<i64> {
+    match value {
+        Some(Value::Int(n)) => Ok(*n),
+        Some(Value::BulkString(b)) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad_reply("an integer")),
+        _ => Err(bad_reply("an integer")),
+    }
+}
+
+fn bytes(value: Option<&Value>) -> Result<Option<&[u8]>> {
+    match value {
+        Some(Value::BulkString(b)) => Ok(Some(b)),
+        Some(Value::Nil | Value::Boolean(false)) => Ok(None),
+        _ => Err(bad_reply("a string")),
+    }
+}
+
+fn text(value: Option<&Value>) -> Result<String> {
+    match value {
+        Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Some(Value::SimpleString(s)) => Ok(s.clone()),
+        _ => Err(bad_reply("a string")),
+    }
+}
+
+fn bad_reply(expected: &str) -> Error {
+    Error::storage_msg(
+        false,
+        format!("redis: unexpected script reply, expected {expected}"),
+    )
+}
+
+fn array(value: Value) -> Result<Vec<Value>> {
+    match value {
+        Value::Array(items) => Ok(items),
+        _ => Err(bad_reply("an array")),
+    }
+}
+
+/// The stored form of a record: sent-at, id, body.
+fn encode_record(record: &NewRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + record.body.len());
+    out.extend_from_slice(&record.sent_at.as_millis().to_be_bytes());
+    out.extend_from_slice(&record.id.to_bytes());
+    out.extend_from_slice(&record.body);
+    out
+}
+
+fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> StoredRecord {
+    let sent_at = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
+    let id: [u8; 16] = raw[8..HEADER].try_into().expect("16 bytes");
+    StoredRecord {
+        seq: Seq(seq),
+        id: MessageId::from_bytes(id),
+        sent_at: Timestamp::from_millis(sent_at),
+        expires_at: (deadline > 0).then(|| Timestamp::from_millis(deadline as u64)),
+        delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
+        body: raw[HEADER..].to_vec(),
+    }
+}
+
+fn seq_of(value: i64) -> Seq {
+    Seq(value.max(0) as u64)
+}
+
+#[async_trait]
+impl Storage for RedisStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_read_batch: 10_000,
+            durable: true,
+            native_ttl: true,
+            shared: true,
+        }
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let (hex, keys) = self.keys(recipient);
+        let adding: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        let reserved = match quota.max_total_bytes {
+            Some(_) if !self.shared.options.track_total_bytes => {
+                return Err(Error::InvalidConfig {
+                    field: "max_total_bytes",
+                    reason: "needs RedisOptions::track_total_bytes(true) on RedisStorage".into(),
+                });
+            }
+            Some(max) => {
+                self.reserve(adding, max).await?;
+                adding as i64
+            }
+            None => 0,
+        };
+        let earliest = records
+            .iter()
+            .filter_map(|r| r.expires_at.map(Timestamp::as_millis))
+            .min();
+        let mut invocation = self.shared.scripts.append.key(&keys[..]);
+        invocation
+            .arg(now.as_millis())
+            .arg(quota.dedup_window_ms().min(LUA_MAX))
+            .arg(quota.max_messages.min(LUA_MAX))
+            .arg(quota.max_bytes.min(LUA_MAX))
+            .arg(u8::from(quota.overflow == Overflow::DropOldest))
+            .arg(self.idle_ttl_ms())
+            .arg(&self.shared.node)
+            .arg(records.len());
+        for record in &records {
+            invocation
+                .arg(u8::from(record.dedup))
+                .arg(&record.id.to_bytes()[..])
+                .arg(record.expires_at.map_or(0, Timestamp::as_millis))
+                .arg(encode_record(record));
+        }
+        let mut connection = self.connection();
+        let (reply, filed) = futures::join!(
+            invocation.invoke_async::<Value>(&mut connection),
+            self.file(&hex, now.as_millis(), earliest)
+        );
+        let reply = match reply {
+            Ok(reply) => array(reply)?,
+            Err(error) => {
+                let _ = self.count_bytes(-reserved).await;
+                return Err(redis_error(error));
+            }
+        };
+        filed?;
+        if text(reply.first())? == "full" {
+            let _ = self.count_bytes(-reserved).await;
+            return Err(Error::QueueFull {
+                messages: int(reply.get(1))? as u64,
+                bytes: int(reply.get(2))? as u64,
+                adding_messages: int(reply.get(3))? as u64,
+                adding_bytes: int(reply.get(4))? as u64,
+                max_messages: quota.max_messages,
+                max_bytes: quota.max_bytes,
+            });
+        }
+        let dropped = int(reply.get(1))? as u64;
+        let pending = int(reply.get(2))? as u64;
+        let delta = int(reply.get(3))?;
+        let n = int(reply.get(4))? as usize;
+        let mut results = Vec::with_capacity(n);
+        for i in 0..n {
+            let stored = int(reply.get(5 + 2 * i))? == 1;
+            let seq = seq_of(int(reply.get(6 + 2 * i))?);
+            results.push(if stored {
+                Appended::Stored(seq)
+            } else {
+                Appended::Duplicate(seq)
+            });
+        }
+        let at = 5 + 2 * n;
+        let node_count = int(reply.get(at))? as usize;
+        let nodes: Vec<String> = (0..node_count)
+            .map(|i| text(reply.get(at + 1 + i)))
+            .collect::<Result<_>>()?;
+        self.count_bytes(delta - reserved).await?;
+        let stored = results.iter().any(|r| matches!(r, Appended::Stored(_)));
+        if stored && !nodes.is_empty() {
+            let mut pipe = redis::pipe();
+            for node in &nodes {
+                pipe.cmd("SPUBLISH")
+                    .arg(keys::wake_channel(&self.shared.options.prefix, node))
+                    .arg(&hex)
+                    .ignore();
+            }
+            // Stored all the same: the other node delivers on its session's next read.
+            if let Err(error) = pipe.exec_async(&mut self.connection()).await {
+                tracing::warn!(%recipient, %error, "wake-up publish failed");
+            }
+        }
+        Ok(AppendOutcome {
+            records: results,
+            dropped,
+            pending,
+            live_elsewhere: !nodes.is_empty(),
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let (_, keys) = self.keys(recipient);
+        let reply: Value = self
+            .shared
+            .scripts
+            .read
+            .key(&keys[..])
+            .arg(after.map_or(-1, |s| s.0 as i64))
+            .arg((limit.max_messages as u64).min(LUA_MAX))
+            .arg((limit.max_bytes as u64).min(LUA_MAX))
+            .arg(now.as_millis())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let reply = array(reply)?;
+        let lost_total = int(reply.first())? as u64;
+        let lost_confirmed = int(reply.get(1))? as u64;
+        let mut at = 2;
+        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
+            let count = int(reply.get(*at))? as usize;
+            let out = (0..count)
+                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
+                .collect::<Result<_>>()?;
+            *at += 1 + count;
+            Ok(out)
+        };
+        let expired = seqs(&mut at)?;
+        let damaged = seqs(&mut at)?;
+        let count = int(reply.get(at))? as usize;
+        let mut records = Vec::with_capacity(count);
+        for i in 0..count {
+            let base = at + 1 + 4 * i;
+            let seq = int(reply.get(base))? as u64;
+            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
+            records.push(decode_record(
+                seq,
+                raw,
+                int(reply.get(base + 2))?,
+                int(reply.get(base + 3))?,
+            ));
+        }
+        Ok(ReadBatch {
+            records,
+            expired,
+            damaged,
+            lost: lost_total.saturating_sub(lost_confirmed),
+            lost_total,
+        })
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (_, keys) = self.keys(recipient);
+        let mut invocation = self.shared.scripts.mark.key(&keys[..]);
+        for seq in seqs {
+            invocation.arg(seq.0);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
+        let (hex, keys) = self.keys(recipient);
+        let mut invocation = self.shared.scripts.ack.key(&keys[..]);
+        invocation
+            .arg(ack.through.map_or(-1, |s| s.0 as i64))
+            .arg(now.as_millis())
+            .arg(
+                ack.lost_confirmed_through
+                    .map_or(-1, |t| t.min(LUA_MAX) as i64),
+            )
+            .arg(self.idle_ttl_ms())
+            .arg(ack.seqs.len());
+        for seq in &ack.seqs {
+            invocation.arg(seq.0);
+        }
+        invocation.arg(ack.passed_over.len());
+        for seq in &ack.passed_over {
+            invocation.arg(seq.0);
+        }
+        let (removed, freed): (u64, i64) = invocation
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        self.file(&hex, now.as_millis(), None).await?;
+        self.count_bytes(-freed).await?;
+        Ok(removed)
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        let prefix = self.shared.options.prefix.clone();
+        let now_ms = now.as_millis();
+        let mut outcome = PurgeOutcome::default();
+        let mut left = budget;
+        let mut connection = self.connection();
+        for bucket in 0..keys::BUCKETS {
+            let index = keys::deadline_index(&prefix, bucket);
+            while left > 0 {
+                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&index)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(left.min(64))
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(redis_error)?;
+                if due.is_empty() {
+                    break;
+                }
+                for hex in due {
+                    let keys = keys::recipient_keys(&prefix, &hex);
+                    let (removed, freed, earliest): (u64, i64, i64) = self
+                        .shared
+                        .scripts
+                        .purge
+                        .key(&keys[..])
+                        .arg(now_ms)
+                        .arg(left)
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(redis_error)?;
+                    left = left.saturating_sub(removed as usize);
+                    outcome.expired += removed;
+                    self.count_bytes(-freed).await?;
+                    // Re-file under what is left: an append racing with this may have lowered
+                    // the entry; its records are then purged when this deadline comes.
+                    let mut refile = redis::cmd(if earliest < 0 { "ZREM" } else { "ZADD" });
+                    refile.arg(&index);
+                    if earliest >= 0 {
+                        refile.arg(earliest);
+                    }
+                    refile
+                        .arg(&hex)
+                        .exec_async(&mut connection)
+                        .await
+                        .map_err(redis_error)?;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+            if let Some(before) = idle_before.map(Timestamp::as_millis) {
+                let index = keys::idle_index(&prefix, bucket);
+                while left > 0 {
+                    let idle: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                        .arg(&index)
+                        .arg("-inf")
+                        .arg(format!("({before}"))
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(left.min(64))
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(redis_error)?;
+                    if idle.is_empty() {
+                        break;
+                    }
+                    for hex in idle {
+                        let keys = keys::recipient_keys(&prefix, &hex);
+                        let (state, records, freed): (i64, u64, i64) = self
+                            .shared
+                            .scripts
+                            .idle
+                            .key(&keys[..])
+                            .arg(before)
+                            .invoke_async(&mut connection)
+                            .await
+                            .map_err(redis_error)?;
+                        let mut refile = redis::cmd(if state < 0 { "ZREM" } else { "ZADD" });
+                        refile.arg(&index);
+                        if state >= 0 {
+                            // Active since it was filed: file it under its latest activity.
+                            refile.arg(state);
+                        }
+                        refile
+                            .arg(&hex)
+                            .exec_async(&mut connection)
+                            .await
+                            .map_err(redis_error)?;
+                        if state == -2 {
+                            outcome.idle_recipients += 1;
+                            left = left.saturating_sub((records as usize).max(1));
+                            self.count_bytes(-freed).await?;
+                        }
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        if left == 0 {
+            for bucket in 0..keys::BUCKETS {
+                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(keys::deadline_index(&prefix, bucket))
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(1)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(redis_error)?;
+                let idle: Vec<String> = match idle_before {
+                    Some(before) => redis::cmd("ZRANGEBYSCORE")
+                        .arg(keys::idle_index(&prefix, bucket))
+                        .arg("-inf")
+                        .arg(format!("({}", before.as_millis()))
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(redis_error)?,
+                    None => Vec::new(),
+                };
+                if !due.is_empty() || !idle.is_empty() {
+                    outcome.more = true;
+                    break;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let (_, keys) = self.keys(recipient);
+        let reply: Value = self
+            .shared
+            .scripts
+            .stats
+            .key(&keys[..])
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let reply = array(reply)?;
+        let oldest = bytes(reply.get(3))?
+            .filter(|raw| raw.len() >= HEADER)
+            .map(|raw| {
+                Timestamp::from_millis(u64::from_be_bytes(raw[..8].try_into().expect("8 bytes")))
+            });
+        let newest = int(reply.get(4))?;
+        Ok(RecipientStats {
+            messages: int(reply.first())? as u64,
+            bytes: int(reply.get(1))? as u64,
+            oldest_sent_at: oldest,
+            newest_seq: (newest >= 0).then(|| seq_of(newest)),
+            lost: int(reply.get(2))?.max(0) as u64,
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let (_, keys) = self.keys(recipient);
+        let (removed, freed): (u64, i64) = self
+            .shared
+            .scripts
+            .remove
+            .key(&keys[..])
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        self.count_bytes(-freed).await?;
+        Ok(removed)
+    }
+
+    fn wakeups(&self) -> Option<BoxStream<'static, RecipientId>> {
+        self.shared.wakeups.lock().take().map(|rx| rx.boxed())
+    }
+
+    fn presence(&self, recipient: &RecipientId, live: bool) {
+        // The task is gone only when the storage is: nothing left to tell.
+        let _ = self
+            .shared
+            .presence
+            .unbounded_send((recipient.clone(), live));
+    }
+}

@@ -1,0 +1,67 @@
+-- Shared by every per-recipient script. All of one recipient's keys share a hash tag, so a
+-- script touches one cluster slot.
+--
+-- KEYS[1] meta       hash  seq (last assigned), live, bytes, lt (loss total), lc (loss
+--                          confirmed), touch (last append or ack, ms)
+-- KEYS[2] order      zset  member = seq, score = seq
+-- KEYS[3] bodies     hash  seq -> record (8-byte sent_at, 16-byte id, body)
+-- KEYS[4] deadlines  zset  member = seq, score = expires_at ms (records that expire)
+-- KEYS[5] deliveries hash  seq -> times handed to a transport (records handed over)
+-- KEYS[6] dedup      hash  sender-chosen id -> seq
+-- KEYS[7] dedup_at   zset  member = id, score = when stored (ms), to forget ids
+-- KEYS[8] presence   hash  node id -> presence deadline (server time, ms)
+local META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local HEADER = 24
+local TYPES = {'hash', 'zset', 'hash', 'zset', 'hash', 'hash', 'zset', 'hash'}
+
+-- Integers up to 2^53 without Lua 5.1's %.14g rounding.
+local function s(n) return string.format('%.0f', n) end
+
+-- Refuses to touch keys that hold another type (someone else's data), before any write.
+local function wrong_type()
+  for i = 1, #KEYS do
+    local t = redis.call('TYPE', KEYS[i])['ok']
+    if t ~= 'none' and t ~= TYPES[i] then
+      return redis.error_reply('OQWRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. TYPES[i])
+    end
+  end
+  return nil
+end
+
+local function load_meta()
+  local v = redis.call('HMGET', META, 'seq', 'live', 'bytes', 'lt', 'lc', 'touch')
+  if not v[1] then return nil end
+  return {seq = tonumber(v[1]), live = tonumber(v[2]), bytes = tonumber(v[3]),
+          lt = tonumber(v[4]), lc = tonumber(v[5]), touch = tonumber(v[6])}
+end
+
+local function save_meta(m)
+  redis.call('HSET', META, 'seq', s(m.seq), 'live', s(m.live), 'bytes', s(m.bytes),
+             'lt', s(m.lt), 'lc', s(m.lc), 'touch', s(m.touch))
+end
+
+-- Removes one record; false when the queue does not hold it.
+local function remove_record(m, seq)
+  local len = redis.call('HSTRLEN', BODIES, seq)
+  if redis.call('ZREM', ORDER, seq) == 0 then return false end
+  redis.call('HDEL', BODIES, seq)
+  redis.call('ZREM', DEADLINES, seq)
+  redis.call('HDEL', DELIVERIES, seq)
+  m.live = m.live - 1
+  m.bytes = m.bytes - math.max(len - HEADER, 0)
+  return true
+end
+
+local function earliest_deadline()
+  local e = redis.call('ZRANGE', DEADLINES, 0, 0, 'WITHSCORES')
+  if #e == 0 then return -1 end
+  return tonumber(e[2])
+end
+
+-- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself.
+local function refresh_ttl(ttl)
+  if ttl > 0 then
+    for i = 1, 7 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end

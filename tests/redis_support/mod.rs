@@ -1,0 +1,58 @@
+//! Where the Redis-backed tests find their server, and fresh storages on it.
+
+#![allow(dead_code)]
+
+use offline_queue::RedisStorage;
+
+/// A Redis to test against: one server, or a cluster's nodes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// `OFFLINE_QUEUE_REDIS_URL`, or `None` after saying the test is skipped.
+    pub fn single() -> Option<Self> {
+        match std::env::var("OFFLINE_QUEUE_REDIS_URL") {
+            Ok(url) if !url.is_empty() => Some(Target::Single(url)),
+            _ => {
+                eprintln!("skipped: OFFLINE_QUEUE_REDIS_URL is not set");
+                None
+            }
+        }
+    }
+
+    /// `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` (comma separated), or `None` after saying so.
+    pub fn cluster() -> Option<Self> {
+        match std::env::var("OFFLINE_QUEUE_REDIS_CLUSTER_URLS") {
+            Ok(urls) if !urls.is_empty() => Some(Target::Cluster(
+                urls.split(',').map(|u| u.trim().to_string()).collect(),
+            )),
+            _ => {
+                eprintln!("skipped: OFFLINE_QUEUE_REDIS_CLUSTER_URLS is not set");
+                None
+            }
+        }
+    }
+}
+
+/// A key prefix no other run uses.
+pub fn unique_prefix(what: &str) -> String {
+    format!("oq-test-{what}-{}", offline_queue::MessageId::generate())
+}
+
+/// A storage on `target` under `prefix`, with the byte budget counter on (the suite checks it).
+pub async fn fresh(target: &Target, prefix: &str) -> RedisStorage {
+    let options = RedisStorage::options()
+        .prefix(prefix)
+        .track_total_bytes(true);
+    match target {
+        Target::Single(url) => options.connect(url).await,
+        Target::Cluster(urls) => {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            options.connect_cluster(&urls).await
+        }
+    }
+    .expect("redis answers")
+}
