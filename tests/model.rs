@@ -370,3 +370,42 @@ proptest! {
         run(ops, Arc::new(common::Settled(storage)));
     }
 }
+
+#[cfg(feature = "redis")]
+mod redis_support;
+
+/// The Redis model runs share one tokio runtime, which drives the connections; the harness
+/// polls the engine on its own pool, inside the runtime's context.
+#[cfg(feature = "redis")]
+fn on_redis(ops: Vec<Op>, target: Option<redis_support::Target>) {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let Some(target) = target else {
+        return;
+    };
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+    let _context = runtime.enter();
+    let prefix = redis_support::unique_prefix("model");
+    let storage = runtime.block_on(redis_support::fresh(&target, &prefix));
+    run(ops, Arc::new(common::Settled(storage)));
+}
+
+#[cfg(feature = "redis")]
+proptest! {
+    // Each step is a round trip to Redis: fewer cases, same contract.
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #[test]
+    fn engine_keeps_the_contract_on_redis(ops in proptest::collection::vec(op(), 1..60)) {
+        on_redis(ops, redis_support::Target::single());
+    }
+
+    #[test]
+    fn engine_keeps_the_contract_on_a_redis_cluster(ops in proptest::collection::vec(op(), 1..60)) {
+        on_redis(ops, redis_support::Target::cluster());
+    }
+}
