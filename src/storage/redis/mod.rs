@@ -396,6 +396,28 @@ impl RedisStorage {
         &self.shared.node
     }
 
+    /// The nodes holding a session for `recipient` now, by their presence marks (this node
+    /// included): what an append consults before it pushes.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn sessions_on(&self, recipient: &RecipientId) -> Result<Vec<String>> {
+        let (_, keys) = self.keys(recipient);
+        let ((seconds, micros), marks): ((u64, u64), Vec<(String, u64)>) = redis::pipe()
+            .cmd("TIME")
+            .cmd("HGETALL")
+            .arg(&keys[7])
+            .query_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let now = seconds * 1000 + micros / 1000;
+        Ok(marks
+            .into_iter()
+            .filter(|(_, until)| *until > now)
+            .map(|(node, _)| node)
+            .collect())
+    }
+
     async fn start(
         options: RedisOptions,
         mut connection: Connection,

@@ -1,0 +1,142 @@
+//! Two engine instances sharing one Redis (and one Redis Cluster): a recipient connected to
+//! node B receives at once what was sent through node A, and a push goes out exactly once for
+//! a recipient connected nowhere, never for one connected somewhere. Skipped, and says so,
+//! when `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are unset.
+
+#![cfg(feature = "redis")]
+
+mod redis_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use offline_queue::{
+    Envelope, OfflineQueue, Outbound, RecipientId, RecordingNotifier, RedisStorage,
+    channel_transport,
+};
+use redis_support::Target;
+
+/// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+struct Node {
+    queue: OfflineQueue,
+    storage: RedisStorage,
+    pushes: Arc<RecordingNotifier>,
+}
+
+async fn node(target: &Target, prefix: &str, name: &str) -> Node {
+    let options = RedisStorage::options().prefix(prefix).node_id(name);
+    let storage = match target {
+        Target::Single(url) => options.connect(url).await,
+        Target::Cluster(urls) => {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            options.connect_cluster(&urls).await
+        }
+    }
+    .expect("redis answers");
+    let pushes = Arc::new(RecordingNotifier::new());
+    let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage.clone()))
+        .notifier(pushes.clone())
+        .build()
+        .unwrap();
+    tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    Node {
+        queue,
+        storage,
+        pushes,
+    }
+}
+
+async fn wait_for_sessions(node: &Node, who: &RecipientId, expected: &[&str]) {
+    tokio::time::timeout(PATIENCE, async {
+        while node.storage.sessions_on(who).await.unwrap() != expected {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{who} never present on exactly {expected:?}"));
+}
+
+async fn across_nodes(target: Target) {
+    let prefix = redis_support::unique_prefix("nodes");
+    let a = node(&target, &prefix, "node-a").await;
+    let b = node(&target, &prefix, "node-b").await;
+    let (bob, carol) = (
+        RecipientId::new("bob").unwrap(),
+        RecipientId::new("carol").unwrap(),
+    );
+
+    // Bob connects to B and catches up on nothing.
+    let (transport, mut inbox) = channel_transport(16);
+    let session = b.queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+    wait_for_sessions(&a, &bob, &["node-b"]).await;
+
+    // Sent through A: B's session gets it, woken by A (the session would not read again by
+    // itself), and nobody is pushed.
+    let receipt = a
+        .queue
+        .send(Envelope::new(bob.clone(), "hi from A"))
+        .await
+        .unwrap();
+    assert!(receipt.recipient_online, "A knows bob is on B");
+    let item = tokio::time::timeout(PATIENCE, inbox.next())
+        .await
+        .expect("B delivers at once")
+        .unwrap();
+    let Outbound::Batch(batch) = item else {
+        panic!("expected a batch, got {item:?}");
+    };
+    assert_eq!(batch.messages[0].payload, b"hi from A");
+    handle.ack_through(batch.position);
+
+    // Carol is connected nowhere: exactly one push, from the node that stored the message.
+    for text in ["one", "two"] {
+        let receipt = a
+            .queue
+            .send(Envelope::new(carol.clone(), text))
+            .await
+            .unwrap();
+        assert!(!receipt.recipient_online);
+    }
+    let pushed: Vec<_> = a.pushes.take().into_iter().map(|n| n.recipient).collect();
+    assert_eq!(pushed, [carol.clone()], "one push for carol, none for bob");
+    assert!(b.pushes.take().is_empty());
+
+    // Bob leaves B: his presence goes, and the next message for him is pushed.
+    handle.close();
+    driver.await.unwrap().unwrap();
+    wait_for_sessions(&a, &bob, &[]).await;
+    let receipt = a
+        .queue
+        .send(Envelope::new(bob.clone(), "later"))
+        .await
+        .unwrap();
+    assert!(!receipt.recipient_online);
+    let pushed: Vec<_> = a.pushes.take().into_iter().map(|n| n.recipient).collect();
+    assert_eq!(pushed, [bob.clone()]);
+    assert_eq!(
+        a.queue.stats(&bob).await.unwrap().messages,
+        1,
+        "acked one is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_share_one_redis() {
+    if let Some(target) = Target::single() {
+        across_nodes(target).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_share_one_redis_cluster() {
+    if let Some(target) = Target::cluster() {
+        across_nodes(target).await;
+    }
+}
