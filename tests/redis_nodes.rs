@@ -105,7 +105,7 @@ async fn across_nodes(target: Target) {
         assert!(!receipt.recipient_online);
     }
     let pushed: Vec<_> = a.pushes.take().into_iter().map(|n| n.recipient).collect();
-    assert_eq!(pushed, [carol.clone()], "one push for carol, none for bob");
+    assert_eq!(pushed, [carol], "one push for carol, none for bob");
     assert!(b.pushes.take().is_empty());
 
     // Bob leaves B: his presence goes, and the next message for him is pushed.
@@ -119,7 +119,7 @@ async fn across_nodes(target: Target) {
         .unwrap();
     assert!(!receipt.recipient_online);
     let pushed: Vec<_> = a.pushes.take().into_iter().map(|n| n.recipient).collect();
-    assert_eq!(pushed, [bob.clone()]);
+    assert_eq!(pushed, std::slice::from_ref(&bob));
     assert_eq!(
         a.queue.stats(&bob).await.unwrap().messages,
         1,
