@@ -1,0 +1,94 @@
+//! Bad input for `RedisStorage`: a URL that does not parse, a server that does not answer, a
+//! bad prefix, and our keys holding someone else's data (left untouched).
+
+#![cfg(feature = "redis")]
+
+mod redis_support;
+
+use offline_queue::storage::NewRecord;
+use offline_queue::{Error, MessageId, Quota, RecipientId, RedisStorage, Storage, Timestamp};
+
+#[tokio::test]
+async fn a_url_that_does_not_parse_is_named() {
+    let error = RedisStorage::connect("not a url").await.unwrap_err();
+    assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}");
+    assert!(error.to_string().contains("not a url"), "{error}");
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_answer_is_named_and_retryable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let error = RedisStorage::connect(&url).await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(error.to_string().contains(&url), "{error}");
+}
+
+#[tokio::test]
+async fn a_prefix_with_braces_is_refused() {
+    let Some(redis_support::Target::Single(url)) = redis_support::Target::single() else {
+        return;
+    };
+    let error = RedisStorage::options()
+        .prefix("a{b}")
+        .connect(&url)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("wrongtype");
+    let storage = redis_support::fresh(&target, &prefix).await;
+    // Someone else's list where our record hash for "bob" would be.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let theirs = format!("{prefix}:{{626f62}}:b");
+    let _: () = redis::cmd("RPUSH")
+        .arg(&theirs)
+        .arg("their data")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    let bob = RecipientId::new("bob").unwrap();
+    let record = NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: Timestamp::now_system(),
+        expires_at: None,
+        body: b"hi\0".to_vec(),
+    };
+    let error = storage
+        .append(&bob, vec![record], &Quota::UNLIMITED, Timestamp::now_system())
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error:?}");
+    assert!(error.to_string().contains("another type"), "{error}");
+    let kept: Vec<String> = redis::cmd("LRANGE")
+        .arg(&theirs)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["their data"], "their data untouched");
+    let meta: i64 = redis::cmd("EXISTS")
+        .arg(format!("{prefix}:{{626f62}}:m"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(meta, 0, "nothing of ours written");
+    let _: () = redis::cmd("DEL").arg(&theirs).query_async(&mut raw).await.unwrap();
+}
