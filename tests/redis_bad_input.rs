@@ -71,7 +71,12 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
         body: b"hi\0".to_vec(),
     };
     let error = storage
-        .append(&bob, vec![record], &Quota::UNLIMITED, Timestamp::now_system())
+        .append(
+            &bob,
+            vec![record],
+            &Quota::UNLIMITED,
+            Timestamp::now_system(),
+        )
         .await
         .unwrap_err();
     assert!(!error.is_retryable(), "{error:?}");
@@ -90,5 +95,9 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
         .await
         .unwrap();
     assert_eq!(meta, 0, "nothing of ours written");
-    let _: () = redis::cmd("DEL").arg(&theirs).query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&theirs)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
 }

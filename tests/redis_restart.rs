@@ -25,7 +25,14 @@ struct OwnRedis {
 impl OwnRedis {
     fn start(port: u16, dir: &std::path::Path) -> Self {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(dir)
@@ -38,7 +45,10 @@ impl OwnRedis {
             .output()
             .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
         {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not answer");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not answer"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Self { child }
@@ -77,7 +87,11 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_load_loses_no_acknowledged_send() {
-    if Command::new("redis-server").arg("--version").output().is_err() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: redis-server is not installed");
         return;
     }
@@ -144,14 +158,25 @@ async fn a_redis_restart_mid_load_loses_no_acknowledged_send() {
     let mut stored = HashSet::new();
     for r in 0..RECIPIENTS {
         let who = RecipientId::new(format!("r{r}")).unwrap();
-        for record in storage.read_all(&who, Timestamp::now_system()).await.unwrap() {
+        for record in storage
+            .read_all(&who, Timestamp::now_system())
+            .await
+            .unwrap()
+        {
             let payload = offline_queue::codec::decode_body(record.body, 64).unwrap();
             stored.insert(u64::from_be_bytes(payload.try_into().unwrap()));
         }
     }
     let acknowledged = acknowledged.lock();
-    let lost: Vec<_> = acknowledged.iter().filter(|n| !stored.contains(n)).collect();
-    assert!(lost.is_empty(), "{} acknowledged sends lost: {lost:?}", lost.len());
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|n| !stored.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged sends lost: {lost:?}",
+        lost.len()
+    );
     eprintln!(
         "{} sends acknowledged, {} failed during the outage, none lost",
         acknowledged.len(),

@@ -1,0 +1,231 @@
+//! `RedisStorage` beside the raw floor of the same Redis, in the same run:
+//! - send: 64 concurrent senders, 256-byte payloads, through the engine, against 64
+//!   concurrent `LPUSH`es of the same bytes through redis-rs with no logic (one multiplexed
+//!   connection each way, so concurrent commands are pipelined alike);
+//! - drain: 10,000 pending messages delivered and acked in batches of 100, against
+//!   `LRANGE` + `LTRIM` of 100 at a time from one list.
+//!
+//! `OFFLINE_QUEUE_REDIS_URL=redis://127.0.0.1:6379/ cargo bench --features redis --bench redis`
+//! (without the variable it says so and measures nothing).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use offline_queue::{Envelope, OfflineQueue, RecipientId, RedisStorage};
+use redis::aio::ConnectionManager;
+
+const PAYLOAD: usize = 256;
+const SENDERS: usize = 64;
+const PER_SENDER: usize = 100;
+
+struct Setup {
+    runtime: tokio::runtime::Runtime,
+    queue: OfflineQueue,
+    storage: RedisStorage,
+    raw: ConnectionManager,
+    prefix: String,
+}
+
+fn setup() -> Option<Setup> {
+    let Ok(url) = std::env::var("OFFLINE_QUEUE_REDIS_URL") else {
+        eprintln!("skipped: OFFLINE_QUEUE_REDIS_URL is not set");
+        return None;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = format!("oq-bench-{}", offline_queue::MessageId::generate());
+    let (storage, raw) = runtime.block_on(async {
+        let storage = RedisStorage::options()
+            .prefix(prefix.clone())
+            .connect(&url)
+            .await
+            .unwrap();
+        let raw = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap();
+        (storage, raw)
+    });
+    let queue = support::queue(Arc::new(storage.clone()));
+    Some(Setup {
+        runtime,
+        queue,
+        storage,
+        raw,
+        prefix,
+    })
+}
+
+fn recipient(sender: usize) -> RecipientId {
+    RecipientId::new(format!("user-{sender}")).unwrap()
+}
+
+fn send(c: &mut Criterion) {
+    let Some(s) = setup() else { return };
+    let mut group = c.benchmark_group("redis_send_64_senders");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements((SENDERS * PER_SENDER) as u64));
+    group.bench_function("engine", |b| {
+        b.iter_custom(|iters| {
+            s.runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..SENDERS)
+                        .map(|sender| {
+                            let queue = s.queue.clone();
+                            tokio::spawn(async move {
+                                let who = recipient(sender);
+                                for _ in 0..PER_SENDER {
+                                    let envelope = Envelope::new(who.clone(), vec![7u8; PAYLOAD]);
+                                    queue.send(envelope).await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("raw_lpush", |b| {
+        b.iter_custom(|iters| {
+            s.runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..SENDERS)
+                        .map(|sender| {
+                            let mut raw = s.raw.clone();
+                            let key = format!("{}:raw:{sender}", s.prefix);
+                            tokio::spawn(async move {
+                                for _ in 0..PER_SENDER {
+                                    let _: () = redis::cmd("LPUSH")
+                                        .arg(&key)
+                                        .arg(vec![7u8; PAYLOAD])
+                                        .query_async(&mut raw)
+                                        .await
+                                        .unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+    cleanup(&s);
+}
+
+fn drain(c: &mut Criterion) {
+    const PENDING: usize = 10_000;
+    let Some(s) = setup() else { return };
+    let mut group = c.benchmark_group("redis_drain_10k");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(PENDING as u64));
+    let who = RecipientId::new("bob").unwrap();
+    group.bench_function("engine", |b| {
+        b.iter_batched(
+            || {
+                s.runtime.block_on(async {
+                    let envelopes: Vec<Envelope> = (0..PENDING)
+                        .map(|_| Envelope::new(who.clone(), vec![7u8; PAYLOAD]))
+                        .collect();
+                    for chunk in envelopes.chunks(500) {
+                        for result in s.queue.send_many(chunk.to_vec()).await.unwrap() {
+                            result.unwrap();
+                        }
+                    }
+                })
+            },
+            |()| s.runtime.block_on(support::drain(&s.queue, &who)),
+            BatchSize::PerIteration,
+        )
+    });
+    let key = format!("{}:raw:drain", s.prefix);
+    group.bench_function("raw_lrange_ltrim", |b| {
+        b.iter_batched(
+            || {
+                s.runtime.block_on(async {
+                    let mut raw = s.raw.clone();
+                    for _ in 0..PENDING / 500 {
+                        let values = vec![vec![7u8; PAYLOAD]; 500];
+                        let _: () = redis::cmd("RPUSH")
+                            .arg(&key)
+                            .arg(values)
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
+                    }
+                })
+            },
+            |()| {
+                s.runtime.block_on(async {
+                    let mut raw = s.raw.clone();
+                    loop {
+                        let (batch, ()): (Vec<Vec<u8>>, ()) = redis::pipe()
+                            .cmd("LRANGE")
+                            .arg(&key)
+                            .arg(0)
+                            .arg(99)
+                            .cmd("LTRIM")
+                            .arg(&key)
+                            .arg(100)
+                            .arg(-1)
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
+                        if batch.is_empty() {
+                            break;
+                        }
+                    }
+                })
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+    cleanup(&s);
+}
+
+/// Removes what the bench stored.
+fn cleanup(s: &Setup) {
+    use offline_queue::Storage;
+    s.runtime.block_on(async {
+        let mut raw = s.raw.clone();
+        for sender in 0..SENDERS {
+            s.storage
+                .remove_recipient(&recipient(sender))
+                .await
+                .unwrap();
+            let _: () = redis::cmd("DEL")
+                .arg(format!("{}:raw:{sender}", s.prefix))
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        s.storage
+            .remove_recipient(&RecipientId::new("bob").unwrap())
+            .await
+            .unwrap();
+    });
+}
+
+criterion_group!(benches, send, drain);
+criterion_main!(benches);
