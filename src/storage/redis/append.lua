@@ -1,17 +1,25 @@
 -- ARGV: now, dedup window ms, max messages, max bytes, drop oldest (1/0), idle ttl ms, node,
 -- record count, then per record: dedup (1/0), id, deadline ms (0 = never), record bytes.
 -- Returns {'full', live, bytes, adding, adding bytes} with nothing written, or
--- {'ok', dropped, live, byte delta, n, (stored 1/0, seq) * n, node count, nodes...}.
-local err = wrong_type()
-if err then return err end
+-- {'ok', dropped, live, byte delta, file idle (touch or -1), file deadline (ms or -1), n,
+--  (stored 1/0, seq) * n, node count, nodes...}.
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local max_m, max_b = tonumber(ARGV[3]), tonumber(ARGV[4])
 local drop_oldest, ttl, node, n = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 
-if window > 0 then
-  local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window))
-  for _, id in ipairs(old) do redis.call('HDEL', DEDUP, id) end
-  if #old > 0 then redis.call('ZREMRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window)) end
+local m = load_meta()
+if not m then
+  -- Our keys are checked once, when the queue is created, before anything is written.
+  local err = wrong_type()
+  if err then return err end
+end
+
+if window > 0 and m then
+  local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window), 'LIMIT', 0, 1000)
+  if #old > 0 then
+    redis.call('HDEL', DEDUP, unpack(old))
+    redis.call('ZREM', DEDUP_AT, unpack(old))
+  end
 end
 
 -- Plan without writing: which records are new, and what they cost.
@@ -21,7 +29,7 @@ for i = 1, n do
   local at = 8 + (i - 1) * 4
   local dedup, id, record = ARGV[at + 1] == '1', ARGV[at + 2], ARGV[at + 4]
   if dedup then
-    local seq = redis.call('HGET', DEDUP, id)
+    local seq = m and redis.call('HGET', DEDUP, id)
     local stored_at = seq and tonumber(redis.call('ZSCORE', DEDUP_AT, id))
     if seq and stored_at and now - stored_at < window then
       plan[i] = {'dup', tonumber(seq)}
@@ -38,7 +46,6 @@ for i = 1, n do
   end
 end
 
-local m = load_meta()
 local live, bytes = 0, 0
 if m then live, bytes = m.live, m.bytes end
 local function fits(keep, keep_bytes)
@@ -53,11 +60,12 @@ if adding > 0 and not fits(live, bytes) then
   while not fits(keep, keep_bytes) do
     local chunk = redis.call('ZRANGE', ORDER, offset, offset + 99)
     if #chunk == 0 then break end
-    for _, seq in ipairs(chunk) do
+    local records = redis.call('HMGET', BODIES, unpack(chunk))
+    for i, seq in ipairs(chunk) do
       if fits(keep, keep_bytes) then break end
       keep = keep - 1
-      keep_bytes = keep_bytes - math.max(redis.call('HSTRLEN', BODIES, seq) - HEADER, 0)
-      table.insert(to_drop, seq)
+      keep_bytes = keep_bytes - math.max(#(records[i] or '') - HEADER, 0)
+      to_drop[#to_drop + 1] = seq
     end
     offset = offset + #chunk
   end
@@ -65,74 +73,102 @@ end
 
 local out
 if adding == 0 then
-  out = {'ok', 0, live, 0, n}
+  out = {'ok', 0, live, 0, -1, -1, n}
   for i = 1, n do
-    table.insert(out, 0)
-    table.insert(out, plan[i][2])
+    out[#out + 1] = 0
+    out[#out + 1] = plan[i][2]
   end
 else
   if not m then
     -- A new queue's seqs and loss total start from the clock, above anything an earlier
     -- queue of this recipient reached (unless it took over 1,000 appends per ms of its life).
     local base = now * 1000
-    m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now}
+    m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1}
   end
   local before = m.bytes
-  local dropped = 0
-  for _, seq in ipairs(to_drop) do
-    if remove_record(m, seq) then
-      m.lt = m.lt + 1
-      dropped = dropped + 1
-    end
-  end
+  local dropped = remove_records(m, to_drop)
+  m.lt = m.lt + dropped
   local first = m.seq + 1
+  local order, records, deadlines, ids, id_times = {}, {}, {}, {}, {}
+  local earliest = -1
   for i = 1, n do
     if plan[i][1] == 'new' then
       local at = 8 + (i - 1) * 4
       m.seq = m.seq + 1
       local seq = s(m.seq)
       local record = ARGV[at + 4]
-      redis.call('ZADD', ORDER, seq, seq)
-      redis.call('HSET', BODIES, seq, record)
+      order[#order + 1] = seq
+      order[#order + 1] = seq
+      records[#records + 1] = seq
+      records[#records + 1] = record
       local deadline = tonumber(ARGV[at + 3])
-      if deadline > 0 then redis.call('ZADD', DEADLINES, s(deadline), seq) end
+      if deadline > 0 then
+        deadlines[#deadlines + 1] = s(deadline)
+        deadlines[#deadlines + 1] = seq
+        if earliest < 0 or deadline < earliest then earliest = deadline end
+      end
       if ARGV[at + 1] == '1' and window > 0 then
-        redis.call('HSET', DEDUP, ARGV[at + 2], seq)
-        redis.call('ZADD', DEDUP_AT, s(now), ARGV[at + 2])
+        ids[#ids + 1] = ARGV[at + 2]
+        ids[#ids + 1] = seq
+        id_times[#id_times + 1] = s(now)
+        id_times[#id_times + 1] = ARGV[at + 2]
       end
       m.live = m.live + 1
       m.bytes = m.bytes + (#record - HEADER)
     end
   end
+  redis.call('ZADD', ORDER, unpack(order))
+  redis.call('HSET', BODIES, unpack(records))
+  expire(ttl, ORDER, BODIES, META)
+  if #deadlines > 0 then
+    redis.call('ZADD', DEADLINES, unpack(deadlines))
+    expire(ttl, DEADLINES)
+  end
+  if #ids > 0 then
+    redis.call('HSET', DEDUP, unpack(ids))
+    redis.call('ZADD', DEDUP_AT, unpack(id_times))
+    expire(ttl, DEDUP, DEDUP_AT)
+  end
   if now > m.touch then m.touch = now end
+  -- Index entries to write beside this script: only when they would change.
+  local file_idle, file_deadline = -1, -1
+  if m.touch - m.filed >= FILE_EVERY then
+    m.filed = m.touch
+    file_idle = m.touch
+  end
+  if earliest >= 0 and (m.xi < 0 or earliest < m.xi) then
+    m.xi = earliest
+    file_deadline = earliest
+  end
   save_meta(m)
-  refresh_ttl(ttl)
-  out = {'ok', dropped, m.live, m.bytes - before, n}
+  out = {'ok', dropped, m.live, m.bytes - before, file_idle, file_deadline, n}
   for i = 1, n do
     local kind, value = plan[i][1], plan[i][2]
     if kind == 'new' then
-      table.insert(out, 1)
-      table.insert(out, first + value)
+      out[#out + 1] = 1
+      out[#out + 1] = first + value
     elseif kind == 'dup_new' then
-      table.insert(out, 0)
-      table.insert(out, first + value)
+      out[#out + 1] = 0
+      out[#out + 1] = first + value
     else
-      table.insert(out, 0)
-      table.insert(out, value)
+      out[#out + 1] = 0
+      out[#out + 1] = value
     end
   end
 end
 
 -- Other nodes holding a session for this recipient, by the server's clock.
-local time = redis.call('TIME')
-local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local present = redis.call('HGETALL', PRESENCE)
 local nodes = {}
-for i = 1, #present, 2 do
-  if present[i] ~= node and tonumber(present[i + 1]) > server_now then
-    table.insert(nodes, present[i])
+if redis.call('EXISTS', PRESENCE) == 1 then
+  local time = redis.call('TIME')
+  local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local present = redis.call('HGETALL', PRESENCE)
+  for i = 1, #present, 2 do
+    if present[i] ~= node and tonumber(present[i + 1]) > server_now then
+      nodes[#nodes + 1] = present[i]
+    end
   end
 end
-table.insert(out, #nodes)
-for _, other in ipairs(nodes) do table.insert(out, other) end
+out[#out + 1] = #nodes
+for _, other in ipairs(nodes) do out[#out + 1] = other end
 return out

@@ -1,10 +1,12 @@
 -- ARGV: idle before (ms). Removes the queue whole if untouched since then.
--- Returns {-1, 0, 0} when there is no queue, {touch, 0, 0} when it is active,
--- {-2, records removed, bytes freed} when it was removed.
-local err = wrong_type()
-if err then return err end
+-- Returns {-1, 0, 0} when there is no queue, {touch, 0, 0} when it is active (the caller
+-- files it under that), {-2, records removed, bytes freed} when it was removed.
 local m = load_meta()
 if not m then return {-1, 0, 0} end
-if m.touch >= tonumber(ARGV[1]) then return {m.touch, 0, 0} end
-for i = 1, 7 do redis.call('DEL', KEYS[i]) end
+if m.touch >= tonumber(ARGV[1]) then
+  m.filed = m.touch
+  save_meta(m)
+  return {m.touch, 0, 0}
+end
+redis.call('DEL', META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
 return {-2, m.live, m.bytes}

@@ -485,17 +485,23 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
-    /// Files the queue in the idle index, and in the deadline index no later than `deadline`.
-    async fn file(&self, hex: &str, touched: u64, deadline: Option<u64>) -> Result<()> {
+    /// Files the queue in the idle index under `touched`, and in the deadline index no later
+    /// than `deadline`, where the script asked for it (-1: no change).
+    async fn file(&self, hex: &str, touched: i64, deadline: i64) -> Result<()> {
+        if touched < 0 && deadline < 0 {
+            return Ok(());
+        }
         let prefix = &self.shared.options.prefix;
         let bucket = keys::bucket(hex);
         let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(keys::idle_index(prefix, bucket))
-            .arg(touched)
-            .arg(hex)
-            .ignore();
-        if let Some(deadline) = deadline {
+        if touched >= 0 {
+            pipe.cmd("ZADD")
+                .arg(keys::idle_index(prefix, bucket))
+                .arg(touched)
+                .arg(hex)
+                .ignore();
+        }
+        if deadline >= 0 {
             pipe.cmd("ZADD")
                 .arg(keys::deadline_index(prefix, bucket))
                 .arg("LT")
@@ -677,10 +683,6 @@ impl Storage for RedisStorage {
             }
             None => 0,
         };
-        let earliest = records
-            .iter()
-            .filter_map(|r| r.expires_at.map(Timestamp::as_millis))
-            .min();
         let mut invocation = self.shared.scripts.append.key(&keys[..]);
         invocation
             .arg(now.as_millis())
@@ -698,19 +700,16 @@ impl Storage for RedisStorage {
                 .arg(record.expires_at.map_or(0, Timestamp::as_millis))
                 .arg(encode_record(record));
         }
-        let mut connection = self.connection();
-        let (reply, filed) = futures::join!(
-            invocation.invoke_async::<Value>(&mut connection),
-            self.file(&hex, now.as_millis(), earliest)
-        );
-        let reply = match reply {
+        let reply = match invocation
+            .invoke_async::<Value>(&mut self.connection())
+            .await
+        {
             Ok(reply) => array(reply)?,
             Err(error) => {
                 let _ = self.count_bytes(-reserved).await;
                 return Err(redis_error(error));
             }
         };
-        filed?;
         if text(reply.first())? == "full" {
             let _ = self.count_bytes(-reserved).await;
             return Err(Error::QueueFull {
@@ -725,23 +724,25 @@ impl Storage for RedisStorage {
         let dropped = int(reply.get(1))? as u64;
         let pending = int(reply.get(2))? as u64;
         let delta = int(reply.get(3))?;
-        let n = int(reply.get(4))? as usize;
+        let (file_idle, file_deadline) = (int(reply.get(4))?, int(reply.get(5))?);
+        let n = int(reply.get(6))? as usize;
         let mut results = Vec::with_capacity(n);
         for i in 0..n {
-            let stored = int(reply.get(5 + 2 * i))? == 1;
-            let seq = seq_of(int(reply.get(6 + 2 * i))?);
+            let stored = int(reply.get(7 + 2 * i))? == 1;
+            let seq = seq_of(int(reply.get(8 + 2 * i))?);
             results.push(if stored {
                 Appended::Stored(seq)
             } else {
                 Appended::Duplicate(seq)
             });
         }
-        let at = 5 + 2 * n;
+        let at = 7 + 2 * n;
         let node_count = int(reply.get(at))? as usize;
         let nodes: Vec<String> = (0..node_count)
             .map(|i| text(reply.get(at + 1 + i)))
             .collect::<Result<_>>()?;
         self.count_bytes(delta - reserved).await?;
+        self.file(&hex, file_idle, file_deadline).await?;
         let stored = results.iter().any(|r| matches!(r, Appended::Stored(_)));
         if stored && !nodes.is_empty() {
             let mut pipe = redis::pipe();
@@ -826,6 +827,7 @@ impl Storage for RedisStorage {
         }
         let (_, keys) = self.keys(recipient);
         let mut invocation = self.shared.scripts.mark.key(&keys[..]);
+        invocation.arg(self.idle_ttl_ms());
         for seq in seqs {
             invocation.arg(seq.0);
         }
@@ -855,11 +857,11 @@ impl Storage for RedisStorage {
         for seq in &ack.passed_over {
             invocation.arg(seq.0);
         }
-        let (removed, freed): (u64, i64) = invocation
+        let (removed, freed, file_idle): (u64, i64, i64) = invocation
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        self.file(&hex, now.as_millis(), None).await?;
+        self.file(&hex, file_idle, -1).await?;
         self.count_bytes(-freed).await?;
         Ok(removed)
     }

@@ -29,28 +29,59 @@ local function wrong_type()
   return nil
 end
 
+-- Meta fields: seq, live, bytes, lt, lc, touch; filed (touch as last filed in the idle
+-- index) and xi (the deadline last filed in the deadline index, -1 for none) spare an index
+-- write on most calls.
 local function load_meta()
-  local v = redis.call('HMGET', META, 'seq', 'live', 'bytes', 'lt', 'lc', 'touch')
+  local v = redis.call('HMGET', META, 'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi')
   if not v[1] then return nil end
   return {seq = tonumber(v[1]), live = tonumber(v[2]), bytes = tonumber(v[3]),
-          lt = tonumber(v[4]), lc = tonumber(v[5]), touch = tonumber(v[6])}
+          lt = tonumber(v[4]), lc = tonumber(v[5]), touch = tonumber(v[6]),
+          filed = tonumber(v[7] or '0'), xi = tonumber(v[8] or '-1')}
 end
 
 local function save_meta(m)
   redis.call('HSET', META, 'seq', s(m.seq), 'live', s(m.live), 'bytes', s(m.bytes),
-             'lt', s(m.lt), 'lc', s(m.lc), 'touch', s(m.touch))
+             'lt', s(m.lt), 'lc', s(m.lc), 'touch', s(m.touch), 'filed', s(m.filed),
+             'xi', s(m.xi))
 end
 
--- Removes one record; false when the queue does not hold it.
-local function remove_record(m, seq)
-  local len = redis.call('HSTRLEN', BODIES, seq)
-  if redis.call('ZREM', ORDER, seq) == 0 then return false end
-  redis.call('HDEL', BODIES, seq)
-  redis.call('ZREM', DEADLINES, seq)
-  redis.call('HDEL', DELIVERIES, seq)
-  m.live = m.live - 1
-  m.bytes = m.bytes - math.max(len - HEADER, 0)
-  return true
+-- Removes the listed records (seqs as strings) that the queue holds, a thousand per call;
+-- returns how many it removed.
+local function remove_records(m, seqs)
+  local removed, seen = 0, {}
+  local first = 1
+  while first <= #seqs do
+    local chunk = {}
+    while first <= #seqs and #chunk < 1000 do
+      local seq = seqs[first]
+      if not seen[seq] then
+        seen[seq] = true
+        chunk[#chunk + 1] = seq
+      end
+      first = first + 1
+    end
+    if #chunk > 0 then
+      local present = redis.call('ZMSCORE', ORDER, unpack(chunk))
+      local held = {}
+      for i = 1, #chunk do
+        if present[i] then held[#held + 1] = chunk[i] end
+      end
+      if #held > 0 then
+        local records = redis.call('HMGET', BODIES, unpack(held))
+        for i = 1, #held do
+          if records[i] then m.bytes = m.bytes - math.max(#records[i] - HEADER, 0) end
+        end
+        redis.call('ZREM', ORDER, unpack(held))
+        redis.call('HDEL', BODIES, unpack(held))
+        redis.call('ZREM', DEADLINES, unpack(held))
+        redis.call('HDEL', DELIVERIES, unpack(held))
+        m.live = m.live - #held
+        removed = removed + #held
+      end
+    end
+  end
+  return removed
 end
 
 local function earliest_deadline()
@@ -59,9 +90,13 @@ local function earliest_deadline()
   return tonumber(e[2])
 end
 
--- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself.
-local function refresh_ttl(ttl)
+-- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself. Each call
+-- refreshes the keys it wrote.
+local function expire(ttl, ...)
   if ttl > 0 then
-    for i = 1, 7 do redis.call('PEXPIRE', KEYS[i], ttl) end
+    for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl) end
   end
 end
+
+-- How far the idle index may lag a queue's activity (purging re-checks the queue itself).
+local FILE_EVERY = 60000

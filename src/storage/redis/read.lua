@@ -4,39 +4,42 @@
 local m = load_meta()
 if not m then return {0, 0, 0, 0, 0} end
 local after, max_m, max_b, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local expired, damaged, records = {}, {}, {}
+local expired, damaged, out_records = {}, {}, {}
 local count, bytes = 0, 0
 local low = '-inf'
 if after >= 0 then low = '(' .. s(after) end
+local page = math.max(16, math.min(128, max_m))
 local done = false
 while not done do
-  local chunk = redis.call('ZRANGEBYSCORE', ORDER, low, '+inf', 'LIMIT', 0, 128)
+  local chunk = redis.call('ZRANGEBYSCORE', ORDER, low, '+inf', 'LIMIT', 0, page)
   if #chunk == 0 then break end
-  for _, seq in ipairs(chunk) do
+  local deadlines = redis.call('ZMSCORE', DEADLINES, unpack(chunk))
+  local records = redis.call('HMGET', BODIES, unpack(chunk))
+  local deliveries = redis.call('HMGET', DELIVERIES, unpack(chunk))
+  for i, seq in ipairs(chunk) do
     low = '(' .. seq
-    local deadline = redis.call('ZSCORE', DEADLINES, seq)
-    local record = redis.call('HGET', BODIES, seq)
+    local deadline, record = deadlines[i], records[i]
     if deadline and tonumber(deadline) <= now then
-      table.insert(expired, tonumber(seq))
+      expired[#expired + 1] = tonumber(seq)
       if #expired >= max_m then done = true break end
     elseif not record or #record < HEADER then
-      table.insert(damaged, tonumber(seq))
+      damaged[#damaged + 1] = tonumber(seq)
     else
       local len = #record - HEADER
       if count >= max_m or (count > 0 and bytes + len > max_b) then done = true break end
       count = count + 1
       bytes = bytes + len
-      table.insert(records, tonumber(seq))
-      table.insert(records, record)
-      table.insert(records, tonumber(redis.call('HGET', DELIVERIES, seq) or '0'))
-      table.insert(records, deadline and tonumber(deadline) or 0)
+      out_records[#out_records + 1] = tonumber(seq)
+      out_records[#out_records + 1] = record
+      out_records[#out_records + 1] = tonumber(deliveries[i] or '0')
+      out_records[#out_records + 1] = deadline and tonumber(deadline) or 0
     end
   end
 end
 local out = {m.lt, m.lc, #expired}
-for _, seq in ipairs(expired) do table.insert(out, seq) end
-table.insert(out, #damaged)
-for _, seq in ipairs(damaged) do table.insert(out, seq) end
-table.insert(out, count)
-for _, v in ipairs(records) do table.insert(out, v) end
+for _, seq in ipairs(expired) do out[#out + 1] = seq end
+out[#out + 1] = #damaged
+for _, seq in ipairs(damaged) do out[#out + 1] = seq end
+out[#out + 1] = count
+for _, v in ipairs(out_records) do out[#out + 1] = v end
 return out

@@ -3,5 +3,5 @@ local err = wrong_type()
 if err then return err end
 local m = load_meta()
 if not m then return {0, 0} end
-for i = 1, 7 do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
 return {m.live, m.bytes}
