@@ -461,9 +461,15 @@ async fn the_page_health_and_bad_upgrades_answer() {
 #[test]
 fn bad_flags_fail_at_start_naming_the_flag() {
     for (args, expected) in [
+        // Built with the Redis backend, a server that does not answer is named; without it,
+        // the missing feature is.
         (
-            vec!["--storage", "redis://127.0.0.1:6379"],
-            "Redis backend is not built",
+            vec!["--storage", "redis://127.0.0.1:1"],
+            if cfg!(feature = "redis") {
+                "redis://127.0.0.1:1"
+            } else {
+                "built without the `redis` feature"
+            },
         ),
         (
             vec!["--storage", "postgres://localhost/test"],
@@ -551,4 +557,42 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat_page.png");
     browser.screenshot(&shot).await;
     eprintln!("screenshot: {}", shot.display());
+}
+
+/// Cluster mode: two server processes on one Redis (and on one Redis Cluster). A user
+/// connected to the second receives, at once, what was sent through the first.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_servers_on_one_redis_deliver_across() {
+    let targets = [
+        std::env::var("OFFLINE_QUEUE_REDIS_URL").ok(),
+        std::env::var("OFFLINE_QUEUE_REDIS_CLUSTER_URLS").ok(),
+    ];
+    if targets.iter().all(Option::is_none) {
+        eprintln!(
+            "skipped: OFFLINE_QUEUE_REDIS_URL and OFFLINE_QUEUE_REDIS_CLUSTER_URLS are unset"
+        );
+        return;
+    }
+    for storage in targets.into_iter().flatten() {
+        let prefix = format!("chat-test-{}", offline_queue::MessageId::generate());
+        let flags = ["--storage", &storage, "--redis-prefix", &prefix];
+        let first = Server::start(&flags);
+        let second = Server::start(&flags);
+        let mut bob = Client::connect(&second, "bob").await;
+        bob.expect_caught_up_empty().await;
+        // Bob's presence reaches Redis within a round trip of his connecting.
+        let mut alice = Client::connect(&first, "alice").await;
+        alice.expect_caught_up_empty().await;
+        wait_until("bob is online as the first server sees it", || async {
+            first.online("bob").await
+        })
+        .await;
+        let seq = alice.send_message("bob", "across servers").await;
+        let frame = bob.recv().await;
+        assert_eq!(frame["type"], "deliver", "{frame}");
+        assert_eq!(frame["messages"][0]["body"], "across servers");
+        assert_eq!(frame["messages"][0]["seq"], seq);
+        assert_eq!(frame["messages"][0]["from"], "alice");
+    }
 }

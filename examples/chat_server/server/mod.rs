@@ -15,6 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
+use futures::future::BoxFuture;
 use offline_queue::{
     BatchLimit, Limits, MemoryStorage, NotifyPolicy, OfflineQueue, Overflow, RecipientId,
     RedbStorage, Storage,
@@ -32,10 +33,17 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where messages wait: `redb:<path>` (durable, one file) or `memory`. (`redis://` and
-    /// `postgres://` are refused until those backends exist.)
+    /// Where messages wait: `redb:<path>` (durable, one file), `memory`, or `redis://host:port`
+    /// (several, comma separated, for a Redis Cluster; needs the `redis` feature), shared by
+    /// every node that names it. (`postgres://` is refused until that backend exists.)
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
+    /// With Redis storage: the prefix of every key, so several deployments can share a Redis.
+    #[arg(long, default_value = "chat")]
+    pub redis_prefix: String,
+    /// With Redis storage: this node's id among the nodes (default: random).
+    #[arg(long)]
+    pub node_id: Option<String>,
     /// Largest stored message in bytes (sender, text and framing).
     #[arg(long, default_value_t = 65536)]
     pub max_message_bytes: usize,
@@ -107,23 +115,29 @@ pub struct App {
     #[expect(dead_code, reason = "held, never read")]
     connections: mpsc::Sender<()>,
     limits: connection::Limits,
+    /// Cross-node presence, with a storage shared by several nodes.
+    presence: Option<Presence>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Opens the storage named by `--storage`.
-fn open_storage(spec: &str) -> Result<Arc<dyn Storage>, BoxError> {
+/// Whether a user has a session on any node sharing the storage (not only this one).
+type Presence = Arc<dyn Fn(RecipientId) -> BoxFuture<'static, bool> + Send + Sync>;
+
+async fn open_storage(config: &Config) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+    let spec = config.storage.as_str();
     if spec == "memory" {
-        return Ok(Arc::new(MemoryStorage::new()));
+        return Ok((Arc::new(MemoryStorage::new()), None));
     }
     if let Some(path) = spec.strip_prefix("redb:") {
         if let Some(dir) = std::path::Path::new(path).parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        return Ok(Arc::new(RedbStorage::open(path)?));
+        return Ok((Arc::new(RedbStorage::open(path)?), None));
     }
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
-        return Err("--storage redis://: the Redis backend is not built yet in this version of offline-queue".into());
+        return open_redis(spec, config).await;
     }
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         return Err("--storage postgres://: the PostgreSQL backend is not built yet in this version of offline-queue".into());
@@ -134,10 +148,53 @@ fn open_storage(spec: &str) -> Result<Arc<dyn Storage>, BoxError> {
     )
 }
 
-/// Builds the engine from the flags. The webhook task, if any, ends when the engine is dropped.
-fn build_queue(
+/// Several nodes share one Redis (or one cluster: several URLs, comma separated): each
+/// delivers to its own sessions and is woken when another node stores for them.
+#[cfg(feature = "redis")]
+async fn open_redis(
+    spec: &str,
     config: &Config,
-) -> Result<(OfflineQueue, Option<tokio::task::JoinHandle<()>>), BoxError> {
+) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+    let mut options = offline_queue::RedisStorage::options().prefix(config.redis_prefix.clone());
+    if let Some(node) = &config.node_id {
+        options = options.node_id(node.clone());
+    }
+    let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let storage = match urls.as_slice() {
+        [one] => options.connect(one).await?,
+        many => options.connect_cluster(many).await?,
+    };
+    let shared = storage.clone();
+    let presence: Presence = Arc::new(move |user| {
+        let storage = shared.clone();
+        Box::pin(async move {
+            storage
+                .sessions_on(&user)
+                .await
+                .is_ok_and(|nodes| !nodes.is_empty())
+        })
+    });
+    Ok((Arc::new(storage), Some(presence)))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(
+    _spec: &str,
+    _config: &Config,
+) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+    Err("--storage redis://: built without the `redis` feature (cargo run --features redis --example chat_server)".into())
+}
+
+/// Builds the engine from the flags. The webhook task, if any, ends when the engine is dropped.
+/// The engine and what runs beside it.
+struct Engine {
+    queue: OfflineQueue,
+    /// Posts pushes; ends after the engine is dropped.
+    webhook_task: Option<tokio::task::JoinHandle<()>>,
+    presence: Option<Presence>,
+}
+
+async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
     let limits = Limits {
         max_message_bytes: config.max_message_bytes,
         max_messages_per_recipient: config.max_pending,
@@ -149,8 +206,9 @@ fn build_queue(
         urgent_cooldown: Duration::from_secs(config.notify_cooldown_secs),
         ..NotifyPolicy::default()
     };
+    let (storage, presence) = open_storage(config).await?;
     let mut builder = OfflineQueue::builder()
-        .storage(open_storage(&config.storage)?)
+        .storage(storage)
         .limits(limits)
         .batch(BatchLimit {
             max_messages: config.batch_max,
@@ -164,7 +222,11 @@ fn build_queue(
         builder = builder.notifier(Arc::new(notifier));
         webhook_task = Some(task);
     }
-    Ok((builder.build()?, webhook_task))
+    Ok(Engine {
+        queue: builder.build()?,
+        webhook_task,
+        presence,
+    })
 }
 
 /// Opens the storage, binds `--listen`, and serves until SIGINT or SIGTERM. The address is
@@ -172,13 +234,21 @@ fn build_queue(
 /// wait for that line.
 pub async fn run(config: Config) -> Result<(), BoxError> {
     config.validate()?;
-    let (queue, webhook_task) = build_queue(&config)?;
+    let Engine {
+        queue,
+        webhook_task,
+        presence,
+    } = build_queue(&config).await?;
+    // With a storage shared by several nodes, another node's sends wake this node's sessions.
+    if let Some(listener) = queue.wakeup_listener() {
+        tokio::spawn(listener);
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", config.listen))?;
     let stop = stop_signal()?;
     println!("listening on http://{}", listener.local_addr()?);
-    serve(&config, queue, listener, stop).await?;
+    serve(&config, queue, presence, listener, stop).await?;
     if let Some(task) = webhook_task {
         // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -205,6 +275,7 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
 async fn serve(
     config: &Config,
     queue: OfflineQueue,
+    presence: Option<Presence>,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
@@ -214,6 +285,7 @@ async fn serve(
         queue: queue.clone(),
         shutdown,
         connections,
+        presence,
         limits: connection::Limits {
             // JSON escaping can make a body up to six times longer on the wire.
             max_frame_bytes: config.max_message_bytes.saturating_mul(6) + 4096,
@@ -308,10 +380,15 @@ async fn stats(Query(query): Query<UserQuery>, State(app): State<App>) -> Respon
         Ok(user) => user,
         Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
     };
+    let online = app.queue.is_online(&user)
+        || match &app.presence {
+            Some(presence) => presence(user.clone()).await,
+            None => false,
+        };
     match app.queue.stats(&user).await {
         Ok(stats) => axum::Json(serde_json::json!({
             "user": query.user,
-            "online": app.queue.is_online(&user),
+            "online": online,
             "pending": stats.messages,
             "bytes": stats.bytes,
         }))
