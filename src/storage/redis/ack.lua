@@ -27,6 +27,6 @@ if m.touch - m.filed >= FILE_EVERY then
   m.filed = m.touch
   file_idle = m.touch
 end
+refresh_ttls(m, ttl, now)
 save_meta(m)
-expire(ttl, META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
 return {removed, before - m.bytes, file_idle}

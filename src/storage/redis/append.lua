@@ -14,10 +14,10 @@ if not m then
   if err then return err end
 end
 
-if window > 0 and m then
+if window > 0 and m and m.ud > 0 then
   local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window), 'LIMIT', 0, 1000)
   if #old > 0 then
-    redis.call('HDEL', DEDUP, unpack(old))
+    m.ud = m.ud - redis.call('HDEL', DEDUP, unpack(old))
     redis.call('ZREM', DEDUP_AT, unpack(old))
   end
 end
@@ -29,7 +29,7 @@ for i = 1, n do
   local at = 8 + (i - 1) * 4
   local dedup, id, record = ARGV[at + 1] == '1', ARGV[at + 2], ARGV[at + 4]
   if dedup then
-    local seq = m and redis.call('HGET', DEDUP, id)
+    local seq = m and m.ud > 0 and redis.call('HGET', DEDUP, id)
     local stored_at = seq and tonumber(redis.call('ZSCORE', DEDUP_AT, id))
     if seq and stored_at and now - stored_at < window then
       plan[i] = {'dup', tonumber(seq)}
@@ -83,8 +83,13 @@ else
     -- A new queue's seqs and loss total start from the clock, above anything an earlier
     -- queue of this recipient reached (unless it took over 1,000 appends per ms of its life).
     local base = now * 1000
-    m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1}
+    m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
+         dl = 0, ud = 0, ttl_at = -1}
   end
+  -- Keys about to be created need their TTL now; the rest get it from the periodic refresh.
+  local fresh = {}
+  if m.live == 0 then fresh = {ORDER, BODIES, DELIVERIES} end
+  local deadlines_fresh, dedup_fresh = m.dl <= 0, m.ud <= 0
   local before = m.bytes
   local dropped = remove_records(m, to_drop)
   m.lt = m.lt + dropped
@@ -119,15 +124,17 @@ else
   end
   redis.call('ZADD', ORDER, unpack(order))
   redis.call('HSET', BODIES, unpack(records))
-  expire(ttl, ORDER, BODIES, META)
   if #deadlines > 0 then
-    redis.call('ZADD', DEADLINES, unpack(deadlines))
-    expire(ttl, DEADLINES)
+    m.dl = math.max(m.dl, 0) + redis.call('ZADD', DEADLINES, unpack(deadlines))
+    if deadlines_fresh then fresh[#fresh + 1] = DEADLINES end
   end
   if #ids > 0 then
-    redis.call('HSET', DEDUP, unpack(ids))
+    m.ud = math.max(m.ud, 0) + redis.call('HSET', DEDUP, unpack(ids))
     redis.call('ZADD', DEDUP_AT, unpack(id_times))
-    expire(ttl, DEDUP, DEDUP_AT)
+    if dedup_fresh then
+      fresh[#fresh + 1] = DEDUP
+      fresh[#fresh + 1] = DEDUP_AT
+    end
   end
   if now > m.touch then m.touch = now end
   -- Index entries to write beside this script: only when they would change.
@@ -140,7 +147,14 @@ else
     m.xi = earliest
     file_deadline = earliest
   end
+  if m.ttl_at < 0 then
+    fresh[#fresh + 1] = META
+    m.ttl_at = now
+  else
+    refresh_ttls(m, ttl, now)
+  end
   save_meta(m)
+  expire(ttl, unpack(fresh))
   out = {'ok', dropped, m.live, m.bytes - before, file_idle, file_deadline, n}
   for i = 1, n do
     local kind, value = plan[i][1], plan[i][2]

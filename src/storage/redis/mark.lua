@@ -5,8 +5,16 @@ local seqs = {}
 for i = 2, #ARGV do seqs[#seqs + 1] = ARGV[i] end
 if #seqs == 0 then return 0 end
 local present = redis.call('ZMSCORE', ORDER, unpack(seqs))
+local counts = redis.call('HMGET', DELIVERIES, unpack(seqs))
+local updates = {}
 for i, seq in ipairs(seqs) do
-  if present[i] then redis.call('HINCRBY', DELIVERIES, seq, 1) end
+  if present[i] then
+    updates[#updates + 1] = seq
+    updates[#updates + 1] = tonumber(counts[i] or '0') + 1
+  end
 end
-expire(ttl, DELIVERIES)
+if #updates > 0 then
+  redis.call('HSET', DELIVERIES, unpack(updates))
+  expire(ttl, DELIVERIES)
+end
 return 0

@@ -21,8 +21,14 @@
 //! purge touches the queues with something due, not every queue. The index is a hint kept
 //! beside the scripts, not inside them (a cluster cannot update two slots atomically): an
 //! append lowers its queue's entry, a purge raises it again. Each recipient key also carries
-//! a Redis TTL of `idle_ttl` (default 90 days), refreshed by every append and ack, so an
+//! a Redis TTL of `idle_ttl` (default 90 days), set when the key is created and refreshed
+//! by appends and acks once a 64th of it has passed (so a busy queue rarely pays for it): an
 //! abandoned queue vanishes even if no engine ever runs maintenance.
+//!
+//! # Cost
+//! An append is one script of about six Redis commands; on Redis 7.0 it costs about 30 µs of
+//! the server's CPU, against under 1 µs for a bare `LPUSH`, so one Redis serves some 30,000
+//! sends a second (see BENCHMARKS.md) and a cluster adds that per master.
 //!
 //! # Several nodes
 //! Each engine instance is a node with its own id. While it holds a session for a recipient

@@ -31,19 +31,25 @@ end
 
 -- Meta fields: seq, live, bytes, lt, lc, touch; filed (touch as last filed in the idle
 -- index) and xi (the deadline last filed in the deadline index, -1 for none) spare an index
--- write on most calls.
+-- write on most calls; dl (records with a deadline) and ud (dedup ids held) tell when those
+-- keys are created or empty; ttl_at is when the keys' TTLs were last refreshed.
+local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'dl', 'ud', 'ttl_at'}
+
 local function load_meta()
-  local v = redis.call('HMGET', META, 'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi')
+  local v = redis.call('HMGET', META, unpack(FIELDS))
   if not v[1] then return nil end
-  return {seq = tonumber(v[1]), live = tonumber(v[2]), bytes = tonumber(v[3]),
-          lt = tonumber(v[4]), lc = tonumber(v[5]), touch = tonumber(v[6]),
-          filed = tonumber(v[7] or '0'), xi = tonumber(v[8] or '-1')}
+  local m = {}
+  for i, field in ipairs(FIELDS) do m[field] = tonumber(v[i] or '-1') end
+  return m
 end
 
 local function save_meta(m)
-  redis.call('HSET', META, 'seq', s(m.seq), 'live', s(m.live), 'bytes', s(m.bytes),
-             'lt', s(m.lt), 'lc', s(m.lc), 'touch', s(m.touch), 'filed', s(m.filed),
-             'xi', s(m.xi))
+  local args = {}
+  for _, field in ipairs(FIELDS) do
+    args[#args + 1] = field
+    args[#args + 1] = s(m[field])
+  end
+  redis.call('HSET', META, unpack(args))
 end
 
 -- Removes the listed records (seqs as strings) that the queue holds, a thousand per call;
@@ -74,7 +80,8 @@ local function remove_records(m, seqs)
         end
         redis.call('ZREM', ORDER, unpack(held))
         redis.call('HDEL', BODIES, unpack(held))
-        redis.call('ZREM', DEADLINES, unpack(held))
+        local with_deadline = redis.call('ZREM', DEADLINES, unpack(held))
+        m.dl = math.max(m.dl - with_deadline, 0)
         redis.call('HDEL', DELIVERIES, unpack(held))
         m.live = m.live - #held
         removed = removed + #held
@@ -90,11 +97,19 @@ local function earliest_deadline()
   return tonumber(e[2])
 end
 
--- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself. Each call
--- refreshes the keys it wrote.
+-- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself.
 local function expire(ttl, ...)
   if ttl > 0 then
     for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl) end
+  end
+end
+
+-- Refreshes every key's TTL when a 64th of it has passed since the last refresh, so a busy
+-- queue pays for it rarely. Keys created in between get their TTL where they are created.
+local function refresh_ttls(m, ttl, now)
+  if ttl > 0 and now - m.ttl_at >= ttl / 64 then
+    m.ttl_at = now
+    expire(ttl, META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
   end
 end
 
