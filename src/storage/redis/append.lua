@@ -9,7 +9,7 @@ local drop_oldest, ttl, node, n = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], to
 
 local m = load_meta()
 if not m then
-  -- Our keys are checked once, when the queue is created, before anything is written.
+  -- Our keys are checked when the queue is created, before anything is written.
   local err = wrong_type()
   if err then return err end
 end
@@ -82,14 +82,16 @@ else
   if not m then
     -- A new queue's seqs and loss total start from the clock, above anything an earlier
     -- queue of this recipient reached (unless it took over 1,000 appends per ms of its life).
-    local base = now * 1000
+    -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
+    local time = redis.call('TIME')
+    local base = math.max(now, tonumber(time[1]) * 1000) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
          dl = 0, ud = 0, ttl_at = -1}
+    -- Leftovers of a queue whose metadata expired first are not this queue's.
+    redis.call('DEL', ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
   end
-  -- Keys about to be created need their TTL now; the rest get it from the periodic refresh.
-  local fresh = {}
-  if m.live == 0 then fresh = {ORDER, BODIES, DELIVERIES} end
-  local deadlines_fresh, dedup_fresh = m.dl <= 0, m.ud <= 0
+  -- A key about to be created needs its TTL now: then every key's TTL is set together.
+  local fresh = m.live <= 0 or m.ttl_at < 0
   local before = m.bytes
   local dropped = remove_records(m, to_drop)
   m.lt = m.lt + dropped
@@ -122,19 +124,16 @@ else
       m.bytes = m.bytes + (#record - HEADER)
     end
   end
-  redis.call('ZADD', ORDER, unpack(order))
-  redis.call('HSET', BODIES, unpack(records))
+  call_chunked('ZADD', ORDER, order, 2)
+  call_chunked('HSET', BODIES, records, 2)
   if #deadlines > 0 then
-    m.dl = math.max(m.dl, 0) + redis.call('ZADD', DEADLINES, unpack(deadlines))
-    if deadlines_fresh then fresh[#fresh + 1] = DEADLINES end
+    if m.dl <= 0 then fresh = true end
+    m.dl = math.max(m.dl, 0) + call_chunked('ZADD', DEADLINES, deadlines, 2)
   end
   if #ids > 0 then
-    m.ud = math.max(m.ud, 0) + redis.call('HSET', DEDUP, unpack(ids))
-    redis.call('ZADD', DEDUP_AT, unpack(id_times))
-    if dedup_fresh then
-      fresh[#fresh + 1] = DEDUP
-      fresh[#fresh + 1] = DEDUP_AT
-    end
+    if m.ud <= 0 then fresh = true end
+    m.ud = math.max(m.ud, 0) + call_chunked('HSET', DEDUP, ids, 2)
+    call_chunked('ZADD', DEDUP_AT, id_times, 2)
   end
   if now > m.touch then m.touch = now end
   -- Index entries to write beside this script: only when they would change.
@@ -147,14 +146,9 @@ else
     m.xi = earliest
     file_deadline = earliest
   end
-  if m.ttl_at < 0 then
-    fresh[#fresh + 1] = META
-    m.ttl_at = now
-  else
-    refresh_ttls(m, ttl, now)
-  end
+  refresh_ttls(m, ttl, now, fresh)
   save_meta(m)
-  expire(ttl, unpack(fresh))
+  if fresh then expire(ttl, META) end
   out = {'ok', dropped, m.live, m.bytes - before, file_idle, file_deadline, n}
   for i = 1, n do
     local kind, value = plan[i][1], plan[i][2]

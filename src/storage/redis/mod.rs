@@ -50,6 +50,7 @@ mod keys;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -95,6 +96,7 @@ struct Scripts {
     remove: Script,
     presence: Script,
     reserve: Script,
+    refile: Script,
 }
 
 impl Scripts {
@@ -110,6 +112,7 @@ impl Scripts {
             remove: script!("remove.lua"),
             presence: script!("presence.lua"),
             reserve: Script::new(include_str!("reserve.lua")),
+            refile: Script::new(include_str!("refile.lua")),
         }
     }
 }
@@ -226,7 +229,8 @@ impl RedisOptions {
     /// A URL that does not parse, or a server that does not answer: an [`Error::Storage`]
     /// naming the URL.
     pub async fn connect(self, url: &str) -> Result<RedisStorage> {
-        let (pushes, wakeups) = WakeupSender::channel(&self.prefix);
+        let node = self.validate()?;
+        let (pushes, plumbing) = Plumbing::new(&self.prefix, &node);
         let info = url
             .into_connection_info()
             .map_err(|e| invalid_url(url, e))?;
@@ -246,7 +250,7 @@ impl RedisOptions {
             .get_connection_manager_with_config(config)
             .await
             .map_err(|e| unreachable_server(url, e))?;
-        RedisStorage::start(self, Connection::Single(manager), wakeups).await
+        RedisStorage::start(self, node, Connection::Single(manager), plumbing).await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each).
@@ -255,7 +259,8 @@ impl RedisOptions {
     /// As [`RedisOptions::connect`], naming the URLs.
     pub async fn connect_cluster(self, urls: &[&str]) -> Result<RedisStorage> {
         let named = urls.join(",");
-        let (pushes, wakeups) = WakeupSender::channel(&self.prefix);
+        let node = self.validate()?;
+        let (pushes, plumbing) = Plumbing::new(&self.prefix, &node);
         let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
             .use_protocol(ProtocolVersion::RESP3)
             .connection_timeout(self.connect_timeout)
@@ -267,9 +272,49 @@ impl RedisOptions {
             .get_async_connection()
             .await
             .map_err(|e| unreachable_server(&named, e))?;
-        RedisStorage::start(self, Connection::Cluster(connection), wakeups).await
+        RedisStorage::start(self, node, Connection::Cluster(connection), plumbing).await
+    }
+
+    /// Checks the prefix and node id (no braces: they would break the hash tags) and the
+    /// durations, and returns the node id.
+    fn validate(&self) -> Result<String> {
+        if self.prefix.contains(['{', '}']) || self.prefix.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "redis prefix",
+                reason: format!("{:?} must be non-empty and without braces", self.prefix),
+            });
+        }
+        let node = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| MessageId::generate().to_string());
+        if node.contains(['{', '}']) || node.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "redis node id",
+                reason: format!("{node:?} must be non-empty and without braces"),
+            });
+        }
+        if self.presence_ttl < Duration::from_millis(30) || self.presence_ttl > MAX_TTL {
+            return Err(Error::InvalidConfig {
+                field: "redis presence_ttl",
+                reason: format!(
+                    "{:?} must be between 30 ms and {MAX_TTL:?}",
+                    self.presence_ttl
+                ),
+            });
+        }
+        if self.idle_ttl > MAX_TTL {
+            return Err(Error::InvalidConfig {
+                field: "redis idle_ttl",
+                reason: format!("{:?} must be at most {MAX_TTL:?}", self.idle_ttl),
+            });
+        }
+        Ok(node)
     }
 }
+
+/// Longest TTL accepted: about 100 years, far inside what `PEXPIRE` takes.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 fn invalid_url(url: &str, error: redis::RedisError) -> Error {
     Error::InvalidConfig {
@@ -289,20 +334,12 @@ fn unreachable_server(url: &str, error: redis::RedisError) -> Error {
 /// Maps a Redis error to ours: lost connections, timeouts, and a server that is loading or
 /// failing over may pass; anything else (a wrong key type, a script error) will not.
 fn redis_error(error: redis::RedisError) -> Error {
-    const PASSING: [&str; 7] = [
-        "LOADING",
-        "TRYAGAIN",
-        "CLUSTERDOWN",
-        "MASTERDOWN",
-        "BUSY",
-        "READONLY",
-        "NOREPLICAS",
-    ];
     let retryable = error.is_io_error()
         || error.is_connection_dropped()
         || error.is_timeout()
         || error.is_connection_refusal()
-        || error.code().is_some_and(|code| PASSING.contains(&code));
+        || error.code() == Some("OOM")
+        || !matches!(error.retry_method(), redis::RetryMethod::NoRetry);
     let message = match error.code() {
         Some("OQWRONGTYPE") | Some("WRONGTYPE") => {
             format!("a key of this queue holds data of another type, left untouched: {error}")
@@ -316,43 +353,73 @@ fn redis_error(error: redis::RedisError) -> Error {
     }
 }
 
-/// Turns the connection's pushes (sharded pub/sub messages on this node's channel) into
-/// recipient ids.
-struct WakeupSender {
-    channel: String,
-    tx: fmpsc::UnboundedSender<RecipientId>,
+/// What the node's background task acts on.
+enum NodeEvent {
+    /// This node now holds (or no longer holds) a session for the recipient.
+    Presence(RecipientId, bool),
+    /// The server dropped the wake-up subscription (a slot moved): subscribe again.
+    Resubscribe,
+    /// The wake-up subscription was (re)made: wake-ups may have been missed meanwhile, so
+    /// every local session reads again.
+    WakeAll,
 }
 
-impl WakeupSender {
-    fn channel(prefix: &str) -> (Self, fmpsc::UnboundedReceiver<RecipientId>) {
-        let (tx, rx) = fmpsc::unbounded();
-        // The channel name is set once the node id is known; pushes before that are ignored.
+/// The channels between the connection's push sender, the node task and the engine.
+struct Plumbing {
+    events: fmpsc::UnboundedSender<NodeEvent>,
+    event_rx: fmpsc::UnboundedReceiver<NodeEvent>,
+    wake: fmpsc::UnboundedSender<RecipientId>,
+    wake_rx: fmpsc::UnboundedReceiver<RecipientId>,
+}
+
+impl Plumbing {
+    fn new(prefix: &str, node: &str) -> (WakeupSender, Self) {
+        let (events, event_rx) = fmpsc::unbounded();
+        let (wake, wake_rx) = fmpsc::unbounded();
+        let sender = WakeupSender {
+            channel: keys::wake_channel(prefix, node).into_bytes(),
+            wake: wake.clone(),
+            events: events.clone(),
+        };
         (
+            sender,
             Self {
-                channel: format!("{prefix}:wake:"),
-                tx,
+                events,
+                event_rx,
+                wake,
+                wake_rx,
             },
-            rx,
         )
     }
 }
 
+/// Turns the connection's pushes on this node's channel into recipients to wake, and tells
+/// the node task when the subscription is lost or made again.
+struct WakeupSender {
+    channel: Vec<u8>,
+    wake: fmpsc::UnboundedSender<RecipientId>,
+    events: fmpsc::UnboundedSender<NodeEvent>,
+}
+
 impl redis::aio::AsyncPushSender for WakeupSender {
     fn send(&self, info: PushInfo) -> std::result::Result<(), redis::aio::SendError> {
-        if !matches!(info.kind, PushKind::SMessage | PushKind::Message) {
-            return Ok(());
-        }
-        let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
-            (info.data.first(), info.data.get(1))
-        else {
-            return Ok(());
-        };
-        if !channel.starts_with(self.channel.as_bytes()) {
-            return Ok(());
-        }
-        if let Some(recipient) = keys::from_hex(payload) {
-            // The receiver gone means the storage is gone: nothing to wake.
-            let _ = self.tx.unbounded_send(recipient);
+        let ours = matches!(info.data.first(), Some(Value::BulkString(c)) if *c == self.channel);
+        // A closed channel means the storage is gone: nothing to wake or resubscribe.
+        match info.kind {
+            PushKind::SMessage | PushKind::Message if ours => {
+                if let Some(Value::BulkString(payload)) = info.data.get(1)
+                    && let Some(recipient) = keys::from_hex(payload)
+                {
+                    let _ = self.wake.unbounded_send(recipient);
+                }
+            }
+            PushKind::SUnsubscribe if ours => {
+                let _ = self.events.unbounded_send(NodeEvent::Resubscribe);
+            }
+            PushKind::SSubscribe if ours => {
+                let _ = self.events.unbounded_send(NodeEvent::WakeAll);
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -364,7 +431,11 @@ struct Shared {
     node: String,
     scripts: Scripts,
     wakeups: Mutex<Option<fmpsc::UnboundedReceiver<RecipientId>>>,
-    presence: fmpsc::UnboundedSender<(RecipientId, bool)>,
+    /// Where local sessions are woken (the same channel the wake-up stream reads).
+    wake: fmpsc::UnboundedSender<RecipientId>,
+    /// The deadline bucket the next purge starts at.
+    next_bucket: AtomicU32,
+    events: fmpsc::UnboundedSender<NodeEvent>,
 }
 
 /// Queues in Redis or Redis Cluster, shared by every engine that connects to them. See the
@@ -426,41 +497,26 @@ impl RedisStorage {
 
     async fn start(
         options: RedisOptions,
+        node: String,
         mut connection: Connection,
-        wakeups: fmpsc::UnboundedReceiver<RecipientId>,
+        plumbing: Plumbing,
     ) -> Result<Self> {
-        if options.prefix.contains(['{', '}']) || options.prefix.is_empty() {
-            return Err(Error::InvalidConfig {
-                field: "redis prefix",
-                reason: format!("{:?} must be non-empty and without braces", options.prefix),
-            });
-        }
-        let node = options
-            .node_id
-            .clone()
-            .unwrap_or_else(|| MessageId::generate().to_string());
-        if node.contains(['{', '}']) || node.is_empty() {
-            return Err(Error::InvalidConfig {
-                field: "redis node id",
-                reason: format!("{node:?} must be non-empty and without braces"),
-            });
-        }
-        let channel = keys::wake_channel(&options.prefix, &node);
         redis::cmd("SSUBSCRIBE")
-            .arg(&channel)
+            .arg(keys::wake_channel(&options.prefix, &node))
             .exec_async(&mut connection)
             .await
             .map_err(redis_error)?;
-        let (presence, changes) = fmpsc::unbounded();
         let shared = Arc::new(Shared {
             connection,
             options,
             node,
             scripts: Scripts::new(),
-            wakeups: Mutex::new(Some(wakeups)),
-            presence,
+            wakeups: Mutex::new(Some(plumbing.wake_rx)),
+            wake: plumbing.wake,
+            next_bucket: AtomicU32::new(0),
+            events: plumbing.events,
         });
-        tokio::spawn(keep_presence(Arc::downgrade(&shared), changes));
+        tokio::spawn(run_node(Arc::downgrade(&shared), plumbing.event_rx));
         Ok(Self { shared })
     }
 
@@ -520,6 +576,38 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
+    /// Bookkeeping after a committed step: the byte counter and the index entries. A failure
+    /// is logged, not returned: the step itself stands. An index entry that could not be
+    /// written is written by the queue's next step that asks for it (the queue's metadata is
+    /// told to forget what it filed).
+    async fn after_commit(
+        &self,
+        recipient: &RecipientId,
+        hex: &str,
+        delta: i64,
+        file_idle: i64,
+        file_deadline: i64,
+    ) {
+        if let Err(error) = self.count_bytes(delta).await {
+            tracing::warn!(%recipient, %error, "byte counter update failed");
+        }
+        if let Err(error) = self.file(hex, file_idle, file_deadline).await {
+            tracing::warn!(%recipient, %error, "index update failed");
+            let keys = keys::recipient_keys(&self.shared.options.prefix, hex);
+            let forget: redis::RedisResult<()> = redis::cmd("HSET")
+                .arg(&keys[0])
+                .arg("filed")
+                .arg(-1)
+                .arg("xi")
+                .arg(-1)
+                .exec_async(&mut self.connection())
+                .await;
+            if let Err(error) = forget {
+                tracing::warn!(%recipient, %error, "index state reset failed");
+            }
+        }
+    }
+
     /// Reserves `adding` bytes of the storage-wide budget before an append.
     async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
         let (ok, used): (u64, u64) = self
@@ -540,25 +628,53 @@ impl RedisStorage {
     }
 }
 
-/// Writes this node's presence marks: each change at once, and all of them again every
-/// `presence_ttl / 3` so they outlive no more than `presence_ttl` if the node dies. Ends with
-/// the storage.
-async fn keep_presence(
+/// The node's background task: writes presence marks (each change at once, and all of them
+/// again every `presence_ttl / 3`, so a dead node's marks outlive it by at most
+/// `presence_ttl`), keeps the wake-up subscription, and wakes every local session after the
+/// subscription was made again. Ends with the storage.
+async fn run_node(
     shared: std::sync::Weak<Shared>,
-    mut changes: fmpsc::UnboundedReceiver<(RecipientId, bool)>,
+    mut events: fmpsc::UnboundedReceiver<NodeEvent>,
 ) {
     let Some(ttl) = shared.upgrade().map(|s| s.options.presence_ttl) else {
         return;
     };
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let mut live: HashSet<RecipientId> = HashSet::new();
-    let mut refresh = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
+    let mut refresh = tokio::time::interval(ttl / 3);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let batch: Vec<(RecipientId, bool)> = tokio::select! {
-            change = changes.next() => match change {
-                Some((recipient, on)) => {
-                    if on { live.insert(recipient.clone()); } else { live.remove(&recipient); }
+        let marks: Vec<(RecipientId, bool)> = tokio::select! {
+            // Changes first: a connect or disconnect must not wait behind a refresh.
+            biased;
+            event = events.next() => match event {
+                Some(NodeEvent::Presence(recipient, on)) => {
+                    if on {
+                        live.insert(recipient.clone());
+                    } else {
+                        live.remove(&recipient);
+                    }
                     vec![(recipient, on)]
+                }
+                Some(NodeEvent::Resubscribe) => {
+                    let Some(shared) = shared.upgrade() else { return };
+                    let channel = keys::wake_channel(&shared.options.prefix, &shared.node);
+                    let mut connection = shared.connection.clone();
+                    let subscribed = redis::cmd("SSUBSCRIBE")
+                        .arg(channel)
+                        .exec_async(&mut connection)
+                        .await;
+                    if let Err(error) = subscribed {
+                        tracing::warn!(%error, "wake-up subscription lost");
+                    }
+                    Vec::new()
+                }
+                Some(NodeEvent::WakeAll) => {
+                    let Some(shared) = shared.upgrade() else { return };
+                    for recipient in &live {
+                        let _ = shared.wake.unbounded_send(recipient.clone());
+                    }
+                    Vec::new()
                 }
                 None => return,
             },
@@ -568,22 +684,29 @@ async fn keep_presence(
             return;
         };
         let storage = RedisStorage { shared };
-        for (recipient, on) in batch {
-            let (_, keys) = storage.keys(&recipient);
-            let result: redis::RedisResult<i64> = storage
-                .shared
-                .scripts
-                .presence
-                .key(&keys[..])
-                .arg(&storage.shared.node)
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-                .arg(u8::from(on))
-                .invoke_async(&mut storage.connection())
-                .await;
-            if let Err(error) = result {
-                // The next refresh writes it again; a lost "off" expires by itself.
-                tracing::warn!(%recipient, %error, "presence update failed");
-            }
+        // Concurrently, 64 at a time: a refresh of many recipients stays well inside ttl / 3.
+        for chunk in marks.chunks(64) {
+            let writes = chunk.iter().map(|(recipient, on)| {
+                let storage = storage.clone();
+                async move {
+                    let (_, keys) = storage.keys(recipient);
+                    let result: redis::RedisResult<i64> = storage
+                        .shared
+                        .scripts
+                        .presence
+                        .key(&keys[..])
+                        .arg(&storage.shared.node)
+                        .arg(ttl_ms)
+                        .arg(u8::from(*on))
+                        .invoke_async(&mut storage.connection())
+                        .await;
+                    if let Err(error) = result {
+                        // The next refresh writes it again; a lost "off" expires by itself.
+                        tracing::warn!(%recipient, %error, "presence update failed");
+                    }
+                }
+            });
+            futures::future::join_all(writes).await;
         }
     }
 }
@@ -598,6 +721,12 @@ fn int(value: Option<&Value>) -> Result<i64> {
             .ok_or_else(|| bad_reply("an integer")),
         _ => Err(bad_reply("an integer")),
     }
+}
+
+/// A count out of a script reply: never negative (a queue's counters cannot be, but a reply
+/// is not trusted to say so).
+fn count(value: Option<&Value>) -> Result<u64> {
+    Ok(int(value)?.max(0) as u64)
 }
 
 fn bytes(value: Option<&Value>) -> Result<Option<&[u8]>> {
@@ -719,19 +848,19 @@ impl Storage for RedisStorage {
         if text(reply.first())? == "full" {
             let _ = self.count_bytes(-reserved).await;
             return Err(Error::QueueFull {
-                messages: int(reply.get(1))? as u64,
-                bytes: int(reply.get(2))? as u64,
-                adding_messages: int(reply.get(3))? as u64,
-                adding_bytes: int(reply.get(4))? as u64,
+                messages: count(reply.get(1))?,
+                bytes: count(reply.get(2))?,
+                adding_messages: count(reply.get(3))?,
+                adding_bytes: count(reply.get(4))?,
                 max_messages: quota.max_messages,
                 max_bytes: quota.max_bytes,
             });
         }
-        let dropped = int(reply.get(1))? as u64;
-        let pending = int(reply.get(2))? as u64;
+        let dropped = count(reply.get(1))?;
+        let pending = count(reply.get(2))?;
         let delta = int(reply.get(3))?;
         let (file_idle, file_deadline) = (int(reply.get(4))?, int(reply.get(5))?);
-        let n = int(reply.get(6))? as usize;
+        let n = (count(reply.get(6))? as usize).min(reply.len());
         let mut results = Vec::with_capacity(n);
         for i in 0..n {
             let stored = int(reply.get(7 + 2 * i))? == 1;
@@ -743,24 +872,34 @@ impl Storage for RedisStorage {
             });
         }
         let at = 7 + 2 * n;
-        let node_count = int(reply.get(at))? as usize;
+        let node_count = (count(reply.get(at))? as usize).min(reply.len());
         let nodes: Vec<String> = (0..node_count)
             .map(|i| text(reply.get(at + 1 + i)))
             .collect::<Result<_>>()?;
-        self.count_bytes(delta - reserved).await?;
-        self.file(&hex, file_idle, file_deadline).await?;
+        // The append is committed: what follows is bookkeeping, and its failure must not
+        // make the caller think the message was not stored (and send it again).
+        self.after_commit(recipient, &hex, delta - reserved, file_idle, file_deadline)
+            .await;
         let stored = results.iter().any(|r| matches!(r, Appended::Stored(_)));
-        if stored && !nodes.is_empty() {
-            let mut pipe = redis::pipe();
-            for node in &nodes {
-                pipe.cmd("SPUBLISH")
-                    .arg(keys::wake_channel(&self.shared.options.prefix, node))
-                    .arg(&hex)
-                    .ignore();
-            }
-            // Stored all the same: the other node delivers on its session's next read.
-            if let Err(error) = pipe.exec_async(&mut self.connection()).await {
-                tracing::warn!(%recipient, %error, "wake-up publish failed");
+        if stored {
+            // One command per channel: on a cluster each node's channel has its own slot.
+            let wakes = nodes.iter().map(|node| {
+                let mut connection = self.connection();
+                let channel = keys::wake_channel(&self.shared.options.prefix, node);
+                let hex = hex.clone();
+                async move {
+                    redis::cmd("SPUBLISH")
+                        .arg(channel)
+                        .arg(hex)
+                        .exec_async(&mut connection)
+                        .await
+                }
+            });
+            for result in futures::future::join_all(wakes).await {
+                if let Err(error) = result {
+                    // Stored all the same: the other node delivers on its session's next read.
+                    tracing::warn!(%recipient, %error, "wake-up publish failed");
+                }
             }
         }
         Ok(AppendOutcome {
@@ -792,25 +931,30 @@ impl Storage for RedisStorage {
             .await
             .map_err(redis_error)?;
         let reply = array(reply)?;
-        let lost_total = int(reply.first())? as u64;
-        let lost_confirmed = int(reply.get(1))? as u64;
+        let lost_total = count(reply.first())?;
+        let lost_confirmed = count(reply.get(1))?;
         let mut at = 2;
         let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
-            let count = int(reply.get(*at))? as usize;
-            let out = (0..count)
+            let listed = (count(reply.get(*at))? as usize).min(reply.len());
+            let out = (0..listed)
                 .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
                 .collect::<Result<_>>()?;
-            *at += 1 + count;
+            *at += 1 + listed;
             Ok(out)
         };
         let expired = seqs(&mut at)?;
-        let damaged = seqs(&mut at)?;
-        let count = int(reply.get(at))? as usize;
-        let mut records = Vec::with_capacity(count);
-        for i in 0..count {
+        let mut damaged = seqs(&mut at)?;
+        let listed = (count(reply.get(at))? as usize).min(reply.len());
+        let mut records = Vec::with_capacity(listed);
+        for i in 0..listed {
             let base = at + 1 + 4 * i;
-            let seq = int(reply.get(base))? as u64;
+            let seq = count(reply.get(base))?;
             let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
+            if raw.len() < HEADER {
+                // Not a record this backend wrote: never delivered, reported as lost.
+                damaged.push(Seq(seq));
+                continue;
+            }
             records.push(decode_record(
                 seq,
                 raw,
@@ -867,8 +1011,8 @@ impl Storage for RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        self.file(&hex, file_idle, -1).await?;
-        self.count_bytes(-freed).await?;
+        self.after_commit(recipient, &hex, -freed, file_idle, -1)
+            .await;
         Ok(removed)
     }
 
@@ -881,15 +1025,18 @@ impl Storage for RedisStorage {
         let prefix = self.shared.options.prefix.clone();
         let now_ms = now.as_millis();
         let mut outcome = PurgeOutcome::default();
-        let mut left = budget;
+        let mut left = budget.min(LUA_MAX as usize);
         let mut connection = self.connection();
-        for bucket in 0..keys::BUCKETS {
+        // Each call starts at another bucket, so a busy one cannot starve the rest.
+        let start = self.shared.next_bucket.fetch_add(1, Ordering::Relaxed);
+        for bucket in (0..keys::BUCKETS).map(|i| (start + i) % keys::BUCKETS) {
             let index = keys::deadline_index(&prefix, bucket);
             while left > 0 {
-                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                let due: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
                     .arg(&index)
                     .arg("-inf")
                     .arg(now_ms)
+                    .arg("WITHSCORES")
                     .arg("LIMIT")
                     .arg(0)
                     .arg(left.min(64))
@@ -899,9 +1046,9 @@ impl Storage for RedisStorage {
                 if due.is_empty() {
                     break;
                 }
-                for hex in due {
+                for (hex, seen) in due {
                     let keys = keys::recipient_keys(&prefix, &hex);
-                    let (removed, freed, earliest): (u64, i64, i64) = self
+                    let purged: redis::RedisResult<(u64, i64, i64)> = self
                         .shared
                         .scripts
                         .purge
@@ -909,21 +1056,37 @@ impl Storage for RedisStorage {
                         .arg(now_ms)
                         .arg(left)
                         .invoke_async(&mut connection)
-                        .await
-                        .map_err(redis_error)?;
-                    left = left.saturating_sub(removed as usize);
-                    outcome.expired += removed;
-                    self.count_bytes(-freed).await?;
-                    // Re-file under what is left: an append racing with this may have lowered
-                    // the entry; its records are then purged when this deadline comes.
-                    let mut refile = redis::cmd(if earliest < 0 { "ZREM" } else { "ZADD" });
-                    refile.arg(&index);
-                    if earliest >= 0 {
-                        refile.arg(earliest);
-                    }
-                    refile
+                        .await;
+                    let earliest = match purged {
+                        Ok((removed, freed, earliest)) => {
+                            left = left.saturating_sub(removed as usize);
+                            outcome.expired += removed;
+                            if let Err(error) = self.count_bytes(-freed).await {
+                                tracing::warn!(queue = %hex, %error, "byte counter update failed");
+                            }
+                            earliest
+                        }
+                        Err(error) if redis_error(error.clone()).is_retryable() => {
+                            return Err(redis_error(error));
+                        }
+                        Err(error) => {
+                            // Not ours to purge (someone else's data): out of the index, so
+                            // it cannot stop the rest.
+                            tracing::warn!(queue = %hex, %error, "purge skipped a queue");
+                            -1
+                        }
+                    };
+                    // The script removed every due deadline, so the entry moves past now (or
+                    // goes): each round progresses.
+                    let _: i64 = self
+                        .shared
+                        .scripts
+                        .refile
+                        .key(&index)
                         .arg(&hex)
-                        .exec_async(&mut connection)
+                        .arg(seen)
+                        .arg(earliest)
+                        .invoke_async(&mut connection)
                         .await
                         .map_err(redis_error)?;
                     if left == 0 {
@@ -1036,11 +1199,11 @@ impl Storage for RedisStorage {
             });
         let newest = int(reply.get(4))?;
         Ok(RecipientStats {
-            messages: int(reply.first())? as u64,
-            bytes: int(reply.get(1))? as u64,
+            messages: count(reply.first())?,
+            bytes: count(reply.get(1))?,
             oldest_sent_at: oldest,
             newest_seq: (newest >= 0).then(|| seq_of(newest)),
-            lost: int(reply.get(2))?.max(0) as u64,
+            lost: count(reply.get(2))?,
         })
     }
 
@@ -1066,7 +1229,7 @@ impl Storage for RedisStorage {
         // The task is gone only when the storage is: nothing left to tell.
         let _ = self
             .shared
-            .presence
-            .unbounded_send((recipient.clone(), live));
+            .events
+            .unbounded_send(NodeEvent::Presence(recipient.clone(), live));
     }
 }

@@ -18,6 +18,19 @@ local TYPES = {'hash', 'zset', 'hash', 'zset', 'hash', 'hash', 'zset', 'hash'}
 -- Integers up to 2^53 without Lua 5.1's %.14g rounding.
 local function s(n) return string.format('%.0f', n) end
 
+-- Calls `command key values...` in slices of at most 1000 values (Lua's unpack has a stack
+-- limit); `step` keeps pairs together. Returns the sum of integer replies.
+local function call_chunked(command, key, values, step)
+  local total = 0
+  for first = 1, #values, 1000 do
+    -- Slices of 1000 keep pairs (step 2) together.
+    local last = math.min(first + 1000 - 1, #values)
+    local reply = redis.call(command, key, unpack(values, first, last))
+    if type(reply) == 'number' then total = total + reply end
+  end
+  return total
+end
+
 -- Refuses to touch keys that hold another type (someone else's data), before any write.
 local function wrong_type()
   for i = 1, #KEYS do
@@ -104,10 +117,11 @@ local function expire(ttl, ...)
   end
 end
 
--- Refreshes every key's TTL when a 64th of it has passed since the last refresh, so a busy
--- queue pays for it rarely. Keys created in between get their TTL where they are created.
-local function refresh_ttls(m, ttl, now)
-  if ttl > 0 and now - m.ttl_at >= ttl / 64 then
+-- Refreshes every key's TTL when a 64th of it has passed since the last refresh, or when a
+-- key was just created (`force`), so all of a queue's keys expire together and a busy queue
+-- pays for it rarely.
+local function refresh_ttls(m, ttl, now, force)
+  if ttl > 0 and (force or now - m.ttl_at >= ttl / 64) then
     m.ttl_at = now
     expire(ttl, META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
   end

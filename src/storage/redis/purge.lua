@@ -3,9 +3,11 @@
 -- queue under it.
 local m = load_meta()
 if not m then return {0, 0, -1} end
-local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local before = m.bytes
 local removed = remove_records(m, due)
+-- Deadlines of records the queue no longer holds go too, so purging always progresses.
+if #due > 0 then call_chunked('ZREM', DEADLINES, due, 1) end
 m.lt = m.lt + removed
 m.xi = earliest_deadline()
 save_meta(m)

@@ -2,6 +2,7 @@
 local err = wrong_type()
 if err then return err end
 local m = load_meta()
-if not m then return {0, 0} end
+-- Everything goes, even keys a queue without metadata left behind.
 redis.call('DEL', META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
-return {m.live, m.bytes}
+if not m then return {0, 0} end
+return {math.max(m.live, 0), math.max(m.bytes, 0)}
