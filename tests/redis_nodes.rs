@@ -52,7 +52,11 @@ async fn node(target: &Target, prefix: &str, name: &str) -> Node {
 
 async fn wait_for_sessions(node: &Node, who: &RecipientId, expected: &[&str]) {
     tokio::time::timeout(PATIENCE, async {
-        while node.storage.sessions_on(who).await.unwrap() != expected {
+        while {
+            let mut nodes = node.storage.sessions_on(who).await.unwrap();
+            nodes.sort();
+            nodes != expected
+        } {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -125,6 +129,39 @@ async fn across_nodes(target: Target) {
         1,
         "acked one is gone"
     );
+
+    // Dave has a session on B and on C: one send through A wakes both (on a cluster, each
+    // node's channel lives on its own slot).
+    let c = node(&target, &prefix, "node-c").await;
+    let dave = RecipientId::new("dave").unwrap();
+    let mut inboxes = Vec::new();
+    let mut drivers = Vec::new();
+    for node in [&b, &c] {
+        let (transport, mut inbox) = channel_transport(16);
+        let session = node.queue.connect(dave.clone(), transport);
+        drivers.push((session.handle(), tokio::spawn(session.run())));
+        assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+        inboxes.push(inbox);
+    }
+    wait_for_sessions(&a, &dave, &["node-b", "node-c"]).await;
+    a.queue
+        .send(Envelope::new(dave.clone(), "to both"))
+        .await
+        .unwrap();
+    for inbox in &mut inboxes {
+        let item = tokio::time::timeout(PATIENCE, inbox.next())
+            .await
+            .expect("each node delivers at once")
+            .unwrap();
+        assert!(
+            matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"to both"),
+            "{item:?}"
+        );
+    }
+    for (handle, driver) in drivers {
+        handle.close();
+        driver.await.unwrap().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,3 +79,61 @@ async fn every_recipient_key_carries_a_ttl() {
     }
     storage.remove_recipient(&bob).await.unwrap();
 }
+
+/// Purging progresses even past deadlines of records the queue no longer holds (keys drifted
+/// apart, say by eviction), with any budget, and big appends fit in Lua's limits.
+#[tokio::test]
+async fn purge_progresses_and_big_batches_fit() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("purge");
+    let storage = redis_support::fresh(&target, &prefix).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let now = Timestamp::from_millis(1_700_000_000_000);
+    let soon = now.saturating_add(Duration::from_secs(1));
+    let records: Vec<NewRecord> = (0..5000u32)
+        .map(|i| NewRecord {
+            id: MessageId::generate(),
+            dedup: i % 2 == 0,
+            sent_at: now,
+            expires_at: Some(soon),
+            body: i.to_be_bytes().to_vec(),
+        })
+        .collect();
+    let appended = storage
+        .append(&bob, records, &Quota::UNLIMITED, now)
+        .await
+        .expect("5,000 records in one append");
+    assert_eq!(appended.records.len(), 5000);
+    let seqs: Vec<Seq> = appended.records.iter().map(|r| r.seq()).collect();
+    storage
+        .mark_delivered(&bob, &seqs)
+        .await
+        .expect("5,000 marks in one call");
+
+    // Drift: the queue order loses a record whose deadline stays behind.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("ZREM")
+        .arg(format!("{prefix}:{{626f62}}:q"))
+        .arg(seqs[0].0)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    let later = soon.saturating_add(Duration::from_secs(1));
+    let purged = storage.purge(later, None, usize::MAX).await.unwrap();
+    assert_eq!(purged.expired, 4999, "every record it still held");
+    assert!(!purged.more);
+    let again = storage.purge(later, None, usize::MAX).await.unwrap();
+    assert_eq!(
+        (again.expired, again.more),
+        (0, false),
+        "nothing left, no loop"
+    );
+    storage.remove_recipient(&bob).await.unwrap();
+}

@@ -41,10 +41,21 @@
 //! (default 30 s), during which pushes for its recipients are held back.
 //!
 //! # Failures
-//! Connection loss, timeouts, and a server that is loading or failing over are retryable
-//! errors; the connection reconnects by itself. A key of one of ours that holds another type
-//! (someone else's data under our prefix) is a non-retryable error, and the script stops
-//! before writing anything.
+//! Connection loss, timeouts, and a server that is loading, out of memory or failing over
+//! are retryable errors; the connection reconnects by itself, and the wake-up subscription
+//! is made again (after which every local session reads again, in case a wake-up was
+//! missed). A step that failed with a retryable error may still have been applied (the reply
+//! was lost, or the cluster client retried it): an append with a sender-chosen id is
+//! deduplicated, one without may be stored twice, as with any at-least-once queue.
+//!
+//! A key under our prefix that holds another type (someone else's data) is a non-retryable
+//! error. A new queue checks its keys before writing anything; an existing queue assumes
+//! nobody writes under its prefix.
+//!
+//! Run Redis with `maxmemory-policy noeviction`: every key here has a TTL, so a `volatile-*`
+//! policy would evict a queue's keys one at a time. With `track_total_bytes`, the byte
+//! counter is exact while steps succeed; queues that vanish by TTL are not subtracted, so
+//! run maintenance (idle removal is) and treat the budget as approximate.
 
 mod keys;
 
