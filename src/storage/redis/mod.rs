@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! Each recipient has up to eight keys, all tagged `{<recipient id in hex>}` so one Lua script
-//! reaches them in one cluster slot (`prefix.lua` in the source lists them): metadata (the seq
-//! counter, record and byte counts, loss counters, last activity), the queue order (a sorted
+//! reaches them in one cluster slot (`prelude.lua` in the source lists them): metadata (the seq
+//! counter, record and byte counts, loss counters, last activity, packed in one string), the
+//! queue order (a sorted
 //! set of seqs), the records (a hash), the deadlines (a sorted set, only for records that
 //! expire), delivery counts, the dedup ids with their times, and presence (which nodes hold a
 //! session). Every step that changes a queue is one script, so it is atomic: append with its
@@ -108,6 +109,7 @@ struct Scripts {
     presence: Script,
     reserve: Script,
     refile: Script,
+    forget: Script,
 }
 
 impl Scripts {
@@ -124,6 +126,7 @@ impl Scripts {
             presence: script!("presence.lua"),
             reserve: Script::new(include_str!("reserve.lua")),
             refile: Script::new(include_str!("refile.lua")),
+            forget: script!("forget.lua"),
         }
     }
 }
@@ -605,13 +608,12 @@ impl RedisStorage {
         if let Err(error) = self.file(hex, file_idle, file_deadline).await {
             tracing::warn!(%recipient, %error, "index update failed");
             let keys = keys::recipient_keys(&self.shared.options.prefix, hex);
-            let forget: redis::RedisResult<()> = redis::cmd("HSET")
-                .arg(&keys[0])
-                .arg("filed")
-                .arg(-1)
-                .arg("xi")
-                .arg(-1)
-                .exec_async(&mut self.connection())
+            let forget: redis::RedisResult<i64> = self
+                .shared
+                .scripts
+                .forget
+                .key(&keys[..])
+                .invoke_async(&mut self.connection())
                 .await;
             if let Err(error) = forget {
                 tracing::warn!(%recipient, %error, "index state reset failed");
