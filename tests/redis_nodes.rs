@@ -27,6 +27,15 @@ struct Node {
 }
 
 async fn node(target: &Target, prefix: &str, name: &str) -> Node {
+    node_with(target, prefix, name, |builder| builder).await
+}
+
+async fn node_with(
+    target: &Target,
+    prefix: &str,
+    name: &str,
+    configure: impl FnOnce(offline_queue::OfflineQueueBuilder) -> offline_queue::OfflineQueueBuilder,
+) -> Node {
     let options = RedisStorage::options().prefix(prefix).node_id(name);
     let storage = match target {
         Target::Single(url) => options.connect(url).await,
@@ -37,7 +46,7 @@ async fn node(target: &Target, prefix: &str, name: &str) -> Node {
     }
     .expect("redis answers");
     let pushes = Arc::new(RecordingNotifier::new());
-    let queue = OfflineQueue::builder()
+    let queue = configure(OfflineQueue::builder())
         .storage(Arc::new(storage.clone()))
         .notifier(pushes.clone())
         .build()
@@ -175,5 +184,61 @@ async fn two_engines_share_one_redis() {
 async fn two_engines_share_one_redis_cluster() {
     if let Some(target) = Target::cluster() {
         across_nodes(target).await;
+    }
+}
+
+/// A session that ends with messages unacked earns a push a little later, unless the
+/// recipient is back by then: on this node, or on another one sharing the storage.
+async fn delayed_push_across_nodes(target: Target) {
+    let prefix = redis_support::unique_prefix("delayed");
+    let clock = offline_queue::ManualClock::new(offline_queue::Timestamp::now_system());
+    let policy = offline_queue::NotifyPolicy {
+        unacked_delay: Duration::from_secs(60),
+        ..offline_queue::NotifyPolicy::default()
+    };
+    let with_clock = |builder: offline_queue::OfflineQueueBuilder| {
+        builder.clock(Arc::new(clock.clone())).notify_policy(policy)
+    };
+    let b = node_with(&target, &prefix, "node-b", with_clock).await;
+    let c = node(&target, &prefix, "node-c").await;
+    let erin = RecipientId::new("erin").unwrap();
+    b.queue
+        .send(Envelope::new(erin.clone(), "unread"))
+        .await
+        .unwrap();
+    b.pushes.take();
+
+    // Erin reads on B without acking, and leaves: B owes her a push in a minute.
+    let (transport, mut inbox) = channel_transport(16);
+    let session = b.queue.connect(erin.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    assert!(matches!(inbox.next().await, Some(Outbound::Batch(_))));
+    handle.close();
+    driver.await.unwrap().unwrap();
+
+    // She comes back on C before the minute is up.
+    let (transport, mut inbox) = channel_transport(16);
+    let session = c.queue.connect(erin.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    assert!(matches!(inbox.next().await, Some(Outbound::Batch(_))));
+    wait_for_sessions(&b, &erin, &["node-c"]).await;
+
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        b.queue.maintain(100).await.unwrap().nudges,
+        0,
+        "she is on C"
+    );
+    assert!(b.pushes.take().is_empty());
+    handle.close();
+    driver.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_delayed_push_for_a_recipient_back_on_another_node() {
+    if let Some(target) = Target::single() {
+        delayed_push_across_nodes(target).await;
     }
 }

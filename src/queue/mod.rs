@@ -592,7 +592,14 @@ impl OfflineQueue {
         let due = inner.nudges.lock().due(&inner.notify_policy, now);
         let mut report = MaintenanceReport::default();
         for recipient in due {
-            if self.is_online(&recipient) {
+            // Back on this node, or on another sharing the storage: no push.
+            if self.is_online(&recipient)
+                || inner
+                    .storage
+                    .live_elsewhere(&recipient)
+                    .await
+                    .unwrap_or(false)
+            {
                 continue;
             }
             let pending = inner

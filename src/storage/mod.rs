@@ -269,6 +269,14 @@ pub trait Storage: Send + Sync + 'static {
     fn presence(&self, recipient: &RecipientId, live: bool) {
         let _ = (recipient, live);
     }
+
+    /// For backends shared by several engine instances: whether another instance holds a
+    /// session for `recipient` now, so this one holds back a delayed push. `false` for
+    /// single-node backends.
+    async fn live_elsewhere(&self, recipient: &RecipientId) -> Result<bool> {
+        let _ = recipient;
+        Ok(false)
+    }
 }
 
 /// Conveniences over [`Storage`], for every backend.

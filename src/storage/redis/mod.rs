@@ -1238,6 +1238,11 @@ impl Storage for RedisStorage {
         self.shared.wakeups.lock().take().map(|rx| rx.boxed())
     }
 
+    async fn live_elsewhere(&self, recipient: &RecipientId) -> Result<bool> {
+        let nodes = self.sessions_on(recipient).await?;
+        Ok(nodes.iter().any(|node| *node != self.shared.node))
+    }
+
     fn presence(&self, recipient: &RecipientId, live: bool) {
         // The task is gone only when the storage is: nothing left to tell.
         let _ = self
