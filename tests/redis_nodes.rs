@@ -242,3 +242,107 @@ async fn no_delayed_push_for_a_recipient_back_on_another_node() {
         delayed_push_across_nodes(target).await;
     }
 }
+
+/// The connection carrying node B's wake-up subscription drops: whether A's wake-up arrives
+/// before or after B has subscribed again, bob's session on B gets the message (after
+/// subscribing again, B wakes every local session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_loses_no_wake_up() {
+    let Some(target) = Target::single() else {
+        return;
+    };
+    let Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("dropped");
+    let a = node(&target, &prefix, "node-a").await;
+    let b = node(&target, &prefix, "node-b").await;
+    let bob = RecipientId::new("bob").unwrap();
+    let (transport, mut inbox) = channel_transport(16);
+    let session = b.queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+    wait_for_sessions(&a, &bob, &["node-b"]).await;
+
+    // Every subscribed connection (both nodes') is cut; they reconnect by themselves.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "both nodes' connections were cut ({killed})");
+
+    // A's connection may still be coming back: a client retries a retryable error.
+    let sent = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match a
+                .queue
+                .send(Envelope::new(bob.clone(), "after the cut"))
+                .await
+            {
+                Ok(receipt) => break receipt,
+                Err(error) => {
+                    assert!(error.is_retryable(), "{error}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("A recovers");
+    assert!(sent.recipient_online);
+    let item = tokio::time::timeout(PATIENCE, inbox.next())
+        .await
+        .expect("B delivers without bob reconnecting")
+        .unwrap();
+    assert!(
+        matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"after the cut"),
+        "{item:?}"
+    );
+    handle.close();
+    driver.await.unwrap().unwrap();
+}
+
+/// After its connection drops and it subscribes again, a node wakes every recipient it holds
+/// a session for, because wake-ups published in between are lost: nothing is published
+/// here, and the wake-up comes all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_wakes_every_local_session() {
+    let Some(target) = Target::single() else {
+        return;
+    };
+    let Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("resubscribe");
+    let storage = redis_support::fresh(&target, &prefix).await;
+    let mut wakes = offline_queue::Storage::wakeups(&storage).expect("a shared storage wakes");
+    let bob = RecipientId::new("bob").unwrap();
+    offline_queue::Storage::presence(&storage, &bob, true);
+    tokio::time::timeout(PATIENCE, async {
+        while storage.sessions_on(&bob).await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("presence written");
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let woken = tokio::time::timeout(PATIENCE, wakes.next())
+        .await
+        .expect("woken after subscribing again");
+    assert_eq!(woken, Some(bob));
+}
