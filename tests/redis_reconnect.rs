@@ -1,0 +1,137 @@
+//! Connections cut under a node: `CLIENT KILL TYPE pubsub` drops every subscribed connection
+//! of the server, so these run in their own test binary, one after the other, where no other
+//! test's connections are in the way. Skipped, and says so, without `OFFLINE_QUEUE_REDIS_URL`.
+
+#![cfg(feature = "redis")]
+
+mod redis_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use offline_queue::{
+    Envelope, OfflineQueue, Outbound, RecipientId, RedisStorage, channel_transport,
+};
+use redis_support::Target;
+
+/// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+async fn node(target: &Target, prefix: &str, name: &str) -> (OfflineQueue, RedisStorage) {
+    let Target::Single(url) = target else {
+        unreachable!()
+    };
+    let storage = RedisStorage::options()
+        .prefix(prefix)
+        .node_id(name)
+        .connect(url)
+        .await
+        .expect("redis answers");
+    let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage.clone()))
+        .build()
+        .unwrap();
+    tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    (queue, storage)
+}
+
+async fn wait_for_sessions(storage: &RedisStorage, who: &RecipientId, expected: &[&str]) {
+    tokio::time::timeout(PATIENCE, async {
+        while storage.sessions_on(who).await.unwrap() != expected {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{who} never present on exactly {expected:?}"));
+}
+
+async fn kill_subscribed_connections(url: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_lose_no_wake_up() {
+    let Some(target) = Target::single() else {
+        return;
+    };
+    subscribing_again_wakes_every_local_session(&target).await;
+    a_dropped_connection_loses_no_wake_up(&target).await;
+}
+
+/// After its connection drops and it subscribes again, a node wakes every recipient it holds
+/// a session for, because wake-ups published in between are lost: nothing is published
+/// here, and the wake-up comes all the same.
+async fn subscribing_again_wakes_every_local_session(target: &Target) {
+    let Target::Single(url) = target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("resubscribe");
+    let storage = redis_support::fresh(target, &prefix).await;
+    let mut wakes = offline_queue::Storage::wakeups(&storage).expect("a shared storage wakes");
+    let bob = RecipientId::new("bob").unwrap();
+    offline_queue::Storage::presence(&storage, &bob, true);
+    wait_for_sessions(&storage, &bob, &[storage.node_id()]).await;
+
+    assert!(kill_subscribed_connections(url).await >= 1);
+    let woken = tokio::time::timeout(PATIENCE, wakes.next())
+        .await
+        .expect("woken after subscribing again");
+    assert_eq!(woken, Some(bob));
+}
+
+/// The connections carrying both nodes' subscriptions drop: whether A's wake-up reaches B
+/// before or after B has subscribed again, bob's session on B gets the message.
+async fn a_dropped_connection_loses_no_wake_up(target: &Target) {
+    let Target::Single(url) = target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("dropped");
+    let (a, a_storage) = node(target, &prefix, "node-a").await;
+    let (b, _b_storage) = node(target, &prefix, "node-b").await;
+    let bob = RecipientId::new("bob").unwrap();
+    let (transport, mut inbox) = channel_transport(16);
+    let session = b.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+    wait_for_sessions(&a_storage, &bob, &["node-b"]).await;
+
+    assert!(
+        kill_subscribed_connections(url).await >= 2,
+        "both nodes' connections cut"
+    );
+    // A's connection may still be coming back: a client retries a retryable error.
+    let sent = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match a.send(Envelope::new(bob.clone(), "after the cut")).await {
+                Ok(receipt) => break receipt,
+                Err(error) => {
+                    assert!(error.is_retryable(), "{error}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("A recovers");
+    assert!(sent.recipient_online);
+    let item = tokio::time::timeout(PATIENCE, inbox.next())
+        .await
+        .expect("B delivers without bob reconnecting")
+        .unwrap();
+    assert!(
+        matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"after the cut"),
+        "{item:?}"
+    );
+    handle.close();
+    driver.await.unwrap().unwrap();
+}
