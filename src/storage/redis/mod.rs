@@ -1,6 +1,20 @@
 //! [`RedisStorage`]: queues in Redis or Redis Cluster, shared by every engine instance that
 //! points at it (feature `redis`; needs a tokio runtime).
 //!
+//! ```no_run
+//! # async fn node() -> Result<(), offline_queue::Error> {
+//! use std::sync::Arc;
+//! use offline_queue::{OfflineQueue, RedisStorage};
+//!
+//! // Every server node runs this against the same Redis (or the same cluster's URLs with
+//! // `RedisStorage::options().connect_cluster(&urls)`).
+//! let storage = RedisStorage::connect("redis://127.0.0.1:6379/").await?;
+//! let queue = OfflineQueue::builder().storage(Arc::new(storage)).build()?;
+//! // Without this task, a session on this node is not woken by sends through other nodes.
+//! tokio::spawn(queue.wakeup_listener().expect("Redis storage is shared"));
+//! # Ok(()) }
+//! ```
+//!
 //! # Layout
 //! Each recipient has up to eight keys, all tagged `{<recipient id in hex>}` so one Lua script
 //! reaches them in one cluster slot (`prelude.lua` in the source lists them): metadata (the seq
