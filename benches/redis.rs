@@ -67,6 +67,24 @@ fn recipient(sender: usize) -> RecipientId {
     RecipientId::new(format!("user-{sender}")).unwrap()
 }
 
+/// Runs `iters` rounds of `SENDERS` concurrent tasks made by `sender`, and times them.
+fn time_senders<F, Fut>(s: &Setup, iters: u64, sender: F) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    s.runtime.block_on(async {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let tasks: Vec<_> = (0..SENDERS).map(|i| tokio::spawn(sender(i))).collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        }
+        start.elapsed()
+    })
+}
+
 fn send(c: &mut Criterion) {
     let Some(s) = setup() else { return };
     let mut group = c.benchmark_group("redis_send_64_senders");
@@ -76,55 +94,33 @@ fn send(c: &mut Criterion) {
     group.throughput(Throughput::Elements((SENDERS * PER_SENDER) as u64));
     group.bench_function("engine", |b| {
         b.iter_custom(|iters| {
-            s.runtime.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let tasks: Vec<_> = (0..SENDERS)
-                        .map(|sender| {
-                            let queue = s.queue.clone();
-                            tokio::spawn(async move {
-                                let who = recipient(sender);
-                                for _ in 0..PER_SENDER {
-                                    let envelope = Envelope::new(who.clone(), vec![7u8; PAYLOAD]);
-                                    queue.send(envelope).await.unwrap();
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+            time_senders(&s, iters, |sender| {
+                let queue = s.queue.clone();
+                async move {
+                    let who = recipient(sender);
+                    for _ in 0..PER_SENDER {
+                        let envelope = Envelope::new(who.clone(), vec![7u8; PAYLOAD]);
+                        queue.send(envelope).await.unwrap();
                     }
                 }
-                start.elapsed()
             })
         })
     });
     group.bench_function("raw_lpush", |b| {
         b.iter_custom(|iters| {
-            s.runtime.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let tasks: Vec<_> = (0..SENDERS)
-                        .map(|sender| {
-                            let mut raw = s.raw.clone();
-                            let key = format!("{}:raw:{sender}", s.prefix);
-                            tokio::spawn(async move {
-                                for _ in 0..PER_SENDER {
-                                    let _: () = redis::cmd("LPUSH")
-                                        .arg(&key)
-                                        .arg(vec![7u8; PAYLOAD])
-                                        .query_async(&mut raw)
-                                        .await
-                                        .unwrap();
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
+            time_senders(&s, iters, |sender| {
+                let mut raw = s.raw.clone();
+                let key = format!("{}:raw:{sender}", s.prefix);
+                async move {
+                    for _ in 0..PER_SENDER {
+                        let _: () = redis::cmd("LPUSH")
+                            .arg(&key)
+                            .arg(vec![7u8; PAYLOAD])
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
                     }
                 }
-                start.elapsed()
             })
         })
     });

@@ -15,10 +15,7 @@ use offline_queue::{
     Envelope, OfflineQueue, Outbound, RecipientId, RecordingNotifier, RedisStorage,
     channel_transport,
 };
-use redis_support::Target;
-
-/// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
-const PATIENCE: Duration = Duration::from_secs(15);
+use redis_support::{PATIENCE, Target, wait_for_sessions};
 
 struct Node {
     queue: OfflineQueue,
@@ -59,20 +56,6 @@ async fn node_with(
     }
 }
 
-async fn wait_for_sessions(node: &Node, who: &RecipientId, expected: &[&str]) {
-    tokio::time::timeout(PATIENCE, async {
-        while {
-            let mut nodes = node.storage.sessions_on(who).await.unwrap();
-            nodes.sort();
-            nodes != expected
-        } {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{who} never present on exactly {expected:?}"));
-}
-
 async fn across_nodes(target: Target) {
     let prefix = redis_support::unique_prefix("nodes");
     let a = node(&target, &prefix, "node-a").await;
@@ -88,7 +71,7 @@ async fn across_nodes(target: Target) {
     let handle = session.handle();
     let driver = tokio::spawn(session.run());
     assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
-    wait_for_sessions(&a, &bob, &["node-b"]).await;
+    wait_for_sessions(&a.storage, &bob, &["node-b"]).await;
 
     // Sent through A: B's session gets it, woken by A (the session would not read again by
     // itself), and nobody is pushed.
@@ -124,7 +107,7 @@ async fn across_nodes(target: Target) {
     // Bob leaves B: his presence goes, and the next message for him is pushed.
     handle.close();
     driver.await.unwrap().unwrap();
-    wait_for_sessions(&a, &bob, &[]).await;
+    wait_for_sessions(&a.storage, &bob, &[]).await;
     let receipt = a
         .queue
         .send(Envelope::new(bob.clone(), "later"))
@@ -152,7 +135,7 @@ async fn across_nodes(target: Target) {
         assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
         inboxes.push(inbox);
     }
-    wait_for_sessions(&a, &dave, &["node-b", "node-c"]).await;
+    wait_for_sessions(&a.storage, &dave, &["node-b", "node-c"]).await;
     a.queue
         .send(Envelope::new(dave.clone(), "to both"))
         .await
@@ -223,7 +206,7 @@ async fn delayed_push_across_nodes(target: Target) {
     let handle = session.handle();
     let driver = tokio::spawn(session.run());
     assert!(matches!(inbox.next().await, Some(Outbound::Batch(_))));
-    wait_for_sessions(&b, &erin, &["node-c"]).await;
+    wait_for_sessions(&b.storage, &erin, &["node-c"]).await;
 
     clock.advance(Duration::from_secs(61));
     assert_eq!(

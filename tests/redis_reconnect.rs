@@ -13,10 +13,7 @@ use futures::StreamExt;
 use offline_queue::{
     Envelope, OfflineQueue, Outbound, RecipientId, RedisStorage, channel_transport,
 };
-use redis_support::Target;
-
-/// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
-const PATIENCE: Duration = Duration::from_secs(15);
+use redis_support::{PATIENCE, Target, wait_for_sessions};
 
 async fn node(target: &Target, prefix: &str, name: &str) -> (OfflineQueue, RedisStorage) {
     let Target::Single(url) = target else {
@@ -34,16 +31,6 @@ async fn node(target: &Target, prefix: &str, name: &str) -> (OfflineQueue, Redis
         .unwrap();
     tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
     (queue, storage)
-}
-
-async fn wait_for_sessions(storage: &RedisStorage, who: &RecipientId, expected: &[&str]) {
-    tokio::time::timeout(PATIENCE, async {
-        while storage.sessions_on(who).await.unwrap() != expected {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{who} never present on exactly {expected:?}"));
 }
 
 async fn kill_subscribed_connections(url: &str) -> i64 {

@@ -2,7 +2,12 @@
 
 #![allow(dead_code)]
 
-use offline_queue::RedisStorage;
+use std::time::Duration;
+
+use offline_queue::{RecipientId, RedisStorage};
+
+/// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
+pub const PATIENCE: Duration = Duration::from_secs(15);
 
 /// A Redis to test against: one server, or a cluster's nodes.
 #[derive(Clone, Debug)]
@@ -57,4 +62,22 @@ pub async fn fresh(target: &Target, prefix: &str) -> RedisStorage {
         }
     }
     .expect("redis answers")
+}
+
+/// Waits until exactly the nodes `expected` (in any order) hold a session for `who`.
+pub async fn wait_for_sessions(storage: &RedisStorage, who: &RecipientId, expected: &[&str]) {
+    let mut expected: Vec<&str> = expected.to_vec();
+    expected.sort_unstable();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut nodes = storage.sessions_on(who).await.unwrap();
+            nodes.sort();
+            if nodes == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{who} never present on exactly {expected:?}"));
 }

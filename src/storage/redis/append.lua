@@ -83,8 +83,7 @@ else
     -- A new queue's seqs and loss total start from the clock, above anything an earlier
     -- queue of this recipient reached (unless it took over 1,000 appends per ms of its life).
     -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
-    local time = redis.call('TIME')
-    local base = math.max(now, tonumber(time[1]) * 1000) * 1000
+    local base = math.max(now, server_time_ms()) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
          dl = 0, ud = 0, ttl_at = -1}
     -- Leftovers of a queue whose metadata expired first are not this queue's.
@@ -124,16 +123,16 @@ else
       m.bytes = m.bytes + (#record - HEADER)
     end
   end
-  call_chunked('ZADD', ORDER, order, 2)
-  call_chunked('HSET', BODIES, records, 2)
+  call_chunked('ZADD', ORDER, order)
+  call_chunked('HSET', BODIES, records)
   if #deadlines > 0 then
     if m.dl <= 0 then fresh = true end
-    m.dl = math.max(m.dl, 0) + call_chunked('ZADD', DEADLINES, deadlines, 2)
+    m.dl = math.max(m.dl, 0) + call_chunked('ZADD', DEADLINES, deadlines)
   end
   if #ids > 0 then
     if m.ud <= 0 then fresh = true end
-    m.ud = math.max(m.ud, 0) + call_chunked('HSET', DEDUP, ids, 2)
-    call_chunked('ZADD', DEDUP_AT, id_times, 2)
+    m.ud = math.max(m.ud, 0) + call_chunked('HSET', DEDUP, ids)
+    call_chunked('ZADD', DEDUP_AT, id_times)
   end
   if now > m.touch then m.touch = now end
   -- Index entries to write beside this script: only when they would change.
@@ -168,8 +167,7 @@ end
 -- Other nodes holding a session for this recipient, by the server's clock.
 local nodes = {}
 if redis.call('EXISTS', PRESENCE) == 1 then
-  local time = redis.call('TIME')
-  local server_now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local server_now = server_time_ms()
   local present = redis.call('HGETALL', PRESENCE)
   for i = 1, #present, 2 do
     if present[i] ~= node and tonumber(present[i + 1]) > server_now then

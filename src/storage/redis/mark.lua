@@ -17,7 +17,7 @@ for first = 1, #seqs, 1000 do
   end
 end
 if #updates > 0 then
-  call_chunked('HSET', DELIVERIES, updates, 2)
+  call_chunked('HSET', DELIVERIES, updates)
   expire(ttl, DELIVERIES)
 end
 return 0

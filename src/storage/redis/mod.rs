@@ -635,6 +635,179 @@ impl RedisStorage {
         }
     }
 
+    /// Up to `limit` queues of an index filed at or below `upper` (a score, or `(score` for
+    /// strictly below), with their scores when `T` asks for them.
+    async fn filed_before<T: redis::FromRedisValue>(
+        &self,
+        index: &str,
+        upper: String,
+        limit: usize,
+        with_scores: bool,
+    ) -> Result<T> {
+        let mut command = redis::cmd("ZRANGEBYSCORE");
+        command.arg(index).arg("-inf").arg(upper);
+        if with_scores {
+            command.arg("WITHSCORES");
+        }
+        command
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Purges the queues of one deadline bucket with something due; returns the budget left.
+    async fn purge_expired(
+        &self,
+        bucket: u32,
+        now: Timestamp,
+        mut left: usize,
+        outcome: &mut PurgeOutcome,
+    ) -> Result<usize> {
+        let prefix = &self.shared.options.prefix;
+        let index = keys::deadline_index(prefix, bucket);
+        while left > 0 {
+            let due: Vec<(String, f64)> = self
+                .filed_before(&index, now.as_millis().to_string(), left.min(64), true)
+                .await?;
+            if due.is_empty() {
+                break;
+            }
+            for (hex, seen) in due {
+                let keys = keys::recipient_keys(prefix, &hex);
+                let purged: redis::RedisResult<(u64, i64, i64)> = self
+                    .shared
+                    .scripts
+                    .purge
+                    .key(&keys[..])
+                    .arg(now.as_millis())
+                    .arg(left)
+                    .invoke_async(&mut self.connection())
+                    .await;
+                let earliest = match purged {
+                    Ok((removed, freed, earliest)) => {
+                        left = left.saturating_sub(removed as usize);
+                        outcome.expired += removed;
+                        self.count_freed(&hex, freed).await;
+                        earliest
+                    }
+                    Err(error) if redis_error(error.clone()).is_retryable() => {
+                        return Err(redis_error(error));
+                    }
+                    Err(error) => {
+                        // Not ours to purge (someone else's data): out of the index, so it
+                        // cannot stop the rest.
+                        tracing::warn!(queue = %hex, %error, "purge skipped a queue");
+                        -1
+                    }
+                };
+                // The script removed every due deadline, so the entry moves past now (or
+                // goes): each round progresses.
+                let _: i64 = self
+                    .shared
+                    .scripts
+                    .refile
+                    .key(&index)
+                    .arg(&hex)
+                    .arg(seen)
+                    .arg(earliest)
+                    .invoke_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Removes the queues of one idle bucket untouched since `before`; returns the budget left.
+    async fn remove_idle(
+        &self,
+        bucket: u32,
+        before: Timestamp,
+        mut left: usize,
+        outcome: &mut PurgeOutcome,
+    ) -> Result<usize> {
+        let prefix = &self.shared.options.prefix;
+        let index = keys::idle_index(prefix, bucket);
+        let before = before.as_millis();
+        while left > 0 {
+            let idle: Vec<String> = self
+                .filed_before(&index, format!("({before}"), left.min(64), false)
+                .await?;
+            if idle.is_empty() {
+                break;
+            }
+            for hex in idle {
+                let keys = keys::recipient_keys(prefix, &hex);
+                let (state, records, freed): (i64, u64, i64) = self
+                    .shared
+                    .scripts
+                    .idle
+                    .key(&keys[..])
+                    .arg(before)
+                    .invoke_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                let mut refile = redis::cmd(if state < 0 { "ZREM" } else { "ZADD" });
+                refile.arg(&index);
+                if state >= 0 {
+                    // Active since it was filed: file it under its latest activity.
+                    refile.arg(state);
+                }
+                refile
+                    .arg(&hex)
+                    .exec_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                if state == -2 {
+                    outcome.idle_recipients += 1;
+                    left = left.saturating_sub((records as usize).max(1));
+                    self.count_freed(&hex, freed).await;
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Whether any bucket still holds a queue with something due, or an idle one.
+    async fn anything_due(&self, now: Timestamp, idle_before: Option<Timestamp>) -> Result<bool> {
+        let prefix = &self.shared.options.prefix;
+        for bucket in 0..keys::BUCKETS {
+            let index = keys::deadline_index(prefix, bucket);
+            let due: Vec<String> = self
+                .filed_before(&index, now.as_millis().to_string(), 1, false)
+                .await?;
+            if !due.is_empty() {
+                return Ok(true);
+            }
+            if let Some(before) = idle_before {
+                let index = keys::idle_index(prefix, bucket);
+                let upper = format!("({}", before.as_millis());
+                let idle: Vec<String> = self.filed_before(&index, upper, 1, false).await?;
+                if !idle.is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes bytes a purge freed off the storage-wide counter; a failure is logged (the purge
+    /// stands).
+    async fn count_freed(&self, hex: &str, freed: i64) {
+        if let Err(error) = self.count_bytes(-freed).await {
+            tracing::warn!(queue = %hex, %error, "byte counter update failed");
+        }
+    }
+
     /// Reserves `adding` bytes of the storage-wide budget before an append.
     async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
         let (ok, used): (u64, u64) = self
@@ -1049,160 +1222,18 @@ impl Storage for RedisStorage {
         idle_before: Option<Timestamp>,
         budget: usize,
     ) -> Result<PurgeOutcome> {
-        let prefix = self.shared.options.prefix.clone();
-        let now_ms = now.as_millis();
         let mut outcome = PurgeOutcome::default();
         let mut left = budget.min(LUA_MAX as usize);
-        let mut connection = self.connection();
         // Each call starts at another bucket, so a busy one cannot starve the rest.
         let start = self.shared.next_bucket.fetch_add(1, Ordering::Relaxed);
         for bucket in (0..keys::BUCKETS).map(|i| (start + i) % keys::BUCKETS) {
-            let index = keys::deadline_index(&prefix, bucket);
-            while left > 0 {
-                let due: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
-                    .arg(&index)
-                    .arg("-inf")
-                    .arg(now_ms)
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(left.min(64))
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(redis_error)?;
-                if due.is_empty() {
-                    break;
-                }
-                for (hex, seen) in due {
-                    let keys = keys::recipient_keys(&prefix, &hex);
-                    let purged: redis::RedisResult<(u64, i64, i64)> = self
-                        .shared
-                        .scripts
-                        .purge
-                        .key(&keys[..])
-                        .arg(now_ms)
-                        .arg(left)
-                        .invoke_async(&mut connection)
-                        .await;
-                    let earliest = match purged {
-                        Ok((removed, freed, earliest)) => {
-                            left = left.saturating_sub(removed as usize);
-                            outcome.expired += removed;
-                            if let Err(error) = self.count_bytes(-freed).await {
-                                tracing::warn!(queue = %hex, %error, "byte counter update failed");
-                            }
-                            earliest
-                        }
-                        Err(error) if redis_error(error.clone()).is_retryable() => {
-                            return Err(redis_error(error));
-                        }
-                        Err(error) => {
-                            // Not ours to purge (someone else's data): out of the index, so
-                            // it cannot stop the rest.
-                            tracing::warn!(queue = %hex, %error, "purge skipped a queue");
-                            -1
-                        }
-                    };
-                    // The script removed every due deadline, so the entry moves past now (or
-                    // goes): each round progresses.
-                    let _: i64 = self
-                        .shared
-                        .scripts
-                        .refile
-                        .key(&index)
-                        .arg(&hex)
-                        .arg(seen)
-                        .arg(earliest)
-                        .invoke_async(&mut connection)
-                        .await
-                        .map_err(redis_error)?;
-                    if left == 0 {
-                        break;
-                    }
-                }
-            }
-            if let Some(before) = idle_before.map(Timestamp::as_millis) {
-                let index = keys::idle_index(&prefix, bucket);
-                while left > 0 {
-                    let idle: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                        .arg(&index)
-                        .arg("-inf")
-                        .arg(format!("({before}"))
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(left.min(64))
-                        .query_async(&mut connection)
-                        .await
-                        .map_err(redis_error)?;
-                    if idle.is_empty() {
-                        break;
-                    }
-                    for hex in idle {
-                        let keys = keys::recipient_keys(&prefix, &hex);
-                        let (state, records, freed): (i64, u64, i64) = self
-                            .shared
-                            .scripts
-                            .idle
-                            .key(&keys[..])
-                            .arg(before)
-                            .invoke_async(&mut connection)
-                            .await
-                            .map_err(redis_error)?;
-                        let mut refile = redis::cmd(if state < 0 { "ZREM" } else { "ZADD" });
-                        refile.arg(&index);
-                        if state >= 0 {
-                            // Active since it was filed: file it under its latest activity.
-                            refile.arg(state);
-                        }
-                        refile
-                            .arg(&hex)
-                            .exec_async(&mut connection)
-                            .await
-                            .map_err(redis_error)?;
-                        if state == -2 {
-                            outcome.idle_recipients += 1;
-                            left = left.saturating_sub((records as usize).max(1));
-                            self.count_bytes(-freed).await?;
-                        }
-                        if left == 0 {
-                            break;
-                        }
-                    }
-                }
+            left = self.purge_expired(bucket, now, left, &mut outcome).await?;
+            if let Some(before) = idle_before {
+                left = self.remove_idle(bucket, before, left, &mut outcome).await?;
             }
             if left == 0 {
+                outcome.more = self.anything_due(now, idle_before).await?;
                 break;
-            }
-        }
-        if left == 0 {
-            for bucket in 0..keys::BUCKETS {
-                let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                    .arg(keys::deadline_index(&prefix, bucket))
-                    .arg("-inf")
-                    .arg(now_ms)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(1)
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(redis_error)?;
-                let idle: Vec<String> = match idle_before {
-                    Some(before) => redis::cmd("ZRANGEBYSCORE")
-                        .arg(keys::idle_index(&prefix, bucket))
-                        .arg("-inf")
-                        .arg(format!("({}", before.as_millis()))
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(1)
-                        .query_async(&mut connection)
-                        .await
-                        .map_err(redis_error)?,
-                    None => Vec::new(),
-                };
-                if !due.is_empty() || !idle.is_empty() {
-                    outcome.more = true;
-                    break;
-                }
             }
         }
         Ok(outcome)

@@ -19,12 +19,18 @@ local TYPES = {'string', 'zset', 'hash', 'zset', 'hash', 'hash', 'zset', 'hash'}
 -- and is much cheaper than '%.0f').
 local function s(n) return string.format('%d', n) end
 
+-- The Redis server's clock, in ms: one clock for every node.
+local function server_time_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- Calls `command key values...` in slices of at most 1000 values (Lua's unpack has a stack
--- limit); `step` keeps pairs together. Returns the sum of integer replies.
-local function call_chunked(command, key, values, step)
+-- limit; 1000 is even, so field-value and score-member pairs stay together). Returns the sum
+-- of integer replies.
+local function call_chunked(command, key, values)
   local total = 0
   for first = 1, #values, 1000 do
-    -- Slices of 1000 keep pairs (step 2) together.
     local last = math.min(first + 1000 - 1, #values)
     local reply = redis.call(command, key, unpack(values, first, last))
     if type(reply) == 'number' then total = total + reply end

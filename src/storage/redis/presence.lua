@@ -1,8 +1,7 @@
 -- ARGV: node, ttl ms, live (1/0). Marks this node as holding (or no longer holding) a session
 -- for the recipient, until the server's clock passes now + ttl unless refreshed.
 if ARGV[3] == '1' then
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local now = server_time_ms()
   -- Marks of nodes that died without clearing them go first.
   local marks = redis.call('HGETALL', PRESENCE)
   for i = 1, #marks, 2 do

@@ -7,7 +7,7 @@ local due = redis.call('ZRANGEBYSCORE', DEADLINES, '-inf', ARGV[1], 'LIMIT', 0, 
 local before = m.bytes
 local removed = remove_records(m, due)
 -- Deadlines of records the queue no longer holds go too, so purging always progresses.
-if #due > 0 then call_chunked('ZREM', DEADLINES, due, 1) end
+if #due > 0 then call_chunked('ZREM', DEADLINES, due) end
 m.lt = m.lt + removed
 m.xi = earliest_deadline()
 save_meta(m)
