@@ -236,25 +236,26 @@ fn a_damaged_record_reaches_the_client_as_a_gap_not_as_data() {
     // Damage the body of bob's second record, as a bad sector would.
     {
         let db = redb::Database::create(&path).unwrap();
-        let records: redb::TableDefinition<(&[u8], u64), &[u8]> =
-            redb::TableDefinition::new("records");
+        let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
         let txn = db.begin_write().unwrap();
         {
-            let mut table = txn.open_table(records).unwrap();
-            let keys: Vec<u64> = table
-                .range((bob.as_bytes(), 0)..=(bob.as_bytes(), u64::MAX))
+            let mut table = txn.open_table(log).unwrap();
+            // A log value names its recipient after a checksum and a flags byte.
+            let who = bob.as_bytes();
+            let bobs: Vec<(u64, Vec<u8>)> = table
+                .iter()
                 .unwrap()
-                .map(|e| e.unwrap().0.value().1)
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (k.value(), v.value().to_vec())
+                })
+                .filter(|(_, v)| usize::from(v[5]) == who.len() && &v[6..6 + who.len()] == who)
                 .collect();
-            let mut value = table
-                .get((bob.as_bytes(), keys[1]))
-                .unwrap()
-                .unwrap()
-                .value()
-                .to_vec();
+            assert_eq!(bobs.len(), payloads.len(), "bob's records are in the log");
+            let (seq, mut value) = bobs[1].clone();
             let last = value.len() - 2;
             value[last] ^= 0x20;
-            table.insert((bob.as_bytes(), keys[1]), &value[..]).unwrap();
+            table.insert(seq, &value[..]).unwrap();
         }
         txn.commit().unwrap();
     }

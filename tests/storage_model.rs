@@ -1,0 +1,275 @@
+//! `RedbStorage` against the reference backend, `MemoryStorage`, at the `Storage` trait: random
+//! appends (mixed TTLs and none, queues long enough to span many list chunks, drop-oldest
+//! overflow), reads from anywhere in a queue, cumulative, selective and passed-over acks,
+//! purges in small budgets, and removals. After every step both must hold the same messages
+//! with the same stats, whatever seqs each assigned.
+
+#![cfg(feature = "redb")]
+
+use std::time::Duration;
+
+use futures::executor::block_on;
+use offline_queue::storage::{Ack, NewRecord};
+use offline_queue::{
+    BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, RedbStorage, Seq, Storage,
+    StorageExt, Timestamp,
+};
+use proptest::prelude::*;
+
+const RECIPIENTS: usize = 3;
+const T0: u64 = 1_700_000_000_000;
+/// Small enough that queues overflow, large enough that they span several chunks of 32.
+const MAX_MESSAGES: u64 = 90;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// `count` records, each with a TTL chosen by `ttls` (0: none; else that many seconds).
+    Append {
+        to: usize,
+        ttls: Vec<u8>,
+    },
+    /// One bounded read after the `from`-th pending record.
+    Read {
+        to: usize,
+        from: usize,
+        max: usize,
+    },
+    AckThrough {
+        to: usize,
+        index: usize,
+    },
+    AckSome {
+        to: usize,
+        mask: Vec<bool>,
+    },
+    PassOver {
+        to: usize,
+        index: usize,
+    },
+    /// Advance the clock, then purge in rounds of `budget` until nothing more is due.
+    Purge {
+        advance_secs: u64,
+        budget: usize,
+    },
+    Remove {
+        to: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let to = 0..RECIPIENTS;
+    prop_oneof![
+        5 => (to.clone(), proptest::collection::vec(prop_oneof![Just(0u8), Just(5), Just(30), Just(60), Just(90)], 1..40))
+            .prop_map(|(to, ttls)| Op::Append { to, ttls }),
+        2 => (to.clone(), 0..100usize, 1..40usize).prop_map(|(to, from, max)| Op::Read { to, from, max }),
+        1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::AckThrough { to, index }),
+        2 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..100)).prop_map(|(to, mask)| Op::AckSome { to, mask }),
+        1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::PassOver { to, index }),
+        2 => (0..50u64, 1..20usize).prop_map(|(advance_secs, budget)| Op::Purge { advance_secs, budget }),
+        1 => to.prop_map(|to| Op::Remove { to }),
+    ]
+}
+
+fn who(index: usize) -> RecipientId {
+    RecipientId::new(format!("user-{index}")).unwrap()
+}
+
+fn quota() -> Quota {
+    Quota {
+        max_messages: MAX_MESSAGES,
+        max_bytes: 1 << 20,
+        overflow: Overflow::DropOldest,
+        max_total_bytes: None,
+        dedup_window: Duration::from_secs(60),
+    }
+}
+
+/// What a backend holds for a recipient, without its own seqs.
+#[derive(Debug, PartialEq, Eq)]
+struct View {
+    bodies: Vec<Vec<u8>>,
+    messages: u64,
+    bytes: u64,
+    lost: u64,
+    oldest_sent_at: Option<Timestamp>,
+    has_newest: bool,
+}
+
+fn view(storage: &dyn Storage, to: usize, now: Timestamp) -> View {
+    let records = block_on(storage.read_all(&who(to), now)).unwrap();
+    let stats = block_on(storage.stats(&who(to))).unwrap();
+    View {
+        bodies: records.into_iter().map(|r| r.body).collect(),
+        messages: stats.messages,
+        bytes: stats.bytes,
+        lost: stats.lost,
+        oldest_sent_at: stats.oldest_sent_at,
+        has_newest: stats.newest_seq.is_some(),
+    }
+}
+
+/// The seqs of the recipient's unexpired records, in order.
+fn seqs(storage: &dyn Storage, to: usize, now: Timestamp) -> Vec<Seq> {
+    block_on(storage.read_all(&who(to), now))
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
+fn ack(storage: &dyn Storage, to: usize, ack: Ack, now: Timestamp) -> u64 {
+    block_on(storage.ack(&who(to), &ack, now)).unwrap()
+}
+
+/// Applies `op` to one backend; returns what the backend answered, seqs aside.
+fn apply(storage: &dyn Storage, op: &Op, now: &mut u64, counter: &mut u64) -> String {
+    let at = Timestamp::from_millis(*now);
+    match op {
+        Op::Append { to, ttls } => {
+            let records: Vec<NewRecord> = ttls
+                .iter()
+                .map(|&ttl| {
+                    *counter += 1;
+                    NewRecord {
+                        id: MessageId::generate(),
+                        dedup: false,
+                        sent_at: at,
+                        expires_at: (ttl > 0).then(|| {
+                            Timestamp::from_millis(*now + u64::from(ttl) * 1000 + *counter % 7)
+                        }),
+                        body: format!("message {counter}").into_bytes(),
+                    }
+                })
+                .collect();
+            let outcome = block_on(storage.append(&who(*to), records, &quota(), at)).unwrap();
+            format!("dropped {} pending {}", outcome.dropped, outcome.pending)
+        }
+        Op::Read { to, from, max } => {
+            let seqs = seqs(storage, *to, at);
+            let after = from.checked_sub(1).and_then(|i| seqs.get(i)).copied();
+            let limit = BatchLimit {
+                max_messages: *max,
+                max_bytes: usize::MAX,
+            };
+            let batch = block_on(storage.read(&who(*to), after, limit, at)).unwrap();
+            let bodies: Vec<String> = batch
+                .records
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                .collect();
+            format!(
+                "{bodies:?} expired {} lost {}",
+                batch.expired.len(),
+                batch.lost
+            )
+        }
+        Op::AckThrough { to, index } => {
+            let seqs = seqs(storage, *to, at);
+            let Some(&through) = seqs.get(index % seqs.len().max(1)) else {
+                return "empty".into();
+            };
+            let removed = ack(
+                storage,
+                *to,
+                Ack {
+                    through: Some(through),
+                    ..Ack::default()
+                },
+                at,
+            );
+            format!("removed {removed}")
+        }
+        Op::AckSome { to, mask } => {
+            let picked: Vec<Seq> = seqs(storage, *to, at)
+                .into_iter()
+                .zip(mask)
+                .filter(|(_, pick)| **pick)
+                .map(|(seq, _)| seq)
+                .collect();
+            let removed = ack(
+                storage,
+                *to,
+                Ack {
+                    seqs: picked,
+                    ..Ack::default()
+                },
+                at,
+            );
+            format!("removed {removed}")
+        }
+        Op::PassOver { to, index } => {
+            let seqs = seqs(storage, *to, at);
+            let Some(&seq) = seqs.get(index % seqs.len().max(1)) else {
+                return "empty".into();
+            };
+            ack(
+                storage,
+                *to,
+                Ack {
+                    passed_over: vec![seq],
+                    ..Ack::default()
+                },
+                at,
+            );
+            "passed over".into()
+        }
+        Op::Purge {
+            advance_secs,
+            budget,
+        } => {
+            *now += advance_secs * 1000;
+            let at = Timestamp::from_millis(*now);
+            let mut expired = 0;
+            for _ in 0..10_000 {
+                let outcome = block_on(storage.purge(at, None, *budget)).unwrap();
+                expired += outcome.expired;
+                if !outcome.more {
+                    return format!("expired {expired}");
+                }
+            }
+            panic!("purge never finished");
+        }
+        Op::Remove { to } => {
+            let removed = block_on(storage.remove_recipient(&who(*to))).unwrap();
+            format!("removed {removed}")
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = RedbStorage::open(dir.path().join("model.redb")).unwrap();
+    let memory = MemoryStorage::new();
+    let (mut redb_now, mut memory_now) = (T0, T0);
+    let (mut redb_counter, mut memory_counter) = (0, 0);
+    for (step, op) in ops.iter().enumerate() {
+        let got = apply(&redb, op, &mut redb_now, &mut redb_counter);
+        let want = apply(&memory, op, &mut memory_now, &mut memory_counter);
+        assert_eq!(got, want, "step {step}: {op:?}");
+        let now = Timestamp::from_millis(redb_now);
+        for to in 0..RECIPIENTS {
+            assert_eq!(
+                view(&redb, to, now),
+                view(&memory, to, now),
+                "step {step}: {op:?}, recipient {to}"
+            );
+        }
+    }
+    // Everything purged in the end leaves nothing behind.
+    let end = Timestamp::from_millis(redb_now + 100 * 1000);
+    for storage in [&redb as &dyn Storage, &memory] {
+        while block_on(storage.purge(end, None, 7)).unwrap().more {}
+    }
+    for to in 0..RECIPIENTS {
+        assert_eq!(view(&redb, to, end), view(&memory, to, end), "at the end");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn redb_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        run(ops);
+    }
+}
