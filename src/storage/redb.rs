@@ -101,8 +101,9 @@ const FILED: u8 = 1;
 const TAIL_MAX: usize = 32;
 /// Longest the writer waits to gather a group as large as the last one.
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
-/// Dedup entries forgotten per append at most, so one append never does unbounded work.
-const DEDUP_PRUNE_PER_APPEND: usize = 64;
+/// Dedup entries a group forgets at most, beyond one per record it appended, so one commit
+/// never does unbounded work.
+const DEDUP_PRUNE_PER_GROUP: usize = 64;
 
 /// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
 /// layout, group commit and durability.
@@ -756,11 +757,17 @@ struct Tables<'t> {
     purge_cursor: u64,
     /// Recipients' metadata as changed by this group (`None`: to remove).
     metas: std::collections::HashMap<Vec<u8>, Option<Meta>>,
+    /// (latest append time, dedup window, budget) for forgetting dedup ids at the group's
+    /// end: at least as many as the group could add, so the tables never outgrow the window.
+    dedup_prune: Option<(u64, u64, usize)>,
 }
 
 impl Tables<'_> {
-    /// Writes the group's cached rows back.
-    fn flush(&mut self) -> Result<()> {
+    /// Ends the group: forgets expired dedup ids, and writes the cached rows back.
+    fn finish(&mut self) -> Result<()> {
+        if let Some((now, window, budget)) = self.dedup_prune.take() {
+            prune_dedup(self, now, window, budget)?;
+        }
         self.info
             .insert("next_seq", self.next_seq)
             .map_err(db_error)?;
@@ -825,48 +832,29 @@ impl Writer {
     fn run(mut self, inbox: mpsc::Receiver<Job>) {
         let mut last_group = 1;
         while let Ok(first) = inbox.recv() {
-            let mut group = vec![first];
-            // Take what is waiting. Callers answered by the last commit are still submitting
-            // their next writes, so if fewer than last time have arrived, wait a moment (far
-            // shorter than an fsync) for them: groups stay large instead of alternating
-            // small and large. A lone caller (last group of one) never waits.
-            let deadline = std::time::Instant::now() + GATHER_WAIT;
-            while group.len() < self.max_group {
-                let job = match inbox.try_recv() {
-                    Ok(job) => job,
-                    Err(mpsc::TryRecvError::Disconnected) => break,
-                    Err(mpsc::TryRecvError::Empty) if group.len() >= last_group => break,
-                    Err(mpsc::TryRecvError::Empty) => {
-                        match inbox.recv_timeout(
-                            deadline.saturating_duration_since(std::time::Instant::now()),
-                        ) {
-                            Ok(job) => job,
-                            Err(_) => break,
-                        }
-                    }
-                };
-                group.push(job);
-            }
-            last_group = group.len();
-            self.commit_group(group);
+            last_group = self.commit_group(first, &inbox, last_group);
         }
     }
 
-    fn commit_group(&mut self, group: Vec<Job>) {
+    /// Commits one group, starting with `first`; returns how many jobs it held.
+    fn commit_group(
+        &mut self,
+        first: Job,
+        inbox: &mpsc::Receiver<Job>,
+        last_group: usize,
+    ) -> usize {
         if self.needs_reopen
             && let Err(error) = self.reopen()
         {
-            tracing::error!(%error, "redb reopen failed; failing this group");
-            for job in group {
-                failed_answer(job, &error).send(None);
-            }
-            return;
+            tracing::error!(%error, "redb reopen failed; failing this write");
+            failed_answer(first, &error).send(None);
+            return 1;
         }
-        let mut answers = Vec::with_capacity(group.len());
+        let mut answers = Vec::with_capacity(last_group);
         // A panic inside redb (a damaged file) fails this group; callers whose jobs had not
         // been answered yet see their reply dropped, which is an error too.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.apply(group, &mut answers)
+            self.apply(first, inbox, last_group, &mut answers)
         }))
         .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
         let failed = outcome.err();
@@ -874,14 +862,24 @@ impl Writer {
             tracing::error!(%error, callers = answers.len(), "redb group commit failed");
             self.needs_reopen |= error.is_retryable();
         }
+        let held = answers.len().max(1);
         for answer in answers {
             answer.send(failed.as_ref());
         }
+        held
     }
 
-    /// Applies every job in one transaction and commits it. A job's own error (a full queue)
-    /// leaves the transaction untouched by that job; a storage error fails the whole group.
-    fn apply(&self, group: Vec<Job>, answers: &mut Vec<Answer>) -> Result<()> {
+    /// Applies `first` and every job that arrives while the group gathers, in one
+    /// transaction, and commits it. Jobs are applied as they arrive, so the writer works while
+    /// callers are still submitting. A job's own error (a full queue) leaves the transaction
+    /// untouched by that job; a storage error ends the group and fails it whole.
+    fn apply(
+        &self,
+        first: Job,
+        inbox: &mpsc::Receiver<Job>,
+        last_group: usize,
+        answers: &mut Vec<Answer>,
+    ) -> Result<()> {
         let db = self
             .db
             .read()
@@ -891,7 +889,7 @@ impl Writer {
             Ok(txn) => txn,
             Err(e) => {
                 let error = db_error(e);
-                answers.extend(group.into_iter().map(|job| failed_answer(job, &error)));
+                answers.push(failed_answer(first, &error));
                 return Err(error);
             }
         };
@@ -900,23 +898,33 @@ impl Writer {
             let mut tables = match open_tables(&txn) {
                 Ok(tables) => tables,
                 Err(error) => {
-                    answers.extend(group.into_iter().map(|job| failed_answer(job, &error)));
+                    answers.push(failed_answer(first, &error));
                     return Err(error);
                 }
             };
-            for job in group {
-                if let Some(error) = &storage_error {
-                    answers.push(failed_answer(job, error));
-                    continue;
-                }
+            // Callers answered by the last commit are still submitting their next writes, so
+            // if fewer than last time have arrived, wait a moment (far shorter than an fsync)
+            // for them: groups stay large instead of alternating small and large. A lone
+            // caller (last group of one) never waits.
+            let deadline = std::time::Instant::now() + GATHER_WAIT;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
                 let answer = apply_job(&mut tables, job);
-                if let Some(error) = answer_storage_error(&answer) {
-                    storage_error = Some(error);
-                }
+                storage_error = answer_storage_error(&answer);
                 answers.push(answer);
+                if storage_error.is_some() || answers.len() >= self.max_group {
+                    break;
+                }
+                next = match inbox.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::TryRecvError::Empty) if answers.len() < last_group => inbox
+                        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                        .ok(),
+                    Err(_) => None,
+                };
             }
             if storage_error.is_none()
-                && let Err(error) = tables.flush()
+                && let Err(error) = tables.finish()
             {
                 storage_error = Some(error);
             }
@@ -940,6 +948,7 @@ fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         deadline_high: read("deadline_high")?,
         purge_cursor: read("purge_cursor")?,
         metas: std::collections::HashMap::new(),
+        dedup_prune: None,
         log: txn.open_table(LOG).map_err(db_error)?,
         chunks: txn.open_table(CHUNKS).map_err(db_error)?,
         deliveries: txn.open_table(DELIVERIES).map_err(db_error)?,
@@ -1014,12 +1023,19 @@ fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
 /// Keeps the recipient's metadata for the flush, or marks it for removal (with its idle
 /// entry) when nothing is worth keeping.
 fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: Meta) -> Result<()> {
-    if meta.count == 0 && meta.lost() == 0 {
+    let keep = if meta.count == 0 && meta.lost() == 0 {
         t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
-        t.metas.insert(who.to_vec(), None);
-        return Ok(());
+        None
+    } else {
+        Some(meta)
+    };
+    // Cached by `meta_get` already, normally: no new key.
+    match t.metas.get_mut(who) {
+        Some(slot) => *slot = keep,
+        None => {
+            t.metas.insert(who.to_vec(), keep);
+        }
     }
-    t.metas.insert(who.to_vec(), Some(meta));
     Ok(())
 }
 
@@ -1158,13 +1174,12 @@ fn append(
     now: u64,
 ) -> Result<AppendOutcome> {
     let who = recipient.as_bytes();
-    // At least as many as this append can add, so the tables never outgrow the window.
-    prune_dedup(
-        t,
-        now,
+    let prune = t.dedup_prune.get_or_insert((now, 0, DEDUP_PRUNE_PER_GROUP));
+    *prune = (
+        prune.0.max(now),
         quota.dedup_window_ms(),
-        DEDUP_PRUNE_PER_APPEND.max(records.len()),
-    )?;
+        prune.2 + records.len(),
+    );
     let mut meta = match meta_get(t, who)? {
         Some(meta) => meta,
         None => Meta::new(t),
