@@ -1,0 +1,243 @@
+//! The file's tables, and how its rows and records are encoded.
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::{corrupt, db_error};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::message::MessageId;
+use crate::storage::NewRecord;
+
+/// (recipient, seq)
+pub(super) type Key<'a> = (&'a [u8], u64);
+/// (recipient, message id)
+pub(super) type DedupKey<'a> = (&'a [u8], [u8; 16]);
+/// (seq, when)
+pub(super) type DedupValue = (u64, u64);
+
+pub(super) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(super) const CHUNKS: TableDefinition<Key, &[u8]> = TableDefinition::new("chunks");
+pub(super) const DELIVERIES: TableDefinition<u64, u32> = TableDefinition::new("deliveries");
+pub(super) const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
+pub(super) const EXPIRY: TableDefinition<(u64, &[u8], u64), ()> = TableDefinition::new("expiry");
+pub(super) const IDLE: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("idle");
+pub(super) const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition::new("dedup");
+pub(super) const DEDUP_ORDER: TableDefinition<(u64, &[u8], [u8; 16]), ()> =
+    TableDefinition::new("dedup_order");
+pub(super) const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
+
+/// The file format this code writes; a file with a higher number was written by a newer
+/// version and is refused.
+pub(super) const FORMAT: u64 = 3;
+/// The oldest format this code reads (format 2 keyed records by recipient).
+pub(super) const OLDEST_FORMAT: u64 = 3;
+pub(super) const NEVER: u64 = u64::MAX;
+/// Bytes of a `log` value besides the recipient and the body: checksum, flags, recipient
+/// length, id, sent_at, expires_at.
+pub(super) const HEADER: usize = 4 + 1 + 1 + 16 + 8 + 8;
+/// `log` flag: the record is filed in `expiry` (its deadline arrived out of order).
+pub(super) const FILED: u8 = 1;
+/// Seqs kept in a recipient's `meta` row before they move to a `chunks` row.
+pub(super) const TAIL_MAX: usize = 32;
+/// A recipient's row in `meta`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Meta {
+    pub(super) count: u64,
+    pub(super) bytes: u64,
+    /// Losses ever counted, from a base that only grows (see `Meta::new`).
+    pub(super) lost_total: u64,
+    /// Losses the client confirmed it was told of.
+    pub(super) lost_confirmed: u64,
+    pub(super) last_touch: u64,
+    /// The key under which the recipient is filed in `idle` (lazily refiled by purge).
+    pub(super) idle_key: u64,
+    /// The newest seqs of the recipient's list (fewer than `TAIL_MAX`), above every seq in
+    /// its `chunks` rows.
+    pub(super) tail: Vec<u64>,
+}
+
+impl Meta {
+    const FIXED: usize = 48;
+
+    /// A new recipient's row. Its loss total starts at the file's seq counter (`next_seq`), above any total
+    /// an earlier row of this recipient reached (each loss is a record, and each record took a
+    /// seq), so a stale confirmation cannot hide a new loss.
+    pub(super) fn new(next_seq: u64) -> Self {
+        Self {
+            lost_total: next_seq,
+            lost_confirmed: next_seq,
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn lost(&self) -> u64 {
+        self.lost_total.saturating_sub(self.lost_confirmed)
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::FIXED + 8 * self.tail.len());
+        for v in [
+            self.count,
+            self.bytes,
+            self.lost_total,
+            self.lost_confirmed,
+            self.last_touch,
+            self.idle_key,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend(self.tail.iter().flat_map(|seq| seq.to_le_bytes()));
+        out
+    }
+
+    pub(super) fn decode(raw: &[u8]) -> Result<Self> {
+        if raw.len() < Self::FIXED {
+            return Err(Error::storage_msg(
+                false,
+                format!("corrupt recipient metadata: {} bytes", raw.len()),
+            ));
+        }
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8"));
+        Ok(Self {
+            count: word(0),
+            bytes: word(1),
+            lost_total: word(2),
+            lost_confirmed: word(3),
+            last_touch: word(4),
+            idle_key: word(5),
+            tail: unpack_seqs(&raw[Self::FIXED..])?,
+        })
+    }
+}
+
+pub(super) fn read_meta(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    who: &[u8],
+) -> Result<Option<Meta>> {
+    match table.get(who).map_err(db_error)? {
+        Some(raw) => Meta::decode(raw.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Seqs packed as little-endian u64s (a `chunks` value, or a `meta` row's tail).
+pub(super) fn unpack_seqs(raw: &[u8]) -> Result<Vec<u64>> {
+    if !raw.len().is_multiple_of(8) {
+        return Err(Error::storage_msg(
+            false,
+            format!("corrupt seq list: {} bytes", raw.len()),
+        ));
+    }
+    Ok(raw
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+        .collect())
+}
+
+pub(super) fn pack_seqs(seqs: &[u64]) -> Vec<u8> {
+    seqs.iter().flat_map(|seq| seq.to_le_bytes()).collect()
+}
+
+/// Visits the recipient's seqs from `start` on, in order (its `chunks` rows, then the tail),
+/// until `visit` returns `false`.
+pub(super) fn each_seq(
+    chunks: &impl ReadableTable<Key<'static>, &'static [u8]>,
+    who: &[u8],
+    tail: &[u64],
+    start: u64,
+    mut visit: impl FnMut(u64) -> Result<bool>,
+) -> Result<()> {
+    if tail.first().is_none_or(|&first| start < first) {
+        // A chunk is keyed by its first seq when written, so the one holding `start` is the
+        // last keyed at or below it.
+        let from = match chunks
+            .range((who, 0)..=(who, start))
+            .map_err(db_error)?
+            .next_back()
+        {
+            Some(entry) => entry.map_err(db_error)?.0.value().1,
+            None => start,
+        };
+        for entry in chunks
+            .range((who, from)..=(who, u64::MAX))
+            .map_err(db_error)?
+        {
+            for seq in unpack_seqs(entry.map_err(db_error)?.1.value())? {
+                if seq >= start && !visit(seq)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    for &seq in tail {
+        if seq >= start && !visit(seq)? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// CRC-32 of a record's seq and value (after the checksum itself), so a damaged record, or a
+/// record found under the wrong seq, is reported instead of delivered wrong.
+fn checksum(seq: u64, rest: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(rest);
+    hasher.finalize()
+}
+
+pub(super) fn encode_record(who: &[u8], seq: u64, flags: u8, record: &NewRecord) -> Vec<u8> {
+    let mut value = Vec::with_capacity(HEADER + who.len() + record.body.len());
+    value.extend_from_slice(&[0; 4]);
+    value.push(flags);
+    // RecipientId is at most 255 bytes.
+    value.push(u8::try_from(who.len()).expect("recipient ids are at most 255 bytes"));
+    value.extend_from_slice(who);
+    value.extend_from_slice(&record.id.to_bytes());
+    value.extend_from_slice(&record.sent_at.as_millis().to_le_bytes());
+    value.extend_from_slice(
+        &record
+            .expires_at
+            .map_or(NEVER, Timestamp::as_millis)
+            .to_le_bytes(),
+    );
+    value.extend_from_slice(&record.body);
+    let sum = checksum(seq, &value[4..]);
+    value[..4].copy_from_slice(&sum.to_le_bytes());
+    value
+}
+
+/// A `log` record, checked against its checksum.
+pub(super) struct Logged<'v> {
+    pub(super) who: &'v [u8],
+    pub(super) flags: u8,
+    pub(super) id: MessageId,
+    pub(super) sent_at: u64,
+    pub(super) expires_at: u64,
+    pub(super) body: &'v [u8],
+}
+
+pub(super) fn decode_record(seq: u64, value: &[u8]) -> Result<Logged<'_>> {
+    let who_len = value.get(5).map_or(0, |&n| usize::from(n));
+    if value.len() < HEADER + who_len {
+        return Err(corrupt(&format!("seq {seq}: shorter than its header")));
+    }
+    let stored = u32::from_le_bytes(value[..4].try_into().expect("4"));
+    if stored != checksum(seq, &value[4..]) {
+        return Err(corrupt(&format!("seq {seq}: checksum mismatch")));
+    }
+    let rest = &value[6 + who_len..];
+    let word = |at: usize| u64::from_le_bytes(rest[at..at + 8].try_into().expect("8"));
+    Ok(Logged {
+        who: &value[6..6 + who_len],
+        flags: value[4],
+        id: MessageId::from_bytes(rest[..16].try_into().expect("16")),
+        sent_at: word(16),
+        expires_at: word(24),
+        body: &rest[32..],
+    })
+}
+
+pub(super) fn opt_time(millis: u64) -> Option<Timestamp> {
+    (millis != NEVER).then(|| Timestamp::from_millis(millis))
+}

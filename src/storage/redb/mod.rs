@@ -1,0 +1,529 @@
+//! [`RedbStorage`]: durable, embedded storage in one file, on [redb](https://docs.rs/redb)
+//! (pure Rust, ACID, crash-safe copy-on-write B-trees). Feature `redb`, on by default.
+//!
+//! **Durability:** once `append` (and so `send`) returns `Ok`, the message is on disk (the
+//! commit was fsynced); a crash at any point loses nothing that was acknowledged, and acks that
+//! returned are not undone.
+//!
+//! # Layout
+//! Records live in one log ordered by seq; each recipient keeps the list of its seqs. A group
+//! of sends to many recipients then appends to the log's right edge, and touches only the
+//! recipients' small metadata rows, instead of rewriting one B-tree leaf (and its branch
+//! pages) per recipient: that cut the pages a 256-message commit writes to about a third.
+//!
+//! | table | key | value | why |
+//! |---|---|---|---|
+//! | `log` | seq | checksum, recipient, id, sent_at, expires_at, body | records, appended in seq order |
+//! | `meta` | recipient | count, bytes, lost, last touch, idle key, newest seqs | quotas, stats and the list's tail in one row |
+//! | `chunks` | (recipient, first seq) | up to 32 older seqs | the rest of the recipient's list, in order |
+//! | `deliveries` | seq | times delivered | rewritten per delivery without copying bodies |
+//! | `expiry` | (deadline, recipient, seq) | - | deadlines that arrived out of order |
+//! | `idle` | (touch time, recipient) | - | idle queues are found in touch order |
+//! | `dedup` | (recipient, message id) | seq, time | sender-chosen ids within the window |
+//! | `dedup_order` | (time, recipient, message id) | - | to forget them in order |
+//! | `info` | name | u64 | format version, next seq, total bytes, purge cursor |
+//!
+//! Recipient keys start with the recipient's bytes as a length-delimited tuple element, so no
+//! id can reach into another id's range, whatever bytes it holds; a log record names its
+//! recipient inside its checksum, so a seq given for the wrong recipient is refused.
+//!
+//! **Expiry without an index entry per record:** with one TTL for everything, deadlines grow
+//! with seqs, so purge walks the log from a cursor and stops at the first record not yet due.
+//! A record whose deadline is earlier than one already logged (a shorter TTL than a message
+//! before it) is filed in `expiry` instead, and the cursor steps over it. Mixed TTLs therefore
+//! cost one index entry for each shorter-lived message; purge still touches only what it
+//! removes, plus each record without a deadline once.
+//!
+//! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
+//! row behind and still never sees a seq reused.
+//!
+//! # Group commit
+//! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`, `purge` and
+//! `remove_recipient` calls queue up while a commit is in flight; the writer applies everything
+//! waiting in one write transaction and one fsync, then answers each caller. A lone caller still
+//! gets its answer only after its data is durable. If the commit fails, every caller in that
+//! group gets the error and none of the group's writes are visible. Reads use their own read
+//! transactions and never wait for the writer.
+//!
+//! Writes wait on the writer thread without blocking the caller's executor. Reads run on the
+//! caller's thread: short on a warm page cache, but a read that misses it waits on the disk.
+//! On a slow disk under an async runtime, size the cache (`RedbOptions::cache_bytes`) to hold
+//! the recent part of the queues.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use futures::channel::oneshot;
+use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
+
+use super::{
+    Ack, AppendOutcome, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats, Storage,
+    StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Quota};
+use crate::message::{RecipientId, Seq};
+
+mod layout;
+mod writer;
+mod writes;
+
+use layout::{
+    CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, EXPIRY, FORMAT, IDLE, INFO, LOG, META, OLDEST_FORMAT,
+    decode_record, each_seq, opt_time, read_meta, unpack_seqs,
+};
+use writer::{Job, SharedDb, Writer};
+
+/// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
+/// layout, group commit and durability.
+pub struct RedbStorage {
+    db: SharedDb,
+    path: PathBuf,
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RedbStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStorage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options for opening a [`RedbStorage`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RedbOptions {
+    cache_bytes: usize,
+    max_group: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+            max_group: 4096,
+        }
+    }
+}
+
+impl RedbOptions {
+    /// Memory redb may use to cache pages. Default 64 MiB (redb's own default is 1 GiB; a
+    /// queue mostly writes and reads recent pages).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Most operations committed together in one transaction. Default 4096.
+    pub fn max_group(mut self, max: usize) -> Self {
+        self.max_group = max.max(1);
+        self
+    }
+
+    /// Opens (or creates) the storage file at `path`, creating its directory if needed.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] naming the path when the file cannot be created or opened, is not a
+    /// redb file, is a redb file of someone else's, was written by a newer version of this
+    /// crate, or is damaged.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStorage> {
+        let path = path.as_ref().to_path_buf();
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::storage_msg(false, format!("{}: {what}: {e}", path.display()))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", &e))?;
+        }
+        let cache_bytes = self.cache_bytes;
+        let opened = std::panic::catch_unwind(|| {
+            let db = Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)
+                .map_err(|e| fail("cannot open as an offline-queue database", &e))?;
+            init(&db).map_err(|e| match e {
+                Error::Storage { message, .. } => fail("cannot use it", &message),
+                other => other,
+            })?;
+            Ok(db)
+        });
+        let db = opened.unwrap_or_else(|panic| Err(damaged(&path, &panic)))?;
+        let db: SharedDb = Arc::new(parking_lot::RwLock::new(Some(Arc::new(db))));
+        let (jobs, inbox) = mpsc::channel();
+        let writer_db = db.clone();
+        let max_group = self.max_group;
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("offline-queue-redb-writer".into())
+            .spawn(move || Writer::new(writer_db, writer_path, cache_bytes, max_group).run(inbox))
+            .map_err(|e| fail("cannot start the writer thread", &e))?;
+        Ok(RedbStorage {
+            db,
+            path,
+            jobs: Some(jobs),
+            writer: Some(writer),
+        })
+    }
+}
+
+impl RedbStorage {
+    /// Opens (or creates) the storage file at `path` with default options.
+    ///
+    /// # Errors
+    /// See [`RedbOptions::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        RedbOptions::default().open(path)
+    }
+
+    /// Options for opening, starting from the defaults.
+    pub fn options() -> RedbOptions {
+        RedbOptions::default()
+    }
+
+    /// The file this storage lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        let jobs = self.jobs.as_ref().expect("writer runs until drop");
+        jobs.send(make(reply))
+            .map_err(|_| Error::storage_msg(false, "redb writer thread has stopped"))?;
+        answer.await.map_err(|_| {
+            Error::storage_msg(
+                false,
+                format!(
+                    "{}: the write failed inside redb (the file may be damaged)",
+                    self.path.display()
+                ),
+            )
+        })?
+    }
+}
+
+impl RedbStorage {
+    /// The open database; none while the writer reopens it after an I/O failure.
+    fn database(&self) -> Result<Arc<Database>> {
+        self.db.read().clone().ok_or_else(|| {
+            Error::storage_msg(
+                true,
+                format!("{}: reopening after a write failure", self.path.display()),
+            )
+        })
+    }
+
+    /// Runs a read, turning a panic inside redb (which some damaged files provoke) into an
+    /// error naming the file.
+    fn guarded<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+            .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)))
+    }
+
+    fn read_now(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let who = recipient.as_bytes();
+        let now = now.as_millis();
+        let db = self.database()?;
+        let txn = db.begin_read().map_err(db_error)?;
+        let Some(meta) = read_meta(&txn.open_table(META).map_err(db_error)?, who)? else {
+            return Ok(ReadBatch::default());
+        };
+        let mut batch = ReadBatch {
+            lost: meta.lost(),
+            lost_total: meta.lost_total,
+            ..ReadBatch::default()
+        };
+        if after.is_some_and(|after| after.0 == u64::MAX) {
+            return Ok(batch);
+        }
+        let start = after.map_or(0, |after| after.0 + 1);
+        let log = txn.open_table(LOG).map_err(db_error)?;
+        let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
+        let chunks = txn.open_table(CHUNKS).map_err(db_error)?;
+        let mut bytes = 0usize;
+        each_seq(&chunks, who, &meta.tail, start, |seq| {
+            let value = log.get(seq).map_err(db_error)?;
+            let record = match value.as_ref().map(|v| decode_record(seq, v.value())) {
+                Some(Ok(record)) if record.who == who => record,
+                Some(Ok(_)) => Err(corrupt(&format!("seq {seq}: listed for another recipient")))?,
+                Some(Err(error)) => {
+                    tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
+                    batch.damaged.push(Seq(seq));
+                    return Ok(true);
+                }
+                None => {
+                    tracing::error!(path = %self.path.display(), seq, "listed record missing; passed over");
+                    batch.damaged.push(Seq(seq));
+                    return Ok(true);
+                }
+            };
+            if record.expires_at <= now {
+                batch.expired.push(Seq(seq));
+                return Ok(batch.expired.len() < limit.max_messages);
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+            {
+                return Ok(false);
+            }
+            let delivery_count = deliveries
+                .get(seq)
+                .map_err(db_error)?
+                .map_or(0, |v| v.value());
+            bytes += record.body.len();
+            batch.records.push(StoredRecord {
+                seq: Seq(seq),
+                id: record.id,
+                sent_at: Timestamp::from_millis(record.sent_at),
+                expires_at: opt_time(record.expires_at),
+                delivery_count,
+                body: record.body.to_vec(),
+            });
+            Ok(true)
+        })?;
+        Ok(batch)
+    }
+
+    fn stats_now(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let who = recipient.as_bytes();
+        let db = self.database()?;
+        let txn = db.begin_read().map_err(db_error)?;
+        let Some(meta) = read_meta(&txn.open_table(META).map_err(db_error)?, who)? else {
+            return Ok(RecipientStats::default());
+        };
+        let chunks = txn.open_table(CHUNKS).map_err(db_error)?;
+        let mut oldest_seq = None;
+        each_seq(&chunks, who, &meta.tail, 0, |seq| {
+            oldest_seq = Some(seq);
+            Ok(false)
+        })?;
+        let oldest_sent_at = match oldest_seq {
+            Some(seq) => txn
+                .open_table(LOG)
+                .map_err(db_error)?
+                .get(seq)
+                .map_err(db_error)?
+                .and_then(|v| decode_record(seq, v.value()).ok().map(|r| r.sent_at))
+                .map(Timestamp::from_millis),
+            None => None,
+        };
+        let newest_seq = match meta.tail.last() {
+            Some(&seq) => Some(seq),
+            None => match chunks
+                .range((who, 0)..=(who, u64::MAX))
+                .map_err(db_error)?
+                .next_back()
+            {
+                Some(entry) => unpack_seqs(entry.map_err(db_error)?.1.value())?
+                    .last()
+                    .copied(),
+                None => None,
+            },
+        };
+        Ok(RecipientStats {
+            messages: meta.count,
+            bytes: meta.bytes,
+            oldest_sent_at,
+            newest_seq: newest_seq.map(Seq),
+            lost: meta.lost(),
+        })
+    }
+}
+
+/// The error for a panic caught inside redb.
+fn damaged(path: &Path, panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    Error::storage_msg(
+        false,
+        format!("{}: the database file is damaged ({what})", path.display()),
+    )
+}
+
+impl Drop for RedbStorage {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it commits what it holds.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+        // redb writes its allocator state on close, and may panic doing so on a damaged file:
+        // that must not take the caller down with it.
+        let db = self.db.write().take();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(db)));
+    }
+}
+
+/// Maps any redb error to ours. I/O errors may pass; everything else (corruption, a table of
+/// the wrong type) will not.
+fn db_error(error: impl Into<redb::Error>) -> Error {
+    let error: redb::Error = error.into();
+    // After an I/O error redb refuses further writes (`PreviousIo`) until the file is
+    // reopened, which the writer does: both pass.
+    let retryable = matches!(error, redb::Error::Io(_) | redb::Error::PreviousIo);
+    Error::storage(retryable, error)
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::storage_msg(false, format!("corrupt record: {what}"))
+}
+
+/// Creates the tables of a new file, or checks an existing file is ours and not newer.
+fn init(db: &Database) -> Result<()> {
+    let txn = db.begin_write().map_err(db_error)?;
+    {
+        let mut info = txn.open_table(INFO).map_err(db_error)?;
+        let format = info.get("format").map_err(db_error)?.map(|v| v.value());
+        match format {
+            Some(format) if format > FORMAT => {
+                return Err(Error::storage_msg(
+                    false,
+                    format!(
+                        "written by a newer version of offline-queue (format {format}, this one reads up to {FORMAT})"
+                    ),
+                ));
+            }
+            Some(format) if format < OLDEST_FORMAT => {
+                return Err(Error::storage_msg(
+                    false,
+                    format!(
+                        "written by an earlier development version of offline-queue (format {format}); this one reads formats {OLDEST_FORMAT} to {FORMAT}"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let foreign = txn
+                    .list_tables()
+                    .map_err(db_error)?
+                    .any(|t| t.name() != INFO.name());
+                if foreign {
+                    return Err(Error::storage_msg(
+                        false,
+                        "a redb database that is not offline-queue's",
+                    ));
+                }
+                info.insert("format", FORMAT).map_err(db_error)?;
+            }
+        }
+    }
+    txn.open_table(LOG).map_err(db_error)?;
+    txn.open_table(CHUNKS).map_err(db_error)?;
+    txn.open_table(DELIVERIES).map_err(db_error)?;
+    txn.open_table(META).map_err(db_error)?;
+    txn.open_table(EXPIRY).map_err(db_error)?;
+    txn.open_table(IDLE).map_err(db_error)?;
+    txn.open_table(DEDUP).map_err(db_error)?;
+    txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    txn.commit().map_err(db_error)
+}
+
+#[async_trait]
+impl Storage for RedbStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_read_batch: usize::MAX,
+            durable: true,
+            native_ttl: false,
+            shared: false,
+        }
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        if records.is_empty() {
+            let stats = self.stats(recipient).await?;
+            return Ok(AppendOutcome {
+                pending: stats.messages,
+                ..AppendOutcome::default()
+            });
+        }
+        let (recipient, quota, now) = (recipient.clone(), *quota, now.as_millis());
+        self.submit(|reply| Job::Append {
+            recipient,
+            records,
+            quota,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        self.guarded(|| self.read_now(recipient, after, limit, now))
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (recipient, seqs) = (recipient.clone(), seqs.to_vec());
+        self.submit(|reply| Job::MarkDelivered {
+            recipient,
+            seqs,
+            reply,
+        })
+        .await
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
+        let (recipient, ack, now) = (recipient.clone(), ack.clone(), now.as_millis());
+        self.submit(|reply| Job::Ack {
+            recipient,
+            ack,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        let (now, idle_before) = (now.as_millis(), idle_before.map(Timestamp::as_millis));
+        self.submit(|reply| Job::Purge {
+            now,
+            idle_before,
+            budget,
+            reply,
+        })
+        .await
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        self.guarded(|| self.stats_now(recipient))
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let recipient = recipient.clone();
+        self.submit(|reply| Job::Remove { recipient, reply }).await
+    }
+}

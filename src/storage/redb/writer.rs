@@ -1,0 +1,289 @@
+//! The writer thread: gathers concurrent writes into groups, one transaction and one fsync
+//! each, and answers every caller once its group is durable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use futures::channel::oneshot;
+use redb::Database;
+
+use super::writes::{
+    Tables, ack_records, append, mark_delivered, open_tables, purge, remove_recipient,
+};
+use super::{damaged, db_error};
+use crate::error::{Error, Result};
+use crate::limits::Quota;
+use crate::message::{RecipientId, Seq};
+use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome};
+
+/// Longest the writer waits to gather a group as large as the last one.
+const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+pub(super) enum Job {
+    Append {
+        recipient: RecipientId,
+        records: Vec<NewRecord>,
+        quota: Quota,
+        now: u64,
+        reply: oneshot::Sender<Result<AppendOutcome>>,
+    },
+    MarkDelivered {
+        recipient: RecipientId,
+        seqs: Vec<Seq>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Ack {
+        recipient: RecipientId,
+        ack: Ack,
+        now: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Purge {
+        now: u64,
+        idle_before: Option<u64>,
+        budget: usize,
+        reply: oneshot::Sender<Result<PurgeOutcome>>,
+    },
+    Remove {
+        recipient: RecipientId,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+/// An answer computed inside the group's transaction, sent once the commit is durable.
+enum Answer {
+    Append(
+        oneshot::Sender<Result<AppendOutcome>>,
+        Result<AppendOutcome>,
+    ),
+    Unit(oneshot::Sender<Result<()>>, Result<()>),
+    Count(oneshot::Sender<Result<u64>>, Result<u64>),
+    Purge(oneshot::Sender<Result<PurgeOutcome>>, Result<PurgeOutcome>),
+}
+
+impl Answer {
+    /// Sends the answer, or `error` instead of a success when the commit failed.
+    fn send(self, failed: Option<&Error>) {
+        fn pick<T>(result: Result<T>, failed: Option<&Error>) -> Result<T> {
+            match (result, failed) {
+                (Ok(_), Some(error)) => Err(error.clone()),
+                (result, _) => result,
+            }
+        }
+        // A caller that stopped waiting is not an error.
+        let _ = match self {
+            Answer::Append(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Unit(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Count(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::Purge(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+        };
+    }
+}
+
+/// The writer thread: applies groups of jobs in one transaction each.
+pub(super) struct Writer {
+    db: SharedDb,
+    path: PathBuf,
+    cache_bytes: usize,
+    max_group: usize,
+    /// Set after a write failed on I/O: the next group reopens the file first.
+    needs_reopen: bool,
+}
+
+/// The database, shared by readers and the writer, which replaces it when it reopens.
+pub(super) type SharedDb = Arc<parking_lot::RwLock<Option<Arc<Database>>>>;
+
+impl Writer {
+    pub(super) fn new(db: SharedDb, path: PathBuf, cache_bytes: usize, max_group: usize) -> Self {
+        Self {
+            db,
+            path,
+            cache_bytes,
+            max_group,
+            needs_reopen: false,
+        }
+    }
+
+    /// Closes and reopens the file after an I/O failure (redb refuses writes until then; the
+    /// reopen recovers to the last durable commit).
+    fn reopen(&mut self) -> Result<()> {
+        let mut slot = self.db.write();
+        if let Some(old) = slot.take() {
+            // Readers hold the handle for one read at most; the file lock goes with the last.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(old)));
+        }
+        let reopened = std::panic::catch_unwind(|| {
+            Database::builder()
+                .set_cache_size(self.cache_bytes)
+                .create(&self.path)
+                .map_err(db_error)
+        })
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)))?;
+        *slot = Some(Arc::new(reopened));
+        self.needs_reopen = false;
+        tracing::info!(path = %self.path.display(), "redb file reopened after a write failure");
+        Ok(())
+    }
+
+    pub(super) fn run(mut self, inbox: mpsc::Receiver<Job>) {
+        let mut last_group = 1;
+        while let Ok(first) = inbox.recv() {
+            last_group = self.commit_group(first, &inbox, last_group);
+        }
+    }
+
+    /// Commits one group, starting with `first`; returns how many jobs it held.
+    fn commit_group(
+        &mut self,
+        first: Job,
+        inbox: &mpsc::Receiver<Job>,
+        last_group: usize,
+    ) -> usize {
+        if self.needs_reopen
+            && let Err(error) = self.reopen()
+        {
+            tracing::error!(%error, "redb reopen failed; failing this write");
+            failed_answer(first, &error).send(None);
+            return 1;
+        }
+        let mut answers = Vec::with_capacity(last_group);
+        // A panic inside redb (a damaged file) fails this group; callers whose jobs had not
+        // been answered yet see their reply dropped, which is an error too.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.apply(first, inbox, last_group, &mut answers)
+        }))
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
+        let failed = outcome.err();
+        if let Some(error) = &failed {
+            tracing::error!(%error, callers = answers.len(), "redb group commit failed");
+            self.needs_reopen |= error.is_retryable();
+        }
+        let held = answers.len().max(1);
+        for answer in answers {
+            answer.send(failed.as_ref());
+        }
+        held
+    }
+
+    /// Applies `first` and every job that arrives while the group gathers, in one
+    /// transaction, and commits it. Jobs are applied as they arrive, so the writer works while
+    /// callers are still submitting. A job's own error (a full queue) leaves the transaction
+    /// untouched by that job; a storage error ends the group and fails it whole.
+    fn apply(
+        &self,
+        first: Job,
+        inbox: &mpsc::Receiver<Job>,
+        last_group: usize,
+        answers: &mut Vec<Answer>,
+    ) -> Result<()> {
+        let db = self
+            .db
+            .read()
+            .clone()
+            .expect("open unless reopening, which this thread does");
+        let txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                let error = db_error(e);
+                answers.push(failed_answer(first, &error));
+                return Err(error);
+            }
+        };
+        let mut storage_error = None;
+        {
+            let mut tables = match open_tables(&txn) {
+                Ok(tables) => tables,
+                Err(error) => {
+                    answers.push(failed_answer(first, &error));
+                    return Err(error);
+                }
+            };
+            // Callers answered by the last commit are still submitting their next writes, so
+            // if fewer than last time have arrived, wait a moment (far shorter than an fsync)
+            // for them: groups stay large instead of alternating small and large. A lone
+            // caller (last group of one) never waits.
+            let deadline = std::time::Instant::now() + GATHER_WAIT;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                let answer = apply_job(&mut tables, job);
+                storage_error = answer_storage_error(&answer);
+                answers.push(answer);
+                if storage_error.is_some() || answers.len() >= self.max_group {
+                    break;
+                }
+                next = match inbox.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::TryRecvError::Empty) if answers.len() < last_group => inbox
+                        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                        .ok(),
+                    Err(_) => None,
+                };
+            }
+            if storage_error.is_none()
+                && let Err(error) = tables.finish()
+            {
+                storage_error = Some(error);
+            }
+        }
+        if let Some(error) = storage_error {
+            // Abort: nothing of this group becomes visible.
+            drop(txn);
+            return Err(error);
+        }
+        txn.commit().map_err(db_error)
+    }
+}
+
+fn failed_answer(job: Job, error: &Error) -> Answer {
+    match job {
+        Job::Append { reply, .. } => Answer::Append(reply, Err(error.clone())),
+        Job::MarkDelivered { reply, .. } => Answer::Unit(reply, Err(error.clone())),
+        Job::Ack { reply, .. } => Answer::Count(reply, Err(error.clone())),
+        Job::Purge { reply, .. } => Answer::Purge(reply, Err(error.clone())),
+        Job::Remove { reply, .. } => Answer::Count(reply, Err(error.clone())),
+    }
+}
+
+/// The storage error in an answer, if the job failed on storage (not on a quota).
+fn answer_storage_error(answer: &Answer) -> Option<Error> {
+    let error = match answer {
+        Answer::Append(_, Err(e)) | Answer::Unit(_, Err(e)) | Answer::Count(_, Err(e)) => e,
+        Answer::Purge(_, Err(e)) => e,
+        _ => return None,
+    };
+    matches!(error, Error::Storage { .. }).then(|| error.clone())
+}
+
+fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
+    match job {
+        Job::Append {
+            recipient,
+            records,
+            quota,
+            now,
+            reply,
+        } => Answer::Append(reply, append(t, &recipient, records, &quota, now)),
+        Job::MarkDelivered {
+            recipient,
+            seqs,
+            reply,
+        } => Answer::Unit(reply, mark_delivered(t, &recipient, &seqs)),
+        Job::Ack {
+            recipient,
+            ack,
+            now,
+            reply,
+        } => Answer::Count(reply, ack_records(t, &recipient, &ack, now)),
+        Job::Purge {
+            now,
+            idle_before,
+            budget,
+            reply,
+        } => Answer::Purge(reply, purge(t, now, idle_before, budget)),
+        Job::Remove { recipient, reply } => Answer::Count(reply, remove_recipient(t, &recipient)),
+    }
+}

@@ -1,0 +1,660 @@
+//! The write steps, applied inside a group's transaction.
+
+use redb::ReadableTable;
+
+use super::db_error;
+use super::layout::{
+    CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, DedupKey, DedupValue, EXPIRY, FILED, HEADER, IDLE,
+    INFO, Key, LOG, META, Meta, NEVER, TAIL_MAX, decode_record, each_seq, encode_record, pack_seqs,
+    read_meta, unpack_seqs,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::Quota;
+use crate::message::{MessageId, RecipientId, Seq};
+use crate::storage::{Ack, AppendOutcome, Appended, NewRecord, PurgeOutcome};
+
+/// The tables a group writes, opened once per transaction.
+pub(super) struct Tables<'t> {
+    pub(super) log: redb::Table<'t, u64, &'static [u8]>,
+    pub(super) chunks: redb::Table<'t, Key<'static>, &'static [u8]>,
+    pub(super) deliveries: redb::Table<'t, u64, u32>,
+    pub(super) meta: redb::Table<'t, &'static [u8], &'static [u8]>,
+    pub(super) expiry: redb::Table<'t, (u64, &'static [u8], u64), ()>,
+    pub(super) idle: redb::Table<'t, (u64, &'static [u8]), ()>,
+    pub(super) dedup: redb::Table<'t, DedupKey<'static>, DedupValue>,
+    pub(super) dedup_order: redb::Table<'t, (u64, &'static [u8], [u8; 16]), ()>,
+    pub(super) info: redb::Table<'t, &'static str, u64>,
+    // Values read once per group and written back once, before the commit: the hot rows.
+    pub(super) next_seq: u64,
+    pub(super) total_bytes: u64,
+    /// The latest deadline of a record not filed in `expiry`: a record due earlier is filed.
+    pub(super) deadline_high: u64,
+    /// Purge's place in `log`: records below it are due later than they were then, filed in
+    /// `expiry`, or have no deadline.
+    pub(super) purge_cursor: u64,
+    /// Recipients' metadata as changed by this group (`None`: to remove).
+    pub(super) metas: std::collections::HashMap<Vec<u8>, Option<Meta>>,
+    /// (latest append time, dedup window, budget) for forgetting dedup ids at the group's
+    /// end: at least as many as the group could add, so the tables never outgrow the window.
+    pub(super) dedup_prune: Option<(u64, u64, usize)>,
+}
+
+impl Tables<'_> {
+    /// Ends the group: forgets expired dedup ids, and writes the cached rows back.
+    pub(super) fn finish(&mut self) -> Result<()> {
+        if let Some((now, window, budget)) = self.dedup_prune.take() {
+            prune_dedup(self, now, window, budget)?;
+        }
+        self.info
+            .insert("next_seq", self.next_seq)
+            .map_err(db_error)?;
+        self.info
+            .insert("total_bytes", self.total_bytes)
+            .map_err(db_error)?;
+        self.info
+            .insert("deadline_high", self.deadline_high)
+            .map_err(db_error)?;
+        self.info
+            .insert("purge_cursor", self.purge_cursor)
+            .map_err(db_error)?;
+        for (who, meta) in self.metas.drain() {
+            match meta {
+                Some(meta) => self
+                    .meta
+                    .insert(&who[..], &meta.encode()[..])
+                    .map_err(db_error)?,
+                None => self.meta.remove(&who[..]).map_err(db_error)?,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Dedup entries a group forgets at most, beyond one per record it appended, so one commit
+/// never does unbounded work.
+const DEDUP_PRUNE_PER_GROUP: usize = 64;
+
+pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
+    let info = txn.open_table(INFO).map_err(db_error)?;
+    let read =
+        |name| -> Result<u64> { Ok(info.get(name).map_err(db_error)?.map_or(0, |v| v.value())) };
+    Ok(Tables {
+        next_seq: read("next_seq")?,
+        total_bytes: read("total_bytes")?,
+        deadline_high: read("deadline_high")?,
+        purge_cursor: read("purge_cursor")?,
+        metas: std::collections::HashMap::new(),
+        dedup_prune: None,
+        log: txn.open_table(LOG).map_err(db_error)?,
+        chunks: txn.open_table(CHUNKS).map_err(db_error)?,
+        deliveries: txn.open_table(DELIVERIES).map_err(db_error)?,
+        meta: txn.open_table(META).map_err(db_error)?,
+        expiry: txn.open_table(EXPIRY).map_err(db_error)?,
+        idle: txn.open_table(IDLE).map_err(db_error)?,
+        dedup: txn.open_table(DEDUP).map_err(db_error)?,
+        dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
+        info,
+    })
+}
+
+fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
+    if let Some(cached) = t.metas.get(who) {
+        return Ok(cached.clone());
+    }
+    let meta = read_meta(&t.meta, who)?;
+    t.metas.insert(who.to_vec(), meta.clone());
+    Ok(meta)
+}
+
+/// Keeps the recipient's metadata for the flush, or marks it for removal (with its idle
+/// entry) when nothing is worth keeping.
+fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: Meta) -> Result<()> {
+    let keep = if meta.count == 0 && meta.lost() == 0 {
+        t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
+        None
+    } else {
+        Some(meta)
+    };
+    // Cached by `meta_get` already, normally: no new key.
+    match t.metas.get_mut(who) {
+        Some(slot) => *slot = keep,
+        None => {
+            t.metas.insert(who.to_vec(), keep);
+        }
+    }
+    Ok(())
+}
+
+/// The recipient's seqs from the oldest on, while `keep_going` says so.
+fn seqs_while(
+    t: &Tables<'_>,
+    who: &[u8],
+    meta: &Meta,
+    mut keep_going: impl FnMut(u64) -> Result<bool>,
+) -> Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    each_seq(&t.chunks, who, &meta.tail, 0, |seq| {
+        let more = keep_going(seq)?;
+        if more {
+            seqs.push(seq);
+        }
+        Ok(more)
+    })?;
+    Ok(seqs)
+}
+
+/// Takes `seqs` (ascending) off the recipient's list; returns those it held, ascending.
+fn unlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Result<Vec<u64>> {
+    let mut held = Vec::with_capacity(seqs.len());
+    let tail_start = meta.tail.first().copied().unwrap_or(u64::MAX);
+    let mut i = 0;
+    while i < seqs.len() && seqs[i] < tail_start {
+        let found = match t
+            .chunks
+            .range((who, 0)..=(who, seqs[i]))
+            .map_err(db_error)?
+            .next_back()
+        {
+            Some(entry) => {
+                let (key, value) = entry.map_err(db_error)?;
+                Some((key.value().1, unpack_seqs(value.value())?))
+            }
+            None => None,
+        };
+        let Some((key, mut members)) = found else {
+            i += 1;
+            continue;
+        };
+        let last = members.last().copied().unwrap_or(0);
+        if seqs[i] > last {
+            // Between this chunk and the next: not listed.
+            i += 1;
+            continue;
+        }
+        let before = members.len();
+        while i < seqs.len() && seqs[i] <= last {
+            if let Ok(at) = members.binary_search(&seqs[i]) {
+                members.remove(at);
+                held.push(seqs[i]);
+            }
+            i += 1;
+        }
+        if members.is_empty() {
+            t.chunks.remove((who, key)).map_err(db_error)?;
+        } else if members.len() != before {
+            t.chunks
+                .insert((who, key), &pack_seqs(&members)[..])
+                .map_err(db_error)?;
+        }
+    }
+    for &seq in &seqs[i..] {
+        if let Ok(at) = meta.tail.binary_search(&seq) {
+            meta.tail.remove(at);
+            held.push(seq);
+        }
+    }
+    Ok(held)
+}
+
+/// Appends new seqs to the recipient's list, moving full runs of the tail to `chunks`.
+fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Result<()> {
+    meta.tail.extend_from_slice(seqs);
+    while meta.tail.len() >= TAIL_MAX {
+        let run: Vec<u64> = meta.tail.drain(..TAIL_MAX).collect();
+        t.chunks
+            .insert((who, run[0]), &pack_seqs(&run)[..])
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Removes the `log` record `seq` (already taken off its recipient's list) with its delivery
+/// count and expiry entry; returns its body length.
+fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
+    let Some(value) = t.log.remove(seq).map_err(db_error)? else {
+        return Ok(None);
+    };
+    // A damaged record is still removed; an expiry entry it had is dropped when purge
+    // reaches it.
+    let (len, filed_at) = match decode_record(seq, value.value()) {
+        Ok(record) => (
+            record.body.len() as u64,
+            (record.flags & FILED != 0).then_some(record.expires_at),
+        ),
+        Err(_) => (
+            value.value().len().saturating_sub(HEADER + who.len()) as u64,
+            None,
+        ),
+    };
+    drop(value);
+    if let Some(deadline) = filed_at {
+        t.expiry.remove((deadline, who, seq)).map_err(db_error)?;
+    }
+    t.deliveries.remove(seq).map_err(db_error)?;
+    Ok(Some(len))
+}
+
+/// Takes `seqs` (ascending) off the recipient's list and out of the log; returns (records
+/// removed, bytes freed). Seqs the recipient does not hold are left alone.
+fn remove_records(
+    t: &mut Tables<'_>,
+    who: &[u8],
+    meta: &mut Meta,
+    seqs: &[u64],
+) -> Result<(u64, u64)> {
+    let (mut removed, mut freed) = (0, 0);
+    for seq in unlist(t, who, meta, seqs)? {
+        removed += 1;
+        freed += remove_logged(t, who, seq)?.unwrap_or(0);
+    }
+    meta.count = meta.count.saturating_sub(removed);
+    meta.bytes = meta.bytes.saturating_sub(freed);
+    Ok((removed, freed))
+}
+
+pub(super) fn append(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    records: Vec<NewRecord>,
+    quota: &Quota,
+    now: u64,
+) -> Result<AppendOutcome> {
+    let who = recipient.as_bytes();
+    let prune = t.dedup_prune.get_or_insert((now, 0, DEDUP_PRUNE_PER_GROUP));
+    *prune = (
+        prune.0.max(now),
+        quota.dedup_window_ms(),
+        prune.2 + records.len(),
+    );
+    let mut meta = match meta_get(t, who)? {
+        Some(meta) => meta,
+        None => Meta::new(t.next_seq),
+    };
+
+    // Plan without writing: which records are new, what they cost, what must be dropped.
+    enum Plan {
+        New,
+        Dup(u64),
+        DupOf(usize),
+    }
+    let window = quota.dedup_window_ms();
+    let mut plan = Vec::with_capacity(records.len());
+    let mut batch_ids: Vec<(MessageId, usize)> = Vec::new();
+    let (mut adding, mut adding_bytes) = (0u64, 0u64);
+    for (index, record) in records.iter().enumerate() {
+        if record.dedup {
+            let seen = t
+                .dedup
+                .get((who, record.id.to_bytes()))
+                .map_err(db_error)?
+                .map(|v| v.value());
+            if let Some((seq, at)) = seen
+                && now.saturating_sub(at) < window
+            {
+                plan.push(Plan::Dup(seq));
+                continue;
+            }
+            if let Some(&(_, earlier)) = batch_ids.iter().find(|(id, _)| *id == record.id) {
+                plan.push(Plan::DupOf(earlier));
+                continue;
+            }
+            batch_ids.push((record.id, index));
+        }
+        plan.push(Plan::New);
+        adding += 1;
+        adding_bytes += record.body.len() as u64;
+    }
+    let mut drop_seqs = Vec::new();
+    let mut drop_bytes = 0u64;
+    if quota.admit(meta.count, meta.bytes, adding, adding_bytes)? {
+        let (mut keep, mut keep_bytes) = (meta.count, meta.bytes);
+        let log = &t.log;
+        drop_seqs = seqs_while(t, who, &meta, |seq| {
+            if quota.fits(keep, keep_bytes, adding, adding_bytes) {
+                return Ok(false);
+            }
+            let len = log.get(seq).map_err(db_error)?.map_or(0, |value| {
+                value.value().len().saturating_sub(HEADER + who.len()) as u64
+            });
+            keep -= 1;
+            keep_bytes = keep_bytes.saturating_sub(len);
+            drop_bytes += len;
+            Ok(true)
+        })?;
+    }
+    let total = t.total_bytes;
+    if let Some(max) = quota.max_total_bytes
+        && adding_bytes > drop_bytes
+    {
+        let net = adding_bytes - drop_bytes;
+        if total.saturating_add(net) > max {
+            return Err(Error::StorageFull {
+                used: total,
+                adding: net,
+                max,
+            });
+        }
+    }
+
+    // Write.
+    if adding > 0 {
+        remove_records(t, who, &mut meta, &drop_seqs)?;
+        meta.lost_total += drop_seqs.len() as u64;
+    }
+    let mut next_seq = t.next_seq;
+    let mut assigned = vec![0u64; records.len()];
+    for (index, record) in records.iter().enumerate() {
+        if !matches!(plan[index], Plan::New) {
+            continue;
+        }
+        next_seq += 1;
+        assigned[index] = next_seq;
+        let mut flags = 0;
+        if let Some(deadline) = record.expires_at.map(Timestamp::as_millis) {
+            if deadline < t.deadline_high {
+                flags |= FILED;
+                t.expiry
+                    .insert((deadline, who, next_seq), ())
+                    .map_err(db_error)?;
+            } else {
+                t.deadline_high = deadline;
+            }
+        }
+        t.log
+            .insert(next_seq, &encode_record(who, next_seq, flags, record)[..])
+            .map_err(db_error)?;
+        if record.dedup && window > 0 {
+            t.dedup
+                .insert((who, record.id.to_bytes()), (next_seq, now))
+                .map_err(db_error)?;
+            t.dedup_order
+                .insert((now, who, record.id.to_bytes()), ())
+                .map_err(db_error)?;
+        }
+        meta.count += 1;
+        meta.bytes += record.body.len() as u64;
+    }
+    if adding > 0 {
+        let new: Vec<u64> = assigned.iter().copied().filter(|&seq| seq != 0).collect();
+        enlist(t, who, &mut meta, &new)?;
+        t.next_seq = next_seq;
+        t.total_bytes = total + adding_bytes - drop_bytes;
+        touch(t, who, &mut meta, now)?;
+    }
+    let pending = meta.count;
+    if adding > 0 {
+        meta_put(t, who, meta)?;
+    }
+    let results = plan
+        .iter()
+        .enumerate()
+        .map(|(index, p)| match p {
+            Plan::New => Appended::Stored(Seq(assigned[index])),
+            Plan::Dup(seq) => Appended::Duplicate(Seq(*seq)),
+            Plan::DupOf(earlier) => Appended::Duplicate(Seq(assigned[*earlier])),
+        })
+        .collect();
+    Ok(AppendOutcome {
+        records: results,
+        dropped: drop_seqs.len() as u64,
+        pending,
+        live_elsewhere: false,
+    })
+}
+
+/// Records activity: files the recipient in `idle` the first time; later touches only move
+/// `last_touch` (purge refiles lazily).
+fn touch(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, now: u64) -> Result<()> {
+    let filed = meta.last_touch != 0 || meta.idle_key != 0;
+    meta.last_touch = meta.last_touch.max(now);
+    if !filed {
+        meta.idle_key = meta.last_touch;
+        t.idle.insert((meta.idle_key, who), ()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64, budget: usize) -> Result<()> {
+    let cutoff = now.saturating_sub(window);
+    let mut stale = Vec::new();
+    let empty: &[u8] = &[];
+    for entry in t
+        .dedup_order
+        .range(..(cutoff, empty, [0u8; 16]))
+        .map_err(db_error)?
+        .take(budget)
+    {
+        let (key, _) = entry.map_err(db_error)?;
+        let (at, who, id) = key.value();
+        stale.push((at, who.to_vec(), id));
+    }
+    for (at, who, id) in stale {
+        t.dedup_order.remove((at, &who[..], id)).map_err(db_error)?;
+        let current = t
+            .dedup
+            .get((&who[..], id))
+            .map_err(db_error)?
+            .map(|v| v.value().1);
+        if current == Some(at) {
+            t.dedup.remove((&who[..], id)).map_err(db_error)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn mark_delivered(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    seqs: &[Seq],
+) -> Result<()> {
+    let who = recipient.as_bytes();
+    for seq in seqs {
+        // Only a record of this recipient (its log value names it) is marked.
+        let ours =
+            t.log.get(seq.0).map_err(db_error)?.is_some_and(|value| {
+                decode_record(seq.0, value.value()).is_ok_and(|r| r.who == who)
+            });
+        if !ours {
+            continue;
+        }
+        let count = t
+            .deliveries
+            .get(seq.0)
+            .map_err(db_error)?
+            .map_or(0, |v| v.value());
+        t.deliveries
+            .insert(seq.0, count.saturating_add(1))
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+pub(super) fn ack_records(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    ack: &Ack,
+    now: u64,
+) -> Result<u64> {
+    let who = recipient.as_bytes();
+    let Some(mut meta) = meta_get(t, who)? else {
+        return Ok(0);
+    };
+    let mut seqs = match ack.through {
+        Some(through) => seqs_while(t, who, &meta, |seq| Ok(seq <= through.0))?,
+        None => Vec::new(),
+    };
+    seqs.extend(ack.seqs.iter().map(|s| s.0));
+    seqs.sort_unstable();
+    seqs.dedup();
+    let (removed, acked_bytes) = remove_records(t, who, &mut meta, &seqs)?;
+    let mut passed_over: Vec<u64> = ack.passed_over.iter().map(|s| s.0).collect();
+    passed_over.sort_unstable();
+    passed_over.dedup();
+    let (lost, lost_bytes) = remove_records(t, who, &mut meta, &passed_over)?;
+    meta.lost_total += lost;
+    if let Some(through) = ack.lost_confirmed_through {
+        meta.lost_confirmed = meta.lost_confirmed.max(through.min(meta.lost_total));
+    }
+    t.total_bytes = t.total_bytes.saturating_sub(acked_bytes + lost_bytes);
+    touch(t, who, &mut meta, now)?;
+    meta_put(t, who, meta)?;
+    Ok(removed)
+}
+
+/// Removes one record found due by purge: off its recipient's list, out of the log, counted
+/// as lost. Returns the bytes freed, or `None` if it was already gone.
+fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
+    let mut meta = match meta_get(t, who)? {
+        Some(meta) => meta,
+        None => Meta::new(t.next_seq),
+    };
+    let (removed, freed) = remove_records(t, who, &mut meta, &[seq])?;
+    if removed == 0 {
+        // Not on the list (a damaged row): reclaim the record all the same.
+        return Ok(remove_logged(t, who, seq)?.map(|_| 0));
+    }
+    meta.lost_total += 1;
+    meta_put(t, who, meta)?;
+    Ok(Some(freed))
+}
+
+/// What purge's log cursor finds at its place.
+enum AtCursor {
+    /// Nothing left to look at: the cursor is past the log's end, or at a record due later.
+    Stop,
+    /// A record to step over (no deadline, filed in `expiry`, or damaged).
+    Skip(u64),
+    /// A record due now, of this recipient.
+    Due(u64, Vec<u8>),
+}
+
+fn at_cursor(t: &Tables<'_>, now: u64) -> Result<AtCursor> {
+    let Some(entry) = t.log.range(t.purge_cursor..).map_err(db_error)?.next() else {
+        return Ok(AtCursor::Stop);
+    };
+    let (key, value) = entry.map_err(db_error)?;
+    let seq = key.value();
+    Ok(match decode_record(seq, value.value()) {
+        Err(_) => AtCursor::Skip(seq),
+        Ok(record) if record.expires_at <= now => AtCursor::Due(seq, record.who.to_vec()),
+        Ok(record) if record.expires_at == NEVER || record.flags & FILED != 0 => {
+            AtCursor::Skip(seq)
+        }
+        Ok(_) => AtCursor::Stop,
+    })
+}
+
+pub(super) fn purge(
+    t: &mut Tables<'_>,
+    now: u64,
+    idle_before: Option<u64>,
+    budget: usize,
+) -> Result<PurgeOutcome> {
+    let mut outcome = PurgeOutcome::default();
+    let mut left = budget;
+    let mut freed = 0;
+    // Records due out of order, from the index.
+    let mut due = Vec::new();
+    // Every key with a deadline at or before `now` sorts before (now + 1, [], 0).
+    let empty: &[u8] = &[];
+    let end = (now.saturating_add(1), empty, 0u64);
+    for entry in t.expiry.range(..end).map_err(db_error)?.take(budget) {
+        let (key, _) = entry.map_err(db_error)?;
+        let (deadline, who, seq) = key.value();
+        due.push((deadline, who.to_vec(), seq));
+    }
+    for (deadline, who, seq) in due {
+        // Normally removed with its record; this also clears one whose record was damaged.
+        t.expiry
+            .remove((deadline, &who[..], seq))
+            .map_err(db_error)?;
+        left -= 1;
+        if let Some(bytes) = expire_record(t, &who, seq)? {
+            freed += bytes;
+            outcome.expired += 1;
+        }
+    }
+    // Records due in order, from the log.
+    while left > 0 {
+        match at_cursor(t, now)? {
+            AtCursor::Stop => break,
+            AtCursor::Skip(seq) => t.purge_cursor = seq + 1,
+            AtCursor::Due(seq, who) => {
+                t.purge_cursor = seq + 1;
+                if let Some(bytes) = expire_record(t, &who, seq)? {
+                    freed += bytes;
+                    outcome.expired += 1;
+                }
+            }
+        }
+        left -= 1;
+    }
+    if let Some(idle_before) = idle_before {
+        while left > 0 {
+            let first = t.idle.first().map_err(db_error)?.map(|(k, _)| {
+                let (key, who) = k.value();
+                (key, who.to_vec())
+            });
+            let Some((key, who)) = first else { break };
+            if key >= idle_before {
+                break;
+            }
+            t.idle.remove((key, &who[..])).map_err(db_error)?;
+            let Some(mut meta) = meta_get(t, &who)? else {
+                continue;
+            };
+            if meta.last_touch >= idle_before {
+                // Touched since it was filed: file it under its latest touch.
+                meta.idle_key = meta.last_touch;
+                t.idle
+                    .insert((meta.idle_key, &who[..]), ())
+                    .map_err(db_error)?;
+                t.metas.insert(who.clone(), Some(meta));
+                continue;
+            }
+            let (removed, bytes) = remove_all(t, &who)?;
+            freed += bytes;
+            left = left.saturating_sub((removed as usize).max(1));
+            outcome.idle_recipients += 1;
+        }
+    }
+    t.total_bytes = t.total_bytes.saturating_sub(freed);
+    if left == 0 {
+        let expiry_due = t
+            .expiry
+            .first()
+            .map_err(db_error)?
+            .is_some_and(|(k, _)| k.value().0 <= now);
+        let log_due = !matches!(at_cursor(t, now)?, AtCursor::Stop);
+        let idle_due = match idle_before {
+            Some(before) => t
+                .idle
+                .first()
+                .map_err(db_error)?
+                .is_some_and(|(k, _)| k.value().0 < before),
+            None => false,
+        };
+        outcome.more = expiry_due || log_due || idle_due;
+    }
+    Ok(outcome)
+}
+
+/// Removes a recipient's records, delivery counts, metadata and idle entry; returns
+/// (records removed, bytes freed). Dedup entries stay until their window ends.
+fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
+    let Some(mut meta) = meta_get(t, who)? else {
+        return Ok((0, 0));
+    };
+    let seqs = seqs_while(t, who, &meta, |_| Ok(true))?;
+    let (removed, freed) = remove_records(t, who, &mut meta, &seqs)?;
+    t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
+    t.metas.insert(who.to_vec(), None);
+    Ok((removed, freed))
+}
+
+pub(super) fn remove_recipient(t: &mut Tables<'_>, recipient: &RecipientId) -> Result<u64> {
+    let (removed, freed) = remove_all(t, recipient.as_bytes())?;
+    t.total_bytes = t.total_bytes.saturating_sub(freed);
+    Ok(removed)
+}
