@@ -321,9 +321,29 @@ pub async fn dedup(storage: &dyn Storage) {
         .append(&bob, vec![deduped(b"x", id)], &quota, expired_window)
         .await
         .unwrap();
-    assert!(
-        matches!(fresh.records[0], Appended::Stored(_)),
-        "the window ended"
+    let Appended::Stored(stored_again) = fresh.records[0] else {
+        panic!("the window ended")
+    };
+    // Forgetting the first store (its window ended at T0 + 60 s) must not forget the second
+    // (stored at T0 + 61 s): another append here prunes, then the resend is checked.
+    let past_first = T0.saturating_add(Duration::from_secs(90));
+    storage
+        .append(
+            &bob,
+            vec![deduped(b"z", MessageId::from_bytes([9; 16]))],
+            &quota,
+            past_first,
+        )
+        .await
+        .unwrap();
+    let resent = storage
+        .append(&bob, vec![deduped(b"x", id)], &quota, past_first)
+        .await
+        .unwrap();
+    assert_eq!(
+        resent.records,
+        [Appended::Duplicate(stored_again)],
+        "a resend within the window of the id's second store"
     );
 }
 

@@ -227,38 +227,66 @@ fn flipped_bits_give_errors_not_panics_or_wrong_data() {
     println!("200 single-bit flips: {outcomes:?}");
 }
 
+/// Damages the body of `who`'s `index`-th record (of `count`), as a bad sector would.
+fn damage_record(path: &Path, who: &RecipientId, index: usize, count: usize) {
+    let db = redb::Database::create(path).unwrap();
+    let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(log).unwrap();
+        // A log value names its recipient after a checksum and a flags byte.
+        let who = who.as_bytes();
+        let records: Vec<(u64, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value(), v.value().to_vec())
+            })
+            .filter(|(_, v)| usize::from(v[5]) == who.len() && &v[6..6 + who.len()] == who)
+            .collect();
+        assert_eq!(
+            records.len(),
+            count,
+            "the recipient's records are in the log"
+        );
+        let (seq, mut value) = records[index].clone();
+        let last = value.len() - 2;
+        value[last] ^= 0x20;
+        table.insert(seq, &value[..]).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_damaged_record_nobody_reads_is_purged_and_counted_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let stored = fill(&path, 3);
+    let (bob, payloads) = &stored[0];
+    damage_record(&path, bob, 1, payloads.len());
+    let storage = RedbStorage::open(&path).unwrap();
+    let before = block_on(storage.stats(bob)).unwrap();
+    assert_eq!(before.messages, 3);
+    // Past every default TTL: purge removes all of bob's, the damaged one too.
+    let later =
+        Timestamp::now_system().saturating_add(std::time::Duration::from_secs(400 * 24 * 3600));
+    while block_on(storage.purge(later, None, 2)).unwrap().more {}
+    let after = block_on(storage.stats(bob)).unwrap();
+    assert_eq!(
+        (after.messages, after.bytes, after.lost),
+        (0, 0, 3),
+        "every record purged and counted lost, the damaged one included"
+    );
+}
+
 #[test]
 fn a_damaged_record_reaches_the_client_as_a_gap_not_as_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.redb");
     let stored = fill(&path, 3);
     let (bob, payloads) = &stored[0];
-    // Damage the body of bob's second record, as a bad sector would.
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(log).unwrap();
-            // A log value names its recipient after a checksum and a flags byte.
-            let who = bob.as_bytes();
-            let bobs: Vec<(u64, Vec<u8>)> = table
-                .iter()
-                .unwrap()
-                .map(|e| {
-                    let (k, v) = e.unwrap();
-                    (k.value(), v.value().to_vec())
-                })
-                .filter(|(_, v)| usize::from(v[5]) == who.len() && &v[6..6 + who.len()] == who)
-                .collect();
-            assert_eq!(bobs.len(), payloads.len(), "bob's records are in the log");
-            let (seq, mut value) = bobs[1].clone();
-            let last = value.len() - 2;
-            value[last] ^= 0x20;
-            table.insert(seq, &value[..]).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    damage_record(&path, bob, 1, payloads.len());
     let storage = Arc::new(RedbStorage::open(&path).unwrap());
     let queue = OfflineQueue::builder()
         .storage(storage.clone())

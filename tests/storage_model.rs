@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures::executor::block_on;
-use offline_queue::storage::{Ack, NewRecord};
+use offline_queue::storage::{Ack, Appended, NewRecord};
 use offline_queue::{
     BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, RedbStorage, Seq, Storage,
     StorageExt, Timestamp,
@@ -23,10 +23,17 @@ const MAX_MESSAGES: u64 = 90;
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// `count` records, each with a TTL chosen by `ttls` (0: none; else that many seconds).
+    /// Records with TTLs chosen by `ttls` (0: none; else that many seconds); a record whose
+    /// `ids` entry is set carries that sender-chosen id, to deduplicate.
     Append {
         to: usize,
         ttls: Vec<u8>,
+        ids: Vec<Option<u8>>,
+    },
+    /// Marks the `picked` pending records delivered.
+    Mark {
+        to: usize,
+        picked: Vec<bool>,
     },
     /// One bounded read after the `from`-th pending record.
     Read {
@@ -46,10 +53,16 @@ enum Op {
         to: usize,
         index: usize,
     },
-    /// Advance the clock, then purge in rounds of `budget` until nothing more is due.
+    /// Advance the clock, then purge in rounds of `budget` until nothing more is due,
+    /// removing queues idle for `idle_secs` if set.
     Purge {
         advance_secs: u64,
         budget: usize,
+        idle_secs: Option<u64>,
+    },
+    /// The clock steps back (as wall clocks do).
+    ClockBack {
+        secs: u64,
     },
     Remove {
         to: usize,
@@ -60,12 +73,19 @@ fn op() -> impl Strategy<Value = Op> {
     let to = 0..RECIPIENTS;
     prop_oneof![
         5 => (to.clone(), proptest::collection::vec(prop_oneof![Just(0u8), Just(5), Just(30), Just(60), Just(90)], 1..40))
-            .prop_map(|(to, ttls)| Op::Append { to, ttls }),
+            .prop_map(|(to, ttls)| (to, ttls)).prop_flat_map(|(to, ttls)| {
+                let n = ttls.len();
+                (Just(to), Just(ttls), proptest::collection::vec(proptest::option::weighted(0.2, 0..6u8), n))
+            })
+            .prop_map(|(to, ttls, ids)| Op::Append { to, ttls, ids }),
+        1 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..60)).prop_map(|(to, picked)| Op::Mark { to, picked }),
         2 => (to.clone(), 0..100usize, 1..40usize).prop_map(|(to, from, max)| Op::Read { to, from, max }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::AckThrough { to, index }),
         2 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..100)).prop_map(|(to, mask)| Op::AckSome { to, mask }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::PassOver { to, index }),
-        2 => (0..50u64, 1..20usize).prop_map(|(advance_secs, budget)| Op::Purge { advance_secs, budget }),
+        2 => (0..50u64, 1..20usize, proptest::option::weighted(0.2, 1..60u64))
+            .prop_map(|(advance_secs, budget, idle_secs)| Op::Purge { advance_secs, budget, idle_secs }),
+        1 => (1..20u64).prop_map(|secs| Op::ClockBack { secs }),
         1 => to.prop_map(|to| Op::Remove { to }),
     ]
 }
@@ -79,7 +99,7 @@ fn quota() -> Quota {
         max_messages: MAX_MESSAGES,
         max_bytes: 1 << 20,
         overflow: Overflow::DropOldest,
-        max_total_bytes: None,
+        max_total_bytes: Some(20_000),
         dedup_window: Duration::from_secs(60),
     }
 }
@@ -121,18 +141,37 @@ fn ack(storage: &dyn Storage, to: usize, ack: Ack, now: Timestamp) -> u64 {
     block_on(storage.ack(&who(to), &ack, now)).unwrap()
 }
 
+/// One backend's side of a run: its clock, the records it was sent, and whether its clock
+/// ever stepped back.
+#[derive(Default)]
+struct Run {
+    now: u64,
+    counter: u64,
+    went_back: bool,
+}
+
 /// Applies `op` to one backend; returns what the backend answered, seqs aside.
-fn apply(storage: &dyn Storage, op: &Op, now: &mut u64, counter: &mut u64) -> String {
+fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
+    let Run {
+        now,
+        counter,
+        went_back,
+    } = run;
     let at = Timestamp::from_millis(*now);
     match op {
-        Op::Append { to, ttls } => {
+        Op::Append { to, ttls, ids } => {
             let records: Vec<NewRecord> = ttls
                 .iter()
-                .map(|&ttl| {
+                .zip(ids)
+                .map(|(&ttl, id)| {
+                    // Once the clock stepped back, whether an id is still remembered depends
+                    // on when each backend last forgot old ids: both are right, so ids are
+                    // checked only on runs whose clock never went back.
+                    let id = id.filter(|_| !*went_back);
                     *counter += 1;
                     NewRecord {
-                        id: MessageId::generate(),
-                        dedup: false,
+                        id: id.map_or_else(MessageId::generate, |k| MessageId::from_bytes([k; 16])),
+                        dedup: id.is_some(),
                         sent_at: at,
                         expires_at: (ttl > 0).then(|| {
                             Timestamp::from_millis(*now + u64::from(ttl) * 1000 + *counter % 7)
@@ -141,8 +180,35 @@ fn apply(storage: &dyn Storage, op: &Op, now: &mut u64, counter: &mut u64) -> St
                     }
                 })
                 .collect();
-            let outcome = block_on(storage.append(&who(*to), records, &quota(), at)).unwrap();
-            format!("dropped {} pending {}", outcome.dropped, outcome.pending)
+            match block_on(storage.append(&who(*to), records, &quota(), at)) {
+                Ok(outcome) => {
+                    let stored: Vec<bool> = outcome
+                        .records
+                        .iter()
+                        .map(|r| matches!(r, Appended::Stored(_)))
+                        .collect();
+                    format!(
+                        "stored {stored:?} dropped {} pending {}",
+                        outcome.dropped, outcome.pending
+                    )
+                }
+                Err(error) => format!("{error}"),
+            }
+        }
+        Op::Mark { to, picked } => {
+            let seqs: Vec<Seq> = seqs(storage, *to, at)
+                .into_iter()
+                .zip(picked)
+                .filter(|(_, pick)| **pick)
+                .map(|(seq, _)| seq)
+                .collect();
+            block_on(storage.mark_delivered(&who(*to), &seqs)).unwrap();
+            format!("marked {}", seqs.len())
+        }
+        Op::ClockBack { secs } => {
+            *went_back = true;
+            *now = now.saturating_sub(secs * 1000).max(T0);
+            "back".into()
         }
         Op::Read { to, from, max } => {
             let seqs = seqs(storage, *to, at);
@@ -155,7 +221,7 @@ fn apply(storage: &dyn Storage, op: &Op, now: &mut u64, counter: &mut u64) -> St
             let bodies: Vec<String> = batch
                 .records
                 .iter()
-                .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                .map(|r| format!("{} x{}", String::from_utf8_lossy(&r.body), r.delivery_count))
                 .collect();
             format!(
                 "{bodies:?} expired {} lost {}",
@@ -216,15 +282,18 @@ fn apply(storage: &dyn Storage, op: &Op, now: &mut u64, counter: &mut u64) -> St
         Op::Purge {
             advance_secs,
             budget,
+            idle_secs,
         } => {
             *now += advance_secs * 1000;
             let at = Timestamp::from_millis(*now);
-            let mut expired = 0;
+            let idle_before = idle_secs.map(|secs| Timestamp::from_millis(*now - secs * 1000));
+            let (mut expired, mut idle) = (0, 0);
             for _ in 0..10_000 {
-                let outcome = block_on(storage.purge(at, None, *budget)).unwrap();
+                let outcome = block_on(storage.purge(at, idle_before, *budget)).unwrap();
                 expired += outcome.expired;
+                idle += outcome.idle_recipients;
                 if !outcome.more {
-                    return format!("expired {expired}");
+                    return format!("expired {expired} idle {idle}");
                 }
             }
             panic!("purge never finished");
@@ -240,13 +309,16 @@ fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let redb = RedbStorage::open(dir.path().join("model.redb")).unwrap();
     let memory = MemoryStorage::new();
-    let (mut redb_now, mut memory_now) = (T0, T0);
-    let (mut redb_counter, mut memory_counter) = (0, 0);
+    let start = || Run {
+        now: T0,
+        ..Run::default()
+    };
+    let (mut redb_run, mut memory_run) = (start(), start());
     for (step, op) in ops.iter().enumerate() {
-        let got = apply(&redb, op, &mut redb_now, &mut redb_counter);
-        let want = apply(&memory, op, &mut memory_now, &mut memory_counter);
+        let got = apply(&redb, op, &mut redb_run);
+        let want = apply(&memory, op, &mut memory_run);
         assert_eq!(got, want, "step {step}: {op:?}");
-        let now = Timestamp::from_millis(redb_now);
+        let now = Timestamp::from_millis(redb_run.now);
         for to in 0..RECIPIENTS {
             assert_eq!(
                 view(&redb, to, now),
@@ -256,7 +328,7 @@ fn run(ops: Vec<Op>) {
         }
     }
     // Everything purged in the end leaves nothing behind.
-    let end = Timestamp::from_millis(redb_now + 100 * 1000);
+    let end = Timestamp::from_millis(redb_run.now + 100 * 1000);
     for storage in [&redb as &dyn Storage, &memory] {
         while block_on(storage.purge(end, None, 7)).unwrap().more {}
     }

@@ -315,8 +315,16 @@ impl Shard {
             if now.saturating_sub(*at) < window_ms {
                 break;
             }
-            let (_, recipient, id) = self.dedup_order.pop_front().expect("front exists");
-            self.dedup.remove(&(recipient, id));
+            let (at, recipient, id) = self.dedup_order.pop_front().expect("front exists");
+            // The id may have been stored again since (after its window): that entry stays.
+            let key = (recipient, id);
+            if self
+                .dedup
+                .get(&key)
+                .is_some_and(|&(_, stored_at)| stored_at == at)
+            {
+                self.dedup.remove(&key);
+            }
         }
     }
 }

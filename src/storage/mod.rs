@@ -17,7 +17,9 @@
 //!    the original was since acked.
 //! 4. **Expiry.** `read` never returns a record with `expires_at <= now`; it reports the seqs of
 //!    those it skipped so the engine can report and remove them. `purge` removes expired records
-//!    with work in proportion to what it removes (an index by deadline), and counts each in the
+//!    with work in proportion to what it removes (an index by deadline; a backend may also
+//!    spend each call's budget stepping once over records it need not remove, reporting
+//!    `more`), and counts each in the
 //!    recipient's `lost` counter: a record that expires before it was acked is lost, even if a
 //!    transport took it once (the client may never have seen it; a gap may over-count, never
 //!    under-count).
@@ -159,7 +161,7 @@ pub struct PurgeOutcome {
     pub expired: u64,
     /// Whole recipient queues removed for being idle.
     pub idle_recipients: u64,
-    /// True if the budget ran out before everything due was removed.
+    /// True if the budget ran out before the work due was done: call again.
     pub more: bool,
 }
 
@@ -241,6 +243,7 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Removes up to `budget` expired records (deadline at or before `now`) and, when
     /// `idle_before` is set, whole recipient queues last appended to or acked before it.
+    /// `budget` bounds the work of one call: a call that ran out of it says `more`.
     async fn purge(
         &self,
         now: Timestamp,

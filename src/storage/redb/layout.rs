@@ -207,6 +207,25 @@ pub(super) fn encode_record(who: &[u8], seq: u64, flags: u8, record: &NewRecord)
     value
 }
 
+/// The parts of a `log` record's header purge decides on, read without checking the
+/// checksum (a record is checked before anything is done with it but stepping over it).
+pub(super) struct Peek<'v> {
+    pub(super) who: &'v [u8],
+    pub(super) flags: u8,
+    pub(super) expires_at: u64,
+}
+
+/// The header of a `log` value, unchecked; `None` if it is too short to hold one.
+pub(super) fn peek_record(value: &[u8]) -> Option<Peek<'_>> {
+    let who_len = usize::from(*value.get(5)?);
+    let at = 6 + who_len + 24;
+    Some(Peek {
+        who: value.get(6..6 + who_len)?,
+        flags: value[4],
+        expires_at: u64::from_le_bytes(value.get(at..at + 8)?.try_into().ok()?),
+    })
+}
+
 /// A `log` record, checked against its checksum.
 pub(super) struct Logged<'v> {
     pub(super) who: &'v [u8],

@@ -13,7 +13,7 @@
 //!
 //! | table | key | value | why |
 //! |---|---|---|---|
-//! | `log` | seq | checksum, recipient, id, sent_at, expires_at, body | records, appended in seq order |
+//! | `log` | seq | checksum, flags, recipient, id, sent_at, expires_at, body | records, appended in seq order |
 //! | `meta` | recipient | count, bytes, lost, last touch, idle key, newest seqs | quotas, stats and the list's tail in one row |
 //! | `chunks` | (recipient, first seq) | up to 32 older seqs | the rest of the recipient's list, in order |
 //! | `deliveries` | seq | times delivered | rewritten per delivery without copying bodies |
@@ -21,7 +21,7 @@
 //! | `idle` | (touch time, recipient) | - | idle queues are found in touch order |
 //! | `dedup` | (recipient, message id) | seq, time | sender-chosen ids within the window |
 //! | `dedup_order` | (time, recipient, message id) | - | to forget them in order |
-//! | `info` | name | u64 | format version, next seq, total bytes, purge cursor |
+//! | `info` | name | u64 | format version, next seq, total bytes, purge cursor and its bounds |
 //!
 //! Recipient keys start with the recipient's bytes as a length-delimited tuple element, so no
 //! id can reach into another id's range, whatever bytes it holds; a log record names its
@@ -29,18 +29,23 @@
 //!
 //! **Expiry without an index entry per record:** with one TTL for everything, deadlines grow
 //! with seqs, so purge walks the log from a cursor and stops at the first record not yet due.
-//! A record whose deadline is earlier than one already logged (a shorter TTL than a message
-//! before it) is filed in `expiry` instead, and the cursor steps over it. Mixed TTLs therefore
-//! cost one index entry for each shorter-lived message; purge still touches only what it
-//! removes, plus each record without a deadline once.
+//! A record due earlier than the latest deadline logged unfiled (a shorter TTL than a message
+//! before it) is filed in `expiry` instead (a flag in its record says so), and the cursor
+//! steps over it; once the cursor has passed every unfiled record with a deadline, the order
+//! starts afresh. Mixed TTLs therefore cost one index entry for each shorter-lived message.
+//! Purge touches what it removes, plus, once each, the records without a deadline and the
+//! filed ones that lie before the newest unfiled record with a deadline (stepping over reads
+//! only the header). A record the cursor finds damaged is removed and counted as lost: it
+//! could never be delivered.
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.
 //!
 //! # Group commit
 //! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`, `purge` and
-//! `remove_recipient` calls queue up while a commit is in flight; the writer applies everything
-//! waiting in one write transaction and one fsync, then answers each caller. A lone caller still
+//! `remove_recipient` calls queue up while a commit is in flight; the writer applies each in
+//! one write transaction as it arrives, waits a moment (200 µs at most) for as many callers as
+//! the last group held, then commits with one fsync and answers each caller. A lone caller still
 //! gets its answer only after its data is durable. If the commit fails, every caller in that
 //! group gets the error and none of the group's writes are visible. Reads use their own read
 //! transactions and never wait for the writer.
@@ -256,7 +261,11 @@ impl RedbStorage {
             let value = log.get(seq).map_err(db_error)?;
             let record = match value.as_ref().map(|v| decode_record(seq, v.value())) {
                 Some(Ok(record)) if record.who == who => record,
-                Some(Ok(_)) => Err(corrupt(&format!("seq {seq}: listed for another recipient")))?,
+                Some(Ok(_)) => {
+                    tracing::error!(path = %self.path.display(), seq, "listed record names another recipient; passed over");
+                    batch.damaged.push(Seq(seq));
+                    return Ok(true);
+                }
                 Some(Err(error)) => {
                     tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
                     batch.damaged.push(Seq(seq));

@@ -6,7 +6,7 @@ use super::db_error;
 use super::layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, DedupKey, DedupValue, EXPIRY, FILED, HEADER, IDLE,
     INFO, Key, LOG, META, Meta, NEVER, TAIL_MAX, decode_record, each_seq, encode_record, pack_seqs,
-    read_meta, unpack_seqs,
+    peek_record, read_meta, unpack_seqs,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -28,13 +28,18 @@ pub(super) struct Tables<'t> {
     // Values read once per group and written back once, before the commit: the hot rows.
     pub(super) next_seq: u64,
     pub(super) total_bytes: u64,
-    /// The latest deadline of a record not filed in `expiry`: a record due earlier is filed.
+    /// The highest deadline of a record not filed in `expiry` since the last such record was
+    /// purged: a record due earlier than this is filed.
     pub(super) deadline_high: u64,
-    /// Purge's place in `log`: records below it are due later than they were then, filed in
-    /// `expiry`, or have no deadline.
+    /// The seq of the newest record not filed in `expiry` that has a deadline.
+    pub(super) last_dated: u64,
+    /// Purge's place in `log`: below it, every record not filed in `expiry` that has a
+    /// deadline is gone (purged when due); records without one, filed ones and damaged ones
+    /// were stepped over.
     pub(super) purge_cursor: u64,
-    /// Recipients' metadata as changed by this group (`None`: to remove).
-    pub(super) metas: std::collections::HashMap<Vec<u8>, Option<Meta>>,
+    /// Recipients' metadata as read, and changed, by this group (`None`: none, or to remove;
+    /// `true`: changed, to write back).
+    pub(super) metas: std::collections::HashMap<Vec<u8>, (Option<Meta>, bool)>,
     /// (latest append time, dedup window, budget) for forgetting dedup ids at the group's
     /// end: at least as many as the group could add, so the tables never outgrow the window.
     pub(super) dedup_prune: Option<(u64, u64, usize)>,
@@ -56,9 +61,15 @@ impl Tables<'_> {
             .insert("deadline_high", self.deadline_high)
             .map_err(db_error)?;
         self.info
+            .insert("last_dated", self.last_dated)
+            .map_err(db_error)?;
+        self.info
             .insert("purge_cursor", self.purge_cursor)
             .map_err(db_error)?;
-        for (who, meta) in self.metas.drain() {
+        for (who, (meta, changed)) in self.metas.drain() {
+            if !changed {
+                continue;
+            }
             match meta {
                 Some(meta) => self
                     .meta
@@ -83,6 +94,7 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         next_seq: read("next_seq")?,
         total_bytes: read("total_bytes")?,
         deadline_high: read("deadline_high")?,
+        last_dated: read("last_dated")?,
         purge_cursor: read("purge_cursor")?,
         metas: std::collections::HashMap::new(),
         dedup_prune: None,
@@ -99,12 +111,23 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
 }
 
 fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
-    if let Some(cached) = t.metas.get(who) {
+    if let Some((cached, _)) = t.metas.get(who) {
         return Ok(cached.clone());
     }
     let meta = read_meta(&t.meta, who)?;
-    t.metas.insert(who.to_vec(), meta.clone());
+    t.metas.insert(who.to_vec(), (meta.clone(), false));
     Ok(meta)
+}
+
+/// Sets the recipient's metadata (`None`: remove it) for the group's end.
+fn meta_set(t: &mut Tables<'_>, who: &[u8], meta: Option<Meta>) {
+    // Cached by `meta_get` already, normally: no new key.
+    match t.metas.get_mut(who) {
+        Some(slot) => *slot = (meta, true),
+        None => {
+            t.metas.insert(who.to_vec(), (meta, true));
+        }
+    }
 }
 
 /// Keeps the recipient's metadata for the flush, or marks it for removal (with its idle
@@ -116,13 +139,7 @@ fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: Meta) -> Result<()> {
     } else {
         Some(meta)
     };
-    // Cached by `meta_get` already, normally: no new key.
-    match t.metas.get_mut(who) {
-        Some(slot) => *slot = keep,
-        None => {
-            t.metas.insert(who.to_vec(), keep);
-        }
-    }
+    meta_set(t, who, keep);
     Ok(())
 }
 
@@ -209,8 +226,9 @@ fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
     Ok(())
 }
 
-/// Removes the `log` record `seq` (already taken off its recipient's list) with its delivery
-/// count and expiry entry; returns its body length.
+/// Removes the `log` record `seq` (already taken off `who`'s list) with its delivery count
+/// and expiry entry; returns its body length. A record that names another recipient is left
+/// alone (only a damaged list points at one).
 fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
     let Some(value) = t.log.remove(seq).map_err(db_error)? else {
         return Ok(None);
@@ -218,6 +236,13 @@ fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>
     // A damaged record is still removed; an expiry entry it had is dropped when purge
     // reaches it.
     let (len, filed_at) = match decode_record(seq, value.value()) {
+        Ok(record) if record.who != who => {
+            // Rare enough to put back rather than look before every removal.
+            let other = value.value().to_vec();
+            drop(value);
+            t.log.insert(seq, &other[..]).map_err(db_error)?;
+            return Ok(None);
+        }
         Ok(record) => (
             record.body.len() as u64,
             (record.flags & FILED != 0).then_some(record.expires_at),
@@ -352,6 +377,10 @@ pub(super) fn append(
         assigned[index] = next_seq;
         let mut flags = 0;
         if let Some(deadline) = record.expires_at.map(Timestamp::as_millis) {
+            if t.purge_cursor > t.last_dated {
+                // Every unfiled record with a deadline is purged: the order starts afresh.
+                t.deadline_high = 0;
+            }
             if deadline < t.deadline_high {
                 flags |= FILED;
                 t.expiry
@@ -359,6 +388,7 @@ pub(super) fn append(
                     .map_err(db_error)?;
             } else {
                 t.deadline_high = deadline;
+                t.last_dated = next_seq;
             }
         }
         t.log
@@ -502,45 +532,61 @@ pub(super) fn ack_records(
     Ok(removed)
 }
 
-/// Removes one record found due by purge: off its recipient's list, out of the log, counted
-/// as lost. Returns the bytes freed, or `None` if it was already gone.
-fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
+/// Removes one record purge found due (or damaged): off its recipient's list and counted as
+/// lost, and out of the log. Returns (bytes freed, whether the recipient listed it), or `None`
+/// if it was already gone.
+fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64, bool)>> {
     let mut meta = match meta_get(t, who)? {
         Some(meta) => meta,
         None => Meta::new(t.next_seq),
     };
     let (removed, freed) = remove_records(t, who, &mut meta, &[seq])?;
     if removed == 0 {
-        // Not on the list (a damaged row): reclaim the record all the same.
-        return Ok(remove_logged(t, who, seq)?.map(|_| 0));
+        // Listed by nobody we can tell (its recipient bytes were damaged, or a list was):
+        // reclaim it all the same; a list that still holds it reports it missing on read.
+        return Ok(remove_logged(t, who, seq)?.map(|freed| (freed, false)));
     }
     meta.lost_total += 1;
     meta_put(t, who, meta)?;
-    Ok(Some(freed))
+    Ok(Some((freed, true)))
 }
 
 /// What purge's log cursor finds at its place.
 enum AtCursor {
-    /// Nothing left to look at: the cursor is past the log's end, or at a record due later.
+    /// Nothing to do now: the record there is due later.
     Stop,
-    /// A record to step over (no deadline, filed in `expiry`, or damaged).
+    /// No record with a deadline of its own is left at or past the cursor.
+    Done,
+    /// A record to step over (no deadline, or filed in `expiry`).
     Skip(u64),
-    /// A record due now, of this recipient.
-    Due(u64, Vec<u8>),
+    /// A record due now, or damaged (never deliverable), of the recipient it names.
+    Remove(u64, Vec<u8>),
 }
 
 fn at_cursor(t: &Tables<'_>, now: u64) -> Result<AtCursor> {
-    let Some(entry) = t.log.range(t.purge_cursor..).map_err(db_error)?.next() else {
-        return Ok(AtCursor::Stop);
+    if t.purge_cursor > t.last_dated {
+        return Ok(AtCursor::Done);
+    }
+    let Some(entry) = t
+        .log
+        .range(t.purge_cursor..=t.last_dated)
+        .map_err(db_error)?
+        .next()
+    else {
+        return Ok(AtCursor::Done);
     };
     let (key, value) = entry.map_err(db_error)?;
-    let seq = key.value();
-    Ok(match decode_record(seq, value.value()) {
-        Err(_) => AtCursor::Skip(seq),
-        Ok(record) if record.expires_at <= now => AtCursor::Due(seq, record.who.to_vec()),
-        Ok(record) if record.expires_at == NEVER || record.flags & FILED != 0 => {
-            AtCursor::Skip(seq)
-        }
+    let (seq, value) = (key.value(), value.value());
+    let Some(peek) = peek_record(value) else {
+        return Ok(AtCursor::Remove(seq, Vec::new()));
+    };
+    // Stepping over needs no checksum: a damaged record is reported when it is read.
+    if peek.expires_at == NEVER || peek.flags & FILED != 0 {
+        return Ok(AtCursor::Skip(seq));
+    }
+    Ok(match decode_record(seq, value) {
+        Err(_) => AtCursor::Remove(seq, peek.who.to_vec()),
+        Ok(record) if record.expires_at <= now => AtCursor::Remove(seq, record.who.to_vec()),
         Ok(_) => AtCursor::Stop,
     })
 }
@@ -570,21 +616,25 @@ pub(super) fn purge(
             .remove((deadline, &who[..], seq))
             .map_err(db_error)?;
         left -= 1;
-        if let Some(bytes) = expire_record(t, &who, seq)? {
+        if let Some((bytes, listed)) = expire_record(t, &who, seq)? {
             freed += bytes;
-            outcome.expired += 1;
+            outcome.expired += u64::from(listed);
         }
     }
     // Records due in order, from the log.
     while left > 0 {
         match at_cursor(t, now)? {
             AtCursor::Stop => break,
+            AtCursor::Done => {
+                t.purge_cursor = t.last_dated.saturating_add(1);
+                break;
+            }
             AtCursor::Skip(seq) => t.purge_cursor = seq + 1,
-            AtCursor::Due(seq, who) => {
+            AtCursor::Remove(seq, who) => {
                 t.purge_cursor = seq + 1;
-                if let Some(bytes) = expire_record(t, &who, seq)? {
+                if let Some((bytes, listed)) = expire_record(t, &who, seq)? {
                     freed += bytes;
-                    outcome.expired += 1;
+                    outcome.expired += u64::from(listed);
                 }
             }
         }
@@ -610,7 +660,7 @@ pub(super) fn purge(
                 t.idle
                     .insert((meta.idle_key, &who[..]), ())
                     .map_err(db_error)?;
-                t.metas.insert(who.clone(), Some(meta));
+                meta_set(t, &who, Some(meta));
                 continue;
             }
             let (removed, bytes) = remove_all(t, &who)?;
@@ -626,7 +676,7 @@ pub(super) fn purge(
             .first()
             .map_err(db_error)?
             .is_some_and(|(k, _)| k.value().0 <= now);
-        let log_due = !matches!(at_cursor(t, now)?, AtCursor::Stop);
+        let log_due = matches!(at_cursor(t, now)?, AtCursor::Skip(_) | AtCursor::Remove(..));
         let idle_due = match idle_before {
             Some(before) => t
                 .idle
@@ -649,7 +699,7 @@ fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
     let seqs = seqs_while(t, who, &meta, |_| Ok(true))?;
     let (removed, freed) = remove_records(t, who, &mut meta, &seqs)?;
     t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
-    t.metas.insert(who.to_vec(), None);
+    meta_set(t, who, None);
     Ok((removed, freed))
 }
 
