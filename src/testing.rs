@@ -345,6 +345,15 @@ pub async fn dedup(storage: &dyn Storage) {
         [Appended::Duplicate(stored_again)],
         "a resend within the window of the id's second store"
     );
+    storage.remove_recipient(&bob).await.unwrap();
+    let after_removal = storage
+        .append(&bob, vec![deduped(b"x", id)], &quota, past_first)
+        .await
+        .unwrap();
+    assert!(
+        matches!(after_removal.records[0], Appended::Stored(_)),
+        "removing the queue forgets its ids"
+    );
 }
 
 /// With `Overflow::Reject`, an append that does not fit fails with `QueueFull` and changes

@@ -1,18 +1,23 @@
-//! `RedbStorage` against the reference backend, `MemoryStorage`, at the `Storage` trait: random
-//! appends (mixed TTLs and none, queues long enough to span many list chunks, drop-oldest
-//! overflow), reads from anywhere in a queue, cumulative, selective and passed-over acks,
-//! purges in small budgets, and removals. After every step both must hold the same messages
-//! with the same stats, whatever seqs each assigned.
+//! Every backend against the reference backend, `MemoryStorage`, at the `Storage` trait:
+//! random appends (mixed TTLs and none, sender-chosen ids to deduplicate, queues long enough
+//! to span many list chunks, drop-oldest overflow, a total byte budget), reads from anywhere
+//! in a queue, delivery marks, cumulative, selective and passed-over acks, purges in small
+//! budgets (with idle removal), a clock that steps back, and removals. After every step both
+//! must hold the same messages with the same stats, whatever seqs each assigned.
+//!
+//! Runs on `RedbStorage`, and on `RedisStorage` (one server and a cluster) when
+//! `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are set.
 
-#![cfg(feature = "redb")]
+#[cfg(feature = "redis")]
+mod redis_support;
 
 use std::time::Duration;
 
 use futures::executor::block_on;
 use offline_queue::storage::{Ack, Appended, NewRecord};
 use offline_queue::{
-    BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, RedbStorage, Seq, Storage,
-    StorageExt, Timestamp,
+    BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, Seq, Storage, StorageExt,
+    Timestamp,
 };
 use proptest::prelude::*;
 
@@ -305,47 +310,89 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
     }
 }
 
-fn run(ops: Vec<Op>) {
-    let dir = tempfile::tempdir().unwrap();
-    let redb = RedbStorage::open(dir.path().join("model.redb")).unwrap();
+/// Applies `ops` to `subject` and to a `MemoryStorage`, comparing after every step.
+fn run(ops: Vec<Op>, subject: &dyn Storage) {
     let memory = MemoryStorage::new();
     let start = || Run {
         now: T0,
         ..Run::default()
     };
-    let (mut redb_run, mut memory_run) = (start(), start());
+    let (mut subject_run, mut memory_run) = (start(), start());
     for (step, op) in ops.iter().enumerate() {
-        let got = apply(&redb, op, &mut redb_run);
+        let got = apply(subject, op, &mut subject_run);
         let want = apply(&memory, op, &mut memory_run);
         assert_eq!(got, want, "step {step}: {op:?}");
-        let now = Timestamp::from_millis(redb_run.now);
+        let now = Timestamp::from_millis(subject_run.now);
         for to in 0..RECIPIENTS {
             assert_eq!(
-                view(&redb, to, now),
+                view(subject, to, now),
                 view(&memory, to, now),
                 "step {step}: {op:?}, recipient {to}"
             );
         }
     }
     // Everything purged in the end leaves nothing behind.
-    let end = Timestamp::from_millis(redb_run.now + 100 * 1000);
-    for storage in [&redb as &dyn Storage, &memory] {
+    let end = Timestamp::from_millis(subject_run.now + 100 * 1000);
+    for storage in [subject, &memory] {
         while block_on(storage.purge(end, None, 7)).unwrap().more {}
     }
     for to in 0..RECIPIENTS {
-        assert_eq!(view(&redb, to, end), view(&memory, to, end), "at the end");
+        assert_eq!(view(subject, to, end), view(&memory, to, end), "at the end");
     }
 }
 
+/// Cases per backend: 24 (every write is a commit or a round trip) unless PROPTEST_CASES
+/// asks for more.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+#[cfg(feature = "redb")]
 proptest! {
-    // Every write is an fsynced commit: 24 cases unless PROPTEST_CASES asks for more.
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn redb_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
-        run(ops);
+        let dir = tempfile::tempdir().unwrap();
+        let redb = offline_queue::RedbStorage::open(dir.path().join("model.redb")).unwrap();
+        run(ops, &redb);
+    }
+}
+
+#[cfg(feature = "redis")]
+fn on_redis(ops: Vec<Op>, target: Option<redis_support::Target>) {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let Some(target) = target else {
+        return;
+    };
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+    // The storage's connection runs on the runtime; the steps block on it from here.
+    let _context = runtime.enter();
+    let prefix = redis_support::unique_prefix("storage-model");
+    let storage = runtime.block_on(redis_support::fresh(&target, &prefix));
+    run(ops, &storage);
+}
+
+#[cfg(feature = "redis")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn redis_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        on_redis(ops, redis_support::Target::single());
+    }
+
+    #[test]
+    fn a_redis_cluster_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        on_redis(ops, redis_support::Target::cluster());
     }
 }

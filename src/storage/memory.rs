@@ -236,7 +236,8 @@ struct Shard {
     free: Vec<u32>,
     expiry: BTreeSet<(u64, u32)>,
     idle: BTreeSet<(u64, u32)>,
-    dedup: HashMap<(RecipientId, MessageId), (Seq, u64)>,
+    /// Per recipient, so removing a recipient forgets its ids at once.
+    dedup: RecipientMap<HashMap<MessageId, (Seq, u64)>>,
     dedup_order: VecDeque<(u64, RecipientId, MessageId)>,
     next_seq: u64,
 }
@@ -317,13 +318,13 @@ impl Shard {
             }
             let (at, recipient, id) = self.dedup_order.pop_front().expect("front exists");
             // The id may have been stored again since (after its window): that entry stays.
-            let key = (recipient, id);
-            if self
-                .dedup
-                .get(&key)
-                .is_some_and(|&(_, stored_at)| stored_at == at)
+            if let Some(ids) = self.dedup.get_mut(&recipient)
+                && ids.get(&id).is_some_and(|&(_, stored_at)| stored_at == at)
             {
-                self.dedup.remove(&key);
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.dedup.remove(&recipient);
+                }
             }
         }
     }
@@ -365,7 +366,10 @@ impl Storage for MemoryStorage {
             if record.dedup {
                 // Pruning stops at the first entry inside the window, and entries are not
                 // strictly in time order (a clock step back): check the age here too.
-                if let Some(&(seq, at)) = shard.dedup.get(&(recipient.clone(), record.id))
+                if let Some(&(seq, at)) = shard
+                    .dedup
+                    .get(recipient)
+                    .and_then(|ids| ids.get(&record.id))
                     && now.saturating_sub(at) < quota.dedup_window_ms()
                 {
                     plan.push(Plan::Dup(seq));
@@ -461,7 +465,11 @@ impl Storage for MemoryStorage {
             });
         }
         for (id, seq) in dedup_new {
-            shard.dedup.insert((recipient.clone(), id), (seq, now));
+            shard
+                .dedup
+                .entry(recipient.clone())
+                .or_default()
+                .insert(id, (seq, now));
             shard.dedup_order.push_back((now, recipient.clone(), id));
         }
         let pending = shard.queues[slot as usize].live;
@@ -648,6 +656,9 @@ impl Storage for MemoryStorage {
                     }
                     freed += queue.bytes;
                     left = left.saturating_sub((queue.live as usize).max(1));
+                    if let Some(id) = queue.id.clone() {
+                        shard.dedup.remove(&id);
+                    }
                     shard.free_slot(slot);
                     outcome.idle_recipients += 1;
                 }
@@ -696,6 +707,7 @@ impl Storage for MemoryStorage {
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         let mut shard = self.shard(recipient).lock();
+        shard.dedup.remove(recipient);
         let Some(slot) = shard.slot_of(recipient) else {
             return Ok(0);
         };

@@ -14,7 +14,8 @@
 //!    [`Error::StorageFull`](crate::Error::StorageFull) and changes nothing.
 //! 3. **Dedup.** A record with `dedup: true` whose id was appended for the same recipient within
 //!    `Quota::dedup_window` is not stored again; the append reports the original seq, even if
-//!    the original was since acked.
+//!    the original was since acked. Removing the recipient's queue (`remove_recipient`, or
+//!    purge's idle removal) forgets its ids with it.
 //! 4. **Expiry.** `read` never returns a record with `expires_at <= now`; it reports the seqs of
 //!    those it skipped so the engine can report and remove them. `purge` removes expired records
 //!    with work in proportion to what it removes (an index by deadline; a backend may also

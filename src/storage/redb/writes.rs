@@ -690,9 +690,19 @@ pub(super) fn purge(
     Ok(outcome)
 }
 
-/// Removes a recipient's records, delivery counts, metadata and idle entry; returns
-/// (records removed, bytes freed). Dedup entries stay until their window ends.
+/// Removes a recipient's records, delivery counts, metadata, idle entry and dedup ids; returns
+/// (records removed, bytes freed). (Its `dedup_order` rows go when pruning reaches them.)
 fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
+    let ids: Vec<[u8; 16]> = t
+        .dedup
+        .range((who, [0u8; 16])..=(who, [u8::MAX; 16]))
+        .map_err(db_error)?
+        .map(|entry| entry.map(|(key, _)| key.value().1))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(db_error)?;
+    for id in ids {
+        t.dedup.remove((who, id)).map_err(db_error)?;
+    }
     let Some(mut meta) = meta_get(t, who)? else {
         return Ok((0, 0));
     };
