@@ -103,6 +103,7 @@ where
     passed_over_counts_once(&*make().await).await;
     purge_budget(&*make().await).await;
     idle_removal(&*make().await).await;
+    idle_refiling_is_bounded(&*make().await).await;
     isolation(&*make().await).await;
     stats_and_remove(&*make().await).await;
     concurrent_appends(make().await).await;
@@ -717,6 +718,42 @@ pub async fn idle_removal(storage: &dyn Storage) {
         1,
         "active queue kept"
     );
+}
+
+/// Refiling queues touched since they were filed counts against purge's budget: one call does
+/// bounded work however many queues were touched, and says `more` until all are refiled.
+pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
+    let touched = T0.saturating_add(Duration::from_secs(10));
+    for i in 0..5 {
+        let who = recipient(&format!("q{i}"));
+        for (body, at) in [(b"a", T0), (b"b", touched)] {
+            storage
+                .append(&who, vec![record(body)], &Quota::UNLIMITED, at)
+                .await
+                .unwrap();
+        }
+    }
+    let idle_before = Some(T0.saturating_add(Duration::from_secs(5)));
+    let first = storage.purge(touched, idle_before, 2).await.unwrap();
+    assert_eq!(
+        (first.idle_recipients, first.more),
+        (0, true),
+        "two refiles spend a budget of two"
+    );
+    let mut calls = 1;
+    loop {
+        let next = storage.purge(touched, idle_before, 2).await.unwrap();
+        assert_eq!(next.idle_recipients, 0, "touched queues are kept");
+        calls += 1;
+        if !next.more {
+            break;
+        }
+        assert!(calls <= 5, "refiling five queues two at a time ends");
+    }
+    for i in 0..5 {
+        let stats = storage.stats(&recipient(&format!("q{i}"))).await.unwrap();
+        assert_eq!(stats.messages, 2);
+    }
 }
 
 /// Look-alike ids (prefixes, separators, hash-tag braces, NUL, invalid UTF-8) never see each

@@ -652,6 +652,8 @@ impl Storage for MemoryStorage {
                         queue.idle_key = Some(touched);
                         shard.idle.remove(&(key, slot));
                         shard.idle.insert((touched, slot));
+                        // Refiling is work too: a call's budget bounds it.
+                        left -= 1;
                         continue;
                     }
                     freed += queue.bytes;

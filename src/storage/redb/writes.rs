@@ -661,6 +661,8 @@ pub(super) fn purge(
                     .insert((meta.idle_key, &who[..]), ())
                     .map_err(db_error)?;
                 meta_set(t, &who, Some(meta));
+                // Refiling is work too: a call's budget bounds it.
+                left -= 1;
                 continue;
             }
             let (removed, bytes) = remove_all(t, &who)?;

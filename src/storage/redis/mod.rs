@@ -768,6 +768,9 @@ impl RedisStorage {
                     outcome.idle_recipients += 1;
                     left = left.saturating_sub((records as usize).max(1));
                     self.count_freed(&hex, freed).await;
+                } else {
+                    // Refiling is a round trip too: a call's budget bounds it.
+                    left -= 1;
                 }
                 if left == 0 {
                     break;
