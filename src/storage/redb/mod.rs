@@ -41,6 +41,9 @@
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.
 //!
+//! The file reuses freed pages but never shrinks by itself; [`RedbStorage::compact`] gives
+//! the space back after a backlog drains.
+//!
 //! # Group commit
 //! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`, `purge` and
 //! `remove_recipient` calls queue up while a commit is in flight; the writer applies each in
@@ -81,14 +84,14 @@ use layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, EXPIRY, FORMAT, IDLE, INFO, LOG, META, OLDEST_FORMAT,
     decode_record, each_seq, opt_time, read_meta, unpack_seqs,
 };
-use writer::{Job, SharedDb, Writer};
+use writer::{Job, Request, SharedDb, Writer};
 
 /// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
 /// layout, group commit and durability.
 pub struct RedbStorage {
     db: SharedDb,
     path: PathBuf,
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -195,7 +198,27 @@ impl RedbStorage {
         &self.path
     }
 
+    /// Gives space freed by acked, expired and removed messages back to the file system.
+    /// redb reuses freed pages for new messages but never shrinks the file by itself, so after
+    /// a backlog drains (an outage, a spike) the file stays at its largest until compacted.
+    ///
+    /// It runs on the writer thread between commits: writes wait until it is done, and reads
+    /// fail with a retryable error meanwhile, so call it in a quiet period. Returns whether
+    /// the file changed.
+    ///
+    /// # Errors
+    /// A storage error naming the file: retryable if reads held the file for 5 s, or on an
+    /// I/O failure (the file is reopened at its last commit before the next write).
+    pub async fn compact(&self) -> Result<bool> {
+        self.ask(Request::Compact).await
+    }
+
     async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
+        self.ask(|reply| Request::Job(make(reply))).await
+    }
+
+    /// Sends a request to the writer thread and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request) -> Result<T> {
         let (reply, answer) = oneshot::channel();
         let jobs = self.jobs.as_ref().expect("writer runs until drop");
         jobs.send(make(reply))
@@ -218,7 +241,10 @@ impl RedbStorage {
         self.db.read().clone().ok_or_else(|| {
             Error::storage_msg(
                 true,
-                format!("{}: reopening after a write failure", self.path.display()),
+                format!(
+                    "{}: closed for a moment (reopening after a write failure, or compacting)",
+                    self.path.display()
+                ),
             )
         })
     }

@@ -19,6 +19,14 @@ use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome};
 
 /// Longest the writer waits to gather a group as large as the last one.
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+/// What the writer thread is asked to do.
+pub(super) enum Request {
+    /// A write, applied in a group.
+    Job(Job),
+    /// Compaction, run on its own between groups.
+    Compact(oneshot::Sender<Result<bool>>),
+}
+
 pub(super) enum Job {
     Append {
         recipient: RecipientId,
@@ -104,16 +112,23 @@ impl Writer {
         }
     }
 
+    /// Takes the database out of the shared slot, then waits (5 s at most) for reads in
+    /// flight to let go of it; new reads get a retryable error until it is put back.
+    fn take_database(&self) -> Option<Arc<Database>> {
+        let old = self.db.write().take()?;
+        // Readers hold the handle for one read at most.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Some(old)
+    }
+
     /// Closes and reopens the file after an I/O failure (redb refuses writes until then; the
     /// reopen recovers to the last durable commit).
     fn reopen(&mut self) -> Result<()> {
-        let mut slot = self.db.write();
-        if let Some(old) = slot.take() {
-            // Readers hold the handle for one read at most; the file lock goes with the last.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+        if let Some(old) = self.take_database() {
+            // The file lock goes with the last handle.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(old)));
         }
         let reopened = std::panic::catch_unwind(|| {
@@ -123,25 +138,76 @@ impl Writer {
                 .map_err(db_error)
         })
         .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)))?;
-        *slot = Some(Arc::new(reopened));
+        *self.db.write() = Some(Arc::new(reopened));
         self.needs_reopen = false;
         tracing::info!(path = %self.path.display(), "redb file reopened after a write failure");
         Ok(())
     }
 
-    pub(super) fn run(mut self, inbox: mpsc::Receiver<Job>) {
+    pub(super) fn run(mut self, inbox: mpsc::Receiver<Request>) {
         let mut last_group = 1;
-        while let Ok(first) = inbox.recv() {
-            last_group = self.commit_group(first, &inbox, last_group);
+        // A compaction that arrived while a group gathered runs right after its commit.
+        let mut held_back = None;
+        loop {
+            let request = match held_back.take() {
+                Some(reply) => Request::Compact(reply),
+                None => match inbox.recv() {
+                    Ok(request) => request,
+                    Err(_) => return,
+                },
+            };
+            match request {
+                Request::Compact(reply) => {
+                    // A caller that stopped waiting is not an error.
+                    let _ = reply.send(self.compact());
+                }
+                Request::Job(first) => {
+                    last_group = self.commit_group(first, &inbox, last_group, &mut held_back);
+                }
+            }
         }
+    }
+
+    /// Rewrites the file so that freed pages go back to the file system.
+    fn compact(&mut self) -> Result<bool> {
+        if self.needs_reopen {
+            self.reopen()?;
+        }
+        let Some(mut db) = self.take_database() else {
+            return Err(Error::storage_msg(
+                true,
+                format!("{}: not open", self.path.display()),
+            ));
+        };
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match Arc::get_mut(&mut db) {
+                    Some(db) => db.compact().map_err(db_error),
+                    None => Err(Error::storage_msg(
+                        true,
+                        format!(
+                            "{}: reads held the file for 5 s; compact again later",
+                            self.path.display()
+                        ),
+                    )),
+                }
+            }))
+            .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
+        *self.db.write() = Some(db);
+        if let Err(error) = &outcome {
+            tracing::error!(%error, "redb compaction failed");
+            self.needs_reopen |= error.is_retryable();
+        }
+        outcome
     }
 
     /// Commits one group, starting with `first`; returns how many jobs it held.
     fn commit_group(
         &mut self,
         first: Job,
-        inbox: &mpsc::Receiver<Job>,
+        inbox: &mpsc::Receiver<Request>,
         last_group: usize,
+        held_back: &mut Option<oneshot::Sender<Result<bool>>>,
     ) -> usize {
         if self.needs_reopen
             && let Err(error) = self.reopen()
@@ -154,7 +220,7 @@ impl Writer {
         // A panic inside redb (a damaged file) fails this group; callers whose jobs had not
         // been answered yet see their reply dropped, which is an error too.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.apply(first, inbox, last_group, &mut answers)
+            self.apply(first, inbox, last_group, &mut answers, held_back)
         }))
         .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
         let failed = outcome.err();
@@ -176,9 +242,10 @@ impl Writer {
     fn apply(
         &self,
         first: Job,
-        inbox: &mpsc::Receiver<Job>,
+        inbox: &mpsc::Receiver<Request>,
         last_group: usize,
         answers: &mut Vec<Answer>,
+        held_back: &mut Option<oneshot::Sender<Result<bool>>>,
     ) -> Result<()> {
         let db = self
             .db
@@ -215,12 +282,21 @@ impl Writer {
                 if storage_error.is_some() || answers.len() >= self.max_group {
                     break;
                 }
-                next = match inbox.try_recv() {
-                    Ok(job) => Some(job),
+                let request = match inbox.try_recv() {
+                    Ok(request) => Some(request),
                     Err(mpsc::TryRecvError::Empty) if answers.len() < last_group => inbox
                         .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
                         .ok(),
                     Err(_) => None,
+                };
+                next = match request {
+                    Some(Request::Job(job)) => Some(job),
+                    Some(Request::Compact(reply)) => {
+                        // Ends the group: compaction needs the file to itself.
+                        *held_back = Some(reply);
+                        None
+                    }
+                    None => None,
                 };
             }
             if storage_error.is_none()
