@@ -43,7 +43,8 @@ pub struct Limits {
     pub dedup_window: Duration,
     /// A recipient whose queue has not been appended to or acked for this long is removed whole
     /// by maintenance, so abandoned devices do not hold storage forever. Default 90 days;
-    /// `None` keeps queues until their messages expire.
+    /// `None` keeps queues until their messages expire. At least `dedup_window`, so a queue
+    /// removed for idleness holds no id still inside its window.
     pub idle_recipient_timeout: Option<Duration>,
 }
 
@@ -111,6 +112,14 @@ impl Limits {
             return invalid(
                 "idle_recipient_timeout",
                 "must be between 1 ms and 100 years",
+            );
+        }
+        if let Some(idle) = self.idle_recipient_timeout
+            && idle < self.dedup_window
+        {
+            return invalid(
+                "idle_recipient_timeout",
+                "must be at least dedup_window, so a queue removed for idleness holds no id still inside its window",
             );
         }
         Ok(())

@@ -276,6 +276,14 @@ fn absurd_configuration_is_refused_by_name() {
         })),
         "dedup_window"
     );
+    assert_eq!(
+        config_error(with(Limits {
+            dedup_window: Duration::from_secs(3600),
+            idle_recipient_timeout: Some(Duration::from_secs(60)),
+            ..base()
+        })),
+        "idle_recipient_timeout"
+    );
     let batch = |b: BatchLimit| move || OfflineQueue::builder().batch(b).build();
     assert_eq!(
         config_error(batch(BatchLimit {

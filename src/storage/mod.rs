@@ -243,7 +243,10 @@ pub trait Storage: Send + Sync + 'static {
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;
 
     /// Removes up to `budget` expired records (deadline at or before `now`) and, when
-    /// `idle_before` is set, whole recipient queues last appended to or acked before it.
+    /// `idle_before` is set, whole recipient queues last appended to or acked before it. The
+    /// engine passes an `idle_before` at least the dedup window before `now`
+    /// (`Limits::idle_recipient_timeout` is at least `dedup_window`), so a removed queue holds
+    /// no dedup id still inside its window.
     /// `budget` bounds the work of one call: a call that ran out of it says `more`.
     async fn purge(
         &self,

@@ -207,8 +207,9 @@ impl RedbStorage {
     /// the file changed.
     ///
     /// # Errors
-    /// A storage error naming the file: retryable if reads held the file for 5 s, or on an
-    /// I/O failure (the file is reopened at its last commit before the next write).
+    /// A storage error naming the file. Retryable if reads held the file for 5 s (nothing
+    /// changed) or on an I/O failure; after any failure partway, the file is reopened at its
+    /// last commit before the next write.
     pub async fn compact(&self) -> Result<bool> {
         self.ask(Request::Compact).await
     }

@@ -179,26 +179,31 @@ impl Writer {
                 format!("{}: not open", self.path.display()),
             ));
         };
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                match Arc::get_mut(&mut db) {
-                    Some(db) => db.compact().map_err(db_error),
-                    None => Err(Error::storage_msg(
-                        true,
-                        format!(
-                            "{}: reads held the file for 5 s; compact again later",
-                            self.path.display()
-                        ),
-                    )),
-                }
-            }))
-            .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Arc::get_mut(&mut db)
+                .map(|db| db.compact().map_err(db_error))
+                .transpose()
+        }))
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
         *self.db.write() = Some(db);
-        if let Err(error) = &outcome {
-            tracing::error!(%error, "redb compaction failed");
-            self.needs_reopen |= error.is_retryable();
+        match outcome {
+            Ok(Some(changed)) => Ok(changed),
+            // Nothing happened to the file: it is served as it was.
+            Ok(None) => Err(Error::storage_msg(
+                true,
+                format!(
+                    "{}: reads held the file for 5 s; compact again later",
+                    self.path.display()
+                ),
+            )),
+            Err(error) => {
+                // Failed partway (I/O, or a panic inside redb): reopen at the last commit
+                // before the next write.
+                tracing::error!(%error, "redb compaction failed");
+                self.needs_reopen = true;
+                Err(error)
+            }
         }
-        outcome
     }
 
     /// Commits one group, starting with `first`; returns how many jobs it held.

@@ -9,13 +9,9 @@ if m.touch >= tonumber(ARGV[1]) then
   save_meta(m)
   return {m.touch, 0, 0}
 end
-if m.live <= 0 and m.lt <= m.lc then
-  -- Nothing pending and no loss to report: no queue to remove, as on the other backends. Its
-  -- dedup ids stay for their window and the keys' TTLs clear the rest; unfiled, so that the
-  -- next append files it again.
-  m.filed = -1e15
-  save_meta(m)
-  return {-1, 0, 0}
-end
 redis.call('DEL', META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
+-- Metadata kept after acks emptied the queue (nothing pending, no loss to report) is
+-- cleared without counting a queue removed: the other backends keep no row for it. Its
+-- dedup ids are past their window (the engine's idle timeout is at least the window).
+if m.live <= 0 and m.lt <= m.lc then return {-1, 0, 0} end
 return {-2, m.live, m.bytes}
