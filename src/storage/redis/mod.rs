@@ -736,13 +736,13 @@ impl RedisStorage {
         let index = keys::idle_index(prefix, bucket);
         let before = before.as_millis();
         while left > 0 {
-            let idle: Vec<String> = self
-                .filed_before(&index, format!("({before}"), left.min(64), false)
+            let idle: Vec<(String, f64)> = self
+                .filed_before(&index, format!("({before}"), left.min(64), true)
                 .await?;
             if idle.is_empty() {
                 break;
             }
-            for hex in idle {
+            for (hex, seen) in idle {
                 let keys = keys::recipient_keys(prefix, &hex);
                 let (state, records, freed): (i64, u64, i64) = self
                     .shared
@@ -753,15 +753,18 @@ impl RedisStorage {
                     .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
-                let mut refile = redis::cmd(if state < 0 { "ZREM" } else { "ZADD" });
-                refile.arg(&index);
-                if state >= 0 {
-                    // Active since it was filed: file it under its latest activity.
-                    refile.arg(state);
-                }
-                refile
+                // Active since it was filed: file it under its latest activity; gone: out of
+                // the index. Only if the entry still holds the score found, so an append that
+                // filed the queue meanwhile keeps its entry.
+                let _: i64 = self
+                    .shared
+                    .scripts
+                    .refile
+                    .key(&index)
                     .arg(&hex)
-                    .exec_async(&mut self.connection())
+                    .arg(seen)
+                    .arg(state.max(-1))
+                    .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
                 if state == -2 {
