@@ -378,20 +378,10 @@ mod redis_support;
 /// polls the engine on its own pool, inside the runtime's context.
 #[cfg(feature = "redis")]
 fn on_redis(ops: Vec<Op>, target: Option<redis_support::Target>) {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     let Some(target) = target else {
         return;
     };
-    let runtime = RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
-    });
-    let _context = runtime.enter();
-    let prefix = redis_support::unique_prefix("model");
-    let storage = runtime.block_on(redis_support::fresh(&target, &prefix));
+    let (_context, storage) = redis_support::fresh_blocking(&target, "model");
     run(ops, Arc::new(common::Settled(storage)));
 }
 

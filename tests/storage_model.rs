@@ -365,21 +365,10 @@ proptest! {
 
 #[cfg(feature = "redis")]
 fn on_redis(ops: Vec<Op>, target: Option<redis_support::Target>) {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     let Some(target) = target else {
         return;
     };
-    let runtime = RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
-    });
-    // The storage's connection runs on the runtime; the steps block on it from here.
-    let _context = runtime.enter();
-    let prefix = redis_support::unique_prefix("storage-model");
-    let storage = runtime.block_on(redis_support::fresh(&target, &prefix));
+    let (_context, storage) = redis_support::fresh_blocking(&target, "storage-model");
     run(ops, &storage);
 }
 

@@ -64,6 +64,26 @@ pub async fn fresh(target: &Target, prefix: &str) -> RedisStorage {
     .expect("redis answers")
 }
 
+/// For tests that drive a storage from blocking code: a fresh storage on `target` under a
+/// unique prefix, with the guard that keeps the shared tokio runtime (which drives its
+/// connection) entered on this thread. Hold the guard while using the storage.
+pub fn fresh_blocking(
+    target: &Target,
+    what: &str,
+) -> (tokio::runtime::EnterGuard<'static>, RedisStorage) {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+    let context = runtime.enter();
+    let storage = runtime.block_on(fresh(target, &unique_prefix(what)));
+    (context, storage)
+}
+
 /// Waits until exactly the nodes `expected` (in any order) hold a session for `who`.
 pub async fn wait_for_sessions(storage: &RedisStorage, who: &RecipientId, expected: &[&str]) {
     let mut expected: Vec<&str> = expected.to_vec();

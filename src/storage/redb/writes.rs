@@ -480,11 +480,13 @@ pub(super) fn mark_delivered(
 ) -> Result<()> {
     let who = recipient.as_bytes();
     for seq in seqs {
-        // Only a record of this recipient (its log value names it) is marked.
-        let ours =
-            t.log.get(seq.0).map_err(db_error)?.is_some_and(|value| {
-                decode_record(seq.0, value.value()).is_ok_and(|r| r.who == who)
-            });
+        // Only a record of this recipient (its log value names it) is marked; a damaged one
+        // is caught when it is read, so the header suffices here.
+        let ours = t
+            .log
+            .get(seq.0)
+            .map_err(db_error)?
+            .is_some_and(|value| peek_record(value.value()).is_some_and(|r| r.who == who));
         if !ours {
             continue;
         }
