@@ -9,6 +9,8 @@
 //! Decoding checks the declared length against a cap before allocating, so a corrupt or hostile
 //! record cannot make the reader allocate without bound (a decompression bomb).
 
+use bytes::Bytes;
+
 use crate::error::Error;
 
 const TAG_RAW: u8 = 0;
@@ -49,13 +51,13 @@ pub fn from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Err
 
 /// Frames `payload` as a record body, compressing it when it is at least `compress_at` bytes
 /// long and compression makes it smaller.
-pub fn encode_body(payload: &[u8], compress_at: Option<usize>) -> Vec<u8> {
+pub fn encode_body(payload: Vec<u8>, compress_at: Option<usize>) -> Vec<u8> {
     #[cfg(feature = "compression")]
     if let Some(threshold) = compress_at
         && payload.len() >= threshold
         && let Ok(len) = u32::try_from(payload.len())
     {
-        let mut body = lz4_flex::block::compress(payload);
+        let mut body = lz4_flex::block::compress(&payload);
         if body.len() + 5 < payload.len() + 1 {
             body.extend_from_slice(&len.to_le_bytes());
             body.push(TAG_LZ4);
@@ -64,28 +66,36 @@ pub fn encode_body(payload: &[u8], compress_at: Option<usize>) -> Vec<u8> {
     }
     #[cfg(not(feature = "compression"))]
     let _ = compress_at;
-    let mut body = Vec::with_capacity(payload.len() + 1);
-    body.extend_from_slice(payload);
+    // The payload's own buffer, grown by one byte for the tag: usually in place (the
+    // allocator rounds sizes up), so a raw body costs no copy.
+    let mut body = payload;
+    body.reserve_exact(1);
     body.push(TAG_RAW);
     body
 }
 
 /// Reads a record body back into its payload. A raw body is returned in place, without
-/// copying; a compressed one is refused if it declares more than `max_len` bytes.
+/// copying (the payload shares the body's buffer); a compressed one is refused if it declares
+/// more than `max_len` bytes.
 ///
 /// # Errors
 /// [`Error::Codec`] for an empty body, an unknown tag, a declared length over `max_len`, or
 /// compressed data that does not decode to exactly the declared length;
 /// [`Error::InvalidConfig`] for a compressed body when the `compression` feature is off (the
 /// record is fine; this build cannot read it).
-pub fn decode_body(mut body: Vec<u8>, max_len: usize) -> Result<Vec<u8>, Error> {
-    let tag = body
-        .pop()
+pub fn decode_body(body: impl Into<Bytes>, max_len: usize) -> Result<Bytes, Error> {
+    let mut body = body.into();
+    let (&tag, rest) = body
+        .split_last()
         .ok_or_else(|| Error::Codec("empty record body".into()))?;
     match tag {
         // Already in memory: no cap needed, and none that a lowered limit could trip.
-        TAG_RAW => Ok(body),
-        TAG_LZ4 => decode_lz4(&body, max_len),
+        TAG_RAW => {
+            let len = rest.len();
+            body.truncate(len);
+            Ok(body)
+        }
+        TAG_LZ4 => decode_lz4(rest, max_len).map(Bytes::from),
         other => Err(Error::Codec(format!("unknown record tag {other}"))),
     }
 }
@@ -141,11 +151,11 @@ mod tests {
 
     #[test]
     fn raw_body_round_trip_and_cap() {
-        let body = encode_body(b"hello", None);
-        assert_eq!(decode_body(body.clone(), 5).unwrap(), b"hello");
+        let body = encode_body(b"hello".to_vec(), None);
+        assert_eq!(decode_body(body.clone(), 5).unwrap(), &b"hello"[..]);
         assert_eq!(
             decode_body(body, 4).unwrap(),
-            b"hello",
+            &b"hello"[..],
             "raw bodies have no cap"
         );
         assert!(decode_body(vec![], 10).is_err());
@@ -164,7 +174,7 @@ mod tests {
     #[test]
     fn compressed_round_trip_and_bomb() {
         let payload = vec![7u8; 10_000];
-        let body = encode_body(&payload, Some(64));
+        let body = encode_body(payload.clone(), Some(64));
         assert_eq!(body.last(), Some(&TAG_LZ4));
         assert!(body.len() < 200);
         assert_eq!(decode_body(body.clone(), 10_000).unwrap(), payload);
@@ -178,6 +188,9 @@ mod tests {
         short[n - 5..n - 1].copy_from_slice(&100u32.to_le_bytes());
         assert!(decode_body(short, 10_000).is_err());
         // Small or incompressible payloads stay raw.
-        assert_eq!(encode_body(b"abc", Some(64)).last(), Some(&TAG_RAW));
+        assert_eq!(
+            encode_body(b"abc".to_vec(), Some(64)).last(),
+            Some(&TAG_RAW)
+        );
     }
 }

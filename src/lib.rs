@@ -24,7 +24,7 @@
 //! let driver = session.run(); // spawn this, or poll it in the connection's task
 //! let client = async {
 //!     let Some(Outbound::Batch(batch)) = inbox.next().await else { panic!() };
-//!     assert_eq!(batch.messages[0].payload, b"hi bob");
+//!     assert_eq!(batch.messages[0].payload, &b"hi bob"[..]);
 //!     handle.ack_through(batch.messages[0].seq); // acked: removed from storage
 //!     assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
 //!     handle.close();

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::clock::Timestamp;
 use crate::error::Error;
 
@@ -341,8 +343,9 @@ pub struct Delivery {
     pub id: MessageId,
     /// Its position in the recipient's queue; acks name it.
     pub seq: Seq,
-    /// The payload as sent (decompressed).
-    pub payload: Vec<u8>,
+    /// The payload as sent (decompressed). Shared with the stored record where the backend
+    /// keeps it in memory, so handing it over copies nothing; it derefs to `&[u8]`.
+    pub payload: Bytes,
     /// When the queue accepted it.
     pub sent_at: Timestamp,
     /// When it stops being deliverable, if ever.

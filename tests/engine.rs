@@ -47,7 +47,7 @@ fn caught_up_comes_at_once_when_nothing_waits_and_only_once() {
         1,
         "a live message, no second caught-up: {items:?}"
     );
-    assert!(matches!(&items[0], Outbound::Batch(b) if b.messages[0].payload == b"live"));
+    assert!(matches!(&items[0], Outbound::Batch(b) if b.messages[0].payload == b"live"[..]));
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn a_message_never_acked_goes_to_the_dead_letter_hook_after_max_deliveries() {
     assert_eq!(gap, 2, "the client is told it is short of both");
     let dead = dead.lock();
     assert_eq!(dead.len(), 2);
-    assert_eq!(dead[0].1.payload, b"poison");
+    assert_eq!(dead[0].1.payload, &b"poison"[..]);
     assert_eq!(dead[0].0, id("bob"));
     assert_eq!(h.queue.metrics().dead_lettered, 2);
     let stats = h.stats("bob");

@@ -23,7 +23,7 @@ fn bodies(storage: &RedbStorage, who: &RecipientId) -> Vec<Vec<u8>> {
     block_on(storage.read_all(who, NOW))
         .unwrap()
         .into_iter()
-        .map(|r| r.body)
+        .map(|r| r.body.to_vec())
         .collect()
 }
 

@@ -197,7 +197,7 @@ fn verify(path: &std::path::Path, expected: &Expected, round: u64, seed: u64) {
         let stored = block_on(offline_queue::StorageExt::read_all(&storage, &id, NOW)).unwrap();
         let stored: BTreeMap<u64, String> = stored
             .into_iter()
-            .map(|r| (r.seq.0, String::from_utf8(r.body).unwrap()))
+            .map(|r| (r.seq.0, String::from_utf8(r.body.to_vec()).unwrap()))
             .collect();
         let through = expected.acked_through.get(who).copied().unwrap_or(0);
         if let Some((&seq, _)) = stored.iter().next() {

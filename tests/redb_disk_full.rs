@@ -179,7 +179,7 @@ fn full_disk_fails_cleanly_and_recovers() {
     for sender in 0..SENDERS {
         let who = RecipientId::new(format!("user-{sender}")).unwrap();
         for record in block_on(storage.read_all(&who, NOW)).unwrap() {
-            let body = String::from_utf8(record.body).unwrap();
+            let body = String::from_utf8(record.body.to_vec()).unwrap();
             stored.insert(body.split('|').next().unwrap().to_string());
         }
     }

@@ -132,7 +132,11 @@ fn the_directory_is_created_and_data_survives_reopening() {
         let records = block_on(storage.read_all(&who, NOW)).unwrap();
         let bodies: Vec<Vec<u8>> = records
             .into_iter()
-            .map(|r| offline_queue::codec::decode_body(r.body, 1 << 20).unwrap())
+            .map(|r| {
+                offline_queue::codec::decode_body(r.body, 1 << 20)
+                    .unwrap()
+                    .to_vec()
+            })
             .collect();
         assert_eq!(bodies, payloads);
     }
@@ -167,7 +171,8 @@ fn check_never_wrong(path: &Path, stored: &[(RecipientId, Vec<Vec<u8>>)]) -> &'s
                 }
                 for record in batch.records {
                     let body = offline_queue::codec::decode_body(record.body, 1 << 20)
-                        .expect("a checked record decodes");
+                        .expect("a checked record decodes")
+                        .to_vec();
                     assert!(
                         payloads.contains(&body),
                         "{who}: wrong data returned as valid"
@@ -305,7 +310,7 @@ fn a_damaged_record_reaches_the_client_as_a_gap_not_as_data() {
     };
     let (end, batch) = block_on(async { futures::join!(session.run(), client) });
     end.unwrap();
-    let got: Vec<&Vec<u8>> = batch.messages.iter().map(|m| &m.payload).collect();
+    let got: Vec<&[u8]> = batch.messages.iter().map(|m| &m.payload[..]).collect();
     assert_eq!(
         got,
         [&payloads[0], &payloads[2]],

@@ -88,7 +88,7 @@ async fn across_nodes(target: Target) {
     let Outbound::Batch(batch) = item else {
         panic!("expected a batch, got {item:?}");
     };
-    assert_eq!(batch.messages[0].payload, b"hi from A");
+    assert_eq!(batch.messages[0].payload, &b"hi from A"[..]);
     handle.ack_through(batch.position);
 
     // Carol is connected nowhere: exactly one push, from the node that stored the message.
@@ -146,7 +146,7 @@ async fn across_nodes(target: Target) {
             .expect("each node delivers at once")
             .unwrap();
         assert!(
-            matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"to both"),
+            matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"to both"[..]),
             "{item:?}"
         );
     }

@@ -116,7 +116,7 @@ async fn a_dropped_connection_loses_no_wake_up(target: &Target) {
         .expect("B delivers without bob reconnecting")
         .unwrap();
     assert!(
-        matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"after the cut"),
+        matches!(item, Outbound::Batch(ref batch) if batch.messages[0].payload == b"after the cut"[..]),
         "{item:?}"
     );
     handle.close();

@@ -125,7 +125,7 @@ fn view(storage: &dyn Storage, to: usize, now: Timestamp) -> View {
     let records = block_on(storage.read_all(&who(to), now)).unwrap();
     let stats = block_on(storage.stats(&who(to))).unwrap();
     View {
-        bodies: records.into_iter().map(|r| r.body).collect(),
+        bodies: records.into_iter().map(|r| r.body.to_vec()).collect(),
         messages: stats.messages,
         bytes: stats.bytes,
         lost: stats.lost,

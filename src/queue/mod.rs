@@ -276,11 +276,9 @@ impl OfflineQueue {
     /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
-        let (record, urgency) = self.prepare(&envelope)?;
+        let (recipient, record, urgency) = self.prepare(envelope)?;
         let id = record.id;
-        let (outcome, online) = self
-            .store(&envelope.recipient, vec![record], &[urgency])
-            .await?;
+        let (outcome, online) = self.store(&recipient, vec![record], &[urgency]).await?;
         Ok(receipt(id, outcome.records[0], &outcome, online))
     }
 
@@ -302,8 +300,7 @@ impl OfflineQueue {
         let mut groups: Vec<(RecipientId, Group)> = Vec::new();
         let mut group_of: RecipientMap<usize> = RecipientMap::default();
         for (index, envelope) in envelopes.into_iter().enumerate() {
-            let (record, urgency) = self.prepare(&envelope)?;
-            let recipient = envelope.recipient;
+            let (recipient, record, urgency) = self.prepare(envelope)?;
             let group = *group_of.entry(recipient.clone()).or_insert_with(|| {
                 groups.push((recipient, Group::default()));
                 groups.len() - 1
@@ -340,8 +337,9 @@ impl OfflineQueue {
             .collect())
     }
 
-    /// Validates and encodes one envelope; nothing is written.
-    fn prepare(&self, envelope: &Envelope) -> Result<(NewRecord, Urgency)> {
+    /// Validates and encodes one envelope (its payload becomes the body without a copy);
+    /// nothing is written.
+    fn prepare(&self, envelope: Envelope) -> Result<(RecipientId, NewRecord, Urgency)> {
         let inner = &self.inner;
         let max = inner.limits.max_message_bytes;
         if envelope.payload.len() > max {
@@ -363,9 +361,9 @@ impl OfflineQueue {
             dedup: envelope.id.is_some(),
             sent_at: now,
             expires_at: ttl.map(|ttl| now.saturating_add(ttl)),
-            body: codec::encode_body(&envelope.payload, inner.compress_at),
+            body: codec::encode_body(envelope.payload, inner.compress_at),
         };
-        Ok((record, envelope.urgency))
+        Ok((envelope.recipient, record, envelope.urgency))
     }
 
     /// Appends one recipient's records, then wakes or nudges. Returns the outcome and whether

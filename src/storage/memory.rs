@@ -21,6 +21,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{
@@ -85,9 +86,10 @@ impl MemoryStorage {
     }
 
     fn shard(&self, recipient: &RecipientId) -> &Mutex<Shard> {
-        // Middle bits: the shard's own map buckets by the low bits of the same hash.
-        let hash = recipient.precomputed_hash() >> 32;
-        &self.shards[(hash % self.shards.len() as u64) as usize]
+        // Middle bits: the shard's own map buckets by the low bits of the same hash. Scaled
+        // into range by a multiply, not a division (which cost more than the lock).
+        let hash = (recipient.precomputed_hash() >> 32) & u64::from(u32::MAX);
+        &self.shards[((hash * self.shards.len() as u64) >> 32) as usize]
     }
 
     /// Reserves `adding` bytes of the global budget, atomically.
@@ -118,7 +120,8 @@ struct Record {
     removed: bool,
     /// Its deadline was earlier than one already queued: tracked in `exceptions`.
     out_of_order: bool,
-    body: Box<[u8]>,
+    /// Shared with deliveries in flight: a read hands out a reference, not a copy.
+    body: Bytes,
 }
 
 #[derive(Default)]
@@ -198,7 +201,7 @@ impl RecipientQueue {
         debug_assert!(!record.removed);
         record.removed = true;
         let len = record.body.len() as u64;
-        record.body = Box::default();
+        record.body = Bytes::new();
         self.live -= 1;
         self.bytes -= len;
         while self.records.front().is_some_and(|r| r.removed) {
@@ -212,9 +215,10 @@ impl RecipientQueue {
     }
 
     fn push(&mut self, mut record: Record) {
-        if self.first_in_order().is_none() {
-            // No in-order record left: order restarts here, so one long-lived message does
-            // not make every later one an exception.
+        // Checked only for a record that would be an exception (the search reads the queue's
+        // front, usually cold): with no in-order record left, order restarts here, so one
+        // long-lived message does not make every later one an exception.
+        if record.expires_at < self.max_deadline && self.first_in_order().is_none() {
             self.max_deadline = 0;
         }
         if record.expires_at < self.max_deadline {
@@ -359,11 +363,17 @@ impl Storage for MemoryStorage {
             Dup(Seq),
             DupOfNew(usize),
         }
-        let mut plan = Vec::with_capacity(records.len());
+        // Without sender-chosen ids every record is new: no plan to allocate.
+        let mut plan = records
+            .iter()
+            .any(|r| r.dedup)
+            .then(|| Vec::with_capacity(records.len()));
         let mut batch_ids: HashMap<MessageId, usize> = HashMap::new();
         let (mut adding, mut adding_bytes) = (0u64, 0u64);
         for record in &records {
-            if record.dedup {
+            if let Some(plan) = plan.as_mut()
+                && record.dedup
+            {
                 // Pruning stops at the first entry inside the window, and entries are not
                 // strictly in time order (a clock step back): check the age here too.
                 if let Some(&(seq, at)) = shard
@@ -381,7 +391,9 @@ impl Storage for MemoryStorage {
                 }
                 batch_ids.insert(record.id, adding as usize);
             }
-            plan.push(Plan::New(adding as usize));
+            if let Some(plan) = plan.as_mut() {
+                plan.push(Plan::New(adding as usize));
+            }
             adding += 1;
             adding_bytes += record.body.len() as u64;
         }
@@ -415,6 +427,7 @@ impl Storage for MemoryStorage {
         // Write.
         if adding == 0 {
             let results = plan
+                .unwrap_or_default()
                 .into_iter()
                 .map(|p| match p {
                     Plan::Dup(seq) => Appended::Duplicate(seq),
@@ -443,11 +456,13 @@ impl Storage for MemoryStorage {
         let mut dedup_new = Vec::new();
         // New records take consecutive seqs from here.
         let first_seq = shard.next_seq + 1;
-        for record in records
-            .into_iter()
-            .zip(&plan)
-            .filter_map(|(r, p)| matches!(p, Plan::New(_)).then_some(r))
-        {
+        for (index, record) in records.into_iter().enumerate() {
+            if plan
+                .as_ref()
+                .is_some_and(|plan| !matches!(plan[index], Plan::New(_)))
+            {
+                continue;
+            }
             shard.next_seq += 1;
             let seq = shard.next_seq;
             if record.dedup && window_ms > 0 {
@@ -461,7 +476,7 @@ impl Storage for MemoryStorage {
                 delivery_count: 0,
                 removed: false,
                 out_of_order: false,
-                body: record.body.into_boxed_slice(),
+                body: Bytes::from(record.body),
             });
         }
         for (id, seq) in dedup_new {
@@ -474,14 +489,19 @@ impl Storage for MemoryStorage {
         }
         let pending = shard.queues[slot as usize].live;
         shard.settle(slot, Some(now));
-        let results = plan
-            .into_iter()
-            .map(|p| match p {
-                Plan::New(i) => Appended::Stored(Seq(first_seq + i as u64)),
-                Plan::DupOfNew(i) => Appended::Duplicate(Seq(first_seq + i as u64)),
-                Plan::Dup(seq) => Appended::Duplicate(seq),
-            })
-            .collect();
+        let results = match plan {
+            None => (0..adding)
+                .map(|i| Appended::Stored(Seq(first_seq + i)))
+                .collect(),
+            Some(plan) => plan
+                .into_iter()
+                .map(|p| match p {
+                    Plan::New(i) => Appended::Stored(Seq(first_seq + i as u64)),
+                    Plan::DupOfNew(i) => Appended::Duplicate(Seq(first_seq + i as u64)),
+                    Plan::Dup(seq) => Appended::Duplicate(seq),
+                })
+                .collect(),
+        };
         Ok(AppendOutcome {
             records: results,
             dropped: drop_count as u64,
@@ -507,6 +527,7 @@ impl Storage for MemoryStorage {
             queue.records.partition_point(|r| r.seq <= after.0)
         });
         let mut batch = ReadBatch {
+            records: Vec::with_capacity(limit.max_messages.min(queue.live as usize)),
             lost: queue.lost_total - queue.lost_confirmed,
             lost_total: queue.lost_total,
             ..ReadBatch::default()
@@ -533,7 +554,7 @@ impl Storage for MemoryStorage {
                 expires_at: (record.expires_at != NEVER)
                     .then(|| Timestamp::from_millis(record.expires_at)),
                 delivery_count: record.delivery_count,
-                body: record.body.to_vec(),
+                body: record.body.clone(),
             });
         }
         Ok(batch)
@@ -545,10 +566,17 @@ impl Storage for MemoryStorage {
             return Ok(());
         };
         let queue = &mut shard.queues[slot as usize];
+        let mut next = 0;
         for seq in seqs {
-            if let Some(index) = queue.position(seq.0) {
+            // A batch's seqs are usually adjacent records: try the next one before searching.
+            let index = match queue.records.get(next) {
+                Some(record) if record.seq == seq.0 => Some(next),
+                _ => queue.position(seq.0),
+            };
+            if let Some(index) = index {
                 let record = &mut queue.records[index];
                 record.delivery_count = record.delivery_count.saturating_add(1);
+                next = index + 1;
             }
         }
         Ok(())

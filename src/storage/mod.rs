@@ -47,6 +47,7 @@ pub use self::redis::{RedisOptions, RedisStorage};
 pub use memory::MemoryStorage;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::clock::Timestamp;
@@ -83,8 +84,9 @@ pub struct StoredRecord {
     pub expires_at: Option<Timestamp>,
     /// How many times it has been marked delivered (`Storage::mark_delivered`).
     pub delivery_count: u32,
-    /// The encoded payload.
-    pub body: Vec<u8>,
+    /// The encoded payload, shared rather than copied: a backend that keeps records in
+    /// memory hands out a reference, one that reads them hands over the buffer it read.
+    pub body: Bytes,
 }
 
 /// The result of one record of an append, in input order.

@@ -154,7 +154,7 @@ impl Client {
 pub fn payloads(batches: &[Batch]) -> Vec<Vec<u8>> {
     batches
         .iter()
-        .flat_map(|b| b.messages.iter().map(|m| m.payload.clone()))
+        .flat_map(|b| b.messages.iter().map(|m| m.payload.to_vec()))
         .collect()
 }
 

@@ -64,6 +64,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::channel::oneshot;
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
@@ -324,7 +325,7 @@ impl RedbStorage {
                 sent_at: Timestamp::from_millis(record.sent_at),
                 expires_at: opt_time(record.expires_at),
                 delivery_count,
-                body: record.body.to_vec(),
+                body: Bytes::copy_from_slice(record.body),
             });
             Ok(true)
         })?;

@@ -80,6 +80,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc as fmpsc;
 use futures::stream::BoxStream;
@@ -983,7 +984,7 @@ fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> St
         sent_at: Timestamp::from_millis(sent_at),
         expires_at: (deadline > 0).then(|| Timestamp::from_millis(deadline as u64)),
         delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
-        body: raw[HEADER..].to_vec(),
+        body: Bytes::copy_from_slice(&raw[HEADER..]),
     }
 }
 
