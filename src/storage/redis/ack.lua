@@ -9,16 +9,16 @@ if through >= 0 then
   while true do
     local chunk = redis.call('ZRANGEBYSCORE', ORDER, '-inf', s(through), 'LIMIT', 0, 1000)
     if #chunk == 0 then break end
-    removed = removed + remove_records(m, chunk)
+    removed = removed + remove_records(m, chunk, true)
   end
 end
 local n = tonumber(ARGV[5])
 local listed = {}
-for i = 1, n do listed[i] = ARGV[5 + i] end
+for i = 1, n do listed[i] = s(tonumber(ARGV[5 + i])) end
 removed = removed + remove_records(m, listed)
 local at = 6 + n
 local passed = {}
-for i = 1, tonumber(ARGV[at]) do passed[i] = ARGV[at + i] end
+for i = 1, tonumber(ARGV[at]) do passed[i] = s(tonumber(ARGV[at + i])) end
 m.lt = m.lt + remove_records(m, passed)
 if confirmed >= 0 then m.lc = math.max(m.lc, math.min(confirmed, m.lt)) end
 if now > m.touch then m.touch = now end

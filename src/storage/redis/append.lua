@@ -85,14 +85,14 @@ else
     -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
     local base = math.max(now, server_time_ms()) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
-         dl = 0, ud = 0, ttl_at = -1}
+         dl = 0, ud = 0, ttl_at = -1, dw = 0}
     -- Leftovers of a queue whose metadata expired first are not this queue's.
     redis.call('DEL', ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
   end
   -- A key about to be created needs its TTL now: then every key's TTL is set together.
   local fresh = m.live <= 0 or m.ttl_at < 0
   local before = m.bytes
-  local dropped = remove_records(m, to_drop)
+  local dropped = remove_records(m, to_drop, true)
   m.lt = m.lt + dropped
   local first = m.seq + 1
   local order, records, deadlines, ids, id_times = {}, {}, {}, {}, {}

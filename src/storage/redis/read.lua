@@ -31,10 +31,12 @@ while not done do
       bytes = bytes + len
       out_records[#out_records + 1] = tonumber(seq)
       out_records[#out_records + 1] = record
-      out_records[#out_records + 1] = tonumber(deliveries[i] or '0')
+      out_records[#out_records + 1] = delivery_count(m, seq, deliveries[i])
       out_records[#out_records + 1] = deadline and tonumber(deadline) or 0
     end
   end
+  -- A full batch ends here: fetching the next page would read a page of bodies for nothing.
+  if count >= max_m or #expired >= max_m or #chunk < page then done = true end
 end
 local out = {m.lt, m.lc, #expired}
 for _, seq in ipairs(expired) do out[#out + 1] = seq end
