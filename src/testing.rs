@@ -20,7 +20,7 @@ use crate::clock::{ManualClock, Timestamp};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{Envelope, MessageId, RecipientId, Seq};
 use crate::queue::OfflineQueue;
-use crate::storage::{Ack, Appended, NewRecord, RecipientStats, Storage, StorageExt};
+use crate::storage::{Ack, Appended, NewRecord, ReadBatch, RecipientStats, Storage, StorageExt};
 use crate::transport::{Outbound, channel_transport};
 
 /// The time every check starts at.
@@ -94,6 +94,7 @@ where
     read_bounds(&*make().await).await;
     acks(&*make().await).await;
     delivery_counts(&*make().await).await;
+    read_for_delivery(&*make().await).await;
     dedup(&*make().await).await;
     quota_reject_is_atomic(&*make().await).await;
     quota_drop_oldest(&*make().await).await;
@@ -253,6 +254,80 @@ pub async fn delivery_counts(storage: &dyn Storage) {
     let read = storage.read(&bob, None, ALL, T0).await.unwrap();
     let counts: Vec<u32> = read.records.iter().map(|r| r.delivery_count).collect();
     assert_eq!(counts, [2, 0], "delivery counts");
+}
+
+/// `read_for_delivery` returns what `read` returns, with the counts from before, and counts one
+/// delivery for each record it returned: in order, after a cursor, past an expired record, and
+/// again for a redelivery; records it did not return keep their counts.
+pub async fn read_for_delivery(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let at = |s| T0.saturating_add(Duration::from_secs(s));
+    let seqs = append(
+        storage,
+        &bob,
+        vec![
+            record(b"a"),
+            expiring(b"gone", at(5)),
+            record(b"b"),
+            record(b"c"),
+            record(b"d"),
+        ],
+    )
+    .await;
+    let two = BatchLimit {
+        max_messages: 2,
+        max_bytes: usize::MAX,
+    };
+    let counts = |batch: &ReadBatch| -> Vec<(Seq, u32)> {
+        batch
+            .records
+            .iter()
+            .map(|r| (r.seq, r.delivery_count))
+            .collect()
+    };
+    let plain = storage.read(&bob, None, two, at(10)).await.unwrap();
+    let first = storage
+        .read_for_delivery(&bob, None, two, at(10))
+        .await
+        .unwrap();
+    assert_eq!(counts(&first), counts(&plain), "same records as read");
+    assert_eq!(counts(&first), [(seqs[0], 0), (seqs[2], 0)]);
+    assert_eq!(
+        first.expired,
+        [seqs[1]],
+        "the expired record is passed over"
+    );
+    let next = storage
+        .read_for_delivery(&bob, Some(seqs[2]), two, at(10))
+        .await
+        .unwrap();
+    assert_eq!(counts(&next), [(seqs[3], 0), (seqs[4], 0)]);
+    let again = storage
+        .read_for_delivery(&bob, None, ALL, at(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        counts(&again),
+        [(seqs[0], 1), (seqs[2], 1), (seqs[3], 1), (seqs[4], 1)],
+        "each counted once, and returned with the count from before"
+    );
+    let after = storage.read(&bob, None, ALL, at(10)).await.unwrap();
+    assert_eq!(
+        counts(&after),
+        [(seqs[0], 2), (seqs[2], 2), (seqs[3], 2), (seqs[4], 2)],
+        "the redelivery counted too"
+    );
+    // A record appended later starts at zero, and a plain read counts nothing.
+    let later = append(storage, &bob, vec![record(b"e")]).await;
+    storage
+        .read(&bob, Some(seqs[4]), ALL, at(10))
+        .await
+        .unwrap();
+    let fresh = storage
+        .read(&bob, Some(seqs[4]), ALL, at(10))
+        .await
+        .unwrap();
+    assert_eq!(counts(&fresh), [(later[0], 0)]);
 }
 
 /// A sender-chosen id is stored once per recipient within the window, even after it was acked

@@ -40,11 +40,13 @@ enum Op {
         to: usize,
         picked: Vec<bool>,
     },
-    /// One bounded read after the `from`-th pending record.
+    /// One bounded read after the `from`-th pending record; `deliver`: through
+    /// `read_for_delivery`, which also counts a delivery for each record returned.
     Read {
         to: usize,
         from: usize,
         max: usize,
+        deliver: bool,
     },
     AckThrough {
         to: usize,
@@ -85,7 +87,7 @@ fn op() -> impl Strategy<Value = Op> {
             })
             .prop_map(|(to, ttls, ids)| Op::Append { to, ttls, ids }),
         1 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..60)).prop_map(|(to, picked)| Op::Mark { to, picked }),
-        2 => (to.clone(), 0..100usize, 1..40usize).prop_map(|(to, from, max)| Op::Read { to, from, max }),
+        2 => (to.clone(), 0..100usize, 1..40usize, any::<bool>()).prop_map(|(to, from, max, deliver)| Op::Read { to, from, max, deliver }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::AckThrough { to, index }),
         2 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..100)).prop_map(|(to, mask)| Op::AckSome { to, mask }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::PassOver { to, index }),
@@ -216,14 +218,24 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
             *now = now.saturating_sub(secs * 1000).max(T0);
             "back".into()
         }
-        Op::Read { to, from, max } => {
+        Op::Read {
+            to,
+            from,
+            max,
+            deliver,
+        } => {
             let seqs = seqs(storage, *to, at);
             let after = from.checked_sub(1).and_then(|i| seqs.get(i)).copied();
             let limit = BatchLimit {
                 max_messages: *max,
                 max_bytes: usize::MAX,
             };
-            let batch = block_on(storage.read(&who(*to), after, limit, at)).unwrap();
+            let batch = if *deliver {
+                block_on(storage.read_for_delivery(&who(*to), after, limit, at))
+            } else {
+                block_on(storage.read(&who(*to), after, limit, at))
+            }
+            .unwrap();
             let bodies: Vec<String> = batch
                 .records
                 .iter()

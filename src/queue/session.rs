@@ -360,9 +360,11 @@ impl Session {
             max_messages: inner.batch.max_messages.min(room),
             max_bytes: inner.batch.max_bytes,
         };
+        // Marked delivered as read, before the hand-over, so a crash counts a redelivery.
+        // Records passed over below are counted too, and removed right after.
         let read = inner
             .storage
-            .read(recipient, cursor.last, limit, now)
+            .read_for_delivery(recipient, cursor.last, limit, now)
             .await?;
         // Losses are counted by a total that only grows: report what lies beyond both the
         // confirmed mark and what this session already reported (awaiting confirmation).
@@ -435,9 +437,6 @@ impl Session {
         // there first): this report covers the total up to here.
         let covers = read.lost_total + passed_over_count;
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
-        if !seqs.is_empty() {
-            inner.storage.mark_delivered(recipient, &seqs).await?;
-        }
         if seqs.is_empty() && gap == 0 {
             return Ok(None);
         }

@@ -92,6 +92,62 @@ impl MemoryStorage {
         &self.shards[((hash * self.shards.len() as u64) >> 32) as usize]
     }
 
+    /// [`Storage::read`], counting a delivery for each record returned when `mark` is set
+    /// (the records carry their count from before).
+    fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> ReadBatch {
+        let now = now.as_millis();
+        let mut shard = self.shard(recipient).lock();
+        let Some(slot) = shard.slot_of(recipient) else {
+            return ReadBatch::default();
+        };
+        let queue = &mut shard.queues[slot as usize];
+        let start = after.map_or(0, |after| {
+            queue.records.partition_point(|r| r.seq <= after.0)
+        });
+        let mut batch = ReadBatch {
+            records: Vec::with_capacity(limit.max_messages.min(queue.live as usize)),
+            lost: queue.lost_total - queue.lost_confirmed,
+            lost_total: queue.lost_total,
+            ..ReadBatch::default()
+        };
+        let mut bytes = 0usize;
+        for record in queue.records.range_mut(start..).filter(|r| !r.removed) {
+            if record.expires_at <= now {
+                batch.expired.push(Seq(record.seq));
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += record.body.len();
+            batch.records.push(StoredRecord {
+                seq: Seq(record.seq),
+                id: record.id,
+                sent_at: Timestamp::from_millis(record.sent_at),
+                expires_at: (record.expires_at != NEVER)
+                    .then(|| Timestamp::from_millis(record.expires_at)),
+                delivery_count: record.delivery_count,
+                body: record.body.clone(),
+            });
+            if mark {
+                record.delivery_count = record.delivery_count.saturating_add(1);
+            }
+        }
+        batch
+    }
+
     /// Reserves `adding` bytes of the global budget, atomically.
     fn reserve(&self, adding: u64, max: Option<u64>) -> Result<()> {
         let Some(max) = max else {
@@ -517,47 +573,17 @@ impl Storage for MemoryStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<ReadBatch> {
-        let now = now.as_millis();
-        let shard = self.shard(recipient).lock();
-        let Some(slot) = shard.slot_of(recipient) else {
-            return Ok(ReadBatch::default());
-        };
-        let queue = &shard.queues[slot as usize];
-        let start = after.map_or(0, |after| {
-            queue.records.partition_point(|r| r.seq <= after.0)
-        });
-        let mut batch = ReadBatch {
-            records: Vec::with_capacity(limit.max_messages.min(queue.live as usize)),
-            lost: queue.lost_total - queue.lost_confirmed,
-            lost_total: queue.lost_total,
-            ..ReadBatch::default()
-        };
-        let mut bytes = 0usize;
-        for record in queue.records.range(start..).filter(|r| !r.removed) {
-            if record.expires_at <= now {
-                batch.expired.push(Seq(record.seq));
-                if batch.expired.len() >= limit.max_messages {
-                    break;
-                }
-                continue;
-            }
-            if batch.records.len() >= limit.max_messages
-                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
-            {
-                break;
-            }
-            bytes += record.body.len();
-            batch.records.push(StoredRecord {
-                seq: Seq(record.seq),
-                id: record.id,
-                sent_at: Timestamp::from_millis(record.sent_at),
-                expires_at: (record.expires_at != NEVER)
-                    .then(|| Timestamp::from_millis(record.expires_at)),
-                delivery_count: record.delivery_count,
-                body: record.body.clone(),
-            });
-        }
-        Ok(batch)
+        Ok(self.read_marking(recipient, after, limit, now, false))
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        Ok(self.read_marking(recipient, after, limit, now, true))
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {

@@ -240,6 +240,25 @@ pub trait Storage: Send + Sync + 'static {
     /// `delivery_count`), before the hand-over, so a crash marks them redelivered.
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()>;
 
+    /// Reads as [`Storage::read`] does, and counts one delivery for every record returned, as
+    /// [`Storage::mark_delivered`] would: the engine hands over what it reads for a session, so
+    /// a backend that can do both in one step saves a call per batch. The records carry their
+    /// `delivery_count` from before this read. The default reads, then marks.
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let batch = self.read(recipient, after, limit, now).await?;
+        let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+        if !seqs.is_empty() {
+            self.mark_delivered(recipient, &seqs).await?;
+        }
+        Ok(batch)
+    }
+
     /// Removes acknowledged records; returns how many were removed. `now` counts as activity
     /// for idle removal.
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;

@@ -995,6 +995,73 @@ fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> St
     }
 }
 
+impl RedisStorage {
+    /// One read script; with `mark`, it also counts a delivery for each record returned.
+    async fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
+        let (_, keys) = self.keys(recipient);
+        let reply: Value = self
+            .shared
+            .scripts
+            .read
+            .key(&keys[..])
+            .arg(after.map_or(-1, |s| s.0 as i64))
+            .arg((limit.max_messages as u64).min(LUA_MAX))
+            .arg((limit.max_bytes as u64).min(LUA_MAX))
+            .arg(now.as_millis())
+            .arg(u8::from(mark))
+            .arg(self.idle_ttl_ms())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let reply = array(reply)?;
+        let lost_total = count(reply.first())?;
+        let lost_confirmed = count(reply.get(1))?;
+        let mut at = 2;
+        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
+            let listed = (count(reply.get(*at))? as usize).min(reply.len());
+            let out = (0..listed)
+                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
+                .collect::<Result<_>>()?;
+            *at += 1 + listed;
+            Ok(out)
+        };
+        let expired = seqs(&mut at)?;
+        let mut damaged = seqs(&mut at)?;
+        let listed = (count(reply.get(at))? as usize).min(reply.len());
+        let mut records = Vec::with_capacity(listed);
+        for i in 0..listed {
+            let base = at + 1 + 4 * i;
+            let seq = count(reply.get(base))?;
+            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
+            if raw.len() < HEADER {
+                // Not a record this backend wrote: never delivered, reported as lost.
+                damaged.push(Seq(seq));
+                continue;
+            }
+            records.push(decode_record(
+                seq,
+                raw,
+                int(reply.get(base + 2))?,
+                int(reply.get(base + 3))?,
+            ));
+        }
+        Ok(ReadBatch {
+            records,
+            expired,
+            damaged,
+            lost: lost_total.saturating_sub(lost_confirmed),
+            lost_total,
+        })
+    }
+}
+
 fn seq_of(value: i64) -> Seq {
     Seq(value.max(0) as u64)
 }
@@ -1131,58 +1198,17 @@ impl Storage for RedisStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<ReadBatch> {
-        let (_, keys) = self.keys(recipient);
-        let reply: Value = self
-            .shared
-            .scripts
-            .read
-            .key(&keys[..])
-            .arg(after.map_or(-1, |s| s.0 as i64))
-            .arg((limit.max_messages as u64).min(LUA_MAX))
-            .arg((limit.max_bytes as u64).min(LUA_MAX))
-            .arg(now.as_millis())
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(redis_error)?;
-        let reply = array(reply)?;
-        let lost_total = count(reply.first())?;
-        let lost_confirmed = count(reply.get(1))?;
-        let mut at = 2;
-        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
-            let listed = (count(reply.get(*at))? as usize).min(reply.len());
-            let out = (0..listed)
-                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
-                .collect::<Result<_>>()?;
-            *at += 1 + listed;
-            Ok(out)
-        };
-        let expired = seqs(&mut at)?;
-        let mut damaged = seqs(&mut at)?;
-        let listed = (count(reply.get(at))? as usize).min(reply.len());
-        let mut records = Vec::with_capacity(listed);
-        for i in 0..listed {
-            let base = at + 1 + 4 * i;
-            let seq = count(reply.get(base))?;
-            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
-            if raw.len() < HEADER {
-                // Not a record this backend wrote: never delivered, reported as lost.
-                damaged.push(Seq(seq));
-                continue;
-            }
-            records.push(decode_record(
-                seq,
-                raw,
-                int(reply.get(base + 2))?,
-                int(reply.get(base + 3))?,
-            ));
-        }
-        Ok(ReadBatch {
-            records,
-            expired,
-            damaged,
-            lost: lost_total.saturating_sub(lost_confirmed),
-            lost_total,
-        })
+        self.read_marking(recipient, after, limit, now, false).await
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        self.read_marking(recipient, after, limit, now, true).await
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {

@@ -176,5 +176,37 @@ local function refresh_ttls(m, ttl, now, force)
   end
 end
 
+-- Counts one more delivery for each of `held` (distinct seqs the queue holds, as canonical
+-- strings) whose explicit counts are `counts` (the deliveries hash's replies). When those above
+-- the watermark, with `covered` more records the caller passes over (expired or damaged, and
+-- about to be removed), are every record the queue holds up to the highest of them, the
+-- watermark moves there and they need no count of their own. Returns true when `m` changed.
+local function count_deliveries(m, held, counts, covered, ttl)
+  local high, above = m.dw, 0
+  for _, seq in ipairs(held) do
+    local n = tonumber(seq)
+    if n > m.dw then
+      above = above + 1
+      if n > high then high = n end
+    end
+  end
+  local advance = above > 0
+    and redis.call('ZCOUNT', ORDER, '(' .. s(m.dw), s(high)) == above + covered
+  local updates = {}
+  for i, seq in ipairs(held) do
+    -- Under the new watermark and never counted before: the watermark says one.
+    if not (advance and tonumber(seq) > m.dw and not counts[i]) then
+      updates[#updates + 1] = seq
+      updates[#updates + 1] = delivery_count(m, seq, counts[i]) + 1
+    end
+  end
+  if #updates > 0 then
+    call_chunked('HSET', DELIVERIES, updates)
+    expire(ttl, DELIVERIES)
+  end
+  if advance then m.dw = high end
+  return advance
+end
+
 -- How far the idle index may lag a queue's activity (purging re-checks the queue itself).
 local FILE_EVERY = 60000

@@ -1,10 +1,14 @@
--- ARGV: after (-1 = from the start), max messages, max bytes, now.
+-- ARGV: after (-1 = from the start), max messages, max bytes, now, mark (1: count a delivery
+-- for each record returned, as mark.lua does; their counts are returned from before), idle
+-- ttl ms.
 -- Returns {loss total, loss confirmed, expired count, expired seqs...,
 --          damaged count, damaged seqs..., record count, (seq, record, deliveries, deadline)...}.
 local m = load_meta()
 if not m then return {0, 0, 0, 0, 0} end
 local after, max_m, max_b, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
 local expired, damaged, out_records = {}, {}, {}
+local returned, returned_counts = {}, {}
 local count, bytes = 0, 0
 local low = '-inf'
 if after >= 0 then low = '(' .. s(after) end
@@ -32,11 +36,21 @@ while not done do
       out_records[#out_records + 1] = tonumber(seq)
       out_records[#out_records + 1] = record
       out_records[#out_records + 1] = delivery_count(m, seq, deliveries[i])
+      returned[#returned + 1] = seq
+      returned_counts[#returned] = deliveries[i]
       out_records[#out_records + 1] = deadline and tonumber(deadline) or 0
     end
   end
   -- A full batch ends here: fetching the next page would read a page of bodies for nothing.
   if count >= max_m or #expired >= max_m or #chunk < page then done = true end
+end
+if mark and #returned > 0 then
+  -- Passed-over records below the last one returned do not hold the watermark back.
+  local last = tonumber(returned[#returned])
+  local covered = 0
+  for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
+  for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
+  if count_deliveries(m, returned, returned_counts, covered, ttl) then save_meta(m) end
 end
 local out = {m.lt, m.lc, #expired}
 for _, seq in ipairs(expired) do out[#out + 1] = seq end
