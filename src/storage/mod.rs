@@ -24,14 +24,17 @@
 //!    recipient's `lost` counter: a record that expires before it was acked is lost, even if a
 //!    transport took it once (the client may never have seen it; a gap may over-count, never
 //!    under-count).
-//! 5. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
+//! 5. **Delivery counts.** `mark_delivered` counts one more hand-over for each listed record
+//!    the queue holds; `read_for_delivery` returns what `read` would, with the counts from
+//!    before, and counts one for each record it returned.
+//! 6. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
 //!    (listed seqs), ignores seqs it does not hold, and moves the recipient's confirmed-loss mark
 //!    forward to `lost_confirmed_through` (never backward, never past the loss total). Loss
 //!    totals never go back, even when a queue is emptied and created again (start a new queue's
 //!    total from a counter that only grows, such as the seq counter).
-//! 6. **Isolation.** Nothing addressed to one recipient id is visible through another, whatever
+//! 7. **Isolation.** Nothing addressed to one recipient id is visible through another, whatever
 //!    bytes the ids contain.
-//! 7. **Cost.** An offline recipient costs storage for its records and small metadata, and no
+//! 8. **Cost.** An offline recipient costs storage for its records and small metadata, and no
 //!    memory beyond what the backend's medium needs.
 
 pub mod memory;
