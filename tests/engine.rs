@@ -779,3 +779,69 @@ fn a_gap_only_batch_is_confirmed_by_the_ack_of_a_later_message() {
         "confirmed by the later ack: never reported again"
     );
 }
+
+/// A record this build cannot read (lz4-compressed, `compression` off) is kept however often
+/// a session meets it: never dead-lettered, never passed over. What precedes it in its batch
+/// is still handed over, and the session ends with the error.
+#[cfg(not(feature = "compression"))]
+#[test]
+fn a_record_this_build_cannot_read_is_kept_not_dead_lettered() {
+    use offline_queue::storage::NewRecord;
+    use offline_queue::{
+        Error, MemoryStorage, Outbound, Quota, Storage, Timestamp, channel_transport,
+    };
+
+    let storage = Arc::new(MemoryStorage::new());
+    let queue = offline_queue::OfflineQueue::builder()
+        .storage(storage.clone())
+        .max_deliveries(2)
+        .build()
+        .unwrap();
+    let bob = id("bob");
+    let now = queue.now();
+    let record = |body: &[u8]| NewRecord {
+        id: offline_queue::MessageId::generate(),
+        dedup: false,
+        sent_at: now,
+        expires_at: None,
+        body: body.to_vec(),
+    };
+    // Tag 0: raw; tag 1: an lz4 block this build cannot decode.
+    let records = vec![record(b"readable\0"), record(b"\x10\0\0\0\0\x01")];
+    futures::executor::block_on(storage.append(&bob, records, &Quota::UNLIMITED, now)).unwrap();
+    for round in 0..4 {
+        let (transport, mut items) = channel_transport(16);
+        let session = queue.connect(bob.clone(), transport);
+        let end = futures::executor::block_on(session.run());
+        assert!(
+            matches!(end, Err(Error::InvalidConfig { .. })),
+            "round {round}: {end:?}"
+        );
+        let mut delivered = Vec::new();
+        while let Ok(item) = items.try_recv() {
+            if let Outbound::Batch(batch) = item {
+                delivered.extend(batch.messages.iter().map(|m| m.payload.to_vec()));
+            }
+        }
+        let expected: Vec<Vec<u8>> = if round < 2 {
+            vec![b"readable".to_vec()]
+        } else {
+            vec![] // the readable one reached max_deliveries: a dead letter
+        };
+        assert_eq!(delivered, expected, "round {round}");
+    }
+    let left = futures::executor::block_on(storage.read(
+        &bob,
+        None,
+        offline_queue::BatchLimit::default(),
+        Timestamp::from_millis(now.as_millis()),
+    ))
+    .unwrap();
+    assert_eq!(
+        left.records.len(),
+        1,
+        "the unreadable record is still stored"
+    );
+    assert_eq!(left.records[0].body[..], b"\x10\0\0\0\0\x01"[..]);
+    assert_eq!(queue.metrics().dead_lettered, 1, "only the readable one");
+}

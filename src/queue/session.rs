@@ -389,19 +389,29 @@ impl Session {
         let mut dead_letters = Vec::new();
         metrics::add(&inner.metrics.corrupt, read.damaged.len() as u64);
         let mut deliver = Vec::with_capacity(read.records.len());
+        // A record this build cannot read (not damage): kept, never a dead letter. What came
+        // before it is handed over (the read counted it delivered), then the session ends.
+        let mut unreadable = None;
         for record in read.records {
             let seq = record.seq;
-            cursor.last = cursor.last.max(Some(seq));
-            if record.delivery_count >= inner.max_deliveries {
-                passed_over.push(seq);
-                dead_letters.push((seq, inner.to_delivery(record, now, false)));
-                continue;
-            }
-            match inner.to_delivery(record, now, true) {
-                Ok(delivery) => deliver.push(delivery),
-                // Not damage: this build cannot read the record. Keep it; end the session.
-                Err(error @ Error::InvalidConfig { .. }) => return Err(error),
+            let dead = record.delivery_count >= inner.max_deliveries;
+            match inner.to_delivery(record, now, !dead) {
+                Err(error @ Error::InvalidConfig { .. }) => {
+                    tracing::error!(%recipient, %seq, %error, "stored record unreadable by this build; kept");
+                    unreadable = Some(error);
+                    break;
+                }
+                result if dead => {
+                    cursor.last = cursor.last.max(Some(seq));
+                    passed_over.push(seq);
+                    dead_letters.push((seq, result));
+                }
+                Ok(delivery) => {
+                    cursor.last = cursor.last.max(Some(seq));
+                    deliver.push(delivery);
+                }
                 Err(error) => {
+                    cursor.last = cursor.last.max(Some(seq));
                     tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
                     metrics::add(&inner.metrics.corrupt, 1);
                     passed_over.push(seq);
@@ -438,7 +448,7 @@ impl Session {
         let covers = read.lost_total + passed_over_count;
         let seqs: Vec<Seq> = deliver.iter().map(|d| d.seq).collect();
         if seqs.is_empty() && gap == 0 {
-            return Ok(None);
+            return unreadable.map_or(Ok(None), Err);
         }
         let redelivered = deliver.iter().filter(|d| d.redelivered).count() as u64;
         let position = cursor.last.unwrap_or(Seq(0));
@@ -465,6 +475,6 @@ impl Session {
             cursor.reported_total = covers;
         }
         cursor.in_flight.extend(seqs);
-        Ok(None)
+        unreadable.map_or(Ok(None), Err)
     }
 }

@@ -86,9 +86,9 @@ impl MemoryStorage {
     }
 
     fn shard(&self, recipient: &RecipientId) -> &Mutex<Shard> {
-        // Middle bits: the shard's own map buckets by the low bits of the same hash. Scaled
-        // into range by a multiply, not a division (which cost more than the lock).
-        let hash = (recipient.precomputed_hash() >> 32) & u64::from(u32::MAX);
+        // Scaled into range by a multiply, not a division (which cost more than the lock).
+        // Bits 16..48: clear of the map's bucket bits and of its 7-bit tag (the top bits).
+        let hash = u64::from((recipient.precomputed_hash() >> 16) as u32);
         &self.shards[((hash * self.shards.len() as u64) >> 32) as usize]
     }
 
@@ -532,7 +532,9 @@ impl Storage for MemoryStorage {
                 delivery_count: 0,
                 removed: false,
                 out_of_order: false,
-                body: Bytes::from(record.body),
+                // Boxed first: a body with spare capacity (compressed, or a reused buffer) would
+                // otherwise hold memory its byte count does not show.
+                body: Bytes::from(record.body.into_boxed_slice()),
             });
         }
         for (id, seq) in dedup_new {
