@@ -395,23 +395,20 @@ impl Session {
         for record in read.records {
             let seq = record.seq;
             let dead = record.delivery_count >= inner.max_deliveries;
-            match inner.to_delivery(record, now, !dead) {
-                Err(error @ Error::InvalidConfig { .. }) => {
-                    tracing::error!(%recipient, %seq, %error, "stored record unreadable by this build; kept");
-                    unreadable = Some(error);
-                    break;
-                }
+            let result = inner.to_delivery(record, now, !dead);
+            if let Err(error @ Error::InvalidConfig { .. }) = result {
+                tracing::error!(%recipient, %seq, %error, "stored record unreadable by this build; kept");
+                unreadable = Some(error);
+                break;
+            }
+            cursor.last = cursor.last.max(Some(seq));
+            match result {
                 result if dead => {
-                    cursor.last = cursor.last.max(Some(seq));
                     passed_over.push(seq);
                     dead_letters.push((seq, result));
                 }
-                Ok(delivery) => {
-                    cursor.last = cursor.last.max(Some(seq));
-                    deliver.push(delivery);
-                }
+                Ok(delivery) => deliver.push(delivery),
                 Err(error) => {
-                    cursor.last = cursor.last.max(Some(seq));
                     tracing::error!(%recipient, %seq, %error, "stored record does not decode; reported as a gap");
                     metrics::add(&inner.metrics.corrupt, 1);
                     passed_over.push(seq);

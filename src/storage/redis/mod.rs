@@ -840,6 +840,71 @@ impl RedisStorage {
             Err(Error::StorageFull { used, adding, max })
         }
     }
+
+    /// One read script; with `mark`, it also counts a delivery for each record returned.
+    async fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
+        let (_, keys) = self.keys(recipient);
+        let reply: Value = self
+            .shared
+            .scripts
+            .read
+            .key(&keys[..])
+            .arg(after.map_or(-1, |s| s.0 as i64))
+            .arg((limit.max_messages as u64).min(LUA_MAX))
+            .arg((limit.max_bytes as u64).min(LUA_MAX))
+            .arg(now.as_millis())
+            .arg(u8::from(mark))
+            .arg(self.idle_ttl_ms())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let reply = array(reply)?;
+        let lost_total = count(reply.first())?;
+        let lost_confirmed = count(reply.get(1))?;
+        let mut at = 2;
+        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
+            let listed = (count(reply.get(*at))? as usize).min(reply.len());
+            let out = (0..listed)
+                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
+                .collect::<Result<_>>()?;
+            *at += 1 + listed;
+            Ok(out)
+        };
+        let expired = seqs(&mut at)?;
+        let mut damaged = seqs(&mut at)?;
+        let listed = (count(reply.get(at))? as usize).min(reply.len());
+        let mut records = Vec::with_capacity(listed);
+        for i in 0..listed {
+            let base = at + 1 + 4 * i;
+            let seq = count(reply.get(base))?;
+            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
+            if raw.len() < HEADER {
+                // Not a record this backend wrote: never delivered, reported as lost.
+                damaged.push(Seq(seq));
+                continue;
+            }
+            records.push(decode_record(
+                seq,
+                raw,
+                int(reply.get(base + 2))?,
+                int(reply.get(base + 3))?,
+            ));
+        }
+        Ok(ReadBatch {
+            records,
+            expired,
+            damaged,
+            lost: lost_total.saturating_sub(lost_confirmed),
+            lost_total,
+        })
+    }
 }
 
 /// The node's background task: writes presence marks (each change at once, and all of them
@@ -992,73 +1057,6 @@ fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> St
         expires_at: (deadline > 0).then(|| Timestamp::from_millis(deadline as u64)),
         delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
         body: Bytes::copy_from_slice(&raw[HEADER..]),
-    }
-}
-
-impl RedisStorage {
-    /// One read script; with `mark`, it also counts a delivery for each record returned.
-    async fn read_marking(
-        &self,
-        recipient: &RecipientId,
-        after: Option<Seq>,
-        limit: BatchLimit,
-        now: Timestamp,
-        mark: bool,
-    ) -> Result<ReadBatch> {
-        let (_, keys) = self.keys(recipient);
-        let reply: Value = self
-            .shared
-            .scripts
-            .read
-            .key(&keys[..])
-            .arg(after.map_or(-1, |s| s.0 as i64))
-            .arg((limit.max_messages as u64).min(LUA_MAX))
-            .arg((limit.max_bytes as u64).min(LUA_MAX))
-            .arg(now.as_millis())
-            .arg(u8::from(mark))
-            .arg(self.idle_ttl_ms())
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(redis_error)?;
-        let reply = array(reply)?;
-        let lost_total = count(reply.first())?;
-        let lost_confirmed = count(reply.get(1))?;
-        let mut at = 2;
-        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
-            let listed = (count(reply.get(*at))? as usize).min(reply.len());
-            let out = (0..listed)
-                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
-                .collect::<Result<_>>()?;
-            *at += 1 + listed;
-            Ok(out)
-        };
-        let expired = seqs(&mut at)?;
-        let mut damaged = seqs(&mut at)?;
-        let listed = (count(reply.get(at))? as usize).min(reply.len());
-        let mut records = Vec::with_capacity(listed);
-        for i in 0..listed {
-            let base = at + 1 + 4 * i;
-            let seq = count(reply.get(base))?;
-            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
-            if raw.len() < HEADER {
-                // Not a record this backend wrote: never delivered, reported as lost.
-                damaged.push(Seq(seq));
-                continue;
-            }
-            records.push(decode_record(
-                seq,
-                raw,
-                int(reply.get(base + 2))?,
-                int(reply.get(base + 3))?,
-            ));
-        }
-        Ok(ReadBatch {
-            records,
-            expired,
-            damaged,
-            lost: lost_total.saturating_sub(lost_confirmed),
-            lost_total,
-        })
     }
 }
 
