@@ -66,16 +66,16 @@ local function load_meta()
   if not v then return nil end
   -- Written before the watermark existed: nothing lies under it (counts are all explicit).
   if #v == 8 * (#FIELDS - 1) then v = v .. struct.pack('>d', 0) end
-  local values = {struct.unpack(PACKING, v)}
-  local m = {}
-  for i, field in ipairs(FIELDS) do m[field] = values[i] end
-  return m
+  -- One constructor, not a loop over FIELDS: a table grown field by field rehashes four
+  -- times, which made loading the metadata cost more than the GET.
+  local seq, live, bytes, lt, lc, touch, filed, xi, dl, ud, ttl_at, dw = struct.unpack(PACKING, v)
+  return {seq = seq, live = live, bytes = bytes, lt = lt, lc = lc, touch = touch, filed = filed,
+          xi = xi, dl = dl, ud = ud, ttl_at = ttl_at, dw = dw}
 end
 
 local function save_meta(m)
-  local values = {}
-  for i, field in ipairs(FIELDS) do values[i] = m[field] end
-  redis.call('SET', META, struct.pack(PACKING, unpack(values)), 'KEEPTTL')
+  redis.call('SET', META, struct.pack(PACKING, m.seq, m.live, m.bytes, m.lt, m.lc, m.touch,
+    m.filed, m.xi, m.dl, m.ud, m.ttl_at, m.dw), 'KEEPTTL')
 end
 
 -- The listed seqs (canonical strings, at most a thousand) that the queue holds, in list order.
