@@ -51,10 +51,10 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
     };
     let prefix = redis_support::unique_prefix("wrongtype");
     let storage = redis_support::fresh(&target, &prefix).await;
-    // Someone else's list where our record hash for "bob" would be.
+    // Someone else's list where our dedup hash for "bob" would be.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-    let theirs = format!("{prefix}:{{626f62}}:b");
+    let theirs = format!("{prefix}:{{626f62}}:u");
     let _: () = redis::cmd("RPUSH")
         .arg(&theirs)
         .arg("their data")
@@ -90,7 +90,7 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
         .unwrap();
     assert_eq!(kept, ["their data"], "their data untouched");
     let meta: i64 = redis::cmd("EXISTS")
-        .arg(format!("{prefix}:{{626f62}}:m"))
+        .arg(format!("{prefix}:{{626f62}}:m2"))
         .query_async(&mut raw)
         .await
         .unwrap();

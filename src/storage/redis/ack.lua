@@ -5,13 +5,7 @@ local m = load_meta()
 if not m then return {0, 0, -1} end
 local through, now, confirmed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local before, removed = m.bytes, 0
-if through >= 0 then
-  while true do
-    local chunk = redis.call('ZRANGEBYSCORE', ORDER, '-inf', s(through), 'LIMIT', 0, 1000)
-    if #chunk == 0 then break end
-    removed = removed + remove_records(m, chunk, true)
-  end
-end
+if through >= 0 then removed = remove_through(m, through) end
 local n = tonumber(ARGV[5])
 local listed = {}
 for i = 1, n do listed[i] = s(tonumber(ARGV[5 + i])) end

@@ -51,21 +51,23 @@ if m then live, bytes = m.live, m.bytes end
 local function fits(keep, keep_bytes)
   return keep + adding <= max_m and keep_bytes + adding_bytes <= max_b
 end
-local to_drop = {}
+local drop_through = -1
 if adding > 0 and not fits(live, bytes) then
   if not drop_oldest or adding > max_m or adding_bytes > max_b then
     return {'full', live, bytes, adding, adding_bytes}
   end
+  -- The oldest records go, from the front of the log, through `drop_through`.
   local keep, keep_bytes, offset = live, bytes, 0
   while not fits(keep, keep_bytes) do
-    local chunk = redis.call('ZRANGE', ORDER, offset, offset + 99)
+    local chunk = redis.call('LRANGE', LOG, offset, offset + 99)
     if #chunk == 0 then break end
-    local records = redis.call('HMGET', BODIES, unpack(chunk))
-    for i, seq in ipairs(chunk) do
+    for i, record in ipairs(chunk) do
       if fits(keep, keep_bytes) then break end
-      keep = keep - 1
-      keep_bytes = keep_bytes - math.max(#(records[i] or '') - HEADER, 0)
-      to_drop[#to_drop + 1] = seq
+      if record ~= '' then
+        keep = keep - 1
+        keep_bytes = keep_bytes - math.max(#record - HEADER, 0)
+        drop_through = m.head + offset + i - 1
+      end
     end
     offset = offset + #chunk
   end
@@ -85,17 +87,18 @@ else
     -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
     local base = math.max(now, server_time_ms()) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
-         dl = 0, ud = 0, ttl_at = -1, dw = 0}
+         ex = 0, ud = 0, ttl_at = -1, dw = 0, head = base + 1, dmax = -1, ec = 0}
     -- Leftovers of a queue whose metadata expired first are not this queue's.
-    redis.call('DEL', ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
+    redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
   end
   -- A key about to be created needs its TTL now: then every key's TTL is set together.
   local fresh = m.live <= 0 or m.ttl_at < 0
   local before = m.bytes
-  local dropped = remove_records(m, to_drop, true)
+  local dropped = 0
+  if drop_through >= 0 then dropped = remove_through(m, drop_through) end
   m.lt = m.lt + dropped
   local first = m.seq + 1
-  local order, records, deadlines, ids, id_times = {}, {}, {}, {}, {}
+  local records, exceptions, ids, id_times = {}, {}, {}, {}
   local earliest = -1
   for i = 1, n do
     if plan[i][1] == 'new' then
@@ -103,16 +106,18 @@ else
       m.seq = m.seq + 1
       local seq = s(m.seq)
       local record = ARGV[at + 4]
-      order[#order + 1] = seq
-      order[#order + 1] = seq
-      records[#records + 1] = seq
       records[#records + 1] = record
       local deadline = tonumber(ARGV[at + 3])
-      if deadline > 0 then
-        deadlines[#deadlines + 1] = s(deadline)
-        deadlines[#deadlines + 1] = seq
-        if earliest < 0 or deadline < earliest then earliest = deadline end
+      if deadline <= 0 then
+        m.dmax = NEVER
+      elseif deadline >= m.dmax then
+        -- In deadline order: found by walking the log from its front.
+        m.dmax = deadline
+      else
+        exceptions[#exceptions + 1] = s(deadline)
+        exceptions[#exceptions + 1] = seq
       end
+      if deadline > 0 and (earliest < 0 or deadline < earliest) then earliest = deadline end
       if ARGV[at + 1] == '1' and window > 0 then
         ids[#ids + 1] = ARGV[at + 2]
         ids[#ids + 1] = seq
@@ -123,11 +128,10 @@ else
       m.bytes = m.bytes + (#record - HEADER)
     end
   end
-  call_chunked('ZADD', ORDER, order)
-  call_chunked('HSET', BODIES, records)
-  if #deadlines > 0 then
-    if m.dl <= 0 then fresh = true end
-    m.dl = math.max(m.dl, 0) + call_chunked('ZADD', DEADLINES, deadlines)
+  call_chunked('RPUSH', LOG, records)
+  if #exceptions > 0 then
+    if m.ex <= 0 then fresh = true end
+    m.ex = math.max(m.ex, 0) + call_chunked('ZADD', EXCEPTIONS, exceptions)
   end
   if #ids > 0 then
     if m.ud <= 0 then fresh = true end

@@ -9,7 +9,7 @@ if m.touch >= tonumber(ARGV[1]) then
   save_meta(m)
   return {m.touch, 0, 0}
 end
-redis.call('DEL', META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
+redis.call('DEL', META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
 -- Metadata kept after acks emptied the queue (nothing pending, no loss to report) is
 -- cleared without counting a queue removed: the other backends keep no row for it. Its
 -- dedup ids are past their window (the engine's idle timeout is at least the window).

@@ -32,9 +32,11 @@ pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
     RecipientId::new(bytes?).ok()
 }
 
-/// The eight keys of one recipient, in the order the scripts expect (see `prelude.lua`).
-pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 8] {
-    ["m", "q", "b", "x", "d", "u", "ut", "p"].map(|suffix| format!("{prefix}:{{{hex}}}:{suffix}"))
+/// The seven keys of one recipient, in the order the scripts expect (see `prelude.lua`).
+/// The metadata is `m2`: layout 2 (records in a list) shares no key of layout 1 that it
+/// could misread; queues of layout 1 are not read, and vanish by their TTLs.
+pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
+    ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| format!("{prefix}:{{{hex}}}:{suffix}"))
 }
 
 /// Which index bucket a recipient is filed in (FNV-1a of its hex name: stable across nodes
@@ -89,6 +91,6 @@ mod tests {
     fn keys_of_one_recipient_share_one_hash_tag() {
         let keys = recipient_keys("oq", "6162");
         assert!(keys.iter().all(|k| k.contains("{6162}")));
-        assert_eq!(keys[0], "oq:{6162}:m");
+        assert_eq!(keys[0], "oq:{6162}:m2");
     }
 }

@@ -14,14 +14,15 @@ local m = load_meta()
 if not m then return 0 end
 local held, counts = {}, {}
 for first = 1, #seqs, 1000 do
-  local chunk = held_of({unpack(seqs, first, math.min(first + 999, #seqs))})
-  if #chunk > 0 then
-    local explicit = redis.call('HMGET', DELIVERIES, unpack(chunk))
-    for i, seq in ipairs(chunk) do
-      held[#held + 1] = seq
-      counts[#counts + 1] = explicit[i]
-    end
+  local chunk = {}
+  for _, pair in ipairs(held_of(m, {unpack(seqs, first, math.min(first + 999, #seqs))})) do
+    chunk[#chunk + 1] = pair[1]
+  end
+  local explicit = explicit_counts(m, chunk)
+  for i, seq in ipairs(chunk) do
+    held[#held + 1] = seq
+    counts[#counts + 1] = explicit[i]
   end
 end
-if count_deliveries(m, held, counts, 0, ttl) then save_meta(m) end
+if count_deliveries(m, held, counts, nil, 0, ttl) then save_meta(m) end
 return 0

@@ -108,8 +108,9 @@ use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 
-/// Bytes before the body in a stored record: sent-at (8) and id (16).
-const HEADER: usize = 24;
+/// Bytes before the body in a stored record: sent-at (8), id (16) and deadline (8, a
+/// big-endian double in ms, 0 for none, so the scripts read it with `struct.unpack`).
+const HEADER: usize = 32;
 /// Largest count passed to a script: Lua numbers are doubles.
 const LUA_MAX: u64 = 1 << 53;
 
@@ -519,7 +520,7 @@ impl RedisStorage {
         let ((seconds, micros), marks): ((u64, u64), Vec<(String, u64)>) = redis::pipe()
             .cmd("TIME")
             .cmd("HGETALL")
-            .arg(&keys[7])
+            .arg(&keys[6])
             .query_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
@@ -560,7 +561,7 @@ impl RedisStorage {
         self.shared.connection.clone()
     }
 
-    fn keys(&self, recipient: &RecipientId) -> (String, [String; 8]) {
+    fn keys(&self, recipient: &RecipientId) -> (String, [String; 7]) {
         let hex = keys::hex(recipient);
         let keys = keys::recipient_keys(&self.shared.options.prefix, &hex);
         (hex, keys)
@@ -1043,13 +1044,15 @@ fn encode_record(record: &NewRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + record.body.len());
     out.extend_from_slice(&record.sent_at.as_millis().to_be_bytes());
     out.extend_from_slice(&record.id.to_bytes());
+    let deadline = record.expires_at.map_or(0, Timestamp::as_millis).min(LUA_MAX);
+    out.extend_from_slice(&(deadline as f64).to_be_bytes());
     out.extend_from_slice(&record.body);
     out
 }
 
 fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> StoredRecord {
     let sent_at = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
-    let id: [u8; 16] = raw[8..HEADER].try_into().expect("16 bytes");
+    let id: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
     StoredRecord {
         seq: Seq(seq),
         id: MessageId::from_bytes(id),

@@ -1,20 +1,27 @@
 -- Shared by every per-recipient script. All of one recipient's keys share a hash tag, so a
 -- script touches one cluster slot.
 --
--- KEYS[1] meta       string  (packed doubles) seq (last assigned), live, bytes, lt (loss total), lc (loss
---                          confirmed), touch (last append or ack, ms)
--- KEYS[2] order      zset  member = seq, score = seq
--- KEYS[3] bodies     hash  seq -> record (8-byte sent_at, 16-byte id, body)
--- KEYS[4] deadlines  zset  member = seq, score = expires_at ms (records that expire)
--- KEYS[5] deliveries hash  seq -> times handed to a transport, for records whose count the
---                          meta's delivered watermark does not imply (see `delivery_count`)
--- KEYS[6] dedup      hash  sender-chosen id -> seq
--- KEYS[7] dedup_at   zset  member = id, score = when stored (ms), to forget ids
--- KEYS[8] presence   hash  node id -> presence deadline (server time, ms)
-local META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local HEADER = 24
-local TYPES = {'string', 'zset', 'hash', 'zset', 'hash', 'hash', 'zset', 'hash'}
+-- KEYS[1] meta       string  packed doubles (see FIELDS)
+-- KEYS[2] log        list    the records in seq order: element i holds seq head + i, as
+--                            8-byte sent_at, 16-byte id, 8-byte deadline (a double, 0 =
+--                            never), body; an empty string is a removed record (a tombstone)
+-- KEYS[3] exceptions zset    member = seq, score = deadline, for records whose deadline comes
+--                            before that of a record appended earlier (see `dmax`); may hold
+--                            seqs already removed
+-- KEYS[4] deliveries hash    seq -> times handed to a transport, for records whose count the
+--                            meta's delivered watermark does not imply (see `delivery_count`)
+-- KEYS[5] dedup      hash    sender-chosen id -> seq
+-- KEYS[6] dedup_at   zset    member = id, score = when stored (ms), to forget ids
+-- KEYS[7] presence   hash    node id -> presence deadline (server time, ms)
+--
+-- Invariants: the log holds seqs head ..= seq, so LLEN = seq - head + 1; its first element
+-- is never a tombstone; a queue with nothing live has an empty log.
+local META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local HEADER = 32
+local TYPES = {'string', 'list', 'zset', 'hash', 'hash', 'zset', 'hash'}
+-- A deadline later than any: what a record that never expires counts as.
+local NEVER = 2 ^ 53
 
 -- Integers up to 2^53 without Lua 5.1's %.14g rounding ('%d' formats a 64-bit long here,
 -- and is much cheaper than '%.0f').
@@ -50,12 +57,22 @@ local function wrong_type()
   return nil
 end
 
--- Meta fields: seq, live, bytes, lt, lc, touch; filed (touch as last filed in the idle
--- index) and xi (the deadline last filed in the deadline index, -1 for none) spare an index
--- write on most calls; dl (records with a deadline) and ud (dedup ids held) tell when those
--- keys are created or empty; ttl_at is when the keys' TTLs were last refreshed; dw is the
--- delivered watermark: every record at or below it was handed over at least once.
-local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'dl', 'ud', 'ttl_at', 'dw'}
+-- A record's deadline in ms (0: never), from its header.
+local function deadline_of(record)
+  return (struct.unpack('>d', record, 25))
+end
+
+-- Meta fields: seq (last assigned), live, bytes, lt (loss total), lc (loss confirmed), touch
+-- (last append or ack, ms); filed (touch as last filed in the idle index) and xi (the
+-- deadline last filed in the deadline index, -1 for none) spare an index write on most
+-- calls; ex (entries in the exceptions set), ud (dedup ids held) and ec (explicit delivery
+-- counts) tell when those keys need a command; ttl_at is when the keys' TTLs were last
+-- refreshed; dw is the delivered watermark: every record at or below it was handed over at
+-- least once; head is the seq of the log's first element; dmax is the latest deadline
+-- appended (NEVER after a record that never expires, -1 before any): a record due before
+-- it is an exception.
+local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'ex', 'ud',
+                'ttl_at', 'dw', 'head', 'dmax', 'ec'}
 
 -- Meta is one string of packed big-endian doubles (exact for integers below 2^53): one GET
 -- and one SET, with no number parsing or formatting, which in Lua cost more than the calls.
@@ -64,53 +81,83 @@ local PACKING = '>' .. string.rep('d', #FIELDS)
 local function load_meta()
   local v = redis.call('GET', META)
   if not v then return nil end
-  -- Written before the watermark existed: nothing lies under it (counts are all explicit).
-  if #v == 8 * (#FIELDS - 1) then v = v .. struct.pack('>d', 0) end
   -- One constructor, not a loop over FIELDS: a table grown field by field rehashes four
   -- times, which made loading the metadata cost more than the GET.
-  local seq, live, bytes, lt, lc, touch, filed, xi, dl, ud, ttl_at, dw = struct.unpack(PACKING, v)
+  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec =
+    struct.unpack(PACKING, v)
   return {seq = seq, live = live, bytes = bytes, lt = lt, lc = lc, touch = touch, filed = filed,
-          xi = xi, dl = dl, ud = ud, ttl_at = ttl_at, dw = dw}
+          xi = xi, ex = ex, ud = ud, ttl_at = ttl_at, dw = dw, head = head, dmax = dmax, ec = ec}
 end
 
 local function save_meta(m)
   redis.call('SET', META, struct.pack(PACKING, m.seq, m.live, m.bytes, m.lt, m.lc, m.touch,
-    m.filed, m.xi, m.dl, m.ud, m.ttl_at, m.dw), 'KEEPTTL')
+    m.filed, m.xi, m.ex, m.ud, m.ttl_at, m.dw, m.head, m.dmax, m.ec), 'KEEPTTL')
 end
 
--- The listed seqs (canonical strings, at most a thousand) that the queue holds, in list order.
--- A compact list is checked with one range read, which replies with members only; a scattered
--- one with ZMSCORE, whose replies are doubles that Redis 7.0 formats at about 0.5 µs each.
-local function held_of(seqs)
-  if #seqs == 0 then return {} end
+-- Drops tombstones from the log's front, so its first element is a record; a queue left
+-- with nothing live loses its log, exceptions and counts (seqs are never reused, so none of
+-- them could matter again).
+local function trim_front(m)
+  if m.live <= 0 then
+    redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES)
+    m.head, m.ex, m.ec, m.dmax = m.seq + 1, 0, 0, -1
+    return
+  end
+  while true do
+    local front = redis.call('LRANGE', LOG, 0, 31)
+    local n = 0
+    while n < #front and front[n + 1] == '' do n = n + 1 end
+    if n > 0 then
+      redis.call('LTRIM', LOG, n, -1)
+      m.head = m.head + n
+    end
+    if n < 32 then return end
+  end
+end
+
+-- Which of the listed seqs (canonical strings, at most a thousand) the queue holds, with
+-- their records: {seq, record} pairs in list order. Seqs close together are read with one
+-- range; scattered ones one by one.
+local function held_of(m, seqs)
+  local held = {}
+  if #seqs == 0 then return held end
   local low, high = math.huge, -math.huge
   for _, seq in ipairs(seqs) do
     local n = tonumber(seq)
     if n < low then low = n end
     if n > high then high = n end
   end
-  local held = {}
+  low, high = math.max(low, m.head), math.min(high, m.seq)
+  if low > high then return held end
   if high - low < 2 * #seqs + 16 then
-    local present = {}
-    for _, seq in ipairs(redis.call('ZRANGEBYSCORE', ORDER, s(low), s(high))) do
-      present[seq] = true
-    end
+    local span = redis.call('LRANGE', LOG, low - m.head, high - m.head)
     for _, seq in ipairs(seqs) do
-      if present[seq] then held[#held + 1] = seq end
+      local record = span[tonumber(seq) - low + 1]
+      if record and record ~= '' then held[#held + 1] = {seq, record} end
     end
   else
-    local scores = redis.call('ZMSCORE', ORDER, unpack(seqs))
-    for i, seq in ipairs(seqs) do
-      if scores[i] then held[#held + 1] = seq end
+    for _, seq in ipairs(seqs) do
+      local n = tonumber(seq)
+      if n >= m.head and n <= m.seq then
+        local record = redis.call('LINDEX', LOG, n - m.head)
+        if record and record ~= '' then held[#held + 1] = {seq, record} end
+      end
     end
   end
   return held
 end
 
+-- Forgets the explicit delivery counts of removed seqs.
+local function forget_counts(m, seqs)
+  if m.ec > 0 and #seqs > 0 then
+    m.ec = math.max(m.ec - call_chunked('HDEL', DELIVERIES, seqs), 0)
+  end
+end
+
 -- Removes the listed records (seqs as strings) that the queue holds, a thousand per call;
--- returns how many it removed. `listed_from_order`: the seqs were just read from the order
--- set, so they need no check.
-local function remove_records(m, seqs, listed_from_order)
+-- returns how many it removed. A record at the front goes with the front; one in the middle
+-- leaves a tombstone until the front reaches it.
+local function remove_records(m, seqs)
   local removed, seen = 0, {}
   local first = 1
   while first <= #seqs do
@@ -123,24 +170,43 @@ local function remove_records(m, seqs, listed_from_order)
       end
       first = first + 1
     end
-    if #chunk > 0 then
-      local held = chunk
-      if not listed_from_order then held = held_of(chunk) end
-      if #held > 0 then
-        local records = redis.call('HMGET', BODIES, unpack(held))
-        for i = 1, #held do
-          if records[i] then m.bytes = m.bytes - math.max(#records[i] - HEADER, 0) end
-        end
-        redis.call('ZREM', ORDER, unpack(held))
-        redis.call('HDEL', BODIES, unpack(held))
-        local with_deadline = redis.call('ZREM', DEADLINES, unpack(held))
-        m.dl = math.max(m.dl - with_deadline, 0)
-        redis.call('HDEL', DELIVERIES, unpack(held))
-        m.live = m.live - #held
-        removed = removed + #held
+    local gone = {}
+    for _, pair in ipairs(held_of(m, chunk)) do
+      local seq, record = pair[1], pair[2]
+      redis.call('LSET', LOG, tonumber(seq) - m.head, '')
+      m.bytes = m.bytes - math.max(#record - HEADER, 0)
+      m.live = m.live - 1
+      gone[#gone + 1] = seq
+    end
+    forget_counts(m, gone)
+    removed = removed + #gone
+  end
+  if removed > 0 then trim_front(m) end
+  return removed
+end
+
+-- Removes the records from the front through seq `through`, a thousand per step; returns
+-- how many records (not tombstones) it removed.
+local function remove_through(m, through)
+  local removed = 0
+  through = math.min(through, m.seq)
+  while m.head <= through do
+    local n = math.min(through - m.head + 1, 1000)
+    local front = redis.call('LRANGE', LOG, 0, n - 1)
+    local gone, counted = {}, m.ec > 0
+    for i, record in ipairs(front) do
+      if record ~= '' then
+        m.bytes = m.bytes - math.max(#record - HEADER, 0)
+        m.live = m.live - 1
+        removed = removed + 1
+        if counted then gone[#gone + 1] = s(m.head + i - 1) end
       end
     end
+    redis.call('LTRIM', LOG, n, -1)
+    m.head = m.head + n
+    forget_counts(m, gone)
   end
+  if removed > 0 then trim_front(m) end
   return removed
 end
 
@@ -153,10 +219,28 @@ local function delivery_count(m, seq, explicit)
   return 0
 end
 
-local function earliest_deadline()
-  local e = redis.call('ZRANGE', DEADLINES, 0, 0, 'WITHSCORES')
-  if #e == 0 then return -1 end
-  return tonumber(e[2])
+-- The explicit delivery counts of the listed seqs (nil where none).
+local function explicit_counts(m, seqs)
+  if m.ec <= 0 or #seqs == 0 then return {} end
+  return redis.call('HMGET', DELIVERIES, unpack(seqs))
+end
+
+-- The earliest deadline the queue holds (-1 = none): the front record's, or an exception's.
+-- Records after the front that are not exceptions are due no earlier than it.
+local function earliest_deadline(m)
+  local earliest = -1
+  if m.live > 0 then
+    local front = redis.call('LINDEX', LOG, 0)
+    if front and #front >= HEADER then
+      local d = deadline_of(front)
+      if d > 0 then earliest = d end
+    end
+  end
+  if m.ex > 0 then
+    local e = redis.call('ZRANGE', EXCEPTIONS, 0, 0, 'WITHSCORES')
+    if #e > 0 and (earliest < 0 or tonumber(e[2]) < earliest) then earliest = tonumber(e[2]) end
+  end
+  return earliest
 end
 
 -- Activity keeps a queue alive; one left alone for `ttl` ms vanishes by itself.
@@ -172,16 +256,17 @@ end
 local function refresh_ttls(m, ttl, now, force)
   if ttl > 0 and (force or now - m.ttl_at >= ttl / 64) then
     m.ttl_at = now
-    expire(ttl, META, ORDER, BODIES, DEADLINES, DELIVERIES, DEDUP, DEDUP_AT)
+    expire(ttl, META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
   end
 end
 
 -- Counts one more delivery for each of `held` (distinct seqs the queue holds, as canonical
--- strings) whose explicit counts are `counts` (the deliveries hash's replies). When those above
--- the watermark, with `covered` more records the caller passes over (expired or damaged, and
--- about to be removed), are every record the queue holds up to the highest of them, the
--- watermark moves there and they need no count of their own. Returns true when `m` changed.
-local function count_deliveries(m, held, counts, covered, ttl)
+-- strings) whose explicit counts are `counts`. When those above the watermark are, with
+-- records the caller passes over (expired or damaged, about to be removed), every record
+-- the queue holds up to the highest of them (`contiguous`: the caller saw every record
+-- from the watermark on; nil: find out), the watermark moves there and they need no count
+-- of their own. Returns true when `m` changed.
+local function count_deliveries(m, held, counts, contiguous, covered, ttl)
   local high, above = m.dw, 0
   for _, seq in ipairs(held) do
     local n = tonumber(seq)
@@ -190,8 +275,19 @@ local function count_deliveries(m, held, counts, covered, ttl)
       if n > high then high = n end
     end
   end
-  local advance = above > 0
-    and redis.call('ZCOUNT', ORDER, '(' .. s(m.dw), s(high)) == above + covered
+  local advance = above > 0 and contiguous
+  if above > 0 and contiguous == nil then
+    -- Count what the queue holds in (dw, high].
+    local present, from = 0, math.max(m.dw + 1, m.head)
+    while from <= high do
+      local to = math.min(high, from + 999)
+      for _, record in ipairs(redis.call('LRANGE', LOG, from - m.head, to - m.head)) do
+        if record ~= '' then present = present + 1 end
+      end
+      from = to + 1
+    end
+    advance = present == above + covered
+  end
   local updates = {}
   for i, seq in ipairs(held) do
     -- Under the new watermark and never counted before: the watermark says one.
@@ -200,12 +296,18 @@ local function count_deliveries(m, held, counts, covered, ttl)
       updates[#updates + 1] = delivery_count(m, seq, counts[i]) + 1
     end
   end
+  local changed = false
   if #updates > 0 then
-    call_chunked('HSET', DELIVERIES, updates)
-    expire(ttl, DELIVERIES)
+    local created = m.ec <= 0
+    m.ec = math.max(m.ec, 0) + call_chunked('HSET', DELIVERIES, updates)
+    if created then expire(ttl, DELIVERIES) end
+    changed = true
   end
-  if advance then m.dw = high end
-  return advance
+  if advance then
+    m.dw = high
+    changed = true
+  end
+  return changed
 end
 
 -- How far the idle index may lag a queue's activity (purging re-checks the queue itself).

@@ -10,47 +10,57 @@ local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
 local expired, damaged, out_records = {}, {}, {}
 local returned, returned_counts = {}, {}
 local count, bytes = 0, 0
-local low = '-inf'
-if after >= 0 then low = '(' .. s(after) end
+local next_seq = math.max(after + 1, m.head)
 local page = math.max(16, math.min(128, max_m))
-local done = false
-while not done do
-  local chunk = redis.call('ZRANGEBYSCORE', ORDER, low, '+inf', 'LIMIT', 0, page)
+local done = m.live <= 0
+while not done and next_seq <= m.seq do
+  local start = next_seq - m.head
+  local chunk = redis.call('LRANGE', LOG, start, start + page - 1)
   if #chunk == 0 then break end
-  local deadlines = redis.call('ZMSCORE', DEADLINES, unpack(chunk))
-  local records = redis.call('HMGET', BODIES, unpack(chunk))
-  local deliveries = redis.call('HMGET', DELIVERIES, unpack(chunk))
-  for i, seq in ipairs(chunk) do
-    low = '(' .. seq
-    local deadline, record = deadlines[i], records[i]
-    if deadline and tonumber(deadline) <= now then
-      expired[#expired + 1] = tonumber(seq)
-      if #expired >= max_m then done = true break end
-    elseif not record or #record < HEADER then
-      damaged[#damaged + 1] = tonumber(seq)
+  local seqs = {}
+  if m.ec > 0 then
+    for i = 1, #chunk do seqs[i] = s(next_seq + i - 1) end
+  end
+  local deliveries = explicit_counts(m, seqs)
+  for i, record in ipairs(chunk) do
+    local seq = next_seq + i - 1
+    if record == '' then
+      -- removed
+    elseif #record < HEADER then
+      damaged[#damaged + 1] = seq
     else
-      local len = #record - HEADER
-      if count >= max_m or (count > 0 and bytes + len > max_b) then done = true break end
-      count = count + 1
-      bytes = bytes + len
-      out_records[#out_records + 1] = tonumber(seq)
-      out_records[#out_records + 1] = record
-      out_records[#out_records + 1] = delivery_count(m, seq, deliveries[i])
-      returned[#returned + 1] = seq
-      returned_counts[#returned] = deliveries[i]
-      out_records[#out_records + 1] = deadline and tonumber(deadline) or 0
+      local deadline = deadline_of(record)
+      if deadline > 0 and deadline <= now then
+        expired[#expired + 1] = seq
+        if #expired >= max_m then done = true break end
+      else
+        local len = #record - HEADER
+        if count >= max_m or (count > 0 and bytes + len > max_b) then done = true break end
+        count = count + 1
+        bytes = bytes + len
+        out_records[#out_records + 1] = seq
+        out_records[#out_records + 1] = record
+        out_records[#out_records + 1] = delivery_count(m, seq, deliveries[i])
+        out_records[#out_records + 1] = deadline
+        returned[#returned + 1] = s(seq)
+        returned_counts[#returned] = deliveries[i]
+      end
     end
   end
-  -- A full batch ends here: fetching the next page would read a page of bodies for nothing.
-  if count >= max_m or #expired >= max_m or #chunk < page then done = true end
+  next_seq = next_seq + #chunk
+  -- A full batch ends here: fetching the next page would read a page of records for nothing.
+  if count >= max_m or #chunk < page then done = true end
 end
 if mark and #returned > 0 then
-  -- Passed-over records below the last one returned do not hold the watermark back.
+  -- Passed-over records below the last one returned do not hold the watermark back, and
+  -- a read that started at or below the watermark saw every record up to the last.
   local last = tonumber(returned[#returned])
   local covered = 0
   for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
   for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
-  if count_deliveries(m, returned, returned_counts, covered, ttl) then save_meta(m) end
+  local contiguous = nil
+  if after <= m.dw then contiguous = true end
+  if count_deliveries(m, returned, returned_counts, contiguous, covered, ttl) then save_meta(m) end
 end
 local out = {m.lt, m.lc, #expired}
 for _, seq in ipairs(expired) do out[#out + 1] = seq end
