@@ -80,6 +80,7 @@
 //! run maintenance (idle removal is) and treat the budget as approximate.
 
 mod keys;
+mod library;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -107,6 +108,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
+use library::{Function, Library};
 
 /// Bytes before the body in a stored record: sent-at (8), id (16) and deadline (8, a
 /// big-endian double in ms, 0 for none, so the scripts read it with `struct.unpack`).
@@ -114,42 +116,38 @@ const HEADER: usize = 32;
 /// Largest count passed to a script: Lua numbers are doubles.
 const LUA_MAX: u64 = 1 << 53;
 
-macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(include_str!("prelude.lua"), include_str!($file)))
-    };
-}
-
+/// The per-recipient steps (functions of one library) and the two scripts that touch only
+/// storage-wide keys.
 struct Scripts {
-    append: Script,
-    read: Script,
-    mark: Script,
-    ack: Script,
-    purge: Script,
-    idle: Script,
-    stats: Script,
-    remove: Script,
-    presence: Script,
+    append: Function,
+    read: Function,
+    mark: Function,
+    ack: Function,
+    purge: Function,
+    idle: Function,
+    stats: Function,
+    remove: Function,
+    presence: Function,
+    forget: Function,
     reserve: Script,
     refile: Script,
-    forget: Script,
 }
 
 impl Scripts {
-    fn new() -> Self {
+    fn new(library: &Arc<Library>) -> Self {
         Self {
-            append: script!("append.lua"),
-            read: script!("read.lua"),
-            mark: script!("mark.lua"),
-            ack: script!("ack.lua"),
-            purge: script!("purge.lua"),
-            idle: script!("idle.lua"),
-            stats: script!("stats.lua"),
-            remove: script!("remove.lua"),
-            presence: script!("presence.lua"),
+            append: library.function("append"),
+            read: library.function("read"),
+            mark: library.function("mark"),
+            ack: library.function("ack"),
+            purge: library.function("purge"),
+            idle: library.function("idle"),
+            stats: library.function("stats"),
+            remove: library.function("remove"),
+            presence: library.function("presence"),
+            forget: library.function("forget"),
             reserve: Script::new(include_str!("reserve.lua")),
             refile: Script::new(include_str!("refile.lua")),
-            forget: script!("forget.lua"),
         }
     }
 }
@@ -543,11 +541,30 @@ impl RedisStorage {
             .exec_async(&mut connection)
             .await
             .map_err(redis_error)?;
+        let library = Library::new();
+        library.load(&mut connection).await.map_err(|error| {
+            if error.code() == Some("ERR")
+                && error
+                    .detail()
+                    .is_some_and(|d| d.contains("unknown command"))
+            {
+                Error::Storage {
+                    message: format!(
+                        "RedisStorage needs Redis 7.0 or later (it runs as a function \
+                         library): {error}"
+                    ),
+                    retryable: false,
+                    source: Some(Arc::new(error)),
+                }
+            } else {
+                redis_error(error)
+            }
+        })?;
         let shared = Arc::new(Shared {
             connection,
             options,
             node,
-            scripts: Scripts::new(),
+            scripts: Scripts::new(&library),
             wakeups: Mutex::new(Some(plumbing.wake_rx)),
             wake: plumbing.wake,
             next_bucket: AtomicU32::new(0),

@@ -1,5 +1,7 @@
--- Shared by every per-recipient script. All of one recipient's keys share a hash tag, so a
--- script touches one cluster slot.
+-- The top of the function library (see `library.rs`): shared by every per-recipient step,
+-- each of which starts with `bind(keys)`. All of one recipient's keys share a hash tag, so
+-- a step touches one cluster slot. (Loading a library runs this chunk without the `string`
+-- table: what it computes here is written out.)
 --
 -- KEYS[1] meta       string  packed doubles (see FIELDS)
 -- KEYS[2] log        list    the records in seq order: element i holds seq head + i, as
@@ -16,8 +18,16 @@
 --
 -- Invariants: the log holds seqs head ..= seq, so LLEN = seq - head + 1; its first element
 -- is never a tombstone; a queue with nothing live has an empty log.
-local META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local KEYS
+local META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE
+
+-- Points the names above at the recipient's keys, for the step about to run (Redis runs
+-- one at a time).
+local function bind(keys)
+  KEYS = keys
+  META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
+    keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]
+end
 local HEADER = 32
 local TYPES = {'string', 'list', 'zset', 'hash', 'hash', 'zset', 'hash'}
 -- A deadline later than any: what a record that never expires counts as.
@@ -76,7 +86,7 @@ local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'ex'
 
 -- Meta is one string of packed big-endian doubles (exact for integers below 2^53): one GET
 -- and one SET, with no number parsing or formatting, which in Lua cost more than the calls.
-local PACKING = '>' .. string.rep('d', #FIELDS)
+local PACKING = '>ddddddddddddddd' -- one 'd' per field
 
 local function load_meta()
   local v = redis.call('GET', META)

@@ -1,0 +1,126 @@
+//! The per-recipient steps as one Redis function library (`FUNCTION LOAD`, then one `FCALL`
+//! per step). A library is defined once per server: an `EVALSHA` runs its whole script on
+//! every call, and the shared prelude alone (some twenty closures and tables) cost about
+//! 6 µs a call, with the call itself another 3 µs more than an `FCALL`.
+//!
+//! The library and its functions are named after a hash of their source, so engines of
+//! different builds sharing one Redis each call their own code. A server that lost the
+//! library (restarted without persistence, or a new master) answers "Function not found",
+//! and the call loads it and runs again, as `EVALSHA` does on `NOSCRIPT`.
+
+use std::sync::Arc;
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
+
+/// Each step's source, run with `KEYS` bound to the recipient's keys (see `prelude.lua`).
+const STEPS: [(&str, &str); 10] = [
+    ("append", include_str!("append.lua")),
+    ("read", include_str!("read.lua")),
+    ("mark", include_str!("mark.lua")),
+    ("ack", include_str!("ack.lua")),
+    ("purge", include_str!("purge.lua")),
+    ("idle", include_str!("idle.lua")),
+    ("stats", include_str!("stats.lua")),
+    ("remove", include_str!("remove.lua")),
+    ("presence", include_str!("presence.lua")),
+    ("forget", include_str!("forget.lua")),
+];
+
+/// The library's source and the prefix of its function names.
+pub(super) struct Library {
+    source: String,
+    prefix: String,
+}
+
+impl Library {
+    pub fn new() -> Arc<Self> {
+        let prelude = include_str!("prelude.lua");
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for text in std::iter::once(prelude).chain(STEPS.iter().map(|(_, body)| *body)) {
+            for byte in text.bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let name = format!("oq_{hash:016x}");
+        let mut source = format!("#!lua name={name}\n{prelude}\n");
+        for (step, body) in STEPS {
+            source.push_str(&format!(
+                "redis.register_function('{name}_{step}', function(keys, ARGV)\n\
+                 bind(keys)\n{body}\nend)\n"
+            ));
+        }
+        Arc::new(Self {
+            source,
+            prefix: format!("{name}_"),
+        })
+    }
+
+    /// Loads the library (again) into the server, or every master of a cluster.
+    pub async fn load(&self, connection: &mut impl ConnectionLike) -> RedisResult<()> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.source)
+            .exec_async(connection)
+            .await
+    }
+
+    /// The function running `step` (one of `STEPS`).
+    pub fn function(self: &Arc<Self>, step: &str) -> Function {
+        debug_assert!(STEPS.iter().any(|(name, _)| *name == step));
+        Function {
+            name: format!("{}{step}", self.prefix),
+            library: Arc::clone(self),
+        }
+    }
+}
+
+/// One step of the library, called as a `redis::Script` is: `.key(..).arg(..).invoke_async(..)`.
+pub(super) struct Function {
+    name: String,
+    library: Arc<Library>,
+}
+
+impl Function {
+    /// A call with the recipient's keys.
+    pub fn key(&self, keys: &[String]) -> Call<'_> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name).arg(keys.len()).arg(keys);
+        Call {
+            cmd,
+            library: &self.library,
+        }
+    }
+}
+
+/// A call being built.
+pub(super) struct Call<'a> {
+    cmd: Cmd,
+    library: &'a Library,
+}
+
+impl Call<'_> {
+    pub fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    /// Runs the call, loading the library first if the server does not have it.
+    pub async fn invoke_async<T: FromRedisValue>(
+        &self,
+        connection: &mut (impl ConnectionLike + Send),
+    ) -> RedisResult<T> {
+        match self.cmd.query_async(connection).await {
+            Err(error) if is_missing_function(&error) => {
+                self.library.load(connection).await?;
+                self.cmd.query_async(connection).await
+            }
+            result => result,
+        }
+    }
+}
+
+fn is_missing_function(error: &redis::RedisError) -> bool {
+    error.code() == Some("ERR") && error.detail().is_some_and(|d| d.contains("Function not found"))
+}
