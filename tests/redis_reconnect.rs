@@ -122,3 +122,39 @@ async fn a_dropped_connection_loses_no_wake_up(target: &Target) {
     handle.close();
     driver.await.unwrap().unwrap();
 }
+
+/// A server that lost the function library (restarted without persistence, a new master, a
+/// `FUNCTION FLUSH`) is given it again by the next call, which then runs.
+#[tokio::test]
+async fn a_server_without_the_library_is_given_it_again() {
+    let Some(target @ Target::Single(_)) = Target::single() else {
+        return;
+    };
+    let Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("library");
+    let (queue, _storage) = node(&target, &prefix, "a").await;
+    let bob = RecipientId::new("bob").unwrap();
+    queue
+        .send(Envelope::new(bob.clone(), b"before".to_vec()))
+        .await
+        .unwrap();
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    queue
+        .send(Envelope::new(bob.clone(), b"after".to_vec()))
+        .await
+        .expect("the send loads the library and runs");
+    let peeked = queue.peek(&bob, 10).await.unwrap();
+    let bodies: Vec<&[u8]> = peeked.iter().map(|d| &d.payload[..]).collect();
+    assert_eq!(bodies, [&b"before"[..], &b"after"[..]]);
+    queue.remove_recipient(&bob).await.unwrap();
+}
