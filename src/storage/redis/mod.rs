@@ -16,41 +16,53 @@
 //! ```
 //!
 //! # Layout
-//! Each recipient has up to eight keys, all tagged `{<recipient id in hex>}` so one Lua script
-//! reaches them in one cluster slot (`prelude.lua` in the source lists them): metadata (the seq
-//! counter, record and byte counts, loss counters, last activity, packed in one string), the
-//! queue order (a sorted
-//! set of seqs), the records (a hash), the deadlines (a sorted set, only for records that
-//! expire), delivery counts, the dedup ids with their times, and presence (which nodes hold a
-//! session). Every step that changes a queue is one script, so it is atomic: append with its
-//! quota, overflow policy and dedup; ack; purge; removal. Scripts run by `EVALSHA` and are
-//! loaded again when the server answers `NOSCRIPT` (after a restart or failover).
+//! Each recipient has up to seven keys, all tagged `{<recipient id in hex>}` so one step
+//! reaches them in one cluster slot (`prelude.lua` in the source lists them): metadata (the
+//! seq counter, the seq at the front of the log, record and byte counts, loss counters, last
+//! activity, packed in one string), the log (a list of the records in seq order), the
+//! exceptions to deadline order (a sorted set), delivery counts, the dedup ids with their
+//! times, and presence (which nodes hold a session). Every step that changes a queue is one
+//! Lua function, so it is atomic: append with its quota, overflow policy and dedup; ack;
+//! purge; removal.
 //!
-//! Lists or streams would also hold the order; a sorted set with a hash does it with the
-//! fewest commands for what the engine asks most: a range after a cursor (`ZRANGEBYSCORE`),
-//! removal of single records (selective acks), and per-record delivery counts.
+//! The log is a list because what the engine asks most is what a list does cheaply: append
+//! at the back (`RPUSH`), read a range after a cursor (`LRANGE`: element `i` holds seq
+//! `head + i`), and drop the front on a cumulative ack (`LTRIM`). A record acked alone, or
+//! expired, in the middle becomes an empty string (a tombstone) until the front reaches it.
+//! Sorted sets and hashes, which an earlier layout used, cost a skiplist node and a hash
+//! entry per record: inserting them was most of an append's time (see BENCHMARKS.md).
 //!
 //! Delivery counts are mostly implied: the metadata holds a delivered watermark, below which
-//! every record was handed over at least once, and a batch marked in order only moves it.
-//! Only a redelivery, or a mark that skips a record, writes a count to the deliveries hash
-//! (which, small, Redis keeps as a listpack that costs O(n) per field). Scripts check which
-//! seqs a queue holds with a range read of the order set where the seqs are close together:
-//! `ZMSCORE` replies with doubles, which Redis 7.0 formats at about half a microsecond each.
+//! every record was handed over at least once, and a batch read and marked in order only
+//! moves it. Only a redelivery, or a mark that skips a record, writes a count to the
+//! deliveries hash.
+//!
+//! The steps are one function library (`FUNCTION LOAD`, then `FCALL`; Redis 7.0 or later),
+//! named after a hash of its source, so engines of different versions sharing a Redis each
+//! run their own. A server that lost it (restarted without persistence, a new master) gets
+//! it again from the next call. Keys of this layout (2) are new names; queues written by
+//! layout 1 (before 2026-11-26) are not read, and vanish by their TTLs.
 //!
 //! # Expiry
-//! Reads skip expired records by their deadline. Purging finds queues through sixteen index
-//! buckets (sorted sets keyed by each queue's earliest deadline, on their own slots), so a
-//! purge touches the queues with something due, not every queue. The index is a hint kept
-//! beside the scripts, not inside them (a cluster cannot update two slots atomically): an
-//! append lowers its queue's entry, a purge raises it again. Each recipient key also carries
-//! a Redis TTL of `idle_ttl` (default 90 days), set when the key is created and refreshed
-//! by appends and acks once a 64th of it has passed (so a busy queue rarely pays for it): an
-//! abandoned queue vanishes even if no engine ever runs maintenance.
+//! Each record carries its deadline in its header; reads skip expired records. A record due
+//! no earlier than every record before it (the usual case: one TTL for all) needs nothing
+//! more, since the records not listed as exceptions are in deadline order and a purge walks
+//! the log from the front until one is not due. A record due earlier than one appended
+//! before it is also listed in the exceptions set, which purge reads by deadline. Purging
+//! finds queues through sixteen index buckets (sorted sets keyed by each queue's earliest
+//! deadline, on their own slots), so a purge touches the queues with something due, not
+//! every queue. The index is a hint kept beside the steps, not inside them (a cluster cannot
+//! update two slots atomically): an append lowers its queue's entry, a purge raises it
+//! again. Each recipient key also carries a Redis TTL of `idle_ttl` (default 90 days), set
+//! when the key is created and refreshed by appends and acks once a 64th of it has passed
+//! (so a busy queue rarely pays for it): an abandoned queue vanishes even if no engine ever
+//! runs maintenance.
 //!
 //! # Cost
-//! An append is one script of about six Redis commands; on Redis 7.0 it costs about 20 µs of
-//! the server's CPU, against under 1 µs for a bare `LPUSH`, so one Redis core serves some
-//! 40,000 sends a second (see BENCHMARKS.md), and a cluster adds that per master.
+//! An append is one `FCALL` of four Redis commands (`GET` and `SET` of the metadata, `RPUSH`,
+//! and a presence check); on Redis 7.0 it costs about 14 µs of the server's CPU, against
+//! under 2 µs for a bare `LPUSH`, so one Redis core serves some 60,000 sends a second (see
+//! BENCHMARKS.md), and a cluster adds that per master.
 //!
 //! # Several nodes
 //! Each engine instance is a node with its own id. While it holds a session for a recipient
