@@ -53,13 +53,14 @@ while not done and next_seq <= m.seq do
 end
 if mark and #returned > 0 then
   -- Passed-over records below the last one returned do not hold the watermark back, and
-  -- a read that started at or below the watermark saw every record up to the last.
+  -- a read that started at or below the watermark (or the front: nothing is held between
+  -- the two) saw every record up to the last.
   local last = tonumber(returned[#returned])
   local covered = 0
   for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
   for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
   local contiguous = nil
-  if after <= m.dw then contiguous = true end
+  if after <= math.max(m.dw, m.head - 1) then contiguous = true end
   if count_deliveries(m, returned, returned_counts, contiguous, covered, ttl) then save_meta(m) end
 end
 local out = {m.lt, m.lc, #expired}
