@@ -1,5 +1,7 @@
 -- ARGV: now, dedup window ms, max messages, max bytes, drop oldest (1/0), idle ttl ms, node,
--- record count, then per record: dedup (1/0), id, deadline ms (0 = never), record bytes.
+-- record count, then per record: dedup (1/0), id, deadline ms (0 = never), record bytes (the
+-- stored header without its leading `cum`, which is added here, then the body).
+local ARRIVING = HEADER - 8
 -- Returns {'full', live, bytes, adding, adding bytes} with nothing written, or
 -- {'ok', dropped, live, byte delta, file idle (touch or -1), file deadline (ms or -1), n,
 --  (stored 1/0, seq) * n, node count, nodes...}.
@@ -42,7 +44,7 @@ for i = 1, n do
   if not plan[i] then
     plan[i] = {'new', adding}
     adding = adding + 1
-    adding_bytes = adding_bytes + (#record - HEADER)
+    adding_bytes = adding_bytes + (#record - ARRIVING)
   end
 end
 
@@ -87,7 +89,7 @@ else
     -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
     local base = math.max(now, server_time_ms()) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
-         ex = 0, ud = 0, ttl_at = -1, dw = 0, head = base + 1, dmax = -1, ec = 0}
+         ex = 0, ud = 0, ttl_at = -1, dw = 0, head = base + 1, dmax = -1, ec = 0, cum = 0, tb = 0}
     -- Leftovers of a queue whose metadata expired first are not this queue's.
     redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
   end
@@ -96,6 +98,8 @@ else
   local before = m.bytes
   local dropped = 0
   if drop_through >= 0 then dropped = remove_through(m, drop_through) end
+  -- Dropping every record deleted the log: the one about to be created needs its TTL.
+  if m.live <= 0 then fresh = true end
   m.lt = m.lt + dropped
   local first = m.seq + 1
   local records, exceptions, ids, id_times = {}, {}, {}, {}
@@ -106,7 +110,7 @@ else
       m.seq = m.seq + 1
       local seq = s(m.seq)
       local record = ARGV[at + 4]
-      records[#records + 1] = record
+      records[#records + 1] = struct.pack('>d', m.cum) .. record
       local deadline = tonumber(ARGV[at + 3])
       if deadline <= 0 then
         m.dmax = NEVER
@@ -125,7 +129,8 @@ else
         id_times[#id_times + 1] = ARGV[at + 2]
       end
       m.live = m.live + 1
-      m.bytes = m.bytes + (#record - HEADER)
+      m.bytes = m.bytes + (#record - ARRIVING)
+      m.cum = m.cum + (#record - ARRIVING)
     end
   end
   call_chunked('RPUSH', LOG, records)

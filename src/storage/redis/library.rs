@@ -13,18 +13,21 @@ use std::sync::Arc;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
 
-/// Each step's source, run with `KEYS` bound to the recipient's keys (see `prelude.lua`).
-const STEPS: [(&str, &str); 10] = [
-    ("append", include_str!("append.lua")),
-    ("read", include_str!("read.lua")),
-    ("mark", include_str!("mark.lua")),
-    ("ack", include_str!("ack.lua")),
-    ("purge", include_str!("purge.lua")),
-    ("idle", include_str!("idle.lua")),
-    ("stats", include_str!("stats.lua")),
-    ("remove", include_str!("remove.lua")),
-    ("presence", include_str!("presence.lua")),
-    ("forget", include_str!("forget.lua")),
+/// Each step's source, run with `KEYS` bound to the recipient's keys (see `prelude.lua`), and
+/// its flags. A function without flags is refused whole while Redis is out of memory, which
+/// is right for an append; the steps that read, or free memory, run all the same
+/// (`allow-oom`), so a full Redis can still be drained.
+const STEPS: [(&str, &str, &str); 10] = [
+    ("append", include_str!("append.lua"), ""),
+    ("read", include_str!("read.lua"), "'allow-oom'"),
+    ("mark", include_str!("mark.lua"), "'allow-oom'"),
+    ("ack", include_str!("ack.lua"), "'allow-oom'"),
+    ("purge", include_str!("purge.lua"), "'allow-oom'"),
+    ("idle", include_str!("idle.lua"), "'allow-oom'"),
+    ("stats", include_str!("stats.lua"), "'no-writes'"),
+    ("remove", include_str!("remove.lua"), "'allow-oom'"),
+    ("presence", include_str!("presence.lua"), "'allow-oom'"),
+    ("forget", include_str!("forget.lua"), "'allow-oom'"),
 ];
 
 /// The library's source and the prefix of its function names.
@@ -37,17 +40,18 @@ impl Library {
     pub fn new() -> Arc<Self> {
         let prelude = include_str!("prelude.lua");
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for text in std::iter::once(prelude).chain(STEPS.iter().map(|(_, body)| *body)) {
+        let parts = STEPS.iter().flat_map(|(step, body, flags)| [*step, *body, *flags]);
+        for text in std::iter::once(prelude).chain(parts) {
             for byte in text.bytes() {
                 hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
             }
         }
         let name = format!("oq_{hash:016x}");
         let mut source = format!("#!lua name={name}\n{prelude}\n");
-        for (step, body) in STEPS {
+        for (step, body, flags) in STEPS {
             source.push_str(&format!(
-                "redis.register_function('{name}_{step}', function(keys, ARGV)\n\
-                 bind(keys)\n{body}\nend)\n"
+                "redis.register_function{{function_name = '{name}_{step}', flags = {{{flags}}},\n\
+                 callback = function(keys, ARGV)\nbind(keys)\n{body}\nend}}\n"
             ));
         }
         Arc::new(Self {
@@ -68,7 +72,7 @@ impl Library {
 
     /// The function running `step` (one of `STEPS`).
     pub fn function(self: &Arc<Self>, step: &str) -> Function {
-        debug_assert!(STEPS.iter().any(|(name, _)| *name == step));
+        debug_assert!(STEPS.iter().any(|(name, _, _)| *name == step));
         Function {
             name: format!("{}{step}", self.prefix),
             library: Arc::clone(self),

@@ -21,7 +21,7 @@ for first = 1, #seqs, 1000 do
   local explicit = explicit_counts(m, chunk)
   for i, seq in ipairs(chunk) do
     held[#held + 1] = seq
-    counts[#counts + 1] = explicit[i]
+    counts[#held] = explicit[i]
   end
 end
 if count_deliveries(m, held, counts, nil, 0, ttl) then save_meta(m) end

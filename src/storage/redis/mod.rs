@@ -122,9 +122,11 @@ use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 use library::{Function, Library};
 
-/// Bytes before the body in a stored record: sent-at (8), id (16) and deadline (8, a
-/// big-endian double in ms, 0 for none, so the scripts read it with `struct.unpack`).
-const HEADER: usize = 32;
+/// Bytes before the body in a stored record: body bytes appended before it (8, added by the
+/// append step), sent-at (8), id (16) and deadline (8, a big-endian double in ms, 0 for
+/// none, so the steps read it with `struct.unpack`). The append step is sent the record
+/// without its first field.
+const HEADER: usize = 40;
 /// Largest count passed to a script: Lua numbers are doubles.
 const LUA_MAX: u64 = 1 << 53;
 
@@ -898,34 +900,33 @@ impl RedisStorage {
         let reply = array(reply)?;
         let lost_total = count(reply.first())?;
         let lost_confirmed = count(reply.get(1))?;
-        let mut at = 2;
-        let seqs = |at: &mut usize| -> Result<Vec<Seq>> {
-            let listed = (count(reply.get(*at))? as usize).min(reply.len());
-            let out = (0..listed)
-                .map(|i| int(reply.get(*at + 1 + i)).map(seq_of))
-                .collect::<Result<_>>()?;
-            *at += 1 + listed;
-            Ok(out)
+        let seqs_in = |at: usize| -> Result<Vec<Seq>> {
+            list(reply.get(at))?
+                .iter()
+                .map(|v| int(Some(v)).map(seq_of))
+                .collect()
         };
-        let expired = seqs(&mut at)?;
-        let mut damaged = seqs(&mut at)?;
-        let listed = (count(reply.get(at))? as usize).min(reply.len());
-        let mut records = Vec::with_capacity(listed);
-        for i in 0..listed {
-            let base = at + 1 + 4 * i;
-            let seq = count(reply.get(base))?;
-            let raw = bytes(reply.get(base + 1))?.ok_or_else(|| bad_reply("a record"))?;
+        let expired = seqs_in(2)?;
+        let mut damaged = seqs_in(3)?;
+        let watermark = count(reply.get(4))?;
+        let first = count(reply.get(5))?;
+        let raws = list(reply.get(6))?;
+        let listed = seqs_in(7)?;
+        let counts = list(reply.get(8))?;
+        let mut records = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            let seq = listed.get(i).map_or(first + i as u64, |s| s.0);
+            let raw = bytes(Some(raw))?.ok_or_else(|| bad_reply("a record"))?;
             if raw.len() < HEADER {
                 // Not a record this backend wrote: never delivered, reported as lost.
                 damaged.push(Seq(seq));
                 continue;
             }
-            records.push(decode_record(
-                seq,
-                raw,
-                int(reply.get(base + 2))?,
-                int(reply.get(base + 3))?,
-            ));
+            let delivered = match counts.get(i) {
+                Some(Value::Nil | Value::Boolean(false)) | None => i64::from(seq <= watermark),
+                explicit => int(explicit)?,
+            };
+            records.push(decode_record(seq, raw, delivered));
         }
         Ok(ReadBatch {
             records,
@@ -1061,6 +1062,14 @@ fn bad_reply(expected: &str) -> Error {
     )
 }
 
+/// A nested array out of a script reply.
+fn list(value: Option<&Value>) -> Result<&[Value]> {
+    match value {
+        Some(Value::Array(items)) => Ok(items),
+        _ => Err(bad_reply("an array")),
+    }
+}
+
 fn array(value: Value) -> Result<Vec<Value>> {
     match value {
         Value::Array(items) => Ok(items),
@@ -1070,7 +1079,7 @@ fn array(value: Value) -> Result<Vec<Value>> {
 
 /// The stored form of a record: sent-at, id, body.
 fn encode_record(record: &NewRecord) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + record.body.len());
+    let mut out = Vec::with_capacity(HEADER - 8 + record.body.len());
     out.extend_from_slice(&record.sent_at.as_millis().to_be_bytes());
     out.extend_from_slice(&record.id.to_bytes());
     let deadline = record.expires_at.map_or(0, Timestamp::as_millis).min(LUA_MAX);
@@ -1079,14 +1088,18 @@ fn encode_record(record: &NewRecord) -> Vec<u8> {
     out
 }
 
-fn decode_record(seq: u64, raw: &[u8], delivery_count: i64, deadline: i64) -> StoredRecord {
-    let sent_at = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
-    let id: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
+/// A stored record (at least `HEADER` bytes) as the engine takes it.
+fn decode_record(seq: u64, raw: &[u8], delivery_count: i64) -> StoredRecord {
+    let sent_at = u64::from_be_bytes(raw[8..16].try_into().expect("8 bytes"));
+    let id: [u8; 16] = raw[16..32].try_into().expect("16 bytes");
+    let deadline = f64::from_be_bytes(raw[32..40].try_into().expect("8 bytes"));
     StoredRecord {
         seq: Seq(seq),
         id: MessageId::from_bytes(id),
         sent_at: Timestamp::from_millis(sent_at),
-        expires_at: (deadline > 0).then(|| Timestamp::from_millis(deadline as u64)),
+        // A double written from an integer below 2^53: exact. (`as` saturates whatever
+        // another writer put there.)
+        expires_at: (deadline > 0.0).then(|| Timestamp::from_millis(deadline as u64)),
         delivery_count: u32::try_from(delivery_count).unwrap_or(u32::MAX),
         body: Bytes::copy_from_slice(&raw[HEADER..]),
     }
@@ -1323,7 +1336,7 @@ impl Storage for RedisStorage {
         let oldest = bytes(reply.get(3))?
             .filter(|raw| raw.len() >= HEADER)
             .map(|raw| {
-                Timestamp::from_millis(u64::from_be_bytes(raw[..8].try_into().expect("8 bytes")))
+                Timestamp::from_millis(u64::from_be_bytes(raw[8..16].try_into().expect("8 bytes")))
             });
         let newest = int(reply.get(4))?;
         Ok(RecipientStats {

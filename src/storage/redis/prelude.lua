@@ -5,11 +5,11 @@
 --
 -- KEYS[1] meta       string  packed doubles (see FIELDS)
 -- KEYS[2] log        list    the records in seq order: element i holds seq head + i, as
---                            8-byte sent_at, 16-byte id, 8-byte deadline (a double, 0 =
---                            never), body; an empty string is a removed record (a tombstone)
+--                            8-byte cum (body bytes appended before it, a double), 8-byte
+--                            sent_at, 16-byte id, 8-byte deadline (a double, 0 = never),
+--                            body; an empty string is a removed record (a tombstone)
 -- KEYS[3] exceptions zset    member = seq, score = deadline, for records whose deadline comes
---                            before that of a record appended earlier (see `dmax`); may hold
---                            seqs already removed
+--                            before that of a record appended earlier (see `dmax`)
 -- KEYS[4] deliveries hash    seq -> times handed to a transport, for records whose count the
 --                            meta's delivered watermark does not imply (see `delivery_count`)
 -- KEYS[5] dedup      hash    sender-chosen id -> seq
@@ -28,7 +28,7 @@ local function bind(keys)
   META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT, PRESENCE =
     keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]
 end
-local HEADER = 32
+local HEADER = 40
 local TYPES = {'string', 'list', 'zset', 'hash', 'hash', 'zset', 'hash'}
 -- A deadline later than any: what a record that never expires counts as.
 local NEVER = 2 ^ 53
@@ -69,7 +69,12 @@ end
 
 -- A record's deadline in ms (0: never), from its header.
 local function deadline_of(record)
-  return (struct.unpack('>d', record, 25))
+  return (struct.unpack('>d', record, 33))
+end
+
+-- Body bytes appended to the queue before this record, from its header.
+local function cum_of(record)
+  return (struct.unpack('>d', record, 1))
 end
 
 -- Meta fields: seq (last assigned), live, bytes, lt (loss total), lc (loss confirmed), touch
@@ -80,28 +85,30 @@ end
 -- refreshed; dw is the delivered watermark: every record at or below it was handed over at
 -- least once; head is the seq of the log's first element; dmax is the latest deadline
 -- appended (NEVER after a record that never expires, -1 before any): a record due before
--- it is an exception.
+-- it is an exception; cum counts body bytes ever appended, and tb the tombstones in the log
+-- (while there are none, the bytes of a run of records are told by the two at its ends).
 local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'ex', 'ud',
-                'ttl_at', 'dw', 'head', 'dmax', 'ec'}
+                'ttl_at', 'dw', 'head', 'dmax', 'ec', 'cum', 'tb'}
 
 -- Meta is one string of packed big-endian doubles (exact for integers below 2^53): one GET
 -- and one SET, with no number parsing or formatting, which in Lua cost more than the calls.
-local PACKING = '>ddddddddddddddd' -- one 'd' per field
+local PACKING = '>ddddddddddddddddd' -- one 'd' per field
 
 local function load_meta()
   local v = redis.call('GET', META)
   if not v then return nil end
   -- One constructor, not a loop over FIELDS: a table grown field by field rehashes four
   -- times, which made loading the metadata cost more than the GET.
-  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec =
+  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb =
     struct.unpack(PACKING, v)
   return {seq = seq, live = live, bytes = bytes, lt = lt, lc = lc, touch = touch, filed = filed,
-          xi = xi, ex = ex, ud = ud, ttl_at = ttl_at, dw = dw, head = head, dmax = dmax, ec = ec}
+          xi = xi, ex = ex, ud = ud, ttl_at = ttl_at, dw = dw, head = head, dmax = dmax, ec = ec,
+          cum = cum, tb = tb}
 end
 
 local function save_meta(m)
   redis.call('SET', META, struct.pack(PACKING, m.seq, m.live, m.bytes, m.lt, m.lc, m.touch,
-    m.filed, m.xi, m.ex, m.ud, m.ttl_at, m.dw, m.head, m.dmax, m.ec), 'KEEPTTL')
+    m.filed, m.xi, m.ex, m.ud, m.ttl_at, m.dw, m.head, m.dmax, m.ec, m.cum, m.tb), 'KEEPTTL')
 end
 
 -- Drops tombstones from the log's front, so its first element is a record; a queue left
@@ -110,16 +117,17 @@ end
 local function trim_front(m)
   if m.live <= 0 then
     redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES)
-    m.head, m.ex, m.ec, m.dmax = m.seq + 1, 0, 0, -1
+    m.head, m.ex, m.ec, m.dmax, m.tb = m.seq + 1, 0, 0, -1, 0
     return
   end
-  while true do
+  while m.tb > 0 do
     local front = redis.call('LRANGE', LOG, 0, 31)
     local n = 0
     while n < #front and front[n + 1] == '' do n = n + 1 end
     if n > 0 then
       redis.call('LTRIM', LOG, n, -1)
       m.head = m.head + n
+      m.tb = m.tb - n
     end
     if n < 32 then return end
   end
@@ -164,6 +172,13 @@ local function forget_counts(m, seqs)
   end
 end
 
+-- Forgets removed seqs listed as exceptions, so the set holds what the queue holds.
+local function forget_exceptions(m, seqs)
+  if m.ex > 0 and #seqs > 0 then
+    m.ex = math.max(m.ex - call_chunked('ZREM', EXCEPTIONS, seqs), 0)
+  end
+end
+
 -- Removes the listed records (seqs as strings) that the queue holds, a thousand per call;
 -- returns how many it removed. A record at the front goes with the front; one in the middle
 -- leaves a tombstone until the front reaches it.
@@ -184,39 +199,59 @@ local function remove_records(m, seqs)
     for _, pair in ipairs(held_of(m, chunk)) do
       local seq, record = pair[1], pair[2]
       redis.call('LSET', LOG, tonumber(seq) - m.head, '')
+      m.tb = m.tb + 1
       m.bytes = m.bytes - math.max(#record - HEADER, 0)
       m.live = m.live - 1
       gone[#gone + 1] = seq
     end
     forget_counts(m, gone)
+    forget_exceptions(m, gone)
     removed = removed + #gone
   end
   if removed > 0 then trim_front(m) end
   return removed
 end
 
--- Removes the records from the front through seq `through`, a thousand per step; returns
--- how many records (not tombstones) it removed.
+-- Removes the records from the front through seq `through`; returns how many records (not
+-- tombstones) it removed. Without tombstones or explicit counts, the two records at the ends
+-- of the run tell its bytes (by their `cum`), and nothing else is read; otherwise a thousand
+-- records a step are read to count them.
 local function remove_through(m, through)
   local removed = 0
   through = math.min(through, m.seq)
+  if m.head > through then return 0 end
+  if m.tb <= 0 and m.ec <= 0 and m.ex <= 0 then
+    local n = through - m.head + 1
+    local first, last = redis.call('LINDEX', LOG, 0), redis.call('LINDEX', LOG, n - 1)
+    if first and last and #first >= HEADER and #last >= HEADER then
+      m.bytes = m.bytes - (cum_of(last) + #last - HEADER - cum_of(first))
+      m.live = m.live - n
+      redis.call('LTRIM', LOG, n, -1)
+      m.head = m.head + n
+      trim_front(m)
+      return n
+    end
+  end
   while m.head <= through do
     local n = math.min(through - m.head + 1, 1000)
     local front = redis.call('LRANGE', LOG, 0, n - 1)
-    local gone, counted = {}, m.ec > 0
+    local gone, listed = {}, m.ec > 0 or m.ex > 0
     for i, record in ipairs(front) do
-      if record ~= '' then
+      if record == '' then
+        m.tb = m.tb - 1
+      else
         m.bytes = m.bytes - math.max(#record - HEADER, 0)
         m.live = m.live - 1
         removed = removed + 1
-        if counted then gone[#gone + 1] = s(m.head + i - 1) end
+        if listed then gone[#gone + 1] = s(m.head + i - 1) end
       end
     end
     redis.call('LTRIM', LOG, n, -1)
     m.head = m.head + n
     forget_counts(m, gone)
+    forget_exceptions(m, gone)
   end
-  if removed > 0 then trim_front(m) end
+  trim_front(m)
   return removed
 end
 

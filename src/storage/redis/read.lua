@@ -1,72 +1,120 @@
 -- ARGV: after (-1 = from the start), max messages, max bytes, now, mark (1: count a delivery
--- for each record returned, as mark.lua does; their counts are returned from before), idle
+-- for each record returned, as mark.lua does; the reply tells the counts from before), idle
 -- ttl ms.
--- Returns {loss total, loss confirmed, expired count, expired seqs...,
---          damaged count, damaged seqs..., record count, (seq, record, deliveries, deadline)...}.
+-- Returns {loss total, loss confirmed, {expired seqs}, {damaged seqs}, watermark before,
+--          first seq, {records}, {their seqs}, {their explicit counts}}: the seqs are listed
+-- only when the records are not a run from the first seq, the counts only when the queue
+-- keeps any (else false each).
 local m = load_meta()
-if not m then return {0, 0, 0, 0, 0} end
+if not m then return {0, 0, {}, {}, 0, 0, {}, {}, {}} end
 local after, max_m, max_b, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
-local expired, damaged, out_records = {}, {}, {}
-local returned, returned_counts = {}, {}
-local count, bytes = 0, 0
-local next_seq = math.max(after + 1, m.head)
+local dw_before = m.dw
+local first = math.max(after + 1, m.head)
+local expired, damaged, records, seqs, counts = {}, {}, {}, {}, {}
 local page = math.max(16, math.min(128, max_m))
-local done = m.live <= 0
-while not done and next_seq <= m.seq do
-  local start = next_seq - m.head
-  local chunk = redis.call('LRANGE', LOG, start, start + page - 1)
-  if #chunk == 0 then break end
-  local seqs = {}
-  if m.ec > 0 then
-    for i = 1, #chunk do seqs[i] = s(next_seq + i - 1) end
-  end
-  local deliveries = explicit_counts(m, seqs)
-  for i, record in ipairs(chunk) do
-    local seq = next_seq + i - 1
-    if record == '' then
-      -- removed
-    elseif #record < HEADER then
-      damaged[#damaged + 1] = seq
-    else
-      local deadline = deadline_of(record)
-      if deadline > 0 and deadline <= now then
-        expired[#expired + 1] = seq
-        if #expired >= max_m then done = true break end
-      else
+
+-- The common case, a run: no tombstones, no exceptions (so deadlines rise with seqs), no
+-- explicit delivery counts, and the first record not due, so none after it is. The page goes back as it came, cut to the
+-- batch's bounds.
+local run = false
+if m.live > 0 and first <= m.seq and m.tb <= 0 and m.ex <= 0 and m.ec <= 0 then
+  local chunk = redis.call('LRANGE', LOG, first - m.head, first - m.head + page - 1)
+  local front = chunk[1]
+  if front and #front >= HEADER then
+    local deadline = deadline_of(front)
+    if deadline <= 0 or deadline > now then
+      run = true
+      local count, bytes = 0, 0
+      for _, record in ipairs(chunk) do
         local len = #record - HEADER
-        if count >= max_m or (count > 0 and bytes + len > max_b) then done = true break end
+        if len < 0 then
+          run = false
+          break
+        end
+        if count >= max_m or (count > 0 and bytes + len > max_b) then break end
         count = count + 1
         bytes = bytes + len
-        out_records[#out_records + 1] = seq
-        out_records[#out_records + 1] = record
-        out_records[#out_records + 1] = delivery_count(m, seq, deliveries[i])
-        out_records[#out_records + 1] = deadline
-        returned[#returned + 1] = s(seq)
-        returned_counts[#returned] = deliveries[i]
+      end
+      if run then
+        for i = #chunk, count + 1, -1 do chunk[i] = nil end
+        -- A batch cut short by the page (not by its bounds) may go on: read on as below.
+        if count == #chunk and #chunk == page and count < max_m then
+          run = false
+        else
+          records = chunk
+        end
       end
     end
   end
-  next_seq = next_seq + #chunk
-  -- A full batch ends here: fetching the next page would read a page of records for nothing.
-  if count >= max_m or #chunk < page then done = true end
 end
-if mark and #returned > 0 then
+
+local returned = 0
+if not run then
+  local count, bytes = 0, 0
+  local next_seq = first
+  local done = m.live <= 0
+  while not done and next_seq <= m.seq do
+    local start = next_seq - m.head
+    local chunk = redis.call('LRANGE', LOG, start, start + page - 1)
+    if #chunk == 0 then break end
+    local page_seqs = {}
+    if m.ec > 0 then
+      for i = 1, #chunk do page_seqs[i] = s(next_seq + i - 1) end
+    end
+    local explicit = explicit_counts(m, page_seqs)
+    for i, record in ipairs(chunk) do
+      local seq = next_seq + i - 1
+      if record == '' then
+        -- removed
+      elseif #record < HEADER then
+        damaged[#damaged + 1] = seq
+      else
+        local deadline = deadline_of(record)
+        if deadline > 0 and deadline <= now then
+          expired[#expired + 1] = seq
+          if #expired >= max_m then done = true break end
+        else
+          local len = #record - HEADER
+          if count >= max_m or (count > 0 and bytes + len > max_b) then done = true break end
+          count = count + 1
+          bytes = bytes + len
+          records[count] = record
+          seqs[count] = seq
+          counts[count] = explicit[i] or false
+        end
+      end
+    end
+    next_seq = next_seq + #chunk
+    -- A full batch ends here: fetching the next page would read a page of records for nothing.
+    if count >= max_m or #chunk < page then done = true end
+  end
+  returned = count
+else
+  returned = #records
+end
+
+if mark and returned > 0 then
+  local last = first + returned - 1
+  if not run then last = seqs[returned] end
   -- Passed-over records below the last one returned do not hold the watermark back, and
   -- a read that started at or below the watermark (or the front: nothing is held between
   -- the two) saw every record up to the last.
-  local last = tonumber(returned[#returned])
-  local covered = 0
-  for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
-  for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
   local contiguous = nil
   if after <= math.max(m.dw, m.head - 1) then contiguous = true end
-  if count_deliveries(m, returned, returned_counts, contiguous, covered, ttl) then save_meta(m) end
+  if run and contiguous and m.ec <= 0 and first > m.dw then
+    -- First deliveries of a run, from the watermark on: it moves, and that is all.
+    m.dw = last
+    save_meta(m)
+  else
+    local held = {}
+    for i = 1, returned do held[i] = s(run and first + i - 1 or seqs[i]) end
+    local covered = 0
+    for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
+    for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
+    if count_deliveries(m, held, counts, contiguous, covered, ttl) then save_meta(m) end
+  end
 end
-local out = {m.lt, m.lc, #expired}
-for _, seq in ipairs(expired) do out[#out + 1] = seq end
-out[#out + 1] = #damaged
-for _, seq in ipairs(damaged) do out[#out + 1] = seq end
-out[#out + 1] = count
-for _, v in ipairs(out_records) do out[#out + 1] = v end
-return out
+if run then seqs = {} end
+if m.ec <= 0 then counts = {} end
+return {m.lt, m.lc, expired, damaged, dw_before, first, records, seqs, counts}
