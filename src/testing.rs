@@ -231,6 +231,12 @@ pub async fn acks(storage: &dyn Storage) {
         [[2u8], [4]],
         "what remains"
     );
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!(
+        (stats.messages, stats.bytes, stats.newest_seq),
+        (2, 2, Some(seqs[4])),
+        "stats after the newest record was acked alone"
+    );
     let again = Ack {
         through: Some(seqs[1]),
         seqs: vec![seqs[3], Seq(u64::MAX)],

@@ -9,7 +9,9 @@ mod redis_support;
 use std::time::Duration;
 
 use offline_queue::storage::NewRecord;
-use offline_queue::{MessageId, Quota, RecipientId, RedisStorage, Seq, Storage, Timestamp};
+use offline_queue::{
+    MessageId, Quota, RecipientId, RedisStorage, Seq, Storage, StorageExt, Timestamp,
+};
 
 #[tokio::test]
 async fn every_recipient_key_carries_a_ttl() {
@@ -147,5 +149,120 @@ async fn purge_progresses_and_big_batches_fit() {
         (0, false),
         "nothing left, no loop"
     );
+    storage.remove_recipient(&bob).await.unwrap();
+}
+
+/// A "latest only" queue (one message, `DropOldest`): each append drops the one record there
+/// was, which deletes the log, and the log the append then writes carries a TTL again.
+#[tokio::test]
+async fn a_log_recreated_after_drop_oldest_keeps_a_ttl() {
+    let Some(redis_support::Target::Single(url)) = redis_support::Target::single() else {
+        return;
+    };
+    let prefix = redis_support::unique_prefix("ttl-drop");
+    let ttl = Duration::from_secs(3600);
+    let storage = RedisStorage::options()
+        .prefix(prefix.clone())
+        .idle_ttl(ttl)
+        .connect(&url)
+        .await
+        .unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let latest_only = Quota {
+        max_messages: 1,
+        overflow: offline_queue::Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let now = Timestamp::now_system();
+    for body in [&b"one"[..], b"two", b"three"] {
+        let record = NewRecord {
+            id: MessageId::generate(),
+            dedup: false,
+            sent_at: now,
+            expires_at: None,
+            body: body.to_vec(),
+        };
+        storage
+            .append(&bob, vec![record], &latest_only, now)
+            .await
+            .unwrap();
+    }
+    let batch = storage
+        .read(&bob, None, offline_queue::BatchLimit::default(), now)
+        .await
+        .unwrap();
+    let bodies: Vec<&[u8]> = batch.records.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(bodies, [&b"three"[..]]);
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}:{{626f62}}:l"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= ttl.as_millis() as i64,
+        "the log has no TTL ({pttl})"
+    );
+    storage.remove_recipient(&bob).await.unwrap();
+}
+
+/// A record acked before its deadline leaves the exceptions set with it, so a queue that
+/// never empties (here held open by a record that never expires) keeps no entry per record
+/// it ever held.
+#[tokio::test]
+async fn exceptions_leave_with_their_records() {
+    let Some(redis_support::Target::Single(url)) = redis_support::Target::single() else {
+        return;
+    };
+    let prefix = redis_support::unique_prefix("exceptions");
+    let storage = RedisStorage::options()
+        .prefix(prefix.clone())
+        .connect(&url)
+        .await
+        .unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let now = Timestamp::now_system();
+    let record = |expires_at| NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: now,
+        expires_at,
+        body: b"x".to_vec(),
+    };
+    // The first never expires, so every later one with a deadline is an exception.
+    let soon = Some(now.saturating_add(Duration::from_secs(60)));
+    let seqs: Vec<Seq> = storage
+        .append(
+            &bob,
+            vec![record(None), record(soon), record(soon), record(soon)],
+            &Quota::UNLIMITED,
+            now,
+        )
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq())
+        .collect();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let exceptions = format!("{prefix}:{{626f62}}:x");
+    let listed: u64 = redis::cmd("ZCARD")
+        .arg(&exceptions)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(listed, 3);
+
+    assert_eq!(storage.ack_seqs(&bob, &seqs[1..], now).await.unwrap(), 3);
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 1);
+    let listed: u64 = redis::cmd("ZCARD")
+        .arg(&exceptions)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(listed, 0, "acked records are no exceptions any more");
     storage.remove_recipient(&bob).await.unwrap();
 }

@@ -40,7 +40,9 @@ impl Library {
     pub fn new() -> Arc<Self> {
         let prelude = include_str!("prelude.lua");
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let parts = STEPS.iter().flat_map(|(step, body, flags)| [*step, *body, *flags]);
+        let parts = STEPS
+            .iter()
+            .flat_map(|(step, body, flags)| [*step, *body, *flags]);
         for text in std::iter::once(prelude).chain(parts) {
             for byte in text.bytes() {
                 hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
@@ -126,5 +128,8 @@ impl Call<'_> {
 }
 
 fn is_missing_function(error: &redis::RedisError) -> bool {
-    error.code() == Some("ERR") && error.detail().is_some_and(|d| d.contains("Function not found"))
+    error.code() == Some("ERR")
+        && error
+            .detail()
+            .is_some_and(|d| d.contains("Function not found"))
 }

@@ -1082,7 +1082,10 @@ fn encode_record(record: &NewRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER - 8 + record.body.len());
     out.extend_from_slice(&record.sent_at.as_millis().to_be_bytes());
     out.extend_from_slice(&record.id.to_bytes());
-    let deadline = record.expires_at.map_or(0, Timestamp::as_millis).min(LUA_MAX);
+    let deadline = record
+        .expires_at
+        .map_or(0, Timestamp::as_millis)
+        .min(LUA_MAX);
     out.extend_from_slice(&(deadline as f64).to_be_bytes());
     out.extend_from_slice(&record.body);
     out
