@@ -36,7 +36,16 @@ pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
 /// The metadata is `m2`: layout 2 (records in a list) shares no key of layout 1 that it
 /// could misread; queues of layout 1 are not read, and vanish by their TTLs.
 pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
-    ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| format!("{prefix}:{{{hex}}}:{suffix}"))
+    // Built by hand: `format!` here was a twentieth of a send's CPU in the client.
+    ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| {
+        let mut key = String::with_capacity(prefix.len() + hex.len() + suffix.len() + 4);
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(hex);
+        key.push_str("}:");
+        key.push_str(suffix);
+        key
+    })
 }
 
 /// Which index bucket a recipient is filed in (FNV-1a of its hex name: stable across nodes
