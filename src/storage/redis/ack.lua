@@ -1,8 +1,9 @@
 -- ARGV: through (-1 = none), now, loss confirmed through (-1 = none), idle ttl ms,
 -- seq count, seqs..., passed-over count, passed-over seqs...
--- Returns {records removed by the ack, bytes freed, file idle (touch or -1)}.
+-- Returns {records removed by the ack, bytes freed, file idle (touch or -1), head (the seq
+-- at the log's front afterwards, -1: no queue)}.
 local m = load_meta()
-if not m then return {0, 0, -1} end
+if not m then return {0, 0, -1, -1} end
 local through, now, confirmed, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local before, removed = m.bytes, 0
 if through >= 0 then removed = remove_through(m, through) end
@@ -23,4 +24,4 @@ if m.touch - m.filed >= FILE_EVERY then
 end
 refresh_ttls(m, ttl, now)
 save_meta(m)
-return {removed, before - m.bytes, file_idle}
+return {removed, before - m.bytes, file_idle, m.head}

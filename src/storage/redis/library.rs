@@ -17,9 +17,10 @@ use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
 /// its flags. A function without flags is refused whole while Redis is out of memory, which
 /// is right for an append; the steps that read, or free memory, run all the same
 /// (`allow-oom`), so a full Redis can still be drained.
-const STEPS: [(&str, &str, &str); 10] = [
+const STEPS: [(&str, &str, &str); 11] = [
     ("append", include_str!("append.lua"), ""),
     ("read", include_str!("read.lua"), "'allow-oom'"),
+    ("plan", include_str!("plan.lua"), "'allow-oom'"),
     ("mark", include_str!("mark.lua"), "'allow-oom'"),
     ("ack", include_str!("ack.lua"), "'allow-oom'"),
     ("purge", include_str!("purge.lua"), "'allow-oom'"),
@@ -91,12 +92,18 @@ pub(super) struct Function {
 impl Function {
     /// A call with the recipient's keys.
     pub fn key(&self, keys: &[String]) -> Call<'_> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.name).arg(keys.len()).arg(keys);
         Call {
-            cmd,
+            cmd: self.command(keys),
             library: &self.library,
         }
+    }
+
+    /// The bare `FCALL` with the recipient's keys, for a pipeline (which, unlike `Call`,
+    /// does not load the library when the server lacks it).
+    pub fn command(&self, keys: &[String]) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.name).arg(keys.len()).arg(keys);
+        cmd
     }
 }
 

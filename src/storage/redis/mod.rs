@@ -93,6 +93,7 @@
 
 mod keys;
 mod library;
+mod run_read;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -135,6 +136,7 @@ const LUA_MAX: u64 = 1 << 53;
 struct Scripts {
     append: Function,
     read: Function,
+    plan: Function,
     mark: Function,
     ack: Function,
     purge: Function,
@@ -152,6 +154,7 @@ impl Scripts {
         Self {
             append: library.function("append"),
             read: library.function("read"),
+            plan: library.function("plan"),
             mark: library.function("mark"),
             ack: library.function("ack"),
             purge: library.function("purge"),
@@ -479,6 +482,8 @@ struct Shared {
     options: RedisOptions,
     node: String,
     scripts: Scripts,
+    /// Fronts of queues read or acked lately, for reads of a run.
+    fronts: run_read::Fronts,
     wakeups: Mutex<Option<fmpsc::UnboundedReceiver<RecipientId>>>,
     /// Where local sessions are woken (the same channel the wake-up stream reads).
     wake: fmpsc::UnboundedSender<RecipientId>,
@@ -579,6 +584,7 @@ impl RedisStorage {
             options,
             node,
             scripts: Scripts::new(&library),
+            fronts: run_read::Fronts::default(),
             wakeups: Mutex::new(Some(plumbing.wake_rx)),
             wake: plumbing.wake,
             next_bucket: AtomicU32::new(0),
@@ -883,6 +889,12 @@ impl RedisStorage {
         mark: bool,
     ) -> Result<ReadBatch> {
         let (_, keys) = self.keys(recipient);
+        if let Some(batch) = self
+            .read_run(recipient, &keys, after, limit, now, mark)
+            .await?
+        {
+            return Ok(batch);
+        }
         let reply: Value = self
             .shared
             .scripts
@@ -903,6 +915,7 @@ impl RedisStorage {
             Some(Value::Array(items)) => std::mem::take(items),
             _ => return Err(bad_reply("an array")),
         };
+        self.shared.fronts.remember(recipient, int(reply.get(9))?);
         let lost_total = count(reply.first())?;
         let lost_confirmed = count(reply.get(1))?;
         let seqs_in = |at: usize| -> Result<Vec<Seq>> {
@@ -1299,10 +1312,11 @@ impl Storage for RedisStorage {
         for seq in &ack.passed_over {
             invocation.arg(seq.0);
         }
-        let (removed, freed, file_idle): (u64, i64, i64) = invocation
+        let (removed, freed, file_idle, head): (u64, i64, i64, i64) = invocation
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
+        self.shared.fronts.remember(recipient, head);
         self.after_commit(recipient, &hex, -freed, file_idle, -1)
             .await;
         Ok(removed)
