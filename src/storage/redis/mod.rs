@@ -920,7 +920,6 @@ impl RedisStorage {
             Some(Value::Array(items)) => std::mem::take(items),
             _ => return Err(bad_reply("an array")),
         };
-        self.shared.fronts.remember(recipient, int(reply.get(9))?);
         let lost_total = count(reply.first())?;
         let lost_confirmed = count(reply.get(1))?;
         let seqs_in = |at: usize| -> Result<Vec<Seq>> {
@@ -951,6 +950,15 @@ impl RedisStorage {
                 explicit => int(explicit)?,
             };
             records.push(decode_record(seq, raw, delivered));
+        }
+        if !matches!(self.shared.connection, Connection::Cluster(_)) {
+            let bodies: usize = records.iter().map(|r| r.body.len()).sum();
+            self.shared.fronts.after_read(
+                recipient,
+                int(reply.get(9))?,
+                int(reply.get(10))? == 1,
+                (bodies / records.len().max(1)) as u64,
+            );
         }
         Ok(ReadBatch {
             records,
@@ -1321,7 +1329,7 @@ impl Storage for RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        self.shared.fronts.remember(recipient, head);
+        self.shared.fronts.after_ack(recipient, head);
         self.after_commit(recipient, &hex, -freed, file_idle, -1)
             .await;
         Ok(removed)

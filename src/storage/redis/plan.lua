@@ -4,7 +4,7 @@
 -- ARGV: after (-1 = from the start), max messages, max bytes, now, mark (1/0), guess (the
 -- list index the caller expects the first record after `after` at).
 -- Returns {'run', loss total, loss confirmed, watermark before, first seq, count, first cum,
--- last cum}: the `count` records from the guessed index are the batch, none expired, their
+-- last cum, head}: the `count` records from the guessed index are the batch, none expired, their
 -- deliveries counted if asked; or {'miss', head} with nothing done: the caller reads as usual.
 local m = load_meta()
 if not m then return {'miss', -1} end
@@ -18,12 +18,37 @@ if m.live <= 0 or first > m.seq or m.tb > 0 or m.ex > 0 or m.ec > 0 or first - m
 end
 local n = math.min(max_m, m.seq - first + 1)
 local front = redis.call('LINDEX', LOG, guess)
-local last = n > 1 and redis.call('LINDEX', LOG, guess + n - 1) or front
-if not front or not last or #front < HEADER or #last < HEADER then return {'miss', m.head} end
+if not front or #front < HEADER then return {'miss', m.head} end
 local deadline = deadline_of(front)
 if deadline > 0 and deadline <= now then return {'miss', m.head} end
--- The run's body bytes, told by its ends; a batch cut by bytes is read as usual.
-if n > 1 and cum_of(last) + #last - HEADER - cum_of(front) > max_b then return {'miss', m.head} end
+-- The body bytes of the first k records, told by the records at the run's two ends (nil if
+-- the k-th is not a record).
+local function bytes_of(k)
+  local last = front
+  if k > 1 then last = redis.call('LINDEX', LOG, guess + k - 1) end
+  if not last or #last < HEADER then return nil end
+  return cum_of(last) + #last - HEADER - cum_of(front)
+end
+local last_cum = cum_of(front)
+local all = bytes_of(n)
+if not all then return {'miss', m.head} end
+if n > 1 and all > max_b then
+  -- The longest prefix within the byte bound (the first record goes even if it alone is
+  -- larger): a binary search, a record read per step.
+  local low, high = 1, n
+  while high - low > 1 do
+    local mid = math.floor((low + high) / 2)
+    local b = bytes_of(mid)
+    if not b then return {'miss', m.head} end
+    if b <= max_b then low = mid else high = mid end
+  end
+  n = low
+end
+if n > 1 then
+  local last = redis.call('LINDEX', LOG, guess + n - 1)
+  if not last or #last < HEADER then return {'miss', m.head} end
+  last_cum = cum_of(last)
+end
 local dw_before = m.dw
 if mark then
   -- First deliveries of a run that starts at the watermark or the front (nothing held
@@ -32,4 +57,4 @@ if mark then
   m.dw = first + n - 1
   save_meta(m)
 end
-return {'run', m.lt, m.lc, dw_before, first, n, cum_of(front), cum_of(last)}
+return {'run', m.lt, m.lc, dw_before, first, n, cum_of(front), last_cum, m.head}

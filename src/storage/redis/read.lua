@@ -2,12 +2,13 @@
 -- for each record returned, as mark.lua does; the reply tells the counts from before), idle
 -- ttl ms.
 -- Returns {loss total, loss confirmed, {expired seqs}, {damaged seqs}, watermark before,
---          first seq, {records}, {their seqs}, {their explicit counts}, head}: the seqs are
--- listed only when the records are not a run from the first seq, the counts only when the
--- queue keeps any (else false each); head is the seq at the log's front afterwards (-1:
--- no queue).
+--          first seq, {records}, {their seqs}, {their explicit counts}, head, plain}:
+-- the seqs are listed only when the records are not a run from the first seq, the counts
+-- only when the queue keeps any (else false each); head is the seq at the log's front
+-- afterwards (-1: no queue); plain is 1 when the queue is a plain run (no tombstones,
+-- exceptions or explicit counts), as `plan.lua` needs.
 local m = load_meta()
-if not m then return {0, 0, {}, {}, 0, 0, {}, {}, {}, -1} end
+if not m then return {0, 0, {}, {}, 0, 0, {}, {}, {}, -1, 0} end
 local after, max_m, max_b, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
 local dw_before = m.dw
@@ -118,4 +119,6 @@ if mark and returned > 0 then
 end
 if run then seqs = {} end
 if m.ec <= 0 then counts = {} end
-return {m.lt, m.lc, expired, damaged, dw_before, first, records, seqs, counts, m.head}
+local plain = 0
+if m.tb <= 0 and m.ex <= 0 and m.ec <= 0 then plain = 1 end
+return {m.lt, m.lc, expired, damaged, dw_before, first, records, seqs, counts, m.head, plain}

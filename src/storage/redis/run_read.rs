@@ -24,30 +24,65 @@ use crate::storage::ReadBatch;
 
 /// Queues whose front is remembered; past this the map starts over.
 const REMEMBERED: usize = 1 << 16;
+/// Longest batch read this way: the `LRANGE` is sized before the step runs.
+const MOST: u64 = 1000;
 
-/// The front seq of queues read or acked lately.
+/// What is remembered of a queue: its front seq, and the mean body length of its last
+/// batch (0: none seen).
+#[derive(Clone, Copy)]
+struct Front {
+    head: u64,
+    mean_body: u64,
+}
+
+/// The fronts of plain queues read or acked lately.
 #[derive(Default)]
-pub(super) struct Fronts(Mutex<HashMap<RecipientId, u64>>);
+pub(super) struct Fronts(Mutex<HashMap<RecipientId, Front>>);
 
 impl Fronts {
-    /// Remembers `recipient`'s front (`head` < 0: it has no queue).
-    pub fn remember(&self, recipient: &RecipientId, head: i64) {
+    /// After a read: remembers `recipient`'s front, `head`, and the mean body length of the
+    /// batch, if the queue is `plain` (a run `plan.lua` can take); else forgets it.
+    pub fn after_read(&self, recipient: &RecipientId, head: i64, plain: bool, mean_body: u64) {
         let mut fronts = self.0.lock();
-        if head < 0 {
+        if head < 0 || !plain {
             fronts.remove(recipient);
             return;
         }
         if fronts.len() >= REMEMBERED && !fronts.contains_key(recipient) {
             fronts.clear();
         }
-        fronts.insert(recipient.clone(), head as u64);
+        let front = fronts.entry(recipient.clone()).or_insert(Front {
+            head: 0,
+            mean_body: 0,
+        });
+        front.head = head as u64;
+        if mean_body > 0 {
+            front.mean_body = mean_body;
+        }
     }
 
-    /// The list index of the first record after `after`, if the front is remembered.
-    fn guess(&self, recipient: &RecipientId, after: Option<Seq>) -> Option<u64> {
-        let head = *self.0.lock().get(recipient)?;
-        let first = after.map_or(head, |seq| seq.0.saturating_add(1).max(head));
-        Some(first - head)
+    /// After an ack: moves a remembered front (`head` < 0: the queue is gone).
+    pub fn after_ack(&self, recipient: &RecipientId, head: i64) {
+        let mut fronts = self.0.lock();
+        if head < 0 {
+            fronts.remove(recipient);
+        } else if let Some(front) = fronts.get_mut(recipient) {
+            front.head = head as u64;
+        }
+    }
+
+    /// The list index of the first record after `after`, when the front is remembered and
+    /// the batch is likely bounded by its count, not its bytes (the `LRANGE` fetches a whole
+    /// count of records; a byte bound that cuts far below it would waste the rest).
+    fn guess(&self, recipient: &RecipientId, after: Option<Seq>, limit: BatchLimit) -> Option<u64> {
+        let front = *self.0.lock().get(recipient)?;
+        let count = limit.max_messages as u64;
+        let expected = count.checked_mul(front.mean_body)?.checked_mul(2)?;
+        if front.mean_body == 0 || count > MOST || expected > limit.max_bytes as u64 {
+            return None;
+        }
+        let first = after.map_or(front.head, |seq| seq.0.saturating_add(1).max(front.head));
+        Some(first - front.head)
     }
 }
 
@@ -66,10 +101,10 @@ impl RedisStorage {
         if matches!(self.shared.connection, Connection::Cluster(_)) {
             return Ok(None);
         }
-        let Some(guess) = self.shared.fronts.guess(recipient, after) else {
+        let Some(guess) = self.shared.fronts.guess(recipient, after, limit) else {
             return Ok(None);
         };
-        let max_messages = (limit.max_messages as u64).clamp(1, LUA_MAX);
+        let max_messages = (limit.max_messages as u64).clamp(1, MOST);
         let mut plan = self.shared.scripts.plan.command(&keys[..]);
         plan.arg(after.map_or(-1, |s| s.0 as i64))
             .arg(max_messages)
@@ -84,21 +119,25 @@ impl RedisStorage {
             .arg(&keys[1])
             .arg(guess)
             .arg(guess.saturating_add(max_messages - 1));
-        // Any failure (a server without the library, say) is left to the ordinary read,
-        // which reports it or recovers from it. MULTI ran all or nothing.
-        let Ok((plan, raws)) = pipe
+        let (plan, raws) = match pipe
             .query_async::<(Value, Vec<Vec<u8>>)>(&mut self.connection())
             .await
-        else {
-            return Ok(None);
+        {
+            Ok(reply) => reply,
+            // The connection failed: the step may have run, and a second read would count
+            // its deliveries twice. The caller sees the error, as from any step.
+            Err(error) if error.is_io_error() || error.is_timeout() => {
+                return Err(super::redis_error(error));
+            }
+            // The server refused (no library after a restart, out of memory: MULTI ran
+            // nothing): the ordinary read reports it or recovers from it.
+            Err(_) => return Ok(None),
         };
         let Value::Array(plan) = plan else {
             return Err(bad_reply("an array"));
         };
         if text(plan.first())? != "run" {
-            self.shared
-                .fronts
-                .remember(recipient, super::int(plan.get(1))?);
+            // The ordinary read that follows remembers the front, if the queue is plain.
             return Ok(None);
         }
         let lost_total = count(plan.get(1))?;
@@ -120,6 +159,14 @@ impl RedisStorage {
         }
         let mut records = Vec::with_capacity(n);
         let mut damaged = Vec::new();
+        let body_bytes: usize = raws[..n]
+            .iter()
+            .map(|r| r.len().saturating_sub(HEADER))
+            .sum();
+        let head = super::int(plan.get(8))?;
+        self.shared
+            .fronts
+            .after_read(recipient, head, true, (body_bytes / n) as u64);
         for (i, raw) in raws.into_iter().take(n).enumerate() {
             let seq = first + i as u64;
             if raw.len() < HEADER {
