@@ -21,33 +21,35 @@ local front = redis.call('LINDEX', LOG, guess)
 if not front or #front < HEADER then return {'miss', m.head} end
 local deadline = deadline_of(front)
 if deadline > 0 and deadline <= now then return {'miss', m.head} end
--- The body bytes of the first k records, told by the records at the run's two ends (nil if
--- the k-th is not a record).
-local function bytes_of(k)
-  local last = front
-  if k > 1 then last = redis.call('LINDEX', LOG, guess + k - 1) end
-  if not last or #last < HEADER then return nil end
-  return cum_of(last) + #last - HEADER - cum_of(front)
+-- The k-th record of the run (nil if it is not a record), and the body bytes of the run
+-- through it, told by its `cum` and the front's.
+local function at(k)
+  if k == 1 then return front end
+  local record = redis.call('LINDEX', LOG, guess + k - 1)
+  if not record or #record < HEADER then return nil end
+  return record
 end
-local last_cum = cum_of(front)
-local all = bytes_of(n)
-if not all then return {'miss', m.head} end
-if n > 1 and all > max_b then
+local function bytes_through(record)
+  return cum_of(record) + #record - HEADER - cum_of(front)
+end
+local last = at(n)
+if not last then return {'miss', m.head} end
+if n > 1 and bytes_through(last) > max_b then
   -- The longest prefix within the byte bound (the first record goes even if it alone is
   -- larger): a binary search, a record read per step.
   local low, high = 1, n
+  last = front
   while high - low > 1 do
     local mid = math.floor((low + high) / 2)
-    local b = bytes_of(mid)
-    if not b then return {'miss', m.head} end
-    if b <= max_b then low = mid else high = mid end
+    local record = at(mid)
+    if not record then return {'miss', m.head} end
+    if bytes_through(record) <= max_b then
+      low, last = mid, record
+    else
+      high = mid
+    end
   end
   n = low
-end
-if n > 1 then
-  local last = redis.call('LINDEX', LOG, guess + n - 1)
-  if not last or #last < HEADER then return {'miss', m.head} end
-  last_cum = cum_of(last)
 end
 local dw_before = m.dw
 if mark then
@@ -57,4 +59,4 @@ if mark then
   m.dw = first + n - 1
   save_meta(m)
 end
-return {'run', m.lt, m.lc, dw_before, first, n, cum_of(front), last_cum, m.head}
+return {'run', m.lt, m.lc, dw_before, first, n, cum_of(front), cum_of(last), m.head}
