@@ -92,7 +92,8 @@
 //! nobody writes under its prefix.
 //!
 //! Run Redis with `maxmemory-policy noeviction`: every key here has a TTL, so a `volatile-*`
-//! policy would evict a queue's keys one at a time. With `track_total_bytes`, the byte
+//! policy would evict a queue's keys one at a time. While such a Redis is full, appends fail
+//! (retryably) and everything else runs, so sessions still drain it. With `track_total_bytes`, the byte
 //! counter is exact while steps succeed; queues that vanish by TTL are not subtracted, so
 //! run maintenance (idle removal is) and treat the budget as approximate.
 
