@@ -1,7 +1,8 @@
 //! Redis restarted mid-load: a test-owned `redis-server` (AOF, `appendfsync always`, its own
 //! port and directory) is killed with SIGKILL while eight senders keep sending, then started
 //! again on the same files. Sends during the outage fail with retryable errors, the engine
-//! recovers by itself, and every send that returned `Ok` is still there.
+//! recovers by itself, and every send that returned `Ok` is still there. And a test-owned
+//! Redis that is full: appends fail, retryably, while reads and acks drain it.
 
 #![cfg(feature = "redis")]
 
@@ -24,6 +25,10 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start(port: u16, dir: &std::path::Path) -> Self {
+        Self::start_with(port, dir, &[])
+    }
+
+    fn start_with(port: u16, dir: &std::path::Path, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -34,6 +39,7 @@ impl OwnRedis {
                 "",
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(extra)
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -182,4 +188,79 @@ async fn a_redis_restart_mid_load_loses_no_acknowledged_send() {
         acknowledged.len(),
         failures.load(Ordering::Relaxed)
     );
+}
+
+/// A Redis at its `maxmemory` (policy `noeviction`) refuses appends with a retryable error,
+/// and still serves reads and acks, so sessions drain it; once drained, appends work again.
+#[tokio::test]
+async fn a_full_redis_refuses_appends_and_still_drains() {
+    use offline_queue::storage::NewRecord;
+    use offline_queue::{BatchLimit, MessageId, Quota, Storage};
+
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = OwnRedis::start_with(
+        port,
+        dir.path(),
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+    );
+    let storage = RedisStorage::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let now = Timestamp::now_system();
+    let record = || NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: now,
+        expires_at: None,
+        body: vec![7; 16 * 1024],
+    };
+    let mut stored = 0u64;
+    let refused = loop {
+        match storage
+            .append(&bob, vec![record()], &Quota::UNLIMITED, now)
+            .await
+        {
+            Ok(_) => stored += 1,
+            Err(error) => break error,
+        }
+        assert!(stored < 10_000, "4 MB never filled");
+    };
+    assert!(
+        refused.is_retryable(),
+        "a full Redis is retryable: {refused}"
+    );
+    assert!(stored > 0);
+
+    let mut drained = 0u64;
+    let mut after = None;
+    loop {
+        let batch = storage
+            .read_for_delivery(&bob, after, BatchLimit::default(), now)
+            .await
+            .expect("a full Redis still reads");
+        let Some(last) = batch.records.last() else {
+            break;
+        };
+        drained += batch.records.len() as u64;
+        after = Some(last.seq);
+        storage
+            .ack_through(&bob, last.seq, now)
+            .await
+            .expect("a full Redis still acks");
+    }
+    assert_eq!(drained, stored, "everything stored was delivered");
+    storage
+        .append(&bob, vec![record()], &Quota::UNLIMITED, now)
+        .await
+        .expect("drained, it takes appends again");
 }
