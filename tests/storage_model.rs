@@ -72,6 +72,10 @@ enum Op {
     ClockBack {
         secs: u64,
     },
+    /// The clock moves on with no purge: reads meet expired records in place.
+    Advance {
+        secs: u64,
+    },
     Remove {
         to: usize,
     },
@@ -94,6 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..50u64, 1..20usize, proptest::option::weighted(0.2, 60..120u64))
             .prop_map(|(advance_secs, budget, idle_secs)| Op::Purge { advance_secs, budget, idle_secs }),
         1 => (1..20u64).prop_map(|secs| Op::ClockBack { secs }),
+        1 => (1..60u64).prop_map(|secs| Op::Advance { secs }),
         1 => to.prop_map(|to| Op::Remove { to }),
     ]
 }
@@ -217,6 +222,10 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
             *went_back = true;
             *now = now.saturating_sub(secs * 1000).max(T0);
             "back".into()
+        }
+        Op::Advance { secs } => {
+            *now += secs * 1000;
+            "advanced".into()
         }
         Op::Read {
             to,

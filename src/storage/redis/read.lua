@@ -14,7 +14,10 @@ local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
 local dw_before = m.dw
 local first = math.max(after + 1, m.head)
 local expired, damaged, records, seqs, counts = {}, {}, {}, {}, {}
-local page = math.max(16, math.min(128, max_m))
+-- One record more than a batch: a read that fills its batch sees the record after it, and
+-- stops there unless it is expired (then, as every backend does, it goes on passing over
+-- expired records, up to a batch of them, until an unexpired one).
+local page = math.max(16, math.min(128, max_m) + 1)
 
 -- The common case, a run: no tombstones, no exceptions (so deadlines rise with seqs), no
 -- explicit delivery counts, and the first record not due, so none after it is. The page goes back as it came, cut to the
@@ -88,8 +91,7 @@ if not run then
       end
     end
     next_seq = next_seq + #chunk
-    -- A full batch ends here: fetching the next page would read a page of records for nothing.
-    if count >= max_m or #chunk < page then done = true end
+    if #chunk < page then done = true end
   end
   returned = count
 else
