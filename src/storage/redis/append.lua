@@ -1,13 +1,19 @@
--- ARGV: now, dedup window ms, max messages, max bytes, drop oldest (1/0), idle ttl ms, node,
--- record count, then per record: dedup (1/0), id, deadline ms (0 = never), record bytes (the
--- stored header without its leading `cum`, which is added here, then the body).
-local ARRIVING = HEADER - 8
+-- ARGV: the numbers, packed as seven big-endian doubles (now, dedup window ms, max messages,
+-- max bytes, drop oldest 1/0, idle ttl ms, record count); node; one byte per record, '1'
+-- where its id is deduplicated; then each record as stored but for its leading `cum`, which
+-- is added here (sent_at, id, deadline, body). Few arguments: Redis turns each into a Lua
+-- string, which costs more than reading numbers out of one.
 -- Returns {'full', live, bytes, adding, adding bytes} with nothing written, or
 -- {'ok', dropped, live, byte delta, file idle (touch or -1), file deadline (ms or -1), n,
 --  (stored 1/0, seq) * n, node count, nodes...}.
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local max_m, max_b = tonumber(ARGV[3]), tonumber(ARGV[4])
-local drop_oldest, ttl, node, n = ARGV[5] == '1', tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local ARRIVING = HEADER - 8
+local now, window, max_m, max_b, drop, ttl, n = struct.unpack('>ddddddd', ARGV[1])
+local drop_oldest, node, dedup_flags = drop == 1, ARGV[2], ARGV[3]
+-- Record i's argument, whether its id is deduplicated, its id and its deadline (0: none).
+local function arriving(i) return ARGV[3 + i] end
+local function deduplicated(i) return string.byte(dedup_flags, i) == 49 end
+local function id_of(record) return string.sub(record, 9, 24) end
+local function arriving_deadline(record) return (struct.unpack('>d', record, 25)) end
 
 local m = load_meta()
 if not m then
@@ -28,8 +34,9 @@ end
 local plan, in_batch = {}, {}
 local adding, adding_bytes = 0, 0
 for i = 1, n do
-  local at = 8 + (i - 1) * 4
-  local dedup, id, record = ARGV[at + 1] == '1', ARGV[at + 2], ARGV[at + 4]
+  local record = arriving(i)
+  local dedup = deduplicated(i)
+  local id = dedup and id_of(record)
   if dedup then
     local seq = m and m.ud > 0 and redis.call('HGET', DEDUP, id)
     local stored_at = seq and tonumber(redis.call('ZSCORE', DEDUP_AT, id))
@@ -106,12 +113,11 @@ else
   local earliest = -1
   for i = 1, n do
     if plan[i][1] == 'new' then
-      local at = 8 + (i - 1) * 4
       m.seq = m.seq + 1
       local seq = s(m.seq)
-      local record = ARGV[at + 4]
+      local record = arriving(i)
       records[#records + 1] = struct.pack('>d', m.cum) .. record
-      local deadline = tonumber(ARGV[at + 3])
+      local deadline = arriving_deadline(record)
       if deadline <= 0 then
         m.dmax = NEVER
       elseif deadline >= m.dmax then
@@ -122,11 +128,12 @@ else
         exceptions[#exceptions + 1] = seq
       end
       if deadline > 0 and (earliest < 0 or deadline < earliest) then earliest = deadline end
-      if ARGV[at + 1] == '1' and window > 0 then
-        ids[#ids + 1] = ARGV[at + 2]
+      if window > 0 and deduplicated(i) then
+        local id = id_of(record)
+        ids[#ids + 1] = id
         ids[#ids + 1] = seq
         id_times[#id_times + 1] = s(now)
-        id_times[#id_times + 1] = ARGV[at + 2]
+        id_times[#id_times + 1] = id
       end
       m.live = m.live + 1
       m.bytes = m.bytes + (#record - ARRIVING)

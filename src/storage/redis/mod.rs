@@ -1178,22 +1178,29 @@ impl Storage for RedisStorage {
             }
             None => 0,
         };
+        // The numbers go as one argument of packed doubles (exact below 2^53), the dedup
+        // flags as one of bytes: see append.lua.
+        let numbers = [
+            now.as_millis(),
+            quota.dedup_window_ms().min(LUA_MAX),
+            quota.max_messages.min(LUA_MAX),
+            quota.max_bytes.min(LUA_MAX),
+            u64::from(quota.overflow == Overflow::DropOldest),
+            self.idle_ttl_ms().min(LUA_MAX),
+            records.len() as u64,
+        ];
+        let packed: Vec<u8> = numbers
+            .iter()
+            .flat_map(|&n| (n as f64).to_be_bytes())
+            .collect();
+        let flags: Vec<u8> = records
+            .iter()
+            .map(|r| if r.dedup { b'1' } else { b'0' })
+            .collect();
         let mut invocation = self.shared.scripts.append.key(&keys[..]);
-        invocation
-            .arg(now.as_millis())
-            .arg(quota.dedup_window_ms().min(LUA_MAX))
-            .arg(quota.max_messages.min(LUA_MAX))
-            .arg(quota.max_bytes.min(LUA_MAX))
-            .arg(u8::from(quota.overflow == Overflow::DropOldest))
-            .arg(self.idle_ttl_ms())
-            .arg(&self.shared.node)
-            .arg(records.len());
+        invocation.arg(packed).arg(&self.shared.node).arg(flags);
         for record in &records {
-            invocation
-                .arg(u8::from(record.dedup))
-                .arg(&record.id.to_bytes()[..])
-                .arg(record.expires_at.map_or(0, Timestamp::as_millis))
-                .arg(encode_record(record));
+            invocation.arg(encode_record(record));
         }
         let reply = match invocation
             .invoke_async::<Value>(&mut self.connection())
