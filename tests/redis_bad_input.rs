@@ -101,3 +101,60 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
         .await
         .unwrap();
 }
+
+/// Metadata of another layout (another build of the crate, or someone else's string) is an
+/// error for every step of that recipient, and stays as it was.
+#[tokio::test]
+async fn metadata_of_another_layout_is_an_error_and_stays_untouched() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("layout");
+    let storage = redis_support::fresh(&target, &prefix).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let meta = format!("{prefix}:{{626f62}}:m2");
+    let theirs = vec![1u8; 96];
+    let _: () = redis::cmd("SET")
+        .arg(&meta)
+        .arg(&theirs)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    let bob = RecipientId::new("bob").unwrap();
+    let record = NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: Timestamp::now_system(),
+        expires_at: None,
+        body: b"hi\0".to_vec(),
+    };
+    let now = Timestamp::now_system();
+    let appended = storage
+        .append(&bob, vec![record], &Quota::UNLIMITED, now)
+        .await
+        .unwrap_err();
+    let read = storage
+        .read(&bob, None, offline_queue::BatchLimit::default(), now)
+        .await
+        .unwrap_err();
+    for error in [appended, read] {
+        assert!(!error.is_retryable(), "{error:?}");
+        assert!(error.to_string().contains("another version"), "{error}");
+    }
+    let kept: Vec<u8> = redis::cmd("GET")
+        .arg(&meta)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kept, theirs, "left as it was");
+    let _: () = redis::cmd("DEL")
+        .arg(&meta)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+}

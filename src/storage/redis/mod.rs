@@ -402,6 +402,9 @@ fn redis_error(error: redis::RedisError) -> Error {
         Some("OQWRONGTYPE") | Some("WRONGTYPE") => {
             format!("a key of this queue holds data of another type, left untouched: {error}")
         }
+        Some("OQLAYOUT") => {
+            format!("this queue's metadata is not in this build's layout, left untouched: {error}")
+        }
         _ => format!("redis: {error}"),
     };
     Error::Storage {

@@ -97,6 +97,11 @@ local PACKING = '>ddddddddddddddddd' -- one 'd' per field
 local function load_meta()
   local v = redis.call('GET', META)
   if not v then return nil end
+  if #v ~= 8 * #FIELDS then
+    -- Another build's layout (or someone else's data): refuse rather than misread it.
+    error(redis.error_reply('OQLAYOUT ' .. META .. ' holds ' .. #v .. ' bytes, not the ' ..
+      8 * #FIELDS .. ' of this layout: written by another version of offline-queue?'))
+  end
   -- One constructor, not a loop over FIELDS: a table grown field by field rehashes four
   -- times, which made loading the metadata cost more than the GET.
   local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb =
