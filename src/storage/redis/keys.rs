@@ -32,7 +32,7 @@ pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
     RecipientId::new(bytes?).ok()
 }
 
-/// The seven keys of one recipient, in the order the scripts expect (see `prelude.lua`).
+/// The seven keys of one recipient, in the order the steps expect (see `prelude.lua`).
 /// The metadata is `m2`: layout 2 (records in a list) shares no key of layout 1 that it
 /// could misread; queues of layout 1 are not read, and vanish by their TTLs.
 pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {

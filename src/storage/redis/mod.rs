@@ -139,7 +139,7 @@ const LUA_MAX: u64 = 1 << 53;
 
 /// The per-recipient steps (functions of one library) and the two scripts that touch only
 /// storage-wide keys.
-struct Scripts {
+struct Steps {
     append: Function,
     read: Function,
     plan: Function,
@@ -155,7 +155,7 @@ struct Scripts {
     refile: Script,
 }
 
-impl Scripts {
+impl Steps {
     fn new(library: &Arc<Library>) -> Self {
         Self {
             append: library.function("append"),
@@ -490,7 +490,7 @@ struct Shared {
     connection: Connection,
     options: RedisOptions,
     node: String,
-    scripts: Scripts,
+    steps: Steps,
     /// Fronts of queues read or acked lately, for reads of a run.
     fronts: run_read::Fronts,
     wakeups: Mutex<Option<fmpsc::UnboundedReceiver<RecipientId>>>,
@@ -592,7 +592,7 @@ impl RedisStorage {
             connection,
             options,
             node,
-            scripts: Scripts::new(&library),
+            steps: Steps::new(&library),
             fronts: run_read::Fronts::default(),
             wakeups: Mutex::new(Some(plumbing.wake_rx)),
             wake: plumbing.wake,
@@ -679,7 +679,7 @@ impl RedisStorage {
             let keys = keys::recipient_keys(&self.shared.options.prefix, hex);
             let forget: redis::RedisResult<i64> = self
                 .shared
-                .scripts
+                .steps
                 .forget
                 .key(&keys[..])
                 .invoke_async(&mut self.connection())
@@ -734,7 +734,7 @@ impl RedisStorage {
                 let keys = keys::recipient_keys(prefix, &hex);
                 let purged: redis::RedisResult<(u64, i64, i64)> = self
                     .shared
-                    .scripts
+                    .steps
                     .purge
                     .key(&keys[..])
                     .arg(now.as_millis())
@@ -762,7 +762,7 @@ impl RedisStorage {
                 // goes): each round progresses.
                 let _: i64 = self
                     .shared
-                    .scripts
+                    .steps
                     .refile
                     .key(&index)
                     .arg(&hex)
@@ -801,7 +801,7 @@ impl RedisStorage {
                 let keys = keys::recipient_keys(prefix, &hex);
                 let (state, records, freed): (i64, u64, i64) = self
                     .shared
-                    .scripts
+                    .steps
                     .idle
                     .key(&keys[..])
                     .arg(before)
@@ -813,7 +813,7 @@ impl RedisStorage {
                 // filed the queue meanwhile keeps its entry.
                 let _: i64 = self
                     .shared
-                    .scripts
+                    .steps
                     .refile
                     .key(&index)
                     .arg(&hex)
@@ -873,7 +873,7 @@ impl RedisStorage {
     async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
         let (ok, used): (u64, u64) = self
             .shared
-            .scripts
+            .steps
             .reserve
             .key(keys::total_bytes(&self.shared.options.prefix))
             .arg(adding)
@@ -906,7 +906,7 @@ impl RedisStorage {
         }
         let reply: Value = self
             .shared
-            .scripts
+            .steps
             .read
             .key(&keys[..])
             .arg(after.map_or(-1, |s| s.0 as i64))
@@ -1038,7 +1038,7 @@ async fn run_node(
                     let (_, keys) = storage.keys(recipient);
                     let result: redis::RedisResult<i64> = storage
                         .shared
-                        .scripts
+                        .steps
                         .presence
                         .key(&keys[..])
                         .arg(&storage.shared.node)
@@ -1200,7 +1200,7 @@ impl Storage for RedisStorage {
             .iter()
             .map(|r| if r.dedup { b'1' } else { b'0' })
             .collect();
-        let mut invocation = self.shared.scripts.append.key(&keys[..]);
+        let mut invocation = self.shared.steps.append.key(&keys[..]);
         invocation.arg(packed).arg(&self.shared.node).arg(flags);
         for record in &records {
             invocation.arg(encode_record(record));
@@ -1305,7 +1305,7 @@ impl Storage for RedisStorage {
             return Ok(());
         }
         let (_, keys) = self.keys(recipient);
-        let mut invocation = self.shared.scripts.mark.key(&keys[..]);
+        let mut invocation = self.shared.steps.mark.key(&keys[..]);
         invocation.arg(self.idle_ttl_ms());
         for seq in seqs {
             invocation.arg(seq.0);
@@ -1319,7 +1319,7 @@ impl Storage for RedisStorage {
 
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
         let (hex, keys) = self.keys(recipient);
-        let mut invocation = self.shared.scripts.ack.key(&keys[..]);
+        let mut invocation = self.shared.steps.ack.key(&keys[..]);
         invocation
             .arg(ack.through.map_or(-1, |s| s.0 as i64))
             .arg(now.as_millis())
@@ -1373,7 +1373,7 @@ impl Storage for RedisStorage {
         let (_, keys) = self.keys(recipient);
         let reply: Value = self
             .shared
-            .scripts
+            .steps
             .stats
             .key(&keys[..])
             .invoke_async(&mut self.connection())
@@ -1399,7 +1399,7 @@ impl Storage for RedisStorage {
         let (_, keys) = self.keys(recipient);
         let (removed, freed): (u64, i64) = self
             .shared
-            .scripts
+            .steps
             .remove
             .key(&keys[..])
             .invoke_async(&mut self.connection())

@@ -105,7 +105,7 @@ impl RedisStorage {
             return Ok(None);
         };
         let max_messages = (limit.max_messages as u64).clamp(1, MOST);
-        let mut plan = self.shared.scripts.plan.command(&keys[..]);
+        let mut plan = self.shared.steps.plan.command(&keys[..]);
         plan.arg(after.map_or(-1, |s| s.0 as i64))
             .arg(max_messages)
             .arg((limit.max_bytes as u64).min(LUA_MAX))
