@@ -41,19 +41,30 @@ async fn a_prefix_with_braces_is_refused() {
     assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}");
 }
 
-#[tokio::test]
-async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
-    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
-        return;
+/// A storage under a fresh prefix on the single server, with a plain connection beside it
+/// to plant someone else's data; `None` (skipped) without `OFFLINE_QUEUE_REDIS_URL`.
+async fn with_raw_connection(
+    what: &str,
+) -> Option<(String, RedisStorage, redis::aio::MultiplexedConnection)> {
+    let target @ redis_support::Target::Single(_) = redis_support::Target::single()? else {
+        return None;
     };
     let redis_support::Target::Single(url) = &target else {
         unreachable!()
     };
-    let prefix = redis_support::unique_prefix("wrongtype");
+    let prefix = redis_support::unique_prefix(what);
     let storage = redis_support::fresh(&target, &prefix).await;
-    // Someone else's list where our dedup hash for "bob" would be.
     let client = redis::Client::open(url.as_str()).unwrap();
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let raw = client.get_multiplexed_async_connection().await.unwrap();
+    Some((prefix, storage, raw))
+}
+
+#[tokio::test]
+async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
+    let Some((prefix, storage, mut raw)) = with_raw_connection("wrongtype").await else {
+        return;
+    };
+    // Someone else's list where our dedup hash for "bob" would be.
     let theirs = format!("{prefix}:{{626f62}}:u");
     let _: () = redis::cmd("RPUSH")
         .arg(&theirs)
@@ -106,16 +117,9 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
 /// error for every step of that recipient, and stays as it was.
 #[tokio::test]
 async fn metadata_of_another_layout_is_an_error_and_stays_untouched() {
-    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+    let Some((prefix, storage, mut raw)) = with_raw_connection("layout").await else {
         return;
     };
-    let redis_support::Target::Single(url) = &target else {
-        unreachable!()
-    };
-    let prefix = redis_support::unique_prefix("layout");
-    let storage = redis_support::fresh(&target, &prefix).await;
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
     let meta = format!("{prefix}:{{626f62}}:m2");
     let theirs = vec![1u8; 96];
     let _: () = redis::cmd("SET")

@@ -73,6 +73,18 @@ impl Drop for OwnRedis {
     }
 }
 
+/// Whether Debian's `redis-server` is here to start; says the test is skipped if not.
+fn redis_server_installed() -> bool {
+    let installed = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !installed {
+        eprintln!("skipped: redis-server is not installed");
+    }
+    installed
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -93,12 +105,7 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_load_loses_no_acknowledged_send() {
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: redis-server is not installed");
+    if !redis_server_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -197,12 +204,7 @@ async fn a_full_redis_refuses_appends_and_still_drains() {
     use offline_queue::storage::NewRecord;
     use offline_queue::{BatchLimit, MessageId, Quota, Storage};
 
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: redis-server is not installed");
+    if !redis_server_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

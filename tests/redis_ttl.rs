@@ -13,6 +13,15 @@ use offline_queue::{
     MessageId, Quota, RecipientId, RedisStorage, Seq, Storage, StorageExt, Timestamp,
 };
 
+/// Asserts that `key` expires, and no later than `ttl` from now.
+async fn assert_ttl_within(raw: &mut redis::aio::MultiplexedConnection, key: &str, ttl: Duration) {
+    let pttl: i64 = redis::cmd("PTTL").arg(key).query_async(raw).await.unwrap();
+    assert!(
+        pttl > 0 && pttl <= ttl.as_millis() as i64,
+        "{key} has no TTL ({pttl})"
+    );
+}
+
 #[tokio::test]
 async fn every_recipient_key_carries_a_ttl() {
     let Some(redis_support::Target::Single(url)) = redis_support::Target::single() else {
@@ -75,15 +84,7 @@ async fn every_recipient_key_carries_a_ttl() {
         "meta, log, exceptions, deliveries, dedup ids and times: {keys:?}"
     );
     for key in keys {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(&key)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        assert!(
-            pttl > 0 && pttl <= ttl.as_millis() as i64,
-            "{key} has no TTL ({pttl})"
-        );
+        assert_ttl_within(&mut raw, &key, ttl).await;
     }
     storage.remove_recipient(&bob).await.unwrap();
 }
@@ -196,15 +197,7 @@ async fn a_log_recreated_after_drop_oldest_keeps_a_ttl() {
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(format!("{prefix}:{{626f62}}:l"))
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert!(
-        pttl > 0 && pttl <= ttl.as_millis() as i64,
-        "the log has no TTL ({pttl})"
-    );
+    assert_ttl_within(&mut raw, &format!("{prefix}:{{626f62}}:l"), ttl).await;
     storage.remove_recipient(&bob).await.unwrap();
 }
 
