@@ -98,6 +98,7 @@ where
     dedup(&*make().await).await;
     quota_reject_is_atomic(&*make().await).await;
     quota_drop_oldest(&*make().await).await;
+    append_one(&*make().await).await;
     loss_confirmation_is_idempotent(&*make().await).await;
     global_budget(&*make().await).await;
     expiry(&*make().await).await;
@@ -539,6 +540,73 @@ pub async fn quota_drop_oldest(storage: &dyn Storage) {
         0,
         "reported loss is forgotten"
     );
+}
+
+/// `append_one` is `append` with a batch of one: seqs, dedup, quotas and drops alike.
+pub async fn append_one(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 2,
+        max_bytes: 1000,
+        overflow: Overflow::Reject,
+        ..Quota::UNLIMITED
+    };
+    let first = storage
+        .append_one(&bob, record(b"a"), &quota, T0)
+        .await
+        .unwrap();
+    let Appended::Stored(first_seq) = first.record else {
+        panic!("a new record is stored: {first:?}");
+    };
+    assert_eq!((first.pending, first.dropped), (1, 0));
+    let batch = append(storage, &bob, vec![record(b"b")]).await;
+    assert!(
+        batch[0] > first_seq,
+        "append_one and append share one seq order"
+    );
+
+    let full = storage.append_one(&bob, record(b"c"), &quota, T0).await;
+    assert!(
+        matches!(full, Err(crate::Error::QueueFull { .. })),
+        "append_one keeps the quota: {full:?}"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"a", b"b"],
+        "nothing written"
+    );
+
+    let dropping = Quota {
+        overflow: Overflow::DropOldest,
+        ..quota
+    };
+    let dropped = storage
+        .append_one(&bob, record(b"c"), &dropping, T0)
+        .await
+        .unwrap();
+    assert_eq!((dropped.dropped, dropped.pending), (1, 2), "{dropped:?}");
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"b", b"c"],
+        "oldest dropped"
+    );
+
+    let alice = recipient("alice");
+    let id = MessageId::generate();
+    let original = storage
+        .append_one(&alice, deduped(b"x", id), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    let again = storage
+        .append_one(&alice, deduped(b"x", id), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.record,
+        Appended::Duplicate(original.record.seq()),
+        "a repeated id is a duplicate of the original"
+    );
+    assert_eq!(bodies(storage, &alice, T0).await, [b"x"], "stored once");
 }
 
 /// Confirming a loss report is idempotent and never hides a later loss: the total only grows,

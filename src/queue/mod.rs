@@ -222,18 +222,24 @@ impl OfflineQueueBuilder {
     }
 }
 
-fn receipt(
-    id: MessageId,
-    appended: Appended,
-    outcome: &AppendOutcome,
-    online: bool,
-) -> SendReceipt {
+/// What an append did, as the engine needs it after: counts and the nudge to consider.
+struct AppendSummary {
+    stored: u64,
+    duplicates: u64,
+    dropped: u64,
+    pending: u64,
+    live_elsewhere: bool,
+    /// The most urgent of the newly stored messages' urgencies, if any was stored.
+    strongest: Option<Urgency>,
+}
+
+fn receipt(id: MessageId, appended: Appended, dropped: u64, online: bool) -> SendReceipt {
     SendReceipt {
         id,
         seq: appended.seq(),
         duplicate: matches!(appended, Appended::Duplicate(_)),
         recipient_online: online,
-        dropped: outcome.dropped,
+        dropped,
     }
 }
 
@@ -277,9 +283,27 @@ impl OfflineQueue {
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
         let (recipient, record, urgency) = self.prepare(envelope)?;
-        let id = record.id;
-        let (outcome, online) = self.store(&recipient, vec![record], &[urgency]).await?;
-        Ok(receipt(id, outcome.records[0], &outcome, online))
+        let inner = &self.inner;
+        let (id, now) = (record.id, record.sent_at);
+        let outcome = inner
+            .storage
+            .append_one(&recipient, record, &inner.quota, now)
+            .await
+            .map_err(|error| self.append_failed(&recipient, error))?;
+        let stored = matches!(outcome.record, Appended::Stored(_));
+        let online = self.after_append(
+            &recipient,
+            AppendSummary {
+                stored: u64::from(stored),
+                duplicates: u64::from(!stored),
+                dropped: outcome.dropped,
+                pending: outcome.pending,
+                live_elsewhere: outcome.live_elsewhere,
+                strongest: stored.then_some(urgency),
+            },
+            now,
+        );
+        Ok(receipt(id, outcome.record, outcome.dropped, online))
     }
 
     /// Stores many messages. Every envelope is validated first: if any is invalid, that error is
@@ -321,7 +345,7 @@ impl OfflineQueue {
                     for ((index, id), appended) in
                         group.indexes.into_iter().zip(ids).zip(&outcome.records)
                     {
-                        results[index] = Some(Ok(receipt(id, *appended, &outcome, online)));
+                        results[index] = Some(Ok(receipt(id, *appended, outcome.dropped, online)));
                     }
                 }
                 Err(error) => {
@@ -379,62 +403,81 @@ impl OfflineQueue {
         let now = records
             .first()
             .map_or_else(|| inner.clock.now(), |r| r.sent_at);
-        let outcome = match inner
+        let outcome = inner
             .storage
             .append(recipient, records, &inner.quota, now)
             .await
-        {
-            Ok(outcome) => outcome,
-            Err(error) => {
-                let counter = match &error {
-                    Error::QueueFull { .. } => &inner.metrics.rejected_queue_full,
-                    Error::StorageFull { .. } => &inner.metrics.rejected_storage_full,
-                    _ => &inner.metrics.storage_errors,
-                };
-                metrics::add(counter, 1);
-                tracing::debug!(%recipient, %error, "send failed");
-                return Err(error);
-            }
-        };
+            .map_err(|error| self.append_failed(recipient, error))?;
         let stored = outcome
             .records
             .iter()
             .filter(|a| matches!(a, Appended::Stored(_)))
             .count() as u64;
-        metrics::add(&inner.metrics.stored, stored);
-        metrics::add(
-            &inner.metrics.duplicates,
-            outcome.records.len() as u64 - stored,
+        // The most urgent of the newly stored messages decides the nudge.
+        let strongest = urgencies
+            .iter()
+            .zip(&outcome.records)
+            .filter(|(_, a)| matches!(a, Appended::Stored(_)))
+            .map(|(urgency, _)| *urgency)
+            .min_by_key(|u| match u {
+                Urgency::Urgent => 0,
+                Urgency::Background => 1,
+                Urgency::Silent => 2,
+            });
+        let online = self.after_append(
+            recipient,
+            AppendSummary {
+                stored,
+                duplicates: outcome.records.len() as u64 - stored,
+                dropped: outcome.dropped,
+                pending: outcome.pending,
+                live_elsewhere: outcome.live_elsewhere,
+                strongest,
+            },
+            now,
         );
-        metrics::add(&inner.metrics.dropped, outcome.dropped);
+        Ok((outcome, online))
+    }
 
-        let online = self.wake_if_live(recipient, stored > 0) || outcome.live_elsewhere;
-        if !online {
-            // The most urgent of the newly stored messages decides the nudge.
-            let strongest = urgencies
-                .iter()
-                .zip(&outcome.records)
-                .filter(|(_, a)| matches!(a, Appended::Stored(_)))
-                .map(|(urgency, _)| *urgency)
-                .min_by_key(|u| match u {
-                    Urgency::Urgent => 0,
-                    Urgency::Background => 1,
-                    Urgency::Silent => 2,
-                });
-            if let Some(urgency) = strongest.filter(|u| *u != Urgency::Silent) {
-                let reason =
-                    inner
-                        .nudges
-                        .lock()
-                        .on_stored(&inner.notify_policy, recipient, urgency, now);
-                match reason {
-                    Some(reason) => self.nudge(recipient, Some(outcome.pending), reason),
-                    None => metrics::add(&inner.metrics.notifications_coalesced, 1),
-                }
+    /// Counts a failed append and passes its error on.
+    fn append_failed(&self, recipient: &RecipientId, error: Error) -> Error {
+        let metrics = &self.inner.metrics;
+        let counter = match &error {
+            Error::QueueFull { .. } => &metrics.rejected_queue_full,
+            Error::StorageFull { .. } => &metrics.rejected_storage_full,
+            _ => &metrics.storage_errors,
+        };
+        metrics::add(counter, 1);
+        tracing::debug!(%recipient, %error, "send failed");
+        error
+    }
+
+    /// After an append: counts it, then wakes the recipient's live session or nudges. Returns
+    /// whether the recipient is online.
+    fn after_append(
+        &self,
+        recipient: &RecipientId,
+        summary: AppendSummary,
+        now: Timestamp,
+    ) -> bool {
+        let inner = &self.inner;
+        metrics::add(&inner.metrics.stored, summary.stored);
+        metrics::add(&inner.metrics.duplicates, summary.duplicates);
+        metrics::add(&inner.metrics.dropped, summary.dropped);
+        let online = self.wake_if_live(recipient, summary.stored > 0) || summary.live_elsewhere;
+        if !online && let Some(urgency) = summary.strongest.filter(|u| *u != Urgency::Silent) {
+            let reason =
+                inner
+                    .nudges
+                    .lock()
+                    .on_stored(&inner.notify_policy, recipient, urgency, now);
+            match reason {
+                Some(reason) => self.nudge(recipient, Some(summary.pending), reason),
+                None => metrics::add(&inner.metrics.notifications_coalesced, 1),
             }
         }
-        tracing::trace!(%recipient, stored, online, "stored");
-        Ok((outcome, online))
+        tracing::trace!(%recipient, stored = summary.stored, online, "stored");
+        online
     }
 
     fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {

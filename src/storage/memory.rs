@@ -25,8 +25,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{
-    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
-    Storage, StoredRecord,
+    Ack, AppendOneOutcome, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome,
+    ReadBatch, RecipientStats, Storage, StoredRecord,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -148,6 +148,169 @@ impl MemoryStorage {
         batch
     }
 
+    /// The append behind `append` and `append_one`: `records` is a vector or a one-record
+    /// array, and each record's outcome goes to `outcome`, in input order. Returns the records
+    /// dropped to make room and the queue's length after.
+    fn append_records<R>(
+        &self,
+        recipient: &RecipientId,
+        records: R,
+        quota: &Quota,
+        now: Timestamp,
+        mut outcome: impl FnMut(Appended),
+    ) -> Result<(u64, u64)>
+    where
+        R: AsRef<[NewRecord]> + IntoIterator<Item = NewRecord>,
+    {
+        let now = now.as_millis();
+        let mut shard = self.shard(recipient).lock();
+        let shard = &mut *shard;
+        shard.prune_dedup(now, quota.dedup_window_ms());
+
+        // Plan without writing: which records are new, and what they cost.
+        enum Plan {
+            New(usize),
+            Dup(Seq),
+            DupOfNew(usize),
+        }
+        // Without sender-chosen ids every record is new: no plan to allocate.
+        let mut plan = records
+            .as_ref()
+            .iter()
+            .any(|r| r.dedup)
+            .then(|| Vec::with_capacity(records.as_ref().len()));
+        let mut batch_ids: HashMap<MessageId, usize> = HashMap::new();
+        let (mut adding, mut adding_bytes) = (0u64, 0u64);
+        for record in records.as_ref() {
+            if let Some(plan) = plan.as_mut()
+                && record.dedup
+            {
+                // Pruning stops at the first entry inside the window, and entries are not
+                // strictly in time order (a clock step back): check the age here too.
+                if let Some(&(seq, at)) = shard
+                    .dedup
+                    .get(recipient)
+                    .and_then(|ids| ids.get(&record.id))
+                    && now.saturating_sub(at) < quota.dedup_window_ms()
+                {
+                    plan.push(Plan::Dup(seq));
+                    continue;
+                }
+                if let Some(&index) = batch_ids.get(&record.id) {
+                    plan.push(Plan::DupOfNew(index));
+                    continue;
+                }
+                batch_ids.insert(record.id, adding as usize);
+            }
+            if let Some(plan) = plan.as_mut() {
+                plan.push(Plan::New(adding as usize));
+            }
+            adding += 1;
+            adding_bytes += record.body.len() as u64;
+        }
+
+        let slot = shard.slot_of(recipient);
+        let (live, bytes) = slot.map_or((0, 0), |s| {
+            let q = &shard.queues[s as usize];
+            (q.live, q.bytes)
+        });
+        let mut drop_count = 0usize;
+        let mut drop_bytes = 0u64;
+        if quota.admit(live, bytes, adding, adding_bytes)? {
+            let queue = &shard.queues[slot.expect("a full queue exists") as usize];
+            let (mut keep, mut keep_bytes) = (live, bytes);
+            for record in queue.records.iter().filter(|r| !r.removed) {
+                if quota.fits(keep, keep_bytes, adding, adding_bytes) {
+                    break;
+                }
+                keep -= 1;
+                keep_bytes -= record.body.len() as u64;
+                drop_count += 1;
+                drop_bytes += record.body.len() as u64;
+            }
+        }
+        if adding_bytes > drop_bytes {
+            self.reserve(adding_bytes - drop_bytes, quota.max_total_bytes)?;
+        } else {
+            self.release(drop_bytes - adding_bytes);
+        }
+
+        // Write.
+        if adding == 0 {
+            for p in plan.unwrap_or_default() {
+                match p {
+                    Plan::Dup(seq) => outcome(Appended::Duplicate(seq)),
+                    Plan::New(_) | Plan::DupOfNew(_) => unreachable!("nothing new to store"),
+                }
+            }
+            return Ok((0, live));
+        }
+        let slot = match slot {
+            Some(slot) => slot,
+            None => shard.insert_slot(recipient),
+        };
+        let window_ms = quota.dedup_window_ms();
+        let queue = &mut shard.queues[slot as usize];
+        for _ in 0..drop_count {
+            let index = queue
+                .records
+                .iter()
+                .position(|r| !r.removed)
+                .expect("planned drops exist");
+            queue.remove_at(index);
+        }
+        queue.lost_total += drop_count as u64;
+        let mut dedup_new = Vec::new();
+        // New records take consecutive seqs from here.
+        let first_seq = shard.next_seq + 1;
+        for (index, record) in records.into_iter().enumerate() {
+            if plan
+                .as_ref()
+                .is_some_and(|plan| !matches!(plan[index], Plan::New(_)))
+            {
+                continue;
+            }
+            shard.next_seq += 1;
+            let seq = shard.next_seq;
+            if record.dedup && window_ms > 0 {
+                dedup_new.push((record.id, Seq(seq)));
+            }
+            shard.queues[slot as usize].push(Record {
+                seq,
+                sent_at: record.sent_at.as_millis(),
+                expires_at: record.expires_at.map_or(NEVER, Timestamp::as_millis),
+                id: record.id,
+                delivery_count: 0,
+                removed: false,
+                out_of_order: false,
+                // Boxed first: a body with spare capacity (compressed, or a reused buffer) would
+                // otherwise hold memory its byte count does not show.
+                body: Bytes::from(record.body.into_boxed_slice()),
+            });
+        }
+        for (id, seq) in dedup_new {
+            shard
+                .dedup
+                .entry(recipient.clone())
+                .or_default()
+                .insert(id, (seq, now));
+            shard.dedup_order.push_back((now, recipient.clone(), id));
+        }
+        let pending = shard.queues[slot as usize].live;
+        shard.settle(slot, Some(now));
+        match plan {
+            None => (0..adding).for_each(|i| outcome(Appended::Stored(Seq(first_seq + i)))),
+            Some(plan) => plan.into_iter().for_each(|p| {
+                outcome(match p {
+                    Plan::New(i) => Appended::Stored(Seq(first_seq + i as u64)),
+                    Plan::DupOfNew(i) => Appended::Duplicate(Seq(first_seq + i as u64)),
+                    Plan::Dup(seq) => Appended::Duplicate(seq),
+                })
+            }),
+        }
+        Ok((drop_count as u64, pending))
+    }
+
     /// Reserves `adding` bytes of the global budget, atomically.
     fn reserve(&self, adding: u64, max: Option<u64>) -> Result<()> {
         let Some(max) = max else {
@@ -186,7 +349,7 @@ struct RecipientQueue {
     records: VecDeque<Record>,
     live: u64,
     bytes: u64,
-    /// Losses ever counted, from a base that only grows (see `slot_or_insert`).
+    /// Losses ever counted, from a base that only grows (see `insert_slot`).
     lost_total: u64,
     /// Losses the client confirmed it was told of; `lost_total - lost_confirmed` are pending.
     lost_confirmed: u64,
@@ -307,10 +470,8 @@ impl Shard {
         self.by_id.get(recipient).copied()
     }
 
-    fn slot_or_insert(&mut self, recipient: &RecipientId) -> u32 {
-        if let Some(slot) = self.slot_of(recipient) {
-            return slot;
-        }
+    /// A new queue for `recipient`, which has none.
+    fn insert_slot(&mut self, recipient: &RecipientId) -> u32 {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -408,161 +569,30 @@ impl Storage for MemoryStorage {
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome> {
-        let now = now.as_millis();
-        let mut shard = self.shard(recipient).lock();
-        let shard = &mut *shard;
-        shard.prune_dedup(now, quota.dedup_window_ms());
-
-        // Plan without writing: which records are new, and what they cost.
-        enum Plan {
-            New(usize),
-            Dup(Seq),
-            DupOfNew(usize),
-        }
-        // Without sender-chosen ids every record is new: no plan to allocate.
-        let mut plan = records
-            .iter()
-            .any(|r| r.dedup)
-            .then(|| Vec::with_capacity(records.len()));
-        let mut batch_ids: HashMap<MessageId, usize> = HashMap::new();
-        let (mut adding, mut adding_bytes) = (0u64, 0u64);
-        for record in &records {
-            if let Some(plan) = plan.as_mut()
-                && record.dedup
-            {
-                // Pruning stops at the first entry inside the window, and entries are not
-                // strictly in time order (a clock step back): check the age here too.
-                if let Some(&(seq, at)) = shard
-                    .dedup
-                    .get(recipient)
-                    .and_then(|ids| ids.get(&record.id))
-                    && now.saturating_sub(at) < quota.dedup_window_ms()
-                {
-                    plan.push(Plan::Dup(seq));
-                    continue;
-                }
-                if let Some(&index) = batch_ids.get(&record.id) {
-                    plan.push(Plan::DupOfNew(index));
-                    continue;
-                }
-                batch_ids.insert(record.id, adding as usize);
-            }
-            if let Some(plan) = plan.as_mut() {
-                plan.push(Plan::New(adding as usize));
-            }
-            adding += 1;
-            adding_bytes += record.body.len() as u64;
-        }
-
-        let slot = shard.slot_of(recipient);
-        let (live, bytes) = slot.map_or((0, 0), |s| {
-            let q = &shard.queues[s as usize];
-            (q.live, q.bytes)
-        });
-        let mut drop_count = 0usize;
-        let mut drop_bytes = 0u64;
-        if quota.admit(live, bytes, adding, adding_bytes)? {
-            let queue = &shard.queues[slot.expect("a full queue exists") as usize];
-            let (mut keep, mut keep_bytes) = (live, bytes);
-            for record in queue.records.iter().filter(|r| !r.removed) {
-                if quota.fits(keep, keep_bytes, adding, adding_bytes) {
-                    break;
-                }
-                keep -= 1;
-                keep_bytes -= record.body.len() as u64;
-                drop_count += 1;
-                drop_bytes += record.body.len() as u64;
-            }
-        }
-        if adding_bytes > drop_bytes {
-            self.reserve(adding_bytes - drop_bytes, quota.max_total_bytes)?;
-        } else {
-            self.release(drop_bytes - adding_bytes);
-        }
-
-        // Write.
-        if adding == 0 {
-            let results = plan
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| match p {
-                    Plan::Dup(seq) => Appended::Duplicate(seq),
-                    Plan::New(_) | Plan::DupOfNew(_) => unreachable!("nothing new to store"),
-                })
-                .collect();
-            return Ok(AppendOutcome {
-                records: results,
-                dropped: 0,
-                pending: live,
-                live_elsewhere: false,
-            });
-        }
-        let slot = shard.slot_or_insert(recipient);
-        let window_ms = quota.dedup_window_ms();
-        let queue = &mut shard.queues[slot as usize];
-        for _ in 0..drop_count {
-            let index = queue
-                .records
-                .iter()
-                .position(|r| !r.removed)
-                .expect("planned drops exist");
-            queue.remove_at(index);
-        }
-        queue.lost_total += drop_count as u64;
-        let mut dedup_new = Vec::new();
-        // New records take consecutive seqs from here.
-        let first_seq = shard.next_seq + 1;
-        for (index, record) in records.into_iter().enumerate() {
-            if plan
-                .as_ref()
-                .is_some_and(|plan| !matches!(plan[index], Plan::New(_)))
-            {
-                continue;
-            }
-            shard.next_seq += 1;
-            let seq = shard.next_seq;
-            if record.dedup && window_ms > 0 {
-                dedup_new.push((record.id, Seq(seq)));
-            }
-            shard.queues[slot as usize].push(Record {
-                seq,
-                sent_at: record.sent_at.as_millis(),
-                expires_at: record.expires_at.map_or(NEVER, Timestamp::as_millis),
-                id: record.id,
-                delivery_count: 0,
-                removed: false,
-                out_of_order: false,
-                // Boxed first: a body with spare capacity (compressed, or a reused buffer) would
-                // otherwise hold memory its byte count does not show.
-                body: Bytes::from(record.body.into_boxed_slice()),
-            });
-        }
-        for (id, seq) in dedup_new {
-            shard
-                .dedup
-                .entry(recipient.clone())
-                .or_default()
-                .insert(id, (seq, now));
-            shard.dedup_order.push_back((now, recipient.clone(), id));
-        }
-        let pending = shard.queues[slot as usize].live;
-        shard.settle(slot, Some(now));
-        let results = match plan {
-            None => (0..adding)
-                .map(|i| Appended::Stored(Seq(first_seq + i)))
-                .collect(),
-            Some(plan) => plan
-                .into_iter()
-                .map(|p| match p {
-                    Plan::New(i) => Appended::Stored(Seq(first_seq + i as u64)),
-                    Plan::DupOfNew(i) => Appended::Duplicate(Seq(first_seq + i as u64)),
-                    Plan::Dup(seq) => Appended::Duplicate(seq),
-                })
-                .collect(),
-        };
+        let mut results = Vec::with_capacity(records.len());
+        let (dropped, pending) =
+            self.append_records(recipient, records, quota, now, |r| results.push(r))?;
         Ok(AppendOutcome {
             records: results,
-            dropped: drop_count as u64,
+            dropped,
+            pending,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn append_one(
+        &self,
+        recipient: &RecipientId,
+        record: NewRecord,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOneOutcome> {
+        let mut result = None;
+        let (dropped, pending) =
+            self.append_records(recipient, [record], quota, now, |r| result = Some(r))?;
+        Ok(AppendOneOutcome {
+            record: result.expect("one outcome per record"),
+            dropped,
             pending,
             live_elsewhere: false,
         })

@@ -125,6 +125,20 @@ pub struct AppendOutcome {
     pub live_elsewhere: bool,
 }
 
+/// What an append of one record did ([`Storage::append_one`]): an [`AppendOutcome`] without
+/// the vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOneOutcome {
+    /// Stored, or a duplicate of a record appended within the dedup window.
+    pub record: Appended,
+    /// Records removed by `Overflow::DropOldest` to make room (added to the lost counter).
+    pub dropped: u64,
+    /// Records in the recipient's queue after the append (a hint for push notifications).
+    pub pending: u64,
+    /// True if a node sharing this storage holds a live session for the recipient.
+    pub live_elsewhere: bool,
+}
+
 /// What a read returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadBatch {
@@ -227,6 +241,31 @@ pub trait Storage: Send + Sync + 'static {
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome>;
+
+    /// Appends one record, as [`Storage::append`] with a batch of one does. The engine's
+    /// `send` calls this; a backend whose append is cheap next to a vector's allocation (one
+    /// in memory) implements it without the two vectors. The default calls `append`.
+    ///
+    /// # Errors
+    /// As [`Storage::append`].
+    async fn append_one(
+        &self,
+        recipient: &RecipientId,
+        record: NewRecord,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOneOutcome> {
+        let outcome = self.append(recipient, vec![record], quota, now).await?;
+        let record = *outcome.records.first().ok_or_else(|| {
+            crate::Error::storage_msg(false, "append returned no outcome for its one record")
+        })?;
+        Ok(AppendOneOutcome {
+            record,
+            dropped: outcome.dropped,
+            pending: outcome.pending,
+            live_elsewhere: outcome.live_elsewhere,
+        })
+    }
 
     /// Reads up to `limit` unexpired records with seq greater than `after` (all when `None`).
     /// The byte bound counts body lengths; the first record is returned even if it alone is
