@@ -606,7 +606,72 @@ pub async fn append_one(storage: &dyn Storage) {
         Appended::Duplicate(original.record.seq()),
         "a repeated id is a duplicate of the original"
     );
-    assert_eq!(bodies(storage, &alice, T0).await, [b"x"], "stored once");
+    assert_eq!(
+        (again.dropped, again.pending),
+        (0, 1),
+        "a duplicate drops nothing"
+    );
+    let by_batch = MessageId::generate();
+    let batch = storage
+        .append(&alice, vec![deduped(b"y", by_batch)], &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    let repeated = storage
+        .append_one(&alice, deduped(b"y", by_batch), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        repeated.record,
+        Appended::Duplicate(batch.records[0].seq()),
+        "append_one sees ids stored by append"
+    );
+    assert!(
+        batch.records[0].seq() > again.record.seq(),
+        "append after append_one continues the seq order"
+    );
+    assert_eq!(
+        bodies(storage, &alice, T0).await,
+        [b"x", b"y"],
+        "each stored once"
+    );
+
+    // Dropping by bytes: "b" (1 byte) goes so that "c" and "dd" fit in 3 bytes.
+    let by_bytes = Quota {
+        max_messages: 10,
+        max_bytes: 3,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let dropped = storage
+        .append_one(&bob, record(b"dd"), &by_bytes, T0)
+        .await
+        .unwrap();
+    assert_eq!(dropped.dropped, 1, "{dropped:?}");
+    assert_eq!(bodies(storage, &bob, T0).await, [&b"c"[..], b"dd"]);
+
+    // 5 bytes are stored ("c", "dd", "x", "y"): a 2-byte record does not fit a budget of 6,
+    // and a refused one leaves nothing reserved, so it fits a budget of 7.
+    let carol = recipient("carol");
+    let budget = |max| Quota {
+        max_total_bytes: Some(max),
+        ..Quota::UNLIMITED
+    };
+    let refused = storage
+        .append_one(&carol, record(b"zz"), &budget(6), T0)
+        .await;
+    assert!(
+        matches!(refused, Err(crate::Error::StorageFull { .. })),
+        "append_one keeps the global budget: {refused:?}"
+    );
+    assert_eq!(
+        storage.stats(&carol).await.unwrap().messages,
+        0,
+        "nothing written"
+    );
+    storage
+        .append_one(&carol, record(b"zz"), &budget(7), T0)
+        .await
+        .expect("a refused append reserves nothing");
 }
 
 /// Confirming a loss report is idempotent and never hides a later loss: the total only grows,

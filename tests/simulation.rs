@@ -28,7 +28,8 @@ use futures::channel::oneshot;
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
 use offline_queue::storage::{
-    Ack, AppendOutcome, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+    Ack, AppendOneOutcome, AppendOutcome, Capabilities, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats,
 };
 use offline_queue::{
     Batch, BatchLimit, Clock, Envelope, Error, Limits, ManualClock, MemoryStorage, MessageId,
@@ -168,6 +169,19 @@ impl Storage for FaultyStorage {
             self,
             true,
             common::wait(self.inner.append(r, records.clone(), q, now))
+        )
+    }
+    async fn append_one(
+        &self,
+        r: &RecipientId,
+        record: NewRecord,
+        q: &Quota,
+        now: Timestamp,
+    ) -> offline_queue::Result<AppendOneOutcome> {
+        faulty!(
+            self,
+            true,
+            common::wait(self.inner.append_one(r, record.clone(), q, now))
         )
     }
     async fn read(

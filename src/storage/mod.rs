@@ -257,7 +257,11 @@ pub trait Storage: Send + Sync + 'static {
     ) -> Result<AppendOneOutcome> {
         let outcome = self.append(recipient, vec![record], quota, now).await?;
         let record = *outcome.records.first().ok_or_else(|| {
-            crate::Error::storage_msg(false, "append returned no outcome for its one record")
+            crate::Error::storage_msg(
+                false,
+                "the backend broke the contract: append returned no outcome for its one record \
+                 (it may have been stored)",
+            )
         })?;
         Ok(AppendOneOutcome {
             record,

@@ -196,6 +196,15 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
     ) -> Result<offline_queue::storage::AppendOutcome> {
         wait(self.0.append(recipient, records, quota, now))
     }
+    async fn append_one(
+        &self,
+        recipient: &RecipientId,
+        record: offline_queue::storage::NewRecord,
+        quota: &offline_queue::Quota,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::AppendOneOutcome> {
+        wait(self.0.append_one(recipient, record, quota, now))
+    }
     async fn read(
         &self,
         recipient: &RecipientId,
