@@ -45,11 +45,17 @@ async fn kill_subscribed_connections(url: &str) -> i64 {
         .unwrap()
 }
 
+/// `CLIENT KILL TYPE pubsub` cuts every subscribed connection on the server, and a node's
+/// subscribed connection may also carry its commands (RESP3 pushes): the tests here take
+/// turns, so one test's cut is not another's failed send.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_connections_lose_no_wake_up() {
     let Some(target) = Target::single() else {
         return;
     };
+    let _turn = TURN.lock().await;
     subscribing_again_wakes_every_local_session(&target).await;
     a_dropped_connection_loses_no_wake_up(&target).await;
 }
@@ -133,6 +139,7 @@ async fn a_server_without_the_library_is_given_it_again() {
     let Target::Single(url) = &target else {
         unreachable!()
     };
+    let _turn = TURN.lock().await;
     let prefix = redis_support::unique_prefix("library");
     let (queue, _storage) = node(&target, &prefix, "a").await;
     let bob = RecipientId::new("bob").unwrap();
