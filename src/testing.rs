@@ -335,6 +335,14 @@ pub async fn read_for_delivery(storage: &dyn Storage) {
         .await
         .unwrap();
     assert_eq!(counts(&fresh), [(later[0], 0)]);
+    // Passing over an expired record is not handing it over: with the clock stepped back
+    // before its deadline, it reads as never delivered.
+    let back = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert!(
+        counts(&back).contains(&(seqs[1], 0)),
+        "a passed-over record is not counted as delivered: {:?}",
+        counts(&back)
+    );
 }
 
 /// A sender-chosen id is stored once per recipient within the window, even after it was acked

@@ -24,5 +24,5 @@ for first = 1, #seqs, 1000 do
     counts[#held] = explicit[i]
   end
 end
-if count_deliveries(m, held, counts, nil, 0, ttl) then save_meta(m) end
+if count_deliveries(m, held, counts, nil, 0, {}, ttl) then save_meta(m) end
 return 0

@@ -315,8 +315,10 @@ end
 -- records the caller passes over (expired or damaged, about to be removed), every record
 -- the queue holds up to the highest of them (`contiguous`: the caller saw every record
 -- from the watermark on; nil: find out), the watermark moves there and they need no count
--- of their own. Returns true when `m` changed.
-local function count_deliveries(m, held, counts, contiguous, covered, ttl)
+-- of their own; the passed-over ones without a count (`uncounted`, canonical strings) then
+-- get an explicit zero, so the watermark does not count them as handed over. Returns true
+-- when `m` changed.
+local function count_deliveries(m, held, counts, contiguous, covered, uncounted, ttl)
   local high, above = m.dw, 0
   for _, seq in ipairs(held) do
     local n = tonumber(seq)
@@ -344,6 +346,12 @@ local function count_deliveries(m, held, counts, contiguous, covered, ttl)
     if not (advance and tonumber(seq) > m.dw and not counts[i]) then
       updates[#updates + 1] = seq
       updates[#updates + 1] = delivery_count(m, seq, counts[i]) + 1
+    end
+  end
+  if advance then
+    for _, seq in ipairs(uncounted) do
+      updates[#updates + 1] = seq
+      updates[#updates + 1] = 0
     end
   end
   local changed = false

@@ -14,6 +14,8 @@ local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
 local dw_before = m.dw
 local first = math.max(after + 1, m.head)
 local expired, damaged, records, seqs, counts = {}, {}, {}, {}, {}
+-- Passed-over seqs that carry an explicit delivery count (the rest have none of their own).
+local counted = {}
 -- One record more than a batch: a read that fills its batch sees the record after it, and
 -- stops there unless it is expired (then, as every backend does, it goes on passing over
 -- expired records, up to a batch of them, until an unexpired one).
@@ -74,10 +76,12 @@ if not run then
         -- removed
       elseif #record < HEADER then
         damaged[#damaged + 1] = seq
+        if explicit[i] then counted[seq] = true end
       else
         local deadline = deadline_of(record)
         if deadline > 0 and deadline <= now then
           expired[#expired + 1] = seq
+          if explicit[i] then counted[seq] = true end
           if #expired >= max_m then done = true break end
         else
           local len = #record - HEADER
@@ -113,10 +117,19 @@ if mark and returned > 0 then
   else
     local held = {}
     for i = 1, returned do held[i] = s(run and first + i - 1 or seqs[i]) end
-    local covered = 0
-    for _, seq in ipairs(expired) do if seq > m.dw and seq < last then covered = covered + 1 end end
-    for _, seq in ipairs(damaged) do if seq > m.dw and seq < last then covered = covered + 1 end end
-    if count_deliveries(m, held, counts, contiguous, covered, ttl) then save_meta(m) end
+    -- Passed over between the watermark and the last record: the watermark may move over
+    -- them, and those without a count of their own then get an explicit zero (they were not
+    -- handed over, and a clock stepping back may make an expired one deliverable again).
+    local covered, uncounted = 0, {}
+    for _, list in ipairs({expired, damaged}) do
+      for _, seq in ipairs(list) do
+        if seq > m.dw and seq < last then
+          covered = covered + 1
+          if not counted[seq] then uncounted[#uncounted + 1] = s(seq) end
+        end
+      end
+    end
+    if count_deliveries(m, held, counts, contiguous, covered, uncounted, ttl) then save_meta(m) end
   end
 end
 if run then seqs = {} end
