@@ -208,6 +208,20 @@ pub async fn read_bounds(storage: &dyn Storage) {
         1,
         "an oversize first record is returned alone"
     );
+    let zero = BatchLimit {
+        max_messages: 0,
+        max_bytes: usize::MAX,
+    };
+    let none = storage
+        .read_for_delivery(&bob, None, zero, T0)
+        .await
+        .unwrap();
+    assert!(none.records.is_empty(), "a batch of zero reads nothing");
+    let counted = storage.read(&bob, None, by_count, T0).await.unwrap();
+    assert!(
+        counted.records.iter().all(|r| r.delivery_count == 0),
+        "and counts nothing"
+    );
 }
 
 /// Cumulative and selective acks remove exactly what they name; unknown seqs are ignored.

@@ -78,7 +78,8 @@ impl Fronts {
         let front = *self.0.lock().get(recipient)?;
         let count = limit.max_messages as u64;
         let expected = count.checked_mul(front.mean_body)?.checked_mul(2)?;
-        if front.mean_body == 0 || count > MOST || expected > limit.max_bytes as u64 {
+        // A zero count reads nothing, as the ordinary read does: no run to plan.
+        if front.mean_body == 0 || count == 0 || count > MOST || expected > limit.max_bytes as u64 {
             return None;
         }
         let first = after.map_or(front.head, |seq| seq.0.saturating_add(1).max(front.head));
