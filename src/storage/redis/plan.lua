@@ -55,6 +55,8 @@ local dw_before = m.dw
 if mark then
   -- First deliveries of a run that starts at the watermark or the front (nothing held
   -- between them): the watermark moves, and that is all. Anything else is read as usual.
+  -- (A damaged record inside the run, which only its ends were checked for, is covered too:
+  -- it is never returned, so its count is never seen, and the engine removes it.)
   if not (after <= math.max(m.dw, m.head - 1) and first > m.dw) then return {'miss', m.head} end
   m.dw = first + n - 1
   save_meta(m)
