@@ -14,7 +14,7 @@ mod redis_support;
 use std::time::Duration;
 
 use futures::executor::block_on;
-use offline_queue::storage::{Ack, Appended, NewRecord};
+use offline_queue::storage::{Ack, AppendOutcome, Appended, NewRecord};
 use offline_queue::{
     BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, Seq, Storage, StorageExt,
     Timestamp,
@@ -46,6 +46,8 @@ enum Op {
         to: usize,
         from: usize,
         max: usize,
+        /// A byte bound (bodies are 9 to 11 bytes), or none.
+        max_bytes: Option<usize>,
         deliver: bool,
     },
     AckThrough {
@@ -91,7 +93,8 @@ fn op() -> impl Strategy<Value = Op> {
             })
             .prop_map(|(to, ttls, ids)| Op::Append { to, ttls, ids }),
         1 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..60)).prop_map(|(to, picked)| Op::Mark { to, picked }),
-        2 => (to.clone(), 0..100usize, 1..40usize, any::<bool>()).prop_map(|(to, from, max, deliver)| Op::Read { to, from, max, deliver }),
+        2 => (to.clone(), 0..100usize, 1..40usize, proptest::option::weighted(0.3, 1..200usize), any::<bool>())
+            .prop_map(|(to, from, max, max_bytes, deliver)| Op::Read { to, from, max, max_bytes, deliver }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::AckThrough { to, index }),
         2 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..100)).prop_map(|(to, mask)| Op::AckSome { to, mask }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::PassOver { to, index }),
@@ -193,7 +196,19 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
                     }
                 })
                 .collect();
-            match block_on(storage.append(&who(*to), records, &quota(), at)) {
+            // One record goes through `append_one` (each backend's own, or the default).
+            let appended = match <[NewRecord; 1]>::try_from(records) {
+                Ok([one]) => block_on(storage.append_one(&who(*to), one, &quota(), at)).map(|o| {
+                    AppendOutcome {
+                        records: vec![o.record],
+                        dropped: o.dropped,
+                        pending: o.pending,
+                        live_elsewhere: o.live_elsewhere,
+                    }
+                }),
+                Err(records) => block_on(storage.append(&who(*to), records, &quota(), at)),
+            };
+            match appended {
                 Ok(outcome) => {
                     let stored: Vec<bool> = outcome
                         .records
@@ -231,13 +246,14 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
             to,
             from,
             max,
+            max_bytes,
             deliver,
         } => {
             let seqs = seqs(storage, *to, at);
             let after = from.checked_sub(1).and_then(|i| seqs.get(i)).copied();
             let limit = BatchLimit {
                 max_messages: *max,
-                max_bytes: usize::MAX,
+                max_bytes: max_bytes.unwrap_or(usize::MAX),
             };
             let batch = if *deliver {
                 block_on(storage.read_for_delivery(&who(*to), after, limit, at))
