@@ -74,13 +74,7 @@ async fn keys_holding_another_type_are_an_error_and_stay_untouched() {
         .unwrap();
 
     let bob = RecipientId::new("bob").unwrap();
-    let record = NewRecord {
-        id: MessageId::generate(),
-        dedup: false,
-        sent_at: Timestamp::now_system(),
-        expires_at: None,
-        body: b"hi\0".to_vec(),
-    };
+    let record = greeting();
     let error = storage
         .append(
             &bob,
@@ -130,13 +124,7 @@ async fn metadata_of_another_layout_is_an_error_and_stays_untouched() {
         .unwrap();
 
     let bob = RecipientId::new("bob").unwrap();
-    let record = NewRecord {
-        id: MessageId::generate(),
-        dedup: false,
-        sent_at: Timestamp::now_system(),
-        expires_at: None,
-        body: b"hi\0".to_vec(),
-    };
+    let record = greeting();
     let now = Timestamp::now_system();
     let appended = storage
         .append(&bob, vec![record], &Quota::UNLIMITED, now)
@@ -161,4 +149,15 @@ async fn metadata_of_another_layout_is_an_error_and_stays_untouched() {
         .query_async(&mut raw)
         .await
         .unwrap();
+}
+
+/// A record to store, sent now and never expiring.
+fn greeting() -> NewRecord {
+    NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: Timestamp::now_system(),
+        expires_at: None,
+        body: b"hi\0".to_vec(),
+    }
 }
