@@ -22,7 +22,7 @@ use crate::limits::BatchLimit;
 use crate::message::{RecipientId, Seq};
 use crate::storage::ReadBatch;
 
-/// Queues whose front is remembered; past this the map starts over.
+/// Queues whose front is remembered, at most: two generations of half as many each.
 const REMEMBERED: usize = 1 << 16;
 /// Longest batch read this way: the `LRANGE` is sized before the step runs.
 const MOST: u64 = 1000;
@@ -35,9 +35,44 @@ struct Front {
     mean_body: u64,
 }
 
-/// The fronts of plain queues read or acked lately.
+/// The fronts of plain queues read or acked lately, in two generations: when the newer is
+/// full it becomes the older and the older is dropped, so going past the bound forgets the
+/// queues least recently read, never all of them at once.
 #[derive(Default)]
-pub(super) struct Fronts(Mutex<HashMap<RecipientId, Front>>);
+pub(super) struct Fronts(Mutex<Generations>);
+
+#[derive(Default)]
+struct Generations {
+    newer: HashMap<RecipientId, Front>,
+    older: HashMap<RecipientId, Front>,
+}
+
+impl Generations {
+    fn get(&self, recipient: &RecipientId) -> Option<Front> {
+        self.newer
+            .get(recipient)
+            .or_else(|| self.older.get(recipient))
+            .copied()
+    }
+
+    fn forget(&mut self, recipient: &RecipientId) {
+        self.newer.remove(recipient);
+        self.older.remove(recipient);
+    }
+
+    /// Files `front` in the newer generation, turning it over first when it is full.
+    fn put(&mut self, recipient: &RecipientId, front: Front) {
+        self.older.remove(recipient);
+        if self.newer.len() >= REMEMBERED / 2 && !self.newer.contains_key(recipient) {
+            self.older = std::mem::take(&mut self.newer);
+        }
+        self.newer.insert(recipient.clone(), front);
+    }
+
+    fn len(&self) -> usize {
+        self.newer.len() + self.older.len()
+    }
+}
 
 impl Fronts {
     /// After a read: remembers `recipient`'s front, `head`, and the mean body length of the
@@ -45,29 +80,30 @@ impl Fronts {
     pub fn after_read(&self, recipient: &RecipientId, head: i64, plain: bool, mean_body: u64) {
         let mut fronts = self.0.lock();
         if head < 0 || !plain {
-            fronts.remove(recipient);
+            fronts.forget(recipient);
             return;
         }
-        if fronts.len() >= REMEMBERED && !fronts.contains_key(recipient) {
-            fronts.clear();
-        }
-        let front = fronts.entry(recipient.clone()).or_insert(Front {
-            head: 0,
-            mean_body: 0,
-        });
-        front.head = head as u64;
-        if mean_body > 0 {
-            front.mean_body = mean_body;
-        }
+        let known = fronts.get(recipient).map_or(0, |f| f.mean_body);
+        let front = Front {
+            head: head as u64,
+            mean_body: if mean_body > 0 { mean_body } else { known },
+        };
+        fronts.put(recipient, front);
     }
 
     /// After an ack: moves a remembered front (`head` < 0: the queue is gone).
     pub fn after_ack(&self, recipient: &RecipientId, head: i64) {
         let mut fronts = self.0.lock();
         if head < 0 {
-            fronts.remove(recipient);
-        } else if let Some(front) = fronts.get_mut(recipient) {
-            front.head = head as u64;
+            fronts.forget(recipient);
+        } else if let Some(front) = fronts.get(recipient) {
+            fronts.put(
+                recipient,
+                Front {
+                    head: head as u64,
+                    ..front
+                },
+            );
         }
     }
 
@@ -75,7 +111,7 @@ impl Fronts {
     /// the batch is likely bounded by its count, not its bytes (the `LRANGE` fetches a whole
     /// count of records; a byte bound that cuts far below it would waste the rest).
     fn guess(&self, recipient: &RecipientId, after: Option<Seq>, limit: BatchLimit) -> Option<u64> {
-        let front = *self.0.lock().get(recipient)?;
+        let front = self.0.lock().get(recipient)?;
         let count = limit.max_messages as u64;
         let expected = count.checked_mul(front.mean_body)?.checked_mul(2)?;
         // A zero count reads nothing, as the ordinary read does: no run to plan.
@@ -183,5 +219,63 @@ impl RedisStorage {
             lost: lost_total.saturating_sub(lost_confirmed),
             lost_total,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: usize) -> RecipientId {
+        RecipientId::new(format!("r{i}")).unwrap()
+    }
+
+    const LIMIT: BatchLimit = BatchLimit {
+        max_messages: 100,
+        max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn going_past_the_bound_forgets_the_least_recently_read_not_all() {
+        let fronts = Fronts::default();
+        for i in 0..REMEMBERED + 10 {
+            fronts.after_read(&id(i), i as i64, true, 100);
+        }
+        let remembered = fronts.0.lock().len();
+        assert!(remembered <= REMEMBERED, "{remembered} fronts held");
+        assert!(
+            remembered >= REMEMBERED / 2,
+            "only {remembered} fronts held"
+        );
+        // The newest are all still there; the oldest went first.
+        for i in REMEMBERED - 100..REMEMBERED + 10 {
+            assert_eq!(
+                fronts.guess(&id(i), None, LIMIT),
+                Some(0),
+                "front {i} forgotten"
+            );
+        }
+        assert_eq!(fronts.guess(&id(0), None, LIMIT), None);
+    }
+
+    #[test]
+    fn a_front_in_the_older_generation_moves_with_acks_and_reads() {
+        let fronts = Fronts::default();
+        fronts.after_read(&id(0), 10, true, 100);
+        for i in 1..=REMEMBERED / 2 {
+            fronts.after_read(&id(i), 0, true, 100);
+        }
+        assert!(fronts.0.lock().older.contains_key(&id(0)));
+        fronts.after_ack(&id(0), 15);
+        assert_eq!(fronts.guess(&id(0), Some(Seq(20)), LIMIT), Some(6));
+        // A read without a body length keeps the one learned before.
+        fronts.after_read(&id(0), 16, true, 0);
+        assert_eq!(fronts.guess(&id(0), None, LIMIT), Some(0));
+        fronts.after_read(&id(0), 16, false, 100);
+        assert_eq!(fronts.guess(&id(0), None, LIMIT), None);
+        fronts.after_read(&id(1), 0, true, 100);
+        fronts.after_ack(&id(1), -1);
+        assert_eq!(fronts.guess(&id(1), None, LIMIT), None);
+        assert_eq!(fronts.0.lock().len(), REMEMBERED / 2 - 1);
     }
 }
