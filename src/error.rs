@@ -82,7 +82,9 @@ pub enum Error {
         max: u64,
     },
 
-    /// A configuration value was out of range; returned by the builder.
+    /// A setting is invalid: returned by the engine's builder, by a backend's options (a URL
+    /// that does not parse), and by a read that meets a compressed record in a build without
+    /// the `compression` feature (the record stays stored; a build with it can read it).
     #[error("invalid configuration: {field} {reason}")]
     InvalidConfig {
         /// The setting's name, as in the builder.
@@ -108,24 +110,18 @@ pub enum Error {
         #[source]
         source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
-
-    /// The transport could not hand a batch to the recipient: the connection is gone.
-    #[error("transport: {0}")]
-    Transport(String),
-
-    /// A newer session for the same recipient replaced this one.
-    #[error("session displaced by a newer connection of the same recipient")]
-    Displaced,
 }
 
 impl Error {
     /// True when the same call may succeed later without changing its input: a storage fault
-    /// marked retryable, a full queue or storage (space may be freed by acks and expiry), or a
-    /// dropped connection (the client may reconnect). False for invalid input and configuration.
+    /// marked retryable (a connection lost, a timeout), or a full queue or storage (space may be
+    /// freed by acks and expiry). False for invalid input, configuration and undecodable data.
+    /// (A session's end through its connection is not an error: see
+    /// [`SessionEnd`](crate::SessionEnd).)
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Storage { retryable, .. } => *retryable,
-            Error::QueueFull { .. } | Error::StorageFull { .. } | Error::Transport(_) => true,
+            Error::QueueFull { .. } | Error::StorageFull { .. } => true,
             Error::RecipientIdEmpty
             | Error::RecipientIdTooLong { .. }
             | Error::InvalidMessageId { .. }
@@ -133,8 +129,7 @@ impl Error {
             | Error::TtlZero
             | Error::TtlTooLong { .. }
             | Error::InvalidConfig { .. }
-            | Error::Codec(_)
-            | Error::Displaced => false,
+            | Error::Codec(_) => false,
         }
     }
 

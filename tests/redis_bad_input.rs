@@ -41,6 +41,41 @@ async fn a_prefix_with_braces_is_refused() {
     assert!(matches!(error, Error::InvalidConfig { .. }), "{error:?}");
 }
 
+#[tokio::test]
+async fn a_total_byte_budget_without_tracking_is_refused_at_build() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let limits = offline_queue::Limits {
+        max_total_bytes: Some(1 << 20),
+        ..offline_queue::Limits::default()
+    };
+    let untracked = RedisStorage::options()
+        .prefix(redis_support::unique_prefix("budget"))
+        .connect(url)
+        .await
+        .unwrap();
+    let error = offline_queue::OfflineQueue::builder()
+        .storage(std::sync::Arc::new(untracked))
+        .limits(limits.clone())
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidConfig { field: "max_total_bytes", .. }),
+        "{error:?}"
+    );
+    // With tracking on (as `redis_support` opens it), the same limits build.
+    let tracked = redis_support::fresh(&target, &redis_support::unique_prefix("budget")).await;
+    offline_queue::OfflineQueue::builder()
+        .storage(std::sync::Arc::new(tracked))
+        .limits(limits)
+        .build()
+        .unwrap();
+}
+
 /// A storage under a fresh prefix on the single server, with a plain connection beside it
 /// to plant someone else's data; `None` (skipped) without `OFFLINE_QUEUE_REDIS_URL`.
 async fn with_raw_connection(

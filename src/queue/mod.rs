@@ -177,7 +177,9 @@ impl OfflineQueueBuilder {
     /// Checks every setting and builds the engine.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] naming the first setting out of range.
+    /// [`Error::InvalidConfig`] naming the first setting out of range, or a
+    /// `max_total_bytes` the storage does not keep
+    /// ([`Capabilities::total_byte_budget`](crate::storage::Capabilities::total_byte_budget)).
     pub fn build(self) -> Result<OfflineQueue> {
         self.limits.validate()?;
         self.batch.validate()?;
@@ -196,10 +198,21 @@ impl OfflineQueueBuilder {
         let storage = self
             .storage
             .unwrap_or_else(|| Arc::new(MemoryStorage::new()));
+        let capabilities = storage.capabilities();
+        if let Some(max) = self.limits.max_total_bytes
+            && !capabilities.total_byte_budget
+        {
+            return Err(Error::InvalidConfig {
+                field: "max_total_bytes",
+                reason: format!(
+                    "is {max}, but this storage does not keep a total byte budget (see its options)"
+                ),
+            });
+        }
         let mut batch = self.batch;
         batch.max_messages = batch
             .max_messages
-            .min(storage.capabilities().max_read_batch.max(1));
+            .min(capabilities.max_read_batch.max(1));
         Ok(OfflineQueue {
             inner: Arc::new(Inner {
                 storage,

@@ -559,6 +559,7 @@ impl Storage for MemoryStorage {
             durable: false,
             native_ttl: false,
             shared: false,
+            total_byte_budget: true,
         }
     }
 

@@ -214,6 +214,9 @@ pub struct Capabilities {
     /// True if several engine instances may share this storage; `wakeups` then yields their
     /// appends.
     pub shared: bool,
+    /// True if appends keep [`Quota::max_total_bytes`], the storage-wide byte budget. The
+    /// engine's builder refuses a budget the storage would not keep.
+    pub total_byte_budget: bool,
 }
 
 /// Durable per-recipient FIFO storage. See the [module docs](self) for the contract.

@@ -477,6 +477,7 @@ impl Storage for RedbStorage {
             durable: true,
             native_ttl: false,
             shared: false,
+            total_byte_budget: true,
         }
     }
 

@@ -1156,6 +1156,7 @@ impl Storage for RedisStorage {
             durable: true,
             native_ttl: true,
             shared: true,
+            total_byte_budget: self.shared.options.track_total_bytes,
         }
     }
 

@@ -68,10 +68,6 @@ impl Generations {
         }
         self.newer.insert(recipient.clone(), front);
     }
-
-    fn len(&self) -> usize {
-        self.newer.len() + self.older.len()
-    }
 }
 
 impl Fronts {
@@ -225,6 +221,12 @@ impl RedisStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Generations {
+        fn len(&self) -> usize {
+            self.newer.len() + self.older.len()
+        }
+    }
 
     fn id(i: usize) -> RecipientId {
         RecipientId::new(format!("r{i}")).unwrap()
