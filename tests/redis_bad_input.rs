@@ -64,7 +64,13 @@ async fn a_total_byte_budget_without_tracking_is_refused_at_build() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(error, Error::InvalidConfig { field: "max_total_bytes", .. }),
+        matches!(
+            error,
+            Error::InvalidConfig {
+                field: "max_total_bytes",
+                ..
+            }
+        ),
         "{error:?}"
     );
     // With tracking on (as `redis_support` opens it), the same limits build.

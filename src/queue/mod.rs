@@ -2,6 +2,8 @@
 
 mod nudges;
 mod session;
+#[cfg(feature = "tokio")]
+mod upkeep;
 
 pub use session::{Session, SessionEnd, SessionHandle};
 
@@ -210,9 +212,7 @@ impl OfflineQueueBuilder {
             });
         }
         let mut batch = self.batch;
-        batch.max_messages = batch
-            .max_messages
-            .min(capabilities.max_read_batch.max(1));
+        batch.max_messages = batch.max_messages.min(capabilities.max_read_batch.max(1));
         Ok(OfflineQueue {
             inner: Arc::new(Inner {
                 storage,
@@ -265,7 +265,9 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Age of the oldest stored message.
     pub oldest_age: Option<Duration>,
-    /// Messages lost (dropped, or expired before an ack) and not yet reported to the recipient.
+    /// Messages lost (dropped, expired before an ack, damaged, or removed after
+    /// `max_deliveries`) whose report the recipient has not confirmed yet (by acking a message
+    /// of the batch that carried it, or of a later one).
     pub lost: u64,
 }
 
@@ -294,6 +296,10 @@ impl OfflineQueue {
     /// # Errors
     /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
+    /// One exception: a backend across a network (Redis) may return a retryable error after
+    /// it applied the append (the connection dropped before the reply). Send with a
+    /// sender-chosen id ([`Envelope::with_id`]) and retry with the same id: the dedup window
+    /// stores it once.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
         let (recipient, record, urgency) = self.prepare(envelope)?;
         let inner = &self.inner;
@@ -603,7 +609,9 @@ impl OfflineQueue {
     /// marked or acked).
     ///
     /// # Errors
-    /// A storage error, or [`Error::Codec`] for a record that does not decode.
+    /// A storage error; [`Error::Codec`] for a record that does not decode;
+    /// [`Error::InvalidConfig`] for a compressed record in a build without the `compression`
+    /// feature.
     pub async fn peek(&self, recipient: &RecipientId, max: usize) -> Result<Vec<Delivery>> {
         let inner = &self.inner;
         let now = inner.clock.now();

@@ -248,7 +248,9 @@ impl Session {
     ///
     /// # Errors
     /// A storage error ends the session with `Err`; unacked messages stay stored, and the
-    /// client may reconnect.
+    /// client may reconnect. [`Error::InvalidConfig`] when a stored record is compressed and
+    /// this build lacks the `compression` feature: what came before it was handed over, and
+    /// it stays stored for a build that can read it.
     pub async fn run(mut self) -> Result<SessionEnd> {
         let span = tracing::debug_span!("session", recipient = %self.registration.recipient, id = self.registration.shared.id);
         self.drive().instrument(span).await
