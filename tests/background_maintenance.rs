@@ -3,6 +3,8 @@
 
 #![cfg(feature = "tokio")]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,13 +68,27 @@ async fn more_work_than_the_budget_runs_again_without_waiting_a_tick() {
         send_expiring(&queue, &RecipientId::new(format!("r{i}")).unwrap(), 10).await;
     }
     clock.advance(Duration::from_secs(2));
-    let started = tokio::time::Instant::now();
     let _task = tokio::spawn(queue.background_maintenance(EVERY, 7).unwrap());
-    while queue.metrics().expired < 100 {
-        tokio::task::yield_now().await;
-    }
-    // 100 expired at 7 per call: 15 calls, all before the paused clock moved to a tick.
-    assert_eq!(tokio::time::Instant::now(), started);
+    // 100 expired at 7 per call: 15 calls, all before the first tick's wait is over.
+    tokio::time::sleep(EVERY / 2).await;
+    assert_eq!(queue.metrics().expired, 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_call_is_retried_on_the_next_tick_not_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let storage = common::Shaped::new();
+    storage.fail_purges.store(true, SeqCst);
+    let purges = storage.purges.clone();
+    let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage))
+        .build()
+        .unwrap();
+    let _task = tokio::spawn(queue.background_maintenance(EVERY, 10).unwrap());
+    tokio::time::sleep(EVERY / 2).await;
+    assert_eq!(purges.load(SeqCst), 1);
+    tokio::time::sleep(EVERY).await;
+    assert_eq!(purges.load(SeqCst), 2);
 }
 
 #[test]

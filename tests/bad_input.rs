@@ -352,3 +352,26 @@ fn bad_typed_payloads() {
     assert!(matches!(message.decode::<String>(), Err(Error::Codec(_))));
     assert!(!Error::Codec(String::new()).is_retryable());
 }
+
+#[test]
+fn a_total_byte_budget_the_storage_does_not_keep() {
+    let limits = Limits {
+        max_total_bytes: Some(1 << 20),
+        ..Limits::default()
+    };
+    let field = config_error(|| {
+        OfflineQueue::builder()
+            .storage(std::sync::Arc::new(
+                common::Shaped::new().without_byte_budget(),
+            ))
+            .limits(limits.clone())
+            .build()
+    });
+    assert_eq!(field, "max_total_bytes");
+    // A storage that keeps one takes the same limits.
+    OfflineQueue::builder()
+        .storage(std::sync::Arc::new(common::Shaped::new()))
+        .limits(limits)
+        .build()
+        .unwrap();
+}

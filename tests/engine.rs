@@ -845,3 +845,21 @@ fn a_record_this_build_cannot_read_is_kept_not_dead_lettered() {
     assert_eq!(left.records[0].body[..], b"\x10\0\0\0\0\x01"[..]);
     assert_eq!(queue.metrics().dead_lettered, 1, "only the readable one");
 }
+
+#[test]
+fn the_wakeup_listener_ends_once_the_engine_is_dropped() {
+    use futures::FutureExt;
+    let queue = offline_queue::OfflineQueue::builder()
+        .storage(Arc::new(common::Shaped::new()))
+        .build()
+        .unwrap();
+    let mut listener = Box::pin(queue.wakeup_listener().expect("the storage has wake-ups"));
+    assert_eq!(
+        (&mut listener).now_or_never(),
+        None,
+        "waits while the engine lives"
+    );
+    // The storage, and with it the wake-up stream's sender, goes with the last handle.
+    drop(queue);
+    assert_eq!(listener.now_or_never(), Some(()));
+}

@@ -225,3 +225,49 @@ async fn no_delayed_push_for_a_recipient_back_on_another_node() {
         delayed_push_across_nodes(target).await;
     }
 }
+
+async fn tasks_end_with_the_engine(target: Target) {
+    let prefix = redis_support::unique_prefix("tasks-end");
+    let storage = match &target {
+        Target::Single(url) => RedisStorage::options().prefix(&prefix).connect(url).await,
+        Target::Cluster(urls) => {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            RedisStorage::options()
+                .prefix(&prefix)
+                .connect_cluster(&urls)
+                .await
+        }
+    }
+    .expect("redis answers");
+    let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage))
+        .build()
+        .unwrap();
+    let listener = tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    let upkeep = tokio::spawn(
+        queue
+            .background_maintenance(Duration::from_millis(50), 100)
+            .unwrap(),
+    );
+    drop(queue);
+    for (name, task) in [("wake-up listener", listener), ("maintenance", upkeep)] {
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .unwrap_or_else(|_| panic!("the {name} task outlived the engine"))
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_tasks_end_with_the_engine_on_redis() {
+    if let Some(target) = Target::single() {
+        tasks_end_with_the_engine(target).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_tasks_end_with_the_engine_on_a_redis_cluster() {
+    if let Some(target) = Target::cluster() {
+        tasks_end_with_the_engine(target).await;
+    }
+}

@@ -691,14 +691,20 @@ impl OfflineQueue {
 
     /// Runs until the storage's wake-up stream ends, waking local sessions of recipients that
     /// got messages through another engine instance. `None` when the storage is single-node.
-    /// Spawn the future on the host's runtime.
+    /// Spawn the future on the host's runtime. It holds the engine weakly, so it ends once
+    /// every other handle of the engine (its clones, its sessions) is dropped.
     pub fn wakeup_listener(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
         let stream = self.inner.storage.wakeups()?;
-        let queue = self.clone();
+        // Weakly: the stream ends when the storage is dropped, and a strong handle here
+        // would keep the storage, and this task, alive for ever.
+        let engine = Arc::downgrade(&self.inner);
         Some(async move {
             let mut stream = stream;
             while let Some(recipient) = stream.next().await {
-                queue.wake_if_live(&recipient, true);
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                OfflineQueue { inner }.wake_if_live(&recipient, true);
             }
         })
     }

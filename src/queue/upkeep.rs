@@ -7,8 +7,8 @@ use super::OfflineQueue;
 use crate::error::{Error, Result};
 
 impl OfflineQueue {
-    /// A future that calls [`maintain`](Self::maintain)`(budget)` every `every`, for hosts on
-    /// tokio that would rather spawn it than run a timer of their own:
+    /// A future that calls [`maintain`](Self::maintain)`(budget)`, then waits `every`, and
+    /// again, for hosts on tokio that would rather spawn it than run a timer of their own:
     ///
     /// ```no_run
     /// # async fn run(queue: offline_queue::OfflineQueue) -> offline_queue::Result<()> {

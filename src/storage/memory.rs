@@ -555,11 +555,8 @@ impl Shard {
 impl Storage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            max_read_batch: usize::MAX,
-            durable: false,
-            native_ttl: false,
-            shared: false,
             total_byte_budget: true,
+            ..Capabilities::default()
         }
     }
 

@@ -202,6 +202,10 @@ pub struct RecipientStats {
 }
 
 /// What a backend does natively; the engine adapts to it.
+///
+/// Build it from [`Capabilities::default`] (`Capabilities { durable: true,
+/// ..Capabilities::default() }`), so a field added later keeps its conservative default
+/// instead of breaking the backend's build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Largest batch one read may return; the engine clamps its batch limit to it.
@@ -217,6 +221,20 @@ pub struct Capabilities {
     /// True if appends keep [`Quota::max_total_bytes`], the storage-wide byte budget. The
     /// engine's builder refuses a budget the storage would not keep.
     pub total_byte_budget: bool,
+}
+
+impl Default for Capabilities {
+    /// Nothing native: reads unbounded by the backend, not durable, no server-side TTL, one
+    /// node, no storage-wide byte budget.
+    fn default() -> Self {
+        Self {
+            max_read_batch: usize::MAX,
+            durable: false,
+            native_ttl: false,
+            shared: false,
+            total_byte_budget: false,
+        }
+    }
 }
 
 /// Durable per-recipient FIFO storage. See the [module docs](self) for the contract.

@@ -247,3 +247,112 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
         wait(self.0.remove_recipient(recipient))
     }
 }
+
+/// A `MemoryStorage` with a different face: capabilities the test chooses, a wake-up stream
+/// whose sender dies with the storage, and purges that fail on demand (counted).
+pub struct Shaped {
+    inner: offline_queue::MemoryStorage,
+    total_byte_budget: bool,
+    wake: mpsc::UnboundedSender<RecipientId>,
+    wakeups: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<RecipientId>>>,
+    pub fail_purges: std::sync::atomic::AtomicBool,
+    pub purges: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Shaped {
+    pub fn new() -> Self {
+        let (wake, wakeups) = mpsc::unbounded();
+        Self {
+            inner: offline_queue::MemoryStorage::new(),
+            total_byte_budget: true,
+            wake,
+            wakeups: parking_lot::Mutex::new(Some(wakeups)),
+            fail_purges: false.into(),
+            purges: Arc::default(),
+        }
+    }
+
+    /// Says it keeps no storage-wide byte budget.
+    pub fn without_byte_budget(mut self) -> Self {
+        self.total_byte_budget = false;
+        self
+    }
+
+    /// A wake-up for `recipient`, as another node's append would send.
+    pub fn wake(&self, recipient: &RecipientId) {
+        self.wake.unbounded_send(recipient.clone()).unwrap();
+    }
+}
+
+#[async_trait::async_trait]
+impl offline_queue::Storage for Shaped {
+    fn capabilities(&self) -> offline_queue::storage::Capabilities {
+        offline_queue::storage::Capabilities {
+            total_byte_budget: self.total_byte_budget,
+            shared: true,
+            ..self.inner.capabilities()
+        }
+    }
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<offline_queue::storage::NewRecord>,
+        quota: &offline_queue::Quota,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::AppendOutcome> {
+        self.inner.append(recipient, records, quota, now).await
+    }
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<offline_queue::Seq>,
+        limit: offline_queue::BatchLimit,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::ReadBatch> {
+        self.inner.read(recipient, after, limit, now).await
+    }
+    async fn mark_delivered(
+        &self,
+        recipient: &RecipientId,
+        seqs: &[offline_queue::Seq],
+    ) -> Result<()> {
+        self.inner.mark_delivered(recipient, seqs).await
+    }
+    async fn ack(
+        &self,
+        recipient: &RecipientId,
+        ack: &offline_queue::storage::Ack,
+        now: Timestamp,
+    ) -> Result<u64> {
+        self.inner.ack(recipient, ack, now).await
+    }
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<offline_queue::storage::PurgeOutcome> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.purges.fetch_add(1, SeqCst);
+        if self.fail_purges.load(SeqCst) {
+            return Err(offline_queue::Error::storage_msg(
+                true,
+                "purge refused by the test",
+            ));
+        }
+        self.inner.purge(now, idle_before, budget).await
+    }
+    async fn stats(
+        &self,
+        recipient: &RecipientId,
+    ) -> Result<offline_queue::storage::RecipientStats> {
+        self.inner.stats(recipient).await
+    }
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        self.inner.remove_recipient(recipient).await
+    }
+    fn wakeups(&self) -> Option<futures::stream::BoxStream<'static, RecipientId>> {
+        use futures::StreamExt;
+        self.wakeups.lock().take().map(|rx| rx.boxed())
+    }
+}

@@ -473,11 +473,9 @@ fn init(db: &Database) -> Result<()> {
 impl Storage for RedbStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            max_read_batch: usize::MAX,
             durable: true,
-            native_ttl: false,
-            shared: false,
             total_byte_budget: true,
+            ..Capabilities::default()
         }
     }
 

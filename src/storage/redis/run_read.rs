@@ -62,9 +62,15 @@ impl Generations {
 
     /// Files `front` in the newer generation, turning it over first when it is full.
     fn put(&mut self, recipient: &RecipientId, front: Front) {
+        if let Some(known) = self.newer.get_mut(recipient) {
+            *known = front;
+            return;
+        }
         self.older.remove(recipient);
-        if self.newer.len() >= REMEMBERED / 2 && !self.newer.contains_key(recipient) {
-            self.older = std::mem::take(&mut self.newer);
+        if self.newer.len() >= REMEMBERED / 2 {
+            // The dropped generation's table is reused for the new one.
+            std::mem::swap(&mut self.older, &mut self.newer);
+            self.newer.clear();
         }
         self.newer.insert(recipient.clone(), front);
     }
