@@ -95,6 +95,7 @@ where
     acks(&*make().await).await;
     delivery_counts(&*make().await).await;
     read_for_delivery(&*make().await).await;
+    ack_and_read_for_delivery(&*make().await).await;
     dedup(&*make().await).await;
     quota_reject_is_atomic(&*make().await).await;
     quota_drop_oldest(&*make().await).await;
@@ -357,6 +358,84 @@ pub async fn read_for_delivery(storage: &dyn Storage) {
         "a passed-over record is not counted as delivered: {:?}",
         counts(&back)
     );
+}
+
+/// `ack_and_read_for_delivery` acks, then reads and counts, as the two calls would: batch after
+/// batch as a session whose client acks each one, then a selective ack, an empty ack, and an
+/// ack of what is gone already; another recipient is untouched.
+pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let bodies: Vec<NewRecord> = (0..8u8).map(|i| record(&[b'a' + i; 10])).collect();
+    let seqs = append(storage, &bob, bodies).await;
+    append(storage, &carol, vec![record(b"hers")]).await;
+    let two = BatchLimit {
+        max_messages: 2,
+        max_bytes: usize::MAX,
+    };
+    let counts = |batch: &ReadBatch| -> Vec<(Seq, u32)> {
+        batch
+            .records
+            .iter()
+            .map(|r| (r.seq, r.delivery_count))
+            .collect()
+    };
+    let first = storage
+        .read_for_delivery(&bob, None, two, T0)
+        .await
+        .unwrap();
+    assert_eq!(counts(&first), [(seqs[0], 0), (seqs[1], 0)]);
+    // As a session: ack what was handed over, read the next batch.
+    for at in [2, 4] {
+        let ack = Ack {
+            through: Some(seqs[at - 1]),
+            ..Ack::default()
+        };
+        let (removed, batch) = storage
+            .ack_and_read_for_delivery(&bob, &ack, Some(seqs[at - 1]), two, T0)
+            .await
+            .unwrap();
+        assert_eq!(removed, 2, "the batch before {at} is acked");
+        assert_eq!(counts(&batch), [(seqs[at], 0), (seqs[at + 1], 0)]);
+    }
+    let left = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(
+        counts(&left),
+        [(seqs[4], 1), (seqs[5], 1), (seqs[6], 0), (seqs[7], 0)],
+        "acked records are gone and read ones counted"
+    );
+    // A selective ack of the later record of the batch, with the read of the next.
+    let ack = Ack {
+        seqs: vec![seqs[5]],
+        ..Ack::default()
+    };
+    let (removed, batch) = storage
+        .ack_and_read_for_delivery(&bob, &ack, Some(seqs[5]), two, T0)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    assert_eq!(counts(&batch), [(seqs[6], 0), (seqs[7], 0)]);
+    // Nothing to ack, and nothing left to read after the last.
+    let (removed, batch) = storage
+        .ack_and_read_for_delivery(&bob, &Ack::default(), Some(seqs[7]), two, T0)
+        .await
+        .unwrap();
+    assert_eq!((removed, batch.records.len()), (0, 0));
+    // An ack of what is gone already removes nothing; the read still counts.
+    let ack = Ack {
+        through: Some(seqs[3]),
+        ..Ack::default()
+    };
+    let (removed, batch) = storage
+        .ack_and_read_for_delivery(&bob, &ack, None, ALL, T0)
+        .await
+        .unwrap();
+    assert_eq!(removed, 0);
+    assert_eq!(
+        counts(&batch),
+        [(seqs[4], 1), (seqs[6], 1), (seqs[7], 1)],
+        "the selective ack's record is gone; the others were handed over once"
+    );
+    assert_eq!(storage.stats(&carol).await.unwrap().messages, 1);
 }
 
 /// A sender-chosen id is stored once per recipient within the window, even after it was acked

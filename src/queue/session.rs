@@ -115,6 +115,16 @@ impl SessionShared {
     fn take(&self) -> Control {
         std::mem::take(&mut *self.control.lock())
     }
+
+    /// Takes the acks asked for now, leaving the rest for [`next`](Self::next).
+    fn take_acks(&self) -> Control {
+        let mut control = self.control.lock();
+        Control {
+            ack_through: control.ack_through.take(),
+            ack_seqs: std::mem::take(&mut control.ack_seqs),
+            ..Control::default()
+        }
+    }
 }
 
 /// The host's side of a running session: acks and close. Cheap to clone; usable from the
@@ -271,14 +281,16 @@ impl Session {
         let mut caught_up = false;
         let mut control = shared.take();
         loop {
-            // Acks first: those that arrived with a close or displacement still count.
-            self.apply_acks(&inner, &recipient, &mut cursor, &mut control)
-                .await?;
-            if control.displaced {
-                return Ok(SessionEnd::Displaced);
-            }
-            if control.closed {
-                return Ok(SessionEnd::Closed);
+            // Acks go to the storage with the next read, or on their own when nothing more is
+            // read now; those that arrived with a close or displacement still count.
+            let mut pending = take_ack(&mut cursor, &mut control);
+            if control.displaced || control.closed {
+                self.send_ack(&inner, &recipient, pending).await?;
+                return Ok(if control.displaced {
+                    SessionEnd::Displaced
+                } else {
+                    SessionEnd::Closed
+                });
             }
             for ephemeral in control.ephemerals.drain(..) {
                 if let Err(closed) = self.transport.send(Outbound::Ephemeral(ephemeral)).await {
@@ -290,10 +302,17 @@ impl Session {
                 cursor.exhausted = false;
             }
             while !cursor.exhausted && cursor.in_flight.len() < inner.max_in_flight {
-                if let Some(end) = self.deliver_batch(&inner, &recipient, &mut cursor).await? {
+                let ack = pending.take();
+                if let Some(end) = self
+                    .deliver_batch(&inner, &recipient, &mut cursor, ack)
+                    .await?
+                {
                     return Ok(end);
                 }
+                // Acks that came back while the batch went out ride with the next read.
+                pending = take_ack(&mut cursor, &mut shared.take_acks());
             }
+            self.send_ack(&inner, &recipient, pending).await?;
             if !caught_up && (cursor.exhausted || cursor.last >= backlog_end) {
                 if let Err(closed) = self.transport.send(Outbound::CaughtUp).await {
                     return Ok(SessionEnd::TransportClosed(closed.0));
@@ -304,48 +323,20 @@ impl Session {
         }
     }
 
-    async fn apply_acks(
+    /// Applies `ack` on its own, if there is one.
+    async fn send_ack(
         &self,
         inner: &Inner,
         recipient: &RecipientId,
-        cursor: &mut Cursor,
-        control: &mut Control,
+        ack: Option<Ack>,
     ) -> Result<()> {
-        let requested = control.ack_through.take();
-        // Clamped: nothing beyond what was handed over can be acked.
-        let through = requested.and_then(|seq| Some(seq.min(cursor.last?)));
-        let mut ack = Ack::default();
-        if let Some(through) = through {
-            while cursor.in_flight.front().is_some_and(|&seq| seq <= through) {
-                cursor.in_flight.pop_front();
-            }
-            ack.through = Some(through);
+        if let Some(ack) = ack {
+            let removed = inner
+                .storage
+                .ack(recipient, &ack, inner.clock.now())
+                .await?;
+            metrics::add(&inner.metrics.acked, removed);
         }
-        for seq in control.ack_seqs.drain(..) {
-            if let Ok(index) = cursor.in_flight.binary_search(&seq) {
-                cursor.in_flight.remove(index);
-                ack.seqs.push(seq);
-            }
-        }
-        // A gap-only batch before any record was read sits at position 0.
-        let confirms = requested.map(|seq| seq.min(cursor.last.unwrap_or(Seq(0))));
-        let Some(highest) = ack.seqs.iter().copied().chain(confirms).max() else {
-            return Ok(());
-        };
-        // An ack proves every batch up to it arrived (one connection delivers in order), and
-        // with it the gaps those batches reported.
-        while let Some(&(first, through)) = cursor.unconfirmed_gaps.front() {
-            if first > highest {
-                break;
-            }
-            cursor.unconfirmed_gaps.pop_front();
-            ack.lost_confirmed_through = ack.lost_confirmed_through.max(Some(through));
-        }
-        let removed = inner
-            .storage
-            .ack(recipient, &ack, inner.clock.now())
-            .await?;
-        metrics::add(&inner.metrics.acked, removed);
         Ok(())
     }
 
@@ -355,6 +346,7 @@ impl Session {
         inner: &Inner,
         recipient: &RecipientId,
         cursor: &mut Cursor,
+        ack: Option<Ack>,
     ) -> Result<Option<SessionEnd>> {
         let now = inner.clock.now();
         let room = inner.max_in_flight - cursor.in_flight.len();
@@ -364,10 +356,22 @@ impl Session {
         };
         // Marked delivered as read, before the hand-over, so a crash counts a redelivery.
         // Records passed over below are counted too, and removed right after.
-        let read = inner
-            .storage
-            .read_for_delivery(recipient, cursor.last, limit, now)
-            .await?;
+        let read = match ack {
+            Some(ack) => {
+                let (removed, read) = inner
+                    .storage
+                    .ack_and_read_for_delivery(recipient, &ack, cursor.last, limit, now)
+                    .await?;
+                metrics::add(&inner.metrics.acked, removed);
+                read
+            }
+            None => {
+                inner
+                    .storage
+                    .read_for_delivery(recipient, cursor.last, limit, now)
+                    .await?
+            }
+        };
         // Losses are counted by a total that only grows: report what lies beyond both the
         // confirmed mark and what this session already reported (awaiting confirmation).
         let confirmed = read.lost_total.saturating_sub(read.lost);
@@ -476,4 +480,38 @@ impl Session {
         cursor.in_flight.extend(seqs);
         unreadable.map_or(Ok(None), Err)
     }
+}
+
+/// Takes the acks in `control` against the cursor (clamped to what this session handed over,
+/// confirming the gaps they prove arrived): what to tell the storage, if anything.
+fn take_ack(cursor: &mut Cursor, control: &mut Control) -> Option<Ack> {
+    let requested = control.ack_through.take();
+    // Clamped: nothing beyond what was handed over can be acked.
+    let through = requested.and_then(|seq| Some(seq.min(cursor.last?)));
+    let mut ack = Ack::default();
+    if let Some(through) = through {
+        while cursor.in_flight.front().is_some_and(|&seq| seq <= through) {
+            cursor.in_flight.pop_front();
+        }
+        ack.through = Some(through);
+    }
+    for seq in control.ack_seqs.drain(..) {
+        if let Ok(index) = cursor.in_flight.binary_search(&seq) {
+            cursor.in_flight.remove(index);
+            ack.seqs.push(seq);
+        }
+    }
+    // A gap-only batch before any record was read sits at position 0.
+    let confirms = requested.map(|seq| seq.min(cursor.last.unwrap_or(Seq(0))));
+    let highest = ack.seqs.iter().copied().chain(confirms).max()?;
+    // An ack proves every batch up to it arrived (one connection delivers in order), and
+    // with it the gaps those batches reported.
+    while let Some(&(first, through)) = cursor.unconfirmed_gaps.front() {
+        if first > highest {
+            break;
+        }
+        cursor.unconfirmed_gaps.pop_front();
+        ack.lost_confirmed_through = ack.lost_confirmed_through.max(Some(through));
+    }
+    Some(ack)
 }

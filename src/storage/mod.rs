@@ -330,6 +330,24 @@ pub trait Storage: Send + Sync + 'static {
     /// for idle removal.
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;
 
+    /// Applies `ack` as [`Storage::ack`] does, then reads for delivery as
+    /// [`Storage::read_for_delivery`] does; returns what each returned. A session whose client
+    /// acks as batches arrive calls this for each batch after its first, so a backend across a
+    /// network saves a round trip per batch. On an error the ack may have been applied (acks
+    /// are idempotent; the engine ends the session). The default calls the two in turn.
+    async fn ack_and_read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: &Ack,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<(u64, ReadBatch)> {
+        let removed = self.ack(recipient, ack, now).await?;
+        let batch = self.read_for_delivery(recipient, after, limit, now).await?;
+        Ok((removed, batch))
+    }
+
     /// Removes up to `budget` expired records (deadline at or before `now`) and, when
     /// `idle_before` is set, whole recipient queues last appended to or acked before it. The
     /// engine passes an `idle_before` at least the dedup window before `now`

@@ -229,6 +229,19 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
     ) -> Result<u64> {
         wait(self.0.ack(recipient, ack, now))
     }
+    async fn ack_and_read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: &offline_queue::storage::Ack,
+        after: Option<offline_queue::Seq>,
+        limit: offline_queue::BatchLimit,
+        now: Timestamp,
+    ) -> Result<(u64, offline_queue::storage::ReadBatch)> {
+        wait(
+            self.0
+                .ack_and_read_for_delivery(recipient, ack, after, limit, now),
+        )
+    }
     async fn purge(
         &self,
         now: Timestamp,
