@@ -663,6 +663,49 @@ impl RedisStorage {
     /// is logged, not returned: the step itself stands. An index entry that could not be
     /// written is written by the queue's next step that asks for it (the queue's metadata is
     /// told to forget what it filed).
+    /// The ack step's arguments after its keys, as Redis receives them (text).
+    fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<String> {
+        let mut args = Vec::with_capacity(7 + ack.seqs.len() + ack.passed_over.len());
+        args.extend([
+            ack.through.map_or(-1, |s| s.0 as i64).to_string(),
+            now.as_millis().to_string(),
+            ack.lost_confirmed_through
+                .map_or(-1, |t| t.min(LUA_MAX) as i64)
+                .to_string(),
+            self.idle_ttl_ms().to_string(),
+            ack.seqs.len().to_string(),
+        ]);
+        args.extend(ack.seqs.iter().map(|s| s.0.to_string()));
+        args.push(ack.passed_over.len().to_string());
+        args.extend(ack.passed_over.iter().map(|s| s.0.to_string()));
+        args
+    }
+
+    /// The ack step as a command, for a pipeline.
+    pub(super) fn ack_command(&self, keys: &[String; 7], ack: &Ack, now: Timestamp) -> redis::Cmd {
+        let mut command = self.shared.steps.ack.command(&keys[..]);
+        for arg in self.ack_args(ack, now) {
+            command.arg(arg);
+        }
+        command
+    }
+
+    /// Books the ack step's reply (the remembered front, freed bytes, the idle index);
+    /// returns how many records it removed.
+    pub(super) async fn after_ack_reply(
+        &self,
+        recipient: &RecipientId,
+        hex: &str,
+        reply: Value,
+    ) -> Result<u64> {
+        let (removed, freed, file_idle, head): (u64, i64, i64, i64) =
+            redis::from_redis_value(reply).map_err(|_| bad_reply("the ack's four numbers"))?;
+        self.shared.fronts.after_ack(recipient, head);
+        self.after_commit(recipient, hex, -freed, file_idle, -1)
+            .await;
+        Ok(removed)
+    }
+
     async fn after_commit(
         &self,
         recipient: &RecipientId,
@@ -899,8 +942,9 @@ impl RedisStorage {
     ) -> Result<ReadBatch> {
         let (_, keys) = self.keys(recipient);
         if let Some(batch) = self
-            .read_run(recipient, &keys, after, limit, now, mark)
+            .read_run(recipient, &keys, None, after, limit, now, mark)
             .await?
+            .batch
         {
             return Ok(batch);
         }
@@ -1321,30 +1365,40 @@ impl Storage for RedisStorage {
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
         let (hex, keys) = self.keys(recipient);
         let mut invocation = self.shared.steps.ack.key(&keys[..]);
-        invocation
-            .arg(ack.through.map_or(-1, |s| s.0 as i64))
-            .arg(now.as_millis())
-            .arg(
-                ack.lost_confirmed_through
-                    .map_or(-1, |t| t.min(LUA_MAX) as i64),
-            )
-            .arg(self.idle_ttl_ms())
-            .arg(ack.seqs.len());
-        for seq in &ack.seqs {
-            invocation.arg(seq.0);
+        for arg in self.ack_args(ack, now) {
+            invocation.arg(arg);
         }
-        invocation.arg(ack.passed_over.len());
-        for seq in &ack.passed_over {
-            invocation.arg(seq.0);
-        }
-        let (removed, freed, file_idle, head): (u64, i64, i64, i64) = invocation
+        let reply: Value = invocation
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        self.shared.fronts.after_ack(recipient, head);
-        self.after_commit(recipient, &hex, -freed, file_idle, -1)
-            .await;
-        Ok(removed)
+        self.after_ack_reply(recipient, &hex, reply).await
+    }
+
+    async fn ack_and_read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: &Ack,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<(u64, ReadBatch)> {
+        let (hex, keys) = self.keys(recipient);
+        let run = self
+            .read_run(recipient, &keys, Some((ack, &hex)), after, limit, now, true)
+            .await?;
+        let removed = match run.acked {
+            Some(removed) => removed,
+            None => self.ack(recipient, ack, now).await?,
+        };
+        let batch = match run.batch {
+            Some(batch) => batch,
+            None => {
+                self.read_marking(recipient, after, limit, now, true)
+                    .await?
+            }
+        };
+        Ok((removed, batch))
     }
 
     async fn purge(

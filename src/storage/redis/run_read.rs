@@ -20,7 +20,7 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::limits::BatchLimit;
 use crate::message::{RecipientId, Seq};
-use crate::storage::ReadBatch;
+use crate::storage::{Ack, ReadBatch};
 
 /// Queues whose front is remembered, at most: two generations of half as many each.
 const REMEMBERED: usize = 1 << 16;
@@ -112,8 +112,20 @@ impl Fronts {
     /// The list index of the first record after `after`, when the front is remembered and
     /// the batch is likely bounded by its count, not its bytes (the `LRANGE` fetches a whole
     /// count of records; a byte bound that cuts far below it would waste the rest).
-    fn guess(&self, recipient: &RecipientId, after: Option<Seq>, limit: BatchLimit) -> Option<u64> {
-        let front = self.0.lock().get(recipient)?;
+    ///
+    /// `acked_through`: a cumulative ack that runs first, in the same `MULTI`, and moves the
+    /// front of a plain queue past it.
+    fn guess(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        acked_through: Option<Seq>,
+    ) -> Option<u64> {
+        let mut front = self.0.lock().get(recipient)?;
+        if let Some(through) = acked_through {
+            front.head = front.head.max(through.0.saturating_add(1));
+        }
         let count = limit.max_messages as u64;
         let expected = count.checked_mul(front.mean_body)?.checked_mul(2)?;
         // A zero count reads nothing, as the ordinary read does: no run to plan.
@@ -125,23 +137,42 @@ impl Fronts {
     }
 }
 
+/// What [`RedisStorage::read_run`] did: the ack's count if one ran, and the batch if the
+/// queue held the run where it was guessed to (`None`: read the ordinary way).
+#[derive(Default)]
+pub(super) struct RunRead {
+    pub acked: Option<u64>,
+    pub batch: Option<ReadBatch>,
+}
+
 impl RedisStorage {
-    /// The batch, when the queue holds a plain run after `after` where it was guessed to;
-    /// `None`: read the ordinary way.
+    /// Reads a plain run after `after` where it was guessed to be, in one `MULTI`; with `ack`
+    /// (cumulative only: a selective one moves the front unpredictably), the ack runs first in
+    /// the same `MULTI`, so a session's ack and next read cost one round trip.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn read_run(
         &self,
         recipient: &RecipientId,
         keys: &[String; 7],
+        ack: Option<(&Ack, &str)>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
         mark: bool,
-    ) -> Result<Option<ReadBatch>> {
+    ) -> Result<RunRead> {
         if matches!(self.shared.connection, Connection::Cluster(_)) {
-            return Ok(None);
+            return Ok(RunRead::default());
         }
-        let Some(guess) = self.shared.fronts.guess(recipient, after, limit) else {
-            return Ok(None);
+        if ack.is_some_and(|(ack, _)| !ack.seqs.is_empty() || !ack.passed_over.is_empty()) {
+            return Ok(RunRead::default());
+        }
+        let acked_through = ack.and_then(|(ack, _)| ack.through);
+        let Some(guess) = self
+            .shared
+            .fronts
+            .guess(recipient, after, limit, acked_through)
+        else {
+            return Ok(RunRead::default());
         };
         let max_messages = (limit.max_messages as u64).clamp(1, MOST);
         let mut plan = self.shared.steps.plan.command(&keys[..]);
@@ -152,33 +183,41 @@ impl RedisStorage {
             .arg(u8::from(mark))
             .arg(guess);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .add_command(plan)
+        pipe.atomic();
+        if let Some((ack, _)) = ack {
+            pipe.add_command(self.ack_command(keys, ack, now));
+        }
+        pipe.add_command(plan)
             .cmd("LRANGE")
             .arg(&keys[1])
             .arg(guess)
             .arg(guess.saturating_add(max_messages - 1));
-        let (plan, raws) = match pipe
-            .query_async::<(Value, Vec<Vec<u8>>)>(&mut self.connection())
-            .await
-        {
-            Ok(reply) => reply,
-            // The connection failed: the step may have run, and a second read would count
+        let mut replies = match pipe.query_async::<Vec<Value>>(&mut self.connection()).await {
+            Ok(replies) => replies.into_iter(),
+            // The connection failed: the steps may have run, and a second read would count
             // its deliveries twice. The caller sees the error, as from any step.
             Err(error) if error.is_io_error() || error.is_timeout() => {
                 return Err(super::redis_error(error));
             }
-            // The server refused (no library after a restart, out of memory: MULTI ran
-            // nothing): the ordinary read reports it or recovers from it.
-            Err(_) => return Ok(None),
+            // The server refused (no library after a restart, out of memory, a key of
+            // another type): the ordinary steps report it or recover from it. An ack that
+            // did run is repeated then, which removes nothing more.
+            Err(_) => return Ok(RunRead::default()),
         };
-        let Value::Array(plan) = plan else {
-            return Err(bad_reply("an array"));
+        let mut done = RunRead::default();
+        if let Some((_, hex)) = ack {
+            let reply = replies.next().ok_or_else(|| bad_reply("the ack's reply"))?;
+            done.acked = Some(self.after_ack_reply(recipient, hex, reply).await?);
+        }
+        let (Some(Value::Array(plan)), Some(raws)) = (replies.next(), replies.next()) else {
+            return Err(bad_reply("a plan and its records"));
         };
         if text(plan.first())? != "run" {
             // The ordinary read that follows remembers the front, if the queue is plain.
-            return Ok(None);
+            return Ok(done);
         }
+        let raws: Vec<Vec<u8>> =
+            redis::from_redis_value(raws).map_err(|_| bad_reply("the run's records"))?;
         let lost_total = count(plan.get(1))?;
         let lost_confirmed = count(plan.get(2))?;
         let watermark = count(plan.get(3))?;
@@ -214,13 +253,14 @@ impl RedisStorage {
                 records.push(decode_record(seq, raw, i64::from(seq <= watermark)));
             }
         }
-        Ok(Some(ReadBatch {
+        done.batch = Some(ReadBatch {
             records,
             expired: Vec::new(),
             damaged,
             lost: lost_total.saturating_sub(lost_confirmed),
             lost_total,
-        }))
+        });
+        Ok(done)
     }
 }
 
