@@ -298,12 +298,12 @@ mod tests {
         // The newest are all still there; the oldest went first.
         for i in REMEMBERED - 100..REMEMBERED + 10 {
             assert_eq!(
-                fronts.guess(&id(i), None, LIMIT),
+                fronts.guess(&id(i), None, LIMIT, None),
                 Some(0),
                 "front {i} forgotten"
             );
         }
-        assert_eq!(fronts.guess(&id(0), None, LIMIT), None);
+        assert_eq!(fronts.guess(&id(0), None, LIMIT, None), None);
     }
 
     #[test]
@@ -315,15 +315,25 @@ mod tests {
         }
         assert!(fronts.0.lock().older.contains_key(&id(0)));
         fronts.after_ack(&id(0), 15);
-        assert_eq!(fronts.guess(&id(0), Some(Seq(20)), LIMIT), Some(6));
+        assert_eq!(fronts.guess(&id(0), Some(Seq(20)), LIMIT, None), Some(6));
+        // An ack through 17 in front of the read moves the front to 18 first.
+        assert_eq!(
+            fronts.guess(&id(0), Some(Seq(20)), LIMIT, Some(Seq(17))),
+            Some(3)
+        );
+        // One behind the front moves nothing.
+        assert_eq!(
+            fronts.guess(&id(0), Some(Seq(20)), LIMIT, Some(Seq(10))),
+            Some(6)
+        );
         // A read without a body length keeps the one learned before.
         fronts.after_read(&id(0), 16, true, 0);
-        assert_eq!(fronts.guess(&id(0), None, LIMIT), Some(0));
+        assert_eq!(fronts.guess(&id(0), None, LIMIT, None), Some(0));
         fronts.after_read(&id(0), 16, false, 100);
-        assert_eq!(fronts.guess(&id(0), None, LIMIT), None);
+        assert_eq!(fronts.guess(&id(0), None, LIMIT, None), None);
         fronts.after_read(&id(1), 0, true, 100);
         fronts.after_ack(&id(1), -1);
-        assert_eq!(fronts.guess(&id(1), None, LIMIT), None);
+        assert_eq!(fronts.guess(&id(1), None, LIMIT, None), None);
         assert_eq!(fronts.0.lock().len(), REMEMBERED / 2 - 1);
     }
 }
