@@ -7,8 +7,9 @@
 //!
 //! The `LRANGE` needs the run's index in the list before the function runs, so each storage
 //! remembers the front seq of the queues it read or acked lately (a bounded map; a wrong or
-//! missing guess costs one ordinary read, and the miss tells the right front). On a cluster
-//! reads go the ordinary way.
+//! missing guess costs one ordinary read, and the miss tells the right front). A session's
+//! cumulative ack can run first in the same `MULTI` (`ack_and_read_for_delivery`): the guess
+//! then counts from the front the ack leaves. On a cluster reads go the ordinary way.
 
 use std::collections::HashMap;
 
