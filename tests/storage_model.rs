@@ -54,6 +54,14 @@ enum Op {
         to: usize,
         index: usize,
     },
+    /// A cumulative ack through the `index`-th pending record, then a read for delivery after
+    /// it (as a session does) or after the `from`-th, in one `ack_and_read_for_delivery`.
+    AckThenRead {
+        to: usize,
+        index: usize,
+        from: Option<usize>,
+        max: usize,
+    },
     AckSome {
         to: usize,
         mask: Vec<bool>,
@@ -96,6 +104,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (to.clone(), 0..100usize, 1..40usize, proptest::option::weighted(0.3, 1..200usize), any::<bool>())
             .prop_map(|(to, from, max, max_bytes, deliver)| Op::Read { to, from, max, max_bytes, deliver }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::AckThrough { to, index }),
+        2 => (to.clone(), 0..100usize, proptest::option::weighted(0.3, 0..100usize), 1..40usize)
+            .prop_map(|(to, index, from, max)| Op::AckThenRead { to, index, from, max }),
         2 => (to.clone(), proptest::collection::vec(any::<bool>(), 0..100)).prop_map(|(to, mask)| Op::AckSome { to, mask }),
         1 => (to.clone(), 0..100usize).prop_map(|(to, index)| Op::PassOver { to, index }),
         2 => (0..50u64, 1..20usize, proptest::option::weighted(0.2, 60..120u64))
@@ -287,6 +297,40 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
                 at,
             );
             format!("removed {removed}")
+        }
+        Op::AckThenRead {
+            to,
+            index,
+            from,
+            max,
+        } => {
+            let seqs = seqs(storage, *to, at);
+            let through = seqs.get(index % seqs.len().max(1)).copied();
+            let after = match from {
+                Some(from) => from.checked_sub(1).and_then(|i| seqs.get(i)).copied(),
+                None => through,
+            };
+            let ack = Ack {
+                through,
+                ..Ack::default()
+            };
+            let limit = BatchLimit {
+                max_messages: *max,
+                max_bytes: usize::MAX,
+            };
+            let (removed, batch) =
+                block_on(storage.ack_and_read_for_delivery(&who(*to), &ack, after, limit, at))
+                    .unwrap();
+            let bodies: Vec<String> = batch
+                .records
+                .iter()
+                .map(|r| format!("{} x{}", String::from_utf8_lossy(&r.body), r.delivery_count))
+                .collect();
+            format!(
+                "removed {removed} {bodies:?} expired {} lost {}",
+                batch.expired.len(),
+                batch.lost
+            )
         }
         Op::AckSome { to, mask } => {
             let picked: Vec<Seq> = seqs(storage, *to, at)
