@@ -863,3 +863,97 @@ fn the_wakeup_listener_ends_once_the_engine_is_dropped() {
     drop(queue);
     assert_eq!(listener.now_or_never(), Some(()));
 }
+
+/// Acks as each batch arrives and closes the session at the first: the close is seen before
+/// the rest of the backlog is read, though every ack frees the window.
+#[test]
+fn a_close_during_a_drain_ends_it_at_once() {
+    use std::sync::OnceLock;
+    struct AckAndClose(
+        Arc<OnceLock<offline_queue::SessionHandle>>,
+        Arc<AtomicUsize>,
+    );
+    #[async_trait::async_trait]
+    impl offline_queue::Transport for AckAndClose {
+        async fn send(&self, item: Outbound) -> Result<(), offline_queue::TransportClosed> {
+            if let Outbound::Batch(batch) = item {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                let handle = self.0.get().unwrap();
+                handle.ack_through(batch.position);
+                handle.close();
+            }
+            Ok(())
+        }
+    }
+    let mut h = Harness::with(|b| {
+        b.batch(BatchLimit {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        })
+    });
+    for i in 0..100u8 {
+        h.send("bob", &[i]);
+    }
+    let (handle, batches) = (Arc::new(OnceLock::new()), Arc::new(AtomicUsize::new(0)));
+    let session = h
+        .queue
+        .connect(id("bob"), AckAndClose(handle.clone(), batches.clone()));
+    handle.set(session.handle()).unwrap();
+    let end = h.run(session.run()).unwrap();
+    assert_eq!(end, SessionEnd::Closed);
+    assert_eq!(
+        batches.load(Ordering::SeqCst),
+        1,
+        "no batch after the close"
+    );
+    assert_eq!(
+        h.stats("bob").messages,
+        90,
+        "the first batch's ack still counted"
+    );
+}
+
+/// Acks and an ephemeral message wait together, and the transport fails on the ephemeral:
+/// the acks are applied all the same.
+#[test]
+fn acks_waiting_with_an_ephemeral_survive_a_failing_transport() {
+    struct FailsOnEphemeral(Arc<parking_lot::Mutex<Vec<offline_queue::Batch>>>);
+    #[async_trait::async_trait]
+    impl offline_queue::Transport for FailsOnEphemeral {
+        async fn send(&self, item: Outbound) -> Result<(), offline_queue::TransportClosed> {
+            match item {
+                Outbound::Batch(batch) => self.0.lock().push(batch),
+                Outbound::Ephemeral(_) => {
+                    return Err(offline_queue::TransportClosed("gone".into()));
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+    let mut h = Harness::new();
+    for i in 0..3u8 {
+        h.send("bob", &[i]);
+    }
+    let batches = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let session = h
+        .queue
+        .connect(id("bob"), FailsOnEphemeral(batches.clone()));
+    let handle = session.handle();
+    let (tx, mut end) = futures::channel::oneshot::channel();
+    use futures::task::LocalSpawnExt;
+    h.pool
+        .spawner()
+        .spawn_local(async move {
+            let _ = tx.send(session.run().await);
+        })
+        .unwrap();
+    h.stall();
+    let position = batches.lock()[0].position;
+    handle.ack_through(position);
+    assert!(h.queue.send_ephemeral(&id("bob"), "typing").unwrap());
+    h.stall();
+    let ended = end.try_recv().unwrap().expect("the session ended").unwrap();
+    assert!(matches!(ended, SessionEnd::TransportClosed(_)), "{ended:?}");
+    assert_eq!(h.stats("bob").messages, 0, "the acks were applied");
+}

@@ -116,14 +116,18 @@ impl SessionShared {
         std::mem::take(&mut *self.control.lock())
     }
 
-    /// Takes the acks asked for now, leaving the rest for [`next`](Self::next).
-    fn take_acks(&self) -> Control {
+    /// Takes the acks asked for now, leaving the rest for [`next`](Self::next); true if a
+    /// close, a displacement or an ephemeral message waits there, which must not wait for the
+    /// rest of a backlog.
+    fn take_acks(&self) -> (Control, bool) {
         let mut control = self.control.lock();
-        Control {
+        let waiting = control.closed || control.displaced || !control.ephemerals.is_empty();
+        let acks = Control {
             ack_through: control.ack_through.take(),
             ack_seqs: std::mem::take(&mut control.ack_seqs),
             ..Control::default()
-        }
+        };
+        (acks, waiting)
     }
 }
 
@@ -292,6 +296,10 @@ impl Session {
                     SessionEnd::Closed
                 });
             }
+            if !control.ephemerals.is_empty() {
+                // Before the hand-over: a transport that fails there must not lose the acks.
+                self.send_ack(&inner, &recipient, pending.take()).await?;
+            }
             for ephemeral in control.ephemerals.drain(..) {
                 if let Err(closed) = self.transport.send(Outbound::Ephemeral(ephemeral)).await {
                     return Ok(SessionEnd::TransportClosed(closed.0));
@@ -310,7 +318,11 @@ impl Session {
                     return Ok(end);
                 }
                 // Acks that came back while the batch went out ride with the next read.
-                pending = take_ack(&mut cursor, &mut shared.take_acks());
+                let (mut acks, waiting) = shared.take_acks();
+                pending = take_ack(&mut cursor, &mut acks);
+                if waiting {
+                    break;
+                }
             }
             self.send_ack(&inner, &recipient, pending).await?;
             if !caught_up && (cursor.exhausted || cursor.last >= backlog_end) {

@@ -659,10 +659,6 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
-    /// Bookkeeping after a committed step: the byte counter and the index entries. A failure
-    /// is logged, not returned: the step itself stands. An index entry that could not be
-    /// written is written by the queue's next step that asks for it (the queue's metadata is
-    /// told to forget what it filed).
     /// The ack step's arguments after its keys, as Redis receives them (text).
     fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<String> {
         let mut args = Vec::with_capacity(7 + ack.seqs.len() + ack.passed_over.len());
@@ -706,6 +702,10 @@ impl RedisStorage {
         Ok(removed)
     }
 
+    /// Bookkeeping after a committed step: the byte counter and the index entries. A failure
+    /// is logged, not returned: the step itself stands. An index entry that could not be
+    /// written is written by the queue's next step that asks for it (the queue's metadata is
+    /// told to forget what it filed).
     async fn after_commit(
         &self,
         recipient: &RecipientId,
@@ -931,7 +931,8 @@ impl RedisStorage {
         }
     }
 
-    /// One read script; with `mark`, it also counts a delivery for each record returned.
+    /// A read: of a plain run in one `MULTI` where the front is known, else through
+    /// `read.lua`; with `mark`, it also counts a delivery for each record returned.
     async fn read_marking(
         &self,
         recipient: &RecipientId,
@@ -948,6 +949,20 @@ impl RedisStorage {
         {
             return Ok(batch);
         }
+        self.read_ordinary(recipient, &keys, after, limit, now, mark)
+            .await
+    }
+
+    /// A read through `read.lua`, which brings the records into Lua: any queue, any state.
+    async fn read_ordinary(
+        &self,
+        recipient: &RecipientId,
+        keys: &[String; 7],
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
         let reply: Value = self
             .shared
             .steps
@@ -1394,7 +1409,7 @@ impl Storage for RedisStorage {
         let batch = match run.batch {
             Some(batch) => batch,
             None => {
-                self.read_marking(recipient, after, limit, now, true)
+                self.read_ordinary(recipient, &keys, after, limit, now, true)
                     .await?
             }
         };
