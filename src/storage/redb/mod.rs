@@ -266,70 +266,20 @@ impl RedbStorage {
         now: Timestamp,
     ) -> Result<ReadBatch> {
         let who = recipient.as_bytes();
-        let now = now.as_millis();
         let db = self.database()?;
         let txn = db.begin_read().map_err(db_error)?;
         let Some(meta) = read_meta(&txn.open_table(META).map_err(db_error)?, who)? else {
             return Ok(ReadBatch::default());
         };
-        let mut batch = ReadBatch {
-            lost: meta.lost(),
-            lost_total: meta.lost_total,
-            ..ReadBatch::default()
-        };
-        if after.is_some_and(|after| after.0 == u64::MAX) {
-            return Ok(batch);
-        }
-        let start = after.map_or(0, |after| after.0 + 1);
         let log = txn.open_table(LOG).map_err(db_error)?;
         let deliveries = txn.open_table(DELIVERIES).map_err(db_error)?;
         let chunks = txn.open_table(CHUNKS).map_err(db_error)?;
-        let mut bytes = 0usize;
-        each_seq(&chunks, who, &meta.tail, start, |seq| {
-            let value = log.get(seq).map_err(db_error)?;
-            let record = match value.as_ref().map(|v| decode_record(seq, v.value())) {
-                Some(Ok(record)) if record.who == who => record,
-                Some(Ok(_)) => {
-                    tracing::error!(path = %self.path.display(), seq, "listed record names another recipient; passed over");
-                    batch.damaged.push(Seq(seq));
-                    return Ok(true);
-                }
-                Some(Err(error)) => {
-                    tracing::error!(path = %self.path.display(), %error, "damaged record passed over");
-                    batch.damaged.push(Seq(seq));
-                    return Ok(true);
-                }
-                None => {
-                    tracing::error!(path = %self.path.display(), seq, "listed record missing; passed over");
-                    batch.damaged.push(Seq(seq));
-                    return Ok(true);
-                }
-            };
-            if record.expires_at <= now {
-                batch.expired.push(Seq(seq));
-                return Ok(batch.expired.len() < limit.max_messages);
-            }
-            if batch.records.len() >= limit.max_messages
-                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
-            {
-                return Ok(false);
-            }
-            let delivery_count = deliveries
-                .get(seq)
-                .map_err(db_error)?
-                .map_or(0, |v| v.value());
-            bytes += record.body.len();
-            batch.records.push(StoredRecord {
-                seq: Seq(seq),
-                id: record.id,
-                sent_at: Timestamp::from_millis(record.sent_at),
-                expires_at: opt_time(record.expires_at),
-                delivery_count,
-                body: Bytes::copy_from_slice(record.body),
-            });
-            Ok(true)
-        })?;
-        Ok(batch)
+        let view = TablesView {
+            log: &log,
+            deliveries: &deliveries,
+            chunks: &chunks,
+        };
+        read_records(&self.path, &meta, view, who, after, limit, now.as_millis())
     }
 
     fn stats_now(&self, recipient: &RecipientId) -> Result<RecipientStats> {
@@ -538,6 +488,28 @@ impl Storage for RedbStorage {
         .await
     }
 
+    /// One job in one group: the ack, the read (inside the group, so it sees the ack) and
+    /// its delivery marks share a commit and its fsync.
+    async fn ack_and_read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: &Ack,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<(u64, ReadBatch)> {
+        let (recipient, ack, now) = (recipient.clone(), ack.clone(), now.as_millis());
+        self.submit(|reply| Job::AckAndRead {
+            recipient,
+            ack,
+            after,
+            limit,
+            now,
+            reply,
+        })
+        .await
+    }
+
     async fn purge(
         &self,
         now: Timestamp,
@@ -562,4 +534,90 @@ impl Storage for RedbStorage {
         let recipient = recipient.clone();
         self.submit(|reply| Job::Remove { recipient, reply }).await
     }
+}
+
+/// The tables a read looks at, from a read transaction or from the writer's open group.
+struct TablesView<'v, L, D, C> {
+    log: &'v L,
+    deliveries: &'v D,
+    chunks: &'v C,
+}
+
+/// A read of `who`'s records after `after`, over any view of the tables: a read transaction,
+/// or the writer's group (whose metadata may not be written back yet), with `meta` as that
+/// view sees it.
+fn read_records<L, D, C>(
+    path: &Path,
+    meta: &layout::Meta,
+    view: TablesView<'_, L, D, C>,
+    who: &[u8],
+    after: Option<Seq>,
+    limit: BatchLimit,
+    now: u64,
+) -> Result<ReadBatch>
+where
+    L: ReadableTable<u64, &'static [u8]>,
+    D: ReadableTable<u64, u32>,
+    C: ReadableTable<layout::Key<'static>, &'static [u8]>,
+{
+    let TablesView {
+        log,
+        deliveries,
+        chunks,
+    } = view;
+    let mut batch = ReadBatch {
+        lost: meta.lost(),
+        lost_total: meta.lost_total,
+        ..ReadBatch::default()
+    };
+    if after.is_some_and(|after| after.0 == u64::MAX) {
+        return Ok(batch);
+    }
+    let start = after.map_or(0, |after| after.0 + 1);
+    let mut bytes = 0usize;
+    each_seq(chunks, who, &meta.tail, start, |seq| {
+        let value = log.get(seq).map_err(db_error)?;
+        let record = match value.as_ref().map(|v| decode_record(seq, v.value())) {
+            Some(Ok(record)) if record.who == who => record,
+            Some(Ok(_)) => {
+                tracing::error!(path = %path.display(), seq, "listed record names another recipient; passed over");
+                batch.damaged.push(Seq(seq));
+                return Ok(true);
+            }
+            Some(Err(error)) => {
+                tracing::error!(path = %path.display(), %error, "damaged record passed over");
+                batch.damaged.push(Seq(seq));
+                return Ok(true);
+            }
+            None => {
+                tracing::error!(path = %path.display(), seq, "listed record missing; passed over");
+                batch.damaged.push(Seq(seq));
+                return Ok(true);
+            }
+        };
+        if record.expires_at <= now {
+            batch.expired.push(Seq(seq));
+            return Ok(batch.expired.len() < limit.max_messages);
+        }
+        if batch.records.len() >= limit.max_messages
+            || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+        {
+            return Ok(false);
+        }
+        let delivery_count = deliveries
+            .get(seq)
+            .map_err(db_error)?
+            .map_or(0, |v| v.value());
+        bytes += record.body.len();
+        batch.records.push(StoredRecord {
+            seq: Seq(seq),
+            id: record.id,
+            sent_at: Timestamp::from_millis(record.sent_at),
+            expires_at: opt_time(record.expires_at),
+            delivery_count,
+            body: Bytes::copy_from_slice(record.body),
+        });
+        Ok(true)
+    })?;
+    Ok(batch)
 }

@@ -1,7 +1,7 @@
 //! The writer thread: gathers concurrent writes into groups, one transaction and one fsync
 //! each, and answers every caller once its group is durable.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -9,13 +9,13 @@ use futures::channel::oneshot;
 use redb::Database;
 
 use super::writes::{
-    Tables, ack_records, append, mark_delivered, open_tables, purge, remove_recipient,
+    Tables, ack_records, append, mark_delivered, meta_get, open_tables, purge, remove_recipient,
 };
 use super::{damaged, db_error};
 use crate::error::{Error, Result};
-use crate::limits::Quota;
+use crate::limits::{BatchLimit, Quota};
 use crate::message::{RecipientId, Seq};
-use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome};
+use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome, ReadBatch};
 
 /// Longest the writer waits to gather a group as large as the last one.
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
@@ -46,6 +46,15 @@ pub(super) enum Job {
         now: u64,
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// An ack, then a read for delivery (counted), in the same group.
+    AckAndRead {
+        recipient: RecipientId,
+        ack: Ack,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: u64,
+        reply: oneshot::Sender<Result<(u64, ReadBatch)>>,
+    },
     Purge {
         now: u64,
         idle_before: Option<u64>,
@@ -67,6 +76,10 @@ enum Answer {
     Unit(oneshot::Sender<Result<()>>, Result<()>),
     Count(oneshot::Sender<Result<u64>>, Result<u64>),
     Purge(oneshot::Sender<Result<PurgeOutcome>>, Result<PurgeOutcome>),
+    AckRead(
+        oneshot::Sender<Result<(u64, ReadBatch)>>,
+        Result<(u64, ReadBatch)>,
+    ),
 }
 
 impl Answer {
@@ -84,6 +97,7 @@ impl Answer {
             Answer::Unit(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Answer::Count(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Answer::Purge(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::AckRead(tx, r) => tx.send(pick(r, failed)).map_err(drop),
         };
     }
 }
@@ -281,7 +295,7 @@ impl Writer {
             let deadline = std::time::Instant::now() + GATHER_WAIT;
             let mut next = Some(first);
             while let Some(job) = next.take() {
-                let answer = apply_job(&mut tables, job);
+                let answer = apply_job(&mut tables, job, &self.path);
                 storage_error = answer_storage_error(&answer);
                 answers.push(answer);
                 if storage_error.is_some() || answers.len() >= self.max_group {
@@ -324,6 +338,7 @@ fn failed_answer(job: Job, error: &Error) -> Answer {
         Job::Append { reply, .. } => Answer::Append(reply, Err(error.clone())),
         Job::MarkDelivered { reply, .. } => Answer::Unit(reply, Err(error.clone())),
         Job::Ack { reply, .. } => Answer::Count(reply, Err(error.clone())),
+        Job::AckAndRead { reply, .. } => Answer::AckRead(reply, Err(error.clone())),
         Job::Purge { reply, .. } => Answer::Purge(reply, Err(error.clone())),
         Job::Remove { reply, .. } => Answer::Count(reply, Err(error.clone())),
     }
@@ -334,12 +349,13 @@ fn answer_storage_error(answer: &Answer) -> Option<Error> {
     let error = match answer {
         Answer::Append(_, Err(e)) | Answer::Unit(_, Err(e)) | Answer::Count(_, Err(e)) => e,
         Answer::Purge(_, Err(e)) => e,
+        Answer::AckRead(_, Err(e)) => e,
         _ => return None,
     };
     matches!(error, Error::Storage { .. }).then(|| error.clone())
 }
 
-fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
+fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
     match job {
         Job::Append {
             recipient,
@@ -359,6 +375,17 @@ fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
             now,
             reply,
         } => Answer::Count(reply, ack_records(t, &recipient, &ack, now)),
+        Job::AckAndRead {
+            recipient,
+            ack,
+            after,
+            limit,
+            now,
+            reply,
+        } => Answer::AckRead(
+            reply,
+            ack_and_read(t, &recipient, &ack, after, limit, now, path),
+        ),
         Job::Purge {
             now,
             idle_before,
@@ -367,4 +394,31 @@ fn apply_job(t: &mut Tables<'_>, job: Job) -> Answer {
         } => Answer::Purge(reply, purge(t, now, idle_before, budget)),
         Job::Remove { recipient, reply } => Answer::Count(reply, remove_recipient(t, &recipient)),
     }
+}
+
+/// An ack, then a read that sees it, with the read's records counted delivered: one group.
+fn ack_and_read(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    ack: &Ack,
+    after: Option<Seq>,
+    limit: BatchLimit,
+    now: u64,
+    path: &Path,
+) -> Result<(u64, ReadBatch)> {
+    let removed = ack_records(t, recipient, ack, now)?;
+    let who = recipient.as_bytes();
+    // The group's metadata, as the ack left it (not yet written back).
+    let Some(meta) = meta_get(t, who)? else {
+        return Ok((removed, ReadBatch::default()));
+    };
+    let view = super::TablesView {
+        log: &t.log,
+        deliveries: &t.deliveries,
+        chunks: &t.chunks,
+    };
+    let batch = super::read_records(path, &meta, view, who, after, limit, now)?;
+    let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+    mark_delivered(t, recipient, &seqs)?;
+    Ok((removed, batch))
 }

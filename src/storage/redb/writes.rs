@@ -110,7 +110,7 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
     })
 }
 
-fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
+pub(super) fn meta_get(t: &mut Tables<'_>, who: &[u8]) -> Result<Option<Meta>> {
     if let Some((cached, _)) = t.metas.get(who) {
         return Ok(cached.clone());
     }
