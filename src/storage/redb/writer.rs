@@ -76,9 +76,12 @@ enum Answer {
     Unit(oneshot::Sender<Result<()>>, Result<()>),
     Count(oneshot::Sender<Result<u64>>, Result<u64>),
     Purge(oneshot::Sender<Result<PurgeOutcome>>, Result<PurgeOutcome>),
+    /// With whether an error must end the group: not when only the read failed on damaged
+    /// data (it wrote nothing; the ack before it stands, and other callers go on).
     AckRead(
         oneshot::Sender<Result<(u64, ReadBatch)>>,
         Result<(u64, ReadBatch)>,
+        bool,
     ),
 }
 
@@ -97,7 +100,7 @@ impl Answer {
             Answer::Unit(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Answer::Count(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Answer::Purge(tx, r) => tx.send(pick(r, failed)).map_err(drop),
-            Answer::AckRead(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Answer::AckRead(tx, r, _) => tx.send(pick(r, failed)).map_err(drop),
         };
     }
 }
@@ -338,7 +341,7 @@ fn failed_answer(job: Job, error: &Error) -> Answer {
         Job::Append { reply, .. } => Answer::Append(reply, Err(error.clone())),
         Job::MarkDelivered { reply, .. } => Answer::Unit(reply, Err(error.clone())),
         Job::Ack { reply, .. } => Answer::Count(reply, Err(error.clone())),
-        Job::AckAndRead { reply, .. } => Answer::AckRead(reply, Err(error.clone())),
+        Job::AckAndRead { reply, .. } => Answer::AckRead(reply, Err(error.clone()), true),
         Job::Purge { reply, .. } => Answer::Purge(reply, Err(error.clone())),
         Job::Remove { reply, .. } => Answer::Count(reply, Err(error.clone())),
     }
@@ -349,7 +352,7 @@ fn answer_storage_error(answer: &Answer) -> Option<Error> {
     let error = match answer {
         Answer::Append(_, Err(e)) | Answer::Unit(_, Err(e)) | Answer::Count(_, Err(e)) => e,
         Answer::Purge(_, Err(e)) => e,
-        Answer::AckRead(_, Err(e)) => e,
+        Answer::AckRead(_, Err(e), true) => e,
         _ => return None,
     };
     matches!(error, Error::Storage { .. }).then(|| error.clone())
@@ -382,10 +385,10 @@ fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
             limit,
             now,
             reply,
-        } => Answer::AckRead(
-            reply,
-            ack_and_read(t, &recipient, &ack, after, limit, now, path),
-        ),
+        } => {
+            let (result, ends_group) = ack_and_read(t, &recipient, &ack, after, limit, now, path);
+            Answer::AckRead(reply, result, ends_group)
+        }
         Job::Purge {
             now,
             idle_before,
@@ -397,6 +400,9 @@ fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
 }
 
 /// An ack, then a read that sees it, with the read's records counted delivered: one group.
+/// Also says whether a failure must end the group: a write that failed may have left part of
+/// itself, but a read that failed on damaged data (not retryable) wrote nothing, so the ack
+/// before it and the rest of the group commit, and only this caller sees the error.
 fn ack_and_read(
     t: &mut Tables<'_>,
     recipient: &RecipientId,
@@ -405,20 +411,34 @@ fn ack_and_read(
     limit: BatchLimit,
     now: u64,
     path: &Path,
-) -> Result<(u64, ReadBatch)> {
-    let removed = ack_records(t, recipient, ack, now)?;
+) -> (Result<(u64, ReadBatch)>, bool) {
+    let removed = match ack_records(t, recipient, ack, now) {
+        Ok(removed) => removed,
+        Err(error) => return (Err(error), true),
+    };
     let who = recipient.as_bytes();
     // The group's metadata, as the ack left it (not yet written back).
-    let Some(meta) = meta_get(t, who)? else {
-        return Ok((removed, ReadBatch::default()));
+    let read = meta_get(t, who).and_then(|meta| match meta {
+        Some(meta) => {
+            let view = super::TablesView {
+                log: &t.log,
+                deliveries: &t.deliveries,
+                chunks: &t.chunks,
+            };
+            super::read_records(path, &meta, view, who, after, limit, now)
+        }
+        None => Ok(ReadBatch::default()),
+    });
+    let batch = match read {
+        Ok(batch) => batch,
+        Err(error) => {
+            let ends_group = error.is_retryable();
+            return (Err(error), ends_group);
+        }
     };
-    let view = super::TablesView {
-        log: &t.log,
-        deliveries: &t.deliveries,
-        chunks: &t.chunks,
-    };
-    let batch = super::read_records(path, &meta, view, who, after, limit, now)?;
     let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
-    mark_delivered(t, recipient, &seqs)?;
-    Ok((removed, batch))
+    match mark_delivered(t, recipient, &seqs) {
+        Ok(()) => (Ok((removed, batch)), false),
+        Err(error) => (Err(error), true),
+    }
 }
