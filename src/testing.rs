@@ -300,13 +300,6 @@ pub async fn read_for_delivery(storage: &dyn Storage) {
         max_messages: 2,
         max_bytes: usize::MAX,
     };
-    let counts = |batch: &ReadBatch| -> Vec<(Seq, u32)> {
-        batch
-            .records
-            .iter()
-            .map(|r| (r.seq, r.delivery_count))
-            .collect()
-    };
     let plain = storage.read(&bob, None, two, at(10)).await.unwrap();
     let first = storage
         .read_for_delivery(&bob, None, two, at(10))
@@ -372,13 +365,6 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
         max_messages: 2,
         max_bytes: usize::MAX,
     };
-    let counts = |batch: &ReadBatch| -> Vec<(Seq, u32)> {
-        batch
-            .records
-            .iter()
-            .map(|r| (r.seq, r.delivery_count))
-            .collect()
-    };
     let first = storage
         .read_for_delivery(&bob, None, two, T0)
         .await
@@ -436,6 +422,15 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
         "the selective ack's record is gone; the others were handed over once"
     );
     assert_eq!(storage.stats(&carol).await.unwrap().messages, 1);
+}
+
+/// Each record of `batch` with the delivery count it was read with.
+fn counts(batch: &ReadBatch) -> Vec<(Seq, u32)> {
+    batch
+        .records
+        .iter()
+        .map(|r| (r.seq, r.delivery_count))
+        .collect()
 }
 
 /// A sender-chosen id is stored once per recipient within the window, even after it was acked

@@ -176,6 +176,21 @@ struct Run {
     went_back: bool,
 }
 
+/// What a read answered, for comparing backends: bodies with their delivery counts, and how
+/// many records it passed over as expired and reported lost.
+fn describe(batch: &offline_queue::storage::ReadBatch) -> String {
+    let bodies: Vec<String> = batch
+        .records
+        .iter()
+        .map(|r| format!("{} x{}", String::from_utf8_lossy(&r.body), r.delivery_count))
+        .collect();
+    format!(
+        "{bodies:?} expired {} lost {}",
+        batch.expired.len(),
+        batch.lost
+    )
+}
+
 /// Applies `op` to one backend; returns what the backend answered, seqs aside.
 fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
     let Run {
@@ -271,16 +286,7 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
                 block_on(storage.read(&who(*to), after, limit, at))
             }
             .unwrap();
-            let bodies: Vec<String> = batch
-                .records
-                .iter()
-                .map(|r| format!("{} x{}", String::from_utf8_lossy(&r.body), r.delivery_count))
-                .collect();
-            format!(
-                "{bodies:?} expired {} lost {}",
-                batch.expired.len(),
-                batch.lost
-            )
+            describe(&batch)
         }
         Op::AckThrough { to, index } => {
             let seqs = seqs(storage, *to, at);
@@ -321,16 +327,7 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
             let (removed, batch) =
                 block_on(storage.ack_and_read_for_delivery(&who(*to), &ack, after, limit, at))
                     .unwrap();
-            let bodies: Vec<String> = batch
-                .records
-                .iter()
-                .map(|r| format!("{} x{}", String::from_utf8_lossy(&r.body), r.delivery_count))
-                .collect();
-            format!(
-                "removed {removed} {bodies:?} expired {} lost {}",
-                batch.expired.len(),
-                batch.lost
-            )
+            format!("removed {removed} {}", describe(&batch))
         }
         Op::AckSome { to, mask } => {
             let picked: Vec<Seq> = seqs(storage, *to, at)

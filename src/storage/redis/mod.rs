@@ -659,21 +659,22 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
-    /// The ack step's arguments after its keys, as Redis receives them (text).
-    fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<String> {
+    /// The ack step's arguments after its keys (`i128` holds both the -1 markers and any
+    /// `u64`, and Redis gets each as its decimal text, without a string per argument).
+    fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<i128> {
+        let seq = |s: &Seq| i128::from(s.0);
         let mut args = Vec::with_capacity(7 + ack.seqs.len() + ack.passed_over.len());
         args.extend([
-            ack.through.map_or(-1, |s| s.0 as i64).to_string(),
-            now.as_millis().to_string(),
+            ack.through.as_ref().map_or(-1, seq),
+            i128::from(now.as_millis()),
             ack.lost_confirmed_through
-                .map_or(-1, |t| t.min(LUA_MAX) as i64)
-                .to_string(),
-            self.idle_ttl_ms().to_string(),
-            ack.seqs.len().to_string(),
+                .map_or(-1, |t| i128::from(t.min(LUA_MAX))),
+            i128::from(self.idle_ttl_ms()),
+            ack.seqs.len() as i128,
         ]);
-        args.extend(ack.seqs.iter().map(|s| s.0.to_string()));
-        args.push(ack.passed_over.len().to_string());
-        args.extend(ack.passed_over.iter().map(|s| s.0.to_string()));
+        args.extend(ack.seqs.iter().map(seq));
+        args.push(ack.passed_over.len() as i128);
+        args.extend(ack.passed_over.iter().map(seq));
         args
     }
 

@@ -393,22 +393,18 @@ mod tests {
             .await
             .unwrap();
         let (hex, keys) = storage.keys(&bob);
-        let ack = Ack {
-            through: Some(seqs[1]),
-            ..Ack::default()
+        // An ack through `through`, then the run read after `after`, in one MULTI.
+        let ack_then_read = async |through: Seq, after: Seq| {
+            let ack = Ack {
+                through: Some(through),
+                ..Ack::default()
+            };
+            storage
+                .read_run(&bob, &keys, Some((&ack, &hex)), Some(after), two, now, true)
+                .await
+                .unwrap()
         };
-        let run = storage
-            .read_run(
-                &bob,
-                &keys,
-                Some((&ack, &hex)),
-                Some(seqs[1]),
-                two,
-                now,
-                true,
-            )
-            .await
-            .unwrap();
+        let run = ack_then_read(seqs[1], seqs[1]).await;
         assert_eq!(run.acked, Some(2), "the ack ran in the MULTI");
         let batch = run.batch.expect("the run was where the ack left it");
         let read: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
@@ -418,22 +414,7 @@ mod tests {
             .shared
             .fronts
             .after_read(&bob, seqs[7].0 as i64, true, 10);
-        let ack = Ack {
-            through: Some(seqs[3]),
-            ..Ack::default()
-        };
-        let run = storage
-            .read_run(
-                &bob,
-                &keys,
-                Some((&ack, &hex)),
-                Some(seqs[5]),
-                two,
-                now,
-                true,
-            )
-            .await
-            .unwrap();
+        let run = ack_then_read(seqs[3], seqs[5]).await;
         assert_eq!(run.acked, Some(2));
         assert!(
             run.batch.is_none(),
