@@ -81,8 +81,8 @@ pub fn encode_body(payload: Vec<u8>, compress_at: Option<usize>) -> Vec<u8> {
 /// # Errors
 /// [`Error::Codec`] for an empty body, an unknown tag, a declared length over `max_len`, or
 /// compressed data that does not decode to exactly the declared length;
-/// [`Error::InvalidConfig`] for a compressed body when the `compression` feature is off (the
-/// record is fine; this build cannot read it).
+/// [`Error::UnsupportedRecord`] for a compressed body when the `compression` feature is off
+/// (the record is fine; this build cannot read it).
 pub fn decode_body(body: impl Into<Bytes>, max_len: usize) -> Result<Bytes, Error> {
     let mut body = body.into();
     let (&tag, rest) = body
@@ -124,11 +124,8 @@ fn decode_lz4(data: &[u8], max_len: usize) -> Result<Vec<u8>, Error> {
 
 #[cfg(not(feature = "compression"))]
 fn decode_lz4(_data: &[u8], _max_len: usize) -> Result<Vec<u8>, Error> {
-    Err(Error::InvalidConfig {
-        field: "compression",
-        reason:
-            "a stored record is lz4-compressed; build with the `compression` feature to read it"
-                .into(),
+    Err(Error::UnsupportedRecord {
+        reason: "it is lz4-compressed; build with the `compression` feature to read it".into(),
     })
 }
 

@@ -82,14 +82,22 @@ pub enum Error {
         max: u64,
     },
 
-    /// A setting is invalid: returned by the engine's builder, by a backend's options (a URL
-    /// that does not parse), and by a read that meets a compressed record in a build without
-    /// the `compression` feature (the record stays stored; a build with it can read it).
+    /// A setting is invalid: returned by the engine's builder and by a backend's options (a
+    /// URL that does not parse, a value out of range).
     #[error("invalid configuration: {field} {reason}")]
     InvalidConfig {
         /// The setting's name, as in the builder.
         field: &'static str,
         /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A stored record needs something this build lacks: a compressed record read by a build
+    /// without the `compression` feature. The record stays stored; a build with the feature
+    /// reads it.
+    #[error("unsupported record: {reason}")]
+    UnsupportedRecord {
+        /// What the record needs.
         reason: String,
     },
 
@@ -129,30 +137,38 @@ impl Error {
             | Error::TtlZero
             | Error::TtlTooLong { .. }
             | Error::InvalidConfig { .. }
+            | Error::UnsupportedRecord { .. }
             | Error::Codec(_) => false,
         }
     }
 
     /// A storage error from a backend's own error type.
-    pub fn storage(
-        retryable: bool,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
+    pub fn storage(retry: Retry, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Storage {
             message: source.to_string(),
-            retryable,
+            retryable: retry == Retry::Yes,
             source: Some(Arc::new(source)),
         }
     }
 
     /// A storage error described by a message alone.
-    pub fn storage_msg(retryable: bool, message: impl Into<String>) -> Self {
+    pub fn storage_msg(retry: Retry, message: impl Into<String>) -> Self {
         Error::Storage {
             message: message.into(),
-            retryable,
+            retryable: retry == Retry::Yes,
             source: None,
         }
     }
+}
+
+/// Whether a failed storage call may succeed if made again unchanged: what
+/// [`Error::is_retryable`] answers for the error built with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Retry {
+    /// The fault may pass: a connection lost, a timeout, a conflict, a server failing over.
+    Yes,
+    /// It will not: corrupt data, someone else's data under our keys, a server too old.
+    No,
 }
 
 /// The crate's result type.

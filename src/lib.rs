@@ -45,6 +45,8 @@
 //!   backend passes the same conformance suite (`testing` feature).
 //! - [`Transport`]: how a batch reaches a connected recipient (your socket).
 //! - [`Notifier`]: how an offline recipient is nudged (your push service).
+//! - [`Coordination`]: how engine instances sharing one storage find and wake each other
+//!   (one on its own needs none).
 //!
 //! # The delivery contract
 //! 1. **No loss**: a `send` that returned `Ok` stays stored until acked, expired, or dropped
@@ -66,6 +68,7 @@
 
 mod clock;
 pub mod codec;
+mod coordination;
 mod error;
 mod limits;
 mod message;
@@ -78,8 +81,9 @@ pub mod testing;
 mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use error::{Error, Result};
-pub use limits::{BatchLimit, Limits, Overflow, Quota, TTL_CEILING};
+pub use coordination::{Coordination, Presence, SingleNode};
+pub use error::{Error, Result, Retry};
+pub use limits::{Admission, BatchLimit, Limits, Overflow, Quota, TTL_CEILING};
 pub use message::{
     Batch, Delivery, Envelope, Ephemeral, MessageId, RecipientId, SendReceipt, Seq, Urgency,
 };

@@ -146,8 +146,18 @@ impl Limits {
             overflow: self.overflow,
             max_total_bytes: self.max_total_bytes,
             dedup_window: self.dedup_window,
+            idle_timeout: self.idle_recipient_timeout,
         }
     }
+}
+
+/// How an append may go in ([`Quota::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// It fits as the queue is.
+    Fits,
+    /// It fits once the oldest records are dropped (`Overflow::DropOldest`).
+    DropOldestFirst,
 }
 
 /// The limits a [`Storage`](crate::Storage) enforces inside one atomic append.
@@ -163,12 +173,16 @@ pub struct Quota {
     pub max_total_bytes: Option<u64>,
     /// How long a deduplicated id is remembered.
     pub dedup_window: Duration,
+    /// `Limits::idle_recipient_timeout`: a backend whose medium expires data by itself (Redis
+    /// key TTLs) lets a queue untouched this long vanish even if maintenance never runs.
+    /// `None` keeps queues.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Quota {
     /// Whether `adding` records of `adding_bytes` fit a queue holding `messages` records of
-    /// `bytes`: `Ok(false)` if they fit, `Ok(true)` if the oldest must be dropped first
-    /// (`Overflow::DropOldest`; drop until [`Quota::fits`]).
+    /// `bytes`: [`Admission::Fits`], or [`Admission::DropOldestFirst`] when the policy is
+    /// `Overflow::DropOldest` and the oldest must go first (drop until [`Quota::fits`]).
     ///
     /// # Errors
     /// [`Error::QueueFull`] when they do not fit and the policy is `Reject`, or when the append
@@ -179,9 +193,9 @@ impl Quota {
         bytes: u64,
         adding: u64,
         adding_bytes: u64,
-    ) -> Result<bool, Error> {
+    ) -> Result<Admission, Error> {
         if adding == 0 || self.fits(messages, bytes, adding, adding_bytes) {
-            return Ok(false);
+            return Ok(Admission::Fits);
         }
         if self.overflow == Overflow::Reject
             || adding > self.max_messages
@@ -196,7 +210,7 @@ impl Quota {
                 max_bytes: self.max_bytes,
             });
         }
-        Ok(true)
+        Ok(Admission::DropOldestFirst)
     }
 
     /// The dedup window in milliseconds (saturating), as stored timestamps count.
@@ -217,6 +231,7 @@ impl Quota {
         overflow: Overflow::Reject,
         max_total_bytes: None,
         dedup_window: Duration::from_secs(30 * 60),
+        idle_timeout: None,
     };
 }
 

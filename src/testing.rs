@@ -20,7 +20,9 @@ use crate::clock::{ManualClock, Timestamp};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{Envelope, MessageId, RecipientId, Seq};
 use crate::queue::OfflineQueue;
-use crate::storage::{Ack, Appended, NewRecord, ReadBatch, RecipientStats, Storage, StorageExt};
+use crate::storage::{
+    Ack, Appended, DeliveryRead, NewRecord, ReadBatch, RecipientStats, Storage, StorageExt,
+};
 use crate::transport::{Outbound, channel_transport};
 
 /// The time every check starts at.
@@ -145,7 +147,7 @@ pub async fn order_and_seqs(storage: &dyn Storage) {
         .await
         .unwrap();
     assert!(
-        unknown.records.is_empty() && unknown.lost == 0,
+        unknown.records.is_empty() && unknown.lost_unconfirmed == 0,
         "unknown recipient reads empty"
     );
 }
@@ -214,9 +216,10 @@ pub async fn read_bounds(storage: &dyn Storage) {
         max_bytes: usize::MAX,
     };
     let none = storage
-        .read_for_delivery(&bob, None, zero, T0)
+        .read_for_delivery(&bob, None, None, zero, T0)
         .await
-        .unwrap();
+        .unwrap()
+        .batch;
     assert!(none.records.is_empty(), "a batch of zero reads nothing");
     let counted = storage.read(&bob, None, by_count, T0).await.unwrap();
     assert!(
@@ -302,9 +305,10 @@ pub async fn read_for_delivery(storage: &dyn Storage) {
     };
     let plain = storage.read(&bob, None, two, at(10)).await.unwrap();
     let first = storage
-        .read_for_delivery(&bob, None, two, at(10))
+        .read_for_delivery(&bob, None, None, two, at(10))
         .await
-        .unwrap();
+        .unwrap()
+        .batch;
     assert_eq!(counts(&first), counts(&plain), "same records as read");
     assert_eq!(counts(&first), [(seqs[0], 0), (seqs[2], 0)]);
     assert_eq!(
@@ -313,14 +317,16 @@ pub async fn read_for_delivery(storage: &dyn Storage) {
         "the expired record is passed over"
     );
     let next = storage
-        .read_for_delivery(&bob, Some(seqs[2]), two, at(10))
+        .read_for_delivery(&bob, None, Some(seqs[2]), two, at(10))
         .await
-        .unwrap();
+        .unwrap()
+        .batch;
     assert_eq!(counts(&next), [(seqs[3], 0), (seqs[4], 0)]);
     let again = storage
-        .read_for_delivery(&bob, None, ALL, at(10))
+        .read_for_delivery(&bob, None, None, ALL, at(10))
         .await
-        .unwrap();
+        .unwrap()
+        .batch;
     assert_eq!(
         counts(&again),
         [(seqs[0], 1), (seqs[2], 1), (seqs[3], 1), (seqs[4], 1)],
@@ -366,9 +372,10 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
         max_bytes: usize::MAX,
     };
     let first = storage
-        .read_for_delivery(&bob, None, two, T0)
+        .read_for_delivery(&bob, None, None, two, T0)
         .await
-        .unwrap();
+        .unwrap()
+        .batch;
     assert_eq!(counts(&first), [(seqs[0], 0), (seqs[1], 0)]);
     // As a session: ack what was handed over, read the next batch.
     for at in [2, 4] {
@@ -376,8 +383,11 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
             through: Some(seqs[at - 1]),
             ..Ack::default()
         };
-        let (removed, batch) = storage
-            .ack_and_read_for_delivery(&bob, &ack, Some(seqs[at - 1]), two, T0)
+        let DeliveryRead {
+            acked: removed,
+            batch,
+        } = storage
+            .read_for_delivery(&bob, Some(&ack), Some(seqs[at - 1]), two, T0)
             .await
             .unwrap();
         assert_eq!(removed, 2, "the batch before {at} is acked");
@@ -394,15 +404,21 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
         seqs: vec![seqs[5]],
         ..Ack::default()
     };
-    let (removed, batch) = storage
-        .ack_and_read_for_delivery(&bob, &ack, Some(seqs[5]), two, T0)
+    let DeliveryRead {
+        acked: removed,
+        batch,
+    } = storage
+        .read_for_delivery(&bob, Some(&ack), Some(seqs[5]), two, T0)
         .await
         .unwrap();
     assert_eq!(removed, 1);
     assert_eq!(counts(&batch), [(seqs[6], 0), (seqs[7], 0)]);
     // Nothing to ack, and nothing left to read after the last.
-    let (removed, batch) = storage
-        .ack_and_read_for_delivery(&bob, &Ack::default(), Some(seqs[7]), two, T0)
+    let DeliveryRead {
+        acked: removed,
+        batch,
+    } = storage
+        .read_for_delivery(&bob, Some(&Ack::default()), Some(seqs[7]), two, T0)
         .await
         .unwrap();
     assert_eq!((removed, batch.records.len()), (0, 0));
@@ -411,8 +427,11 @@ pub async fn ack_and_read_for_delivery(storage: &dyn Storage) {
         through: Some(seqs[3]),
         ..Ack::default()
     };
-    let (removed, batch) = storage
-        .ack_and_read_for_delivery(&bob, &ack, None, ALL, T0)
+    let DeliveryRead {
+        acked: removed,
+        batch,
+    } = storage
+        .read_for_delivery(&bob, Some(&ack), None, ALL, T0)
         .await
         .unwrap();
     assert_eq!(removed, 0);
@@ -617,7 +636,10 @@ pub async fn quota_drop_oldest(storage: &dyn Storage) {
         "oldest dropped"
     );
     let read = storage.read(&bob, None, ALL, T0).await.unwrap();
-    assert_eq!(read.lost, 2, "drops are counted for the gap report");
+    assert_eq!(
+        read.lost_unconfirmed, 2,
+        "drops are counted for the gap report"
+    );
     let total = read.lost_total;
     let too_big = storage
         .append(&bob, (0..4).map(|i| record(&[i])).collect(), &quota, T0)
@@ -783,7 +805,7 @@ pub async fn loss_confirmation_is_idempotent(storage: &dyn Storage) {
     put(b"1").await.unwrap();
     put(b"2").await.unwrap(); // drops 1
     let first = storage.read(&bob, None, ALL, T0).await.unwrap();
-    assert_eq!(first.lost, 1);
+    assert_eq!(first.lost_unconfirmed, 1);
     let confirm = |through: u64| Ack {
         lost_confirmed_through: Some(through),
         ..Ack::default()
@@ -799,7 +821,7 @@ pub async fn loss_confirmation_is_idempotent(storage: &dyn Storage) {
     put(b"3").await.unwrap(); // drops 2
     let second = storage.read(&bob, None, ALL, T0).await.unwrap();
     assert_eq!(
-        second.lost, 1,
+        second.lost_unconfirmed, 1,
         "a repeated confirmation did not eat the new loss"
     );
     storage
@@ -830,7 +852,7 @@ pub async fn loss_confirmation_is_idempotent(storage: &dyn Storage) {
         .unwrap();
     let third = storage.read(&bob, None, ALL, T0).await.unwrap();
     assert_eq!(
-        third.lost, 1,
+        third.lost_unconfirmed, 1,
         "a confirmation from the queue's earlier life hides nothing"
     );
     assert!(third.lost_total > second.lost_total, "totals never go back");

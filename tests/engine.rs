@@ -850,10 +850,10 @@ fn a_record_this_build_cannot_read_is_kept_not_dead_lettered() {
 fn the_wakeup_listener_ends_once_the_engine_is_dropped() {
     use futures::FutureExt;
     let queue = offline_queue::OfflineQueue::builder()
-        .storage(Arc::new(common::Shaped::new()))
+        .shared_storage(Arc::new(common::Shaped::new()))
         .build()
         .unwrap();
-    let mut listener = Box::pin(queue.wakeup_listener().expect("the storage has wake-ups"));
+    let mut listener = Box::pin(queue.wakeup_listener());
     assert_eq!(
         (&mut listener).now_or_never(),
         None,

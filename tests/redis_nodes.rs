@@ -19,47 +19,71 @@ use redis_support::{PATIENCE, Target, wait_for_sessions};
 
 struct Node {
     queue: OfflineQueue,
+    /// The coordination: presence marks are read through it.
     storage: RedisStorage,
     pushes: Arc<RecordingNotifier>,
 }
 
-async fn node(target: &Target, prefix: &str, name: &str) -> Node {
-    node_with(target, prefix, name, |builder| builder).await
+/// How a node's storage and coordination are paired.
+#[derive(Clone, Copy)]
+enum Pairing {
+    /// One `RedisStorage` as both (`shared_storage`): appends wake other nodes themselves.
+    Shared,
+    /// Queues in one `RedisStorage`, coordination by another under its own prefix, which
+    /// the queues' appends know nothing of: the engine announces each append.
+    Separate,
 }
 
-async fn node_with(
-    target: &Target,
-    prefix: &str,
-    name: &str,
-    configure: impl FnOnce(offline_queue::OfflineQueueBuilder) -> offline_queue::OfflineQueueBuilder,
-) -> Node {
+async fn connect(target: &Target, prefix: &str, name: &str) -> RedisStorage {
     let options = RedisStorage::options().prefix(prefix).node_id(name);
-    let storage = match target {
+    match target {
         Target::Single(url) => options.connect(url).await,
         Target::Cluster(urls) => {
             let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
             options.connect_cluster(&urls).await
         }
     }
-    .expect("redis answers");
+    .expect("redis answers")
+}
+
+async fn node(target: &Target, prefix: &str, name: &str) -> Node {
+    node_with(target, prefix, name, Pairing::Shared, |builder| builder).await
+}
+
+async fn node_with(
+    target: &Target,
+    prefix: &str,
+    name: &str,
+    pairing: Pairing,
+    configure: impl FnOnce(offline_queue::OfflineQueueBuilder) -> offline_queue::OfflineQueueBuilder,
+) -> Node {
+    let storage = connect(target, prefix, name).await;
     let pushes = Arc::new(RecordingNotifier::new());
-    let queue = configure(OfflineQueue::builder())
-        .storage(Arc::new(storage.clone()))
-        .notifier(pushes.clone())
-        .build()
-        .unwrap();
-    tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    let builder = configure(OfflineQueue::builder()).notifier(pushes.clone());
+    let (builder, coordination) = match pairing {
+        Pairing::Shared => (builder.shared_storage(Arc::new(storage.clone())), storage),
+        Pairing::Separate => {
+            let coordination = connect(target, &format!("{prefix}-nodes"), name).await;
+            let builder = builder
+                .storage(Arc::new(storage))
+                .coordination(Arc::new(coordination.clone()));
+            (builder, coordination)
+        }
+    };
+    let queue = builder.build().unwrap();
+    tokio::spawn(queue.wakeup_listener());
     Node {
         queue,
-        storage,
+        storage: coordination,
         pushes,
     }
 }
 
-async fn across_nodes(target: Target) {
+async fn across_nodes(target: Target, pairing: Pairing) {
     let prefix = redis_support::unique_prefix("nodes");
-    let a = node(&target, &prefix, "node-a").await;
-    let b = node(&target, &prefix, "node-b").await;
+    let noop = |builder| builder;
+    let a = node_with(&target, &prefix, "node-a", pairing, noop).await;
+    let b = node_with(&target, &prefix, "node-b", pairing, noop).await;
     let (bob, carol) = (
         RecipientId::new("bob").unwrap(),
         RecipientId::new("carol").unwrap(),
@@ -124,7 +148,7 @@ async fn across_nodes(target: Target) {
 
     // Dave has a session on B and on C: one send through A wakes both (on a cluster, each
     // node's channel lives on its own slot).
-    let c = node(&target, &prefix, "node-c").await;
+    let c = node_with(&target, &prefix, "node-c", pairing, noop).await;
     let dave = RecipientId::new("dave").unwrap();
     let mut inboxes = Vec::new();
     let mut drivers = Vec::new();
@@ -159,14 +183,30 @@ async fn across_nodes(target: Target) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_share_one_redis() {
     if let Some(target) = Target::single() {
-        across_nodes(target).await;
+        across_nodes(target, Pairing::Shared).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_share_one_redis_cluster() {
     if let Some(target) = Target::cluster() {
-        across_nodes(target).await;
+        across_nodes(target, Pairing::Shared).await;
+    }
+}
+
+/// Any shared storage with any coordination: the queues' appends tell nobody, so delivery
+/// across nodes rests on the engine's `Coordination::announce`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_and_coordination_apart() {
+    if let Some(target) = Target::single() {
+        across_nodes(target, Pairing::Separate).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_and_coordination_apart_on_a_cluster() {
+    if let Some(target) = Target::cluster() {
+        across_nodes(target, Pairing::Separate).await;
     }
 }
 
@@ -182,7 +222,7 @@ async fn delayed_push_across_nodes(target: Target) {
     let with_clock = |builder: offline_queue::OfflineQueueBuilder| {
         builder.clock(Arc::new(clock.clone())).notify_policy(policy)
     };
-    let b = node_with(&target, &prefix, "node-b", with_clock).await;
+    let b = node_with(&target, &prefix, "node-b", Pairing::Shared, with_clock).await;
     let c = node(&target, &prefix, "node-c").await;
     let erin = RecipientId::new("erin").unwrap();
     b.queue
@@ -240,10 +280,10 @@ async fn tasks_end_with_the_engine(target: Target) {
     }
     .expect("redis answers");
     let queue = OfflineQueue::builder()
-        .storage(Arc::new(storage))
+        .shared_storage(Arc::new(storage))
         .build()
         .unwrap();
-    let listener = tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    let listener = tokio::spawn(queue.wakeup_listener());
     let upkeep = tokio::spawn(
         queue
             .background_maintenance(Duration::from_millis(50), 100)

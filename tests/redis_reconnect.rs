@@ -26,10 +26,10 @@ async fn node(target: &Target, prefix: &str, name: &str) -> (OfflineQueue, Redis
         .await
         .expect("redis answers");
     let queue = OfflineQueue::builder()
-        .storage(Arc::new(storage.clone()))
+        .shared_storage(Arc::new(storage.clone()))
         .build()
         .unwrap();
-    tokio::spawn(queue.wakeup_listener().expect("a shared storage wakes"));
+    tokio::spawn(queue.wakeup_listener());
     (queue, storage)
 }
 
@@ -62,23 +62,27 @@ async fn cut_connections_lose_no_wake_up() {
 
 /// After its connection drops and it subscribes again, a node wakes every recipient it holds
 /// a session for, because wake-ups published in between are lost: nothing is published
-/// here, and the wake-up comes all the same.
+/// here, and the wake-up comes all the same, to every wake-up stream taken.
 async fn subscribing_again_wakes_every_local_session(target: &Target) {
     let Target::Single(url) = target else {
         unreachable!()
     };
     let prefix = redis_support::unique_prefix("resubscribe");
     let storage = redis_support::fresh(target, &prefix).await;
-    let mut wakes = offline_queue::Storage::wakeups(&storage).expect("a shared storage wakes");
+    use offline_queue::{Coordination, Presence};
+    let mut first = storage.wakeups();
+    let mut second = storage.wakeups();
     let bob = RecipientId::new("bob").unwrap();
-    offline_queue::Storage::presence(&storage, &bob, true);
+    storage.presence(&bob, Presence::Connected);
     wait_for_sessions(&storage, &bob, &[storage.node_id()]).await;
 
     assert!(kill_subscribed_connections(url).await >= 1);
-    let woken = tokio::time::timeout(PATIENCE, wakes.next())
-        .await
-        .expect("woken after subscribing again");
-    assert_eq!(woken, Some(bob));
+    for wakes in [&mut first, &mut second] {
+        let woken = tokio::time::timeout(PATIENCE, wakes.next())
+            .await
+            .expect("woken after subscribing again");
+        assert_eq!(woken, Some(bob.clone()));
+    }
 }
 
 /// The connections carrying both nodes' subscriptions drop: whether A's wake-up reaches B

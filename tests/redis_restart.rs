@@ -247,9 +247,10 @@ async fn a_full_redis_refuses_appends_and_still_drains() {
     let mut after = None;
     loop {
         let batch = storage
-            .read_for_delivery(&bob, after, BatchLimit::default(), now)
+            .read_for_delivery(&bob, None, after, BatchLimit::default(), now)
             .await
-            .expect("a full Redis still reads");
+            .expect("a full Redis still reads")
+            .batch;
         let Some(last) = batch.records.last() else {
             break;
         };

@@ -1,5 +1,5 @@
-//! Every key of a recipient carries a Redis TTL, so an abandoned queue vanishes even if no
-//! engine ever runs maintenance; activity pushes it back. Skipped, and says so, without
+//! Every key of a recipient carries a Redis TTL, the engine's idle timeout, so an abandoned
+//! queue vanishes even if no engine ever runs maintenance; activity pushes it back. Skipped, and says so, without
 //! `OFFLINE_QUEUE_REDIS_URL`.
 
 #![cfg(feature = "redis")]
@@ -31,10 +31,14 @@ async fn every_recipient_key_carries_a_ttl() {
     let ttl = Duration::from_secs(3600);
     let storage = RedisStorage::options()
         .prefix(prefix.clone())
-        .idle_ttl(ttl)
         .connect(&url)
         .await
         .unwrap();
+    // The engine passes `Limits::idle_recipient_timeout` in every append's quota.
+    let quota = Quota {
+        idle_timeout: Some(ttl),
+        ..Quota::UNLIMITED
+    };
     let bob = RecipientId::new("bob").unwrap();
     let now = Timestamp::now_system();
     let record = |dedup, ttl| NewRecord {
@@ -47,12 +51,7 @@ async fn every_recipient_key_carries_a_ttl() {
     // The second is due before the first: an exception to deadline order, so the
     // exceptions key exists too.
     storage
-        .append(
-            &bob,
-            vec![record(false, 60), record(true, 30)],
-            &Quota::UNLIMITED,
-            now,
-        )
+        .append(&bob, vec![record(false, 60), record(true, 30)], &quota, now)
         .await
         .unwrap();
     storage
@@ -164,15 +163,19 @@ async fn a_log_recreated_after_drop_oldest_keeps_a_ttl() {
     let ttl = Duration::from_secs(3600);
     let storage = RedisStorage::options()
         .prefix(prefix.clone())
-        .idle_ttl(ttl)
         .connect(&url)
         .await
         .unwrap();
+    // The engine passes `Limits::idle_recipient_timeout` in every append's quota.
+    let quota = Quota {
+        idle_timeout: Some(ttl),
+        ..Quota::UNLIMITED
+    };
     let bob = RecipientId::new("bob").unwrap();
     let latest_only = Quota {
         max_messages: 1,
         overflow: offline_queue::Overflow::DropOldest,
-        ..Quota::UNLIMITED
+        ..quota
     };
     let now = Timestamp::now_system();
     for body in [&b"one"[..], b"two", b"three"] {

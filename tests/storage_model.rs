@@ -14,7 +14,7 @@ mod redis_support;
 use std::time::Duration;
 
 use futures::executor::block_on;
-use offline_queue::storage::{Ack, AppendOutcome, Appended, NewRecord};
+use offline_queue::storage::{Ack, AppendOutcome, Appended, DeliveryRead, NewRecord};
 use offline_queue::{
     BatchLimit, MemoryStorage, MessageId, Overflow, Quota, RecipientId, Seq, Storage, StorageExt,
     Timestamp,
@@ -127,6 +127,7 @@ fn quota() -> Quota {
         overflow: Overflow::DropOldest,
         max_total_bytes: Some(20_000),
         dedup_window: Duration::from_secs(60),
+        idle_timeout: None,
     }
 }
 
@@ -187,7 +188,7 @@ fn describe(batch: &offline_queue::storage::ReadBatch) -> String {
     format!(
         "{bodies:?} expired {} lost {}",
         batch.expired.len(),
-        batch.lost
+        batch.lost_unconfirmed
     )
 }
 
@@ -281,7 +282,8 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
                 max_bytes: max_bytes.unwrap_or(usize::MAX),
             };
             let batch = if *deliver {
-                block_on(storage.read_for_delivery(&who(*to), after, limit, at))
+                block_on(storage.read_for_delivery(&who(*to), None, after, limit, at))
+                    .map(|read| read.batch)
             } else {
                 block_on(storage.read(&who(*to), after, limit, at))
             }
@@ -324,9 +326,11 @@ fn apply(storage: &dyn Storage, op: &Op, run: &mut Run) -> String {
                 max_messages: *max,
                 max_bytes: usize::MAX,
             };
-            let (removed, batch) =
-                block_on(storage.ack_and_read_for_delivery(&who(*to), &ack, after, limit, at))
-                    .unwrap();
+            let DeliveryRead {
+                acked: removed,
+                batch,
+            } = block_on(storage.read_for_delivery(&who(*to), Some(&ack), after, limit, at))
+                .unwrap();
             format!("removed {removed} {}", describe(&batch))
         }
         Op::AckSome { to, mask } => {

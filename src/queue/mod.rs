@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::codec;
+use crate::coordination::{Coordination, Presence, SingleNode};
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Limits, Quota};
 use crate::message::{
@@ -23,7 +24,9 @@ use crate::message::{
 };
 use crate::metrics::{self, Metrics, MetricsSnapshot};
 use crate::notifier::{NoopNotifier, Notifier, NotifyPolicy, Nudge, NudgeReason};
-use crate::storage::{AppendOutcome, Appended, MemoryStorage, NewRecord, Storage, StoredRecord};
+use crate::storage::{
+    AppendOutcome, Appended, Capabilities, MemoryStorage, NewRecord, Storage, StoredRecord,
+};
 use crate::transport::Transport;
 use nudges::NudgeState;
 use session::SessionShared;
@@ -57,8 +60,22 @@ impl std::fmt::Debug for OfflineQueue {
     }
 }
 
+/// Who tells other nodes that a recipient got messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Announce {
+    /// Nobody: one node on its own ([`SingleNode`]).
+    Nobody,
+    /// The storage's append, in the same step: it is its own coordination.
+    InAppend,
+    /// The coordination, after the append.
+    Separately,
+}
+
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
+    capabilities: Capabilities,
+    pub(crate) coordination: Arc<dyn Coordination>,
+    announce: Announce,
     notifier: Arc<dyn Notifier>,
     pub(crate) clock: Arc<dyn Clock>,
     limits: Limits,
@@ -79,6 +96,8 @@ pub(crate) struct Inner {
 #[must_use]
 pub struct OfflineQueueBuilder {
     storage: Option<Arc<dyn Storage>>,
+    coordination: Option<Arc<dyn Coordination>>,
+    announce: Announce,
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
     limits: Limits,
@@ -94,6 +113,8 @@ impl Default for OfflineQueueBuilder {
     fn default() -> Self {
         Self {
             storage: None,
+            coordination: None,
+            announce: Announce::Nobody,
             notifier: Arc::new(NoopNotifier),
             clock: Arc::new(SystemClock),
             limits: Limits::default(),
@@ -109,8 +130,34 @@ impl Default for OfflineQueueBuilder {
 
 impl OfflineQueueBuilder {
     /// Where messages are kept. Default: a new [`MemoryStorage`] (not durable).
+    ///
+    /// Several engine instances (nodes) sharing one storage also need a
+    /// [`coordination`](Self::coordination), or use
+    /// [`shared_storage`](Self::shared_storage) for a storage that is its own.
     pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
         self.storage = Some(storage);
+        self
+    }
+
+    /// How this engine finds and wakes the other engine instances (nodes) sharing its storage:
+    /// presence, wake-ups, "live elsewhere". Default: [`SingleNode`], no other node. After
+    /// each append that stored something for a recipient with no session here, the engine
+    /// calls [`Coordination::announce`].
+    pub fn coordination(mut self, coordination: Arc<dyn Coordination>) -> Self {
+        self.coordination = Some(coordination);
+        self.announce = Announce::Separately;
+        self
+    }
+
+    /// A storage that is also its own [`Coordination`] (as
+    /// [`RedisStorage`](crate::RedisStorage) is), set as both. Its appends find the
+    /// recipient's sessions on other nodes and wake them in the same step
+    /// ([`AppendOutcome::live_elsewhere`](crate::storage::AppendOutcome::live_elsewhere)), so
+    /// the engine makes no separate [`Coordination::announce`] call.
+    pub fn shared_storage<S: Storage + Coordination>(mut self, storage: Arc<S>) -> Self {
+        self.storage = Some(storage.clone());
+        self.coordination = Some(storage);
+        self.announce = Announce::InAppend;
         self
     }
 
@@ -201,6 +248,12 @@ impl OfflineQueueBuilder {
             .storage
             .unwrap_or_else(|| Arc::new(MemoryStorage::new()));
         let capabilities = storage.capabilities();
+        if !capabilities.durable {
+            tracing::info!(
+                "the storage is not durable: messages it holds are lost when the process \
+                 (or the storage's server) stops"
+            );
+        }
         if let Some(max) = self.limits.max_total_bytes
             && !capabilities.total_byte_budget
         {
@@ -216,6 +269,9 @@ impl OfflineQueueBuilder {
         Ok(OfflineQueue {
             inner: Arc::new(Inner {
                 storage,
+                capabilities,
+                coordination: self.coordination.unwrap_or_else(|| Arc::new(SingleNode)),
+                announce: self.announce,
                 notifier: self.notifier,
                 clock: self.clock,
                 quota: self.limits.quota(),
@@ -310,6 +366,7 @@ impl OfflineQueue {
             .await
             .map_err(|error| self.append_failed(&recipient, error))?;
         let stored = matches!(outcome.record, Appended::Stored(_));
+        let live_elsewhere = outcome.live_elsewhere || self.announce(&recipient, stored).await;
         let online = self.after_append(
             &recipient,
             AppendSummary {
@@ -317,7 +374,7 @@ impl OfflineQueue {
                 duplicates: u64::from(!stored),
                 dropped: outcome.dropped,
                 pending: outcome.pending,
-                live_elsewhere: outcome.live_elsewhere,
+                live_elsewhere,
                 strongest: stored.then_some(urgency),
             },
             now,
@@ -443,6 +500,7 @@ impl OfflineQueue {
                 Urgency::Background => 1,
                 Urgency::Silent => 2,
             });
+        let live_elsewhere = outcome.live_elsewhere || self.announce(recipient, stored > 0).await;
         let online = self.after_append(
             recipient,
             AppendSummary {
@@ -450,7 +508,7 @@ impl OfflineQueue {
                 duplicates: outcome.records.len() as u64 - stored,
                 dropped: outcome.dropped,
                 pending: outcome.pending,
-                live_elsewhere: outcome.live_elsewhere,
+                live_elsewhere,
                 strongest,
             },
             now,
@@ -469,6 +527,25 @@ impl OfflineQueue {
         metrics::add(counter, 1);
         tracing::debug!(%recipient, %error, "send failed");
         error
+    }
+
+    /// After an append that stored something, when the coordination is not the storage's own:
+    /// tells the other nodes, unless the recipient's session is here. Returns whether another
+    /// node holds a session. A coordination failure is logged; the message is stored either
+    /// way, and the recipient counts as offline here (a push may go out).
+    async fn announce(&self, recipient: &RecipientId, stored: bool) -> bool {
+        let inner = &self.inner;
+        if !stored || inner.announce != Announce::Separately || self.is_online(recipient) {
+            return false;
+        }
+        inner
+            .coordination
+            .announce(recipient)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%recipient, %error, "announcing new messages to other nodes failed");
+                false
+            })
     }
 
     /// After an append: counts it, then wakes the recipient's live session or nudges. Returns
@@ -580,7 +657,9 @@ impl OfflineQueue {
             previous.displace();
         }
         self.inner.nudges.lock().on_connect(&recipient);
-        self.inner.storage.presence(&recipient, true);
+        self.inner
+            .coordination
+            .presence(&recipient, Presence::Connected);
         tracing::debug!(%recipient, session = id, "connected");
         Session::new(self.inner.clone(), recipient, shared, Arc::new(transport))
     }
@@ -588,6 +667,24 @@ impl OfflineQueue {
     /// True if `recipient` has a live session on this engine.
     pub fn is_online(&self, recipient: &RecipientId) -> bool {
         self.inner.sessions.lock().contains_key(recipient)
+    }
+
+    /// True if `recipient` has a live session on this engine or, as the
+    /// [`Coordination`] knows, on another node sharing its storage.
+    ///
+    /// # Errors
+    /// A coordination error (only asked when the recipient has no session here).
+    pub async fn is_online_anywhere(&self, recipient: &RecipientId) -> Result<bool> {
+        if self.is_online(recipient) {
+            return Ok(true);
+        }
+        self.inner.coordination.live_elsewhere(recipient).await
+    }
+
+    /// True if the storage keeps what it accepted across a crash of this process and of its
+    /// own server ([`Capabilities::durable`]).
+    pub fn storage_is_durable(&self) -> bool {
+        self.inner.capabilities.durable
     }
 
     /// The recipient's queue at a glance.
@@ -610,8 +707,8 @@ impl OfflineQueue {
     ///
     /// # Errors
     /// A storage error; [`Error::Codec`] for a record that does not decode;
-    /// [`Error::InvalidConfig`] for a compressed record in a build without the `compression`
-    /// feature.
+    /// [`Error::UnsupportedRecord`] for a compressed record in a build without the
+    /// `compression` feature.
     pub async fn peek(&self, recipient: &RecipientId, max: usize) -> Result<Vec<Delivery>> {
         let inner = &self.inner;
         let now = inner.clock.now();
@@ -657,7 +754,7 @@ impl OfflineQueue {
             // Back on this node, or on another sharing the storage: no push.
             if self.is_online(&recipient)
                 || inner
-                    .storage
+                    .coordination
                     .live_elsewhere(&recipient)
                     .await
                     .unwrap_or(false)
@@ -689,16 +786,17 @@ impl OfflineQueue {
         Ok(report)
     }
 
-    /// Runs until the storage's wake-up stream ends, waking local sessions of recipients that
-    /// got messages through another engine instance. `None` when the storage is single-node.
-    /// Spawn the future on the host's runtime. It holds the engine weakly, so it ends once
-    /// every other handle of the engine (its clones, its sessions) is dropped.
-    pub fn wakeup_listener(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let stream = self.inner.storage.wakeups()?;
+    /// Wakes this engine's sessions of recipients that got messages through another node, as
+    /// the [`Coordination`]'s wake-up stream tells: spawn it on the host's runtime when
+    /// several nodes share the storage. It ends when the stream ends (at once for
+    /// [`SingleNode`]), or once every other handle of the engine (its clones, its sessions)
+    /// is dropped, since it holds the engine weakly. Each call makes its own stream.
+    pub fn wakeup_listener(&self) -> impl Future<Output = ()> + Send + 'static {
+        let stream = self.inner.coordination.wakeups();
         // Weakly: the stream ends when the storage is dropped, and a strong handle here
         // would keep the storage, and this task, alive for ever.
         let engine = Arc::downgrade(&self.inner);
-        Some(async move {
+        async move {
             let mut stream = stream;
             while let Some(recipient) = stream.next().await {
                 let Some(inner) = engine.upgrade() else {
@@ -706,7 +804,7 @@ impl OfflineQueue {
                 };
                 OfflineQueue { inner }.wake_if_live(&recipient, true);
             }
-        })
+        }
     }
 
     /// The engine's counters now.

@@ -10,11 +10,12 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 
 use super::Inner;
+use crate::coordination::Presence;
 use crate::error::{Error, Result};
 use crate::limits::BatchLimit;
 use crate::message::{Batch, Ephemeral, RecipientId, Seq};
 use crate::metrics;
-use crate::storage::Ack;
+use crate::storage::{Ack, DeliveryRead};
 use crate::transport::{Outbound, Transport};
 
 /// Ephemeral messages buffered for a session that has not sent them yet; older ones are dropped
@@ -206,7 +207,9 @@ impl Drop for Registration {
         }
         drop(sessions);
         if current {
-            self.inner.storage.presence(&self.recipient, false);
+            self.inner
+                .coordination
+                .presence(&self.recipient, Presence::Disconnected);
             self.inner.session_ended_pending(&self.recipient);
         }
     }
@@ -262,7 +265,7 @@ impl Session {
     ///
     /// # Errors
     /// A storage error ends the session with `Err`; unacked messages stay stored, and the
-    /// client may reconnect. [`Error::InvalidConfig`] when a stored record is compressed and
+    /// client may reconnect. [`Error::UnsupportedRecord`] when a stored record is compressed and
     /// this build lacks the `compression` feature: what came before it was handed over, and
     /// it stays stored for a build that can read it.
     pub async fn run(mut self) -> Result<SessionEnd> {
@@ -368,25 +371,14 @@ impl Session {
         };
         // Marked delivered as read, before the hand-over, so a crash counts a redelivery.
         // Records passed over below are counted too, and removed right after.
-        let read = match ack {
-            Some(ack) => {
-                let (removed, read) = inner
-                    .storage
-                    .ack_and_read_for_delivery(recipient, &ack, cursor.last, limit, now)
-                    .await?;
-                metrics::add(&inner.metrics.acked, removed);
-                read
-            }
-            None => {
-                inner
-                    .storage
-                    .read_for_delivery(recipient, cursor.last, limit, now)
-                    .await?
-            }
-        };
+        let DeliveryRead { acked, batch: read } = inner
+            .storage
+            .read_for_delivery(recipient, ack.as_ref(), cursor.last, limit, now)
+            .await?;
+        metrics::add(&inner.metrics.acked, acked);
         // Losses are counted by a total that only grows: report what lies beyond both the
         // confirmed mark and what this session already reported (awaiting confirmation).
-        let confirmed = read.lost_total.saturating_sub(read.lost);
+        let confirmed = read.lost_total.saturating_sub(read.lost_unconfirmed);
         let lost_before = read
             .lost_total
             .saturating_sub(confirmed.max(cursor.reported_total));
@@ -414,7 +406,7 @@ impl Session {
             let seq = record.seq;
             let dead = record.delivery_count >= inner.max_deliveries;
             let result = inner.to_delivery(record, now, !dead);
-            if let Err(error @ Error::InvalidConfig { .. }) = result {
+            if let Err(error @ Error::UnsupportedRecord { .. }) = result {
                 tracing::error!(%recipient, %seq, %error, "stored record unreadable by this build; kept");
                 unreadable = Some(error);
                 break;

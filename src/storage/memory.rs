@@ -25,12 +25,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{
-    Ack, AppendOneOutcome, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome,
-    ReadBatch, RecipientStats, Storage, StoredRecord,
+    Ack, AppendOneOutcome, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord,
+    PurgeOutcome, ReadBatch, RecipientStats, Storage, StoredRecord,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::limits::{BatchLimit, Quota};
+use crate::limits::{Admission, BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, RecipientMap, Seq};
 
 /// Deadline value meaning "never expires".
@@ -113,7 +113,7 @@ impl MemoryStorage {
         });
         let mut batch = ReadBatch {
             records: Vec::with_capacity(limit.max_messages.min(queue.live as usize)),
-            lost: queue.lost_total - queue.lost_confirmed,
+            lost_unconfirmed: queue.lost_total - queue.lost_confirmed,
             lost_total: queue.lost_total,
             ..ReadBatch::default()
         };
@@ -216,7 +216,7 @@ impl MemoryStorage {
         });
         let mut drop_count = 0usize;
         let mut drop_bytes = 0u64;
-        if quota.admit(live, bytes, adding, adding_bytes)? {
+        if quota.admit(live, bytes, adding, adding_bytes)? == Admission::DropOldestFirst {
             let queue = &shard.queues[slot.expect("a full queue exists") as usize];
             let (mut keep, mut keep_bytes) = (live, bytes);
             for record in queue.records.iter().filter(|r| !r.removed) {
@@ -609,11 +609,17 @@ impl Storage for MemoryStorage {
     async fn read_for_delivery(
         &self,
         recipient: &RecipientId,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
-    ) -> Result<ReadBatch> {
-        Ok(self.read_marking(recipient, after, limit, now, true))
+    ) -> Result<DeliveryRead> {
+        let acked = match ack {
+            Some(ack) => self.ack(recipient, ack, now).await?,
+            None => 0,
+        };
+        let batch = self.read_marking(recipient, after, limit, now, true);
+        Ok(DeliveryRead { acked, batch })
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {

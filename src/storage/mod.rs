@@ -25,8 +25,8 @@
 //!    transport took it once (the client may never have seen it; a gap may over-count, never
 //!    under-count).
 //! 5. **Delivery counts.** `mark_delivered` counts one more hand-over for each listed record
-//!    the queue holds; `read_for_delivery` returns what `read` would, with the counts from
-//!    before, and counts one for each record it returned.
+//!    the queue holds; `read_for_delivery` applies its ack as `ack` would, returns what `read`
+//!    would, with the counts from before, and counts one for each record it returned.
 //! 6. **Acks.** `ack` removes records cumulatively (every seq up to `through`) and selectively
 //!    (listed seqs), ignores seqs it does not hold, and moves the recipient's confirmed-loss mark
 //!    forward to `lost_confirmed_through` (never backward, never past the loss total). Loss
@@ -51,10 +51,9 @@ pub use memory::MemoryStorage;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 
 use crate::clock::Timestamp;
-use crate::error::Result;
+use crate::error::{Result, Retry};
 use crate::limits::{BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 
@@ -119,9 +118,9 @@ pub struct AppendOutcome {
     pub dropped: u64,
     /// Records in the recipient's queue after the append (a hint for push notifications).
     pub pending: u64,
-    /// True if a node sharing this storage holds a live session for the recipient (backends
-    /// that span nodes learn this from their wake-up channel); always false for single-node
-    /// backends.
+    /// True if the storage is its own [`Coordination`](crate::Coordination) and found, in the
+    /// same step, a session for the recipient on another node (and woke it). False for every
+    /// other storage: the engine then asks its coordination.
     pub live_elsewhere: bool,
 }
 
@@ -135,7 +134,7 @@ pub struct AppendOneOutcome {
     pub dropped: u64,
     /// Records in the recipient's queue after the append (a hint for push notifications).
     pub pending: u64,
-    /// True if a node sharing this storage holds a live session for the recipient.
+    /// As [`AppendOutcome::live_elsewhere`].
     pub live_elsewhere: bool,
 }
 
@@ -149,8 +148,9 @@ pub struct ReadBatch {
     /// Seqs of records the read passed over because they are damaged (a checksum mismatch):
     /// never delivered; the engine reports them as lost and removes them.
     pub damaged: Vec<Seq>,
-    /// Records lost (dropped, or expired before an ack) and not yet confirmed as reported.
-    pub lost: u64,
+    /// Records lost (dropped, or expired before an ack) whose report the client has not yet
+    /// confirmed: the part of `lost_total` above the confirmed mark.
+    pub lost_unconfirmed: u64,
     /// The recipient's loss total: a counter that grows by one per lost record and never goes
     /// back, even across the queue being emptied and created again. The engine hands it back
     /// in `Ack::lost_confirmed_through` once the client confirmed a report up to it.
@@ -201,46 +201,93 @@ pub struct RecipientStats {
     pub lost: u64,
 }
 
-/// What a backend does natively; the engine adapts to it.
+/// What a backend does natively; the engine adapts to it, and the conformance suite skips a
+/// check only by a capability, never by a backend's name.
 ///
-/// Build it from [`Capabilities::default`] (`Capabilities { durable: true,
-/// ..Capabilities::default() }`), so a field added later keeps its conservative default
-/// instead of breaking the backend's build.
+/// Build it from [`Capabilities::default`] with the `with_*` setters, so a field added later
+/// keeps its conservative default instead of breaking the backend's build:
+///
+/// ```
+/// use offline_queue::storage::Capabilities;
+/// let caps = Capabilities::default().with_durable(true).with_max_read_batch(1000);
+/// assert!(caps.durable && !caps.total_byte_budget);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Largest batch one read may return; the engine clamps its batch limit to it.
     pub max_read_batch: usize,
-    /// True if records survive a process crash once `append` returned.
+    /// True only if a record whose append returned survives a crash (kill -9) of this process
+    /// and of the storage's own server, if it has one. The engine logs a warning at build
+    /// when it is false ([`OfflineQueue::storage_is_durable`](crate::OfflineQueue::storage_is_durable)
+    /// tells a host), and the conformance suite's restart checks need it.
     pub durable: bool,
-    /// True if the backend expires data by itself (a server-side TTL), so maintenance is
-    /// only a tidy-up.
-    pub native_ttl: bool,
-    /// True if several engine instances may share this storage; `wakeups` then yields their
-    /// appends.
-    pub shared: bool,
     /// True if appends keep [`Quota::max_total_bytes`], the storage-wide byte budget. The
     /// engine's builder refuses a budget the storage would not keep.
     pub total_byte_budget: bool,
 }
 
 impl Default for Capabilities {
-    /// Nothing native: reads unbounded by the backend, not durable, no server-side TTL, one
-    /// node, no storage-wide byte budget.
+    /// Nothing native: reads unbounded by the backend, not durable, no storage-wide byte
+    /// budget.
     fn default() -> Self {
         Self {
             max_read_batch: usize::MAX,
             durable: false,
-            native_ttl: false,
-            shared: false,
             total_byte_budget: false,
         }
     }
 }
 
+impl Capabilities {
+    /// Sets [`Capabilities::max_read_batch`].
+    #[must_use]
+    pub fn with_max_read_batch(mut self, max: usize) -> Self {
+        self.max_read_batch = max;
+        self
+    }
+
+    /// Sets [`Capabilities::durable`].
+    #[must_use]
+    pub fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Sets [`Capabilities::total_byte_budget`].
+    #[must_use]
+    pub fn with_total_byte_budget(mut self, keeps: bool) -> Self {
+        self.total_byte_budget = keeps;
+        self
+    }
+}
+
+/// What [`Storage::read_for_delivery`] did: the records its ack removed, and the batch read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryRead {
+    /// Records removed by the ack (0 without one).
+    pub acked: u64,
+    /// What the read returned, counted as delivered.
+    pub batch: ReadBatch,
+}
+
 /// Durable per-recipient FIFO storage. See the [module docs](self) for the contract.
 ///
-/// Object-safe: the engine holds an `Arc<dyn Storage>`. Only the primitives a backend must
-/// supply live here; conveniences are in [`StorageExt`].
+/// Object-safe: the engine holds an `Arc<dyn Storage>`. Only what a backend must supply lives
+/// here, ten methods:
+/// - **required** (eight): [`capabilities`](Storage::capabilities),
+///   [`append`](Storage::append), [`read`](Storage::read),
+///   [`mark_delivered`](Storage::mark_delivered), [`ack`](Storage::ack),
+///   [`purge`](Storage::purge), [`stats`](Storage::stats),
+///   [`remove_recipient`](Storage::remove_recipient);
+/// - **fast paths** (two), whose defaults are correct and merely slower:
+///   [`append_one`](Storage::append_one) (the engine's `send`) and
+///   [`read_for_delivery`](Storage::read_for_delivery) (a session's ack, read and marks in one
+///   step). A wrapper around another storage must forward both, or the wrapped backend's own
+///   versions never run.
+///
+/// Conveniences are in [`StorageExt`]. Nodes finding and waking each other is not storage:
+/// see [`Coordination`](crate::Coordination).
 ///
 /// Reads are cursor-shaped (`after`): the engine keeps one cursor per session, so a broker-style
 /// backend (a queue per recipient, a JetStream consumer) can map a session's reads to its own
@@ -279,7 +326,7 @@ pub trait Storage: Send + Sync + 'static {
         let outcome = self.append(recipient, vec![record], quota, now).await?;
         let record = *outcome.records.first().ok_or_else(|| {
             crate::Error::storage_msg(
-                false,
+                Retry::No,
                 "the backend broke the contract: append returned no outcome for its one record \
                  (it may have been stored)",
             )
@@ -307,45 +354,41 @@ pub trait Storage: Send + Sync + 'static {
     /// `delivery_count`), before the hand-over, so a crash marks them redelivered.
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()>;
 
-    /// Reads as [`Storage::read`] does, and counts one delivery for every record returned, as
-    /// [`Storage::mark_delivered`] would: the engine hands over what it reads for a session, so
-    /// a backend that can do both in one step saves a call per batch. The records carry their
-    /// `delivery_count` from before this read. The default reads, then marks.
+    /// Removes acknowledged records; returns how many were removed. `now` counts as activity
+    /// for idle removal.
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;
+
+    /// A session's read: applies the client's pending `ack` (if any) as [`Storage::ack`] does,
+    /// then reads as [`Storage::read`] does and counts one delivery for every record returned,
+    /// as [`Storage::mark_delivered`] would. The records carry their `delivery_count` from
+    /// before this read. The engine hands over what it reads, and a client's acks ride with
+    /// the next read, so a backend that does the three in one step (one transaction, one round
+    /// trip) saves two per batch.
+    ///
+    /// Fast path: the default calls `ack`, `read` and `mark_delivered` in turn, which is
+    /// correct and slower.
+    ///
+    /// # Errors
+    /// A storage error. The ack may have been applied (acks are idempotent; the engine ends
+    /// the session).
     async fn read_for_delivery(
         &self,
         recipient: &RecipientId,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
-    ) -> Result<ReadBatch> {
+    ) -> Result<DeliveryRead> {
+        let acked = match ack {
+            Some(ack) => self.ack(recipient, ack, now).await?,
+            None => 0,
+        };
         let batch = self.read(recipient, after, limit, now).await?;
         let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
         if !seqs.is_empty() {
             self.mark_delivered(recipient, &seqs).await?;
         }
-        Ok(batch)
-    }
-
-    /// Removes acknowledged records; returns how many were removed. `now` counts as activity
-    /// for idle removal.
-    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64>;
-
-    /// Applies `ack` as [`Storage::ack`] does, then reads for delivery as
-    /// [`Storage::read_for_delivery`] does; returns what each returned. A session whose client
-    /// acks as batches arrive calls this for each batch after its first, so a backend across a
-    /// network saves a round trip per batch. On an error the ack may have been applied (acks
-    /// are idempotent; the engine ends the session). The default calls the two in turn.
-    async fn ack_and_read_for_delivery(
-        &self,
-        recipient: &RecipientId,
-        ack: &Ack,
-        after: Option<Seq>,
-        limit: BatchLimit,
-        now: Timestamp,
-    ) -> Result<(u64, ReadBatch)> {
-        let removed = self.ack(recipient, ack, now).await?;
-        let batch = self.read_for_delivery(recipient, after, limit, now).await?;
-        Ok((removed, batch))
+        Ok(DeliveryRead { acked, batch })
     }
 
     /// Removes up to `budget` expired records (deadline at or before `now`) and, when
@@ -367,29 +410,6 @@ pub trait Storage: Send + Sync + 'static {
     /// Removes the recipient's whole queue and metadata (a device unlinked); returns how many
     /// records were removed.
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64>;
-
-    /// For backends shared by several engine instances: a stream of recipients that got new
-    /// records through another instance. `None` for single-node backends.
-    fn wakeups(&self) -> Option<BoxStream<'static, RecipientId>> {
-        None
-    }
-
-    /// For backends shared by several engine instances: this instance now holds (`live`) or no
-    /// longer holds a session for `recipient`, so appends through other instances can report
-    /// [`AppendOutcome::live_elsewhere`] and wake it. Called by the engine on connect and when a
-    /// session ends; must not block (a backend queues the change for its own task). Nothing for
-    /// single-node backends.
-    fn presence(&self, recipient: &RecipientId, live: bool) {
-        let _ = (recipient, live);
-    }
-
-    /// For backends shared by several engine instances: whether another instance holds a
-    /// session for `recipient` now, so this one holds back a delayed push. `false` for
-    /// single-node backends.
-    async fn live_elsewhere(&self, recipient: &RecipientId) -> Result<bool> {
-        let _ = recipient;
-        Ok(false)
-    }
 }
 
 /// Conveniences over [`Storage`], for every backend.

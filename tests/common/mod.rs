@@ -229,18 +229,15 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
     ) -> Result<u64> {
         wait(self.0.ack(recipient, ack, now))
     }
-    async fn ack_and_read_for_delivery(
+    async fn read_for_delivery(
         &self,
         recipient: &RecipientId,
-        ack: &offline_queue::storage::Ack,
+        ack: Option<&offline_queue::storage::Ack>,
         after: Option<offline_queue::Seq>,
         limit: offline_queue::BatchLimit,
         now: Timestamp,
-    ) -> Result<(u64, offline_queue::storage::ReadBatch)> {
-        wait(
-            self.0
-                .ack_and_read_for_delivery(recipient, ack, after, limit, now),
-        )
+    ) -> Result<offline_queue::storage::DeliveryRead> {
+        wait(self.0.read_for_delivery(recipient, ack, after, limit, now))
     }
     async fn purge(
         &self,
@@ -261,25 +258,23 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
     }
 }
 
-/// A `MemoryStorage` with a different face: capabilities the test chooses, a wake-up stream
-/// whose sender dies with the storage, and purges that fail on demand (counted).
+/// A `MemoryStorage` with a different face: capabilities the test chooses, its own
+/// coordination whose wake-up streams end with the storage, and purges that fail on demand
+/// (counted).
 pub struct Shaped {
     inner: offline_queue::MemoryStorage,
     total_byte_budget: bool,
-    wake: mpsc::UnboundedSender<RecipientId>,
-    wakeups: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<RecipientId>>>,
+    listeners: parking_lot::Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>,
     pub fail_purges: std::sync::atomic::AtomicBool,
     pub purges: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shaped {
     pub fn new() -> Self {
-        let (wake, wakeups) = mpsc::unbounded();
         Self {
             inner: offline_queue::MemoryStorage::new(),
             total_byte_budget: true,
-            wake,
-            wakeups: parking_lot::Mutex::new(Some(wakeups)),
+            listeners: parking_lot::Mutex::default(),
             fail_purges: false.into(),
             purges: Arc::default(),
         }
@@ -291,20 +286,20 @@ impl Shaped {
         self
     }
 
-    /// A wake-up for `recipient`, as another node's append would send.
+    /// A wake-up for `recipient`, as another node's append would send, to every stream.
     pub fn wake(&self, recipient: &RecipientId) {
-        self.wake.unbounded_send(recipient.clone()).unwrap();
+        self.listeners
+            .lock()
+            .retain(|l| l.unbounded_send(recipient.clone()).is_ok());
     }
 }
 
 #[async_trait::async_trait]
 impl offline_queue::Storage for Shaped {
     fn capabilities(&self) -> offline_queue::storage::Capabilities {
-        offline_queue::storage::Capabilities {
-            total_byte_budget: self.total_byte_budget,
-            shared: true,
-            ..self.inner.capabilities()
-        }
+        self.inner
+            .capabilities()
+            .with_total_byte_budget(self.total_byte_budget)
     }
     async fn append(
         &self,
@@ -314,6 +309,15 @@ impl offline_queue::Storage for Shaped {
         now: Timestamp,
     ) -> Result<offline_queue::storage::AppendOutcome> {
         self.inner.append(recipient, records, quota, now).await
+    }
+    async fn append_one(
+        &self,
+        recipient: &RecipientId,
+        record: offline_queue::storage::NewRecord,
+        quota: &offline_queue::Quota,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::AppendOneOutcome> {
+        self.inner.append_one(recipient, record, quota, now).await
     }
     async fn read(
         &self,
@@ -330,6 +334,18 @@ impl offline_queue::Storage for Shaped {
         seqs: &[offline_queue::Seq],
     ) -> Result<()> {
         self.inner.mark_delivered(recipient, seqs).await
+    }
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&offline_queue::storage::Ack>,
+        after: Option<offline_queue::Seq>,
+        limit: offline_queue::BatchLimit,
+        now: Timestamp,
+    ) -> Result<offline_queue::storage::DeliveryRead> {
+        self.inner
+            .read_for_delivery(recipient, ack, after, limit, now)
+            .await
     }
     async fn ack(
         &self,
@@ -349,7 +365,7 @@ impl offline_queue::Storage for Shaped {
         self.purges.fetch_add(1, SeqCst);
         if self.fail_purges.load(SeqCst) {
             return Err(offline_queue::Error::storage_msg(
-                true,
+                offline_queue::Retry::Yes,
                 "purge refused by the test",
             ));
         }
@@ -364,8 +380,21 @@ impl offline_queue::Storage for Shaped {
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         self.inner.remove_recipient(recipient).await
     }
-    fn wakeups(&self) -> Option<futures::stream::BoxStream<'static, RecipientId>> {
+}
+
+#[async_trait::async_trait]
+impl offline_queue::Coordination for Shaped {
+    fn wakeups(&self) -> futures::stream::BoxStream<'static, RecipientId> {
         use futures::StreamExt;
-        self.wakeups.lock().take().map(|rx| rx.boxed())
+        let (sender, receiver) = mpsc::unbounded();
+        self.listeners.lock().push(sender);
+        receiver.boxed()
+    }
+    fn presence(&self, _recipient: &RecipientId, _presence: offline_queue::Presence) {}
+    async fn announce(&self, _recipient: &RecipientId) -> Result<bool> {
+        Ok(false)
+    }
+    async fn live_elsewhere(&self, _recipient: &RecipientId) -> Result<bool> {
+        Ok(false)
     }
 }

@@ -47,12 +47,11 @@ pub fn unique_prefix(what: &str) -> String {
     format!("oq-test-{what}-{}", offline_queue::MessageId::generate())
 }
 
-/// A storage on `target` under `prefix`, with the byte budget counter on (the suite checks it)
-/// and queues that vanish an hour after a run, so test runs leave little behind.
+/// A storage on `target` under `prefix`, with the byte budget counter on (the suite checks
+/// it). Its keys' TTLs follow the quotas the tests append with.
 pub async fn fresh(target: &Target, prefix: &str) -> RedisStorage {
     let options = RedisStorage::options()
         .prefix(prefix)
-        .idle_ttl(std::time::Duration::from_secs(3600))
         .track_total_bytes(true);
     match target {
         Target::Single(url) => options.connect(url).await,

@@ -15,10 +15,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
-use futures::future::BoxFuture;
 use offline_queue::{
-    BatchLimit, Limits, MemoryStorage, NotifyPolicy, OfflineQueue, Overflow, RecipientId,
-    RedbStorage, Storage,
+    BatchLimit, Limits, MemoryStorage, NotifyPolicy, OfflineQueue, OfflineQueueBuilder, Overflow,
+    RecipientId, RedbStorage,
 };
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -115,29 +114,27 @@ pub struct App {
     #[expect(dead_code, reason = "held, never read")]
     connections: mpsc::Sender<()>,
     limits: connection::Limits,
-    /// Cross-node presence, with a storage shared by several nodes.
-    presence: Option<Presence>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Opens the storage named by `--storage`.
-/// Whether a user has a session on any node sharing the storage (not only this one).
-type Presence = Arc<dyn Fn(RecipientId) -> BoxFuture<'static, bool> + Send + Sync>;
-
-async fn open_storage(config: &Config) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+/// Opens the storage named by `--storage` and sets it on the builder.
+async fn with_storage(
+    builder: OfflineQueueBuilder,
+    config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
     let spec = config.storage.as_str();
     if spec == "memory" {
-        return Ok((Arc::new(MemoryStorage::new()), None));
+        return Ok(builder.storage(Arc::new(MemoryStorage::new())));
     }
     if let Some(path) = spec.strip_prefix("redb:") {
         if let Some(dir) = std::path::Path::new(path).parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        return Ok((Arc::new(RedbStorage::open(path)?), None));
+        return Ok(builder.storage(Arc::new(RedbStorage::open(path)?)));
     }
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
-        return open_redis(spec, config).await;
+        return with_redis(builder, spec, config).await;
     }
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         return Err("--storage postgres://: the PostgreSQL backend is not built yet in this version of offline-queue".into());
@@ -149,12 +146,14 @@ async fn open_storage(config: &Config) -> Result<(Arc<dyn Storage>, Option<Prese
 }
 
 /// Several nodes share one Redis (or one cluster: several URLs, comma separated): each
-/// delivers to its own sessions and is woken when another node stores for them.
+/// delivers to its own sessions and is woken when another node stores for them. Redis is
+/// both the storage and the coordination between the nodes.
 #[cfg(feature = "redis")]
-async fn open_redis(
+async fn with_redis(
+    builder: OfflineQueueBuilder,
     spec: &str,
     config: &Config,
-) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+) -> Result<OfflineQueueBuilder, BoxError> {
     let mut options = offline_queue::RedisStorage::options().prefix(config.redis_prefix.clone());
     if let Some(node) = &config.node_id {
         options = options.node_id(node.clone());
@@ -164,24 +163,15 @@ async fn open_redis(
         [one] => options.connect(one).await?,
         many => options.connect_cluster(many).await?,
     };
-    let shared = storage.clone();
-    let presence: Presence = Arc::new(move |user| {
-        let storage = shared.clone();
-        Box::pin(async move {
-            storage
-                .sessions_on(&user)
-                .await
-                .is_ok_and(|nodes| !nodes.is_empty())
-        })
-    });
-    Ok((Arc::new(storage), Some(presence)))
+    Ok(builder.shared_storage(Arc::new(storage)))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis(
+async fn with_redis(
+    _builder: OfflineQueueBuilder,
     _spec: &str,
     _config: &Config,
-) -> Result<(Arc<dyn Storage>, Option<Presence>), BoxError> {
+) -> Result<OfflineQueueBuilder, BoxError> {
     Err("--storage redis://: built without the `redis` feature (cargo run --features redis --example chat_server)".into())
 }
 
@@ -191,7 +181,6 @@ struct Engine {
     queue: OfflineQueue,
     /// Posts pushes; ends after the engine is dropped.
     webhook_task: Option<tokio::task::JoinHandle<()>>,
-    presence: Option<Presence>,
 }
 
 async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
@@ -206,9 +195,8 @@ async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
         urgent_cooldown: Duration::from_secs(config.notify_cooldown_secs),
         ..NotifyPolicy::default()
     };
-    let (storage, presence) = open_storage(config).await?;
-    let mut builder = OfflineQueue::builder()
-        .storage(storage)
+    let mut builder = with_storage(OfflineQueue::builder(), config)
+        .await?
         .limits(limits)
         .batch(BatchLimit {
             max_messages: config.batch_max,
@@ -225,7 +213,6 @@ async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
     Ok(Engine {
         queue: builder.build()?,
         webhook_task,
-        presence,
     })
 }
 
@@ -237,18 +224,16 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let Engine {
         queue,
         webhook_task,
-        presence,
     } = build_queue(&config).await?;
-    // With a storage shared by several nodes, another node's sends wake this node's sessions.
-    if let Some(listener) = queue.wakeup_listener() {
-        tokio::spawn(listener);
-    }
+    // With a storage shared by several nodes, another node's sends wake this node's sessions
+    // (on one node alone, the listener ends at once).
+    tokio::spawn(queue.wakeup_listener());
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", config.listen))?;
     let stop = stop_signal()?;
     println!("listening on http://{}", listener.local_addr()?);
-    serve(&config, queue, presence, listener, stop).await?;
+    serve(&config, queue, listener, stop).await?;
     if let Some(task) = webhook_task {
         // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -275,7 +260,6 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
 async fn serve(
     config: &Config,
     queue: OfflineQueue,
-    presence: Option<Presence>,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BoxError> {
@@ -285,7 +269,6 @@ async fn serve(
         queue: queue.clone(),
         shutdown,
         connections,
-        presence,
         limits: connection::Limits {
             // JSON escaping can make a body up to six times longer on the wire.
             max_frame_bytes: config.max_message_bytes.saturating_mul(6) + 4096,
@@ -380,11 +363,8 @@ async fn stats(Query(query): Query<UserQuery>, State(app): State<App>) -> Respon
         Ok(user) => user,
         Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
     };
-    let online = app.queue.is_online(&user)
-        || match &app.presence {
-            Some(presence) => presence(user.clone()).await,
-            None => false,
-        };
+    // On this node, or on another sharing the storage.
+    let online = app.queue.is_online_anywhere(&user).await.unwrap_or(false);
     match app.queue.stats(&user).await {
         Ok(stats) => axum::Json(serde_json::json!({
             "user": query.user,

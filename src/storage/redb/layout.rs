@@ -4,7 +4,7 @@ use redb::{ReadableTable, TableDefinition};
 
 use super::{corrupt, db_error};
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::message::MessageId;
 use crate::storage::NewRecord;
 
@@ -93,7 +93,7 @@ impl Meta {
     pub(super) fn decode(raw: &[u8]) -> Result<Self> {
         if raw.len() < Self::FIXED {
             return Err(Error::storage_msg(
-                false,
+                Retry::No,
                 format!("corrupt recipient metadata: {} bytes", raw.len()),
             ));
         }
@@ -124,7 +124,7 @@ pub(super) fn read_meta(
 pub(super) fn unpack_seqs(raw: &[u8]) -> Result<Vec<u64>> {
     if !raw.len().is_multiple_of(8) {
         return Err(Error::storage_msg(
-            false,
+            Retry::No,
             format!("corrupt seq list: {} bytes", raw.len()),
         ));
     }

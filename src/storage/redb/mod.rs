@@ -72,11 +72,11 @@ use futures::channel::oneshot;
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
 use super::{
-    Ack, AppendOutcome, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats, Storage,
-    StoredRecord,
+    Ack, AppendOutcome, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats, Storage, StoredRecord,
 };
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Quota};
 use crate::message::{RecipientId, Seq};
 
@@ -147,7 +147,7 @@ impl RedbOptions {
     pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStorage> {
         let path = path.as_ref().to_path_buf();
         let fail = |what: &str, e: &dyn std::fmt::Display| {
-            Error::storage_msg(false, format!("{}: {what}: {e}", path.display()))
+            Error::storage_msg(Retry::No, format!("{}: {what}: {e}", path.display()))
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", &e))?;
@@ -227,10 +227,10 @@ impl RedbStorage {
         let (reply, answer) = oneshot::channel();
         let jobs = self.jobs.as_ref().expect("writer runs until drop");
         jobs.send(make(reply))
-            .map_err(|_| Error::storage_msg(false, "redb writer thread has stopped"))?;
+            .map_err(|_| Error::storage_msg(Retry::No, "redb writer thread has stopped"))?;
         answer.await.map_err(|_| {
             Error::storage_msg(
-                false,
+                Retry::No,
                 format!(
                     "{}: the write failed inside redb (the file may be damaged)",
                     self.path.display()
@@ -245,7 +245,7 @@ impl RedbStorage {
     fn database(&self) -> Result<Arc<Database>> {
         self.db.read().clone().ok_or_else(|| {
             Error::storage_msg(
-                true,
+                Retry::Yes,
                 format!(
                     "{}: closed for a moment (reopening after a write failure, or compacting)",
                     self.path.display()
@@ -339,7 +339,7 @@ fn damaged(path: &Path, panic: &(dyn std::any::Any + Send)) -> Error {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default();
     Error::storage_msg(
-        false,
+        Retry::No,
         format!("{}: the database file is damaged ({what})", path.display()),
     )
 }
@@ -364,12 +364,15 @@ fn db_error(error: impl Into<redb::Error>) -> Error {
     let error: redb::Error = error.into();
     // After an I/O error redb refuses further writes (`PreviousIo`) until the file is
     // reopened, which the writer does: both pass.
-    let retryable = matches!(error, redb::Error::Io(_) | redb::Error::PreviousIo);
-    Error::storage(retryable, error)
+    let retry = match error {
+        redb::Error::Io(_) | redb::Error::PreviousIo => Retry::Yes,
+        _ => Retry::No,
+    };
+    Error::storage(retry, error)
 }
 
 fn corrupt(what: &str) -> Error {
-    Error::storage_msg(false, format!("corrupt record: {what}"))
+    Error::storage_msg(Retry::No, format!("corrupt record: {what}"))
 }
 
 /// Creates the tables of a new file, or checks an existing file is ours and not newer.
@@ -381,7 +384,7 @@ fn init(db: &Database) -> Result<()> {
         match format {
             Some(format) if format > FORMAT => {
                 return Err(Error::storage_msg(
-                    false,
+                    Retry::No,
                     format!(
                         "written by a newer version of offline-queue (format {format}, this one reads up to {FORMAT})"
                     ),
@@ -389,7 +392,7 @@ fn init(db: &Database) -> Result<()> {
             }
             Some(format) if format < OLDEST_FORMAT => {
                 return Err(Error::storage_msg(
-                    false,
+                    Retry::No,
                     format!(
                         "written by an earlier development version of offline-queue (format {format}); this one reads formats {OLDEST_FORMAT} to {FORMAT}"
                     ),
@@ -403,7 +406,7 @@ fn init(db: &Database) -> Result<()> {
                     .any(|t| t.name() != INFO.name());
                 if foreign {
                     return Err(Error::storage_msg(
-                        false,
+                        Retry::No,
                         "a redb database that is not offline-queue's",
                     ));
                 }
@@ -491,26 +494,35 @@ impl Storage for RedbStorage {
         .await
     }
 
-    /// One job in one group: the ack, the read (inside the group, so it sees the ack) and
-    /// its delivery marks share a commit and its fsync.
-    async fn ack_and_read_for_delivery(
+    /// With an ack: one job in one group, so the ack, the read (inside the group, so it sees
+    /// the ack) and its delivery marks share a commit and its fsync. Without one: a read
+    /// outside the writer, then the marks' job, so the writer thread does no reading.
+    async fn read_for_delivery(
         &self,
         recipient: &RecipientId,
-        ack: &Ack,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
-    ) -> Result<(u64, ReadBatch)> {
+    ) -> Result<DeliveryRead> {
+        let Some(ack) = ack else {
+            let batch = self.read(recipient, after, limit, now).await?;
+            let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+            self.mark_delivered(recipient, &seqs).await?;
+            return Ok(DeliveryRead { acked: 0, batch });
+        };
         let (recipient, ack, now) = (recipient.clone(), ack.clone(), now.as_millis());
-        self.submit(|reply| Job::AckAndRead {
-            recipient,
-            ack,
-            after,
-            limit,
-            now,
-            reply,
-        })
-        .await
+        let (acked, batch) = self
+            .submit(|reply| Job::AckAndRead {
+                recipient,
+                ack,
+                after,
+                limit,
+                now,
+                reply,
+            })
+            .await?;
+        Ok(DeliveryRead { acked, batch })
     }
 
     async fn purge(
@@ -569,7 +581,7 @@ where
         chunks,
     } = view;
     let mut batch = ReadBatch {
-        lost: meta.lost(),
+        lost_unconfirmed: meta.lost(),
         lost_total: meta.lost_total,
         ..ReadBatch::default()
     };

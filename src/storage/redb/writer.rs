@@ -12,7 +12,7 @@ use super::writes::{
     Tables, ack_records, append, mark_delivered, meta_get, open_tables, purge, remove_recipient,
 };
 use super::{damaged, db_error};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Quota};
 use crate::message::{RecipientId, Seq};
 use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome, ReadBatch};
@@ -192,7 +192,7 @@ impl Writer {
         }
         let Some(mut db) = self.take_database() else {
             return Err(Error::storage_msg(
-                true,
+                Retry::Yes,
                 format!("{}: not open", self.path.display()),
             ));
         };
@@ -207,7 +207,7 @@ impl Writer {
             Ok(Some(changed)) => Ok(changed),
             // Nothing happened to the file: it is served as it was.
             Ok(None) => Err(Error::storage_msg(
-                true,
+                Retry::Yes,
                 format!(
                     "{}: reads held the file for 5 s; compact again later",
                     self.path.display()

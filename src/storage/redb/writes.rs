@@ -10,7 +10,7 @@ use super::layout::{
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::limits::Quota;
+use crate::limits::{Admission, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 use crate::storage::{Ack, AppendOutcome, Appended, NewRecord, PurgeOutcome};
 
@@ -332,7 +332,7 @@ pub(super) fn append(
     }
     let mut drop_seqs = Vec::new();
     let mut drop_bytes = 0u64;
-    if quota.admit(meta.count, meta.bytes, adding, adding_bytes)? {
+    if quota.admit(meta.count, meta.bytes, adding, adding_bytes)? == Admission::DropOldestFirst {
         let (mut keep, mut keep_bytes) = (meta.count, meta.bytes);
         let log = &t.log;
         drop_seqs = seqs_while(t, who, &meta, |seq| {

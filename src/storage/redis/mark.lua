@@ -1,8 +1,7 @@
--- ARGV: idle ttl ms, then seqs handed to a transport. Counts one more delivery for each the
--- queue holds (see `count_deliveries`).
-local ttl = tonumber(ARGV[1])
+-- ARGV: seqs handed to a transport. Counts one more delivery for each the queue holds (see
+-- `count_deliveries`).
 local seqs, seen = {}, {}
-for i = 2, #ARGV do
+for i = 1, #ARGV do
   local seq = s(tonumber(ARGV[i]))
   if not seen[seq] then
     seen[seq] = true
@@ -24,5 +23,5 @@ for first = 1, #seqs, 1000 do
     counts[#held] = explicit[i]
   end
 end
-if count_deliveries(m, held, counts, nil, 0, {}, ttl) then save_meta(m) end
+if count_deliveries(m, held, counts, nil, 0, {}) then save_meta(m) end
 return 0

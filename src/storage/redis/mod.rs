@@ -103,7 +103,7 @@ mod run_read;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -120,11 +120,12 @@ use redis::{
 };
 
 use super::{
-    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
-    Storage, StoredRecord,
+    Ack, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats, Storage, StoredRecord,
 };
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::coordination::{Coordination, Presence};
+use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 use library::{Function, Library};
@@ -216,8 +217,8 @@ impl ConnectionLike for Connection {
 pub struct RedisOptions {
     prefix: String,
     node_id: Option<String>,
-    idle_ttl: Duration,
     presence_ttl: Duration,
+    durable: Option<bool>,
     track_total_bytes: bool,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -228,8 +229,8 @@ impl Default for RedisOptions {
         Self {
             prefix: "oq".into(),
             node_id: None,
-            idle_ttl: Duration::from_secs(90 * 24 * 3600),
             presence_ttl: Duration::from_secs(30),
+            durable: None,
             track_total_bytes: false,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
@@ -251,17 +252,20 @@ impl RedisOptions {
         self
     }
 
-    /// A queue untouched (no append, no ack) this long vanishes through Redis TTLs, even if no
-    /// maintenance runs. Default 90 days, as `Limits::idle_recipient_timeout`; zero keeps queues.
-    pub fn idle_ttl(mut self, ttl: Duration) -> Self {
-        self.idle_ttl = ttl;
-        self
-    }
-
     /// How long a node's presence mark outlives its last refresh: the longest a dead node
     /// can hold back pushes for its recipients. Default 30 s.
     pub fn presence_ttl(mut self, ttl: Duration) -> Self {
         self.presence_ttl = ttl;
+        self
+    }
+
+    /// Declares whether the server keeps every write it acknowledged across its own crash
+    /// ([`Capabilities::durable`]), instead of asking it. By default the storage asks at
+    /// connect (`CONFIG GET appendonly`, every master of a cluster): durable only with the
+    /// append-only file on. Set it for a server that refuses `CONFIG` (many managed ones), or
+    /// to declare a replicated setup you trust.
+    pub fn assume_durable(mut self, durable: bool) -> Self {
+        self.durable = Some(durable);
         self
     }
 
@@ -361,12 +365,6 @@ impl RedisOptions {
                 ),
             });
         }
-        if self.idle_ttl > MAX_TTL {
-            return Err(Error::InvalidConfig {
-                field: "redis idle_ttl",
-                reason: format!("{:?} must be at most {MAX_TTL:?}", self.idle_ttl),
-            });
-        }
         Ok(node)
     }
 }
@@ -417,7 +415,7 @@ fn redis_error(error: redis::RedisError) -> Error {
 /// What the node's background task acts on.
 enum NodeEvent {
     /// This node now holds (or no longer holds) a session for the recipient.
-    Presence(RecipientId, bool),
+    Presence(RecipientId, Presence),
     /// The server dropped the wake-up subscription (a slot moved): subscribe again.
     Resubscribe,
     /// The wake-up subscription was (re)made: wake-ups may have been missed meanwhile, so
@@ -425,21 +423,39 @@ enum NodeEvent {
     WakeAll,
 }
 
+/// Every wake-up stream handed out ([`Coordination::wakeups`]): each gets every wake-up from
+/// its creation on. A stream dropped by its reader is forgotten at the next wake-up.
+#[derive(Clone, Default)]
+struct Listeners(Arc<Mutex<Vec<fmpsc::UnboundedSender<RecipientId>>>>);
+
+impl Listeners {
+    fn subscribe(&self) -> fmpsc::UnboundedReceiver<RecipientId> {
+        let (sender, receiver) = fmpsc::unbounded();
+        self.0.lock().push(sender);
+        receiver
+    }
+
+    fn wake(&self, recipient: &RecipientId) {
+        self.0
+            .lock()
+            .retain(|sender| sender.unbounded_send(recipient.clone()).is_ok());
+    }
+}
+
 /// The channels between the connection's push sender, the node task and the engine.
 struct Plumbing {
     events: fmpsc::UnboundedSender<NodeEvent>,
     event_rx: fmpsc::UnboundedReceiver<NodeEvent>,
-    wake: fmpsc::UnboundedSender<RecipientId>,
-    wake_rx: fmpsc::UnboundedReceiver<RecipientId>,
+    listeners: Listeners,
 }
 
 impl Plumbing {
     fn new(prefix: &str, node: &str) -> (WakeupSender, Self) {
         let (events, event_rx) = fmpsc::unbounded();
-        let (wake, wake_rx) = fmpsc::unbounded();
+        let listeners = Listeners::default();
         let sender = WakeupSender {
             channel: keys::wake_channel(prefix, node).into_bytes(),
-            wake: wake.clone(),
+            listeners: listeners.clone(),
             events: events.clone(),
         };
         (
@@ -447,8 +463,7 @@ impl Plumbing {
             Self {
                 events,
                 event_rx,
-                wake,
-                wake_rx,
+                listeners,
             },
         )
     }
@@ -458,7 +473,7 @@ impl Plumbing {
 /// the node task when the subscription is lost or made again.
 struct WakeupSender {
     channel: Vec<u8>,
-    wake: fmpsc::UnboundedSender<RecipientId>,
+    listeners: Listeners,
     events: fmpsc::UnboundedSender<NodeEvent>,
 }
 
@@ -471,7 +486,7 @@ impl redis::aio::AsyncPushSender for WakeupSender {
                 if let Some(Value::BulkString(payload)) = info.data.get(1)
                     && let Some(recipient) = keys::from_hex(payload)
                 {
-                    let _ = self.wake.unbounded_send(recipient);
+                    self.listeners.wake(&recipient);
                 }
             }
             PushKind::SUnsubscribe if ours => {
@@ -487,17 +502,20 @@ impl redis::aio::AsyncPushSender for WakeupSender {
 }
 
 struct Shared {
+    /// Whether the server keeps what it acknowledged across its crash (see `assume_durable`).
+    durable: bool,
     connection: Connection,
     options: RedisOptions,
     node: String,
     steps: Steps,
     /// Fronts of queues read or acked lately, for reads of a run.
     fronts: run_read::Fronts,
-    wakeups: Mutex<Option<fmpsc::UnboundedReceiver<RecipientId>>>,
-    /// Where local sessions are woken (the same channel the wake-up stream reads).
-    wake: fmpsc::UnboundedSender<RecipientId>,
+    /// The wake-up streams handed out, fed by the connection's pushes.
+    listeners: Listeners,
     /// The deadline bucket the next purge starts at.
     next_bucket: AtomicU32,
+    /// The engine's idle timeout in ms, as the keys' TTL (see `learn_idle_ttl`).
+    idle_ttl_ms: AtomicU64,
     events: fmpsc::UnboundedSender<NodeEvent>,
 }
 
@@ -588,15 +606,20 @@ impl RedisStorage {
                 redis_error(error)
             }
         })?;
+        let durable = match options.durable {
+            Some(durable) => durable,
+            None => appendonly_everywhere(&mut connection).await,
+        };
         let shared = Arc::new(Shared {
+            durable,
             connection,
             options,
             node,
             steps: Steps::new(&library),
             fronts: run_read::Fronts::default(),
-            wakeups: Mutex::new(Some(plumbing.wake_rx)),
-            wake: plumbing.wake,
+            listeners: plumbing.listeners,
             next_bucket: AtomicU32::new(0),
+            idle_ttl_ms: AtomicU64::new(0),
             events: plumbing.events,
         });
         tokio::spawn(run_node(Arc::downgrade(&shared), plumbing.event_rx));
@@ -607,14 +630,48 @@ impl RedisStorage {
         self.shared.connection.clone()
     }
 
+    /// Publishes a wake-up for the recipient (named by its hex) to each of these nodes'
+    /// channels. A failed publish is logged: the message is stored all the same, and that
+    /// node's session finds it on its next read.
+    async fn wake_nodes(&self, recipient: &RecipientId, hex: &str, nodes: &[String]) {
+        // One command per channel: on a cluster each node's channel has its own slot.
+        let wakes = nodes.iter().map(|node| {
+            let mut connection = self.connection();
+            let channel = keys::wake_channel(&self.shared.options.prefix, node);
+            async move {
+                redis::cmd("SPUBLISH")
+                    .arg(channel)
+                    .arg(hex)
+                    .exec_async(&mut connection)
+                    .await
+            }
+        });
+        for result in futures::future::join_all(wakes).await {
+            if let Err(error) = result {
+                tracing::warn!(%recipient, %error, "wake-up publish failed");
+            }
+        }
+    }
+
     fn keys(&self, recipient: &RecipientId) -> (String, [String; 7]) {
         let hex = keys::hex(recipient);
         let keys = keys::recipient_keys(&self.shared.options.prefix, &hex);
         (hex, keys)
     }
 
+    /// The keys' idle TTL in ms as last learned from the engine (0: keep queues, or not
+    /// learned yet, so an ack leaves the TTLs the last append set).
     fn idle_ttl_ms(&self) -> u64 {
-        u64::try_from(self.shared.options.idle_ttl.as_millis()).unwrap_or(u64::MAX)
+        self.shared.idle_ttl_ms.load(Ordering::Relaxed)
+    }
+
+    /// Learns the engine's idle timeout (`Limits::idle_recipient_timeout`), which appends
+    /// (through their quota) and purges (through `idle_before`) carry; `None` keeps queues.
+    fn learn_idle_ttl(&self, idle: Option<Duration>) {
+        let ms = idle.map_or(0, |idle| {
+            u64::try_from(idle.as_millis()).map_or(LUA_MAX, |ms| ms.clamp(1, LUA_MAX))
+        });
+        self.shared.idle_ttl_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Adds `delta` to the storage-wide byte counter, when it is kept.
@@ -974,7 +1031,6 @@ impl RedisStorage {
             .arg((limit.max_bytes as u64).min(LUA_MAX))
             .arg(now.as_millis())
             .arg(u8::from(mark))
-            .arg(self.idle_ttl_ms())
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
@@ -1028,7 +1084,7 @@ impl RedisStorage {
             records,
             expired,
             damaged,
-            lost: lost_total.saturating_sub(lost_confirmed),
+            lost_unconfirmed: lost_total.saturating_sub(lost_confirmed),
             lost_total,
         })
     }
@@ -1054,7 +1110,8 @@ async fn run_node(
             // Changes first: a connect or disconnect must not wait behind a refresh.
             biased;
             event = events.next() => match event {
-                Some(NodeEvent::Presence(recipient, on)) => {
+                Some(NodeEvent::Presence(recipient, presence)) => {
+                    let on = presence == Presence::Connected;
                     if on {
                         live.insert(recipient.clone());
                     } else {
@@ -1078,7 +1135,7 @@ async fn run_node(
                 Some(NodeEvent::WakeAll) => {
                     let Some(shared) = shared.upgrade() else { return };
                     for recipient in &live {
-                        let _ = shared.wake.unbounded_send(recipient.clone());
+                        shared.listeners.wake(recipient);
                     }
                     Vec::new()
                 }
@@ -1117,6 +1174,46 @@ async fn run_node(
     }
 }
 
+/// True if the server (every master of a cluster) answers `CONFIG GET appendonly` with `yes`:
+/// then a write it acknowledged is in its append-only file before the reply, and survives a
+/// kill of the server. False when any says `no`, or when `CONFIG` is refused.
+async fn appendonly_everywhere(connection: &mut Connection) -> bool {
+    /// Every text in a reply, in order, however the client shaped it (a map, pairs, a map
+    /// per node of a cluster).
+    fn texts(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => out.push(s.clone()),
+            Value::Array(items) | Value::Set(items) => items.iter().for_each(|v| texts(v, out)),
+            Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+                texts(k, out);
+                texts(v, out);
+            }),
+            _ => {}
+        }
+    }
+    let reply: redis::RedisResult<Value> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(connection)
+        .await;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(error) => {
+            tracing::info!(%error, "CONFIG GET appendonly refused: the storage counts as not durable (see RedisOptions::assume_durable)");
+            return false;
+        }
+    };
+    let mut all = Vec::new();
+    texts(&reply, &mut all);
+    let answers: Vec<&String> = all
+        .windows(2)
+        .filter(|pair| pair[0].eq_ignore_ascii_case("appendonly"))
+        .map(|pair| &pair[1])
+        .collect();
+    !answers.is_empty() && answers.iter().all(|a| a.eq_ignore_ascii_case("yes"))
+}
+
 /// Reads an integer out of a script reply.
 fn int(value: Option<&Value>) -> Result<i64> {
     match value {
@@ -1153,7 +1250,7 @@ fn text(value: Option<&Value>) -> Result<String> {
 
 fn bad_reply(expected: &str) -> Error {
     Error::storage_msg(
-        false,
+        Retry::No,
         format!("redis: unexpected script reply, expected {expected}"),
     )
 }
@@ -1211,13 +1308,10 @@ fn seq_of(value: i64) -> Seq {
 #[async_trait]
 impl Storage for RedisStorage {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            max_read_batch: 10_000,
-            durable: true,
-            native_ttl: true,
-            shared: true,
-            total_byte_budget: self.shared.options.track_total_bytes,
-        }
+        Capabilities::default()
+            .with_max_read_batch(10_000)
+            .with_durable(self.shared.durable)
+            .with_total_byte_budget(self.shared.options.track_total_bytes)
     }
 
     async fn append(
@@ -1227,6 +1321,7 @@ impl Storage for RedisStorage {
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome> {
+        self.learn_idle_ttl(quota.idle_timeout);
         let (hex, keys) = self.keys(recipient);
         let adding: u64 = records.iter().map(|r| r.body.len() as u64).sum();
         let reserved = match quota.max_total_bytes {
@@ -1311,27 +1406,8 @@ impl Storage for RedisStorage {
         // make the caller think the message was not stored (and send it again).
         self.after_commit(recipient, &hex, delta - reserved, file_idle, file_deadline)
             .await;
-        let stored = results.iter().any(|r| matches!(r, Appended::Stored(_)));
-        if stored {
-            // One command per channel: on a cluster each node's channel has its own slot.
-            let wakes = nodes.iter().map(|node| {
-                let mut connection = self.connection();
-                let channel = keys::wake_channel(&self.shared.options.prefix, node);
-                let hex = hex.clone();
-                async move {
-                    redis::cmd("SPUBLISH")
-                        .arg(channel)
-                        .arg(hex)
-                        .exec_async(&mut connection)
-                        .await
-                }
-            });
-            for result in futures::future::join_all(wakes).await {
-                if let Err(error) = result {
-                    // Stored all the same: the other node delivers on its session's next read.
-                    tracing::warn!(%recipient, %error, "wake-up publish failed");
-                }
-            }
+        if results.iter().any(|r| matches!(r, Appended::Stored(_))) {
+            self.wake_nodes(recipient, &hex, &nodes).await;
         }
         Ok(AppendOutcome {
             records: results,
@@ -1351,14 +1427,41 @@ impl Storage for RedisStorage {
         self.read_marking(recipient, after, limit, now, false).await
     }
 
+    /// A cumulative ack and the read of a plain run go in one `MULTI` (`run_read.rs`);
+    /// anything else as separate steps.
     async fn read_for_delivery(
         &self,
         recipient: &RecipientId,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
-    ) -> Result<ReadBatch> {
-        self.read_marking(recipient, after, limit, now, true).await
+    ) -> Result<DeliveryRead> {
+        let (hex, keys) = self.keys(recipient);
+        let run = self
+            .read_run(
+                recipient,
+                &keys,
+                ack.map(|a| (a, hex.as_str())),
+                after,
+                limit,
+                now,
+                true,
+            )
+            .await?;
+        let acked = match (run.acked, ack) {
+            (Some(removed), _) => removed,
+            (None, Some(ack)) => self.ack(recipient, ack, now).await?,
+            (None, None) => 0,
+        };
+        let batch = match run.batch {
+            Some(batch) => batch,
+            None => {
+                self.read_ordinary(recipient, &keys, after, limit, now, true)
+                    .await?
+            }
+        };
+        Ok(DeliveryRead { acked, batch })
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
@@ -1367,7 +1470,6 @@ impl Storage for RedisStorage {
         }
         let (_, keys) = self.keys(recipient);
         let mut invocation = self.shared.steps.mark.key(&keys[..]);
-        invocation.arg(self.idle_ttl_ms());
         for seq in seqs {
             invocation.arg(seq.0);
         }
@@ -1391,38 +1493,13 @@ impl Storage for RedisStorage {
         self.after_ack_reply(recipient, &hex, reply).await
     }
 
-    async fn ack_and_read_for_delivery(
-        &self,
-        recipient: &RecipientId,
-        ack: &Ack,
-        after: Option<Seq>,
-        limit: BatchLimit,
-        now: Timestamp,
-    ) -> Result<(u64, ReadBatch)> {
-        let (hex, keys) = self.keys(recipient);
-        let run = self
-            .read_run(recipient, &keys, Some((ack, &hex)), after, limit, now, true)
-            .await?;
-        let removed = match run.acked {
-            Some(removed) => removed,
-            None => self.ack(recipient, ack, now).await?,
-        };
-        let batch = match run.batch {
-            Some(batch) => batch,
-            None => {
-                self.read_ordinary(recipient, &keys, after, limit, now, true)
-                    .await?
-            }
-        };
-        Ok((removed, batch))
-    }
-
     async fn purge(
         &self,
         now: Timestamp,
         idle_before: Option<Timestamp>,
         budget: usize,
     ) -> Result<PurgeOutcome> {
+        self.learn_idle_ttl(idle_before.map(|before| now.duration_since(before)));
         let mut outcome = PurgeOutcome::default();
         let mut left = budget.min(LUA_MAX as usize);
         // Each call starts at another bucket, so a busy one cannot starve the rest.
@@ -1479,21 +1556,40 @@ impl Storage for RedisStorage {
         self.count_bytes(-freed).await?;
         Ok(removed)
     }
+}
 
-    fn wakeups(&self) -> Option<BoxStream<'static, RecipientId>> {
-        self.shared.wakeups.lock().take().map(|rx| rx.boxed())
+/// Presence marks in the recipient's presence hash, wake-ups over sharded pub/sub to each
+/// node's own channel. Set it with
+/// [`OfflineQueueBuilder::shared_storage`](crate::OfflineQueueBuilder::shared_storage): an
+/// append then reads the marks and wakes the other nodes itself, in the same step.
+#[async_trait]
+impl Coordination for RedisStorage {
+    fn wakeups(&self) -> BoxStream<'static, RecipientId> {
+        self.shared.listeners.subscribe().boxed()
+    }
+
+    fn presence(&self, recipient: &RecipientId, presence: Presence) {
+        // The task is gone only when the storage is: nothing left to tell.
+        let _ = self
+            .shared
+            .events
+            .unbounded_send(NodeEvent::Presence(recipient.clone(), presence));
+    }
+
+    async fn announce(&self, recipient: &RecipientId) -> Result<bool> {
+        let others: Vec<String> = self
+            .sessions_on(recipient)
+            .await?
+            .into_iter()
+            .filter(|node| *node != self.shared.node)
+            .collect();
+        self.wake_nodes(recipient, &keys::hex(recipient), &others)
+            .await;
+        Ok(!others.is_empty())
     }
 
     async fn live_elsewhere(&self, recipient: &RecipientId) -> Result<bool> {
         let nodes = self.sessions_on(recipient).await?;
         Ok(nodes.iter().any(|node| *node != self.shared.node))
-    }
-
-    fn presence(&self, recipient: &RecipientId, live: bool) {
-        // The task is gone only when the storage is: nothing left to tell.
-        let _ = self
-            .shared
-            .events
-            .unbounded_send(NodeEvent::Presence(recipient.clone(), live));
     }
 }

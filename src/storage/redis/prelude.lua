@@ -300,6 +300,13 @@ local function expire(ttl, ...)
   end
 end
 
+-- Gives a key created outside an append or an ack the metadata's remaining TTL, so it goes
+-- with the rest of the queue (a read or a mark is not activity and knows no TTL of its own).
+local function expire_with_meta(key)
+  local left = redis.call('PTTL', META)
+  if left > 0 then redis.call('PEXPIRE', key, left) end
+end
+
 -- Refreshes every key's TTL when a 64th of it has passed since the last refresh, or when a
 -- key was just created (`force`), so all of a queue's keys expire together and a busy queue
 -- pays for it rarely.
@@ -318,7 +325,7 @@ end
 -- of their own; the passed-over ones without a count (`uncounted`, canonical strings) then
 -- get an explicit zero, so the watermark does not count them as handed over. Returns true
 -- when `m` changed.
-local function count_deliveries(m, held, counts, contiguous, covered, uncounted, ttl)
+local function count_deliveries(m, held, counts, contiguous, covered, uncounted)
   local high, above = m.dw, 0
   for _, seq in ipairs(held) do
     local n = tonumber(seq)
@@ -358,7 +365,7 @@ local function count_deliveries(m, held, counts, contiguous, covered, uncounted,
   if #updates > 0 then
     local created = m.ec <= 0
     m.ec = math.max(m.ec, 0) + call_chunked('HSET', DELIVERIES, updates)
-    if created then expire(ttl, DELIVERIES) end
+    if created then expire_with_meta(DELIVERIES) end
     changed = true
   end
   if advance then

@@ -1,6 +1,5 @@
 -- ARGV: after (-1 = from the start), max messages, max bytes, now, mark (1: count a delivery
--- for each record returned, as mark.lua does; the reply tells the counts from before), idle
--- ttl ms.
+-- for each record returned, as mark.lua does; the reply tells the counts from before).
 -- Returns {loss total, loss confirmed, {expired seqs}, {damaged seqs}, watermark before,
 --          first seq, {records}, {their seqs}, {their explicit counts}, head, plain}:
 -- the seqs are listed only when the records are not a run from the first seq, the counts
@@ -10,7 +9,7 @@
 local m = load_meta()
 if not m then return {0, 0, {}, {}, 0, 0, {}, {}, {}, -1, 0} end
 local after, max_m, max_b, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local mark, ttl = ARGV[5] == '1', tonumber(ARGV[6])
+local mark = ARGV[5] == '1'
 local dw_before = m.dw
 local first = math.max(after + 1, m.head)
 local expired, damaged, records, seqs, counts = {}, {}, {}, {}, {}
@@ -129,7 +128,7 @@ if mark and returned > 0 then
         end
       end
     end
-    if count_deliveries(m, held, counts, contiguous, covered, uncounted, ttl) then save_meta(m) end
+    if count_deliveries(m, held, counts, contiguous, covered, uncounted) then save_meta(m) end
   end
 end
 if run then seqs = {} end

@@ -266,7 +266,7 @@ impl RedisStorage {
             records,
             expired: Vec::new(),
             damaged,
-            lost: lost_total.saturating_sub(lost_confirmed),
+            lost_unconfirmed: lost_total.saturating_sub(lost_confirmed),
             lost_total,
         });
         Ok(done)
@@ -389,7 +389,7 @@ mod tests {
         };
         // The first read learns the front.
         storage
-            .read_for_delivery(&bob, None, two, now)
+            .read_for_delivery(&bob, None, None, two, now)
             .await
             .unwrap();
         let (hex, keys) = storage.keys(&bob);
