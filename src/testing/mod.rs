@@ -25,7 +25,6 @@ mod dedup;
 mod delivery;
 mod engine;
 mod expiry;
-pub mod fuzz;
 mod isolation;
 mod order;
 mod quotas;

@@ -1,8 +1,15 @@
 //! Fuzz target bodies, shared by `fuzz/` (cargo-fuzz) and the corpus regression test in
 //! `tests/fuzz_corpus.rs`. Each takes arbitrary bytes and panics only on a real defect.
+//!
+//! Hidden, and not API: the codec these bodies exercise is private to the crate.
 
 use crate::codec;
+#[cfg(feature = "redb")]
 use crate::message::RecipientId;
+
+/// The record body decoder, for the crate's tests that read stored records directly
+/// (`tests/redb_files.rs`, `tests/redis_restart.rs`) and so see bodies as the codec framed them.
+pub use crate::codec::decode_body;
 
 /// The record decoder, with and without compression: never panics, never returns more than
 /// its cap for a compressed body, and round-trips whatever it encoded.
@@ -30,6 +37,7 @@ pub fn typed_payload(data: &[u8]) {
 }
 
 /// Splits `data` into two recipient ids (first byte = length of the first).
+#[cfg(feature = "redb")]
 fn two_ids(data: &[u8]) -> Option<(RecipientId, RecipientId, u64)> {
     let (&n, rest) = data.split_first()?;
     let n = (n as usize).min(rest.len());
