@@ -2,7 +2,7 @@
 //! every file of each committed corpus, then a few thousand seeded random inputs, through the
 //! same target functions.
 
-use offline_queue::testing::fuzz;
+use offline_queue::fuzz;
 use proptest::prelude::*;
 
 fn corpus(target: &str, run: fn(&[u8])) {

@@ -133,7 +133,7 @@ fn the_directory_is_created_and_data_survives_reopening() {
         let bodies: Vec<Vec<u8>> = records
             .into_iter()
             .map(|r| {
-                offline_queue::codec::decode_body(r.body, 1 << 20)
+                offline_queue::fuzz::decode_body(r.body, 1 << 20)
                     .unwrap()
                     .to_vec()
             })
@@ -170,7 +170,7 @@ fn check_never_wrong(path: &Path, stored: &[(RecipientId, Vec<Vec<u8>>)]) -> &'s
                     outcome = "damaged records reported";
                 }
                 for record in batch.records {
-                    let body = offline_queue::codec::decode_body(record.body, 1 << 20)
+                    let body = offline_queue::fuzz::decode_body(record.body, 1 << 20)
                         .expect("a checked record decodes")
                         .to_vec();
                     assert!(

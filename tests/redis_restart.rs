@@ -176,7 +176,7 @@ async fn a_redis_restart_mid_load_loses_no_acknowledged_send() {
             .await
             .unwrap()
         {
-            let payload = offline_queue::codec::decode_body(record.body, 64).unwrap();
+            let payload = offline_queue::fuzz::decode_body(record.body, 64).unwrap();
             stored.insert(u64::from_be_bytes(payload[..].try_into().unwrap()));
         }
     }

@@ -55,7 +55,7 @@ enum Op {
         index: usize,
     },
     /// A cumulative ack through the `index`-th pending record, then a read for delivery after
-    /// it (as a session does) or after the `from`-th, in one `ack_and_read_for_delivery`.
+    /// it (as a session does) or after the `from`-th, in one `read_for_delivery` with the ack.
     AckThenRead {
         to: usize,
         index: usize,

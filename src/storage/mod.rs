@@ -69,7 +69,7 @@ pub struct NewRecord {
     pub sent_at: Timestamp,
     /// When it stops being deliverable.
     pub expires_at: Option<Timestamp>,
-    /// The encoded payload (see [`codec`](crate::codec)); its length counts against quotas.
+    /// The encoded payload (framed by the crate's codec); its length counts against quotas.
     pub body: Vec<u8>,
 }
 

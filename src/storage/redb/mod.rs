@@ -46,14 +46,13 @@
 //!
 //! # Group commit
 //! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`,
-//! `ack_and_read_for_delivery`, `purge` and `remove_recipient` calls queue up while a commit is
-//! in flight; the writer applies each in
-//! one write transaction as it arrives, waits a moment (200 µs at most) for as many callers as
+//! `read_for_delivery` with an ack, `purge` and `remove_recipient` calls queue up while a
+//! commit is in flight; the writer applies each in one write transaction as it arrives, waits a moment (200 µs at most) for as many callers as
 //! the last group held, then commits with one fsync and answers each caller. A lone caller still
 //! gets its answer only after its data is durable. If the commit fails, every caller in that
 //! group gets the error and none of the group's writes are visible. Reads use their own read
-//! transactions and never wait for the writer, except the read of
-//! `ack_and_read_for_delivery`: it runs in the group, after the ack it follows, so the ack,
+//! transactions and never wait for the writer, except the read of a
+//! `read_for_delivery` with an ack: it runs in the group, after the ack it follows, so the ack,
 //! the read's delivery marks and the answer share one commit.
 //!
 //! Writes wait on the writer thread without blocking the caller's executor. Reads run on the

@@ -8,7 +8,7 @@
 //! The `LRANGE` needs the run's index in the list before the function runs, so each storage
 //! remembers the front seq of the queues it read or acked lately (a bounded map; a wrong or
 //! missing guess costs one ordinary read, and the miss tells the right front). A session's
-//! cumulative ack can run first in the same `MULTI` (`ack_and_read_for_delivery`): the guess
+//! cumulative ack can run first in the same `MULTI` (`read_for_delivery` with an ack): the guess
 //! then counts from the front the ack leaves. On a cluster reads go the ordinary way.
 
 use std::collections::HashMap;

@@ -1,0 +1,146 @@
+//! Expiry and upkeep (contract rule 4): a record past its deadline is never read; purge removes
+//! expired records and idle queues in bounded steps.
+
+use std::time::Duration;
+
+use super::{ALL, T0, append, bodies, expiring, recipient, record};
+use crate::limits::Quota;
+use crate::storage::Storage;
+
+/// Expired records are never read, are reported as passed over, and purge removes them,
+/// whatever order their deadlines arrived in; each one removed before an ack counts as lost.
+pub async fn expiry(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let at = |s| T0.saturating_add(Duration::from_secs(s));
+    let seqs = append(
+        storage,
+        &bob,
+        vec![
+            expiring(b"late", at(20)),
+            expiring(b"early", at(10)),
+            record(b"never"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        bodies(storage, &bob, at(9)).await,
+        [&b"late"[..], b"early", b"never"]
+    );
+    let read = storage.read(&bob, None, ALL, at(10)).await.unwrap();
+    let got: Vec<&[u8]> = read.records.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(
+        got,
+        [&b"late"[..], b"never"],
+        "expired at its deadline exactly"
+    );
+    assert_eq!(read.expired, [seqs[1]], "passed-over seqs are reported");
+    storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
+    let purged = storage.purge(at(15), None, 100).await.unwrap();
+    assert_eq!((purged.expired, purged.more), (1, false));
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        1,
+        "purged before an ack: lost"
+    );
+    assert_eq!(
+        storage.purge(at(15), None, 100).await.unwrap().expired,
+        0,
+        "nothing twice"
+    );
+    assert_eq!(storage.purge(at(25), None, 100).await.unwrap().expired, 1);
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        2,
+        "delivered but never acked, then expired: lost too (the client may not have it)"
+    );
+    assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
+}
+
+/// Purge stops at its budget and says there is more.
+pub async fn purge_budget(storage: &dyn Storage) {
+    let deadline = T0.saturating_add(Duration::from_secs(1));
+    for i in 0..5 {
+        let who = recipient(&format!("r{i}"));
+        append(
+            storage,
+            &who,
+            (0..4).map(|_| expiring(b"x", deadline)).collect(),
+        )
+        .await;
+    }
+    let later = T0.saturating_add(Duration::from_secs(2));
+    let first = storage.purge(later, None, 7).await.unwrap();
+    assert_eq!((first.expired, first.more), (7, true));
+    let rest = storage.purge(later, None, 100).await.unwrap();
+    assert_eq!((rest.expired, rest.more), (13, false));
+}
+
+/// Queues not appended to or acked since `idle_before` are removed whole.
+pub async fn idle_removal(storage: &dyn Storage) {
+    let (old, fresh) = (recipient("old"), recipient("fresh"));
+    storage
+        .append(
+            &old,
+            vec![record(b"a"), record(b"b")],
+            &Quota::UNLIMITED,
+            T0,
+        )
+        .await
+        .unwrap();
+    let later = T0.saturating_add(Duration::from_secs(100));
+    storage
+        .append(&fresh, vec![record(b"c")], &Quota::UNLIMITED, later)
+        .await
+        .unwrap();
+    let purged = storage
+        .purge(later, Some(T0.saturating_add(Duration::from_secs(50))), 100)
+        .await
+        .unwrap();
+    assert_eq!(purged.idle_recipients, 1);
+    assert_eq!(
+        storage.stats(&old).await.unwrap().messages,
+        0,
+        "idle queue removed"
+    );
+    assert_eq!(
+        storage.stats(&fresh).await.unwrap().messages,
+        1,
+        "active queue kept"
+    );
+}
+
+/// Refiling queues touched since they were filed counts against purge's budget: one call does
+/// bounded work however many queues were touched, and says `more` until all are refiled.
+pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
+    let touched = T0.saturating_add(Duration::from_secs(10));
+    for i in 0..5 {
+        let who = recipient(&format!("q{i}"));
+        for (body, at) in [(b"a", T0), (b"b", touched)] {
+            storage
+                .append(&who, vec![record(body)], &Quota::UNLIMITED, at)
+                .await
+                .unwrap();
+        }
+    }
+    let idle_before = Some(T0.saturating_add(Duration::from_secs(5)));
+    let first = storage.purge(touched, idle_before, 2).await.unwrap();
+    assert_eq!(
+        (first.idle_recipients, first.more),
+        (0, true),
+        "two refiles spend a budget of two"
+    );
+    let mut calls = 1;
+    loop {
+        let next = storage.purge(touched, idle_before, 2).await.unwrap();
+        assert_eq!(next.idle_recipients, 0, "touched queues are kept");
+        calls += 1;
+        if !next.more {
+            break;
+        }
+        assert!(calls <= 5, "refiling five queues two at a time ends");
+    }
+    for i in 0..5 {
+        let stats = storage.stats(&recipient(&format!("q{i}"))).await.unwrap();
+        assert_eq!(stats.messages, 2);
+    }
+}

@@ -1,0 +1,290 @@
+//! Limits (contract rules 1 and 5): a quota or the storage-wide byte budget refuses an append
+//! whole, or drops the oldest and counts them as lost, as the overflow policy says.
+
+use super::{ALL, T0, append, bodies, deduped, recipient, record};
+use crate::limits::{Overflow, Quota};
+use crate::message::{MessageId, Seq};
+use crate::storage::{Ack, Appended, Storage, StorageExt};
+
+/// With `Overflow::Reject`, an append that does not fit fails with `QueueFull` and changes
+/// nothing, by message count and by bytes.
+pub async fn quota_reject_is_atomic(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 3,
+        max_bytes: 100,
+        ..Quota::UNLIMITED
+    };
+    storage
+        .append(&bob, vec![record(b"1"), record(b"2")], &quota, T0)
+        .await
+        .unwrap();
+    let err = storage
+        .append(&bob, vec![record(b"3"), record(b"4")], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::QueueFull {
+                messages: 2,
+                max_messages: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = storage
+        .append(&bob, vec![record(&[0; 99])], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::QueueFull {
+                bytes: 2,
+                max_bytes: 100,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"1", b"2"],
+        "nothing partial written"
+    );
+    storage
+        .append(&bob, vec![record(b"3")], &quota, T0)
+        .await
+        .expect("exactly full fits");
+}
+
+/// With `Overflow::DropOldest`, the oldest records make room, are counted as lost, and the
+/// count is confirmed through `lost_confirmed_through`; a batch larger than the quota itself
+/// is rejected.
+pub async fn quota_drop_oldest(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 3,
+        max_bytes: 1000,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    for i in 0..3u8 {
+        storage
+            .append(&bob, vec![record(&[i])], &quota, T0)
+            .await
+            .unwrap();
+    }
+    let outcome = storage
+        .append(&bob, vec![record(&[3]), record(&[4])], &quota, T0)
+        .await
+        .unwrap();
+    assert_eq!(outcome.dropped, 2);
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [[2u8], [3], [4]],
+        "oldest dropped"
+    );
+    let read = storage.read(&bob, None, ALL, T0).await.unwrap();
+    assert_eq!(
+        read.lost_unconfirmed, 2,
+        "drops are counted for the gap report"
+    );
+    let total = read.lost_total;
+    let too_big = storage
+        .append(&bob, (0..4).map(|i| record(&[i])).collect(), &quota, T0)
+        .await;
+    assert!(
+        matches!(too_big, Err(crate::Error::QueueFull { .. })),
+        "a batch over the quota alone"
+    );
+    let ack = Ack {
+        lost_confirmed_through: Some(total),
+        ..Ack::default()
+    };
+    storage.ack(&bob, &ack, T0).await.unwrap();
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().lost,
+        0,
+        "reported loss is forgotten"
+    );
+}
+
+/// `append_one` is `append` with a batch of one: seqs, dedup, quotas and drops alike.
+pub async fn append_one(storage: &dyn Storage) {
+    let bob = recipient("bob");
+    let quota = Quota {
+        max_messages: 2,
+        max_bytes: 1000,
+        overflow: Overflow::Reject,
+        ..Quota::UNLIMITED
+    };
+    let first = storage
+        .append_one(&bob, record(b"a"), &quota, T0)
+        .await
+        .unwrap();
+    let Appended::Stored(first_seq) = first.record else {
+        panic!("a new record is stored: {first:?}");
+    };
+    assert_eq!((first.pending, first.dropped), (1, 0));
+    let batch = append(storage, &bob, vec![record(b"b")]).await;
+    assert!(
+        batch[0] > first_seq,
+        "append_one and append share one seq order"
+    );
+
+    let full = storage.append_one(&bob, record(b"c"), &quota, T0).await;
+    assert!(
+        matches!(full, Err(crate::Error::QueueFull { .. })),
+        "append_one keeps the quota: {full:?}"
+    );
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"a", b"b"],
+        "nothing written"
+    );
+
+    let dropping = Quota {
+        overflow: Overflow::DropOldest,
+        ..quota
+    };
+    let dropped = storage
+        .append_one(&bob, record(b"c"), &dropping, T0)
+        .await
+        .unwrap();
+    assert_eq!((dropped.dropped, dropped.pending), (1, 2), "{dropped:?}");
+    assert_eq!(
+        bodies(storage, &bob, T0).await,
+        [b"b", b"c"],
+        "oldest dropped"
+    );
+
+    let alice = recipient("alice");
+    let id = MessageId::generate();
+    let original = storage
+        .append_one(&alice, deduped(b"x", id), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    let again = storage
+        .append_one(&alice, deduped(b"x", id), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.record,
+        Appended::Duplicate(original.record.seq()),
+        "a repeated id is a duplicate of the original"
+    );
+    assert_eq!(
+        (again.dropped, again.pending),
+        (0, 1),
+        "a duplicate drops nothing"
+    );
+    let by_batch = MessageId::generate();
+    let batch = storage
+        .append(&alice, vec![deduped(b"y", by_batch)], &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    let repeated = storage
+        .append_one(&alice, deduped(b"y", by_batch), &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        repeated.record,
+        Appended::Duplicate(batch.records[0].seq()),
+        "append_one sees ids stored by append"
+    );
+    assert!(
+        batch.records[0].seq() > again.record.seq(),
+        "append after append_one continues the seq order"
+    );
+    assert_eq!(
+        bodies(storage, &alice, T0).await,
+        [b"x", b"y"],
+        "each stored once"
+    );
+
+    // Dropping by bytes: "b" (1 byte) goes so that "c" and "dd" fit in 3 bytes.
+    let by_bytes = Quota {
+        max_messages: 10,
+        max_bytes: 3,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let dropped = storage
+        .append_one(&bob, record(b"dd"), &by_bytes, T0)
+        .await
+        .unwrap();
+    assert_eq!(dropped.dropped, 1, "{dropped:?}");
+    assert_eq!(bodies(storage, &bob, T0).await, [&b"c"[..], b"dd"]);
+
+    // 5 bytes are stored ("c", "dd", "x", "y"): a 2-byte record does not fit a budget of 6,
+    // and a refused one leaves nothing reserved, so it fits a budget of 7.
+    let carol = recipient("carol");
+    let budget = |max| Quota {
+        max_total_bytes: Some(max),
+        ..Quota::UNLIMITED
+    };
+    let refused = storage
+        .append_one(&carol, record(b"zz"), &budget(6), T0)
+        .await;
+    assert!(
+        matches!(refused, Err(crate::Error::StorageFull { .. })),
+        "append_one keeps the global budget: {refused:?}"
+    );
+    assert_eq!(
+        storage.stats(&carol).await.unwrap().messages,
+        0,
+        "nothing written"
+    );
+    storage
+        .append_one(&carol, record(b"zz"), &budget(7), T0)
+        .await
+        .expect("a refused append reserves nothing");
+}
+
+/// The storage-wide byte budget rejects with `StorageFull` and frees with acks. Checked only
+/// for a backend that says it keeps one ([`Capabilities::total_byte_budget`]); the engine
+/// refuses a budget the others would not keep.
+///
+/// [`Capabilities::total_byte_budget`]: crate::storage::Capabilities::total_byte_budget
+pub async fn global_budget(storage: &dyn Storage) {
+    if !storage.capabilities().total_byte_budget {
+        return;
+    }
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let quota = Quota {
+        max_total_bytes: Some(100),
+        ..Quota::UNLIMITED
+    };
+    let seqs: Vec<Seq> = storage
+        .append(&bob, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(Appended::seq)
+        .collect();
+    let err = storage
+        .append(&carol, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::Error::StorageFull {
+                max: 100,
+                adding: 60,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(storage.stats(&carol).await.unwrap().messages, 0);
+    storage.ack_through(&bob, seqs[0], T0).await.unwrap();
+    storage
+        .append(&carol, vec![record(&[0; 60])], &quota, T0)
+        .await
+        .expect("space freed by ack");
+}
