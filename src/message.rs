@@ -262,6 +262,7 @@ impl fmt::Display for Seq {
 
 /// How soon an offline recipient should be nudged about a stored message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Urgency {
     /// A push goes out at once, then at most once per `urgent_cooldown`.
     #[default]
@@ -404,6 +405,7 @@ pub struct Ephemeral {
 
 /// What `send` tells the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SendReceipt {
     /// The message's id (the sender's, or the generated one).
     pub id: MessageId,

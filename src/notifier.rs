@@ -10,6 +10,7 @@ use crate::message::RecipientId;
 
 /// Why a nudge goes out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum NudgeReason {
     /// An urgent message was stored for an offline recipient.
     Urgent,

@@ -314,6 +314,7 @@ fn receipt(id: MessageId, appended: Appended, dropped: u64, online: bool) -> Sen
 
 /// A recipient's queue at a glance ([`OfflineQueue::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Messages stored (expired but not yet purged ones included).
     pub messages: u64,
@@ -329,6 +330,7 @@ pub struct QueueStats {
 
 /// What one [`OfflineQueue::maintain`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MaintenanceReport {
     /// Expired messages removed.
     pub expired: u64,
