@@ -79,8 +79,8 @@ pub trait Clock: Send + Sync + 'static {
 ///
 /// On Linux it reads the kernel's coarse real-time clock (`CLOCK_REALTIME_COARSE`), which
 /// moves once per scheduler tick (1 to 10 ms, by the kernel's tick rate) and costs a memory
-/// read (4 ns here, against 40 ns for [`SystemTime::now`]; the engine reads the clock once
-/// per send and per batch). So a stamp may lag the precise time by up to one tick, and a
+/// read, several times cheaper than [`SystemTime::now`] (the engine reads the clock once per
+/// send and per batch; BENCHMARKS.md has the figures). So a stamp may lag the precise time by up to one tick, and a
 /// message may expire up to one tick early or late. Elsewhere it reads [`SystemTime::now`].
 /// A host that needs sub-tick precision passes its own [`Clock`].
 #[derive(Clone, Copy, Debug, Default)]

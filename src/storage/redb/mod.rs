@@ -47,9 +47,10 @@
 //! # Group commit
 //! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`,
 //! `read_for_delivery` with an ack, `purge` and `remove_recipient` calls queue up while a
-//! commit is in flight; the writer applies each in one write transaction as it arrives, waits a moment (200 µs at most) for as many callers as
-//! the last group held, then commits with one fsync and answers each caller. A lone caller still
-//! gets its answer only after its data is durable. If the commit fails, every caller in that
+//! commit is in flight; the writer applies each in one write transaction as it arrives, waits
+//! a moment (200 µs at most) for as many callers as the last group held, then commits with one
+//! fsync and answers each caller. A lone caller still gets its answer only after its data is
+//! durable. If the commit fails, every caller in that
 //! group gets the error and none of the group's writes are visible. Reads use their own read
 //! transactions and never wait for the writer, except the read of a
 //! `read_for_delivery` with an ack: it runs in the group, after the ack it follows, so the ack,
@@ -79,15 +80,15 @@ use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Quota};
 use crate::message::{RecipientId, Seq};
 
+mod group_commit;
 mod layout;
-mod writer;
-mod writes;
+mod write_steps;
 
+use group_commit::{Job, Request, SharedDb, Writer};
 use layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, EXPIRY, FORMAT, IDLE, INFO, LOG, META, OLDEST_FORMAT,
     decode_record, each_seq, opt_time, read_meta, unpack_seqs,
 };
-use writer::{Job, Request, SharedDb, Writer};
 
 /// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
 /// layout, group commit and durability.

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use futures::channel::oneshot;
 use redb::Database;
 
-use super::writes::{
+use super::write_steps::{
     Tables, ack_records, append, mark_delivered, meta_get, open_tables, purge, remove_recipient,
 };
 use super::{damaged, db_error};
