@@ -267,6 +267,8 @@ pub struct Shaped {
     listeners: parking_lot::Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>,
     pub fail_purges: std::sync::atomic::AtomicBool,
     pub purges: Arc<std::sync::atomic::AtomicU64>,
+    /// Calls of `Coordination::announce`.
+    pub announces: std::sync::atomic::AtomicU64,
 }
 
 impl Shaped {
@@ -277,6 +279,7 @@ impl Shaped {
             listeners: parking_lot::Mutex::default(),
             fail_purges: false.into(),
             purges: Arc::default(),
+            announces: 0.into(),
         }
     }
 
@@ -392,6 +395,8 @@ impl offline_queue::Coordination for Shaped {
     }
     fn presence(&self, _recipient: &RecipientId, _presence: offline_queue::Presence) {}
     async fn announce(&self, _recipient: &RecipientId) -> Result<bool> {
+        self.announces
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(false)
     }
     async fn live_elsewhere(&self, _recipient: &RecipientId) -> Result<bool> {
