@@ -569,6 +569,10 @@ async fn two_servers_on_one_redis_deliver_across() {
         std::env::var("OFFLINE_QUEUE_REDIS_CLUSTER_URLS").ok(),
     ];
     if targets.iter().all(Option::is_none) {
+        assert!(
+            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_REDIS_URL"
+        );
         eprintln!(
             "skipped: OFFLINE_QUEUE_REDIS_URL and OFFLINE_QUEUE_REDIS_CLUSTER_URLS are unset"
         );

@@ -21,10 +21,7 @@ impl Target {
     pub fn single() -> Option<Self> {
         match std::env::var("OFFLINE_QUEUE_REDIS_URL") {
             Ok(url) if !url.is_empty() => Some(Target::Single(url)),
-            _ => {
-                eprintln!("skipped: OFFLINE_QUEUE_REDIS_URL is not set");
-                None
-            }
+            _ => skip("OFFLINE_QUEUE_REDIS_URL"),
         }
     }
 
@@ -34,12 +31,19 @@ impl Target {
             Ok(urls) if !urls.is_empty() => Some(Target::Cluster(
                 urls.split(',').map(|u| u.trim().to_string()).collect(),
             )),
-            _ => {
-                eprintln!("skipped: OFFLINE_QUEUE_REDIS_CLUSTER_URLS is not set");
-                None
-            }
+            _ => skip("OFFLINE_QUEUE_REDIS_CLUSTER_URLS"),
         }
     }
+}
+
+/// Says a test is skipped for want of `variable`, or fails it when
+/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1` (as in CI), where a missing server is an error.
+pub fn skip<T>(variable: &str) -> Option<T> {
+    if std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
+        panic!("{variable} is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires its server");
+    }
+    eprintln!("skipped: {variable} is not set");
+    None
 }
 
 /// A key prefix no other run uses.
