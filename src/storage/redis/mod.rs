@@ -1192,11 +1192,17 @@ async fn appendonly_everywhere(connection: &mut Connection) -> bool {
             _ => {}
         }
     }
-    let reply: redis::RedisResult<Value> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("appendonly")
-        .query_async(connection)
-        .await;
+    let mut ask = redis::cmd("CONFIG");
+    ask.arg("GET").arg("appendonly");
+    let reply: redis::RedisResult<Value> = match connection {
+        Connection::Single(single) => ask.query_async(single).await,
+        // Each master, not the one node a cluster client would pick: a map of answers.
+        Connection::Cluster(cluster) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let every_master = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            cluster.route_command(ask, every_master).await
+        }
+    };
     let reply = match reply {
         Ok(reply) => reply,
         Err(error) => {
