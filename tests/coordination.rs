@@ -106,7 +106,7 @@ fn each_stored_message_is_announced_and_a_session_elsewhere_means_no_push() {
 }
 
 #[test]
-fn nothing_stored_or_a_session_here_is_not_announced() {
+fn nothing_stored_is_not_announced_and_presence_is_told() {
     let nodes = Arc::new(Recording::default());
     let (queue, _pushes) = engine(nodes.clone());
     let id = MessageId::generate();
@@ -127,8 +127,8 @@ fn nothing_stored_or_a_session_here_is_not_announced() {
     assert!(receipt.recipient_online);
     assert_eq!(
         nodes.take(),
-        Vec::<String>::new(),
-        "the session here is woken directly"
+        ["announce bob"],
+        "announced all the same: a client may hold a session on another node too"
     );
     drop(session);
     assert_eq!(nodes.take(), ["Disconnected bob"]);
@@ -181,8 +181,85 @@ fn a_storage_that_is_its_own_coordination_announces_in_its_append() {
 }
 
 #[test]
+fn the_last_storage_or_coordination_set_decides_who_announces() {
+    let nodes = Arc::new(Recording::default());
+    let shaped = Arc::new(common::Shaped::new());
+    // A storage set after `shared_storage` replaces it: the coordination now announces.
+    let queue = OfflineQueue::builder()
+        .shared_storage(shaped.clone())
+        .storage(Arc::new(offline_queue::MemoryStorage::new()))
+        .build()
+        .unwrap();
+    block_on(queue.send(Envelope::new(bob(), "one"))).unwrap();
+    assert_eq!(
+        shaped.announces.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // A coordination set after it: the same.
+    let queue = OfflineQueue::builder()
+        .shared_storage(shaped.clone())
+        .coordination(nodes.clone())
+        .build()
+        .unwrap();
+    block_on(queue.send(Envelope::new(bob(), "two"))).unwrap();
+    assert_eq!(nodes.take(), ["announce bob"]);
+}
+
+#[test]
 fn one_node_alone_has_a_listener_that_ends_at_once() {
     let queue = OfflineQueue::builder().build().unwrap();
     assert_eq!(queue.wakeup_listener().now_or_never(), Some(()));
     assert!(!block_on(queue.is_online_anywhere(&bob())).unwrap());
+}
+
+/// A session that ends with messages unacked earns a delayed push, held back while the
+/// coordination says the recipient is live on another node.
+#[test]
+fn the_delayed_push_waits_for_a_recipient_live_elsewhere() {
+    for elsewhere in [true, false] {
+        let nodes = Arc::new(Recording::default());
+        let mut h = common::Harness::with(|b| b.coordination(nodes.clone()));
+        h.send("bob", b"x");
+        h.notifier.take();
+        let mut session = h.connect("bob");
+        session.batches(&mut h);
+        session.close(&mut h);
+        *nodes.live_elsewhere.lock() = elsewhere;
+        h.advance(Duration::from_secs(3600));
+        assert_eq!(
+            h.maintain().nudges,
+            u64::from(!elsewhere),
+            "live elsewhere: {elsewhere}"
+        );
+        assert!(nodes.take().contains(&"live_elsewhere bob".to_string()));
+    }
+}
+
+/// Another node's append reaches this node's session only through the coordination's
+/// wake-up stream, which `wakeup_listener` runs.
+#[test]
+fn a_wake_up_from_the_coordination_makes_the_session_read_again() {
+    use futures::task::LocalSpawnExt;
+    use offline_queue::Outbound;
+    let shaped = Arc::new(common::Shaped::new());
+    let mut h = common::Harness::with(|b| b.shared_storage(shaped.clone()));
+    h.pool
+        .spawner()
+        .spawn_local(h.queue.wakeup_listener())
+        .unwrap();
+    let mut session = h.connect("bob");
+    assert_eq!(session.drain(&mut h), [Outbound::CaughtUp]);
+    // Stored by another node on the same storage, which tells nobody.
+    let other = OfflineQueue::builder()
+        .storage(shaped.clone())
+        .build()
+        .unwrap();
+    block_on(other.send(Envelope::new(bob(), "from afar"))).unwrap();
+    assert!(session.drain(&mut h).is_empty(), "not woken yet");
+    shaped.wake(&bob());
+    let items = session.drain(&mut h);
+    assert!(
+        matches!(&items[..], [Outbound::Batch(batch)] if batch.messages[0].payload == b"from afar"[..]),
+        "{items:?}"
+    );
 }

@@ -97,7 +97,8 @@ pub(crate) struct Inner {
 pub struct OfflineQueueBuilder {
     storage: Option<Arc<dyn Storage>>,
     coordination: Option<Arc<dyn Coordination>>,
-    announce: Announce,
+    /// True while the storage and the coordination are the one object `shared_storage` set.
+    storage_is_coordination: bool,
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
     limits: Limits,
@@ -114,7 +115,7 @@ impl Default for OfflineQueueBuilder {
         Self {
             storage: None,
             coordination: None,
-            announce: Announce::Nobody,
+            storage_is_coordination: false,
             notifier: Arc::new(NoopNotifier),
             clock: Arc::new(SystemClock),
             limits: Limits::default(),
@@ -136,16 +137,18 @@ impl OfflineQueueBuilder {
     /// [`shared_storage`](Self::shared_storage) for a storage that is its own.
     pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
         self.storage = Some(storage);
+        self.storage_is_coordination = false;
         self
     }
 
     /// How this engine finds and wakes the other engine instances (nodes) sharing its storage:
     /// presence, wake-ups, "live elsewhere". Default: [`SingleNode`], no other node. After
-    /// each append that stored something for a recipient with no session here, the engine
-    /// calls [`Coordination::announce`].
+    /// each append that stored something, the engine calls [`Coordination::announce`] (one
+    /// more round trip per send; a storage that is its own coordination saves it, see
+    /// [`shared_storage`](Self::shared_storage)).
     pub fn coordination(mut self, coordination: Arc<dyn Coordination>) -> Self {
         self.coordination = Some(coordination);
-        self.announce = Announce::Separately;
+        self.storage_is_coordination = false;
         self
     }
 
@@ -154,10 +157,13 @@ impl OfflineQueueBuilder {
     /// recipient's sessions on other nodes and wake them in the same step
     /// ([`AppendOutcome::live_elsewhere`](crate::storage::AppendOutcome::live_elsewhere)), so
     /// the engine makes no separate [`Coordination::announce`] call.
+    ///
+    /// A storage shared by several nodes but set with [`storage`](Self::storage) alone works
+    /// as one node: its sessions are not woken by the others' sends.
     pub fn shared_storage<S: Storage + Coordination>(mut self, storage: Arc<S>) -> Self {
         self.storage = Some(storage.clone());
         self.coordination = Some(storage);
-        self.announce = Announce::InAppend;
+        self.storage_is_coordination = true;
         self
     }
 
@@ -270,8 +276,12 @@ impl OfflineQueueBuilder {
             inner: Arc::new(Inner {
                 storage,
                 capabilities,
+                announce: match (&self.coordination, self.storage_is_coordination) {
+                    (None, _) => Announce::Nobody,
+                    (Some(_), true) => Announce::InAppend,
+                    (Some(_), false) => Announce::Separately,
+                },
                 coordination: self.coordination.unwrap_or_else(|| Arc::new(SingleNode)),
-                announce: self.announce,
                 notifier: self.notifier,
                 clock: self.clock,
                 quota: self.limits.quota(),
@@ -532,12 +542,12 @@ impl OfflineQueue {
     }
 
     /// After an append that stored something, when the coordination is not the storage's own:
-    /// tells the other nodes, unless the recipient's session is here. Returns whether another
+    /// tells the other nodes (a client may hold a session on two). Returns whether another
     /// node holds a session. A coordination failure is logged; the message is stored either
-    /// way, and the recipient counts as offline here (a push may go out).
+    /// way, and the recipient counts as offline elsewhere (a push may go out).
     async fn announce(&self, recipient: &RecipientId, stored: bool) -> bool {
         let inner = &self.inner;
-        if !stored || inner.announce != Announce::Separately || self.is_online(recipient) {
+        if !stored || inner.announce != Announce::Separately {
             return false;
         }
         inner

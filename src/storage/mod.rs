@@ -218,9 +218,9 @@ pub struct Capabilities {
     /// Largest batch one read may return; the engine clamps its batch limit to it.
     pub max_read_batch: usize,
     /// True only if a record whose append returned survives a crash (kill -9) of this process
-    /// and of the storage's own server, if it has one. The engine logs a warning at build
-    /// when it is false ([`OfflineQueue::storage_is_durable`](crate::OfflineQueue::storage_is_durable)
-    /// tells a host), and the conformance suite's restart checks need it.
+    /// and of the storage's own server, if it has one. The engine logs it at build when it is
+    /// false, and [`OfflineQueue::storage_is_durable`](crate::OfflineQueue::storage_is_durable)
+    /// tells a host.
     pub durable: bool,
     /// True if appends keep [`Quota::max_total_bytes`], the storage-wide byte budget. The
     /// engine's builder refuses a budget the storage would not keep.
