@@ -11,7 +11,48 @@
 use std::sync::Arc;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
+use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
+
+/// Largest count passed to a script: Lua numbers are doubles.
+pub(super) const LUA_MAX: u64 = 1 << 53;
+
+/// The per-recipient steps (functions of one library) and the two scripts that touch only
+/// storage-wide keys.
+pub(super) struct Steps {
+    pub append: Function,
+    pub read: Function,
+    pub plan: Function,
+    pub mark: Function,
+    pub ack: Function,
+    pub purge: Function,
+    pub idle: Function,
+    pub stats: Function,
+    pub remove: Function,
+    pub presence: Function,
+    pub forget: Function,
+    pub reserve: Script,
+    pub refile: Script,
+}
+
+impl Steps {
+    pub fn new(library: &Arc<Library>) -> Self {
+        Self {
+            append: library.function("append"),
+            read: library.function("read"),
+            plan: library.function("plan"),
+            mark: library.function("mark"),
+            ack: library.function("ack"),
+            purge: library.function("purge"),
+            idle: library.function("idle"),
+            stats: library.function("stats"),
+            remove: library.function("remove"),
+            presence: library.function("presence"),
+            forget: library.function("forget"),
+            reserve: Script::new(include_str!("reserve.lua")),
+            refile: Script::new(include_str!("refile.lua")),
+        }
+    }
+}
 
 /// Each step's source, run with `KEYS` bound to the recipient's keys (see `prelude.lua`), and
 /// its flags. A function without flags is refused whole while Redis is out of memory, which

@@ -16,7 +16,11 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 use redis::Value;
 
-use super::{Connection, HEADER, LUA_MAX, RedisStorage, bad_reply, count, decode_record, text};
+use super::errors::redis_error;
+use super::library::LUA_MAX;
+use super::record::{HEADER, decode_record};
+use super::replies::{bad_reply, count, int, text};
+use super::RedisStorage;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::limits::BatchLimit;
@@ -161,7 +165,7 @@ impl RedisStorage {
         now: Timestamp,
         mark: bool,
     ) -> Result<RunRead> {
-        if matches!(self.shared.connection, Connection::Cluster(_)) {
+        if self.is_cluster() {
             return Ok(RunRead::default());
         }
         if ack.is_some_and(|(ack, _)| !ack.seqs.is_empty() || !ack.passed_over.is_empty()) {
@@ -202,7 +206,7 @@ impl RedisStorage {
             // The connection failed: the steps may have run, and a second read would count
             // its deliveries twice. The caller sees the error, as from any step.
             Err(error) if error.is_io_error() || error.is_timeout() => {
-                return Err(super::redis_error(error));
+                return Err(redis_error(error));
             }
             // The server refused the transaction (out of memory): nothing ran, and the
             // ordinary steps report it or recover from it.
@@ -250,7 +254,7 @@ impl RedisStorage {
             .iter()
             .map(|r| r.len().saturating_sub(HEADER))
             .sum();
-        let head = super::int(plan.get(8))?;
+        let head = int(plan.get(8))?;
         self.shared
             .fronts
             .after_read(recipient, head, true, (body_bytes / n) as u64);

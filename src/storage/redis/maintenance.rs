@@ -1,0 +1,288 @@
+//! Bookkeeping beside the steps: the storage-wide byte counter and its reservations, the
+//! index buckets (queues by earliest deadline and by last activity), and the walks over
+//! them that purge expired records and remove idle queues.
+
+use super::errors::redis_error;
+use super::library::LUA_MAX;
+use super::{RedisStorage, keys};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::message::RecipientId;
+use crate::storage::PurgeOutcome;
+
+impl RedisStorage {
+    /// Adds `delta` to the storage-wide byte counter, when it is kept.
+    pub(super) async fn count_bytes(&self, delta: i64) -> Result<()> {
+        if !self.shared.options.track_total_bytes || delta == 0 {
+            return Ok(());
+        }
+        redis::cmd("INCRBY")
+            .arg(keys::total_bytes(&self.shared.options.prefix))
+            .arg(delta)
+            .exec_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Files the queue in the idle index under `touched`, and in the deadline index no later
+    /// than `deadline`, where the script asked for it (-1: no change).
+    pub(super) async fn file(&self, hex: &str, touched: i64, deadline: i64) -> Result<()> {
+        if touched < 0 && deadline < 0 {
+            return Ok(());
+        }
+        let prefix = &self.shared.options.prefix;
+        let bucket = keys::bucket(hex);
+        let mut pipe = redis::pipe();
+        if touched >= 0 {
+            pipe.cmd("ZADD")
+                .arg(keys::idle_index(prefix, bucket))
+                .arg(touched)
+                .arg(hex)
+                .ignore();
+        }
+        if deadline >= 0 {
+            pipe.cmd("ZADD")
+                .arg(keys::deadline_index(prefix, bucket))
+                .arg("LT")
+                .arg(deadline)
+                .arg(hex)
+                .ignore();
+        }
+        pipe.exec_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Bookkeeping after a committed step: the byte counter and the index entries. A failure
+    /// is logged, not returned: the step itself stands. An index entry that could not be
+    /// written is written by the queue's next step that asks for it (the queue's metadata is
+    /// told to forget what it filed).
+    pub(super) async fn after_commit(
+        &self,
+        recipient: &RecipientId,
+        hex: &str,
+        delta: i64,
+        file_idle: i64,
+        file_deadline: i64,
+    ) {
+        if let Err(error) = self.count_bytes(delta).await {
+            tracing::warn!(%recipient, %error, "byte counter update failed");
+        }
+        if let Err(error) = self.file(hex, file_idle, file_deadline).await {
+            tracing::warn!(%recipient, %error, "index update failed");
+            let keys = keys::recipient_keys(&self.shared.options.prefix, hex);
+            let forget: redis::RedisResult<i64> = self
+                .shared
+                .steps
+                .forget
+                .key(&keys[..])
+                .invoke_async(&mut self.connection())
+                .await;
+            if let Err(error) = forget {
+                tracing::warn!(%recipient, %error, "index state reset failed");
+            }
+        }
+    }
+
+    /// Up to `limit` queues of an index filed at or below `upper` (a score, or `(score` for
+    /// strictly below), with their scores when `T` asks for them.
+    pub(super) async fn filed_before<T: redis::FromRedisValue>(
+        &self,
+        index: &str,
+        upper: String,
+        limit: usize,
+        with_scores: bool,
+    ) -> Result<T> {
+        let mut command = redis::cmd("ZRANGEBYSCORE");
+        command.arg(index).arg("-inf").arg(upper);
+        if with_scores {
+            command.arg("WITHSCORES");
+        }
+        command
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Purges the queues of one deadline bucket with something due; returns the budget left.
+    pub(super) async fn purge_expired(
+        &self,
+        bucket: u32,
+        now: Timestamp,
+        mut left: usize,
+        outcome: &mut PurgeOutcome,
+    ) -> Result<usize> {
+        let prefix = &self.shared.options.prefix;
+        let index = keys::deadline_index(prefix, bucket);
+        while left > 0 {
+            let due: Vec<(String, f64)> = self
+                .filed_before(&index, now.as_millis().to_string(), left.min(64), true)
+                .await?;
+            if due.is_empty() {
+                break;
+            }
+            for (hex, seen) in due {
+                let keys = keys::recipient_keys(prefix, &hex);
+                let purged: redis::RedisResult<(u64, i64, i64)> = self
+                    .shared
+                    .steps
+                    .purge
+                    .key(&keys[..])
+                    .arg(now.as_millis())
+                    .arg(left)
+                    .invoke_async(&mut self.connection())
+                    .await;
+                let earliest = match purged {
+                    Ok((removed, freed, earliest)) => {
+                        left = left.saturating_sub(removed as usize);
+                        outcome.expired += removed;
+                        self.count_freed(&hex, freed).await;
+                        earliest
+                    }
+                    Err(error) if redis_error(error.clone()).is_retryable() => {
+                        return Err(redis_error(error));
+                    }
+                    Err(error) => {
+                        // Not ours to purge (someone else's data): out of the index, so it
+                        // cannot stop the rest.
+                        tracing::warn!(queue = %hex, %error, "purge skipped a queue");
+                        -1
+                    }
+                };
+                // The script removed every due deadline, so the entry moves past now (or
+                // goes): each round progresses.
+                let _: i64 = self
+                    .shared
+                    .steps
+                    .refile
+                    .key(&index)
+                    .arg(&hex)
+                    .arg(seen)
+                    .arg(earliest)
+                    .invoke_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Removes the queues of one idle bucket untouched since `before`; returns the budget left.
+    pub(super) async fn remove_idle(
+        &self,
+        bucket: u32,
+        before: Timestamp,
+        mut left: usize,
+        outcome: &mut PurgeOutcome,
+    ) -> Result<usize> {
+        let prefix = &self.shared.options.prefix;
+        let index = keys::idle_index(prefix, bucket);
+        let before = before.as_millis();
+        while left > 0 {
+            let idle: Vec<(String, f64)> = self
+                .filed_before(&index, format!("({before}"), left.min(64), true)
+                .await?;
+            if idle.is_empty() {
+                break;
+            }
+            for (hex, seen) in idle {
+                let keys = keys::recipient_keys(prefix, &hex);
+                let (state, records, freed): (i64, u64, i64) = self
+                    .shared
+                    .steps
+                    .idle
+                    .key(&keys[..])
+                    .arg(before)
+                    .invoke_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                // Active since it was filed: file it under its latest activity; gone: out of
+                // the index. Only if the entry still holds the score found, so an append that
+                // filed the queue meanwhile keeps its entry.
+                let _: i64 = self
+                    .shared
+                    .steps
+                    .refile
+                    .key(&index)
+                    .arg(&hex)
+                    .arg(seen)
+                    .arg(state.max(-1))
+                    .invoke_async(&mut self.connection())
+                    .await
+                    .map_err(redis_error)?;
+                if state == -2 {
+                    outcome.idle_recipients += 1;
+                    left = left.saturating_sub((records as usize).max(1));
+                    self.count_freed(&hex, freed).await;
+                } else {
+                    // Refiling is a round trip too: a call's budget bounds it.
+                    left -= 1;
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Whether any bucket still holds a queue with something due, or an idle one.
+    pub(super) async fn anything_due(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+    ) -> Result<bool> {
+        let prefix = &self.shared.options.prefix;
+        for bucket in 0..keys::BUCKETS {
+            let index = keys::deadline_index(prefix, bucket);
+            let due: Vec<String> = self
+                .filed_before(&index, now.as_millis().to_string(), 1, false)
+                .await?;
+            if !due.is_empty() {
+                return Ok(true);
+            }
+            if let Some(before) = idle_before {
+                let index = keys::idle_index(prefix, bucket);
+                let upper = format!("({}", before.as_millis());
+                let idle: Vec<String> = self.filed_before(&index, upper, 1, false).await?;
+                if !idle.is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes bytes a purge freed off the storage-wide counter; a failure is logged (the purge
+    /// stands).
+    pub(super) async fn count_freed(&self, hex: &str, freed: i64) {
+        if let Err(error) = self.count_bytes(-freed).await {
+            tracing::warn!(queue = %hex, %error, "byte counter update failed");
+        }
+    }
+
+    /// Reserves `adding` bytes of the storage-wide budget before an append.
+    pub(super) async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
+        let (ok, used): (u64, u64) = self
+            .shared
+            .steps
+            .reserve
+            .key(keys::total_bytes(&self.shared.options.prefix))
+            .arg(adding)
+            .arg(max.min(LUA_MAX))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(Error::StorageFull { used, adding, max })
+        }
+    }
+}
