@@ -4,23 +4,23 @@ use redis::Value;
 
 use super::RedisStorage;
 use super::library::LUA_MAX;
-use super::replies::*;
+use super::replies::{AckReply, Filing, NONE};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::message::{RecipientId, Seq};
 use crate::storage::Ack;
 
 impl RedisStorage {
-    /// The ack step's arguments after its keys (`i128` holds both the -1 markers and any
-    /// `u64`, and Redis gets each as its decimal text, without a string per argument).
+    /// The ack step's arguments after its keys (`i128` holds both [`NONE`] and any `u64`,
+    /// and Redis gets each as its decimal text, without a string per argument).
     pub(super) fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<i128> {
         let seq = |s: &Seq| i128::from(s.0);
         let mut args = Vec::with_capacity(7 + ack.seqs.len() + ack.passed_over.len());
         args.extend([
-            ack.through.as_ref().map_or(-1, seq),
+            ack.through.as_ref().map_or(NONE.into(), seq),
             i128::from(now.as_millis()),
             ack.lost_confirmed_through
-                .map_or(-1, |t| i128::from(t.min(LUA_MAX))),
+                .map_or(NONE.into(), |t| i128::from(t.min(LUA_MAX))),
             i128::from(self.idle_ttl_ms()),
             ack.seqs.len() as i128,
         ]);
@@ -47,11 +47,14 @@ impl RedisStorage {
         hex: &str,
         reply: Value,
     ) -> Result<u64> {
-        let (removed, freed, file_idle, head): (u64, i64, i64, i64) =
-            redis::from_redis_value(reply).map_err(|_| bad_reply("the ack's four numbers"))?;
-        self.shared.fronts.after_ack(recipient, head);
-        self.after_commit(recipient, hex, -freed, file_idle, -1)
+        let reply = AckReply::parse(reply)?;
+        self.shared.fronts.after_ack(recipient, reply.head);
+        let filing = Filing {
+            idle: reply.file_idle,
+            deadline: None,
+        };
+        self.after_commit(recipient, hex, -reply.freed, filing)
             .await;
-        Ok(removed)
+        Ok(reply.removed)
     }
 }

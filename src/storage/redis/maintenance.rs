@@ -2,8 +2,11 @@
 //! index buckets (queues by earliest deadline and by last activity), and the walks over
 //! them that purge expired records and remove idle queues.
 
+use redis::Value;
+
 use super::errors::redis_error;
 use super::library::LUA_MAX;
+use super::replies::{Filing, IdleReply, NONE, PurgeReply, ReserveReply};
 use super::{RedisStorage, keys};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -24,23 +27,23 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
-    /// Files the queue in the idle index under `touched`, and in the deadline index no later
-    /// than `deadline`, where the script asked for it (-1: no change).
-    pub(super) async fn file(&self, hex: &str, touched: i64, deadline: i64) -> Result<()> {
-        if touched < 0 && deadline < 0 {
+    /// Files the queue in the idle index and the deadline index (no later than the
+    /// deadline), where the step asked for it.
+    pub(super) async fn file(&self, hex: &str, filing: Filing) -> Result<()> {
+        if filing.idle.is_none() && filing.deadline.is_none() {
             return Ok(());
         }
         let prefix = &self.shared.options.prefix;
         let bucket = keys::bucket(hex);
         let mut pipe = redis::pipe();
-        if touched >= 0 {
+        if let Some(touched) = filing.idle {
             pipe.cmd("ZADD")
                 .arg(keys::idle_index(prefix, bucket))
                 .arg(touched)
                 .arg(hex)
                 .ignore();
         }
-        if deadline >= 0 {
+        if let Some(deadline) = filing.deadline {
             pipe.cmd("ZADD")
                 .arg(keys::deadline_index(prefix, bucket))
                 .arg("LT")
@@ -62,13 +65,12 @@ impl RedisStorage {
         recipient: &RecipientId,
         hex: &str,
         delta: i64,
-        file_idle: i64,
-        file_deadline: i64,
+        filing: Filing,
     ) {
         if let Err(error) = self.count_bytes(delta).await {
             tracing::warn!(%recipient, %error, "byte counter update failed");
         }
-        if let Err(error) = self.file(hex, file_idle, file_deadline).await {
+        if let Err(error) = self.file(hex, filing).await {
             tracing::warn!(%recipient, %error, "index update failed");
             let keys = keys::recipient_keys(&self.shared.options.prefix, hex);
             let forget: redis::RedisResult<i64> = self
@@ -126,7 +128,7 @@ impl RedisStorage {
             }
             for (hex, seen) in due {
                 let keys = keys::recipient_keys(prefix, &hex);
-                let purged: redis::RedisResult<(u64, i64, i64)> = self
+                let purged: redis::RedisResult<Value> = self
                     .shared
                     .steps
                     .purge
@@ -136,11 +138,12 @@ impl RedisStorage {
                     .invoke_async(&mut self.connection())
                     .await;
                 let earliest = match purged {
-                    Ok((removed, freed, earliest)) => {
-                        left = left.saturating_sub(removed as usize);
-                        outcome.expired += removed;
-                        self.count_freed(&hex, freed).await;
-                        earliest
+                    Ok(reply) => {
+                        let purged = PurgeReply::parse(reply)?;
+                        left = left.saturating_sub(purged.removed as usize);
+                        outcome.expired += purged.removed;
+                        self.count_freed(&hex, purged.freed).await;
+                        purged.earliest
                     }
                     Err(error) if redis_error(error.clone()).is_retryable() => {
                         return Err(redis_error(error));
@@ -149,7 +152,7 @@ impl RedisStorage {
                         // Not ours to purge (someone else's data): out of the index, so it
                         // cannot stop the rest.
                         tracing::warn!(queue = %hex, %error, "purge skipped a queue");
-                        -1
+                        None
                     }
                 };
                 // The script removed every due deadline, so the entry moves past now (or
@@ -161,7 +164,7 @@ impl RedisStorage {
                     .key(&index)
                     .arg(&hex)
                     .arg(seen)
-                    .arg(earliest)
+                    .arg(earliest.map_or(NONE, |deadline| deadline as i64))
                     .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
@@ -193,7 +196,7 @@ impl RedisStorage {
             }
             for (hex, seen) in idle {
                 let keys = keys::recipient_keys(prefix, &hex);
-                let (state, records, freed): (i64, u64, i64) = self
+                let reply: Value = self
                     .shared
                     .steps
                     .idle
@@ -202,6 +205,11 @@ impl RedisStorage {
                     .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
+                let idle = IdleReply::parse(reply)?;
+                let refile = match idle {
+                    IdleReply::Active { touched } => touched as i64,
+                    IdleReply::Absent | IdleReply::Removed { .. } => NONE,
+                };
                 // Active since it was filed: file it under its latest activity; gone: out of
                 // the index. Only if the entry still holds the score found, so an append that
                 // filed the queue meanwhile keeps its entry.
@@ -212,11 +220,11 @@ impl RedisStorage {
                     .key(&index)
                     .arg(&hex)
                     .arg(seen)
-                    .arg(state.max(-1))
+                    .arg(refile)
                     .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
-                if state == -2 {
+                if let IdleReply::Removed { records, freed } = idle {
                     outcome.idle_recipients += 1;
                     left = left.saturating_sub((records as usize).max(1));
                     self.count_freed(&hex, freed).await;
@@ -269,7 +277,7 @@ impl RedisStorage {
 
     /// Reserves `adding` bytes of the storage-wide budget before an append.
     pub(super) async fn reserve(&self, adding: u64, max: u64) -> Result<()> {
-        let (ok, used): (u64, u64) = self
+        let reply: Value = self
             .shared
             .steps
             .reserve
@@ -279,10 +287,15 @@ impl RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        if ok == 1 {
+        let reply = ReserveReply::parse(reply)?;
+        if reply.reserved {
             Ok(())
         } else {
-            Err(Error::StorageFull { used, adding, max })
+            Err(Error::StorageFull {
+                used: reply.used,
+                adding,
+                max,
+            })
         }
     }
 }

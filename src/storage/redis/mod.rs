@@ -130,8 +130,8 @@ use library::{LUA_MAX, Steps};
 use nodes::{Listeners, NodeEvent};
 use options::Connection;
 pub use options::RedisOptions;
-use record::{HEADER, encode_record};
-use replies::*;
+use record::{encode_record, sent_at};
+use replies::{AppendReply, RemoveReply, StatsReply};
 
 struct Shared {
     /// Whether the server keeps what it acknowledged across its crash (see `assume_durable`).
@@ -272,55 +272,52 @@ impl Storage for RedisStorage {
             .invoke_async::<Value>(&mut self.connection())
             .await
         {
-            Ok(reply) => array(reply)?,
+            Ok(reply) => AppendReply::parse(reply)?,
             Err(error) => {
                 let _ = self.count_bytes(-reserved).await;
                 return Err(redis_error(error));
             }
         };
-        if text(reply.first())? == "full" {
-            let _ = self.count_bytes(-reserved).await;
-            return Err(Error::QueueFull {
-                messages: count(reply.get(1))?,
-                bytes: count(reply.get(2))?,
-                adding_messages: count(reply.get(3))?,
-                adding_bytes: count(reply.get(4))?,
-                max_messages: quota.max_messages,
-                max_bytes: quota.max_bytes,
-            });
-        }
-        let dropped = count(reply.get(1))?;
-        let pending = count(reply.get(2))?;
-        let delta = int(reply.get(3))?;
-        let (file_idle, file_deadline) = (int(reply.get(4))?, int(reply.get(5))?);
-        let n = (count(reply.get(6))? as usize).min(reply.len());
-        let mut results = Vec::with_capacity(n);
-        for i in 0..n {
-            let stored = int(reply.get(7 + 2 * i))? == 1;
-            let seq = seq_of(int(reply.get(8 + 2 * i))?);
-            results.push(if stored {
-                Appended::Stored(seq)
-            } else {
-                Appended::Duplicate(seq)
-            });
-        }
-        let at = 7 + 2 * n;
-        let node_count = (count(reply.get(at))? as usize).min(reply.len());
-        let nodes: Vec<String> = (0..node_count)
-            .map(|i| text(reply.get(at + 1 + i)))
-            .collect::<Result<_>>()?;
+        let applied = match reply {
+            AppendReply::Full {
+                messages,
+                bytes,
+                adding_messages,
+                adding_bytes,
+            } => {
+                let _ = self.count_bytes(-reserved).await;
+                return Err(Error::QueueFull {
+                    messages,
+                    bytes,
+                    adding_messages,
+                    adding_bytes,
+                    max_messages: quota.max_messages,
+                    max_bytes: quota.max_bytes,
+                });
+            }
+            AppendReply::Appended(applied) => applied,
+        };
         // The append is committed: what follows is bookkeeping, and its failure must not
         // make the caller think the message was not stored (and send it again).
-        self.after_commit(recipient, &hex, delta - reserved, file_idle, file_deadline)
-            .await;
-        if results.iter().any(|r| matches!(r, Appended::Stored(_))) {
-            self.wake_nodes(recipient, &hex, &nodes).await;
+        self.after_commit(
+            recipient,
+            &hex,
+            applied.byte_delta - reserved,
+            applied.filing,
+        )
+        .await;
+        if applied
+            .records
+            .iter()
+            .any(|r| matches!(r, Appended::Stored(_)))
+        {
+            self.wake_nodes(recipient, &hex, &applied.elsewhere).await;
         }
         Ok(AppendOutcome {
-            records: results,
-            dropped,
-            pending,
-            live_elsewhere: !nodes.is_empty(),
+            records: applied.records,
+            dropped: applied.dropped,
+            pending: applied.pending,
+            live_elsewhere: !applied.elsewhere.is_empty(),
         })
     }
 
@@ -434,25 +431,19 @@ impl Storage for RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        let reply = array(reply)?;
-        let oldest = bytes(reply.get(3))?
-            .filter(|raw| raw.len() >= HEADER)
-            .map(|raw| {
-                Timestamp::from_millis(u64::from_be_bytes(raw[8..16].try_into().expect("8 bytes")))
-            });
-        let newest = int(reply.get(4))?;
+        let stats = StatsReply::parse(reply)?;
         Ok(RecipientStats {
-            messages: count(reply.first())?,
-            bytes: count(reply.get(1))?,
-            oldest_sent_at: oldest,
-            newest_seq: (newest >= 0).then(|| seq_of(newest)),
-            lost: count(reply.get(2))?,
+            messages: stats.messages,
+            bytes: stats.bytes,
+            oldest_sent_at: stats.oldest.as_deref().and_then(sent_at),
+            newest_seq: stats.newest,
+            lost: stats.lost,
         })
     }
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         let (_, keys) = self.keys(recipient);
-        let (removed, freed): (u64, i64) = self
+        let reply: Value = self
             .shared
             .steps
             .remove
@@ -460,7 +451,8 @@ impl Storage for RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        self.count_bytes(-freed).await?;
-        Ok(removed)
+        let removed = RemoveReply::parse(reply)?;
+        self.count_bytes(-removed.freed).await?;
+        Ok(removed.removed)
     }
 }

@@ -3,11 +3,11 @@
 
 use redis::Value;
 
+use super::RedisStorage;
 use super::errors::redis_error;
 use super::library::LUA_MAX;
 use super::record::{HEADER, decode_record};
-use super::replies::*;
-use super::RedisStorage;
+use super::replies::{NONE, ReadReply};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::limits::BatchLimit;
@@ -52,7 +52,7 @@ impl RedisStorage {
             .steps
             .read
             .key(&keys[..])
-            .arg(after.map_or(-1, |s| s.0 as i64))
+            .arg(after.map_or(NONE, |s| s.0 as i64))
             .arg((limit.max_messages as u64).min(LUA_MAX))
             .arg((limit.max_bytes as u64).min(LUA_MAX))
             .arg(now.as_millis())
@@ -60,40 +60,19 @@ impl RedisStorage {
             .invoke_async(&mut self.connection())
             .await
             .map_err(redis_error)?;
-        let mut reply = array(reply)?;
-        // Taken, not borrowed: each record's body is handed on without a copy.
-        let raws = match reply.get_mut(6) {
-            Some(Value::Array(items)) => std::mem::take(items),
-            _ => return Err(bad_reply("an array")),
-        };
-        let lost_total = count(reply.first())?;
-        let lost_confirmed = count(reply.get(1))?;
-        let seqs_in = |at: usize| -> Result<Vec<Seq>> {
-            list(reply.get(at))?
-                .iter()
-                .map(|v| int(Some(v)).map(seq_of))
-                .collect()
-        };
-        let expired = seqs_in(2)?;
-        let mut damaged = seqs_in(3)?;
-        let watermark = count(reply.get(4))?;
-        let first = count(reply.get(5))?;
-        let listed = seqs_in(7)?;
-        let counts = list(reply.get(8))?;
-        let mut records = Vec::with_capacity(raws.len());
-        for (i, raw) in raws.into_iter().enumerate() {
-            let seq = listed.get(i).map_or(first + i as u64, |s| s.0);
-            let Value::BulkString(raw) = raw else {
-                return Err(bad_reply("a record"));
-            };
+        let reply = ReadReply::parse(reply)?;
+        let mut damaged = reply.damaged;
+        let mut records = Vec::with_capacity(reply.records.len());
+        for (i, raw) in reply.records.into_iter().enumerate() {
+            let seq = reply.seqs.get(i).map_or(reply.first + i as u64, |s| s.0);
             if raw.len() < HEADER {
                 // Not a record this backend wrote: never delivered, reported as lost.
                 damaged.push(Seq(seq));
                 continue;
             }
-            let delivered = match counts.get(i) {
-                Some(Value::Nil | Value::Boolean(false)) | None => i64::from(seq <= watermark),
-                explicit => int(explicit)?,
+            let delivered = match reply.counts.get(i) {
+                Some(Some(explicit)) => *explicit,
+                Some(None) | None => i64::from(seq <= reply.watermark),
             };
             records.push(decode_record(seq, raw, delivered));
         }
@@ -101,17 +80,17 @@ impl RedisStorage {
             let bodies: usize = records.iter().map(|r| r.body.len()).sum();
             self.shared.fronts.after_read(
                 recipient,
-                int(reply.get(9))?,
-                int(reply.get(10))? == 1,
+                reply.head,
+                reply.plain,
                 (bodies / records.len().max(1)) as u64,
             );
         }
         Ok(ReadBatch {
             records,
-            expired,
+            expired: reply.expired,
             damaged,
-            lost_unconfirmed: lost_total.saturating_sub(lost_confirmed),
-            lost_total,
+            lost_unconfirmed: reply.lost_total.saturating_sub(reply.lost_confirmed),
+            lost_total: reply.lost_total,
         })
     }
 }

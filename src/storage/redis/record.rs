@@ -44,3 +44,18 @@ pub(super) fn decode_record(seq: u64, raw: Vec<u8>, delivery_count: i64) -> Stor
         body: Bytes::from(raw).slice(HEADER..),
     }
 }
+
+/// The sent-at time in a stored record's header; `None` if it is too short to be a record.
+pub(super) fn sent_at(raw: &[u8]) -> Option<Timestamp> {
+    let field = raw.get(8..16).filter(|_| raw.len() >= HEADER)?;
+    Some(Timestamp::from_millis(u64::from_be_bytes(
+        field.try_into().expect("8 bytes"),
+    )))
+}
+
+/// The body bytes appended before a stored record (its first header field, which the append
+/// step writes as a double); `None` if it is too short to hold one.
+pub(super) fn appended_before(raw: &[u8]) -> Option<f64> {
+    let field = raw.get(..8)?;
+    Some(f64::from_be_bytes(field.try_into().expect("8 bytes")))
+}
