@@ -13,6 +13,21 @@ use crate::error::{Error, Result};
 use crate::message::RecipientId;
 use crate::storage::PurgeOutcome;
 
+/// What a walk over an index bucket did with one queue.
+#[derive(Default)]
+struct Visit {
+    /// Budget the queue cost.
+    spent: usize,
+    /// Body bytes freed, off the storage-wide counter.
+    freed: i64,
+    /// The queue's new score in the index (`None`: out of it).
+    refile: Option<u64>,
+    /// Expired records removed.
+    expired: u64,
+    /// Idle queues removed.
+    idle_recipients: u64,
+}
+
 impl RedisStorage {
     /// Adds `delta` to the storage-wide byte counter, when it is kept.
     pub(super) async fn count_bytes(&self, delta: i64) -> Result<()> {
@@ -109,62 +124,46 @@ impl RedisStorage {
             .map_err(redis_error)
     }
 
-    /// Purges the queues of one deadline bucket with something due; returns the budget left.
-    pub(super) async fn purge_expired(
+    /// Walks one index bucket: the queues filed at or below `upper` (a score, or `(score` for
+    /// strictly below), each through `visit` (given the queue's keys, its name and the budget
+    /// left), while budget is left. Each queue's entry then moves where the visit says, but
+    /// only if it still holds the score found, so an append that filed the queue meanwhile
+    /// keeps its entry. Returns the budget left.
+    async fn walk_bucket<F, Fut>(
         &self,
-        bucket: u32,
-        now: Timestamp,
+        index: &str,
+        upper: String,
         mut left: usize,
         outcome: &mut PurgeOutcome,
-    ) -> Result<usize> {
+        mut visit: F,
+    ) -> Result<usize>
+    where
+        F: FnMut([String; 7], String, usize) -> Fut,
+        Fut: Future<Output = Result<Visit>>,
+    {
         let prefix = &self.shared.options.prefix;
-        let index = keys::deadline_index(prefix, bucket);
         while left > 0 {
-            let due: Vec<(String, f64)> = self
-                .filed_before(&index, now.as_millis().to_string(), left.min(64), true)
+            let filed: Vec<(String, f64)> = self
+                .filed_before(index, upper.clone(), left.min(64), true)
                 .await?;
-            if due.is_empty() {
+            if filed.is_empty() {
                 break;
             }
-            for (hex, seen) in due {
+            for (hex, seen) in filed {
                 let keys = keys::recipient_keys(prefix, &hex);
-                let purged: redis::RedisResult<Value> = self
-                    .shared
-                    .steps
-                    .purge
-                    .key(&keys[..])
-                    .arg(now.as_millis())
-                    .arg(left)
-                    .invoke_async(&mut self.connection())
-                    .await;
-                let earliest = match purged {
-                    Ok(reply) => {
-                        let purged = PurgeReply::parse(reply)?;
-                        left = left.saturating_sub(purged.removed as usize);
-                        outcome.expired += purged.removed;
-                        self.count_freed(&hex, purged.freed).await;
-                        purged.earliest
-                    }
-                    Err(error) if redis_error(error.clone()).is_retryable() => {
-                        return Err(redis_error(error));
-                    }
-                    Err(error) => {
-                        // Not ours to purge (someone else's data): out of the index, so it
-                        // cannot stop the rest.
-                        tracing::warn!(queue = %hex, %error, "purge skipped a queue");
-                        None
-                    }
-                };
-                // The script removed every due deadline, so the entry moves past now (or
-                // goes): each round progresses.
+                let visited = visit(keys, hex.clone(), left).await?;
+                left = left.saturating_sub(visited.spent);
+                outcome.expired += visited.expired;
+                outcome.idle_recipients += visited.idle_recipients;
+                self.count_freed(&hex, visited.freed).await;
                 let _: i64 = self
                     .shared
                     .steps
                     .refile
-                    .key(&index)
+                    .key(index)
                     .arg(&hex)
                     .arg(seen)
-                    .arg(earliest.map_or(NONE, |deadline| deadline as i64))
+                    .arg(visited.refile.map_or(NONE, |score| score as i64))
                     .invoke_async(&mut self.connection())
                     .await
                     .map_err(redis_error)?;
@@ -176,68 +175,95 @@ impl RedisStorage {
         Ok(left)
     }
 
+    /// Purges the queues of one deadline bucket with something due; returns the budget left.
+    pub(super) async fn purge_expired(
+        &self,
+        bucket: u32,
+        now: Timestamp,
+        left: usize,
+        outcome: &mut PurgeOutcome,
+    ) -> Result<usize> {
+        let index = keys::deadline_index(&self.shared.options.prefix, bucket);
+        let now = now.as_millis();
+        let purge = move |keys: [String; 7], hex: String, left: usize| async move {
+            let purged: redis::RedisResult<Value> = self
+                .shared
+                .steps
+                .purge
+                .key(&keys[..])
+                .arg(now)
+                .arg(left)
+                .invoke_async(&mut self.connection())
+                .await;
+            match purged {
+                // The step removed every due deadline, so the entry moves past now (or goes):
+                // each round progresses.
+                Ok(reply) => {
+                    let purged = PurgeReply::parse(reply)?;
+                    Ok(Visit {
+                        spent: purged.removed as usize,
+                        freed: purged.freed,
+                        refile: purged.earliest,
+                        expired: purged.removed,
+                        idle_recipients: 0,
+                    })
+                }
+                Err(error) if redis_error(error.clone()).is_retryable() => Err(redis_error(error)),
+                Err(error) => {
+                    // Not ours to purge (someone else's data): out of the index, so it cannot
+                    // stop the rest.
+                    tracing::warn!(queue = %hex, %error, "purge skipped a queue");
+                    Ok(Visit::default())
+                }
+            }
+        };
+        self.walk_bucket(&index, now.to_string(), left, outcome, purge)
+            .await
+    }
+
     /// Removes the queues of one idle bucket untouched since `before`; returns the budget left.
     pub(super) async fn remove_idle(
         &self,
         bucket: u32,
         before: Timestamp,
-        mut left: usize,
+        left: usize,
         outcome: &mut PurgeOutcome,
     ) -> Result<usize> {
-        let prefix = &self.shared.options.prefix;
-        let index = keys::idle_index(prefix, bucket);
+        let index = keys::idle_index(&self.shared.options.prefix, bucket);
         let before = before.as_millis();
-        while left > 0 {
-            let idle: Vec<(String, f64)> = self
-                .filed_before(&index, format!("({before}"), left.min(64), true)
-                .await?;
-            if idle.is_empty() {
-                break;
-            }
-            for (hex, seen) in idle {
-                let keys = keys::recipient_keys(prefix, &hex);
-                let reply: Value = self
-                    .shared
-                    .steps
-                    .idle
-                    .key(&keys[..])
-                    .arg(before)
-                    .invoke_async(&mut self.connection())
-                    .await
-                    .map_err(redis_error)?;
-                let idle = IdleReply::parse(reply)?;
-                let refile = match idle {
-                    IdleReply::Active { touched } => touched as i64,
-                    IdleReply::Absent | IdleReply::Removed { .. } => NONE,
-                };
-                // Active since it was filed: file it under its latest activity; gone: out of
-                // the index. Only if the entry still holds the score found, so an append that
-                // filed the queue meanwhile keeps its entry.
-                let _: i64 = self
-                    .shared
-                    .steps
-                    .refile
-                    .key(&index)
-                    .arg(&hex)
-                    .arg(seen)
-                    .arg(refile)
-                    .invoke_async(&mut self.connection())
-                    .await
-                    .map_err(redis_error)?;
-                if let IdleReply::Removed { records, freed } = idle {
-                    outcome.idle_recipients += 1;
-                    left = left.saturating_sub((records as usize).max(1));
-                    self.count_freed(&hex, freed).await;
-                } else {
-                    // Refiling is a round trip too: a call's budget bounds it.
-                    left -= 1;
-                }
-                if left == 0 {
-                    break;
-                }
-            }
-        }
-        Ok(left)
+        let remove = move |keys: [String; 7], _hex: String, _left: usize| async move {
+            let reply: Value = self
+                .shared
+                .steps
+                .idle
+                .key(&keys[..])
+                .arg(before)
+                .invoke_async(&mut self.connection())
+                .await
+                .map_err(redis_error)?;
+            Ok(match IdleReply::parse(reply)? {
+                // Active since it was filed: filed again under its latest activity. Refiling
+                // is a round trip too: a call's budget bounds it.
+                IdleReply::Active { touched } => Visit {
+                    spent: 1,
+                    refile: Some(touched),
+                    ..Visit::default()
+                },
+                // Gone: out of the index.
+                IdleReply::Absent => Visit {
+                    spent: 1,
+                    ..Visit::default()
+                },
+                IdleReply::Removed { records, freed } => Visit {
+                    spent: (records as usize).max(1),
+                    freed,
+                    idle_recipients: 1,
+                    ..Visit::default()
+                },
+            })
+        };
+        self.walk_bucket(&index, format!("({before}"), left, outcome, remove)
+            .await
     }
 
     /// Whether any bucket still holds a queue with something due, or an idle one.
