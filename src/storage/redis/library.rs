@@ -13,6 +13,8 @@ use std::sync::Arc;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
 
+use crate::fnv;
+
 /// Largest count passed to a script: Lua numbers are doubles.
 pub(super) const LUA_MAX: u64 = 1 << 53;
 
@@ -82,15 +84,14 @@ pub(super) struct Library {
 impl Library {
     pub fn new() -> Arc<Self> {
         let prelude = include_str!("prelude.lua");
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let parts = STEPS
             .iter()
             .flat_map(|(step, body, flags)| [*step, *body, *flags]);
-        for text in std::iter::once(prelude).chain(parts) {
-            for byte in text.bytes() {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
+        let hash = std::iter::once(prelude)
+            .chain(parts)
+            .fold(fnv::OFFSET_64, |hash, text| {
+                fnv::fnv1a_64(hash, text.as_bytes())
+            });
         let name = format!("oq_{hash:016x}");
         let mut source = format!("#!lua name={name}\n{prelude}\n");
         for (step, body, flags) in STEPS {

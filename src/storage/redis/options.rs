@@ -15,6 +15,7 @@ use super::library::{Library, Steps};
 use super::nodes::{Plumbing, run_node};
 use super::{RedisStorage, Shared, keys, run_read};
 use crate::error::{Error, Result};
+use crate::limits::TTL_CEILING;
 use crate::message::MessageId;
 
 /// How to build a [`RedisStorage`]: `RedisStorage::options()`, then `connect` or
@@ -162,11 +163,11 @@ impl RedisOptions {
                 reason: format!("{node:?} must be non-empty and without braces"),
             });
         }
-        if self.presence_ttl < Duration::from_millis(30) || self.presence_ttl > MAX_TTL {
+        if self.presence_ttl < Duration::from_millis(30) || self.presence_ttl > TTL_CEILING {
             return Err(Error::InvalidConfig {
                 field: "redis presence_ttl",
                 reason: format!(
-                    "{:?} must be between 30 ms and {MAX_TTL:?}",
+                    "{:?} must be between 30 ms and {TTL_CEILING:?}",
                     self.presence_ttl
                 ),
             });
@@ -174,9 +175,6 @@ impl RedisOptions {
         Ok(node)
     }
 }
-
-/// Longest TTL accepted: about 100 years, far inside what `PEXPIRE` takes.
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A connection to one server (reconnecting) or to a cluster (following its slots).
 #[derive(Clone)]
