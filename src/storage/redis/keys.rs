@@ -20,8 +20,8 @@ pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
 }
 
 /// The seven keys of one recipient, in the order the steps expect (see `prelude.lua`).
-/// The metadata is `m2`: layout 2 (records in a list) shares no key of layout 1 that it
-/// could misread; queues of layout 1 are not read, and vanish by their TTLs.
+/// The metadata is `m2`, a name no metadata of another layout holds, so a queue of another
+/// layout is never misread as one of this.
 pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
     // Built by hand: `format!` here was a twentieth of a send's CPU in the client.
     ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| {

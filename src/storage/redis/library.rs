@@ -1,7 +1,6 @@
 //! The per-recipient steps as one Redis function library (`FUNCTION LOAD`, then one `FCALL`
-//! per step). A library is defined once per server: an `EVALSHA` runs its whole script on
-//! every call, and the shared prelude alone (some twenty closures and tables) cost about
-//! 6 µs a call, with the call itself another 3 µs more than an `FCALL`.
+//! per step). A library is defined once per server, where an `EVALSHA` would run its whole
+//! script, the shared prelude (some twenty closures and tables) included, on every call.
 //!
 //! The library and its functions are named after a hash of their source, so engines of
 //! different builds sharing one Redis each call their own code. A server that lost the

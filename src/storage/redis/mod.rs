@@ -29,8 +29,8 @@
 //! at the back (`RPUSH`), read a range after a cursor (`LRANGE`: element `i` holds seq
 //! `head + i`), and drop the front on a cumulative ack (`LTRIM`). A record acked alone, or
 //! expired, in the middle becomes an empty string (a tombstone) until the front reaches it.
-//! Sorted sets and hashes, which an earlier layout used, cost a skiplist node and a hash
-//! entry per record: inserting them was most of an append's time (see BENCHMARKS.md).
+//! A sorted set or a hash would cost a skiplist node or a hash entry per record, and
+//! inserting those would be most of an append's time.
 //!
 //! Delivery counts are mostly implied: the metadata holds a delivered watermark, below which
 //! every record was handed over at least once, and a batch read and marked in order only
@@ -40,8 +40,7 @@
 //! The steps are one function library (`FUNCTION LOAD`, then `FCALL`; Redis 7.0 or later),
 //! named after a hash of its source, so engines of different versions sharing a Redis each
 //! run their own. A server that lost it (restarted without persistence, a new master) gets
-//! it again from the next call. Keys of this layout (2) are new names; queues written by
-//! layout 1 (before 2026-11-26) are not read, and vanish by their TTLs.
+//! it again from the next call.
 //!
 //! # Expiry
 //! Each record carries its deadline in its header; reads skip expired records. A record due
@@ -53,21 +52,21 @@
 //! deadline, on their own slots), so a purge touches the queues with something due, not
 //! every queue. The index is a hint kept beside the steps, not inside them (a cluster cannot
 //! update two slots atomically): an append lowers its queue's entry, a purge raises it
-//! again. Each recipient key also carries a Redis TTL of `idle_ttl` (default 90 days), set
-//! when the key is created and refreshed by appends and acks once a 64th of it has passed
-//! (so a busy queue rarely pays for it): an abandoned queue vanishes even if no engine ever
-//! runs maintenance.
+//! again. Each recipient key also carries a Redis TTL of the engine's idle timeout
+//! (`Limits::idle_recipient_timeout`), which the storage learns from each append's
+//! `Quota::idle_timeout` and each purge's `idle_before`. It is set when the key is created
+//! and refreshed by appends and acks once a 64th of it has passed (so a busy queue rarely
+//! pays for it): an abandoned queue vanishes even if no engine ever runs maintenance. With
+//! no idle timeout (`None`), the steps set no TTL.
 //!
 //! # Cost
 //! An append is one `FCALL` of four Redis commands (`GET` and `SET` of the metadata, `RPUSH`,
-//! and a presence check); on Redis 7.0 it costs about 14 µs of the server's CPU, against
-//! under 2 µs for a bare `LPUSH`, so one Redis core serves some 60,000 sends a second (see
-//! BENCHMARKS.md), and a cluster adds that per master. A cumulative ack of a run without
-//! tombstones reads only the records at its two ends (each header carries the body bytes
-//! appended before it, so the run's bytes are a difference), and a read of a plain run
-//! brings no record into Lua: `plan.lua` checks the run by its ends and an `LRANGE` in the
-//! same `MULTI` returns it (`run_read.rs`). Draining runs at about half the rate of bare
-//! `LRANGE` + `LTRIM`.
+//! and a presence check), so one Redis core bounds the send rate, and a cluster adds a core
+//! per master (each recipient's steps run on its own slot); BENCHMARKS.md has the figures. A
+//! cumulative ack of a run without tombstones reads only the records at its two ends (each
+//! header carries the body bytes appended before it, so the run's bytes are a difference),
+//! and a read of a plain run brings no record into Lua: `plan.lua` checks the run by its
+//! ends and an `LRANGE` in the same `MULTI` returns it (`run_read.rs`).
 //!
 //! # Several nodes
 //! Each engine instance is a node with its own id. While it holds a session for a recipient

@@ -1,6 +1,5 @@
 //! Reads of a run that bring no record into Lua. Bringing a record into a function from
-//! `LRANGE`, and replying with it, cost about 1 µs per record of the server's time: most of
-//! a read. When the records after the cursor are a plain run (nothing removed in the middle,
+//! `LRANGE`, and replying with it, is most of a read's cost on the server. When the records after the cursor are a plain run (nothing removed in the middle,
 //! deadlines in seq order, no explicit delivery counts; the common case), `plan.lua` checks
 //! the run by the records at its two ends and counts its deliveries, and an `LRANGE` in the
 //! same `MULTI` hands the records over as Redis stores them.
