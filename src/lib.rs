@@ -70,12 +70,14 @@ mod clock;
 mod codec;
 mod coordination;
 mod error;
+mod fnv;
 // Not API: exists only for the fuzz targets (`fuzz/`) and their corpus regression test
 // (`tests/fuzz_corpus.rs`), which reach the private codec through it (as do the two tests that
 // decode stored record bodies).
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzz;
+mod hex;
 mod limits;
 mod message;
 mod metrics;

@@ -110,9 +110,7 @@ impl std::hash::Hasher for RecipientHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         // Not reached for `RecipientId` keys; a plain FNV-1a keeps it correct for anything else.
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
+        self.0 = crate::fnv::fnv1a_64(self.0, bytes);
     }
 }
 
@@ -203,22 +201,8 @@ impl MessageId {
         if raw.len() != 32 {
             return Err(Error::InvalidMessageId { len: raw.len() });
         }
-        let mut bytes = [0u8; 16];
-        for (i, pair) in raw.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0]).ok_or(Error::InvalidMessageId { len: raw.len() })?;
-            let lo = hex_value(pair[1]).ok_or(Error::InvalidMessageId { len: raw.len() })?;
-            bytes[i] = hi << 4 | lo;
-        }
-        Ok(Self(bytes))
-    }
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        b'A'..=b'F' => Some(digit - b'A' + 10),
-        _ => None,
+        let bytes = crate::hex::decode(raw).ok_or(Error::InvalidMessageId { len: raw.len() })?;
+        Ok(Self(bytes.try_into().expect("32 hex digits are 16 bytes")))
     }
 }
 
@@ -242,10 +226,7 @@ impl fmt::Debug for MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        f.write_str(&crate::hex::encode(&self.0))
     }
 }
 

@@ -2,6 +2,7 @@
 //! so a script touching them stays in one cluster slot, and no id, whatever bytes it holds,
 //! can produce another id's key or break out of its tag (hex has no braces or separators).
 
+use crate::fnv;
 use crate::message::RecipientId;
 
 /// Global index keys are spread over this many buckets, so no single key (and no single
@@ -10,31 +11,17 @@ pub(super) const BUCKETS: u32 = 16;
 
 /// The hex form of a recipient id: its hash tag, and its name in indexes and wake-ups.
 pub(super) fn hex(recipient: &RecipientId) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(recipient.as_bytes().len() * 2);
-    for byte in recipient.as_bytes() {
-        out.push(DIGITS[(byte >> 4) as usize] as char);
-        out.push(DIGITS[(byte & 15) as usize] as char);
-    }
-    out
+    crate::hex::encode(recipient.as_bytes())
 }
 
 /// The recipient id a hex name stands for; `None` if the text is not one of ours.
 pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |d: u8| (d as char).to_digit(16).map(|v| v as u8);
-    let bytes: Option<Vec<u8>> = text
-        .chunks_exact(2)
-        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect();
-    RecipientId::new(bytes?).ok()
+    RecipientId::new(crate::hex::decode(text)?).ok()
 }
 
 /// The seven keys of one recipient, in the order the steps expect (see `prelude.lua`).
-/// The metadata is `m2`: layout 2 (records in a list) shares no key of layout 1 that it
-/// could misread; queues of layout 1 are not read, and vanish by their TTLs.
+/// The metadata is `m2`, a name no metadata of another layout holds, so a queue of another
+/// layout is never misread as one of this.
 pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
     // Built by hand: `format!` here was a twentieth of a send's CPU in the client.
     ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| {
@@ -51,11 +38,7 @@ pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
 /// Which index bucket a recipient is filed in (FNV-1a of its hex name: stable across nodes
 /// and versions).
 pub(super) fn bucket(hex: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in hex.bytes() {
-        hash = (hash ^ byte as u32).wrapping_mul(0x0100_0193);
-    }
-    hash % BUCKETS
+    fnv::fnv1a_32(fnv::OFFSET_32, hex.as_bytes()) % BUCKETS
 }
 
 /// The bucket of queues by earliest deadline (score: a deadline no later than the queue's
@@ -94,6 +77,13 @@ mod tests {
         assert_eq!(from_hex(b"zz"), None);
         assert_eq!(from_hex(b"abc"), None);
         assert_eq!(from_hex(b""), None, "an empty id is not valid");
+    }
+
+    /// Queues already in Redis are filed under these buckets: they must never change.
+    #[test]
+    fn buckets_are_stable() {
+        let buckets = ["", "61", "6162", "626f62", "ff00", "0123456789abcdef"].map(bucket);
+        assert_eq!(buckets, [5, 8, 8, 13, 5, 13]);
     }
 
     #[test]

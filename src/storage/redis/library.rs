@@ -1,7 +1,6 @@
 //! The per-recipient steps as one Redis function library (`FUNCTION LOAD`, then one `FCALL`
-//! per step). A library is defined once per server: an `EVALSHA` runs its whole script on
-//! every call, and the shared prelude alone (some twenty closures and tables) cost about
-//! 6 µs a call, with the call itself another 3 µs more than an `FCALL`.
+//! per step). A library is defined once per server, where an `EVALSHA` would run its whole
+//! script, the shared prelude (some twenty closures and tables) included, on every call.
 //!
 //! The library and its functions are named after a hash of their source, so engines of
 //! different builds sharing one Redis each call their own code. A server that lost the
@@ -11,7 +10,50 @@
 use std::sync::Arc;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs};
+use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
+
+use crate::fnv;
+
+/// Largest count passed to a script: Lua numbers are doubles.
+pub(super) const LUA_MAX: u64 = 1 << 53;
+
+/// The per-recipient steps (functions of one library) and the two scripts that touch only
+/// storage-wide keys.
+pub(super) struct Steps {
+    pub append: Function,
+    pub read: Function,
+    pub plan: Function,
+    pub mark: Function,
+    pub ack: Function,
+    pub purge: Function,
+    pub idle: Function,
+    pub stats: Function,
+    pub remove: Function,
+    pub presence: Function,
+    pub forget: Function,
+    pub reserve: Script,
+    pub refile: Script,
+}
+
+impl Steps {
+    pub fn new(library: &Arc<Library>) -> Self {
+        Self {
+            append: library.function("append"),
+            read: library.function("read"),
+            plan: library.function("plan"),
+            mark: library.function("mark"),
+            ack: library.function("ack"),
+            purge: library.function("purge"),
+            idle: library.function("idle"),
+            stats: library.function("stats"),
+            remove: library.function("remove"),
+            presence: library.function("presence"),
+            forget: library.function("forget"),
+            reserve: Script::new(include_str!("reserve.lua")),
+            refile: Script::new(include_str!("refile.lua")),
+        }
+    }
+}
 
 /// Each step's source, run with `KEYS` bound to the recipient's keys (see `prelude.lua`), and
 /// its flags. A function without flags is refused whole while Redis is out of memory, which
@@ -41,15 +83,14 @@ pub(super) struct Library {
 impl Library {
     pub fn new() -> Arc<Self> {
         let prelude = include_str!("prelude.lua");
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let parts = STEPS
             .iter()
             .flat_map(|(step, body, flags)| [*step, *body, *flags]);
-        for text in std::iter::once(prelude).chain(parts) {
-            for byte in text.bytes() {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
+        let hash = std::iter::once(prelude)
+            .chain(parts)
+            .fold(fnv::OFFSET_64, |hash, text| {
+                fnv::fnv1a_64(hash, text.as_bytes())
+            });
         let name = format!("oq_{hash:016x}");
         let mut source = format!("#!lua name={name}\n{prelude}\n");
         for (step, body, flags) in STEPS {

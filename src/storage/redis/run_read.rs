@@ -1,6 +1,5 @@
 //! Reads of a run that bring no record into Lua. Bringing a record into a function from
-//! `LRANGE`, and replying with it, cost about 1 µs per record of the server's time: most of
-//! a read. When the records after the cursor are a plain run (nothing removed in the middle,
+//! `LRANGE`, and replying with it, is most of a read's cost on the server. When the records after the cursor are a plain run (nothing removed in the middle,
 //! deadlines in seq order, no explicit delivery counts; the common case), `plan.lua` checks
 //! the run by the records at its two ends and counts its deliveries, and an `LRANGE` in the
 //! same `MULTI` hands the records over as Redis stores them.
@@ -16,7 +15,11 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 use redis::Value;
 
-use super::{Connection, HEADER, LUA_MAX, RedisStorage, bad_reply, count, decode_record, text};
+use super::RedisStorage;
+use super::errors::redis_error;
+use super::library::LUA_MAX;
+use super::record::{HEADER, appended_before, decode_record};
+use super::replies::{NONE, PlanReply, bad_reply};
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::limits::BatchLimit;
@@ -80,33 +83,36 @@ impl Generations {
 impl Fronts {
     /// After a read: remembers `recipient`'s front, `head`, and the mean body length of the
     /// batch, if the queue is `plain` (a run `plan.lua` can take); else forgets it.
-    pub fn after_read(&self, recipient: &RecipientId, head: i64, plain: bool, mean_body: u64) {
+    pub fn after_read(
+        &self,
+        recipient: &RecipientId,
+        head: Option<u64>,
+        plain: bool,
+        mean_body: u64,
+    ) {
         let mut fronts = self.0.lock();
-        if head < 0 || !plain {
+        let Some(head) = head.filter(|_| plain) else {
             fronts.forget(recipient);
             return;
-        }
+        };
         let known = fronts.get(recipient).map_or(0, |f| f.mean_body);
         let front = Front {
-            head: head as u64,
+            head,
             mean_body: if mean_body > 0 { mean_body } else { known },
         };
         fronts.put(recipient, front);
     }
 
-    /// After an ack: moves a remembered front (`head` < 0: the queue is gone).
-    pub fn after_ack(&self, recipient: &RecipientId, head: i64) {
+    /// After an ack: moves a remembered front (`head` none: the queue is gone).
+    pub fn after_ack(&self, recipient: &RecipientId, head: Option<u64>) {
         let mut fronts = self.0.lock();
-        if head < 0 {
-            fronts.forget(recipient);
-        } else if let Some(front) = fronts.get(recipient) {
-            fronts.put(
-                recipient,
-                Front {
-                    head: head as u64,
-                    ..front
-                },
-            );
+        match head {
+            None => fronts.forget(recipient),
+            Some(head) => {
+                if let Some(front) = fronts.get(recipient) {
+                    fronts.put(recipient, Front { head, ..front });
+                }
+            }
         }
     }
 
@@ -161,7 +167,7 @@ impl RedisStorage {
         now: Timestamp,
         mark: bool,
     ) -> Result<RunRead> {
-        if matches!(self.shared.connection, Connection::Cluster(_)) {
+        if self.is_cluster() {
             return Ok(RunRead::default());
         }
         if ack.is_some_and(|(ack, _)| !ack.seqs.is_empty() || !ack.passed_over.is_empty()) {
@@ -177,7 +183,7 @@ impl RedisStorage {
         };
         let max_messages = (limit.max_messages as u64).clamp(1, MOST);
         let mut plan = self.shared.steps.plan.command(&keys[..]);
-        plan.arg(after.map_or(-1, |s| s.0 as i64))
+        plan.arg(after.map_or(NONE, |s| s.0 as i64))
             .arg(max_messages)
             .arg((limit.max_bytes as u64).min(LUA_MAX))
             .arg(now.as_millis())
@@ -202,7 +208,7 @@ impl RedisStorage {
             // The connection failed: the steps may have run, and a second read would count
             // its deliveries twice. The caller sees the error, as from any step.
             Err(error) if error.is_io_error() || error.is_timeout() => {
-                return Err(super::redis_error(error));
+                return Err(redis_error(error));
             }
             // The server refused the transaction (out of memory): nothing ran, and the
             // ordinary steps report it or recover from it.
@@ -216,33 +222,24 @@ impl RedisStorage {
                 done.acked = Some(self.after_ack_reply(recipient, hex, reply).await?);
             }
         }
-        let (Some(Ok(Value::Array(plan))), Some(Ok(raws))) = (replies.next(), replies.next())
+        let (Some(Ok(plan @ Value::Array(_))), Some(Ok(raws))) = (replies.next(), replies.next())
         else {
             // Refused as above: the ordinary read reports it or recovers from it.
             return Ok(done);
         };
-        if text(plan.first())? != "run" {
+        let PlanReply::Run(plan) = PlanReply::parse(plan)? else {
             // The ordinary read that follows remembers the front, if the queue is plain.
             return Ok(done);
-        }
-        let raws: Vec<Vec<u8>> =
-            redis::from_redis_value(raws).map_err(|_| bad_reply("the run's records"))?;
-        let lost_total = count(plan.get(1))?;
-        let lost_confirmed = count(plan.get(2))?;
-        let watermark = count(plan.get(3))?;
-        let first = count(plan.get(4))?;
-        let n = count(plan.get(5))? as usize;
-        let (first_cum, last_cum) = (count(plan.get(6))?, count(plan.get(7))?);
-        let cum = |raw: &[u8]| {
-            raw.get(..8)
-                .map(|b| f64::from_be_bytes(b.try_into().unwrap()))
         };
+        let raws: Vec<Vec<u8>> = redis::from_redis_value(raws)
+            .map_err(|_| bad_reply("LRANGE", "the run's records", "strings"))?;
+        let n = plan.len as usize;
         if n == 0
             || raws.len() < n
-            || cum(&raws[0]) != Some(first_cum as f64)
-            || cum(&raws[n - 1]) != Some(last_cum as f64)
+            || appended_before(&raws[0]) != Some(plan.first_cum as f64)
+            || appended_before(&raws[n - 1]) != Some(plan.last_cum as f64)
         {
-            return Err(bad_reply("the run its plan described"));
+            return Err(bad_reply("plan", "the run", "where the LRANGE found it"));
         }
         let mut records = Vec::with_capacity(n);
         let mut damaged = Vec::new();
@@ -250,24 +247,23 @@ impl RedisStorage {
             .iter()
             .map(|r| r.len().saturating_sub(HEADER))
             .sum();
-        let head = super::int(plan.get(8))?;
         self.shared
             .fronts
-            .after_read(recipient, head, true, (body_bytes / n) as u64);
+            .after_read(recipient, plan.head, true, (body_bytes / n) as u64);
         for (i, raw) in raws.into_iter().take(n).enumerate() {
-            let seq = first + i as u64;
+            let seq = plan.first + i as u64;
             if raw.len() < HEADER {
                 damaged.push(Seq(seq));
             } else {
-                records.push(decode_record(seq, raw, i64::from(seq <= watermark)));
+                records.push(decode_record(seq, raw, i64::from(seq <= plan.watermark)));
             }
         }
         done.batch = Some(ReadBatch {
             records,
             expired: Vec::new(),
             damaged,
-            lost_unconfirmed: lost_total.saturating_sub(lost_confirmed),
-            lost_total,
+            lost_unconfirmed: plan.lost_total.saturating_sub(plan.lost_confirmed),
+            lost_total: plan.lost_total,
         });
         Ok(done)
     }
@@ -296,7 +292,7 @@ mod tests {
     fn going_past_the_bound_forgets_the_least_recently_read_not_all() {
         let fronts = Fronts::default();
         for i in 0..REMEMBERED + 10 {
-            fronts.after_read(&id(i), i as i64, true, 100);
+            fronts.after_read(&id(i), Some(i as u64), true, 100);
         }
         let remembered = fronts.0.lock().len();
         assert!(remembered <= REMEMBERED, "{remembered} fronts held");
@@ -318,12 +314,12 @@ mod tests {
     #[test]
     fn a_front_in_the_older_generation_moves_with_acks_and_reads() {
         let fronts = Fronts::default();
-        fronts.after_read(&id(0), 10, true, 100);
+        fronts.after_read(&id(0), Some(10), true, 100);
         for i in 1..=REMEMBERED / 2 {
-            fronts.after_read(&id(i), 0, true, 100);
+            fronts.after_read(&id(i), Some(0), true, 100);
         }
         assert!(fronts.0.lock().older.contains_key(&id(0)));
-        fronts.after_ack(&id(0), 15);
+        fronts.after_ack(&id(0), Some(15));
         assert_eq!(fronts.guess(&id(0), Some(Seq(20)), LIMIT, None), Some(6));
         // An ack through 17 in front of the read moves the front to 18 first.
         assert_eq!(
@@ -336,12 +332,12 @@ mod tests {
             Some(6)
         );
         // A read without a body length keeps the one learned before.
-        fronts.after_read(&id(0), 16, true, 0);
+        fronts.after_read(&id(0), Some(16), true, 0);
         assert_eq!(fronts.guess(&id(0), None, LIMIT, None), Some(0));
-        fronts.after_read(&id(0), 16, false, 100);
+        fronts.after_read(&id(0), Some(16), false, 100);
         assert_eq!(fronts.guess(&id(0), None, LIMIT, None), None);
-        fronts.after_read(&id(1), 0, true, 100);
-        fronts.after_ack(&id(1), -1);
+        fronts.after_read(&id(1), Some(0), true, 100);
+        fronts.after_ack(&id(1), None);
         assert_eq!(fronts.guess(&id(1), None, LIMIT, None), None);
         assert_eq!(fronts.0.lock().len(), REMEMBERED / 2 - 1);
     }
@@ -413,7 +409,7 @@ mod tests {
         storage
             .shared
             .fronts
-            .after_read(&bob, seqs[7].0 as i64, true, 10);
+            .after_read(&bob, Some(seqs[7].0), true, 10);
         let run = ack_then_read(seqs[3], seqs[5]).await;
         assert_eq!(run.acked, Some(2));
         assert!(

@@ -1,0 +1,96 @@
+//! Reads through `read.lua`, which brings the records into Lua (any queue, any state), and
+//! the choice between it and a read of a plain run (`run_read.rs`).
+
+use redis::Value;
+
+use super::RedisStorage;
+use super::errors::redis_error;
+use super::library::LUA_MAX;
+use super::record::{HEADER, decode_record};
+use super::replies::{NONE, ReadReply};
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::limits::BatchLimit;
+use crate::message::{RecipientId, Seq};
+use crate::storage::ReadBatch;
+
+impl RedisStorage {
+    /// A read: of a plain run in one `MULTI` where the front is known, else through
+    /// `read.lua`; with `mark`, it also counts a delivery for each record returned.
+    pub(super) async fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
+        let (_, keys) = self.keys(recipient);
+        if let Some(batch) = self
+            .read_run(recipient, &keys, None, after, limit, now, mark)
+            .await?
+            .batch
+        {
+            return Ok(batch);
+        }
+        self.read_ordinary(recipient, &keys, after, limit, now, mark)
+            .await
+    }
+
+    /// A read through `read.lua`, which brings the records into Lua: any queue, any state.
+    pub(super) async fn read_ordinary(
+        &self,
+        recipient: &RecipientId,
+        keys: &[String; 7],
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
+        let reply: Value = self
+            .shared
+            .steps
+            .read
+            .key(&keys[..])
+            .arg(after.map_or(NONE, |s| s.0 as i64))
+            .arg((limit.max_messages as u64).min(LUA_MAX))
+            .arg((limit.max_bytes as u64).min(LUA_MAX))
+            .arg(now.as_millis())
+            .arg(u8::from(mark))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(redis_error)?;
+        let reply = ReadReply::parse(reply)?;
+        let mut damaged = reply.damaged;
+        let mut records = Vec::with_capacity(reply.records.len());
+        for (i, raw) in reply.records.into_iter().enumerate() {
+            let seq = reply.seqs.get(i).map_or(reply.first + i as u64, |s| s.0);
+            if raw.len() < HEADER {
+                // Not a record this backend wrote: never delivered, reported as lost.
+                damaged.push(Seq(seq));
+                continue;
+            }
+            let delivered = match reply.counts.get(i) {
+                Some(Some(explicit)) => *explicit,
+                Some(None) | None => i64::from(seq <= reply.watermark),
+            };
+            records.push(decode_record(seq, raw, delivered));
+        }
+        if !self.is_cluster() {
+            let bodies: usize = records.iter().map(|r| r.body.len()).sum();
+            self.shared.fronts.after_read(
+                recipient,
+                reply.head,
+                reply.plain,
+                (bodies / records.len().max(1)) as u64,
+            );
+        }
+        Ok(ReadBatch {
+            records,
+            expired: reply.expired,
+            damaged,
+            lost_unconfirmed: reply.lost_total.saturating_sub(reply.lost_confirmed),
+            lost_total: reply.lost_total,
+        })
+    }
+}
