@@ -262,3 +262,157 @@ async fn exceptions_leave_with_their_records() {
     assert_eq!(listed, 0, "acked records are no exceptions any more");
     storage.remove_recipient(&bob).await.unwrap();
 }
+
+/// The PTTL of each of bob's keys under `prefix`.
+async fn pttls(raw: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<(String, i64)> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:{{626f62}}:*"))
+        .query_async(raw)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(raw).await.unwrap();
+        out.push((key, pttl));
+    }
+    out
+}
+
+/// The idle TTL travels with the queue: an ack through a node that never appended refreshes
+/// the keys by the value the last append stored, and an append with no idle timeout takes
+/// the TTLs away, so a queue the engine keeps is not lost to an earlier setting.
+#[tokio::test]
+async fn the_idle_ttl_lives_in_the_queue_and_none_keeps_it() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("ttl-travels");
+    let sender = redis_support::fresh(&target, &prefix).await;
+    let reader = redis_support::fresh(&target, &prefix).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let hour = Duration::from_secs(3600);
+    let now = Timestamp::now_system();
+    let record = || NewRecord {
+        id: MessageId::generate(),
+        dedup: true,
+        sent_at: now,
+        expires_at: None,
+        body: b"x".to_vec(),
+    };
+    let with_idle = |idle| Quota {
+        idle_timeout: idle,
+        ..Quota::UNLIMITED
+    };
+    let seqs: Vec<Seq> = sender
+        .append(&bob, vec![record(), record()], &with_idle(Some(hour)), now)
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq())
+        .collect();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    // As if most of the hour had passed: every key is about to vanish.
+    for (key, _) in pttls(&mut raw, &prefix).await {
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(&key)
+            .arg(60_000)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    // An ack a minute later (past a 64th of the hour), through the other node.
+    let later = now.saturating_add(Duration::from_secs(60));
+    assert_eq!(reader.ack_seqs(&bob, &seqs[..1], later).await.unwrap(), 1);
+    let refreshed = pttls(&mut raw, &prefix).await;
+    assert!(refreshed.len() >= 4, "{refreshed:?}");
+    for (key, pttl) in &refreshed {
+        assert!(
+            *pttl > 60_000 && *pttl <= hour.as_millis() as i64,
+            "{key} refreshed to the hour: {pttl}"
+        );
+    }
+    // The engine now keeps idle queues: the next append takes every TTL away.
+    sender
+        .append(&bob, vec![record()], &with_idle(None), later)
+        .await
+        .unwrap();
+    let kept = pttls(&mut raw, &prefix).await;
+    assert!(kept.len() >= 4, "{kept:?}");
+    for (key, pttl) in &kept {
+        assert_eq!(*pttl, -1, "{key} has no TTL any more");
+    }
+    sender.remove_recipient(&bob).await.unwrap();
+}
+
+/// Metadata written before it held the idle TTL (17 fields) is read, keeps the TTLs its keys
+/// have until an append brings one, and is written back whole.
+#[tokio::test]
+async fn metadata_without_the_idle_ttl_is_read_and_upgraded() {
+    let Some(target @ redis_support::Target::Single(_)) = redis_support::Target::single() else {
+        return;
+    };
+    let redis_support::Target::Single(url) = &target else {
+        unreachable!()
+    };
+    let prefix = redis_support::unique_prefix("ttl-upgrade");
+    let storage = redis_support::fresh(&target, &prefix).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let now = Timestamp::now_system();
+    let record = || NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: now,
+        expires_at: None,
+        body: b"x".to_vec(),
+    };
+    let quota = Quota {
+        idle_timeout: Some(Duration::from_secs(3600)),
+        ..Quota::UNLIMITED
+    };
+    let first = storage
+        .append(&bob, vec![record(), record()], &quota, now)
+        .await
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let meta = format!("{prefix}:{{626f62}}:m2");
+    let packed: Vec<u8> = redis::cmd("GET")
+        .arg(&meta)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(packed.len(), 18 * 8, "18 fields now");
+    let _: () = redis::cmd("SET")
+        .arg(&meta)
+        .arg(&packed[..17 * 8])
+        .arg("KEEPTTL")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 2);
+    let later = now.saturating_add(Duration::from_secs(120));
+    storage
+        .ack_seqs(&bob, &[first.records[0].seq()], later)
+        .await
+        .unwrap();
+    for (key, pttl) in pttls(&mut raw, &prefix).await {
+        assert!(pttl > 0, "{key} keeps its TTL: {pttl}");
+    }
+    storage
+        .append(&bob, vec![record()], &quota, later)
+        .await
+        .unwrap();
+    let packed: Vec<u8> = redis::cmd("GET")
+        .arg(&meta)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(packed.len(), 18 * 8, "written back whole");
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 2);
+    storage.remove_recipient(&bob).await.unwrap();
+}

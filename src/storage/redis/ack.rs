@@ -15,13 +15,12 @@ impl RedisStorage {
     /// and Redis gets each as its decimal text, without a string per argument).
     pub(super) fn ack_args(&self, ack: &Ack, now: Timestamp) -> Vec<i128> {
         let seq = |s: &Seq| i128::from(s.0);
-        let mut args = Vec::with_capacity(7 + ack.seqs.len() + ack.passed_over.len());
+        let mut args = Vec::with_capacity(6 + ack.seqs.len() + ack.passed_over.len());
         args.extend([
             ack.through.as_ref().map_or(NONE.into(), seq),
             i128::from(now.as_millis()),
             ack.lost_confirmed_through
                 .map_or(NONE.into(), |t| i128::from(t.min(LUA_MAX))),
-            i128::from(self.idle_ttl_ms()),
             ack.seqs.len() as i128,
         ]);
         args.extend(ack.seqs.iter().map(seq));

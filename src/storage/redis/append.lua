@@ -96,7 +96,8 @@ else
     -- The later of the engine's clock and the server's, so nodes with skewed clocks agree.
     local base = math.max(now, server_time_ms()) * 1000
     m = {seq = base, live = 0, bytes = 0, lt = base, lc = base, touch = now, filed = -1, xi = -1,
-         ex = 0, ud = 0, ttl_at = -1, dw = 0, head = base + 1, dmax = -1, ec = 0, cum = 0, tb = 0}
+         ex = 0, ud = 0, ttl_at = -1, dw = 0, head = base + 1, dmax = -1, ec = 0, cum = 0, tb = 0,
+         it = ttl}
     -- Leftovers of a queue whose metadata expired first are not this queue's.
     redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
   end
@@ -161,7 +162,8 @@ else
     m.xi = earliest
     file_deadline = earliest
   end
-  refresh_ttls(m, ttl, now, fresh)
+  m.it = ttl
+  refresh_ttls(m, now, fresh)
   save_meta(m)
   if fresh then expire(ttl, META) end
   out = {'ok', dropped, m.live, m.bytes - before, file_idle, file_deadline, n}

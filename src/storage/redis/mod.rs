@@ -9,9 +9,10 @@
 //! // Every server node runs this against the same Redis (or the same cluster's URLs with
 //! // `RedisStorage::options().connect_cluster(&urls)`).
 //! let storage = RedisStorage::connect("redis://127.0.0.1:6379/").await?;
-//! let queue = OfflineQueue::builder().storage(Arc::new(storage)).build()?;
+//! // Redis holds the queues and is the nodes' coordination (presence, wake-ups).
+//! let queue = OfflineQueue::builder().shared_storage(Arc::new(storage)).build()?;
 //! // Without this task, a session on this node is not woken by sends through other nodes.
-//! tokio::spawn(queue.wakeup_listener().expect("Redis storage is shared"));
+//! tokio::spawn(queue.wakeup_listener());
 //! # Ok(()) }
 //! ```
 //!
@@ -53,11 +54,13 @@
 //! every queue. The index is a hint kept beside the steps, not inside them (a cluster cannot
 //! update two slots atomically): an append lowers its queue's entry, a purge raises it
 //! again. Each recipient key also carries a Redis TTL of the engine's idle timeout
-//! (`Limits::idle_recipient_timeout`), which the storage learns from each append's
-//! `Quota::idle_timeout` and each purge's `idle_before`. It is set when the key is created
-//! and refreshed by appends and acks once a 64th of it has passed (so a busy queue rarely
-//! pays for it): an abandoned queue vanishes even if no engine ever runs maintenance. With
-//! no idle timeout (`None`), the steps set no TTL.
+//! (`Limits::idle_recipient_timeout`), which each append brings in its `Quota::idle_timeout`
+//! and keeps in the queue's metadata, so an ack on any node refreshes by the same value. It
+//! is set when the key is created and refreshed by appends and acks once a 64th of it has
+//! passed (so a busy queue rarely pays for it): an abandoned queue vanishes even if no engine
+//! ever runs maintenance. With no idle timeout (`None`), the next append or ack removes the
+//! TTLs an earlier setting gave the keys. Keys a read creates take the metadata's remaining
+//! TTL.
 //!
 //! # Cost
 //! An append is one `FCALL` of four Redis commands (`GET` and `SET` of the metadata, `RPUSH`,
@@ -109,8 +112,7 @@ mod replies;
 mod run_read;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use futures::channel::mpsc as fmpsc;
@@ -145,8 +147,6 @@ struct Shared {
     listeners: Listeners,
     /// The deadline bucket the next purge starts at.
     next_bucket: AtomicU32,
-    /// The engine's idle timeout in ms, as the keys' TTL (see `learn_idle_ttl`).
-    idle_ttl_ms: AtomicU64,
     events: fmpsc::UnboundedSender<NodeEvent>,
 }
 
@@ -194,21 +194,6 @@ impl RedisStorage {
         let keys = keys::recipient_keys(&self.shared.options.prefix, &hex);
         (hex, keys)
     }
-
-    /// The keys' idle TTL in ms as last learned from the engine (0: keep queues, or not
-    /// learned yet, so an ack leaves the TTLs the last append set).
-    fn idle_ttl_ms(&self) -> u64 {
-        self.shared.idle_ttl_ms.load(Ordering::Relaxed)
-    }
-
-    /// Learns the engine's idle timeout (`Limits::idle_recipient_timeout`), which appends
-    /// (through their quota) and purges (through `idle_before`) carry; `None` keeps queues.
-    fn learn_idle_ttl(&self, idle: Option<Duration>) {
-        let ms = idle.map_or(0, |idle| {
-            u64::try_from(idle.as_millis()).map_or(LUA_MAX, |ms| ms.clamp(1, LUA_MAX))
-        });
-        self.shared.idle_ttl_ms.store(ms, Ordering::Relaxed);
-    }
 }
 
 #[async_trait]
@@ -227,7 +212,6 @@ impl Storage for RedisStorage {
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome> {
-        self.learn_idle_ttl(quota.idle_timeout);
         let (hex, keys) = self.keys(recipient);
         let adding: u64 = records.iter().map(|r| r.body.len() as u64).sum();
         let reserved = match quota.max_total_bytes {
@@ -251,7 +235,10 @@ impl Storage for RedisStorage {
             quota.max_messages.min(LUA_MAX),
             quota.max_bytes.min(LUA_MAX),
             u64::from(quota.overflow == Overflow::DropOldest),
-            self.idle_ttl_ms().min(LUA_MAX),
+            // The keys' TTL, kept in the queue's metadata for acks to refresh by; 0 keeps it.
+            quota.idle_timeout.map_or(0, |idle| {
+                u64::try_from(idle.as_millis()).map_or(LUA_MAX, |ms| ms.clamp(1, LUA_MAX))
+            }),
             records.len() as u64,
         ];
         let packed: Vec<u8> = numbers
@@ -402,7 +389,6 @@ impl Storage for RedisStorage {
         idle_before: Option<Timestamp>,
         budget: usize,
     ) -> Result<PurgeOutcome> {
-        self.learn_idle_ttl(idle_before.map(|before| now.duration_since(before)));
         let mut outcome = PurgeOutcome::default();
         let mut left = budget.min(LUA_MAX as usize);
         // Each call starts at another bucket, so a busy one cannot starve the rest.

@@ -3,7 +3,7 @@
 //! whether the server persists what it acknowledges).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -262,7 +262,6 @@ impl RedisStorage {
             fronts: run_read::Fronts::default(),
             listeners: plumbing.listeners,
             next_bucket: AtomicU32::new(0),
-            idle_ttl_ms: AtomicU64::new(0),
             events: plumbing.events,
         });
         tokio::spawn(run_node(Arc::downgrade(&shared), plumbing.event_rx));

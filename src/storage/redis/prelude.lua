@@ -86,34 +86,45 @@ end
 -- least once; head is the seq of the log's first element; dmax is the latest deadline
 -- appended (NEVER after a record that never expires, -1 before any): a record due before
 -- it is an exception; cum counts body bytes ever appended, and tb the tombstones in the log
--- (while there are none, the bytes of a run of records are told by the two at its ends).
+-- (while there are none, the bytes of a run of records are told by the two at its ends); it
+-- is the idle TTL in ms the last append set (the engine's idle timeout; 0: keep the queue;
+-- -1: not known, in metadata written before the field existed), which acks refresh by.
 local FIELDS = {'seq', 'live', 'bytes', 'lt', 'lc', 'touch', 'filed', 'xi', 'ex', 'ud',
-                'ttl_at', 'dw', 'head', 'dmax', 'ec', 'cum', 'tb'}
+                'ttl_at', 'dw', 'head', 'dmax', 'ec', 'cum', 'tb', 'it'}
 
 -- Meta is one string of packed big-endian doubles (exact for integers below 2^53): one GET
 -- and one SET, with no number parsing or formatting, which in Lua cost more than the calls.
-local PACKING = '>ddddddddddddddddd' -- one 'd' per field
+local PACKING = '>dddddddddddddddddd' -- one 'd' per field
+-- The metadata as written before `it` was added: read as `it` unknown, written back whole.
+local PACKING_WITHOUT_IT = '>ddddddddddddddddd'
 
 local function load_meta()
   local v = redis.call('GET', META)
   if not v then return nil end
-  if #v ~= 8 * #FIELDS then
+  local it = -1
+  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb
+  -- One unpack, not a loop over FIELDS: a table grown field by field rehashes four times,
+  -- which made loading the metadata cost more than the GET.
+  if #v == 8 * #FIELDS then
+    seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb, it =
+      struct.unpack(PACKING, v)
+  elseif #v == 8 * (#FIELDS - 1) then
+    seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb =
+      struct.unpack(PACKING_WITHOUT_IT, v)
+  else
     -- Another build's layout (or someone else's data): refuse rather than misread it.
     error(redis.error_reply('OQLAYOUT ' .. META .. ' holds ' .. #v .. ' bytes, not the ' ..
       8 * #FIELDS .. ' of this layout: written by another version of offline-queue?'))
   end
-  -- One constructor, not a loop over FIELDS: a table grown field by field rehashes four
-  -- times, which made loading the metadata cost more than the GET.
-  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb =
-    struct.unpack(PACKING, v)
   return {seq = seq, live = live, bytes = bytes, lt = lt, lc = lc, touch = touch, filed = filed,
           xi = xi, ex = ex, ud = ud, ttl_at = ttl_at, dw = dw, head = head, dmax = dmax, ec = ec,
-          cum = cum, tb = tb}
+          cum = cum, tb = tb, it = it}
 end
 
 local function save_meta(m)
   redis.call('SET', META, struct.pack(PACKING, m.seq, m.live, m.bytes, m.lt, m.lc, m.touch,
-    m.filed, m.xi, m.ex, m.ud, m.ttl_at, m.dw, m.head, m.dmax, m.ec, m.cum, m.tb), 'KEEPTTL')
+    m.filed, m.xi, m.ex, m.ud, m.ttl_at, m.dw, m.head, m.dmax, m.ec, m.cum, m.tb, m.it),
+    'KEEPTTL')
 end
 
 -- Drops tombstones from the log's front, so its first element is a record; a queue left
@@ -307,13 +318,21 @@ local function expire_with_meta(key)
   if left > 0 then redis.call('PEXPIRE', key, left) end
 end
 
--- Refreshes every key's TTL when a 64th of it has passed since the last refresh, or when a
--- key was just created (`force`), so all of a queue's keys expire together and a busy queue
--- pays for it rarely.
-local function refresh_ttls(m, ttl, now, force)
+-- Refreshes every key's TTL to the queue's idle TTL (`m.it`) when a 64th of it has passed
+-- since the last refresh, or when a key was just created (`force`), so all of a queue's keys
+-- expire together and a busy queue pays for it rarely. A queue to keep (`m.it` 0) loses the
+-- TTLs an earlier setting gave its keys; one whose TTL is not known yet keeps them as they
+-- are.
+local function refresh_ttls(m, now, force)
+  local ttl = m.it
   if ttl > 0 and (force or now - m.ttl_at >= ttl / 64) then
     m.ttl_at = now
     expire(ttl, META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
+  elseif ttl == 0 and m.ttl_at >= 0 then
+    m.ttl_at = -1
+    for _, key in ipairs({META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT}) do
+      redis.call('PERSIST', key)
+    end
   end
 end
 
