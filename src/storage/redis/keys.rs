@@ -23,7 +23,7 @@ pub(super) fn from_hex(text: &[u8]) -> Option<RecipientId> {
 /// The metadata is `m2`, a name no metadata of another layout holds, so a queue of another
 /// layout is never misread as one of this.
 pub(super) fn recipient_keys(prefix: &str, hex: &str) -> [String; 7] {
-    // Built by hand: `format!` here was a twentieth of a send's CPU in the client.
+    // Built by hand: `format!` here was a measurable share of a send's CPU in the client.
     ["m2", "l", "x", "d", "u", "ut", "p"].map(|suffix| {
         let mut key = String::with_capacity(prefix.len() + hex.len() + suffix.len() + 4);
         key.push_str(prefix);
