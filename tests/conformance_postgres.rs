@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use offline_queue::storage::NewRecord;
 use offline_queue::{
-    Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt, Timestamp,
-    testing,
+    Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt, Timestamp, testing,
 };
 use parking_lot::Mutex;
 use postgres_support::{drop_schemas, fresh, raw, unique_schema, url};
@@ -79,7 +78,12 @@ async fn ids_of_any_bytes_are_isolated_and_stored_exactly() {
         .collect();
     for (i, who) in ids.iter().enumerate() {
         storage
-            .append(who, vec![record(&[i as u8])], &Quota::UNLIMITED, testing::T0)
+            .append(
+                who,
+                vec![record(&[i as u8])],
+                &Quota::UNLIMITED,
+                testing::T0,
+            )
             .await
             .unwrap();
     }
@@ -237,7 +241,16 @@ async fn a_foreign_table_is_refused_and_left_alone() {
 /// Schema names are identifiers, checked before anything reaches the server.
 #[tokio::test]
 async fn schema_names_are_validated() {
-    for bad in ["", "Upper", "a-b", "a\"b", "1abc", "pg_x", "a b", &"x".repeat(64)] {
+    for bad in [
+        "",
+        "Upper",
+        "a-b",
+        "a\"b",
+        "1abc",
+        "pg_x",
+        "a b",
+        &"x".repeat(64),
+    ] {
         let err = PostgresStorage::options()
             .schema(bad)
             .connect("postgres://nobody@127.0.0.1:1/none")

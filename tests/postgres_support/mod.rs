@@ -27,7 +27,9 @@ pub fn url() -> Option<String> {
 pub fn unique_schema(what: &str) -> String {
     format!(
         "oq_test_{what}_{}",
-        offline_queue::MessageId::generate().to_string().to_lowercase()
+        offline_queue::MessageId::generate()
+            .to_string()
+            .to_lowercase()
     )
 }
 

@@ -17,7 +17,9 @@ pub(super) fn pg_error(error: tokio_postgres::Error) -> Error {
         None => true,
         Some(code) => {
             let code = code.code();
-            ["08", "40", "53", "58"].iter().any(|class| code.starts_with(class))
+            ["08", "40", "53", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
                 || [
                     SqlState::ADMIN_SHUTDOWN.code(),
                     SqlState::CRASH_SHUTDOWN.code(),

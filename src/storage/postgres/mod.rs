@@ -90,8 +90,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
 
-pub use self::options::PostgresOptions;
 use self::errors::{pg_error, pool_error};
+pub use self::options::PostgresOptions;
 use self::schema::Statements;
 use super::{
     Ack, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
@@ -203,7 +203,14 @@ impl PostgresStorage {
         let lost_total: i64 = row.try_get(8).map_err(pg_error)?;
         let lost_confirmed: i64 = row.try_get(9).map_err(pg_error)?;
         let n = seqs.len();
-        if [ids.len(), sent.len(), expires.len(), counts.len(), bodies.len()] != [n; 5] {
+        if [
+            ids.len(),
+            sent.len(),
+            expires.len(),
+            counts.len(),
+            bodies.len(),
+        ] != [n; 5]
+        {
             return Err(broken("oq_read returned arrays of different lengths"));
         }
         let mut records = Vec::with_capacity(n);

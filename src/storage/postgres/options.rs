@@ -90,10 +90,11 @@ impl PostgresOptions {
     pub async fn connect(self, url: &str) -> Result<PostgresStorage> {
         let quoted = schema::validate(&self.schema)?;
         let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e: tokio_postgres::Error| Error::InvalidConfig {
-                field: "postgres url",
-                reason: format!("does not parse: {e}"),
-            })?;
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| Error::InvalidConfig {
+                    field: "postgres url",
+                    reason: format!("does not parse: {e}"),
+                })?;
         let setting = if self.synchronous_commit { "on" } else { "off" };
         let options = match config.get_options() {
             Some(given) if !given.is_empty() => {
@@ -125,7 +126,10 @@ impl PostgresOptions {
         let mut client = pool.get().await.map_err(|e| {
             let mut error = pool_error(e);
             if let Error::Storage { message, .. } = &mut error {
-                *message = format!("postgres for schema {:?} does not answer: {message}", self.schema);
+                *message = format!(
+                    "postgres for schema {:?} does not answer: {message}",
+                    self.schema
+                );
             }
             error
         })?;

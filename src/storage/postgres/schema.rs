@@ -104,15 +104,21 @@ impl Statements {
     pub(super) fn new(quoted: &str) -> Self {
         let s = |text: &str| text.replace("@schema@", quoted);
         Self {
-            append: s("SELECT status, seqs, duplicate, dropped, pending, have_messages, \
+            append: s(
+                "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
                  have_bytes, adding, adding_bytes \
-                 FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
-            read: s("SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
+                 FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            ),
+            read: s(
+                "SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
                  lost_total, lost_confirmed \
-                 FROM @schema@.oq_read($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
+                 FROM @schema@.oq_read($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            ),
             ack: s("SELECT @schema@.oq_ack($1, $2, $3, $4, $5, $6)"),
-            mark: s("UPDATE @schema@.oq_records SET deliveries = deliveries + 1 \
-                 WHERE rid = $1 AND seq = ANY ($2) AND deliveries < 2147483647"),
+            mark: s(
+                "UPDATE @schema@.oq_records SET deliveries = deliveries + 1 \
+                 WHERE rid = $1 AND seq = ANY ($2) AND deliveries < 2147483647",
+            ),
             purge: s("SELECT expired, idle, more FROM @schema@.oq_purge($1, $2, $3, $4)"),
             stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
                  (SELECT r.sent_at FROM @schema@.oq_records r \
@@ -132,9 +138,12 @@ pub(super) async fn prepare(
     quoted: &str,
 ) -> Result<()> {
     let tx = client.transaction().await.map_err(pg_error)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema, "migrate")])
-        .await
-        .map_err(pg_error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&lock_key(schema, "migrate")],
+    )
+    .await
+    .map_err(pg_error)?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {quoted}"))
         .await
         .map_err(pg_error)?;
