@@ -263,3 +263,137 @@ async fn schema_names_are_validated() {
     }
     let _ = Timestamp::from_millis(0);
 }
+
+/// Appends (some under a storage-wide budget, some dropping the oldest), acks, session reads,
+/// purges and removals from many connections at once: no step deadlocks or fails but by a
+/// limit, and afterwards the byte counter, each queue's counts and the records agree exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_steps_keep_the_counters_exact() {
+    use std::time::Duration;
+
+    use offline_queue::storage::Ack;
+    use offline_queue::{BatchLimit, Overflow};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("concurrent");
+    let storage = Arc::new(
+        PostgresStorage::options()
+            .schema(&schema)
+            .pool_size(8)
+            .connect(&url)
+            .await
+            .unwrap(),
+    );
+    let who = |i: usize| RecipientId::new(format!("r{}", i % 5)).unwrap();
+    let (stored, refused) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let tasks = (0..12usize).map(|task| {
+        let storage = storage.clone();
+        let (stored, refused) = (stored.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut last = std::collections::HashMap::new();
+            for step in 0..40usize {
+                let recipient = who(task + step);
+                let now = testing::T0.saturating_add(Duration::from_millis(step as u64));
+                let quota = Quota {
+                    max_messages: 20,
+                    max_bytes: 2_000,
+                    overflow: if task % 2 == 0 {
+                        Overflow::DropOldest
+                    } else {
+                        Overflow::Reject
+                    },
+                    max_total_bytes: (task % 3 == 0).then_some(5_000),
+                    ..Quota::UNLIMITED
+                };
+                let mut expiring = record(&vec![task as u8; 10 + step]);
+                if step % 4 == 0 {
+                    expiring.expires_at = Some(now);
+                }
+                match storage
+                    .append(&recipient, vec![record(&[1; 30]), expiring], &quota, now)
+                    .await
+                {
+                    Ok(outcome) => {
+                        stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let seq = outcome.records[1].seq();
+                        if let Some(previous) = last.insert(recipient.clone(), seq) {
+                            assert!(seq > previous, "seqs increase for one writer");
+                        }
+                    }
+                    Err(Error::QueueFull { .. } | Error::StorageFull { .. }) => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(other) => panic!("append: {other:?}"),
+                }
+                match step % 5 {
+                    0 => {
+                        let read = storage
+                            .read(&recipient, None, BatchLimit::default(), now)
+                            .await
+                            .unwrap();
+                        if let Some(first) = read.records.first() {
+                            let ack = Ack {
+                                through: Some(first.seq),
+                                passed_over: read.expired.clone(),
+                                ..Ack::default()
+                            };
+                            storage
+                                .read_for_delivery(
+                                    &recipient,
+                                    Some(&ack),
+                                    None,
+                                    BatchLimit::default(),
+                                    now,
+                                )
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    1 => {
+                        storage.purge(now, Some(now), 7).await.unwrap();
+                    }
+                    2 if step % 20 == 2 => {
+                        storage.remove_recipient(&recipient).await.unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    let (stored, refused) = (
+        stored.load(std::sync::atomic::Ordering::Relaxed),
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        stored > 0 && refused > 0,
+        "{stored} stored, {refused} refused"
+    );
+    let client = raw(&url).await;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_bytes), \
+                 (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM \"{schema}\".oq_records), \
+                 (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_queues), \
+                 (SELECT count(*) FROM \"{schema}\".oq_records), \
+                 (SELECT coalesce(sum(live), 0)::bigint FROM \"{schema}\".oq_queues)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (counter, records, queues): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((counter, queues), (records, records), "bytes agree");
+    let (count, live): (i64, i64) = (row.get(3), row.get(4));
+    assert_eq!(count, live, "record counts agree");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
