@@ -397,3 +397,123 @@ async fn concurrent_steps_keep_the_counters_exact() {
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
+
+/// With `synchronous_commit` on (the default) and a server that fsyncs, the storage says it
+/// is durable; relaxed, it says it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_follows_synchronous_commit() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("durable");
+    let fsync: String = raw(&url)
+        .await
+        .query_one("SHOW fsync", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let storage = fresh(&url, &schema).await;
+    assert_eq!(storage.capabilities().durable, fsync == "on");
+    let relaxed = PostgresStorage::options()
+        .schema(&schema)
+        .synchronous_commit(false)
+        .connect(&url)
+        .await
+        .unwrap();
+    assert!(!relaxed.capabilities().durable);
+    drop((storage, relaxed));
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Reads walk the queue in pages: batches larger than a page, and runs of expired records,
+/// read exactly as the reference backend reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_pages_match_the_reference() {
+    use std::time::Duration;
+
+    use offline_queue::{BatchLimit, MemoryStorage};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("pages");
+    let storage = fresh(&url, &schema).await;
+    let reference = MemoryStorage::new();
+    let bob = RecipientId::new("bob").unwrap();
+    let at = |s| testing::T0.saturating_add(Duration::from_secs(s));
+    let records: Vec<NewRecord> = (0..700u32)
+        .map(|i| {
+            let mut r = record(&i.to_le_bytes());
+            // Runs of expired records, long and short, between live ones.
+            if (100..160).contains(&i) || i % 7 == 0 || (400..650).contains(&i) {
+                r.expires_at = Some(at(5));
+            }
+            r
+        })
+        .collect();
+    async fn first_seq(s: &dyn Storage, bob: &RecipientId, records: Vec<NewRecord>) -> u64 {
+        let outcome = s
+            .append(bob, records, &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+        outcome.records[0].seq().0
+    }
+    let first = first_seq(&storage, &bob, records.clone()).await;
+    let reference_first = first_seq(&reference, &bob, records).await;
+    for (max_messages, max_bytes) in [
+        (1, usize::MAX),
+        (3, 9),
+        (8, usize::MAX),
+        (150, 400),
+        (300, usize::MAX),
+        (1000, usize::MAX),
+    ] {
+        let limit = BatchLimit {
+            max_messages,
+            max_bytes,
+        };
+        let (mut after, mut reference_after) = (None, None);
+        loop {
+            let got = storage.read(&bob, after, limit, at(10)).await.unwrap();
+            let want = reference
+                .read(&bob, reference_after, limit, at(10))
+                .await
+                .unwrap();
+            let offsets = |seqs: Vec<u64>, base: u64| -> Vec<u64> {
+                seqs.into_iter().map(|s| s - base).collect()
+            };
+            assert_eq!(
+                offsets(got.records.iter().map(|r| r.seq.0).collect(), first),
+                offsets(
+                    want.records.iter().map(|r| r.seq.0).collect(),
+                    reference_first
+                ),
+                "records, limit {limit:?}"
+            );
+            assert_eq!(
+                offsets(got.expired.iter().map(|s| s.0).collect(), first),
+                offsets(want.expired.iter().map(|s| s.0).collect(), reference_first),
+                "expired, limit {limit:?}"
+            );
+            let bodies = |b: &offline_queue::storage::ReadBatch| -> Vec<Vec<u8>> {
+                b.records.iter().map(|r| r.body.to_vec()).collect()
+            };
+            assert_eq!(bodies(&got), bodies(&want));
+            let last = |b: &offline_queue::storage::ReadBatch| {
+                let r = b.records.last().map(|r| r.seq);
+                let e = b.expired.last().copied();
+                r.max(e)
+            };
+            match (last(&got), last(&want)) {
+                (Some(a), Some(b)) => {
+                    after = Some(a);
+                    reference_after = Some(b);
+                }
+                (None, None) => break,
+                other => panic!("one ended early: {other:?}"),
+            }
+        }
+    }
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}

@@ -102,6 +102,9 @@ BEGIN
     IF NOT (adding <= p_max_messages AND keep <= p_max_messages - adding
             AND adding_bytes <= p_max_bytes AND keep_bytes <= p_max_bytes - adding_bytes) THEN
         IF NOT p_drop_oldest OR adding > p_max_messages OR adding_bytes > p_max_bytes THEN
+            IF created THEN
+                DELETE FROM @schema@.oq_queues WHERE rid = p_rid;
+            END IF;
             status := 1;
             have_messages := q.live;
             have_bytes := q.bytes;

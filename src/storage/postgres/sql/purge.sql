@@ -16,7 +16,8 @@ CREATE OR REPLACE FUNCTION @schema@.oq_purge(
 DECLARE
     budget_left bigint := p_budget;
     freed bigint := 0;
-    rids bytea[];
+    due_rids bytea[];
+    due_seqs bigint[];
     n bigint;
     b bigint;
     q record;
@@ -27,20 +28,21 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
 
     IF budget_left > 0 THEN
-        SELECT array_agg(DISTINCT due.rid) INTO rids FROM (
-            SELECT rec.rid FROM @schema@.oq_records rec
+        -- The first `budget_left` due records, by deadline: O(k) through the deadline index.
+        SELECT array_agg(due.rid), array_agg(due.seq) INTO due_rids, due_seqs FROM (
+            SELECT rec.rid, rec.seq FROM @schema@.oq_records rec
             WHERE rec.expires_at <= p_now ORDER BY rec.expires_at LIMIT budget_left
         ) AS due;
-        IF rids IS NOT NULL THEN
-            -- Queue rows first, as every step takes them, in one order.
-            PERFORM 1 FROM @schema@.oq_queues WHERE rid = ANY (rids) ORDER BY rid FOR UPDATE;
+        IF due_rids IS NOT NULL THEN
+            -- Queue rows first, as every step takes them, in one order. A record acked
+            -- between the select and the lock is simply not found below.
+            PERFORM 1 FROM @schema@.oq_queues WHERE rid = ANY (due_rids) ORDER BY rid FOR UPDATE;
             WITH due AS (
-                SELECT rec.rid, rec.seq FROM @schema@.oq_records rec
-                WHERE rec.expires_at <= p_now AND rec.rid = ANY (rids)
-                ORDER BY rec.expires_at LIMIT budget_left
+                SELECT t.rid, t.seq FROM unnest(due_rids, due_seqs) AS t (rid, seq)
             ), d AS (
+                -- By primary key. The deadline needs no recheck: it never changes.
                 DELETE FROM @schema@.oq_records rec USING due
-                WHERE rec.rid = due.rid AND rec.seq = due.seq AND rec.expires_at <= p_now
+                WHERE rec.rid = due.rid AND rec.seq = due.seq
                 RETURNING rec.rid, octet_length(rec.body) AS len
             ), per AS (
                 SELECT d.rid, count(*) AS k, sum(d.len) AS k_bytes FROM d GROUP BY d.rid
@@ -53,7 +55,8 @@ BEGIN
             ) SELECT coalesce(sum(u.k), 0), coalesce(sum(u.k_bytes), 0) INTO n, b FROM u;
             expired := n;
             freed := freed + b;
-            budget_left := budget_left - n;
+            -- What was selected is the work done, found or not.
+            budget_left := budget_left - cardinality(due_rids);
         END IF;
     END IF;
 

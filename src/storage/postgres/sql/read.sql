@@ -29,7 +29,11 @@ DECLARE
     taken bigint := 0;
     taken_bytes bigint := 0;
     passed bigint := 0;
-    len bigint;
+    chosen bigint[] := '{}';
+    last_seq bigint := p_after;
+    page_rows integer;
+    done boolean := false;
+    page refcursor;
     r record;
 BEGIN
     acked := 0;
@@ -50,27 +54,66 @@ BEGIN
         lost_confirmed := 0;
         RETURN;
     END IF;
-    FOR r IN SELECT rec.seq, rec.id, rec.sent_at, rec.expires_at, rec.deliveries, rec.body
-             FROM @schema@.oq_records rec
-             WHERE rec.rid = p_rid AND rec.seq > p_after ORDER BY rec.seq LOOP
-        IF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
-            expired := array_append(expired, r.seq);
-            passed := passed + 1;
-            EXIT WHEN passed >= p_max_messages;
-            CONTINUE;
+    -- Choose the batch in pages of (seq, deadline, length), bodies left in place. The walk
+    -- visits at most 2 * p_max_messages + 1 records (it stops at p_max_messages taken or
+    -- passed over), so a page of 17 or 201 (a literal LIMIT: the planner then walks the
+    -- primary key in order instead of sorting the queue) is usually the only one.
+    WHILE NOT done LOOP
+        IF p_max_messages <= 8 THEN
+            OPEN page FOR SELECT rec.seq, rec.expires_at, octet_length(rec.body) AS len
+                FROM @schema@.oq_records rec
+                WHERE rec.rid = p_rid AND rec.seq > last_seq ORDER BY rec.seq LIMIT 17;
+        ELSE
+            OPEN page FOR SELECT rec.seq, rec.expires_at, octet_length(rec.body) AS len
+                FROM @schema@.oq_records rec
+                WHERE rec.rid = p_rid AND rec.seq > last_seq ORDER BY rec.seq LIMIT 201;
         END IF;
-        len := octet_length(r.body);
-        EXIT WHEN taken >= p_max_messages OR (taken > 0 AND len > p_max_bytes - taken_bytes);
-        taken := taken + 1;
-        taken_bytes := taken_bytes + len;
-        seqs := array_append(seqs, r.seq);
-        ids := array_append(ids, r.id);
-        sent := array_append(sent, r.sent_at);
-        expires := array_append(expires, r.expires_at);
-        counts := array_append(counts, r.deliveries);
-        bodies := array_append(bodies, r.body);
+        page_rows := 0;
+        LOOP
+            FETCH page INTO r;
+            IF NOT FOUND THEN
+                -- A short page is the queue's end.
+                done := done OR page_rows < CASE WHEN p_max_messages <= 8 THEN 17 ELSE 201 END;
+                EXIT;
+            END IF;
+            page_rows := page_rows + 1;
+            last_seq := r.seq;
+            IF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+                expired := array_append(expired, r.seq);
+                passed := passed + 1;
+                IF passed >= p_max_messages THEN
+                    done := true;
+                    EXIT;
+                END IF;
+                CONTINUE;
+            END IF;
+            IF taken >= p_max_messages OR (taken > 0 AND r.len > p_max_bytes - taken_bytes) THEN
+                done := true;
+                EXIT;
+            END IF;
+            taken := taken + 1;
+            taken_bytes := taken_bytes + r.len;
+            chosen := array_append(chosen, r.seq);
+        END LOOP;
+        CLOSE page;
     END LOOP;
-    IF p_mark AND taken > 0 THEN
+    IF taken = 0 THEN
+        RETURN;
+    END IF;
+    -- The chosen records whole, in one statement (a record acked since the walk is left out).
+    SELECT array_agg(rec.seq ORDER BY rec.seq), array_agg(rec.id ORDER BY rec.seq),
+           array_agg(rec.sent_at ORDER BY rec.seq), array_agg(rec.expires_at ORDER BY rec.seq),
+           array_agg(rec.deliveries ORDER BY rec.seq), array_agg(rec.body ORDER BY rec.seq)
+    INTO seqs, ids, sent, expires, counts, bodies
+    FROM @schema@.oq_records rec WHERE rec.rid = p_rid AND rec.seq = ANY (chosen);
+    IF seqs IS NULL THEN
+        seqs := '{}';
+        ids := '{}';
+        sent := '{}';
+        expires := '{}';
+        counts := '{}';
+        bodies := '{}';
+    ELSIF p_mark THEN
         UPDATE @schema@.oq_records SET deliveries = deliveries + 1
         WHERE rid = p_rid AND seq = ANY (seqs) AND deliveries < 2147483647;
     END IF;
