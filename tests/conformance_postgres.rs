@@ -517,3 +517,39 @@ async fn reads_across_pages_match_the_reference() {
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
+
+/// `Overflow::DropOldest` drops across pages of the queue: many small records make room for
+/// one large one, counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_across_pages() {
+    use offline_queue::Overflow;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("drops");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let quota = Quota {
+        max_messages: 1_000,
+        max_bytes: 300,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let small: Vec<NewRecord> = (0..300u16).map(|i| record(&[i as u8])).collect();
+    storage
+        .append(&bob, small, &quota, testing::T0)
+        .await
+        .unwrap();
+    let outcome = storage
+        .append(&bob, vec![record(&[9; 150])], &quota, testing::T0)
+        .await
+        .unwrap();
+    assert_eq!((outcome.dropped, outcome.pending), (150, 151));
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!((stats.messages, stats.bytes, stats.lost), (151, 300, 150));
+    let left = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(&left[0].body[..], &[150u8][..], "the oldest 150 went");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}

@@ -36,6 +36,7 @@ DECLARE
     keep_bytes bigint;
     drop_bytes bigint := 0;
     cut bigint;
+    page_rows integer;
     net bigint;
     used bigint;
     r record;
@@ -110,14 +111,24 @@ BEGIN
             have_bytes := q.bytes;
             RETURN;
         END IF;
-        FOR r IN SELECT rec.seq, octet_length(rec.body) AS len FROM @schema@.oq_records rec
-                 WHERE rec.rid = p_rid ORDER BY rec.seq LOOP
-            EXIT WHEN keep <= p_max_messages - adding AND keep_bytes <= p_max_bytes - adding_bytes;
-            keep := keep - 1;
-            keep_bytes := keep_bytes - r.len;
-            dropped := dropped + 1;
-            drop_bytes := drop_bytes + r.len;
-            cut := r.seq;
+        -- The oldest, in pages by primary key (a literal LIMIT, so the planner walks the
+        -- index in order instead of sorting the queue), until the rest fits.
+        cut := 0;
+        <<walk>>
+        LOOP
+            page_rows := 0;
+            FOR r IN SELECT rec.seq, octet_length(rec.body) AS len FROM @schema@.oq_records rec
+                     WHERE rec.rid = p_rid AND rec.seq > cut ORDER BY rec.seq LIMIT 64 LOOP
+                EXIT walk WHEN keep <= p_max_messages - adding
+                    AND keep_bytes <= p_max_bytes - adding_bytes;
+                page_rows := page_rows + 1;
+                keep := keep - 1;
+                keep_bytes := keep_bytes - r.len;
+                dropped := dropped + 1;
+                drop_bytes := drop_bytes + r.len;
+                cut := r.seq;
+            END LOOP;
+            EXIT walk WHEN page_rows < 64;
         END LOOP;
     END IF;
 
