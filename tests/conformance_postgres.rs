@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use offline_queue::storage::NewRecord;
 use offline_queue::{
-    Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt, Timestamp, testing,
+    Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt, testing,
 };
 use parking_lot::Mutex;
 use postgres_support::{drop_schemas, fresh, raw, unique_schema, url};
@@ -238,9 +238,10 @@ async fn a_foreign_table_is_refused_and_left_alone() {
     drop_schemas(&url, &[schema, other]).await;
 }
 
-/// Schema names are identifiers, checked before anything reaches the server.
+/// Schema names are identifiers, checked before anything reaches the server; a server that
+/// does not answer is a retryable error.
 #[tokio::test]
-async fn schema_names_are_validated() {
+async fn schema_names_are_validated_and_an_absent_server_is_retryable() {
     for bad in [
         "",
         "Upper",
@@ -261,7 +262,38 @@ async fn schema_names_are_validated() {
             "{bad:?}: {err:?}"
         );
     }
-    let _ = Timestamp::from_millis(0);
+    let err = PostgresStorage::connect("postgres://nobody@127.0.0.1:1/none")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Storage { .. }) && err.is_retryable(),
+        "{err:?}"
+    );
+    let err = PostgresStorage::connect("postgres://[nonsense")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+}
+
+/// Nodes starting together on a new schema: one creates it, the others find it ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_create_the_schema_once() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("together");
+    let connects = (0..4).map(|_| fresh(&url, &schema));
+    let storages = futures::future::join_all(connects).await;
+    let bob = RecipientId::new("bob").unwrap();
+    for storage in &storages {
+        storage
+            .append(&bob, vec![record(b"x")], &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+    }
+    assert_eq!(storages[0].stats(&bob).await.unwrap().messages, 4);
+    drop(storages);
+    drop_schemas(&url, &[schema]).await;
 }
 
 /// Appends (some under a storage-wide budget, some dropping the oldest), acks, session reads,
