@@ -585,3 +585,45 @@ async fn drop_oldest_across_pages() {
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
+
+/// Reads start past the front a cumulative ack removed, and an ack through a seq the queue
+/// never held (up to `u64::MAX`) still leaves later appends readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_past_the_end_hide_nothing_appended_later() {
+    use offline_queue::Seq;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("head");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let put = |body: &'static [u8]| {
+        storage.append(&bob, vec![record(body)], &Quota::UNLIMITED, testing::T0)
+    };
+    put(b"a").await.unwrap();
+    put(b"b").await.unwrap();
+    assert_eq!(
+        storage
+            .ack_through(&bob, Seq(u64::MAX), testing::T0)
+            .await
+            .unwrap(),
+        2
+    );
+    let c = put(b"c").await.unwrap().records[0].seq();
+    let read = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].seq, &read[0].body[..]), (c, &b"c"[..]));
+    assert_eq!(storage.stats(&bob).await.unwrap().newest_seq, Some(c));
+    assert_eq!(
+        storage
+            .ack_through(&bob, Seq(c.0 - 1), testing::T0)
+            .await
+            .unwrap(),
+        0,
+        "a stale cumulative ack removes nothing"
+    );
+    assert_eq!(storage.read_all(&bob, testing::T0).await.unwrap().len(), 1);
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}

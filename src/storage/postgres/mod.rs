@@ -31,8 +31,10 @@
 //! Everything lives in one schema (`PostgresOptions::schema`; the `sql/` files hold the DDL and
 //! functions, `schema.rs` the version row and migrations):
 //! - `oq_queues`: one row per recipient (`rid bytea`, the id's exact bytes) with its record and
-//!   byte counts, loss total and confirmed mark, last activity (`touched`) and the time it is
-//!   filed under for idle removal (`idle_key`, indexed). It is the recipient's lock: every
+//!   byte counts, loss total and confirmed mark, last activity (`touched`), the time it is
+//!   filed under for idle removal (`idle_key`, indexed), and `head`, the highest seq removed
+//!   from the front (by a cumulative ack or DropOldest), where reads start when their cursor
+//!   is lower. It is the recipient's lock: every
 //!   step that changes the queue takes `FOR UPDATE` on it first. It stays when the queue
 //!   empties (so an active recipient does not churn it) until idle removal or
 //!   `remove_recipient`.
@@ -76,8 +78,9 @@
 //!
 //! # Bloat (not measured yet)
 //! Acks and purges delete rows, which leaves dead tuples for vacuum; a transaction holding the
-//! xmin horizon (a long query, an idle replication slot) keeps them, and reads from a queue's
-//! front then step over them. Queue-row updates are HOT. Measuring this, and deciding whether
+//! xmin horizon (a long query, an idle replication slot) keeps them. Reads start past `head`,
+//! so the dead entries of rows acked cumulatively are not walked; those of rows acked alone or
+//! expired in the middle are. Queue-row updates are HOT. Measuring this, and deciding whether
 //! to rotate tables as PgQ does, is the next slice of issue 16.
 
 mod errors;

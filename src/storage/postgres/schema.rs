@@ -122,7 +122,7 @@ impl Statements {
             purge: s("SELECT expired, idle, more FROM @schema@.oq_purge($1, $2, $3, $4)"),
             stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
                  (SELECT r.sent_at FROM @schema@.oq_records r \
-                  WHERE r.rid = q.rid ORDER BY r.seq LIMIT 1), \
+                  WHERE r.rid = q.rid AND r.seq > q.head ORDER BY r.seq LIMIT 1), \
                  (SELECT r.seq FROM @schema@.oq_records r \
                   WHERE r.rid = q.rid ORDER BY r.seq DESC LIMIT 1) \
                  FROM @schema@.oq_queues q WHERE q.rid = $1"),

@@ -15,16 +15,19 @@ DECLARE
     freed bigint := 0;
     n bigint;
     b bigint;
+    old_head bigint;
+    top bigint;
 BEGIN
-    PERFORM 1 FROM @schema@.oq_queues WHERE rid = p_rid FOR UPDATE;
+    SELECT qu.head INTO old_head FROM @schema@.oq_queues qu WHERE qu.rid = p_rid FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    IF p_through IS NOT NULL THEN
+    IF p_through IS NOT NULL AND p_through > old_head THEN
         WITH d AS (
-            DELETE FROM @schema@.oq_records WHERE rid = p_rid AND seq <= p_through
-            RETURNING octet_length(body) AS len
-        ) SELECT count(*), coalesce(sum(len), 0) INTO n, b FROM d;
+            DELETE FROM @schema@.oq_records
+            WHERE rid = p_rid AND seq > old_head AND seq <= p_through
+            RETURNING seq, octet_length(body) AS len
+        ) SELECT count(*), coalesce(sum(len), 0), max(seq) INTO n, b, top FROM d;
         removed := removed + n;
         freed := freed + b;
     END IF;
@@ -52,7 +55,8 @@ BEGIN
             WHEN p_confirm IS NULL THEN lost_confirmed
             ELSE greatest(lost_confirmed, least(p_confirm, lost_total + lost))
         END,
-        touched = greatest(touched, p_now)
+        touched = greatest(touched, p_now),
+        head = greatest(head, coalesce(top, 0))
     WHERE rid = p_rid;
     IF freed > 0 THEN
         UPDATE @schema@.oq_bytes SET bytes = bytes - freed WHERE stripe = pg_backend_pid() % 16;

@@ -113,7 +113,7 @@ BEGIN
         END IF;
         -- The oldest, in pages by primary key (a literal LIMIT, so the planner walks the
         -- index in order instead of sorting the queue), until the rest fits.
-        cut := 0;
+        cut := q.head;
         <<walk>>
         LOOP
             page_rows := 0;
@@ -152,7 +152,7 @@ BEGIN
 
     -- Write.
     IF dropped > 0 THEN
-        DELETE FROM @schema@.oq_records WHERE rid = p_rid AND seq <= cut;
+        DELETE FROM @schema@.oq_records WHERE rid = p_rid AND seq > q.head AND seq <= cut;
     END IF;
     FOR i IN 1 .. n LOOP
         CONTINUE WHEN NOT new_record[i];
@@ -175,7 +175,8 @@ BEGIN
     SET live = live - dropped + adding,
         bytes = bytes - drop_bytes + adding_bytes,
         lost_total = lost_total + dropped,
-        touched = greatest(touched, p_now)
+        touched = greatest(touched, p_now),
+        head = CASE WHEN dropped > 0 THEN greatest(head, cut) ELSE head END
     WHERE rid = p_rid;
     pending := q.live - dropped + adding;
     IF net <> 0 THEN

@@ -47,7 +47,8 @@ BEGIN
     IF p_ack THEN
         acked := @schema@.oq_ack(p_rid, p_through, p_seqs, p_passed, p_confirm, p_now);
     END IF;
-    SELECT q.lost_total, q.lost_confirmed INTO lost_total, lost_confirmed
+    SELECT q.lost_total, q.lost_confirmed, greatest(q.head, p_after)
+    INTO lost_total, lost_confirmed, last_seq
     FROM @schema@.oq_queues q WHERE q.rid = p_rid;
     IF NOT FOUND THEN
         lost_total := 0;

@@ -24,7 +24,12 @@ CREATE TABLE @schema@.oq_queues (
     lost_total bigint NOT NULL,
     lost_confirmed bigint NOT NULL,
     touched bigint NOT NULL,
-    idle_key bigint NOT NULL
+    idle_key bigint NOT NULL,
+    -- Every record at or below this seq was removed from the front (a cumulative ack, or
+    -- DropOldest): reads, drops and stats start past it, so they do not walk the index
+    -- entries of removed rows that vacuum has not cleared yet. Always a seq this queue held,
+    -- so every later seq is above it.
+    head bigint NOT NULL DEFAULT 0
 ) WITH (fillfactor = 70);
 CREATE INDEX oq_queues_idle ON @schema@.oq_queues (idle_key);
 
