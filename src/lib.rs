@@ -105,6 +105,8 @@ pub use queue::{
     SessionEnd, SessionHandle,
 };
 pub use storage::{MemoryStorage, Storage, StorageExt};
+#[cfg(feature = "postgres")]
+pub use storage::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]
 pub use storage::{RedbOptions, RedbStorage};
 #[cfg(feature = "redis")]

@@ -38,11 +38,15 @@
 //!    memory beyond what the backend's medium needs.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redb")]
 pub mod redb;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]
 pub use self::redb::{RedbOptions, RedbStorage};
 #[cfg(feature = "redis")]

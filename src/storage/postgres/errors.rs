@@ -1,0 +1,66 @@
+//! PostgreSQL and pool errors as the crate's: which are retryable, and what a user is told.
+
+use std::sync::Arc;
+
+use deadpool_postgres::PoolError;
+use tokio_postgres::error::SqlState;
+
+use crate::error::Error;
+
+/// Maps a driver error to ours. Retryable: a connection lost or refused (no SQLSTATE), and the
+/// server's classes for faults that pass: `08` connection, `40` serialization failure and
+/// deadlock, `53` insufficient resources, `57P01`-`57P03` shutdown and startup, `55P03` lock
+/// not available, `58` system errors. Anything else (a constraint, a syntax error, a
+/// permission) will not pass by itself.
+pub(super) fn pg_error(error: tokio_postgres::Error) -> Error {
+    let retryable = match error.code() {
+        None => true,
+        Some(code) => {
+            let code = code.code();
+            ["08", "40", "53", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || [
+                    SqlState::ADMIN_SHUTDOWN.code(),
+                    SqlState::CRASH_SHUTDOWN.code(),
+                    SqlState::CANNOT_CONNECT_NOW.code(),
+                    SqlState::LOCK_NOT_AVAILABLE.code(),
+                ]
+                .contains(&code)
+        }
+    };
+    Error::Storage {
+        message: format!("postgres: {}", describe(&error)),
+        retryable,
+        source: Some(Arc::new(error)),
+    }
+}
+
+/// The server's message with its detail, or the driver's.
+pub(super) fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => error.to_string(),
+    }
+}
+
+/// A connection that could not be had from the pool: retryable unless the pool was closed or
+/// misbuilt.
+pub(super) fn pool_error(error: PoolError) -> Error {
+    match error {
+        PoolError::Backend(error) => pg_error(error),
+        PoolError::Closed | PoolError::NoRuntimeSpecified => Error::Storage {
+            message: format!("postgres pool: {error}"),
+            retryable: false,
+            source: Some(Arc::new(error)),
+        },
+        other => Error::Storage {
+            message: format!("postgres pool: {other}"),
+            retryable: true,
+            source: Some(Arc::new(other)),
+        },
+    }
+}

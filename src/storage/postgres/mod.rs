@@ -1,0 +1,512 @@
+//! [`PostgresStorage`]: queues in PostgreSQL, shared by every engine instance that points at
+//! the same database (feature `postgres`; needs a tokio runtime).
+//!
+//! ```no_run
+//! # async fn node() -> Result<(), offline_queue::Error> {
+//! use std::sync::Arc;
+//! use offline_queue::{OfflineQueue, PostgresStorage};
+//!
+//! let storage = PostgresStorage::options()
+//!     .schema("offline_queue")
+//!     .connect("postgres://app@127.0.0.1:5432/app")
+//!     .await?;
+//! let queue = OfflineQueue::builder().storage(Arc::new(storage)).build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Not built yet (issue 16 goes on): group commit of concurrent sends, node coordination over
+//! LISTEN/NOTIFY (pair it with another [`Coordination`](crate::Coordination) meanwhile, or run
+//! one node), TLS, and measurements (bloat, throughput against raw SQL).
+//!
+//! # Driver
+//! `tokio-postgres` with a `deadpool-postgres` pool. `tokio-postgres` speaks the extended
+//! protocol with binary parameters, so every id and body is a parameter, never SQL text, and
+//! `bytea` values cross as raw bytes. `deadpool-postgres` wraps exactly that client (no second
+//! query layer), caches each statement once per connection (`prepare_cached`), and checks a
+//! connection's health cheaply on reuse. `sqlx` would bring its own driver, macros and
+//! migration system for the five calls this backend makes; `bb8` would do as well as
+//! deadpool but leaves the statement cache to us.
+//!
+//! # Layout
+//! Everything lives in one schema (`PostgresOptions::schema`; the `sql/` files hold the DDL and
+//! functions, `schema.rs` the version row and migrations):
+//! - `oq_queues`: one row per recipient (`rid bytea`, the id's exact bytes) with its record and
+//!   byte counts, loss total and confirmed mark, last activity (`touched`), the time it is
+//!   filed under for idle removal (`idle_key`, indexed), and `head`, the highest seq removed
+//!   from the front (by a cumulative ack or DropOldest), where reads start when their cursor
+//!   is lower. It is the recipient's lock: every
+//!   step that changes the queue takes `FOR UPDATE` on it first. It stays when the queue
+//!   empties (so an active recipient does not churn it) until idle removal or
+//!   `remove_recipient`.
+//! - `oq_records`: `(rid, seq)` primary key, id, times, delivery count, body; a partial index
+//!   on the deadline of records that have one.
+//! - `oq_dedup`: sender-chosen ids with their seq, when stored and when their window ends.
+//! - `oq_bytes`: body bytes stored, in 16 stripes.
+//! - `oq_seq`: the sequence every seq comes from.
+//!
+//! # One call per step
+//! Each step is one PL/pgSQL function called once (one round trip, one transaction, with
+//! `synchronous_commit` on unless relaxed): `oq_append` decides dedup, quota, overflow and the
+//! storage-wide budget without writing, then writes only a plan that fits; `oq_read` applies a
+//! session's ack, reads from the cursor (stopping at the batch's bounds, so it costs the batch,
+//! not the queue) and counts the deliveries; `oq_ack`, `oq_purge` and `oq_remove` do the rest.
+//! `mark_delivered` and `stats` are single statements.
+//!
+//! # Seqs
+//! Seqs come from one sequence (`CACHE 1`, so values grow in call order across connections),
+//! taken while the queue row is locked: a recipient's seqs strictly increase however many
+//! connections and nodes append, and a queue emptied, removed and created again never reuses
+//! one. A new queue's loss total starts from the sequence too, above any total an earlier
+//! queue of the recipient reached. The sequence is shared by all recipients, so seqs are not
+//! dense per recipient.
+//!
+//! # Expiry and idleness
+//! Reads skip records past their deadline and report them. Purge takes due records in deadline
+//! order through the deadline index, so removing k costs O(k log n) whatever is stored; then
+//! queues idle since `idle_before` through the `idle_key` index. Appends and acks move only
+//! `touched` (not indexed, so their updates of the queue row stay HOT and add no index
+//! entries); purge re-files a queue touched since it was filed, one unit of its budget each, as
+//! the memory backend does. Dedup ids past their window go the same way. Purges are
+//! serialized by an advisory lock, since a purge locks many queue rows.
+//!
+//! # Storage-wide budget
+//! `oq_bytes` holds the body bytes stored in 16 stripes: a step adds to its connection's stripe
+//! (backend pid mod 16), so steps on different connections do not queue on one row. An append
+//! under `Quota::max_total_bytes` locks all 16 in order, sums them and decides: exact, and only
+//! those appends serialize. Locks are always taken queue row first, stripes last (in stripe
+//! order), so steps cannot deadlock.
+//!
+//! # Bloat (not measured yet)
+//! Acks and purges delete rows, which leaves dead tuples for vacuum; a transaction holding the
+//! xmin horizon (a long query, an idle replication slot) keeps them. Reads start past `head`,
+//! so the dead entries of rows acked cumulatively are not walked; those of rows acked alone or
+//! expired in the middle are. Queue-row updates are HOT. Measuring this, and deciding whether
+//! to rotate tables as PgQ does, is the next slice of issue 16.
+
+mod errors;
+mod options;
+mod schema;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Object, Pool};
+
+use self::errors::{pg_error, pool_error};
+pub use self::options::PostgresOptions;
+use self::schema::Statements;
+use super::{
+    Ack, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats, Storage, StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result, Retry};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// Queues in PostgreSQL: durable, shared by every engine instance on the same database and
+/// schema. Cheap to clone (the pool is shared). See the [module docs](self).
+#[derive(Clone)]
+pub struct PostgresStorage {
+    pool: Pool,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    schema: String,
+    statements: Statements,
+    purge_lock: i64,
+    durable: bool,
+}
+
+impl std::fmt::Debug for PostgresStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStorage")
+            .field("schema", &self.shared.schema)
+            .field("durable", &self.shared.durable)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PostgresStorage {
+    /// Options with their defaults.
+    pub fn options() -> PostgresOptions {
+        PostgresOptions::default()
+    }
+
+    /// Connects with default options (schema `offline_queue`).
+    ///
+    /// # Errors
+    /// As [`PostgresOptions::connect`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::options().connect(url).await
+    }
+
+    /// The schema holding this storage's tables.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    async fn client(&self) -> Result<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs one statement (prepared once per connection) and returns its one row.
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query_one(&statement, params).await.map_err(pg_error)
+    }
+
+    /// `oq_read`: a read, with a session's ack before it and delivery marks after it when
+    /// asked.
+    async fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<DeliveryRead> {
+        let parts = AckParams::new(ack);
+        let row = self
+            .query_one(
+                &self.shared.statements.read,
+                &[
+                    &recipient.as_bytes(),
+                    &after.map_or(0, |s| to_i64(s.0)),
+                    &to_i64(limit.max_messages as u64),
+                    &to_i64(limit.max_bytes as u64),
+                    &to_i64(now.as_millis()),
+                    &mark,
+                    &ack.is_some(),
+                    &parts.through,
+                    &parts.seqs,
+                    &parts.passed,
+                    &parts.confirm,
+                ],
+            )
+            .await?;
+        let acked: i64 = row.try_get(0).map_err(pg_error)?;
+        let seqs: Vec<i64> = row.try_get(1).map_err(pg_error)?;
+        let ids: Vec<&[u8]> = row.try_get(2).map_err(pg_error)?;
+        let sent: Vec<i64> = row.try_get(3).map_err(pg_error)?;
+        let expires: Vec<Option<i64>> = row.try_get(4).map_err(pg_error)?;
+        let counts: Vec<i32> = row.try_get(5).map_err(pg_error)?;
+        let bodies: Vec<Vec<u8>> = row.try_get(6).map_err(pg_error)?;
+        let expired: Vec<i64> = row.try_get(7).map_err(pg_error)?;
+        let lost_total: i64 = row.try_get(8).map_err(pg_error)?;
+        let lost_confirmed: i64 = row.try_get(9).map_err(pg_error)?;
+        let n = seqs.len();
+        if [
+            ids.len(),
+            sent.len(),
+            expires.len(),
+            counts.len(),
+            bodies.len(),
+        ] != [n; 5]
+        {
+            return Err(broken("oq_read returned arrays of different lengths"));
+        }
+        let mut records = Vec::with_capacity(n);
+        for (i, body) in bodies.into_iter().enumerate() {
+            let id: [u8; 16] = ids[i]
+                .try_into()
+                .map_err(|_| broken("a stored message id is not 16 bytes"))?;
+            records.push(StoredRecord {
+                seq: Seq(to_u64(seqs[i])),
+                id: MessageId::from_bytes(id),
+                sent_at: Timestamp::from_millis(to_u64(sent[i])),
+                expires_at: expires[i].map(|t| Timestamp::from_millis(to_u64(t))),
+                delivery_count: u32::try_from(counts[i]).unwrap_or(0),
+                body: Bytes::from(body),
+            });
+        }
+        let (total, confirmed) = (to_u64(lost_total), to_u64(lost_confirmed));
+        Ok(DeliveryRead {
+            acked: to_u64(acked),
+            batch: ReadBatch {
+                records,
+                expired: expired.into_iter().map(|s| Seq(to_u64(s))).collect(),
+                damaged: Vec::new(),
+                lost_unconfirmed: total.saturating_sub(confirmed),
+                lost_total: total,
+            },
+        })
+    }
+}
+
+/// An [`Ack`] as `oq_ack`'s parameters. Seqs above `i64::MAX` were never handed out, so they
+/// are left out (a cumulative one is clamped).
+struct AckParams {
+    through: Option<i64>,
+    seqs: Vec<i64>,
+    passed: Vec<i64>,
+    confirm: Option<i64>,
+}
+
+impl AckParams {
+    fn new(ack: Option<&Ack>) -> Self {
+        let held = |seqs: &[Seq]| -> Vec<i64> {
+            seqs.iter()
+                .filter_map(|s| i64::try_from(s.0).ok())
+                .collect()
+        };
+        match ack {
+            None => Self {
+                through: None,
+                seqs: Vec::new(),
+                passed: Vec::new(),
+                confirm: None,
+            },
+            Some(ack) => Self {
+                through: ack.through.map(|s| to_i64(s.0)),
+                seqs: held(&ack.seqs),
+                passed: held(&ack.passed_over),
+                confirm: ack.lost_confirmed_through.map(to_i64),
+            },
+        }
+    }
+}
+
+/// A `u64` as PostgreSQL's `bigint`, clamped (times, seqs and limits past `i64::MAX` mean
+/// "never" or "unbounded").
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A `bigint` the functions keep non-negative, as a `u64`.
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn broken(what: &str) -> Error {
+    Error::storage_msg(Retry::No, format!("postgres: {what}"))
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_max_read_batch(10_000)
+            .with_durable(self.shared.durable)
+            .with_total_byte_budget(true)
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let ids: Vec<[u8; 16]> = records.iter().map(|r| r.id.to_bytes()).collect();
+        let ids: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
+        let dedup: Vec<bool> = records.iter().map(|r| r.dedup).collect();
+        let sent: Vec<i64> = records
+            .iter()
+            .map(|r| to_i64(r.sent_at.as_millis()))
+            .collect();
+        let expires: Vec<Option<i64>> = records
+            .iter()
+            .map(|r| r.expires_at.map(|t| to_i64(t.as_millis())))
+            .collect();
+        let bodies: Vec<&[u8]> = records.iter().map(|r| &r.body[..]).collect();
+        let row = self
+            .query_one(
+                &self.shared.statements.append,
+                &[
+                    &recipient.as_bytes(),
+                    &ids,
+                    &dedup,
+                    &sent,
+                    &expires,
+                    &bodies,
+                    &to_i64(quota.max_messages),
+                    &to_i64(quota.max_bytes),
+                    &(quota.overflow == Overflow::DropOldest),
+                    &quota.max_total_bytes.map(to_i64),
+                    &to_i64(quota.dedup_window_ms()),
+                    &to_i64(now.as_millis()),
+                ],
+            )
+            .await?;
+        let status: i16 = row.try_get(0).map_err(pg_error)?;
+        let number = |i: usize| -> Result<u64> {
+            Ok(to_u64(
+                row.try_get::<_, Option<i64>>(i)
+                    .map_err(pg_error)?
+                    .unwrap_or(0),
+            ))
+        };
+        match status {
+            0 => {}
+            1 => {
+                return Err(Error::QueueFull {
+                    messages: number(5)?,
+                    bytes: number(6)?,
+                    adding_messages: number(7)?,
+                    adding_bytes: number(8)?,
+                    max_messages: quota.max_messages,
+                    max_bytes: quota.max_bytes,
+                });
+            }
+            2 => {
+                return Err(Error::StorageFull {
+                    used: number(6)?,
+                    adding: number(8)?,
+                    max: quota.max_total_bytes.unwrap_or(u64::MAX),
+                });
+            }
+            other => return Err(broken(&format!("oq_append returned status {other}"))),
+        }
+        let seqs: Vec<i64> = row.try_get(1).map_err(pg_error)?;
+        let duplicate: Vec<bool> = row.try_get(2).map_err(pg_error)?;
+        if seqs.len() != records.len() || duplicate.len() != records.len() {
+            return Err(broken("oq_append returned one outcome per record"));
+        }
+        Ok(AppendOutcome {
+            records: seqs
+                .iter()
+                .zip(&duplicate)
+                .map(|(&seq, &dup)| {
+                    let seq = Seq(to_u64(seq));
+                    if dup {
+                        Appended::Duplicate(seq)
+                    } else {
+                        Appended::Stored(seq)
+                    }
+                })
+                .collect(),
+            dropped: number(3)?,
+            pending: number(4)?,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        Ok(self
+            .read_marking(recipient, None, after, limit, now, false)
+            .await?
+            .batch)
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<DeliveryRead> {
+        self.read_marking(recipient, ack, after, limit, now, true)
+            .await
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        let seqs: Vec<i64> = seqs
+            .iter()
+            .filter_map(|s| i64::try_from(s.0).ok())
+            .collect();
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.shared.statements.mark)
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&statement, &[&recipient.as_bytes(), &seqs])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, now: Timestamp) -> Result<u64> {
+        let parts = AckParams::new(Some(ack));
+        let row = self
+            .query_one(
+                &self.shared.statements.ack,
+                &[
+                    &recipient.as_bytes(),
+                    &parts.through,
+                    &parts.seqs,
+                    &parts.passed,
+                    &parts.confirm,
+                    &to_i64(now.as_millis()),
+                ],
+            )
+            .await?;
+        Ok(to_u64(row.try_get(0).map_err(pg_error)?))
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        let row = self
+            .query_one(
+                &self.shared.statements.purge,
+                &[
+                    &to_i64(now.as_millis()),
+                    &idle_before.map(|t| to_i64(t.as_millis())),
+                    &to_i64(budget as u64),
+                    &self.shared.purge_lock,
+                ],
+            )
+            .await?;
+        Ok(PurgeOutcome {
+            expired: to_u64(row.try_get(0).map_err(pg_error)?),
+            idle_recipients: to_u64(row.try_get(1).map_err(pg_error)?),
+            more: row.try_get(2).map_err(pg_error)?,
+        })
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.shared.statements.stats)
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = client
+            .query_opt(&statement, &[&recipient.as_bytes()])
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(RecipientStats::default());
+        };
+        let oldest: Option<i64> = row.try_get(3).map_err(pg_error)?;
+        let newest: Option<i64> = row.try_get(4).map_err(pg_error)?;
+        Ok(RecipientStats {
+            messages: to_u64(row.try_get(0).map_err(pg_error)?),
+            bytes: to_u64(row.try_get(1).map_err(pg_error)?),
+            oldest_sent_at: oldest.map(|t| Timestamp::from_millis(to_u64(t))),
+            newest_seq: newest.map(|s| Seq(to_u64(s))),
+            lost: to_u64(row.try_get(2).map_err(pg_error)?),
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let row = self
+            .query_one(&self.shared.statements.remove, &[&recipient.as_bytes()])
+            .await?;
+        Ok(to_u64(row.try_get(0).map_err(pg_error)?))
+    }
+}

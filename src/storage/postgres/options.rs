@@ -1,0 +1,163 @@
+//! Building a [`PostgresStorage`]: the options, the pool, and what is checked at connect (the
+//! schema, whether commits are durable).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::errors::{describe, pg_error, pool_error};
+use super::schema::{self, Statements};
+use super::{PostgresStorage, Shared};
+use crate::error::{Error, Result};
+
+/// How to build a [`PostgresStorage`]: `PostgresStorage::options()`, then
+/// [`connect`](PostgresOptions::connect).
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    pub(super) schema: String,
+    pub(super) pool_size: usize,
+    pub(super) synchronous_commit: bool,
+    pub(super) connect_timeout: Duration,
+    pub(super) wait_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: "offline_queue".into(),
+            pool_size: 16,
+            synchronous_commit: true,
+            connect_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// The schema holding the tables and functions (default `offline_queue`); created if
+    /// missing. Lowercase ASCII letters, digits and underscores, at most 63 bytes, not
+    /// starting with a digit or `pg_`. Several queues can share a database under different
+    /// schemas. A schema holding another application's table of one of this crate's names
+    /// (`oq_*`) is refused at connect, never altered.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Most connections the storage keeps open (default 16, at least 1). Each concurrent call
+    /// holds one for its single round trip.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Whether each step's commit waits for its WAL to reach disk (`synchronous_commit`,
+    /// default on, set on every connection whatever the server's default). Off, commits return
+    /// before the flush: a crash of the PostgreSQL server (not of this process) can lose the
+    /// last few hundred milliseconds of Ok'd sends, acks and purges (up to three times
+    /// `wal_writer_delay`), though never corrupt the tables; the storage then reports itself
+    /// not durable ([`Capabilities::durable`](crate::storage::Capabilities::durable)).
+    pub fn synchronous_commit(mut self, on: bool) -> Self {
+        self.synchronous_commit = on;
+        self
+    }
+
+    /// How long opening one connection may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for a free connection when all are busy (default 10 s); then it
+    /// fails with a retryable error.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
+    /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`, or
+    /// a `key=value` connection string), creates or migrates the schema, and asks whether
+    /// commits are durable (`fsync` on and `synchronous_commit` not off). Plain TCP or a Unix
+    /// socket: TLS is not supported yet.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a URL or schema name that does not parse, or a schema
+    /// holding another application's `oq_*` table; [`Error::Storage`] for a server that does
+    /// not answer (retryable) or a schema at a newer version than this build (not
+    /// retryable).
+    pub async fn connect(self, url: &str) -> Result<PostgresStorage> {
+        let quoted = schema::validate(&self.schema)?;
+        let mut config: tokio_postgres::Config =
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| Error::InvalidConfig {
+                    field: "postgres url",
+                    reason: format!("does not parse: {e}"),
+                })?;
+        let setting = if self.synchronous_commit { "on" } else { "off" };
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => {
+                format!("{given} -c synchronous_commit={setting}")
+            }
+            _ => format!("-c synchronous_commit={setting}"),
+        };
+        config
+            .options(&options)
+            .connect_timeout(self.connect_timeout)
+            .application_name("offline-queue");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.wait_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .build()
+            .map_err(|e| Error::InvalidConfig {
+                field: "postgres pool",
+                reason: e.to_string(),
+            })?;
+        let mut client = pool.get().await.map_err(|e| {
+            let mut error = pool_error(e);
+            if let Error::Storage { message, .. } = &mut error {
+                *message = format!(
+                    "postgres for schema {:?} does not answer: {message}",
+                    self.schema
+                );
+            }
+            error
+        })?;
+        schema::prepare(&mut client, &self.schema, &quoted).await?;
+        let durable = if self.synchronous_commit {
+            let fsync: String = client
+                .query_one("SHOW fsync", &[])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            let commit: String = client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(|e| Error::storage_msg(crate::Retry::Yes, describe(&e)))?
+                .get(0);
+            fsync == "on" && commit != "off"
+        } else {
+            false
+        };
+        drop(client);
+        Ok(PostgresStorage {
+            shared: Arc::new(Shared {
+                statements: Statements::new(&quoted),
+                purge_lock: schema::lock_key(&self.schema, "purge"),
+                schema: self.schema,
+                durable,
+            }),
+            pool,
+        })
+    }
+}

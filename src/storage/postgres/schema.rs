@@ -1,0 +1,280 @@
+//! The schema: its name (validated, quoted once), the DDL and the functions (the `sql/` files),
+//! the version row, migrations, and the statement texts the storage runs.
+//!
+//! Every table and function lives in one schema of the user's choosing (default
+//! `offline_queue`), named `oq_*`. `oq_info` holds an owner mark and the schema's version.
+//! At connect, under an advisory lock (so nodes starting together do not race):
+//! - no `oq_*` object in the schema: everything is created, at [`VERSION`];
+//! - `oq_info` with our mark at [`VERSION`]: nothing to do; at an older version: the
+//!   migrations from it run, in the same transaction; at a newer one: refused, with an error
+//!   naming both versions (an older build must not write a layout it does not know);
+//! - any `oq_*` object without our `oq_info`: refused, naming it, and left as it is (another
+//!   application's table is never altered).
+//!
+//! The schema's quoted name is the one thing formatted into SQL text; ids, payloads and
+//! every other value travel as parameters.
+
+use crate::error::{Error, Result, Retry};
+use crate::fnv::{OFFSET_64, fnv1a_64};
+
+use super::errors::pg_error;
+
+/// The layout this build reads and writes.
+pub(super) const VERSION: i64 = 1;
+
+/// What `oq_info`'s owner row says in a schema this crate created.
+const OWNER: &str = "offline-queue";
+
+/// Relations this crate creates (tables, indexes, the sequence).
+const RELATIONS: &[&str] = &[
+    "oq_info",
+    "oq_seq",
+    "oq_queues",
+    "oq_queues_idle",
+    "oq_records",
+    "oq_records_expiry",
+    "oq_dedup",
+    "oq_dedup_until",
+    "oq_bytes",
+];
+
+/// Functions this crate creates.
+const FUNCTIONS: &[&str] = &["oq_append", "oq_ack", "oq_read", "oq_purge", "oq_remove"];
+
+/// The DDL of version 1, in order.
+const V1: &[&str] = &[
+    include_str!("sql/tables.sql"),
+    include_str!("sql/ack.sql"),
+    include_str!("sql/read.sql"),
+    include_str!("sql/append.sql"),
+    include_str!("sql/purge.sql"),
+    include_str!("sql/remove.sql"),
+];
+
+/// Migrations: `MIGRATIONS[i]` takes a schema from version `i + 1` to `i + 2`. None yet; a
+/// function whose body changes gets a new version whose migration replaces it.
+const MIGRATIONS: &[&[&str]] = &[];
+
+/// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
+/// Lowercase only, so the quoted name and the unquoted one a user types in `psql` agree.
+pub(super) fn validate(schema: &str) -> Result<String> {
+    let bad = |reason: &str| Error::InvalidConfig {
+        field: "postgres schema",
+        reason: format!("{schema:?} {reason}"),
+    };
+    if schema.is_empty() || schema.len() > 63 {
+        return Err(bad("must be 1 to 63 bytes long"));
+    }
+    if !schema
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || schema.as_bytes()[0].is_ascii_digit()
+    {
+        return Err(bad(
+            "must be lowercase ASCII letters, digits and underscores, not starting with a digit",
+        ));
+    }
+    if schema.starts_with("pg_") {
+        return Err(bad("is reserved (pg_*)"));
+    }
+    Ok(format!("\"{schema}\""))
+}
+
+/// An advisory lock key for `what` in `schema`: stable across builds (FNV-1a).
+pub(super) fn lock_key(schema: &str, what: &str) -> i64 {
+    let hash = fnv1a_64(OFFSET_64, b"offline-queue:");
+    let hash = fnv1a_64(hash, schema.as_bytes());
+    let hash = fnv1a_64(hash, b":");
+    fnv1a_64(hash, what.as_bytes()) as i64
+}
+
+/// The statement texts, with the schema's quoted name in place.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) append: String,
+    pub(super) read: String,
+    pub(super) ack: String,
+    pub(super) mark: String,
+    pub(super) purge: String,
+    pub(super) stats: String,
+    pub(super) remove: String,
+}
+
+impl Statements {
+    pub(super) fn new(quoted: &str) -> Self {
+        let s = |text: &str| text.replace("@schema@", quoted);
+        Self {
+            append: s(
+                "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
+                 have_bytes, adding, adding_bytes \
+                 FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            ),
+            read: s(
+                "SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
+                 lost_total, lost_confirmed \
+                 FROM @schema@.oq_read($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            ),
+            ack: s("SELECT @schema@.oq_ack($1, $2, $3, $4, $5, $6)"),
+            mark: s(
+                "UPDATE @schema@.oq_records SET deliveries = deliveries + 1 \
+                 WHERE rid = $1 AND seq = ANY ($2) AND deliveries < 2147483647",
+            ),
+            purge: s("SELECT expired, idle, more FROM @schema@.oq_purge($1, $2, $3, $4)"),
+            stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
+                 (SELECT r.sent_at FROM @schema@.oq_records r \
+                  WHERE r.rid = q.rid AND r.seq > q.head ORDER BY r.seq LIMIT 1), \
+                 (SELECT r.seq FROM @schema@.oq_records r \
+                  WHERE r.rid = q.rid ORDER BY r.seq DESC LIMIT 1) \
+                 FROM @schema@.oq_queues q WHERE q.rid = $1"),
+            remove: s("SELECT @schema@.oq_remove($1)"),
+        }
+    }
+}
+
+/// Creates or migrates the schema, or refuses it (see the module docs).
+pub(super) async fn prepare(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    quoted: &str,
+) -> Result<()> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&lock_key(schema, "migrate")],
+    )
+    .await
+    .map_err(pg_error)?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {quoted}"))
+        .await
+        .map_err(pg_error)?;
+    let relations: Vec<(String, i8)> = tx
+        .query(
+            "SELECT c.relname::text, c.relkind FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname::text = ANY ($2) ORDER BY c.relname",
+            &[&schema, &RELATIONS],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let functions: Vec<String> = tx
+        .query(
+            "SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p \
+             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname::text = ANY ($2) ORDER BY 1",
+            &[&schema, &FUNCTIONS],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let foreign = |name: &str, why: &str| Error::InvalidConfig {
+        field: "postgres schema",
+        reason: format!(
+            "schema {schema:?} already holds {name}, {why}; it is left untouched: choose \
+             another schema (PostgresOptions::schema)"
+        ),
+    };
+
+    let has_info = relations
+        .iter()
+        .any(|(name, kind)| name == "oq_info" && *kind == b'r' as i8);
+    if !has_info {
+        if let Some((name, _)) = relations.first() {
+            return Err(foreign(
+                &format!("relation {name}"),
+                "which offline-queue did not create (no oq_info table of its own beside it)",
+            ));
+        }
+        if let Some(name) = functions.first() {
+            return Err(foreign(
+                &format!("function {name}"),
+                "which offline-queue did not create (no oq_info table of its own beside it)",
+            ));
+        }
+        for ddl in V1 {
+            tx.batch_execute(&ddl.replace("@schema@", quoted))
+                .await
+                .map_err(pg_error)?;
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {quoted}.oq_info (key, value) VALUES ('owner', $1), ('version', $2)"
+            ),
+            &[&OWNER, &VERSION.to_string()],
+        )
+        .await
+        .map_err(pg_error)?;
+        return tx.commit().await.map_err(pg_error);
+    }
+
+    // Read oq_info as ours; a table of that name with other columns is someone else's.
+    let info = tx
+        .query(
+            &format!(
+                "SELECT key::text, value::text FROM {quoted}.oq_info \
+                 WHERE key::text IN ('owner', 'version')"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|_| {
+            foreign(
+                "a table oq_info",
+                "whose columns are not offline-queue's (key, value)",
+            )
+        })?;
+    let value = |key: &str| {
+        info.iter()
+            .find(|row| row.get::<_, String>(0) == key)
+            .map(|row| row.get::<_, String>(1))
+    };
+    if value("owner").as_deref() != Some(OWNER) {
+        return Err(foreign(
+            "a table oq_info",
+            "without offline-queue's owner row",
+        ));
+    }
+    let version: i64 = value("version")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Error::storage_msg(
+                Retry::No,
+                format!("schema {schema:?}: oq_info has no readable version row"),
+            )
+        })?;
+    if version > VERSION {
+        return Err(Error::storage_msg(
+            Retry::No,
+            format!(
+                "schema {schema:?} is at version {version}, newer than this build's {VERSION}: \
+                 a later offline-queue migrated it; run that version (left untouched)"
+            ),
+        ));
+    }
+    if version < 1 {
+        return Err(Error::storage_msg(
+            Retry::No,
+            format!("schema {schema:?}: oq_info holds version {version}, which never existed"),
+        ));
+    }
+    for step in &MIGRATIONS[(version - 1) as usize..] {
+        for ddl in *step {
+            tx.batch_execute(&ddl.replace("@schema@", quoted))
+                .await
+                .map_err(pg_error)?;
+        }
+    }
+    if version < VERSION {
+        tx.execute(
+            &format!("UPDATE {quoted}.oq_info SET value = $1 WHERE key = 'version'"),
+            &[&VERSION.to_string()],
+        )
+        .await
+        .map_err(pg_error)?;
+    }
+    tx.commit().await.map_err(pg_error)
+}

@@ -1,0 +1,105 @@
+-- Upkeep (Storage::purge) in one call, within `p_budget` units of work: expired records
+-- first (earliest deadline first, through oq_records_expiry: removing k costs O(k log n), not
+-- a scan), each counted lost; then queues idle since `p_idle_before` (through oq_queues_idle,
+-- refiling a queue touched since it was filed for one unit, removing one for its record count
+-- or one); then dedup ids past their window. Purges are serialized by an advisory lock
+-- (`p_lock`), since a purge locks many queue rows; every other step locks one.
+CREATE OR REPLACE FUNCTION @schema@.oq_purge(
+    p_now bigint,
+    p_idle_before bigint,
+    p_budget bigint,
+    p_lock bigint,
+    OUT expired bigint,
+    OUT idle bigint,
+    OUT more boolean
+) LANGUAGE plpgsql AS $$
+DECLARE
+    budget_left bigint := p_budget;
+    freed bigint := 0;
+    due_rids bytea[];
+    due_seqs bigint[];
+    n bigint;
+    b bigint;
+    q record;
+BEGIN
+    expired := 0;
+    idle := 0;
+    more := false;
+    PERFORM pg_advisory_xact_lock(p_lock);
+
+    IF budget_left > 0 THEN
+        -- The first `budget_left` due records, by deadline: O(k) through the deadline index.
+        SELECT array_agg(due.rid), array_agg(due.seq) INTO due_rids, due_seqs FROM (
+            SELECT rec.rid, rec.seq FROM @schema@.oq_records rec
+            WHERE rec.expires_at <= p_now ORDER BY rec.expires_at LIMIT budget_left
+        ) AS due;
+        IF due_rids IS NOT NULL THEN
+            -- Queue rows first, as every step takes them, in one order. A record acked
+            -- between the select and the lock is simply not found below.
+            PERFORM 1 FROM @schema@.oq_queues WHERE rid = ANY (due_rids) ORDER BY rid FOR UPDATE;
+            WITH due AS (
+                SELECT t.rid, t.seq FROM unnest(due_rids, due_seqs) AS t (rid, seq)
+            ), d AS (
+                -- By primary key. The deadline needs no recheck: it never changes.
+                DELETE FROM @schema@.oq_records rec USING due
+                WHERE rec.rid = due.rid AND rec.seq = due.seq
+                RETURNING rec.rid, octet_length(rec.body) AS len
+            ), per AS (
+                SELECT d.rid, count(*) AS k, sum(d.len) AS k_bytes FROM d GROUP BY d.rid
+            ), u AS (
+                UPDATE @schema@.oq_queues qu
+                SET live = qu.live - per.k, bytes = qu.bytes - per.k_bytes,
+                    lost_total = qu.lost_total + per.k
+                FROM per WHERE qu.rid = per.rid
+                RETURNING per.k, per.k_bytes
+            ) SELECT coalesce(sum(u.k), 0), coalesce(sum(u.k_bytes), 0) INTO n, b FROM u;
+            expired := n;
+            freed := freed + b;
+            -- What was selected is the work done, found or not.
+            budget_left := budget_left - cardinality(due_rids);
+        END IF;
+    END IF;
+
+    IF p_idle_before IS NOT NULL AND budget_left > 0 THEN
+        FOR q IN SELECT qu.rid, qu.live, qu.bytes, qu.touched FROM @schema@.oq_queues qu
+                 WHERE qu.idle_key < p_idle_before ORDER BY qu.idle_key LIMIT budget_left
+                 FOR UPDATE LOOP
+            EXIT WHEN budget_left <= 0;
+            IF q.touched >= p_idle_before THEN
+                -- Touched since it was filed: file it under its latest touch. Work too.
+                UPDATE @schema@.oq_queues SET idle_key = q.touched WHERE rid = q.rid;
+                budget_left := budget_left - 1;
+                CONTINUE;
+            END IF;
+            DELETE FROM @schema@.oq_records WHERE rid = q.rid;
+            DELETE FROM @schema@.oq_dedup WHERE rid = q.rid;
+            DELETE FROM @schema@.oq_queues WHERE rid = q.rid;
+            freed := freed + q.bytes;
+            budget_left := greatest(budget_left - greatest(q.live, 1), 0);
+            idle := idle + 1;
+        END LOOP;
+    END IF;
+
+    IF budget_left > 0 THEN
+        WITH old AS (
+            SELECT dd.rid, dd.id FROM @schema@.oq_dedup dd
+            WHERE dd.until <= p_now ORDER BY dd.until LIMIT budget_left
+        ), d AS (
+            DELETE FROM @schema@.oq_dedup dd USING old
+            WHERE dd.rid = old.rid AND dd.id = old.id AND dd.until <= p_now
+            RETURNING 1
+        ) SELECT count(*) INTO n FROM d;
+        budget_left := budget_left - n;
+    END IF;
+
+    IF freed > 0 THEN
+        UPDATE @schema@.oq_bytes SET bytes = bytes - freed WHERE stripe = pg_backend_pid() % 16;
+    END IF;
+    IF budget_left <= 0 THEN
+        more := EXISTS (SELECT 1 FROM @schema@.oq_records rec WHERE rec.expires_at <= p_now)
+            OR (p_idle_before IS NOT NULL AND EXISTS (
+                SELECT 1 FROM @schema@.oq_queues qu WHERE qu.idle_key < p_idle_before))
+            OR EXISTS (SELECT 1 FROM @schema@.oq_dedup dd WHERE dd.until <= p_now);
+    END IF;
+END;
+$$;

@@ -1,0 +1,629 @@
+//! The shared conformance suite against `PostgresStorage` (`OFFLINE_QUEUE_POSTGRES_URL`), each
+//! check in a schema of its own, dropped afterwards; then what only this backend has: ids of
+//! any bytes stored exactly, and the schema's version and ownership checks. Skipped, and says
+//! so, when the variable is unset.
+
+#![cfg(all(feature = "postgres", feature = "testing"))]
+
+mod postgres_support;
+
+use std::sync::Arc;
+
+use offline_queue::storage::NewRecord;
+use offline_queue::{
+    Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt, testing,
+};
+use parking_lot::Mutex;
+use postgres_support::{drop_schemas, fresh, raw, unique_schema, url};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_storage_passes_the_conformance_suite() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schemas = Arc::new(Mutex::new(Vec::new()));
+    testing::run_all(|| {
+        let schema = unique_schema("conformance");
+        schemas.lock().push(schema.clone());
+        let url = url.clone();
+        async move { Arc::new(fresh(&url, &schema).await) as Arc<dyn Storage> }
+    })
+    .await;
+    let schemas = schemas.lock().clone();
+    drop_schemas(&url, &schemas).await;
+}
+
+fn record(body: &[u8]) -> NewRecord {
+    NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: testing::T0,
+        expires_at: None,
+        body: body.to_vec(),
+    }
+}
+
+/// Ids with quotes, backslashes, NUL, SQL and every byte value: each sees only its own
+/// records, and the bytes stored for it are its exact bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_of_any_bytes_are_isolated_and_stored_exactly() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("ids");
+    let storage = fresh(&url, &schema).await;
+    let all_bytes: Vec<u8> = (0..=254u8).rev().collect();
+    let raw_ids: Vec<Vec<u8>> = vec![
+        b"'".to_vec(),
+        b"''".to_vec(),
+        b"a'; DROP TABLE oq_records; --".to_vec(),
+        b"\"".to_vec(),
+        b"\\".to_vec(),
+        b"\\x00".to_vec(),
+        b"\\'".to_vec(),
+        b"\0".to_vec(),
+        b"a\0".to_vec(),
+        b"a\0b".to_vec(),
+        b"$1".to_vec(),
+        b"%".to_vec(),
+        b"_".to_vec(),
+        vec![0xff; 255],
+        all_bytes.clone(),
+        all_bytes[1..].to_vec(),
+    ];
+    assert_eq!(all_bytes.len(), 255);
+    let ids: Vec<RecipientId> = raw_ids
+        .iter()
+        .map(|raw| RecipientId::new(raw).unwrap())
+        .collect();
+    for (i, who) in ids.iter().enumerate() {
+        storage
+            .append(
+                who,
+                vec![record(&[i as u8])],
+                &Quota::UNLIMITED,
+                testing::T0,
+            )
+            .await
+            .unwrap();
+    }
+    for (i, who) in ids.iter().enumerate() {
+        let read = storage.read_all(who, testing::T0).await.unwrap();
+        let bodies: Vec<&[u8]> = read.iter().map(|r| &r.body[..]).collect();
+        assert_eq!(bodies, [&[i as u8][..]], "id {i} sees only its own");
+        assert_eq!(storage.stats(who).await.unwrap().messages, 1);
+    }
+    // The rows hold the ids' exact bytes, one row each.
+    let client = raw(&url).await;
+    let stored: Vec<Vec<u8>> = client
+        .query(
+            &format!("SELECT rid FROM \"{schema}\".oq_queues ORDER BY rid"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut expected = raw_ids.clone();
+    expected.sort();
+    assert_eq!(stored, expected, "stored exactly");
+    // Removing one removes nothing of the others.
+    assert_eq!(storage.remove_recipient(&ids[7]).await.unwrap(), 1);
+    for (i, who) in ids.iter().enumerate() {
+        let want = u64::from(i != 7);
+        assert_eq!(storage.stats(who).await.unwrap().messages, want, "id {i}");
+    }
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// A schema migrated by a later build (a higher version row) is refused, naming the version,
+/// and left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_version_is_refused() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("version");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    storage
+        .append(&bob, vec![record(b"kept")], &Quota::UNLIMITED, testing::T0)
+        .await
+        .unwrap();
+    drop(storage);
+    let client = raw(&url).await;
+    client
+        .execute(
+            &format!("UPDATE \"{schema}\".oq_info SET value = '999' WHERE key = 'version'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = PostgresStorage::options()
+        .schema(&schema)
+        .connect(&url)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("version 999") && message.contains(&schema),
+        "{message}"
+    );
+    assert!(!err.is_retryable(), "{err:?}");
+    let version: String = client
+        .query_one(
+            &format!("SELECT value FROM \"{schema}\".oq_info WHERE key = 'version'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "999", "left untouched");
+    // Set back, the same data reads again.
+    client
+        .execute(
+            &format!("UPDATE \"{schema}\".oq_info SET value = '1' WHERE key = 'version'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let storage = fresh(&url, &schema).await;
+    let read = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(&read[0].body[..], b"kept");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Another application's table of one of this crate's names is refused, naming it, and never
+/// altered; so is an `oq_info` that is not ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_table_is_refused_and_left_alone() {
+    let Some(url) = url() else {
+        return;
+    };
+    let client = raw(&url).await;
+    let schema = unique_schema("foreign");
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\"; \
+             CREATE TABLE \"{schema}\".oq_records (theirs text); \
+             INSERT INTO \"{schema}\".oq_records VALUES ('their row');"
+        ))
+        .await
+        .unwrap();
+    let err = PostgresStorage::options()
+        .schema(&schema)
+        .connect(&url)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    assert!(err.to_string().contains("oq_records"), "{err}");
+    let columns: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = 'oq_records'",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(columns, ["theirs"], "their table is unchanged");
+    let tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "nothing of ours was created beside it");
+
+    let other = unique_schema("foreign_info");
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{other}\"; CREATE TABLE \"{other}\".oq_info (k int);"
+        ))
+        .await
+        .unwrap();
+    let err = PostgresStorage::options()
+        .schema(&other)
+        .connect(&url)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("oq_info"), "{err}");
+    drop_schemas(&url, &[schema, other]).await;
+}
+
+/// Schema names are identifiers, checked before anything reaches the server; a server that
+/// does not answer is a retryable error.
+#[tokio::test]
+async fn schema_names_are_validated_and_an_absent_server_is_retryable() {
+    for bad in [
+        "",
+        "Upper",
+        "a-b",
+        "a\"b",
+        "1abc",
+        "pg_x",
+        "a b",
+        &"x".repeat(64),
+    ] {
+        let err = PostgresStorage::options()
+            .schema(bad)
+            .connect("postgres://nobody@127.0.0.1:1/none")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidConfig { .. }),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let err = PostgresStorage::connect("postgres://nobody@127.0.0.1:1/none")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Storage { .. }) && err.is_retryable(),
+        "{err:?}"
+    );
+    let err = PostgresStorage::connect("postgres://[nonsense")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+}
+
+/// Nodes starting together on a new schema: one creates it, the others find it ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_create_the_schema_once() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("together");
+    let connects = (0..4).map(|_| fresh(&url, &schema));
+    let storages = futures::future::join_all(connects).await;
+    let bob = RecipientId::new("bob").unwrap();
+    for storage in &storages {
+        storage
+            .append(&bob, vec![record(b"x")], &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+    }
+    assert_eq!(storages[0].stats(&bob).await.unwrap().messages, 4);
+    drop(storages);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Appends (some under a storage-wide budget, some dropping the oldest), acks, session reads,
+/// purges and removals from many connections at once: no step deadlocks or fails but by a
+/// limit, and afterwards the byte counter, each queue's counts and the records agree exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_steps_keep_the_counters_exact() {
+    use std::time::Duration;
+
+    use offline_queue::storage::Ack;
+    use offline_queue::{BatchLimit, Overflow};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("concurrent");
+    let storage = Arc::new(
+        PostgresStorage::options()
+            .schema(&schema)
+            .pool_size(8)
+            .connect(&url)
+            .await
+            .unwrap(),
+    );
+    let who = |i: usize| RecipientId::new(format!("r{}", i % 5)).unwrap();
+    let (stored, refused) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let tasks = (0..12usize).map(|task| {
+        let storage = storage.clone();
+        let (stored, refused) = (stored.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut last = std::collections::HashMap::new();
+            for step in 0..40usize {
+                let recipient = who(task + step);
+                let now = testing::T0.saturating_add(Duration::from_millis(step as u64));
+                let quota = Quota {
+                    max_messages: 20,
+                    max_bytes: 2_000,
+                    overflow: if task % 2 == 0 {
+                        Overflow::DropOldest
+                    } else {
+                        Overflow::Reject
+                    },
+                    max_total_bytes: (task % 3 == 0).then_some(5_000),
+                    ..Quota::UNLIMITED
+                };
+                let mut expiring = record(&vec![task as u8; 10 + step]);
+                if step % 4 == 0 {
+                    expiring.expires_at = Some(now);
+                }
+                match storage
+                    .append(&recipient, vec![record(&[1; 30]), expiring], &quota, now)
+                    .await
+                {
+                    Ok(outcome) => {
+                        stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let seq = outcome.records[1].seq();
+                        if let Some(previous) = last.insert(recipient.clone(), seq) {
+                            assert!(seq > previous, "seqs increase for one writer");
+                        }
+                    }
+                    Err(Error::QueueFull { .. } | Error::StorageFull { .. }) => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(other) => panic!("append: {other:?}"),
+                }
+                match step % 5 {
+                    0 => {
+                        let read = storage
+                            .read(&recipient, None, BatchLimit::default(), now)
+                            .await
+                            .unwrap();
+                        if let Some(first) = read.records.first() {
+                            let ack = Ack {
+                                through: Some(first.seq),
+                                passed_over: read.expired.clone(),
+                                ..Ack::default()
+                            };
+                            storage
+                                .read_for_delivery(
+                                    &recipient,
+                                    Some(&ack),
+                                    None,
+                                    BatchLimit::default(),
+                                    now,
+                                )
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    1 => {
+                        storage.purge(now, Some(now), 7).await.unwrap();
+                    }
+                    2 if step % 20 == 2 => {
+                        storage.remove_recipient(&recipient).await.unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    let (stored, refused) = (
+        stored.load(std::sync::atomic::Ordering::Relaxed),
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        stored > 0 && refused > 0,
+        "{stored} stored, {refused} refused"
+    );
+    let client = raw(&url).await;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_bytes), \
+                 (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM \"{schema}\".oq_records), \
+                 (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_queues), \
+                 (SELECT count(*) FROM \"{schema}\".oq_records), \
+                 (SELECT coalesce(sum(live), 0)::bigint FROM \"{schema}\".oq_queues)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (counter, records, queues): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((counter, queues), (records, records), "bytes agree");
+    let (count, live): (i64, i64) = (row.get(3), row.get(4));
+    assert_eq!(count, live, "record counts agree");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// With `synchronous_commit` on (the default) and a server that fsyncs, the storage says it
+/// is durable; relaxed, it says it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_follows_synchronous_commit() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("durable");
+    let fsync: String = raw(&url)
+        .await
+        .query_one("SHOW fsync", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let storage = fresh(&url, &schema).await;
+    assert_eq!(storage.capabilities().durable, fsync == "on");
+    let relaxed = PostgresStorage::options()
+        .schema(&schema)
+        .synchronous_commit(false)
+        .connect(&url)
+        .await
+        .unwrap();
+    assert!(!relaxed.capabilities().durable);
+    drop((storage, relaxed));
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Reads walk the queue in pages: batches larger than a page, and runs of expired records,
+/// read exactly as the reference backend reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_pages_match_the_reference() {
+    use std::time::Duration;
+
+    use offline_queue::{BatchLimit, MemoryStorage};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("pages");
+    let storage = fresh(&url, &schema).await;
+    let reference = MemoryStorage::new();
+    let bob = RecipientId::new("bob").unwrap();
+    let at = |s| testing::T0.saturating_add(Duration::from_secs(s));
+    let records: Vec<NewRecord> = (0..700u32)
+        .map(|i| {
+            let mut r = record(&i.to_le_bytes());
+            // Runs of expired records, long and short, between live ones.
+            if (100..160).contains(&i) || i % 7 == 0 || (400..650).contains(&i) {
+                r.expires_at = Some(at(5));
+            }
+            r
+        })
+        .collect();
+    async fn first_seq(s: &dyn Storage, bob: &RecipientId, records: Vec<NewRecord>) -> u64 {
+        let outcome = s
+            .append(bob, records, &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+        outcome.records[0].seq().0
+    }
+    let first = first_seq(&storage, &bob, records.clone()).await;
+    let reference_first = first_seq(&reference, &bob, records).await;
+    for (max_messages, max_bytes) in [
+        (1, usize::MAX),
+        (3, 9),
+        (8, usize::MAX),
+        (150, 400),
+        (300, usize::MAX),
+        (1000, usize::MAX),
+    ] {
+        let limit = BatchLimit {
+            max_messages,
+            max_bytes,
+        };
+        let (mut after, mut reference_after) = (None, None);
+        loop {
+            let got = storage.read(&bob, after, limit, at(10)).await.unwrap();
+            let want = reference
+                .read(&bob, reference_after, limit, at(10))
+                .await
+                .unwrap();
+            let offsets = |seqs: Vec<u64>, base: u64| -> Vec<u64> {
+                seqs.into_iter().map(|s| s - base).collect()
+            };
+            assert_eq!(
+                offsets(got.records.iter().map(|r| r.seq.0).collect(), first),
+                offsets(
+                    want.records.iter().map(|r| r.seq.0).collect(),
+                    reference_first
+                ),
+                "records, limit {limit:?}"
+            );
+            assert_eq!(
+                offsets(got.expired.iter().map(|s| s.0).collect(), first),
+                offsets(want.expired.iter().map(|s| s.0).collect(), reference_first),
+                "expired, limit {limit:?}"
+            );
+            let bodies = |b: &offline_queue::storage::ReadBatch| -> Vec<Vec<u8>> {
+                b.records.iter().map(|r| r.body.to_vec()).collect()
+            };
+            assert_eq!(bodies(&got), bodies(&want));
+            let last = |b: &offline_queue::storage::ReadBatch| {
+                let r = b.records.last().map(|r| r.seq);
+                let e = b.expired.last().copied();
+                r.max(e)
+            };
+            match (last(&got), last(&want)) {
+                (Some(a), Some(b)) => {
+                    after = Some(a);
+                    reference_after = Some(b);
+                }
+                (None, None) => break,
+                other => panic!("one ended early: {other:?}"),
+            }
+        }
+    }
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// `Overflow::DropOldest` drops across pages of the queue: many small records make room for
+/// one large one, counted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_across_pages() {
+    use offline_queue::Overflow;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("drops");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let quota = Quota {
+        max_messages: 1_000,
+        max_bytes: 300,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let small: Vec<NewRecord> = (0..300u16).map(|i| record(&[i as u8])).collect();
+    storage
+        .append(&bob, small, &quota, testing::T0)
+        .await
+        .unwrap();
+    let outcome = storage
+        .append(&bob, vec![record(&[9; 150])], &quota, testing::T0)
+        .await
+        .unwrap();
+    assert_eq!((outcome.dropped, outcome.pending), (150, 151));
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!((stats.messages, stats.bytes, stats.lost), (151, 300, 150));
+    let left = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(&left[0].body[..], &[150u8][..], "the oldest 150 went");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Reads start past the front a cumulative ack removed, and an ack through a seq the queue
+/// never held (up to `u64::MAX`) still leaves later appends readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_past_the_end_hide_nothing_appended_later() {
+    use offline_queue::Seq;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("head");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let put = |body: &'static [u8]| {
+        storage.append(&bob, vec![record(body)], &Quota::UNLIMITED, testing::T0)
+    };
+    put(b"a").await.unwrap();
+    put(b"b").await.unwrap();
+    assert_eq!(
+        storage
+            .ack_through(&bob, Seq(u64::MAX), testing::T0)
+            .await
+            .unwrap(),
+        2
+    );
+    let c = put(b"c").await.unwrap().records[0].seq();
+    let read = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].seq, &read[0].body[..]), (c, &b"c"[..]));
+    assert_eq!(storage.stats(&bob).await.unwrap().newest_seq, Some(c));
+    assert_eq!(
+        storage
+            .ack_through(&bob, Seq(c.0 - 1), testing::T0)
+            .await
+            .unwrap(),
+        0,
+        "a stale cumulative ack removes nothing"
+    );
+    assert_eq!(storage.read_all(&bob, testing::T0).await.unwrap().len(), 1);
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
