@@ -627,3 +627,41 @@ async fn acks_past_the_end_hide_nothing_appended_later() {
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
+
+/// A purge skips a queue another step holds locked, says there is more, and removes its
+/// expired records on a later call: a send to a busy recipient never waits behind a purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_skips_a_busy_queue_and_says_there_is_more() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("purge_skips");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let now = testing::T0;
+    let due = now.saturating_add(std::time::Duration::from_secs(1));
+    let expiring = NewRecord {
+        expires_at: Some(due),
+        ..record(b"soon")
+    };
+    storage
+        .append(&bob, vec![expiring], &Quota::UNLIMITED, now)
+        .await
+        .unwrap();
+    let mut holder = raw(&url).await;
+    let held = holder.transaction().await.unwrap();
+    held.execute(
+        &format!("SELECT 1 FROM \"{schema}\".oq_queues WHERE rid = $1 FOR UPDATE"),
+        &[&bob.as_bytes()],
+    )
+    .await
+    .unwrap();
+    let later = due.saturating_add(std::time::Duration::from_secs(1));
+    let skipped = storage.purge(later, None, 100).await.unwrap();
+    assert_eq!((skipped.expired, skipped.more), (0, true), "{skipped:?}");
+    held.rollback().await.unwrap();
+    let purged = storage.purge(later, None, 100).await.unwrap();
+    assert_eq!((purged.expired, purged.more), (1, false), "{purged:?}");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}

@@ -7,24 +7,31 @@ use tokio_postgres::error::SqlState;
 
 use crate::error::Error;
 
-/// Maps a driver error to ours. Retryable: a connection lost or refused (no SQLSTATE), and the
-/// server's classes for faults that pass: `08` connection, `40` serialization failure and
-/// deadlock, `53` insufficient resources, `57P01`-`57P03` shutdown and startup, `55P03` lock
-/// not available, `58` system errors. Anything else (a constraint, a syntax error, a
-/// permission) will not pass by itself.
+/// Maps a driver error to ours. Retryable: a connection lost, closed or refused (no
+/// SQLSTATE, and the client closed or an I/O error underneath), and the server's codes for
+/// faults that pass: class `08` connection, `40` serialization failure and deadlock, `53`
+/// insufficient resources, `57P01`-`57P03` shutdown and startup, `57014` a statement
+/// cancelled (a timeout), `55P03` lock not available, `25006` a read-only standby (after a
+/// failover), `58000` and `58030` system and I/O errors. Anything else (a constraint, a
+/// syntax error, a permission, a reply the client could not decode, a parameter it could
+/// not encode) will not pass by itself.
 pub(super) fn pg_error(error: tokio_postgres::Error) -> Error {
     let retryable = match error.code() {
-        None => true,
+        None => error.is_closed() || io_underneath(&error),
         Some(code) => {
             let code = code.code();
-            ["08", "40", "53", "58"]
+            ["08", "40", "53"]
                 .iter()
                 .any(|class| code.starts_with(class))
                 || [
                     SqlState::ADMIN_SHUTDOWN.code(),
                     SqlState::CRASH_SHUTDOWN.code(),
                     SqlState::CANNOT_CONNECT_NOW.code(),
+                    SqlState::QUERY_CANCELED.code(),
                     SqlState::LOCK_NOT_AVAILABLE.code(),
+                    SqlState::READ_ONLY_SQL_TRANSACTION.code(),
+                    SqlState::SYSTEM_ERROR.code(),
+                    SqlState::IO_ERROR.code(),
                 ]
                 .contains(&code)
         }
@@ -34,6 +41,18 @@ pub(super) fn pg_error(error: tokio_postgres::Error) -> Error {
         retryable,
         source: Some(Arc::new(error)),
     }
+}
+
+/// True if an I/O error (a connection reset, a refused connect, a timeout) caused `error`.
+fn io_underneath(error: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        if inner.is::<std::io::Error>() {
+            return true;
+        }
+        cause = inner.source();
+    }
+    false
 }
 
 /// The server's message with its detail, or the driver's.

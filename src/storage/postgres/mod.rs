@@ -67,14 +67,18 @@
 //! `touched` (not indexed, so their updates of the queue row stay HOT and add no index
 //! entries); purge re-files a queue touched since it was filed, one unit of its budget each, as
 //! the memory backend does. Dedup ids past their window go the same way. Purges are
-//! serialized by an advisory lock, since a purge locks many queue rows.
+//! serialized by an advisory lock, since a purge locks many queue rows; a queue or id another
+//! step holds is skipped (the call says `more`), so a send never waits behind a purge.
 //!
 //! # Storage-wide budget
 //! `oq_bytes` holds the body bytes stored in 16 stripes: a step adds to its connection's stripe
 //! (backend pid mod 16), so steps on different connections do not queue on one row. An append
-//! under `Quota::max_total_bytes` locks all 16 in order, sums them and decides: exact, and only
-//! those appends serialize. Locks are always taken queue row first, stripes last (in stripe
-//! order), so steps cannot deadlock.
+//! under `Quota::max_total_bytes` locks all 16 in order, sums them and decides: exact, but it
+//! holds all 16 until it commits, so with a budget set every step that stores or frees bytes
+//! (appends, acks, purges, removals) waits its turn behind each such append: a budget costs
+//! concurrency (a share of the budget per stripe would lift that; not built). Locks are always
+//! taken queue row first, stripes next (in stripe order), dedup rows last, so steps cannot
+//! deadlock.
 //!
 //! # Bloat (not measured yet)
 //! Acks and purges delete rows, which leaves dead tuples for vacuum; a transaction holding the

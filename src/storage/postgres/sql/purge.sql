@@ -3,7 +3,11 @@
 -- a scan), each counted lost; then queues idle since `p_idle_before` (through oq_queues_idle,
 -- refiling a queue touched since it was filed for one unit, removing one for its record count
 -- or one); then dedup ids past their window. Purges are serialized by an advisory lock
--- (`p_lock`), since a purge locks many queue rows; every other step locks one.
+-- (`p_lock`), since a purge locks many queue rows; every other step locks one. A queue or id
+-- another step holds is skipped, not waited for (`more` then says so): a send to a busy
+-- recipient never waits behind a purge, and no lock is taken in another order than theirs.
+-- Plans are made for each call's values (`plan_cache_mode`): a generic plan for
+-- `expires_at <= $1` may scan the whole table.
 CREATE OR REPLACE FUNCTION @schema@.oq_purge(
     p_now bigint,
     p_idle_before bigint,
@@ -12,7 +16,7 @@ CREATE OR REPLACE FUNCTION @schema@.oq_purge(
     OUT expired bigint,
     OUT idle bigint,
     OUT more boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
     budget_left bigint := p_budget;
     freed bigint := 0;
@@ -20,6 +24,8 @@ DECLARE
     due_seqs bigint[];
     n bigint;
     b bigint;
+    locked bytea[];
+    skipped boolean := false;
     q record;
 BEGIN
     expired := 0;
@@ -34,11 +40,18 @@ BEGIN
             WHERE rec.expires_at <= p_now ORDER BY rec.expires_at LIMIT budget_left
         ) AS due;
         IF due_rids IS NOT NULL THEN
-            -- Queue rows first, as every step takes them, in one order. A record acked
-            -- between the select and the lock is simply not found below.
-            PERFORM 1 FROM @schema@.oq_queues WHERE rid = ANY (due_rids) ORDER BY rid FOR UPDATE;
+            -- Queue rows first, as every step takes them, in one order; one a step holds now
+            -- is left for the next call. A record acked between the select and the lock is
+            -- simply not found below.
+            SELECT array_agg(l.rid) INTO locked FROM (
+                SELECT qu.rid FROM @schema@.oq_queues qu WHERE qu.rid = ANY (due_rids)
+                ORDER BY qu.rid FOR UPDATE SKIP LOCKED
+            ) AS l;
+            skipped := coalesce(cardinality(locked), 0)
+                < (SELECT count(DISTINCT r) FROM unnest(due_rids) AS r);
             WITH due AS (
                 SELECT t.rid, t.seq FROM unnest(due_rids, due_seqs) AS t (rid, seq)
+                WHERE t.rid = ANY (coalesce(locked, '{}'))
             ), d AS (
                 -- By primary key. The deadline needs no recheck: it never changes.
                 DELETE FROM @schema@.oq_records rec USING due
@@ -63,7 +76,7 @@ BEGIN
     IF p_idle_before IS NOT NULL AND budget_left > 0 THEN
         FOR q IN SELECT qu.rid, qu.live, qu.bytes, qu.touched FROM @schema@.oq_queues qu
                  WHERE qu.idle_key < p_idle_before ORDER BY qu.idle_key LIMIT budget_left
-                 FOR UPDATE LOOP
+                 FOR UPDATE SKIP LOCKED LOOP
             EXIT WHEN budget_left <= 0;
             IF q.touched >= p_idle_before THEN
                 -- Touched since it was filed: file it under its latest touch. Work too.
@@ -80,10 +93,17 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- The stripe before the dedup rows: an append holds its stripes, then writes its dedup
+    -- row; taking them the other way round here could deadlock with it.
+    IF freed > 0 THEN
+        UPDATE @schema@.oq_bytes SET bytes = bytes - freed WHERE stripe = pg_backend_pid() % 16;
+    END IF;
+
     IF budget_left > 0 THEN
         WITH old AS (
             SELECT dd.rid, dd.id FROM @schema@.oq_dedup dd
             WHERE dd.until <= p_now ORDER BY dd.until LIMIT budget_left
+            FOR UPDATE SKIP LOCKED
         ), d AS (
             DELETE FROM @schema@.oq_dedup dd USING old
             WHERE dd.rid = old.rid AND dd.id = old.id AND dd.until <= p_now
@@ -92,14 +112,13 @@ BEGIN
         budget_left := budget_left - n;
     END IF;
 
-    IF freed > 0 THEN
-        UPDATE @schema@.oq_bytes SET bytes = bytes - freed WHERE stripe = pg_backend_pid() % 16;
-    END IF;
-    IF budget_left <= 0 THEN
-        more := EXISTS (SELECT 1 FROM @schema@.oq_records rec WHERE rec.expires_at <= p_now)
-            OR (p_idle_before IS NOT NULL AND EXISTS (
-                SELECT 1 FROM @schema@.oq_queues qu WHERE qu.idle_key < p_idle_before))
-            OR EXISTS (SELECT 1 FROM @schema@.oq_dedup dd WHERE dd.until <= p_now);
+    -- Each through its index's first entry (min), never a scan.
+    IF budget_left <= 0 OR skipped THEN
+        more := (SELECT min(rec.expires_at) FROM @schema@.oq_records rec) <= p_now
+            OR (p_idle_before IS NOT NULL
+                AND (SELECT min(qu.idle_key) FROM @schema@.oq_queues qu) < p_idle_before)
+            OR (SELECT min(dd.until) FROM @schema@.oq_dedup dd) <= p_now;
+        more := coalesce(more, false);
     END IF;
 END;
 $$;
