@@ -34,7 +34,52 @@ fn chat_server_process() {
 
 #[tokio::test]
 async fn offline_messages_arrive_in_order_in_batches_then_caught_up() {
-    let server = Server::start(&["--batch-max", "2"]);
+    offline_then_batches(&[]).await;
+}
+
+/// The same protocol on PostgreSQL (`OFFLINE_QUEUE_POSTGRES_URL`; skipped, and says so, when
+/// it is unset): offline messages in batches, then acks and redelivery.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn the_protocol_holds_on_postgres() {
+    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
+        assert!(
+            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
+        );
+        eprintln!("skipped: OFFLINE_QUEUE_POSTGRES_URL is not set");
+        return;
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Each scenario in a schema of its own, as each starts from empty queues.
+    for scenario in 0..2 {
+        let schema = format!(
+            "chat_test_{}",
+            offline_queue::MessageId::generate()
+                .to_string()
+                .to_lowercase()
+        );
+        let flags = ["--storage", &url, "--postgres-schema", &schema];
+        if scenario == 0 {
+            offline_then_batches(&flags).await;
+        } else {
+            acked_gone_unacked_back(&flags).await;
+        }
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .unwrap();
+    }
+}
+
+/// Alice sends five to bob, offline; bob connects and gets them in batches of two.
+async fn offline_then_batches(storage: &[&str]) {
+    let mut args = vec!["--batch-max", "2"];
+    args.extend_from_slice(storage);
+    let server = Server::start(&args);
     let mut alice = Client::connect(&server, "alice").await;
     alice.expect_caught_up_empty().await;
     let mut seqs = Vec::new();
@@ -88,7 +133,12 @@ async fn live_messages_reach_an_online_recipient() {
 
 #[tokio::test]
 async fn acked_messages_are_gone_and_unacked_come_back_marked() {
-    let server = Server::start(&[]);
+    acked_gone_unacked_back(&[]).await;
+}
+
+/// Bob acks two of three; the third comes back, marked, on his next connection.
+async fn acked_gone_unacked_back(storage: &[&str]) {
+    let server = Server::start(storage);
     let mut alice = Client::connect(&server, "alice").await;
     alice.expect_caught_up_empty().await;
     for body in ["one", "two", "three"] {
@@ -471,9 +521,14 @@ fn bad_flags_fail_at_start_naming_the_flag() {
                 "built without the `redis` feature"
             },
         ),
+        // Likewise for PostgreSQL.
         (
-            vec!["--storage", "postgres://localhost/test"],
-            "PostgreSQL backend is not built",
+            vec!["--storage", "postgres://postgres@127.0.0.1:1/test"],
+            if cfg!(feature = "postgres") {
+                "does not answer"
+            } else {
+                "built without the `postgres` feature"
+            },
         ),
         (vec!["--storage", "floppy:a"], "--storage \"floppy:a\""),
         (

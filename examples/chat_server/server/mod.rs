@@ -32,14 +32,18 @@ pub struct Config {
     /// Address to listen on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where messages wait: `redb:<path>` (durable, one file), `memory`, or `redis://host:port`
+    /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://host:port`
     /// (several, comma separated, for a Redis Cluster; needs the `redis` feature), shared by
-    /// every node that names it. (`postgres://` is refused until that backend exists.)
+    /// every node that names it, or `postgres://user@host:port/db` (needs the `postgres`
+    /// feature; one node for now: nodes on PostgreSQL do not wake each other yet).
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
     /// With Redis storage: the prefix of every key, so several deployments can share a Redis.
     #[arg(long, default_value = "chat")]
     pub redis_prefix: String,
+    /// With PostgreSQL storage: the schema the queues live in.
+    #[arg(long, default_value = "chat")]
+    pub postgres_schema: String,
     /// With Redis storage: this node's id among the nodes (default: random).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -137,12 +141,36 @@ async fn with_storage(
         return with_redis(builder, spec, config).await;
     }
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        return Err("--storage postgres://: the PostgreSQL backend is not built yet in this version of offline-queue".into());
+        return with_postgres(builder, spec, config).await;
     }
     Err(
         format!("--storage {spec:?}: expected redb:<path>, memory, redis://.. or postgres://..")
             .into(),
     )
+}
+
+/// Queues in a PostgreSQL schema. One node: `PostgresStorage` has no coordination yet, so a
+/// second server on the same database would not wake this one's sessions.
+#[cfg(feature = "postgres")]
+async fn with_postgres(
+    builder: OfflineQueueBuilder,
+    spec: &str,
+    config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    let storage = offline_queue::PostgresStorage::options()
+        .schema(config.postgres_schema.clone())
+        .connect(spec)
+        .await?;
+    Ok(builder.storage(Arc::new(storage)))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn with_postgres(
+    _builder: OfflineQueueBuilder,
+    _spec: &str,
+    _config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    Err("--storage postgres://: built without the `postgres` feature (cargo run --features postgres --example chat_server)".into())
 }
 
 /// Several nodes share one Redis (or one cluster: several URLs, comma separated): each
