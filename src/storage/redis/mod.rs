@@ -314,7 +314,10 @@ impl Storage for RedisStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<ReadBatch> {
-        self.read_marking(recipient, after, limit, now, false).await
+        Ok(self
+            .read_marking(recipient, None, after, limit, now, false)
+            .await?
+            .batch)
     }
 
     /// A cumulative ack and the read of a plain run go in one `MULTI` (`run_read.rs`);
@@ -327,31 +330,8 @@ impl Storage for RedisStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<DeliveryRead> {
-        let (hex, keys) = self.keys(recipient);
-        let run = self
-            .read_run(
-                recipient,
-                &keys,
-                ack.map(|a| (a, hex.as_str())),
-                after,
-                limit,
-                now,
-                true,
-            )
-            .await?;
-        let acked = match (run.acked, ack) {
-            (Some(removed), _) => removed,
-            (None, Some(ack)) => self.ack(recipient, ack, now).await?,
-            (None, None) => 0,
-        };
-        let batch = match run.batch {
-            Some(batch) => batch,
-            None => {
-                self.read_ordinary(recipient, &keys, after, limit, now, true)
-                    .await?
-            }
-        };
-        Ok(DeliveryRead { acked, batch })
+        self.read_marking(recipient, ack, after, limit, now, true)
+            .await
     }
 
     async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {

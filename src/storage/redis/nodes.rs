@@ -130,6 +130,13 @@ impl RedisStorage {
             .collect())
     }
 
+    /// The nodes other than this one holding a session for `recipient` now.
+    async fn other_nodes(&self, recipient: &RecipientId) -> Result<Vec<String>> {
+        let mut nodes = self.sessions_on(recipient).await?;
+        nodes.retain(|node| *node != self.shared.node);
+        Ok(nodes)
+    }
+
     /// Publishes a wake-up for the recipient (named by its hex) to each of these nodes'
     /// channels. A failed publish is logged: the message is stored all the same, and that
     /// node's session finds it on its next read.
@@ -257,19 +264,13 @@ impl Coordination for RedisStorage {
     }
 
     async fn announce(&self, recipient: &RecipientId) -> Result<bool> {
-        let others: Vec<String> = self
-            .sessions_on(recipient)
-            .await?
-            .into_iter()
-            .filter(|node| *node != self.shared.node)
-            .collect();
+        let others = self.other_nodes(recipient).await?;
         self.wake_nodes(recipient, &keys::hex(recipient), &others)
             .await;
         Ok(!others.is_empty())
     }
 
     async fn live_elsewhere(&self, recipient: &RecipientId) -> Result<bool> {
-        let nodes = self.sessions_on(recipient).await?;
-        Ok(nodes.iter().any(|node| *node != self.shared.node))
+        Ok(!self.other_nodes(recipient).await?.is_empty())
     }
 }

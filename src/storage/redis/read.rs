@@ -12,29 +12,46 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::limits::BatchLimit;
 use crate::message::{RecipientId, Seq};
-use crate::storage::ReadBatch;
+use crate::storage::{Ack, DeliveryRead, ReadBatch, Storage};
 
 impl RedisStorage {
-    /// A read: of a plain run in one `MULTI` where the front is known, else through
-    /// `read.lua`; with `mark`, it also counts a delivery for each record returned.
+    /// A read, after `ack` if there is one: of a plain run in one `MULTI` where the front is
+    /// known (a cumulative ack in the same `MULTI`), else the ack and `read.lua` as separate
+    /// steps; with `mark`, it also counts a delivery for each record returned.
     pub(super) async fn read_marking(
         &self,
         recipient: &RecipientId,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
         mark: bool,
-    ) -> Result<ReadBatch> {
-        let (_, keys) = self.keys(recipient);
-        if let Some(batch) = self
-            .read_run(recipient, &keys, None, after, limit, now, mark)
-            .await?
-            .batch
-        {
-            return Ok(batch);
-        }
-        self.read_ordinary(recipient, &keys, after, limit, now, mark)
-            .await
+    ) -> Result<DeliveryRead> {
+        let (hex, keys) = self.keys(recipient);
+        let run = self
+            .read_run(
+                recipient,
+                &keys,
+                ack.map(|a| (a, hex.as_str())),
+                after,
+                limit,
+                now,
+                mark,
+            )
+            .await?;
+        let acked = match (run.acked, ack) {
+            (Some(removed), _) => removed,
+            (None, Some(ack)) => self.ack(recipient, ack, now).await?,
+            (None, None) => 0,
+        };
+        let batch = match run.batch {
+            Some(batch) => batch,
+            None => {
+                self.read_ordinary(recipient, &keys, after, limit, now, mark)
+                    .await?
+            }
+        };
+        Ok(DeliveryRead { acked, batch })
     }
 
     /// A read through `read.lua`, which brings the records into Lua: any queue, any state.
