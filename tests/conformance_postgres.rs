@@ -665,3 +665,205 @@ async fn purge_skips_a_busy_queue_and_says_there_is_more() {
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
+
+/// Appends waiting together share one commit (one connection, so all but the first wait), and
+/// each still gets its own outcome: seqs in submission order per recipient, a resent id the
+/// seq of the first, a full queue refused alone, the storage-wide budget counted across the
+/// group, and the byte counters exact afterwards.
+#[tokio::test]
+async fn concurrent_appends_share_commits_and_keep_their_own_outcomes() {
+    use offline_queue::storage::Appended;
+    use offline_queue::{BatchLimit, Overflow};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("group");
+    let storage = PostgresStorage::options()
+        .schema(&schema)
+        .pool_size(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let (a, b, c) = (
+        RecipientId::new("a").unwrap(),
+        RecipientId::new("b").unwrap(),
+        RecipientId::new("c").unwrap(),
+    );
+    let budgeted = Quota {
+        max_total_bytes: Some(350),
+        ..Quota::UNLIMITED
+    };
+    let small = Quota {
+        max_messages: 5,
+        overflow: Overflow::Reject,
+        ..Quota::UNLIMITED
+    };
+    let sender_chosen = |key: u8, body: Vec<u8>| NewRecord {
+        id: MessageId::from_bytes([key; 16]),
+        dedup: true,
+        ..record(&body)
+    };
+    // Submitted in this order, all at once (join_all polls each before any commit is done).
+    let mut calls = Vec::new();
+    for i in 0..6u8 {
+        calls.push((c.clone(), record(&[i; 100]), budgeted));
+    }
+    for i in 0..60u8 {
+        // Every tenth resends the id of the one before it.
+        let key = if i % 10 == 9 { i - 1 } else { i };
+        calls.push((a.clone(), sender_chosen(key, vec![i; 3]), Quota::UNLIMITED));
+        if i < 20 {
+            calls.push((b.clone(), record(&[i]), small));
+        }
+    }
+    let outcomes = futures::future::join_all(
+        calls
+            .iter()
+            .map(|(who, rec, quota)| storage.append(who, vec![rec.clone()], quota, testing::T0)),
+    )
+    .await;
+    let counts = storage.group_commit_counts();
+    assert_eq!(counts.appends, calls.len() as u64);
+    assert!(
+        counts.commits < counts.appends / 10,
+        "appends waiting together share commits: {counts:?}"
+    );
+
+    let (mut c_stored, mut c_refused, mut b_stored, mut b_refused) = (0, 0, 0, 0);
+    let mut a_seqs: Vec<(u8, Appended)> = Vec::new();
+    for ((who, rec, _), outcome) in calls.iter().zip(outcomes) {
+        match (who.as_bytes(), outcome) {
+            (b"c", Ok(_)) => c_stored += 1,
+            (b"c", Err(Error::StorageFull { used, adding, max })) => {
+                assert_eq!((used, adding, max), (300, 100, 350));
+                c_refused += 1;
+            }
+            (b"b", Ok(_)) => b_stored += 1,
+            (b"b", Err(Error::QueueFull { messages, .. })) => {
+                assert_eq!(messages, 5);
+                b_refused += 1;
+            }
+            (b"a", Ok(outcome)) => a_seqs.push((rec.body[0], outcome.records[0])),
+            (who, other) => panic!("{who:?}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        (c_stored, c_refused),
+        (3, 3),
+        "the budget counts the group's own appends"
+    );
+    assert_eq!((b_stored, b_refused), (5, 15), "a full queue refuses alone");
+    let mut last = None;
+    for (i, appended) in &a_seqs {
+        if i % 10 == 9 {
+            assert_eq!(
+                *appended,
+                Appended::Duplicate(last.unwrap()),
+                "a resent id gets the first one's seq"
+            );
+        } else {
+            assert!(matches!(appended, Appended::Stored(_)), "{i}: {appended:?}");
+            assert!(last < Some(appended.seq()), "seqs follow submission order");
+            last = Some(appended.seq());
+        }
+    }
+    let read = storage
+        .read(&a, None, BatchLimit::default(), testing::T0)
+        .await
+        .unwrap();
+    let bodies: Vec<u8> = read.records.iter().map(|r| r.body[0]).collect();
+    let expected: Vec<u8> = (0..60u8).filter(|i| i % 10 != 9).collect();
+    assert_eq!(bodies, expected, "stored once each, in order, exactly");
+
+    let client = raw(&url).await;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT sum(bytes)::bigint FROM \"{schema}\".oq_bytes), \
+                 (SELECT sum(octet_length(body))::bigint FROM \"{schema}\".oq_records)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (counter, records): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(counter, records, "the byte counter agrees with the rows");
+    assert_eq!(records, 300 + 5 + 54 * 3);
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// A schema a version-1 build made (its DDL, as that build ran it) is migrated at connect:
+/// its messages stay, the version row moves, and grouped appends work on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_one_schema_is_migrated_in_place() {
+    const V1: &[&str] = &[
+        include_str!("../src/storage/postgres/sql/tables.sql"),
+        include_str!("../src/storage/postgres/sql/ack.sql"),
+        include_str!("../src/storage/postgres/sql/read.sql"),
+        include_str!("../src/storage/postgres/sql/append.sql"),
+        include_str!("../src/storage/postgres/sql/purge.sql"),
+        include_str!("../src/storage/postgres/sql/remove.sql"),
+    ];
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("migrate");
+    let quoted = format!("\"{schema}\"");
+    let client = raw(&url).await;
+    client
+        .batch_execute(&format!("CREATE SCHEMA {quoted}"))
+        .await
+        .unwrap();
+    for ddl in V1 {
+        client
+            .batch_execute(&ddl.replace("@schema@", &quoted))
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {quoted}.oq_info (key, value) VALUES ('owner', 'offline-queue'), \
+             ('version', '1')"
+        ))
+        .await
+        .unwrap();
+    // A message stored by version 1's own append.
+    client
+        .execute(
+            &format!(
+                "SELECT * FROM {quoted}.oq_append($1, ARRAY[$2::bytea], ARRAY[false], \
+                 ARRAY[0::bigint], ARRAY[NULL::bigint], ARRAY[$3::bytea], 100, 100000, false, \
+                 NULL, 0, 0)"
+            ),
+            &[&&b"bob"[..], &&[7u8; 16][..], &&b"from v1"[..]],
+        )
+        .await
+        .unwrap();
+
+    let storage = fresh(&url, &schema).await;
+    let version: String = client
+        .query_one(
+            &format!("SELECT value FROM {quoted}.oq_info WHERE key = 'version'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "2");
+    let bob = RecipientId::new("bob").unwrap();
+    let appends = futures::future::join_all(
+        (0..8u8).map(|i| storage.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, testing::T0)),
+    )
+    .await;
+    assert!(appends.iter().all(Result::is_ok), "{appends:?}");
+    let read = storage.read_all(&bob, testing::T0).await.unwrap();
+    let bodies: Vec<&[u8]> = read.iter().map(|r| &r.body[..]).collect();
+    let mut expected: Vec<&[u8]> = vec![b"from v1"];
+    let ones: Vec<[u8; 1]> = (0..8u8).map(|i| [i]).collect();
+    expected.extend(ones.iter().map(|b| &b[..]));
+    assert_eq!(bodies, expected);
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}

@@ -14,9 +14,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Not built yet (issue 16 goes on): group commit of concurrent sends, node coordination over
-//! LISTEN/NOTIFY (pair it with another [`Coordination`](crate::Coordination) meanwhile, or run
-//! one node), TLS, and measurements (bloat, throughput against raw SQL).
+//! Not built yet (issue 16 goes on): node coordination over LISTEN/NOTIFY (pair it with
+//! another [`Coordination`](crate::Coordination) meanwhile, or run one node), TLS, and
+//! measurements (bloat, throughput against raw SQL).
 //!
 //! # Driver
 //! `tokio-postgres` with a `deadpool-postgres` pool. `tokio-postgres` speaks the extended
@@ -51,6 +51,15 @@
 //! session's ack, reads from the cursor (stopping at the batch's bounds, so it costs the batch,
 //! not the queue) and counts the deliveries; `oq_ack`, `oq_purge` and `oq_remove` do the rest.
 //! `mark_delivered` and `stats` are single statements.
+//!
+//! # Group commit
+//! Appends on one node that wait at the same moment share one call of `oq_append_many`: one
+//! round trip, one transaction, one WAL flush, each append answered only once the group
+//! committed, with its own outcome (a full queue refuses its append alone). A lone append
+//! waits for nothing. At most `pool_size` groups run at once; the rest gather meanwhile, up
+//! to [`PostgresOptions::max_group`] appends. A group takes all its queue rows first, in id
+//! order, so groups on different nodes cannot deadlock on each other. See
+//! [`PostgresStorage::group_commit_counts`].
 //!
 //! # Seqs
 //! Seqs come from one sequence (`CACHE 1`, so values grow in call order across connections),
@@ -88,6 +97,7 @@
 //! to rotate tables as PgQ does, is the next slice of issue 16.
 
 mod errors;
+mod group_commit;
 mod options;
 mod schema;
 
@@ -98,6 +108,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Object, Pool};
 
 use self::errors::{pg_error, pool_error};
+pub use self::group_commit::GroupCommitCounts;
 pub use self::options::PostgresOptions;
 use self::schema::Statements;
 use super::{
@@ -106,7 +117,7 @@ use super::{
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result, Retry};
-use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::limits::{BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
 
 /// Queues in PostgreSQL: durable, shared by every engine instance on the same database and
@@ -115,6 +126,7 @@ use crate::message::{MessageId, RecipientId, Seq};
 pub struct PostgresStorage {
     pool: Pool,
     shared: Arc<Shared>,
+    appends: futures::channel::mpsc::UnboundedSender<group_commit::Job>,
 }
 
 #[derive(Debug)]
@@ -123,6 +135,7 @@ struct Shared {
     statements: Statements,
     purge_lock: i64,
     durable: bool,
+    counters: group_commit::Counters,
 }
 
 impl std::fmt::Debug for PostgresStorage {
@@ -152,6 +165,12 @@ impl PostgresStorage {
     /// The schema holding this storage's tables.
     pub fn schema(&self) -> &str {
         &self.shared.schema
+    }
+
+    /// How many commits this storage's appends took so far, and how many appends they
+    /// carried (shared by its clones): the mean group size, to see group commit at work.
+    pub fn group_commit_counts(&self) -> GroupCommitCounts {
+        self.shared.counters.read()
     }
 
     async fn client(&self) -> Result<Object> {
@@ -296,6 +315,61 @@ fn broken(what: &str) -> Error {
     Error::storage_msg(Retry::No, format!("postgres: {what}"))
 }
 
+/// One append's outcome from what `oq_append` (or its share of `oq_append_many`) returned:
+/// its status, a seq and duplicate flag per record, and `[dropped, pending, have_messages,
+/// have_bytes, adding, adding_bytes]`.
+fn append_outcome(
+    status: i16,
+    seqs: &[Option<i64>],
+    duplicate: &[bool],
+    numbers: [Option<i64>; 6],
+    quota: &Quota,
+) -> Result<AppendOutcome> {
+    let number = |i: usize| to_u64(numbers[i].unwrap_or(0));
+    match status {
+        0 => {}
+        1 => {
+            return Err(Error::QueueFull {
+                messages: number(2),
+                bytes: number(3),
+                adding_messages: number(4),
+                adding_bytes: number(5),
+                max_messages: quota.max_messages,
+                max_bytes: quota.max_bytes,
+            });
+        }
+        2 => {
+            return Err(Error::StorageFull {
+                used: number(3),
+                adding: number(5),
+                max: quota.max_total_bytes.unwrap_or(u64::MAX),
+            });
+        }
+        other => return Err(broken(&format!("oq_append returned status {other}"))),
+    }
+    let records = seqs
+        .iter()
+        .zip(duplicate)
+        .map(|(&seq, &dup)| {
+            let seq =
+                Seq(to_u64(seq.ok_or_else(|| {
+                    broken("oq_append returned no seq for a record")
+                })?));
+            Ok(if dup {
+                Appended::Duplicate(seq)
+            } else {
+                Appended::Stored(seq)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AppendOutcome {
+        records,
+        dropped: number(0),
+        pending: number(1),
+        live_elsewhere: false,
+    })
+}
+
 #[async_trait]
 impl Storage for PostgresStorage {
     fn capabilities(&self) -> Capabilities {
@@ -312,88 +386,24 @@ impl Storage for PostgresStorage {
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome> {
-        let ids: Vec<[u8; 16]> = records.iter().map(|r| r.id.to_bytes()).collect();
-        let ids: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
-        let dedup: Vec<bool> = records.iter().map(|r| r.dedup).collect();
-        let sent: Vec<i64> = records
-            .iter()
-            .map(|r| to_i64(r.sent_at.as_millis()))
-            .collect();
-        let expires: Vec<Option<i64>> = records
-            .iter()
-            .map(|r| r.expires_at.map(|t| to_i64(t.as_millis())))
-            .collect();
-        let bodies: Vec<&[u8]> = records.iter().map(|r| &r.body[..]).collect();
-        let row = self
-            .query_one(
-                &self.shared.statements.append,
-                &[
-                    &recipient.as_bytes(),
-                    &ids,
-                    &dedup,
-                    &sent,
-                    &expires,
-                    &bodies,
-                    &to_i64(quota.max_messages),
-                    &to_i64(quota.max_bytes),
-                    &(quota.overflow == Overflow::DropOldest),
-                    &quota.max_total_bytes.map(to_i64),
-                    &to_i64(quota.dedup_window_ms()),
-                    &to_i64(now.as_millis()),
-                ],
-            )
-            .await?;
-        let status: i16 = row.try_get(0).map_err(pg_error)?;
-        let number = |i: usize| -> Result<u64> {
-            Ok(to_u64(
-                row.try_get::<_, Option<i64>>(i)
-                    .map_err(pg_error)?
-                    .unwrap_or(0),
-            ))
+        let (reply, answer) = futures::channel::oneshot::channel();
+        let job = group_commit::Job {
+            recipient: recipient.clone(),
+            records,
+            quota: *quota,
+            now,
+            reply,
         };
-        match status {
-            0 => {}
-            1 => {
-                return Err(Error::QueueFull {
-                    messages: number(5)?,
-                    bytes: number(6)?,
-                    adding_messages: number(7)?,
-                    adding_bytes: number(8)?,
-                    max_messages: quota.max_messages,
-                    max_bytes: quota.max_bytes,
-                });
-            }
-            2 => {
-                return Err(Error::StorageFull {
-                    used: number(6)?,
-                    adding: number(8)?,
-                    max: quota.max_total_bytes.unwrap_or(u64::MAX),
-                });
-            }
-            other => return Err(broken(&format!("oq_append returned status {other}"))),
-        }
-        let seqs: Vec<i64> = row.try_get(1).map_err(pg_error)?;
-        let duplicate: Vec<bool> = row.try_get(2).map_err(pg_error)?;
-        if seqs.len() != records.len() || duplicate.len() != records.len() {
-            return Err(broken("oq_append returned one outcome per record"));
-        }
-        Ok(AppendOutcome {
-            records: seqs
-                .iter()
-                .zip(&duplicate)
-                .map(|(&seq, &dup)| {
-                    let seq = Seq(to_u64(seq));
-                    if dup {
-                        Appended::Duplicate(seq)
-                    } else {
-                        Appended::Stored(seq)
-                    }
-                })
-                .collect(),
-            dropped: number(3)?,
-            pending: number(4)?,
-            live_elsewhere: false,
-        })
+        self.appends
+            .unbounded_send(job)
+            .map_err(|_| broken("the group-commit task is gone (its runtime shut down)"))?;
+        answer.await.map_err(|_| {
+            Error::storage_msg(
+                Retry::Yes,
+                "postgres: the group-commit task stopped before answering (its runtime shut \
+                 down); the append may have been stored",
+            )
+        })?
     }
 
     async fn read(

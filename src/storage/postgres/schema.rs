@@ -20,7 +20,7 @@ use crate::fnv::{OFFSET_64, fnv1a_64};
 use super::errors::pg_error;
 
 /// The layout this build reads and writes.
-pub(super) const VERSION: i64 = 1;
+pub(super) const VERSION: i64 = 2;
 
 /// What `oq_info`'s owner row says in a schema this crate created.
 const OWNER: &str = "offline-queue";
@@ -39,7 +39,16 @@ const RELATIONS: &[&str] = &[
 ];
 
 /// Functions this crate creates.
-const FUNCTIONS: &[&str] = &["oq_append", "oq_ack", "oq_read", "oq_purge", "oq_remove"];
+const FUNCTIONS: &[&str] = &[
+    "oq_append",
+    "oq_ack",
+    "oq_read",
+    "oq_purge",
+    "oq_remove",
+    "oq_take_queue",
+    "oq_plan_append",
+    "oq_append_many",
+];
 
 /// The DDL of version 1, in order.
 const V1: &[&str] = &[
@@ -51,9 +60,13 @@ const V1: &[&str] = &[
     include_str!("sql/remove.sql"),
 ];
 
-/// Migrations: `MIGRATIONS[i]` takes a schema from version `i + 1` to `i + 2`. None yet; a
-/// function whose body changes gets a new version whose migration replaces it.
-const MIGRATIONS: &[&[&str]] = &[];
+/// Migrations: `MIGRATIONS[i]` takes a schema from version `i + 1` to `i + 2`. A new schema
+/// runs [`V1`] and then every migration, so both paths build the same layout. A function
+/// whose body changes gets a new version whose migration replaces it.
+const MIGRATIONS: &[&[&str]] = &[
+    // 2: group commit (`oq_append_many`; `oq_append` split into steps it shares).
+    &[include_str!("sql/v2_group_commit.sql")],
+];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
 /// Lowercase only, so the quoted name and the unquoted one a user types in `psql` agree.
@@ -92,6 +105,7 @@ pub(super) fn lock_key(schema: &str, what: &str) -> i64 {
 #[derive(Debug)]
 pub(super) struct Statements {
     pub(super) append: String,
+    pub(super) append_many: String,
     pub(super) read: String,
     pub(super) ack: String,
     pub(super) mark: String,
@@ -108,6 +122,12 @@ impl Statements {
                 "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
                  have_bytes, adding, adding_bytes \
                  FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            ),
+            append_many: s(
+                "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
+                 have_bytes, adding, adding_bytes \
+                 FROM @schema@.oq_append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13)",
             ),
             read: s(
                 "SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
@@ -195,7 +215,10 @@ pub(super) async fn prepare(
                 "which offline-queue did not create (no oq_info table of its own beside it)",
             ));
         }
-        for ddl in V1 {
+        for ddl in V1
+            .iter()
+            .chain(MIGRATIONS.iter().flat_map(|step| step.iter()))
+        {
             tx.batch_execute(&ddl.replace("@schema@", quoted))
                 .await
                 .map_err(pg_error)?;
