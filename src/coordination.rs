@@ -9,8 +9,12 @@
 //! [`OfflineQueueBuilder::shared_storage`](crate::OfflineQueueBuilder::shared_storage), and
 //! its appends find and wake the other nodes in the same round trip.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use futures::channel::mpsc;
 use futures::stream::BoxStream;
+use parking_lot::Mutex;
 
 use crate::error::Result;
 use crate::message::RecipientId;
@@ -81,5 +85,35 @@ impl Coordination for SingleNode {
 
     async fn live_elsewhere(&self, _recipient: &RecipientId) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// Every wake-up stream a coordination handed out ([`Coordination::wakeups`]): each gets
+/// every wake-up from its creation on. A stream dropped by its reader is forgotten at the next
+/// wake-up.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+#[derive(Clone, Default)]
+pub(crate) struct Listeners(Arc<Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>>);
+
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+impl Listeners {
+    pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<RecipientId> {
+        let (sender, receiver) = mpsc::unbounded();
+        self.0.lock().push(sender);
+        receiver
+    }
+
+    pub(crate) fn wake(&self, recipient: &RecipientId) {
+        self.0
+            .lock()
+            .retain(|sender| sender.unbounded_send(recipient.clone()).is_ok());
+    }
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("streams", &self.0.lock().len())
+            .finish()
     }
 }

@@ -655,3 +655,54 @@ async fn two_servers_on_one_redis_deliver_across() {
         assert_eq!(frame["messages"][0]["from"], "alice");
     }
 }
+
+/// Two server processes on one PostgreSQL schema: a user connected to the second receives, at
+/// once, what was sent through the first (woken over LISTEN/NOTIFY), and the first sees him
+/// online (no push).
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn two_servers_on_one_postgres_deliver_across() {
+    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
+        assert!(
+            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
+        );
+        eprintln!("skipped: OFFLINE_QUEUE_POSTGRES_URL is not set");
+        return;
+    };
+    let schema = format!(
+        "chat_test_{}",
+        offline_queue::MessageId::generate()
+            .to_string()
+            .to_lowercase()
+    );
+    {
+        let flags = ["--storage", &url, "--postgres-schema", &schema];
+        let first = Server::start(&flags);
+        let second = Server::start(&flags);
+        let mut bob = Client::connect(&second, "bob").await;
+        bob.expect_caught_up_empty().await;
+        let mut alice = Client::connect(&first, "alice").await;
+        alice.expect_caught_up_empty().await;
+        wait_until("bob is online as the first server sees it", || async {
+            first.online("bob").await
+        })
+        .await;
+        for body in ["across servers", "and again"] {
+            let seq = alice.send_message("bob", body).await;
+            let frame = bob.recv().await;
+            assert_eq!(frame["type"], "deliver", "{frame}");
+            assert_eq!(frame["messages"][0]["body"], body);
+            assert_eq!(frame["messages"][0]["seq"], seq);
+            assert_eq!(frame["messages"][0]["from"], "alice");
+        }
+    }
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}

@@ -134,6 +134,14 @@ async fn a_newer_schema_version_is_refused() {
         .unwrap();
     drop(storage);
     let client = raw(&url).await;
+    let current: String = client
+        .query_one(
+            &format!("SELECT value FROM \"{schema}\".oq_info WHERE key = 'version'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     client
         .execute(
             &format!("UPDATE \"{schema}\".oq_info SET value = '999' WHERE key = 'version'"),
@@ -164,8 +172,8 @@ async fn a_newer_schema_version_is_refused() {
     // Set back, the same data reads again.
     client
         .execute(
-            &format!("UPDATE \"{schema}\".oq_info SET value = '1' WHERE key = 'version'"),
-            &[],
+            &format!("UPDATE \"{schema}\".oq_info SET value = $1 WHERE key = 'version'"),
+            &[&current],
         )
         .await
         .unwrap();

@@ -149,8 +149,9 @@ async fn with_storage(
     )
 }
 
-/// Queues in a PostgreSQL schema. One node: `PostgresStorage` has no coordination yet, so a
-/// second server on the same database would not wake this one's sessions.
+/// Several nodes share one PostgreSQL schema: each delivers to its own sessions and is woken
+/// (LISTEN/NOTIFY) when another node stores for them. PostgreSQL is both the storage and the
+/// coordination between the nodes.
 #[cfg(feature = "postgres")]
 async fn with_postgres(
     builder: OfflineQueueBuilder,
@@ -161,7 +162,7 @@ async fn with_postgres(
         .schema(config.postgres_schema.clone())
         .connect(spec)
         .await?;
-    Ok(builder.storage(Arc::new(storage)))
+    Ok(builder.shared_storage(Arc::new(storage)))
 }
 
 #[cfg(not(feature = "postgres"))]

@@ -174,6 +174,8 @@ async fn run(pool: &Pool, shared: &Shared, group: &[Job]) -> Result<Vec<Result<A
                     &params.max_total[0],
                     &params.window[0],
                     &params.now[0],
+                    &&shared.node[..],
+                    &shared.channel,
                 ],
             )
             .await
@@ -208,6 +210,8 @@ async fn run(pool: &Pool, shared: &Shared, group: &[Job]) -> Result<Vec<Result<A
                 &params.max_total,
                 &params.window,
                 &params.now,
+                &&shared.node[..],
+                &shared.channel,
             ],
         )
         .await
@@ -288,6 +292,7 @@ struct Outcomes {
     have_bytes: Vec<Option<i64>>,
     adding: Vec<Option<i64>>,
     adding_bytes: Vec<Option<i64>>,
+    elsewhere: Vec<Option<bool>>,
 }
 
 impl Outcomes {
@@ -311,6 +316,7 @@ impl Outcomes {
             have_bytes: one(6)?,
             adding: one(7)?,
             adding_bytes: one(8)?,
+            elsewhere: vec![row.try_get(9).map_err(pg_error)?],
         })
     }
 
@@ -328,6 +334,7 @@ impl Outcomes {
             have_bytes: all(6)?,
             adding: all(7)?,
             adding_bytes: all(8)?,
+            elsewhere: row.try_get(9).map_err(pg_error)?,
         })
     }
 
@@ -340,7 +347,7 @@ impl Outcomes {
         else {
             return Err(broken("oq_append returned one outcome per record"));
         };
-        append_outcome(
+        let mut outcome = append_outcome(
             self.status.get(k).copied().unwrap_or(-1),
             seqs,
             duplicate,
@@ -353,7 +360,9 @@ impl Outcomes {
                 number(&self.adding_bytes),
             ],
             &job.quota,
-        )
+        )?;
+        outcome.live_elsewhere = self.elsewhere.get(k).copied().flatten().unwrap_or(false);
+        Ok(outcome)
     }
 }
 

@@ -98,6 +98,7 @@
 
 mod errors;
 mod group_commit;
+mod nodes;
 mod options;
 mod schema;
 
@@ -127,6 +128,7 @@ pub struct PostgresStorage {
     pool: Pool,
     shared: Arc<Shared>,
     appends: futures::channel::mpsc::UnboundedSender<group_commit::Job>,
+    events: futures::channel::mpsc::UnboundedSender<nodes::NodeEvent>,
 }
 
 #[derive(Debug)]
@@ -136,6 +138,16 @@ struct Shared {
     purge_lock: i64,
     durable: bool,
     counters: group_commit::Counters,
+    /// This node's id among the engines sharing the schema (random per storage).
+    node: [u8; 16],
+    /// The schema's wake-up channel.
+    channel: String,
+    presence_ttl: std::time::Duration,
+    /// Recipients this node holds a session for.
+    live: parking_lot::Mutex<std::collections::HashSet<RecipientId>>,
+    listeners: crate::coordination::Listeners,
+    /// For the listener's own connection.
+    config: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for PostgresStorage {

@@ -22,6 +22,7 @@ pub struct PostgresOptions {
     pub(super) connect_timeout: Duration,
     pub(super) wait_timeout: Duration,
     pub(super) max_group: usize,
+    pub(super) presence_ttl: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -33,6 +34,7 @@ impl Default for PostgresOptions {
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(10),
             max_group: 256,
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -88,6 +90,14 @@ impl PostgresOptions {
         self
     }
 
+    /// How long a node's lease outlives its last renewal (renewed every third of it): the
+    /// longest a node that died without ending its sessions still counts as holding them,
+    /// holding back pushes for its recipients. Default 30 s; at least 3 ms.
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.presence_ttl = ttl.max(Duration::from_millis(3));
+        self
+    }
+
     /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`, or
     /// a `key=value` connection string), creates or migrates the schema, and asks whether
     /// commits are durable (`fsync` on and `synchronous_commit` not off). Plain TCP or a Unix
@@ -117,6 +127,14 @@ impl PostgresOptions {
             .options(&options)
             .connect_timeout(self.connect_timeout)
             .application_name("offline-queue");
+        // The wake-up listener's connection: keepalives find a silently dead peer in about a
+        // minute, after which it connects again and every local session reads again.
+        let mut listen_config = config.clone();
+        listen_config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -162,6 +180,12 @@ impl PostgresOptions {
         };
         drop(client);
         let shared = Arc::new(Shared {
+            node: crate::MessageId::generate().to_bytes(),
+            channel: super::nodes::channel(&self.schema),
+            presence_ttl: self.presence_ttl,
+            live: Default::default(),
+            listeners: Default::default(),
+            config: listen_config,
             statements: Statements::new(&quoted),
             purge_lock: schema::lock_key(&self.schema, "purge"),
             schema: self.schema,
@@ -170,10 +194,12 @@ impl PostgresOptions {
         });
         let appends =
             group_commit::start(pool.clone(), shared.clone(), self.pool_size, self.max_group);
+        let events = super::nodes::start(pool.clone(), shared.clone());
         Ok(PostgresStorage {
             shared,
             pool,
             appends,
+            events,
         })
     }
 }

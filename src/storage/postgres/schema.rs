@@ -36,6 +36,9 @@ const RELATIONS: &[&str] = &[
     "oq_dedup",
     "oq_dedup_until",
     "oq_bytes",
+    "oq_nodes",
+    "oq_presence",
+    "oq_presence_node",
 ];
 
 /// Functions this crate creates.
@@ -48,6 +51,9 @@ const FUNCTIONS: &[&str] = &[
     "oq_take_queue",
     "oq_plan_append",
     "oq_append_many",
+    "oq_wake_others",
+    "oq_node_update",
+    "oq_node_leave",
 ];
 
 /// The DDL of version 1, in order.
@@ -64,8 +70,12 @@ const V1: &[&str] = &[
 /// runs [`V1`] and then every migration, so both paths build the same layout. A function
 /// whose body changes gets a new version whose migration replaces it.
 const MIGRATIONS: &[&[&str]] = &[
-    // 2: group commit (`oq_append_many`; `oq_append` split into steps it shares).
-    &[include_str!("sql/v2_group_commit.sql")],
+    // 2: nodes (leases, presence, wake-ups) and group commit (`oq_append_many`; `oq_append`
+    // split into steps it shares, and waking other nodes).
+    &[
+        include_str!("sql/v2_nodes.sql"),
+        include_str!("sql/v2_group_commit.sql"),
+    ],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
@@ -112,6 +122,10 @@ pub(super) struct Statements {
     pub(super) purge: String,
     pub(super) stats: String,
     pub(super) remove: String,
+    pub(super) wake_others: String,
+    pub(super) live_elsewhere: String,
+    pub(super) node_update: String,
+    pub(super) node_leave: String,
 }
 
 impl Statements {
@@ -120,14 +134,15 @@ impl Statements {
         Self {
             append: s(
                 "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
-                 have_bytes, adding, adding_bytes \
-                 FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 have_bytes, adding, adding_bytes, elsewhere \
+                 FROM @schema@.oq_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                 $13, $14)",
             ),
             append_many: s(
                 "SELECT status, seqs, duplicate, dropped, pending, have_messages, \
-                 have_bytes, adding, adding_bytes \
+                 have_bytes, adding, adding_bytes, elsewhere \
                  FROM @schema@.oq_append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                 $12, $13)",
+                 $12, $13, $14, $15)",
             ),
             read: s(
                 "SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
@@ -147,6 +162,12 @@ impl Statements {
                   WHERE r.rid = q.rid ORDER BY r.seq DESC LIMIT 1) \
                  FROM @schema@.oq_queues q WHERE q.rid = $1"),
             remove: s("SELECT @schema@.oq_remove($1)"),
+            wake_others: s("SELECT @schema@.oq_wake_others($1, $2, $3)"),
+            live_elsewhere: s("SELECT EXISTS (SELECT 1 FROM @schema@.oq_presence p \
+                 JOIN @schema@.oq_nodes n ON n.node = p.node \
+                 WHERE p.rid = $1 AND p.node <> $2 AND n.lease_until > clock_timestamp())"),
+            node_update: s("SELECT @schema@.oq_node_update($1, $2, $3, $4)"),
+            node_leave: s("SELECT @schema@.oq_node_leave($1)"),
         }
     }
 }

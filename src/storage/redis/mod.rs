@@ -123,12 +123,13 @@ use super::{
     RecipientStats, Storage,
 };
 use crate::clock::Timestamp;
+use crate::coordination::Listeners;
 use crate::error::{Error, Result};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{RecipientId, Seq};
 use errors::redis_error;
 use library::{LUA_MAX, Steps};
-use nodes::{Listeners, NodeEvent};
+use nodes::NodeEvent;
 use options::Connection;
 pub use options::RedisOptions;
 use record::{encode_record, sent_at};

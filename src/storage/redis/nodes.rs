@@ -3,18 +3,16 @@
 //! the node's background task, and the [`Coordination`] impl built on them.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::channel::mpsc as fmpsc;
 use futures::stream::BoxStream;
-use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 
 use super::errors::redis_error;
 use super::{RedisStorage, Shared, keys};
-use crate::coordination::{Coordination, Presence};
+use crate::coordination::{Coordination, Listeners, Presence};
 use crate::error::Result;
 use crate::message::RecipientId;
 
@@ -27,25 +25,6 @@ pub(super) enum NodeEvent {
     /// The wake-up subscription was (re)made: wake-ups may have been missed meanwhile, so
     /// every local session reads again.
     WakeAll,
-}
-
-/// Every wake-up stream handed out ([`Coordination::wakeups`]): each gets every wake-up from
-/// its creation on. A stream dropped by its reader is forgotten at the next wake-up.
-#[derive(Clone, Default)]
-pub(super) struct Listeners(Arc<Mutex<Vec<fmpsc::UnboundedSender<RecipientId>>>>);
-
-impl Listeners {
-    pub(super) fn subscribe(&self) -> fmpsc::UnboundedReceiver<RecipientId> {
-        let (sender, receiver) = fmpsc::unbounded();
-        self.0.lock().push(sender);
-        receiver
-    }
-
-    pub(super) fn wake(&self, recipient: &RecipientId) {
-        self.0
-            .lock()
-            .retain(|sender| sender.unbounded_send(recipient.clone()).is_ok());
-    }
 }
 
 /// The channels between the connection's push sender, the node task and the engine.

@@ -204,7 +204,12 @@ BEGIN
 END;
 $$;
 
--- One append (Storage::append), in one call: as version 1's, through the steps above.
+-- Version 1's append, replaced by the one below (which also wakes other nodes).
+DROP FUNCTION @schema@.oq_append(bytea, bytea[], boolean[], bigint[], bigint[], bytea[], bigint,
+    bigint, boolean, bigint, bigint, bigint);
+
+-- One append (Storage::append), in one call: version 1's, through the steps above, then the
+-- other nodes holding a session for the recipient are woken (`elsewhere`) if it stored.
 CREATE OR REPLACE FUNCTION @schema@.oq_append(
     p_rid bytea,
     p_ids bytea[],
@@ -218,6 +223,8 @@ CREATE OR REPLACE FUNCTION @schema@.oq_append(
     p_max_total bigint,
     p_window bigint,
     p_now bigint,
+    p_node bytea,
+    p_channel text,
     OUT status smallint,
     OUT seqs bigint[],
     OUT duplicate boolean[],
@@ -226,7 +233,8 @@ CREATE OR REPLACE FUNCTION @schema@.oq_append(
     OUT have_messages bigint,
     OUT have_bytes bigint,
     OUT adding bigint,
-    OUT adding_bytes bigint
+    OUT adding_bytes bigint,
+    OUT elsewhere boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
     created boolean := @schema@.oq_take_queue(p_rid, p_now);
@@ -249,6 +257,10 @@ BEGIN
     END IF;
     IF p.net <> 0 THEN
         UPDATE @schema@.oq_bytes SET bytes = bytes + p.net WHERE stripe = pg_backend_pid() % 16;
+    END IF;
+    elsewhere := false;
+    IF p.status = 0 AND p.adding > 0 THEN
+        elsewhere := @schema@.oq_wake_others(p_rid, p_node, p_channel);
     END IF;
 END;
 $$;
@@ -273,6 +285,8 @@ CREATE OR REPLACE FUNCTION @schema@.oq_append_many(
     p_max_total bigint[],
     p_window bigint[],
     p_now bigint[],
+    p_node bytea,
+    p_channel text,
     OUT status smallint[],
     OUT seqs bigint[],
     OUT duplicate boolean[],
@@ -281,11 +295,15 @@ CREATE OR REPLACE FUNCTION @schema@.oq_append_many(
     OUT have_messages bigint[],
     OUT have_bytes bigint[],
     OUT adding bigint[],
-    OUT adding_bytes bigint[]
+    OUT adding_bytes bigint[],
+    OUT elsewhere boolean[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
     appends integer := coalesce(array_length(p_rids, 1), 0);
     created bytea[] := '{}';
+    asked bytea[] := '{}';
+    answers boolean[] := '{}';
+    at integer;
     used bigint;
     net bigint := 0;
     first integer := 1;
@@ -302,6 +320,7 @@ BEGIN
     have_bytes := '{}';
     adding := '{}';
     adding_bytes := '{}';
+    elsewhere := '{}';
     -- Every queue row first, in one order shared by all groups.
     FOR r IN SELECT DISTINCT u.rid FROM unnest(p_rids) AS u(rid) ORDER BY u.rid LOOP
         IF @schema@.oq_take_queue(r.rid, p_now[1]) THEN
@@ -326,6 +345,19 @@ BEGIN
         adding := array_append(adding, p.adding);
         adding_bytes := array_append(adding_bytes, p.adding_bytes);
         first := last + 1;
+        -- Each recipient's other nodes, asked (and woken) once per group.
+        IF p.status = 0 AND p.adding > 0 THEN
+            at := array_position(asked, p_rids[k]);
+            IF at IS NULL THEN
+                asked := array_append(asked, p_rids[k]);
+                answers := array_append(answers,
+                    @schema@.oq_wake_others(p_rids[k], p_node, p_channel));
+                at := cardinality(asked);
+            END IF;
+            elsewhere := array_append(elsewhere, answers[at]);
+        ELSE
+            elsewhere := array_append(elsewhere, false);
+        END IF;
     END LOOP;
     -- A queue this call created that nothing was stored in goes again.
     IF cardinality(created) > 0 THEN
