@@ -14,9 +14,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Not built yet (issue 16 goes on): node coordination over LISTEN/NOTIFY (pair it with
-//! another [`Coordination`](crate::Coordination) meanwhile, or run one node), TLS, and
-//! measurements (bloat, throughput against raw SQL).
+//! Several nodes on one schema: set it with
+//! [`OfflineQueueBuilder::shared_storage`](crate::OfflineQueueBuilder::shared_storage), and it
+//! is also their [`Coordination`](crate::Coordination) (see [Nodes](#nodes)). Not built yet
+//! (issue 16 goes on): TLS.
 //!
 //! # Driver
 //! `tokio-postgres` with a `deadpool-postgres` pool. `tokio-postgres` speaks the extended
@@ -51,6 +52,20 @@
 //! session's ack, reads from the cursor (stopping at the batch's bounds, so it costs the batch,
 //! not the queue) and counts the deliveries; `oq_ack`, `oq_purge` and `oq_remove` do the rest.
 //! `mark_delivered` and `stats` are single statements.
+//!
+//! # Nodes
+//! Each storage is a node with a random id. While it holds sessions it keeps a row in
+//! `oq_nodes` with a lease (renewed every third of [`PostgresOptions::presence_ttl`], 30 s by
+//! default, by the database's clock) and a row in `oq_presence` per recipient it holds; a
+//! node that stops cleanly deletes its row, one that dies stops counting when its lease ends,
+//! and the next renewal of any node removes it. An append that stores something checks, in
+//! its own transaction, whether another live node holds the recipient, and if so calls
+//! `pg_notify` on the schema's one channel with `<node hex>:<recipient hex>`: delivered at
+//! commit, never before the message can be read, and only when someone else can use it (a
+//! notifying commit takes a database-wide lock). Each node listens on its own connection,
+//! outside the pool, once the engine reads wake-ups; when that connection drops it connects
+//! again (with backoff) and wakes every local session to read again, since NOTIFY does not
+//! replay what was sent meanwhile.
 //!
 //! # Group commit
 //! Appends on one node that wait at the same moment share one call of `oq_append_many`: one

@@ -131,6 +131,7 @@ impl PostgresOptions {
         // minute, after which it connects again and every local session reads again.
         let mut listen_config = config.clone();
         listen_config
+            .application_name("offline-queue wake-up listener")
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))
