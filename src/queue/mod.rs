@@ -364,8 +364,8 @@ impl OfflineQueue {
     /// # Errors
     /// [`Error::MessageTooLarge`], [`Error::TtlZero`], [`Error::TtlTooLong`] before any write;
     /// [`Error::QueueFull`], [`Error::StorageFull`] or a storage error with nothing stored.
-    /// One exception: a backend across a network (Redis) may return a retryable error after
-    /// it applied the append (the connection dropped before the reply). Send with a
+    /// One exception: a backend across a network (Redis, PostgreSQL) may return a retryable
+    /// error after it applied the append (the connection dropped before the reply). Send with a
     /// sender-chosen id ([`Envelope::with_id`]) and retry with the same id: the dedup window
     /// stores it once.
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
