@@ -5,9 +5,12 @@
 //! budgets (with idle removal), a clock that steps back, and removals. After every step both
 //! must hold the same messages with the same stats, whatever seqs each assigned.
 //!
-//! Runs on `RedbStorage`, and on `RedisStorage` (one server and a cluster) when
-//! `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are set.
+//! Runs on `RedbStorage`, on `RedisStorage` (one server and a cluster) when
+//! `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are set, and on
+//! `PostgresStorage` (a schema per case) when `OFFLINE_QUEUE_POSTGRES_URL` is.
 
+#[cfg(feature = "postgres")]
+mod postgres_support;
 #[cfg(feature = "redis")]
 mod redis_support;
 
@@ -466,5 +469,31 @@ proptest! {
     #[test]
     fn a_redis_cluster_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
         on_redis(ops, redis_support::Target::cluster());
+    }
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn postgres_holds_what_memory_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let Some(url) = postgres_support::url() else {
+            return Ok(());
+        };
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        });
+        let _context = runtime.enter();
+        let schema = postgres_support::unique_schema("model");
+        let storage = runtime.block_on(postgres_support::fresh(&url, &schema));
+        run(ops, &storage);
+        drop(storage);
+        runtime.block_on(postgres_support::drop_schemas(&url, &[schema]));
     }
 }
