@@ -7,7 +7,9 @@
 //! duplicates batches, or fails; a notifier that fails. ("Slow" here means the call yields, so
 //! every other ready task runs in between: it reorders, which is what delay does to
 //! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every few seeds run on `RedbStorage` with process restarts (engine and
-//! storage dropped and reopened on the same file mid-run).
+//! storage dropped and reopened on the same file mid-run), and, when `OFFLINE_QUEUE_POSTGRES_URL`
+//! is set (feature `postgres`), every 50th on `PostgresStorage` with restarts (the engine and
+//! the storage dropped and connected again to the same schema).
 //!
 //! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
 //! dropped by the overflow policy (and then reported as a gap); nothing delivered after expiry;
@@ -18,6 +20,8 @@
 //! replays just that run: `SIM_SEED=<seed> cargo test --test simulation -- --nocapture`.
 
 mod common;
+#[cfg(feature = "postgres")]
+mod postgres_support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -372,6 +376,8 @@ struct World {
     pool: LocalPool,
     queue: OfflineQueue,
     redb: Option<(tempfile::TempDir, std::path::PathBuf)>,
+    /// The PostgreSQL URL and this run's schema, on a PostgreSQL seed.
+    postgres: Option<(String, String)>,
     acked_reads: Arc<AtomicU64>,
     overflow: Overflow,
     limits: Limits,
@@ -389,7 +395,7 @@ fn who(r: usize) -> RecipientId {
 }
 
 impl World {
-    fn new(seed: u64, on_redb: bool) -> Self {
+    fn new(seed: u64, on_redb: bool, postgres: Option<(String, String)>) -> Self {
         let mut rng = Rng(seed);
         let faults = Faults {
             storage_fail: rng.below(8),
@@ -431,6 +437,7 @@ impl World {
             fault_rng,
             pool: LocalPool::new(),
             redb,
+            postgres,
             acked_reads: Arc::default(),
             overflow,
             limits,
@@ -447,6 +454,10 @@ impl World {
     fn build_queue(&mut self, memory: Option<Arc<dyn Storage>>) -> OfflineQueue {
         let inner: Arc<dyn Storage> = match (&self.redb, memory) {
             (Some((_, path)), _) => Arc::new(offline_queue::RedbStorage::open(path).unwrap()),
+            #[cfg(feature = "postgres")]
+            (None, _) if let Some((url, schema)) = &self.postgres => {
+                Arc::new(common::wait(postgres_support::fresh(url, schema)))
+            }
             (None, Some(memory)) => memory,
             (None, None) => Arc::new(MemoryStorage::with_shards(1 + self.rng.below(4) as usize)),
         };
@@ -720,7 +731,7 @@ impl World {
                     .pool
                     .run_until(queue.maintain(1 + self.rng.below(20) as usize));
             }
-            _ if self.redb.is_some() => self.restart(),
+            _ if self.redb.is_some() || self.postgres.is_some() => self.restart(),
             _ => {}
         }
         self.high_water = self.high_water.max(self.clock.now());
@@ -821,18 +832,63 @@ impl World {
     }
 }
 
-/// Runs one seed; returns whether it ran on redb, and how many reads with an ack reached the
-/// backend's own fused read.
-fn run(seed: u64) -> (bool, u64) {
-    // Every 25th seed runs on redb with restarts (each write is an fsync: slower).
+/// Where a seed's messages wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redb,
+    Postgres,
+}
+
+/// A runtime for PostgreSQL's connections and tasks (the harness polls on its own thread).
+#[cfg(feature = "postgres")]
+fn postgres_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// Runs one seed; returns where it ran, and how many reads with an ack reached the backend's
+/// own fused read.
+fn run(seed: u64) -> (Backend, u64) {
+    // Every 25th seed runs on redb with restarts (each write is an fsync: slower), every 50th
+    // (another residue) on PostgreSQL when its URL is set.
     let on_redb = seed % 25 == 7;
-    let mut world = World::new(seed, on_redb);
+    #[cfg(feature = "postgres")]
+    let (_context, postgres) = if seed % 50 == 19 {
+        match postgres_support::url() {
+            Some(url) => (
+                Some(postgres_runtime().enter()),
+                Some((url, postgres_support::unique_schema("sim"))),
+            ),
+            None => (None, None),
+        }
+    } else {
+        (None, None)
+    };
+    #[cfg(not(feature = "postgres"))]
+    let postgres: Option<(String, String)> = None;
+    let backend = match (on_redb, &postgres) {
+        (true, _) => Backend::Redb,
+        (false, Some(_)) => Backend::Postgres,
+        (false, None) => Backend::Memory,
+    };
+    let mut world = World::new(seed, on_redb, postgres.clone());
     for _ in 0..STEPS {
         world.step();
     }
     let acked_reads = world.acked_reads.clone();
     world.finish();
-    (on_redb, acked_reads.load(Ordering::Relaxed))
+    #[cfg(feature = "postgres")]
+    if let Some((url, schema)) = postgres {
+        common::wait(postgres_support::drop_schemas(&url, &[schema]));
+    }
+    (backend, acked_reads.load(Ordering::Relaxed))
 }
 
 #[test]
@@ -847,12 +903,25 @@ fn simulation() {
         std::env::var("SIM_SEEDS").map_or(2_000, |n| n.parse().expect("SIM_SEEDS is a number"));
     let started = std::time::Instant::now();
     let (mut redb_seeds, mut redb_acked_reads) = (0, 0);
+    let (mut postgres_seeds, mut postgres_acked_reads) = (0, 0);
     for seed in 0..seeds {
-        let (on_redb, acked_reads) = run(seed);
-        if on_redb {
-            redb_seeds += 1;
-            redb_acked_reads += acked_reads;
+        match run(seed) {
+            (Backend::Redb, acked_reads) => {
+                redb_seeds += 1;
+                redb_acked_reads += acked_reads;
+            }
+            (Backend::Postgres, acked_reads) => {
+                postgres_seeds += 1;
+                postgres_acked_reads += acked_reads;
+            }
+            (Backend::Memory, _) => {}
         }
+    }
+    if postgres_seeds > 0 {
+        assert!(
+            postgres_acked_reads > 0,
+            "no read with an ack reached PostgreSQL in {postgres_seeds} seeds"
+        );
     }
     // The wrapper forwards the fast path, so redb's own ack-and-read job ran under faults.
     if redb_seeds > 0 {
@@ -862,7 +931,8 @@ fn simulation() {
         );
     }
     println!(
-        "simulation: {seeds} seeds passed in {:.1} s",
+        "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {postgres_seeds} on \
+         PostgreSQL)",
         started.elapsed().as_secs_f64()
     );
 }
