@@ -37,7 +37,10 @@ pub use engine::engine_round_trip;
 pub use expiry::{expiry, idle_refiling_is_bounded, idle_removal, purge_budget};
 pub use isolation::isolation;
 pub use order::{concurrent_appends, order_and_seqs, read_bounds, seqs_never_reused_after_empty};
-pub use quotas::{append_one, global_budget, quota_drop_oldest, quota_reject_is_atomic};
+pub use quotas::{
+    append_one, global_budget, global_budget_full_then_retry, quota_drop_oldest,
+    quota_reject_is_atomic,
+};
 pub use stats::stats_and_remove;
 
 /// The time every check starts at.
@@ -119,6 +122,7 @@ where
     append_one(&*make().await).await;
     loss_confirmation_is_idempotent(&*make().await).await;
     global_budget(&*make().await).await;
+    global_budget_full_then_retry(&*make().await).await;
     expiry(&*make().await).await;
     passed_over_counts_once(&*make().await).await;
     purge_budget(&*make().await).await;

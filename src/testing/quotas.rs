@@ -4,7 +4,7 @@
 use super::{ALL, T0, append, bodies, deduped, recipient, record};
 use crate::limits::{Overflow, Quota};
 use crate::message::{MessageId, Seq};
-use crate::storage::{Ack, Appended, Storage, StorageExt};
+use crate::storage::{Ack, Appended, NewRecord, Storage, StorageExt};
 
 /// With `Overflow::Reject`, an append that does not fit fails with `QueueFull` and changes
 /// nothing, by message count and by bytes.
@@ -287,4 +287,82 @@ pub async fn global_budget(storage: &dyn Storage) {
         .append(&carol, vec![record(&[0; 60])], &quota, T0)
         .await
         .expect("space freed by ack");
+}
+
+/// At any fill of the storage-wide budget, a resend of stored ids is a duplicate (Ok, the
+/// first seq, nothing added), as the failure semantics promise; and a DropOldest append that
+/// frees as many bytes as it adds is stored, since the net change is what counts. Checked
+/// only for a backend that keeps a budget ([`Capabilities::total_byte_budget`]).
+///
+/// [`Capabilities::total_byte_budget`]: crate::storage::Capabilities::total_byte_budget
+pub async fn global_budget_full_then_retry(storage: &dyn Storage) {
+    if !storage.capabilities().total_byte_budget {
+        return;
+    }
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let quota = Quota {
+        max_total_bytes: Some(100),
+        ..Quota::UNLIMITED
+    };
+    let sent = NewRecord {
+        id: MessageId::from_bytes([7; 16]),
+        dedup: true,
+        ..record(&[1; 60])
+    };
+    let first = storage
+        .append(&bob, vec![sent.clone()], &quota, T0)
+        .await
+        .unwrap();
+    // Fill the budget to the byte.
+    storage
+        .append(&carol, vec![record(&[2; 40])], &quota, T0)
+        .await
+        .unwrap();
+    let full = storage.append(&carol, vec![record(&[3])], &quota, T0).await;
+    assert!(
+        matches!(full, Err(crate::Error::StorageFull { max: 100, .. })),
+        "the budget is full: {full:?}"
+    );
+    // The client did not hear the first answer and sends again: a duplicate, full or not.
+    let retry = storage
+        .append(&bob, vec![sent.clone()], &quota, T0)
+        .await
+        .unwrap_or_else(|e| panic!("a retry of a stored id at a full budget: {e:?}"));
+    assert_eq!(
+        retry.records,
+        vec![Appended::Duplicate(first.records[0].seq())],
+        "the retry is the first append's duplicate"
+    );
+    let retry_one = storage
+        .append_one(&bob, sent, &quota, T0)
+        .await
+        .unwrap_or_else(|e| panic!("append_one's retry at a full budget: {e:?}"));
+    assert_eq!(
+        retry_one.record,
+        Appended::Duplicate(first.records[0].seq())
+    );
+    assert_eq!(
+        storage.stats(&bob).await.unwrap().messages,
+        1,
+        "stored once"
+    );
+
+    // DropOldest at a full budget: 40 bytes out of carol's queue, 40 in, net zero.
+    let drop_oldest = Quota {
+        max_messages: 1,
+        overflow: Overflow::DropOldest,
+        ..quota
+    };
+    let swapped = storage
+        .append(&carol, vec![record(&[4; 40])], &drop_oldest, T0)
+        .await
+        .unwrap_or_else(|e| panic!("a net-zero DropOldest append at a full budget: {e:?}"));
+    assert_eq!(swapped.dropped, 1);
+    assert_eq!(bodies(storage, &carol, T0).await, [vec![4u8; 40]]);
+    // And the budget still holds exactly: one more byte does not fit.
+    let over = storage.append(&carol, vec![record(&[5])], &quota, T0).await;
+    assert!(
+        matches!(over, Err(crate::Error::StorageFull { .. })),
+        "{over:?}"
+    );
 }

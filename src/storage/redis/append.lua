@@ -1,13 +1,15 @@
--- ARGV: the numbers, packed as seven big-endian doubles (now, dedup window ms, max messages,
--- max bytes, drop oldest 1/0, idle ttl ms, record count); node; one byte per record, '1'
+-- ARGV: the numbers, packed as eight big-endian doubles (now, dedup window ms, max messages,
+-- max bytes, drop oldest 1/0, idle ttl ms, record count, byte cap: the most body bytes the
+-- append may add net of duplicates and drops, -1 for no cap); node; one byte per record, '1'
 -- where its id is deduplicated; then each record as stored but for its leading `cum`, which
 -- is added here (sent_at, id, deadline, body). Few arguments: Redis turns each into a Lua
 -- string, which costs more than reading numbers out of one.
--- Returns {'full', live, bytes, adding, adding bytes} with nothing written, or
+-- Returns {'full', live, bytes, adding, adding bytes} or {'over cap', net bytes} with nothing
+-- written, or
 -- {'ok', dropped, live, byte delta, file idle (touch or -1), file deadline (ms or -1), n,
 --  (stored 1/0, seq) * n, node count, nodes...}.
 local ARRIVING = HEADER - 8
-local now, window, max_m, max_b, drop, ttl, n = struct.unpack('>ddddddd', ARGV[1])
+local now, window, max_m, max_b, drop, ttl, n, cap = struct.unpack('>dddddddd', ARGV[1])
 local drop_oldest, node, dedup_flags = drop == 1, ARGV[2], ARGV[3]
 -- Record i's argument, whether its id is deduplicated, its id and its deadline (0: none).
 local function arriving(i) return ARGV[3 + i] end
@@ -60,7 +62,7 @@ if m then live, bytes = m.live, m.bytes end
 local function fits(keep, keep_bytes)
   return keep + adding <= max_m and keep_bytes + adding_bytes <= max_b
 end
-local drop_through = -1
+local drop_through, drop_bytes = -1, 0
 if adding > 0 and not fits(live, bytes) then
   if not drop_oldest or adding > max_m or adding_bytes > max_b then
     return {'full', live, bytes, adding, adding_bytes}
@@ -80,6 +82,12 @@ if adding > 0 and not fits(live, bytes) then
     end
     offset = offset + #chunk
   end
+  drop_bytes = bytes - keep_bytes
+end
+-- Under a cap (the storage-wide budget had no room for the whole batch), only what adds no
+-- more than the cap goes ahead: duplicates and drops make room without a reservation.
+if cap >= 0 and adding_bytes - drop_bytes > cap then
+  return {'over cap', adding_bytes - drop_bytes}
 end
 
 local out

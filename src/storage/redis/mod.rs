@@ -215,18 +215,23 @@ impl Storage for RedisStorage {
     ) -> Result<AppendOutcome> {
         let (hex, keys) = self.keys(recipient);
         let adding: u64 = records.iter().map(|r| r.body.len() as u64).sum();
-        let reserved = match quota.max_total_bytes {
+        // The budget's counter is a key of its own (another slot on a cluster), so the bytes
+        // are reserved before the append. When the whole batch does not fit, the append still
+        // runs, capped at no net bytes: a resend of stored ids (a duplicate) or a DropOldest
+        // that frees as much as it adds is answered as on every other backend, at any fill.
+        let (reserved, cap, full) = match quota.max_total_bytes {
             Some(_) if !self.shared.options.track_total_bytes => {
                 return Err(Error::InvalidConfig {
                     field: "max_total_bytes",
                     reason: "needs RedisOptions::track_total_bytes(true) on RedisStorage".into(),
                 });
             }
-            Some(max) => {
-                self.reserve(adding, max).await?;
-                adding as i64
-            }
-            None => 0,
+            Some(max) => match self.reserve(adding, max).await {
+                Ok(()) => (adding as i64, -1.0, None),
+                Err(full @ Error::StorageFull { .. }) => (0, 0.0, Some(full)),
+                Err(other) => return Err(other),
+            },
+            None => (0, -1.0, None),
         };
         // The numbers go as one argument of packed doubles (exact below 2^53), the dedup
         // flags as one of bytes: see append.lua.
@@ -244,7 +249,9 @@ impl Storage for RedisStorage {
         ];
         let packed: Vec<u8> = numbers
             .iter()
-            .flat_map(|&n| (n as f64).to_be_bytes())
+            .map(|&n| n as f64)
+            .chain([cap])
+            .flat_map(f64::to_be_bytes)
             .collect();
         let flags: Vec<u8> = records
             .iter()
@@ -283,6 +290,19 @@ impl Storage for RedisStorage {
                 });
             }
             AppendReply::Appended(applied) => applied,
+            AppendReply::OverCap { net_bytes } => {
+                return Err(match full {
+                    Some(Error::StorageFull { used, max, .. }) => Error::StorageFull {
+                        used,
+                        adding: net_bytes,
+                        max,
+                    },
+                    _ => Error::storage_msg(
+                        crate::Retry::No,
+                        "redis: append.lua refused an append with no cap",
+                    ),
+                });
+            }
         };
         // The append is committed: what follows is bookkeeping, and its failure must not
         // make the caller think the message was not stored (and send it again).

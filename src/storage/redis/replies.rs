@@ -139,6 +139,10 @@ pub(super) enum AppendReply {
         adding_bytes: u64,
     },
     Appended(AppendApplied),
+    /// The append would add more body bytes than its cap; nothing was written.
+    OverCap {
+        net_bytes: u64,
+    },
 }
 
 /// An append that was applied.
@@ -166,6 +170,9 @@ impl AppendReply {
                 bytes: f.count("bytes")?,
                 adding_messages: f.count("adding messages")?,
                 adding_bytes: f.count("adding bytes")?,
+            }),
+            "over cap" => Ok(Self::OverCap {
+                net_bytes: f.count("net bytes")?,
             }),
             "ok" => {
                 let dropped = f.count("dropped")?;
