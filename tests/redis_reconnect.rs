@@ -169,3 +169,95 @@ async fn a_server_without_the_library_is_given_it_again() {
     assert_eq!(bodies, [&b"before"[..], &b"after"[..]]);
     queue.remove_recipient(&bob).await.unwrap();
 }
+
+/// On a cluster a session's ack and next read go as one pipeline to the queue's node; where
+/// the node lost the library, the pipeline is refused and the ordinary steps run (loading it),
+/// and the ack still counts once.
+#[tokio::test]
+async fn a_cluster_ack_and_read_survive_a_lost_library() {
+    use offline_queue::storage::{Ack, NewRecord};
+    use offline_queue::{BatchLimit, MessageId, Quota, Storage, Timestamp};
+
+    const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+    let Some(target @ Target::Cluster(_)) = Target::cluster() else {
+        return;
+    };
+    let Target::Cluster(urls) = &target else {
+        unreachable!()
+    };
+    let storage = redis_support::fresh(&target, &redis_support::unique_prefix("pipeline")).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let record = |body: &[u8]| NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: T0,
+        expires_at: None,
+        body: body.to_vec(),
+    };
+    storage
+        .append(
+            &bob,
+            vec![record(b"1"), record(b"2"), record(b"3"), record(b"4")],
+            &Quota::UNLIMITED,
+            T0,
+        )
+        .await
+        .unwrap();
+    let two = BatchLimit {
+        max_messages: 2,
+        max_bytes: 1 << 20,
+    };
+    let first = storage
+        .read_for_delivery(&bob, None, None, two, T0)
+        .await
+        .unwrap();
+    let through = |read: &offline_queue::storage::DeliveryRead| Ack {
+        through: Some(read.batch.records.last().unwrap().seq),
+        ..Ack::default()
+    };
+    // The pipelined path.
+    let second = storage
+        .read_for_delivery(
+            &bob,
+            Some(&through(&first)),
+            Some(through(&first).through.unwrap()),
+            two,
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.acked, 2);
+    let bodies: Vec<&[u8]> = second.batch.records.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(bodies, [b"3", b"4"]);
+
+    // Every master loses the library: the pipeline is refused, the ordinary steps run.
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut raw).await.unwrap();
+        if matches!(&role[0], redis::Value::BulkString(r) if r == b"master") {
+            let _: () = redis::cmd("FUNCTION")
+                .arg("FLUSH")
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+    }
+    let third = storage
+        .read_for_delivery(
+            &bob,
+            Some(&through(&second)),
+            Some(through(&second).through.unwrap()),
+            two,
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        third.acked, 2,
+        "the ack ran once, through the ordinary step"
+    );
+    assert!(third.batch.records.is_empty());
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 0);
+}
