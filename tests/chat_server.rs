@@ -195,19 +195,85 @@ async fn a_resend_with_the_same_client_id_is_stored_once() {
     let server = Server::start(&[]);
     let mut alice = Client::connect(&server, "alice").await;
     alice.expect_caught_up_empty().await;
-    let id = "7f0c2a4e-9a51-4c1e-8f57-1b2d3c4d5e6f";
-    let frame = json!({"type": "send", "to": "bob", "body": "once", "id": id});
-    alice.send(frame.clone()).await;
-    let first = alice.recv().await;
-    alice.send(frame).await;
-    let second = alice.recv().await;
-    assert_eq!(first["type"], "sent");
-    assert_eq!(first, second, "same id, same seq");
-    assert_eq!(first["id"], id.replace('-', ""));
-    assert_eq!(server.pending("bob").await, 1);
+    // A UUID, a short string, digits, 128 characters of any script: each is just a string.
+    let ids = [
+        "7f0c2a4e-9a51-4c1e-8f57-1b2d3c4d5e6f".to_string(),
+        "m-1".to_string(),
+        "42".to_string(),
+        "é".repeat(128),
+    ];
+    let mut message_ids = Vec::new();
+    for id in &ids {
+        let frame = json!({"type": "send", "to": "bob", "body": format!("once {id}"), "id": id});
+        alice.send(frame.clone()).await;
+        let first = alice.recv().await;
+        alice.send(frame).await;
+        let second = alice.recv().await;
+        assert_eq!(first["type"], "sent", "{first}");
+        assert_eq!(first, second, "same id, same seq");
+        assert_eq!(first["id"], id.as_str(), "sent echoes the client's own id");
+        message_ids.push(first["message_id"].clone());
+    }
+    assert_eq!(server.pending("bob").await, ids.len() as u64);
 
     let mut bob = Client::connect(&server, "bob").await;
-    assert_eq!(bob.drain().await.messages().len(), 1);
+    let delivered = bob.drain().await.messages();
+    assert_eq!(delivered.len(), ids.len());
+    for ((message, id), message_id) in delivered.iter().zip(&ids).zip(&message_ids) {
+        assert_eq!(message["client_id"], id.as_str(), "{message}");
+        assert_eq!(
+            &message["id"], message_id,
+            "the stored id, as sent answered it"
+        );
+    }
+}
+
+/// Dedup is per sender: alice and carol both send bob `id X`; both are stored and delivered,
+/// each with its sender's id, and a resend by either is still one message.
+#[tokio::test]
+async fn the_same_client_id_from_two_senders_is_two_messages() {
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let mut carol = Client::connect(&server, "carol").await;
+    carol.expect_caught_up_empty().await;
+    let mut sent = Vec::new();
+    for (client, body) in [(&mut alice, "from alice"), (&mut carol, "from carol")] {
+        let frame = json!({"type": "send", "to": "bob", "body": body, "id": "X"});
+        client.send(frame.clone()).await;
+        let first = client.recv().await;
+        client.send(frame).await;
+        assert_eq!(
+            client.recv().await,
+            first,
+            "a resend by one sender is one message"
+        );
+        assert_eq!(first["type"], "sent", "{first}");
+        sent.push(first);
+    }
+    assert_ne!(
+        sent[0]["seq"], sent[1]["seq"],
+        "carol's is not taken for alice's"
+    );
+    assert_ne!(sent[0]["message_id"], sent[1]["message_id"]);
+    assert_eq!(server.pending("bob").await, 2);
+
+    let mut bob = Client::connect(&server, "bob").await;
+    let delivered = bob.drain().await.messages();
+    let seen: Vec<(&str, &str, &str)> = delivered
+        .iter()
+        .map(|m| {
+            (
+                m["from"].as_str().unwrap(),
+                m["body"].as_str().unwrap(),
+                m["client_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("alice", "from alice", "X"), ("carol", "from carol", "X")]
+    );
 }
 
 #[tokio::test]
@@ -238,7 +304,15 @@ async fn every_error_code_answers_and_the_connection_stays_open() {
             "invalid_ttl",
         ),
         (
-            json!({"type": "send", "to": "bob", "body": "hi", "id": "not-an-id"}),
+            json!({"type": "send", "to": "bob", "body": "hi", "id": ""}),
+            "bad_request",
+        ),
+        (
+            json!({"type": "send", "to": "bob", "body": "hi", "id": "i".repeat(129)}),
+            "bad_request",
+        ),
+        (
+            json!({"type": "send", "to": "bob", "body": "hi", "id": "m\u{0}-1"}),
             "bad_request",
         ),
         (json!({"type": "send", "to": "bob"}), "bad_request"),

@@ -13,7 +13,7 @@ use offline_queue::{
 use tokio::sync::mpsc;
 
 use super::App;
-use super::protocol::{ChatMessage, ClientFrame, ServerFrame};
+use super::protocol::{ChatMessage, ClientFrame, ServerFrame, check_client_id};
 
 /// Frames queued for the socket. Bounded: a client that stops reading slows its own delivery
 /// (the session's `Transport::send` waits), never the server.
@@ -231,33 +231,32 @@ async fn send(
         Ok(to) => to,
         Err(error) => return ServerFrame::from_error(client_id, &error),
     };
+    if let Some(id) = &client_id
+        && let Err(reason) = check_client_id(id)
+    {
+        return ServerFrame::bad_request(client_id, reason);
+    }
     let message = ChatMessage {
         from: from.to_string(),
         body,
+        client_id: client_id.clone(),
     };
     let mut envelope = match Envelope::encode(to, &message) {
         Ok(envelope) => envelope,
         Err(error) => return ServerFrame::from_error(client_id, &error),
     };
-    let mut client_id = client_id;
-    if let Some(text) = &client_id {
-        // Browsers make UUIDs (crypto.randomUUID()); without the dashes they are 32 hex digits.
-        // Replies carry the id in that canonical form, as `sent` and `deliver` frames do.
-        match MessageId::parse_hex(&text.replace('-', "")) {
-            Ok(id) => {
-                envelope = envelope.with_id(id);
-                client_id = Some(id.to_string());
-            }
-            Err(error) => return ServerFrame::from_error(client_id, &error),
-        }
+    if let Some(id) = &client_id {
+        // Dedup per (sender, client id): the same id from two senders is two messages.
+        envelope = envelope.with_id(MessageId::derive(from.as_bytes(), id.as_bytes()));
     }
     if let Some(secs) = ttl_secs {
         envelope = envelope.with_ttl(Duration::from_secs(secs));
     }
     match app.queue.send(envelope).await {
-        // The canonical id (32 hex digits), the same the recipient's `deliver` frame carries.
+        // `message_id` is the id the recipient's `deliver` frame carries for this message.
         Ok(receipt) => ServerFrame::Sent {
-            id: receipt.id.to_string(),
+            id: client_id,
+            message_id: receipt.id.to_string(),
             seq: receipt.seq.0,
         },
         Err(error) => ServerFrame::from_error(client_id, &error),

@@ -11,7 +11,8 @@ pub enum ClientFrame {
     Send {
         to: String,
         body: String,
-        /// The client's id for this message: a UUID or 32 hex digits. The dedup key: a resend
+        /// The client's own id for this message (its transaction id): any 1 to
+        /// [`MAX_CLIENT_ID_CHARS`] printable characters. The dedup key, per sender: a resend
         /// with the same id within the dedup window is not stored twice.
         id: Option<String>,
         ttl_secs: Option<u64>,
@@ -28,8 +29,14 @@ pub enum ClientFrame {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    /// A send was stored (or was a duplicate of one stored before).
-    Sent { id: String, seq: u64 },
+    /// A send was stored (or was a duplicate of one stored before): the client's own id
+    /// (when it gave one), the stored message's id (as `deliver` carries it) and its seq.
+    Sent {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        message_id: String,
+        seq: u64,
+    },
     /// A frame was refused; the connection stays open.
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,9 +64,13 @@ fn is_zero(count: &u64) -> bool {
 /// One delivered message.
 #[derive(Debug, Serialize)]
 pub struct WireMessage {
+    /// The stored message's id: the same on every redelivery.
     pub id: String,
     pub seq: u64,
     pub from: String,
+    /// The sender's own id for the message, when it gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     pub body: String,
     pub sent_at_ms: u64,
     pub expires_at_ms: Option<u64>,
@@ -71,6 +82,24 @@ pub struct WireMessage {
 pub struct ChatMessage {
     pub from: String,
     pub body: String,
+    pub client_id: Option<String>,
+}
+
+/// The longest client id, in characters.
+pub const MAX_CLIENT_ID_CHARS: usize = 128;
+
+/// Checks a client's id: 1 to [`MAX_CLIENT_ID_CHARS`] characters, none a control character.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    let chars = id.chars().count();
+    if chars == 0 || chars > MAX_CLIENT_ID_CHARS {
+        return Err(format!(
+            "id must be 1 to {MAX_CLIENT_ID_CHARS} characters long, not {chars}"
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("id must be printable characters (no control characters)".into());
+    }
+    Ok(())
 }
 
 impl ServerFrame {
@@ -106,14 +135,20 @@ impl From<&Delivery> for WireMessage {
     fn from(delivery: &Delivery) -> Self {
         // Every message this server stores is a ChatMessage; a payload stored by another
         // program on the same storage is shown as text rather than dropped.
-        let ChatMessage { from, body } = delivery.decode().unwrap_or_else(|_| ChatMessage {
+        let ChatMessage {
+            from,
+            body,
+            client_id,
+        } = delivery.decode().unwrap_or_else(|_| ChatMessage {
             from: String::new(),
             body: String::from_utf8_lossy(&delivery.payload).into_owned(),
+            client_id: None,
         });
         WireMessage {
             id: delivery.id.to_string(),
             seq: delivery.seq.0,
             from,
+            client_id,
             body,
             sent_at_ms: delivery.sent_at.as_millis(),
             expires_at_ms: delivery.expires_at.map(|at| at.as_millis()),
