@@ -22,20 +22,23 @@
 //!
 //! Client to server:
 //! - `{"type":"send","to":"<user>","body":"<text>","id":"<optional>","ttl_secs":<optional>}`.
-//!   `id` is the client's message id, a UUID or 32 hex digits: a resend with the same id
-//!   (within 30 minutes) is not stored twice, so a client may resend whatever it has no
-//!   `sent` for. Ids are per recipient, not per sender: use random ones (UUIDv4). Replies
-//!   carry ids in their canonical 32-hex form.
+//!   `id` is the client's own id for the message, any 1 to 128 printable characters: a
+//!   resend with the same id (within 30 minutes) is not stored twice, so a client may resend
+//!   whatever it has no `sent` for. Dedup is per sender: the stored message's id is
+//!   `MessageId::derive(sender, id)`, so two senders' ids never collide.
 //! - `{"type":"ack","up_to":<seq>}` acks everything through `seq`;
 //!   `{"type":"ack","seqs":[<seq>,..]}` acks exactly those.
 //!
 //! Server to client:
-//! - `{"type":"sent","id":"<message id>","seq":<seq>}` for each stored send, in order.
+//! - `{"type":"sent","id":"<client id, if given>","message_id":"<32 hex>","seq":<seq>}` for
+//!   each stored send, in order.
 //! - `{"type":"error","id":"<client id, if given>","code":"..","message":".."}`, where code is
 //!   `message_too_large`, `queue_full`, `invalid_recipient`, `invalid_ttl`, `bad_request` or
 //!   `unavailable` (storage down: try again). A bad frame never closes the connection.
-//! - `{"type":"deliver","messages":[{"id","seq","from","body","sent_at_ms","expires_at_ms",
-//!   "redelivered"},..],"gap":<n>,"position":<seq>}`: the backlog in batches of up to
+//! - `{"type":"deliver","messages":[{"id","seq","from","client_id","body","sent_at_ms",
+//!   "expires_at_ms","redelivered"},..],"gap":<n>,"position":<seq>}`: `id` is the stored
+//!   message's id (the same on redelivery), `client_id` the sender's own id when it gave one;
+//!   the backlog in batches of up to
 //!   `--batch-max` messages (and 1 MiB), then live messages as they come. At most 256
 //!   messages are delivered and not yet acked at a time: a client that stops acking stops
 //!   receiving. `gap`, present when not zero, counts messages lost before this batch
