@@ -780,3 +780,59 @@ async fn two_servers_on_one_postgres_deliver_across() {
         .await
         .unwrap();
 }
+
+/// A client that sends without waiting (300 frames, some refused) gets one reply per frame, in
+/// the order of its frames, and each recipient gets its messages in the order they were sent,
+/// with a bound of 8 sends in flight (the server stops reading past it, then goes on).
+#[tokio::test]
+async fn pipelined_sends_are_answered_and_stored_in_order() {
+    let server = Server::start(&["--max-sends-in-flight", "8"]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    let frames: Vec<(String, Value)> = (0..300)
+        .map(|i| {
+            let id = if i % 7 == 3 {
+                String::new()
+            } else {
+                format!("m-{i}")
+            };
+            let to = if i % 2 == 0 { "bob" } else { "carol" };
+            (
+                id.clone(),
+                json!({"type": "send", "to": to, "body": format!("{i}"), "id": id}),
+            )
+        })
+        .collect();
+    for (_, frame) in &frames {
+        alice.send(frame.clone()).await;
+    }
+    let mut last_seq = std::collections::HashMap::new();
+    for (id, frame) in &frames {
+        let reply = alice.recv().await;
+        assert_eq!(reply["id"], id.as_str(), "replies in frame order: {reply}");
+        if id.is_empty() {
+            assert_eq!(reply["code"], "bad_request", "{reply}");
+            continue;
+        }
+        assert_eq!(reply["type"], "sent", "{reply}");
+        let seq = reply["seq"].as_u64().unwrap();
+        let to = frame["to"].as_str().unwrap();
+        if let Some(previous) = last_seq.insert(to, seq) {
+            assert!(seq > previous, "stored in send order for {to}");
+        }
+    }
+    for user in ["bob", "carol"] {
+        let mut client = Client::connect(&server, user).await;
+        let bodies: Vec<u64> = client
+            .drain()
+            .await
+            .messages()
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().parse().unwrap())
+            .collect();
+        let expected: Vec<u64> = (0..300)
+            .filter(|i| i % 7 != 3 && (i % 2 == 0) == (user == "bob"))
+            .collect();
+        assert_eq!(bodies, expected, "{user} gets its messages once, in order");
+    }
+}

@@ -1,10 +1,21 @@
 //! One WebSocket connection: a read loop for the client's frames, a writer task for the
 //! server's, and the engine's session driver between them.
+//!
+//! A connection's sends run concurrently (so sends from many connections, and many from one,
+//! share the storage's commits), up to `--max-sends-in-flight`; past it the loop stops
+//! reading the socket until one is answered (backpressure, nothing buffered without bound).
+//! Replies go out in the order of the client's frames, and sends to one recipient are stored
+//! in that order too: each waits for the connection's previous send to the same recipient.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::future::{FutureExt, Shared};
+use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use offline_queue::{
     Envelope, MessageId, Outbound, RecipientId, Seq, SessionEnd, SessionHandle, Transport,
@@ -37,6 +48,33 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Silence after which the connection is closed; the server pings three times as often.
     pub idle_timeout: Duration,
+    /// Sends unanswered at once before the connection stops reading.
+    pub max_sends_in_flight: usize,
+}
+
+/// A frame's reply, in the making (a send's commit), or ready.
+type Reply = Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send>>;
+
+/// Done when the connection's latest send to a recipient is (stored or refused).
+type Settled = Shared<tokio::sync::oneshot::Receiver<()>>;
+
+/// The frames read and not yet answered, in order, and each recipient's latest send.
+struct InFlight {
+    replies: FuturesOrdered<Reply>,
+    latest: HashMap<RecipientId, Settled>,
+}
+
+impl InFlight {
+    /// The send to `to` waits for the one before it to the same recipient, so a connection's
+    /// messages to one recipient are stored in the order it sent them.
+    fn chain(&mut self, to: &RecipientId) -> (Option<Settled>, tokio::sync::oneshot::Sender<()>) {
+        if self.latest.len() > 1024 {
+            self.latest.retain(|_, settled| settled.peek().is_none());
+        }
+        let (done, settled) = tokio::sync::oneshot::channel();
+        let before = self.latest.insert(to.clone(), settled.shared());
+        (before, done)
+    }
 }
 
 /// Why a connection's read loop stopped.
@@ -84,14 +122,20 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
     let mut driver = tokio::spawn(session.run());
     let mut shutdown = app.shutdown.clone();
     let mut last_heard = tokio::time::Instant::now();
+    let mut in_flight = InFlight {
+        replies: FuturesOrdered::new(),
+        latest: HashMap::new(),
+    };
     tracing::info!(%user, "connected");
 
     let ended = loop {
         tokio::select! {
-            frame = incoming.next() => {
+            frame = incoming.next(), if in_flight.replies.len() < app.limits.max_sends_in_flight => {
                 last_heard = tokio::time::Instant::now();
                 let reply = match frame {
-                    Some(Ok(Message::Text(text))) => handle_frame(&text, &user, &handle, &app).await,
+                    Some(Ok(Message::Text(text))) => {
+                        handle_frame(&text, &user, &handle, &app, &mut in_flight)
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         Some(ServerFrame::bad_request(None, "frames are JSON text"))
                     }
@@ -99,6 +143,12 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
                     Some(Ok(Message::Close(_)) | Err(_)) | None => break Ended::ClientLeft,
                 };
+                // Behind the sends before it, as the client sent them.
+                if let Some(reply) = reply {
+                    in_flight.replies.push_back(Box::pin(async move { Some(reply) }));
+                }
+            }
+            Some(reply) = in_flight.replies.next(), if !in_flight.replies.is_empty() => {
                 if let Some(reply) = reply
                     && outbox.send(reply).await.is_err()
                 {
@@ -117,6 +167,9 @@ pub async fn serve(socket: WebSocket, user: RecipientId, app: App) {
         }
     };
 
+    // Sends already started finish (stored or refused), though no reply may reach the client;
+    // one never answered is resent by a client that keeps its own ids, and found a duplicate.
+    while in_flight.replies.next().await.is_some() {}
     // Closing the session ends the driver after the item it is handing over; whatever was
     // delivered but not acked stays stored and comes back, marked, on the next connection.
     handle.close();
@@ -183,12 +236,14 @@ async fn write_frames(
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(reason))).await;
 }
 
-/// Acts on one text frame; returns the reply, if the frame has one.
-async fn handle_frame(
+/// Acts on one text frame: an ack at once; a send started in `in_flight`, which answers it.
+/// Returns the reply of a frame answered at once (an error), if any.
+fn handle_frame(
     text: &str,
     user: &RecipientId,
     handle: &SessionHandle,
     app: &App,
+    in_flight: &mut InFlight,
 ) -> Option<ServerFrame> {
     let frame = match serde_json::from_str::<ClientFrame>(text) {
         Ok(frame) => frame,
@@ -200,7 +255,31 @@ async fn handle_frame(
             body,
             id,
             ttl_secs,
-        } => Some(send(user, to, body, id, ttl_secs, app).await),
+        } => match prepare_send(user, to, body, id.clone(), ttl_secs) {
+            Err(refused) => Some(refused),
+            Ok((to, envelope)) => {
+                let (before, done) = in_flight.chain(&to);
+                let queue = app.queue.clone();
+                in_flight.replies.push_back(Box::pin(async move {
+                    if let Some(before) = before {
+                        // Stored or refused, or its connection's future dropped: go on.
+                        let _ = before.await;
+                    }
+                    let reply = match queue.send(envelope).await {
+                        // `message_id` is what the recipient's `deliver` carries for it.
+                        Ok(receipt) => ServerFrame::Sent {
+                            id,
+                            message_id: receipt.id.to_string(),
+                            seq: receipt.seq.0,
+                        },
+                        Err(error) => ServerFrame::from_error(id, &error),
+                    };
+                    let _ = done.send(());
+                    Some(reply)
+                }));
+                None
+            }
+        },
         ClientFrame::Ack { up_to, seqs } => match (up_to, seqs.is_empty()) {
             (Some(up_to), true) => {
                 handle.ack_through(Seq(up_to));
@@ -218,32 +297,31 @@ async fn handle_frame(
     }
 }
 
-/// Stores one message and answers `sent` with its id and seq, or an error frame.
-async fn send(
+/// A send's envelope, or the error frame that refuses it before the engine sees it.
+fn prepare_send(
     from: &RecipientId,
     to: String,
     body: String,
     client_id: Option<String>,
     ttl_secs: Option<u64>,
-    app: &App,
-) -> ServerFrame {
+) -> Result<(RecipientId, Envelope), ServerFrame> {
     let to = match RecipientId::new(&to) {
         Ok(to) => to,
-        Err(error) => return ServerFrame::from_error(client_id, &error),
+        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
     };
     if let Some(id) = &client_id
         && let Err(reason) = check_client_id(id)
     {
-        return ServerFrame::bad_request(client_id, reason);
+        return Err(ServerFrame::bad_request(client_id, reason));
     }
     let message = ChatMessage {
         from: from.to_string(),
         body,
         client_id: client_id.clone(),
     };
-    let mut envelope = match Envelope::encode(to, &message) {
+    let mut envelope = match Envelope::encode(to.clone(), &message) {
         Ok(envelope) => envelope,
-        Err(error) => return ServerFrame::from_error(client_id, &error),
+        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
     };
     if let Some(id) = &client_id {
         // Dedup per (sender, client id): the same id from two senders is two messages.
@@ -252,13 +330,5 @@ async fn send(
     if let Some(secs) = ttl_secs {
         envelope = envelope.with_ttl(Duration::from_secs(secs));
     }
-    match app.queue.send(envelope).await {
-        // `message_id` is the id the recipient's `deliver` frame carries for this message.
-        Ok(receipt) => ServerFrame::Sent {
-            id: client_id,
-            message_id: receipt.id.to_string(),
-            seq: receipt.seq.0,
-        },
-        Err(error) => ServerFrame::from_error(client_id, &error),
-    }
+    Ok((to, envelope))
 }

@@ -75,6 +75,10 @@ pub struct Config {
     /// is closed, so a vanished client does not keep its user "online" and unpushed.
     #[arg(long, default_value_t = 60_000, hide = true)]
     pub idle_timeout_ms: u64,
+    /// Sends one connection may have unanswered at once; past it the server stops reading
+    /// that socket until one is answered.
+    #[arg(long, default_value_t = 256)]
+    pub max_sends_in_flight: usize,
 }
 
 impl Config {
@@ -92,6 +96,12 @@ impl Config {
             ("--default-ttl-secs", self.default_ttl_secs, 1, max_ttl_secs),
             ("--batch-max", self.batch_max as u64, 1, 10_000),
             ("--idle-timeout-ms", self.idle_timeout_ms, 100, u64::MAX),
+            (
+                "--max-sends-in-flight",
+                self.max_sends_in_flight as u64,
+                1,
+                65_536,
+            ),
             (
                 "--maintain-interval-ms",
                 self.maintain_interval_ms,
@@ -302,6 +312,7 @@ async fn serve(
             // JSON escaping can make a body up to six times longer on the wire.
             max_frame_bytes: config.max_message_bytes.saturating_mul(6) + 4096,
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            max_sends_in_flight: config.max_sends_in_flight,
         },
     };
     let maintenance = tokio::spawn(maintain(
