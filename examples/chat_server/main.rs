@@ -48,6 +48,10 @@
 //! - `{"type":"caught_up"}` once per connection, when the backlog present at connect has been
 //!   delivered (at once if there was none).
 //!
+//! A client need not wait for each `sent`: up to `--max-sends-in-flight` (256) sends of one
+//! connection are stored concurrently, replies come in the order of its frames, and its
+//! messages to one recipient are stored in the order sent.
+//!
 //! One connection per user: a newer one closes the older with close code 4000. Close code
 //! 1001 means the server is shutting down, 1013 that its storage failed (reconnect later),
 //! 1011 an internal error. The server pings; a connection silent for 60 s is closed, so a
