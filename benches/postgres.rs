@@ -32,8 +32,8 @@
 //!
 //! Without `OFFLINE_QUEUE_POSTGRES_URL` (or `OFFLINE_QUEUE_REDIS_URL`) the groups on that
 //! server say so and measure nothing. Each PostgreSQL group works in a schema of its own
-//! (`oq_bench_*`, the storage's tables and the floor's), dropped at its end; the Redis groups
-//! use a prefix of their own and remove what they stored.
+//! (`oq_bench_*`, the storage's tables and the floor's), dropped at its end; each Redis group
+//! uses a prefix of its own (`oq-bench-*`) and deletes every key under it at its end.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -566,16 +566,58 @@ fn postgres_drain(c: &mut Criterion) {
     pg.drop_schema();
 }
 
-fn redis_setup(runtime: &tokio::runtime::Runtime) -> Option<RedisStorage> {
+/// A `RedisStorage` under a prefix of its own, and what `redis_cleanup` needs.
+struct Redis {
+    storage: RedisStorage,
+    url: String,
+    prefix: String,
+}
+
+fn redis_setup(runtime: &tokio::runtime::Runtime) -> Option<Redis> {
     let url = redis_url()?;
     let prefix = format!("oq-bench-{}", MessageId::generate());
-    Some(runtime.block_on(async {
+    let storage = runtime.block_on(async {
         RedisStorage::options()
-            .prefix(prefix)
+            .prefix(prefix.clone())
             .connect(&url)
             .await
             .unwrap()
-    }))
+    });
+    Some(Redis {
+        storage,
+        url,
+        prefix,
+    })
+}
+
+/// Deletes every key under the run's prefix (removing the recipients would leave the
+/// prefix's shared expiry and idle indexes behind).
+fn redis_cleanup(runtime: &tokio::runtime::Runtime, redis: Redis) {
+    let Redis {
+        storage,
+        url,
+        prefix,
+    } = redis;
+    drop(storage);
+    runtime.block_on(async {
+        let mut connection = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    });
 }
 
 fn redis_send(c: &mut Criterion) {
@@ -585,7 +627,7 @@ fn redis_send(c: &mut Criterion) {
     };
     let recipients = recipients();
     let next = Arc::new(AtomicUsize::new(0));
-    let storage: Arc<dyn Storage> = Arc::new(redis.clone());
+    let storage: Arc<dyn Storage> = Arc::new(redis.storage.clone());
     let mut group = c.benchmark_group("redis_send_64_senders");
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
@@ -596,11 +638,8 @@ fn redis_send(c: &mut Criterion) {
         b.iter_custom(|iters| time_appends(&runtime, storage.clone(), &recipients, &next, iters))
     });
     group.finish();
-    runtime.block_on(async {
-        for who in recipients.iter() {
-            redis.remove_recipient(who).await.unwrap();
-        }
-    });
+    drop(storage);
+    redis_cleanup(&runtime, redis);
 }
 
 fn redis_drain(c: &mut Criterion) {
@@ -611,10 +650,10 @@ fn redis_drain(c: &mut Criterion) {
     let who = RecipientId::new("bob").unwrap();
     let mut group = drain_group(c, "redis_drain_10k");
     group.bench_function("storage_read_for_delivery", |b| {
-        b.iter_custom(|iters| time_drains(&runtime, &redis, &who, iters))
+        b.iter_custom(|iters| time_drains(&runtime, &redis.storage, &who, iters))
     });
     group.finish();
-    runtime.block_on(redis.remove_recipient(&who)).unwrap();
+    redis_cleanup(&runtime, redis);
 }
 
 criterion_group!(
