@@ -5,7 +5,8 @@
 //!   and against a production-style insert: one script call per message, as large chat servers
 //!   write to a per-device queue in Redis (dedup through a per-queue id hash, a per-queue
 //!   counter, a sorted set by position, both keys' expiry, the queue in a shard index), with
-//!   no quota and no per-message TTL;
+//!   no quota and no per-message TTL; and our append alone at the `Storage` trait (quota,
+//!   dedup and a per-message TTL), which is what that baseline compares with;
 //! - drain: 10,000 pending messages delivered and acked in batches of 100, against
 //!   `LRANGE` + `LTRIM` of 100 at a time from one list;
 //! - on a cluster (`OFFLINE_QUEUE_REDIS_CLUSTER_URLS`), the same drain at the `Storage` trait,
@@ -108,6 +109,38 @@ fn send(c: &mut Criterion) {
                     for _ in 0..PER_SENDER {
                         let envelope = Envelope::new(who.clone(), vec![7u8; PAYLOAD]);
                         queue.send(envelope).await.unwrap();
+                    }
+                }
+            })
+        })
+    });
+    // The append alone, at the `Storage` trait (no engine around it), with the engine's quota
+    // and a per-message TTL: what the production-style insert below is compared with.
+    let defaults = offline_queue::Limits::default();
+    let quota = offline_queue::Quota {
+        max_messages: 1_000_000,
+        max_bytes: defaults.max_bytes_per_recipient,
+        dedup_window: defaults.dedup_window,
+        idle_timeout: defaults.idle_recipient_timeout,
+        ..offline_queue::Quota::UNLIMITED
+    };
+    group.bench_function("storage_append", |b| {
+        b.iter_custom(|iters| {
+            time_senders(&s, iters, |sender| {
+                use offline_queue::Storage;
+                let storage = s.storage.clone();
+                async move {
+                    let who = recipient(sender);
+                    for _ in 0..PER_SENDER {
+                        let now = offline_queue::Timestamp::from_millis(1_700_000_000_000);
+                        let record = offline_queue::storage::NewRecord {
+                            id: offline_queue::MessageId::generate(),
+                            dedup: true,
+                            sent_at: now,
+                            expires_at: Some(now.saturating_add(Duration::from_secs(7 * 24 * 3600))),
+                            body: vec![7u8; PAYLOAD],
+                        };
+                        storage.append_one(&who, record, &quota, now).await.unwrap();
                     }
                 }
             })
