@@ -90,6 +90,22 @@ struct FaultyStorage {
     /// Reads with an ack that reached the backend's own `read_for_delivery`: the proof that
     /// its fused path runs under faults.
     acked_reads: Arc<AtomicU64>,
+    /// What the backend confirmed removed by acks, per recipient.
+    acked: AckedByStorage,
+}
+
+/// Per recipient: the highest cumulative ack and the selective and passed-over seqs the
+/// backend applied (its call returned `Ok`, whatever the wrapper then reported).
+type AckedByStorage = Arc<Mutex<HashMap<RecipientId, (Option<Seq>, HashSet<Seq>)>>>;
+
+impl FaultyStorage {
+    /// Notes an ack the backend applied.
+    fn applied(&self, r: &RecipientId, ack: &Ack) {
+        let mut acked = self.acked.lock();
+        let (through, seqs) = acked.entry(r.clone()).or_default();
+        *through = (*through).max(ack.through);
+        seqs.extend(ack.seqs.iter().chain(&ack.passed_over).copied());
+    }
 }
 
 enum Fate {
@@ -232,11 +248,21 @@ impl Storage for FaultyStorage {
             if ack.is_some() {
                 self.acked_reads.fetch_add(1, Ordering::Relaxed);
             }
-            common::wait(self.inner.read_for_delivery(r, ack, after, limit, now))
+            let out = common::wait(self.inner.read_for_delivery(r, ack, after, limit, now));
+            if let (Ok(_), Some(ack)) = (&out, ack) {
+                self.applied(r, ack);
+            }
+            out
         })
     }
     async fn ack(&self, r: &RecipientId, ack: &Ack, now: Timestamp) -> offline_queue::Result<u64> {
-        let out = faulty!(self, true, common::wait(self.inner.ack(r, ack, now)));
+        let out = faulty!(self, true, {
+            let out = common::wait(self.inner.ack(r, ack, now));
+            if out.is_ok() {
+                self.applied(r, ack);
+            }
+            out
+        });
         if std::env::var("SIM_TRACE").is_ok() {
             eprintln!("  {r} ack {ack:?} -> {out:?}");
         }
@@ -332,6 +358,11 @@ struct Sent {
     expires_at: Option<Timestamp>,
     /// `send` returned `Ok` and not as a duplicate: must not be lost.
     acknowledged: bool,
+    /// Every attempt's payload and deadline: any of them may be the one stored.
+    attempts: Vec<(Vec<u8>, Option<Timestamp>)>,
+    /// The payload and deadline of the attempt that returned `Ok` and not as a duplicate:
+    /// exactly what is stored.
+    stored: Option<(Vec<u8>, Option<Timestamp>)>,
 }
 
 struct Client {
@@ -346,6 +377,8 @@ struct Client {
     /// The highest batch position received: acking through it also confirms gap-only batches.
     position: Option<Seq>,
     acked_position: Option<Seq>,
+    /// What the storage had confirmed acked when this session began: never delivered in it.
+    acked_before: (Option<Seq>, HashSet<Seq>),
 }
 
 impl Client {
@@ -379,6 +412,7 @@ struct World {
     /// The PostgreSQL URL and this run's schema, on a PostgreSQL seed.
     postgres: Option<(String, String)>,
     acked_reads: Arc<AtomicU64>,
+    acked: AckedByStorage,
     overflow: Overflow,
     limits: Limits,
     clients: HashMap<usize, Client>,
@@ -439,6 +473,7 @@ impl World {
             redb,
             postgres,
             acked_reads: Arc::default(),
+            acked: Arc::default(),
             overflow,
             limits,
             clients: HashMap::new(),
@@ -467,6 +502,7 @@ impl World {
             faults: self.faults.clone(),
             down_for: Mutex::new(0),
             acked_reads: self.acked_reads.clone(),
+            acked: self.acked.clone(),
         };
         OfflineQueue::builder()
             .storage(Arc::new(storage))
@@ -498,11 +534,12 @@ impl World {
         self.next_payload += 1;
         let mut payload = vec![r as u8];
         payload.extend_from_slice(&self.next_payload.to_be_bytes());
-        let mut envelope = Envelope::new(who(r), payload).with_urgency(match self.rng.below(3) {
-            0 => Urgency::Urgent,
-            1 => Urgency::Background,
-            _ => Urgency::Silent,
-        });
+        let mut envelope =
+            Envelope::new(who(r), payload.clone()).with_urgency(match self.rng.below(3) {
+                0 => Urgency::Urgent,
+                1 => Urgency::Background,
+                _ => Urgency::Silent,
+            });
         if self.rng.chance(40) {
             envelope = envelope.with_ttl(Duration::from_secs(1 + self.rng.below(300)));
         }
@@ -545,7 +582,10 @@ impl World {
             sent_at: now,
             expires_at: deadline,
             acknowledged: false,
+            attempts: Vec::new(),
+            stored: None,
         });
+        entry.attempts.push((payload.clone(), deadline));
         // Until an attempt is known to have stored it, any failed attempt may be the one that
         // did (a failure reported after the write): keep the earliest deadline among them.
         if !entry.acknowledged {
@@ -557,6 +597,7 @@ impl World {
         match result {
             Ok(receipt) if !receipt.duplicate => {
                 entry.acknowledged = true;
+                entry.stored = Some((payload, deadline));
                 entry.expires_at = ttl.map(|t| now.saturating_add(t));
             }
             // Already stored by an earlier attempt (perhaps one that reported a failure after
@@ -576,6 +617,7 @@ impl World {
             faults: self.faults.clone(),
             silently_dead: Mutex::new(false),
         };
+        let acked_before = self.acked.lock().get(&who(r)).cloned().unwrap_or_default();
         let session = self.queue.connect(who(r), transport);
         let handle = session.handle();
         let (tx, end) = oneshot::channel();
@@ -594,6 +636,7 @@ impl World {
             seen: HashSet::new(),
             position: None,
             acked_position: None,
+            acked_before,
         };
         if let Some(old) = self.clients.insert(r, client) {
             self.pool.run_until_stalled();
@@ -639,11 +682,48 @@ impl World {
                             self.seed, sent.recipient
                         );
                     }
-                    if m.expires_at.is_some_and(|at| at <= now) {
+                    // The bytes and deadline of the attempt that stored it: exactly, where the
+                    // send said Ok; else one of the attempts'.
+                    let deadline = match &sent.stored {
+                        Some((payload, deadline)) => {
+                            if m.payload[..] != payload[..] || m.expires_at != *deadline {
+                                panic!(
+                                    "seed {}: delivered {m:?}, stored {payload:?} until {deadline:?}",
+                                    self.seed
+                                );
+                            }
+                            *deadline
+                        }
+                        None => {
+                            if !sent.attempts.iter().any(|(payload, deadline)| {
+                                m.payload[..] == payload[..] && m.expires_at == *deadline
+                            }) {
+                                panic!(
+                                    "seed {}: delivered {m:?}, none of the attempts {:?}",
+                                    self.seed, sent.attempts
+                                );
+                            }
+                            m.expires_at
+                        }
+                    };
+                    if deadline.is_some_and(|at| at <= now) {
                         panic!("seed {}: delivered after expiry: {m:?} at {now}", self.seed);
                     }
-                    if wire_dup || !client.seen.insert(m.seq) {
+                    let (acked_through, acked_seqs) = &client.acked_before;
+                    if *acked_through >= Some(m.seq) || acked_seqs.contains(&m.seq) {
+                        panic!(
+                            "seed {}: recipient {r} got seq {} again, acked before this session",
+                            self.seed, m.seq
+                        );
+                    }
+                    if wire_dup {
                         continue;
+                    }
+                    if !client.seen.insert(m.seq) {
+                        panic!(
+                            "seed {}: recipient {r} got seq {} twice in one session",
+                            self.seed, m.seq
+                        );
                     }
                     if client.last_seq >= Some(m.seq) {
                         panic!(
