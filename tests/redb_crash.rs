@@ -125,6 +125,7 @@ fn kill_and_restart_loses_nothing() {
     let mut expected = Expected::default();
     let mut total_appends = 0;
     for round in 0..rounds {
+        let before = total_appends;
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
@@ -140,6 +141,7 @@ fn kill_and_restart_loses_nothing() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (first_append, appended) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             // Only complete lines count: the last one may be cut by the kill.
             let mut lines = Vec::new();
@@ -147,14 +149,21 @@ fn kill_and_restart_loses_nothing() {
             let mut line = String::new();
             while reader.read_line(&mut line).unwrap_or(0) > 0 {
                 if line.ends_with('\n') {
+                    if line.starts_with("S ") {
+                        let _ = first_append.send(());
+                    }
                     lines.push(line.trim_end().to_string());
                 }
                 line.clear();
             }
             lines
         });
-        // The kill lands anywhere from before the first commit to well into the load.
-        std::thread::sleep(Duration::from_millis(20 + rng.next() % 400));
+        // Every round stores something before its kill, which then lands anywhere from a
+        // moment to well into the load (mid-commit included).
+        appended
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("round {round} (seed {seed}): no append within 60 s"));
+        std::thread::sleep(Duration::from_millis(rng.next() % 400));
         child.kill().unwrap();
         child.wait().unwrap();
         let lines = reader.join().unwrap();
@@ -181,9 +190,12 @@ fn kill_and_restart_loses_nothing() {
                 _ => {}
             }
         }
+        assert!(
+            total_appends > before,
+            "round {round} (seed {seed}): no acknowledged append before the kill"
+        );
         verify(&path, &expected, round, seed);
     }
-    assert!(total_appends > 0, "the child never got an append through");
     println!("crash test: {rounds} kills, {total_appends} acknowledged appends, all accounted for");
 }
 
