@@ -33,6 +33,8 @@ fn crash_child() {
         .parse()
         .unwrap();
     let storage = Arc::new(RedbStorage::open(&path).unwrap());
+    // Ends the test harness's own "test ... " line, so the first report is a line of its own.
+    println!();
     let threads: Vec<_> = (0..SENDERS)
         .map(|sender| {
             let storage = storage.clone();
