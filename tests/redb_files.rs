@@ -324,3 +324,97 @@ fn a_damaged_record_reaches_the_client_as_a_gap_not_as_data() {
         "the damaged record was removed"
     );
 }
+
+/// One recipient's damaged metadata row costs only that recipient: its own steps fail (not
+/// retryable: retrying cannot mend it), while every other recipient's sends, gathered into the
+/// same group commits, are stored.
+#[test]
+fn a_damaged_metadata_row_costs_only_its_recipient() {
+    use offline_queue::Quota;
+    use offline_queue::storage::NewRecord;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let names = ["alice", "bob", "carol"];
+    let who = |name: &str| RecipientId::new(name).unwrap();
+    let record = |body: String| NewRecord {
+        id: offline_queue::MessageId::generate(),
+        dedup: false,
+        sent_at: NOW,
+        expires_at: None,
+        body: body.into_bytes(),
+    };
+    {
+        let storage = RedbStorage::open(&path).unwrap();
+        for name in names {
+            block_on(storage.append(
+                &who(name),
+                vec![record(format!("{name} before"))],
+                &Quota::UNLIMITED,
+                NOW,
+            ))
+            .unwrap();
+        }
+    }
+    // A bad sector in alice's metadata row.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let meta: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("meta");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(meta).unwrap();
+            table
+                .insert(&b"alice"[..], &b"\x07not metadata"[..])
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let storage = RedbStorage::open(&path).unwrap();
+    let mut stored = 0;
+    for round in 0..20 {
+        // All submitted at once: the writer gathers them into shared commits.
+        let sends = (0..30).map(|i| {
+            let name = names[i % 3];
+            let storage = &storage;
+            async move {
+                let result = storage
+                    .append(
+                        &who(name),
+                        vec![record(format!("{name} {round} {i}"))],
+                        &Quota::UNLIMITED,
+                        NOW,
+                    )
+                    .await;
+                (name, result)
+            }
+        });
+        for (name, result) in block_on(futures::future::join_all(sends)) {
+            match (name, result) {
+                ("alice", Err(error)) => assert!(!error.is_retryable(), "{error}"),
+                ("alice", Ok(outcome)) => panic!("alice's damaged row took an append: {outcome:?}"),
+                (_, Ok(_)) => stored += 1,
+                (name, Err(error)) => panic!("{name}'s send failed for alice's damage: {error}"),
+            }
+        }
+    }
+    assert_eq!(stored, 20 * 20);
+    for name in ["bob", "carol"] {
+        assert_eq!(
+            block_on(storage.stats(&who(name))).unwrap().messages,
+            201,
+            "{name}'s sends all stored"
+        );
+    }
+    let removal = block_on(storage.remove_recipient(&who("alice")));
+    assert!(
+        removal.as_ref().is_err_and(|e| !e.is_retryable()),
+        "{removal:?}"
+    );
+    block_on(storage.append(
+        &who("bob"),
+        vec![record("bob after".into())],
+        &Quota::UNLIMITED,
+        NOW,
+    ))
+    .expect("a removal that failed on alice's row ended no one else's group");
+}

@@ -298,8 +298,10 @@ impl Writer {
             let deadline = std::time::Instant::now() + GATHER_WAIT;
             let mut next = Some(first);
             while let Some(job) = next.take() {
-                let answer = apply_job(&mut tables, job, &self.path);
-                storage_error = answer_storage_error(&answer);
+                let (answer, contained) = apply_job(&mut tables, job, &self.path);
+                if !contained {
+                    storage_error = answer_storage_error(&answer);
+                }
                 answers.push(answer);
                 if storage_error.is_some() || answers.len() >= self.max_group {
                     break;
@@ -358,7 +360,29 @@ fn answer_storage_error(answer: &Answer) -> Option<Error> {
     matches!(error, Error::Storage { .. }).then(|| error.clone())
 }
 
-fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
+/// Applies one job; also says whether its failure is its own (it wrote nothing, so the rest
+/// of the group goes on) rather than the group's.
+fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> (Answer, bool) {
+    // A recipient whose metadata is damaged fails its own steps before they write anything:
+    // answered alone, so one damaged row costs only its recipient, not everyone in the group.
+    let reads_meta_first = match &job {
+        Job::Append { recipient, .. }
+        | Job::MarkDelivered { recipient, .. }
+        | Job::Ack { recipient, .. }
+        | Job::AckAndRead { recipient, .. }
+        | Job::Remove { recipient, .. } => Some(recipient.as_bytes().to_vec()),
+        Job::Purge { .. } => None,
+    };
+    if let Some(who) = reads_meta_first
+        && let Err(error) = meta_get(t, &who)
+        && !error.is_retryable()
+    {
+        return (failed_answer(job, &error), true);
+    }
+    (apply_job_whole(t, job, path), false)
+}
+
+fn apply_job_whole(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
     match job {
         Job::Append {
             recipient,
