@@ -413,6 +413,10 @@ struct World {
     postgres: Option<(String, String)>,
     acked_reads: Arc<AtomicU64>,
     acked: AckedByStorage,
+    /// Deliveries after which a message goes to the dead-letter hook (most seeds: never).
+    max_deliveries: u32,
+    /// What the dead-letter hook received: (recipient, id).
+    dead_letters: Arc<Mutex<Vec<(RecipientId, MessageId)>>>,
     overflow: Overflow,
     limits: Limits,
     clients: HashMap<usize, Client>,
@@ -453,6 +457,12 @@ impl World {
             idle_recipient_timeout: None,
             ..Limits::default()
         };
+        // One seed in four gives up on a message after a few unacked deliveries.
+        let max_deliveries = if rng.chance(25) {
+            2 + rng.below(4) as u32
+        } else {
+            u32::MAX
+        };
         let redb = on_redb.then(|| {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("sim.redb");
@@ -474,6 +484,8 @@ impl World {
             postgres,
             acked_reads: Arc::default(),
             acked: Arc::default(),
+            max_deliveries,
+            dead_letters: Arc::default(),
             overflow,
             limits,
             clients: HashMap::new(),
@@ -517,7 +529,13 @@ impl World {
                 max_bytes: 1 << 20,
             })
             .max_in_flight(1 + self.rng.below(12) as usize)
-            .max_deliveries(u32::MAX)
+            .max_deliveries(self.max_deliveries)
+            .on_dead_letter({
+                let dead_letters = self.dead_letters.clone();
+                move |recipient, delivery| {
+                    dead_letters.lock().push((recipient.clone(), delivery.id));
+                }
+            })
             .build()
             .unwrap()
     }
@@ -867,13 +885,30 @@ impl World {
         }
         // No loss: every acknowledged send was received, or expired, or was dropped (DropOldest),
         // and each one missing was reported in some gap.
+        // Every dead letter is a message sent to that recipient, given up on once.
+        let dead_letters = self.dead_letters.lock().clone();
+        let mut given_up = HashSet::new();
+        for (recipient, id) in &dead_letters {
+            match self.sent.get(id) {
+                Some(sent) if who(sent.recipient) == *recipient => {}
+                _ => self.fail(format!(
+                    "dead letter {id} for {recipient} was never sent there"
+                )),
+            }
+            if !given_up.insert(*id) {
+                self.fail(format!("{id} went to the dead-letter hook twice"));
+            }
+        }
+        if self.max_deliveries == u32::MAX && !dead_letters.is_empty() {
+            self.fail("dead letters without a delivery limit");
+        }
         let mut missing = [0u64; RECIPIENTS];
         for (id, sent) in &self.sent {
             if !sent.acknowledged || self.received[sent.recipient].contains(id) {
                 continue;
             }
             let expired = sent.expires_at.is_some_and(|at| at <= self.high_water);
-            if !expired && self.overflow != Overflow::DropOldest {
+            if !expired && self.overflow != Overflow::DropOldest && !given_up.contains(id) {
                 self.fail(format!(
                     "acknowledged send {id} to recipient {} was lost: {sent:?}",
                     sent.recipient
@@ -933,9 +968,9 @@ fn postgres_runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Runs one seed; returns where it ran, and how many reads with an ack reached the backend's
-/// own fused read.
-fn run(seed: u64) -> (Backend, u64) {
+/// Runs one seed; returns where it ran, how many reads with an ack reached the backend's own
+/// fused read, and how many messages went to the dead-letter hook.
+fn run(seed: u64) -> (Backend, u64, usize) {
     // Every 25th seed runs on redb with restarts (each write is an fsync: slower), every 50th
     // (another residue) on PostgreSQL when its URL is set.
     let on_redb = seed % 25 == 7;
@@ -963,12 +998,14 @@ fn run(seed: u64) -> (Backend, u64) {
         world.step();
     }
     let acked_reads = world.acked_reads.clone();
+    let dead_letters = world.dead_letters.clone();
     world.finish();
     #[cfg(feature = "postgres")]
     if let Some((url, schema)) = postgres {
         common::wait(postgres_support::drop_schemas(&url, &[schema]));
     }
-    (backend, acked_reads.load(Ordering::Relaxed))
+    let dead_letters = dead_letters.lock().len();
+    (backend, acked_reads.load(Ordering::Relaxed), dead_letters)
 }
 
 #[test]
@@ -984,8 +1021,11 @@ fn simulation() {
     let started = std::time::Instant::now();
     let (mut redb_seeds, mut redb_acked_reads) = (0, 0);
     let (mut postgres_seeds, mut postgres_acked_reads) = (0, 0);
+    let mut dead_letters = 0;
     for seed in 0..seeds {
-        match run(seed) {
+        let (backend, acked_reads, dead) = run(seed);
+        dead_letters += dead;
+        match (backend, acked_reads) {
             (Backend::Redb, acked_reads) => {
                 redb_seeds += 1;
                 redb_acked_reads += acked_reads;
@@ -996,6 +1036,10 @@ fn simulation() {
             }
             (Backend::Memory, _) => {}
         }
+    }
+    // A quarter of the seeds give up after a few deliveries: the hook runs in some of them.
+    if seeds >= 200 {
+        assert!(dead_letters > 0, "no message reached the dead-letter hook");
     }
     if postgres_seeds > 0 {
         assert!(
@@ -1012,7 +1056,7 @@ fn simulation() {
     }
     println!(
         "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {postgres_seeds} on \
-         PostgreSQL)",
+         PostgreSQL; {dead_letters} dead letters)",
         started.elapsed().as_secs_f64()
     );
 }
