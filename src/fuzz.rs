@@ -4,8 +4,6 @@
 //! Hidden, and not API: the codec these bodies exercise is private to the crate.
 
 use crate::codec;
-#[cfg(feature = "redb")]
-use crate::message::RecipientId;
 
 /// The record body decoder, for the crate's tests that read stored records directly
 /// (`tests/redb_files.rs`, `tests/redis_restart.rs`) and so see bodies as the codec framed them.
@@ -36,62 +34,16 @@ pub fn typed_payload(data: &[u8]) {
     let _ = codec::from_bytes::<Vec<Vec<u8>>>(data);
 }
 
-/// Splits `data` into two recipient ids (first byte = length of the first).
+/// What `RedbStorage` reads back from its file (recipient metadata, seq lists, log records):
+/// never a panic, and its own encodings round-trip.
 #[cfg(feature = "redb")]
-fn two_ids(data: &[u8]) -> Option<(RecipientId, RecipientId, u64)> {
-    let (&n, rest) = data.split_first()?;
-    let n = (n as usize).min(rest.len());
-    let (a, rest) = rest.split_at(n);
-    let (b, seq) = rest.split_at(rest.len().min(RecipientId::MAX_LEN));
-    let mut s = [0u8; 8];
-    s[..seq.len().min(8)].copy_from_slice(&seq[..seq.len().min(8)]);
-    Some((
-        RecipientId::new(a).ok()?,
-        RecipientId::new(b).ok()?,
-        u64::from_le_bytes(s),
-    ))
+pub fn redb_layout(data: &[u8]) {
+    crate::storage::redb::fuzz_decoders(data);
 }
 
-/// `RedbStorage` keys: a recipient's `(id, seq)` range never contains another id's key,
-/// keys round-trip, and the expiry index's "due by now" bound splits deadlines exactly.
-#[cfg(feature = "redb")]
-pub fn redb_keys(data: &[u8]) {
-    use std::cmp::Ordering;
-    type K<'a> = (&'a [u8], u64);
-    type E<'a> = (u64, &'a [u8], u64);
-    let Some((a, b, seq)) = two_ids(data) else {
-        return;
-    };
-    fn bytes(encoded: impl AsRef<[u8]>) -> Vec<u8> {
-        encoded.as_ref().to_vec()
-    }
-    let enc = |id: &RecipientId, s: u64| bytes(<K as redb::Value>::as_bytes(&(id.as_bytes(), s)));
-    let cmp = |x: &[u8], y: &[u8]| <K as redb::Key>::compare(x, y);
-    let (lo, hi, key) = (enc(&a, 0), enc(&a, u64::MAX), enc(&b, seq));
-    let inside = cmp(&lo, &key) != Ordering::Greater && cmp(&key, &hi) != Ordering::Greater;
-    assert_eq!(
-        inside,
-        a == b,
-        "{a} and {b}: one id's key falls in the other's range"
-    );
-    let (who, s) = <K as redb::Value>::from_bytes(&key);
-    assert_eq!((who, s), (b.as_bytes(), seq), "key round trip");
-    // Deadlines on both sides of "now".
-    let now = seq.rotate_left(7) ^ u64::from(a.as_bytes()[0]);
-    if now == u64::MAX {
-        return;
-    }
-    let empty: &[u8] = &[];
-    let bound = bytes(<E as redb::Value>::as_bytes(&(
-        now.saturating_add(1),
-        empty,
-        0,
-    )));
-    let due = bytes(<E as redb::Value>::as_bytes(&(seq, a.as_bytes(), seq)));
-    let before = <E as redb::Key>::compare(&due, &bound) == Ordering::Less;
-    assert_eq!(
-        before,
-        seq <= now,
-        "expiry bound misplaces deadline {seq} at {now}"
-    );
+/// What `RedisStorage` reads from the server (every step's reply, from `data` parsed as RESP)
+/// and stored records: never a panic.
+#[cfg(feature = "redis")]
+pub fn redis_replies(data: &[u8]) {
+    crate::storage::redis::fuzz_replies(data);
 }

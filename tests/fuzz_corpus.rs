@@ -30,8 +30,14 @@ fn typed_payload_corpus() {
 
 #[cfg(feature = "redb")]
 #[test]
-fn redb_keys_corpus() {
-    corpus("redb_keys", fuzz::redb_keys);
+fn redb_layout_corpus() {
+    corpus("redb_layout", fuzz::redb_layout);
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn redis_replies_corpus() {
+    corpus("redis_replies", fuzz::redis_replies);
 }
 
 proptest! {
@@ -48,7 +54,13 @@ proptest! {
 
     #[cfg(feature = "redb")]
     #[test]
-    fn redb_keys_random(data in proptest::collection::vec(any::<u8>(), 1..600)) {
-        fuzz::redb_keys(&data);
+    fn redb_layout_random(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        fuzz::redb_layout(&data);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_replies_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fuzz::redis_replies(&data);
     }
 }

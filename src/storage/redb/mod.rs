@@ -84,6 +84,9 @@ mod group_commit;
 mod layout;
 mod write_steps;
 
+#[cfg(feature = "testing")]
+pub(crate) use layout::fuzz_decoders;
+
 use group_commit::{Job, Request, SharedDb, Writer};
 use layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, EXPIRY, FORMAT, IDLE, INFO, LOG, META, OLDEST_FORMAT,

@@ -111,6 +111,9 @@ mod record;
 mod replies;
 mod run_read;
 
+#[cfg(feature = "testing")]
+pub(crate) use replies::fuzz_replies;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 

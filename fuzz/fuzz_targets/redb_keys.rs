@@ -1,3 +1,0 @@
-#![no_main]
-//! See `offline_queue::fuzz::redb_keys`.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| offline_queue::fuzz::redb_keys(data));
