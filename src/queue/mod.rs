@@ -36,8 +36,11 @@ use session::SessionShared;
 /// make a reader allocate more than this.
 const DECODE_CAP_FLOOR: usize = 64 * 1024 * 1024;
 
-/// Called with each message that reached `max_deliveries` without an ack; the message is then
-/// removed. Keep it quick (log it, or queue it for inspection).
+/// Called with each message that reached `max_deliveries` without an ack, just before it is
+/// removed. At least once: if the removal fails (storage down, the process killed) the same
+/// message, with the same `MessageId`, is handed over again at its next read, so a hook that
+/// must not see one twice keeps the ids it saw. Keep it quick (log it, or queue it for
+/// inspection).
 pub type DeadLetterHook = Arc<dyn Fn(&RecipientId, Delivery) + Send + Sync>;
 
 /// The engine. Build one with [`OfflineQueue::builder`], clone it freely (clones share
@@ -206,7 +209,8 @@ impl OfflineQueueBuilder {
         self
     }
 
-    /// Receives messages that reached `max_deliveries`. Default: they are logged and removed.
+    /// Receives messages that reached `max_deliveries` (at least once each, see
+    /// [`DeadLetterHook`]). Default: they are logged and removed.
     pub fn on_dead_letter(
         mut self,
         hook: impl Fn(&RecipientId, Delivery) + Send + Sync + 'static,

@@ -428,15 +428,9 @@ impl Session {
         cursor.last = cursor.last.max(passed_over.iter().max().copied());
         let passed_over_count = passed_over.len() as u64;
         metrics::add(&inner.metrics.expired, read.expired.len() as u64);
-        if !passed_over.is_empty() {
-            let ack = Ack {
-                passed_over,
-                ..Ack::default()
-            };
-            inner.storage.ack(recipient, &ack, now).await?;
-        }
-        // Handed to the hook once removed, so a failure before the removal cannot hand the
-        // same message over twice.
+        // Handed to the hook before they are removed: a removal that fails after its write (or
+        // a crash after it) must not lose a message the hook never saw. A removal that did not
+        // happen hands the same message (same id) over again at the next read: at least once.
         for (seq, delivery) in dead_letters {
             metrics::add(&inner.metrics.dead_lettered, 1);
             match (delivery, &inner.dead_letter) {
@@ -448,6 +442,13 @@ impl Session {
                     tracing::warn!(%recipient, %seq, %error, "undecodable dead letter removed")
                 }
             }
+        }
+        if !passed_over.is_empty() {
+            let ack = Ack {
+                passed_over,
+                ..Ack::default()
+            };
+            inner.storage.ack(recipient, &ack, now).await?;
         }
         let gap = lost_before + passed_over_count;
         // The passed-over records were just added to the total (by us, or by a purge that got
