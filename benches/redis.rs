@@ -137,7 +137,9 @@ fn send(c: &mut Criterion) {
                             id: offline_queue::MessageId::generate(),
                             dedup: true,
                             sent_at: now,
-                            expires_at: Some(now.saturating_add(Duration::from_secs(7 * 24 * 3600))),
+                            expires_at: Some(
+                                now.saturating_add(Duration::from_secs(7 * 24 * 3600)),
+                            ),
                             body: vec![7u8; PAYLOAD],
                         };
                         storage.append_one(&who, record, &quota, now).await.unwrap();
