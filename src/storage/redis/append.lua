@@ -35,10 +35,12 @@ local function add_nodes(out)
   return out
 end
 
--- The common append: one new record to a queue that holds some, within its quota, with no
--- cap. It does what the general path below does for it, with the metadata in locals and no
--- table but the reply. Anything else (a duplicate, a drop, a new queue, another layout, TTLs
--- to remove) returns nil before anything is written, and the general path runs.
+-- The common append: one record to a queue that holds some, within its quota if new, with
+-- no cap. It does what the general path below does for it, with the metadata in locals and
+-- no table but the reply, and one `HSETNX` where the general path checks the id (`HGET`)
+-- and then records it (`HSET`). Anything else (a drop or a refusal, a new queue, another
+-- layout, TTLs to remove, dedup without a window) returns nil before anything is written,
+-- and the general path runs.
 local function append_one()
   if n ~= 1 or cap >= 0 then return nil end
   local v = redis.call('GET', META)
@@ -47,17 +49,13 @@ local function append_one()
     struct.unpack(PACKING, v)
   if live <= 0 or (ttl == 0 and ttl_at >= 0) then return nil end
   local record = arriving(1)
-  local flagged = deduplicated(1)
-  local id = flagged and id_of(record)
-  if flagged and ud > 0 then
-    local stored = redis.call('HGET', DEDUP, id)
-    local stored_at = stored and tonumber(redis.call('ZSCORE', DEDUP_AT, id))
-    if stored_at and now - stored_at < window then return nil end
-  end
   local size = #record - ARRIVING
+  -- Whether a new record fits does not depend on the dedup ids: a duplicate of a full queue
+  -- goes to the general path, which answers it as a duplicate.
   if live + 1 > max_m or bytes + size > max_b then return nil end
-  -- Written from here on. Expired dedup ids go first, as in the general path (whether the
-  -- record is a duplicate does not depend on it: an id due here is not within the window).
+  local flagged = deduplicated(1)
+  if flagged and window <= 0 and ud > 0 then return nil end
+  -- Written from here on. Expired dedup ids go first, as in the general path.
   if window > 0 and ud > 0 then
     local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window), 'LIMIT', 0, 1000)
     if #old > 0 then
@@ -69,6 +67,27 @@ local function append_one()
   local fresh = ttl_at < 0
   seq = seq + 1
   local seq_text = s(seq)
+  if flagged and window > 0 then
+    local id = id_of(record)
+    if ud > 0 then
+      if redis.call('HSETNX', DEDUP, id, seq_text) == 1 then
+        ud = ud + 1
+      else
+        -- Held: a duplicate if stored within the window (answered with the metadata as it
+        -- was, as the general path does), else stored again under the new seq.
+        local held = redis.call('HGET', DEDUP, id)
+        local stored_at = tonumber(redis.call('ZSCORE', DEDUP_AT, id))
+        if stored_at and now - stored_at < window then
+          return add_nodes({'ok', 0, live, 0, -1, -1, 1, 0, tonumber(held)})
+        end
+        redis.call('HSET', DEDUP, id, seq_text)
+      end
+    else
+      fresh = true
+      ud = math.max(ud, 0) + redis.call('HSET', DEDUP, id, seq_text)
+    end
+    redis.call('ZADD', DEDUP_AT, s(now), id)
+  end
   redis.call('RPUSH', LOG, struct.pack('>d', cum) .. record)
   local deadline = arriving_deadline(record)
   if deadline <= 0 then
@@ -78,11 +97,6 @@ local function append_one()
   else
     if ex <= 0 then fresh = true end
     ex = math.max(ex, 0) + redis.call('ZADD', EXCEPTIONS, s(deadline), seq_text)
-  end
-  if window > 0 and flagged then
-    if ud <= 0 then fresh = true end
-    ud = math.max(ud, 0) + redis.call('HSET', DEDUP, id, seq_text)
-    redis.call('ZADD', DEDUP_AT, s(now), id)
   end
   live, bytes, cum = live + 1, bytes + size, cum + size
   if now > touch then touch = now end
