@@ -41,6 +41,7 @@ end
 -- and then records it (`HSET`). Anything else (a drop or a refusal, a new queue, another
 -- layout, TTLs to remove, dedup without a window) returns nil before anything is written,
 -- and the general path runs.
+local CLEAN_EVERY = 16
 local function append_one()
   if n ~= 1 or cap >= 0 then return nil end
   local v = redis.call('GET', META)
@@ -55,8 +56,11 @@ local function append_one()
   if live + 1 > max_m or bytes + size > max_b then return nil end
   local flagged = deduplicated(1)
   if flagged and window <= 0 and ud > 0 then return nil end
-  -- Written from here on. Expired dedup ids go first, as in the general path.
-  if window > 0 and ud > 0 then
+  -- Written from here on. Expired dedup ids go on every 16th seq (up to a thousand at a
+  -- time, as in the general path, which runs it on every call): whether an id is a duplicate
+  -- is told by its time (`ZSCORE`), not by whether it was forgotten yet, so the answer is the
+  -- same either way, and a queue holds at most 15 appends' worth of expired ids more.
+  if window > 0 and ud > 0 and (seq + 1) % CLEAN_EVERY == 0 then
     local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window), 'LIMIT', 0, 1000)
     if #old > 0 then
       ud = ud - redis.call('HDEL', DEDUP, unpack(old))
