@@ -148,6 +148,33 @@ fn send(c: &mut Criterion) {
             })
         })
     });
+    // The same with the clock running, as in use: the dedup ids' times (a sorted set's scores)
+    // then grow, as the production-style insert's positions do, where above they are all equal
+    // and each id lands at a random place in the set.
+    group.bench_function("storage_append_clock", |b| {
+        b.iter_custom(|iters| {
+            time_senders(&s, iters, |sender| {
+                use offline_queue::Storage;
+                let storage = s.storage.clone();
+                async move {
+                    let who = recipient(sender);
+                    for _ in 0..PER_SENDER {
+                        let now = offline_queue::Timestamp::now_system();
+                        let record = offline_queue::storage::NewRecord {
+                            id: offline_queue::MessageId::generate(),
+                            dedup: true,
+                            sent_at: now,
+                            expires_at: Some(
+                                now.saturating_add(Duration::from_secs(7 * 24 * 3600)),
+                            ),
+                            body: vec![7u8; PAYLOAD],
+                        };
+                        storage.append_one(&who, record, &quota, now).await.unwrap();
+                    }
+                }
+            })
+        })
+    });
     // The production-style insert, exactly the work the module docs describe, no more.
     let insert = redis::Script::new(
         r"

@@ -17,6 +17,115 @@ local function deduplicated(i) return string.byte(dedup_flags, i) == 49 end
 local function id_of(record) return string.sub(record, 9, 24) end
 local function arriving_deadline(record) return (struct.unpack('>d', record, 25)) end
 
+-- Other nodes holding a session for this recipient, by the server's clock: appended to
+-- `out` as a count and the nodes.
+local function add_nodes(out)
+  local count_at = #out + 1
+  out[count_at] = 0
+  if redis.call('EXISTS', PRESENCE) == 1 then
+    local server_now = server_time_ms()
+    local present = redis.call('HGETALL', PRESENCE)
+    for i = 1, #present, 2 do
+      if present[i] ~= node and tonumber(present[i + 1]) > server_now then
+        out[#out + 1] = present[i]
+      end
+    end
+  end
+  out[count_at] = #out - count_at
+  return out
+end
+
+-- The common append: one record to a queue that holds some, within its quota if new, with
+-- no cap. It does what the general path below does for it, with the metadata in locals and
+-- no table but the reply, and one `HSETNX` where the general path checks the id (`HGET`)
+-- and then records it (`HSET`). Anything else (a drop or a refusal, a new queue, another
+-- layout, TTLs to remove, dedup without a window) returns nil before anything is written,
+-- and the general path runs.
+local CLEAN_EVERY = 16
+local function append_one()
+  if n ~= 1 or cap >= 0 then return nil end
+  local v = redis.call('GET', META)
+  if not v or #v ~= 8 * #FIELDS then return nil end
+  local seq, live, bytes, lt, lc, touch, filed, xi, ex, ud, ttl_at, dw, head, dmax, ec, cum, tb =
+    struct.unpack(PACKING, v)
+  if live <= 0 or (ttl == 0 and ttl_at >= 0) then return nil end
+  local record = arriving(1)
+  local size = #record - ARRIVING
+  -- Whether a new record fits does not depend on the dedup ids: a duplicate of a full queue
+  -- goes to the general path, which answers it as a duplicate.
+  if live + 1 > max_m or bytes + size > max_b then return nil end
+  local flagged = deduplicated(1)
+  if flagged and window <= 0 and ud > 0 then return nil end
+  -- Written from here on. Expired dedup ids go on every 16th seq (up to a thousand at a
+  -- time, as in the general path, which runs it on every call): whether an id is a duplicate
+  -- is told by its time (`ZSCORE`), not by whether it was forgotten yet, so the answer is the
+  -- same either way, and a queue holds at most 15 appends' worth of expired ids more.
+  if window > 0 and ud > 0 and (seq + 1) % CLEAN_EVERY == 0 then
+    local old = redis.call('ZRANGEBYSCORE', DEDUP_AT, '-inf', s(now - window), 'LIMIT', 0, 1000)
+    if #old > 0 then
+      ud = ud - redis.call('HDEL', DEDUP, unpack(old))
+      redis.call('ZREM', DEDUP_AT, unpack(old))
+    end
+  end
+  -- A key about to be created needs its TTL now: then every key's TTL is set together.
+  local fresh = ttl_at < 0
+  seq = seq + 1
+  local seq_text = s(seq)
+  if flagged and window > 0 then
+    local id = id_of(record)
+    if ud > 0 then
+      if redis.call('HSETNX', DEDUP, id, seq_text) == 1 then
+        ud = ud + 1
+      else
+        -- Held: a duplicate if stored within the window (answered with the metadata as it
+        -- was, as the general path does), else stored again under the new seq.
+        local held = redis.call('HGET', DEDUP, id)
+        local stored_at = tonumber(redis.call('ZSCORE', DEDUP_AT, id))
+        if stored_at and now - stored_at < window then
+          return add_nodes({'ok', 0, live, 0, -1, -1, 1, 0, tonumber(held)})
+        end
+        redis.call('HSET', DEDUP, id, seq_text)
+      end
+    else
+      fresh = true
+      ud = math.max(ud, 0) + redis.call('HSET', DEDUP, id, seq_text)
+    end
+    redis.call('ZADD', DEDUP_AT, s(now), id)
+  end
+  redis.call('RPUSH', LOG, struct.pack('>d', cum) .. record)
+  local deadline = arriving_deadline(record)
+  if deadline <= 0 then
+    dmax = NEVER
+  elseif deadline >= dmax then
+    dmax = deadline
+  else
+    if ex <= 0 then fresh = true end
+    ex = math.max(ex, 0) + redis.call('ZADD', EXCEPTIONS, s(deadline), seq_text)
+  end
+  live, bytes, cum = live + 1, bytes + size, cum + size
+  if now > touch then touch = now end
+  local file_idle, file_deadline = -1, -1
+  if touch - filed >= FILE_EVERY then
+    filed = touch
+    file_idle = touch
+  end
+  if deadline > 0 and (xi < 0 or deadline < xi) then
+    xi = deadline
+    file_deadline = deadline
+  end
+  -- As `refresh_ttls` (a queue to keep with TTLs to remove went to the general path).
+  if ttl > 0 and (fresh or now - ttl_at >= ttl / 64) then
+    ttl_at = now
+    expire(ttl, META, LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
+  end
+  redis.call('SET', META, struct.pack(PACKING, seq, live, bytes, lt, lc, touch, filed, xi, ex,
+    ud, ttl_at, dw, head, dmax, ec, cum, tb, ttl), 'KEEPTTL')
+  return add_nodes({'ok', 0, live, size, file_idle, file_deadline, 1, 1, seq})
+end
+
+local fast = append_one()
+if fast then return fast end
+
 local m = load_meta()
 if not m then
   -- Our keys are checked when the queue is created, before anything is written.
@@ -190,17 +299,4 @@ else
   end
 end
 
--- Other nodes holding a session for this recipient, by the server's clock.
-local nodes = {}
-if redis.call('EXISTS', PRESENCE) == 1 then
-  local server_now = server_time_ms()
-  local present = redis.call('HGETALL', PRESENCE)
-  for i = 1, #present, 2 do
-    if present[i] ~= node and tonumber(present[i + 1]) > server_now then
-      nodes[#nodes + 1] = present[i]
-    end
-  end
-end
-out[#out + 1] = #nodes
-for _, other in ipairs(nodes) do out[#out + 1] = other end
-return out
+return add_nodes(out)

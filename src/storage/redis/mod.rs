@@ -64,12 +64,14 @@
 //!
 //! # Cost
 //! An append is one `FCALL` of four Redis commands (`GET` and `SET` of the metadata, `RPUSH`,
-//! and a presence check), so one Redis core bounds the send rate, and a cluster adds a core
-//! per master (each recipient's steps run on its own slot); BENCHMARKS.md has the figures. A
-//! cumulative ack of a run without tombstones reads only the records at its two ends (each
-//! header carries the body bytes appended before it, so the run's bytes are a difference),
-//! and a read of a plain run brings no record into Lua: `plan.lua` checks the run by its
-//! ends and an `LRANGE` in the same `MULTI` returns it (`run_read.rs`).
+//! and a presence check; with a sender-chosen id, also `HSETNX` of the id and `ZADD` of its
+//! time, and on every 16th seq the forgetting of ids past the window), so one Redis core
+//! bounds the send rate, and a cluster adds a core per master (each recipient's steps run on
+//! its own slot); BENCHMARKS.md has the figures. A cumulative ack of a run without
+//! tombstones reads only the records at its two ends (each header carries the body bytes
+//! appended before it, so the run's bytes are a difference), and a read of a plain run brings
+//! no record into Lua: `plan.lua` checks the run by its ends and an `LRANGE` in the same
+//! `MULTI` returns it (`run_read.rs`).
 //!
 //! # Several nodes
 //! Each engine instance is a node with its own id. While it holds a session for a recipient
