@@ -11,7 +11,8 @@
 //!
 //! # How it embeds the crate
 //! - `server/mod.rs` builds one [`offline_queue::OfflineQueue`] from the flags and shares it
-//!   with every request; a task calls `maintain` once a second (expiry, delayed pushes).
+//!   with every request; `queue.background_maintenance` runs the upkeep once a second
+//!   (expiry, delayed pushes).
 //! - `server/connection.rs` serves one socket: `queue.connect(user, transport)` returns a
 //!   session whose driver runs in its own task and hands batches to the socket's writer; the
 //!   read loop turns frames into `queue.send` and `handle.ack*` calls.

@@ -315,10 +315,12 @@ async fn serve(
             max_sends_in_flight: config.max_sends_in_flight,
         },
     };
-    let maintenance = tokio::spawn(maintain(
-        queue.clone(),
-        Duration::from_millis(config.maintain_interval_ms),
-    ));
+    // Purges expired messages and sends the delayed pushes for sessions that ended with
+    // messages pending: the engine has no timers of its own, the host runs its upkeep (work
+    // per call bounded by the budget; it goes on at once while more is due).
+    let maintenance = tokio::spawn(
+        queue.background_maintenance(Duration::from_millis(config.maintain_interval_ms), 10_000)?,
+    );
 
     let router = Router::new()
         .route("/", get(page))
@@ -345,31 +347,11 @@ async fn serve(
         tracing::warn!("connections still open after 10 s; exiting without them");
     }
     maintenance.abort();
+    // Its future (which may hold the engine mid-call) is dropped before the engine is.
+    let _ = maintenance.await;
     // The last handle closes the storage, which joins redb's writer thread: off the runtime.
     let _ = tokio::task::spawn_blocking(move || drop(queue)).await;
     Ok(())
-}
-
-/// Purges expired messages and sends the delayed pushes for sessions that ended with messages
-/// pending. The engine has no timers of its own: the host decides how often. One node needs
-/// nothing else; nodes sharing a storage would also run `queue.wakeup_listener()`.
-async fn maintain(queue: OfflineQueue, every: Duration) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        // Each call's work is bounded; go on while it says more is due.
-        loop {
-            match queue.maintain(10_000).await {
-                Ok(report) if report.more => continue,
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "maintenance failed");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 #[derive(Deserialize)]
