@@ -35,6 +35,9 @@
 //! (`oq_bench_*`, the storage's tables and the floor's), dropped at its end; each Redis group
 //! uses a prefix of its own (`oq-bench-*`) and deletes every key under it at its end.
 
+#[allow(dead_code)] // Only the quota is used here.
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,8 +45,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use offline_queue::storage::{Ack, NewRecord};
 use offline_queue::{
-    BatchLimit, MessageId, Overflow, PostgresStorage, Quota, RecipientId, RedisStorage, Seq,
-    Storage, Timestamp,
+    BatchLimit, MessageId, PostgresStorage, RecipientId, RedisStorage, Seq, Storage, Timestamp,
 };
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -81,18 +83,6 @@ fn redis_url() -> Option<String> {
             eprintln!("skipped: OFFLINE_QUEUE_REDIS_URL is not set");
             None
         }
-    }
-}
-
-/// What the engine's defaults give an append, with room for any backlog.
-fn quota() -> Quota {
-    Quota {
-        max_messages: 1_000_000,
-        max_bytes: 1 << 30,
-        overflow: Overflow::Reject,
-        max_total_bytes: None,
-        dedup_window: Duration::from_secs(30 * 60),
-        idle_timeout: Some(Duration::from_secs(90 * 24 * 3600)),
     }
 }
 
@@ -214,7 +204,7 @@ fn time_appends(
                     let (storage, recipients, next) =
                         (storage.clone(), recipients.clone(), next.clone());
                     tokio::spawn(async move {
-                        let quota = quota();
+                        let quota = support::roomy_quota();
                         for _ in 0..PER_SENDER {
                             let who =
                                 &recipients[next.fetch_add(1, Ordering::Relaxed) % RECIPIENTS];
@@ -414,7 +404,10 @@ fn fill(runtime: &tokio::runtime::Runtime, storage: &dyn Storage, who: &Recipien
         let now = Timestamp::now_system();
         for _ in 0..PENDING / 500 {
             let records = (0..500).map(|_| record(now)).collect();
-            storage.append(who, records, &quota(), now).await.unwrap();
+            storage
+                .append(who, records, &support::roomy_quota(), now)
+                .await
+                .unwrap();
         }
     })
 }

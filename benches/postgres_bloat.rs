@@ -25,14 +25,15 @@
 //! Arguments after `--`: `clean` or `held` to run only that one (default: both, clean
 //! first). Without `OFFLINE_QUEUE_POSTGRES_URL` it says so and measures nothing.
 
+#[allow(dead_code)] // Only the quota is used here.
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use offline_queue::storage::{Ack, NewRecord};
-use offline_queue::{
-    BatchLimit, MessageId, Overflow, PostgresStorage, Quota, RecipientId, Seq, Storage, Timestamp,
-};
+use offline_queue::{BatchLimit, MessageId, PostgresStorage, RecipientId, Seq, Storage, Timestamp};
 use tokio_postgres::{Client, NoTls};
 
 const RECIPIENTS: usize = 1_000;
@@ -44,17 +45,6 @@ const POOL: usize = 16;
 const BODY: usize = 100;
 const TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 const TABLES: [&str; 4] = ["oq_records", "oq_queues", "oq_bytes", "oq_dedup"];
-
-fn quota() -> Quota {
-    Quota {
-        max_messages: 1_000_000,
-        max_bytes: 1 << 30,
-        overflow: Overflow::Reject,
-        max_total_bytes: None,
-        dedup_window: Duration::from_secs(30 * 60),
-        idle_timeout: Some(Duration::from_secs(90 * 24 * 3600)),
-    }
-}
 
 fn record(now: Timestamp) -> NewRecord {
     NewRecord {
@@ -219,7 +209,7 @@ async fn run(url: &str, hold: bool) -> Outcome {
                 let (storage, recipients, next) =
                     (storage.clone(), recipients.clone(), next.clone());
                 tokio::spawn(async move {
-                    let quota = quota();
+                    let quota = support::roomy_quota();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= RECIPIENTS * PER_ROUND {

@@ -116,14 +116,7 @@ fn send(c: &mut Criterion) {
     });
     // The append alone, at the `Storage` trait (no engine around it), with the engine's quota
     // and a per-message TTL: what the production-style insert below is compared with.
-    let defaults = offline_queue::Limits::default();
-    let quota = offline_queue::Quota {
-        max_messages: 1_000_000,
-        max_bytes: defaults.max_bytes_per_recipient,
-        dedup_window: defaults.dedup_window,
-        idle_timeout: defaults.idle_recipient_timeout,
-        ..offline_queue::Quota::UNLIMITED
-    };
+    let quota = support::roomy_quota();
     group.bench_function("storage_append", |b| {
         b.iter_custom(|iters| {
             time_senders(&s, iters, |sender| {

@@ -8,9 +8,10 @@
 
 #![cfg(feature = "redb")]
 
+mod child_support;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,47 +129,18 @@ fn kill_and_restart_loses_nothing() {
     let mut total_appends = 0;
     for round in 0..rounds {
         let before = total_appends;
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
-            .env("OFFLINE_QUEUE_CRASH_ROUND", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (first_append, appended) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            // Only complete lines count: the last one may be cut by the kill.
-            let mut lines = Vec::new();
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.ends_with('\n') {
-                    if line.starts_with("S ") {
-                        let _ = first_append.send(());
-                    }
-                    lines.push(line.trim_end().to_string());
-                }
-                line.clear();
-            }
-            lines
-        });
         // Every round stores something before its kill, which then lands anywhere from a
         // moment to well into the load (mid-commit included).
-        appended
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("round {round} (seed {seed}): no append within 60 s"));
-        std::thread::sleep(Duration::from_millis(rng.next() % 400));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        let lines = child_support::kill_after_first(
+            "crash_child",
+            &[
+                (CHILD_ENV, path.display().to_string()),
+                ("OFFLINE_QUEUE_CRASH_ROUND", round.to_string()),
+            ],
+            "S ",
+            Duration::from_millis(rng.next() % 400),
+            &format!("round {round} (seed {seed})"),
+        );
         for line in &lines {
             let parts: Vec<&str> = line.split(' ').collect();
             match parts[..] {

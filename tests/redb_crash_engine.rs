@@ -9,9 +9,10 @@
 
 #![cfg(feature = "redb")]
 
+mod child_support;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,51 +78,23 @@ fn engine_dedup_survives_a_kill() {
     let path = path.to_str().unwrap().to_string();
     let mut delays = 0x2545_f491_4f6c_dd1du64;
     for round in 0..rounds {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "engine_crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
-            .env("OFFLINE_QUEUE_CRASH_ROUND", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (first, answered) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                // Only complete lines count: the last one may be cut by the kill.
-                if line.ends_with('\n') {
-                    if line.starts_with("S ") {
-                        let _ = first.send(());
-                    }
-                    lines.push(line.trim_end().to_string());
-                }
-                line.clear();
-            }
-            lines
-        });
-        answered
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("round {round}: no send answered within 60 s"));
         delays ^= delays << 13;
         delays ^= delays >> 7;
         delays ^= delays << 17;
-        std::thread::sleep(Duration::from_millis(delays % 300));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let lines = child_support::kill_after_first(
+            "engine_crash_child",
+            &[
+                (CHILD_ENV, path.clone()),
+                ("OFFLINE_QUEUE_CRASH_ROUND", round.to_string()),
+            ],
+            "S ",
+            Duration::from_millis(delays % 300),
+            &format!("round {round}"),
+        );
 
         let mut attempted = Vec::new();
         let mut answered: HashMap<String, u64> = HashMap::new();
-        for line in reader.join().unwrap() {
+        for line in lines {
             match line.split(' ').collect::<Vec<_>>()[..] {
                 ["T", key] => attempted.push(key.to_string()),
                 ["S", key, seq] => {

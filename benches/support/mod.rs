@@ -48,3 +48,18 @@ pub fn queue(storage: Arc<dyn Storage>) -> OfflineQueue {
         .build()
         .unwrap()
 }
+
+/// The quota the engine's default `Limits` give a storage call, with room for any backlog
+/// (a million messages, 1 GiB per recipient), for benches that call a `Storage` directly.
+#[allow(dead_code)] // Not every bench calls a storage directly.
+pub fn roomy_quota() -> offline_queue::Quota {
+    let defaults = Limits::default();
+    offline_queue::Quota {
+        max_messages: 1_000_000,
+        max_bytes: 1 << 30,
+        overflow: defaults.overflow,
+        max_total_bytes: None,
+        dedup_window: defaults.dedup_window,
+        idle_timeout: defaults.idle_recipient_timeout,
+    }
+}
