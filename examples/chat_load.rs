@@ -12,6 +12,11 @@
 //! throughput, delivery latency for online recipients (server accept to client receipt),
 //! drain time on reconnect (connect to `caught_up`), and the server's RSS.
 
+// The server's own token code: this tool signs its users' tokens with the server's secret.
+#[path = "chat_server/server/auth.rs"]
+#[allow(dead_code, reason = "the tool only issues tokens")]
+mod auth;
+
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -54,6 +59,10 @@ struct Args {
     /// Message body size in bytes.
     #[arg(long, default_value_t = 100)]
     body_bytes: usize,
+    /// The server's `--auth-secret`, to sign the users' tokens (with `--url`; a server this
+    /// tool starts gets a random one).
+    #[arg(long, env = "CHAT_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
 }
 
 /// What the run measured.
@@ -106,6 +115,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    let secret = match (&args.url, &args.auth_secret) {
+        (_, Some(secret)) => secret.clone(),
+        (None, None) => auth::random_hex(32),
+        (Some(_), None) => return Err("--url needs the server's --auth-secret".into()),
+    };
+    let tokens = auth::Auth::new(
+        secret.clone().into_bytes(),
+        false,
+        Duration::from_secs(86_400),
+        false,
+    );
+    let token = |user: String| -> Result<String, offline_queue::Error> {
+        Ok(tokens.issue(&offline_queue::RecipientId::new(user)?).0)
+    };
     let (_server, url, pid, _dir) = match &args.url {
         Some(url) => (ServerGuard(None), url.clone(), args.server_pid, None),
         None => {
@@ -114,7 +137,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "memory" => "memory".to_string(),
                 _ => format!("redb:{}", dir.path().join("load.redb").display()),
             };
-            let (child, addr) = start_server(&storage)?;
+            let (child, addr) = start_server(&storage, &secret)?;
             let pid = child.id();
             (
                 ServerGuard(Some(child)),
@@ -133,7 +156,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for user in 0..args.users {
         let offline_ms = args.online_ms as f64 * args.offline_share / (1.0 - args.offline_share);
         tasks.push(tokio::spawn(recipient(
-            format!("{url}/ws?user=u{user}"),
+            format!("{url}/ws?token={}", token(format!("u{user}"))?),
             Rng(0x9e37_79b9_7f4a_7c15 ^ (user as u64 + 1)),
             args.online_ms as f64,
             offline_ms,
@@ -145,7 +168,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let body = "x".repeat(args.body_bytes);
     for sender in 0..args.senders {
         tasks.push(tokio::spawn(send_loop(
-            format!("{url}/ws?user=sender{sender}"),
+            format!("{url}/ws?token={}", token(format!("sender{sender}"))?),
             Rng(0xdead_beef ^ (sender as u64 + 1) << 20),
             popularity.clone(),
             body.clone(),
@@ -183,12 +206,16 @@ impl Drop for ServerGuard {
 }
 
 /// Starts `chat_server` from the directory of this binary on a free port.
-fn start_server(storage: &str) -> Result<(Child, String), Box<dyn std::error::Error>> {
+fn start_server(
+    storage: &str,
+    secret: &str,
+) -> Result<(Child, String), Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?.with_file_name("chat_server");
     let mut child = Command::new(&exe)
         .args(["--listen", "127.0.0.1:0", "--max-pending", "100000"])
         .args(["--storage", storage])
         .env("RUST_LOG", "warn")
+        .env("CHAT_AUTH_SECRET", secret)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| {
@@ -197,17 +224,14 @@ fn start_server(storage: &str) -> Result<(Child, String), Box<dyn std::error::Er
                 exe.display()
             )
         })?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .ok_or_else(|| format!("unexpected first line from the server: {line:?}"))?
-        .to_string();
-    Ok((child, addr))
+    // The server's last line at start names its address.
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    for line in lines {
+        if let Some(addr) = line?.trim().strip_prefix("listening on http://") {
+            return Ok((child, addr.to_string()));
+        }
+    }
+    Err("the server exited before listening".into())
 }
 
 /// One recipient: offline for a while, then connected until its online period ends, acking

@@ -12,7 +12,7 @@ mod chat_support;
 
 use std::time::Duration;
 
-use chat_support::{Client, Server, http_get, wait_until};
+use chat_support::{Client, Server, TEST_SECRET, http, http_get, sign_token, token, wait_until};
 use serde_json::{Value, json};
 
 /// The server process of the other tests; does nothing unless they start it.
@@ -567,9 +567,10 @@ async fn the_page_health_and_bad_upgrades_answer() {
         http_get(server.addr, "/healthz").await,
         (200, "ok\n".to_string())
     );
-    let (status, body) = http_get(server.addr, "/stats?user=").await;
-    assert_eq!(status, 400, "{body}");
-    let (status, body) = http_get(server.addr, "/stats?user=nobody").await;
+    let (status, body) = http_get(server.addr, &format!("/stats?token={}", token(""))).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("token subject"), "{body}");
+    let (status, body) = http_get(server.addr, &format!("/stats?token={}", token("nobody"))).await;
     assert_eq!(status, 200);
     let stats: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -620,6 +621,11 @@ fn bad_flags_fail_at_start_naming_the_flag() {
             "--default-ttl-secs 99999999",
         ),
         (vec!["--max-pending", "0"], "--max-pending 0"),
+        (
+            vec!["--auth-secret", "too short"],
+            "--auth-secret (or CHAT_AUTH_SECRET): 9 bytes; must be at least 32",
+        ),
+        (vec!["--token-ttl-secs", "0"], "--token-ttl-secs 0"),
     ] {
         let message = Server::start_failure(&args);
         assert!(message.contains(expected), "{args:?}: {message}");
@@ -643,7 +649,8 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
     }
     let server = Server::start(&[]);
     let mut browser = Browser::launch().await;
-    let page = format!("http://{}/", server.addr);
+    // Through the link the server printed: its login key signs the page's users in.
+    let page = server.page.clone().expect("the server printed its page");
     browser.open(&page, "#user-carol .status", "offline").await;
 
     browser.click("#user-alice .connect").await;
@@ -835,4 +842,181 @@ async fn pipelined_sends_are_answered_and_stored_in_order() {
             .collect();
         assert_eq!(bodies, expected, "{user} gets its messages once, in order");
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Each way of lacking a valid token gets 401 and no socket, on `/ws` and on `/stats`, and
+/// changes nothing: what waits for bob stays stored and undelivered.
+#[tokio::test]
+async fn requests_without_a_valid_token_are_refused_and_change_nothing() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    for i in 0..3 {
+        alice.send_message("bob", &format!("m{i}")).await;
+    }
+
+    let now = unix_now();
+    let hs256 = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let claims = |user: &str, exp: u64| json!({"sub": user, "exp": exp}).to_string();
+    let alices = token("alice");
+    let signature = alices.rsplit('.').next().unwrap();
+    let tampered = format!(
+        "{}.{}.{signature}",
+        URL_SAFE_NO_PAD.encode(hs256),
+        URL_SAFE_NO_PAD.encode(claims("bob", now + 3600))
+    );
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+        URL_SAFE_NO_PAD.encode(claims("bob", now + 3600))
+    );
+    let forged = sign_token(
+        b"not-the-servers-secret-0123456789abcdef",
+        hs256,
+        &claims("bob", now + 3600),
+    );
+    let expired = sign_token(TEST_SECRET.as_bytes(), hs256, &claims("bob", now - 1));
+    let early = sign_token(
+        TEST_SECRET.as_bytes(),
+        hs256,
+        &json!({"sub": "bob", "exp": now + 7200, "nbf": now + 3600}).to_string(),
+    );
+    let refused = [
+        ("no token", String::new(), "no token"),
+        ("a user but no token", "user=bob".into(), "no token"),
+        ("malformed", "token=not-a-token".into(), "malformed"),
+        ("alg none", format!("token={unsigned}"), "alg must be HS256"),
+        ("forged", format!("token={forged}"), "does not verify"),
+        ("tampered", format!("token={tampered}"), "does not verify"),
+        ("expired", format!("token={expired}"), "expired"),
+        ("not yet valid", format!("token={early}"), "not valid yet"),
+        (
+            "another user's",
+            format!("token={alices}&user=bob"),
+            "another user",
+        ),
+    ];
+    for (what, query, reason) in &refused {
+        match Client::connect_with(&server, query).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body =
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[])).into_owned();
+                assert_eq!(response.status().as_u16(), 401, "{what}: {body}");
+                assert!(body.contains(reason), "{what}: {body}");
+            }
+            Ok(_) => panic!("{what}: connected"),
+            Err(other) => panic!("{what}: {other}"),
+        }
+        let (status, body) = http_get(server.addr, &format!("/stats?{query}")).await;
+        assert_eq!(
+            (status, body.contains(reason)),
+            (401, true),
+            "{what}: {body}"
+        );
+    }
+    let forged_header = format!("Bearer {forged}");
+    let (status, _) = http(
+        server.addr,
+        "GET",
+        "/stats",
+        &[("authorization", &forged_header)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "a forged bearer token");
+
+    // Nothing was read or acked: bob's three wait, and come on his first delivery.
+    let bobs_header = format!("Bearer {}", token("bob"));
+    let (status, body) = http(
+        server.addr,
+        "GET",
+        "/stats",
+        &[("authorization", &bobs_header)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["pending"], 3);
+    let mut bob = Client::connect(&server, "bob").await;
+    let messages = bob.drain().await.messages();
+    let bodies: Vec<&str> = messages
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2"]);
+    assert!(
+        messages.iter().all(|m| m["redelivered"] == false),
+        "{messages:?}"
+    );
+}
+
+/// `POST /login` issues tokens only to holders of the key the server printed; `--no-login`
+/// removes it.
+#[tokio::test]
+async fn login_issues_tokens_only_for_the_printed_key() {
+    let server = Server::start(&[]);
+    let request = r#"{"user":"bob"}"#;
+    let wrong_keys = [
+        None,
+        Some("Bearer wrong".to_string()),
+        Some(format!("Bearer {TEST_SECRET}")),
+        Some(format!("Bearer {}x", server.login_key())),
+    ];
+    for key in wrong_keys {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(key.as_deref().map(|key| ("authorization", key)));
+        let (status, body) = http(server.addr, "POST", "/login", &headers, request).await;
+        assert_eq!(status, 401, "{key:?}: {body}");
+    }
+    let key = format!("Bearer {}", server.login_key());
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", &key),
+    ];
+    let (status, body) = http(server.addr, "POST", "/login", &headers, request).await;
+    assert_eq!(status, 200, "{body}");
+    let login: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(login["user"], "bob");
+    assert!(
+        login["expires_at"].as_u64().unwrap() > unix_now() + 3600,
+        "{login}"
+    );
+    let mut bob = Client::connect_with(
+        &server,
+        &format!("token={}", login["token"].as_str().unwrap()),
+    )
+    .await
+    .expect("the issued token connects");
+    bob.expect_caught_up_empty().await;
+    assert!(server.online("bob").await);
+
+    let closed = Server::start(&["--no-login"]);
+    assert_eq!(closed.page, None, "no login key printed");
+    let (status, _) = http(closed.addr, "POST", "/login", &headers, request).await;
+    assert_eq!(status, 404);
+}
+
+/// `--insecure-no-auth` believes `?user=`, as the open demo did.
+#[tokio::test]
+async fn insecure_no_auth_believes_the_user_parameter() {
+    let server = Server::start(&["--insecure-no-auth"]);
+    let mut bob = Client::connect_with(&server, "user=bob")
+        .await
+        .expect("connected");
+    bob.expect_caught_up_empty().await;
+    let (status, body) = http_get(server.addr, "/stats?user=bob").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["online"],
+        true
+    );
 }

@@ -2,7 +2,7 @@
 //! and in batches, when they come back.
 //!
 //! ```text
-//! cargo run --example chat_server          # then open http://127.0.0.1:8080
+//! cargo run --example chat_server          # then open the `page:` link it prints
 //! cargo run --example chat_server -- --help
 //! ```
 //!
@@ -18,8 +18,16 @@
 //!   read loop turns frames into `queue.send` and `handle.ack*` calls.
 //! - `server/webhook.rs` turns the engine's coalesced nudges into HTTP calls, off the send path.
 //!
+//! - `server/auth.rs` decides who a request is: an HS256 JSON Web Token, checked before the
+//!   upgrade; `POST /login` issues them for the demo page.
+//!
 //! # Protocol
-//! WebSocket at `GET /ws?user=<url-encoded user id>`; text frames of JSON.
+//! WebSocket at `GET /ws?token=<token>` (or `Authorization: Bearer <token>`); text frames of
+//! JSON. The token is an HS256 JWT under `--auth-secret` with claims `{"sub":"<user id>",
+//! "exp":<unix seconds>}`; without a valid one the answer is 401 and no socket. `POST /login`
+//! with `{"user":"<id>"}` and `Authorization: Bearer <the key printed at start>` issues one
+//! (`--no-login` removes it). `--insecure-no-auth` believes `?user=<id>` instead: local play
+//! only.
 //!
 //! Client to server:
 //! - `{"type":"send","to":"<user>","body":"<text>","id":"<optional>","ttl_secs":<optional>}`.
@@ -64,7 +72,7 @@
 //! the count afresh), plus one a minute after a connection ends with messages unacked.
 //! Retried with backoff (5 tries, 10 s each at most), one at a time, never in the way of a
 //! send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
-//! `GET /stats?user=<id>` (pending count and presence, for the page).
+//! `GET /stats?token=<token>` (pending count and presence, for the page).
 //!
 //! SIGINT or SIGTERM shut down gracefully: no new connections, sessions closed (unacked
 //! messages stay stored), storage closed after its last commit.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
@@ -36,10 +36,15 @@ pub fn child_args() -> Option<Vec<String>> {
     Some(args)
 }
 
+/// The `--auth-secret` tests start the server with, unless they choose their own.
+pub const TEST_SECRET: &str = "chat-server-tests-secret-0123456789abcdef";
+
 /// The chat server, running as a child process. Killed when dropped.
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The demo page's URL as the server printed it (with the login key in its fragment).
+    pub page: Option<String>,
 }
 
 impl Server {
@@ -80,6 +85,7 @@ impl Server {
     }
 
     fn await_listening(mut child: Child, lines: &std_mpsc::Receiver<String>) -> Self {
+        let mut page = None;
         loop {
             let line = match lines.recv_timeout(PATIENCE) {
                 Ok(line) => line,
@@ -89,11 +95,20 @@ impl Server {
                 }
             };
             // libtest may print its own words before ours on the same line.
+            if let Some((_, url)) = line.split_once("page: ") {
+                page = Some(url.trim().to_string());
+            }
             if let Some((_, addr)) = line.split_once("listening on http://") {
                 let addr = addr.trim().parse().expect("an address");
-                return Self { child, addr };
+                return Self { child, addr, page };
             }
         }
+    }
+
+    /// The login key printed at start, from the page's URL.
+    pub fn login_key(&self) -> &str {
+        let page = self.page.as_deref().expect("the server printed its page");
+        page.split_once("#login=").expect("a login key").1
     }
 
     /// Messages stored for `user`, from `GET /stats`.
@@ -107,7 +122,7 @@ impl Server {
     }
 
     async fn stats(&self, user: &str) -> Value {
-        let path = format!("/stats?user={}", url_encode(user));
+        let path = format!("/stats?token={}", token(user));
         let (status, body) = http_get(self.addr, &path).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
@@ -150,9 +165,12 @@ impl Drop for Server {
     }
 }
 
-/// Tests run on a free port and, unless they say otherwise, in memory.
+/// Tests run on a free port, with [`TEST_SECRET`] and, unless they say otherwise, in memory.
 fn with_defaults(args: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if !args.contains(&"--auth-secret") && !args.contains(&"--insecure-no-auth") {
+        all.extend(["--auth-secret".into(), TEST_SECRET.into()]);
+    }
     if !args.contains(&"--listen") {
         all.extend(["--listen".into(), "127.0.0.1:0".into()]);
     }
@@ -220,12 +238,61 @@ pub fn url_encode(text: &str) -> String {
 
 /// `GET http://addr/path`: status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri = format!("http://{addr}{path}").parse().unwrap();
-    let response = within(client.get(uri)).await.unwrap();
+    http(addr, "GET", path, &[], "").await
+}
+
+/// An HTTP request to `addr`: status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = within(client.request(request)).await.unwrap();
     let status = response.status().as_u16();
     let body = within(response.into_body().collect()).await.unwrap();
     (status, String::from_utf8(body.to_bytes().to_vec()).unwrap())
+}
+
+/// A token for `user` under [`TEST_SECRET`], valid for an hour. Signed here, independently of
+/// the server's code, as any HS256 JWT issuer would.
+pub fn token(user: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    sign_token(
+        TEST_SECRET.as_bytes(),
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &serde_json::json!({"sub": user, "exp": now + 3600}).to_string(),
+    )
+}
+
+/// `base64url(header).base64url(claims).base64url(HMAC-SHA256(secret, the first two))`.
+pub fn sign_token(secret: &[u8], header: &str, claims: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::{KeyInit, Mac};
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(signed.as_bytes());
+    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signed}.{signature}")
 }
 
 /// Polls `condition` until it holds; panics, naming `what`, if it never does.
@@ -273,11 +340,20 @@ impl Client {
         Self::try_connect(server, user).await.expect("connected")
     }
 
+    /// Connects as `user`, with a valid token for them.
     pub async fn try_connect(
         server: &Server,
         user: &str,
     ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
-        let url = format!("ws://{}/ws?user={}", server.addr, url_encode(user));
+        Self::connect_with(server, &format!("token={}", url_encode(&token(user)))).await
+    }
+
+    /// Connects to `/ws?<query>` as given.
+    pub async fn connect_with(
+        server: &Server,
+        query: &str,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let url = format!("ws://{}/ws?{query}", server.addr);
         let (socket, _) = within(tokio_tungstenite::connect_async(url)).await?;
         Ok(Self { socket })
     }

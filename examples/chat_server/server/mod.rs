@@ -1,5 +1,6 @@
 //! The chat server: flags, the engine's set-up, the HTTP routes, and graceful shutdown.
 
+mod auth;
 mod connection;
 mod protocol;
 mod webhook;
@@ -11,9 +12,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use clap::Parser;
 use offline_queue::{
     BatchLimit, Limits, MemoryStorage, NotifyPolicy, OfflineQueue, OfflineQueueBuilder, Overflow,
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use auth::{Auth, Credentials};
 use webhook::Webhook;
 
 /// A WebSocket chat server that holds messages for offline users.
@@ -33,9 +35,9 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://host:port`
-    /// (several, comma separated, for a Redis Cluster; needs the `redis` feature), shared by
-    /// every node that names it, or `postgres://user@host:port/db` (needs the `postgres`
-    /// feature; one node for now: nodes on PostgreSQL do not wake each other yet).
+    /// (several, comma separated, for a Redis Cluster; needs the `redis` feature) or
+    /// `postgres://user@host:port/db` (needs the `postgres` feature). Redis and PostgreSQL are
+    /// shared by every node that names them: each node delivers what any node stored.
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
     /// With Redis storage: the prefix of every key, so several deployments can share a Redis.
@@ -65,20 +67,36 @@ pub struct Config {
     /// After a push, no further push for the same user for this long.
     #[arg(long, default_value_t = 60)]
     pub notify_cooldown_secs: u64,
-    /// Wait before retrying a failed webhook call; doubles per retry.
-    #[arg(long, default_value_t = 500, hide = true)]
+    /// Wait before retrying a failed webhook call; doubles per retry, up to 10 s.
+    #[arg(long, default_value_t = 500)]
     pub notify_retry_ms: u64,
     /// How often expired messages are purged and delayed pushes sent.
-    #[arg(long, default_value_t = 1000, hide = true)]
+    #[arg(long, default_value_t = 1000)]
     pub maintain_interval_ms: u64,
     /// A connection that sends nothing (not even a pong to the server's pings) for this long
     /// is closed, so a vanished client does not keep its user "online" and unpushed.
-    #[arg(long, default_value_t = 60_000, hide = true)]
+    #[arg(long, default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
     /// Sends one connection may have unanswered at once; past it the server stops reading
     /// that socket until one is answered.
     #[arg(long, default_value_t = 256)]
     pub max_sends_in_flight: usize,
+    /// The key that signs and checks users' tokens (HS256), at least 32 bytes. Prefer the
+    /// environment variable, which `ps` does not show. Default: random at each start, so
+    /// tokens do not outlive the process.
+    #[arg(long, env = "CHAT_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// Turn off `POST /login`, which issues tokens to holders of the key printed at start (the
+    /// demo page's sign-in), when your own identity service issues the tokens.
+    #[arg(long)]
+    pub no_login: bool,
+    /// Lifetime of a token issued by `POST /login`.
+    #[arg(long, default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
+    /// INSECURE, for local play only: believe `?user=` without a token, so anyone who reaches
+    /// the port can read and ack any user's messages.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 impl Config {
@@ -93,6 +111,7 @@ impl Config {
                 16 << 20,
             ),
             ("--max-pending", self.max_pending, 1, u64::MAX),
+            ("--token-ttl-secs", self.token_ttl_secs, 1, 365 * 86_400),
             ("--default-ttl-secs", self.default_ttl_secs, 1, max_ttl_secs),
             ("--batch-max", self.batch_max as u64, 1, 10_000),
             ("--idle-timeout-ms", self.idle_timeout_ms, 100, u64::MAX),
@@ -114,6 +133,15 @@ impl Config {
                 return Err(format!("{flag} {value}: must be between {min} and {max}"));
             }
         }
+        if let Some(secret) = &self.auth_secret
+            && secret.len() < auth::MIN_SECRET_BYTES
+        {
+            return Err(format!(
+                "--auth-secret (or CHAT_AUTH_SECRET): {} bytes; must be at least {}",
+                secret.len(),
+                auth::MIN_SECRET_BYTES
+            ));
+        }
         Ok(())
     }
 }
@@ -128,6 +156,7 @@ pub struct App {
     #[expect(dead_code, reason = "held, never read")]
     connections: mpsc::Sender<()>,
     limits: connection::Limits,
+    auth: Arc<Auth>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -271,8 +300,29 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("--listen {}: {e}", config.listen))?;
     let stop = stop_signal()?;
-    println!("listening on http://{}", listener.local_addr()?);
-    serve(&config, queue, listener, stop).await?;
+    let auth = Auth::new(
+        match &config.auth_secret {
+            Some(secret) => secret.clone().into_bytes(),
+            None => auth::random_hex(32).into_bytes(),
+        },
+        !config.no_login,
+        Duration::from_secs(config.token_ttl_secs),
+        config.insecure_no_auth,
+    );
+    let addr = listener.local_addr()?;
+    if config.insecure_no_auth {
+        tracing::warn!(
+            "--insecure-no-auth: NO AUTHENTICATION. Anyone who reaches {addr} can read and \
+             ack any user's messages with /ws?user=<id>. For local play only."
+        );
+        println!("page: http://{addr}/");
+    } else if let Some(key) = auth.login_key() {
+        // The key rides in the fragment, which browsers never send to the server or in a
+        // Referer: only who reads this line can sign in on the page.
+        println!("page: http://{addr}/#login={key}");
+    }
+    println!("listening on http://{addr}");
+    serve(&config, queue, listener, stop, auth).await?;
     if let Some(task) = webhook_task {
         // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -301,7 +351,9 @@ async fn serve(
     queue: OfflineQueue,
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
+    auth: Auth,
 ) -> Result<(), BoxError> {
+    let login = auth.login_key().is_some() || config.insecure_no_auth;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (connections, mut all_closed) = mpsc::channel(1);
     let app = App {
@@ -314,6 +366,7 @@ async fn serve(
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             max_sends_in_flight: config.max_sends_in_flight,
         },
+        auth: Arc::new(auth),
     };
     // Purges expired messages and sends the delayed pushes for sessions that ended with
     // messages pending: the engine has no timers of its own, the host runs its upkeep (work
@@ -322,13 +375,16 @@ async fn serve(
         queue.background_maintenance(Duration::from_millis(config.maintain_interval_ms), 10_000)?,
     );
 
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/", get(page))
         .route("/ws", get(websocket))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/stats", get(stats))
-        .with_state(app.clone());
+        .route("/stats", get(stats));
+    if login {
+        router = router.route("/login", post(login_user));
+    }
+    let router = router.with_state(app.clone());
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             stop.await;
@@ -354,20 +410,17 @@ async fn serve(
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct UserQuery {
-    user: String,
-}
-
-/// `GET /ws?user=<id>`: upgrades to the chat protocol.
+/// `GET /ws?token=<token>`: upgrades to the chat protocol, as the token's user. A request
+/// without a valid token gets 401 and no socket: nothing is read or acked.
 async fn websocket(
     upgrade: WebSocketUpgrade,
-    Query(query): Query<UserQuery>,
+    Query(credentials): Query<Credentials>,
+    headers: HeaderMap,
     State(app): State<App>,
 ) -> Response {
-    let user = match RecipientId::new(&query.user) {
+    let user = match app.auth.authenticate(&credentials, &headers) {
         Ok(user) => user,
-        Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
+        Err(refusal) => return refusal.into_response(),
     };
     if *app.shutdown.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
@@ -379,17 +432,21 @@ async fn websocket(
         .on_upgrade(move |socket| connection::serve(socket, user, app))
 }
 
-/// `GET /stats?user=<id>`: what waits for one user, for the page's status line.
-async fn stats(Query(query): Query<UserQuery>, State(app): State<App>) -> Response {
-    let user = match RecipientId::new(&query.user) {
+/// `GET /stats?token=<token>`: what waits for the token's user, for the page's status line.
+async fn stats(
+    Query(credentials): Query<Credentials>,
+    headers: HeaderMap,
+    State(app): State<App>,
+) -> Response {
+    let user = match app.auth.authenticate(&credentials, &headers) {
         Ok(user) => user,
-        Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
+        Err(refusal) => return refusal.into_response(),
     };
     // On this node, or on another sharing the storage.
     let online = app.queue.is_online_anywhere(&user).await.unwrap_or(false);
     match app.queue.stats(&user).await {
         Ok(stats) => axum::Json(serde_json::json!({
-            "user": query.user,
+            "user": String::from_utf8_lossy(user.as_bytes()),
             "online": online,
             "pending": stats.messages,
             "bytes": stats.bytes,
@@ -397,6 +454,39 @@ async fn stats(Query(query): Query<UserQuery>, State(app): State<App>) -> Respon
         .into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct Login {
+    user: String,
+}
+
+/// `POST /login` with `{"user":"<id>"}` and `Authorization: Bearer <login key>`: a token for
+/// that user. The demo page's sign-in; `--no-login` removes it.
+async fn login_user(
+    headers: HeaderMap,
+    State(app): State<App>,
+    axum::Json(login): axum::Json<Login>,
+) -> Response {
+    if !app.auth.may_log_in(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "login needs the key printed at start: Authorization: Bearer <key>\n",
+        )
+            .into_response();
+    }
+    let user = match RecipientId::new(&login.user) {
+        Ok(user) => user,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("user: {error}\n")).into_response(),
+    };
+    let (token, expires_at) = app.auth.issue(&user);
+    axum::Json(serde_json::json!({
+        "user": String::from_utf8_lossy(user.as_bytes()),
+        "token": token,
+        "expires_at": expires_at,
+    }))
+    .into_response()
 }
 
 /// `GET /metrics`: the engine's counters in Prometheus text format.
