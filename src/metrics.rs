@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! metrics {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($(#[doc = $help:literal] $name:ident),* $(,)?) => {
         /// Live counters, updated with relaxed atomics.
         #[derive(Debug, Default)]
         pub(crate) struct Metrics {
@@ -15,7 +15,7 @@ macro_rules! metrics {
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct MetricsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $(#[doc = $help] pub $name: u64,)*
             /// Sessions connected to this engine now.
             pub live_sessions: u64,
         }
@@ -34,9 +34,23 @@ macro_rules! metrics {
             pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
                 [$((stringify!($name), self.$name),)* ("live_sessions", self.live_sessions)].into_iter()
             }
+
+            /// Every value with its one-line description, as `(name, help, value)`: what an
+            /// exporter needs to document each series (Prometheus `# HELP`). All are counters
+            /// except `live_sessions`, a gauge.
+            pub fn iter_described(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> {
+                [
+                    $((stringify!($name), $help.trim(), self.$name),)*
+                    ("live_sessions", LIVE_SESSIONS_HELP, self.live_sessions),
+                ]
+                .into_iter()
+            }
         }
     };
 }
+
+/// `live_sessions`'s description, as its field's doc says it.
+const LIVE_SESSIONS_HELP: &str = "Sessions connected to this engine now.";
 
 metrics! {
     /// Messages stored.
@@ -85,5 +99,30 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     // Most adds on the hot path are zero (no duplicates, no drops): skip the atomic.
     if n > 0 {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_has_its_description() {
+        let metrics = Metrics::default();
+        metrics.stored.store(7, Ordering::Relaxed);
+        let snapshot = metrics.snapshot(3);
+        let plain: Vec<_> = snapshot.iter().collect();
+        let described: Vec<_> = snapshot.iter_described().collect();
+        assert_eq!(plain.len(), described.len());
+        for ((name, value), (described_name, help, described_value)) in plain.iter().zip(&described)
+        {
+            assert_eq!((name, value), (described_name, described_value));
+            assert!(
+                help.ends_with('.') && !help.starts_with(' '),
+                "{name}: {help:?}"
+            );
+        }
+        assert!(described.contains(&("stored", "Messages stored.", 7)));
+        assert!(described.contains(&("live_sessions", LIVE_SESSIONS_HELP, 3)));
     }
 }

@@ -1020,3 +1020,64 @@ async fn insecure_no_auth_believes_the_user_parameter() {
         true
     );
 }
+
+/// `/metrics` documents every family (`# HELP` and `# TYPE`) and passes `promtool check
+/// metrics` (Debian's `prometheus` package). Without promtool the lint is skipped, unless
+/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1` (as in `.ci/run`, which installs it).
+#[tokio::test]
+async fn metrics_are_documented_and_pass_promtool() {
+    let server = Server::start(&[]);
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    alice.send_message("bob", "hi").await;
+    let (status, text) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("offline_queue_stored_total 1\n"), "{text}");
+    for sample in text.lines().filter(|line| !line.starts_with('#')) {
+        let family = sample.split(' ').next().unwrap();
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family}: {text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family}: {text}"
+        );
+    }
+
+    let promtool = "/usr/bin/promtool";
+    if !std::path::Path::new(promtool).exists() {
+        assert_ne!(
+            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref(),
+            Ok("1"),
+            "{promtool} is missing"
+        );
+        eprintln!(
+            "skipped: promtool lint ({promtool} is not installed: apt-get install prometheus)"
+        );
+        return;
+    }
+    let mut lint = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = lint.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{text}"
+    );
+}

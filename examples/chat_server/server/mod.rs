@@ -492,12 +492,13 @@ async fn login_user(
 /// `GET /metrics`: the engine's counters in Prometheus text format.
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let mut text = String::new();
-    for (name, value) in app.queue.metrics().iter() {
+    for (name, help, value) in app.queue.metrics().iter_described() {
         let (kind, suffix) = if name == "live_sessions" {
             ("gauge", "")
         } else {
             ("counter", "_total")
         };
+        let _ = writeln!(text, "# HELP offline_queue_{name}{suffix} {help}");
         let _ = writeln!(text, "# TYPE offline_queue_{name}{suffix} {kind}");
         let _ = writeln!(text, "offline_queue_{name}{suffix} {value}");
     }
