@@ -669,6 +669,19 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
         .wait_for_text("#user-bob .status", "1 waiting")
         .await;
     assert!(browser.text("#user-bob .status").await.contains("offline"));
+    // What the server did for offline bob: one content-free push, and its counters.
+    browser
+        .wait_for_text("#user-bob .pushes", "new message, 1 waiting at")
+        .await;
+    let pushes = browser.text("#user-bob .pushes").await;
+    assert!(!pushes.contains("hello"), "no content in a push: {pushes}");
+    assert_eq!(
+        browser.text("#user-carol .pushes").await,
+        "",
+        "nothing pushed to carol"
+    );
+    browser.wait_for_text("#counters", "stored 1 ·").await;
+    browser.wait_for_text("#counters", "pushes 1 ·").await;
 
     browser.click("#user-bob .connect").await;
     browser
@@ -683,9 +696,7 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
     })
     .await;
     // The page polls once a second; ask it now, so the screenshot shows the final state.
-    browser
-        .eval("panels.forEach((panel) => panel.refresh())")
-        .await;
+    browser.eval("refreshAll()").await;
     browser
         .wait_for_exact_text("#user-bob .status", "● online")
         .await;

@@ -72,7 +72,8 @@
 //! the count afresh), plus one a minute after a connection ends with messages unacked.
 //! Retried with backoff (5 tries, 10 s each at most), one at a time, never in the way of a
 //! send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
-//! `GET /stats?token=<token>` (pending count and presence, for the page).
+//! `GET /stats?token=<token>` (pending count and presence, for the page), `GET
+//! /pushes?token=<token>` (the latest pushes made for that user, for the page).
 //!
 //! SIGINT or SIGTERM shut down gracefully: no new connections, sessions closed (unacked
 //! messages stay stored), storage closed after its last commit.

@@ -3,6 +3,7 @@
 mod auth;
 mod connection;
 mod protocol;
+mod pushes;
 mod webhook;
 
 use std::fmt::Write as _;
@@ -25,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use auth::{Auth, Credentials};
+use pushes::{LoggingNotifier, PushLog};
 use webhook::Webhook;
 
 /// A WebSocket chat server that holds messages for offline users.
@@ -157,6 +159,8 @@ pub struct App {
     connections: mpsc::Sender<()>,
     limits: connection::Limits,
     auth: Arc<Auth>,
+    /// The pushes made, for `GET /pushes`.
+    pushes: Arc<PushLog>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -249,6 +253,8 @@ struct Engine {
     queue: OfflineQueue,
     /// Posts pushes; ends after the engine is dropped.
     webhook_task: Option<tokio::task::JoinHandle<()>>,
+    /// Every push the engine made.
+    pushes: Arc<PushLog>,
 }
 
 async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
@@ -271,16 +277,22 @@ async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
             ..BatchLimit::default()
         })
         .notify_policy(policy);
-    let mut webhook_task = None;
+    let (mut webhook, mut webhook_task) = (None, None);
     if let Some(url) = &config.notify_webhook {
-        let webhook = Webhook::new(url, Duration::from_millis(config.notify_retry_ms))?;
-        let (notifier, task) = webhook.start();
-        builder = builder.notifier(Arc::new(notifier));
+        let (notifier, task) =
+            Webhook::new(url, Duration::from_millis(config.notify_retry_ms))?.start();
+        webhook = Some(notifier);
         webhook_task = Some(task);
     }
+    let pushes = Arc::new(PushLog::default());
+    builder = builder.notifier(Arc::new(LoggingNotifier {
+        log: pushes.clone(),
+        webhook,
+    }));
     Ok(Engine {
         queue: builder.build()?,
         webhook_task,
+        pushes,
     })
 }
 
@@ -292,6 +304,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let Engine {
         queue,
         webhook_task,
+        pushes,
     } = build_queue(&config).await?;
     // With a storage shared by several nodes, another node's sends wake this node's sessions
     // (on one node alone, the listener ends at once).
@@ -322,7 +335,7 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         println!("page: http://{addr}/#login={key}");
     }
     println!("listening on http://{addr}");
-    serve(&config, queue, listener, stop, auth).await?;
+    serve(&config, queue, listener, stop, auth, pushes).await?;
     if let Some(task) = webhook_task {
         // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -352,6 +365,7 @@ async fn serve(
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
     auth: Auth,
+    pushes: Arc<PushLog>,
 ) -> Result<(), BoxError> {
     let login = auth.login_key().is_some() || config.insecure_no_auth;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -367,6 +381,7 @@ async fn serve(
             max_sends_in_flight: config.max_sends_in_flight,
         },
         auth: Arc::new(auth),
+        pushes,
     };
     // Purges expired messages and sends the delayed pushes for sessions that ended with
     // messages pending: the engine has no timers of its own, the host runs its upkeep (work
@@ -380,7 +395,8 @@ async fn serve(
         .route("/ws", get(websocket))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/stats", get(stats));
+        .route("/stats", get(stats))
+        .route("/pushes", get(recent_pushes));
     if login {
         router = router.route("/login", post(login_user));
     }
@@ -453,6 +469,20 @@ async fn stats(
         }))
         .into_response(),
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
+    }
+}
+
+/// `GET /pushes?token=<token>`: the latest pushes made for the token's user (who, how many,
+/// why, when: what their phone would show), for the page.
+async fn recent_pushes(
+    Query(credentials): Query<Credentials>,
+    headers: HeaderMap,
+    State(app): State<App>,
+) -> Response {
+    match app.auth.authenticate(&credentials, &headers) {
+        Ok(user) => axum::Json(serde_json::json!({"pushes": app.pushes.for_recipient(&user)}))
+            .into_response(),
+        Err(refusal) => refusal.into_response(),
     }
 }
 
