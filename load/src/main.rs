@@ -1,0 +1,641 @@
+//! The chat_server against the brokers it would replace, on one offline-delivery workload, in
+//! one run on one machine:
+//!
+//! 1. `--recipients` (1,000) offline recipients each get `--per-recipient` (100) messages of
+//!    `--body-bytes` (256), sent by `--publishers` (16) connections that each keep
+//!    `--in-flight` (256) sends unanswered. *Store* is the time until every send is answered
+//!    (`sent`, PUBACK, JetStream publish ack): stored as the system promises.
+//! 2. Every recipient connects at once and drains with acks. *Drain* is the time until every
+//!    recipient has all its messages. Each must get exactly its messages, in order, with the
+//!    right bodies, or the run fails.
+//!
+//! The peers run from Debian's packages on free loopback ports in temporary directories:
+//! Mosquitto (MQTT 3.1.1, QoS 1, persistent sessions, `persistence true`) and NATS JetStream
+//! (file store, a durable pull consumer per recipient, `AckAll`). The chat_server runs from
+//! `target/release/examples/chat_server` on each `--systems` storage.
+//!
+//! ```text
+//! cargo build --release --features redis --example chat_server
+//! cargo run --release --manifest-path load/Cargo.toml -- --systems chat:redb,mosquitto,nats
+//! ```
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Clone, Debug)]
+struct Args {
+    /// Offline recipients.
+    #[arg(long, default_value_t = 1000)]
+    recipients: usize,
+    /// Messages each recipient gets.
+    #[arg(long, default_value_t = 100)]
+    per_recipient: usize,
+    /// Bytes per message body.
+    #[arg(long, default_value_t = 256)]
+    body_bytes: usize,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 16)]
+    publishers: usize,
+    /// Sends each publisher keeps unanswered.
+    #[arg(long, default_value_t = 256)]
+    in_flight: usize,
+    /// What to run, comma separated, in this order: `chat:redb`, `chat:memory`,
+    /// `chat:redis://host:port`, `chat:postgres://..`, `mosquitto`, `nats`.
+    #[arg(long, default_value = "chat:redb,mosquitto,nats")]
+    systems: String,
+    /// The chat_server binary.
+    #[arg(long)]
+    chat_server: Option<PathBuf>,
+    /// Runs of the whole list; each system's best store and drain are reported too.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+impl Args {
+    fn total(&self) -> usize {
+        self.recipients * self.per_recipient
+    }
+
+    /// Message `index` for `recipient`: says whose and which, padded to `--body-bytes`.
+    fn body(&self, recipient: usize, index: usize) -> Vec<u8> {
+        let mut body = format!("{recipient}:{index}:").into_bytes();
+        body.resize(self.body_bytes.max(body.len()), b'x');
+        body
+    }
+
+    /// The recipients publisher `p` sends to, so each recipient's messages come from one
+    /// connection, in order.
+    fn recipients_of(&self, publisher: usize) -> Vec<usize> {
+        (publisher..self.recipients)
+            .step_by(self.publishers)
+            .collect()
+    }
+}
+
+/// Checks what `recipient` received as its `index`th message.
+fn check(args: &Args, recipient: usize, index: usize, body: &[u8]) -> Result<(), BoxError> {
+    if body != args.body(recipient, index).as_slice() {
+        let head = String::from_utf8_lossy(&body[..body.len().min(24)]).into_owned();
+        return Err(format!("recipient {recipient}: message {index} was {head:?}..").into());
+    }
+    Ok(())
+}
+
+struct Timing {
+    store: Duration,
+    drain: Duration,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    let systems: Vec<String> = args
+        .systems
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let chat_server = args.chat_server.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/examples/chat_server")
+    });
+    println!(
+        "workload: {} recipients x {} messages of {} B, {} publishers x {} in flight; {} round(s)",
+        args.recipients,
+        args.per_recipient,
+        args.body_bytes,
+        args.publishers,
+        args.in_flight,
+        args.rounds
+    );
+    let mut best: Vec<(String, f64, f64)> = Vec::new();
+    for round in 1..=args.rounds {
+        for system in &systems {
+            let timing = match system.split_once(':') {
+                Some(("chat", storage)) => chat::run(&args, &chat_server, storage).await?,
+                None if system == "mosquitto" => mqtt::run(&args).await?,
+                None if system == "nats" => nats::run(&args).await?,
+                _ => return Err(format!("--systems: unknown {system:?}").into()),
+            };
+            let store = args.total() as f64 / timing.store.as_secs_f64();
+            let drain = args.total() as f64 / timing.drain.as_secs_f64();
+            println!(
+                "round {round} {system:<14} store {store:>9.0} msg/s ({:>6.2} s)   drain {drain:>9.0} msg/s ({:>6.2} s)   all {} delivered in order",
+                timing.store.as_secs_f64(),
+                timing.drain.as_secs_f64(),
+                args.total()
+            );
+            match best.iter_mut().find(|(name, _, _)| name == system) {
+                Some(entry) => {
+                    entry.1 = entry.1.max(store);
+                    entry.2 = entry.2.max(drain);
+                }
+                None => best.push((system.clone(), store, drain)),
+            }
+        }
+    }
+    let peers = best
+        .iter()
+        .filter(|(name, _, _)| !name.starts_with("chat:"));
+    let (peer_store, peer_drain) = peers.fold((0.0f64, 0.0f64), |(s, d), (_, store, drain)| {
+        (s.max(*store), d.max(*drain))
+    });
+    println!(
+        "\nbest of {} round(s), and against the faster peer:",
+        args.rounds
+    );
+    for (system, store, drain) in &best {
+        let ratios = if peer_store > 0.0 && system.starts_with("chat:") {
+            format!(
+                "   store {:.2}x, drain {:.2}x the faster peer",
+                store / peer_store,
+                drain / peer_drain
+            )
+        } else {
+            String::new()
+        };
+        println!("{system:<14} store {store:>9.0} msg/s   drain {drain:>9.0} msg/s{ratios}");
+    }
+    Ok(())
+}
+
+/// A child process, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something listens on `port`.
+async fn await_port(port: u16, what: &str) -> Result<(), BoxError> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("{what} does not listen on {port}").into())
+}
+
+async fn join_all(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), BoxError>>>,
+) -> Result<(), BoxError> {
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+mod chat {
+    use super::*;
+
+    const SECRET: &str = "offline-queue-load-tool-secret-0123456789";
+
+    /// An HS256 JWT for `user`, as the server's `--auth-secret` checks it.
+    fn token(user: &str) -> String {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use hmac::{KeyInit, Mac};
+        let claims = json!({"sub": user, "exp": 4_000_000_000u64}).to_string();
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(signed.as_bytes());
+        format!(
+            "{signed}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    pub async fn run(args: &Args, binary: &Path, storage: &str) -> Result<Timing, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let storage = match storage {
+            "redb" => format!("redb:{}", dir.path().join("chat.redb").display()),
+            other => other.to_string(),
+        };
+        let prefix = format!("load{}", std::process::id());
+        let mut child = Command::new(binary)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--storage",
+                &storage,
+                "--no-login",
+            ])
+            .args(["--redis-prefix", &prefix, "--postgres-schema", &prefix])
+            .env("CHAT_AUTH_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (cargo build --release --example chat_server)",
+                    binary.display()
+                )
+            })?;
+        let stdout = child.stdout.take().unwrap();
+        let _server = Process(child);
+        let addr: SocketAddr = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if let Some(addr) = line.ok()?.strip_prefix("listening on http://") {
+                    return addr.trim().parse().ok();
+                }
+            }
+            None
+        })
+        .await?
+        .ok_or("the chat_server did not start")?;
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for publisher in 0..args.publishers {
+            tasks.push(tokio::spawn(publish(args.clone(), addr, publisher)));
+        }
+        join_all(tasks).await?;
+        let store = started.elapsed();
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for recipient in 0..args.recipients {
+            tasks.push(tokio::spawn(drain(args.clone(), addr, recipient)));
+        }
+        join_all(tasks).await?;
+        Ok(Timing {
+            store,
+            drain: started.elapsed(),
+        })
+    }
+
+    async fn connect(
+        addr: SocketAddr,
+        user: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        BoxError,
+    > {
+        let url = format!("ws://{addr}/ws?token={}", token(user));
+        Ok(tokio_tungstenite::connect_async(url).await?.0)
+    }
+
+    /// One publisher: its recipients' messages in order, `--in-flight` unanswered at most.
+    async fn publish(args: Args, addr: SocketAddr, publisher: usize) -> Result<(), BoxError> {
+        let socket = connect(addr, &format!("publisher{publisher}")).await?;
+        let (mut sink, mut frames) = socket.split();
+        let recipients = args.recipients_of(publisher);
+        let expected = recipients.len() * args.per_recipient;
+        let window = Arc::new(Semaphore::new(args.in_flight));
+        let replies = {
+            let window = window.clone();
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while answered < expected {
+                    let Some(frame) = frames.next().await else {
+                        return Err::<(), BoxError>("the server closed a publisher".into());
+                    };
+                    let Message::Text(text) = frame? else {
+                        continue;
+                    };
+                    let reply: Value = serde_json::from_str(&text)?;
+                    match reply["type"].as_str() {
+                        Some("sent") => {
+                            answered += 1;
+                            window.add_permits(1);
+                        }
+                        Some("error") => return Err(format!("send refused: {reply}").into()),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            })
+        };
+        for index in 0..args.per_recipient {
+            for &recipient in &recipients {
+                let permit = match window.try_acquire() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // The window is full: put what is written on the wire, then wait.
+                        sink.flush().await?;
+                        window.acquire().await?
+                    }
+                };
+                permit.forget();
+                let body = String::from_utf8(args.body(recipient, index))?;
+                let frame = json!({"type": "send", "to": format!("r{recipient}"), "body": body});
+                sink.feed(Message::Text(frame.to_string().into())).await?;
+            }
+        }
+        sink.flush().await?;
+        replies.await??;
+        let _ = sink.close().await;
+        Ok(())
+    }
+
+    /// One recipient: connects, takes every batch and acks it, until it has all its messages.
+    async fn drain(args: Args, addr: SocketAddr, recipient: usize) -> Result<(), BoxError> {
+        let mut socket = connect(addr, &format!("r{recipient}")).await?;
+        let mut received = 0;
+        while received < args.per_recipient {
+            let Some(frame) = socket.next().await else {
+                return Err(format!("recipient {recipient}: closed after {received}").into());
+            };
+            let Message::Text(text) = frame? else {
+                continue;
+            };
+            let frame: Value = serde_json::from_str(&text)?;
+            if frame["type"] != "deliver" {
+                continue;
+            }
+            for message in frame["messages"]
+                .as_array()
+                .ok_or("deliver without messages")?
+            {
+                let body = message["body"].as_str().ok_or("message without a body")?;
+                check(&args, recipient, received, body.as_bytes())?;
+                received += 1;
+            }
+            let ack = json!({"type": "ack", "up_to": frame["position"]});
+            socket.send(Message::Text(ack.to_string().into())).await?;
+        }
+        let _ = socket.close(None).await;
+        Ok(())
+    }
+}
+
+mod mqtt {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    /// Mosquitto as its users run it for offline delivery: persistent sessions kept across
+    /// restarts (`persistence true`: an in-memory store, saved to disk every
+    /// `autosave_interval`, 30 minutes by default, and at a clean shutdown).
+    fn config(dir: &Path, port: u16) -> String {
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 1000\n",
+            dir.display()
+        )
+    }
+
+    pub async fn run(args: &Args) -> Result<Timing, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, config(dir.path(), port))?;
+        let _broker = Process(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("mosquitto: {e} (apt-get install mosquitto)"))?,
+        );
+        await_port(port, "mosquitto").await?;
+
+        // Each recipient's persistent session and subscription, made while it was online.
+        for chunk in (0..args.recipients).collect::<Vec<_>>().chunks(100) {
+            let mut tasks = Vec::new();
+            for &recipient in chunk {
+                tasks.push(tokio::spawn(subscribe(port, recipient)));
+            }
+            join_all(tasks).await?;
+        }
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for publisher in 0..args.publishers {
+            tasks.push(tokio::spawn(publish(args.clone(), port, publisher)));
+        }
+        join_all(tasks).await?;
+        let store = started.elapsed();
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for recipient in 0..args.recipients {
+            tasks.push(tokio::spawn(drain(args.clone(), port, recipient)));
+        }
+        join_all(tasks).await?;
+        Ok(Timing {
+            store,
+            drain: started.elapsed(),
+        })
+    }
+
+    fn options(client_id: String, port: u16, clean: bool, in_flight: u16) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_clean_session(clean);
+        options.set_keep_alive(Duration::from_secs(60));
+        options.set_inflight(in_flight);
+        options
+    }
+
+    async fn subscribe(port: u16, recipient: usize) -> Result<(), BoxError> {
+        let (client, mut events) =
+            AsyncClient::new(options(format!("r{recipient}"), port, false, 20), 10);
+        client
+            .subscribe(format!("u/{recipient}"), QoS::AtLeastOnce)
+            .await?;
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {
+                break;
+            }
+        }
+        client.disconnect().await?;
+        while !matches!(
+            events.poll().await,
+            Err(_) | Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+        ) {}
+        Ok(())
+    }
+
+    async fn publish(args: Args, port: u16, publisher: usize) -> Result<(), BoxError> {
+        let (client, mut events) = AsyncClient::new(
+            options(
+                format!("publisher{publisher}"),
+                port,
+                true,
+                args.in_flight as u16,
+            ),
+            args.in_flight,
+        );
+        let recipients = args.recipients_of(publisher);
+        let expected = recipients.len() * args.per_recipient;
+        let sender = tokio::spawn({
+            let args = args.clone();
+            async move {
+                for index in 0..args.per_recipient {
+                    for &recipient in &recipients {
+                        let topic = format!("u/{recipient}");
+                        client
+                            .publish(topic, QoS::AtLeastOnce, false, args.body(recipient, index))
+                            .await?;
+                    }
+                }
+                Ok::<_, BoxError>(client)
+            }
+        });
+        let mut acked = 0;
+        while acked < expected {
+            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
+                acked += 1;
+            }
+        }
+        let client = sender.await??;
+        client.disconnect().await?;
+        Ok(())
+    }
+
+    async fn drain(args: Args, port: u16, recipient: usize) -> Result<(), BoxError> {
+        // The same client id and no clean session: the broker sends what it kept.
+        let (client, mut events) =
+            AsyncClient::new(options(format!("r{recipient}"), port, false, 20), 10);
+        let mut received = 0;
+        while received < args.per_recipient {
+            if let Event::Incoming(Packet::Publish(publish)) = events.poll().await? {
+                check(&args, recipient, received, &publish.payload)?;
+                received += 1;
+            }
+        }
+        // The last PUBACK goes out before the DISCONNECT.
+        client.disconnect().await?;
+        while !matches!(
+            events.poll().await,
+            Err(_) | Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+        ) {}
+        Ok(())
+    }
+}
+
+mod nats {
+    use super::*;
+    use async_nats::jetstream::{self, consumer, stream};
+
+    const STREAM: &str = "OFFLINE";
+
+    pub async fn run(args: &Args) -> Result<Timing, BoxError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let _server = Process(
+            Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("nats-server: {e} (apt-get install nats-server)"))?,
+        );
+        await_port(port, "nats-server").await?;
+        let url = format!("nats://127.0.0.1:{port}");
+
+        // A file-stored stream over every recipient's subject, and a durable consumer each.
+        let setup = jetstream::new(async_nats::connect(&url).await?);
+        let stream = setup
+            .create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec!["u.>".into()],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        for recipient in 0..args.recipients {
+            stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("r{recipient}")),
+                    filter_subject: format!("u.{recipient}"),
+                    ack_policy: consumer::AckPolicy::All,
+                    ..Default::default()
+                })
+                .await?;
+        }
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for publisher in 0..args.publishers {
+            tasks.push(tokio::spawn(publish(args.clone(), url.clone(), publisher)));
+        }
+        join_all(tasks).await?;
+        let store = started.elapsed();
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for recipient in 0..args.recipients {
+            tasks.push(tokio::spawn(drain(args.clone(), url.clone(), recipient)));
+        }
+        join_all(tasks).await?;
+        Ok(Timing {
+            store,
+            drain: started.elapsed(),
+        })
+    }
+
+    async fn publish(args: Args, url: String, publisher: usize) -> Result<(), BoxError> {
+        let js = jetstream::new(async_nats::connect(&url).await?);
+        let mut unanswered = VecDeque::new();
+        for index in 0..args.per_recipient {
+            for recipient in args.recipients_of(publisher) {
+                if unanswered.len() == args.in_flight {
+                    let ack: jetstream::context::PublishAckFuture = unanswered.pop_front().unwrap();
+                    ack.await?;
+                }
+                let body = bytes::Bytes::from(args.body(recipient, index));
+                unanswered.push_back(js.publish(format!("u.{recipient}"), body).await?);
+            }
+        }
+        for ack in unanswered {
+            ack.await?;
+        }
+        Ok(())
+    }
+
+    async fn drain(args: Args, url: String, recipient: usize) -> Result<(), BoxError> {
+        let js = jetstream::new(async_nats::connect(&url).await?);
+        let consumer: consumer::PullConsumer = js
+            .get_consumer_from_stream(format!("r{recipient}"), STREAM)
+            .await?;
+        let mut received = 0;
+        while received < args.per_recipient {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(args.per_recipient - received)
+                .messages()
+                .await?;
+            let mut last = None;
+            while let Some(message) = batch.next().await {
+                let message = message?;
+                check(&args, recipient, received, &message.payload)?;
+                received += 1;
+                last = Some(message);
+            }
+            // AckAll: acking the last acks the batch, as the chat client's `up_to` does.
+            if let Some(last) = last {
+                last.ack().await?;
+            }
+        }
+        Ok(())
+    }
+}
