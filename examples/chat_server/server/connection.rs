@@ -29,6 +29,8 @@ use super::protocol::{ChatMessage, ClientFrame, ServerFrame, check_client_id};
 /// Frames queued for the socket. Bounded: a client that stops reading slows its own delivery
 /// (the session's `Transport::send` waits), never the server.
 const OUTBOX: usize = 64;
+/// Most frames put in one socket write.
+const WRITE_BATCH: usize = 64;
 /// A socket write that takes longer than this means the client is not reading: drop it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -217,16 +219,29 @@ async fn write_frames(
     close: tokio::sync::oneshot::Receiver<Option<CloseFrame>>,
     ping_every: Duration,
 ) {
+    let text = |frame: ServerFrame| {
+        Message::Text(serde_json::to_string(&frame).expect("frames serialize").into())
+    };
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             frame = frames.recv() => match frame {
-                Some(frame) => Message::Text(serde_json::to_string(&frame).expect("frames serialize").into()),
+                Some(frame) => text(frame),
                 None => break,
             },
             _ = pings.tick() => Message::Ping(Default::default()),
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+        // Frames already waiting go out with it in one write: under load, one system call
+        // carries many `sent` replies instead of one each.
+        let write = async {
+            sink.feed(first).await?;
+            for _ in 1..WRITE_BATCH {
+                let Ok(frame) = frames.try_recv() else { break };
+                sink.feed(text(frame)).await?;
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(Ok(())) => {}
             _ => return,
         }
