@@ -220,7 +220,11 @@ async fn write_frames(
     ping_every: Duration,
 ) {
     let text = |frame: ServerFrame| {
-        Message::Text(serde_json::to_string(&frame).expect("frames serialize").into())
+        Message::Text(
+            serde_json::to_string(&frame)
+                .expect("frames serialize")
+                .into(),
+        )
     };
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {

@@ -113,6 +113,8 @@ pub(super) struct Writer {
     max_group: usize,
     /// Set after a write failed on I/O: the next group reopens the file first.
     needs_reopen: bool,
+    /// False on a custom backend, which has no path to reopen.
+    reopenable: bool,
 }
 
 /// The database, shared by readers and the writer, which replaces it when it reopens.
@@ -126,7 +128,13 @@ impl Writer {
             cache_bytes,
             max_group,
             needs_reopen: false,
+            reopenable: true,
         }
+    }
+
+    pub(super) fn reopenable(mut self, reopenable: bool) -> Self {
+        self.reopenable = reopenable;
+        self
     }
 
     /// Takes the database out of the shared slot, then waits (5 s at most) for reads in
@@ -144,6 +152,15 @@ impl Writer {
     /// Closes and reopens the file after an I/O failure (redb refuses writes until then; the
     /// reopen recovers to the last durable commit).
     fn reopen(&mut self) -> Result<()> {
+        if !self.reopenable {
+            return Err(Error::storage_msg(
+                Retry::No,
+                format!(
+                    "{}: a write failed on I/O, and a custom backend cannot be reopened",
+                    self.path.display()
+                ),
+            ));
+        }
         if let Some(old) = self.take_database() {
             // The file lock goes with the last handle.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(old)));

@@ -155,27 +155,65 @@ impl RedbOptions {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail("cannot create its directory", &e))?;
         }
-        let cache_bytes = self.cache_bytes;
-        let opened = std::panic::catch_unwind(|| {
-            let db = Database::builder()
-                .set_cache_size(cache_bytes)
-                .create(&path)
-                .map_err(|e| fail("cannot open as an offline-queue database", &e))?;
+        let builder = self.builder();
+        self.start(path.clone(), true, || builder.create(&path))
+    }
+
+    /// Opens (or creates) the storage on a redb [`StorageBackend`](redb::StorageBackend)
+    /// instead of a file: for crash tests, with a simulated disk that can lose power. `name`
+    /// names it in errors. Unlike a file, a backend cannot be reopened: after a write fails
+    /// on I/O, every later write fails too, until the storage is dropped and opened again.
+    ///
+    /// Only with the `testing` feature: it ties this crate's API to redb's.
+    ///
+    /// # Errors
+    /// As [`RedbOptions::open`].
+    #[cfg(feature = "testing")]
+    pub fn open_backend(
+        self,
+        name: impl AsRef<Path>,
+        backend: impl redb::StorageBackend,
+    ) -> Result<RedbStorage> {
+        let builder = self.builder();
+        self.start(name.as_ref().to_path_buf(), false, move || {
+            builder.create_with_backend(backend)
+        })
+    }
+
+    fn builder(&self) -> redb::Builder {
+        let mut builder = Database::builder();
+        builder.set_cache_size(self.cache_bytes);
+        builder
+    }
+
+    /// Opens the database with `create`, checks or sets up its tables, and starts the writer.
+    fn start(
+        self,
+        path: PathBuf,
+        reopenable: bool,
+        create: impl FnOnce() -> std::result::Result<Database, redb::DatabaseError>,
+    ) -> Result<RedbStorage> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::storage_msg(Retry::No, format!("{}: {what}: {e}", path.display()))
+        };
+        // A panic inside redb while opening means a damaged file; the builder and backend
+        // are not used again after one.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let db = create().map_err(|e| fail("cannot open as an offline-queue database", &e))?;
             init(&db).map_err(|e| match e {
                 Error::Storage { message, .. } => fail("cannot use it", &message),
                 other => other,
             })?;
             Ok(db)
-        });
+        }));
         let db = opened.unwrap_or_else(|panic| Err(damaged(&path, &panic)))?;
         let db: SharedDb = Arc::new(parking_lot::RwLock::new(Some(Arc::new(db))));
         let (jobs, inbox) = mpsc::channel();
-        let writer_db = db.clone();
-        let max_group = self.max_group;
-        let writer_path = path.clone();
+        let writer = Writer::new(db.clone(), path.clone(), self.cache_bytes, self.max_group)
+            .reopenable(reopenable);
         let writer = std::thread::Builder::new()
             .name("offline-queue-redb-writer".into())
-            .spawn(move || Writer::new(writer_db, writer_path, cache_bytes, max_group).run(inbox))
+            .spawn(move || writer.run(inbox))
             .map_err(|e| fail("cannot start the writer thread", &e))?;
         Ok(RedbStorage {
             db,
