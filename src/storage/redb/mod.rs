@@ -3,7 +3,9 @@
 //!
 //! **Durability:** once `append` (and so `send`) returns `Ok`, the message is on disk (the
 //! commit was fsynced); a crash at any point loses nothing that was acknowledged, and acks that
-//! returned are not undone.
+//! returned are not undone. Tested both ways a machine stops: a process killed mid-load
+//! (`tests/redb_crash.rs`, `tests/redb_crash_engine.rs`) and a power cut that drops a random
+//! part of what was written but not synced (`tests/redb_power_cut.rs`, on a simulated disk).
 //!
 //! # Layout
 //! Records live in one log ordered by seq; each recipient keeps the list of its seqs. A group
