@@ -9,7 +9,10 @@
 //! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every few seeds run on `RedbStorage` with process restarts (engine and
 //! storage dropped and reopened on the same file mid-run), and, when `OFFLINE_QUEUE_POSTGRES_URL`
 //! is set (feature `postgres`), every 50th on `PostgresStorage` with restarts (the engine and
-//! the storage dropped and connected again to the same schema).
+//! the storage dropped and connected again to the same schema), and likewise every 50th on
+//! `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL` is set (feature `redis`). A quarter of the
+//! seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
+//! its message and one idle past it is removed, message and all.
 //!
 //! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
 //! dropped by the overflow policy (and then reported as a gap); nothing delivered after expiry;
@@ -22,6 +25,8 @@
 mod common;
 #[cfg(feature = "postgres")]
 mod postgres_support;
+#[cfg(feature = "redis")]
+mod redis_support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -411,6 +416,8 @@ struct World {
     redb: Option<(tempfile::TempDir, std::path::PathBuf)>,
     /// The PostgreSQL URL and this run's schema, on a PostgreSQL seed.
     postgres: Option<(String, String)>,
+    /// The Redis URL and this run's key prefix, on a Redis seed.
+    redis: Option<(String, String)>,
     acked_reads: Arc<AtomicU64>,
     acked: AckedByStorage,
     /// Deliveries after which a message goes to the dead-letter hook (most seeds: never).
@@ -433,7 +440,12 @@ fn who(r: usize) -> RecipientId {
 }
 
 impl World {
-    fn new(seed: u64, on_redb: bool, postgres: Option<(String, String)>) -> Self {
+    fn new(
+        seed: u64,
+        on_redb: bool,
+        postgres: Option<(String, String)>,
+        redis: Option<(String, String)>,
+    ) -> Self {
         let mut rng = Rng(seed);
         let faults = Faults {
             storage_fail: rng.below(8),
@@ -454,7 +466,11 @@ impl World {
             overflow,
             default_ttl: Some(Duration::from_secs(60 + rng.below(3600))),
             dedup_window: Duration::from_secs(30 + rng.below(600)),
-            idle_recipient_timeout: None,
+            // A quarter of the seeds remove idle queues, after 30 days: never within the run
+            // (its clock moves hours at most), then on purpose at its end (`idle_phase`).
+            idle_recipient_timeout: Rng(seed ^ 0x1d1e)
+                .chance(25)
+                .then(|| Duration::from_secs(30 * 24 * 3600)),
             ..Limits::default()
         };
         // One seed in four gives up on a message after a few unacked deliveries.
@@ -482,6 +498,7 @@ impl World {
             pool: LocalPool::new(),
             redb,
             postgres,
+            redis,
             acked_reads: Arc::default(),
             acked: Arc::default(),
             max_deliveries,
@@ -504,6 +521,11 @@ impl World {
             #[cfg(feature = "postgres")]
             (None, _) if let Some((url, schema)) = &self.postgres => {
                 Arc::new(common::wait(postgres_support::fresh(url, schema)))
+            }
+            #[cfg(feature = "redis")]
+            (None, _) if let Some((url, prefix)) = &self.redis => {
+                let target = redis_support::Target::Single(url.clone());
+                Arc::new(common::wait(redis_support::fresh(&target, prefix)))
             }
             (None, Some(memory)) => memory,
             (None, None) => Arc::new(MemoryStorage::with_shards(1 + self.rng.below(4) as usize)),
@@ -829,7 +851,9 @@ impl World {
                     .pool
                     .run_until(queue.maintain(1 + self.rng.below(20) as usize));
             }
-            _ if self.redb.is_some() || self.postgres.is_some() => self.restart(),
+            _ if self.redb.is_some() || self.postgres.is_some() || self.redis.is_some() => {
+                self.restart()
+            }
             _ => {}
         }
         self.high_water = self.high_water.max(self.clock.now());
@@ -943,6 +967,58 @@ impl World {
                 self.queue.nudge_state_len()
             ));
         }
+        self.idle_phase();
+    }
+
+    /// On seeds that remove idle queues: a queue touched within the timeout stays, with its
+    /// message; once idle for the timeout it goes, message and all.
+    fn idle_phase(&mut self) {
+        let Some(timeout) = self.limits.idle_recipient_timeout else {
+            return;
+        };
+        let removed = |world: &Self| world.queue.metrics().idle_recipients_removed;
+        let maintain = |world: &mut Self| {
+            let queue = world.queue.clone();
+            world
+                .pool
+                .run_until(queue.maintain(100_000))
+                .unwrap_or_else(|e| world.fail(format!("maintenance: {e}")));
+        };
+        let peek = |world: &mut Self| {
+            let queue = world.queue.clone();
+            world
+                .pool
+                .run_until(queue.peek(&who(0), 10))
+                .unwrap_or_else(|e| world.fail(format!("peek: {e}")))
+        };
+        // Every queue was last touched by the final drain. Just short of the timeout,
+        // recipient 0 gets one more message; just past it, every other queue is idle.
+        self.clock.advance(timeout - Duration::from_secs(10));
+        let envelope = Envelope::new(who(0), b"idle phase".to_vec()).with_ttl(timeout * 2);
+        let queue = self.queue.clone();
+        self.pool
+            .run_until(queue.send(envelope))
+            .unwrap_or_else(|e| self.fail(format!("send with faults off: {e}")));
+        self.clock.advance(Duration::from_secs(20));
+        maintain(self);
+        let kept = peek(self);
+        if kept.len() != 1 || kept[0].payload.as_ref() != b"idle phase" {
+            self.fail(format!(
+                "a queue touched 10 s ago was removed as idle: {kept:?}"
+            ));
+        }
+        let before = removed(self);
+        self.clock.advance(timeout);
+        maintain(self);
+        if !peek(self).is_empty() {
+            self.fail("a queue idle past the timeout kept its message");
+        }
+        if removed(self) != before + 1 {
+            self.fail(format!(
+                "one queue was idle, {} were removed",
+                removed(self) - before
+            ));
+        }
     }
 }
 
@@ -952,11 +1028,13 @@ enum Backend {
     Memory,
     Redb,
     Postgres,
+    Redis,
 }
 
-/// A runtime for PostgreSQL's connections and tasks (the harness polls on its own thread).
-#[cfg(feature = "postgres")]
-fn postgres_runtime() -> &'static tokio::runtime::Runtime {
+/// A runtime for PostgreSQL's and Redis's connections and tasks (the harness polls on its own
+/// thread).
+#[cfg(any(feature = "postgres", feature = "redis"))]
+fn server_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -977,7 +1055,7 @@ fn run(seed: u64) -> (Backend, u64, usize) {
     let (_context, postgres) = if seed % 50 == 19 {
         match postgres_support::url() {
             Some(url) => (
-                Some(postgres_runtime().enter()),
+                Some(server_runtime().enter()),
                 Some((url, postgres_support::unique_schema("sim"))),
             ),
             None => (None, None),
@@ -987,12 +1065,28 @@ fn run(seed: u64) -> (Backend, u64, usize) {
     };
     #[cfg(not(feature = "postgres"))]
     let postgres: Option<(String, String)> = None;
-    let backend = match (on_redb, &postgres) {
-        (true, _) => Backend::Redb,
-        (false, Some(_)) => Backend::Postgres,
-        (false, None) => Backend::Memory,
+    // Every 50th (a third residue) on Redis when its URL is set, each seed under its own
+    // prefix; its keys expire with their queues' quotas.
+    #[cfg(feature = "redis")]
+    let target = (seed % 50 == 43)
+        .then(redis_support::Target::single)
+        .flatten();
+    let (_redis_context, redis) = match target {
+        Some(redis_support::Target::Single(url)) => (
+            Some(server_runtime().enter()),
+            Some((url, redis_support::unique_prefix("sim"))),
+        ),
+        _ => (None, None),
     };
-    let mut world = World::new(seed, on_redb, postgres.clone());
+    #[cfg(not(feature = "redis"))]
+    let redis: Option<(String, String)> = None;
+    let backend = match (on_redb, &postgres, &redis) {
+        (true, _, _) => Backend::Redb,
+        (false, Some(_), _) => Backend::Postgres,
+        (false, None, Some(_)) => Backend::Redis,
+        (false, None, None) => Backend::Memory,
+    };
+    let mut world = World::new(seed, on_redb, postgres.clone(), redis);
     for _ in 0..STEPS {
         world.step();
     }
@@ -1020,6 +1114,7 @@ fn simulation() {
     let started = std::time::Instant::now();
     let (mut redb_seeds, mut redb_acked_reads) = (0, 0);
     let (mut postgres_seeds, mut postgres_acked_reads) = (0, 0);
+    let (mut redis_seeds, mut redis_acked_reads) = (0, 0);
     let mut dead_letters = 0;
     for seed in 0..seeds {
         let (backend, acked_reads, dead) = run(seed);
@@ -1033,12 +1128,22 @@ fn simulation() {
                 postgres_seeds += 1;
                 postgres_acked_reads += acked_reads;
             }
+            (Backend::Redis, acked_reads) => {
+                redis_seeds += 1;
+                redis_acked_reads += acked_reads;
+            }
             (Backend::Memory, _) => {}
         }
     }
     // A quarter of the seeds give up after a few deliveries: the hook runs in some of them.
     if seeds >= 200 {
         assert!(dead_letters > 0, "no message reached the dead-letter hook");
+    }
+    if redis_seeds > 0 {
+        assert!(
+            redis_acked_reads > 0,
+            "no read with an ack reached Redis in {redis_seeds} seeds"
+        );
     }
     if postgres_seeds > 0 {
         assert!(
@@ -1055,7 +1160,7 @@ fn simulation() {
     }
     println!(
         "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {postgres_seeds} on \
-         PostgreSQL; {dead_letters} dead letters)",
+         PostgreSQL, {redis_seeds} on Redis; {dead_letters} dead letters)",
         started.elapsed().as_secs_f64()
     );
 }
