@@ -9,6 +9,7 @@
 mod server;
 
 mod chat_support;
+mod skip_support;
 
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ async fn the_protocol_holds_on_postgres() {
             std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
             "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
         );
-        eprintln!("skipped: OFFLINE_QUEUE_POSTGRES_URL is not set");
+        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
         return;
     };
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -644,7 +645,9 @@ async fn the_page_shows_offline_delivery_in_a_browser() {
             Ok("required"),
             "{CHROMIUM} is missing"
         );
-        eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+        skip_support::record(&format!(
+            "{CHROMIUM} is not installed (apt-get install chromium)"
+        ));
         return;
     }
     let server = Server::start(&[]);
@@ -720,8 +723,8 @@ async fn two_servers_on_one_redis_deliver_across() {
             std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
             "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_REDIS_URL"
         );
-        eprintln!(
-            "skipped: OFFLINE_QUEUE_REDIS_URL and OFFLINE_QUEUE_REDIS_CLUSTER_URLS are unset"
+        skip_support::record(
+            "OFFLINE_QUEUE_REDIS_URL and OFFLINE_QUEUE_REDIS_CLUSTER_URLS are unset",
         );
         return;
     }
@@ -759,7 +762,7 @@ async fn two_servers_on_one_postgres_deliver_across() {
             std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
             "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
         );
-        eprintln!("skipped: OFFLINE_QUEUE_POSTGRES_URL is not set");
+        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
         return;
     };
     let schema = format!(
@@ -1063,9 +1066,9 @@ async fn metrics_are_documented_and_pass_promtool() {
             Ok("1"),
             "{promtool} is missing"
         );
-        eprintln!(
-            "skipped: promtool lint ({promtool} is not installed: apt-get install prometheus)"
-        );
+        skip_support::record(&format!(
+            "{promtool} is not installed (apt-get install prometheus)"
+        ));
         return;
     }
     let mut lint = std::process::Command::new(promtool)

@@ -17,6 +17,8 @@
 
 #![cfg(all(feature = "postgres", feature = "testing"))]
 
+mod skip_support;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
@@ -96,7 +98,7 @@ fn skip<T>(why: &str) -> Option<T> {
     if std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
         panic!("{why}, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires a server");
     }
-    eprintln!("skipped: {why}");
+    skip_support::record(why);
     None
 }
 

@@ -6,6 +6,8 @@
 
 #![cfg(feature = "redis")]
 
+mod skip_support;
+
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -80,7 +82,7 @@ fn redis_server_installed() -> bool {
         .output()
         .is_ok();
     if !installed {
-        eprintln!("skipped: redis-server is not installed");
+        skip_support::record("redis-server is not installed");
     }
     installed
 }

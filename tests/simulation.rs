@@ -1068,10 +1068,10 @@ fn run(seed: u64) -> (Backend, u64, usize) {
     // Every 50th (a third residue) on Redis when its URL is set, each seed under its own
     // prefix; its keys expire with their queues' quotas.
     #[cfg(feature = "redis")]
-    let target = (seed % 50 == 43)
+    let (_redis_context, redis) = match (seed % 50 == 43)
         .then(redis_support::Target::single)
-        .flatten();
-    let (_redis_context, redis) = match target {
+        .flatten()
+    {
         Some(redis_support::Target::Single(url)) => (
             Some(server_runtime().enter()),
             Some((url, redis_support::unique_prefix("sim"))),

@@ -5,6 +5,9 @@
 
 use offline_queue::PostgresStorage;
 
+#[path = "../skip_support/mod.rs"]
+mod skip_support;
+
 /// `OFFLINE_QUEUE_POSTGRES_URL`, or `None` after saying the test is skipped; fails instead
 /// when `OFFLINE_QUEUE_REQUIRE_SERVERS=1` (as in CI), where a missing server is an error.
 pub fn url() -> Option<String> {
@@ -17,7 +20,7 @@ pub fn url() -> Option<String> {
                      requires its server"
                 );
             }
-            eprintln!("skipped: OFFLINE_QUEUE_POSTGRES_URL is not set");
+            skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
             None
         }
     }

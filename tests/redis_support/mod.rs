@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use offline_queue::{RecipientId, RedisStorage};
 
+#[path = "../skip_support/mod.rs"]
+mod skip_support;
+
 /// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -42,7 +45,7 @@ pub fn skip<T>(variable: &str) -> Option<T> {
     if std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").is_ok_and(|v| v == "1") {
         panic!("{variable} is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires its server");
     }
-    eprintln!("skipped: {variable} is not set");
+    skip_support::record(&format!("{variable} is not set"));
     None
 }
 
