@@ -4,81 +4,17 @@
 //! `cargo bench --bench engine`
 
 mod support;
+#[path = "support/engine_workload.rs"]
+mod workload;
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
-use offline_queue::{Envelope, OfflineQueue, RecipientId};
-use parking_lot::Mutex;
-
-const RECIPIENTS: usize = 100;
-const PER_RECIPIENT: usize = 100;
-const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
-const PAYLOAD: usize = 256;
-
-fn queue() -> OfflineQueue {
-    support::queue(std::sync::Arc::new(offline_queue::MemoryStorage::new()))
-}
-
-fn ids() -> Vec<RecipientId> {
-    (0..RECIPIENTS)
-        .map(|i| RecipientId::new(format!("user-{i}")).unwrap())
-        .collect()
-}
-
-async fn engine_send(queue: &OfflineQueue, ids: &[RecipientId], payload: &[u8]) {
-    for _ in 0..PER_RECIPIENT {
-        for id in ids {
-            queue
-                .send(Envelope::new(id.clone(), payload.to_vec()))
-                .await
-                .unwrap();
-        }
-    }
-}
-
-async fn engine_drain(queue: &OfflineQueue, ids: &[RecipientId]) {
-    for id in ids {
-        support::drain(queue, id).await;
-    }
-}
-
-type Baseline = Mutex<HashMap<usize, VecDeque<(u64, Vec<u8>)>>>;
-
-fn baseline_send(store: &Baseline, payload: &[u8]) {
-    let mut seq = 0;
-    for _ in 0..PER_RECIPIENT {
-        for r in 0..RECIPIENTS {
-            seq += 1;
-            store
-                .lock()
-                .entry(r)
-                .or_default()
-                .push_back((seq, payload.to_vec()));
-        }
-    }
-}
-
-fn baseline_drain(store: &Baseline) -> usize {
-    let mut delivered = 0;
-    for r in 0..RECIPIENTS {
-        loop {
-            let batch: Vec<(u64, Vec<u8>)> = {
-                let mut store = store.lock();
-                let queue = store.entry(r).or_default();
-                let n = queue.len().min(100);
-                queue.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                break;
-            }
-            delivered += std::hint::black_box(batch).len();
-        }
-    }
-    delivered
-}
+use workload::{
+    Baseline, MESSAGES, PAYLOAD, baseline_drain, baseline_send, engine_drain, engine_send, ids,
+    queue,
+};
 
 fn bench(c: &mut Criterion) {
     let payload = vec![7u8; PAYLOAD];

@@ -5,6 +5,8 @@
 
 use offline_queue::PostgresStorage;
 
+// Each test binary that uses both Redis and PostgreSQL gets two copies: harmless (no state).
+#[allow(clippy::duplicate_mod)]
 #[path = "../skip_support/mod.rs"]
 mod skip_support;
 

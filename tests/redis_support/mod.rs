@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use offline_queue::{RecipientId, RedisStorage};
 
+// Each test binary that uses both Redis and PostgreSQL gets two copies: harmless (no state).
+#[allow(clippy::duplicate_mod)]
 #[path = "../skip_support/mod.rs"]
 mod skip_support;
 
