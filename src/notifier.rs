@@ -120,6 +120,13 @@ pub struct NotifyPolicy {
     pub background_interval: Duration,
     /// Delay before nudging a recipient whose session ended with messages pending.
     pub unacked_delay: Duration,
+    /// Most recipients the coalescing state remembers, as recently nudged and as owed a
+    /// delayed nudge (each), so its memory is bounded by a count as well as by the periods
+    /// above, whatever a burst to distinct recipients brings. Default 1,000,000 (about 100
+    /// bytes each). Past it the oldest are forgotten early: a recipient forgotten as recently
+    /// nudged may be nudged again within its cooldown (a push too many, never one too few); a
+    /// session end forgotten loses its delayed nudge, counted in `notifications_failed`.
+    pub max_tracked_recipients: usize,
 }
 
 impl Default for NotifyPolicy {
@@ -128,6 +135,7 @@ impl Default for NotifyPolicy {
             urgent_cooldown: Duration::from_secs(60),
             background_interval: Duration::from_secs(20 * 60),
             unacked_delay: Duration::from_secs(60),
+            max_tracked_recipients: 1_000_000,
         }
     }
 }

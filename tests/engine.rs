@@ -329,6 +329,7 @@ fn nudges_are_coalesced_by_urgency() {
         urgent_cooldown: Duration::from_secs(60),
         background_interval: Duration::from_secs(600),
         unacked_delay: Duration::from_secs(60),
+        ..NotifyPolicy::default()
     };
     let mut h = Harness::with(|b| b.notify_policy(policy));
     let send = |h: &mut Harness, urgency| {
@@ -511,6 +512,55 @@ fn nudge_memory_is_bounded_by_recently_nudged_recipients() {
         0,
         "forgotten after the longest period"
     );
+}
+
+#[test]
+fn nudge_memory_is_bounded_by_a_count_too() {
+    let policy = NotifyPolicy {
+        max_tracked_recipients: 100,
+        ..NotifyPolicy::default()
+    };
+    let mut h = Harness::with(|b| b.notify_policy(policy));
+    // A thousand distinct offline recipients within one cooldown: each is nudged, and only
+    // the newest hundred are remembered.
+    for i in 0..1000 {
+        h.send(&format!("user{i}"), b"x");
+    }
+    assert_eq!(h.notifier.take().len(), 1000);
+    assert!(
+        h.queue.nudge_state_len() <= 2 * 100,
+        "{}",
+        h.queue.nudge_state_len()
+    );
+    // Forgotten early, the oldest is nudged again (a push too many, never one too few); the
+    // newest is still within its cooldown.
+    h.send("user0", b"y");
+    h.send("user999", b"y");
+    let again: Vec<_> = h.notifier.take().into_iter().map(|n| n.recipient).collect();
+    assert_eq!(again, vec![id("user0")]);
+
+    // 150 sessions end with messages unacked: the oldest 50 delayed nudges are forgotten, and
+    // counted as failed notifications.
+    let failed = h.queue.metrics().notifications_failed;
+    for i in 0..150 {
+        let who = format!("away{i}");
+        h.send(&who, b"z");
+        let mut client = h.connect(&who);
+        assert_eq!(client.batches(&mut h).len(), 1);
+        client.close(&mut h);
+    }
+    h.notifier.take();
+    assert_eq!(h.queue.metrics().notifications_failed - failed, 50);
+    assert!(
+        h.queue.nudge_state_len() <= 3 * 100,
+        "{}",
+        h.queue.nudge_state_len()
+    );
+    h.advance(NotifyPolicy::default().unacked_delay + Duration::from_secs(1));
+    h.maintain();
+    let delayed: Vec<_> = h.notifier.take().into_iter().map(|n| n.recipient).collect();
+    assert_eq!(delayed.len(), 100);
+    assert_eq!(delayed[0], id("away50"), "the newest hundred are kept");
 }
 
 #[test]

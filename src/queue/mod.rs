@@ -786,7 +786,10 @@ impl OfflineQueue {
             if pending == Some(0) {
                 continue;
             }
-            inner.nudges.lock().record_sent(&recipient, now);
+            inner
+                .nudges
+                .lock()
+                .record_sent(&inner.notify_policy, &recipient, now);
             self.nudge(&recipient, pending, NudgeReason::Unacked);
             report.nudges += 1;
         }
@@ -871,8 +874,18 @@ impl Inner {
     }
 
     pub(crate) fn session_ended_pending(&self, recipient: &RecipientId) {
-        self.nudges
-            .lock()
-            .on_ended_pending(recipient, self.clock.now());
+        let forgot =
+            self.nudges
+                .lock()
+                .on_ended_pending(&self.notify_policy, recipient, self.clock.now());
+        if forgot {
+            // Per event, so debug: a burst past the count would flood a warning.
+            tracing::debug!(
+                max = self.notify_policy.max_tracked_recipients,
+                "a delayed nudge was forgotten: more sessions ended with messages pending than \
+                 NotifyPolicy::max_tracked_recipients"
+            );
+            metrics::add(&self.metrics.notifications_failed, 1);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! When to nudge: the coalescing state behind [`NotifyPolicy`]. Its memory is bounded by the
 //! recipients nudged within the longest period and the sessions ended within `unacked_delay`,
-//! never by the number of offline recipients.
+//! never by the number of offline recipients; and by `max_tracked_recipients` whatever the
+//! periods.
 
 use std::collections::VecDeque;
 
@@ -39,13 +40,30 @@ impl NudgeState {
         {
             return None;
         }
-        self.record_sent(recipient, now);
+        self.record_sent(policy, recipient, now);
         Some(reason)
     }
 
-    pub(crate) fn record_sent(&mut self, recipient: &RecipientId, now: Timestamp) {
+    pub(crate) fn record_sent(
+        &mut self,
+        policy: &NotifyPolicy,
+        recipient: &RecipientId,
+        now: Timestamp,
+    ) {
         self.last_sent.insert(recipient.clone(), now);
         self.sent_order.push_back((now, recipient.clone()));
+        // Past the count, the oldest nudge is forgotten before its period ends.
+        while self.sent_order.len() > policy.max_tracked_recipients {
+            self.forget_oldest_sent();
+        }
+    }
+
+    fn forget_oldest_sent(&mut self) {
+        if let Some((at, recipient)) = self.sent_order.pop_front()
+            && self.last_sent.get(&recipient) == Some(&at)
+        {
+            self.last_sent.remove(&recipient);
+        }
     }
 
     /// A session connected: its recipient's next offline message nudges at once.
@@ -53,9 +71,20 @@ impl NudgeState {
         self.last_sent.remove(recipient);
     }
 
-    /// A session ended with messages pending.
-    pub(crate) fn on_ended_pending(&mut self, recipient: &RecipientId, now: Timestamp) {
+    /// A session ended with messages pending. Returns whether an older session end was
+    /// forgotten to stay within the count (its delayed nudge will not be sent).
+    pub(crate) fn on_ended_pending(
+        &mut self,
+        policy: &NotifyPolicy,
+        recipient: &RecipientId,
+        now: Timestamp,
+    ) -> bool {
         self.ended_pending.push_back((now, recipient.clone()));
+        if self.ended_pending.len() > policy.max_tracked_recipients {
+            self.ended_pending.pop_front();
+            return true;
+        }
+        false
     }
 
     /// Recipients whose ended session is now due a nudge (skipping any nudged since it ended),
@@ -84,10 +113,7 @@ impl NudgeState {
             if now.duration_since(*at) < keep && now >= *at {
                 break;
             }
-            let (at, recipient) = self.sent_order.pop_front().expect("front exists");
-            if self.last_sent.get(&recipient) == Some(&at) {
-                self.last_sent.remove(&recipient);
-            }
+            self.forget_oldest_sent();
         }
         due
     }
