@@ -115,7 +115,25 @@ impl NudgeState {
             }
             self.forget_oldest_sent();
         }
+        self.shrink();
         due
+    }
+
+    /// Gives back the room a burst left: a map or deque keeps its capacity when emptied, so
+    /// a million recipients nudged once would hold their space long after being forgotten.
+    fn shrink(&mut self) {
+        fn roomy(len: usize, capacity: usize) -> bool {
+            capacity > 1024 && len < capacity / 4
+        }
+        if roomy(self.last_sent.len(), self.last_sent.capacity()) {
+            self.last_sent.shrink_to(self.last_sent.len() * 2);
+        }
+        if roomy(self.sent_order.len(), self.sent_order.capacity()) {
+            self.sent_order.shrink_to(self.sent_order.len() * 2);
+        }
+        if roomy(self.ended_pending.len(), self.ended_pending.capacity()) {
+            self.ended_pending.shrink_to(self.ended_pending.len() * 2);
+        }
     }
 
     /// Entries held (for the memory-bound tests).

@@ -204,6 +204,12 @@ impl Drop for Registration {
             .is_some_and(|s| s.id == self.shared.id);
         if current {
             sessions.remove(&self.recipient);
+            // After a connect storm drains away, give the map's room back (it keeps its
+            // capacity when emptied); halving at a quarter full keeps this amortized O(1).
+            if sessions.capacity() > 1024 && sessions.len() < sessions.capacity() / 4 {
+                let len = sessions.len();
+                sessions.shrink_to(len * 2);
+            }
         }
         drop(sessions);
         if current {
