@@ -120,12 +120,14 @@ pub struct NotifyPolicy {
     pub background_interval: Duration,
     /// Delay before nudging a recipient whose session ended with messages pending.
     pub unacked_delay: Duration,
-    /// Most recipients the coalescing state remembers, as recently nudged and as owed a
-    /// delayed nudge (each), so its memory is bounded by a count as well as by the periods
-    /// above, whatever a burst to distinct recipients brings. Default 1,000,000 (about 100
-    /// bytes each). Past it the oldest are forgotten early: a recipient forgotten as recently
-    /// nudged may be nudged again within its cooldown (a push too many, never one too few); a
-    /// session end forgotten loses its delayed nudge, counted in `notifications_failed`.
+    /// Most entries the coalescing state keeps of each kind: nudges sent within the longest
+    /// period above (one per nudge, so a recipient nudged often holds several) and session
+    /// ends awaiting their delayed nudge. Its memory is then bounded by a count as well as by
+    /// the periods, whatever a burst to distinct recipients brings. Default 1,000,000 (about
+    /// 100 bytes each); 0 counts as 1. Past it the oldest are forgotten early: a recipient
+    /// forgotten as recently nudged may be nudged again within its cooldown (a push too many,
+    /// never one too few); a session end forgotten loses its delayed nudge (unless another
+    /// end of the same recipient is still kept), counted in `notifications_failed`.
     pub max_tracked_recipients: usize,
 }
 

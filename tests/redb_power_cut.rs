@@ -192,6 +192,9 @@ struct Confirmed {
     appended: BTreeMap<(usize, u64), (MessageId, Vec<u8>)>,
     /// recipient -> highest seq acked (cumulatively)
     acked_through: BTreeMap<usize, u64>,
+    /// recipient -> highest seq an ack was attempted through: an ack that failed because
+    /// the power went during its commit may still have reached the disk.
+    ack_attempted: BTreeMap<usize, u64>,
 }
 
 fn recipient(n: usize) -> RecipientId {
@@ -219,6 +222,11 @@ async fn sender(storage: Arc<RedbStorage>, mut rng: XorShift, confirmed: Arc<Mut
                 through: Some(last.seq),
                 ..Ack::default()
             };
+            {
+                let mut confirmed = confirmed.lock();
+                let attempted = confirmed.ack_attempted.entry(to).or_default();
+                *attempted = (*attempted).max(last.seq.0);
+            }
             if storage.ack(&who, &ack, NOW).await.is_err() {
                 return;
             }
@@ -294,8 +302,17 @@ fn run_seed(seed: u64, dir: &std::path::Path) -> (usize, usize) {
                 "seed {seed}: r{to}: acked through {through}, yet {back:?} came back"
             );
         }
+        let attempted = confirmed.ack_attempted.get(&to).copied();
         for ((_, seq), (id, body)) in confirmed.appended.range((to, 0)..(to + 1, 0)) {
-            if acked.is_some_and(|through| *seq <= through) {
+            // Acked, or maybe acked by an ack the cut interrupted: may be gone.
+            if attempted.is_some_and(|through| *seq <= through) {
+                if let Some(record) = stored.get(seq) {
+                    assert_eq!(
+                        record.body.as_ref(),
+                        body.as_slice(),
+                        "seed {seed}: r{to} seq {seq}"
+                    );
+                }
                 continue;
             }
             let record = stored.get(seq).unwrap_or_else(|| {
@@ -345,13 +362,15 @@ fn a_power_cut_loses_nothing_confirmed() {
         "{checked} confirmed appends checked; {lost_pages} unsynced pages dropped in {cuts_that_lost_pages} of {seeds} cuts"
     );
     // The test tested something: confirmed writes to check, and cuts that really dropped
-    // written-but-unsynced pages (mid-commit).
-    assert!(
-        checked > seeds as usize,
-        "{checked} confirmed appends over {seeds} seeds"
-    );
-    assert!(
-        cuts_that_lost_pages > seeds / 4,
-        "{cuts_that_lost_pages} of {seeds} cuts dropped pages"
-    );
+    // written-but-unsynced pages (mid-commit). Too few seeds to say, when replaying a few.
+    if seeds >= 50 {
+        assert!(
+            checked > seeds as usize,
+            "{checked} confirmed appends over {seeds} seeds"
+        );
+        assert!(
+            cuts_that_lost_pages > seeds / 4,
+            "{cuts_that_lost_pages} of {seeds} cuts dropped pages"
+        );
+    }
 }

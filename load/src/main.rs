@@ -206,13 +206,20 @@ async fn await_port(port: u16, what: &str) -> Result<(), BoxError> {
     Err(format!("{what} does not listen on {port}").into())
 }
 
+/// A phase that takes longer than this has lost something (a message, an answer): fail.
+const PHASE_LIMIT: Duration = Duration::from_secs(300);
+
 async fn join_all(
     tasks: Vec<tokio::task::JoinHandle<Result<(), BoxError>>>,
 ) -> Result<(), BoxError> {
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
+    tokio::time::timeout(PHASE_LIMIT, async {
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| format!("a phase ran past {PHASE_LIMIT:?}: something was lost"))?
 }
 
 mod chat {
@@ -245,7 +252,14 @@ mod chat {
             "redb" => format!("redb:{}", dir.path().join("chat.redb").display()),
             other => other.to_string(),
         };
-        let prefix = format!("load{}", std::process::id());
+        // Each run its own keys or schema, so a round never starts on an earlier one's queues.
+        let prefix = format!(
+            "load{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_micros()
+        );
         let mut child = Command::new(binary)
             .args([
                 "--listen",
@@ -418,7 +432,7 @@ mod mqtt {
     /// `autosave_interval`, 30 minutes by default, and at a clean shutdown).
     fn config(dir: &Path, port: u16) -> String {
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 1000\n",
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\n",
             dir.display()
         )
     }

@@ -53,7 +53,7 @@ impl NudgeState {
         self.last_sent.insert(recipient.clone(), now);
         self.sent_order.push_back((now, recipient.clone()));
         // Past the count, the oldest nudge is forgotten before its period ends.
-        while self.sent_order.len() > policy.max_tracked_recipients {
+        while self.sent_order.len() > policy.max_tracked_recipients.max(1) {
             self.forget_oldest_sent();
         }
     }
@@ -80,7 +80,7 @@ impl NudgeState {
         now: Timestamp,
     ) -> bool {
         self.ended_pending.push_back((now, recipient.clone()));
-        if self.ended_pending.len() > policy.max_tracked_recipients {
+        if self.ended_pending.len() > policy.max_tracked_recipients.max(1) {
             self.ended_pending.pop_front();
             return true;
         }
@@ -92,6 +92,7 @@ impl NudgeState {
     /// than every period.
     pub(crate) fn due(&mut self, policy: &NotifyPolicy, now: Timestamp) -> Vec<RecipientId> {
         let mut due = Vec::new();
+        let mut listed: RecipientMap<()> = RecipientMap::default();
         while let Some((ended, _)) = self.ended_pending.front() {
             if now.duration_since(*ended) < policy.unacked_delay && now >= *ended {
                 break;
@@ -104,7 +105,8 @@ impl NudgeState {
             {
                 continue;
             }
-            if !due.contains(&recipient) {
+            // A set, not `due.contains`: a mass disconnect makes this list long.
+            if listed.insert(recipient.clone(), ()).is_none() {
                 due.push(recipient);
             }
         }

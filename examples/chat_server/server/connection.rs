@@ -236,23 +236,29 @@ async fn write_frames(
             _ = pings.tick() => Message::Ping(Default::default()),
         };
         // Frames already waiting go out with it in one write: under load, one system call
-        // carries many `sent` replies instead of one each.
-        let write = async {
-            sink.feed(first).await?;
-            for _ in 1..WRITE_BATCH {
-                let Ok(frame) = frames.try_recv() else { break };
-                sink.feed(text(frame)).await?;
+        // carries many `sent` replies instead of one each. Each step has its own timeout, so
+        // a client reading slowly but steadily is not dropped for a large batch.
+        if !in_time(sink.feed(first)).await {
+            return;
+        }
+        for _ in 1..WRITE_BATCH {
+            let Ok(frame) = frames.try_recv() else { break };
+            if !in_time(sink.feed(text(frame))).await {
+                return;
             }
-            sink.flush().await
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => {}
-            _ => return,
+        }
+        if !in_time(sink.flush()).await {
+            return;
         }
     }
     let reason = close.await.ok().flatten();
     // The client may be gone already; a close that cannot be sent needs no retry.
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(reason))).await;
+}
+
+/// Whether a socket write step finished, without error, within [`WRITE_TIMEOUT`].
+async fn in_time<E>(step: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, step).await, Ok(Ok(())))
 }
 
 /// Acts on one text frame: an ack at once; a send started in `in_flight`, which answers it.

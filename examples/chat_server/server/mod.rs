@@ -135,6 +135,13 @@ impl Config {
                 return Err(format!("{flag} {value}: must be between {min} and {max}"));
             }
         }
+        if self.no_login && self.auth_secret.is_none() && !self.insecure_no_auth {
+            return Err(
+                "--no-login needs --auth-secret (or CHAT_AUTH_SECRET): with a random secret and \
+                 no login, no token could ever be valid"
+                    .into(),
+            );
+        }
         if let Some(secret) = &self.auth_secret
             && secret.len() < auth::MIN_SECRET_BYTES
         {
@@ -315,8 +322,10 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let stop = stop_signal()?;
     let auth = Auth::new(
         match &config.auth_secret {
-            Some(secret) => secret.clone().into_bytes(),
-            None => auth::random_hex(32).into_bytes(),
+            // Open mode signs with a secret of its own: its `/login`, open to anyone, must not
+            // mint tokens that another node sharing `--auth-secret` would accept.
+            Some(secret) if !config.insecure_no_auth => secret.clone().into_bytes(),
+            _ => auth::random_hex(32).into_bytes(),
         },
         !config.no_login,
         Duration::from_secs(config.token_ttl_secs),
@@ -367,7 +376,7 @@ async fn serve(
     auth: Auth,
     pushes: Arc<PushLog>,
 ) -> Result<(), BoxError> {
-    let login = auth.login_key().is_some() || config.insecure_no_auth;
+    let login = !config.no_login;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (connections, mut all_closed) = mpsc::channel(1);
     let app = App {

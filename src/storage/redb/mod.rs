@@ -240,7 +240,7 @@ impl RedbStorage {
         RedbOptions::default()
     }
 
-    /// The file this storage lives in.
+    /// The file this storage lives in (on a custom backend, the name it was opened with).
     pub fn path(&self) -> &Path {
         &self.path
     }
