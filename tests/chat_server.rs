@@ -639,15 +639,7 @@ fn bad_flags_fail_at_start_naming_the_flag() {
 #[tokio::test]
 async fn the_page_shows_offline_delivery_in_a_browser() {
     use chat_support::browser::{Browser, CHROMIUM};
-    if !std::path::Path::new(CHROMIUM).exists() {
-        assert_ne!(
-            std::env::var("OFFLINE_QUEUE_BROWSER").as_deref(),
-            Ok("required"),
-            "{CHROMIUM} is missing"
-        );
-        skip_support::record(&format!(
-            "{CHROMIUM} is not installed (apt-get install chromium)"
-        ));
+    if skip_support::program_missing(CHROMIUM, "chromium", ("OFFLINE_QUEUE_BROWSER", "required")) {
         return;
     }
     let server = Server::start(&[]);
@@ -1060,15 +1052,11 @@ async fn metrics_are_documented_and_pass_promtool() {
     }
 
     let promtool = "/usr/bin/promtool";
-    if !std::path::Path::new(promtool).exists() {
-        assert_ne!(
-            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref(),
-            Ok("1"),
-            "{promtool} is missing"
-        );
-        skip_support::record(&format!(
-            "{promtool} is not installed (apt-get install prometheus)"
-        ));
+    if skip_support::program_missing(
+        promtool,
+        "prometheus",
+        ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1"),
+    ) {
         return;
     }
     let mut lint = std::process::Command::new(promtool)

@@ -206,6 +206,39 @@ async fn await_port(port: u16, what: &str) -> Result<(), BoxError> {
     Err(format!("{what} does not listen on {port}").into())
 }
 
+/// Times the store phase (a task per publisher, each sending its recipients' messages), then
+/// the drain phase (a task per recipient, at most `--connecting` of them mid-handshake).
+async fn timed_phases<Store, Drain>(
+    args: &Args,
+    publish: impl Fn(usize) -> Store,
+    drain: impl Fn(usize, Handshakes) -> Drain,
+) -> Result<Timing, BoxError>
+where
+    Store: Future<Output = Result<(), BoxError>> + Send + 'static,
+    Drain: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    let started = Instant::now();
+    join_all(
+        (0..args.publishers)
+            .map(|p| tokio::spawn(publish(p)))
+            .collect(),
+    )
+    .await?;
+    let store = started.elapsed();
+    let started = Instant::now();
+    let handshakes = Arc::new(Semaphore::new(args.connecting));
+    join_all(
+        (0..args.recipients)
+            .map(|r| tokio::spawn(drain(r, handshakes.clone())))
+            .collect(),
+    )
+    .await?;
+    Ok(Timing {
+        store,
+        drain: started.elapsed(),
+    })
+}
+
 /// A phase that takes longer than this has lost something (a message, an answer): fail.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
 
@@ -293,30 +326,12 @@ mod chat {
         .await?
         .ok_or("the chat_server did not start")?;
 
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for publisher in 0..args.publishers {
-            tasks.push(tokio::spawn(publish(args.clone(), addr, publisher)));
-        }
-        join_all(tasks).await?;
-        let store = started.elapsed();
-
-        let started = Instant::now();
-        let handshakes = Arc::new(Semaphore::new(args.connecting));
-        let mut tasks = Vec::new();
-        for recipient in 0..args.recipients {
-            tasks.push(tokio::spawn(drain(
-                args.clone(),
-                addr,
-                recipient,
-                handshakes.clone(),
-            )));
-        }
-        join_all(tasks).await?;
-        Ok(Timing {
-            store,
-            drain: started.elapsed(),
-        })
+        timed_phases(
+            args,
+            |publisher| publish(args.clone(), addr, publisher),
+            |recipient, handshakes| drain(args.clone(), addr, recipient, handshakes),
+        )
+        .await
     }
 
     async fn connect(
@@ -462,30 +477,12 @@ mod mqtt {
             join_all(tasks).await?;
         }
 
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for publisher in 0..args.publishers {
-            tasks.push(tokio::spawn(publish(args.clone(), port, publisher)));
-        }
-        join_all(tasks).await?;
-        let store = started.elapsed();
-
-        let started = Instant::now();
-        let handshakes = Arc::new(Semaphore::new(args.connecting));
-        let mut tasks = Vec::new();
-        for recipient in 0..args.recipients {
-            tasks.push(tokio::spawn(drain(
-                args.clone(),
-                port,
-                recipient,
-                handshakes.clone(),
-            )));
-        }
-        join_all(tasks).await?;
-        Ok(Timing {
-            store,
-            drain: started.elapsed(),
-        })
+        timed_phases(
+            args,
+            |publisher| publish(args.clone(), port, publisher),
+            |recipient, handshakes| drain(args.clone(), port, recipient, handshakes),
+        )
+        .await
     }
 
     fn options(client_id: String, port: u16, clean: bool, in_flight: u16) -> MqttOptions {
@@ -626,30 +623,12 @@ mod nats {
                 .await?;
         }
 
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for publisher in 0..args.publishers {
-            tasks.push(tokio::spawn(publish(args.clone(), url.clone(), publisher)));
-        }
-        join_all(tasks).await?;
-        let store = started.elapsed();
-
-        let started = Instant::now();
-        let handshakes = Arc::new(Semaphore::new(args.connecting));
-        let mut tasks = Vec::new();
-        for recipient in 0..args.recipients {
-            tasks.push(tokio::spawn(drain(
-                args.clone(),
-                url.clone(),
-                recipient,
-                handshakes.clone(),
-            )));
-        }
-        join_all(tasks).await?;
-        Ok(Timing {
-            store,
-            drain: started.elapsed(),
-        })
+        timed_phases(
+            args,
+            |publisher| publish(args.clone(), url.clone(), publisher),
+            |recipient, handshakes| drain(args.clone(), url.clone(), recipient, handshakes),
+        )
+        .await
     }
 
     async fn publish(args: Args, url: String, publisher: usize) -> Result<(), BoxError> {

@@ -32,3 +32,22 @@ pub fn record(reason: &str) {
         .open(log_path())
         .and_then(|mut log| log.write_all(line.as_bytes()));
 }
+
+/// Whether the program at `path` is missing. If so, the test is skipped (and says how to
+/// install it from `package`), unless the environment variable `required.0` is `required.1`,
+/// which makes a missing program a failure (as `.ci/run` does).
+pub fn program_missing(path: &str, package: &str, required: (&str, &str)) -> bool {
+    if std::path::Path::new(path).exists() {
+        return false;
+    }
+    let (variable, value) = required;
+    assert_ne!(
+        std::env::var(variable).as_deref(),
+        Ok(value),
+        "{path} is missing ({variable}={value})"
+    );
+    record(&format!(
+        "{path} is not installed (apt-get install {package})"
+    ));
+    true
+}
