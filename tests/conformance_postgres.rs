@@ -674,6 +674,70 @@ async fn purge_skips_a_busy_queue_and_says_there_is_more() {
     drop_schemas(&url, &[schema]).await;
 }
 
+/// The server's own counters agree with `PurgeOutcome::examined`: purging 20 expired records
+/// among 20,000 reads the records table through its indexes only (no sequential scan) and
+/// fetches O(20) rows, not O(20,000). Read from `pg_stat_xact_user_tables`, which counts the
+/// current transaction's work, so the purge runs in the test's own transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_reads_the_records_table_through_its_indexes_only() {
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("purge_work");
+    let storage = fresh(&url, &schema).await;
+    let at = |s| testing::T0.saturating_add(std::time::Duration::from_secs(s));
+    let expiring = |deadline| NewRecord {
+        expires_at: Some(deadline),
+        ..record(b"x")
+    };
+    for k in 0..20 {
+        let who = RecipientId::new(format!("keep-{k}")).unwrap();
+        let mut records = vec![expiring(at(10))];
+        records.extend((0..1_000).map(|_| expiring(at(1_000_000))));
+        storage
+            .append(&who, records, &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+    }
+    let mut client = raw(&url).await;
+    let work = client.transaction().await.unwrap();
+    let purged = work
+        .query_one(
+            &format!("SELECT expired, examined FROM \"{schema}\".oq_purge($1, NULL, 100000, 7)"),
+            &[&(at(20).as_millis() as i64)],
+        )
+        .await
+        .unwrap();
+    let (expired, examined): (i64, i64) = (purged.get(0), purged.get(1));
+    assert_eq!((expired, examined), (20, 20));
+    let scans = work
+        .query_one(
+            "SELECT seq_scan, idx_scan, idx_tup_fetch FROM pg_stat_xact_user_tables \
+             WHERE schemaname = $1 AND relname = 'oq_records'",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    let (seq_scans, index_scans, fetched): (i64, i64, i64) =
+        (scans.get(0), scans.get(1), scans.get(2));
+    assert_eq!(seq_scans, 0, "the records table was scanned");
+    assert!(
+        index_scans > 0,
+        "no index scan counted: the counters are off"
+    );
+    assert!(
+        fetched <= 4 * 20,
+        "purging 20 among 20,020 fetched {fetched} rows through the indexes"
+    );
+    work.commit().await.unwrap();
+    assert!(
+        !storage.purge(at(20), None, 100).await.unwrap().more,
+        "the purge committed: nothing left due"
+    );
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
 /// Appends waiting together share one commit (one connection, so all but the first wait), and
 /// each still gets its own outcome: seqs in submission order per recipient, a resent id the
 /// seq of the first, a full queue refused alone, the storage-wide budget counted across the
@@ -859,7 +923,12 @@ async fn a_version_one_schema_is_migrated_in_place() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "2");
+    assert_eq!(version, "3");
+    let purged = storage
+        .purge(testing::T0, None, 100)
+        .await
+        .expect("version 3's purge runs on a migrated schema");
+    assert_eq!(purged.expired, 0);
     let bob = RecipientId::new("bob").unwrap();
     let appends = futures::future::join_all(
         (0..8u8).map(|i| storage.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, testing::T0)),

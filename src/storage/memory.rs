@@ -703,11 +703,14 @@ impl Storage for MemoryStorage {
                 let Some(&(deadline, slot)) = shard.expiry.first() else {
                     break;
                 };
+                outcome.examined += 1;
                 if deadline > now {
                     break;
                 }
                 let queue = &mut shard.queues[slot as usize];
                 while left > 0 {
+                    // The queue's next due record, or the first one not due.
+                    outcome.examined += 1;
                     let exception = queue.exceptions.first().filter(|&&(d, _)| d <= now);
                     let removed = if exception.is_some() {
                         let (_, position) = queue.exceptions.pop_first().expect("first exists");
@@ -732,6 +735,7 @@ impl Storage for MemoryStorage {
                     let Some(&(key, slot)) = shard.idle.first() else {
                         break;
                     };
+                    outcome.examined += 1;
                     if key >= idle_before {
                         break;
                     }

@@ -187,6 +187,11 @@ pub struct PurgeOutcome {
     pub idle_recipients: u64,
     /// True if the budget ran out before the work due was done: call again.
     pub more: bool,
+    /// Entries the call looked at in the backend's deadline, log and idle indexes, whether
+    /// it removed them or not: the call's work. Purging k expired records costs O(k) entries
+    /// however many records are stored (the conformance check `purge_work_is_proportional`
+    /// counts it), so this is the figure to watch if upkeep ever slows.
+    pub examined: u64,
 }
 
 /// One recipient's queue at a glance.

@@ -144,3 +144,57 @@ pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
         assert_eq!(stats.messages, 2);
     }
 }
+
+/// Purging k expired records looks at O(k) index entries, however many records wait beside
+/// them: the same due work among ten times the stored records costs no more. Counted by
+/// [`PurgeOutcome::examined`](crate::storage::PurgeOutcome::examined), not timed. Each round
+/// expires records in send order (fresh queues) and out of it (one behind each keeper's
+/// later records).
+pub async fn purge_work_is_proportional(storage: &dyn Storage) {
+    const DUE_QUEUES: usize = 2;
+    const DUE_PER_QUEUE: usize = 5;
+    const KEEPERS: usize = 10;
+    const DUE: u64 = (DUE_QUEUES * DUE_PER_QUEUE + KEEPERS) as u64;
+    let at = |s| T0.saturating_add(Duration::from_secs(s));
+    let far = at(1_000_000);
+    let mut rounds = Vec::new();
+    for (round, stored) in [(0u64, 200usize), (1, 2_000)] {
+        let (due_at, purge_at) = (at(10 + 20 * round), at(20 + 20 * round));
+        for q in 0..DUE_QUEUES {
+            let who = recipient(&format!("due-{round}-{q}"));
+            let records = (0..DUE_PER_QUEUE).map(|_| expiring(b"d", due_at)).collect();
+            append(storage, &who, records).await;
+        }
+        for k in 0..KEEPERS {
+            let who = recipient(&format!("keep-{k}"));
+            let records = (0..stored / KEEPERS).map(|_| expiring(b"k", far)).collect();
+            append(storage, &who, records).await;
+            append(storage, &who, vec![expiring(b"d", due_at)]).await;
+        }
+        let purged = storage.purge(purge_at, None, 100_000).await.unwrap();
+        assert_eq!(
+            (purged.expired, purged.more),
+            (DUE, false),
+            "round {round}: every due record purged"
+        );
+        assert!(
+            purged.examined >= purged.expired,
+            "round {round}: examined {} entries but removed {}",
+            purged.examined,
+            purged.expired
+        );
+        rounds.push((stored, purged.examined));
+    }
+    let [(small, first), (large, second)] = rounds[..] else {
+        unreachable!("two rounds")
+    };
+    assert!(
+        second <= first + first / 2,
+        "purging {DUE} among {large} stored examined {second} entries, among {small} only \
+         {first}: the work grows with what is stored, not with what is due"
+    );
+    assert!(
+        second < large as u64 / 4,
+        "purging {DUE} among {large} stored examined {second} entries"
+    );
+}

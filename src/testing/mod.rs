@@ -34,7 +34,9 @@ pub use acks::{acks, loss_confirmation_is_idempotent, passed_over_counts_once};
 pub use dedup::dedup;
 pub use delivery::{delivery_counts, read_for_delivery, read_for_delivery_with_ack};
 pub use engine::engine_round_trip;
-pub use expiry::{expiry, idle_refiling_is_bounded, idle_removal, purge_budget};
+pub use expiry::{
+    expiry, idle_refiling_is_bounded, idle_removal, purge_budget, purge_work_is_proportional,
+};
 pub use isolation::isolation;
 pub use order::{concurrent_appends, order_and_seqs, read_bounds, seqs_never_reused_after_empty};
 pub use quotas::{
@@ -126,6 +128,7 @@ where
     expiry(&*make().await).await;
     passed_over_counts_once(&*make().await).await;
     purge_budget(&*make().await).await;
+    purge_work_is_proportional(&*make().await).await;
     idle_removal(&*make().await).await;
     idle_refiling_is_bounded(&*make().await).await;
     isolation(&*make().await).await;

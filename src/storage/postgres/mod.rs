@@ -526,6 +526,7 @@ impl Storage for PostgresStorage {
             expired: to_u64(row.try_get(0).map_err(pg_error)?),
             idle_recipients: to_u64(row.try_get(1).map_err(pg_error)?),
             more: row.try_get(2).map_err(pg_error)?,
+            examined: to_u64(row.try_get(3).map_err(pg_error)?),
         })
     }
 

@@ -20,7 +20,7 @@ use crate::fnv::{OFFSET_64, fnv1a_64};
 use super::errors::pg_error;
 
 /// The layout this build reads and writes.
-pub(super) const VERSION: i64 = 2;
+pub(super) const VERSION: i64 = 3;
 
 /// What `oq_info`'s owner row says in a schema this crate created.
 const OWNER: &str = "offline-queue";
@@ -76,6 +76,8 @@ const MIGRATIONS: &[&[&str]] = &[
         include_str!("sql/v2_nodes.sql"),
         include_str!("sql/v2_group_commit.sql"),
     ],
+    // 3: purge reports the entries it examined (`PurgeOutcome::examined`).
+    &[include_str!("sql/v3_purge_work.sql")],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
@@ -154,7 +156,7 @@ impl Statements {
                 "UPDATE @schema@.oq_records SET deliveries = deliveries + 1 \
                  WHERE rid = $1 AND seq = ANY ($2) AND deliveries < 2147483647",
             ),
-            purge: s("SELECT expired, idle, more FROM @schema@.oq_purge($1, $2, $3, $4)"),
+            purge: s("SELECT expired, idle, more, examined FROM @schema@.oq_purge($1, $2, $3, $4)"),
             stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
                  (SELECT r.sent_at FROM @schema@.oq_records r \
                   WHERE r.rid = q.rid AND r.seq > q.head ORDER BY r.seq LIMIT 1), \

@@ -612,6 +612,7 @@ pub(super) fn purge(
         let (deadline, who, seq) = key.value();
         due.push((deadline, who.to_vec(), seq));
     }
+    outcome.examined += due.len() as u64;
     for (deadline, who, seq) in due {
         // Normally removed with its record; this also clears one whose record was damaged.
         t.expiry
@@ -625,6 +626,7 @@ pub(super) fn purge(
     }
     // Records due in order, from the log.
     while left > 0 {
+        outcome.examined += 1;
         match at_cursor(t, now)? {
             AtCursor::Stop => break,
             AtCursor::Done => {
@@ -649,6 +651,7 @@ pub(super) fn purge(
                 (key, who.to_vec())
             });
             let Some((key, who)) = first else { break };
+            outcome.examined += 1;
             if key >= idle_before {
                 break;
             }

@@ -26,6 +26,8 @@ struct Visit {
     expired: u64,
     /// Idle queues removed.
     idle_recipients: u64,
+    /// Entries looked at inside the queue.
+    examined: u64,
 }
 
 impl RedisStorage {
@@ -153,6 +155,8 @@ impl RedisStorage {
                 let keys = keys::recipient_keys(prefix, &hex);
                 let visited = visit(keys, hex.clone(), left).await?;
                 left = left.saturating_sub(visited.spent);
+                // The index entry, and what the step looked at inside the queue.
+                outcome.examined += 1 + visited.examined;
                 outcome.expired += visited.expired;
                 outcome.idle_recipients += visited.idle_recipients;
                 self.count_freed(&hex, visited.freed).await;
@@ -206,6 +210,7 @@ impl RedisStorage {
                         refile: purged.earliest,
                         expired: purged.removed,
                         idle_recipients: 0,
+                        examined: purged.examined,
                     })
                 }
                 Err(error) if redis_error(error.clone()).is_retryable() => Err(redis_error(error)),

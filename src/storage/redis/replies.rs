@@ -355,6 +355,8 @@ pub(super) struct PurgeReply {
     pub freed: i64,
     /// The earliest deadline left (`None`: none).
     pub earliest: Option<u64>,
+    /// Records and exception entries looked at.
+    pub examined: u64,
 }
 
 impl PurgeReply {
@@ -364,6 +366,7 @@ impl PurgeReply {
             removed: f.count("removed")?,
             freed: f.int("bytes freed")?,
             earliest: f.optional("earliest deadline")?,
+            examined: f.count("examined")?,
         })
     }
 }
