@@ -15,7 +15,9 @@
 
 #![cfg(all(feature = "redb", feature = "testing"))]
 
-use std::collections::{BTreeMap, BTreeSet};
+mod power_cut_disk;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::executor::block_on;
@@ -23,150 +25,12 @@ use futures::future::join_all;
 use offline_queue::storage::{Ack, NewRecord};
 use offline_queue::{BatchLimit, MessageId, Quota, RecipientId, RedbStorage, Storage, Timestamp};
 use parking_lot::Mutex;
+use power_cut_disk::{Disk, PAGE};
 
-const PAGE: usize = 4096;
 const SENDERS: usize = 4;
 const OPS_PER_SENDER: usize = 40;
 const RECIPIENTS: usize = 5;
 const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
-
-/// What the simulated disk holds.
-#[derive(Debug, Default)]
-struct DiskState {
-    /// What survives a power cut for certain: the bytes as of the last sync.
-    synced: Vec<u8>,
-    /// What reads see: the synced bytes with every later write applied.
-    current: Vec<u8>,
-    /// Pages written (or cut off by a shorter length) since the last sync.
-    unsynced: BTreeSet<usize>,
-    /// The power goes at this write (counting from when the disk is armed); `None`: not armed.
-    writes_until_cut: Option<u64>,
-    off: bool,
-}
-
-#[derive(Clone, Debug, Default)]
-struct Disk(Arc<Mutex<DiskState>>);
-
-fn power_off() -> std::io::Error {
-    std::io::Error::other("power cut")
-}
-
-impl Disk {
-    /// The power goes at the `n`th write from now (the first is 1).
-    fn arm(&self, n: u64) {
-        self.0.lock().writes_until_cut = Some(n);
-    }
-
-    /// Cuts the power (if the armed write never came) and returns what the disk holds: the
-    /// synced bytes, with each page written since the last sync kept or lost by `keep`.
-    fn cut(&self, mut keep: impl FnMut() -> bool) -> (Vec<u8>, usize, usize) {
-        let mut state = self.0.lock();
-        state.off = true;
-        let mut image = state.synced.clone();
-        let (mut kept, mut lost) = (0, 0);
-        for &page in &state.unsynced {
-            let start = page * PAGE;
-            if start >= state.current.len() {
-                continue;
-            }
-            if !keep() {
-                lost += 1;
-                continue;
-            }
-            kept += 1;
-            let end = (start + PAGE).min(state.current.len());
-            if image.len() < end {
-                image.resize(end, 0);
-            }
-            image[start..end].copy_from_slice(&state.current[start..end]);
-        }
-        (image, kept, lost)
-    }
-}
-
-impl redb::StorageBackend for Disk {
-    fn len(&self) -> std::io::Result<u64> {
-        let state = self.0.lock();
-        if state.off {
-            return Err(power_off());
-        }
-        Ok(state.current.len() as u64)
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let state = self.0.lock();
-        if state.off {
-            return Err(power_off());
-        }
-        let start = offset as usize;
-        let bytes = state
-            .current
-            .get(start..start + out.len())
-            .ok_or_else(|| std::io::Error::other("read past the end"))?;
-        out.copy_from_slice(bytes);
-        Ok(())
-    }
-
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let mut state = self.0.lock();
-        if state.off {
-            return Err(power_off());
-        }
-        let (old, new) = (state.current.len(), len as usize);
-        state.current.resize(new, 0);
-        // The pages between the two lengths changed; until a sync, either length may survive.
-        let (low, high) = (old.min(new), old.max(new));
-        for page in low / PAGE..high.div_ceil(PAGE) {
-            state.unsynced.insert(page);
-        }
-        Ok(())
-    }
-
-    fn sync_data(&self) -> std::io::Result<()> {
-        let mut state = self.0.lock();
-        if state.off {
-            return Err(power_off());
-        }
-        let state = &mut *state;
-        state.synced.resize(state.current.len(), 0);
-        for page in std::mem::take(&mut state.unsynced) {
-            let start = page * PAGE;
-            let end = (start + PAGE).min(state.current.len());
-            if start < end {
-                state.synced[start..end].copy_from_slice(&state.current[start..end]);
-            }
-        }
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut state = self.0.lock();
-        if state.off {
-            return Err(power_off());
-        }
-        if let Some(left) = &mut state.writes_until_cut {
-            *left -= 1;
-            if *left == 0 {
-                // The write that was under way when the power went: it may or may not have
-                // reached the disk; its pages count as written and unsynced.
-                state.off = true;
-            }
-        }
-        let start = offset as usize;
-        let end = start + data.len();
-        if state.current.len() < end {
-            state.current.resize(end, 0);
-        }
-        state.current[start..end].copy_from_slice(data);
-        for page in start / PAGE..end.div_ceil(PAGE) {
-            state.unsynced.insert(page);
-        }
-        if state.off {
-            return Err(power_off());
-        }
-        Ok(())
-    }
-}
 
 /// A small seeded generator.
 #[derive(Clone)]

@@ -6,8 +6,11 @@
 //! ambiguous case), or goes down for a while; a transport that is slow, dies silently,
 //! duplicates batches, or fails; a notifier that fails. ("Slow" here means the call yields, so
 //! every other ready task runs in between: it reorders, which is what delay does to
-//! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every few seeds run on `RedbStorage` with process restarts (engine and
-//! storage dropped and reopened on the same file mid-run), and, when `OFFLINE_QUEUE_POSTGRES_URL`
+//! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every 25th seed runs on
+//! `RedbStorage` with process restarts, and with the `testing` feature on a simulated disk
+//! (`power_cut_disk`) whose power goes before each restart, and sometimes mid-write: the
+//! restarted storage finds what was synced and a random part of what was not (without the
+//! feature, the engine and storage are dropped and the file reopened). And, when `OFFLINE_QUEUE_POSTGRES_URL`
 //! is set (feature `postgres`), every 50th on `PostgresStorage` with restarts (the engine and
 //! the storage dropped and connected again to the same schema), and likewise every 50th on
 //! `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL` is set (feature `redis`). A quarter of the
@@ -25,6 +28,8 @@
 mod common;
 #[cfg(feature = "postgres")]
 mod postgres_support;
+#[cfg(feature = "testing")]
+mod power_cut_disk;
 #[cfg(feature = "redis")]
 mod redis_support;
 
@@ -413,7 +418,7 @@ struct World {
     fault_rng: Arc<Mutex<Rng>>,
     pool: LocalPool,
     queue: OfflineQueue,
-    redb: Option<(tempfile::TempDir, std::path::PathBuf)>,
+    redb: Option<RedbHome>,
     /// The PostgreSQL URL and this run's schema, on a PostgreSQL seed.
     postgres: Option<(String, String)>,
     /// The Redis URL and this run's key prefix, on a Redis seed.
@@ -433,6 +438,98 @@ struct World {
     gaps: Vec<u64>,
     next_payload: u64,
 }
+
+/// A redb seed's database: with the `testing` feature, on a simulated disk whose power a
+/// restart cuts (and a step may cut mid-write); without it, in a file a restart reopens.
+struct RedbHome {
+    #[cfg(feature = "testing")]
+    disk: power_cut_disk::Disk,
+    #[cfg(not(feature = "testing"))]
+    file: (tempfile::TempDir, std::path::PathBuf),
+}
+
+#[cfg(feature = "testing")]
+impl RedbHome {
+    fn new() -> Self {
+        RedbHome {
+            disk: power_cut_disk::Disk::default(),
+        }
+    }
+
+    fn open(&self, seed: u64) -> Arc<dyn Storage> {
+        let name = format!("simulated disk, seed {seed}");
+        Arc::new(
+            offline_queue::RedbStorage::options()
+                .open_backend(name, self.disk.clone())
+                .unwrap_or_else(|e| panic!("seed {seed}: the disk does not open: {e}")),
+        )
+    }
+
+    fn can_arm(&self) -> bool {
+        !self.cut_coming()
+    }
+
+    /// Armed, or already off: the process must restart before the final drain.
+    fn cut_coming(&self) -> bool {
+        self.disk.is_armed() || self.power_is_off()
+    }
+
+    fn arm(&self, writes: u64) {
+        self.disk.arm(writes);
+    }
+
+    fn power_is_off(&self) -> bool {
+        self.disk.is_off()
+    }
+
+    /// The power goes (if an armed write has not taken it already): the next open finds the
+    /// synced bytes and each page written since kept or lost at random.
+    fn power_cut(&mut self, rng: &mut Rng) {
+        if self.power_is_off() {
+            POWER_CUTS_MID_WRITE.fetch_add(1, Ordering::Relaxed);
+        }
+        let (image, _, lost) = self.disk.cut(|| rng.chance(50));
+        PAGES_LOST.fetch_add(lost as u64, Ordering::Relaxed);
+        self.disk = power_cut_disk::Disk::from_image(image);
+    }
+}
+
+#[cfg(not(feature = "testing"))]
+impl RedbHome {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sim.redb");
+        RedbHome { file: (dir, path) }
+    }
+
+    fn open(&self, seed: u64) -> Arc<dyn Storage> {
+        Arc::new(
+            offline_queue::RedbStorage::open(&self.file.1)
+                .unwrap_or_else(|e| panic!("seed {seed}: the file does not open: {e}")),
+        )
+    }
+
+    fn can_arm(&self) -> bool {
+        false
+    }
+
+    fn cut_coming(&self) -> bool {
+        false
+    }
+
+    fn arm(&self, _writes: u64) {}
+
+    fn power_is_off(&self) -> bool {
+        false
+    }
+
+    fn power_cut(&mut self, _rng: &mut Rng) {}
+}
+
+/// Power cuts that came at an armed write (mid-commit, perhaps), and pages written but not
+/// synced that a cut lost, over the whole run: the summary shows that both happened.
+static POWER_CUTS_MID_WRITE: AtomicU64 = AtomicU64::new(0);
+static PAGES_LOST: AtomicU64 = AtomicU64::new(0);
 
 fn who(r: usize) -> RecipientId {
     // Look-alike ids, so isolation is tested too.
@@ -479,11 +576,7 @@ impl World {
         } else {
             u32::MAX
         };
-        let redb = on_redb.then(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("sim.redb");
-            (dir, path)
-        });
+        let redb = on_redb.then(RedbHome::new);
         let clock = ManualClock::new(T0);
         let faults = Arc::new(Mutex::new(Some(faults)));
         let fault_rng = Arc::new(Mutex::new(Rng(seed ^ 0x5eed)));
@@ -517,7 +610,7 @@ impl World {
 
     fn build_queue(&mut self, memory: Option<Arc<dyn Storage>>) -> OfflineQueue {
         let inner: Arc<dyn Storage> = match (&self.redb, memory) {
-            (Some((_, path)), _) => Arc::new(offline_queue::RedbStorage::open(path).unwrap()),
+            (Some(home), _) => home.open(self.seed),
             #[cfg(feature = "postgres")]
             (None, _) if let Some((url, schema)) = &self.postgres => {
                 Arc::new(common::wait(postgres_support::fresh(url, schema)))
@@ -645,6 +738,8 @@ impl World {
             Ok(_) => entry.acknowledged = true,
             Err(Error::QueueFull { .. }) if self.overflow == Overflow::Reject => {}
             Err(error) if error.is_retryable() => {}
+            // After a power cut the storage fails every write until the process restarts.
+            Err(_) if self.redb.as_ref().is_some_and(RedbHome::power_is_off) => {}
             Err(error) => self.fail(format!("send failed with a non-retryable error: {error}")),
         }
     }
@@ -851,6 +946,14 @@ impl World {
                     .pool
                     .run_until(queue.maintain(1 + self.rng.below(20) as usize));
             }
+            // The power goes at one of the next few writes, mid-commit perhaps; the process
+            // dies at a later restart step (or before the final drain).
+            97 if self.redb.as_ref().is_some_and(RedbHome::can_arm) => {
+                let writes = 1 + self.rng.below(40);
+                if let Some(home) = &self.redb {
+                    home.arm(writes);
+                }
+            }
             _ if self.redb.is_some() || self.postgres.is_some() || self.redis.is_some() => {
                 self.restart()
             }
@@ -860,8 +963,13 @@ impl World {
         self.observe();
     }
 
-    /// The process dies and comes back: every session and the engine are gone; the file stays.
+    /// The process dies and comes back: every session and the engine are gone; the storage
+    /// stays. On redb the power goes first (with the `testing` feature), so what the disk
+    /// keeps is what was synced and a random part of what was not.
     fn restart(&mut self) {
+        if let Some(home) = &mut self.redb {
+            home.power_cut(&mut self.rng);
+        }
         self.clients.clear();
         self.pool = LocalPool::new();
         self.queue = OfflineQueue::builder().build().unwrap();
@@ -869,6 +977,11 @@ impl World {
     }
 
     fn finish(mut self) {
+        // A disk that lost its power, or will at a coming write, needs the process to come
+        // back first.
+        if self.redb.as_ref().is_some_and(RedbHome::cut_coming) {
+            self.restart();
+        }
         // Faults end; every recipient connects and drains to the end, acking everything.
         *self.faults.lock() = None;
         for r in 0..RECIPIENTS {
@@ -1158,8 +1271,19 @@ fn simulation() {
             "no read with an ack reached redb in {redb_seeds} seeds"
         );
     }
+    let (mid_write, pages_lost) = (
+        POWER_CUTS_MID_WRITE.load(Ordering::Relaxed),
+        PAGES_LOST.load(Ordering::Relaxed),
+    );
+    if cfg!(feature = "testing") && redb_seeds >= 20 {
+        assert!(
+            mid_write > 0,
+            "no power cut came mid-load in {redb_seeds} seeds"
+        );
+    }
     println!(
-        "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {postgres_seeds} on \
+        "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {mid_write} power \
+         cuts there at a write, {pages_lost} unsynced pages lost; {postgres_seeds} on \
          PostgreSQL, {redis_seeds} on Redis; {dead_letters} dead letters)",
         started.elapsed().as_secs_f64()
     );
