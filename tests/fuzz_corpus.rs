@@ -2,6 +2,14 @@
 //! every file of each committed corpus, then a few thousand seeded random inputs, through the
 //! same target functions.
 
+// The chat server's frame parser, as the example builds it, and its fuzz body.
+#[path = "../examples/chat_server/server/protocol.rs"]
+#[allow(dead_code)]
+mod protocol;
+
+#[path = "../fuzz/chat_frames.rs"]
+mod chat_frames;
+
 use offline_queue::fuzz;
 use proptest::prelude::*;
 
@@ -40,6 +48,31 @@ fn redis_replies_corpus() {
     corpus("redis_replies", fuzz::redis_replies);
 }
 
+#[test]
+fn chat_frames_corpus() {
+    corpus("chat_frames", chat_frames::check);
+}
+
+/// Frames that are valid JSON of the protocol's shape, with any field values: ids empty, long
+/// or with control characters, recipients of any text, numbers at their limits.
+fn chat_frame() -> impl Strategy<Value = String> {
+    let text = || proptest::option::of(".{0,140}");
+    let send = (text(), text(), text(), proptest::option::of(any::<u64>())).prop_map(
+        |(to, body, id, ttl)| {
+            serde_json::json!({"type": "send", "to": to, "body": body, "id": id, "ttl_secs": ttl})
+                .to_string()
+        },
+    );
+    let ack = (
+        proptest::option::of(any::<u64>()),
+        proptest::collection::vec(any::<u64>(), 0..4),
+    )
+        .prop_map(|(up_to, seqs)| {
+            serde_json::json!({"type": "ack", "up_to": up_to, "seqs": seqs}).to_string()
+        });
+    prop_oneof![send, ack]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
     #[test]
@@ -62,5 +95,15 @@ proptest! {
     #[test]
     fn redis_replies_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
         fuzz::redis_replies(&data);
+    }
+
+    #[test]
+    fn chat_frames_random(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        chat_frames::check(&data);
+    }
+
+    #[test]
+    fn chat_frames_shaped(frame in chat_frame()) {
+        chat_frames::check(frame.as_bytes());
     }
 }

@@ -17,14 +17,11 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::future::{FutureExt, Shared};
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
-use offline_queue::{
-    Envelope, MessageId, Outbound, RecipientId, Seq, SessionEnd, SessionHandle, Transport,
-    TransportClosed,
-};
+use offline_queue::{Outbound, RecipientId, SessionEnd, SessionHandle, Transport, TransportClosed};
 use tokio::sync::mpsc;
 
 use super::App;
-use super::protocol::{ChatMessage, ClientFrame, ServerFrame, check_client_id};
+use super::protocol::{Request, ServerFrame, parse_frame};
 
 /// Frames queued for the socket. Bounded: a client that stops reading slows its own delivery
 /// (the session's `Transport::send` waits), never the server.
@@ -270,90 +267,37 @@ fn handle_frame(
     app: &App,
     in_flight: &mut InFlight,
 ) -> Option<ServerFrame> {
-    let frame = match serde_json::from_str::<ClientFrame>(text) {
-        Ok(frame) => frame,
-        Err(error) => return Some(ServerFrame::bad_request(None, error.to_string())),
-    };
-    match frame {
-        ClientFrame::Send {
-            to,
-            body,
-            id,
-            ttl_secs,
-        } => match prepare_send(user, to, body, id.clone(), ttl_secs) {
-            Err(refused) => Some(refused),
-            Ok((to, envelope)) => {
-                let (before, done) = in_flight.chain(&to);
-                let queue = app.queue.clone();
-                in_flight.replies.push_back(Box::pin(async move {
-                    if let Some(before) = before {
-                        // Stored or refused, or its connection's future dropped: go on.
-                        let _ = before.await;
-                    }
-                    let reply = match queue.send(envelope).await {
-                        // `message_id` is what the recipient's `deliver` carries for it.
-                        Ok(receipt) => ServerFrame::Sent {
-                            id,
-                            message_id: receipt.id.to_string(),
-                            seq: receipt.seq.0,
-                        },
-                        Err(error) => ServerFrame::from_error(id, &error),
-                    };
-                    let _ = done.send(());
-                    Some(reply)
-                }));
-                None
-            }
-        },
-        ClientFrame::Ack { up_to, seqs } => match (up_to, seqs.is_empty()) {
-            (Some(up_to), true) => {
-                handle.ack_through(Seq(up_to));
-                None
-            }
-            (None, false) => {
-                handle.ack(seqs.into_iter().map(Seq));
-                None
-            }
-            _ => Some(ServerFrame::bad_request(
-                None,
-                "an ack carries either up_to or a non-empty seqs list",
-            )),
-        },
+    match parse_frame(user, text) {
+        Err(refused) => Some(refused),
+        Ok(Request::Send { id, to, envelope }) => {
+            let (before, done) = in_flight.chain(&to);
+            let queue = app.queue.clone();
+            in_flight.replies.push_back(Box::pin(async move {
+                if let Some(before) = before {
+                    // Stored or refused, or its connection's future dropped: go on.
+                    let _ = before.await;
+                }
+                let reply = match queue.send(envelope).await {
+                    // `message_id` is what the recipient's `deliver` carries for it.
+                    Ok(receipt) => ServerFrame::Sent {
+                        id,
+                        message_id: receipt.id.to_string(),
+                        seq: receipt.seq.0,
+                    },
+                    Err(error) => ServerFrame::from_error(id, &error),
+                };
+                let _ = done.send(());
+                Some(reply)
+            }));
+            None
+        }
+        Ok(Request::AckThrough(through)) => {
+            handle.ack_through(through);
+            None
+        }
+        Ok(Request::Ack(seqs)) => {
+            handle.ack(seqs);
+            None
+        }
     }
-}
-
-/// A send's envelope, or the error frame that refuses it before the engine sees it.
-fn prepare_send(
-    from: &RecipientId,
-    to: String,
-    body: String,
-    client_id: Option<String>,
-    ttl_secs: Option<u64>,
-) -> Result<(RecipientId, Envelope), ServerFrame> {
-    let to = match RecipientId::new(&to) {
-        Ok(to) => to,
-        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
-    };
-    if let Some(id) = &client_id
-        && let Err(reason) = check_client_id(id)
-    {
-        return Err(ServerFrame::bad_request(client_id, reason));
-    }
-    let message = ChatMessage {
-        from: from.to_string(),
-        body,
-        client_id: client_id.clone(),
-    };
-    let mut envelope = match Envelope::encode(to.clone(), &message) {
-        Ok(envelope) => envelope,
-        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
-    };
-    if let Some(id) = &client_id {
-        // Dedup per (sender, client id): the same id from two senders is two messages.
-        envelope = envelope.with_id(MessageId::derive(from.as_bytes(), id.as_bytes()));
-    }
-    if let Some(secs) = ttl_secs {
-        envelope = envelope.with_ttl(Duration::from_secs(secs));
-    }
-    Ok((to, envelope))
 }

@@ -1,6 +1,8 @@
 //! The JSON frames of the WebSocket protocol, and how engine types map onto them.
 
-use offline_queue::{Batch, Delivery, Error};
+use std::time::Duration;
+
+use offline_queue::{Batch, Delivery, Envelope, Error, MessageId, RecipientId, Seq};
 use serde::{Deserialize, Serialize};
 
 /// What a client sends.
@@ -155,6 +157,83 @@ impl From<&Delivery> for WireMessage {
             redelivered: delivery.redelivered,
         }
     }
+}
+
+/// What one client frame asks for, checked: what the connection acts on.
+#[derive(Debug)]
+pub enum Request {
+    /// Store `envelope` for `to`; `id` is the client's own id, echoed in the reply.
+    Send {
+        id: Option<String>,
+        to: RecipientId,
+        envelope: Envelope,
+    },
+    /// Ack every message through this seq.
+    AckThrough(Seq),
+    /// Ack exactly these seqs.
+    Ack(Vec<Seq>),
+}
+
+/// Parses and checks one text frame from `from`: the request, or the error frame that refuses
+/// it before the engine sees it (the connection stays open either way).
+pub fn parse_frame(from: &RecipientId, text: &str) -> Result<Request, ServerFrame> {
+    let frame = serde_json::from_str::<ClientFrame>(text)
+        .map_err(|error| ServerFrame::bad_request(None, error.to_string()))?;
+    match frame {
+        ClientFrame::Send {
+            to,
+            body,
+            id,
+            ttl_secs,
+        } => {
+            let (to, envelope) = prepare_send(from, to, body, id.clone(), ttl_secs)?;
+            Ok(Request::Send { id, to, envelope })
+        }
+        ClientFrame::Ack { up_to, seqs } => match (up_to, seqs.is_empty()) {
+            (Some(up_to), true) => Ok(Request::AckThrough(Seq(up_to))),
+            (None, false) => Ok(Request::Ack(seqs.into_iter().map(Seq).collect())),
+            _ => Err(ServerFrame::bad_request(
+                None,
+                "an ack carries either up_to or a non-empty seqs list",
+            )),
+        },
+    }
+}
+
+/// A send's envelope, or the error frame that refuses it before the engine sees it.
+fn prepare_send(
+    from: &RecipientId,
+    to: String,
+    body: String,
+    client_id: Option<String>,
+    ttl_secs: Option<u64>,
+) -> Result<(RecipientId, Envelope), ServerFrame> {
+    let to = match RecipientId::new(&to) {
+        Ok(to) => to,
+        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
+    };
+    if let Some(id) = &client_id
+        && let Err(reason) = check_client_id(id)
+    {
+        return Err(ServerFrame::bad_request(client_id, reason));
+    }
+    let message = ChatMessage {
+        from: from.to_string(),
+        body,
+        client_id: client_id.clone(),
+    };
+    let mut envelope = match Envelope::encode(to.clone(), &message) {
+        Ok(envelope) => envelope,
+        Err(error) => return Err(ServerFrame::from_error(client_id, &error)),
+    };
+    if let Some(id) = &client_id {
+        // Dedup per (sender, client id): the same id from two senders is two messages.
+        envelope = envelope.with_id(MessageId::derive(from.as_bytes(), id.as_bytes()));
+    }
+    if let Some(secs) = ttl_secs {
+        envelope = envelope.with_ttl(Duration::from_secs(secs));
+    }
+    Ok((to, envelope))
 }
 
 /// The protocol's error code for an engine error. Only `unavailable` is worth retrying as is.
