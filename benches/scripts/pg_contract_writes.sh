@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# What the rows an append writes cost by themselves, before any PL/pgSQL (BENCHMARKS.md,
+# "PostgreSQL (issue 16)", "What the contract's writes cost by themselves"). pgbench, 16
+# clients, -M prepared, `synchronous_commit` on, two rows per transaction (two recipients of
+# 1,000, 100-byte bodies), each transaction one SQL statement; each step adds to the one
+# before:
+#   floor    2-row INSERT into a plain table (rid, seq, body; primary key (rid, seq))
+#   records  2 rows into oq_records (id, times, the deadline index) with nextval seqs
+#   queues   + the queue rows' counters (UPDATE oq_queues)
+#   stripe   + the byte stripe (UPDATE oq_bytes)
+#   locked   + the queue rows locked first (FOR UPDATE, in rid order)
+#   function oq_append_many as it is (2 single-record appends)
+# ROUNDS rounds of RUN_SECONDS seconds per step, the steps alternating within a round; prints each
+# round's tps and the mean, against the floor. Builds a throwaway schema from
+# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 6 x ROUNDS x
+# RUN_SECONDS seconds (90 s by default).
+#
+#   benches/scripts/pg_contract_writes.sh            # ROUNDS=3 RUN_SECONDS=5 CLIENTS=16
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./pg_lib.sh
+
+ROUNDS=${ROUNDS:-3}
+SECONDS_PER_RUN=${RUN_SECONDS:-5}
+CLIENTS=${CLIENTS:-16}
+schema=$(pg_schema_name writes)
+dir=$(mktemp -d /tmp/oq-pg-writes.XXXXXX)
+trap 'pg_schema_drop "$schema"; rm -rf "$dir"' EXIT
+pg_schema_create "$schema"
+S="\"$schema\""
+
+pg <<SQL
+CREATE TABLE $S.floor (rid bytea NOT NULL, seq bigint NOT NULL, body bytea NOT NULL,
+    PRIMARY KEY (rid, seq));
+-- Every recipient's queue row exists, as after its first append.
+INSERT INTO $S.oq_queues (rid, live, bytes, lost_total, lost_confirmed, touched, idle_key)
+SELECT convert_to('user-' || i, 'UTF8'), 0, 0, 0, 0, $PG_NOW, $PG_NOW
+FROM generate_series(0, 999) AS i;
+ANALYZE $S.oq_queues;
+SQL
+
+# Two distinct recipients per transaction.
+vars='\set a random(0, 999)
+\set b (:a + 1 + random(0, 998)) % 1000'
+ra="convert_to('user-' || :a, 'UTF8')"
+rb="convert_to('user-' || :b, 'UTF8')"
+row() { # rid
+  echo "($1, nextval('$S.oq_seq'), uuid_send(gen_random_uuid()), $PG_NOW, $PG_NOW + $PG_TTL_MS, $PG_BODY)"
+}
+records="INSERT INTO $S.oq_records (rid, seq, id, sent_at, expires_at, body) VALUES $(row "$ra"), $(row "$rb")"
+counters="SET live = q.live + 1, bytes = q.bytes + 100, touched = greatest(q.touched, $PG_NOW)"
+stripe="UPDATE $S.oq_bytes SET bytes = bytes + 200 WHERE stripe = pg_backend_pid() % 16"
+
+cat >"$dir/floor.sql" <<SQL
+$vars
+\set s random(1, 4000000000000000000)
+\set t :s + 1
+INSERT INTO $S.floor (rid, seq, body) VALUES ($ra, :s::bigint, $PG_BODY), ($rb, :t::bigint, $PG_BODY);
+SQL
+cat >"$dir/records.sql" <<SQL
+$vars
+$records;
+SQL
+cat >"$dir/queues.sql" <<SQL
+$vars
+WITH r AS ($records) UPDATE $S.oq_queues q $counters WHERE q.rid = ANY (ARRAY[$ra, $rb]);
+SQL
+cat >"$dir/stripe.sql" <<SQL
+$vars
+WITH r AS ($records), b AS ($stripe) UPDATE $S.oq_queues q $counters WHERE q.rid = ANY (ARRAY[$ra, $rb]);
+SQL
+cat >"$dir/locked.sql" <<SQL
+$vars
+WITH l AS (SELECT rid FROM $S.oq_queues WHERE rid = ANY (ARRAY[$ra, $rb]) ORDER BY rid FOR UPDATE), r AS ($records), b AS ($stripe) UPDATE $S.oq_queues q $counters FROM l WHERE q.rid = l.rid;
+SQL
+cat >"$dir/function.sql" <<SQL
+$vars
+SELECT status FROM $S.oq_append_many(ARRAY[$ra, $rb], ARRAY[1, 1], ARRAY[uuid_send(gen_random_uuid()), uuid_send(gen_random_uuid())], ARRAY[false, false], ARRAY[$PG_NOW, $PG_NOW], ARRAY[$PG_NOW + $PG_TTL_MS, $PG_NOW + $PG_TTL_MS], ARRAY[$PG_BODY, $PG_BODY], ARRAY[1000000, 1000000]::bigint[], ARRAY[1073741824, 1073741824]::bigint[], ARRAY[false, false], ARRAY[NULL, NULL]::bigint[], ARRAY[1800000, 1800000]::bigint[], ARRAY[$PG_NOW, $PG_NOW], '\\x00'::bytea, 'oq_script');
+SQL
+
+steps=(floor records queues stripe locked function)
+declare -A sum
+for step in "${steps[@]}"; do sum[$step]=0; done
+export PGOPTIONS="-c synchronous_commit=on"
+printf '%-6s' round; printf ' %9s' "${steps[@]}"; echo
+for round in $(seq "$ROUNDS"); do
+  printf '%-6s' "$round"
+  for step in "${steps[@]}"; do
+    if ! pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$SECONDS_PER_RUN" --max-tries 10 \
+      -f "$dir/$step.sql" >"$dir/$step.out" 2>&1; then
+      echo; cat "$dir/$step.out" >&2; exit 1
+    fi
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$dir/$step.out")
+    sum[$step]=$(echo "${sum[$step]} + $tps" | bc -l)
+    printf ' %9.0f' "$tps"
+  done
+  echo
+done
+echo
+echo "| transaction | tps (mean of $ROUNDS) | of the floor |"
+echo "|---|---|---|"
+floor=$(echo "${sum[floor]} / $ROUNDS" | bc -l)
+for step in "${steps[@]}"; do
+  mean=$(echo "${sum[$step]} / $ROUNDS" | bc -l)
+  printf '| %s | %.0f | %.0f %% |\n' "$step" "$mean" "$(echo "100 * $mean / $floor" | bc -l)"
+done
