@@ -1,20 +1,75 @@
 //! Purge cost: removing 1,000 expired records among N stored, for N = 10k, 100k and 1M, on
-//! `MemoryStorage` and on `RedbStorage` (each purge one durable commit). Flat across N is the
-//! goal (an expiry index makes the cost follow what is removed, not what is stored).
+//! `MemoryStorage`, on `RedbStorage` (each purge one durable commit) and, with the `redis`
+//! feature and `OFFLINE_QUEUE_REDIS_URL` set, on `RedisStorage` (a prefix of its own, removed
+//! afterwards). Flat across N is the goal (an expiry index makes the cost follow what is
+//! removed, not what is stored).
 //!
-//! `cargo bench --bench expiry`
+//! `cargo bench --bench expiry`, or with Redis:
+//! `OFFLINE_QUEUE_REDIS_URL=redis://127.0.0.1:6379/ cargo bench --features redis --bench expiry`
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
-use futures::executor::block_on;
 use offline_queue::storage::NewRecord;
 use offline_queue::{
     MemoryStorage, MessageId, Quota, RecipientId, RedbStorage, Storage, Timestamp,
 };
 
 const EXPIRING: usize = 1_000;
+
+/// Runs `future` to its end: on a tokio runtime when Redis may be in use (its client needs
+/// one), else on the calling thread.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    #[cfg(feature = "redis")]
+    {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .block_on(future)
+    }
+    #[cfg(not(feature = "redis"))]
+    futures::executor::block_on(future)
+}
+
+/// The backends to measure: memory and redb always, Redis when its URL is set.
+fn backends() -> Vec<&'static str> {
+    let mut backends = vec!["memory", "redb"];
+    if cfg!(feature = "redis") {
+        match std::env::var("OFFLINE_QUEUE_REDIS_URL") {
+            Ok(_) => backends.push("redis"),
+            Err(_) => eprintln!("expiry on Redis skipped: OFFLINE_QUEUE_REDIS_URL is not set"),
+        }
+    }
+    backends
+}
+
+/// A fresh storage of `backend` for the `stored` case.
+fn open(backend: &str, stored: usize, dir: &std::path::Path) -> Arc<dyn Storage> {
+    match backend {
+        "memory" => Arc::new(MemoryStorage::new()),
+        "redb" => Arc::new(RedbStorage::open(dir.join(format!("expiry-{stored}.redb"))).unwrap()),
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let url = std::env::var("OFFLINE_QUEUE_REDIS_URL").unwrap();
+            let prefix = format!("oq-bench-expiry-{}", MessageId::generate());
+            Arc::new(block_on(async {
+                offline_queue::RedisStorage::options()
+                    .prefix(prefix)
+                    .connect(&url)
+                    .await
+                    .unwrap()
+            }))
+        }
+        _ => unreachable!("unknown backend {backend}"),
+    }
+}
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
 fn record(expires_at: Timestamp) -> NewRecord {
@@ -37,14 +92,9 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("expiry");
     group.sample_size(20);
     let dir = tempfile::tempdir().unwrap();
-    for backend in ["memory", "redb"] {
+    for backend in backends() {
         for stored in [10_000usize, 100_000, 1_000_000] {
-            let storage: Arc<dyn Storage> = match backend {
-                "memory" => Arc::new(MemoryStorage::new()),
-                _ => Arc::new(
-                    RedbStorage::open(dir.path().join(format!("expiry-{stored}.redb"))).unwrap(),
-                ),
-            };
+            let storage = open(backend, stored, dir.path());
             // N long-lived records spread evenly over 10,000 recipients (1, 10 or 100 each),
             // appended a recipient's share at a time (one commit each on redb).
             block_on(async {
@@ -67,6 +117,12 @@ fn bench(c: &mut Criterion) {
                 soon,
                 purge_at,
             );
+            // What the run stored goes (on Redis it would outlive the bench).
+            block_on(async {
+                for who in &recipients {
+                    storage.remove_recipient(who).await.unwrap();
+                }
+            });
         }
     }
     group.finish();
