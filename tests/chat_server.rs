@@ -1011,6 +1011,17 @@ async fn login_issues_tokens_only_for_the_printed_key() {
     assert_eq!(status, 404);
 }
 
+/// `--no-login` without a secret would leave a server whose random secret nobody else knows,
+/// so that no token could ever connect: it is refused at start, naming what is missing.
+#[test]
+fn no_login_without_a_secret_is_refused_at_start() {
+    let output = Server::start_failure_without_secret(&["--no-login"]);
+    assert!(
+        output.contains("--no-login needs --auth-secret"),
+        "{output}"
+    );
+}
+
 /// `--insecure-no-auth` believes `?user=`, as the open demo did.
 #[tokio::test]
 async fn insecure_no_auth_believes_the_user_parameter() {

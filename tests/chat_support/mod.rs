@@ -66,7 +66,16 @@ impl Server {
 
     /// Starts the server with `args`, expects it to exit with an error, and returns its output.
     pub fn start_failure(args: &[&str]) -> String {
-        let (mut child, lines) = spawn(&with_defaults(args), None);
+        Self::failure(with_defaults(args))
+    }
+
+    /// As [`Server::start_failure`], without the test secret every other start adds.
+    pub fn start_failure_without_secret(args: &[&str]) -> String {
+        Self::failure(local_defaults(args))
+    }
+
+    fn failure(args: Vec<String>) -> String {
+        let (mut child, lines) = spawn(&args, None);
         let deadline = std::time::Instant::now() + PATIENCE;
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -167,10 +176,16 @@ impl Drop for Server {
 
 /// Tests run on a free port, with [`TEST_SECRET`] and, unless they say otherwise, in memory.
 fn with_defaults(args: &[&str]) -> Vec<String> {
-    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut all = local_defaults(args);
     if !args.contains(&"--auth-secret") && !args.contains(&"--insecure-no-auth") {
         all.extend(["--auth-secret".into(), TEST_SECRET.into()]);
     }
+    all
+}
+
+/// A free port and, unless `args` say otherwise, memory storage.
+fn local_defaults(args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     if !args.contains(&"--listen") {
         all.extend(["--listen".into(), "127.0.0.1:0".into()]);
     }
@@ -206,6 +221,8 @@ fn spawn(args: &[String], file_limit: Option<u64>) -> (Child, std_mpsc::Receiver
     };
     let mut child = command
         .env(CHILD_ARGS, serde_json::to_string(args).unwrap())
+        // Only the arguments say which secret a test's server has.
+        .env_remove("CHAT_AUTH_SECRET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
