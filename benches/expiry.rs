@@ -1,7 +1,7 @@
 //! Purge cost: removing 1,000 expired records among N stored, for N = 10k, 100k and 1M, on
 //! `MemoryStorage`, on `RedbStorage` (each purge one durable commit) and, with the `redis`
-//! feature and `OFFLINE_QUEUE_REDIS_URL` set, on `RedisStorage` (a prefix of its own, removed
-//! afterwards). Flat across N is the goal (an expiry index makes the cost follow what is
+//! feature and `OFFLINE_QUEUE_REDIS_URL` set, on `RedisStorage` (under a key prefix of its own,
+//! every key of which is deleted afterwards). Flat across N is the goal (an expiry index makes the cost follow what is
 //! removed, not what is stored).
 //!
 //! `cargo bench --bench expiry`, or with Redis:
@@ -50,25 +50,63 @@ fn backends() -> Vec<&'static str> {
     backends
 }
 
-/// A fresh storage of `backend` for the `stored` case.
-fn open(backend: &str, stored: usize, dir: &std::path::Path) -> Arc<dyn Storage> {
+/// A fresh storage of `backend` for the `stored` case, and the Redis key prefix it writes
+/// under (for [`remove_keys`]).
+fn open(backend: &str, stored: usize, dir: &std::path::Path) -> (Arc<dyn Storage>, String) {
     match backend {
-        "memory" => Arc::new(MemoryStorage::new()),
-        "redb" => Arc::new(RedbStorage::open(dir.join(format!("expiry-{stored}.redb"))).unwrap()),
+        "memory" => (Arc::new(MemoryStorage::new()), String::new()),
+        "redb" => (
+            Arc::new(RedbStorage::open(dir.join(format!("expiry-{stored}.redb"))).unwrap()),
+            String::new(),
+        ),
         #[cfg(feature = "redis")]
         "redis" => {
             let url = std::env::var("OFFLINE_QUEUE_REDIS_URL").unwrap();
             let prefix = format!("oq-bench-expiry-{}", MessageId::generate());
-            Arc::new(block_on(async {
+            let storage = block_on(
                 offline_queue::RedisStorage::options()
-                    .prefix(prefix)
-                    .connect(&url)
-                    .await
-                    .unwrap()
-            }))
+                    .prefix(prefix.clone())
+                    .connect(&url),
+            )
+            .unwrap();
+            (Arc::new(storage), prefix)
         }
         _ => unreachable!("unknown backend {backend}"),
     }
+}
+
+/// Deletes every Redis key under `prefix`: the queues, and the indexes and byte counter beside
+/// them (removing each recipient would leave those).
+#[cfg(feature = "redis")]
+fn remove_keys(prefix: &str) {
+    let url = std::env::var("OFFLINE_QUEUE_REDIS_URL").unwrap();
+    block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: () = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    });
 }
 const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
@@ -94,7 +132,7 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     for backend in backends() {
         for stored in [10_000usize, 100_000, 1_000_000] {
-            let storage = open(backend, stored, dir.path());
+            let (storage, prefix) = open(backend, stored, dir.path());
             // N long-lived records spread evenly over 10,000 recipients (1, 10 or 100 each),
             // appended a recipient's share at a time (one commit each on redb).
             block_on(async {
@@ -117,12 +155,15 @@ fn bench(c: &mut Criterion) {
                 soon,
                 purge_at,
             );
-            // What the run stored goes (on Redis it would outlive the bench).
-            block_on(async {
-                for who in &recipients {
-                    storage.remove_recipient(who).await.unwrap();
-                }
-            });
+            // What Redis holds would outlive the bench; memory and the temporary redb files go
+            // by themselves.
+            drop(storage);
+            #[cfg(feature = "redis")]
+            if backend == "redis" {
+                remove_keys(&prefix);
+            }
+            #[cfg(not(feature = "redis"))]
+            let _ = prefix;
         }
     }
     group.finish();

@@ -1,7 +1,7 @@
 //! The chat server's frame parser (`examples/chat_server/server/protocol.rs`) on any text a
 //! client can send: never a panic, and what it accepts is exactly what the frame said. Shared
-//! by the cargo-fuzz target `chat_frames` and its regression test `tests/chat_frames.rs`, each
-//! of which includes the example's `protocol` module at its root.
+//! by the cargo-fuzz target `chat_frames` and `tests/fuzz_corpus.rs`, each of which includes
+//! the example's `protocol` module at its root.
 
 use std::time::Duration;
 
@@ -72,7 +72,26 @@ pub fn check(data: &[u8]) {
             assert_eq!(acked.iter().map(|s| s.0).collect::<Vec<_>>(), seqs);
         }
         (Ok(request), frame) => panic!("accepted {request:?} from {frame:?}"),
-        (Err(refusal), _) => {
+        // A refusal needs a reason: a recipient or client id out of its limits, or an ack
+        // with neither or both of its forms.
+        (Err(refusal), Ok(ClientFrame::Send { to, id, .. })) => {
+            let id_fits = id.as_ref().is_none_or(|id| {
+                (1..=MAX_CLIENT_ID_CHARS).contains(&id.chars().count())
+                    && !id.chars().any(char::is_control)
+            });
+            assert!(
+                RecipientId::new(&to).is_err() || !id_fits,
+                "refused a valid send: {refusal:?}"
+            );
+        }
+        (Err(refusal), Ok(ClientFrame::Ack { up_to, seqs })) => {
+            assert_eq!(
+                up_to.is_some(),
+                !seqs.is_empty(),
+                "refused a valid ack: {refusal:?}"
+            );
+        }
+        (Err(refusal), Err(_)) => {
             assert!(
                 matches!(refusal, ServerFrame::Error { .. }),
                 "a refusal is an error frame: {refusal:?}"

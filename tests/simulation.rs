@@ -6,15 +6,16 @@
 //! ambiguous case), or goes down for a while; a transport that is slow, dies silently,
 //! duplicates batches, or fails; a notifier that fails. ("Slow" here means the call yields, so
 //! every other ready task runs in between: it reorders, which is what delay does to
-//! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`. Every 25th seed runs on
-//! `RedbStorage` with process restarts, and with the `testing` feature on a simulated disk
-//! (`power_cut_disk`) whose power goes before each restart, and sometimes mid-write: the
-//! restarted storage finds what was synced and a random part of what was not (without the
-//! feature, the engine and storage are dropped and the file reopened). And, when `OFFLINE_QUEUE_POSTGRES_URL`
-//! is set (feature `postgres`), every 50th on `PostgresStorage` with restarts (the engine and
-//! the storage dropped and connected again to the same schema), and likewise every 50th on
-//! `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL` is set (feature `redis`). A quarter of the
-//! seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
+//! correctness.) A notifier cannot hang a send: `Notifier::notify` is not `async`.
+//!
+//! Every 25th seed runs on `RedbStorage` with process restarts, and with the `testing`
+//! feature on a simulated disk (`power_cut_disk`) whose power goes before each restart, and
+//! sometimes mid-write: the restarted storage finds what was synced and a random part of what
+//! was not (without the feature, the engine and storage are dropped and the file reopened).
+//! When `OFFLINE_QUEUE_POSTGRES_URL` is set (feature `postgres`), every 50th runs on
+//! `PostgresStorage` with restarts (the engine and the storage dropped and connected again to
+//! the same schema), and likewise every 50th on `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL`
+//! is set (feature `redis`). A quarter of the seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
 //! its message and one idle past it is removed, message and all.
 //!
 //! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
@@ -739,7 +740,8 @@ impl World {
             Err(Error::QueueFull { .. }) if self.overflow == Overflow::Reject => {}
             Err(error) if error.is_retryable() => {}
             // After a power cut the storage fails every write until the process restarts.
-            Err(_) if self.redb.as_ref().is_some_and(RedbHome::power_is_off) => {}
+            Err(Error::Storage { .. })
+                if self.redb.as_ref().is_some_and(RedbHome::power_is_off) => {}
             Err(error) => self.fail(format!("send failed with a non-retryable error: {error}")),
         }
     }

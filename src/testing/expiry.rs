@@ -149,7 +149,9 @@ pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
 /// them: the same due work among ten times the stored records costs no more. Counted by
 /// [`PurgeOutcome::examined`](crate::storage::PurgeOutcome::examined), not timed. Each round
 /// expires records in send order (fresh queues) and out of it (one behind each keeper's
-/// later records).
+/// later records). A backend whose index does the walking for it (PostgreSQL: `examined` is
+/// the rows its deadline index returned) passes by construction; its own tests must show the
+/// index is used.
 pub async fn purge_work_is_proportional(storage: &dyn Storage) {
     const DUE_QUEUES: usize = 2;
     const DUE_PER_QUEUE: usize = 5;

@@ -1,3 +1,5 @@
+-- Version 1's purge, kept as it was: schema version 3 (v3_purge_work.sql) replaces it with
+-- the same body plus a count of entries examined. Change that one, not this.
 -- Upkeep (Storage::purge) in one call, within `p_budget` units of work: expired records
 -- first (earliest deadline first, through oq_records_expiry: removing k costs O(k log n), not
 -- a scan), each counted lost; then queues idle since `p_idle_before` (through oq_queues_idle,

@@ -2,7 +2,8 @@
 -- rows it selected, idle queues it visited, dedup rows it removed), which
 -- `PurgeOutcome::examined` reports. An OUT column cannot be added in place, so the function
 -- is dropped and made again; its body is version 1's with the count added (a migration's
--- history never changes, so version 1's file stays as it was).
+-- history never changes, so version 1's file stays as it was). Dropping it resets grants and a
+-- comment put on this one function to the defaults.
 DROP FUNCTION @schema@.oq_purge(bigint, bigint, bigint, bigint);
 
 CREATE FUNCTION @schema@.oq_purge(
