@@ -52,7 +52,11 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     in_flight: usize,
     /// What to run, comma separated, in this order: `chat:redb`, `chat:memory`,
-    /// `chat:redis://host:port`, `chat:postgres://..`, `mosquitto`, `nats`.
+    /// `chat:redis://host:port`, `chat:postgres://..`, `mosquitto`, `nats`; and two ways a
+    /// storage backend inside a server could read a recipient's backlog from JetStream without
+    /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
+    /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
+    /// filtered to the subject); both ack by purging the subject through the last message.
     #[arg(long, default_value = "chat:redb,mosquitto,nats")]
     systems: String,
     /// The chat_server binary.
@@ -67,6 +71,12 @@ struct Args {
     /// the system.
     #[arg(long, default_value_t = 64)]
     connecting: usize,
+    /// How `nats-direct`, `nats-ordered` and `nats-keyed` ack what a recipient read: `purge`
+    /// (the recipient's subject purged through the last message), `delete` (each message
+    /// deleted by its seq) or `none` (nothing removed: what acks kept apart from the stream,
+    /// as a cursor, would cost the drain).
+    #[arg(long, default_value = "purge")]
+    nats_ack: String,
 }
 
 impl Args {
@@ -133,7 +143,10 @@ async fn main() -> Result<(), BoxError> {
             let timing = match system.split_once(':') {
                 Some(("chat", storage)) => chat::run(&args, &chat_server, storage).await?,
                 None if system == "mosquitto" => mqtt::run(&args).await?,
-                None if system == "nats" => nats::run(&args).await?,
+                None if system == "nats" => nats::run(&args, nats::Read::Durable).await?,
+                None if system == "nats-direct" => nats::run(&args, nats::Read::Direct).await?,
+                None if system == "nats-ordered" => nats::run(&args, nats::Read::Ordered).await?,
+                None if system == "nats-keyed" => nats::run(&args, nats::Read::Keyed).await?,
                 _ => return Err(format!("--systems: unknown {system:?}").into()),
             };
             let store = args.total() as f64 / timing.store.as_secs_f64();
@@ -587,7 +600,32 @@ mod nats {
 
     const STREAM: &str = "OFFLINE";
 
-    pub async fn run(args: &Args) -> Result<Timing, BoxError> {
+    /// How recipients read their backlog.
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum Read {
+        /// A durable pull consumer per recipient, each recipient on its own connection: how
+        /// JetStream users do it today.
+        Durable,
+        /// Direct get of the next message on the recipient's subject, one request each, over
+        /// the one connection a server-side backend would hold.
+        Direct,
+        /// An ordered (ephemeral) consumer filtered to the recipient's subject, made for the
+        /// drain, over that one connection.
+        Ordered,
+        /// A subject per message (`u.<recipient>.<index>`, as a key-value bucket keys its
+        /// entries), read by direct get of the last message on each, one request each.
+        Keyed,
+    }
+
+    /// The subject a message is published to.
+    fn subject(read: Read, recipient: usize, index: usize) -> String {
+        match read {
+            Read::Keyed => format!("u.{recipient}.{index}"),
+            _ => format!("u.{recipient}"),
+        }
+    }
+
+    pub async fn run(args: &Args, read: Read) -> Result<Timing, BoxError> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let _server = Process(
@@ -609,9 +647,50 @@ mod nats {
                 name: STREAM.into(),
                 subjects: vec!["u.>".into()],
                 storage: stream::StorageType::File,
+                allow_direct: matches!(read, Read::Direct | Read::Keyed),
                 ..Default::default()
             })
             .await?;
+        if read != Read::Durable {
+            // One connection for every drain, made before the clock starts.
+            let shared = stream.clone();
+            return timed_phases(
+                args,
+                |publisher| publish(args.clone(), url.clone(), publisher, read),
+                |recipient, reads| {
+                    let (args, stream) = (args.clone(), shared.clone());
+                    async move {
+                        // A backend bounds its concurrent reads (`--connecting` of them); a
+                        // thousand at once time out in JetStream's API.
+                        let _permit = reads.acquire().await?;
+                        let seqs = match read {
+                            Read::Direct => drain_direct(&args, &stream, recipient).await?,
+                            Read::Keyed => drain_keyed(&args, &stream, recipient).await?,
+                            _ => drain_ordered(&args, &stream, recipient).await?,
+                        };
+                        let last = seqs.iter().max().copied().unwrap_or(0);
+                        match args.nats_ack.as_str() {
+                            "purge" => {
+                                let filter = match read {
+                                    Read::Keyed => format!("u.{recipient}.>"),
+                                    _ => format!("u.{recipient}"),
+                                };
+                                stream.purge().filter(filter).sequence(last + 1).await?;
+                            }
+                            "delete" => {
+                                for seq in seqs {
+                                    stream.delete_message(seq).await?;
+                                }
+                            }
+                            "none" => {}
+                            other => return Err(format!("--nats-ack: unknown {other:?}").into()),
+                        }
+                        Ok(())
+                    }
+                },
+            )
+            .await;
+        }
         for recipient in 0..args.recipients {
             stream
                 .create_consumer(consumer::pull::Config {
@@ -625,13 +704,18 @@ mod nats {
 
         timed_phases(
             args,
-            |publisher| publish(args.clone(), url.clone(), publisher),
+            |publisher| publish(args.clone(), url.clone(), publisher, read),
             |recipient, handshakes| drain(args.clone(), url.clone(), recipient, handshakes),
         )
         .await
     }
 
-    async fn publish(args: Args, url: String, publisher: usize) -> Result<(), BoxError> {
+    async fn publish(
+        args: Args,
+        url: String,
+        publisher: usize,
+        read: Read,
+    ) -> Result<(), BoxError> {
         let js = jetstream::new(async_nats::connect(&url).await?);
         let mut unanswered = VecDeque::new();
         for index in 0..args.per_recipient {
@@ -641,13 +725,74 @@ mod nats {
                     ack.await?;
                 }
                 let body = bytes::Bytes::from(args.body(recipient, index));
-                unanswered.push_back(js.publish(format!("u.{recipient}"), body).await?);
+                let subject = subject(read, recipient, index);
+                unanswered.push_back(js.publish(subject, body).await?);
             }
         }
         for ack in unanswered {
             ack.await?;
         }
         Ok(())
+    }
+
+    /// Reads the recipient's messages one direct get at a time; returns their seqs.
+    async fn drain_direct(
+        args: &Args,
+        stream: &stream::Stream,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let subject = format!("u.{recipient}");
+        let mut seqs = Vec::with_capacity(args.per_recipient);
+        for index in 0..args.per_recipient {
+            let next = seqs.last().map_or(1, |seq| seq + 1);
+            let message = stream
+                .direct_get_next_for_subject(&subject, Some(next))
+                .await?;
+            let message = jetstream::message::StreamMessage::try_from(message.message)?;
+            check(args, recipient, index, &message.payload)?;
+            seqs.push(message.sequence);
+        }
+        Ok(seqs)
+    }
+
+    /// Reads the recipient's messages by their own subjects; returns their seqs.
+    async fn drain_keyed(
+        args: &Args,
+        stream: &stream::Stream,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let mut seqs = Vec::with_capacity(args.per_recipient);
+        for index in 0..args.per_recipient {
+            let message = stream
+                .direct_get_last_for_subject(subject(Read::Keyed, recipient, index))
+                .await?;
+            check(args, recipient, index, &message.payload)?;
+            seqs.push(message.sequence);
+        }
+        Ok(seqs)
+    }
+
+    /// Reads the recipient's messages through an ordered consumer made for the purpose;
+    /// returns their seqs.
+    async fn drain_ordered(
+        args: &Args,
+        stream: &stream::Stream,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("u.{recipient}"),
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let mut seqs = Vec::with_capacity(args.per_recipient);
+        for index in 0..args.per_recipient {
+            let message = messages.next().await.ok_or("the consumer ended")??;
+            check(args, recipient, index, &message.payload)?;
+            seqs.push(message.info()?.stream_sequence);
+        }
+        Ok(seqs)
     }
 
     async fn drain(
