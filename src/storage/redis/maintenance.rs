@@ -127,10 +127,15 @@ impl RedisStorage {
     }
 
     /// Walks one index bucket: the queues filed at or below `upper` (a score, or `(score` for
-    /// strictly below), each through `visit` (given the queue's keys, its name and the budget
-    /// left), while budget is left. Each queue's entry then moves where the visit says, but
-    /// only if it still holds the score found, so an append that filed the queue meanwhile
-    /// keeps its entry. Returns the budget left.
+    /// strictly below), each through `visit` (given the queue's keys, its name and its share
+    /// of the budget), while budget is left. Each queue's entry then moves where the visit
+    /// says, but only if it still holds the score found, so an append that filed the queue
+    /// meanwhile keeps its entry. Returns the budget left.
+    ///
+    /// The queues of one index read (up to 64) are visited at once, their round trips
+    /// overlapping (on a cluster too: each goes to its queue's node), each within its share of
+    /// the budget left, so together they never spend more than it. A queue whose share ran
+    /// out stays due in the index and is read again on the next turn.
     async fn walk_bucket<F, Fut>(
         &self,
         index: &str,
@@ -151,29 +156,56 @@ impl RedisStorage {
             if filed.is_empty() {
                 break;
             }
-            for (hex, seen) in filed {
-                let keys = keys::recipient_keys(prefix, &hex);
-                let visited = visit(keys, hex.clone(), left).await?;
+            // `filed` holds at most `left` queues: each share is at least 1.
+            let (base, extra) = (left / filed.len(), left % filed.len());
+            let visits =
+                futures::future::join_all(filed.iter().enumerate().map(|(i, (hex, _))| {
+                    let keys = keys::recipient_keys(prefix, hex);
+                    visit(keys, hex.clone(), base + usize::from(i < extra))
+                }))
+                .await;
+            // What the visits that succeeded did is counted and filed before any error is
+            // returned: the byte counter must hear of every record removed.
+            let mut freed = 0;
+            let mut refiles = Vec::new();
+            let mut failed = None;
+            for ((hex, seen), visited) in filed.into_iter().zip(visits) {
+                let visited = match visited {
+                    Ok(visited) => visited,
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                        continue;
+                    }
+                };
                 left = left.saturating_sub(visited.spent);
                 // The index entry, and what the step looked at inside the queue.
                 outcome.examined += 1 + visited.examined;
                 outcome.expired += visited.expired;
                 outcome.idle_recipients += visited.idle_recipients;
-                self.count_freed(&hex, visited.freed).await;
-                let _: i64 = self
-                    .shared
-                    .steps
-                    .refile
-                    .key(index)
-                    .arg(&hex)
-                    .arg(seen)
-                    .arg(visited.refile.map_or(NONE, |score| score as i64))
-                    .invoke_async(&mut self.connection())
-                    .await
-                    .map_err(redis_error)?;
-                if left == 0 {
-                    break;
+                freed += visited.freed;
+                let score = visited.refile.map_or(NONE, |score| score as i64);
+                refiles.push(async move {
+                    let refiled: redis::RedisResult<i64> = self
+                        .shared
+                        .steps
+                        .refile
+                        .key(index)
+                        .arg(&hex)
+                        .arg(seen)
+                        .arg(score)
+                        .invoke_async(&mut self.connection())
+                        .await;
+                    refiled.map_err(redis_error)
+                });
+            }
+            self.count_freed(index, freed).await;
+            for refiled in futures::future::join_all(refiles).await {
+                if let Err(error) = refiled {
+                    failed.get_or_insert(error);
                 }
+            }
+            if let Some(error) = failed {
+                return Err(error);
             }
         }
         Ok(left)
@@ -298,11 +330,11 @@ impl RedisStorage {
         Ok(false)
     }
 
-    /// Takes bytes a purge freed off the storage-wide counter; a failure is logged (the purge
-    /// stands).
-    pub(super) async fn count_freed(&self, hex: &str, freed: i64) {
+    /// Takes bytes a purge freed in the queues of `index` off the storage-wide counter; a
+    /// failure is logged (the purge stands).
+    async fn count_freed(&self, index: &str, freed: i64) {
         if let Err(error) = self.count_bytes(-freed).await {
-            tracing::warn!(queue = %hex, %error, "byte counter update failed");
+            tracing::warn!(%index, %error, "byte counter update failed");
         }
     }
 
