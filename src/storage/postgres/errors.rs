@@ -17,6 +17,8 @@ use crate::error::Error;
 /// not encode) will not pass by itself.
 pub(super) fn pg_error(error: tokio_postgres::Error) -> Error {
     let retryable = match error.code() {
+        // A certificate refused will be refused again.
+        None if tls_refused(&error) => false,
         None => error.is_closed() || io_underneath(&error),
         Some(code) => {
             let code = code.code();
@@ -55,14 +57,49 @@ fn io_underneath(error: &tokio_postgres::Error) -> bool {
     false
 }
 
-/// The server's message with its detail, or the driver's.
+/// True if TLS refused the server (its certificate, or the handshake): rustls's error
+/// underneath, inside the I/O error the TLS stream reports it as.
+fn tls_refused(error: &tokio_postgres::Error) -> bool {
+    #[cfg(feature = "postgres-tls")]
+    {
+        let mut cause = std::error::Error::source(error);
+        while let Some(inner) = cause {
+            let rustls = inner.is::<rustls::Error>()
+                || inner
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::get_ref)
+                    .is_some_and(|inner| inner.is::<rustls::Error>());
+            if rustls {
+                return true;
+            }
+            cause = inner.source();
+        }
+    }
+    #[cfg(not(feature = "postgres-tls"))]
+    let _ = error;
+    false
+}
+
+/// The server's message with its detail, or the driver's with its causes (a TLS handshake
+/// that failed says why: the certificate's issuer unknown, its name another host's).
 pub(super) fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => match db.detail() {
             Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),
             None => format!("{} ({})", db.message(), db.code().code()),
         },
-        None => error.to_string(),
+        None => {
+            let mut text = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                let said = inner.to_string();
+                if !text.contains(&said) {
+                    text = format!("{text}: {said}");
+                }
+                cause = inner.source();
+            }
+            text
+        }
     }
 }
 

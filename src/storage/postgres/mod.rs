@@ -16,9 +16,11 @@
 //!
 //! Several nodes on one schema: set it with
 //! [`OfflineQueueBuilder::shared_storage`](crate::OfflineQueueBuilder::shared_storage), and it
-//! is also their [`Coordination`](crate::Coordination) (see [Nodes](#nodes)). Not built yet
-//! (issue 16 goes on): TLS, bounded bloat under a held xmin horizon, and sends at half the
-//! speed of raw multi-row `INSERT`s (see below). Throughput against raw SQL and bloat are measured in BENCHMARKS.md ("PostgreSQL (issue
+//! is also their [`Coordination`](crate::Coordination) (see [Nodes](#nodes)). Over TLS when
+//! the URL says `sslmode=require`, with the `postgres-tls` feature
+//! ([`PostgresOptions::tls_root_certificates_pem`] for a private CA). Not built yet (issue 16
+//! goes on): bounded bloat under a held xmin horizon, and sends at half the speed of raw
+//! multi-row `INSERT`s (see below). Throughput against raw SQL and bloat are measured in BENCHMARKS.md ("PostgreSQL (issue
 //! 16)", `benches/postgres.rs` and `benches/postgres_bloat.rs`).
 //!
 //! # Driver
@@ -125,6 +127,7 @@ mod group_commit;
 mod nodes;
 mod options;
 mod schema;
+mod tls;
 
 use std::sync::Arc;
 
@@ -172,6 +175,8 @@ struct Shared {
     listeners: crate::coordination::Listeners,
     /// For the listener's own connection.
     config: tokio_postgres::Config,
+    /// How connections are made (TLS or not).
+    tls: tls::Tls,
 }
 
 impl std::fmt::Debug for PostgresStorage {

@@ -11,7 +11,6 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::stream::BoxStream;
-use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::errors::{pg_error, pool_error};
 use super::{PostgresStorage, Shared};
@@ -173,21 +172,8 @@ async fn listen(shared: Arc<Shared>) {
 }
 
 async fn listen_once(shared: &Shared) -> Result<()> {
-    let (client, mut connection) = shared.config.connect(NoTls).await.map_err(pg_error)?;
     let (notes, mut received) = mpsc::unbounded();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(note)) => {
-                    let _ = notes.unbounded_send(note.payload().to_owned());
-                }
-                Ok(_) => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
-    });
+    let (client, driver) = shared.tls.connect_listening(&shared.config, notes).await?;
     let listening = client
         .batch_execute(&format!("LISTEN {}", shared.channel))
         .await

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use super::errors::{describe, pg_error, pool_error};
 use super::schema::{self, Statements};
+use super::tls::Tls;
 use super::{PostgresStorage, Shared, group_commit};
 use crate::error::{Error, Result};
 
@@ -23,6 +23,7 @@ pub struct PostgresOptions {
     pub(super) wait_timeout: Duration,
     pub(super) max_group: usize,
     pub(super) presence_ttl: Duration,
+    pub(super) tls_roots_pem: Option<Vec<u8>>,
 }
 
 impl Default for PostgresOptions {
@@ -35,6 +36,7 @@ impl Default for PostgresOptions {
             wait_timeout: Duration::from_secs(10),
             max_group: 256,
             presence_ttl: Duration::from_secs(30),
+            tls_roots_pem: None,
         }
     }
 }
@@ -98,14 +100,27 @@ impl PostgresOptions {
         self
     }
 
+    /// Certificates (PEM: a private CA's, or a server's own self-signed one) trusted for TLS
+    /// in place of Mozilla's roots. TLS is used when the URL says `sslmode=require`, with the
+    /// `postgres-tls` feature; the server's certificate must then chain to one of these and
+    /// name the host the URL connects to. A PEM without a usable certificate is refused at
+    /// connect.
+    pub fn tls_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots_pem = Some(pem.into());
+        self
+    }
+
     /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`, or
     /// a `key=value` connection string), creates or migrates the schema, and asks whether
-    /// commits are durable (`fsync` on and `synchronous_commit` not off). Plain TCP or a Unix
-    /// socket: TLS is not supported yet.
+    /// commits are durable (`fsync` on and `synchronous_commit` not off). TCP or a Unix
+    /// socket; over TLS when the URL says `sslmode=require` (feature `postgres-tls`, see
+    /// [`tls_root_certificates_pem`](Self::tls_root_certificates_pem)), in the clear
+    /// otherwise (`prefer` does not try TLS).
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a URL or schema name that does not parse, or a schema
-    /// holding another application's `oq_*` table; [`Error::Storage`] for a server that does
+    /// [`Error::InvalidConfig`] for a URL or schema name that does not parse, a schema
+    /// holding another application's `oq_*` table, `sslmode=require` without the
+    /// `postgres-tls` feature, or root certificates that do not parse; [`Error::Storage`] for a server that does
     /// not answer (retryable) or a schema at a newer version than this build (not
     /// retryable).
     pub async fn connect(self, url: &str) -> Result<PostgresStorage> {
@@ -136,9 +151,9 @@ impl PostgresOptions {
             .keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3);
-        let manager = Manager::from_config(
+        let tls = Tls::for_config(&config, self.tls_roots_pem.as_deref())?;
+        let manager = tls.manager(
             config,
-            NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -155,11 +170,17 @@ impl PostgresOptions {
             })?;
         let mut client = pool.get().await.map_err(|e| {
             let mut error = pool_error(e);
-            if let Error::Storage { message, .. } = &mut error {
-                *message = format!(
-                    "postgres for schema {:?} does not answer: {message}",
-                    self.schema
-                );
+            if let Error::Storage {
+                message, retryable, ..
+            } = &mut error
+            {
+                // Retryable: it did not answer (yet). Not: it answered and was refused.
+                let what = if *retryable {
+                    "does not answer"
+                } else {
+                    "refused the connection"
+                };
+                *message = format!("postgres for schema {:?} {what}: {message}", self.schema);
             }
             error
         })?;
@@ -187,6 +208,7 @@ impl PostgresOptions {
             live: Default::default(),
             listeners: Default::default(),
             config: listen_config,
+            tls,
             statements: Statements::new(&quoted),
             purge_lock: schema::lock_key(&self.schema, "purge"),
             schema: self.schema,
