@@ -76,6 +76,52 @@ async fn the_protocol_holds_on_postgres() {
     }
 }
 
+/// The same on PostgreSQL over TLS: `?sslmode=require` and `--postgres-tls-roots` with the
+/// certificate Debian's PostgreSQL serves (its snakeoil one, for `localhost`).
+#[cfg(feature = "postgres-tls")]
+#[tokio::test]
+async fn the_protocol_holds_on_postgres_over_tls() {
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let required = ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1");
+    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
+        assert!(
+            std::env::var(required.0).as_deref() != Ok(required.1),
+            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
+        );
+        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
+        return;
+    };
+    if skip_support::program_missing(SNAKEOIL, "ssl-cert", required) {
+        return;
+    }
+    let local = url.replace("@127.0.0.1:", "@localhost:");
+    let separator = if local.contains('?') { '&' } else { '?' };
+    let tls = format!("{local}{separator}sslmode=require");
+    let schema = format!(
+        "chat_test_tls_{}",
+        offline_queue::MessageId::generate()
+            .to_string()
+            .to_lowercase()
+    );
+    let flags = [
+        "--storage",
+        &tls,
+        "--postgres-schema",
+        &schema,
+        "--postgres-tls-roots",
+        SNAKEOIL,
+    ];
+    offline_then_batches(&flags).await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
 /// Alice sends five to bob, offline; bob connects and gets them in batches of two.
 async fn offline_then_batches(storage: &[&str]) {
     let mut args = vec!["--batch-max", "2"];

@@ -48,6 +48,11 @@ pub struct Config {
     /// With PostgreSQL storage: the schema the queues live in.
     #[arg(long, default_value = "chat")]
     pub postgres_schema: String,
+    /// With PostgreSQL storage over TLS (`?sslmode=require` in the URL, built with the
+    /// `postgres-tls` feature): a PEM file of the certificates to trust (a private CA, or the
+    /// server's own) in place of the public roots.
+    #[arg(long)]
+    pub postgres_tls_roots: Option<std::path::PathBuf>,
     /// With Redis storage: this node's id among the nodes (default: random).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -208,10 +213,14 @@ async fn with_postgres(
     spec: &str,
     config: &Config,
 ) -> Result<OfflineQueueBuilder, BoxError> {
-    let storage = offline_queue::PostgresStorage::options()
-        .schema(config.postgres_schema.clone())
-        .connect(spec)
-        .await?;
+    let mut options =
+        offline_queue::PostgresStorage::options().schema(config.postgres_schema.clone());
+    if let Some(path) = &config.postgres_tls_roots {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("--postgres-tls-roots {}: {e}", path.display()))?;
+        options = options.tls_root_certificates_pem(pem);
+    }
+    let storage = options.connect(spec).await?;
     Ok(builder.shared_storage(Arc::new(storage)))
 }
 
