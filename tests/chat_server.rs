@@ -9,6 +9,8 @@
 mod server;
 
 mod chat_support;
+#[cfg(feature = "postgres")]
+mod postgres_support;
 mod skip_support;
 
 use std::time::Duration;
@@ -43,36 +45,19 @@ async fn offline_messages_arrive_in_order_in_batches_then_caught_up() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn the_protocol_holds_on_postgres() {
-    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
-        assert!(
-            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
-        );
-        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
+    let Some(url) = postgres_support::url() else {
         return;
     };
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     // Each scenario in a schema of its own, as each starts from empty queues.
     for scenario in 0..2 {
-        let schema = format!(
-            "chat_test_{}",
-            offline_queue::MessageId::generate()
-                .to_string()
-                .to_lowercase()
-        );
+        let schema = postgres_support::unique_schema("chat");
         let flags = ["--storage", &url, "--postgres-schema", &schema];
         if scenario == 0 {
             offline_then_batches(&flags).await;
         } else {
             acked_gone_unacked_back(&flags).await;
         }
-        client
-            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-            .await
-            .unwrap();
+        postgres_support::drop_schemas(&url, &[schema]).await;
     }
 }
 
@@ -81,28 +66,11 @@ async fn the_protocol_holds_on_postgres() {
 #[cfg(feature = "postgres-tls")]
 #[tokio::test]
 async fn the_protocol_holds_on_postgres_over_tls() {
-    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
-    let required = ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1");
-    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
-        assert!(
-            std::env::var(required.0).as_deref() != Ok(required.1),
-            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
-        );
-        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
+    use postgres_support::SNAKEOIL;
+    let Some((url, tls)) = postgres_support::tls_url().await else {
         return;
     };
-    if skip_support::program_missing(SNAKEOIL, "ssl-cert", required) {
-        return;
-    }
-    let local = url.replace("@127.0.0.1:", "@localhost:");
-    let separator = if local.contains('?') { '&' } else { '?' };
-    let tls = format!("{local}{separator}sslmode=require");
-    let schema = format!(
-        "chat_test_tls_{}",
-        offline_queue::MessageId::generate()
-            .to_string()
-            .to_lowercase()
-    );
+    let schema = postgres_support::unique_schema("chat_tls");
     let flags = [
         "--storage",
         &tls,
@@ -112,14 +80,7 @@ async fn the_protocol_holds_on_postgres_over_tls() {
         SNAKEOIL,
     ];
     offline_then_batches(&flags).await;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
+    postgres_support::drop_schemas(&url, &[schema]).await;
 }
 
 /// Alice sends five to bob, offline; bob connects and gets them in batches of two.
@@ -795,20 +756,10 @@ async fn two_servers_on_one_redis_deliver_across() {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn two_servers_on_one_postgres_deliver_across() {
-    let Ok(url) = std::env::var("OFFLINE_QUEUE_POSTGRES_URL") else {
-        assert!(
-            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_POSTGRES_URL"
-        );
-        skip_support::record("OFFLINE_QUEUE_POSTGRES_URL is not set");
+    let Some(url) = postgres_support::url() else {
         return;
     };
-    let schema = format!(
-        "chat_test_{}",
-        offline_queue::MessageId::generate()
-            .to_string()
-            .to_lowercase()
-    );
+    let schema = postgres_support::unique_schema("chat");
     {
         let flags = ["--storage", &url, "--postgres-schema", &schema];
         let first = Server::start(&flags);
@@ -830,14 +781,7 @@ async fn two_servers_on_one_postgres_deliver_across() {
             assert_eq!(frame["messages"][0]["from"], "alice");
         }
     }
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
+    postgres_support::drop_schemas(&url, &[schema]).await;
 }
 
 /// A client that sends without waiting (300 frames, some refused) gets one reply per frame, in

@@ -8,7 +8,6 @@
 #![cfg(all(feature = "postgres-tls", feature = "testing"))]
 
 mod postgres_support;
-mod skip_support;
 
 use std::time::{Duration, Instant};
 
@@ -16,37 +15,7 @@ use offline_queue::storage::NewRecord;
 use offline_queue::{
     Coordination, Error, MessageId, PostgresStorage, Quota, RecipientId, Storage, StorageExt,
 };
-use postgres_support::{drop_schemas, raw, unique_schema, url};
-
-/// Debian's self-signed certificate, which its PostgreSQL serves by default.
-const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
-
-/// The test server's URL over TLS: the host its certificate names, `sslmode=require`. `None`
-/// (the test skipped) without the server, its certificate, or its TLS; a failure instead under
-/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1`.
-async fn tls_url() -> Option<(String, String)> {
-    let url = url()?;
-    if skip_support::program_missing(SNAKEOIL, "ssl-cert", ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1")) {
-        return None;
-    }
-    let ssl: String = raw(&url)
-        .await
-        .query_one("SHOW ssl", &[])
-        .await
-        .unwrap()
-        .get(0);
-    if ssl != "on" {
-        assert!(
-            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-            "the PostgreSQL at {url} has ssl = {ssl}"
-        );
-        skip_support::record("the test PostgreSQL has TLS off");
-        return None;
-    }
-    let local = url.replace("@127.0.0.1:", "@localhost:");
-    let separator = if local.contains('?') { '&' } else { '?' };
-    Some((url, format!("{local}{separator}sslmode=require")))
-}
+use postgres_support::{SNAKEOIL, drop_schemas, raw, tls_url, unique_schema};
 
 /// How many of the server's connections from `application` are encrypted, and how many not.
 async fn encrypted(url: &str, application: &str) -> (i64, i64) {
