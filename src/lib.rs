@@ -82,10 +82,14 @@ mod limits;
 mod message;
 mod metrics;
 mod notifier;
+#[cfg(feature = "push-core")]
+pub mod push;
 mod queue;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(any(feature = "postgres-tls", feature = "push-core"))]
+mod tls;
 mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};

@@ -123,33 +123,9 @@ where
 /// A verifying rustls connector (ring), trusting `roots_pem` or else Mozilla's roots.
 #[cfg(feature = "postgres-tls")]
 fn rustls_connector(roots_pem: Option<&[u8]>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let bad = |reason: String| Error::InvalidConfig {
+    let config = crate::tls::client_config(roots_pem).map_err(|reason| Error::InvalidConfig {
         field: "postgres tls root certificates",
         reason,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match roots_pem {
-        Some(pem) => {
-            for certificate in CertificateDer::pem_slice_iter(pem) {
-                let certificate = certificate.map_err(|e| bad(format!("not PEM: {e}")))?;
-                roots
-                    .add(certificate)
-                    .map_err(|e| bad(format!("not a usable certificate: {e}")))?;
-            }
-            if roots.is_empty() {
-                return Err(bad("no certificate in the PEM given".into()));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    })?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }

@@ -1,0 +1,80 @@
+//! Push nudges sent by the crate: the devices of each recipient, a provider per push service,
+//! and [`PushNotifier`], the [`Notifier`](crate::Notifier) that ties them together.
+//!
+//! The engine decides *when* to nudge an offline recipient ([`NotifyPolicy`](crate::NotifyPolicy):
+//! coalescing, cooldowns, the delayed nudge after a session ends with messages pending). This
+//! module does the sending, so a host does not write OAuth, JWTs, payload encryption, token
+//! pruning and retries again:
+//!
+//! - **[`PushTargets`]**: the host's lookup of a recipient's devices, and the callback that tells
+//!   it a device is gone (the push service said the token or subscription is dead) so it can
+//!   delete it. [`MemoryPushTargets`] is an in-memory one.
+//! - **[`PushProvider`]**: one push service, one request per device. [`WebPush`] (feature
+//!   `web-push`) is built in; a host can write its own.
+//! - **[`PushNotifier`]**: queues each nudge without blocking (a full queue drops it and counts
+//!   it), and a task sends it: at most [`PushOptions::concurrency`] nudges at a time, each
+//!   request bounded by a timeout, retries with backoff and jitter, `Retry-After` honoured, a
+//!   give-up after [`PushOptions::give_up_after`], every outcome counted in [`PushMetrics`].
+//!
+//! A push is a hint, never the delivery: the message waits in storage until the recipient
+//! connects and acks it, whether the push arrived, was throttled or was coalesced by the push
+//! service. The payload carries no message content and no sender, only what the [`Nudge`] has
+//! (how many messages wait, and why).
+//!
+//! ```no_run
+//! # #[cfg(feature = "web-push")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use offline_queue::push::{
+//!     Device, MemoryPushTargets, PushNotifier, PushOptions, VapidKey, WebPush,
+//!     WebPushSubscription,
+//! };
+//! use offline_queue::{OfflineQueue, RecipientId};
+//!
+//! let targets = Arc::new(MemoryPushTargets::new());
+//! // What the browser's PushSubscription.toJSON() gave you:
+//! let subscription = WebPushSubscription::new(
+//!     "https://push.example.net/send/abc",
+//!     "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4",
+//!     "BTBZMqHH6r4Tts7J_aSIgg",
+//! )?;
+//! targets.add(RecipientId::new("bob")?, Device::WebPush(subscription));
+//!
+//! let vapid = VapidKey::from_base64url(&std::env::var("VAPID_PRIVATE_KEY")?)?;
+//! let web_push = WebPush::new(vapid, "mailto:ops@example.com")?;
+//! let (notifier, _task) =
+//!     PushNotifier::start(targets, vec![Arc::new(web_push)], PushOptions::default())?;
+//! let queue = OfflineQueue::builder().notifier(Arc::new(notifier.clone())).build()?;
+//! // Later: notifier.metrics() says what was delivered, retried, given up or gone.
+//! # Ok(()) }
+//! ```
+
+mod device;
+mod http;
+mod notifier;
+#[cfg(feature = "web-push")]
+mod web_push;
+
+pub use device::{Device, MemoryPushTargets, PushTargets, WebPushSubscription};
+pub use notifier::{PushAttempt, PushMetrics, PushNotifier, PushOptions, PushProvider};
+#[cfg(feature = "web-push")]
+pub use web_push::{VapidKey, WebPush, WebPushOptions};
+
+/// Bad push configuration or device data: what was wrong, and the limit where there is one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("push: {what}: {reason}")]
+pub struct PushError {
+    /// What was wrong (a field, a key, a subscription part).
+    pub what: &'static str,
+    /// Why, with the limit where there is one.
+    pub reason: String,
+}
+
+impl PushError {
+    pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            what,
+            reason: reason.into(),
+        }
+    }
+}

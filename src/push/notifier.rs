@@ -1,0 +1,411 @@
+//! [`PushNotifier`]: the queue and the task between the engine's nudges and the push services.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::{Device, PushError, PushTargets};
+use crate::message::RecipientId;
+use crate::notifier::{Notifier, NotifyError, Nudge};
+
+/// How one request to a push service went, as its provider reads the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushAttempt {
+    /// The push service accepted the push.
+    Delivered,
+    /// The push service says the device is gone (uninstalled app, expired token, cancelled
+    /// subscription): [`PushTargets::device_gone`] is told, and nothing is retried.
+    DeviceGone,
+    /// Worth trying again: throttled (429), the service unavailable (5xx), or no answer.
+    Retry {
+        /// How long the service asked to wait (`Retry-After`); otherwise the notifier backs off
+        /// on its own.
+        after: Option<Duration>,
+        /// What happened, for the log.
+        reason: String,
+    },
+    /// Refused for good (a malformed request, bad credentials): counted and logged, not
+    /// retried.
+    Rejected(String),
+}
+
+/// One push service. [`PushNotifier`] calls [`push`](PushProvider::push) once per attempt
+/// and device, with a timeout around it, and does the retrying itself.
+#[async_trait]
+pub trait PushProvider: Send + Sync + 'static {
+    /// A short name for logs and errors (`"web-push"`).
+    fn name(&self) -> &'static str;
+
+    /// Whether this provider reaches `device`.
+    fn serves(&self, device: &Device) -> bool;
+
+    /// Sends `nudge` to `device`, once, and reads the answer.
+    async fn push(&self, device: &Device, nudge: &Nudge) -> PushAttempt;
+}
+
+/// How [`PushNotifier`] queues, sends and retries. Start from `PushOptions::default()` and set
+/// the fields you need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PushOptions {
+    /// Nudges waiting to be sent; a nudge past it is dropped and counted in
+    /// [`PushMetrics::dropped_queue_full`], so a slow push service never slows a send.
+    /// Default 1,024.
+    pub queue_capacity: usize,
+    /// Nudges being sent at once (each to all the recipient's devices). Default 32.
+    pub concurrency: usize,
+    /// An attempt without an answer by then counts as failed and is retried (a hung push
+    /// service holds a slot this long, never a send). Default 10 s.
+    pub request_timeout: Duration,
+    /// Wait before the first retry when the service named none; it doubles after each retry,
+    /// up to `max_retry_wait`, and each wait is drawn at random from its upper half (jitter,
+    /// so retries of many nudges spread out). Default 1 s.
+    pub first_retry: Duration,
+    /// Longest wait between two attempts when the service named none. Default 60 s.
+    pub max_retry_wait: Duration,
+    /// A push not delivered this long after its first attempt is given up, counted in
+    /// [`PushMetrics::gave_up`] (a wait, `Retry-After` included, that would end past it is not
+    /// started). Default 5 minutes: later, the nudge is stale, and the next message nudges
+    /// again.
+    pub give_up_after: Duration,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            concurrency: 32,
+            request_timeout: Duration::from_secs(10),
+            first_retry: Duration::from_secs(1),
+            max_retry_wait: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// What a [`PushNotifier`] has done since it started: nudges counted once each where they end,
+/// pushes (one per nudge and device) counted by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PushMetrics {
+    /// Nudges queued.
+    pub queued: u64,
+    /// Nudges dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Nudges for a recipient with no device a provider serves.
+    pub without_device: u64,
+    /// Nudges whose device lookup failed or timed out.
+    pub lookup_failed: u64,
+    /// Pushes a push service accepted.
+    pub delivered: u64,
+    /// Attempts that will be tried again (throttled, unavailable, or no answer).
+    pub retried: u64,
+    /// Attempts that got no answer within [`PushOptions::request_timeout`] (also in
+    /// `retried` or `gave_up`).
+    pub timed_out: u64,
+    /// Pushes given up after [`PushOptions::give_up_after`].
+    pub gave_up: u64,
+    /// Pushes refused for good (bad request, bad credentials).
+    pub rejected: u64,
+    /// Devices the push service said are gone, reported to [`PushTargets::device_gone`].
+    pub devices_gone: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    queued: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    without_device: AtomicU64,
+    lookup_failed: AtomicU64,
+    delivered: AtomicU64,
+    retried: AtomicU64,
+    timed_out: AtomicU64,
+    gave_up: AtomicU64,
+    rejected: AtomicU64,
+    devices_gone: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A [`Notifier`] that sends nudges through [`PushProvider`]s to the devices [`PushTargets`]
+/// lists. `notify` only queues (never blocks); the task [`start`](PushNotifier::start) spawns
+/// does the rest. Clones share the queue and the counters: give one to the engine
+/// (`OfflineQueueBuilder::notifier`) and keep one to read [`metrics`](PushNotifier::metrics).
+#[derive(Clone)]
+pub struct PushNotifier {
+    queue: mpsc::Sender<Nudge>,
+    counters: Arc<Counters>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for PushNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushNotifier")
+            .field("capacity", &self.capacity)
+            .field("metrics", &self.metrics())
+            .finish()
+    }
+}
+
+impl PushNotifier {
+    /// Spawns the sending task on the current tokio runtime. The task ends once every clone of
+    /// the notifier is dropped and the nudges already queued are sent or given up.
+    ///
+    /// # Errors
+    /// A [`PushError`] when no provider is given, an option is zero, or there is no tokio
+    /// runtime to spawn on.
+    pub fn start(
+        targets: Arc<dyn PushTargets>,
+        providers: Vec<Arc<dyn PushProvider>>,
+        options: PushOptions,
+    ) -> Result<(Self, JoinHandle<()>), PushError> {
+        if providers.is_empty() {
+            return Err(PushError::new("push providers", "none given"));
+        }
+        for (what, value) in [
+            ("PushOptions::queue_capacity", options.queue_capacity),
+            ("PushOptions::concurrency", options.concurrency),
+        ] {
+            if value == 0 {
+                return Err(PushError::new(what, "must be at least 1"));
+            }
+        }
+        if options.concurrency > Semaphore::MAX_PERMITS {
+            return Err(PushError::new(
+                "PushOptions::concurrency",
+                format!("over the limit of {}", Semaphore::MAX_PERMITS),
+            ));
+        }
+        if options.request_timeout.is_zero() {
+            return Err(PushError::new(
+                "PushOptions::request_timeout",
+                "must be more than zero",
+            ));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| PushError::new("push task", format!("no tokio runtime: {e}")))?;
+        let (queue, nudges) = mpsc::channel(options.queue_capacity);
+        let counters = Arc::new(Counters::default());
+        let sender = Arc::new(Sender {
+            targets,
+            providers,
+            options,
+            counters: counters.clone(),
+            reported_gone: Mutex::new(HashSet::new()),
+        });
+        let task = runtime.spawn(sender.run(nudges));
+        Ok((
+            Self {
+                queue,
+                counters,
+                capacity: options.queue_capacity,
+            },
+            task,
+        ))
+    }
+
+    /// The counters so far.
+    pub fn metrics(&self) -> PushMetrics {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PushMetrics {
+            queued: get(&c.queued),
+            dropped_queue_full: get(&c.dropped_queue_full),
+            without_device: get(&c.without_device),
+            lookup_failed: get(&c.lookup_failed),
+            delivered: get(&c.delivered),
+            retried: get(&c.retried),
+            timed_out: get(&c.timed_out),
+            gave_up: get(&c.gave_up),
+            rejected: get(&c.rejected),
+            devices_gone: get(&c.devices_gone),
+        }
+    }
+}
+
+impl Notifier for PushNotifier {
+    fn notify(&self, nudge: Nudge) -> Result<(), NotifyError> {
+        match self.queue.try_send(nudge) {
+            Ok(()) => {
+                bump(&self.counters.queued);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.counters.dropped_queue_full);
+                Err(NotifyError(format!(
+                    "push queue full ({} nudges waiting)",
+                    self.capacity
+                )))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(NotifyError("the push task has stopped".into()))
+            }
+        }
+    }
+}
+
+/// Devices reported gone are remembered (by hash) so concurrent pushes to one dead device
+/// report it once; past this many the memory starts over.
+const REMEMBERED_GONE: usize = 10_000;
+
+struct Sender {
+    targets: Arc<dyn PushTargets>,
+    providers: Vec<Arc<dyn PushProvider>>,
+    options: PushOptions,
+    counters: Arc<Counters>,
+    reported_gone: Mutex<HashSet<u64>>,
+}
+
+impl Sender {
+    async fn run(self: Arc<Self>, mut nudges: mpsc::Receiver<Nudge>) {
+        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        let mut sending = JoinSet::new();
+        while let Some(nudge) = nudges.recv().await {
+            // Waiting for a slot leaves later nudges in the queue, where a full queue drops
+            // them: the bound on memory and on load on the push services.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            while sending.try_join_next().is_some() {}
+            let sender = self.clone();
+            sending.spawn(async move {
+                sender.send(nudge).await;
+                drop(slot);
+            });
+        }
+        while sending.join_next().await.is_some() {}
+    }
+
+    async fn send(&self, nudge: Nudge) {
+        let lookup = tokio::time::timeout(
+            self.options.request_timeout,
+            self.targets.devices(&nudge.recipient),
+        )
+        .await;
+        let devices = match lookup {
+            Ok(Ok(devices)) => devices,
+            Ok(Err(error)) => {
+                bump(&self.counters.lookup_failed);
+                tracing::warn!(%error, "push: device lookup failed");
+                return;
+            }
+            Err(_) => {
+                bump(&self.counters.lookup_failed);
+                tracing::warn!("push: device lookup timed out");
+                return;
+            }
+        };
+        let pushes: Vec<_> = devices
+            .iter()
+            .filter_map(|device| {
+                let provider = self.providers.iter().find(|p| p.serves(device))?;
+                Some(self.push_until_done(provider.as_ref(), device, &nudge))
+            })
+            .collect();
+        if pushes.is_empty() {
+            bump(&self.counters.without_device);
+            return;
+        }
+        futures::future::join_all(pushes).await;
+    }
+
+    async fn push_until_done(&self, provider: &dyn PushProvider, device: &Device, nudge: &Nudge) {
+        let give_up_at = Instant::now() + self.options.give_up_after;
+        let mut backoff = self.options.first_retry;
+        loop {
+            let attempt = match tokio::time::timeout(
+                self.options.request_timeout,
+                provider.push(device, nudge),
+            )
+            .await
+            {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    bump(&self.counters.timed_out);
+                    PushAttempt::Retry {
+                        after: None,
+                        reason: format!("no answer within {:?}", self.options.request_timeout),
+                    }
+                }
+            };
+            match attempt {
+                PushAttempt::Delivered => {
+                    bump(&self.counters.delivered);
+                    return;
+                }
+                PushAttempt::DeviceGone => {
+                    self.report_gone(&nudge.recipient, device).await;
+                    return;
+                }
+                PushAttempt::Rejected(reason) => {
+                    bump(&self.counters.rejected);
+                    tracing::warn!(provider = provider.name(), %reason, "push refused");
+                    return;
+                }
+                PushAttempt::Retry { after, reason } => {
+                    let wait = after.unwrap_or_else(|| jittered(backoff));
+                    backoff = backoff.saturating_mul(2).min(self.options.max_retry_wait);
+                    if Instant::now() + wait > give_up_at {
+                        bump(&self.counters.gave_up);
+                        tracing::warn!(provider = provider.name(), %reason, "push given up");
+                        return;
+                    }
+                    bump(&self.counters.retried);
+                    tracing::debug!(provider = provider.name(), %reason, ?wait, "push retried");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn report_gone(&self, recipient: &RecipientId, device: &Device) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (recipient, device).hash(&mut hasher);
+        let first = {
+            let mut gone = self.reported_gone.lock();
+            if gone.len() >= REMEMBERED_GONE {
+                gone.clear();
+            }
+            gone.insert(hasher.finish())
+        };
+        if first {
+            bump(&self.counters.devices_gone);
+            self.targets.device_gone(recipient, device).await;
+        }
+    }
+}
+
+/// A wait drawn at random from `[base / 2, base]`.
+fn jittered(base: Duration) -> Duration {
+    let mut bytes = [0u8; 8];
+    // Without randomness (never on Linux), no jitter: still a correct backoff.
+    let draw = getrandom::fill(&mut bytes).map_or(u64::MAX, |()| u64::from_le_bytes(bytes));
+    let half = base / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(if nanos == 0 { 0 } else { draw % (nanos + 1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_the_upper_half() {
+        let base = Duration::from_millis(800);
+        for _ in 0..1000 {
+            let wait = jittered(base);
+            assert!(wait >= base / 2 && wait <= base, "{wait:?}");
+        }
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+}
