@@ -158,7 +158,8 @@ impl std::fmt::Debug for PushNotifier {
 
 impl PushNotifier {
     /// Spawns the sending task on the current tokio runtime. The task ends once every clone of
-    /// the notifier is dropped and the nudges already queued are sent or given up.
+    /// the notifier is dropped and the nudges already queued are sent or given up; it returns
+    /// the final counters.
     ///
     /// # Errors
     /// A [`PushError`] when no provider is given, an option is zero, or there is no tokio
@@ -167,7 +168,7 @@ impl PushNotifier {
         targets: Arc<dyn PushTargets>,
         providers: Vec<Arc<dyn PushProvider>>,
         options: PushOptions,
-    ) -> Result<(Self, JoinHandle<()>), PushError> {
+    ) -> Result<(Self, JoinHandle<PushMetrics>), PushError> {
         if providers.is_empty() {
             return Err(PushError::new("push providers", "none given"));
         }
@@ -202,7 +203,12 @@ impl PushNotifier {
             counters: counters.clone(),
             reported_gone: Mutex::new(HashSet::new()),
         });
-        let task = runtime.spawn(sender.run(nudges));
+        let task = runtime.spawn(sender.clone().run(nudges));
+        let task = runtime.spawn(async move {
+            // Only a panic in a provider ends the task early; the counters stand either way.
+            let _ = task.await;
+            metrics_of(&sender.counters)
+        });
         Ok((
             Self {
                 queue,
@@ -215,7 +221,12 @@ impl PushNotifier {
 
     /// The counters so far.
     pub fn metrics(&self) -> PushMetrics {
-        let c = &self.counters;
+        metrics_of(&self.counters)
+    }
+}
+
+fn metrics_of(c: &Counters) -> PushMetrics {
+    {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PushMetrics {
             queued: get(&c.queued),
