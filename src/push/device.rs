@@ -20,6 +20,52 @@ pub const MAX_ENDPOINT_BYTES: usize = 2048;
 pub enum Device {
     /// A browser or service worker subscribed with the Push API (RFC 8030).
     WebPush(WebPushSubscription),
+    /// An Android (or any Firebase) app, by its FCM registration token.
+    Fcm(PushToken),
+}
+
+/// Longest registration or device token accepted. FCM's are about 160 bytes, APNs' 32 bytes
+/// (64 hex digits); the bound only keeps hostile input small.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// An opaque token a push service issued for one app on one device (an FCM registration
+/// token). `Debug` shows only its start: a token is enough to push to the device.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PushToken(String);
+
+impl PushToken {
+    /// Checks and keeps a token: 1 to [`MAX_TOKEN_BYTES`] printable ASCII characters, no
+    /// spaces.
+    ///
+    /// # Errors
+    /// A [`PushError`] saying what is wrong.
+    pub fn new(token: &str) -> Result<Self, PushError> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(PushError::new(
+                "push token",
+                format!("{} bytes, must be 1 to {MAX_TOKEN_BYTES}", token.len()),
+            ));
+        }
+        if let Some(bad) = token.bytes().find(|b| !b.is_ascii_graphic()) {
+            return Err(PushError::new(
+                "push token",
+                format!("byte 0x{bad:02x} is not printable ASCII"),
+            ));
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// The token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PushToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: String = self.0.chars().take(6).collect();
+        write!(f, "PushToken({shown}…)")
+    }
 }
 
 /// A Web Push subscription, as the browser's `PushSubscription.toJSON()` gives it: the push
@@ -232,6 +278,22 @@ mod tests {
         assert!(
             shown.contains("push.example.net") && !shown.contains("secret-path"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_token_is_printable_and_bounded_and_debug_hides_it() {
+        let token = PushToken::new("dGVzdC10b2tlbi1mb3ItZmNt:APA91b").unwrap();
+        assert_eq!(format!("{token:?}"), "PushToken(dGVzdC…)");
+        assert_eq!(
+            PushToken::new("").unwrap_err().reason,
+            "0 bytes, must be 1 to 4096"
+        );
+        assert!(PushToken::new(&"a".repeat(MAX_TOKEN_BYTES)).is_ok());
+        assert!(PushToken::new(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+        assert_eq!(
+            PushToken::new("ab cd").unwrap_err().reason,
+            "byte 0x20 is not printable ASCII"
         );
     }
 

@@ -50,12 +50,19 @@
 //! ```
 
 mod device;
+#[cfg(feature = "fcm")]
+mod fcm;
 mod http;
 mod notifier;
 #[cfg(feature = "web-push")]
 mod web_push;
 
-pub use device::{Device, MemoryPushTargets, PushTargets, WebPushSubscription};
+pub use device::{
+    Device, MAX_ENDPOINT_BYTES, MAX_TOKEN_BYTES, MemoryPushTargets, PushTargets, PushToken,
+    WebPushSubscription,
+};
+#[cfg(feature = "fcm")]
+pub use fcm::{Fcm, FcmOptions, FcmServiceAccount};
 pub use notifier::{PushAttempt, PushMetrics, PushNotifier, PushOptions, PushProvider};
 #[cfg(feature = "web-push")]
 pub use web_push::{VapidKey, WebPush, WebPushOptions};
@@ -70,11 +77,45 @@ pub struct PushError {
     pub reason: String,
 }
 
+/// The collapse key of a recipient's nudges (Web Push `Topic`, FCM `collapse_key`, APNs
+/// `apns-collapse-id`): the same for every nudge to them, so a device that is offline keeps
+/// only the latest. 32 hex digits of a SHA-256 of the id: within every service's limits and
+/// alphabet, and the id itself never leaves the server.
+pub(crate) fn collapse_key(recipient: &crate::RecipientId) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(recipient.as_bytes());
+    crate::hex::encode(&digest[..16])
+}
+
+/// The nudge's reason as the payloads name it.
+pub(crate) fn reason_name(reason: crate::NudgeReason) -> &'static str {
+    match reason {
+        crate::NudgeReason::Urgent => "urgent",
+        crate::NudgeReason::Background => "background",
+        crate::NudgeReason::Unacked => "unacked",
+    }
+}
+
 impl PushError {
     pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
         Self {
             what,
             reason: reason.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_collapse_key_is_32_hex_digits_per_recipient() {
+        let id = |s: &str| crate::RecipientId::new(s).unwrap();
+        let bob = collapse_key(&id("bob"));
+        assert_eq!(bob.len(), 32);
+        assert!(bob.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(bob, collapse_key(&id("bob")));
+        assert_ne!(bob, collapse_key(&id("bob2")));
     }
 }

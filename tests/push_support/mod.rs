@@ -1,5 +1,6 @@
 //! A fake push service for the provider tests: records every request and answers as the path
-//! says, and the independent checker that verifies and decrypts Web Push requests.
+//! says (FCM: as the device token says, with its token endpoint at `/token`), and the
+//! independent checkers, in Python, that verify and decrypt what the providers sent.
 
 #![allow(dead_code)]
 
@@ -51,15 +52,72 @@ async fn answer(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    let last = path.rsplit('/').next().unwrap_or("").to_string();
+    // FCM: the answer follows the device token in the message; its token endpoint grants.
+    let last = if path.ends_with("messages:send") {
+        let message: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        message["message"]["token"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    } else {
+        path.rsplit('/').next().unwrap_or("").to_string()
+    };
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let grants = received.lock().iter().filter(|r| r.path == "token").count();
     received.lock().push(Received {
         path: path.clone(),
         headers,
         body,
     });
     let _ = arrivals.send(());
+    let fcm_error = |status: StatusCode, code: &str, message: &str| {
+        let body = serde_json::json!({"error": {
+            "code": status.as_u16(), "message": message, "status": code,
+            "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": code}],
+        }});
+        (status, body.to_string()).into_response()
+    };
     match last.as_str() {
+        "token" => {
+            let grant = serde_json::json!({
+                "access_token": format!("access-{}", grants + 1),
+                "expires_in": 3600,
+                "token_type": "Bearer",
+            });
+            (StatusCode::OK, grant.to_string()).into_response()
+        }
         "ok" => StatusCode::CREATED.into_response(),
+        "unregistered" => fcm_error(
+            StatusCode::NOT_FOUND,
+            "UNREGISTERED",
+            "Requested entity was not found.",
+        ),
+        "invalid-token" => fcm_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "The registration token is not a valid FCM registration token",
+        ),
+        "invalid-data" => fcm_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "Invalid data payload",
+        ),
+        "wrong-sender" => fcm_error(
+            StatusCode::FORBIDDEN,
+            "SENDER_ID_MISMATCH",
+            "SenderId mismatch",
+        ),
+        // 401 to the first access token, accepted from the second on.
+        "stale-auth" if authorization == "Bearer access-1" => fcm_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials.",
+        ),
+        "stale-auth" => StatusCode::OK.into_response(),
         "gone" => StatusCode::GONE.into_response(),
         "missing" => StatusCode::NOT_FOUND.into_response(),
         "busy" => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "120")]).into_response(),
@@ -138,24 +196,42 @@ pub fn checker_missing() -> bool {
     true
 }
 
-/// Verifies each request's VAPID token and decrypts its body with the subscription's private
-/// key, in Python (`tests/push_support/web_push_check.py`), apart from the crate's code.
-pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Vec<Checked> {
-    use base64::Engine as _;
-    let input = serde_json::json!({
-        "ua_private": ua_private,
-        "auth": auth,
-        "requests": requests.iter().map(|r| serde_json::json!({
-            "authorization": r.header("authorization"),
-            "body": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&r.body),
-        })).collect::<Vec<_>>(),
-    });
+/// A new 2048-bit RSA key from the checker: (PKCS#8 private PEM, public PEM).
+pub fn rsa_key() -> (String, String) {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/push_support/web_push_check.py"
+        "/tests/push_support/fcm_check.py"
     );
+    let out = std::process::Command::new("python3")
+        .args([script, "key"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        keys["private_pem"].as_str().unwrap().to_owned(),
+        keys["public_pem"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Verifies each service-account assertion's RS256 signature with `public_pem`, in Python;
+/// returns their claims.
+pub fn check_fcm_assertions(public_pem: &str, assertions: &[String]) -> Vec<serde_json::Value> {
+    let input = serde_json::json!({ "public_pem": public_pem, "assertions": assertions });
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/push_support/fcm_check.py"
+    );
+    run_checker(&[script, "verify"], &input)
+}
+
+fn run_checker<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde_json::Value) -> T {
     let mut child = std::process::Command::new("python3")
-        .arg(script)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -173,4 +249,23 @@ pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Ve
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Verifies each request's VAPID token and decrypts its body with the subscription's private
+/// key, in Python (`tests/push_support/web_push_check.py`), apart from the crate's code.
+pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Vec<Checked> {
+    use base64::Engine as _;
+    let input = serde_json::json!({
+        "ua_private": ua_private,
+        "auth": auth,
+        "requests": requests.iter().map(|r| serde_json::json!({
+            "authorization": r.header("authorization"),
+            "body": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&r.body),
+        })).collect::<Vec<_>>(),
+    });
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/push_support/web_push_check.py"
+    );
+    run_checker(&[script], &input)
 }

@@ -36,11 +36,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Uri};
 use parking_lot::Mutex;
-use sha2::Digest as _;
 
 pub use self::vapid::VapidKey;
 use super::http::HttpClient;
-use super::{Device, PushAttempt, PushError, PushProvider};
+use super::{Device, PushAttempt, PushError, PushProvider, collapse_key, reason_name};
 use crate::notifier::{Nudge, NudgeReason};
 
 /// How [`WebPush`] sends. Start from `WebPushOptions::default()`.
@@ -156,27 +155,12 @@ fn payload(nudge: &Nudge) -> Vec<u8> {
         .into_bytes()
 }
 
-fn reason_name(reason: NudgeReason) -> &'static str {
-    match reason {
-        NudgeReason::Urgent => "urgent",
-        NudgeReason::Background => "background",
-        NudgeReason::Unacked => "unacked",
-    }
-}
-
 fn urgency(reason: NudgeReason) -> &'static str {
     match reason {
         NudgeReason::Urgent => "high",
         NudgeReason::Unacked => "normal",
         NudgeReason::Background => "low",
     }
-}
-
-/// The `Topic` for a recipient: 32 characters of the URL-safe alphabet (RFC 8030 §5.4), the
-/// same for every push to them, so a device keeps only the latest.
-fn topic(recipient: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(recipient);
-    crate::hex::encode(&digest[..16])
 }
 
 #[async_trait]
@@ -190,7 +174,9 @@ impl PushProvider for WebPush {
     }
 
     async fn push(&self, device: &Device, nudge: &Nudge) -> PushAttempt {
-        let Device::WebPush(subscription) = device;
+        let Device::WebPush(subscription) = device else {
+            return PushAttempt::Rejected("not a Web Push device".into());
+        };
         let Ok(endpoint) = subscription.endpoint().parse::<Uri>() else {
             return PushAttempt::DeviceGone;
         };
@@ -225,7 +211,7 @@ impl PushProvider for WebPush {
         let request = Request::post(endpoint)
             .header("TTL", self.ttl_seconds)
             .header("Urgency", urgency(nudge.reason))
-            .header("Topic", topic(nudge.recipient.as_bytes()))
+            .header("Topic", collapse_key(&nudge.recipient))
             .header(hyper::header::CONTENT_ENCODING, "aes128gcm")
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .header(hyper::header::AUTHORIZATION, self.authorization(&audience))
@@ -262,15 +248,6 @@ impl PushProvider for WebPush {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_topic_is_32_url_safe_characters_per_recipient() {
-        let bob = topic(b"bob");
-        assert_eq!(bob.len(), 32);
-        assert!(bob.bytes().all(|b| b.is_ascii_alphanumeric()));
-        assert_eq!(bob, topic(b"bob"));
-        assert_ne!(bob, topic(b"bob2"));
-    }
 
     #[test]
     fn a_subject_must_be_mailto_or_https() {
