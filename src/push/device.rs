@@ -22,6 +22,8 @@ pub enum Device {
     WebPush(WebPushSubscription),
     /// An Android (or any Firebase) app, by its FCM registration token.
     Fcm(PushToken),
+    /// An iOS, iPadOS or macOS app, by its APNs device token (hex).
+    Apns(PushToken),
 }
 
 /// Longest registration or device token accepted. FCM's are about 160 bytes, APNs' 32 bytes

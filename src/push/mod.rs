@@ -49,6 +49,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "apns")]
+mod apns;
 mod device;
 #[cfg(feature = "fcm")]
 mod fcm;
@@ -57,6 +59,8 @@ mod notifier;
 #[cfg(feature = "web-push")]
 mod web_push;
 
+#[cfg(feature = "apns")]
+pub use apns::{Apns, ApnsKey, ApnsOptions};
 pub use device::{
     Device, MAX_ENDPOINT_BYTES, MAX_TOKEN_BYTES, MemoryPushTargets, PushTargets, PushToken,
     WebPushSubscription,
