@@ -13,14 +13,14 @@ use offline_queue::push::{
     PushOptions, PushProvider, PushToken,
 };
 use offline_queue::{Envelope, Nudge, NudgeReason, OfflineQueue, RecipientId, Urgency};
-use push_support::{FakePushService, check_fcm_assertions, checker_missing, rsa_key};
+use push_support::{FakePushService, check_jwts, checker_missing, new_key};
 
 const CLIENT_EMAIL: &str = "pusher@example-project.iam.gserviceaccount.com";
 
 /// A provider whose service account has a fresh key and points at `service`; and the key's
 /// public half.
 fn fcm(service: &FakePushService) -> (Fcm, String) {
-    let (private_pem, public_pem) = rsa_key();
+    let (private_pem, public_pem) = new_key("rsa-key");
     let account = serde_json::json!({
         "type": "service_account",
         "project_id": "example-project",
@@ -105,8 +105,12 @@ async fn a_message_for_an_offline_recipient_becomes_one_data_only_fcm_message() 
         }})
     );
 
-    let claims = check_fcm_assertions(&public_pem, &assertions(&service));
-    let claims = &claims[0];
+    let checked = check_jwts(&public_pem, &assertions(&service));
+    assert_eq!(
+        checked[0].header,
+        serde_json::json!({"alg": "RS256", "typ": "JWT"})
+    );
+    let claims = &checked[0].claims;
     assert_eq!(claims["iss"], CLIENT_EMAIL);
     assert_eq!(
         claims["scope"],
@@ -176,7 +180,7 @@ async fn each_answer_of_fcm_is_read_as_documented_and_the_token_is_fetched_once(
         assert_eq!(data.len(), 1, "{data:?}");
         assert!(["background", "unacked"].contains(&data["reason"].as_str().unwrap()));
     }
-    check_fcm_assertions(&public_pem, &assertions(&service));
+    check_jwts(&public_pem, &assertions(&service));
 }
 
 #[tokio::test]
@@ -210,7 +214,7 @@ async fn an_unreachable_token_endpoint_is_retried_and_refused_credentials_are_no
         return;
     }
     let service = FakePushService::start().await;
-    let (private_pem, _) = rsa_key();
+    let (private_pem, _) = new_key("rsa-key");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -196,14 +196,13 @@ pub fn checker_missing() -> bool {
     true
 }
 
-/// A new 2048-bit RSA key from the checker: (PKCS#8 private PEM, public PEM).
-pub fn rsa_key() -> (String, String) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/push_support/fcm_check.py"
-    );
+const CHECKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/push_support/checker.py");
+
+/// A new key from the checker, `"rsa-key"` (2048 bits) or `"ec-key"` (P-256): (PKCS#8
+/// private PEM, public PEM).
+pub fn new_key(kind: &str) -> (String, String) {
     let out = std::process::Command::new("python3")
-        .args([script, "key"])
+        .args([CHECKER, kind])
         .output()
         .unwrap();
     assert!(
@@ -218,19 +217,22 @@ pub fn rsa_key() -> (String, String) {
     )
 }
 
-/// Verifies each service-account assertion's RS256 signature with `public_pem`, in Python;
-/// returns their claims.
-pub fn check_fcm_assertions(public_pem: &str, assertions: &[String]) -> Vec<serde_json::Value> {
-    let input = serde_json::json!({ "public_pem": public_pem, "assertions": assertions });
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/push_support/fcm_check.py"
-    );
-    run_checker(&[script, "verify"], &input)
+/// A JWT as the checker verified it.
+#[derive(Debug, serde::Deserialize)]
+pub struct Jwt {
+    pub header: serde_json::Value,
+    pub claims: serde_json::Value,
+}
+
+/// Verifies each JWT's signature (RS256 or ES256) with `public_pem`, in Python.
+pub fn check_jwts(public_pem: &str, tokens: &[String]) -> Vec<Jwt> {
+    let input = serde_json::json!({ "public_pem": public_pem, "tokens": tokens });
+    run_checker(&["verify-jwt"], &input)
 }
 
 fn run_checker<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde_json::Value) -> T {
     let mut child = std::process::Command::new("python3")
+        .arg(CHECKER)
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -252,7 +254,7 @@ fn run_checker<T: serde::de::DeserializeOwned>(args: &[&str], input: &serde_json
 }
 
 /// Verifies each request's VAPID token and decrypts its body with the subscription's private
-/// key, in Python (`tests/push_support/web_push_check.py`), apart from the crate's code.
+/// key, in Python (`tests/push_support/checker.py`), apart from the crate's code.
 pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Vec<Checked> {
     use base64::Engine as _;
     let input = serde_json::json!({
@@ -263,9 +265,161 @@ pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Ve
             "body": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&r.body),
         })).collect::<Vec<_>>(),
     });
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/push_support/web_push_check.py"
-    );
-    run_checker(&[script], &input)
+    run_checker(&["web-push"], &input)
+}
+
+/// A fake APNs: HTTP/2 over TLS (ALPN `h2` only, as Apple's), with a certificate for
+/// `localhost` from a test CA the client must be told to trust (`cert_pem`). Answers by the device token, read as hex
+/// of a name: `ok` 200, `gone` 410 `Unregistered`, `badtoken` 400 `BadDeviceToken`, `busy` 429,
+/// `down` 503, `expired` 403 `ExpiredProviderToken`, anything else 400 `BadTopic`.
+pub struct FakeApns {
+    pub port: u16,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub cert_pem: Vec<u8>,
+    arrivals: mpsc::UnboundedReceiver<()>,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeApns {
+    pub async fn start() -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("python3")
+            .args([CHECKER, "tls-cert", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cert_pem = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let certs = CertificateDer::pem_file_iter(dir.path().join("cert.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("key.pem")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, arrivals) = mpsc::unbounded_channel();
+        let server = {
+            let (received, connections) = (received.clone(), connections.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (acceptor, received, tx) = (acceptor.clone(), received.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let service = hyper::service::service_fn(move |request| {
+                            apns_answer(request, received.clone(), tx.clone())
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                    });
+                }
+            })
+        };
+        Self {
+            port,
+            received,
+            connections,
+            cert_pem,
+            arrivals,
+            server,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// Waits (at most 30 s, then fails) until `count` requests have arrived in all.
+    pub async fn wait_for(&mut self, count: usize) -> Vec<Received> {
+        while self.received.lock().len() < count {
+            tokio::time::timeout(std::time::Duration::from_secs(30), self.arrivals.recv())
+                .await
+                .expect("APNs got no request within 30 s")
+                .expect("the fake stopped");
+        }
+        self.received.lock().clone()
+    }
+}
+
+impl Drop for FakeApns {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// The device token the fake reads as `name`.
+pub fn apns_token(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn apns_answer(
+    request: hyper::Request<hyper::body::Incoming>,
+    received: Arc<Mutex<Vec<Received>>>,
+    arrivals: mpsc::UnboundedSender<()>,
+) -> Result<hyper::Response<http_body_util::Full<Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt as _;
+    assert_eq!(request.version(), hyper::Version::HTTP_2);
+    let path = request.uri().path().trim_start_matches('/').to_string();
+    let headers = request.headers().clone();
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let token = path.strip_prefix("3/device/").unwrap_or("");
+    let name: String = (0..token.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16).ok())
+        .map(char::from)
+        .collect();
+    received.lock().push(Received {
+        path: path.clone(),
+        headers,
+        body,
+    });
+    let _ = arrivals.send(());
+    let (status, reason) = match name.as_str() {
+        "ok" => (200, ""),
+        "gone" => (410, "Unregistered"),
+        "badtoken" => (400, "BadDeviceToken"),
+        "busy" => (429, "TooManyRequests"),
+        "down" => (503, "ServiceUnavailable"),
+        "expired" => (403, "ExpiredProviderToken"),
+        _ => (400, "BadTopic"),
+    };
+    let body = if reason.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::from(serde_json::json!({ "reason": reason }).to_string())
+    };
+    Ok(hyper::Response::builder()
+        .status(status)
+        .header("apns-id", "00000000-0000-0000-0000-000000000001")
+        .body(http_body_util::Full::new(body))
+        .unwrap())
 }
