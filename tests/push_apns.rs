@@ -132,7 +132,7 @@ async fn each_answer_is_read_as_apple_documents_it_over_one_reused_connection() 
         (
             "busy",
             PushAttempt::Retry {
-                after: None,
+                after: Some(Duration::from_secs(120)),
                 reason: "APNs answered 429 TooManyRequests".into(),
             },
         ),
@@ -180,6 +180,21 @@ async fn each_answer_is_read_as_apple_documents_it_over_one_reused_connection() 
     let tokens = provider_tokens(&requests);
     assert!(tokens.iter().all(|t| t == &tokens[0]));
     check_jwts(&public_pem, &tokens[..1]);
+}
+
+#[tokio::test]
+async fn the_failure_matrix_through_apns() {
+    if checker_missing() {
+        return;
+    }
+    let fake = FakeApns::start().await;
+    let (provider, _) = apns(&fake);
+    let received = fake.received.clone();
+    push_support::failure_matrix(Arc::new(provider), device, "gone", |name| {
+        let path = format!("3/device/{}", apns_token(name));
+        received.lock().iter().filter(|r| r.path == path).count()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -184,6 +184,27 @@ async fn each_answer_of_fcm_is_read_as_documented_and_the_token_is_fetched_once(
 }
 
 #[tokio::test]
+async fn the_failure_matrix_through_fcm() {
+    if checker_missing() {
+        return;
+    }
+    let service = FakePushService::start().await;
+    let (provider, _) = fcm(&service);
+    let received = service.received.clone();
+    push_support::failure_matrix(Arc::new(provider), device, "unregistered", |name| {
+        received
+            .lock()
+            .iter()
+            .filter(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+                body["message"]["token"] == name
+            })
+            .count()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_401_drops_the_access_token_and_the_retry_fetches_a_new_one() {
     if checker_missing() {
         return;

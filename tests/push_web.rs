@@ -161,6 +161,26 @@ async fn each_answer_of_the_push_service_is_read_as_the_rfcs_mean_it() {
 }
 
 #[tokio::test]
+async fn the_failure_matrix_through_web_push() {
+    let service = FakePushService::start().await;
+    let received = service.received.clone();
+    let url = |name: &str| service.url(&format!("push/{name}"));
+    push_support::failure_matrix(
+        Arc::new(web_push(true)),
+        |name| device(&url(name)),
+        "gone",
+        |name| {
+            received
+                .lock()
+                .iter()
+                .filter(|r| r.path == format!("push/{name}"))
+                .count()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn an_http_endpoint_is_refused_unless_allowed_and_nothing_is_sent() {
     let service = FakePushService::start().await;
     let attempt = web_push(false)

@@ -270,8 +270,9 @@ pub fn check_web_push(ua_private: &str, auth: &str, requests: &[Received]) -> Ve
 
 /// A fake APNs: HTTP/2 over TLS (ALPN `h2` only, as Apple's), with a certificate for
 /// `localhost` from a test CA the client must be told to trust (`cert_pem`). Answers by the device token, read as hex
-/// of a name: `ok` 200, `gone` 410 `Unregistered`, `badtoken` 400 `BadDeviceToken`, `busy` 429,
-/// `down` 503, `expired` 403 `ExpiredProviderToken`, anything else 400 `BadTopic`.
+/// of a name: `ok` 200, `gone` 410 `Unregistered`, `badtoken` 400 `BadDeviceToken`, `busy` 429
+/// (with `Retry-After: 120`),
+/// `down` 503, `expired` 403 `ExpiredProviderToken`, `hang` never, anything else 400 `BadTopic`.
 pub struct FakeApns {
     pub port: u16,
     pub received: Arc<Mutex<Vec<Received>>>,
@@ -410,6 +411,7 @@ async fn apns_answer(
         "busy" => (429, "TooManyRequests"),
         "down" => (503, "ServiceUnavailable"),
         "expired" => (403, "ExpiredProviderToken"),
+        "hang" => std::future::pending().await,
         _ => (400, "BadTopic"),
     };
     let body = if reason.is_empty() {
@@ -417,9 +419,82 @@ async fn apns_answer(
     } else {
         Bytes::from(serde_json::json!({ "reason": reason }).to_string())
     };
-    Ok(hyper::Response::builder()
+    let mut response = hyper::Response::builder();
+    if status == 429 {
+        response = response.header("retry-after", "120");
+    }
+    Ok(response
         .status(status)
         .header("apns-id", "00000000-0000-0000-0000-000000000001")
         .body(http_body_util::Full::new(body))
         .unwrap())
+}
+
+/// The notifier's failure matrix through a real provider and its fake, on the real clock with
+/// short bounds (the paused-clock tests in `push_notifier.rs` time the waits exactly; here a
+/// fake's socket would not wait for a paused clock). `device` makes the device the fake answers
+/// as the name says (`ok`, `gone` — or the provider's own name for it — `busy` 429 with
+/// `Retry-After: 120`, `down` 503, `hang`), and `requests_to` counts the requests a name got.
+pub async fn failure_matrix(
+    provider: Arc<dyn offline_queue::push::PushProvider>,
+    device: impl Fn(&str) -> offline_queue::push::Device,
+    gone: &str,
+    requests_to: impl Fn(&str) -> usize,
+) {
+    use offline_queue::push::{MemoryPushTargets, PushNotifier, PushOptions};
+    use offline_queue::{Notifier as _, Nudge, NudgeReason, RecipientId};
+    use std::time::Duration;
+
+    let targets = Arc::new(MemoryPushTargets::new());
+    let names = ["ok", gone, "busy", "down", "hang"];
+    for name in names {
+        targets.add(RecipientId::new(name).unwrap(), device(name));
+    }
+    let mut options = PushOptions::default();
+    options.queue_capacity = 6;
+    options.concurrency = 2;
+    // Bounds loose enough for a loaded machine: a hung attempt times out once, then a retry
+    // would start past the give-up time.
+    options.request_timeout = Duration::from_millis(1500);
+    options.first_retry = Duration::from_millis(20);
+    options.max_retry_wait = Duration::from_millis(80);
+    options.give_up_after = Duration::from_millis(1500);
+    let (notifier, task) = PushNotifier::start(targets.clone(), vec![provider], options).unwrap();
+    let nudge = |name: &str| Nudge {
+        recipient: RecipientId::new(name).unwrap(),
+        pending: Some(1),
+        reason: NudgeReason::Urgent,
+    };
+    // No await in between: the task takes none before the queue is full.
+    for name in ["ok", gone, gone, "busy", "down", "hang"] {
+        notifier.notify(nudge(name)).unwrap();
+    }
+    assert!(
+        notifier.notify(nudge("ok")).is_err(),
+        "the seventh does not fit"
+    );
+    drop(notifier);
+    let metrics = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the push task ends once its queue is done")
+        .unwrap();
+
+    assert_eq!((metrics.queued, metrics.dropped_queue_full), (6, 1));
+    assert_eq!(metrics.delivered, 1);
+    // The dead device: removed, and reported once however many pushes found it dead.
+    assert_eq!(metrics.devices_gone, 1);
+    assert!(targets.list(&RecipientId::new(gone).unwrap()).is_empty());
+    assert_eq!(targets.list(&RecipientId::new("ok").unwrap()).len(), 1);
+    // 503: retried until the give-up time, then dropped. 429 asking for 120 s, past the
+    // give-up time: dropped at once, with no second request. The hung service: timed out,
+    // dropped.
+    assert!(requests_to("down") >= 2, "503 was retried");
+    assert_eq!(
+        requests_to("busy"),
+        1,
+        "Retry-After was honoured, not retried early"
+    );
+    assert_eq!(metrics.gave_up, 3);
+    assert_eq!(metrics.timed_out, 1);
+    assert_eq!(metrics.retried as usize, requests_to("down") - 1);
 }
