@@ -8,7 +8,8 @@ use std::time::Duration;
 use offline_queue::{Envelope, MessageId, RecipientId};
 
 use crate::protocol::{
-    ChatMessage, ClientFrame, MAX_CLIENT_ID_CHARS, Request, ServerFrame, parse_frame,
+    ChatMessage, ClientFrame, DeviceFrame, MAX_CLIENT_ID_CHARS, PushDevice, Request, ServerFrame,
+    parse_frame,
 };
 
 /// Checks one frame of `data` (a WebSocket text frame is UTF-8; other bytes never reach the
@@ -71,7 +72,48 @@ pub fn check(data: &[u8]) {
             assert!(!acked.is_empty());
             assert_eq!(acked.iter().map(|s| s.0).collect::<Vec<_>>(), seqs);
         }
+        (Ok(Request::PushRegister(device)), Ok(ClientFrame::PushRegister(frame)))
+        | (Ok(Request::PushUnregister(device)), Ok(ClientFrame::PushUnregister(frame))) => {
+            let expected = match frame {
+                DeviceFrame {
+                    web_push: Some(web),
+                    fcm: None,
+                    apns: None,
+                } => PushDevice::WebPush {
+                    endpoint: web.endpoint,
+                    p256dh: web.keys.p256dh,
+                    auth: web.keys.auth,
+                },
+                DeviceFrame {
+                    web_push: None,
+                    fcm: Some(token),
+                    apns: None,
+                } => PushDevice::Fcm(token),
+                DeviceFrame {
+                    web_push: None,
+                    fcm: None,
+                    apns: Some(token),
+                } => PushDevice::Apns(token),
+                other => panic!("accepted a device of other than one kind: {other:?}"),
+            };
+            assert_eq!(device, expected, "the device as given");
+        }
         (Ok(request), frame) => panic!("accepted {request:?} from {frame:?}"),
+        (
+            Err(refusal),
+            Ok(ClientFrame::PushRegister(frame) | ClientFrame::PushUnregister(frame)),
+        ) => {
+            let kinds = [
+                frame.web_push.is_some(),
+                frame.fcm.is_some(),
+                frame.apns.is_some(),
+            ];
+            assert_ne!(
+                kinds.iter().filter(|k| **k).count(),
+                1,
+                "refused a device of one kind: {refusal:?}"
+            );
+        }
         // A refusal needs a reason: a recipient or client id out of its limits, or an ack
         // with neither or both of its forms.
         (Err(refusal), Ok(ClientFrame::Send { to, id, .. })) => {

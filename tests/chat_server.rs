@@ -11,6 +11,8 @@ mod server;
 mod chat_support;
 #[cfg(feature = "postgres")]
 mod postgres_support;
+#[cfg(feature = "web-push")]
+mod push_support;
 mod skip_support;
 
 use std::time::Duration;
@@ -1083,4 +1085,107 @@ async fn metrics_are_documented_and_pass_promtool() {
         output.status.success() && said.trim().is_empty(),
         "promtool: {said}\n{text}"
     );
+}
+
+/// A browser registers its push subscription; a message while it is away becomes one Web
+/// Push, which the fake push service receives and the independent checker verifies and
+/// decrypts: the count and the reason, nothing of the message.
+#[cfg(feature = "web-push")]
+#[tokio::test]
+async fn a_registered_browser_gets_an_encrypted_content_free_web_push() {
+    /// RFC 8291's example user agent: its public key, auth secret and private key.
+    const UA_PUBLIC: &str =
+        "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4";
+    const UA_PRIVATE: &str = "q1dXpw3UpT5VOmu_cf_v6ih07Aems3njxI-JWgLcM94";
+    const AUTH: &str = "BTBZMqHH6r4Tts7J_aSIgg";
+
+    if push_support::checker_missing() {
+        return;
+    }
+    let mut service = push_support::FakePushService::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = offline_queue::push::VapidKey::generate().unwrap();
+    let key_file = dir.path().join("vapid.key");
+    std::fs::write(&key_file, key.private_key_base64url()).unwrap();
+    let server = Server::start(&[
+        "--push-web-vapid-key",
+        key_file.to_str().unwrap(),
+        "--push-web-subject",
+        "mailto:ops@example.com",
+        "--push-allow-http",
+    ]);
+    let (status, body) = http_get(server.addr, "/push/vapid-key").await;
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["public_key"], key.public_key_base64url());
+
+    let mut bob = Client::connect(&server, "bob").await;
+    bob.expect_caught_up_empty().await;
+    let subscription = json!({
+        "endpoint": service.url("push/bob/ok"),
+        "expirationTime": null,
+        "keys": {"p256dh": UA_PUBLIC, "auth": AUTH},
+    });
+    bob.send(json!({"type": "push_register", "web_push": subscription}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "push_registered", "provider": "web_push"})
+    );
+    // No FCM on this server; a malformed subscription says what is wrong.
+    bob.send(json!({"type": "push_register", "fcm": "token"}))
+        .await;
+    let refused = bob.recv().await;
+    assert_eq!(refused["code"], "push_unavailable", "{refused}");
+    bob.send(json!({"type": "push_register", "web_push": {
+        "endpoint": "ftp://push.example/x", "keys": {"p256dh": UA_PUBLIC, "auth": AUTH},
+    }}))
+    .await;
+    let refused = bob.recv().await;
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("web push endpoint"),
+        "{refused}"
+    );
+    bob.close().await;
+    wait_until("bob offline", || async { !server.online("bob").await }).await;
+
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    alice.send_message("bob", "the secret plan").await;
+    let requests = service.wait_for(1).await;
+    assert_eq!(requests[0].header("urgency"), "high");
+    let checked = push_support::check_web_push(UA_PRIVATE, AUTH, &requests);
+    assert_eq!(checked[0].plaintext, r#"{"pending":1,"reason":"urgent"}"#);
+
+    let (status, pushes) = http_get(server.addr, &format!("/pushes?token={}", token("bob"))).await;
+    assert_eq!(status, 200);
+    let pushes: Value = serde_json::from_str(&pushes).unwrap();
+    assert_eq!(pushes["pushes"][0]["push"], true, "{pushes}");
+    assert_eq!(pushes["pushes"][0]["webhook"], false, "{pushes}");
+
+    // Unregistered: no more pushes there.
+    let mut bob = Client::connect(&server, "bob").await;
+    bob.drain().await;
+    bob.send(json!({"type": "push_unregister", "web_push": subscription}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "push_unregistered", "provider": "web_push", "removed": true})
+    );
+}
+
+#[test]
+fn a_push_flag_without_its_parts_is_refused_at_start() {
+    let refused = Server::start_failure(&["--push-web-vapid-key", "/nonexistent/vapid.key"]);
+    #[cfg(feature = "web-push")]
+    assert!(
+        refused.contains("--push-web-vapid-key /nonexistent/vapid.key"),
+        "{refused}"
+    );
+    #[cfg(not(feature = "web-push"))]
+    assert!(refused.contains("built without"), "{refused}");
 }

@@ -14,6 +14,8 @@ use axum::response::IntoResponse;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+// A test binary may load skip_support itself as well.
+#[allow(clippy::duplicate_mod)]
 #[path = "../skip_support/mod.rs"]
 mod skip_support;
 

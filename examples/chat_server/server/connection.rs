@@ -299,5 +299,7 @@ fn handle_frame(
             handle.ack(seqs);
             None
         }
+        Ok(Request::PushRegister(device)) => Some(app.push.register(user, device)),
+        Ok(Request::PushUnregister(device)) => Some(app.push.unregister(user, device)),
     }
 }

@@ -3,6 +3,7 @@
 mod auth;
 mod connection;
 mod protocol;
+mod push;
 mod pushes;
 mod webhook;
 
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use auth::{Auth, Credentials};
+use push::Push;
 use pushes::{LoggingNotifier, PushLog};
 use webhook::Webhook;
 
@@ -71,6 +73,43 @@ pub struct Config {
     /// POST a JSON nudge here when a message waits for an offline user (http:// only).
     #[arg(long)]
     pub notify_webhook: Option<String>,
+    /// Web Push: a file holding the VAPID private key (base64url, as `web-push
+    /// generate-vapid-keys` prints it). Needs `--push-web-subject`; built with `--features
+    /// web-push` (or `push`). Pages get the public key from `GET /push/vapid-key`.
+    #[arg(long)]
+    pub push_web_vapid_key: Option<std::path::PathBuf>,
+    /// Web Push: how push services reach you about your pushes, `mailto:` or `https:`.
+    #[arg(long)]
+    pub push_web_subject: Option<String>,
+    /// FCM: the service account's JSON file from the Firebase console (`--features fcm`).
+    #[arg(long)]
+    pub push_fcm_account: Option<std::path::PathBuf>,
+    /// FCM: another base URL than `https://fcm.googleapis.com` (a test double).
+    #[arg(long)]
+    pub push_fcm_endpoint: Option<String>,
+    /// APNs: the token-signing key (`.p8`) from Apple's developer site (`--features apns`).
+    /// Needs `--push-apns-key-id`, `--push-apns-team-id` and `--push-apns-bundle-id`.
+    #[arg(long)]
+    pub push_apns_key: Option<std::path::PathBuf>,
+    /// APNs: the key's ten-character id.
+    #[arg(long)]
+    pub push_apns_key_id: Option<String>,
+    /// APNs: your ten-character team id.
+    #[arg(long)]
+    pub push_apns_team_id: Option<String>,
+    /// APNs: the app's bundle id (the push topic).
+    #[arg(long)]
+    pub push_apns_bundle_id: Option<String>,
+    /// APNs: another base URL than production, e.g. `https://api.sandbox.push.apple.com` for
+    /// development builds of the app.
+    #[arg(long)]
+    pub push_apns_endpoint: Option<String>,
+    /// Push providers: a PEM file of certificates to trust in place of the public roots.
+    #[arg(long)]
+    pub push_roots: Option<std::path::PathBuf>,
+    /// Web Push: send to `http://` endpoints too. For a local test push service only.
+    #[arg(long)]
+    pub push_allow_http: bool,
     /// After a push, no further push for the same user for this long.
     #[arg(long, default_value_t = 60)]
     pub notify_cooldown_secs: u64,
@@ -173,6 +212,8 @@ pub struct App {
     auth: Arc<Auth>,
     /// The pushes made, for `GET /pushes`.
     pushes: Arc<PushLog>,
+    /// The push providers on, and the devices registered.
+    push: Arc<Push>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -269,8 +310,12 @@ struct Engine {
     queue: OfflineQueue,
     /// Posts pushes; ends after the engine is dropped.
     webhook_task: Option<tokio::task::JoinHandle<()>>,
+    /// Sends pushes through the providers; ends after the engine is dropped.
+    push_task: Option<tokio::task::JoinHandle<()>>,
     /// Every push the engine made.
     pushes: Arc<PushLog>,
+    /// The push providers on, and the devices registered.
+    push: Arc<Push>,
 }
 
 async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
@@ -300,15 +345,20 @@ async fn build_queue(config: &Config) -> Result<Engine, BoxError> {
         webhook = Some(notifier);
         webhook_task = Some(task);
     }
+    let (push, push_notifier) = Push::start(config)?;
+    let (push_notifier, push_task) = push_notifier.unzip();
     let pushes = Arc::new(PushLog::default());
     builder = builder.notifier(Arc::new(LoggingNotifier {
         log: pushes.clone(),
         webhook,
+        push: push_notifier,
     }));
     Ok(Engine {
         queue: builder.build()?,
         webhook_task,
+        push_task,
         pushes,
+        push: Arc::new(push),
     })
 }
 
@@ -320,7 +370,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
     let Engine {
         queue,
         webhook_task,
+        push_task,
         pushes,
+        push,
     } = build_queue(&config).await?;
     // With a storage shared by several nodes, another node's sends wake this node's sessions
     // (on one node alone, the listener ends at once).
@@ -353,9 +405,9 @@ pub async fn run(config: Config) -> Result<(), BoxError> {
         println!("page: http://{addr}/#login={key}");
     }
     println!("listening on http://{addr}");
-    serve(&config, queue, listener, stop, auth, pushes).await?;
-    if let Some(task) = webhook_task {
-        // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
+    serve(&config, queue, listener, stop, auth, pushes, push).await?;
+    // Pushes already queued get their chance; bounded, so shutdown cannot hang on them.
+    for task in [webhook_task, push_task].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     Ok(())
@@ -384,6 +436,7 @@ async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
     auth: Auth,
     pushes: Arc<PushLog>,
+    push: Arc<Push>,
 ) -> Result<(), BoxError> {
     let login = !config.no_login;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -400,6 +453,7 @@ async fn serve(
         },
         auth: Arc::new(auth),
         pushes,
+        push,
     };
     // Purges expired messages and sends the delayed pushes for sessions that ended with
     // messages pending: the engine has no timers of its own, the host runs its upkeep (work
@@ -414,7 +468,8 @@ async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/stats", get(stats))
-        .route("/pushes", get(recent_pushes));
+        .route("/pushes", get(recent_pushes))
+        .route("/push/vapid-key", get(vapid_key));
     if login {
         router = router.route("/login", post(login_user));
     }
@@ -508,6 +563,15 @@ async fn recent_pushes(
         Ok(user) => axum::Json(serde_json::json!({"pushes": app.pushes.for_recipient(&user)}))
             .into_response(),
         Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// `GET /push/vapid-key`: `{"public_key":"<base64url>"}`, the key a page subscribes with
+/// (`pushManager.subscribe({applicationServerKey})`); 404 when Web Push is off.
+async fn vapid_key(State(app): State<App>) -> Response {
+    match app.push.vapid_public_key() {
+        Some(key) => axum::Json(serde_json::json!({ "public_key": key })).into_response(),
+        None => (StatusCode::NOT_FOUND, "web push is off\n").into_response(),
     }
 }
 

@@ -25,6 +25,67 @@ pub enum ClientFrame {
         #[serde(default)]
         seqs: Vec<u64>,
     },
+    /// Pushes for this user go to this device too (exactly one of the three).
+    PushRegister(DeviceFrame),
+    /// No more pushes to this device.
+    PushUnregister(DeviceFrame),
+}
+
+/// A device in `push_register` and `push_unregister`.
+#[derive(Debug, Deserialize)]
+pub struct DeviceFrame {
+    /// A browser's subscription, as `PushSubscription.toJSON()` gives it.
+    pub web_push: Option<WebPushFrame>,
+    /// An FCM registration token.
+    pub fcm: Option<String>,
+    /// An APNs device token (hex).
+    pub apns: Option<String>,
+}
+
+/// A browser's push subscription (its `expirationTime`, if sent, is ignored).
+#[derive(Debug, Deserialize)]
+pub struct WebPushFrame {
+    pub endpoint: String,
+    pub keys: WebPushKeys,
+}
+
+/// A subscription's keys, base64url.
+#[derive(Debug, Deserialize)]
+pub struct WebPushKeys {
+    pub p256dh: String,
+    pub auth: String,
+}
+
+/// A device a client registered for pushes, not yet checked by a provider.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushDevice {
+    WebPush {
+        endpoint: String,
+        p256dh: String,
+        auth: String,
+    },
+    Fcm(String),
+    Apns(String),
+}
+
+impl TryFrom<DeviceFrame> for PushDevice {
+    type Error = ServerFrame;
+
+    fn try_from(frame: DeviceFrame) -> Result<Self, ServerFrame> {
+        match (frame.web_push, frame.fcm, frame.apns) {
+            (Some(web), None, None) => Ok(PushDevice::WebPush {
+                endpoint: web.endpoint,
+                p256dh: web.keys.p256dh,
+                auth: web.keys.auth,
+            }),
+            (None, Some(token), None) => Ok(PushDevice::Fcm(token)),
+            (None, None, Some(token)) => Ok(PushDevice::Apns(token)),
+            _ => Err(ServerFrame::bad_request(
+                None,
+                "a device is exactly one of web_push, fcm or apns",
+            )),
+        }
+    }
 }
 
 /// What the server sends.
@@ -57,6 +118,16 @@ pub enum ServerFrame {
     },
     /// The backlog present at connect has been delivered.
     CaughtUp,
+    /// A `push_register` was taken: pushes for this user now go to the device too.
+    // Built only with a push provider on (the features `web-push`, `fcm`, `apns`).
+    #[cfg_attr(not(feature = "push-core"), allow(dead_code))]
+    PushRegistered { provider: &'static str },
+    /// A `push_unregister` was taken; `removed` is false if the device was not registered.
+    #[cfg_attr(not(feature = "push-core"), allow(dead_code))]
+    PushUnregistered {
+        provider: &'static str,
+        removed: bool,
+    },
 }
 
 fn is_zero(count: &u64) -> bool {
@@ -172,6 +243,10 @@ pub enum Request {
     AckThrough(Seq),
     /// Ack exactly these seqs.
     Ack(Vec<Seq>),
+    /// Push to this device too.
+    PushRegister(PushDevice),
+    /// Stop pushing to this device.
+    PushUnregister(PushDevice),
 }
 
 /// Parses and checks one text frame from `from`: the request, or the error frame that refuses
@@ -197,6 +272,8 @@ pub fn parse_frame(from: &RecipientId, text: &str) -> Result<Request, ServerFram
                 "an ack carries either up_to or a non-empty seqs list",
             )),
         },
+        ClientFrame::PushRegister(device) => Ok(Request::PushRegister(device.try_into()?)),
+        ClientFrame::PushUnregister(device) => Ok(Request::PushUnregister(device.try_into()?)),
     }
 }
 

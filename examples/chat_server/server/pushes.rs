@@ -25,6 +25,8 @@ pub struct Push {
     pub reason: &'static str,
     /// Whether it went to `--notify-webhook` (without one, it is only logged).
     pub webhook: bool,
+    /// Whether it went to the push providers' queue (`--push-*`).
+    pub push: bool,
 }
 
 /// The latest pushes, shared by the notifier (writer) and `GET /pushes` (reader).
@@ -50,10 +52,12 @@ impl PushLog {
     }
 }
 
-/// The engine's notifier: logs each nudge, then hands it to the webhook's queue, if any.
+/// The engine's notifier: logs each nudge, then hands it to the webhook's queue and the push
+/// providers' queue, where they are on.
 pub struct LoggingNotifier<N> {
     pub log: Arc<PushLog>,
     pub webhook: Option<N>,
+    pub push: Option<Arc<dyn Notifier>>,
 }
 
 impl<N: Notifier> Notifier for LoggingNotifier<N> {
@@ -69,14 +73,25 @@ impl<N: Notifier> Notifier for LoggingNotifier<N> {
                 NudgeReason::Unacked => "left unread",
                 _ => "other",
             },
-            webhook: self.webhook.is_some(),
+            webhook: false,
+            push: false,
         };
         let recipient = nudge.recipient.clone();
-        // Logged only once the webhook's queue took it: a dropped push is not shown as sent.
-        if let Some(webhook) = &self.webhook {
-            webhook.notify(nudge)?;
+        // Logged as sent only where a queue took it: a dropped push is not shown as sent.
+        let to_webhook = self.webhook.as_ref().map(|w| w.notify(nudge.clone()));
+        let to_push = self.push.as_ref().map(|p| p.notify(nudge));
+        let push = Push {
+            webhook: matches!(to_webhook, Some(Ok(()))),
+            push: matches!(to_push, Some(Ok(()))),
+            ..push
+        };
+        // Failed (and counted so by the engine) if every queue there is refused it.
+        match (to_webhook, to_push) {
+            (Some(Err(error)), None | Some(Err(_))) | (None, Some(Err(error))) => Err(error),
+            _ => {
+                self.log.record(recipient, push);
+                Ok(())
+            }
         }
-        self.log.record(recipient, push);
-        Ok(())
     }
 }
