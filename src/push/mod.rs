@@ -54,6 +54,7 @@ mod apns;
 mod device;
 #[cfg(feature = "fcm")]
 mod fcm;
+#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
 mod http;
 mod notifier;
 #[cfg(feature = "web-push")]
@@ -85,6 +86,7 @@ pub struct PushError {
 /// `apns-collapse-id`): the same for every nudge to them, so a device that is offline keeps
 /// only the latest. 32 hex digits of a SHA-256 of the id: within every service's limits and
 /// alphabet, and the id itself never leaves the server.
+#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
 pub(crate) fn collapse_key(recipient: &crate::RecipientId) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(recipient.as_bytes());
@@ -92,6 +94,7 @@ pub(crate) fn collapse_key(recipient: &crate::RecipientId) -> String {
 }
 
 /// The nudge's reason as the payloads name it.
+#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
 pub(crate) fn reason_name(reason: crate::NudgeReason) -> &'static str {
     match reason {
         crate::NudgeReason::Urgent => "urgent",
@@ -109,7 +112,7 @@ impl PushError {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "web-push", feature = "fcm", feature = "apns")))]
 mod tests {
     use super::*;
 
