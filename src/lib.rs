@@ -88,7 +88,7 @@ mod queue;
 pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
-#[cfg(any(feature = "postgres-tls", feature = "push-core"))]
+#[cfg(any(feature = "postgres-tls", feature = "push-http"))]
 mod tls;
 mod transport;
 

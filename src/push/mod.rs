@@ -54,7 +54,12 @@ mod apns;
 mod device;
 #[cfg(feature = "fcm")]
 mod fcm;
-#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
+// push-http on its own (no provider) builds the client and uses none of it.
+#[cfg(feature = "push-http")]
+#[cfg_attr(
+    not(any(feature = "web-push", feature = "fcm", feature = "apns")),
+    allow(dead_code)
+)]
 mod http;
 mod notifier;
 #[cfg(feature = "web-push")]
@@ -86,7 +91,11 @@ pub struct PushError {
 /// `apns-collapse-id`): the same for every nudge to them, so a device that is offline keeps
 /// only the latest. 32 hex digits of a SHA-256 of the id: within every service's limits and
 /// alphabet, and the id itself never leaves the server.
-#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
+#[cfg(feature = "push-http")]
+#[cfg_attr(
+    not(any(feature = "web-push", feature = "fcm", feature = "apns")),
+    allow(dead_code)
+)]
 pub(crate) fn collapse_key(recipient: &crate::RecipientId) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(recipient.as_bytes());
@@ -94,7 +103,11 @@ pub(crate) fn collapse_key(recipient: &crate::RecipientId) -> String {
 }
 
 /// The nudge's reason as the payloads name it.
-#[cfg(any(feature = "web-push", feature = "fcm", feature = "apns"))]
+#[cfg(feature = "push-http")]
+#[cfg_attr(
+    not(any(feature = "web-push", feature = "fcm", feature = "apns")),
+    allow(dead_code)
+)]
 pub(crate) fn reason_name(reason: crate::NudgeReason) -> &'static str {
     match reason {
         crate::NudgeReason::Urgent => "urgent",
@@ -112,7 +125,7 @@ impl PushError {
     }
 }
 
-#[cfg(all(test, any(feature = "web-push", feature = "fcm", feature = "apns")))]
+#[cfg(all(test, feature = "push-http"))]
 mod tests {
     use super::*;
 
