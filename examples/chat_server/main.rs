@@ -17,6 +17,8 @@
 //!   session whose driver runs in its own task and hands batches to the socket's writer; the
 //!   read loop turns frames into `queue.send` and `handle.ack*` calls.
 //! - `server/webhook.rs` turns the engine's coalesced nudges into HTTP calls, off the send path.
+//! - `server/push.rs` sends them through Web Push, FCM and APNs with the crate's
+//!   `PushNotifier`, to the devices clients register with `push_register`.
 //!
 //! - `server/auth.rs` decides who a request is: an HS256 JSON Web Token, checked before the
 //!   upgrade; `POST /login` issues them for the demo page.
@@ -71,7 +73,9 @@
 //! While a user stays offline, at most one per `--notify-cooldown-secs` (a connection starts
 //! the count afresh), plus one a minute after a connection ends with messages unacked.
 //! Retried with backoff (5 tries, 10 s each at most), one at a time, never in the way of a
-//! send. Also `GET /` (a demo page), `GET /healthz`, `GET /metrics` (Prometheus text),
+//! send. With `--push-*` flags (README lists them), the same nudges go to the devices a user
+//! registered with `{"type":"push_register", ...}` through Web Push, FCM or APNs, content-free
+//! too. Also `GET /` (a demo page), `GET /push/vapid-key`, `GET /healthz`, `GET /metrics` (Prometheus text),
 //! `GET /stats?token=<token>` (pending count and presence, for the page), `GET
 //! /pushes?token=<token>` (the latest pushes made for that user, for the page).
 //!
