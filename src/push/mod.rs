@@ -18,7 +18,7 @@
 //!
 //! A push is a hint, never the delivery: the message waits in storage until the recipient
 //! connects and acks it, whether the push arrived, was throttled or was coalesced by the push
-//! service. The payload carries no message content and no sender, only what the [`Nudge`] has
+//! service. The payload carries no message content and no sender, only what the [`Nudge`](crate::Nudge) has
 //! (how many messages wait, and why).
 //!
 //! ```no_run
@@ -50,10 +50,10 @@
 //! ```
 
 #[cfg(feature = "apns")]
-mod apns;
+pub mod apns;
 mod device;
 #[cfg(feature = "fcm")]
-mod fcm;
+pub mod fcm;
 // push-http on its own (no provider) builds the client and uses none of it.
 #[cfg(feature = "push-http")]
 #[cfg_attr(
@@ -63,7 +63,7 @@ mod fcm;
 mod http;
 mod notifier;
 #[cfg(feature = "web-push")]
-mod web_push;
+pub mod web_push;
 
 #[cfg(feature = "apns")]
 pub use apns::{Apns, ApnsKey, ApnsOptions};
