@@ -29,6 +29,11 @@ pub struct Nudge {
     pub pending: Option<u64>,
     /// Why.
     pub reason: NudgeReason,
+    /// How long the nudge is worth delivering: the time the message that caused it has left
+    /// to live (the longest, for several sent at once). `None` when it never expires, or for
+    /// a session's end. Push providers keep a nudge no longer than this (FCM `ttl`, APNs
+    /// `apns-expiration`, Web Push `TTL`), nor longer than their own setting.
+    pub ttl: Option<Duration>,
 }
 
 /// The push failed; the message it announced is stored all the same.
@@ -151,6 +156,7 @@ mod tests {
             recipient: RecipientId::new("bob").unwrap(),
             pending: Some(1),
             reason: NudgeReason::Urgent,
+            ttl: None,
         }
     }
 

@@ -364,6 +364,36 @@ fn nudges_are_coalesced_by_urgency() {
 }
 
 #[test]
+fn a_nudge_lives_as_long_as_the_message_that_caused_it() {
+    let mut h = Harness::with(|b| {
+        b.notify_policy(NotifyPolicy {
+            urgent_cooldown: Duration::ZERO,
+            ..NotifyPolicy::default()
+        })
+    });
+    h.try_send(Envelope::new(id("bob"), b"x".to_vec()).with_ttl(Duration::from_secs(90)))
+        .unwrap();
+    assert_eq!(h.notifier.take()[0].ttl, Some(Duration::from_secs(90)));
+    // Several at once: the longest-lived one, as long as the nudge has a reason to exist.
+    let batch = vec![
+        Envelope::new(id("carol"), b"a".to_vec()).with_ttl(Duration::from_secs(30)),
+        Envelope::new(id("carol"), b"b".to_vec()).with_ttl(Duration::from_secs(300)),
+    ];
+    let queue = h.queue.clone();
+    h.run(queue.send_many(batch)).unwrap();
+    assert_eq!(h.notifier.take()[0].ttl, Some(Duration::from_secs(300)));
+    // Without a deadline (no TTL and no default), the nudge has none either.
+    let mut h = Harness::with(|b| {
+        b.limits(offline_queue::Limits {
+            default_ttl: None,
+            ..offline_queue::Limits::default()
+        })
+    });
+    h.send("dave", b"x");
+    assert_eq!(h.notifier.take()[0].ttl, None);
+}
+
+#[test]
 fn an_online_recipient_is_never_nudged() {
     let mut h = Harness::new();
     let mut bob = h.connect("bob");

@@ -44,6 +44,7 @@ fn nudge(reason: NudgeReason, pending: Option<u64>) -> Nudge {
         recipient: RecipientId::new("bob").unwrap(),
         pending,
         reason,
+        ttl: None,
     }
 }
 
@@ -83,7 +84,11 @@ async fn a_message_for_an_offline_recipient_becomes_one_data_only_fcm_message() 
         .build()
         .unwrap();
     queue
-        .send(Envelope::new(bob, "the secret plan, from alice").with_urgency(Urgency::Urgent))
+        .send(
+            Envelope::new(bob, "the secret plan, from alice")
+                .with_urgency(Urgency::Urgent)
+                .with_ttl(Duration::from_secs(120)),
+        )
         .await
         .unwrap();
 
@@ -101,7 +106,7 @@ async fn a_message_for_an_offline_recipient_becomes_one_data_only_fcm_message() 
         serde_json::json!({"message": {
             "token": "ok",
             "data": {"pending": "1", "reason": "urgent"},
-            "android": {"priority": "HIGH", "collapse_key": collapse, "ttl": "3600s"},
+            "android": {"priority": "HIGH", "collapse_key": collapse, "ttl": "120s"},
         }})
     );
 
@@ -139,6 +144,11 @@ async fn each_answer_of_fcm_is_read_as_documented_and_the_token_is_fetched_once(
     let cases = [
         ("ok", PushAttempt::Delivered),
         ("unregistered", PushAttempt::DeviceGone),
+        // A 404 without FCM's UNREGISTERED (a wrong project, a proxy): refused, not pruned.
+        (
+            "missing",
+            PushAttempt::Rejected("FCM answered 404 : ".into()),
+        ),
         ("invalid-token", PushAttempt::DeviceGone),
         ("wrong-sender", PushAttempt::DeviceGone),
         (
@@ -176,6 +186,8 @@ async fn each_answer_of_fcm_is_read_as_documented_and_the_token_is_fetched_once(
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
         // Not urgent: normal priority; no count known: none sent.
         assert_eq!(body["message"]["android"]["priority"], "NORMAL");
+        // A nudge without a TTL of its own: the provider's.
+        assert_eq!(body["message"]["android"]["ttl"], "3600s");
         let data = body["message"]["data"].as_object().unwrap();
         assert_eq!(data.len(), 1, "{data:?}");
         assert!(["background", "unacked"].contains(&data["reason"].as_str().unwrap()));

@@ -109,6 +109,7 @@ fn nudge(n: u32) -> Nudge {
         recipient: recipient(n),
         pending: Some(1),
         reason: NudgeReason::Urgent,
+        ttl: None,
     }
 }
 
@@ -236,7 +237,8 @@ async fn retry_after_is_waited_exactly() {
 async fn a_retry_after_past_the_give_up_time_gives_up_at_once() {
     let provider = Scripted::new(
         vec![Step::Answer(PushAttempt::Retry {
-            after: Some(Duration::from_secs(3600)),
+            // Whatever a service says, however long: no overflow, no hour-long wait.
+            after: Some(Duration::MAX),
             reason: "429".into(),
         })],
         Step::Answer(PushAttempt::Delivered),
@@ -302,6 +304,7 @@ async fn a_failed_lookup_is_counted() {
             recipient: RecipientId::new("lookup-fails").unwrap(),
             pending: None,
             reason: NudgeReason::Background,
+            ttl: None,
         })
         .unwrap();
     let metrics = finish(notifier, task).await;
@@ -314,7 +317,7 @@ async fn a_hung_provider_times_out_and_never_holds_a_send() {
     let provider = Scripted::new(vec![], Step::Hang);
     let mut options = options();
     options.give_up_after = Duration::from_secs(15);
-    options.concurrency = 2;
+    options.concurrency = 100;
     let (notifier, task) = start(targets(100), provider.clone(), options);
     let queue = OfflineQueue::builder()
         .notifier(Arc::new(notifier.clone()))
@@ -337,8 +340,85 @@ async fn a_hung_provider_times_out_and_never_holds_a_send() {
     assert_eq!(metrics.gave_up, metrics.queued);
     assert_eq!(metrics.timed_out, 2 * metrics.queued);
     assert_eq!(metrics.delivered, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_of_zero_still_backs_off() {
+    let provider = Scripted::new(
+        vec![],
+        Step::Answer(PushAttempt::Retry {
+            after: Some(Duration::ZERO),
+            reason: "429".into(),
+        }),
+    );
+    let (notifier, task) = start(targets(1), provider.clone(), options());
+    notifier.notify(nudge(0)).unwrap();
+    let metrics = finish(notifier, task).await;
     let times = provider.call_times();
-    assert!(times.windows(2).all(|w| w[1] >= w[0]));
+    assert!(
+        times
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(500)),
+        "no retry sooner than the backoff"
+    );
+    assert!(times.len() <= 9, "{} attempts in 20 s", times.len());
+    assert_eq!(metrics.gave_up, 1);
+}
+
+/// A provider that fails for `user-0` and delivers for everyone else, noting when.
+struct FailsForOne {
+    calls: Mutex<Vec<(Instant, RecipientId)>>,
+}
+
+#[async_trait]
+impl PushProvider for FailsForOne {
+    fn name(&self) -> &'static str {
+        "fails-for-one"
+    }
+
+    fn serves(&self, _device: &Device) -> bool {
+        true
+    }
+
+    async fn push(&self, _device: &Device, nudge: &Nudge) -> PushAttempt {
+        self.calls
+            .lock()
+            .push((Instant::now(), nudge.recipient.clone()));
+        if nudge.recipient == recipient(0) {
+            PushAttempt::Retry {
+                after: None,
+                reason: "503".into(),
+            }
+        } else {
+            PushAttempt::Delivered
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_push_waiting_to_retry_holds_no_request_slot() {
+    let provider = Arc::new(FailsForOne {
+        calls: Mutex::new(Vec::new()),
+    });
+    let mut options = options();
+    options.concurrency = 1;
+    let (notifier, task) =
+        PushNotifier::start(targets(2), vec![provider.clone()], options).unwrap();
+    let began = Instant::now();
+    notifier.notify(nudge(0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    notifier.notify(nudge(1)).unwrap();
+    let metrics = finish(notifier, task).await;
+    let calls = provider.calls.lock();
+    let delivered_at = calls
+        .iter()
+        .find(|(_, who)| *who == recipient(1))
+        .map(|(at, _)| *at - began)
+        .unwrap();
+    // user-1 was pushed while user-0 waited to retry, not after user-0 gave up.
+    assert!(delivered_at < Duration::from_millis(10), "{delivered_at:?}");
+    assert!(calls.iter().filter(|(_, who)| *who == recipient(0)).count() >= 3);
+    assert_eq!((metrics.delivered, metrics.gave_up), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -373,6 +453,20 @@ async fn bad_options_are_refused_with_their_name() {
     );
     let err = PushNotifier::start(targets(0), vec![], options()).unwrap_err();
     assert_eq!(err.what, "push providers");
+    let mut zero = options();
+    zero.first_retry = Duration::ZERO;
+    let err = PushNotifier::start(targets(0), vec![provider.clone()], zero).unwrap_err();
+    assert_eq!(err.what, "PushOptions::first_retry");
+    let mut long = options();
+    long.give_up_after = Duration::from_secs(2 * 24 * 3600);
+    let err = PushNotifier::start(targets(0), vec![provider.clone()], long).unwrap_err();
+    assert_eq!(
+        (err.what, err.reason.as_str()),
+        (
+            "PushOptions::give_up_after",
+            "172800s: must be more than zero and at most 86400s"
+        )
+    );
 }
 
 #[test]

@@ -24,6 +24,7 @@ const SUBJECT: &str = "mailto:ops@example.com";
 fn web_push(allow_plain_http: bool) -> WebPush {
     let mut options = WebPushOptions::default();
     options.allow_plain_http = allow_plain_http;
+    options.allow_any_host = allow_plain_http;
     options.ttl = Some(Duration::from_secs(3600));
     WebPush::with_options(VapidKey::generate().unwrap(), SUBJECT, options).unwrap()
 }
@@ -37,6 +38,7 @@ fn nudge(reason: NudgeReason, pending: Option<u64>) -> Nudge {
         recipient: RecipientId::new("bob").unwrap(),
         pending,
         reason,
+        ttl: None,
     }
 }
 
@@ -61,14 +63,17 @@ async fn a_message_for_an_offline_recipient_becomes_one_encrypted_content_free_p
         .unwrap();
     queue
         .send(
-            Envelope::new(bob.clone(), "the secret plan, from alice").with_urgency(Urgency::Urgent),
+            Envelope::new(bob.clone(), "the secret plan, from alice")
+                .with_urgency(Urgency::Urgent)
+                .with_ttl(Duration::from_secs(120)),
         )
         .await
         .unwrap();
 
     let requests = service.wait_for(1).await;
     let request = &requests[0];
-    assert_eq!(request.header("ttl"), "3600");
+    // The message's 120 s, shorter than the provider's 3600 s.
+    assert_eq!(request.header("ttl"), "120");
     assert_eq!(request.header("urgency"), "high");
     assert_eq!(request.header("content-encoding"), "aes128gcm");
     let topic = request.header("topic");
@@ -146,6 +151,8 @@ async fn each_answer_of_the_push_service_is_read_as_the_rfcs_mean_it() {
     for (i, (request, checked)) in requests.iter().zip(&checked).enumerate() {
         let (_, urgency, reason) = reasons[i % 3];
         assert_eq!(request.header("urgency"), urgency);
+        // A nudge without a TTL of its own: the provider's.
+        assert_eq!(request.header("ttl"), "3600");
         assert_eq!(
             checked.plaintext,
             format!(r#"{{"pending":{i},"reason":"{reason}"}}"#)
@@ -181,7 +188,7 @@ async fn the_failure_matrix_through_web_push() {
 }
 
 #[tokio::test]
-async fn an_http_endpoint_is_refused_unless_allowed_and_nothing_is_sent() {
+async fn an_http_or_address_endpoint_is_refused_unless_allowed_and_nothing_is_sent() {
     let service = FakePushService::start().await;
     let attempt = web_push(false)
         .push(
@@ -193,6 +200,19 @@ async fn an_http_endpoint_is_refused_unless_allowed_and_nothing_is_sent() {
         panic!("{attempt:?}");
     };
     assert!(reason.contains("only https"), "{reason}");
+    // An address is no push service, however spelled (all of these are this machine): pruned,
+    // never connected to. (The unit tests check the rule on more spellings.)
+    for endpoint in [
+        "https://127.0.0.1/push",
+        "https://2130706433/push",
+        "https://[::1]/push",
+        "https://localhost/push",
+    ] {
+        let attempt = web_push(false)
+            .push(&device(endpoint), &nudge(NudgeReason::Urgent, None))
+            .await;
+        assert_eq!(attempt, PushAttempt::DeviceGone, "{endpoint}");
+    }
     assert!(service.received.lock().is_empty());
 }
 

@@ -17,10 +17,13 @@
 //! waits. Any other nudge is a background push (`content-available: 1`,
 //! `apns-push-type: background`, `apns-priority: 5`), which wakes the app to connect. Both carry
 //! `pending` and `reason` beside `aps`, an `apns-collapse-id` per recipient (the device keeps
-//! the latest), and an `apns-expiration` ([`ApnsOptions::ttl`] from now).
+//! the latest), and an `apns-expiration` ([`ApnsOptions::ttl`] from now, or the nudge's own
+//! [`ttl`](crate::Nudge::ttl) when shorter).
 //!
-//! **Answers.** 200 delivered; 410 `Unregistered`, 400 `BadDeviceToken` and
-//! `DeviceTokenNotForTopic` mean the token is gone; 429 and 5xx are retried (honouring
+//! **Answers.** 200 delivered; 410 `Unregistered` and 400 `BadDeviceToken` mean the token is
+//! gone (a `BadDeviceToken` is also what a development build's token gets from production:
+//! point [`ApnsOptions::endpoint`] at the sandbox for those, or they are pruned);
+//! `DeviceTokenNotForTopic` is refused, not pruned (a wrong bundle id would prune them all); 429 and 5xx are retried (honouring
 //! `Retry-After`); 403 `ExpiredProviderToken` renews the JWT and retries; anything else is
 //! refused for good.
 //!
@@ -35,7 +38,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Uri};
+use hyper::Request;
 use p256::SecretKey;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
@@ -183,8 +186,7 @@ impl Apns {
             .unwrap_or_else(|| PRODUCTION.to_owned())
             .trim_end_matches('/')
             .to_owned();
-        base.parse::<Uri>()
-            .map_err(|e| PushError::new("ApnsOptions::endpoint", format!("not a URL: {e}")))?;
+        super::http::checked_endpoint("ApnsOptions::endpoint", &base)?;
         Ok(Self {
             key,
             topic: bundle_id.to_owned(),
@@ -273,7 +275,10 @@ impl PushProvider for Apns {
                     if urgent { "alert" } else { "background" },
                 )
                 .header("apns-priority", if urgent { "10" } else { "5" })
-                .header("apns-expiration", now + self.ttl.as_secs())
+                .header(
+                    "apns-expiration",
+                    now + nudge.ttl.map_or(self.ttl, |t| t.min(self.ttl)).as_secs(),
+                )
                 .header("apns-collapse-id", collapse_key(&nudge.recipient))
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(self.payload(nudge))))
@@ -299,9 +304,9 @@ impl PushProvider for Apns {
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
         let reason = body["reason"].as_str().unwrap_or("");
         match (status, reason) {
-            (410, _) | (400, "BadDeviceToken" | "DeviceTokenNotForTopic") => {
-                PushAttempt::DeviceGone
-            }
+            // `DeviceTokenNotForTopic` is refused, not pruned: a wrong bundle id would get it
+            // for every token there is.
+            (410, _) | (400, "BadDeviceToken") => PushAttempt::DeviceGone,
             (403, "ExpiredProviderToken") => {
                 self.provider_token(now, Some(&provider_token));
                 PushAttempt::Retry {

@@ -20,10 +20,21 @@ pub const MAX_ENDPOINT_BYTES: usize = 2048;
 pub enum Device {
     /// A browser or service worker subscribed with the Push API (RFC 8030).
     WebPush(WebPushSubscription),
-    /// An Android (or any Firebase) app, by its FCM registration token.
+    /// An Android app, by its FCM registration token (the nudge sets FCM's Android options;
+    /// reach Apple devices with [`Device::Apns`]).
     Fcm(PushToken),
     /// An iOS, iPadOS or macOS app, by its APNs device token (hex).
     Apns(PushToken),
+}
+
+impl Device {
+    /// Where the device is reached: its endpoint or token.
+    fn address(&self) -> &str {
+        match self {
+            Device::WebPush(subscription) => subscription.endpoint(),
+            Device::Fcm(token) | Device::Apns(token) => token.as_str(),
+        }
+    }
 }
 
 /// Longest registration or device token accepted. FCM's are about 160 bytes, APNs' 32 bytes
@@ -191,13 +202,20 @@ impl MemoryPushTargets {
         Self::default()
     }
 
-    /// Adds `device` to the recipient's devices (once: adding it again changes nothing).
+    /// Most devices kept per recipient; adding one more forgets the oldest, so one account
+    /// cannot make a nudge fan out without bound.
+    pub const MAX_DEVICES: usize = 10;
+
+    /// Adds `device` to the recipient's devices. A device at the same address (endpoint or
+    /// token) is replaced: a browser that subscribed again with new keys keeps one entry.
     pub fn add(&self, recipient: RecipientId, device: Device) {
         let mut devices = self.devices.lock();
         let list = devices.entry(recipient).or_default();
-        if !list.contains(&device) {
-            list.push(device);
+        list.retain(|d| d.address() != device.address());
+        if list.len() >= Self::MAX_DEVICES {
+            list.remove(0);
         }
+        list.push(device);
     }
 
     /// Removes `device`; returns whether it was there.
@@ -311,5 +329,29 @@ mod tests {
         futures::executor::block_on(targets.device_gone(&bob, &device));
         assert!(targets.list(&bob).is_empty());
         assert!(!targets.remove(&bob, &device));
+    }
+
+    #[test]
+    fn memory_targets_keep_one_device_per_address_and_a_bounded_number() {
+        let targets = MemoryPushTargets::new();
+        let bob = RecipientId::new("bob").unwrap();
+        let device =
+            Device::WebPush(WebPushSubscription::new("https://p.example/x", P256DH, AUTH).unwrap());
+        targets.add(bob.clone(), device.clone());
+        // Subscribed again at the same endpoint with new keys: replaced, not added.
+        let rekeyed = Device::WebPush(
+            WebPushSubscription::new("https://p.example/x", P256DH, "AAAAAAAAAAAAAAAAAAAAAA")
+                .unwrap(),
+        );
+        targets.add(bob.clone(), rekeyed.clone());
+        assert_eq!(targets.list(&bob), std::slice::from_ref(&rekeyed));
+        // Past the bound, the oldest go.
+        for n in 0..MemoryPushTargets::MAX_DEVICES {
+            let token = PushToken::new(&format!("token-{n}")).unwrap();
+            targets.add(bob.clone(), Device::Fcm(token));
+        }
+        let list = targets.list(&bob);
+        assert_eq!(list.len(), MemoryPushTargets::MAX_DEVICES);
+        assert!(!list.contains(&rekeyed), "the oldest was forgotten");
     }
 }

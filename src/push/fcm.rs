@@ -14,10 +14,12 @@
 //! strings), so the app decides what to show; never the content or the sender. Android
 //! priority `HIGH` for an urgent nudge, `NORMAL` otherwise (Android may defer normal ones in
 //! Doze); a `collapse_key` per recipient, so an offline device keeps one nudge; `ttl` from
-//! [`FcmOptions::ttl`].
+//! [`FcmOptions::ttl`], or the nudge's own [`ttl`](crate::Nudge::ttl) when shorter.
 //!
-//! **Answers.** 2xx delivered; `UNREGISTERED` (404), an `INVALID_ARGUMENT` about the token
-//! (400) and `SENDER_ID_MISMATCH` (403) mean the token is gone; 429 and 5xx are retried,
+//! **Answers.** 2xx delivered; `UNREGISTERED` (404), an `INVALID_ARGUMENT` about the
+//! registration token (400) and `SENDER_ID_MISMATCH` (403) mean the token is gone (a 404
+//! without FCM's `UNREGISTERED` is refused, not pruned: it may be a wrong project or
+//! endpoint); 429 and 5xx are retried,
 //! honouring `Retry-After`; 401 drops the cached access token and retries; anything else is
 //! refused for good.
 //!
@@ -119,9 +121,7 @@ impl FcmServiceAccount {
             .token_uri
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| DEFAULT_TOKEN_URI.to_owned());
-        token_uri.parse::<Uri>().map_err(|e| {
-            PushError::new("fcm service account token_uri", format!("not a URL: {e}"))
-        })?;
+        super::http::checked_endpoint("fcm service account token_uri", &token_uri)?;
         Ok(Self {
             project_id,
             client_email,
@@ -166,7 +166,8 @@ pub struct FcmOptions {
     /// How long FCM keeps a nudge for a device it cannot reach (Android `ttl`). `None`: one
     /// day.
     pub ttl: Option<Duration>,
-    /// FCM's base URL. `None`: `https://fcm.googleapis.com`. For tests against a local fake.
+    /// FCM's base URL. `None`: `https://fcm.googleapis.com`. For tests against a local fake
+    /// (`http://` only to this machine).
     pub endpoint: Option<String>,
     /// Trust these PEM certificates instead of Mozilla's roots.
     pub root_certificates_pem: Option<Vec<u8>>,
@@ -176,7 +177,7 @@ pub struct FcmOptions {
 pub struct Fcm {
     account: FcmServiceAccount,
     send_url: Uri,
-    ttl: String,
+    ttl: Duration,
     client: HttpClient,
     /// The access token and when it expires; one fetch at a time.
     token: tokio::sync::Mutex<Option<(String, SystemTime)>>,
@@ -217,18 +218,19 @@ impl Fcm {
         options: FcmOptions,
     ) -> Result<Self, PushError> {
         let base = options.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
-        let send_url = format!(
-            "{}/v1/projects/{}/messages:send",
-            base.trim_end_matches('/'),
-            account.project_id
-        )
-        .parse::<Uri>()
-        .map_err(|e| PushError::new("FcmOptions::endpoint", format!("not a URL: {e}")))?;
+        let send_url = super::http::checked_endpoint(
+            "FcmOptions::endpoint",
+            &format!(
+                "{}/v1/projects/{}/messages:send",
+                base.trim_end_matches('/'),
+                account.project_id
+            ),
+        )?;
         let ttl = options.ttl.unwrap_or(DEFAULT_TTL);
         Ok(Self {
             account,
             send_url,
-            ttl: format!("{}s", ttl.as_secs()),
+            ttl,
             client: HttpClient::new(options.root_certificates_pem.as_deref())?,
             token: tokio::sync::Mutex::new(None),
         })
@@ -313,7 +315,7 @@ impl Fcm {
                 "android": {
                     "priority": priority,
                     "collapse_key": collapse_key(&nudge.recipient),
-                    "ttl": self.ttl,
+                    "ttl": format!("{}s", nudge.ttl.map_or(self.ttl, |t| t.min(self.ttl)).as_secs()),
                 },
             }
         })
@@ -386,9 +388,13 @@ impl PushProvider for Fcm {
             return PushAttempt::Delivered;
         }
         let (code, message) = error_code(&reply.body);
+        // Only FCM's own word prunes a token: a bare 404 (a wrong project id or endpoint, a
+        // proxy's page) would otherwise delete every token there is.
         match (status, code.as_str()) {
-            (_, "UNREGISTERED") | (404, _) | (403, "SENDER_ID_MISMATCH") => PushAttempt::DeviceGone,
-            (400, "INVALID_ARGUMENT") if message.to_ascii_lowercase().contains("token") => {
+            (_, "UNREGISTERED") | (403, "SENDER_ID_MISMATCH") => PushAttempt::DeviceGone,
+            (400, "INVALID_ARGUMENT")
+                if message.to_ascii_lowercase().contains("registration token") =>
+            {
                 PushAttempt::DeviceGone
             }
             (401, _) => {

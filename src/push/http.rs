@@ -71,6 +71,23 @@ impl HttpClient {
     }
 }
 
+/// `url` as a provider's fixed endpoint: `https://`, or `http://` to this machine only (a test
+/// double), so a typo never sends credentials in the clear.
+pub(crate) fn checked_endpoint(what: &'static str, url: &str) -> Result<hyper::Uri, PushError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| PushError::new(what, format!("{url:?} is not a URL: {e}")))?;
+    let loopback = matches!(uri.host(), Some("127.0.0.1" | "[::1]" | "localhost"));
+    match uri.scheme_str() {
+        Some("https") if uri.host().is_some() => Ok(uri),
+        Some("http") if loopback => Ok(uri),
+        _ => Err(PushError::new(
+            what,
+            format!("{url:?}: must be https:// (http:// only to 127.0.0.1, [::1] or localhost)"),
+        )),
+    }
+}
+
 /// The error and its causes, one line.
 fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -96,6 +113,18 @@ pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fixed_endpoint_is_https_or_local_http() {
+        assert!(checked_endpoint("x", "https://fcm.googleapis.com").is_ok());
+        assert!(checked_endpoint("x", "http://127.0.0.1:9000/token").is_ok());
+        assert!(checked_endpoint("x", "http://localhost:9000").is_ok());
+        let err =
+            checked_endpoint("FcmOptions::endpoint", "http://fcm.googleapis.com").unwrap_err();
+        assert_eq!(err.what, "FcmOptions::endpoint");
+        assert!(err.reason.contains("must be https://"), "{err}");
+        assert!(checked_endpoint("x", "not a url").is_err());
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {

@@ -117,7 +117,8 @@ pub(crate) fn reason_name(reason: crate::NudgeReason) -> &'static str {
 }
 
 impl PushError {
-    pub(crate) fn new(what: &'static str, reason: impl Into<String>) -> Self {
+    /// An error about `what`, for `reason` (a host's [`PushTargets`] returns these too).
+    pub fn new(what: &'static str, reason: impl Into<String>) -> Self {
         Self {
             what,
             reason: reason.into(),

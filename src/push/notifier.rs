@@ -1,6 +1,7 @@
 //! [`PushNotifier`]: the queue and the task between the engine's nudges and the push services.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::notifier::{Notifier, NotifyError, Nudge};
 
 /// How one request to a push service went, as its provider reads the answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PushAttempt {
     /// The push service accepted the push.
     Delivered,
@@ -56,24 +58,27 @@ pub trait PushProvider: Send + Sync + 'static {
 #[non_exhaustive]
 pub struct PushOptions {
     /// Nudges waiting to be sent; a nudge past it is dropped and counted in
-    /// [`PushMetrics::dropped_queue_full`], so a slow push service never slows a send.
-    /// Default 1,024.
+    /// [`PushMetrics::dropped_queue_full`], so a slow push service never slows a send. As
+    /// many again may be in progress (sending, or waiting to retry): memory stays bounded
+    /// whatever the push services do. Default 1,024.
     pub queue_capacity: usize,
-    /// Nudges being sent at once (each to all the recipient's devices). Default 32.
+    /// Requests to push services (and device lookups) at once. A push waiting to retry holds
+    /// none, so services that fail or stall slow no one else's pushes. Default 32.
     pub concurrency: usize,
     /// An attempt without an answer by then counts as failed and is retried (a hung push
     /// service holds a slot this long, never a send). Default 10 s.
     pub request_timeout: Duration,
-    /// Wait before the first retry when the service named none; it doubles after each retry,
-    /// up to `max_retry_wait`, and each wait is drawn at random from its upper half (jitter,
-    /// so retries of many nudges spread out). Default 1 s.
+    /// Wait before the first retry; it doubles after each retry, up to `max_retry_wait`, and
+    /// each wait is drawn at random from its upper half (jitter, so retries of many nudges
+    /// spread out). A `Retry-After` from the service lengthens a wait, never shortens it.
+    /// Default 1 s; more than zero.
     pub first_retry: Duration,
     /// Longest wait between two attempts when the service named none. Default 60 s.
     pub max_retry_wait: Duration,
     /// A push not delivered this long after its first attempt is given up, counted in
     /// [`PushMetrics::gave_up`] (a wait, `Retry-After` included, that would end past it is not
     /// started). Default 5 minutes: later, the nudge is stale, and the next message nudges
-    /// again.
+    /// again. At most a day.
     pub give_up_after: Duration,
 }
 
@@ -186,11 +191,18 @@ impl PushNotifier {
                 format!("over the limit of {}", Semaphore::MAX_PERMITS),
             ));
         }
-        if options.request_timeout.is_zero() {
-            return Err(PushError::new(
-                "PushOptions::request_timeout",
-                "must be more than zero",
-            ));
+        for (what, value) in [
+            ("PushOptions::request_timeout", options.request_timeout),
+            ("PushOptions::first_retry", options.first_retry),
+            ("PushOptions::max_retry_wait", options.max_retry_wait),
+            ("PushOptions::give_up_after", options.give_up_after),
+        ] {
+            if value.is_zero() || value > MAX_WAIT {
+                return Err(PushError::new(
+                    what,
+                    format!("{value:?}: must be more than zero and at most {MAX_WAIT:?}"),
+                ));
+            }
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| PushError::new("push task", format!("no tokio runtime: {e}")))?;
@@ -201,12 +213,11 @@ impl PushNotifier {
             providers,
             options,
             counters: counters.clone(),
-            reported_gone: Mutex::new(HashSet::new()),
+            requests: Arc::new(Semaphore::new(options.concurrency)),
+            reported_gone: Mutex::new(HashMap::new()),
         });
-        let task = runtime.spawn(sender.clone().run(nudges));
         let task = runtime.spawn(async move {
-            // Only a panic in a provider ends the task early; the counters stand either way.
-            let _ = task.await;
+            sender.clone().run(nudges).await;
             metrics_of(&sender.counters)
         });
         Ok((
@@ -264,8 +275,12 @@ impl Notifier for PushNotifier {
     }
 }
 
-/// Devices reported gone are remembered (by hash) so concurrent pushes to one dead device
-/// report it once; past this many the memory starts over.
+/// The longest any of the options' durations may be.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Devices reported gone are remembered (by hash) for `give_up_after`, the longest any push
+/// to them may still be under way, so concurrent pushes to one dead device report it once;
+/// past this many, the expired entries are forgotten.
 const REMEMBERED_GONE: usize = 10_000;
 
 struct Sender {
@@ -273,43 +288,50 @@ struct Sender {
     providers: Vec<Arc<dyn PushProvider>>,
     options: PushOptions,
     counters: Arc<Counters>,
-    reported_gone: Mutex<HashSet<u64>>,
+    /// One permit per request to a push service or device lookup under way.
+    requests: Arc<Semaphore>,
+    reported_gone: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Sender {
     async fn run(self: Arc<Self>, mut nudges: mpsc::Receiver<Nudge>) {
-        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        // Nudges in progress, retries waiting included: at most a queue's worth. Past it the
+        // queue fills and drops: the bound on memory whatever the push services do.
+        let in_progress = Arc::new(Semaphore::new(self.options.queue_capacity));
         let mut sending = JoinSet::new();
         while let Some(nudge) = nudges.recv().await {
-            // Waiting for a slot leaves later nudges in the queue, where a full queue drops
-            // them: the bound on memory and on load on the push services.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            let Ok(place) = in_progress.clone().acquire_owned().await else {
                 break;
             };
             while sending.try_join_next().is_some() {}
             let sender = self.clone();
             sending.spawn(async move {
                 sender.send(nudge).await;
-                drop(slot);
+                drop(place);
             });
         }
         while sending.join_next().await.is_some() {}
     }
 
+    /// Runs `step` holding a request permit, within the request timeout; `None` if it timed
+    /// out.
+    async fn request<T>(&self, step: impl Future<Output = T>) -> Option<T> {
+        let _permit = self.requests.acquire().await.ok()?;
+        tokio::time::timeout(self.options.request_timeout, step)
+            .await
+            .ok()
+    }
+
     async fn send(&self, nudge: Nudge) {
-        let lookup = tokio::time::timeout(
-            self.options.request_timeout,
-            self.targets.devices(&nudge.recipient),
-        )
-        .await;
+        let lookup = self.request(self.targets.devices(&nudge.recipient)).await;
         let devices = match lookup {
-            Ok(Ok(devices)) => devices,
-            Ok(Err(error)) => {
+            Some(Ok(devices)) => devices,
+            Some(Err(error)) => {
                 bump(&self.counters.lookup_failed);
                 tracing::warn!(%error, "push: device lookup failed");
                 return;
             }
-            Err(_) => {
+            None => {
                 bump(&self.counters.lookup_failed);
                 tracing::warn!("push: device lookup timed out");
                 return;
@@ -330,17 +352,12 @@ impl Sender {
     }
 
     async fn push_until_done(&self, provider: &dyn PushProvider, device: &Device, nudge: &Nudge) {
-        let give_up_at = Instant::now() + self.options.give_up_after;
+        let started = Instant::now();
         let mut backoff = self.options.first_retry;
         loop {
-            let attempt = match tokio::time::timeout(
-                self.options.request_timeout,
-                provider.push(device, nudge),
-            )
-            .await
-            {
-                Ok(attempt) => attempt,
-                Err(_) => {
+            let attempt = match self.request(provider.push(device, nudge)).await {
+                Some(attempt) => attempt,
+                None => {
                     bump(&self.counters.timed_out);
                     PushAttempt::Retry {
                         after: None,
@@ -363,9 +380,12 @@ impl Sender {
                     return;
                 }
                 PushAttempt::Retry { after, reason } => {
-                    let wait = after.unwrap_or_else(|| jittered(backoff));
+                    // The service's `Retry-After` (which may be 0, or absurdly long) only
+                    // lengthens the wait: never sooner than the backoff.
+                    let wait = jittered(backoff).max(after.unwrap_or_default());
                     backoff = backoff.saturating_mul(2).min(self.options.max_retry_wait);
-                    if Instant::now() + wait > give_up_at {
+                    let left = self.options.give_up_after.saturating_sub(started.elapsed());
+                    if wait > left {
                         bump(&self.counters.gave_up);
                         tracing::warn!(provider = provider.name(), %reason, "push given up");
                         return;
@@ -382,16 +402,32 @@ impl Sender {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         (recipient, device).hash(&mut hasher);
+        let key = hasher.finish();
+        let now = Instant::now();
+        let remembered = self.options.give_up_after;
         let first = {
             let mut gone = self.reported_gone.lock();
             if gone.len() >= REMEMBERED_GONE {
-                gone.clear();
+                gone.retain(|_, at| now.duration_since(*at) < remembered);
             }
-            gone.insert(hasher.finish())
+            match gone.get(&key) {
+                Some(at) if now.duration_since(*at) < remembered => false,
+                _ => {
+                    gone.insert(key, now);
+                    true
+                }
+            }
         };
         if first {
             bump(&self.counters.devices_gone);
-            self.targets.device_gone(recipient, device).await;
+            // The host's database may hang too: bounded like a request.
+            if self
+                .request(self.targets.device_gone(recipient, device))
+                .await
+                .is_none()
+            {
+                tracing::warn!(%recipient, "push: device_gone did not return in time");
+            }
         }
     }
 }

@@ -314,6 +314,23 @@ struct AppendSummary {
     live_elsewhere: bool,
     /// The most urgent of the newly stored messages' urgencies, if any was stored.
     strongest: Option<Urgency>,
+    /// The longest time to live left among the newly stored messages; `None` if one never
+    /// expires (or none was stored).
+    ttl: Option<Duration>,
+}
+
+/// The longest time to live left at `now` among these deadlines; `None` if one is `None`
+/// (never expires) or there are none.
+fn longest_ttl(
+    deadlines: impl Iterator<Item = Option<Timestamp>>,
+    now: Timestamp,
+) -> Option<Duration> {
+    let mut longest = None;
+    for deadline in deadlines {
+        let left = deadline?.duration_since(now);
+        longest = Some(longest.map_or(left, |l: Duration| l.max(left)));
+    }
+    longest
 }
 
 fn receipt(id: MessageId, appended: Appended, dropped: u64, online: bool) -> SendReceipt {
@@ -375,7 +392,7 @@ impl OfflineQueue {
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
         let (recipient, record, urgency) = self.prepare(envelope)?;
         let inner = &self.inner;
-        let (id, now) = (record.id, record.sent_at);
+        let (id, now, deadline) = (record.id, record.sent_at, record.expires_at);
         let outcome = inner
             .storage
             .append_one(&recipient, record, &inner.quota, now)
@@ -392,6 +409,7 @@ impl OfflineQueue {
                 pending: outcome.pending,
                 live_elsewhere,
                 strongest: stored.then_some(urgency),
+                ttl: longest_ttl(std::iter::once(deadline), now),
             },
             now,
         );
@@ -495,6 +513,7 @@ impl OfflineQueue {
         let now = records
             .first()
             .map_or_else(|| inner.clock.now(), |r| r.sent_at);
+        let deadlines: Vec<Option<Timestamp>> = records.iter().map(|r| r.expires_at).collect();
         let outcome = inner
             .storage
             .append(recipient, records, &inner.quota, now)
@@ -526,6 +545,14 @@ impl OfflineQueue {
                 pending: outcome.pending,
                 live_elsewhere,
                 strongest,
+                ttl: longest_ttl(
+                    deadlines
+                        .iter()
+                        .zip(&outcome.records)
+                        .filter(|(_, a)| matches!(a, Appended::Stored(_)))
+                        .map(|(deadline, _)| *deadline),
+                    now,
+                ),
             },
             now,
         );
@@ -584,7 +611,7 @@ impl OfflineQueue {
                     .lock()
                     .on_stored(&inner.notify_policy, recipient, urgency, now);
             match reason {
-                Some(reason) => self.nudge(recipient, Some(summary.pending), reason),
+                Some(reason) => self.nudge(recipient, Some(summary.pending), reason, summary.ttl),
                 None => metrics::add(&inner.metrics.notifications_coalesced, 1),
             }
         }
@@ -592,12 +619,19 @@ impl OfflineQueue {
         online
     }
 
-    fn nudge(&self, recipient: &RecipientId, pending: Option<u64>, reason: NudgeReason) {
+    fn nudge(
+        &self,
+        recipient: &RecipientId,
+        pending: Option<u64>,
+        reason: NudgeReason,
+        ttl: Option<Duration>,
+    ) {
         let inner = &self.inner;
         let nudge = Nudge {
             recipient: recipient.clone(),
             pending,
             reason,
+            ttl,
         };
         match inner.notifier.notify(nudge) {
             Ok(()) => metrics::add(&inner.metrics.notifications_sent, 1),
@@ -790,7 +824,7 @@ impl OfflineQueue {
                 .nudges
                 .lock()
                 .record_sent(&inner.notify_policy, &recipient, now);
-            self.nudge(&recipient, pending, NudgeReason::Unacked);
+            self.nudge(&recipient, pending, NudgeReason::Unacked, None);
             report.nudges += 1;
         }
         let purged = purged?;

@@ -457,15 +457,16 @@ pub async fn failure_matrix(
     options.concurrency = 2;
     // Bounds loose enough for a loaded machine: a hung attempt times out once, then a retry
     // would start past the give-up time.
-    options.request_timeout = Duration::from_millis(1500);
+    options.request_timeout = Duration::from_secs(3);
     options.first_retry = Duration::from_millis(20);
     options.max_retry_wait = Duration::from_millis(80);
-    options.give_up_after = Duration::from_millis(1500);
+    options.give_up_after = Duration::from_secs(3);
     let (notifier, task) = PushNotifier::start(targets.clone(), vec![provider], options).unwrap();
     let nudge = |name: &str| Nudge {
         recipient: RecipientId::new(name).unwrap(),
         pending: Some(1),
         reason: NudgeReason::Urgent,
+        ttl: None,
     };
     // No await in between: the task takes none before the queue is full.
     for name in ["ok", gone, gone, "busy", "down", "hang"] {

@@ -107,7 +107,8 @@ pub struct Config {
     /// Push providers: a PEM file of certificates to trust in place of the public roots.
     #[arg(long)]
     pub push_roots: Option<std::path::PathBuf>,
-    /// Web Push: send to `http://` endpoints too. For a local test push service only.
+    /// Web Push: send to `http://` endpoints, and to addresses and local names (refused
+    /// otherwise, as a client chooses its endpoint). For a local test push service only.
     #[arg(long)]
     pub push_allow_http: bool,
     /// After a push, no further push for the same user for this long.

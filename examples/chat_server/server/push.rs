@@ -214,6 +214,7 @@ fn web_push(
         let mut options = WebPushOptions::default();
         options.root_certificates_pem = roots;
         options.allow_plain_http = config.push_allow_http;
+        options.allow_any_host = config.push_allow_http;
         providers.push(Arc::new(WebPush::with_options(key, subject, options)?));
         Ok(Some(public))
     }

@@ -9,8 +9,9 @@
 //! implementation (Python's `http_ece` and `cryptography`).
 //!
 //! Each request carries:
-//! - `TTL`: [`WebPushOptions::ttl`]: how long the push service keeps the push for an
-//!   unreachable device (0: deliver now or never).
+//! - `TTL`: how long the push service keeps the push for an unreachable device (0: deliver
+//!   now or never): [`WebPushOptions::ttl`], or the nudge's own [`ttl`](crate::Nudge::ttl)
+//!   when shorter.
 //! - `Urgency`: `high` for an urgent message, `normal` for a session that ended with messages
 //!   pending, `low` for background messages (the device may hold low pushes to save battery).
 //! - `Topic`: the same for every push to one recipient, so a device that is offline keeps one
@@ -21,6 +22,13 @@
 //! [`PushTargets::device_gone`](super::PushTargets::device_gone)); 429 and 5xx retried
 //! (honouring `Retry-After`); anything else refused for good (400 malformed, 403 the VAPID key
 //! is not the one the subscription was made with, 413 too large).
+//!
+//! **Endpoints come from clients.** A subscription's endpoint is whatever the client sent, so
+//! it could name a host on your own network. Only `https://` endpoints with a host name are
+//! sent to (an address literal such as `169.254.169.254` is a device gone), and only an
+//! encrypted body goes out; a name that resolves to a private address is not caught here:
+//! where that matters, check endpoints against your push services' hosts when clients
+//! register them.
 //!
 //! What it does not promise: the push service may delay, coalesce or drop pushes (browsers
 //! limit pushes to a page that shows no notification); a push is a hint to reconnect, the
@@ -54,9 +62,16 @@ pub struct WebPushOptions {
     /// test's).
     pub root_certificates_pem: Option<Vec<u8>>,
     /// Send to `http://` endpoints too. Off by default: a real push service is always HTTPS,
-    /// and an `http://` endpoint in a subscription is refused, never sent in the clear. For
-    /// tests against a local push service.
+    /// so an `http://` endpoint is refused, never sent in the clear. For tests against a local
+    /// push service.
     pub allow_plain_http: bool,
+    /// Send to any host and port. Off by default: an endpoint comes from a client, and push
+    /// services are public names on the default port, so an endpoint whose host is an
+    /// address in any spelling (`169.254.169.254`, `2852039166`, `127.1`, `[::1]`), a name
+    /// without a dot (`localhost`) or with a numeric last label, or that names a port other
+    /// than 443, is a device gone, never connected to. For tests against a local push
+    /// service.
+    pub allow_any_host: bool,
 }
 
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -64,6 +79,22 @@ const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 const TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
 /// A cached token is signed again when less than this is left of it.
 const TOKEN_RENEW_BEFORE: Duration = Duration::from_secs(60 * 60);
+/// Signed tokens kept, one per push service.
+const MAX_CACHED_TOKENS: usize = 64;
+
+/// Whether `authority` can be a public push service: a DNS name with a dot and an alphabetic
+/// (or IDN) top-level label, on the default port. Every spelling of an address fails: dotted
+/// or not, decimal, octal or hex, IPv6 in brackets.
+fn is_push_service_host(authority: &hyper::http::uri::Authority) -> bool {
+    if authority.port_u16().is_some_and(|port| port != 443) {
+        return false;
+    }
+    let host = authority.host().trim_end_matches('.');
+    let Some((_, top)) = host.rsplit_once('.') else {
+        return false;
+    };
+    top.starts_with("xn--") || (!top.is_empty() && top.bytes().all(|b| b.is_ascii_alphabetic()))
+}
 
 /// The Web Push provider. See the [module docs](self).
 pub struct WebPush {
@@ -71,6 +102,7 @@ pub struct WebPush {
     subject: String,
     ttl_seconds: u64,
     allow_plain_http: bool,
+    allow_any_host: bool,
     client: HttpClient,
     /// Signed tokens by audience (a push service's origin), with their expiry (Unix seconds):
     /// one signature per push service and 11 hours, not one per push.
@@ -122,6 +154,7 @@ impl WebPush {
             subject: subject.to_owned(),
             ttl_seconds: ttl.as_secs(),
             allow_plain_http: options.allow_plain_http,
+            allow_any_host: options.allow_any_host,
             client: HttpClient::new(options.root_certificates_pem.as_deref())?,
             tokens: Mutex::new(Vec::new()),
         })
@@ -143,6 +176,11 @@ impl WebPush {
         let expires = now + TOKEN_LIFETIME.as_secs();
         let value = self.vapid.authorization(audience, expires, &self.subject);
         tokens.retain(|(a, e, _)| a != audience && *e > now);
+        // A handful of push services exist; many audiences mean hostile endpoints: keep the
+        // newest only.
+        if tokens.len() >= MAX_CACHED_TOKENS {
+            tokens.remove(0);
+        }
         tokens.push((audience.to_owned(), expires, value.clone()));
         value
     }
@@ -188,6 +226,9 @@ impl PushProvider for WebPush {
                 "endpoint scheme {scheme:?}: only https is sent to (WebPushOptions::allow_plain_http for tests)"
             ));
         }
+        if !self.allow_any_host && !is_push_service_host(authority) {
+            return PushAttempt::DeviceGone;
+        }
         let audience = format!("{scheme}://{authority}");
         let sender = match vapid::random_secret() {
             Ok(secret) => secret,
@@ -209,7 +250,12 @@ impl PushProvider for WebPush {
             Err(_) => return PushAttempt::DeviceGone,
         };
         let request = Request::post(endpoint)
-            .header("TTL", self.ttl_seconds)
+            .header(
+                "TTL",
+                nudge
+                    .ttl
+                    .map_or(self.ttl_seconds, |ttl| ttl.as_secs().min(self.ttl_seconds)),
+            )
             .header("Urgency", urgency(nudge.reason))
             .header("Topic", collapse_key(&nudge.recipient))
             .header(hyper::header::CONTENT_ENCODING, "aes128gcm")
@@ -237,9 +283,10 @@ impl PushProvider for WebPush {
                 after: reply.retry_after,
                 reason: format!("push service answered {status}"),
             },
+            // The answer comes from a host a client chose: escaped before it reaches a log.
             _ => PushAttempt::Rejected(format!(
                 "push service answered {status}: {}",
-                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)])
+                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)]).escape_debug()
             )),
         }
     }
@@ -248,6 +295,36 @@ impl PushProvider for WebPush {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_public_host_names_on_the_default_port_are_push_services() {
+        let ok = |endpoint: &str| {
+            let uri: Uri = endpoint.parse().unwrap();
+            is_push_service_host(uri.authority().unwrap())
+        };
+        for public in [
+            "https://fcm.googleapis.com/fcm/send/x",
+            "https://updates.push.services.mozilla.com/wpush/v2/x",
+            "https://web.push.apple.com:443/x",
+            "https://push.example.xn--p1ai/x",
+        ] {
+            assert!(ok(public), "{public}");
+        }
+        for private in [
+            "https://169.254.169.254/latest",
+            "https://2852039166/x",
+            "https://127.1/x",
+            "https://0x7f.1/x",
+            "https://0177.0.0.1/x",
+            "https://[::1]/x",
+            "https://[fd00::1]/x",
+            "https://localhost/x",
+            "https://push.example.com:8443/x",
+            "https://10.0.0.5/x",
+        ] {
+            assert!(!ok(private), "{private}");
+        }
+    }
 
     #[test]
     fn a_subject_must_be_mailto_or_https() {
