@@ -1189,3 +1189,95 @@ fn a_push_flag_without_its_parts_is_refused_at_start() {
     #[cfg(not(feature = "web-push"))]
     assert!(refused.contains("built without"), "{refused}");
 }
+
+/// FCM and APNs turned on by their flags: a user's two registered devices each get one push
+/// when a message waits, at the fakes of both services.
+#[cfg(all(feature = "fcm", feature = "apns", feature = "web-push"))]
+#[tokio::test]
+async fn fcm_and_apns_flags_push_to_registered_devices() {
+    if push_support::checker_missing() {
+        return;
+    }
+    let mut fcm = push_support::FakePushService::start().await;
+    let mut apns = push_support::FakeApns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa_private, _) = push_support::new_key("rsa-key");
+    let account = json!({
+        "type": "service_account",
+        "project_id": "chat-test",
+        "private_key": rsa_private,
+        "client_email": "pusher@chat-test.iam.gserviceaccount.com",
+        "token_uri": fcm.url("token"),
+    });
+    let account_file = dir.path().join("firebase.json");
+    std::fs::write(&account_file, account.to_string()).unwrap();
+    let (ec_private, _) = push_support::new_key("ec-key");
+    let p8 = dir.path().join("AuthKey.p8");
+    std::fs::write(&p8, ec_private).unwrap();
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, &apns.cert_pem).unwrap();
+    let fcm_endpoint = format!("http://{}", fcm.addr);
+    let apns_endpoint = apns.url();
+    let server = Server::start(&[
+        "--push-fcm-account",
+        account_file.to_str().unwrap(),
+        "--push-fcm-endpoint",
+        &fcm_endpoint,
+        "--push-apns-key",
+        p8.to_str().unwrap(),
+        "--push-apns-key-id",
+        "KEY1234567",
+        "--push-apns-team-id",
+        "TEAM123456",
+        "--push-apns-bundle-id",
+        "com.example.chat",
+        "--push-apns-endpoint",
+        &apns_endpoint,
+        "--push-roots",
+        roots.to_str().unwrap(),
+    ]);
+    let mut bob = Client::connect(&server, "bob").await;
+    bob.expect_caught_up_empty().await;
+    bob.send(json!({"type": "push_register", "fcm": "ok"}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "push_registered", "provider": "fcm"})
+    );
+    let apns_token = push_support::apns_token("ok");
+    bob.send(json!({"type": "push_register", "apns": apns_token}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "push_registered", "provider": "apns"})
+    );
+    // Web Push is off on this server.
+    bob.send(json!({"type": "push_register", "web_push": {
+        "endpoint": "https://push.example.net/x",
+        "keys": {"p256dh": "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4", "auth": "BTBZMqHH6r4Tts7J_aSIgg"},
+    }}))
+    .await;
+    assert_eq!(bob.recv().await["code"], "push_unavailable");
+    bob.close().await;
+    wait_until("bob offline", || async { !server.online("bob").await }).await;
+
+    let mut alice = Client::connect(&server, "alice").await;
+    alice.expect_caught_up_empty().await;
+    alice.send_message("bob", "the secret plan").await;
+    // FCM: the token grant, then the message; APNs: the push.
+    let to_fcm = fcm.wait_for(2).await;
+    let message: Value = serde_json::from_slice(&to_fcm[1].body).unwrap();
+    assert_eq!(message["message"]["token"], "ok");
+    assert_eq!(
+        message["message"]["data"],
+        json!({"pending": "1", "reason": "urgent"})
+    );
+    let to_apns = apns.wait_for(1).await;
+    assert_eq!(to_apns[0].path, format!("3/device/{apns_token}"));
+    assert_eq!(to_apns[0].header("apns-topic"), "com.example.chat");
+    let body = String::from_utf8_lossy(&to_apns[0].body).into_owned();
+    assert!(
+        !body.contains("secret") && !body.contains("alice"),
+        "{body}"
+    );
+}
