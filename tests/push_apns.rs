@@ -149,15 +149,15 @@ async fn each_answer_is_read_as_apple_documents_it_over_one_reused_connection() 
             },
         ),
         (
+            "topic",
+            PushAttempt::Rejected("APNs answered 400 BadTopic".into()),
+        ),
+        (
             "expired",
             PushAttempt::Retry {
                 after: None,
                 reason: "APNs answered 403 ExpiredProviderToken: token renewed".into(),
             },
-        ),
-        (
-            "topic",
-            PushAttempt::Rejected("APNs answered 400 BadTopic".into()),
         ),
     ];
     for (name, expected) in &cases {
@@ -181,10 +181,20 @@ async fn each_answer_is_read_as_apple_documents_it_over_one_reused_connection() 
             serde_json::json!({"aps": {"content-available": 1}, "pending": 4, "reason": "background"})
         );
     }
-    // Signed once and reused (all within the same run, well inside 50 minutes).
+    // Signed once and reused (all within the same run, well inside 50 minutes), until the
+    // last answer, ExpiredProviderToken, renewed it: the next push carries a token signed
+    // now (the same bytes only if signed within the same second as the first).
     let tokens = provider_tokens(&requests);
     assert!(tokens.iter().all(|t| t == &tokens[0]));
-    check_jwts(&public_pem, &tokens[..1]);
+    let after = provider
+        .push(&device("ok"), &nudge(NudgeReason::Background, Some(4)))
+        .await;
+    assert_eq!(after, PushAttempt::Delivered);
+    let renewed = provider_tokens(&fake.wait_for(cases.len() + 1).await[cases.len()..]);
+    let checked = check_jwts(&public_pem, &[tokens[0].clone(), renewed[0].clone()]);
+    let iat = |i: usize| checked[i].claims["iat"].as_u64().unwrap();
+    assert!(iat(1) >= iat(0));
+    assert_eq!(tokens[0] == renewed[0], iat(1) == iat(0));
 }
 
 #[tokio::test]
