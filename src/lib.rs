@@ -44,7 +44,10 @@
 //! - [`Storage`]: where messages wait. [`MemoryStorage`] is the in-RAM reference backend; every
 //!   backend passes the same conformance suite (`testing` feature).
 //! - [`Transport`]: how a batch reaches a connected recipient (your socket).
-//! - [`Notifier`]: how an offline recipient is nudged (your push service).
+//! - [`Notifier`]: how an offline recipient is nudged. Write your own, or turn on the
+//!   `web-push`, `fcm` and `apns` features (`push` for all three) and use
+//!   `offline_queue::push::PushNotifier`, which sends through Web Push, Firebase Cloud
+//!   Messaging and APNs, with retries, token pruning and bounded memory.
 //! - [`Coordination`]: how engine instances sharing one storage find and wake each other
 //!   (one on its own needs none).
 //!
