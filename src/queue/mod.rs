@@ -156,7 +156,7 @@ impl OfflineQueueBuilder {
     }
 
     /// A storage that is also its own [`Coordination`] (as
-    /// [`RedisStorage`](crate::RedisStorage) is), set as both. Its appends find the
+    /// `RedisStorage` is), set as both. Its appends find the
     /// recipient's sessions on other nodes and wake them in the same step
     /// ([`AppendOutcome::live_elsewhere`](crate::storage::AppendOutcome::live_elsewhere)), so
     /// the engine makes no separate [`Coordination::announce`] call.
