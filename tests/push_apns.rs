@@ -13,7 +13,7 @@ use offline_queue::push::{
     Apns, ApnsKey, ApnsOptions, Device, MemoryPushTargets, PushAttempt, PushNotifier, PushOptions,
     PushProvider, PushToken,
 };
-use offline_queue::{Envelope, Nudge, NudgeReason, OfflineQueue, RecipientId, Urgency};
+use offline_queue::{Nudge, NudgeReason, RecipientId};
 use push_support::{FakeApns, apns_token, check_jwts, checker_missing, new_key};
 
 const KEY_ID: &str = "KEY1234567";
@@ -71,18 +71,7 @@ async fn an_urgent_message_for_an_offline_recipient_becomes_one_content_free_ale
     targets.add(bob.clone(), device("ok"));
     let (notifier, task) =
         PushNotifier::start(targets, vec![Arc::new(provider)], PushOptions::default()).unwrap();
-    let queue = OfflineQueue::builder()
-        .notifier(Arc::new(notifier.clone()))
-        .build()
-        .unwrap();
-    queue
-        .send(
-            Envelope::new(bob, "the secret plan, from alice")
-                .with_urgency(Urgency::Urgent)
-                .with_ttl(Duration::from_secs(120)),
-        )
-        .await
-        .unwrap();
+    let queue = push_support::send_to_offline_bob(&notifier).await;
 
     let requests = fake.wait_for(1).await;
     let request = &requests[0];

@@ -12,7 +12,7 @@ use offline_queue::push::{
     Device, Fcm, FcmOptions, FcmServiceAccount, MemoryPushTargets, PushAttempt, PushNotifier,
     PushOptions, PushProvider, PushToken,
 };
-use offline_queue::{Envelope, Nudge, NudgeReason, OfflineQueue, RecipientId, Urgency};
+use offline_queue::{Nudge, NudgeReason, RecipientId};
 use push_support::{FakePushService, check_jwts, checker_missing, new_key};
 
 const CLIENT_EMAIL: &str = "pusher@example-project.iam.gserviceaccount.com";
@@ -79,18 +79,7 @@ async fn a_message_for_an_offline_recipient_becomes_one_data_only_fcm_message() 
     targets.add(bob.clone(), device("ok"));
     let (notifier, task) =
         PushNotifier::start(targets, vec![Arc::new(provider)], PushOptions::default()).unwrap();
-    let queue = OfflineQueue::builder()
-        .notifier(Arc::new(notifier.clone()))
-        .build()
-        .unwrap();
-    queue
-        .send(
-            Envelope::new(bob, "the secret plan, from alice")
-                .with_urgency(Urgency::Urgent)
-                .with_ttl(Duration::from_secs(120)),
-        )
-        .await
-        .unwrap();
+    let queue = push_support::send_to_offline_bob(&notifier).await;
 
     // The token grant, then the message.
     let requests = service.wait_for(2).await;

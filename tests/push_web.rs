@@ -11,7 +11,7 @@ use offline_queue::push::{
     Device, MemoryPushTargets, PushAttempt, PushNotifier, PushOptions, PushProvider, VapidKey,
     WebPush, WebPushOptions, WebPushSubscription,
 };
-use offline_queue::{Envelope, Nudge, NudgeReason, OfflineQueue, RecipientId, Urgency};
+use offline_queue::{Nudge, NudgeReason, RecipientId};
 use push_support::{FakePushService, check_web_push, checker_missing};
 
 /// RFC 8291's example user agent: its key pair and auth secret.
@@ -57,18 +57,7 @@ async fn a_message_for_an_offline_recipient_becomes_one_encrypted_content_free_p
         PushOptions::default(),
     )
     .unwrap();
-    let queue = OfflineQueue::builder()
-        .notifier(Arc::new(notifier.clone()))
-        .build()
-        .unwrap();
-    queue
-        .send(
-            Envelope::new(bob.clone(), "the secret plan, from alice")
-                .with_urgency(Urgency::Urgent)
-                .with_ttl(Duration::from_secs(120)),
-        )
-        .await
-        .unwrap();
+    let queue = push_support::send_to_offline_bob(&notifier).await;
 
     let requests = service.wait_for(1).await;
     let request = &requests[0];

@@ -284,18 +284,9 @@ impl PushProvider for Apns {
                 .body(Full::new(Bytes::from(self.payload(nudge))))
         };
         let provider_token = self.provider_token(now, None);
-        let request = match send(provider_token.clone()) {
-            Ok(request) => request,
-            Err(error) => return PushAttempt::Rejected(format!("bad request: {error}")),
-        };
-        let reply = match self.client.send(request).await {
+        let reply = match self.client.attempt(send(provider_token.clone())).await {
             Ok(reply) => reply,
-            Err(reason) => {
-                return PushAttempt::Retry {
-                    after: None,
-                    reason,
-                };
-            }
+            Err(attempt) => return attempt,
         };
         let status = reply.status.as_u16();
         if status == 200 {

@@ -370,18 +370,9 @@ impl PushProvider for Fcm {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::AUTHORIZATION, format!("Bearer {access}"))
             .body(Full::new(Bytes::from(self.message(token.as_str(), nudge))));
-        let request = match request {
-            Ok(request) => request,
-            Err(error) => return PushAttempt::Rejected(format!("bad request: {error}")),
-        };
-        let reply = match self.client.send(request).await {
+        let reply = match self.client.attempt(request).await {
             Ok(reply) => reply,
-            Err(reason) => {
-                return PushAttempt::Retry {
-                    after: None,
-                    reason,
-                };
-            }
+            Err(attempt) => return attempt,
         };
         let status = reply.status.as_u16();
         if reply.status.is_success() {

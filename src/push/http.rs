@@ -44,6 +44,23 @@ impl HttpClient {
         Ok(Self { client })
     }
 
+    /// A provider's one attempt: the answer to `request`, or the attempt's outcome when there
+    /// is none (a request that could not be built is refused; one that got no answer is
+    /// retried).
+    pub async fn attempt(
+        &self,
+        request: Result<Request<Full<Bytes>>, hyper::http::Error>,
+    ) -> Result<Reply, super::PushAttempt> {
+        let request = request
+            .map_err(|error| super::PushAttempt::Rejected(format!("bad request: {error}")))?;
+        self.send(request)
+            .await
+            .map_err(|reason| super::PushAttempt::Retry {
+                after: None,
+                reason,
+            })
+    }
+
     /// Sends `request` and reads the answer (its body up to a bound). The caller bounds the
     /// time.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {

@@ -155,14 +155,7 @@ impl FakePushService {
 
     /// Waits (at most 30 s, then fails) until `count` requests have arrived in all.
     pub async fn wait_for(&mut self, count: usize) -> Vec<Received> {
-        let deadline = std::time::Duration::from_secs(30);
-        while self.received.lock().len() < count {
-            tokio::time::timeout(deadline, self.arrivals.recv())
-                .await
-                .expect("the push service got no request within 30 s")
-                .expect("the fake stopped");
-        }
-        self.received.lock().clone()
+        wait_for(&self.received, &mut self.arrivals, count).await
     }
 }
 
@@ -170,6 +163,45 @@ impl Drop for FakePushService {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// A fake's requests once `count` have arrived in all (waiting at most 30 s, then failing).
+async fn wait_for(
+    received: &Mutex<Vec<Received>>,
+    arrivals: &mut mpsc::UnboundedReceiver<()>,
+    count: usize,
+) -> Vec<Received> {
+    while received.lock().len() < count {
+        tokio::time::timeout(std::time::Duration::from_secs(30), arrivals.recv())
+            .await
+            .expect("the fake got no request within 30 s")
+            .expect("the fake stopped");
+    }
+    received.lock().clone()
+}
+
+/// An engine nudging through `notifier`, and one urgent message sent with it to bob (offline),
+/// its text and sender what no push may carry, its TTL 120 s.
+pub async fn send_to_offline_bob(
+    notifier: &offline_queue::push::PushNotifier,
+) -> offline_queue::OfflineQueue {
+    use offline_queue::{Envelope, OfflineQueue, RecipientId, Urgency};
+    let queue = OfflineQueue::builder()
+        .notifier(Arc::new(notifier.clone()))
+        .build()
+        .unwrap();
+    queue
+        .send(
+            Envelope::new(
+                RecipientId::new("bob").unwrap(),
+                "the secret plan, from alice",
+            )
+            .with_urgency(Urgency::Urgent)
+            .with_ttl(std::time::Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    queue
 }
 
 /// What the checker made of one request.
@@ -364,13 +396,7 @@ impl FakeApns {
 
     /// Waits (at most 30 s, then fails) until `count` requests have arrived in all.
     pub async fn wait_for(&mut self, count: usize) -> Vec<Received> {
-        while self.received.lock().len() < count {
-            tokio::time::timeout(std::time::Duration::from_secs(30), self.arrivals.recv())
-                .await
-                .expect("APNs got no request within 30 s")
-                .expect("the fake stopped");
-        }
-        self.received.lock().clone()
+        wait_for(&self.received, &mut self.arrivals, count).await
     }
 }
 

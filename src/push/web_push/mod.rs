@@ -262,18 +262,9 @@ impl PushProvider for WebPush {
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .header(hyper::header::AUTHORIZATION, self.authorization(&audience))
             .body(Full::new(Bytes::from(body)));
-        let request = match request {
-            Ok(request) => request,
-            Err(error) => return PushAttempt::Rejected(format!("bad request: {error}")),
-        };
-        let reply = match self.client.send(request).await {
+        let reply = match self.client.attempt(request).await {
             Ok(reply) => reply,
-            Err(reason) => {
-                return PushAttempt::Retry {
-                    after: None,
-                    reason,
-                };
-            }
+            Err(attempt) => return attempt,
         };
         let status = reply.status.as_u16();
         match status {
