@@ -97,6 +97,8 @@ mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use coordination::{Coordination, Presence, SingleNode};
+#[cfg(feature = "nats")]
+pub use coordination::nats::{NatsCoordination, NatsCoordinationOptions};
 pub use error::{Error, Result, Retry};
 pub use limits::{Admission, BatchLimit, Limits, Overflow, Quota, TTL_CEILING};
 pub use message::{

@@ -8,6 +8,11 @@
 //! in Redis, wake-ups over sharded pub/sub); set it with
 //! [`OfflineQueueBuilder::shared_storage`](crate::OfflineQueueBuilder::shared_storage), and
 //! its appends find and wake the other nodes in the same round trip.
+//! [`NatsCoordination`](crate::NatsCoordination) (feature `nats`) pairs with any shared
+//! storage: presence as subscriptions on core NATS, wake-ups as requests.
+
+#[cfg(feature = "nats")]
+pub(crate) mod nats;
 
 use std::sync::Arc;
 
@@ -51,7 +56,10 @@ pub trait Coordination: Send + Sync + 'static {
     fn presence(&self, recipient: &RecipientId, presence: Presence);
 
     /// `recipient` got new messages: wakes the nodes that hold a session for it. Returns true
-    /// if a node other than this one holds one (the engine then sends no push).
+    /// if a node other than this one holds one (the engine then sends no push). When this node
+    /// holds a session for `recipient` itself, a coordination may wake the others without
+    /// waiting for their answers and return false: the engine delivers here and sends no push
+    /// either way.
     ///
     /// # Errors
     /// A coordination error; the engine logs it and treats the recipient as offline (the
@@ -59,7 +67,8 @@ pub trait Coordination: Send + Sync + 'static {
     async fn announce(&self, recipient: &RecipientId) -> Result<bool>;
 
     /// Whether a node other than this one holds a session for `recipient` now, so this one
-    /// holds back a delayed push.
+    /// holds back a delayed push. The engine asks only about recipients this node holds no
+    /// session for; for one it holds, a coordination may answer false without asking.
     ///
     /// # Errors
     /// A coordination error.
@@ -91,14 +100,31 @@ impl Coordination for SingleNode {
 /// Every wake-up stream a coordination handed out ([`Coordination::wakeups`]): each gets
 /// every wake-up from its creation on. A stream dropped by its reader is forgotten at the next
 /// wake-up.
-#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "nats")),
+    allow(dead_code)
+)]
 #[derive(Clone, Default)]
 pub(crate) struct Listeners(Arc<Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>>);
 
-#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "redis", feature = "postgres", feature = "nats")),
+    allow(dead_code)
+)]
 impl Listeners {
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<RecipientId> {
+        self.subscribe_with(None)
+    }
+
+    /// As [`Listeners::subscribe`], the stream starting with `first`.
+    pub(crate) fn subscribe_with(
+        &self,
+        first: impl IntoIterator<Item = RecipientId>,
+    ) -> mpsc::UnboundedReceiver<RecipientId> {
         let (sender, receiver) = mpsc::unbounded();
+        for recipient in first {
+            let _ = sender.unbounded_send(recipient);
+        }
         self.0.lock().push(sender);
         receiver
     }
