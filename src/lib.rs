@@ -96,9 +96,9 @@ mod tls;
 mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use coordination::{Coordination, Presence, SingleNode};
 #[cfg(feature = "nats")]
 pub use coordination::nats::{NatsCoordination, NatsCoordinationOptions};
+pub use coordination::{Coordination, Presence, SingleNode};
 pub use error::{Error, Result, Retry};
 pub use limits::{Admission, BatchLimit, Limits, Overflow, Quota, TTL_CEILING};
 pub use message::{

@@ -112,6 +112,7 @@ pub(crate) struct Listeners(Arc<Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>>)
     allow(dead_code)
 )]
 impl Listeners {
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<RecipientId> {
         self.subscribe_with(None)
     }

@@ -72,7 +72,9 @@ const ASK: &str = "ask";
 /// (`ping_interval` × `ping_max`, 2 minutes × 2 by default) when its host or network does. In
 /// that window a holder cannot answer: `announce` and `live_elsewhere` wait
 /// [`request_timeout`](NatsCoordinationOptions::request_timeout) and fail with a retryable
-/// error, which the engine logs and takes as "offline" (a push may go out).
+/// error, which the engine logs and takes as "offline" (a push may go out). So does a request
+/// that meets a subscription in the instant its session ends (the client has dropped it, the
+/// server has not yet heard): rare, and the recipient is then offline on that node anyway.
 ///
 /// # No wake-up is lost
 /// - A new subscription counts only once the server has it. After subscribing, the node
@@ -482,7 +484,18 @@ mod tests {
         for good in ["oq", "app-1.oq", "A_b.c-d.e"] {
             assert!(check_prefix(good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "oq.", ".oq", "o q", "oq.*", "oq.>", "o\0q", "é", &"a".repeat(65)] {
+        for bad in [
+            "",
+            ".",
+            "oq.",
+            ".oq",
+            "o q",
+            "oq.*",
+            "oq.>",
+            "o\0q",
+            "é",
+            &"a".repeat(65),
+        ] {
             let error = check_prefix(bad).unwrap_err().to_string();
             assert!(error.contains("nats prefix"), "{bad:?}: {error}");
         }
