@@ -33,19 +33,20 @@ const ASK: &str = "ask";
 /// Pair it with any storage that several nodes share:
 ///
 /// ```no_run
-/// # async fn run() -> offline_queue::Result<()> {
 /// use std::sync::Arc;
-/// use offline_queue::{NatsCoordination, OfflineQueue, PostgresStorage};
+/// use offline_queue::{NatsCoordination, OfflineQueue, Storage};
 ///
-/// let storage = PostgresStorage::connect("postgres://postgres@127.0.0.1/app").await?;
-/// let coordination = NatsCoordination::connect("nats://127.0.0.1:4222").await?;
-/// let queue = OfflineQueue::builder()
-///     .storage(Arc::new(storage))
-///     .coordination(Arc::new(coordination))
-///     .build()?;
-/// # drop(queue);
-/// # Ok(())
-/// # }
+/// // `storage`: what the nodes share (PostgreSQL, Redis, ...).
+/// async fn start(storage: Arc<dyn Storage>) -> offline_queue::Result<OfflineQueue> {
+///     let coordination = NatsCoordination::connect("nats://127.0.0.1:4222").await?;
+///     let queue = OfflineQueue::builder()
+///         .storage(storage)
+///         .coordination(Arc::new(coordination))
+///         .build()?;
+///     // Wake-ups from the other nodes, for the sessions on this one.
+///     tokio::spawn(queue.wakeup_listener());
+///     Ok(queue)
+/// }
 /// ```
 ///
 /// # How it maps onto NATS
