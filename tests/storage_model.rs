@@ -456,7 +456,10 @@ impl ModelRecipient {
 #[async_trait]
 impl Storage for Model {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_total_byte_budget(true)
+        Capabilities::default()
+            .with_total_byte_budget(true)
+            .with_purge_expired(true)
+            .with_idle_removal(true)
     }
 
     async fn append(

@@ -554,10 +554,10 @@ impl Shard {
 #[async_trait]
 impl Storage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            total_byte_budget: true,
-            ..Capabilities::default()
-        }
+        Capabilities::default()
+            .with_total_byte_budget(true)
+            .with_purge_expired(true)
+            .with_idle_removal(true)
     }
 
     async fn append(

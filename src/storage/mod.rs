@@ -234,16 +234,29 @@ pub struct Capabilities {
     /// True if appends keep [`Quota::max_total_bytes`], the storage-wide byte budget. The
     /// engine's builder refuses a budget the storage would not keep.
     pub total_byte_budget: bool,
+    /// True if [`Storage::purge`] removes the records due by the `now` it is given (the
+    /// engine's clock), with work in proportion to what it removes. False: expired records
+    /// are still never read (reads filter on each record's deadline and report the ones they
+    /// pass over, which the engine then removes and counts as lost), and the medium frees the
+    /// space of the rest by its own clock. The conformance suite then skips purging in
+    /// `expiry`, `passed_over_counts_once`, `purge_budget` and `purge_work_is_proportional`.
+    pub purge_expired: bool,
+    /// True if [`Storage::purge`] removes queues idle since `idle_before` (the engine's
+    /// clock). False: the medium removes idle queues by its own clock (the backend's docs say
+    /// how), and the suite skips `idle_removal` and `idle_refiling_is_bounded`.
+    pub idle_removal: bool,
 }
 
 impl Default for Capabilities {
     /// Nothing native: reads unbounded by the backend, not durable, no storage-wide byte
-    /// budget.
+    /// budget, no purge of expired records or idle queues by the engine's clock.
     fn default() -> Self {
         Self {
             max_read_batch: usize::MAX,
             durable: false,
             total_byte_budget: false,
+            purge_expired: false,
+            idle_removal: false,
         }
     }
 }
@@ -267,6 +280,20 @@ impl Capabilities {
     #[must_use]
     pub fn with_total_byte_budget(mut self, keeps: bool) -> Self {
         self.total_byte_budget = keeps;
+        self
+    }
+
+    /// Sets [`Capabilities::purge_expired`].
+    #[must_use]
+    pub fn with_purge_expired(mut self, purges: bool) -> Self {
+        self.purge_expired = purges;
+        self
+    }
+
+    /// Sets [`Capabilities::idle_removal`].
+    #[must_use]
+    pub fn with_idle_removal(mut self, removes: bool) -> Self {
+        self.idle_removal = removes;
         self
     }
 }

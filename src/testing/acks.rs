@@ -117,7 +117,9 @@ pub async fn loss_confirmation_is_idempotent(storage: &dyn Storage) {
 }
 
 /// Records the engine passed over are removed by `Ack::passed_over` and counted as lost,
-/// once, whether the ack or a purge removes them.
+/// once, whether the ack or a purge removes them (the purge only with
+/// [`Capabilities::purge_expired`](crate::storage::Capabilities::purge_expired); without it
+/// the engine's ack removes the other one too).
 pub async fn passed_over_counts_once(storage: &dyn Storage) {
     let bob = recipient("bob");
     let at = |s| T0.saturating_add(Duration::from_secs(s));
@@ -144,8 +146,16 @@ pub async fn passed_over_counts_once(storage: &dyn Storage) {
         (2, 1),
         "a passed-over record is lost"
     );
-    let purged = storage.purge(at(15), None, 100).await.unwrap();
-    assert_eq!(purged.expired, 1, "purge takes the other one");
+    if storage.capabilities().purge_expired {
+        let purged = storage.purge(at(15), None, 100).await.unwrap();
+        assert_eq!(purged.expired, 1, "purge takes the other one");
+    } else {
+        let other = Ack {
+            passed_over: vec![seqs[1]],
+            ..Ack::default()
+        };
+        storage.ack(&bob, &other, at(15)).await.unwrap();
+    }
     storage.ack(&bob, &pass, at(15)).await.unwrap();
     assert_eq!(
         storage.stats(&bob).await.unwrap().lost,

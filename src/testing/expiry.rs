@@ -9,6 +9,8 @@ use crate::storage::Storage;
 
 /// Expired records are never read, are reported as passed over, and purge removes them,
 /// whatever order their deadlines arrived in; each one removed before an ack counts as lost.
+/// The purge half only for a backend that purges by the engine's clock
+/// ([`Capabilities::purge_expired`](crate::storage::Capabilities::purge_expired)).
 pub async fn expiry(storage: &dyn Storage) {
     let bob = recipient("bob");
     let at = |s| T0.saturating_add(Duration::from_secs(s));
@@ -34,6 +36,10 @@ pub async fn expiry(storage: &dyn Storage) {
         "expired at its deadline exactly"
     );
     assert_eq!(read.expired, [seqs[1]], "passed-over seqs are reported");
+    assert_eq!(bodies(storage, &bob, at(20)).await, [b"never"]);
+    if !storage.capabilities().purge_expired {
+        return;
+    }
     storage.mark_delivered(&bob, &seqs[..1]).await.unwrap();
     let purged = storage.purge(at(15), None, 100).await.unwrap();
     assert_eq!((purged.expired, purged.more), (1, false));
@@ -56,8 +62,12 @@ pub async fn expiry(storage: &dyn Storage) {
     assert_eq!(bodies(storage, &bob, at(1_000_000)).await, [b"never"]);
 }
 
-/// Purge stops at its budget and says there is more.
+/// Purge stops at its budget and says there is more (skipped without
+/// [`Capabilities::purge_expired`](crate::storage::Capabilities::purge_expired)).
 pub async fn purge_budget(storage: &dyn Storage) {
+    if !storage.capabilities().purge_expired {
+        return;
+    }
     let deadline = T0.saturating_add(Duration::from_secs(1));
     for i in 0..5 {
         let who = recipient(&format!("r{i}"));
@@ -75,8 +85,12 @@ pub async fn purge_budget(storage: &dyn Storage) {
     assert_eq!((rest.expired, rest.more), (13, false));
 }
 
-/// Queues not appended to or acked since `idle_before` are removed whole.
+/// Queues not appended to or acked since `idle_before` are removed whole (skipped without
+/// [`Capabilities::idle_removal`](crate::storage::Capabilities::idle_removal)).
 pub async fn idle_removal(storage: &dyn Storage) {
+    if !storage.capabilities().idle_removal {
+        return;
+    }
     let (old, fresh) = (recipient("old"), recipient("fresh"));
     storage
         .append(
@@ -110,8 +124,12 @@ pub async fn idle_removal(storage: &dyn Storage) {
 }
 
 /// Refiling queues touched since they were filed counts against purge's budget: one call does
-/// bounded work however many queues were touched, and says `more` until all are refiled.
+/// bounded work however many queues were touched, and says `more` until all are refiled
+/// (skipped without [`Capabilities::idle_removal`](crate::storage::Capabilities::idle_removal)).
 pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
+    if !storage.capabilities().idle_removal {
+        return;
+    }
     let touched = T0.saturating_add(Duration::from_secs(10));
     for i in 0..5 {
         let who = recipient(&format!("q{i}"));
@@ -151,8 +169,12 @@ pub async fn idle_refiling_is_bounded(storage: &dyn Storage) {
 /// expires records in send order (fresh queues) and out of it (one behind each keeper's
 /// later records). A backend whose index does the walking for it (PostgreSQL: `examined` is
 /// the rows its deadline index returned) passes by construction; its own tests must show the
-/// index is used.
+/// index is used. Skipped without
+/// [`Capabilities::purge_expired`](crate::storage::Capabilities::purge_expired).
 pub async fn purge_work_is_proportional(storage: &dyn Storage) {
+    if !storage.capabilities().purge_expired {
+        return;
+    }
     const DUE_QUEUES: usize = 2;
     const DUE_PER_QUEUE: usize = 5;
     const KEEPERS: usize = 10;

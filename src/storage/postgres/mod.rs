@@ -418,6 +418,8 @@ impl Storage for PostgresStorage {
             .with_max_read_batch(10_000)
             .with_durable(self.shared.durable)
             .with_total_byte_budget(true)
+            .with_purge_expired(true)
+            .with_idle_removal(true)
     }
 
     async fn append(

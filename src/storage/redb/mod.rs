@@ -471,11 +471,11 @@ fn init(db: &Database) -> Result<()> {
 #[async_trait]
 impl Storage for RedbStorage {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            durable: true,
-            total_byte_budget: true,
-            ..Capabilities::default()
-        }
+        Capabilities::default()
+            .with_durable(true)
+            .with_total_byte_budget(true)
+            .with_purge_expired(true)
+            .with_idle_removal(true)
     }
 
     async fn append(

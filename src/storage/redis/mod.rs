@@ -209,6 +209,8 @@ impl Storage for RedisStorage {
             .with_max_read_batch(10_000)
             .with_durable(self.shared.durable)
             .with_total_byte_budget(self.shared.options.track_total_bytes)
+            .with_purge_expired(true)
+            .with_idle_removal(true)
     }
 
     async fn append(
