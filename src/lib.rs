@@ -114,6 +114,8 @@ pub use queue::{
     SessionEnd, SessionHandle,
 };
 pub use storage::{MemoryStorage, Storage, StorageExt};
+#[cfg(feature = "nats")]
+pub use storage::{NatsOptions, NatsStorage};
 #[cfg(feature = "postgres")]
 pub use storage::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]

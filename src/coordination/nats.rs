@@ -436,7 +436,7 @@ async fn watch_control(
     }
 }
 
-fn check_prefix(prefix: &str) -> Result<()> {
+pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
     let token_ok = |token: &str| {
         !token.is_empty()
             && token
@@ -455,7 +455,7 @@ fn check_prefix(prefix: &str) -> Result<()> {
     })
 }
 
-fn connect_error(url: &str, error: async_nats::ConnectError) -> Error {
+pub(crate) fn connect_error(url: &str, error: async_nats::ConnectError) -> Error {
     match error.kind() {
         ConnectErrorKind::ServerParse => Error::InvalidConfig {
             field: "nats url",

@@ -38,6 +38,8 @@
 //!    memory beyond what the backend's medium needs.
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redb")]
@@ -45,6 +47,8 @@ pub mod redb;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsOptions, NatsStorage};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]

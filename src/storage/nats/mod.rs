@@ -1,0 +1,1024 @@
+//! [`NatsStorage`]: queues in NATS JetStream (feature `nats`), shared by every node that
+//! connects to the same server or cluster.
+//!
+//! # Layout
+//! Three streams, named after [`NatsOptions::stream`] (`OFFLINE_QUEUE` by default), subjects
+//! under [`NatsOptions::prefix`] (`oq`), the recipient id in hex (so no byte of it can name
+//! another subject: hex holds no `.`, `*`, `>`, space or NUL):
+//! - `OFFLINE_QUEUE`, subjects `oq.r.<hex>.<position>`: **one subject per record**, at most
+//!   one message each. The position is the record's [`Seq`]. A subject per record is what
+//!   reads fast without a consumer per recipient: each record is one direct get of an exact
+//!   subject, an index lookup, where reading a subject per recipient from a sequence walks the
+//!   interleaved stream (BENCHMARKS.md, "Reading a recipient's backlog from NATS JetStream").
+//! - `OFFLINE_QUEUE_META`, subjects `oq.m.<hex>`: the recipient's queue state, one message
+//!   (a few bytes per stored record: size, delivery count, removed), **changed only by
+//!   compare-and-set**: a publish expecting the subject's last sequence, retried on a
+//!   conflict. Positions, quotas, overflow, acks, delivery counts and losses are each decided
+//!   on this value and written in one publish, so they are atomic per recipient across every
+//!   node.
+//! - `OFFLINE_QUEUE_DEDUP`, subjects `oq.d.<hex>.<message id>`: one entry per sender-chosen id,
+//!   holding its position and send time, kept [`NatsOptions::dedup_window`].
+//!
+//! # An append
+//! 1. Reads the meta and the dedup entries of its sender-chosen ids (an id seen within
+//!    `Quota::dedup_window` answers with the original's position, even if it was acked).
+//! 2. Reserves positions under the quota (dropping the oldest, counted as lost, with
+//!    `Overflow::DropOldest`) and writes the meta back by compare-and-set.
+//! 3. Publishes each record on its position's subject, expecting it empty.
+//! 4. Claims each sender-chosen id (a publish expecting the entry it read): if another append
+//!    claimed it meanwhile, its record replaces ours (a tombstone over our position) and the
+//!    append reports the duplicate.
+//!
+//! Three round trips for a send without an id. A reservation whose records are not yet
+//! published is visible to readers as a position with nothing in it: a reader stops there and
+//! reads on at the next wake-up, unless the reservation is older than
+//! [`NatsOptions::stale_reservation`] (its appender died or gave up): then the reader
+//! publishes a tombstone there, expecting the position empty, so exactly one of the record and
+//! the tombstone is ever stored. An appender that loses that race fails its send (retryable).
+//!
+//! # What this backend does not do
+//! - **Expiry and idle removal by the engine's clock** ([`Capabilities::purge_expired`],
+//!   [`Capabilities::idle_removal`] are false): a read never returns an expired record and
+//!   reports it as passed over (the engine then removes it and counts it lost); the streams'
+//!   `max_age` ([`NatsOptions::max_age`]) frees the rest by the server's clock. A record lives
+//!   at most `max_age` from its send, whatever its TTL; a queue untouched for `max_age` goes
+//!   whole (its meta with it).
+//! - **A storage-wide byte budget** ([`Capabilities::total_byte_budget`] is false).
+//! - **Atomic multi-record appends** across a failure: JetStream 2.9 publishes one message at
+//!   a time, so a connection lost in the middle of an append of several records can leave
+//!   some stored (`send` appends one).
+//!
+//! # Durability
+//! File storage. With one replica the server writes each message before its ack and syncs
+//! to disk every `sync_interval` (2 minutes by default): a killed server keeps what it
+//! acknowledged, a power cut may lose the last interval. With three replicas
+//! ([`NatsOptions::replicas`]) a message is acked once a majority holds it.
+//! [`Capabilities::durable`] is true.
+
+mod meta;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{Publish, PublishErrorKind};
+use async_nats::jetstream::stream::{
+    Config, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType, Stream,
+};
+use async_nats::jetstream::{self, Context};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use self::meta::Meta;
+use super::{
+    Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
+    Storage, StoredRecord,
+};
+use crate::clock::Timestamp;
+use crate::coordination::nats::{check_prefix, connect_error};
+use crate::error::{Error, Result, Retry};
+use crate::limits::{BatchLimit, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+
+/// Record headers: the message id, when it was sent and when it expires (engine ms).
+const ID: &str = "Oq-Id";
+const SENT: &str = "Oq-Sent";
+const EXPIRES: &str = "Oq-Expires";
+/// A position closed without a record.
+const GONE: &str = "Oq-Gone";
+
+/// How many times an append, ack or mark retries its compare-and-set before giving up with a
+/// retryable error: each conflict means another node changed the queue, so this only runs
+/// out under a storm of writers on one recipient.
+const CAS_ATTEMPTS: usize = 64;
+/// Records fetched at once by a read.
+const READ_AHEAD: usize = 64;
+
+/// Settings for [`NatsStorage`]; from [`NatsStorage::options`].
+#[derive(Clone, Debug)]
+pub struct NatsOptions {
+    stream: String,
+    prefix: String,
+    replicas: usize,
+    max_age: Duration,
+    dedup_window: Duration,
+    stale_reservation: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        Self {
+            stream: "OFFLINE_QUEUE".to_owned(),
+            prefix: "oq".to_owned(),
+            replicas: 1,
+            max_age: Duration::from_secs(91 * 24 * 3600),
+            dedup_window: Duration::from_secs(3600),
+            stale_reservation: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NatsOptions {
+    /// The records stream's name; the meta and dedup streams add `_META` and `_DEDUP`
+    /// (default `OFFLINE_QUEUE`). ASCII letters, digits, `_` and `-`, at most 32 bytes.
+    #[must_use]
+    pub fn stream(mut self, name: impl Into<String>) -> Self {
+        self.stream = name.into();
+        self
+    }
+
+    /// The first tokens of every subject (default `oq`): tokens of ASCII letters, digits,
+    /// `_` and `-` joined by `.`, at most 64 bytes. Two applications on one server need
+    /// different streams and prefixes.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Copies of each stream in a cluster: 1 (default) or 3, or 5.
+    #[must_use]
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// How long the server keeps a record, and a queue nobody touches (default 91 days,
+    /// above the engine's longest TTL of 90 days). Keep it at least `Limits::max_ttl` and
+    /// `Limits::idle_recipient_timeout`: past it the server removes records by its own clock.
+    #[must_use]
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// How long a sender-chosen id is kept for dedup (default 1 hour). Keep it at least
+    /// `Limits::dedup_window` (30 minutes by default): an append with a longer window is
+    /// refused.
+    #[must_use]
+    pub fn dedup_window(mut self, window: Duration) -> Self {
+        self.dedup_window = window;
+        self
+    }
+
+    /// How old a reservation must be before a reader closes a position its appender never
+    /// published (default 30 s): longer than any append takes, or slow appenders fail.
+    #[must_use]
+    pub fn stale_reservation(mut self, age: Duration) -> Self {
+        self.stale_reservation = age;
+        self
+    }
+
+    /// Connects to `url` (`nats://host:port`, several separated by commas), and creates the
+    /// three streams, or checks that existing ones have this layout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bad settings or URL, or for a stream of the same name with
+    /// another layout (named, left untouched); a retryable [`Error::Storage`] when no server
+    /// answers.
+    pub async fn connect(self, url: &str) -> Result<NatsStorage> {
+        self.check()?;
+        let client = async_nats::ConnectOptions::new()
+            .name("offline-queue storage")
+            .connect(url)
+            .await
+            .map_err(|error| connect_error(url, error))?;
+        let context = jetstream::new(client);
+        let records = self
+            .open_stream(&context, &self.stream, "r", self.max_age)
+            .await?;
+        let meta = self
+            .open_stream(
+                &context,
+                &format!("{}_META", self.stream),
+                "m",
+                self.max_age,
+            )
+            .await?;
+        let dedup = self
+            .open_stream(
+                &context,
+                &format!("{}_DEDUP", self.stream),
+                "d",
+                self.dedup_window,
+            )
+            .await?;
+        Ok(NatsStorage {
+            shared: Arc::new(Shared {
+                context,
+                records,
+                meta,
+                dedup,
+                options: self,
+            }),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !plain(&self.stream) || self.stream.len() > 32 {
+            return Err(invalid(
+                "nats stream",
+                format!(
+                    "{:?} must be ASCII letters, digits, '_' and '-', at most 32 bytes",
+                    self.stream
+                ),
+            ));
+        }
+        check_prefix(&self.prefix)?;
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(invalid(
+                "nats replicas",
+                format!("is {}; it must be 1, 3 or 5", self.replicas),
+            ));
+        }
+        for (field, value, min) in [
+            ("nats max_age", self.max_age, Duration::from_secs(60)),
+            (
+                "nats dedup_window",
+                self.dedup_window,
+                Duration::from_secs(1),
+            ),
+            (
+                "nats stale_reservation",
+                self.stale_reservation,
+                Duration::from_secs(1),
+            ),
+        ] {
+            if value < min || value > Duration::from_secs(100 * 365 * 24 * 3600) {
+                return Err(invalid(
+                    field,
+                    format!("is {value:?}; it must be at least {min:?} and at most 100 years"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream `name` over `<prefix>.<kind>.>`, made if missing; an existing one must
+    /// have the same layout.
+    async fn open_stream(
+        &self,
+        context: &Context,
+        name: &str,
+        kind: &str,
+        max_age: Duration,
+    ) -> Result<Stream> {
+        let wanted = Config {
+            name: name.to_owned(),
+            subjects: vec![format!("{}.{kind}.>", self.prefix)],
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::Old,
+            max_age,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            allow_direct: true,
+            ..Config::default()
+        };
+        let mut stream = context
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        let have = &stream
+            .info()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?
+            .config;
+        let differences: Vec<String> = [
+            (
+                "subjects",
+                format!("{:?}", have.subjects),
+                format!("{:?}", wanted.subjects),
+            ),
+            (
+                "max_msgs_per_subject",
+                have.max_messages_per_subject.to_string(),
+                "1".to_owned(),
+            ),
+            ("storage", format!("{:?}", have.storage), "File".to_owned()),
+            (
+                "allow_direct",
+                have.allow_direct.to_string(),
+                "true".to_owned(),
+            ),
+            (
+                "max_age",
+                format!("{:?}", have.max_age),
+                format!("{:?}", wanted.max_age),
+            ),
+            (
+                "num_replicas",
+                have.num_replicas.to_string(),
+                wanted.num_replicas.to_string(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, have, want)| have != want)
+        .map(|(field, have, want)| format!("{field} is {have}, not {want}"))
+        .collect();
+        if !differences.is_empty() {
+            return Err(invalid(
+                "nats stream",
+                format!(
+                    "stream {name} exists with another layout, left untouched: {}",
+                    differences.join("; ")
+                ),
+            ));
+        }
+        Ok(stream)
+    }
+}
+
+/// Queues in NATS JetStream. See the [module docs](self) for the layout and what it keeps.
+///
+/// Cheap to clone: clones share one connection.
+#[derive(Clone)]
+pub struct NatsStorage {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    context: Context,
+    records: Stream,
+    meta: Stream,
+    dedup: Stream,
+    options: NatsOptions,
+}
+
+impl std::fmt::Debug for NatsStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStorage")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A queue's meta as read, with the sequence a compare-and-set must expect (0: none yet).
+struct Loaded {
+    meta: Meta,
+    revision: u64,
+}
+
+/// A dedup entry: the original's position and when it was appended (engine ms), and the
+/// entry's own sequence.
+struct DedupEntry {
+    position: u64,
+    sent_at: u64,
+    sequence: u64,
+}
+
+/// What a direct get of a record's subject found.
+enum Found {
+    Record(StoredRecord),
+    /// A tombstone: the position was closed without a record.
+    Gone,
+    Missing,
+}
+
+impl NatsStorage {
+    /// Settings, to change before [`NatsOptions::connect`].
+    pub fn options() -> NatsOptions {
+        NatsOptions::default()
+    }
+
+    /// Connects with the default settings; see [`NatsOptions::connect`].
+    ///
+    /// # Errors
+    /// As [`NatsOptions::connect`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::options().connect(url).await
+    }
+
+    fn key(recipient: &RecipientId) -> String {
+        crate::hex::encode(recipient.as_bytes())
+    }
+
+    fn record_subject(&self, key: &str, position: u64) -> String {
+        format!("{}.r.{key}.{position}", self.shared.options.prefix)
+    }
+
+    fn meta_subject(&self, key: &str) -> String {
+        format!("{}.m.{key}", self.shared.options.prefix)
+    }
+
+    fn dedup_subject(&self, key: &str, id: MessageId) -> String {
+        format!("{}.d.{key}.{id}", self.shared.options.prefix)
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Loaded>> {
+        match self
+            .shared
+            .meta
+            .get_last_raw_message_by_subject(&self.meta_subject(key))
+            .await
+        {
+            Ok(message) => Ok(Some(Loaded {
+                meta: Meta::decode(&message.payload)?,
+                revision: message.sequence,
+            })),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    /// The meta, or a new queue's: its base is the records stream's last sequence, above
+    /// every position an earlier queue of this recipient used (each position it stored was
+    /// published at or after its own sequence).
+    async fn load_or_new(&self, key: &str) -> Result<Loaded> {
+        if let Some(loaded) = self.load(key).await? {
+            return Ok(loaded);
+        }
+        let mut records = self.shared.records.clone();
+        let info = records
+            .info()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        Ok(Loaded {
+            meta: Meta::new(info.state.last_sequence),
+            revision: 0,
+        })
+    }
+
+    /// Writes `meta` if the subject is still at `revision`. False on a conflict.
+    async fn store(&self, key: &str, meta: &Meta, revision: u64) -> Result<bool> {
+        let publish = Publish::build()
+            .payload(Bytes::from(meta.encode()))
+            .expected_last_subject_sequence(revision);
+        publish_ack(&self.shared.context, self.meta_subject(key), publish)
+            .await
+            .map(|ack| ack.is_some())
+    }
+
+    /// Loads, changes and stores the meta until the store wins; `change` returns `None` to
+    /// leave it unwritten.
+    async fn update<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut Meta) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(Loaded { mut meta, revision }) = self.load(key).await? else {
+                return Ok(None);
+            };
+            let Some(out) = change(&mut meta)? else {
+                return Ok(None);
+            };
+            if self.store(key, &meta, revision).await? {
+                return Ok(Some(out));
+            }
+        }
+        Err(contended())
+    }
+
+    fn stale_before_ms(&self) -> u64 {
+        let stale =
+            u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        wall_ms().saturating_sub(stale)
+    }
+
+    async fn dedup_entry(&self, key: &str, id: MessageId) -> Result<Option<DedupEntry>> {
+        match self
+            .shared
+            .dedup
+            .get_last_raw_message_by_subject(&self.dedup_subject(key, id))
+            .await
+        {
+            Ok(message) => {
+                let payload: &[u8] = &message.payload;
+                let (Some(position), Some(sent_at)) = (
+                    payload.get(..8).and_then(|b| b.try_into().ok()),
+                    payload.get(8..16).and_then(|b| b.try_into().ok()),
+                ) else {
+                    return Err(Error::storage_msg(
+                        Retry::No,
+                        "nats: a dedup entry is damaged; left untouched",
+                    ));
+                };
+                Ok(Some(DedupEntry {
+                    position: u64::from_be_bytes(position),
+                    sent_at: u64::from_be_bytes(sent_at),
+                    sequence: message.sequence,
+                }))
+            }
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    async fn get_record(&self, key: &str, position: u64) -> Result<Found> {
+        let subject = self.record_subject(key, position);
+        let message = match self
+            .shared
+            .records
+            .direct_get_last_for_subject(&subject)
+            .await
+        {
+            Ok(message) => message,
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => {
+                return Ok(Found::Missing);
+            }
+            Err(error) => return Err(Error::storage(Retry::Yes, error)),
+        };
+        let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
+        if header(GONE).is_some() {
+            return Ok(Found::Gone);
+        }
+        let number = |name: &str| header(name).and_then(|value| value.parse::<u64>().ok());
+        let (Some(id), Some(sent_at)) = (
+            header(ID).and_then(|id| MessageId::parse_hex(id).ok()),
+            number(SENT),
+        ) else {
+            return Err(Error::storage_msg(
+                Retry::No,
+                format!("nats: the record at {subject} lacks its headers; left untouched"),
+            ));
+        };
+        Ok(Found::Record(StoredRecord {
+            seq: Seq(position),
+            id,
+            sent_at: Timestamp::from_millis(sent_at),
+            expires_at: number(EXPIRES).map(Timestamp::from_millis),
+            delivery_count: 0,
+            body: message.payload,
+        }))
+    }
+
+    /// Closes `position` with a tombstone, expecting it empty. True if the tombstone went in
+    /// (the position's record will never be stored); false if a record is there.
+    async fn close(&self, key: &str, position: u64) -> Result<bool> {
+        self.close_over(key, position, 0).await
+    }
+
+    /// As [`NatsStorage::close`], over the message at stream sequence `expected` (0: none).
+    async fn close_over(&self, key: &str, position: u64, expected: u64) -> Result<bool> {
+        let mut headers = HeaderMap::new();
+        headers.insert(GONE, "1");
+        let publish = Publish::build()
+            .headers(headers)
+            .expected_last_subject_sequence(expected);
+        let closed = publish_ack(
+            &self.shared.context,
+            self.record_subject(key, position),
+            publish,
+        )
+        .await?;
+        Ok(closed.is_some())
+    }
+
+    /// Marks `position` as holding nothing in the meta (no loss counted).
+    async fn abandon(&self, key: &str, position: u64) -> Result<()> {
+        self.update(key, |meta| Ok(meta.abandon(position).then_some(())))
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the records at `positions` from the stream. Best effort: one left behind is
+    /// never read (the meta says it is gone) and `max_age` removes it.
+    async fn discard(&self, key: &str, positions: Vec<u64>) {
+        let purges = futures::stream::iter(positions)
+            .map(|position| {
+                let filter = self.record_subject(key, position);
+                async move { self.shared.records.purge().filter(filter).await }
+            })
+            .buffer_unordered(READ_AHEAD);
+        purges
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "nats: removing an acked record failed");
+                }
+            })
+            .await;
+    }
+
+    async fn publish_record(
+        &self,
+        key: &str,
+        position: u64,
+        record: &NewRecord,
+    ) -> Result<Option<u64>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ID, record.id.to_string().as_str());
+        headers.insert(SENT, record.sent_at.as_millis().to_string().as_str());
+        if let Some(expires_at) = record.expires_at {
+            headers.insert(EXPIRES, expires_at.as_millis().to_string().as_str());
+        }
+        let publish = Publish::build()
+            .headers(headers)
+            .payload(Bytes::copy_from_slice(&record.body))
+            .expected_last_subject_sequence(0);
+        publish_ack(
+            &self.shared.context,
+            self.record_subject(key, position),
+            publish,
+        )
+        .await
+    }
+
+    /// Claims a sender-chosen id for `position`, expecting the entry last seen (`expected`,
+    /// 0 for none). False if another append claimed it first.
+    async fn claim(
+        &self,
+        key: &str,
+        record: &NewRecord,
+        position: u64,
+        expected: u64,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let mut payload = Vec::with_capacity(16);
+        payload.extend_from_slice(&position.to_be_bytes());
+        payload.extend_from_slice(&now.as_millis().to_be_bytes());
+        let publish = Publish::build()
+            .payload(payload.into())
+            .expected_last_subject_sequence(expected);
+        let claimed = publish_ack(
+            &self.shared.context,
+            self.dedup_subject(key, record.id),
+            publish,
+        )
+        .await?;
+        Ok(claimed.is_some())
+    }
+
+    async fn read_marking(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<ReadBatch> {
+        let key = Self::key(recipient);
+        let Some(Loaded { meta, .. }) = self.load(&key).await? else {
+            return Ok(ReadBatch::default());
+        };
+        let mut batch = ReadBatch {
+            lost_unconfirmed: meta.lost_total - meta.lost_confirmed,
+            lost_total: meta.lost_total,
+            ..ReadBatch::default()
+        };
+        let start = after.map_or(0, |after| after.0.saturating_add(1));
+        let stale_before = self.stale_before_ms();
+        let candidates: Vec<(u64, u32)> = meta
+            .live_from(start)
+            .map(|(position, slot)| (position, slot.deliveries))
+            .collect();
+        let mut gets = futures::stream::iter(candidates)
+            .map(|(position, deliveries)| {
+                let key = &key;
+                async move { (position, deliveries, self.get_record(key, position).await) }
+            })
+            .buffered(READ_AHEAD.min(limit.max_messages.max(1)));
+        let mut bytes = 0usize;
+        while let Some((position, deliveries, found)) = gets.next().await {
+            let mut found = found?;
+            if matches!(found, Found::Missing) {
+                if meta.reserved_since(position, stale_before) {
+                    // Its appender may still publish it: read on at the next wake-up.
+                    break;
+                }
+                if self.close(&key, position).await? {
+                    found = Found::Gone;
+                } else {
+                    found = self.get_record(&key, position).await?;
+                }
+            }
+            let mut record = match found {
+                Found::Record(record) => record,
+                Found::Gone => {
+                    self.abandon(&key, position).await?;
+                    continue;
+                }
+                Found::Missing => break,
+            };
+            if record
+                .expires_at
+                .is_some_and(|expires_at| expires_at <= now)
+            {
+                batch.expired.push(Seq(position));
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += record.body.len();
+            record.delivery_count = deliveries;
+            batch.records.push(record);
+        }
+        drop(gets);
+        if mark && !batch.records.is_empty() {
+            let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+            self.mark_delivered(recipient, &seqs).await?;
+        }
+        Ok(batch)
+    }
+}
+
+#[async_trait]
+impl Storage for NatsStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_max_read_batch(10_000)
+            .with_durable(true)
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let key = Self::key(recipient);
+        let window = quota.dedup_window_ms();
+        if records.iter().any(|r| r.dedup) && quota.dedup_window > self.shared.options.dedup_window
+        {
+            return Err(invalid(
+                "dedup_window",
+                format!(
+                    "is {:?}, above this NATS storage's dedup_window of {:?} \
+                     (NatsOptions::dedup_window)",
+                    quota.dedup_window, self.shared.options.dedup_window
+                ),
+            ));
+        }
+        // Each record's outcome: decided now (a duplicate), or stored at `to_store`'s place.
+        let mut outcome: Vec<Option<Appended>> = vec![None; records.len()];
+        // For sender-chosen ids: the entry to claim over (0: none), and the batch's first
+        // record of each id.
+        let mut expected: HashMap<usize, u64> = HashMap::new();
+        let mut first_of: HashMap<MessageId, usize> = HashMap::new();
+        let mut same_as: HashMap<usize, usize> = HashMap::new();
+        for (i, record) in records.iter().enumerate().filter(|(_, r)| r.dedup) {
+            if let Some(&first) = first_of.get(&record.id) {
+                same_as.insert(i, first);
+                continue;
+            }
+            first_of.insert(record.id, i);
+            match self.dedup_entry(&key, record.id).await? {
+                Some(entry) if entry.sent_at.saturating_add(window) > now.as_millis() => {
+                    outcome[i] = Some(Appended::Duplicate(Seq(entry.position)));
+                }
+                entry => {
+                    expected.insert(i, entry.map_or(0, |e| e.sequence));
+                }
+            }
+        }
+        let to_store: Vec<usize> = (0..records.len())
+            .filter(|i| outcome[*i].is_none() && !same_as.contains_key(i))
+            .collect();
+        let sizes = to_store
+            .iter()
+            .map(|&i| {
+                u32::try_from(records[i].body.len()).map_err(|_| Error::MessageTooLarge {
+                    size: records[i].body.len(),
+                    max: u32::MAX as usize,
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let mut reserved = None;
+        for _ in 0..CAS_ATTEMPTS {
+            let Loaded { mut meta, revision } = self.load_or_new(&key).await?;
+            meta.forget_reservations(self.stale_before_ms());
+            let plan = meta.reserve(&sizes, quota, wall_ms())?;
+            if self.store(&key, &meta, revision).await? {
+                reserved = Some((plan, meta.live().0));
+                break;
+            }
+        }
+        let Some((plan, mut pending)) = reserved else {
+            return Err(contended());
+        };
+        let positions: HashMap<usize, u64> = to_store
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| (i, plan.first + k as u64))
+            .collect();
+        let publishes = futures::future::join_all(
+            to_store
+                .iter()
+                .map(|&i| self.publish_record(&key, positions[&i], &records[i])),
+        )
+        .await;
+        let mut sequences: HashMap<usize, u64> = HashMap::new();
+        for (result, &i) in publishes.into_iter().zip(&to_store) {
+            if let Some(sequence) = result? {
+                sequences.insert(i, sequence);
+            } else {
+                return Err(Error::storage_msg(
+                    Retry::Yes,
+                    format!(
+                        "nats: the append took longer than stale_reservation ({:?}) and a \
+                         reader closed its position; nothing of record {i} was stored",
+                        self.shared.options.stale_reservation
+                    ),
+                ));
+            }
+        }
+        for (&i, &entry) in &expected {
+            let position = positions[&i];
+            if self.claim(&key, &records[i], position, entry, now).await? {
+                outcome[i] = Some(Appended::Stored(Seq(position)));
+                continue;
+            }
+            // Another append claimed the id first: ours gives way to it.
+            let winner = self
+                .dedup_entry(&key, records[i].id)
+                .await?
+                .ok_or_else(|| {
+                    Error::storage_msg(Retry::Yes, "nats: a dedup claim vanished; retry the send")
+                })?;
+            outcome[i] = Some(Appended::Duplicate(Seq(winner.position)));
+            self.close_over(&key, position, sequences[&i]).await?;
+            self.abandon(&key, position).await?;
+            pending = pending.saturating_sub(1);
+        }
+        for &i in &to_store {
+            if outcome[i].is_none() {
+                outcome[i] = Some(Appended::Stored(Seq(positions[&i])));
+            }
+        }
+        for (i, first) in same_as {
+            outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
+        }
+        let dropped = plan.dropped.len() as u64;
+        if !plan.dropped.is_empty() {
+            self.discard(&key, plan.dropped).await;
+        }
+        Ok(AppendOutcome {
+            records: outcome
+                .into_iter()
+                .map(|o| o.expect("every record decided"))
+                .collect(),
+            dropped,
+            pending,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        self.read_marking(recipient, after, limit, now, false).await
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<super::DeliveryRead> {
+        let acked = match ack {
+            Some(ack) => self.ack(recipient, ack, now).await?,
+            None => 0,
+        };
+        let batch = self
+            .read_marking(recipient, after, limit, now, true)
+            .await?;
+        Ok(super::DeliveryRead { acked, batch })
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let key = Self::key(recipient);
+        self.update(&key, |meta| {
+            let before = meta.clone();
+            meta.mark_delivered(seqs);
+            Ok((*meta != before).then_some(()))
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
+        let key = Self::key(recipient);
+        let done = self
+            .update(&key, |meta| {
+                let before = meta.clone();
+                let acked = meta.ack(ack);
+                Ok((*meta != before).then_some(acked))
+            })
+            .await?;
+        let Some(acked) = done else {
+            return Ok(0);
+        };
+        self.discard(&key, acked.positions).await;
+        Ok(acked.acked)
+    }
+
+    async fn purge(
+        &self,
+        _now: Timestamp,
+        _idle_before: Option<Timestamp>,
+        _budget: usize,
+    ) -> Result<PurgeOutcome> {
+        // The streams' max_age removes by the server's clock (see the module docs).
+        Ok(PurgeOutcome::default())
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let key = Self::key(recipient);
+        let Some(Loaded { meta, .. }) = self.load(&key).await? else {
+            return Ok(RecipientStats::default());
+        };
+        let (messages, bytes) = meta.live();
+        let mut oldest_sent_at = None;
+        for (position, _) in meta.live_from(0).take(8) {
+            if let Found::Record(record) = self.get_record(&key, position).await? {
+                oldest_sent_at = Some(record.sent_at);
+                break;
+            }
+        }
+        Ok(RecipientStats {
+            messages,
+            bytes,
+            oldest_sent_at,
+            newest_seq: meta.newest().map(Seq),
+            lost: meta.lost_total - meta.lost_confirmed,
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let key = Self::key(recipient);
+        // The meta stays, emptied, so the next queue's positions and loss total go on from
+        // this one's.
+        let removed = self
+            .update(&key, |meta| {
+                let (messages, _) = meta.live();
+                let positions: Vec<u64> = meta.live_from(0).map(|(p, _)| p).collect();
+                let next = meta.next();
+                *meta = Meta {
+                    floor: next - 1,
+                    slots: Default::default(),
+                    lost_total: meta.lost_total,
+                    lost_confirmed: meta.lost_total,
+                    reservations: Vec::new(),
+                };
+                Ok(Some((messages, positions)))
+            })
+            .await?;
+        for filter in [format!("{}.d.{key}.>", self.shared.options.prefix)] {
+            self.shared
+                .dedup
+                .purge()
+                .filter(filter)
+                .await
+                .map_err(|error| Error::storage(Retry::Yes, error))?;
+        }
+        let Some((messages, positions)) = removed else {
+            return Ok(0);
+        };
+        self.discard(&key, positions).await;
+        Ok(messages)
+    }
+}
+
+/// Publishes and waits for the ack: `Some(sequence)`, or `None` if an expectation (the
+/// subject's last sequence) did not hold.
+async fn publish_ack(context: &Context, subject: String, publish: Publish) -> Result<Option<u64>> {
+    let pending = context.send_publish(subject, publish).await;
+    let result = match pending {
+        Ok(ack) => ack.await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(ack) => Ok(Some(ack.sequence)),
+        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+        Err(error) => Err(Error::storage(Retry::Yes, error)),
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn contended() -> Error {
+    Error::storage_msg(
+        Retry::Yes,
+        format!("nats: the queue changed under {CAS_ATTEMPTS} attempts in a row; retry"),
+    )
+}
+
+fn invalid(field: &'static str, reason: String) -> Error {
+    Error::InvalidConfig { field, reason }
+}
