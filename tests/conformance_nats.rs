@@ -4,55 +4,12 @@
 
 #![cfg(all(feature = "nats", feature = "testing"))]
 
-#[path = "skip_support/mod.rs"]
-mod skip_support;
+mod nats_support;
 
 use std::sync::Arc;
 
-use offline_queue::{MessageId, NatsStorage, Storage, testing};
-use parking_lot::Mutex;
-
-fn url() -> Option<String> {
-    match std::env::var("OFFLINE_QUEUE_NATS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-                "OFFLINE_QUEUE_NATS_URL is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
-            );
-            skip_support::record("OFFLINE_QUEUE_NATS_URL is not set");
-            None
-        }
-    }
-}
-
-/// Streams made by a test, deleted when it ends.
-#[derive(Default)]
-struct Streams(Mutex<Vec<String>>);
-
-impl Streams {
-    async fn storage(&self, url: &str) -> NatsStorage {
-        let id = MessageId::generate().to_string();
-        let stream = format!("OQT_{}", &id[..16]);
-        self.0.lock().push(stream.clone());
-        NatsStorage::options()
-            .stream(&stream)
-            .prefix(format!("oqt.{}", &id[..16]))
-            .connect(url)
-            .await
-            .expect("nats answers")
-    }
-
-    async fn delete(&self, url: &str) {
-        let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
-        let names = std::mem::take(&mut *self.0.lock());
-        for name in names {
-            for suffix in ["", "_META", "_DEDUP"] {
-                let _ = context.delete_stream(format!("{name}{suffix}")).await;
-            }
-        }
-    }
-}
+use nats_support::{Streams, url};
+use offline_queue::{Storage, testing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_storage_passes_the_conformance_suite() {

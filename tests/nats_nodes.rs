@@ -7,8 +7,7 @@
 
 #![cfg(feature = "nats")]
 
-#[path = "skip_support/mod.rs"]
-mod skip_support;
+mod nats_support;
 
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
@@ -17,32 +16,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use nats_support::{skip_support, unique_prefix, url};
 use offline_queue::{
-    Coordination, Envelope, MemoryStorage, MessageId, NatsCoordination, OfflineQueue, Outbound,
-    Presence, RecipientId, RecordingNotifier, channel_transport,
+    Coordination, Envelope, MemoryStorage, NatsCoordination, OfflineQueue, Outbound, Presence,
+    RecipientId, RecordingNotifier, channel_transport,
 };
 
 /// Bounds each wait so a hang fails instead of stalling; nothing is timed by it.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn url() -> Option<String> {
-    match std::env::var("OFFLINE_QUEUE_NATS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-                "OFFLINE_QUEUE_NATS_URL is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
-            );
-            skip_support::record("OFFLINE_QUEUE_NATS_URL is not set");
-            None
-        }
-    }
-}
-
-/// A subject prefix no other run uses.
-fn unique_prefix() -> String {
-    format!("oqtest.{}", MessageId::generate())
-}
 
 async fn node(url: &str, prefix: &str) -> NatsCoordination {
     NatsCoordination::options()

@@ -9,8 +9,13 @@
 //!
 //! Runs on `MemoryStorage`, `RedbStorage`, on `RedisStorage` (one server and a cluster) when
 //! `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are set, and on
-//! `PostgresStorage` (a schema per case) when `OFFLINE_QUEUE_POSTGRES_URL` is.
+//! `PostgresStorage` (a schema per case) when `OFFLINE_QUEUE_POSTGRES_URL` is, and on
+//! `NatsStorage` (streams per case) when `OFFLINE_QUEUE_NATS_URL` is. A backend that leaves
+//! the global budget or purging to its medium (its `Capabilities` say so) is checked against a
+//! model that leaves them too.
 
+#[cfg(feature = "nats")]
+mod nats_support;
 #[cfg(feature = "postgres")]
 mod postgres_support;
 #[cfg(feature = "redis")]
@@ -413,6 +418,18 @@ struct Model {
     recipients: Mutex<BTreeMap<Vec<u8>, ModelRecipient>>,
     /// The last seq handed out, to anyone: seqs only grow.
     last_seq: Mutex<u64>,
+    /// What the backend under test claims, when it claims less than everything: the model
+    /// then skips what the backend leaves to its medium (a budget, purging).
+    claims: Option<Capabilities>,
+}
+
+impl Model {
+    fn like(subject: &dyn Storage) -> Self {
+        Self {
+            claims: Some(subject.capabilities()),
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -456,10 +473,12 @@ impl ModelRecipient {
 #[async_trait]
 impl Storage for Model {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-            .with_total_byte_budget(true)
-            .with_purge_expired(true)
-            .with_idle_removal(true)
+        self.claims.unwrap_or_else(|| {
+            Capabilities::default()
+                .with_total_byte_budget(true)
+                .with_purge_expired(true)
+                .with_idle_removal(true)
+        })
     }
 
     async fn append(
@@ -530,6 +549,7 @@ impl Storage for Model {
             .map(|s| r.records[s].body.len() as u64)
             .sum();
         if let Some(max) = quota.max_total_bytes
+            && self.capabilities().total_byte_budget
             && adding_bytes > drop_bytes
             && used + (adding_bytes - drop_bytes) > max
         {
@@ -694,16 +714,17 @@ impl Storage for Model {
     ) -> offline_queue::Result<PurgeOutcome> {
         // All of it in one call (the test sums what the calls report).
         let now = now.as_millis();
+        let claims = self.capabilities();
         let mut all = self.recipients.lock();
         let mut outcome = PurgeOutcome::default();
-        for r in all.values_mut() {
+        for r in all.values_mut().filter(|_| claims.purge_expired) {
             let before = r.records.len();
             r.records.retain(|_, record| !record.expired(now));
             let expired = (before - r.records.len()) as u64;
             r.lost += expired;
             outcome.expired += expired;
         }
-        if let Some(idle_before) = idle_before {
+        if let Some(idle_before) = idle_before.filter(|_| claims.idle_removal) {
             all.retain(|_, r| {
                 let idle = r.touched.is_some_and(|t| t < idle_before.as_millis());
                 outcome.idle_recipients += u64::from(idle);
@@ -739,7 +760,7 @@ impl Storage for Model {
 
 /// Applies `ops` to `subject` and to the model, comparing after every step.
 fn run(ops: Vec<Op>, subject: &dyn Storage) {
-    let model = Model::default();
+    let model = Model::like(subject);
     let start = || Run {
         now: T0,
         ..Run::default()
@@ -845,5 +866,31 @@ proptest! {
         run(ops, &storage);
         drop(storage);
         runtime.block_on(postgres_support::drop_schemas(&url, &[schema]));
+    }
+}
+
+#[cfg(feature = "nats")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn nats_holds_what_the_model_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let Some(url) = nats_support::url() else {
+            return Ok(());
+        };
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        });
+        let _context = runtime.enter();
+        let streams = nats_support::Streams::default();
+        let storage = runtime.block_on(streams.storage(&url));
+        run(ops, &storage);
+        drop(storage);
+        runtime.block_on(streams.delete(&url));
     }
 }

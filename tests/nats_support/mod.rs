@@ -1,0 +1,61 @@
+//! What the NATS tests share: the server's URL or a recorded skip, and storages on streams of
+//! their own, deleted when done.
+
+#![allow(dead_code)]
+
+#[allow(clippy::duplicate_mod)]
+#[path = "../skip_support/mod.rs"]
+pub mod skip_support;
+
+use offline_queue::{MessageId, NatsStorage};
+use parking_lot::Mutex;
+
+/// `OFFLINE_QUEUE_NATS_URL`, or `None` with the skip recorded; a failure instead under
+/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1`.
+pub fn url() -> Option<String> {
+    match std::env::var("OFFLINE_QUEUE_NATS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+                "OFFLINE_QUEUE_NATS_URL is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
+            );
+            skip_support::record("OFFLINE_QUEUE_NATS_URL is not set");
+            None
+        }
+    }
+}
+
+/// A subject prefix no other run uses.
+pub fn unique_prefix() -> String {
+    format!("oqtest.{}", MessageId::generate())
+}
+
+/// Streams made by a test, deleted by [`Streams::delete`].
+#[derive(Default)]
+pub struct Streams(Mutex<Vec<String>>);
+
+impl Streams {
+    /// A storage on streams and a prefix of its own.
+    pub async fn storage(&self, url: &str) -> NatsStorage {
+        let id = MessageId::generate().to_string();
+        let stream = format!("OQT_{}", &id[..16]);
+        self.0.lock().push(stream.clone());
+        NatsStorage::options()
+            .stream(&stream)
+            .prefix(format!("oqt.{}", &id[..16]))
+            .connect(url)
+            .await
+            .expect("nats answers")
+    }
+
+    pub async fn delete(&self, url: &str) {
+        let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let names = std::mem::take(&mut *self.0.lock());
+        for name in names {
+            for suffix in ["", "_META", "_DEDUP"] {
+                let _ = context.delete_stream(format!("{name}{suffix}")).await;
+            }
+        }
+    }
+}
