@@ -15,7 +15,10 @@
 //! When `OFFLINE_QUEUE_POSTGRES_URL` is set (feature `postgres`), every 50th runs on
 //! `PostgresStorage` with restarts (the engine and the storage dropped and connected again to
 //! the same schema), and likewise every 50th on `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL`
-//! is set (feature `redis`). A quarter of the seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
+//! is set (feature `redis`), and every 50th on `NatsStorage` (streams of its own, connected
+//! again at each restart) when `OFFLINE_QUEUE_NATS_URL` is (feature `nats`), among the seeds
+//! that do not remove idle queues (JetStream removes them by its own clock). A quarter of the
+//! seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
 //! its message and one idle past it is removed, message and all.
 //!
 //! At the end of every run the contract is checked: no `Ok` send lost unless it expired or was
@@ -27,6 +30,8 @@
 //! replays just that run: `SIM_SEED=<seed> cargo test --test simulation -- --nocapture`.
 
 mod common;
+#[cfg(feature = "nats")]
+mod nats_support;
 #[cfg(feature = "postgres")]
 mod postgres_support;
 #[cfg(feature = "testing")]
@@ -424,6 +429,8 @@ struct World {
     postgres: Option<(String, String)>,
     /// The Redis URL and this run's key prefix, on a Redis seed.
     redis: Option<(String, String)>,
+    /// The NATS URL and this run's stream name, on a NATS seed.
+    nats: Option<(String, String)>,
     acked_reads: Arc<AtomicU64>,
     acked: AckedByStorage,
     /// Deliveries after which a message goes to the dead-letter hook (most seeds: never).
@@ -543,6 +550,7 @@ impl World {
         on_redb: bool,
         postgres: Option<(String, String)>,
         redis: Option<(String, String)>,
+        nats: Option<(String, String)>,
     ) -> Self {
         let mut rng = Rng(seed);
         let faults = Faults {
@@ -566,9 +574,7 @@ impl World {
             dedup_window: Duration::from_secs(30 + rng.below(600)),
             // A quarter of the seeds remove idle queues, after 30 days: never within the run
             // (its clock moves hours at most), then on purpose at its end (`idle_phase`).
-            idle_recipient_timeout: Rng(seed ^ 0x1d1e)
-                .chance(25)
-                .then(|| Duration::from_secs(30 * 24 * 3600)),
+            idle_recipient_timeout: removes_idle(seed).then(|| Duration::from_secs(30 * 24 * 3600)),
             ..Limits::default()
         };
         // One seed in four gives up on a message after a few unacked deliveries.
@@ -593,6 +599,7 @@ impl World {
             redb,
             postgres,
             redis,
+            nats,
             acked_reads: Arc::default(),
             acked: Arc::default(),
             max_deliveries,
@@ -620,6 +627,10 @@ impl World {
             (None, _) if let Some((url, prefix)) = &self.redis => {
                 let target = redis_support::Target::Single(url.clone());
                 Arc::new(common::wait(redis_support::fresh(&target, prefix)))
+            }
+            #[cfg(feature = "nats")]
+            (None, _) if let Some((url, name)) = &self.nats => {
+                Arc::new(common::wait(nats_support::connect(url, name)))
             }
             (None, Some(memory)) => memory,
             (None, None) => Arc::new(MemoryStorage::with_shards(1 + self.rng.below(4) as usize)),
@@ -956,7 +967,11 @@ impl World {
                     home.arm(writes);
                 }
             }
-            _ if self.redb.is_some() || self.postgres.is_some() || self.redis.is_some() => {
+            _ if self.redb.is_some()
+                || self.postgres.is_some()
+                || self.redis.is_some()
+                || self.nats.is_some() =>
+            {
                 self.restart()
             }
             _ => {}
@@ -1144,11 +1159,17 @@ enum Backend {
     Redb,
     Postgres,
     Redis,
+    Nats,
+}
+
+/// A quarter of the seeds remove idle queues (after 30 days, at the end of the run).
+fn removes_idle(seed: u64) -> bool {
+    Rng(seed ^ 0x1d1e).chance(25)
 }
 
 /// A runtime for PostgreSQL's and Redis's connections and tasks (the harness polls on its own
 /// thread).
-#[cfg(any(feature = "postgres", feature = "redis"))]
+#[cfg(any(feature = "postgres", feature = "redis", feature = "nats"))]
 fn server_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
@@ -1195,13 +1216,28 @@ fn run(seed: u64) -> (Backend, u64, usize) {
     };
     #[cfg(not(feature = "redis"))]
     let redis: Option<(String, String)> = None;
-    let backend = match (on_redb, &postgres, &redis) {
-        (true, _, _) => Backend::Redb,
-        (false, Some(_), _) => Backend::Postgres,
-        (false, None, Some(_)) => Backend::Redis,
-        (false, None, None) => Backend::Memory,
+    // Every 50th (a fourth residue) on NATS, unless the seed removes idle queues.
+    #[cfg(feature = "nats")]
+    let (_nats_context, nats) = match (seed % 50 == 31 && !removes_idle(seed))
+        .then(nats_support::url)
+        .flatten()
+    {
+        Some(url) => (
+            Some(server_runtime().enter()),
+            Some((url, nats_support::unique_name())),
+        ),
+        None => (None, None),
     };
-    let mut world = World::new(seed, on_redb, postgres.clone(), redis);
+    #[cfg(not(feature = "nats"))]
+    let nats: Option<(String, String)> = None;
+    let backend = match (on_redb, &postgres, &redis, &nats) {
+        (true, ..) => Backend::Redb,
+        (false, Some(_), ..) => Backend::Postgres,
+        (false, None, Some(_), _) => Backend::Redis,
+        (false, None, None, Some(_)) => Backend::Nats,
+        (false, None, None, None) => Backend::Memory,
+    };
+    let mut world = World::new(seed, on_redb, postgres.clone(), redis, nats.clone());
     for _ in 0..STEPS {
         world.step();
     }
@@ -1211,6 +1247,10 @@ fn run(seed: u64) -> (Backend, u64, usize) {
     #[cfg(feature = "postgres")]
     if let Some((url, schema)) = postgres {
         common::wait(postgres_support::drop_schemas(&url, &[schema]));
+    }
+    #[cfg(feature = "nats")]
+    if let Some((url, name)) = nats {
+        common::wait(nats_support::delete(&url, &[name]));
     }
     let dead_letters = dead_letters.lock().len();
     (backend, acked_reads.load(Ordering::Relaxed), dead_letters)
@@ -1230,6 +1270,7 @@ fn simulation() {
     let (mut redb_seeds, mut redb_acked_reads) = (0, 0);
     let (mut postgres_seeds, mut postgres_acked_reads) = (0, 0);
     let (mut redis_seeds, mut redis_acked_reads) = (0, 0);
+    let (mut nats_seeds, mut nats_acked_reads) = (0, 0);
     let mut dead_letters = 0;
     for seed in 0..seeds {
         let (backend, acked_reads, dead) = run(seed);
@@ -1247,6 +1288,10 @@ fn simulation() {
                 redis_seeds += 1;
                 redis_acked_reads += acked_reads;
             }
+            (Backend::Nats, acked_reads) => {
+                nats_seeds += 1;
+                nats_acked_reads += acked_reads;
+            }
             (Backend::Memory, _) => {}
         }
     }
@@ -1258,6 +1303,12 @@ fn simulation() {
         assert!(
             redis_acked_reads > 0,
             "no read with an ack reached Redis in {redis_seeds} seeds"
+        );
+    }
+    if nats_seeds > 0 {
+        assert!(
+            nats_acked_reads > 0,
+            "no read with an ack reached NATS in {nats_seeds} seeds"
         );
     }
     if postgres_seeds > 0 {
@@ -1286,7 +1337,8 @@ fn simulation() {
     println!(
         "simulation: {seeds} seeds passed in {:.1} s ({redb_seeds} on redb, {mid_write} power \
          cuts there at a write, {pages_lost} unsynced pages lost; {postgres_seeds} on \
-         PostgreSQL, {redis_seeds} on Redis; {dead_letters} dead letters)",
+         PostgreSQL, {redis_seeds} on Redis, {nats_seeds} on NATS; {dead_letters} dead \
+         letters)",
         started.elapsed().as_secs_f64()
     );
 }

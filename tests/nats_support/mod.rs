@@ -38,24 +38,39 @@ pub struct Streams(Mutex<Vec<String>>);
 impl Streams {
     /// A storage on streams and a prefix of its own.
     pub async fn storage(&self, url: &str) -> NatsStorage {
-        let id = MessageId::generate().to_string();
-        let stream = format!("OQT_{}", &id[..16]);
-        self.0.lock().push(stream.clone());
-        NatsStorage::options()
-            .stream(&stream)
-            .prefix(format!("oqt.{}", &id[..16]))
-            .connect(url)
-            .await
-            .expect("nats answers")
+        let name = unique_name();
+        self.0.lock().push(name.clone());
+        connect(url, &name).await
     }
 
     pub async fn delete(&self, url: &str) {
-        let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
         let names = std::mem::take(&mut *self.0.lock());
-        for name in names {
-            for suffix in ["", "_META", "_DEDUP"] {
-                let _ = context.delete_stream(format!("{name}{suffix}")).await;
-            }
+        delete(url, &names).await;
+    }
+}
+
+/// A name for a test's streams and prefix, unique to it.
+pub fn unique_name() -> String {
+    format!("OQT_{}", &MessageId::generate().to_string()[..16])
+}
+
+/// A storage on the streams called `name` (made if missing), subjects under a prefix of the
+/// same name.
+pub async fn connect(url: &str, name: &str) -> NatsStorage {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .connect(url)
+        .await
+        .expect("nats answers")
+}
+
+/// Deletes the streams called `names`.
+pub async fn delete(url: &str, names: &[String]) {
+    let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    for name in names {
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
         }
     }
 }
