@@ -9,6 +9,8 @@
 mod server;
 
 mod chat_support;
+#[cfg(feature = "nats")]
+mod nats_support;
 #[cfg(feature = "postgres")]
 mod postgres_support;
 #[cfg(feature = "web-push")]
@@ -60,6 +62,26 @@ async fn the_protocol_holds_on_postgres() {
             acked_gone_unacked_back(&flags).await;
         }
         postgres_support::drop_schemas(&url, &[schema]).await;
+    }
+}
+
+/// The same protocol on NATS JetStream (`OFFLINE_QUEUE_NATS_URL`; skipped, and says so, when
+/// it is unset), each scenario on streams of its own.
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn the_protocol_holds_on_nats() {
+    let Some(url) = nats_support::url() else {
+        return;
+    };
+    for scenario in 0..2 {
+        let name = nats_support::unique_name();
+        let flags = ["--storage", &url, "--nats-stream", &name];
+        if scenario == 0 {
+            offline_then_batches(&flags).await;
+        } else {
+            acked_gone_unacked_back(&flags).await;
+        }
+        nats_support::delete(&url, &[name]).await;
     }
 }
 
@@ -615,6 +637,15 @@ fn bad_flags_fail_at_start_naming_the_flag() {
                 "built without the `postgres` feature"
             },
         ),
+        // And for NATS.
+        (
+            vec!["--storage", "nats://127.0.0.1:1"],
+            if cfg!(feature = "nats") {
+                "does not answer"
+            } else {
+                "built without the `nats` feature"
+            },
+        ),
         (vec!["--storage", "floppy:a"], "--storage \"floppy:a\""),
         (
             vec!["--notify-webhook", "https://push.example"],
@@ -784,6 +815,40 @@ async fn two_servers_on_one_postgres_deliver_across() {
         }
     }
     postgres_support::drop_schemas(&url, &[schema]).await;
+}
+
+/// Two server processes on one NATS JetStream: a user connected to the second receives, at
+/// once, what was sent through the first (woken by its request on core NATS), and the first
+/// sees him online (no push).
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn two_servers_on_one_nats_deliver_across() {
+    let Some(url) = nats_support::url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    {
+        let flags = ["--storage", &url, "--nats-stream", &name];
+        let first = Server::start(&flags);
+        let second = Server::start(&flags);
+        let mut bob = Client::connect(&second, "bob").await;
+        bob.expect_caught_up_empty().await;
+        let mut alice = Client::connect(&first, "alice").await;
+        alice.expect_caught_up_empty().await;
+        wait_until("bob is online as the first server sees it", || async {
+            first.online("bob").await
+        })
+        .await;
+        for body in ["across servers", "and again"] {
+            let seq = alice.send_message("bob", body).await;
+            let frame = bob.recv().await;
+            assert_eq!(frame["type"], "deliver", "{frame}");
+            assert_eq!(frame["messages"][0]["body"], body);
+            assert_eq!(frame["messages"][0]["seq"], seq);
+            assert_eq!(frame["messages"][0]["from"], "alice");
+        }
+    }
+    nats_support::delete(&url, &[name]).await;
 }
 
 /// A client that sends without waiting (300 frames, some refused) gets one reply per frame, in

@@ -39,14 +39,19 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://host:port`
-    /// (several, comma separated, for a Redis Cluster; needs the `redis` feature) or
-    /// `postgres://user@host:port/db` (needs the `postgres` feature). Redis and PostgreSQL are
-    /// shared by every node that names them: each node delivers what any node stored.
+    /// (several, comma separated, for a Redis Cluster; needs the `redis` feature),
+    /// `postgres://user@host:port/db` (needs the `postgres` feature) or `nats://host:port`
+    /// (NATS JetStream; needs the `nats` feature). Redis, PostgreSQL and NATS are shared by
+    /// every node that names them: each node delivers what any node stored.
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
     /// With Redis storage: the prefix of every key, so several deployments can share a Redis.
     #[arg(long, default_value = "chat")]
     pub redis_prefix: String,
+    /// With NATS storage: the name of its streams (`<name>`, `<name>_META`, `<name>_DEDUP`)
+    /// and the first token of its subjects, so several deployments can share a server.
+    #[arg(long, default_value = "CHAT")]
+    pub nats_stream: String,
     /// With PostgreSQL storage: the schema the queues live in.
     #[arg(long, default_value = "chat")]
     pub postgres_schema: String,
@@ -240,10 +245,45 @@ async fn with_storage(
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         return with_postgres(builder, spec, config).await;
     }
-    Err(
-        format!("--storage {spec:?}: expected redb:<path>, memory, redis://.. or postgres://..")
-            .into(),
+    if spec.starts_with("nats://") {
+        return with_nats(builder, spec, config).await;
+    }
+    Err(format!(
+        "--storage {spec:?}: expected redb:<path>, memory, redis://.., postgres://.. or nats://.."
     )
+    .into())
+}
+
+/// Several nodes share one NATS JetStream: the queues in its streams, and the nodes find and
+/// wake each other over core NATS (a subscription per connected user, a request per send).
+#[cfg(feature = "nats")]
+async fn with_nats(
+    builder: OfflineQueueBuilder,
+    spec: &str,
+    config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    let name = config.nats_stream.as_str();
+    let storage = offline_queue::NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .connect(spec)
+        .await?;
+    let coordination = offline_queue::NatsCoordination::options()
+        .prefix(name)
+        .connect(spec)
+        .await?;
+    Ok(builder
+        .storage(Arc::new(storage))
+        .coordination(Arc::new(coordination)))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn with_nats(
+    _builder: OfflineQueueBuilder,
+    _spec: &str,
+    _config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    Err("--storage nats://: built without the `nats` feature (cargo run --features nats --example chat_server)".into())
 }
 
 /// Several nodes share one PostgreSQL schema: each delivers to its own sessions and is woken
