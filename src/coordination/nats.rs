@@ -190,7 +190,7 @@ impl NatsCoordinationOptions {
                     }
                 }
             })
-            .connect(url)
+            .connect(servers(url))
             .await
             .map_err(|error| connect_error(url, error))?;
         let node: Arc<str> = MessageId::generate().to_string().into();
@@ -453,6 +453,11 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
              most 64 bytes"
         ),
     })
+}
+
+/// The servers in `url`: one, or several separated by commas.
+pub(crate) fn servers(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).collect()
 }
 
 pub(crate) fn connect_error(url: &str, error: async_nats::ConnectError) -> Error {

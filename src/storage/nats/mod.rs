@@ -77,7 +77,7 @@ use super::{
     Storage, StoredRecord,
 };
 use crate::clock::Timestamp;
-use crate::coordination::nats::{check_prefix, connect_error};
+use crate::coordination::nats::{check_prefix, connect_error, servers};
 use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Quota};
 use crate::message::{MessageId, RecipientId, Seq};
@@ -182,7 +182,7 @@ impl NatsOptions {
         self.check()?;
         let client = async_nats::ConnectOptions::new()
             .name("offline-queue storage")
-            .connect(url)
+            .connect(servers(url))
             .await
             .map_err(|error| connect_error(url, error))?;
         let context = jetstream::new(client);
