@@ -9,7 +9,7 @@ mod nats_support;
 use std::sync::Arc;
 
 use nats_support::{Streams, url};
-use offline_queue::{Storage, testing};
+use offline_queue::{Storage, StorageExt, testing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_storage_passes_the_conformance_suite() {
@@ -23,4 +23,69 @@ async fn nats_storage_passes_the_conformance_suite() {
     })
     .await;
     streams.delete(&url).await;
+}
+
+/// What the queues acked leaves the stream: after 300 records over three recipients are read
+/// and acked in batches (acks out of order too), the records stream holds only the three
+/// queues' metas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_records_leave_the_stream() {
+    use offline_queue::storage::{Ack, NewRecord};
+    use offline_queue::{BatchLimit, MessageId, Quota, RecipientId, Timestamp};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let storage = nats_support::connect(&url, &name).await;
+    let now = Timestamp::now_system();
+    let who: Vec<RecipientId> = (0..3)
+        .map(|i| RecipientId::new(format!("r{i}")).unwrap())
+        .collect();
+    for round in 0..10u8 {
+        for r in &who {
+            let records = (0..10)
+                .map(|i| NewRecord {
+                    id: MessageId::generate(),
+                    dedup: false,
+                    sent_at: now,
+                    expires_at: None,
+                    body: vec![round, i],
+                })
+                .collect();
+            storage
+                .append(r, records, &Quota::UNLIMITED, now)
+                .await
+                .unwrap();
+        }
+    }
+    let limit = BatchLimit {
+        max_messages: 30,
+        max_bytes: usize::MAX,
+    };
+    for r in &who {
+        let mut ack = None;
+        loop {
+            let read = storage
+                .read_for_delivery(r, ack.as_ref(), None, limit, now)
+                .await
+                .unwrap();
+            let seqs: Vec<_> = read.batch.records.iter().map(|r| r.seq).collect();
+            let Some(&last) = seqs.last() else {
+                break;
+            };
+            // The newest of the batch first, alone; then the rest, cumulatively.
+            storage.ack_seqs(r, &[last], now).await.unwrap();
+            ack = Some(Ack {
+                through: Some(last),
+                ..Ack::default()
+            });
+        }
+        assert_eq!(storage.stats(r).await.unwrap().messages, 0);
+    }
+    let context = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let mut stream = context.get_stream(&name).await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    assert_eq!(messages, 3, "one meta per queue, no record");
+    nats_support::delete(&url, &[name]).await;
 }

@@ -51,7 +51,8 @@ impl Streams {
 
 /// A name for a test's streams and prefix, unique to it.
 pub fn unique_name() -> String {
-    format!("OQT_{}", &MessageId::generate().to_string()[..16])
+    // The whole id: its first half is a clock, alike for two tests started together.
+    format!("OQT_{}", MessageId::generate())
 }
 
 /// A storage on the streams called `name` (made if missing), subjects under a prefix of the

@@ -122,7 +122,7 @@ impl Default for NatsOptions {
 
 impl NatsOptions {
     /// The records stream's name; the meta and dedup streams add `_META` and `_DEDUP`
-    /// (default `OFFLINE_QUEUE`). ASCII letters, digits, `_` and `-`, at most 32 bytes.
+    /// (default `OFFLINE_QUEUE`). ASCII letters, digits, `_` and `-`, at most 64 bytes.
     #[must_use]
     pub fn stream(mut self, name: impl Into<String>) -> Self {
         self.stream = name.into();
@@ -186,22 +186,16 @@ impl NatsOptions {
             .await
             .map_err(|error| connect_error(url, error))?;
         let context = jetstream::new(client);
+        // Records and metas share a stream: a meta's sequence is then below the sequence of
+        // every record it reserves (see `Meta::purge_bound`).
         let records = self
-            .open_stream(&context, &self.stream, "r", self.max_age)
-            .await?;
-        let meta = self
-            .open_stream(
-                &context,
-                &format!("{}_META", self.stream),
-                "m",
-                self.max_age,
-            )
+            .open_stream(&context, &self.stream, &["r", "m"], self.max_age)
             .await?;
         let dedup = self
             .open_stream(
                 &context,
                 &format!("{}_DEDUP", self.stream),
-                "d",
+                &["d"],
                 self.dedup_window,
             )
             .await?;
@@ -209,7 +203,6 @@ impl NatsOptions {
             shared: Arc::new(Shared {
                 context,
                 records,
-                meta,
                 dedup,
                 options: self,
             }),
@@ -222,11 +215,11 @@ impl NatsOptions {
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         };
-        if !plain(&self.stream) || self.stream.len() > 32 {
+        if !plain(&self.stream) || self.stream.len() > 64 {
             return Err(invalid(
                 "nats stream",
                 format!(
-                    "{:?} must be ASCII letters, digits, '_' and '-', at most 32 bytes",
+                    "{:?} must be ASCII letters, digits, '_' and '-', at most 64 bytes",
                     self.stream
                 ),
             ));
@@ -261,18 +254,21 @@ impl NatsOptions {
         Ok(())
     }
 
-    /// The stream `name` over `<prefix>.<kind>.>`, made if missing; an existing one must
-    /// have the same layout.
+    /// The stream `name` over `<prefix>.<kind>.>` for each of `kinds`, made if missing; an
+    /// existing one must have the same layout.
     async fn open_stream(
         &self,
         context: &Context,
         name: &str,
-        kind: &str,
+        kinds: &[&str],
         max_age: Duration,
     ) -> Result<Stream> {
         let wanted = Config {
             name: name.to_owned(),
-            subjects: vec![format!("{}.{kind}.>", self.prefix)],
+            subjects: kinds
+                .iter()
+                .map(|kind| format!("{}.{kind}.>", self.prefix))
+                .collect(),
             max_messages_per_subject: 1,
             discard: DiscardPolicy::Old,
             max_age,
@@ -346,7 +342,6 @@ pub struct NatsStorage {
 struct Shared {
     context: Context,
     records: Stream,
-    meta: Stream,
     dedup: Stream,
     options: NatsOptions,
 }
@@ -414,7 +409,7 @@ impl NatsStorage {
     async fn load(&self, key: &str) -> Result<Option<Loaded>> {
         match self
             .shared
-            .meta
+            .records
             .get_last_raw_message_by_subject(&self.meta_subject(key))
             .await
         {
@@ -445,23 +440,22 @@ impl NatsStorage {
         })
     }
 
-    /// Writes `meta` if the subject is still at `revision`. False on a conflict.
-    async fn store(&self, key: &str, meta: &Meta, revision: u64) -> Result<bool> {
+    /// Writes `meta` if the subject is still at `revision`: its new revision, or `None` on a
+    /// conflict.
+    async fn store(&self, key: &str, meta: &Meta, revision: u64) -> Result<Option<u64>> {
         let publish = Publish::build()
             .payload(Bytes::from(meta.encode()))
             .expected_last_subject_sequence(revision);
-        publish_ack(&self.shared.context, self.meta_subject(key), publish)
-            .await
-            .map(|ack| ack.is_some())
+        publish_ack(&self.shared.context, self.meta_subject(key), publish).await
     }
 
     /// Loads, changes and stores the meta until the store wins; `change` returns `None` to
-    /// leave it unwritten.
+    /// leave it unwritten. Returns what `change` did, the meta as written, and its revision.
     async fn update<T>(
         &self,
         key: &str,
         mut change: impl FnMut(&mut Meta) -> Result<Option<T>>,
-    ) -> Result<Option<T>> {
+    ) -> Result<Option<(T, Meta, u64)>> {
         for _ in 0..CAS_ATTEMPTS {
             let Some(Loaded { mut meta, revision }) = self.load(key).await? else {
                 return Ok(None);
@@ -469,8 +463,8 @@ impl NatsStorage {
             let Some(out) = change(&mut meta)? else {
                 return Ok(None);
             };
-            if self.store(key, &meta, revision).await? {
-                return Ok(Some(out));
+            if let Some(revision) = self.store(key, &meta, revision).await? {
+                return Ok(Some((out, meta, revision)));
             }
         }
         Err(contended())
@@ -578,22 +572,25 @@ impl NatsStorage {
         Ok(())
     }
 
-    /// Removes the records at `positions` from the stream. Best effort: one left behind is
-    /// never read (the meta says it is gone) and `max_age` removes it.
-    async fn discard(&self, key: &str, positions: Vec<u64>) {
-        let purges = futures::stream::iter(positions)
-            .map(|position| {
-                let filter = self.record_subject(key, position);
-                async move { self.shared.records.purge().filter(filter).await }
-            })
-            .buffer_unordered(READ_AHEAD);
-        purges
-            .for_each(|result| async move {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "nats: removing an acked record failed");
-                }
-            })
+    /// Removes from the stream, in one purge, every record of this queue at or below the
+    /// meta's purge bound: all gone, none live. Best effort: a gone record left behind is
+    /// never read (the meta says it is gone), and a later purge or `max_age` removes it.
+    async fn discard(&self, key: &str, meta: &Meta, revision: u64) {
+        let bound = meta.purge_bound(revision);
+        if bound == 0 {
+            // The server reads a purge up to sequence 1 (or 0) as "no bound": everything.
+            return;
+        }
+        let purged = self
+            .shared
+            .records
+            .purge()
+            .filter(format!("{}.r.{key}.*", self.shared.options.prefix))
+            .sequence(bound + 1)
             .await;
+        if let Err(error) = purged {
+            tracing::debug!(%error, "nats: removing gone records failed");
+        }
     }
 
     async fn publish_record(
@@ -790,13 +787,16 @@ impl Storage for NatsStorage {
         for _ in 0..CAS_ATTEMPTS {
             let Loaded { mut meta, revision } = self.load_or_new(&key).await?;
             meta.forget_reservations(self.stale_before_ms());
-            let plan = meta.reserve(&sizes, quota, wall_ms())?;
-            if self.store(&key, &meta, revision).await? {
-                reserved = Some((plan, meta.live().0));
+            // Every record reserved now is published after this meta, whose sequence is
+            // above `revision` (or, for a new queue, above the stream's end: its floor).
+            let lower = if revision == 0 { meta.floor } else { revision };
+            let plan = meta.reserve(&sizes, quota, wall_ms(), lower)?;
+            if let Some(written) = self.store(&key, &meta, revision).await? {
+                reserved = Some((plan, meta.live().0, meta, written));
                 break;
             }
         }
-        let Some((plan, mut pending)) = reserved else {
+        let Some((plan, mut pending, meta, written)) = reserved else {
             return Err(contended());
         };
         let positions: HashMap<usize, u64> = to_store
@@ -853,7 +853,7 @@ impl Storage for NatsStorage {
         }
         let dropped = plan.dropped.len() as u64;
         if !plan.dropped.is_empty() {
-            self.discard(&key, plan.dropped).await;
+            self.discard(&key, &meta, written).await;
         }
         Ok(AppendOutcome {
             records: outcome
@@ -917,10 +917,10 @@ impl Storage for NatsStorage {
                 Ok((*meta != before).then_some(acked))
             })
             .await?;
-        let Some(acked) = done else {
+        let Some((acked, meta, revision)) = done else {
             return Ok(0);
         };
-        self.discard(&key, acked.positions).await;
+        self.discard(&key, &meta, revision).await;
         Ok(acked.acked)
     }
 
@@ -963,7 +963,6 @@ impl Storage for NatsStorage {
         let removed = self
             .update(&key, |meta| {
                 let (messages, _) = meta.live();
-                let positions: Vec<u64> = meta.live_from(0).map(|(p, _)| p).collect();
                 let next = meta.next();
                 *meta = Meta {
                     floor: next - 1,
@@ -972,7 +971,7 @@ impl Storage for NatsStorage {
                     lost_confirmed: meta.lost_total,
                     reservations: Vec::new(),
                 };
-                Ok(Some((messages, positions)))
+                Ok(Some(messages))
             })
             .await?;
         for filter in [format!("{}.d.{key}.>", self.shared.options.prefix)] {
@@ -983,10 +982,10 @@ impl Storage for NatsStorage {
                 .await
                 .map_err(|error| Error::storage(Retry::Yes, error))?;
         }
-        let Some((messages, positions)) = removed else {
+        let Some((messages, meta, revision)) = removed else {
             return Ok(0);
         };
-        self.discard(&key, positions).await;
+        self.discard(&key, &meta, revision).await;
         Ok(messages)
     }
 }

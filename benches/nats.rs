@@ -1,0 +1,306 @@
+//! `NatsStorage` beside the way JetStream users hold messages for offline recipients today, in
+//! the same run, on the same server (issue 17):
+//! - **store**: 10,000 messages of 256 bytes over 200 recipients, 64 concurrent senders.
+//!   `NatsStorage::append_one` (read the queue's meta, write it back by compare-and-set,
+//!   publish the record: three round trips) against a bare JetStream publish awaiting its ack
+//!   (one round trip, no quota, no order per recipient, no dedup of our own).
+//! - **drain**: the same 10,000 pending messages (filled untimed), 16 recipients drained at
+//!   once. `read_for_delivery` in batches of 100 with the previous batch's cumulative ack (as a
+//!   session does) against the usual JetStream way: a durable pull consumer per recipient
+//!   (made before the messages came, as a subscription would be), `fetch` of up to 100, and an
+//!   ack of the last (`AckPolicy::All`).
+//!
+//! ```sh
+//! OFFLINE_QUEUE_NATS_URL=nats://127.0.0.1:4222 cargo bench --features nats --bench nats
+//! ```
+//!
+//! Without `OFFLINE_QUEUE_NATS_URL` the groups say so and measure nothing. Each iteration works
+//! on streams of its own (`OQB_*`), deleted after it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use futures::StreamExt;
+use offline_queue::storage::{Ack, NewRecord};
+use offline_queue::{
+    BatchLimit, MessageId, NatsStorage, Quota, RecipientId, Seq, Storage, Timestamp,
+};
+
+const RECIPIENTS: usize = 200;
+const PER_RECIPIENT: usize = 50;
+const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
+const BODY: usize = 256;
+const SENDERS: usize = 64;
+const DRAINING: usize = 16;
+const BATCH: usize = 100;
+
+fn url() -> Option<String> {
+    let url = std::env::var("OFFLINE_QUEUE_NATS_URL").ok();
+    if url.is_none() {
+        eprintln!("OFFLINE_QUEUE_NATS_URL is not set: the NATS benches measure nothing");
+    }
+    url
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn name() -> String {
+    format!("OQB_{}", MessageId::generate())
+}
+
+fn recipient(r: usize) -> RecipientId {
+    RecipientId::new(format!("r{r}")).unwrap()
+}
+
+async fn storage(url: &str, name: &str) -> NatsStorage {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+async fn delete(url: &str, name: &str) {
+    let context = jetstream::new(async_nats::connect(url).await.unwrap());
+    for suffix in ["", "_META", "_DEDUP", "_BASE"] {
+        let _ = context.delete_stream(format!("{name}{suffix}")).await;
+    }
+}
+
+/// Every message appended by `SENDERS` tasks, each taking every `SENDERS`-th message.
+async fn store_with_storage(storage: &NatsStorage) {
+    let now = Timestamp::now_system();
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let storage = storage.clone();
+            tokio::spawn(async move {
+                for n in (sender..MESSAGES).step_by(SENDERS) {
+                    let record = NewRecord {
+                        id: MessageId::generate(),
+                        dedup: false,
+                        sent_at: now,
+                        expires_at: None,
+                        body: vec![b'x'; BODY],
+                    };
+                    storage
+                        .append_one(&recipient(n % RECIPIENTS), record, &Quota::UNLIMITED, now)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// The baseline's stream: a subject per recipient, file storage.
+async fn base_stream(context: &jetstream::Context, name: &str) -> stream::Stream {
+    context
+        .get_or_create_stream(stream::Config {
+            name: format!("{name}_BASE"),
+            subjects: vec![format!("{name}.base.>")],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+async fn store_with_publish(context: &jetstream::Context, name: &str) {
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let (context, name) = (context.clone(), name.to_owned());
+            tokio::spawn(async move {
+                for n in (sender..MESSAGES).step_by(SENDERS) {
+                    let subject = format!("{name}.base.{}", n % RECIPIENTS);
+                    let ack = context.publish(subject, vec![b'x'; BODY].into()).await;
+                    ack.unwrap().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+async fn drain_with_storage(storage: &NatsStorage) -> usize {
+    let now = Timestamp::now_system();
+    let limit = BatchLimit {
+        max_messages: BATCH,
+        max_bytes: usize::MAX,
+    };
+    futures::stream::iter(0..RECIPIENTS)
+        .map(|r| async move {
+            let who = recipient(r);
+            let (mut after, mut ack, mut got): (Option<Seq>, Option<Ack>, usize) = (None, None, 0);
+            loop {
+                let read = storage
+                    .read_for_delivery(&who, ack.as_ref(), after, limit, now)
+                    .await
+                    .unwrap();
+                let Some(last) = read.batch.records.last().map(|r| r.seq) else {
+                    break got;
+                };
+                got += read.batch.records.len();
+                after = Some(last);
+                ack = Some(Ack {
+                    through: Some(last),
+                    ..Ack::default()
+                });
+            }
+        })
+        .buffer_unordered(DRAINING)
+        .fold(0, |sum, got| async move { sum + got })
+        .await
+}
+
+async fn drain_with_consumers(stream: &stream::Stream) -> usize {
+    futures::stream::iter(0..RECIPIENTS)
+        .map(|r| async move {
+            let consumer: consumer::PullConsumer =
+                stream.get_consumer(&format!("r{r}")).await.unwrap();
+            let mut got = 0;
+            while got < PER_RECIPIENT {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(BATCH)
+                    .messages()
+                    .await
+                    .unwrap();
+                let mut last = None;
+                while let Some(message) = batch.next().await {
+                    got += 1;
+                    last = Some(message.unwrap());
+                }
+                if let Some(last) = last {
+                    last.ack().await.unwrap();
+                }
+            }
+            got
+        })
+        .buffer_unordered(DRAINING)
+        .fold(0, |sum, got| async move { sum + got })
+        .await
+}
+
+fn store(c: &mut Criterion) {
+    let Some(url) = url() else {
+        return;
+    };
+    let runtime = runtime();
+    let mut group = c.benchmark_group("nats_store_10k_64_senders");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group.bench_function("storage_append_one", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = storage(&url, &name).await;
+                    let start = Instant::now();
+                    store_with_storage(&storage).await;
+                    total += start.elapsed();
+                    delete(&url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("jetstream_publish", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    base_stream(&context, &name).await;
+                    let start = Instant::now();
+                    store_with_publish(&context, &name).await;
+                    total += start.elapsed();
+                    delete(&url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.finish();
+}
+
+fn drain(c: &mut Criterion) {
+    let Some(url) = url() else {
+        return;
+    };
+    let runtime = runtime();
+    let mut group = c.benchmark_group("nats_drain_10k_200_recipients");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group.bench_function("storage_read_for_delivery", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = storage(&url, &name).await;
+                    store_with_storage(&storage).await;
+                    let start = Instant::now();
+                    let got = drain_with_storage(&storage).await;
+                    total += start.elapsed();
+                    assert_eq!(got, MESSAGES);
+                    delete(&url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("durable_consumer_per_recipient", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let stream = Arc::new(base_stream(&context, &name).await);
+                    for r in 0..RECIPIENTS {
+                        stream
+                            .create_consumer(consumer::pull::Config {
+                                durable_name: Some(format!("r{r}")),
+                                filter_subject: format!("{name}.base.{r}"),
+                                ack_policy: consumer::AckPolicy::All,
+                                ..Default::default()
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    store_with_publish(&context, &name).await;
+                    let start = Instant::now();
+                    let got = drain_with_consumers(&stream).await;
+                    total += start.elapsed();
+                    assert_eq!(got, MESSAGES);
+                    delete(&url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, store, drain);
+criterion_main!(benches);
