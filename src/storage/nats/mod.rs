@@ -95,6 +95,8 @@ const GONE: &str = "Oq-Gone";
 const CAS_ATTEMPTS: usize = 64;
 /// Records fetched at once by a read.
 const READ_AHEAD: usize = 64;
+/// Removals of gone records in flight at once, per storage.
+const REMOVALS: usize = 256;
 
 /// Settings for [`NatsStorage`]; from [`NatsStorage::options`].
 #[derive(Clone, Debug)]
@@ -202,6 +204,8 @@ impl NatsOptions {
         Ok(NatsStorage {
             shared: Arc::new(Shared {
                 context,
+                runtime: tokio::runtime::Handle::current(),
+                removals: Arc::new(tokio::sync::Semaphore::new(REMOVALS)),
                 records,
                 dedup,
                 options: self,
@@ -341,6 +345,8 @@ pub struct NatsStorage {
 
 struct Shared {
     context: Context,
+    runtime: tokio::runtime::Handle,
+    removals: Arc<tokio::sync::Semaphore>,
     records: Stream,
     dedup: Stream,
     options: NatsOptions,
@@ -642,18 +648,24 @@ impl NatsStorage {
         Ok(claimed.is_some())
     }
 
-    async fn read_marking(
+    /// A session's step in one compare-and-set: applies `ack`, reads after `after`, counts a
+    /// delivery for each record returned when `mark` is set, writes the meta once, then
+    /// removes what the ack took. Returns the records the ack removed, and the batch.
+    async fn ack_read_mark(
         &self,
         recipient: &RecipientId,
+        ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
         mark: bool,
-    ) -> Result<ReadBatch> {
+    ) -> Result<(u64, ReadBatch)> {
         let key = Self::key(recipient);
-        let Some(Loaded { meta, .. }) = self.load(&key).await? else {
-            return Ok(ReadBatch::default());
+        let Some(Loaded { mut meta, revision }) = self.load(&key).await? else {
+            return Ok((0, ReadBatch::default()));
         };
+        let original = meta.clone();
+        let mut acked = ack.map(|ack| meta.ack(ack)).unwrap_or_default();
         let mut batch = ReadBatch {
             lost_unconfirmed: meta.lost_total - meta.lost_confirmed,
             lost_total: meta.lost_total,
@@ -672,6 +684,7 @@ impl NatsStorage {
             })
             .buffered(READ_AHEAD.min(limit.max_messages.max(1)));
         let mut bytes = 0usize;
+        let mut closed = false;
         while let Some((position, deliveries, found)) = gets.next().await {
             let mut found = found?;
             if matches!(found, Found::Missing) {
@@ -689,6 +702,7 @@ impl NatsStorage {
                 Found::Record(record) => record,
                 Found::Gone => {
                     self.abandon(&key, position).await?;
+                    closed = true;
                     continue;
                 }
                 Found::Missing => break,
@@ -713,11 +727,57 @@ impl NatsStorage {
             batch.records.push(record);
         }
         drop(gets);
-        if mark && !batch.records.is_empty() {
-            let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
-            self.mark_delivered(recipient, &seqs).await?;
+        let seqs: Vec<Seq> = if mark {
+            batch.records.iter().map(|r| r.seq).collect()
+        } else {
+            Vec::new()
+        };
+        meta.mark_delivered(&seqs);
+        if meta == original {
+            return Ok((0, batch));
         }
-        Ok(batch)
+        // Written against the meta read, unless a close changed it (or another node did):
+        // then the ack and the marks are applied again to the meta as it now is.
+        let mut current = (!closed).then_some((meta, revision));
+        for _ in 0..CAS_ATTEMPTS {
+            let (meta, revision) = match current.take() {
+                Some(loaded) => loaded,
+                None => {
+                    let Some(Loaded { mut meta, revision }) = self.load(&key).await? else {
+                        return Ok((0, batch));
+                    };
+                    acked = ack.map(|ack| meta.ack(ack)).unwrap_or_default();
+                    meta.mark_delivered(&seqs);
+                    (meta, revision)
+                }
+            };
+            if self.store(&key, &meta, revision).await?.is_some() {
+                self.remove_later(&key, acked.positions).await;
+                return Ok((acked.acked, batch));
+            }
+        }
+        Err(contended())
+    }
+
+    /// Removes the records at `positions` from the stream in the background, one purge of
+    /// its exact subject each (cheap for the server: a lookup, where a purge by wildcard
+    /// walks every subject of the stream's blocks), at most `REMOVALS` at a time: past that
+    /// the caller waits. Best effort: a gone record left behind is never read (the meta says
+    /// it is gone), and `max_age` removes it.
+    async fn remove_later(&self, key: &str, positions: Vec<u64>) {
+        for position in positions {
+            let Ok(permit) = self.shared.removals.clone().acquire_owned().await else {
+                return;
+            };
+            let records = self.shared.records.clone();
+            let subject = self.record_subject(key, position);
+            self.shared.runtime.spawn(async move {
+                if let Err(error) = records.purge().filter(subject).await {
+                    tracing::debug!(%error, "nats: removing a gone record failed");
+                }
+                drop(permit);
+            });
+        }
     }
 }
 
@@ -791,12 +851,12 @@ impl Storage for NatsStorage {
             // above `revision` (or, for a new queue, above the stream's end: its floor).
             let lower = if revision == 0 { meta.floor } else { revision };
             let plan = meta.reserve(&sizes, quota, wall_ms(), lower)?;
-            if let Some(written) = self.store(&key, &meta, revision).await? {
-                reserved = Some((plan, meta.live().0, meta, written));
+            if self.store(&key, &meta, revision).await?.is_some() {
+                reserved = Some((plan, meta.live().0));
                 break;
             }
         }
-        let Some((plan, mut pending, meta, written)) = reserved else {
+        let Some((plan, mut pending)) = reserved else {
             return Err(contended());
         };
         let positions: HashMap<usize, u64> = to_store
@@ -852,9 +912,7 @@ impl Storage for NatsStorage {
             outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
         }
         let dropped = plan.dropped.len() as u64;
-        if !plan.dropped.is_empty() {
-            self.discard(&key, &meta, written).await;
-        }
+        self.remove_later(&key, plan.dropped).await;
         Ok(AppendOutcome {
             records: outcome
                 .into_iter()
@@ -873,7 +931,10 @@ impl Storage for NatsStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<ReadBatch> {
-        self.read_marking(recipient, after, limit, now, false).await
+        let (_, batch) = self
+            .ack_read_mark(recipient, None, after, limit, now, false)
+            .await?;
+        Ok(batch)
     }
 
     async fn read_for_delivery(
@@ -884,12 +945,8 @@ impl Storage for NatsStorage {
         limit: BatchLimit,
         now: Timestamp,
     ) -> Result<super::DeliveryRead> {
-        let acked = match ack {
-            Some(ack) => self.ack(recipient, ack, now).await?,
-            None => 0,
-        };
-        let batch = self
-            .read_marking(recipient, after, limit, now, true)
+        let (acked, batch) = self
+            .ack_read_mark(recipient, ack, after, limit, now, true)
             .await?;
         Ok(super::DeliveryRead { acked, batch })
     }
@@ -917,10 +974,10 @@ impl Storage for NatsStorage {
                 Ok((*meta != before).then_some(acked))
             })
             .await?;
-        let Some((acked, meta, revision)) = done else {
+        let Some((acked, _, _)) = done else {
             return Ok(0);
         };
-        self.discard(&key, &meta, revision).await;
+        self.remove_later(&key, acked.positions).await;
         Ok(acked.acked)
     }
 
