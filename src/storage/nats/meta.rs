@@ -12,7 +12,7 @@ use crate::message::Seq;
 /// The layout's version, the first byte of every meta value.
 const VERSION: u8 = 1;
 // Layout 1: version, floor, lost total, lost confirmed, reservations (first, count, ms), then
-// per slot: size << 1 | removed, deliveries, and the growth of `lower` over the slot before.
+// per slot: size << 1 | removed, deliveries. Numbers are LEB128.
 
 /// One position above the floor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,10 +24,6 @@ pub(super) struct Slot {
     /// Acked, dropped, passed over, or a reservation whose publish never landed: no record
     /// to read here.
     pub removed: bool,
-    /// A stream sequence below the record's: the meta's sequence when the position was
-    /// reserved (the meta shares the records' stream, and the record is published after).
-    /// What lets one purge remove every gone record below the oldest live one.
-    pub lower: u64,
 }
 
 /// Positions reserved by an append whose records may not be published yet, and when (wall
@@ -133,15 +129,7 @@ impl Meta {
     ///
     /// # Errors
     /// [`Error::QueueFull`] when they do not fit, with nothing changed.
-    /// `lower` is a stream sequence every new record's will be above (the meta's revision
-    /// being replaced).
-    pub fn reserve(
-        &mut self,
-        sizes: &[u32],
-        quota: &Quota,
-        now_ms: u64,
-        lower: u64,
-    ) -> Result<Reserved> {
+    pub fn reserve(&mut self, sizes: &[u32], quota: &Quota, now_ms: u64) -> Result<Reserved> {
         let adding = sizes.len() as u64;
         let adding_bytes: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
         let (mut messages, mut bytes) = self.live();
@@ -167,7 +155,6 @@ impl Meta {
             size,
             deliveries: 0,
             removed: false,
-            lower,
         }));
         if adding > 0 {
             self.reservations.push(Reservation {
@@ -207,18 +194,6 @@ impl Meta {
         slot.removed = true;
         self.compact();
         was
-    }
-
-    /// Every record gone from this queue (acked, dropped, passed over, closed) whose stream
-    /// sequence is at or below the returned one may be purged: each live record's is above
-    /// it. `revision` is this meta's own sequence, above every record reserved before it.
-    pub fn purge_bound(&self, revision: u64) -> u64 {
-        self.slots
-            .iter()
-            .filter(|slot| !slot.removed)
-            .map(|slot| slot.lower)
-            .min()
-            .unwrap_or(revision)
     }
 
     /// Counts one more hand-over for each listed position that holds a record.
@@ -291,16 +266,12 @@ impl Meta {
             }
         }
         put(&mut out, self.slots.len() as u64);
-        let mut lower = 0;
         for slot in &self.slots {
             put(
                 &mut out,
                 u64::from(slot.size) << 1 | u64::from(slot.removed),
             );
             put(&mut out, u64::from(slot.deliveries));
-            // Reservations are serialized, so `lower` never falls from one slot to the next.
-            put(&mut out, slot.lower - lower);
-            lower = slot.lower;
         }
         out
     }
@@ -333,19 +304,14 @@ impl Meta {
         }
         let count = input.len()?;
         let mut slots = VecDeque::with_capacity(count.min(1 << 16));
-        let mut lower = 0u64;
         for _ in 0..count {
             let packed = input.int()?;
             let size = u32::try_from(packed >> 1).map_err(|_| damaged("a size"))?;
             let deliveries = u32::try_from(input.int()?).map_err(|_| damaged("a count"))?;
-            lower = lower
-                .checked_add(input.int()?)
-                .ok_or_else(|| damaged("a sequence"))?;
             slots.push_back(Slot {
                 size,
                 removed: packed & 1 == 1,
                 deliveries,
-                lower,
             });
         }
         if !input.0.is_empty() || lost_confirmed > lost_total {
@@ -430,7 +396,7 @@ mod tests {
     #[test]
     fn positions_follow_the_base_and_acks_move_the_floor() {
         let mut meta = Meta::new(41);
-        let reserved = meta.reserve(&[1, 2, 3], &Quota::UNLIMITED, 5, 0).unwrap();
+        let reserved = meta.reserve(&[1, 2, 3], &Quota::UNLIMITED, 5).unwrap();
         assert_eq!(reserved.first, 42);
         assert_eq!((meta.next(), meta.live()), (45, (3, 6)));
         let acked = meta.ack(&Ack {
@@ -449,37 +415,34 @@ mod tests {
             ..Ack::default()
         });
         assert_eq!((meta.floor, meta.next(), meta.newest()), (44, 45, None));
-        assert_eq!(
-            meta.reserve(&[1], &Quota::UNLIMITED, 6, 0).unwrap().first,
-            45
-        );
+        assert_eq!(meta.reserve(&[1], &Quota::UNLIMITED, 6).unwrap().first, 45);
     }
 
     #[test]
     fn quotas_reject_whole_or_drop_the_oldest_as_lost() {
         let mut meta = Meta::new(0);
-        meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0, 0)
+        meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0)
             .unwrap();
         let before = meta.clone();
-        let full = meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0, 0);
+        let full = meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0);
         assert!(matches!(full, Err(Error::QueueFull { messages: 2, .. })));
-        let bytes = meta.reserve(&[90], &quota(3, Overflow::Reject), 0, 0);
+        let bytes = meta.reserve(&[90], &quota(3, Overflow::Reject), 0);
         assert!(matches!(bytes, Err(Error::QueueFull { bytes: 20, .. })));
         assert_eq!(meta, before, "nothing changed");
 
         let reserved = meta
-            .reserve(&[1, 1], &quota(3, Overflow::DropOldest), 0, 0)
+            .reserve(&[1, 1], &quota(3, Overflow::DropOldest), 0)
             .unwrap();
         assert_eq!(reserved.dropped, [1]);
         assert_eq!((meta.live(), meta.lost_total, meta.floor), ((3, 12), 1, 1));
-        let too_big = meta.reserve(&[1; 4], &quota(3, Overflow::DropOldest), 0, 0);
+        let too_big = meta.reserve(&[1; 4], &quota(3, Overflow::DropOldest), 0);
         assert!(matches!(too_big, Err(Error::QueueFull { .. })));
     }
 
     #[test]
     fn losses_are_confirmed_up_to_the_total_and_deliveries_counted() {
         let mut meta = Meta::new(7);
-        meta.reserve(&[1, 1, 1], &Quota::UNLIMITED, 0, 0).unwrap();
+        meta.reserve(&[1, 1, 1], &Quota::UNLIMITED, 0).unwrap();
         meta.mark_delivered(&[Seq(8), Seq(8), Seq(10), Seq(11)]);
         assert_eq!(meta.slot(8).unwrap().deliveries, 2);
         assert_eq!(meta.slot(9).unwrap().deliveries, 0);
@@ -497,7 +460,7 @@ mod tests {
     #[test]
     fn reservations_go_stale_and_abandoned_positions_close_without_a_loss() {
         let mut meta = Meta::new(0);
-        meta.reserve(&[1, 1], &Quota::UNLIMITED, 1_000, 0).unwrap();
+        meta.reserve(&[1, 1], &Quota::UNLIMITED, 1_000).unwrap();
         assert!(meta.reserved_since(2, 500));
         assert!(!meta.reserved_since(2, 1_001), "stale");
         assert!(!meta.reserved_since(3, 0), "not reserved");
@@ -509,40 +472,9 @@ mod tests {
     }
 
     #[test]
-    fn the_purge_bound_stays_below_every_live_record() {
-        let mut meta = Meta::new(10);
-        meta.reserve(&[1, 1], &Quota::UNLIMITED, 0, 10).unwrap();
-        meta.reserve(&[1], &Quota::UNLIMITED, 0, 20).unwrap();
-        assert_eq!(meta.purge_bound(30), 10, "the oldest live slot's");
-        meta.ack(&Ack {
-            through: Some(Seq(11)),
-            ..Ack::default()
-        });
-        assert_eq!(
-            meta.purge_bound(30),
-            10,
-            "position 12 is live, reserved at 10"
-        );
-        meta.ack(&Ack {
-            seqs: vec![Seq(12)],
-            ..Ack::default()
-        });
-        assert_eq!(meta.purge_bound(30), 20);
-        meta.ack(&Ack {
-            through: Some(Seq(13)),
-            ..Ack::default()
-        });
-        assert_eq!(
-            meta.purge_bound(30),
-            30,
-            "nothing live: the meta's own revision"
-        );
-    }
-
-    #[test]
     fn encoding_round_trips_and_damage_is_refused() {
         let mut meta = Meta::new(u64::MAX / 4);
-        meta.reserve(&[0, 70_000, u32::MAX], &Quota::UNLIMITED, 123, 1 << 40)
+        meta.reserve(&[0, 70_000, u32::MAX], &Quota::UNLIMITED, 123)
             .unwrap();
         meta.mark_delivered(&[Seq(u64::MAX / 4 + 2)]);
         meta.ack(&Ack {

@@ -188,10 +188,19 @@ impl NatsOptions {
             .await
             .map_err(|error| connect_error(url, error))?;
         let context = jetstream::new(client);
-        // Records and metas share a stream: a meta's sequence is then below the sequence of
-        // every record it reserves (see `Meta::purge_bound`).
+        // Metas apart from records: a meta is rewritten at every change, and the holes its
+        // old versions leave in a stream slow the server's purges of records (measured:
+        // 35,000 exact-subject purges a second beside no metas, 7,300 beside metas).
         let records = self
-            .open_stream(&context, &self.stream, &["r", "m"], self.max_age)
+            .open_stream(&context, &self.stream, &["r"], self.max_age)
+            .await?;
+        let meta = self
+            .open_stream(
+                &context,
+                &format!("{}_META", self.stream),
+                &["m"],
+                self.max_age,
+            )
             .await?;
         let dedup = self
             .open_stream(
@@ -207,6 +216,7 @@ impl NatsOptions {
                 runtime: tokio::runtime::Handle::current(),
                 removals: Arc::new(tokio::sync::Semaphore::new(REMOVALS)),
                 records,
+                meta,
                 dedup,
                 options: self,
             }),
@@ -348,6 +358,7 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     removals: Arc<tokio::sync::Semaphore>,
     records: Stream,
+    meta: Stream,
     dedup: Stream,
     options: NatsOptions,
 }
@@ -415,7 +426,7 @@ impl NatsStorage {
     async fn load(&self, key: &str) -> Result<Option<Loaded>> {
         match self
             .shared
-            .records
+            .meta
             .get_last_raw_message_by_subject(&self.meta_subject(key))
             .await
         {
@@ -576,27 +587,6 @@ impl NatsStorage {
         self.update(key, |meta| Ok(meta.abandon(position).then_some(())))
             .await?;
         Ok(())
-    }
-
-    /// Removes from the stream, in one purge, every record of this queue at or below the
-    /// meta's purge bound: all gone, none live. Best effort: a gone record left behind is
-    /// never read (the meta says it is gone), and a later purge or `max_age` removes it.
-    async fn discard(&self, key: &str, meta: &Meta, revision: u64) {
-        let bound = meta.purge_bound(revision);
-        if bound == 0 {
-            // The server reads a purge up to sequence 1 (or 0) as "no bound": everything.
-            return;
-        }
-        let purged = self
-            .shared
-            .records
-            .purge()
-            .filter(format!("{}.r.{key}.*", self.shared.options.prefix))
-            .sequence(bound + 1)
-            .await;
-        if let Err(error) = purged {
-            tracing::debug!(%error, "nats: removing gone records failed");
-        }
     }
 
     async fn publish_record(
@@ -847,10 +837,7 @@ impl Storage for NatsStorage {
         for _ in 0..CAS_ATTEMPTS {
             let Loaded { mut meta, revision } = self.load_or_new(&key).await?;
             meta.forget_reservations(self.stale_before_ms());
-            // Every record reserved now is published after this meta, whose sequence is
-            // above `revision` (or, for a new queue, above the stream's end: its floor).
-            let lower = if revision == 0 { meta.floor } else { revision };
-            let plan = meta.reserve(&sizes, quota, wall_ms(), lower)?;
+            let plan = meta.reserve(&sizes, quota, wall_ms())?;
             if self.store(&key, &meta, revision).await?.is_some() {
                 reserved = Some((plan, meta.live().0));
                 break;
@@ -1015,6 +1002,16 @@ impl Storage for NatsStorage {
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         let key = Self::key(recipient);
+        // Records published from here on belong to the next queue: the purge below stops
+        // before them. (One still in flight for the old queue lands at a position below the
+        // new floor: never read, and `max_age` removes it.)
+        let mut records = self.shared.records.clone();
+        let bound = records
+            .info()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?
+            .state
+            .last_sequence;
         // The meta stays, emptied, so the next queue's positions and loss total go on from
         // this one's.
         let removed = self
@@ -1039,10 +1036,20 @@ impl Storage for NatsStorage {
                 .await
                 .map_err(|error| Error::storage(Retry::Yes, error))?;
         }
-        let Some((messages, meta, revision)) = removed else {
+        let Some((messages, _, _)) = removed else {
             return Ok(0);
         };
-        self.discard(&key, &meta, revision).await;
+        // One purge by wildcard: it walks the subjects of the stream's blocks, fine for a
+        // call this rare. (Up to sequence 1 the server reads as "no bound": skip it.)
+        if bound > 0 {
+            self.shared
+                .records
+                .purge()
+                .filter(format!("{}.r.{key}.*", self.shared.options.prefix))
+                .sequence(bound + 1)
+                .await
+                .map_err(|error| Error::storage(Retry::Yes, error))?;
+        }
         Ok(messages)
     }
 }
