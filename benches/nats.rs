@@ -8,7 +8,9 @@
 //!   once. `read_for_delivery` in batches of 100 with the previous batch's cumulative ack (as a
 //!   session does) against the usual JetStream way: a durable pull consumer per recipient
 //!   (made before the messages came, as a subscription would be), `fetch` of up to 100, and an
-//!   ack of the last (`AckPolicy::All`).
+//!   ack of the last (`AckPolicy::All`). The storage removes acked records in the background:
+//!   `storage_read_for_delivery_and_removal` times the same drain until the records stream
+//!   is empty too.
 //!
 //! ```sh
 //! OFFLINE_QUEUE_NATS_URL=nats://127.0.0.1:4222 cargo bench --features nats --bench nats
@@ -261,6 +263,31 @@ fn drain(c: &mut Criterion) {
                     store_with_storage(&storage).await;
                     let start = Instant::now();
                     let got = drain_with_storage(&storage).await;
+                    total += start.elapsed();
+                    assert_eq!(got, MESSAGES);
+                    delete(&url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    // The same drain, timed until the acked records have also left the stream (the storage
+    // removes them in the background, behind the acks).
+    group.bench_function("storage_read_for_delivery_and_removal", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = storage(&url, &name).await;
+                    store_with_storage(&storage).await;
+                    let mut records = context.get_stream(&name).await.unwrap();
+                    let start = Instant::now();
+                    let got = drain_with_storage(&storage).await;
+                    while records.info().await.unwrap().state.messages > 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
                     delete(&url, &name).await;
