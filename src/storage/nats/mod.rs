@@ -1,5 +1,21 @@
 //! [`NatsStorage`]: queues in NATS JetStream (feature `nats`), shared by every node that
-//! connects to the same server or cluster.
+//! connects to the same server or cluster. Pair it with
+//! [`NatsCoordination`](crate::NatsCoordination) so nodes wake each other:
+//!
+//! ```no_run
+//! # async fn run() -> offline_queue::Result<()> {
+//! use std::sync::Arc;
+//! use offline_queue::{NatsCoordination, NatsStorage, OfflineQueue};
+//!
+//! let url = "nats://127.0.0.1:4222";
+//! let queue = OfflineQueue::builder()
+//!     .storage(Arc::new(NatsStorage::connect(url).await?))
+//!     .coordination(Arc::new(NatsCoordination::connect(url).await?))
+//!     .build()?;
+//! tokio::spawn(queue.wakeup_listener());
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Layout
 //! Three streams, named after [`NatsOptions::stream`] (`OFFLINE_QUEUE` by default), subjects
@@ -16,8 +32,24 @@
 //!   conflict. Positions, quotas, overflow, acks, delivery counts and losses are each decided
 //!   on this value and written in one publish, so they are atomic per recipient across every
 //!   node.
+//!   Metas live apart from records because each change rewrites one, and the holes the old
+//!   versions leave slow the server's purges of records fivefold (measured on 2.9.10: 35,000
+//!   purges of exact subjects a second in a stream of records alone, 7,300 beside metas).
 //! - `OFFLINE_QUEUE_DEDUP`, subjects `oq.d.<hex>.<message id>`: one entry per sender-chosen id,
-//!   holding its position and send time, kept [`NatsOptions::dedup_window`].
+//!   holding its position and when it was appended, kept [`NatsOptions::dedup_window`].
+//!
+//! Nothing is kept per recipient on the server but these messages: no consumer, no
+//! subscription. An offline recipient costs its records and one meta.
+//!
+//! # A session's read
+//! One step: read the meta; apply the client's ack to it; fetch the next records by direct
+//! gets of their subjects (64 at a time); count their deliveries; write the meta back once.
+//! The records the ack took are queued for removal and purged in the background, one purge
+//! of an exact subject each, 64 in flight (a purge by wildcard walks every subject of the
+//! stream's blocks: 5 ms each on 10,000 records). On 2.9 a removal costs the server about as
+//! much as a read, so the session never waits for one; a gone record not yet removed is
+//! never read, and at most 65,536 wait per node (past that, acks wait for room). What a node
+//! that stops leaves queued, the stream's `max_age` removes.
 //!
 //! # An append
 //! 1. Reads the meta and the dedup entries of its sender-chosen ids (an id seen within
