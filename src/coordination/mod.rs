@@ -51,8 +51,9 @@ pub trait Coordination: Send + Sync + 'static {
     fn wakeups(&self) -> BoxStream<'static, RecipientId>;
 
     /// This node now holds, or no longer holds, a session for `recipient`. Called by the
-    /// engine on connect and when a session ends; must not block (queue the change for a task
-    /// of your own).
+    /// engine on connect and when a session ends, in the order they happened (under the
+    /// engine's session lock): must not block, nor call back into the engine (queue the
+    /// change for a task of your own).
     fn presence(&self, recipient: &RecipientId, presence: Presence);
 
     /// `recipient` got new messages: wakes the nodes that hold a session for it. Returns true

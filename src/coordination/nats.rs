@@ -368,11 +368,17 @@ async fn hold(
     listeners: Listeners,
     recipient: RecipientId,
 ) {
-    let mut requests = match client.subscribe(subject).await {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            tracing::warn!(%recipient, %error, "nats coordination could not subscribe");
-            return;
+    // Held until the session ends (which aborts this task): a failed subscribe is tried
+    // again, or other nodes would take the recipient for offline.
+    let mut backoff = Duration::from_millis(50);
+    let mut requests = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(subscriber) => break subscriber,
+            Err(error) => {
+                tracing::warn!(%recipient, %error, "nats coordination could not subscribe; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     };
     // Comes back once the server has the subscription (see [`NatsCoordination`]).

@@ -698,18 +698,21 @@ impl OfflineQueue {
     pub fn connect(&self, recipient: RecipientId, transport: impl Transport) -> Session {
         let id = self.inner.next_session_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(SessionShared::new(id));
-        let previous = self
-            .inner
-            .sessions
-            .lock()
-            .insert(recipient.clone(), shared.clone());
+        let previous = {
+            let mut sessions = self.inner.sessions.lock();
+            let previous = sessions.insert(recipient.clone(), shared.clone());
+            // Told under the map's lock, as a session's end is: the coordination hears
+            // connects and ends in the order the map saw them, so an end racing this connect
+            // cannot undo it.
+            self.inner
+                .coordination
+                .presence(&recipient, Presence::Connected);
+            previous
+        };
         if let Some(previous) = previous {
             previous.displace();
         }
         self.inner.nudges.lock().on_connect(&recipient);
-        self.inner
-            .coordination
-            .presence(&recipient, Presence::Connected);
         tracing::debug!(%recipient, session = id, "connected");
         Session::new(self.inner.clone(), recipient, shared, Arc::new(transport))
     }

@@ -204,6 +204,11 @@ impl Drop for Registration {
             .is_some_and(|s| s.id == self.shared.id);
         if current {
             sessions.remove(&self.recipient);
+            // Under the map's lock (see `OfflineQueue::connect`): a connect that follows
+            // this end is told after it.
+            self.inner
+                .coordination
+                .presence(&self.recipient, Presence::Disconnected);
             // After a connect storm drains away, give the map's room back (it keeps its
             // capacity when emptied); halving at a quarter full keeps this amortized O(1).
             if sessions.capacity() > 1024 && sessions.len() < sessions.capacity() / 4 {
@@ -213,9 +218,6 @@ impl Drop for Registration {
         }
         drop(sessions);
         if current {
-            self.inner
-                .coordination
-                .presence(&self.recipient, Presence::Disconnected);
             self.inner.session_ended_pending(&self.recipient);
         }
     }

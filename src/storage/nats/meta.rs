@@ -11,6 +11,13 @@ use crate::message::Seq;
 
 /// The layout's version, the first byte of every meta value.
 const VERSION: u8 = 1;
+/// Above any position, count or total a real queue reaches; a meta claiming more is damaged
+/// (and arithmetic on it could overflow).
+const LIMIT: u64 = 1 << 62;
+/// Reservations made within this long of the last one extend it rather than add one, so a
+/// burst of appends to one recipient keeps the list short (at most one entry a second within
+/// the stale window).
+const MERGE_MS: u64 = 1_000;
 // Layout 1: version, floor, lost total, lost confirmed, reservations (first, count, ms), then
 // per slot: size << 1 | removed, deliveries. Numbers are LEB128.
 
@@ -156,12 +163,21 @@ impl Meta {
             deliveries: 0,
             removed: false,
         }));
-        if adding > 0 {
-            self.reservations.push(Reservation {
+        match self.reservations.last_mut() {
+            _ if adding == 0 => {}
+            // Dated by its first reservation: a merged position goes stale at most
+            // `MERGE_MS` early, never late.
+            Some(last)
+                if last.first + last.count == first
+                    && now_ms.saturating_sub(last.at_ms) < MERGE_MS =>
+            {
+                last.count += adding;
+            }
+            _ => self.reservations.push(Reservation {
                 first,
                 count: adding,
                 at_ms: now_ms,
-            });
+            }),
         }
         self.compact();
         Ok(Reserved { first, dropped })
@@ -175,23 +191,30 @@ impl Meta {
             .retain(|r| r.at_ms >= stale_before_ms && r.first + r.count > floor + 1);
     }
 
-    /// True if `position` is in a reservation made at or after `stale_before_ms`: its
-    /// appender may still publish it.
-    pub fn reserved_since(&self, position: u64, stale_before_ms: u64) -> bool {
-        self.reservations.iter().any(|r| {
-            r.at_ms >= stale_before_ms && position >= r.first && position < r.first + r.count
-        })
+    /// When the reservation holding `position` was made (wall clock, ms), if one still
+    /// does: until it is stale its appender may still publish the record.
+    pub fn reserved_at(&self, position: u64) -> Option<u64> {
+        self.reservations
+            .iter()
+            .filter(|r| position >= r.first && position < r.first + r.count)
+            .map(|r| r.at_ms)
+            .max()
     }
 
-    /// A reservation whose record will never be published (a tombstone holds its place):
-    /// the position is closed without counting a loss (its send did not succeed). False if
-    /// it held nothing any more.
-    pub fn abandon(&mut self, position: u64) -> bool {
+    /// A position that will never hold a record (a tombstone holds its place), closed.
+    /// `lost`: counted as a loss, for a position a reader closed, which may have held a
+    /// record the server since removed (an append that failed is then over-counted, as the
+    /// contract allows); not for a record that gave way to its duplicate. False if it held
+    /// nothing any more.
+    pub fn abandon(&mut self, position: u64, lost: bool) -> bool {
         let Some(slot) = self.slot_mut(position) else {
             return false;
         };
         let was = !slot.removed;
         slot.removed = true;
+        if was && lost {
+            self.lost_total += 1;
+        }
         self.compact();
         was
     }
@@ -293,14 +316,21 @@ impl Meta {
             }
         }
         let (floor, lost_total, lost_confirmed) = (input.int()?, input.int()?, input.int()?);
+        if floor > LIMIT || lost_total > LIMIT {
+            return Err(damaged("its counters"));
+        }
         let count = input.len()?;
         let mut reservations = Vec::with_capacity(count.min(1024));
         for _ in 0..count {
-            reservations.push(Reservation {
+            let reservation = Reservation {
                 first: input.int()?,
                 count: input.int()?,
                 at_ms: input.int()?,
-            });
+            };
+            if reservation.first > LIMIT || reservation.count > LIMIT {
+                return Err(damaged("a reservation"));
+            }
+            reservations.push(reservation);
         }
         let count = input.len()?;
         let mut slots = VecDeque::with_capacity(count.min(1 << 16));
@@ -461,13 +491,23 @@ mod tests {
     fn reservations_go_stale_and_abandoned_positions_close_without_a_loss() {
         let mut meta = Meta::new(0);
         meta.reserve(&[1, 1], &Quota::UNLIMITED, 1_000).unwrap();
-        assert!(meta.reserved_since(2, 500));
-        assert!(!meta.reserved_since(2, 1_001), "stale");
-        assert!(!meta.reserved_since(3, 0), "not reserved");
-        assert!(meta.abandon(1));
-        assert!(!meta.abandon(1));
-        assert_eq!((meta.floor, meta.lost_total, meta.live()), (1, 0, (1, 1)));
-        meta.forget_reservations(1_001);
+        assert_eq!(meta.reserved_at(2), Some(1_000));
+        assert_eq!(meta.reserved_at(3), None, "not reserved");
+        meta.reserve(&[1], &Quota::UNLIMITED, 1_500).unwrap();
+        meta.reserve(&[1], &Quota::UNLIMITED, 2_500).unwrap();
+        assert_eq!(
+            meta.reservations.len(),
+            2,
+            "within a second: one reservation"
+        );
+        assert_eq!(meta.reserved_at(3), Some(1_000), "dated by its first");
+        assert_eq!(meta.reserved_at(4), Some(2_500));
+        assert!(meta.abandon(1, false));
+        assert!(!meta.abandon(1, true));
+        assert_eq!((meta.floor, meta.lost_total, meta.live()), (1, 0, (3, 3)));
+        assert!(meta.abandon(3, true), "closed by a reader: lost");
+        assert_eq!((meta.lost_total, meta.live()), (1, (2, 2)));
+        meta.forget_reservations(2_501);
         assert!(meta.reservations.is_empty());
     }
 
@@ -493,5 +533,13 @@ mod tests {
         let mut longer = bytes;
         longer.push(0);
         assert!(Meta::decode(&longer).is_err());
+        // Counters no queue reaches are damage, not arithmetic to overflow on.
+        let mut huge = vec![VERSION];
+        put(&mut huge, u64::MAX);
+        put(&mut huge, 0);
+        put(&mut huge, 0);
+        put(&mut huge, 0);
+        put(&mut huge, 0);
+        assert!(Meta::decode(&huge).is_err());
     }
 }

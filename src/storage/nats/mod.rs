@@ -86,6 +86,15 @@
 //! acknowledged, a power cut may lose the last interval. With three replicas
 //! ([`NatsOptions::replicas`]) a message is acked once a majority holds it.
 //! [`Capabilities::durable`] is true.
+//!
+//! **With more than one replica, a window in the compare-and-set.** A cluster checks
+//! `Nats-Expected-Last-Subject-Sequence` on the stream's leader before it replicates the
+//! message, not when each replica applies it: on 2.9.15 to 2.9.20 two concurrent publishes
+//! could both pass (nats-server issue 4320), and the leader's record of checks in flight is
+//! lost when leadership moves (issue 8469). Two nodes changing the same queue in that instant
+//! may both succeed, and one change is lost (a reservation, an ack). One replica has no such
+//! window: use it where that matters more than surviving a server's loss. A storage built
+//! with more replicas logs this at connect.
 
 mod meta;
 
@@ -95,6 +104,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{Publish, PublishErrorKind};
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
     Config, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType, Stream,
 };
@@ -221,6 +231,14 @@ impl NatsOptions {
             .connect(servers(url))
             .await
             .map_err(|error| connect_error(url, error))?;
+        if self.replicas > 1 {
+            tracing::warn!(
+                server = %client.server_info().version,
+                replicas = self.replicas,
+                "nats: with more than one replica, two nodes changing one queue at the same \
+                 instant may both win its compare-and-set (see NatsStorage's docs)"
+            );
+        }
         let context = jetstream::new(client);
         // Metas apart from records: a meta is rewritten at every change, and the holes its
         // old versions leave in a stream slow the server's purges of records (measured:
@@ -557,6 +575,7 @@ impl NatsStorage {
         }
     }
 
+    /// The record at `position`, by direct get (any replica may answer).
     async fn get_record(&self, key: &str, position: u64) -> Result<Found> {
         let subject = self.record_subject(key, position);
         let message = match self
@@ -571,30 +590,87 @@ impl NatsStorage {
             }
             Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
-        let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
-        if header(GONE).is_some() {
-            return Ok(Found::Gone);
-        }
-        let number = |name: &str| header(name).and_then(|value| value.parse::<u64>().ok());
-        let (Some(id), Some(sent_at)) = (
-            header(ID).and_then(|id| MessageId::parse_hex(id).ok()),
-            number(SENT),
-        ) else {
-            return Err(Error::storage_msg(
-                Retry::No,
-                format!("nats: the record at {subject} lacks its headers; left untouched"),
-            ));
-        };
-        Ok(Found::Record(StoredRecord {
-            seq: Seq(position),
-            id,
-            sent_at: Timestamp::from_millis(sent_at),
-            expires_at: number(EXPIRES).map(Timestamp::from_millis),
-            delivery_count: 0,
-            body: message.payload,
-        }))
+        found(&subject, position, message)
     }
 
+    /// The record at `position`, asked of the stream's leader (a follower may lag).
+    async fn get_record_from_leader(&self, key: &str, position: u64) -> Result<Found> {
+        let subject = self.record_subject(key, position);
+        let message = match self
+            .shared
+            .records
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(message) => message,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Found::Missing);
+            }
+            Err(error) => return Err(Error::storage(Retry::Yes, error)),
+        };
+        found(&subject, position, message)
+    }
+
+    /// A position the meta holds whose record a read did not find: its appender may still
+    /// publish it (a reservation younger than `stale_reservation`), or the replica that
+    /// answered lags. Asks the leader again, more slowly each time, until the record shows
+    /// or the reservation is stale; then closes the position with a tombstone (which loses
+    /// to a record that lands first). Returns what is there, and whether this call closed
+    /// it. Waiting here, not returning early, is what keeps the session from stopping at a
+    /// hole that no wake-up will ever announce.
+    async fn await_missing(&self, key: &str, meta: &Meta, position: u64) -> Result<(Found, bool)> {
+        let stale =
+            u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        let due = meta
+            .reserved_at(position)
+            .map_or(0, |at| at.saturating_add(stale));
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let found = self.get_record_from_leader(key, position).await?;
+            if !matches!(found, Found::Missing) {
+                return Ok((found, false));
+            }
+            let now = wall_ms();
+            if now >= due {
+                if self.close(key, position).await? {
+                    return Ok((Found::Gone, true));
+                }
+                // A record landed first: the next look finds it.
+                continue;
+            }
+            tokio::time::sleep(pause.min(Duration::from_millis(due - now))).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A record, or a tombstone, from the message read at `subject`.
+fn found(subject: &str, position: u64, message: StreamMessage) -> Result<Found> {
+    let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
+    if header(GONE).is_some() {
+        return Ok(Found::Gone);
+    }
+    let number = |name: &str| header(name).and_then(|value| value.parse::<u64>().ok());
+    let (Some(id), Some(sent_at)) = (
+        header(ID).and_then(|id| MessageId::parse_hex(id).ok()),
+        number(SENT),
+    ) else {
+        return Err(Error::storage_msg(
+            Retry::No,
+            format!("nats: the record at {subject} lacks its headers; left untouched"),
+        ));
+    };
+    Ok(Found::Record(StoredRecord {
+        seq: Seq(position),
+        id,
+        sent_at: Timestamp::from_millis(sent_at),
+        expires_at: number(EXPIRES).map(Timestamp::from_millis),
+        delivery_count: 0,
+        body: message.payload,
+    }))
+}
+
+impl NatsStorage {
     /// Closes `position` with a tombstone, expecting it empty. True if the tombstone went in
     /// (the position's record will never be stored); false if a record is there.
     async fn close(&self, key: &str, position: u64) -> Result<bool> {
@@ -617,9 +693,9 @@ impl NatsStorage {
         Ok(closed.is_some())
     }
 
-    /// Marks `position` as holding nothing in the meta (no loss counted).
-    async fn abandon(&self, key: &str, position: u64) -> Result<()> {
-        self.update(key, |meta| Ok(meta.abandon(position).then_some(())))
+    /// Marks `position` as holding nothing in the meta (`lost`: see [`Meta::abandon`]).
+    async fn abandon(&self, key: &str, position: u64, lost: bool) -> Result<()> {
+        self.update(key, |meta| Ok(meta.abandon(position, lost).then_some(())))
             .await?;
         Ok(())
     }
@@ -697,7 +773,6 @@ impl NatsStorage {
             ..ReadBatch::default()
         };
         let start = after.map_or(0, |after| after.0.saturating_add(1));
-        let stale_before = self.stale_before_ms();
         let candidates: Vec<(u64, u32)> = meta
             .live_from(start)
             .map(|(position, slot)| (position, slot.deliveries))
@@ -712,25 +787,17 @@ impl NatsStorage {
         let mut closed = false;
         while let Some((position, deliveries, found)) = gets.next().await {
             let mut found = found?;
+            let mut closed_here = false;
             if matches!(found, Found::Missing) {
-                if meta.reserved_since(position, stale_before) {
-                    // Its appender may still publish it: read on at the next wake-up.
-                    break;
-                }
-                if self.close(&key, position).await? {
-                    found = Found::Gone;
-                } else {
-                    found = self.get_record(&key, position).await?;
-                }
+                (found, closed_here) = self.await_missing(&key, &meta, position).await?;
             }
             let mut record = match found {
                 Found::Record(record) => record,
-                Found::Gone => {
-                    self.abandon(&key, position).await?;
+                Found::Gone | Found::Missing => {
+                    self.abandon(&key, position, closed_here).await?;
                     closed = true;
                     continue;
                 }
-                Found::Missing => break,
             };
             if record
                 .expires_at
@@ -899,20 +966,36 @@ impl Storage for NatsStorage {
         }
         for (&i, &entry) in &expected {
             let position = positions[&i];
-            if self.claim(&key, &records[i], position, entry, now).await? {
+            let mut expected_entry = entry;
+            let (mut claimed, mut winner) = (false, None);
+            for _ in 0..CAS_ATTEMPTS {
+                if self
+                    .claim(&key, &records[i], position, expected_entry, now)
+                    .await?
+                {
+                    claimed = true;
+                    break;
+                }
+                // Another append claimed the id first; unless its entry is gone again
+                // (the recipient was removed), ours gives way to it.
+                match self.dedup_entry(&key, records[i].id).await? {
+                    Some(entry) if entry.sent_at.saturating_add(window) > now.as_millis() => {
+                        winner = Some(entry);
+                        break;
+                    }
+                    entry => expected_entry = entry.map_or(0, |e| e.sequence),
+                }
+            }
+            if claimed {
                 outcome[i] = Some(Appended::Stored(Seq(position)));
                 continue;
             }
-            // Another append claimed the id first: ours gives way to it.
-            let winner = self
-                .dedup_entry(&key, records[i].id)
-                .await?
-                .ok_or_else(|| {
-                    Error::storage_msg(Retry::Yes, "nats: a dedup claim vanished; retry the send")
-                })?;
+            let Some(winner) = winner else {
+                return Err(contended());
+            };
             outcome[i] = Some(Appended::Duplicate(Seq(winner.position)));
             self.close_over(&key, position, sequences[&i]).await?;
-            self.abandon(&key, position).await?;
+            self.abandon(&key, position, false).await?;
             pending = pending.saturating_sub(1);
         }
         for &i in &to_store {
@@ -1138,4 +1221,87 @@ fn contended() -> Error {
 
 fn invalid(field: &'static str, reason: String) -> Error {
     Error::InvalidConfig { field, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageExt;
+
+    fn url() -> Option<String> {
+        let url = std::env::var("OFFLINE_QUEUE_NATS_URL").ok();
+        if url.is_none() {
+            assert_ne!(
+                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref(),
+                Ok("1"),
+                "OFFLINE_QUEUE_NATS_URL is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
+            );
+            eprintln!("skipped: OFFLINE_QUEUE_NATS_URL is not set");
+        }
+        url
+    }
+
+    fn record(body: &[u8]) -> NewRecord {
+        NewRecord {
+            id: MessageId::generate(),
+            dedup: false,
+            sent_at: Timestamp::from_millis(1),
+            expires_at: None,
+            body: body.to_vec(),
+        }
+    }
+
+    /// An appender that reserved a position and never published it (it died) leaves a hole.
+    /// A read waits at it while the reservation is fresh, then closes it, counts it lost,
+    /// and reads on: the record behind it is delivered, not held until some later wake-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_waits_out_a_dead_appenders_hole_and_reads_on() {
+        let Some(url) = url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .stale_reservation(Duration::from_secs(1))
+            .connect(&url)
+            .await
+            .unwrap();
+        let bob = RecipientId::new("bob").unwrap();
+        let key = NatsStorage::key(&bob);
+        let now = Timestamp::from_millis(1);
+        // The dead appender: a reservation, written, and no record.
+        let Loaded { mut meta, revision } = storage.load_or_new(&key).await.unwrap();
+        let hole = meta
+            .reserve(&[5], &Quota::UNLIMITED, wall_ms())
+            .unwrap()
+            .first;
+        assert!(
+            storage
+                .store(&key, &meta, revision)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let behind = storage
+            .append_one(&bob, record(b"after"), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+        assert_eq!(behind.record, Appended::Stored(Seq(hole + 1)));
+
+        let read = storage.read_all(&bob, now).await.unwrap();
+        assert_eq!(read.len(), 1, "the record behind the hole is read");
+        assert_eq!(&read[0].body[..], b"after");
+        let stats = storage.stats(&bob).await.unwrap();
+        assert_eq!(
+            (stats.messages, stats.lost),
+            (1, 1),
+            "the hole counts as lost"
+        );
+
+        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
 }
