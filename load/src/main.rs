@@ -52,8 +52,9 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     in_flight: usize,
     /// What to run, comma separated, in this order: `chat:redb`, `chat:memory`,
-    /// `chat:redis://host:port`, `chat:postgres://..`, `mosquitto`, `nats`; and two ways a
-    /// storage backend inside a server could read a recipient's backlog from JetStream without
+    /// `chat:redis://host:port`, `chat:postgres://..`, `chat:nats://..` (a chat_server built
+    /// with `--features nats`), `mosquitto`, `nats`; and two ways a storage backend inside a
+    /// server could read a recipient's backlog from JetStream without
     /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
     /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
     /// filtered to the subject); both ack by purging the subject through the last message.
@@ -315,6 +316,7 @@ mod chat {
                 "--no-login",
             ])
             .args(["--redis-prefix", &prefix, "--postgres-schema", &prefix])
+            .args(["--nats-stream", &prefix])
             .env("CHAT_AUTH_SECRET", SECRET)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
