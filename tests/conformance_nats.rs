@@ -99,3 +99,65 @@ async fn acked_records_leave_the_stream() {
     }
     nats_support::delete(&url, &[name]).await;
 }
+
+/// Two nodes on one queue: each appends from the meta it last saw, so each must notice what
+/// the other changed. Seqs keep rising across both, nothing is lost, and room made by acks
+/// on one node is seen by the other's next append rather than refused as full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_queue_see_each_others_changes() {
+    use offline_queue::storage::{Appended, NewRecord};
+    use offline_queue::{Error, MessageId, Quota, RecipientId, Seq, Timestamp};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let (a, b) = (
+        nats_support::connect(&url, &name).await,
+        nats_support::connect(&url, &name).await,
+    );
+    let now = Timestamp::now_system();
+    let bob = RecipientId::new("bob").unwrap();
+    let quota = Quota {
+        max_messages: 3,
+        ..Quota::UNLIMITED
+    };
+    let record = |body: u8| NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: now,
+        expires_at: None,
+        body: vec![body],
+    };
+    let stored = |outcome: Result<offline_queue::storage::AppendOneOutcome, Error>| match outcome
+        .unwrap()
+        .record
+    {
+        Appended::Stored(seq) => seq,
+        other => panic!("expected a store, got {other:?}"),
+    };
+    let mut seqs: Vec<Seq> = Vec::new();
+    for (i, node) in [&a, &b, &a].into_iter().enumerate() {
+        seqs.push(stored(
+            node.append_one(&bob, record(i as u8), &quota, now).await,
+        ));
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let full = a.append_one(&bob, record(9), &quota, now).await;
+    assert!(matches!(full, Err(Error::QueueFull { .. })), "{full:?}");
+    // B makes room; A, whose last meta says full, must store.
+    assert_eq!(b.ack_through(&bob, seqs[1], now).await.unwrap(), 2);
+    for body in [3, 4] {
+        seqs.push(stored(a.append_one(&bob, record(body), &quota, now).await));
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let bodies: Vec<u8> = b
+        .read_all(&bob, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.body[0])
+        .collect();
+    assert_eq!(bodies, [2, 3, 4]);
+    nats_support::delete(&url, &[name]).await;
+}

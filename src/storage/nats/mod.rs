@@ -141,6 +141,10 @@ const READ_AHEAD: usize = 64;
 const REMOVALS_QUEUED: usize = 65_536;
 /// Removal requests in flight at once, per storage.
 const REMOVALS_IN_FLIGHT: usize = 64;
+/// Queues whose meta a node keeps for its appends (emptied when full), and the longest meta
+/// kept (in slots): at most about 12 MiB.
+const META_CACHE: usize = 1_024;
+const META_CACHE_SLOTS: usize = 1_024;
 
 /// Settings for [`NatsStorage`]; from [`NatsStorage::options`].
 #[derive(Clone, Debug)]
@@ -267,6 +271,7 @@ impl NatsOptions {
         Ok(NatsStorage {
             shared: Arc::new(Shared {
                 context,
+                metas: parking_lot::Mutex::new(HashMap::new()),
                 removals,
                 records,
                 meta,
@@ -408,6 +413,8 @@ pub struct NatsStorage {
 
 struct Shared {
     context: Context,
+    /// The metas this node last saw, by queue key, for appends ([`NatsStorage::cached`]).
+    metas: parking_lot::Mutex<HashMap<String, Loaded>>,
     /// Subjects of gone records, for [`remove_in_background`].
     removals: tokio::sync::mpsc::Sender<String>,
     records: Stream,
@@ -483,10 +490,14 @@ impl NatsStorage {
             .get_last_raw_message_by_subject(&self.meta_subject(key))
             .await
         {
-            Ok(message) => Ok(Some(Loaded {
-                meta: Meta::decode(&message.payload)?,
-                revision: message.sequence,
-            })),
+            Ok(message) => {
+                let meta = Meta::decode(&message.payload)?;
+                self.remember(key, &meta, message.sequence);
+                Ok(Some(Loaded {
+                    meta,
+                    revision: message.sequence,
+                }))
+            }
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => Err(Error::storage(Retry::Yes, error)),
         }
@@ -516,7 +527,44 @@ impl NatsStorage {
         let publish = Publish::build()
             .payload(Bytes::from(meta.encode()))
             .expected_last_subject_sequence(revision);
-        publish_ack(&self.shared.context, self.meta_subject(key), publish).await
+        let written = publish_ack(&self.shared.context, self.meta_subject(key), publish).await?;
+        if let Some(revision) = written {
+            self.remember(key, meta, revision);
+        }
+        Ok(written)
+    }
+
+    /// Keeps the meta this node last read or wrote for `key`, for appends to start from
+    /// without reading it (see [`NatsStorage::cached`]).
+    fn remember(&self, key: &str, meta: &Meta, revision: u64) {
+        let mut cache = self.shared.metas.lock();
+        if meta.slots.len() > META_CACHE_SLOTS {
+            // A deep queue's meta is large to copy and keep; its appends read it.
+            cache.remove(key);
+            return;
+        }
+        if cache.len() >= META_CACHE && !cache.contains_key(key) {
+            // Cheaper than an order kept per use, and only ever costs one read per queue.
+            cache.clear();
+        }
+        cache.insert(
+            key.to_owned(),
+            Loaded {
+                meta: meta.clone(),
+                revision,
+            },
+        );
+    }
+
+    /// The meta this node last saw for `key`. Only an append starts from it: its
+    /// compare-and-set fails if another node changed the queue since, and it then reads the
+    /// meta. A read never does, since a stale meta would hide records that no later wake-up
+    /// announces.
+    fn cached(&self, key: &str) -> Option<Loaded> {
+        self.shared.metas.lock().get(key).map(|loaded| Loaded {
+            meta: loaded.meta.clone(),
+            revision: loaded.revision,
+        })
     }
 
     /// Loads, changes and stores the meta until the store wins; `change` returns `None` to
@@ -926,10 +974,20 @@ impl Storage for NatsStorage {
             })
             .collect::<Result<Vec<u32>>>()?;
         let mut reserved = None;
+        let mut cached = self.cached(&key);
         for _ in 0..CAS_ATTEMPTS {
-            let Loaded { mut meta, revision } = self.load_or_new(&key).await?;
+            let from_cache = cached.is_some();
+            let Loaded { mut meta, revision } = match cached.take() {
+                Some(loaded) => loaded,
+                None => self.load_or_new(&key).await?,
+            };
             meta.forget_reservations(self.stale_before_ms());
-            let plan = meta.reserve(&sizes, quota, wall_ms())?;
+            let plan = match meta.reserve(&sizes, quota, wall_ms()) {
+                Ok(plan) => plan,
+                // Acks elsewhere may have made room: only a meta just read says "full".
+                Err(_) if from_cache => continue,
+                Err(error) => return Err(error),
+            };
             if self.store(&key, &meta, revision).await?.is_some() {
                 reserved = Some((plan, meta.live().0));
                 break;
