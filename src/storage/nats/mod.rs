@@ -61,12 +61,16 @@
 //!    claimed it meanwhile, its record replaces ours (a tombstone over our position) and the
 //!    append reports the duplicate.
 //!
-//! Three round trips for a send without an id. A reservation whose records are not yet
-//! published is visible to readers as a position with nothing in it: a reader stops there and
-//! reads on at the next wake-up, unless the reservation is older than
-//! [`NatsOptions::stale_reservation`] (its appender died or gave up): then the reader
-//! publishes a tombstone there, expecting the position empty, so exactly one of the record and
-//! the tombstone is ever stored. An appender that loses that race fails its send (retryable).
+//! Two round trips for a send without an id when this node's last view of the queue's meta
+//! is current (it keeps those of 1,024 queues; a conflict reads the meta and tries again),
+//! three otherwise. A reservation whose records are not yet published is a position with
+//! nothing in it: a reader waits there, asking the stream's leader, until the record shows
+//! or the reservation is older than [`NatsOptions::stale_reservation`] (its appender died or
+//! gave up). Then the reader publishes a tombstone there, expecting the position empty, so
+//! exactly one of record and tombstone is ever stored, and counts the position as lost (an
+//! append that failed is over-counted, as the contract allows). An appender that loses that
+//! race fails its send (retryable). Waiting, not stopping, matters: no wake-up would come
+//! for the records behind a dead appender's hole.
 //!
 //! # What this backend does not do
 //! - **Expiry and idle removal by the engine's clock** ([`Capabilities::purge_expired`],
