@@ -418,7 +418,7 @@ pub struct NatsStorage {
 struct Shared {
     context: Context,
     /// The metas this node last saw, by queue key, for appends ([`NatsStorage::cached`]).
-    metas: parking_lot::Mutex<HashMap<String, Loaded>>,
+    metas: parking_lot::Mutex<HashMap<String, CachedMeta>>,
     /// Subjects of gone records, for [`remove_in_background`].
     removals: tokio::sync::mpsc::Sender<String>,
     records: Stream,
@@ -439,6 +439,13 @@ impl std::fmt::Debug for NatsStorage {
 struct Loaded {
     meta: Meta,
     revision: u64,
+}
+
+/// What a node keeps of one queue's meta for its appends.
+struct CachedMeta {
+    loaded: Option<Loaded>,
+    /// Until then (wall clock, ms) appends read the meta: the queue saw a conflict.
+    quiet_from_ms: u64,
 }
 
 /// A dedup entry: the original's position and when it was appended (engine ms), and the
@@ -551,24 +558,44 @@ impl NatsStorage {
             // Cheaper than an order kept per use, and only ever costs one read per queue.
             cache.clear();
         }
-        cache.insert(
-            key.to_owned(),
-            Loaded {
-                meta: meta.clone(),
-                revision,
-            },
-        );
+        let entry = cache.entry(key.to_owned()).or_insert(CachedMeta {
+            loaded: None,
+            quiet_from_ms: 0,
+        });
+        entry.loaded = Some(Loaded {
+            meta: meta.clone(),
+            revision,
+        });
     }
 
     /// The meta this node last saw for `key`. Only an append starts from it: its
     /// compare-and-set fails if another node changed the queue since, and it then reads the
     /// meta. A read never does, since a stale meta would hide records that no later wake-up
-    /// announces.
+    /// announces. Not for a queue that saw a conflict in the last second
+    /// ([`NatsStorage::contended`]).
     fn cached(&self, key: &str) -> Option<Loaded> {
-        self.shared.metas.lock().get(key).map(|loaded| Loaded {
+        let cache = self.shared.metas.lock();
+        let entry = cache.get(key)?;
+        if wall_ms() < entry.quiet_from_ms {
+            return None;
+        }
+        entry.loaded.as_ref().map(|loaded| Loaded {
             meta: loaded.meta.clone(),
             revision: loaded.revision,
         })
+    }
+
+    /// A compare-and-set on `key` lost: for a second, its appends read the meta first. Under
+    /// contention the last winner's own view is always current, so starting from it would
+    /// let one appender win every round and starve the rest.
+    fn contended(&self, key: &str) {
+        let mut cache = self.shared.metas.lock();
+        let entry = cache.entry(key.to_owned()).or_insert(CachedMeta {
+            loaded: None,
+            quiet_from_ms: 0,
+        });
+        entry.loaded = None;
+        entry.quiet_from_ms = wall_ms().saturating_add(1_000);
     }
 
     /// Loads, changes and stores the meta until the store wins; `change` returns `None` to
@@ -996,6 +1023,7 @@ impl Storage for NatsStorage {
                 reserved = Some((plan, meta.live().0));
                 break;
             }
+            self.contended(&key);
         }
         let Some((plan, mut pending)) = reserved else {
             return Err(contended());
@@ -1012,19 +1040,36 @@ impl Storage for NatsStorage {
         )
         .await;
         let mut sequences: HashMap<usize, u64> = HashMap::new();
+        let mut failure = None;
         for (result, &i) in publishes.into_iter().zip(&to_store) {
-            if let Some(sequence) = result? {
-                sequences.insert(i, sequence);
-            } else {
-                return Err(Error::storage_msg(
-                    Retry::Yes,
-                    format!(
-                        "nats: the append took longer than stale_reservation ({:?}) and a \
-                         reader closed its position; nothing of record {i} was stored",
-                        self.shared.options.stale_reservation
-                    ),
-                ));
+            match result {
+                Ok(Some(sequence)) => {
+                    sequences.insert(i, sequence);
+                }
+                Ok(None) => {
+                    failure.get_or_insert(Error::storage_msg(
+                        Retry::Yes,
+                        format!(
+                            "nats: the append took longer than stale_reservation ({:?}) and a \
+                             reader closed its position; record {i} was not stored",
+                            self.shared.options.stale_reservation
+                        ),
+                    ));
+                }
+                Err(error) => {
+                    // Closed now, so readers need not wait the reservation out. Best effort:
+                    // a publish whose ack was lost may have landed (then the close fails and
+                    // the record stays, as a retryable error allows).
+                    let position = positions[&i];
+                    if self.close(&key, position).await.unwrap_or(false) {
+                        let _ = self.abandon(&key, position, false).await;
+                    }
+                    failure.get_or_insert(error);
+                }
             }
+        }
+        if let Some(error) = failure {
+            return Err(error);
         }
         for (&i, &entry) in &expected {
             let position = positions[&i];
