@@ -14,10 +14,7 @@ const VERSION: u8 = 1;
 /// Above any position, count or total a real queue reaches; a meta claiming more is damaged
 /// (and arithmetic on it could overflow).
 const LIMIT: u64 = 1 << 62;
-/// Reservations made within this long of the last one extend it rather than add one, so a
-/// burst of appends to one recipient keeps the list short (at most one entry a second within
-/// the stale window).
-const MERGE_MS: u64 = 1_000;
+
 // Layout 1: version, floor, lost total, lost confirmed, reservations (first, count, ms), then
 // per slot: size << 1 | removed, deliveries. Numbers are LEB128.
 
@@ -92,7 +89,11 @@ impl Meta {
         self.floor + 1 + self.slots.len() as u64
     }
 
-    #[cfg(test)]
+    /// True if `position` holds a record (or its pending reservation).
+    pub fn holds(&self, position: u64) -> bool {
+        self.slot(position).is_some_and(|slot| !slot.removed)
+    }
+
     pub fn slot(&self, position: u64) -> Option<&Slot> {
         let index = position.checked_sub(self.floor + 1)?;
         self.slots.get(usize::try_from(index).ok()?)
@@ -136,7 +137,15 @@ impl Meta {
     ///
     /// # Errors
     /// [`Error::QueueFull`] when they do not fit, with nothing changed.
-    pub fn reserve(&mut self, sizes: &[u32], quota: &Quota, now_ms: u64) -> Result<Reserved> {
+    /// A reservation within `merge_ms` of the last one extends it rather than adding one, so
+    /// a burst of appends to one recipient keeps the list short.
+    pub fn reserve(
+        &mut self,
+        sizes: &[u32],
+        quota: &Quota,
+        now_ms: u64,
+        merge_ms: u64,
+    ) -> Result<Reserved> {
         let adding = sizes.len() as u64;
         let adding_bytes: u64 = sizes.iter().map(|&s| u64::from(s)).sum();
         let (mut messages, mut bytes) = self.live();
@@ -166,10 +175,10 @@ impl Meta {
         match self.reservations.last_mut() {
             _ if adding == 0 => {}
             // Dated by its first reservation: a merged position goes stale at most
-            // `MERGE_MS` early, never late.
+            // `merge_ms` early, never late.
             Some(last)
                 if last.first + last.count == first
-                    && now_ms.saturating_sub(last.at_ms) < MERGE_MS =>
+                    && now_ms.saturating_sub(last.at_ms) < merge_ms =>
             {
                 last.count += adding;
             }
@@ -327,7 +336,7 @@ impl Meta {
                 count: input.int()?,
                 at_ms: input.int()?,
             };
-            if reservation.first > LIMIT || reservation.count > LIMIT {
+            if reservation.first > LIMIT || reservation.count > LIMIT || reservation.at_ms > LIMIT {
                 return Err(damaged("a reservation"));
             }
             reservations.push(reservation);
@@ -426,7 +435,9 @@ mod tests {
     #[test]
     fn positions_follow_the_base_and_acks_move_the_floor() {
         let mut meta = Meta::new(41);
-        let reserved = meta.reserve(&[1, 2, 3], &Quota::UNLIMITED, 5).unwrap();
+        let reserved = meta
+            .reserve(&[1, 2, 3], &Quota::UNLIMITED, 5, 1_000)
+            .unwrap();
         assert_eq!(reserved.first, 42);
         assert_eq!((meta.next(), meta.live()), (45, (3, 6)));
         let acked = meta.ack(&Ack {
@@ -445,34 +456,40 @@ mod tests {
             ..Ack::default()
         });
         assert_eq!((meta.floor, meta.next(), meta.newest()), (44, 45, None));
-        assert_eq!(meta.reserve(&[1], &Quota::UNLIMITED, 6).unwrap().first, 45);
+        assert_eq!(
+            meta.reserve(&[1], &Quota::UNLIMITED, 6, 1_000)
+                .unwrap()
+                .first,
+            45
+        );
     }
 
     #[test]
     fn quotas_reject_whole_or_drop_the_oldest_as_lost() {
         let mut meta = Meta::new(0);
-        meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0)
+        meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0, 1_000)
             .unwrap();
         let before = meta.clone();
-        let full = meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0);
+        let full = meta.reserve(&[10, 10], &quota(3, Overflow::Reject), 0, 1_000);
         assert!(matches!(full, Err(Error::QueueFull { messages: 2, .. })));
-        let bytes = meta.reserve(&[90], &quota(3, Overflow::Reject), 0);
+        let bytes = meta.reserve(&[90], &quota(3, Overflow::Reject), 0, 1_000);
         assert!(matches!(bytes, Err(Error::QueueFull { bytes: 20, .. })));
         assert_eq!(meta, before, "nothing changed");
 
         let reserved = meta
-            .reserve(&[1, 1], &quota(3, Overflow::DropOldest), 0)
+            .reserve(&[1, 1], &quota(3, Overflow::DropOldest), 0, 1_000)
             .unwrap();
         assert_eq!(reserved.dropped, [1]);
         assert_eq!((meta.live(), meta.lost_total, meta.floor), ((3, 12), 1, 1));
-        let too_big = meta.reserve(&[1; 4], &quota(3, Overflow::DropOldest), 0);
+        let too_big = meta.reserve(&[1; 4], &quota(3, Overflow::DropOldest), 0, 1_000);
         assert!(matches!(too_big, Err(Error::QueueFull { .. })));
     }
 
     #[test]
     fn losses_are_confirmed_up_to_the_total_and_deliveries_counted() {
         let mut meta = Meta::new(7);
-        meta.reserve(&[1, 1, 1], &Quota::UNLIMITED, 0).unwrap();
+        meta.reserve(&[1, 1, 1], &Quota::UNLIMITED, 0, 1_000)
+            .unwrap();
         meta.mark_delivered(&[Seq(8), Seq(8), Seq(10), Seq(11)]);
         assert_eq!(meta.slot(8).unwrap().deliveries, 2);
         assert_eq!(meta.slot(9).unwrap().deliveries, 0);
@@ -490,11 +507,12 @@ mod tests {
     #[test]
     fn reservations_go_stale_and_abandoned_positions_close_without_a_loss() {
         let mut meta = Meta::new(0);
-        meta.reserve(&[1, 1], &Quota::UNLIMITED, 1_000).unwrap();
+        meta.reserve(&[1, 1], &Quota::UNLIMITED, 1_000, 1_000)
+            .unwrap();
         assert_eq!(meta.reserved_at(2), Some(1_000));
         assert_eq!(meta.reserved_at(3), None, "not reserved");
-        meta.reserve(&[1], &Quota::UNLIMITED, 1_500).unwrap();
-        meta.reserve(&[1], &Quota::UNLIMITED, 2_500).unwrap();
+        meta.reserve(&[1], &Quota::UNLIMITED, 1_500, 1_000).unwrap();
+        meta.reserve(&[1], &Quota::UNLIMITED, 2_500, 1_000).unwrap();
         assert_eq!(
             meta.reservations.len(),
             2,
@@ -514,7 +532,7 @@ mod tests {
     #[test]
     fn encoding_round_trips_and_damage_is_refused() {
         let mut meta = Meta::new(u64::MAX / 4);
-        meta.reserve(&[0, 70_000, u32::MAX], &Quota::UNLIMITED, 123)
+        meta.reserve(&[0, 70_000, u32::MAX], &Quota::UNLIMITED, 123, 1_000)
             .unwrap();
         meta.mark_delivered(&[Seq(u64::MAX / 4 + 2)]);
         meta.ack(&Ack {

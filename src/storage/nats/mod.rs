@@ -459,10 +459,16 @@ struct DedupEntry {
 /// What a direct get of a record's subject found.
 enum Found {
     Record(StoredRecord),
-    /// A tombstone: the position was closed without a record.
-    Gone,
+    /// A tombstone: the position was closed without a record. `lost`: by a reader, for a
+    /// record that may have existed (see [`Meta::abandon`]).
+    Gone {
+        lost: bool,
+    },
     Missing,
 }
+
+/// The `Oq-Gone` value of a tombstone a reader wrote: the position counts as lost.
+const GONE_LOST: &str = "lost";
 
 impl NatsStorage {
     /// Settings, to change before [`NatsOptions::connect`].
@@ -619,6 +625,14 @@ impl NatsStorage {
         Err(contended())
     }
 
+    /// How close in time reservations must be to merge: a merged position goes stale up to
+    /// this early, so a small part of `stale_reservation`.
+    fn merge_ms(&self) -> u64 {
+        let stale =
+            u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        (stale / 4).min(1_000)
+    }
+
     fn stale_before_ms(&self) -> u64 {
         let stale =
             u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
@@ -697,28 +711,44 @@ impl NatsStorage {
     /// to a record that lands first). Returns what is there, and whether this call closed
     /// it. Waiting here, not returning early, is what keeps the session from stopping at a
     /// hole that no wake-up will ever announce.
-    async fn await_missing(&self, key: &str, meta: &Meta, position: u64) -> Result<(Found, bool)> {
+    async fn await_missing(&self, key: &str, meta: &Meta, position: u64) -> Result<Found> {
         let stale =
             u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        // Never longer than `stale` from now, whatever another node's clock wrote.
         let due = meta
             .reserved_at(position)
-            .map_or(0, |at| at.saturating_add(stale));
+            .map_or(0, |at| at.saturating_add(stale))
+            .min(wall_ms().saturating_add(stale));
         let mut pause = Duration::from_millis(2);
+        let mut looked_again = std::time::Instant::now();
         loop {
             let found = self.get_record_from_leader(key, position).await?;
             if !matches!(found, Found::Missing) {
-                return Ok((found, false));
+                return Ok(found);
+            }
+            // Removed meanwhile (another node's ack or drop, then its purge): nothing to
+            // wait for.
+            if looked_again.elapsed() >= Duration::from_secs(1) {
+                looked_again = std::time::Instant::now();
+                let removed = self
+                    .load(key)
+                    .await?
+                    .is_none_or(|fresh| !fresh.meta.holds(position));
+                if removed {
+                    return Ok(Found::Gone { lost: false });
+                }
             }
             let now = wall_ms();
             if now >= due {
-                if self.close(key, position).await? {
-                    return Ok((Found::Gone, true));
+                if self.close(key, position, true).await? {
+                    return Ok(Found::Gone { lost: true });
                 }
                 // A record landed first: the next look finds it.
-                continue;
+            } else {
+                pause = pause.min(Duration::from_millis(due - now));
             }
-            tokio::time::sleep(pause.min(Duration::from_millis(due - now))).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).clamp(Duration::from_millis(2), Duration::from_millis(100));
         }
     }
 }
@@ -726,8 +756,10 @@ impl NatsStorage {
 /// A record, or a tombstone, from the message read at `subject`.
 fn found(subject: &str, position: u64, message: StreamMessage) -> Result<Found> {
     let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
-    if header(GONE).is_some() {
-        return Ok(Found::Gone);
+    if let Some(gone) = header(GONE) {
+        return Ok(Found::Gone {
+            lost: gone == GONE_LOST,
+        });
     }
     let number = |name: &str| header(name).and_then(|value| value.parse::<u64>().ok());
     let (Some(id), Some(sent_at)) = (
@@ -751,15 +783,22 @@ fn found(subject: &str, position: u64, message: StreamMessage) -> Result<Found> 
 
 impl NatsStorage {
     /// Closes `position` with a tombstone, expecting it empty. True if the tombstone went in
-    /// (the position's record will never be stored); false if a record is there.
-    async fn close(&self, key: &str, position: u64) -> Result<bool> {
-        self.close_over(key, position, 0).await
+    /// (the position's record will never be stored); false if a record is there. `lost`
+    /// marks the tombstone of a reader, so whoever finishes the close counts the loss.
+    async fn close(&self, key: &str, position: u64, lost: bool) -> Result<bool> {
+        self.close_over(key, position, 0, lost).await
     }
 
     /// As [`NatsStorage::close`], over the message at stream sequence `expected` (0: none).
-    async fn close_over(&self, key: &str, position: u64, expected: u64) -> Result<bool> {
+    async fn close_over(
+        &self,
+        key: &str,
+        position: u64,
+        expected: u64,
+        lost: bool,
+    ) -> Result<bool> {
         let mut headers = HeaderMap::new();
-        headers.insert(GONE, "1");
+        headers.insert(GONE, if lost { GONE_LOST } else { "1" });
         let publish = Publish::build()
             .headers(headers)
             .expected_last_subject_sequence(expected);
@@ -865,18 +904,29 @@ impl NatsStorage {
         let mut bytes = 0usize;
         let mut closed = false;
         while let Some((position, deliveries, found)) = gets.next().await {
-            let mut found = found?;
-            let mut closed_here = false;
+            // Once full, only passed-over records still join the batch (as every backend
+            // reports them); a fault further on is the next read's, not this one's.
+            let full = batch.records.len() >= limit.max_messages;
+            let mut found = match found {
+                Ok(found) => found,
+                Err(_) if full => break,
+                Err(error) => return Err(error),
+            };
             if matches!(found, Found::Missing) {
-                (found, closed_here) = self.await_missing(&key, &meta, position).await?;
+                if !batch.records.is_empty() || !batch.expired.is_empty() {
+                    // Return what was read; the next read waits at the hole.
+                    break;
+                }
+                found = self.await_missing(&key, &meta, position).await?;
             }
             let mut record = match found {
                 Found::Record(record) => record,
-                Found::Gone | Found::Missing => {
-                    self.abandon(&key, position, closed_here).await?;
+                Found::Gone { lost } => {
+                    self.abandon(&key, position, lost).await?;
                     closed = true;
                     continue;
                 }
+                Found::Missing => break,
             };
             if record
                 .expires_at
@@ -1013,7 +1063,7 @@ impl Storage for NatsStorage {
                 None => self.load_or_new(&key).await?,
             };
             meta.forget_reservations(self.stale_before_ms());
-            let plan = match meta.reserve(&sizes, quota, wall_ms()) {
+            let plan = match meta.reserve(&sizes, quota, wall_ms(), self.merge_ms()) {
                 Ok(plan) => plan,
                 // Acks elsewhere may have made room: only a meta just read says "full".
                 Err(_) if from_cache => continue,
@@ -1061,7 +1111,7 @@ impl Storage for NatsStorage {
                     // a publish whose ack was lost may have landed (then the close fails and
                     // the record stays, as a retryable error allows).
                     let position = positions[&i];
-                    if self.close(&key, position).await.unwrap_or(false) {
+                    if self.close(&key, position, false).await.unwrap_or(false) {
                         let _ = self.abandon(&key, position, false).await;
                     }
                     failure.get_or_insert(error);
@@ -1101,7 +1151,8 @@ impl Storage for NatsStorage {
                 return Err(contended());
             };
             outcome[i] = Some(Appended::Duplicate(Seq(winner.position)));
-            self.close_over(&key, position, sequences[&i]).await?;
+            self.close_over(&key, position, sequences[&i], false)
+                .await?;
             self.abandon(&key, position, false).await?;
             pending = pending.saturating_sub(1);
         }
@@ -1377,12 +1428,17 @@ mod tests {
         let bob = RecipientId::new("bob").unwrap();
         let key = NatsStorage::key(&bob);
         let now = Timestamp::from_millis(1);
+        let first = storage
+            .append_one(&bob, record(b"before"), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
         // The dead appender: a reservation, written, and no record.
         let Loaded { mut meta, revision } = storage.load_or_new(&key).await.unwrap();
         let hole = meta
-            .reserve(&[5], &Quota::UNLIMITED, wall_ms())
+            .reserve(&[5], &Quota::UNLIMITED, wall_ms(), 0)
             .unwrap()
             .first;
+        assert_eq!(hole, first.record.seq().0 + 1);
         assert!(
             storage
                 .store(&key, &meta, revision)
@@ -1396,13 +1452,32 @@ mod tests {
             .unwrap();
         assert_eq!(behind.record, Appended::Stored(Seq(hole + 1)));
 
+        // A read that is full before the hole neither waits at it nor closes it.
+        let one = BatchLimit {
+            max_messages: 1,
+            max_bytes: usize::MAX,
+        };
+        let read = storage.read(&bob, None, one, now).await.unwrap();
+        let seqs: Vec<Seq> = read.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [first.record.seq()]);
+        assert_eq!(
+            storage.stats(&bob).await.unwrap().lost,
+            0,
+            "the hole is untouched"
+        );
+
+        // A read that reaches it waits it out, closes it, and reads on.
         let read = storage.read_all(&bob, now).await.unwrap();
-        assert_eq!(read.len(), 1, "the record behind the hole is read");
-        assert_eq!(&read[0].body[..], b"after");
+        let bodies: Vec<&[u8]> = read.iter().map(|r| &r.body[..]).collect();
+        assert_eq!(
+            bodies,
+            [&b"before"[..], b"after"],
+            "the record behind the hole is read"
+        );
         let stats = storage.stats(&bob).await.unwrap();
         assert_eq!(
             (stats.messages, stats.lost),
-            (1, 1),
+            (2, 1),
             "the hole counts as lost"
         );
 
