@@ -793,28 +793,32 @@ async fn two_servers_on_one_postgres_deliver_across() {
         return;
     };
     let schema = postgres_support::unique_schema("chat");
-    {
-        let flags = ["--storage", &url, "--postgres-schema", &schema];
-        let first = Server::start(&flags);
-        let second = Server::start(&flags);
-        let mut bob = Client::connect(&second, "bob").await;
-        bob.expect_caught_up_empty().await;
-        let mut alice = Client::connect(&first, "alice").await;
-        alice.expect_caught_up_empty().await;
-        wait_until("bob is online as the first server sees it", || async {
-            first.online("bob").await
-        })
-        .await;
-        for body in ["across servers", "and again"] {
-            let seq = alice.send_message("bob", body).await;
-            let frame = bob.recv().await;
-            assert_eq!(frame["type"], "deliver", "{frame}");
-            assert_eq!(frame["messages"][0]["body"], body);
-            assert_eq!(frame["messages"][0]["seq"], seq);
-            assert_eq!(frame["messages"][0]["from"], "alice");
-        }
-    }
+    two_servers_deliver_across(&["--storage", &url, "--postgres-schema", &schema]).await;
     postgres_support::drop_schemas(&url, &[schema]).await;
+}
+
+/// Two server processes started with `flags`: bob, connected to the second, receives at once
+/// what alice sends through the first, which sees him online.
+#[cfg(any(feature = "postgres", feature = "nats"))]
+async fn two_servers_deliver_across(flags: &[&str]) {
+    let first = Server::start(flags);
+    let second = Server::start(flags);
+    let mut bob = Client::connect(&second, "bob").await;
+    bob.expect_caught_up_empty().await;
+    let mut alice = Client::connect(&first, "alice").await;
+    alice.expect_caught_up_empty().await;
+    wait_until("bob is online as the first server sees it", || async {
+        first.online("bob").await
+    })
+    .await;
+    for body in ["across servers", "and again"] {
+        let seq = alice.send_message("bob", body).await;
+        let frame = bob.recv().await;
+        assert_eq!(frame["type"], "deliver", "{frame}");
+        assert_eq!(frame["messages"][0]["body"], body);
+        assert_eq!(frame["messages"][0]["seq"], seq);
+        assert_eq!(frame["messages"][0]["from"], "alice");
+    }
 }
 
 /// Two server processes on one NATS JetStream: a user connected to the second receives, at
@@ -827,27 +831,7 @@ async fn two_servers_on_one_nats_deliver_across() {
         return;
     };
     let name = nats_support::unique_name();
-    {
-        let flags = ["--storage", &url, "--nats-stream", &name];
-        let first = Server::start(&flags);
-        let second = Server::start(&flags);
-        let mut bob = Client::connect(&second, "bob").await;
-        bob.expect_caught_up_empty().await;
-        let mut alice = Client::connect(&first, "alice").await;
-        alice.expect_caught_up_empty().await;
-        wait_until("bob is online as the first server sees it", || async {
-            first.online("bob").await
-        })
-        .await;
-        for body in ["across servers", "and again"] {
-            let seq = alice.send_message("bob", body).await;
-            let frame = bob.recv().await;
-            assert_eq!(frame["type"], "deliver", "{frame}");
-            assert_eq!(frame["messages"][0]["body"], body);
-            assert_eq!(frame["messages"][0]["seq"], seq);
-            assert_eq!(frame["messages"][0]["from"], "alice");
-        }
-    }
+    two_servers_deliver_across(&["--storage", &url, "--nats-stream", &name]).await;
     nats_support::delete(&url, &[name]).await;
 }
 

@@ -843,23 +843,30 @@ proptest! {
     }
 }
 
+/// A runtime for a server-backed storage's connections (the model test runs on its own
+/// thread).
+#[cfg(any(feature = "postgres", feature = "nats"))]
+fn server_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 #[cfg(feature = "postgres")]
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn postgres_holds_what_the_model_holds(ops in proptest::collection::vec(op(), 1..80)) {
-        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
         let Some(url) = postgres_support::url() else {
             return Ok(());
         };
-        let runtime = RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap()
-        });
+        let runtime = server_runtime();
         let _context = runtime.enter();
         let schema = postgres_support::unique_schema("model");
         let storage = runtime.block_on(postgres_support::fresh(&url, &schema));
@@ -875,17 +882,10 @@ proptest! {
 
     #[test]
     fn nats_holds_what_the_model_holds(ops in proptest::collection::vec(op(), 1..80)) {
-        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
         let Some(url) = nats_support::url() else {
             return Ok(());
         };
-        let runtime = RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap()
-        });
+        let runtime = server_runtime();
         let _context = runtime.enter();
         let streams = nats_support::Streams::default();
         let storage = runtime.block_on(streams.storage(&url));

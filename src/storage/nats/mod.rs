@@ -668,40 +668,25 @@ impl NatsStorage {
         }
     }
 
-    /// The record at `position`, by direct get (any replica may answer).
-    async fn get_record(&self, key: &str, position: u64) -> Result<Found> {
+    /// The record at `position`: by direct get (any replica may answer), or asked of the
+    /// stream's leader (a follower may lag).
+    async fn get_record(&self, key: &str, position: u64, from_leader: bool) -> Result<Found> {
         let subject = self.record_subject(key, position);
-        let message = match self
-            .shared
-            .records
-            .direct_get_last_for_subject(&subject)
-            .await
-        {
-            Ok(message) => message,
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => {
-                return Ok(Found::Missing);
+        let records = &self.shared.records;
+        let message = if from_leader {
+            match records.get_last_raw_message_by_subject(&subject).await {
+                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+                other => Some(other.map_err(|error| Error::storage(Retry::Yes, error))?),
             }
-            Err(error) => return Err(Error::storage(Retry::Yes, error)),
-        };
-        found(&subject, position, message)
-    }
-
-    /// The record at `position`, asked of the stream's leader (a follower may lag).
-    async fn get_record_from_leader(&self, key: &str, position: u64) -> Result<Found> {
-        let subject = self.record_subject(key, position);
-        let message = match self
-            .shared
-            .records
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(message) => message,
-            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(Found::Missing);
+        } else {
+            match records.direct_get_last_for_subject(&subject).await {
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => None,
+                other => Some(other.map_err(|error| Error::storage(Retry::Yes, error))?),
             }
-            Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
-        found(&subject, position, message)
+        message.map_or(Ok(Found::Missing), |message| {
+            found(&subject, position, message)
+        })
     }
 
     /// A position the meta holds whose record a read did not find: its appender may still
@@ -722,7 +707,7 @@ impl NatsStorage {
         let mut pause = Duration::from_millis(2);
         let mut looked_again = std::time::Instant::now();
         loop {
-            let found = self.get_record_from_leader(key, position).await?;
+            let found = self.get_record(key, position, true).await?;
             if !matches!(found, Found::Missing) {
                 return Ok(found);
             }
@@ -898,7 +883,13 @@ impl NatsStorage {
         let mut gets = futures::stream::iter(candidates)
             .map(|(position, deliveries)| {
                 let key = &key;
-                async move { (position, deliveries, self.get_record(key, position).await) }
+                async move {
+                    (
+                        position,
+                        deliveries,
+                        self.get_record(key, position, false).await,
+                    )
+                }
             })
             .buffered(READ_AHEAD.min(limit.max_messages.max(1)));
         let mut bytes = 0usize;
@@ -1252,7 +1243,7 @@ impl Storage for NatsStorage {
         let (messages, bytes) = meta.live();
         let mut oldest_sent_at = None;
         for (position, _) in meta.live_from(0).take(8) {
-            if let Found::Record(record) = self.get_record(&key, position).await? {
+            if let Found::Record(record) = self.get_record(&key, position, false).await? {
                 oldest_sent_at = Some(record.sent_at);
                 break;
             }
