@@ -456,6 +456,14 @@ struct DedupEntry {
     sequence: u64,
 }
 
+/// What a sender-chosen id's dedup entry decides ([`NatsStorage::resolve_claim`]).
+enum Claim {
+    /// The id's record is stored (or was, and is acked) at this position.
+    Taken(u64),
+    /// Nothing stands: claim the id over the entry at this sequence (0: none).
+    Free(u64),
+}
+
 /// What a direct get of a record's subject found.
 enum Found {
     Record(StoredRecord),
@@ -852,6 +860,80 @@ impl NatsStorage {
         Ok(claimed.is_some())
     }
 
+    /// Reads `id`'s dedup entry and decides whether it stands. A claim is written before its
+    /// record, so the claim of an append that failed stays behind: it stands only for a
+    /// position that holds its record, held it (acked or dropped since: a position closed
+    /// without a record keeps its tombstone until `max_age`, so one with nothing there did
+    /// hold it), or may still get it (reserved: waited for as a reader waits at a hole,
+    /// until the record lands or the reservation goes stale and is closed). A tombstone at
+    /// the position voids the claim.
+    async fn resolve_claim(
+        &self,
+        key: &str,
+        id: MessageId,
+        window: u64,
+        now: Timestamp,
+    ) -> Result<Claim> {
+        let Some(entry) = self.dedup_entry(key, id).await? else {
+            return Ok(Claim::Free(0));
+        };
+        if entry.sent_at.saturating_add(window) <= now.as_millis() {
+            return Ok(Claim::Free(entry.sequence));
+        }
+        // A reservation is waited out at most once; the next look finds what it left.
+        for _ in 0..3 {
+            match self.get_record(key, entry.position, true).await? {
+                Found::Record(record) if record.id == id => {
+                    return Ok(Claim::Taken(entry.position));
+                }
+                Found::Record(_) | Found::Gone { .. } => return Ok(Claim::Free(entry.sequence)),
+                Found::Missing => {}
+            }
+            match self.load(key).await? {
+                Some(loaded) if loaded.meta.holds(entry.position) => {
+                    // A reader that reaches the tombstone this may write counts the loss.
+                    self.await_missing(key, &loaded.meta, entry.position)
+                        .await?;
+                }
+                _ => return Ok(Claim::Taken(entry.position)),
+            }
+        }
+        Err(contended())
+    }
+
+    /// Claims `record`'s id for `position` over the entry at sequence `over`; if another
+    /// append's claim stands, yields to it and returns the position it holds.
+    async fn claim_or_yield(
+        &self,
+        key: &str,
+        record: &NewRecord,
+        position: u64,
+        mut over: u64,
+        window: u64,
+        now: Timestamp,
+    ) -> Result<Option<u64>> {
+        for _ in 0..CAS_ATTEMPTS {
+            if self.claim(key, record, position, over, now).await? {
+                return Ok(None);
+            }
+            match self.resolve_claim(key, record.id, window, now).await? {
+                Claim::Taken(original) => return Ok(Some(original)),
+                Claim::Free(sequence) => over = sequence,
+            }
+        }
+        Err(contended())
+    }
+
+    /// Closes positions an append reserved and will not fill, so readers need not wait the
+    /// reservations out. Best effort: what cannot be closed now, a reader closes once stale.
+    async fn give_up(&self, key: &str, positions: impl IntoIterator<Item = u64>) {
+        for position in positions {
+            if self.close(key, position, false).await.unwrap_or(false) {
+                let _ = self.abandon(key, position, false).await;
+            }
+        }
+    }
+
     /// A session's step in one compare-and-set: applies `ack`, reads after `after`, counts a
     /// delivery for each record returned when `mark` is set, writes the meta once, then
     /// removes what the ack took. Returns the records the ack removed, and the batch.
@@ -1024,12 +1106,10 @@ impl Storage for NatsStorage {
                 continue;
             }
             first_of.insert(record.id, i);
-            match self.dedup_entry(&key, record.id).await? {
-                Some(entry) if entry.sent_at.saturating_add(window) > now.as_millis() => {
-                    outcome[i] = Some(Appended::Duplicate(Seq(entry.position)));
-                }
-                entry => {
-                    expected.insert(i, entry.map_or(0, |e| e.sequence));
+            match self.resolve_claim(&key, record.id, window, now).await? {
+                Claim::Taken(position) => outcome[i] = Some(Appended::Duplicate(Seq(position))),
+                Claim::Free(over) => {
+                    expected.insert(i, over);
                 }
             }
         }
@@ -1074,19 +1154,48 @@ impl Storage for NatsStorage {
             .enumerate()
             .map(|(k, &i)| (i, plan.first + k as u64))
             .collect();
+        // Ids are claimed before their records go out: a record is never stored without
+        // its claim, so a send retried after any failure finds the claim, and the claim is
+        // checked against its position (see `resolve_claim`).
+        let mut claiming: Vec<(usize, u64)> = expected.into_iter().collect();
+        claiming.sort_unstable();
+        for (i, over) in claiming {
+            match self
+                .claim_or_yield(&key, &records[i], positions[&i], over, window, now)
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(original)) => {
+                    outcome[i] = Some(Appended::Duplicate(Seq(original)));
+                    self.give_up(&key, [positions[&i]]).await;
+                    pending = pending.saturating_sub(1);
+                }
+                Err(error) => {
+                    let unpublished: Vec<u64> = to_store
+                        .iter()
+                        .filter(|j| outcome[**j].is_none())
+                        .map(|j| positions[j])
+                        .collect();
+                    self.give_up(&key, unpublished).await;
+                    return Err(error);
+                }
+            }
+        }
+        let publishing: Vec<usize> = to_store
+            .iter()
+            .copied()
+            .filter(|&i| outcome[i].is_none())
+            .collect();
         let publishes = futures::future::join_all(
-            to_store
+            publishing
                 .iter()
                 .map(|&i| self.publish_record(&key, positions[&i], &records[i])),
         )
         .await;
-        let mut sequences: HashMap<usize, u64> = HashMap::new();
         let mut failure = None;
-        for (result, &i) in publishes.into_iter().zip(&to_store) {
+        for (result, &i) in publishes.into_iter().zip(&publishing) {
             match result {
-                Ok(Some(sequence)) => {
-                    sequences.insert(i, sequence);
-                }
+                Ok(Some(_)) => {}
                 Ok(None) => {
                     failure.get_or_insert(Error::storage_msg(
                         Retry::Yes,
@@ -1098,54 +1207,15 @@ impl Storage for NatsStorage {
                     ));
                 }
                 Err(error) => {
-                    // Closed now, so readers need not wait the reservation out. Best effort:
-                    // a publish whose ack was lost may have landed (then the close fails and
-                    // the record stays, as a retryable error allows).
-                    let position = positions[&i];
-                    if self.close(&key, position, false).await.unwrap_or(false) {
-                        let _ = self.abandon(&key, position, false).await;
-                    }
+                    // A publish whose ack was lost may have landed: then the close fails,
+                    // and the record stays (with its claim), as a retryable error allows.
+                    self.give_up(&key, [positions[&i]]).await;
                     failure.get_or_insert(error);
                 }
             }
         }
         if let Some(error) = failure {
             return Err(error);
-        }
-        for (&i, &entry) in &expected {
-            let position = positions[&i];
-            let mut expected_entry = entry;
-            let (mut claimed, mut winner) = (false, None);
-            for _ in 0..CAS_ATTEMPTS {
-                if self
-                    .claim(&key, &records[i], position, expected_entry, now)
-                    .await?
-                {
-                    claimed = true;
-                    break;
-                }
-                // Another append claimed the id first; unless its entry is gone again
-                // (the recipient was removed), ours gives way to it.
-                match self.dedup_entry(&key, records[i].id).await? {
-                    Some(entry) if entry.sent_at.saturating_add(window) > now.as_millis() => {
-                        winner = Some(entry);
-                        break;
-                    }
-                    entry => expected_entry = entry.map_or(0, |e| e.sequence),
-                }
-            }
-            if claimed {
-                outcome[i] = Some(Appended::Stored(Seq(position)));
-                continue;
-            }
-            let Some(winner) = winner else {
-                return Err(contended());
-            };
-            outcome[i] = Some(Appended::Duplicate(Seq(winner.position)));
-            self.close_over(&key, position, sequences[&i], false)
-                .await?;
-            self.abandon(&key, position, false).await?;
-            pending = pending.saturating_sub(1);
         }
         for &i in &to_store {
             if outcome[i].is_none() {
@@ -1472,6 +1542,115 @@ mod tests {
             "the hole counts as lost"
         );
 
+        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
+    /// How far an append with a sender-chosen id got before its node failed.
+    enum Stopped {
+        /// Claimed the id, then closed its position (its publish failed).
+        AfterClosing,
+        /// Claimed the id and died: the position stays reserved, never filled.
+        AfterClaiming,
+        /// Claimed and published; the answer was lost, so the sender retries.
+        AfterPublishing,
+    }
+
+    /// Does by hand what `append` does for `record` up to `stopped`; returns its position.
+    async fn half_append(
+        storage: &NatsStorage,
+        recipient: &RecipientId,
+        record: &NewRecord,
+        stopped: Stopped,
+    ) -> u64 {
+        let key = NatsStorage::key(recipient);
+        let now = Timestamp::from_millis(1);
+        let Loaded { mut meta, revision } = storage.load_or_new(&key).await.unwrap();
+        let size = u32::try_from(record.body.len()).unwrap();
+        let position = meta
+            .reserve(&[size], &Quota::UNLIMITED, wall_ms(), 0)
+            .unwrap()
+            .first;
+        assert!(
+            storage
+                .store(&key, &meta, revision)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(storage.claim(&key, record, position, 0, now).await.unwrap());
+        match stopped {
+            Stopped::AfterClosing => storage.give_up(&key, [position]).await,
+            Stopped::AfterClaiming => {}
+            Stopped::AfterPublishing => {
+                let published = storage.publish_record(&key, position, record).await;
+                assert!(published.unwrap().is_some());
+            }
+        }
+        position
+    }
+
+    /// A send with an id that failed part-way is retried with the same id. The retry stores
+    /// the message exactly once: again when the first attempt left no record (its claim
+    /// stays behind, pointing at a closed or never-filled position), and not again when
+    /// the first attempt's record landed (acked since or not).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_send_is_stored_once_whatever_the_failed_attempt_left() {
+        let Some(url) = url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .stale_reservation(Duration::from_secs(1))
+            .connect(&url)
+            .await
+            .unwrap();
+        let now = Timestamp::from_millis(1);
+        let quota = Quota::UNLIMITED;
+        for (name, stopped, stored_again) in [
+            ("closed", Stopped::AfterClosing, true),
+            ("dead", Stopped::AfterClaiming, true),
+            ("landed", Stopped::AfterPublishing, false),
+        ] {
+            let recipient = RecipientId::new(name).unwrap();
+            let mut message = record(name.as_bytes());
+            message.dedup = true;
+            let first = half_append(&storage, &recipient, &message, stopped).await;
+            let retry = storage
+                .append_one(&recipient, message.clone(), &quota, now)
+                .await
+                .unwrap();
+            if stored_again {
+                assert_eq!(retry.record, Appended::Stored(Seq(first + 1)), "{name}");
+            } else {
+                assert_eq!(retry.record, Appended::Duplicate(Seq(first)), "{name}");
+            }
+            let read = storage.read_all(&recipient, now).await.unwrap();
+            let bodies: Vec<&[u8]> = read.iter().map(|r| &r.body[..]).collect();
+            assert_eq!(bodies, [name.as_bytes()], "{name}: stored once");
+            assert_eq!(read[0].id, message.id, "{name}");
+
+            // Acked, the record still answers for its id within the window.
+            let stored_at = read[0].seq;
+            storage
+                .ack_through(&recipient, stored_at, now)
+                .await
+                .unwrap();
+            let again = storage
+                .append_one(&recipient, message.clone(), &quota, now)
+                .await
+                .unwrap();
+            assert_eq!(
+                again.record,
+                Appended::Duplicate(stored_at),
+                "{name}: acked"
+            );
+            assert!(storage.read_all(&recipient, now).await.unwrap().is_empty());
+        }
         let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
         for suffix in ["", "_META", "_DEDUP"] {
             let _ = context.delete_stream(format!("{name}{suffix}")).await;
