@@ -52,14 +52,24 @@
 //! that stops leaves queued, the stream's `max_age` removes.
 //!
 //! # An append
-//! 1. Reads the meta and the dedup entries of its sender-chosen ids (an id seen within
-//!    `Quota::dedup_window` answers with the original's position, even if it was acked).
+//! 1. Reads the meta and the dedup entries of its sender-chosen ids. An id claimed within
+//!    `Quota::dedup_window` answers with the original's position (even if it was acked),
+//!    once the claim is checked against that position (below).
 //! 2. Reserves positions under the quota (dropping the oldest, counted as lost, with
 //!    `Overflow::DropOldest`) and writes the meta back by compare-and-set.
-//! 3. Publishes each record on its position's subject, expecting it empty.
-//! 4. Claims each sender-chosen id (a publish expecting the entry it read): if another append
-//!    claimed it meanwhile, its record replaces ours (a tombstone over our position) and the
-//!    append reports the duplicate.
+//! 3. Claims each sender-chosen id for its position (a publish expecting the entry it read):
+//!    if another append claimed it meanwhile, ours gives way (a tombstone over our position)
+//!    and the append reports the duplicate.
+//! 4. Publishes each record on its position's subject, expecting it empty.
+//!
+//! **Claims go first, so a retried send is stored once.** A send can fail after its record
+//! landed (the publish's answer lost with the connection); its sender retries with the same
+//! id and finds the claim. A claim whose record never landed stays behind too, so a claim
+//! stands only for a position that holds its record, held it (acked or dropped since;
+//! tombstones are never removed before `max_age`, so a position with nothing there did hold
+//! a record), or is still reserved (waited for as a reader waits at a hole). A tombstone
+//! there voids it, and the retry stores the message. `tests/nats_faults.rs` retries every
+//! failed send with its id through a server kill and checks each is stored exactly once.
 //!
 //! Two round trips for a send without an id when this node's last view of the queue's meta
 //! is current (it keeps those of 1,024 queues; a conflict reads the meta and tries again),
