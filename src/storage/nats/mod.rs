@@ -229,6 +229,12 @@ impl NatsOptions {
 
     /// How old a reservation must be before a reader closes a position its appender never
     /// published (default 30 s): longer than any append takes, or slow appenders fail.
+    ///
+    /// Reservations are dated by the appending node's wall clock and judged by the reading
+    /// node's, so keep the nodes' clocks in step (NTP) to well within this age. A node whose
+    /// clock runs behind by more than it sees its appends fail (retryably: readers close
+    /// their positions as stale); one whose clock runs ahead makes readers wait longer at a
+    /// dead appender's hole, never longer than this age from when they reach it.
     #[must_use]
     pub fn stale_reservation(mut self, age: Duration) -> Self {
         self.stale_reservation = age;
