@@ -12,12 +12,18 @@
 //!   `storage_read_for_delivery_and_removal` times the same drain until the records stream
 //!   is empty too.
 //!
+//!
+//! The same groups run twice: on the server at `OFFLINE_QUEUE_NATS_URL` (one replica), and
+//! on a 3-node cluster the bench starts itself from Debian's `nats-server` (`nats_r3_*`:
+//! every stream, the baseline's included, replicated three times).
+//!
 //! ```sh
 //! OFFLINE_QUEUE_NATS_URL=nats://127.0.0.1:4222 cargo bench --features nats --bench nats
 //! ```
 //!
-//! Without `OFFLINE_QUEUE_NATS_URL` the groups say so and measure nothing. Each iteration works
-//! on streams of its own (`OQB_*`), deleted after it.
+//! Without `OFFLINE_QUEUE_NATS_URL` the single-server groups say so and measure nothing;
+//! without `/usr/sbin/nats-server`, the cluster's. Each iteration works on streams of its own
+//! (`OQB_*`), deleted after it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +35,10 @@ use offline_queue::storage::{Ack, NewRecord};
 use offline_queue::{
     BatchLimit, MessageId, NatsStorage, Quota, RecipientId, Seq, Storage, Timestamp,
 };
+
+#[allow(dead_code)]
+#[path = "../tests/nats_support/own_server.rs"]
+mod own_server;
 
 const RECIPIENTS: usize = 200;
 const PER_RECIPIENT: usize = 50;
@@ -62,10 +72,11 @@ fn recipient(r: usize) -> RecipientId {
     RecipientId::new(format!("r{r}")).unwrap()
 }
 
-async fn storage(url: &str, name: &str) -> NatsStorage {
+async fn storage(url: &str, name: &str, replicas: usize) -> NatsStorage {
     NatsStorage::options()
         .stream(name)
         .prefix(name)
+        .replicas(replicas)
         .connect(url)
         .await
         .unwrap()
@@ -107,12 +118,13 @@ async fn store_with_storage(storage: &NatsStorage) {
 }
 
 /// The baseline's stream: a subject per recipient, file storage.
-async fn base_stream(context: &jetstream::Context, name: &str) -> stream::Stream {
+async fn base_stream(context: &jetstream::Context, name: &str, replicas: usize) -> stream::Stream {
     context
         .get_or_create_stream(stream::Config {
             name: format!("{name}_BASE"),
             subjects: vec![format!("{name}.base.>")],
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -197,12 +209,80 @@ async fn drain_with_consumers(stream: &stream::Stream) -> usize {
         .await
 }
 
-fn store(c: &mut Criterion) {
+/// Where a group runs: the server's URL and the streams' replicas.
+struct Target<'a> {
+    url: &'a str,
+    replicas: usize,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+fn single(c: &mut Criterion) {
     let Some(url) = url() else {
         return;
     };
     let runtime = runtime();
-    let mut group = c.benchmark_group("nats_store_10k_64_senders");
+    let target = Target {
+        url: &url,
+        replicas: 1,
+        runtime: &runtime,
+    };
+    store(c, &target, "nats_store_10k_64_senders");
+    drain(c, &target, "nats_drain_10k_200_recipients");
+}
+
+/// The same groups on a 3-node cluster this bench starts (Debian's `nats-server`, free
+/// loopback ports, a temporary directory), every stream replicated three times (R3).
+fn cluster(c: &mut Criterion) {
+    if !std::path::Path::new(own_server::NATS_SERVER).exists() {
+        eprintln!(
+            "{} is missing: the R3 benches measure nothing",
+            own_server::NATS_SERVER
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, url) = own_server::start_cluster(dir.path());
+    let runtime = runtime();
+    // A new cluster elects its JetStream leaders first.
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let name = name();
+            match NatsStorage::options()
+                .stream(&name)
+                .prefix(&name)
+                .replicas(3)
+                .connect(&url)
+                .await
+            {
+                Ok(_) => break delete(&url, &name).await,
+                Err(error) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the cluster never came up: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    let target = Target {
+        url: &url,
+        replicas: 3,
+        runtime: &runtime,
+    };
+    store(c, &target, "nats_r3_store_10k_64_senders");
+    drain(c, &target, "nats_r3_drain_10k_200_recipients");
+    drop(nodes);
+}
+
+fn store(c: &mut Criterion, target: &Target, group_name: &str) {
+    let Target {
+        url,
+        replicas,
+        runtime,
+    } = *target;
+    let mut group = c.benchmark_group(group_name);
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
     group.measurement_time(Duration::from_secs(20));
@@ -213,11 +293,11 @@ fn store(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
-                    let storage = storage(&url, &name).await;
+                    let storage = storage(url, &name, replicas).await;
                     let start = Instant::now();
                     store_with_storage(&storage).await;
                     total += start.elapsed();
-                    delete(&url, &name).await;
+                    delete(url, &name).await;
                 }
                 total
             })
@@ -226,15 +306,15 @@ fn store(c: &mut Criterion) {
     group.bench_function("jetstream_publish", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let context = jetstream::new(async_nats::connect(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
-                    base_stream(&context, &name).await;
+                    base_stream(&context, &name, replicas).await;
                     let start = Instant::now();
                     store_with_publish(&context, &name).await;
                     total += start.elapsed();
-                    delete(&url, &name).await;
+                    delete(url, &name).await;
                 }
                 total
             })
@@ -243,12 +323,13 @@ fn store(c: &mut Criterion) {
     group.finish();
 }
 
-fn drain(c: &mut Criterion) {
-    let Some(url) = url() else {
-        return;
-    };
-    let runtime = runtime();
-    let mut group = c.benchmark_group("nats_drain_10k_200_recipients");
+fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
+    let Target {
+        url,
+        replicas,
+        runtime,
+    } = *target;
+    let mut group = c.benchmark_group(group_name);
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
     group.measurement_time(Duration::from_secs(20));
@@ -259,13 +340,13 @@ fn drain(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
-                    let storage = storage(&url, &name).await;
+                    let storage = storage(url, &name, replicas).await;
                     store_with_storage(&storage).await;
                     let start = Instant::now();
                     let got = drain_with_storage(&storage).await;
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
-                    delete(&url, &name).await;
+                    delete(url, &name).await;
                 }
                 total
             })
@@ -276,11 +357,11 @@ fn drain(c: &mut Criterion) {
     group.bench_function("storage_read_for_delivery_and_removal", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let context = jetstream::new(async_nats::connect(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
-                    let storage = storage(&url, &name).await;
+                    let storage = storage(url, &name, replicas).await;
                     store_with_storage(&storage).await;
                     let mut records = context.get_stream(&name).await.unwrap();
                     let start = Instant::now();
@@ -290,7 +371,7 @@ fn drain(c: &mut Criterion) {
                     }
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
-                    delete(&url, &name).await;
+                    delete(url, &name).await;
                 }
                 total
             })
@@ -299,11 +380,11 @@ fn drain(c: &mut Criterion) {
     group.bench_function("durable_consumer_per_recipient", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+                let context = jetstream::new(async_nats::connect(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
-                    let stream = Arc::new(base_stream(&context, &name).await);
+                    let stream = Arc::new(base_stream(&context, &name, replicas).await);
                     for r in 0..RECIPIENTS {
                         stream
                             .create_consumer(consumer::pull::Config {
@@ -320,7 +401,7 @@ fn drain(c: &mut Criterion) {
                     let got = drain_with_consumers(&stream).await;
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
-                    delete(&url, &name).await;
+                    delete(url, &name).await;
                 }
                 total
             })
@@ -329,5 +410,5 @@ fn drain(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, store, drain);
+criterion_group!(benches, single, cluster);
 criterion_main!(benches);

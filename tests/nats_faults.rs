@@ -10,12 +10,11 @@
 mod nats_support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nats_support::own_server::{NATS_SERVER, OwnNats, free_port, start_cluster};
 use nats_support::skip_support;
 use offline_queue::{
     Envelope, Limits, MessageId, NatsStorage, OfflineQueue, RecipientId, StorageExt, Timestamp,
@@ -26,84 +25,6 @@ use parking_lot::Mutex;
 const PATIENCE: Duration = Duration::from_secs(60);
 /// One sender per recipient, so each recipient's order is its sender's.
 const SENDERS: u64 = 4;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One `nats-server` with JetStream, on its own port and store directory; killed on drop.
-struct OwnNats {
-    args: Vec<String>,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnNats {
-    fn new(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> Self {
-        let mut args = vec![
-            "-js".to_owned(),
-            "-a".to_owned(),
-            "127.0.0.1".to_owned(),
-            "-p".to_owned(),
-            port.to_string(),
-            "-sd".to_owned(),
-            dir.join(name).display().to_string(),
-            "--server_name".to_owned(),
-            name.to_owned(),
-        ];
-        if let Some((cluster_port, routes)) = cluster {
-            let routes: Vec<String> = routes
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect();
-            args.extend([
-                "--cluster_name".to_owned(),
-                "oq".to_owned(),
-                "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{cluster_port}"),
-                "--routes".to_owned(),
-                routes.join(","),
-            ]);
-        }
-        Self {
-            args,
-            port,
-            child: None,
-        }
-    }
-
-    fn start(&mut self) {
-        let child = Command::new("/usr/sbin/nats-server")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     tokio::time::timeout(PATIENCE, async {
@@ -260,7 +181,7 @@ fn queue_on(storage: &NatsStorage) -> OfflineQueue {
 
 fn nats_server_missing() -> bool {
     skip_support::program_missing(
-        "/usr/sbin/nats-server",
+        NATS_SERVER,
         "nats-server",
         ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1"),
     )
@@ -300,26 +221,8 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_send() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes: Vec<OwnNats> = (0..3)
-        .map(|i| {
-            OwnNats::new(
-                dir.path(),
-                &format!("n{i}"),
-                ports[i],
-                Some((cluster_ports[i], &cluster_ports)),
-            )
-        })
-        .collect();
-    for node in &mut nodes {
-        node.start();
-    }
-    let url: Vec<String> = ports
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect();
-    let storage = connect(&url.join(","), 3).await;
+    let (mut nodes, url) = start_cluster(dir.path());
+    let storage = connect(&url, 3).await;
     let queue = queue_on(&storage);
     let load = Load::start(&queue);
 

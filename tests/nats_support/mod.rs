@@ -7,6 +7,8 @@
 #[path = "../skip_support/mod.rs"]
 pub mod skip_support;
 
+pub mod own_server;
+
 use offline_queue::{MessageId, NatsStorage};
 use parking_lot::Mutex;
 

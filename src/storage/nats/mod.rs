@@ -1564,22 +1564,22 @@ mod tests {
         }
     }
 
-    /// How far an append with a sender-chosen id got before its node failed.
-    enum Stopped {
+    /// What an append with a sender-chosen id had done when its node failed.
+    enum Done {
         /// Claimed the id, then closed its position (its publish failed).
-        AfterClosing,
+        ClaimedAndClosed,
         /// Claimed the id and died: the position stays reserved, never filled.
-        AfterClaiming,
+        Claimed,
         /// Claimed and published; the answer was lost, so the sender retries.
-        AfterPublishing,
+        ClaimedAndPublished,
     }
 
-    /// Does by hand what `append` does for `record` up to `stopped`; returns its position.
+    /// Does by hand what `append` does for `record` up to `done`; returns its position.
     async fn half_append(
         storage: &NatsStorage,
         recipient: &RecipientId,
         record: &NewRecord,
-        stopped: Stopped,
+        done: Done,
     ) -> u64 {
         let key = NatsStorage::key(recipient);
         let now = Timestamp::from_millis(1);
@@ -1597,10 +1597,10 @@ mod tests {
                 .is_some()
         );
         assert!(storage.claim(&key, record, position, 0, now).await.unwrap());
-        match stopped {
-            Stopped::AfterClosing => storage.give_up(&key, [position]).await,
-            Stopped::AfterClaiming => {}
-            Stopped::AfterPublishing => {
+        match done {
+            Done::ClaimedAndClosed => storage.give_up(&key, [position]).await,
+            Done::Claimed => {}
+            Done::ClaimedAndPublished => {
                 let published = storage.publish_record(&key, position, record).await;
                 assert!(published.unwrap().is_some());
             }
@@ -1627,15 +1627,15 @@ mod tests {
             .unwrap();
         let now = Timestamp::from_millis(1);
         let quota = Quota::UNLIMITED;
-        for (name, stopped, stored_again) in [
-            ("closed", Stopped::AfterClosing, true),
-            ("dead", Stopped::AfterClaiming, true),
-            ("landed", Stopped::AfterPublishing, false),
+        for (name, done, stored_again) in [
+            ("closed", Done::ClaimedAndClosed, true),
+            ("dead", Done::Claimed, true),
+            ("landed", Done::ClaimedAndPublished, false),
         ] {
             let recipient = RecipientId::new(name).unwrap();
             let mut message = record(name.as_bytes());
             message.dedup = true;
-            let first = half_append(&storage, &recipient, &message, stopped).await;
+            let first = half_append(&storage, &recipient, &message, done).await;
             let retry = storage
                 .append_one(&recipient, message.clone(), &quota, now)
                 .await

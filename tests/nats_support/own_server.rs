@@ -1,0 +1,118 @@
+//! `nats-server` processes a test or bench starts itself (Debian's package, free loopback
+//! ports, store directories under a temporary directory): one server, or a 3-node cluster.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian installs the server.
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// Bounds each wait for a server, so a hang fails instead of stalling.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `nats-server` with JetStream, on its own port and store directory; killed on drop.
+pub struct OwnNats {
+    args: Vec<String>,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnNats {
+    /// A server named `name`, storing under `dir/name`; `cluster` is its cluster port and
+    /// every node's cluster port (its routes).
+    pub fn new(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> Self {
+        let mut args = vec![
+            "-js".to_owned(),
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            port.to_string(),
+            "-sd".to_owned(),
+            dir.join(name).display().to_string(),
+            "--server_name".to_owned(),
+            name.to_owned(),
+        ];
+        if let Some((cluster_port, routes)) = cluster {
+            let routes: Vec<String> = routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            args.extend([
+                "--cluster_name".to_owned(),
+                "oq".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".to_owned(),
+                routes.join(","),
+            ]);
+        }
+        Self {
+            args,
+            port,
+            child: None,
+        }
+    }
+
+    /// Starts the server (again, on its files) and waits until it listens.
+    pub fn start(&mut self) {
+        let child = Command::new(NATS_SERVER)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and waits for the process to go.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three clustered servers storing under `dir`, started, and the URL naming all three. A
+/// new cluster elects its JetStream leaders after this returns: connect with retries.
+pub fn start_cluster(dir: &Path) -> (Vec<OwnNats>, String) {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<OwnNats> = (0..3)
+        .map(|i| {
+            OwnNats::new(
+                dir,
+                &format!("n{i}"),
+                ports[i],
+                Some((cluster_ports[i], &cluster_ports)),
+            )
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let url: Vec<String> = ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect();
+    (nodes, url.join(","))
+}
