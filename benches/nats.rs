@@ -82,8 +82,17 @@ async fn storage(url: &str, name: &str, replicas: usize) -> NatsStorage {
         .unwrap()
 }
 
+/// A client of every server in `url` (one, or several separated by commas).
+async fn client(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|server| server.parse().unwrap())
+        .collect();
+    async_nats::connect(servers).await
+}
+
 async fn delete(url: &str, name: &str) {
-    let context = jetstream::new(async_nats::connect(url).await.unwrap());
+    let context = jetstream::new(client(url).await.unwrap());
     for suffix in ["", "_META", "_DEDUP", "_BASE"] {
         let _ = context.delete_stream(format!("{name}{suffix}")).await;
     }
@@ -306,7 +315,7 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
     group.bench_function("jetstream_publish", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url).await.unwrap());
+                let context = jetstream::new(client(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
@@ -357,7 +366,7 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
     group.bench_function("storage_read_for_delivery_and_removal", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url).await.unwrap());
+                let context = jetstream::new(client(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
@@ -380,7 +389,7 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
     group.bench_function("durable_consumer_per_recipient", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
-                let context = jetstream::new(async_nats::connect(url).await.unwrap());
+                let context = jetstream::new(client(url).await.unwrap());
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let name = name();
