@@ -26,6 +26,7 @@
 //! (`OQB_*`), deleted after it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -47,6 +48,9 @@ const BODY: usize = 256;
 const SENDERS: usize = 64;
 const DRAINING: usize = 16;
 const BATCH: usize = 100;
+
+/// Appends that failed retryably and were retried (printed after each target's groups).
+static RETRIED: AtomicU64 = AtomicU64::new(0);
 
 fn url() -> Option<String> {
     let url = std::env::var("OFFLINE_QUEUE_NATS_URL").ok();
@@ -113,10 +117,20 @@ async fn store_with_storage(storage: &NatsStorage) {
                         expires_at: None,
                         body: vec![b'x'; BODY],
                     };
-                    storage
-                        .append_one(&recipient(n % RECIPIENTS), record, &Quota::UNLIMITED, now)
-                        .await
-                        .unwrap();
+                    let to = recipient(n % RECIPIENTS);
+                    // A retryable failure is retried, as a sender would, and counted.
+                    loop {
+                        match storage
+                            .append_one(&to, record.clone(), &Quota::UNLIMITED, now)
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(error) if error.is_retryable() => {
+                                RETRIED.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(error) => panic!("{error}"),
+                        }
+                    }
                 }
             })
         })
@@ -237,6 +251,12 @@ fn single(c: &mut Criterion) {
     };
     store(c, &target, "nats_store_10k_64_senders");
     drain(c, &target, "nats_drain_10k_200_recipients");
+    report_retries("one server");
+}
+
+fn report_retries(on: &str) {
+    let retried = RETRIED.swap(0, Ordering::Relaxed);
+    eprintln!("appends retried after a retryable failure on {on}: {retried}");
 }
 
 /// The same groups on a 3-node cluster this bench starts (Debian's `nats-server`, free
@@ -252,28 +272,19 @@ fn cluster(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (nodes, url) = own_server::start_cluster(dir.path());
     let runtime = runtime();
-    // A new cluster elects its JetStream leaders first.
+    let name = name();
     runtime.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let name = name();
-            match NatsStorage::options()
-                .stream(&name)
-                .prefix(&name)
-                .replicas(3)
-                .connect(&url)
-                .await
-            {
-                Ok(_) => break delete(&url, &name).await,
-                Err(error) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "the cluster never came up: {error}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        own_server::connect_when_ready(
+            || {
+                NatsStorage::options()
+                    .stream(&name)
+                    .prefix(&name)
+                    .replicas(3)
+            },
+            &url,
+        )
+        .await;
+        delete(&url, &name).await;
     });
     let target = Target {
         url: &url,
@@ -283,6 +294,7 @@ fn cluster(c: &mut Criterion) {
     store(c, &target, "nats_r3_store_10k_64_senders");
     drain(c, &target, "nats_r3_drain_10k_200_recipients");
     drop(nodes);
+    report_retries("the R3 cluster");
 }
 
 fn store(c: &mut Criterion, target: &Target, group_name: &str) {

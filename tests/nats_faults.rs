@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nats_support::own_server::{NATS_SERVER, OwnNats, free_port, start_cluster};
+use nats_support::own_server::{
+    NATS_SERVER, OwnNats, connect_when_ready, free_port, start_cluster,
+};
 use nats_support::skip_support;
 use offline_queue::{
     Envelope, Limits, MessageId, NatsStorage, OfflineQueue, RecipientId, StorageExt, Timestamp,
@@ -36,27 +38,16 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("never true: {what}"));
 }
 
-/// Connects once JetStream answers (a new cluster elects its leaders first).
 async fn connect(url: &str, replicas: usize) -> NatsStorage {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match NatsStorage::options()
-            .replicas(replicas)
-            .stale_reservation(Duration::from_secs(1))
-            .connect(url)
-            .await
-        {
-            Ok(storage) => return storage,
-            Err(error) => {
-                assert!(error.is_retryable(), "{error}");
-                assert!(
-                    Instant::now() < deadline,
-                    "jetstream never came up: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    connect_when_ready(
+        || {
+            NatsStorage::options()
+                .replicas(replicas)
+                .stale_reservation(Duration::from_secs(1))
+        },
+        url,
+    )
+    .await
 }
 
 /// What the senders had acknowledged, per recipient in send order.

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use offline_queue::{NatsOptions, NatsStorage};
+
 /// Where Debian installs the server.
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 /// Bounds each wait for a server, so a hang fails instead of stalling.
@@ -115,4 +117,23 @@ pub fn start_cluster(dir: &Path) -> (Vec<OwnNats>, String) {
         .map(|p| format!("nats://127.0.0.1:{p}"))
         .collect();
     (nodes, url.join(","))
+}
+
+/// Connects with `options` once JetStream answers (a new server or cluster elects its
+/// leaders first); a non-retryable error fails at once.
+pub async fn connect_when_ready(options: impl Fn() -> NatsOptions, url: &str) -> NatsStorage {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match options().connect(url).await {
+            Ok(storage) => return storage,
+            Err(error) => {
+                assert!(error.is_retryable(), "{error}");
+                assert!(
+                    Instant::now() < deadline,
+                    "jetstream never came up: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

@@ -159,6 +159,9 @@ const REMOVALS_IN_FLIGHT: usize = 64;
 /// kept (in slots): at most about 12 MiB.
 const META_CACHE: usize = 1_024;
 const META_CACHE_SLOTS: usize = 1_024;
+/// Locks that keep a node's changes of one queue's meta one at a time (queues share them by
+/// hash; see [`NatsStorage::queue_turn`]).
+const CAS_STRIPES: usize = 4_096;
 
 /// Settings for [`NatsStorage`]; from [`NatsStorage::options`].
 #[derive(Clone, Debug)]
@@ -292,6 +295,9 @@ impl NatsOptions {
             shared: Arc::new(Shared {
                 context,
                 metas: parking_lot::Mutex::new(HashMap::new()),
+                cas_stripes: (0..CAS_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
                 removals,
                 records,
                 meta,
@@ -435,6 +441,8 @@ struct Shared {
     context: Context,
     /// The metas this node last saw, by queue key, for appends ([`NatsStorage::cached`]).
     metas: parking_lot::Mutex<HashMap<String, CachedMeta>>,
+    /// See [`NatsStorage::store`].
+    cas_stripes: Box<[tokio::sync::Mutex<()>]>,
     /// Subjects of gone records, for [`remove_in_background`].
     removals: tokio::sync::mpsc::Sender<String>,
     records: Stream,
@@ -562,8 +570,25 @@ impl NatsStorage {
         })
     }
 
+    /// The node's turn to change `key`'s meta: held from reading (or taking from the cache)
+    /// to the compare-and-set, so a node changes a queue one step at a time.
+    ///
+    /// Two reasons. A replicated stream checks the expected sequence on its leader before it
+    /// replicates and applies the message, so two publishes in flight at once, expecting the
+    /// same sequence, can both pass (see [Durability](self#durability)): measured on 2.9.10
+    /// with three replicas, 64 senders on one node to 8 queues, 62 % of appends failed and
+    /// reservations were lost. And in turn, a node's steps never conflict with each other: an
+    /// append starting from the meta the node last wrote wins its compare-and-set unless
+    /// another node wrote since (with writes one at a time but reads outside the turn, 8
+    /// appenders per queue still ran out of attempts).
+    async fn queue_turn(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe =
+            crate::fnv::fnv1a_64(crate::fnv::OFFSET_64, key.as_bytes()) as usize % CAS_STRIPES;
+        self.shared.cas_stripes[stripe].lock().await
+    }
+
     /// Writes `meta` if the subject is still at `revision`: its new revision, or `None` on a
-    /// conflict.
+    /// conflict. Called in the queue's turn ([`NatsStorage::queue_turn`]).
     async fn store(&self, key: &str, meta: &Meta, revision: u64) -> Result<Option<u64>> {
         let publish = Publish::build()
             .payload(Bytes::from(meta.encode()))
@@ -635,6 +660,7 @@ impl NatsStorage {
         key: &str,
         mut change: impl FnMut(&mut Meta) -> Result<Option<T>>,
     ) -> Result<Option<(T, Meta, u64)>> {
+        let _turn = self.queue_turn(key).await;
         for _ in 0..CAS_ATTEMPTS {
             let Some(Loaded { mut meta, revision }) = self.load(key).await? else {
                 return Ok(None);
@@ -1049,6 +1075,7 @@ impl NatsStorage {
         // Written against the meta read, unless a close changed it (or another node did):
         // then the ack and the marks are applied again to the meta as it now is.
         let mut current = (!closed).then_some((meta, revision));
+        let _turn = self.queue_turn(&key).await;
         for _ in 0..CAS_ATTEMPTS {
             let (meta, revision) = match current.take() {
                 Some(loaded) => loaded,
@@ -1142,6 +1169,7 @@ impl Storage for NatsStorage {
             })
             .collect::<Result<Vec<u32>>>()?;
         let mut reserved = None;
+        let turn = self.queue_turn(&key).await;
         let mut cached = self.cached(&key);
         for _ in 0..CAS_ATTEMPTS {
             let from_cache = cached.is_some();
@@ -1162,6 +1190,7 @@ impl Storage for NatsStorage {
             }
             self.contended(&key);
         }
+        drop(turn);
         let Some((plan, mut pending)) = reserved else {
             return Err(contended());
         };
