@@ -73,7 +73,10 @@
 //!
 //! Two round trips for a send without an id when this node's last view of the queue's meta
 //! is current (it keeps those of 1,024 queues; a conflict reads the meta and tries again),
-//! three otherwise. A reservation whose records are not yet published is a position with
+//! three otherwise. A node changes each queue's meta one step at a time, and the appends to
+//! one queue that wait meanwhile share the next step: one compare-and-set reserves for all
+//! of them, each decided alone (a full queue refuses only the appends that do not fit).
+//! A reservation whose records are not yet published is a position with
 //! nothing in it: a reader waits there, asking the stream's leader, until the record shows
 //! or the reservation is older than [`NatsOptions::stale_reservation`] (its appender died or
 //! gave up). Then the reader publishes a tombstone there, expecting the position empty, so
@@ -131,7 +134,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use self::meta::Meta;
+use self::meta::{Meta, Reserved};
 use super::{
     Ack, AppendOutcome, Appended, Capabilities, NewRecord, PurgeOutcome, ReadBatch, RecipientStats,
     Storage, StoredRecord,
@@ -302,6 +305,7 @@ impl NatsOptions {
                 cas_stripes: (0..CAS_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                gathering: parking_lot::Mutex::new(HashMap::new()),
                 removals,
                 records,
                 meta,
@@ -445,8 +449,10 @@ struct Shared {
     context: Context,
     /// The metas this node last saw, by queue key, for appends ([`NatsStorage::cached`]).
     metas: parking_lot::Mutex<HashMap<String, CachedMeta>>,
-    /// See [`NatsStorage::store`].
+    /// See [`NatsStorage::queue_turn`].
     cas_stripes: Box<[tokio::sync::Mutex<()>]>,
+    /// Appends waiting to reserve, by queue key ([`NatsStorage::reserve`]).
+    gathering: parking_lot::Mutex<HashMap<String, Vec<WaitingAppend>>>,
     /// Subjects of gone records, for [`remove_in_background`].
     removals: tokio::sync::mpsc::Sender<String>,
     records: Stream,
@@ -482,6 +488,13 @@ struct DedupEntry {
     position: u64,
     sent_at: u64,
     sequence: u64,
+}
+
+/// An append waiting for [`NatsStorage::reserve_gathered`].
+struct WaitingAppend {
+    sizes: Vec<u32>,
+    quota: Quota,
+    answer: tokio::sync::oneshot::Sender<Result<(Reserved, u64)>>,
 }
 
 /// What a sender-chosen id's dedup entry decides ([`NatsStorage::resolve_claim`]).
@@ -589,6 +602,110 @@ impl NatsStorage {
         let stripe =
             crate::fnv::fnv1a_64(crate::fnv::OFFSET_64, key.as_bytes()) as usize % CAS_STRIPES;
         self.shared.cas_stripes[stripe].lock().await
+    }
+
+    /// Reserves positions for records of `sizes` under `quota`; returns the plan and the
+    /// records pending once it is written. Appends to one queue that wait at the same moment
+    /// share one compare-and-set: the first starts a task that waits for the queue's turn
+    /// and then reserves, in arrival order, for every append gathered by then (each decided
+    /// alone: a full queue refuses only the append that does not fit).
+    async fn reserve(&self, key: &str, sizes: Vec<u32>, quota: &Quota) -> Result<(Reserved, u64)> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut gathering = self.shared.gathering.lock();
+            let waiting = gathering.entry(key.to_owned()).or_default();
+            waiting.push(WaitingAppend {
+                sizes,
+                quota: *quota,
+                answer,
+            });
+            waiting.len() == 1
+        };
+        if first {
+            // A task of its own, so an append dropped while it waits strands no other.
+            let (storage, key) = (self.clone(), key.to_owned());
+            tokio::spawn(async move { storage.reserve_gathered(&key).await });
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(Error::storage_msg(
+                Retry::Yes,
+                "nats: the reservation's task ended without an answer",
+            ))
+        })
+    }
+
+    /// The task [`NatsStorage::reserve`] starts: in the queue's turn, reserves for every
+    /// append gathered, and answers each.
+    async fn reserve_gathered(&self, key: &str) {
+        let turn = self.queue_turn(key).await;
+        let gathered = self.shared.gathering.lock().remove(key).unwrap_or_default();
+        let (asks, answers): (Vec<_>, Vec<_>) = gathered
+            .into_iter()
+            .map(|r| ((r.sizes, r.quota), r.answer))
+            .unzip();
+        let outcomes = self.reserve_all(key, &asks).await;
+        drop(turn);
+        match outcomes {
+            Ok(outcomes) => {
+                for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let _ = answer.send(outcome);
+                }
+            }
+            Err(error) if answers.len() == 1 => {
+                let _ = answers
+                    .into_iter()
+                    .next()
+                    .map(|answer| answer.send(Err(error)));
+            }
+            Err(error) => {
+                // Each append gets the error's kind and text (an `Error` is not `Clone`).
+                let retry = if error.is_retryable() {
+                    Retry::Yes
+                } else {
+                    Retry::No
+                };
+                for answer in answers {
+                    let _ = answer.send(Err(Error::storage_msg(retry, error.to_string())));
+                }
+            }
+        }
+    }
+
+    /// One compare-and-set reserving for each of `asks` in turn, retried on a conflict. In
+    /// the queue's turn.
+    async fn reserve_all(
+        &self,
+        key: &str,
+        asks: &[(Vec<u32>, Quota)],
+    ) -> Result<Vec<Result<(Reserved, u64)>>> {
+        let mut cached = self.cached(key);
+        for _ in 0..CAS_ATTEMPTS {
+            let from_cache = cached.is_some();
+            let Loaded { mut meta, revision } = match cached.take() {
+                Some(loaded) => loaded,
+                None => self.load_or_new(key).await?,
+            };
+            meta.forget_reservations(self.stale_before_ms());
+            let (now, merge) = (wall_ms(), self.merge_ms());
+            let plans: Vec<Result<Reserved>> = asks
+                .iter()
+                .map(|(sizes, quota)| meta.reserve(sizes, quota, now, merge))
+                .collect();
+            let refused = plans.iter().filter(|plan| plan.is_err()).count();
+            // Acks elsewhere may have made room: only a meta just read says "full".
+            if refused > 0 && from_cache {
+                continue;
+            }
+            if refused == plans.len() || self.store(key, &meta, revision).await?.is_some() {
+                let pending = meta.live().0;
+                return Ok(plans
+                    .into_iter()
+                    .map(|plan| plan.map(|plan| (plan, pending)))
+                    .collect());
+            }
+            self.contended(key);
+        }
+        Err(contended())
     }
 
     /// Writes `meta` if the subject is still at `revision`: its new revision, or `None` on a
@@ -1172,32 +1289,7 @@ impl Storage for NatsStorage {
                 })
             })
             .collect::<Result<Vec<u32>>>()?;
-        let mut reserved = None;
-        let turn = self.queue_turn(&key).await;
-        let mut cached = self.cached(&key);
-        for _ in 0..CAS_ATTEMPTS {
-            let from_cache = cached.is_some();
-            let Loaded { mut meta, revision } = match cached.take() {
-                Some(loaded) => loaded,
-                None => self.load_or_new(&key).await?,
-            };
-            meta.forget_reservations(self.stale_before_ms());
-            let plan = match meta.reserve(&sizes, quota, wall_ms(), self.merge_ms()) {
-                Ok(plan) => plan,
-                // Acks elsewhere may have made room: only a meta just read says "full".
-                Err(_) if from_cache => continue,
-                Err(error) => return Err(error),
-            };
-            if self.store(&key, &meta, revision).await?.is_some() {
-                reserved = Some((plan, meta.live().0));
-                break;
-            }
-            self.contended(&key);
-        }
-        drop(turn);
-        let Some((plan, mut pending)) = reserved else {
-            return Err(contended());
-        };
+        let (plan, mut pending) = self.reserve(&key, sizes, quota).await?;
         let positions: HashMap<usize, u64> = to_store
             .iter()
             .enumerate()
@@ -1590,6 +1682,84 @@ mod tests {
             (2, 1),
             "the hole counts as lost"
         );
+
+        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
+    /// Appends to one queue that wait at the same moment share one compare-and-set, each
+    /// decided alone: with the queue's turn held while 64 appends gather, the meta is
+    /// written once for all of them, and a quota refuses only those past it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_waiting_together_share_one_meta_write() {
+        let Some(url) = url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .connect(&url)
+            .await
+            .unwrap();
+        let bob = RecipientId::new("bob").unwrap();
+        let key = NatsStorage::key(&bob);
+        let now = Timestamp::from_millis(1);
+        let quota = Quota {
+            max_messages: 50,
+            overflow: crate::limits::Overflow::Reject,
+            ..Quota::UNLIMITED
+        };
+        let first = storage
+            .append_one(&bob, record(b"first"), &quota, now)
+            .await
+            .unwrap();
+        let mut metas = storage.shared.meta.clone();
+        let writes_before = metas.info().await.unwrap().state.last_sequence;
+
+        let turn = storage.queue_turn(&key).await;
+        let appends: Vec<_> = (0..64)
+            .map(|n| {
+                let (storage, bob) = (storage.clone(), bob.clone());
+                tokio::spawn(async move {
+                    let body = format!("{n}").into_bytes();
+                    storage.append_one(&bob, record(&body), &quota, now).await
+                })
+            })
+            .collect();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while storage
+                .shared
+                .gathering
+                .lock()
+                .get(&key)
+                .map_or(0, Vec::len)
+                < 64
+            {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("64 appends gather while the turn is held");
+        drop(turn);
+        let mut stored = Vec::new();
+        let mut refused = 0;
+        for append in appends {
+            match append.await.unwrap() {
+                Ok(outcome) => stored.push(outcome.record.seq().0),
+                Err(Error::QueueFull { .. }) => refused += 1,
+                Err(error) => panic!("{error}"),
+            }
+        }
+        let writes = metas.info().await.unwrap().state.last_sequence - writes_before;
+        assert_eq!(writes, 1, "one meta write for the 64 appends");
+        assert_eq!((stored.len(), refused), (49, 15), "the quota of 50 holds");
+        stored.sort_unstable();
+        let expected: Vec<u64> = (1..=49).map(|k| first.record.seq().0 + k).collect();
+        assert_eq!(stored, expected, "positions follow on, none shared");
+        assert_eq!(storage.read_all(&bob, now).await.unwrap().len(), 50);
 
         let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
         for suffix in ["", "_META", "_DEDUP"] {
