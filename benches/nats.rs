@@ -102,8 +102,9 @@ async fn delete(url: &str, name: &str) {
     }
 }
 
-/// Every message appended by `SENDERS` tasks, each taking every `SENDERS`-th message.
-async fn store_with_storage(storage: &NatsStorage) {
+/// Every message appended by `SENDERS` tasks, each taking every `SENDERS`-th message, spread
+/// over `recipients`.
+async fn store_with_storage(storage: &NatsStorage, recipients: usize) {
     let now = Timestamp::now_system();
     let tasks: Vec<_> = (0..SENDERS)
         .map(|sender| {
@@ -117,7 +118,7 @@ async fn store_with_storage(storage: &NatsStorage) {
                         expires_at: None,
                         body: vec![b'x'; BODY],
                     };
-                    let to = recipient(n % RECIPIENTS);
+                    let to = recipient(n % recipients);
                     // A retryable failure is retried, as a sender would, and counted.
                     loop {
                         match storage
@@ -316,7 +317,24 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
                     let name = name();
                     let storage = storage(url, &name, replicas).await;
                     let start = Instant::now();
-                    store_with_storage(&storage).await;
+                    store_with_storage(&storage, RECIPIENTS).await;
+                    total += start.elapsed();
+                    delete(url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    // Hot queues: the same messages to 10 recipients, about six appends to each in flight.
+    group.bench_function("storage_append_one_10_recipients", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = storage(url, &name, replicas).await;
+                    let start = Instant::now();
+                    store_with_storage(&storage, 10).await;
                     total += start.elapsed();
                     delete(url, &name).await;
                 }
@@ -362,7 +380,7 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
                 for _ in 0..iters {
                     let name = name();
                     let storage = storage(url, &name, replicas).await;
-                    store_with_storage(&storage).await;
+                    store_with_storage(&storage, RECIPIENTS).await;
                     let start = Instant::now();
                     let got = drain_with_storage(&storage).await;
                     total += start.elapsed();
@@ -383,7 +401,7 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
                 for _ in 0..iters {
                     let name = name();
                     let storage = storage(url, &name, replicas).await;
-                    store_with_storage(&storage).await;
+                    store_with_storage(&storage, RECIPIENTS).await;
                     let mut records = context.get_stream(&name).await.unwrap();
                     let start = Instant::now();
                     let got = drain_with_storage(&storage).await;
