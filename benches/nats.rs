@@ -4,6 +4,9 @@
 //!   `NatsStorage::append_one` (read the queue's meta, write it back by compare-and-set,
 //!   publish the record: three round trips) against a bare JetStream publish awaiting its ack
 //!   (one round trip, no quota, no order per recipient, no dedup of our own).
+//!   `storage_append_one_10_recipients`: the same to 10 hot recipients (about six appends to
+//!   each in flight), where a node's appends to one queue share its compare-and-sets. A
+//!   retryable failure is retried and counted (printed after each target's groups).
 //! - **drain**: the same 10,000 pending messages (filled untimed), 16 recipients drained at
 //!   once. `read_for_delivery` in batches of 100 with the previous batch's cumulative ack (as a
 //!   session does) against the usual JetStream way: a durable pull consumer per recipient
