@@ -21,8 +21,9 @@ const PER_SENDER: usize = 20;
 /// Many concurrent appends from one node to a few queues of a replicated stream. A cluster
 /// checks a compare-and-set's expected sequence on the leader before it replicates the write,
 /// so two of a node's writes of one queue's meta in flight at once could both pass and one
-/// be lost (measured: about 2 % of appends failed in the bench before a node sent them one at
-/// a time). Every append succeeds, and each queue holds exactly what was appended to it.
+/// be lost (measured: without a node's changes of a queue going one at a time, 795 and 858 of
+/// this test's 1,280 appends failed in two runs). Every append succeeds, and each queue holds
+/// exactly what was appended to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_from_one_node_to_a_replicated_queue_all_land_once() {
     if skip_support::program_missing(

@@ -52,11 +52,12 @@
 //! that stops leaves queued, the stream's `max_age` removes.
 //!
 //! # An append
-//! 1. Reads the meta and the dedup entries of its sender-chosen ids. An id claimed within
+//! 1. Reads the dedup entries of its sender-chosen ids. An id claimed within
 //!    `Quota::dedup_window` answers with the original's position (even if it was acked),
 //!    once the claim is checked against that position (below).
-//! 2. Reserves positions under the quota (dropping the oldest, counted as lost, with
-//!    `Overflow::DropOldest`) and writes the meta back by compare-and-set.
+//! 2. Reads the meta (or starts from the node's last view of it), reserves positions under
+//!    the quota (dropping the oldest, counted as lost, with `Overflow::DropOldest`) and
+//!    writes the meta back by compare-and-set.
 //! 3. Claims each sender-chosen id for its position (a publish expecting the entry it read):
 //!    if another append claimed it meanwhile, ours gives way (a tombstone over our position)
 //!    and the append reports the duplicate.
@@ -65,10 +66,13 @@
 //! **Claims go first, so a retried send is stored once.** A send can fail after its record
 //! landed (the publish's answer lost with the connection); its sender retries with the same
 //! id and finds the claim. A claim whose record never landed stays behind too, so a claim
-//! stands only for a position that holds its record, held it (acked or dropped since;
-//! tombstones are never removed before `max_age`, so a position with nothing there did hold
-//! a record), or is still reserved (waited for as a reader waits at a hole). A tombstone
-//! there voids it, and the retry stores the message. `tests/nats_faults.rs` retries every
+//! stands only for a position that holds its record, held it (acked or dropped since: a
+//! position closed without a record is marked gone in the meta, and its tombstone stays
+//! until `max_age`, so a gone position with nothing there did hold a record), or is still
+//! reserved (waited for as a reader waits at a hole). A tombstone there voids it, and the
+//! retry stores the message. One narrow case answers a retry as a duplicate of nothing: an
+//! appender that closed its position but could not mark it gone (three tries), whose
+//! position an overflow then dropped (purging the tombstone) before the retry came. `tests/nats_faults.rs` retries every
 //! failed send with its id through a server kill and checks each is stored exactly once.
 //!
 //! Two round trips for a send without an id when this node's last view of the queue's meta
@@ -494,7 +498,17 @@ struct DedupEntry {
 struct WaitingAppend {
     sizes: Vec<u32>,
     quota: Quota,
-    answer: tokio::sync::oneshot::Sender<Result<(Reserved, u64)>>,
+    answer: tokio::sync::oneshot::Sender<Result<Granted>>,
+}
+
+/// What an append's reservation got.
+struct Granted {
+    plan: Reserved,
+    /// Records pending once the reservation is written.
+    pending: u64,
+    /// Its own positions a later append of the same write dropped (DropOldest): nothing is
+    /// published there.
+    dropped_at_once: Vec<u64>,
 }
 
 /// What a sender-chosen id's dedup entry decides ([`NatsStorage::resolve_claim`]).
@@ -587,8 +601,10 @@ impl NatsStorage {
         })
     }
 
-    /// The node's turn to change `key`'s meta: held from reading (or taking from the cache)
-    /// to the compare-and-set, so a node changes a queue one step at a time.
+    /// The node's turn to change `key`'s meta, so a node changes a queue one step at a time:
+    /// an append or an update holds it from reading the meta (or taking it from the cache)
+    /// to the compare-and-set; a session's read, which reads the meta before its records,
+    /// holds it for its write, and on a conflict reads and applies its change again.
     ///
     /// Two reasons. A replicated stream checks the expected sequence on its leader before it
     /// replicates and applies the message, so two publishes in flight at once, expecting the
@@ -609,7 +625,7 @@ impl NatsStorage {
     /// share one compare-and-set: the first starts a task that waits for the queue's turn
     /// and then reserves, in arrival order, for every append gathered by then (each decided
     /// alone: a full queue refuses only the append that does not fit).
-    async fn reserve(&self, key: &str, sizes: Vec<u32>, quota: &Quota) -> Result<(Reserved, u64)> {
+    async fn reserve(&self, key: &str, sizes: Vec<u32>, quota: &Quota) -> Result<Granted> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let first = {
             let mut gathering = self.shared.gathering.lock();
@@ -635,38 +651,46 @@ impl NatsStorage {
     }
 
     /// The task [`NatsStorage::reserve`] starts: in the queue's turn, reserves for every
-    /// append gathered, and answers each.
+    /// append gathered (and still waiting), and answers each.
     async fn reserve_gathered(&self, key: &str) {
+        // Should this task be dropped before it takes the gathering (a runtime shutting
+        // down), the guard removes it: its appends then fail, and later ones start afresh.
+        let mut guard = GatheringGuard {
+            storage: self,
+            key,
+            taken: false,
+        };
         let turn = self.queue_turn(key).await;
         let gathered = self.shared.gathering.lock().remove(key).unwrap_or_default();
+        guard.taken = true;
+        // An append dropped while it waited reserves nothing (it would leave a hole).
         let (asks, answers): (Vec<_>, Vec<_>) = gathered
             .into_iter()
-            .map(|r| ((r.sizes, r.quota), r.answer))
+            .filter(|waiting| !waiting.answer.is_closed())
+            .map(|waiting| ((waiting.sizes, waiting.quota), waiting.answer))
             .unzip();
+        if asks.is_empty() {
+            return;
+        }
         let outcomes = self.reserve_all(key, &asks).await;
         drop(turn);
-        match outcomes {
-            Ok(outcomes) => {
-                for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(outcome);
-                }
-            }
-            Err(error) if answers.len() == 1 => {
-                let _ = answers
-                    .into_iter()
-                    .next()
-                    .map(|answer| answer.send(Err(error)));
-            }
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
             Err(error) => {
-                // Each append gets the error's kind and text (an `Error` is not `Clone`).
-                let retry = if error.is_retryable() {
-                    Retry::Yes
-                } else {
-                    Retry::No
-                };
                 for answer in answers {
-                    let _ = answer.send(Err(Error::storage_msg(retry, error.to_string())));
+                    let _ = answer.send(Err(share(&error)));
                 }
+                return;
+            }
+        };
+        for ((answer, outcome), (sizes, _)) in answers.into_iter().zip(outcomes).zip(&asks) {
+            // Dropped since it was planned: what it reserved is closed, what it dropped goes.
+            if let Err(Ok(granted)) = answer.send(outcome) {
+                let first = granted.plan.first;
+                let unused = (first..first + sizes.len() as u64)
+                    .filter(|position| !granted.dropped_at_once.contains(position));
+                self.give_up(key, unused.collect::<Vec<_>>()).await;
+                self.remove_later(key, granted.plan.dropped).await;
             }
         }
     }
@@ -677,7 +701,7 @@ impl NatsStorage {
         &self,
         key: &str,
         asks: &[(Vec<u32>, Quota)],
-    ) -> Result<Vec<Result<(Reserved, u64)>>> {
+    ) -> Result<Vec<Result<Granted>>> {
         let mut cached = self.cached(key);
         for _ in 0..CAS_ATTEMPTS {
             let from_cache = cached.is_some();
@@ -697,11 +721,7 @@ impl NatsStorage {
                 continue;
             }
             if refused == plans.len() || self.store(key, &meta, revision).await?.is_some() {
-                let pending = meta.live().0;
-                return Ok(plans
-                    .into_iter()
-                    .map(|plan| plan.map(|plan| (plan, pending)))
-                    .collect());
+                return Ok(granted(plans, asks, meta.live().0));
             }
             self.contended(key);
         }
@@ -909,6 +929,92 @@ impl NatsStorage {
     }
 }
 
+/// Each ask's grant from plans made in turn on one meta. A DropOldest plan may drop
+/// positions an earlier ask of the same write reserved: those are taken out of its removals
+/// (nothing is there yet) and given to the earlier ask as dropped at once, so it publishes
+/// nothing there (its records count as stored, then lost, as DropOldest says).
+fn granted(
+    plans: Vec<Result<Reserved>>,
+    asks: &[(Vec<u32>, Quota)],
+    pending: u64,
+) -> Vec<Result<Granted>> {
+    let reserved: Vec<Option<std::ops::Range<u64>>> = plans
+        .iter()
+        .zip(asks)
+        .map(|(plan, (sizes, _))| {
+            plan.as_ref()
+                .ok()
+                .map(|plan| plan.first..plan.first + sizes.len() as u64)
+        })
+        .collect();
+    let mut at_once: Vec<Vec<u64>> = vec![Vec::new(); plans.len()];
+    let mut plans: Vec<Result<Reserved>> = plans;
+    for plan in plans.iter_mut().flatten() {
+        plan.dropped.retain(|&position| {
+            let earlier = reserved
+                .iter()
+                .position(|range| range.as_ref().is_some_and(|r| r.contains(&position)));
+            match earlier {
+                Some(ask) => {
+                    at_once[ask].push(position);
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+    plans
+        .into_iter()
+        .zip(at_once)
+        .map(|(plan, dropped_at_once)| {
+            plan.map(|plan| Granted {
+                plan,
+                pending,
+                dropped_at_once,
+            })
+        })
+        .collect()
+}
+
+/// `error` again, for each of several appends that share it (an [`Error`] is not `Clone`;
+/// a storage error keeps its message, kind and source).
+fn share(error: &Error) -> Error {
+    match error {
+        Error::Storage {
+            message,
+            retryable,
+            source,
+        } => Error::Storage {
+            message: message.clone(),
+            retryable: *retryable,
+            source: source.clone(),
+        },
+        other => Error::storage_msg(
+            if other.is_retryable() {
+                Retry::Yes
+            } else {
+                Retry::No
+            },
+            other.to_string(),
+        ),
+    }
+}
+
+/// Removes a gathering its task never took ([`NatsStorage::reserve_gathered`]).
+struct GatheringGuard<'a> {
+    storage: &'a NatsStorage,
+    key: &'a str,
+    taken: bool,
+}
+
+impl Drop for GatheringGuard<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.storage.shared.gathering.lock().remove(self.key);
+        }
+    }
+}
+
 /// A record, or a tombstone, from the message read at `subject`.
 fn found(subject: &str, position: u64, message: StreamMessage) -> Result<Found> {
     let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
@@ -1092,7 +1198,14 @@ impl NatsStorage {
     async fn give_up(&self, key: &str, positions: impl IntoIterator<Item = u64>) {
         for position in positions {
             if self.close(key, position, false).await.unwrap_or(false) {
-                let _ = self.abandon(key, position, false).await;
+                // Retried: while the meta holds a closed position, an overflow may drop it
+                // and purge its tombstone, and a claim on it would then stand (see
+                // `resolve_claim`).
+                for _ in 0..3 {
+                    if self.abandon(key, position, false).await.is_ok() {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -1196,7 +1309,7 @@ impl NatsStorage {
         // Written against the meta read, unless a close changed it (or another node did):
         // then the ack and the marks are applied again to the meta as it now is.
         let mut current = (!closed).then_some((meta, revision));
-        let _turn = self.queue_turn(&key).await;
+        let turn = self.queue_turn(&key).await;
         for _ in 0..CAS_ATTEMPTS {
             let (meta, revision) = match current.take() {
                 Some(loaded) => loaded,
@@ -1210,6 +1323,8 @@ impl NatsStorage {
                 }
             };
             if self.store(&key, &meta, revision).await?.is_some() {
+                // Out of the turn: waiting for room among the removals holds up no one.
+                drop(turn);
                 self.remove_later(&key, acked.positions).await;
                 return Ok((acked.acked, batch));
             }
@@ -1289,7 +1404,11 @@ impl Storage for NatsStorage {
                 })
             })
             .collect::<Result<Vec<u32>>>()?;
-        let (plan, mut pending) = self.reserve(&key, sizes, quota).await?;
+        let Granted {
+            plan,
+            mut pending,
+            dropped_at_once,
+        } = self.reserve(&key, sizes, quota).await?;
         let positions: HashMap<usize, u64> = to_store
             .iter()
             .enumerate()
@@ -1298,8 +1417,9 @@ impl Storage for NatsStorage {
         // Ids are claimed before their records go out: a record is never stored without
         // its claim, so a send retried after any failure finds the claim, and the claim is
         // checked against its position (see `resolve_claim`).
+        // In id order, so two appends claiming the same ids never wait on each other's.
         let mut claiming: Vec<(usize, u64)> = expected.into_iter().collect();
-        claiming.sort_unstable();
+        claiming.sort_unstable_by_key(|&(i, _)| records[i].id);
         for (i, over) in claiming {
             match self
                 .claim_or_yield(&key, &records[i], positions[&i], over, window, now)
@@ -1325,7 +1445,7 @@ impl Storage for NatsStorage {
         let publishing: Vec<usize> = to_store
             .iter()
             .copied()
-            .filter(|&i| outcome[i].is_none())
+            .filter(|&i| outcome[i].is_none() && !dropped_at_once.contains(&positions[&i]))
             .collect();
         let publishes = futures::future::join_all(
             publishing
@@ -1690,8 +1810,9 @@ mod tests {
     }
 
     /// Appends to one queue that wait at the same moment share one compare-and-set, each
-    /// decided alone: with the queue's turn held while 64 appends gather, the meta is
-    /// written once for all of them, and a quota refuses only those past it.
+    /// decided alone: with the queue's turn held while 65 appends gather, the meta is
+    /// written once for all of them, and a quota refuses only those past it (the first in
+    /// line, too big, is refused without stopping the rest).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_waiting_together_share_one_meta_write() {
         let Some(url) = url() else {
@@ -1709,6 +1830,7 @@ mod tests {
         let now = Timestamp::from_millis(1);
         let quota = Quota {
             max_messages: 50,
+            max_bytes: 1_000,
             overflow: crate::limits::Overflow::Reject,
             ..Quota::UNLIMITED
         };
@@ -1720,6 +1842,35 @@ mod tests {
         let writes_before = metas.info().await.unwrap().state.last_sequence;
 
         let turn = storage.queue_turn(&key).await;
+        let gathered = |count: usize| {
+            let storage = storage.clone();
+            let key = key.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while storage
+                        .shared
+                        .gathering
+                        .lock()
+                        .get(&key)
+                        .map_or(0, Vec::len)
+                        < count
+                    {
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("the appends gather while the turn is held");
+            }
+        };
+        // First in line, one append over the byte quota: refused alone, the rest go on.
+        let too_big = {
+            let (storage, bob) = (storage.clone(), bob.clone());
+            tokio::spawn(async move {
+                let body = vec![b'x'; 2_000];
+                storage.append_one(&bob, record(&body), &quota, now).await
+            })
+        };
+        gathered(1).await;
         let appends: Vec<_> = (0..64)
             .map(|n| {
                 let (storage, bob) = (storage.clone(), bob.clone());
@@ -1729,21 +1880,12 @@ mod tests {
                 })
             })
             .collect();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while storage
-                .shared
-                .gathering
-                .lock()
-                .get(&key)
-                .map_or(0, Vec::len)
-                < 64
-            {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("64 appends gather while the turn is held");
+        gathered(65).await;
         drop(turn);
+        assert!(
+            matches!(too_big.await.unwrap(), Err(Error::QueueFull { .. })),
+            "over the byte quota"
+        );
         let mut stored = Vec::new();
         let mut refused = 0;
         for append in appends {
@@ -1754,7 +1896,7 @@ mod tests {
             }
         }
         let writes = metas.info().await.unwrap().state.last_sequence - writes_before;
-        assert_eq!(writes, 1, "one meta write for the 64 appends");
+        assert_eq!(writes, 1, "one meta write for the 65 appends");
         assert_eq!((stored.len(), refused), (49, 15), "the quota of 50 holds");
         stored.sort_unstable();
         let expected: Vec<u64> = (1..=49).map(|k| first.record.seq().0 + k).collect();
@@ -1765,6 +1907,102 @@ mod tests {
         for suffix in ["", "_META", "_DEDUP"] {
             let _ = context.delete_stream(format!("{name}{suffix}")).await;
         }
+    }
+
+    /// An append dropped while it waits for the queue's turn reserves nothing: no hole for
+    /// readers to wait out, and the next append takes the next position.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_dropped_while_waiting_reserves_nothing() {
+        let Some(url) = url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .connect(&url)
+            .await
+            .unwrap();
+        let bob = RecipientId::new("bob").unwrap();
+        let key = NatsStorage::key(&bob);
+        let now = Timestamp::from_millis(1);
+        let quota = Quota::UNLIMITED;
+        let first = storage
+            .append_one(&bob, record(b"first"), &quota, now)
+            .await
+            .unwrap();
+        let mut metas = storage.shared.meta.clone();
+        let writes_before = metas.info().await.unwrap().state.last_sequence;
+
+        let turn = storage.queue_turn(&key).await;
+        let dropped = {
+            let (storage, bob) = (storage.clone(), bob.clone());
+            tokio::spawn(async move { storage.append_one(&bob, record(b"x"), &quota, now).await })
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while storage.shared.gathering.lock().get(&key).is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the append waits for the turn");
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        drop(turn);
+
+        let next = storage
+            .append_one(&bob, record(b"next"), &quota, now)
+            .await
+            .unwrap();
+        assert_eq!(next.record, Appended::Stored(Seq(first.record.seq().0 + 1)));
+        let writes = metas.info().await.unwrap().state.last_sequence - writes_before;
+        assert_eq!(writes, 1, "only the next append wrote the meta");
+        let bodies: Vec<Bytes> = storage
+            .read_all(&bob, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.body)
+            .collect();
+        assert_eq!(bodies, [&b"first"[..], b"next"]);
+
+        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
+    /// Under DropOldest, a later append of one shared write may drop positions an earlier
+    /// one reserved: they leave the later one's removals and the earlier one publishes
+    /// nothing there.
+    #[test]
+    fn positions_dropped_within_one_write_are_not_published_or_removed() {
+        let quota = Quota::UNLIMITED;
+        let asks = vec![(vec![1, 1], quota), (vec![1], quota), (vec![1], quota)];
+        let plans = vec![
+            Ok(Reserved {
+                first: 11,
+                dropped: vec![7],
+            }),
+            Err(Error::TtlZero),
+            // Drops an older record, and the first ask's first position.
+            Ok(Reserved {
+                first: 13,
+                dropped: vec![8, 11],
+            }),
+        ];
+        let grants = granted(plans, &asks, 3);
+        let first = grants[0].as_ref().unwrap();
+        assert_eq!(
+            (&first.plan.dropped, &first.dropped_at_once),
+            (&vec![7], &vec![11])
+        );
+        assert!(grants[1].is_err());
+        let third = grants[2].as_ref().unwrap();
+        assert_eq!(
+            (&third.plan.dropped, &third.dropped_at_once, third.pending),
+            (&vec![8], &vec![], 3)
+        );
     }
 
     /// What an append with a sender-chosen id had done when its node failed.
