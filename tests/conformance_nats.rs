@@ -161,3 +161,61 @@ async fn two_nodes_on_one_queue_see_each_others_changes() {
     assert_eq!(bodies, [2, 3, 4]);
     nats_support::delete(&url, &[name]).await;
 }
+
+/// The same sender-chosen id sent by two nodes at once, for many ids: each is stored once,
+/// both sends answer with its position, and the queue holds each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_sent_by_two_nodes_at_once_is_stored_once() {
+    use offline_queue::storage::{Appended, NewRecord};
+    use offline_queue::{MessageId, Quota, RecipientId, Timestamp};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let (a, b) = (
+        nats_support::connect(&url, &name).await,
+        nats_support::connect(&url, &name).await,
+    );
+    let now = Timestamp::now_system();
+    let bob = RecipientId::new("bob").unwrap();
+    let ids: Vec<MessageId> = (0..40u8)
+        .map(|n| MessageId::derive(b"two nodes", &[n]))
+        .collect();
+    let send = |node: &offline_queue::NatsStorage, n: usize| {
+        let (node, bob, id) = (node.clone(), bob.clone(), ids[n]);
+        tokio::spawn(async move {
+            let record = NewRecord {
+                id,
+                dedup: true,
+                sent_at: now,
+                expires_at: None,
+                body: vec![n as u8],
+            };
+            node.append_one(&bob, record, &Quota::UNLIMITED, now)
+                .await
+                .unwrap()
+                .record
+        })
+    };
+    let sends: Vec<_> = (0..ids.len()).map(|n| (send(&a, n), send(&b, n))).collect();
+    for (n, (from_a, from_b)) in sends.into_iter().enumerate() {
+        let (from_a, from_b) = (from_a.await.unwrap(), from_b.await.unwrap());
+        assert_eq!(from_a.seq(), from_b.seq(), "id {n}: one position");
+        let stored = [from_a, from_b]
+            .iter()
+            .filter(|outcome| matches!(outcome, Appended::Stored(_)))
+            .count();
+        assert_eq!(stored, 1, "id {n}: one store, one duplicate");
+    }
+    let mut bodies: Vec<u8> = a
+        .read_all(&bob, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.body[0])
+        .collect();
+    bodies.sort_unstable();
+    assert_eq!(bodies, (0..40u8).collect::<Vec<_>>(), "each message once");
+    nats_support::delete(&url, &[name]).await;
+}
