@@ -1721,6 +1721,27 @@ mod tests {
         url
     }
 
+    /// A storage on streams of its own (`OQT_*`), and their name.
+    async fn own_storage(url: &str, stale_reservation: Duration) -> (NatsStorage, String) {
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .stale_reservation(stale_reservation)
+            .connect(url)
+            .await
+            .unwrap();
+        (storage, name)
+    }
+
+    /// Deletes the streams of [`own_storage`].
+    async fn delete_streams(url: &str, name: &str) {
+        let context = jetstream::new(async_nats::connect(url).await.unwrap());
+        for suffix in ["", "_META", "_DEDUP"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
     fn record(body: &[u8]) -> NewRecord {
         NewRecord {
             id: MessageId::generate(),
@@ -1739,14 +1760,7 @@ mod tests {
         let Some(url) = url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsStorage::options()
-            .stream(&name)
-            .prefix(&name)
-            .stale_reservation(Duration::from_secs(1))
-            .connect(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url, Duration::from_secs(1)).await;
         let bob = RecipientId::new("bob").unwrap();
         let key = NatsStorage::key(&bob);
         let now = Timestamp::from_millis(1);
@@ -1803,10 +1817,7 @@ mod tests {
             "the hole counts as lost"
         );
 
-        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
-        for suffix in ["", "_META", "_DEDUP"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name).await;
     }
 
     /// Appends to one queue that wait at the same moment share one compare-and-set, each
@@ -1818,13 +1829,7 @@ mod tests {
         let Some(url) = url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsStorage::options()
-            .stream(&name)
-            .prefix(&name)
-            .connect(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url, NatsOptions::default().stale_reservation).await;
         let bob = RecipientId::new("bob").unwrap();
         let key = NatsStorage::key(&bob);
         let now = Timestamp::from_millis(1);
@@ -1903,10 +1908,7 @@ mod tests {
         assert_eq!(stored, expected, "positions follow on, none shared");
         assert_eq!(storage.read_all(&bob, now).await.unwrap().len(), 50);
 
-        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
-        for suffix in ["", "_META", "_DEDUP"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name).await;
     }
 
     /// An append dropped while it waits for the queue's turn reserves nothing: no hole for
@@ -1916,13 +1918,7 @@ mod tests {
         let Some(url) = url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsStorage::options()
-            .stream(&name)
-            .prefix(&name)
-            .connect(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url, NatsOptions::default().stale_reservation).await;
         let bob = RecipientId::new("bob").unwrap();
         let key = NatsStorage::key(&bob);
         let now = Timestamp::from_millis(1);
@@ -1966,10 +1962,7 @@ mod tests {
             .collect();
         assert_eq!(bodies, [&b"first"[..], b"next"]);
 
-        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
-        for suffix in ["", "_META", "_DEDUP"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name).await;
     }
 
     /// Under DropOldest, a later append of one shared write may drop positions an earlier
@@ -2058,14 +2051,7 @@ mod tests {
         let Some(url) = url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsStorage::options()
-            .stream(&name)
-            .prefix(&name)
-            .stale_reservation(Duration::from_secs(1))
-            .connect(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url, Duration::from_secs(1)).await;
         let now = Timestamp::from_millis(1);
         let quota = Quota::UNLIMITED;
         for (name, done, stored_again) in [
@@ -2108,9 +2094,6 @@ mod tests {
             );
             assert!(storage.read_all(&recipient, now).await.unwrap().is_empty());
         }
-        let context = jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
-        for suffix in ["", "_META", "_DEDUP"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name).await;
     }
 }
