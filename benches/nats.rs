@@ -301,50 +301,48 @@ fn cluster(c: &mut Criterion) {
     report_retries("the R3 cluster");
 }
 
+/// A group of 10 flat samples over 20 s, counting `MESSAGES` per iteration.
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group
+}
+
 fn store(c: &mut Criterion, target: &Target, group_name: &str) {
     let Target {
         url,
         replicas,
         runtime,
     } = *target;
-    let mut group = c.benchmark_group(group_name);
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    group.measurement_time(Duration::from_secs(20));
-    group.throughput(Throughput::Elements(MESSAGES as u64));
-    group.bench_function("storage_append_one", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let storage = storage(url, &name, replicas).await;
-                    let start = Instant::now();
-                    store_with_storage(&storage, RECIPIENTS).await;
-                    total += start.elapsed();
-                    delete(url, &name).await;
-                }
-                total
-            })
+    let mut group = group(c, group_name);
+    // Then hot queues: the same messages to 10 recipients, about six appends to each in flight.
+    for (function, recipients) in [
+        ("storage_append_one", RECIPIENTS),
+        ("storage_append_one_10_recipients", 10),
+    ] {
+        group.bench_function(function, |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let name = name();
+                        let storage = storage(url, &name, replicas).await;
+                        let start = Instant::now();
+                        store_with_storage(&storage, recipients).await;
+                        total += start.elapsed();
+                        delete(url, &name).await;
+                    }
+                    total
+                })
+            });
         });
-    });
-    // Hot queues: the same messages to 10 recipients, about six appends to each in flight.
-    group.bench_function("storage_append_one_10_recipients", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let storage = storage(url, &name, replicas).await;
-                    let start = Instant::now();
-                    store_with_storage(&storage, 10).await;
-                    total += start.elapsed();
-                    delete(url, &name).await;
-                }
-                total
-            })
-        });
-    });
+    }
     group.bench_function("jetstream_publish", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
@@ -371,11 +369,7 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
         replicas,
         runtime,
     } = *target;
-    let mut group = c.benchmark_group(group_name);
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    group.measurement_time(Duration::from_secs(20));
-    group.throughput(Throughput::Elements(MESSAGES as u64));
+    let mut group = group(c, group_name);
     group.bench_function("storage_read_for_delivery", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {

@@ -111,11 +111,7 @@ async fn two_nodes_on_one_queue_see_each_others_changes() {
     let Some(url) = url() else {
         return;
     };
-    let name = nats_support::unique_name();
-    let (a, b) = (
-        nats_support::connect(&url, &name).await,
-        nats_support::connect(&url, &name).await,
-    );
+    let (name, a, b) = two_nodes(&url).await;
     let now = Timestamp::now_system();
     let bob = RecipientId::new("bob").unwrap();
     let quota = Quota {
@@ -172,11 +168,7 @@ async fn one_id_sent_by_two_nodes_at_once_is_stored_once() {
     let Some(url) = url() else {
         return;
     };
-    let name = nats_support::unique_name();
-    let (a, b) = (
-        nats_support::connect(&url, &name).await,
-        nats_support::connect(&url, &name).await,
-    );
+    let (name, a, b) = two_nodes(&url).await;
     let now = Timestamp::now_system();
     let bob = RecipientId::new("bob").unwrap();
     let ids: Vec<MessageId> = (0..40u8)
@@ -218,4 +210,20 @@ async fn one_id_sent_by_two_nodes_at_once_is_stored_once() {
     bodies.sort_unstable();
     assert_eq!(bodies, (0..40u8).collect::<Vec<_>>(), "each message once");
     nats_support::delete(&url, &[name]).await;
+}
+
+/// Two storages on the same new streams, as two nodes: their name, and the two.
+async fn two_nodes(
+    url: &str,
+) -> (
+    String,
+    offline_queue::NatsStorage,
+    offline_queue::NatsStorage,
+) {
+    let name = nats_support::unique_name();
+    let (a, b) = (
+        nats_support::connect(url, &name).await,
+        nats_support::connect(url, &name).await,
+    );
+    (name, a, b)
 }
