@@ -919,6 +919,14 @@ async fn a_version_one_schema_is_migrated_in_place() {
         )
         .await
         .unwrap();
+    // Handed over twice, as version 1's read counted it.
+    client
+        .execute(
+            &format!("UPDATE {quoted}.oq_records SET deliveries = 2 WHERE rid = $1"),
+            &[&&b"bob"[..]],
+        )
+        .await
+        .unwrap();
 
     let storage = fresh(&url, &schema).await;
     let version: String = client
@@ -929,13 +937,31 @@ async fn a_version_one_schema_is_migrated_in_place() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
     let purged = storage
         .purge(testing::T0, None, 100)
         .await
         .expect("version 3's purge runs on a migrated schema");
     assert_eq!(purged.expired, 0);
     let bob = RecipientId::new("bob").unwrap();
+    // Version 4 counts deliveries by a watermark; the count version 1 wrote stands, and
+    // grows by one per hand-over.
+    let counts = |records: &[offline_queue::storage::StoredRecord]| {
+        records.iter().map(|r| r.delivery_count).collect::<Vec<_>>()
+    };
+    let all = offline_queue::BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    let read = storage
+        .read_for_delivery(&bob, None, None, all, testing::T0)
+        .await
+        .unwrap();
+    assert_eq!(counts(&read.batch.records), [2]);
+    assert_eq!(
+        counts(&storage.read_all(&bob, testing::T0).await.unwrap()),
+        [3]
+    );
     let appends = futures::future::join_all(
         (0..8u8).map(|i| storage.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, testing::T0)),
     )
@@ -947,6 +973,118 @@ async fn a_version_one_schema_is_migrated_in_place() {
     let ones: Vec<[u8; 1]> = (0..8u8).map(|i| [i]).collect();
     expected.extend(ones.iter().map(|b| &b[..]));
     assert_eq!(bodies, expected);
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// A session reading its queue in order moves the queue row's delivery watermark and rewrites
+/// no record it hands over for the first time (each keeps its row version: the same `ctid`),
+/// yet every count reads as the contract says; a redelivery counts each record explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_order_reads_count_deliveries_without_rewriting_records() {
+    use offline_queue::storage::Ack;
+    use offline_queue::{BatchLimit, Seq};
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("watermark");
+    let storage = fresh(&url, &schema).await;
+    let client = raw(&url).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let bodies: Vec<NewRecord> = (0..300u16).map(|i| record(&i.to_be_bytes())).collect();
+    let seqs: Vec<Seq> = storage
+        .append(&bob, bodies, &Quota::UNLIMITED, testing::T0)
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq())
+        .collect();
+    let versions = || async {
+        client
+            .query(
+                &format!(
+                    "SELECT seq, ctid::text FROM \"{schema}\".oq_records WHERE rid = $1 \
+                     ORDER BY seq"
+                ),
+                &[&&b"bob"[..]],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+    };
+    let stored = versions().await;
+    assert_eq!(stored.len(), 300);
+    let hundred = BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    // As a session: read a batch, then ack it with the read of the next.
+    let mut after = None;
+    for batch in 0..3 {
+        let ack = after.map(|through| Ack {
+            through: Some(through),
+            ..Ack::default()
+        });
+        let read = storage
+            .read_for_delivery(&bob, ack.as_ref(), after, hundred, testing::T0)
+            .await
+            .unwrap();
+        let got: Vec<(Seq, u32)> = read
+            .batch
+            .records
+            .iter()
+            .map(|r| (r.seq, r.delivery_count))
+            .collect();
+        let want: Vec<(Seq, u32)> = seqs[batch * 100..][..100].iter().map(|&s| (s, 0)).collect();
+        assert_eq!(got, want, "batch {batch}: in order, never delivered before");
+        after = got.last().map(|&(seq, _)| seq);
+    }
+    assert_eq!(
+        versions().await,
+        stored[200..],
+        "the unacked batch's records were not rewritten"
+    );
+    let delivered: i64 = client
+        .query_one(
+            &format!("SELECT delivered FROM \"{schema}\".oq_queues WHERE rid = $1"),
+            &[&&b"bob"[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        delivered as u64, seqs[299].0,
+        "the watermark is the last seq handed over"
+    );
+    let counts = |records: &[offline_queue::storage::StoredRecord]| {
+        records.iter().map(|r| r.delivery_count).collect::<Vec<_>>()
+    };
+    let left = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(counts(&left), vec![1; 100], "handed over once");
+    // The session reconnects: the same records again, each counted explicitly now.
+    let again = storage
+        .read_for_delivery(&bob, None, None, hundred, testing::T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        counts(&again.batch.records),
+        vec![1; 100],
+        "counts from before"
+    );
+    let left = storage.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(counts(&left), vec![2; 100], "the redelivery counted");
+    let rewritten = versions().await;
+    assert!(
+        rewritten
+            .iter()
+            .zip(&stored[200..])
+            .all(|(new, old)| new.1 != old.1),
+        "a redelivery writes each record's count"
+    );
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }

@@ -20,7 +20,7 @@ use crate::fnv::{OFFSET_64, fnv1a_64};
 use super::errors::pg_error;
 
 /// The layout this build reads and writes.
-pub(super) const VERSION: i64 = 3;
+pub(super) const VERSION: i64 = 4;
 
 /// What `oq_info`'s owner row says in a schema this crate created.
 const OWNER: &str = "offline-queue";
@@ -54,6 +54,7 @@ const FUNCTIONS: &[&str] = &[
     "oq_wake_others",
     "oq_node_update",
     "oq_node_leave",
+    "oq_mark",
 ];
 
 /// The DDL of version 1, in order.
@@ -78,6 +79,8 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
     // 3: purge reports the entries it examined (`PurgeOutcome::examined`).
     &[include_str!("sql/v3_purge_work.sql")],
+    // 4: deliveries counted by a watermark in the queue row (`oq_read`, `oq_mark`).
+    &[include_str!("sql/v4_delivered_watermark.sql")],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
@@ -152,10 +155,7 @@ impl Statements {
                  FROM @schema@.oq_read($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             ),
             ack: s("SELECT @schema@.oq_ack($1, $2, $3, $4, $5, $6)"),
-            mark: s(
-                "UPDATE @schema@.oq_records SET deliveries = deliveries + 1 \
-                 WHERE rid = $1 AND seq = ANY ($2) AND deliveries < 2147483647",
-            ),
+            mark: s("SELECT @schema@.oq_mark($1, $2)"),
             purge: s("SELECT expired, idle, more, examined FROM @schema@.oq_purge($1, $2, $3, $4)"),
             stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
                  (SELECT r.sent_at FROM @schema@.oq_records r \
