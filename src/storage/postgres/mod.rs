@@ -42,9 +42,9 @@
 //!   is lower. It is the recipient's lock: every
 //!   step that changes the queue takes `FOR UPDATE` on it first. It stays when the queue
 //!   empties (so an active recipient does not churn it) until idle removal or
-//!   `remove_recipient`.
-//! - `oq_records`: `(rid, seq)` primary key, id, times, delivery count, body; a partial index
-//!   on the deadline of records that have one.
+//!   `remove_recipient`. Its `delivered` is the delivery watermark (see [Bloat](#bloat)).
+//! - `oq_records`: `(rid, seq)` primary key, id, times, delivery count (NULL when the
+//!   watermark says it), body; a partial index on the deadline of records that have one.
 //! - `oq_dedup`: sender-chosen ids with their seq, when stored and when their window ends.
 //! - `oq_bytes`: body bytes stored, in 16 stripes.
 //! - `oq_seq`: the sequence every seq comes from.
@@ -109,18 +109,31 @@
 //! deadlock.
 //!
 //! # Bloat
-//! Acks and purges delete rows, and a read for delivery counts each record's delivery by
-//! updating it, which leaves dead tuples for vacuum; a transaction holding the xmin horizon (a
-//! long query, an idle replication slot) keeps them. Reads start past `head`, so the dead
-//! entries of rows acked cumulatively are not walked; those of rows acked alone or expired in
-//! the middle are. Queue-row and stripe updates are HOT, but a HOT chain is not pruned past
-//! the horizon either. Measured (`benches/postgres_bloat.rs`, BENCHMARKS.md): 100,000
-//! messages sent and drained under a held snapshot leave two dead versions per record, one
-//! queue-row version per append and per ack and one stripe version per commit, about
-//! 0.67 KiB per message, until the snapshot ends (then one `VACUUM` makes the space
-//! reusable); sends ran about 2x and drains 1.7–1.9x slower than with vacuum keeping up,
-//! mostly walking those queue-row and stripe chains. Nothing bounds the growth while the
-//! horizon is held; rotating tables as PgQ does would.
+//! Acks and purges delete rows, which leaves dead tuples for vacuum; a transaction holding the
+//! xmin horizon (a long query, an idle replication slot) keeps them. Reads start past `head`,
+//! so the dead entries of rows acked cumulatively are not walked; those of rows acked alone or
+//! expired in the middle are. Queue-row and stripe updates are HOT, but a HOT chain is not
+//! pruned past the horizon either.
+//!
+//! **Deliveries by watermark** (schema version 4). A session reads its queue in order, so a
+//! record's first hand-over is not written on the record: the queue row's `delivered` says
+//! every record at or below it was handed over, and a record's own count is kept only where
+//! that is not enough (a redelivery, `mark_delivered`, a read from a cursor past the
+//! watermark; NULL otherwise). A read for delivery holds the queue row's lock, so the
+//! watermark and the counts move together. A record passed over (expired) under a moved
+//! watermark gets an explicit 0: passing over is not handing over. Before, every delivered
+//! record was rewritten once: a dead version per message, and one `UPDATE` of the batch per
+//! read. Draining 10,000 in batches of 100 is now about twice as fast (BENCHMARKS.md).
+//!
+//! Measured (`benches/postgres_bloat.rs`, BENCHMARKS.md): 100,000 messages sent and drained
+//! under a held snapshot leave one dead version per record (the delete; two before the
+//! watermark), one queue-row version per append, per ack and per read that moved the
+//! watermark, and one stripe version per commit, about 0.42 KiB per message (0.63 before, in
+//! the same hour), until the snapshot ends (then one `VACUUM` makes the space reusable);
+//! sends and drains ran up to 1.6x slower than with vacuum keeping up, mostly walking those
+//! queue-row and stripe chains. Nothing bounds the growth while the horizon is held: every version an update or
+//! delete leaves stays until then, and only `TRUNCATE` frees space regardless of snapshots
+//! (rotating tables as PgQ does, not built).
 
 mod errors;
 mod group_commit;
