@@ -15,7 +15,7 @@ use offline_queue::{
     Envelope, Error, OfflineQueue, Outbound, RecipientId, RedbStorage, Storage, StorageExt,
     Timestamp, channel_transport,
 };
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
@@ -417,4 +417,129 @@ fn a_damaged_metadata_row_costs_only_its_recipient() {
         NOW,
     ))
     .expect("a removal that failed on alice's row ended no one else's group");
+}
+
+/// The rows of the file's `deliveries` table (a record's own delivery count).
+fn delivery_rows(path: &Path) -> u64 {
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let deliveries: redb::TableDefinition<u64, u32> = redb::TableDefinition::new("deliveries");
+    txn.open_table(deliveries).unwrap().len().unwrap()
+}
+
+fn counts(records: &[offline_queue::storage::StoredRecord]) -> Vec<u32> {
+    records.iter().map(|r| r.delivery_count).collect()
+}
+
+/// Draining in order moves the recipient's delivery watermark instead of writing a
+/// `deliveries` row per message (format 4), with or without an ack riding on the read; the
+/// counts read as the contract says, and a redelivery gives each record its own row.
+#[test]
+fn in_order_reads_count_deliveries_without_a_row_per_message() {
+    use offline_queue::storage::{Ack, NewRecord};
+    use offline_queue::{BatchLimit, MessageId, Quota, Seq};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("watermark.redb");
+    let storage = RedbStorage::open(&path).unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let records: Vec<NewRecord> = (0..300u16)
+        .map(|i| NewRecord {
+            id: MessageId::generate(),
+            dedup: false,
+            sent_at: NOW,
+            expires_at: None,
+            body: i.to_be_bytes().to_vec(),
+        })
+        .collect();
+    let seqs: Vec<Seq> = block_on(storage.append(&bob, records, &Quota::UNLIMITED, NOW))
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq())
+        .collect();
+    let hundred = BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    let mut after = None;
+    for batch in 0..3 {
+        let ack = after.map(|through| Ack {
+            through: Some(through),
+            ..Ack::default()
+        });
+        let read = block_on(storage.read_for_delivery(&bob, ack.as_ref(), after, hundred, NOW))
+            .unwrap()
+            .batch;
+        let got: Vec<Seq> = read.records.iter().map(|r| r.seq).collect();
+        assert_eq!(got, seqs[batch * 100..][..100], "batch {batch} in order");
+        assert_eq!(
+            counts(&read.records),
+            vec![0; 100],
+            "never delivered before"
+        );
+        after = got.last().copied();
+    }
+    assert_eq!(
+        counts(&block_on(storage.read_all(&bob, NOW)).unwrap()),
+        vec![1; 100],
+        "the unacked batch was handed over once"
+    );
+    drop(storage);
+    assert_eq!(delivery_rows(&path), 0, "no row per message");
+
+    let storage = RedbStorage::open(&path).unwrap();
+    let again = block_on(storage.read_for_delivery(&bob, None, None, hundred, NOW))
+        .unwrap()
+        .batch;
+    assert_eq!(
+        counts(&again.records),
+        vec![1; 100],
+        "the counts from before"
+    );
+    assert_eq!(
+        counts(&block_on(storage.read_all(&bob, NOW)).unwrap()),
+        vec![2; 100],
+        "the redelivery counted"
+    );
+    drop(storage);
+    assert_eq!(delivery_rows(&path), 100, "a redelivery writes each count");
+}
+
+/// A format 3 file (no watermarks) opens, keeps its counts, and is marked format 4, so an
+/// older build, which would not read the watermarks, refuses it from then on.
+#[test]
+fn a_format_three_file_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.redb");
+    let stored = fill(&path, 2);
+    let (who, _) = &stored[0];
+    {
+        let storage = RedbStorage::open(&path).unwrap();
+        let first = block_on(storage.read_all(who, NOW)).unwrap()[0].seq;
+        // As format 3 counted: a row per hand-over.
+        block_on(storage.mark_delivered(who, &[first])).unwrap();
+        block_on(storage.mark_delivered(who, &[first])).unwrap();
+    }
+    let db = redb::Database::create(&path).unwrap();
+    let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
+    let txn = db.begin_write().unwrap();
+    txn.open_table(info).unwrap().insert("format", 3).unwrap();
+    txn.commit().unwrap();
+    drop(db);
+
+    let storage = RedbStorage::open(&path).unwrap();
+    let records = block_on(storage.read_all(who, NOW)).unwrap();
+    assert_eq!(counts(&records), [2, 0]);
+    drop(storage);
+    let db = redb::Database::open(&path).unwrap();
+    let format = db
+        .begin_read()
+        .unwrap()
+        .open_table(info)
+        .unwrap()
+        .get("format")
+        .unwrap()
+        .map(|v| v.value());
+    assert_eq!(format, Some(4));
 }

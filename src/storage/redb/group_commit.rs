@@ -9,7 +9,8 @@ use futures::channel::oneshot;
 use redb::Database;
 
 use super::write_steps::{
-    Tables, ack_records, append, mark_delivered, meta_get, open_tables, purge, remove_recipient,
+    Tables, ack_records, append, count_read, mark_delivered, meta_get, open_tables, purge,
+    remove_recipient,
 };
 use super::{damaged, db_error};
 use crate::error::{Error, Result, Retry};
@@ -38,6 +39,15 @@ pub(super) enum Job {
     MarkDelivered {
         recipient: RecipientId,
         seqs: Vec<Seq>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The hand-overs of a read for delivery done outside the writer (no ack): `seqs`
+    /// returned, `expired` passed over, read after `after`.
+    CountRead {
+        recipient: RecipientId,
+        after: Option<Seq>,
+        seqs: Vec<Seq>,
+        expired: Vec<Seq>,
         reply: oneshot::Sender<Result<()>>,
     },
     Ack {
@@ -358,7 +368,9 @@ impl Writer {
 fn failed_answer(job: Job, error: &Error) -> Answer {
     match job {
         Job::Append { reply, .. } => Answer::Append(reply, Err(error.clone())),
-        Job::MarkDelivered { reply, .. } => Answer::Unit(reply, Err(error.clone())),
+        Job::MarkDelivered { reply, .. } | Job::CountRead { reply, .. } => {
+            Answer::Unit(reply, Err(error.clone()))
+        }
         Job::Ack { reply, .. } => Answer::Count(reply, Err(error.clone())),
         Job::AckAndRead { reply, .. } => Answer::AckRead(reply, Err(error.clone()), true),
         Job::Purge { reply, .. } => Answer::Purge(reply, Err(error.clone())),
@@ -385,6 +397,7 @@ fn apply_job(t: &mut Tables<'_>, job: Job, path: &Path) -> (Answer, bool) {
     let reads_meta_first = match &job {
         Job::Append { recipient, .. }
         | Job::MarkDelivered { recipient, .. }
+        | Job::CountRead { recipient, .. }
         | Job::Ack { recipient, .. }
         | Job::AckAndRead { recipient, .. }
         | Job::Remove { recipient, .. } => Some(recipient.as_bytes().to_vec()),
@@ -413,6 +426,13 @@ fn apply_job_whole(t: &mut Tables<'_>, job: Job, path: &Path) -> Answer {
             seqs,
             reply,
         } => Answer::Unit(reply, mark_delivered(t, &recipient, &seqs)),
+        Job::CountRead {
+            recipient,
+            after,
+            seqs,
+            expired,
+            reply,
+        } => Answer::Unit(reply, count_read(t, &recipient, after, &seqs, &expired)),
         Job::Ack {
             recipient,
             ack,
@@ -478,7 +498,7 @@ fn ack_and_read(
         }
     };
     let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
-    match mark_delivered(t, recipient, &seqs) {
+    match count_read(t, recipient, after, &seqs, &batch.expired) {
         Ok(()) => (Ok((removed, batch)), false),
         Err(error) => (Err(error), true),
     }

@@ -27,8 +27,10 @@ pub(super) const DEDUP_ORDER: TableDefinition<(u64, &[u8], [u8; 16]), ()> =
 pub(super) const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
 
 /// The file format this code writes; a file with a higher number was written by a newer
-/// version and is refused.
-pub(super) const FORMAT: u64 = 3;
+/// version and is refused. Format 4 added the delivery watermark to `meta` rows (see
+/// [`Meta::delivered`]); a format 3 file reads as one whose watermarks are all 0, and is
+/// marked format 4 when opened.
+pub(super) const FORMAT: u64 = 4;
 /// The oldest format this code reads (format 2 keyed records by recipient).
 pub(super) const OLDEST_FORMAT: u64 = 3;
 pub(super) const NEVER: u64 = u64::MAX;
@@ -54,10 +56,23 @@ pub(super) struct Meta {
     /// The newest seqs of the recipient's list (fewer than `TAIL_MAX`), above every seq in
     /// its `chunks` rows.
     pub(super) tail: Vec<u64>,
+    /// The delivery watermark: every record of the recipient at or below it was handed over
+    /// at least once, so a record without a `deliveries` row counts one delivery if at or
+    /// below it, none if above (see `write_steps::count_read`).
+    pub(super) delivered: u64,
 }
 
 impl Meta {
     const FIXED: usize = 48;
+    /// A row with a watermark ends with it and this byte: 8k + 1 bytes long, a length no row
+    /// without one has (8k), so format 3 rows read unchanged.
+    const WATERMARK_MARK: u8 = 1;
+
+    /// The times `seq` (a record of this recipient) was handed over, from its own count if
+    /// it has one.
+    pub(super) fn delivery_count(&self, seq: u64, own: Option<u32>) -> u32 {
+        own.unwrap_or(u32::from(seq <= self.delivered))
+    }
 
     /// A new recipient's row. Its loss total starts at the file's seq counter (`next_seq`), above any total
     /// an earlier row of this recipient reached (each loss is a record, and each record took a
@@ -75,7 +90,7 @@ impl Meta {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::FIXED + 8 * self.tail.len());
+        let mut out = Vec::with_capacity(Self::FIXED + 8 * self.tail.len() + 9);
         for v in [
             self.count,
             self.bytes,
@@ -87,10 +102,22 @@ impl Meta {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend(self.tail.iter().flat_map(|seq| seq.to_le_bytes()));
+        if self.delivered > 0 {
+            out.extend_from_slice(&self.delivered.to_le_bytes());
+            out.push(Self::WATERMARK_MARK);
+        }
         out
     }
 
     pub(super) fn decode(raw: &[u8]) -> Result<Self> {
+        let (raw, delivered) = match raw.len() % 8 {
+            1 if raw.len() >= Self::FIXED + 9 && raw[raw.len() - 1] == Self::WATERMARK_MARK => {
+                let at = raw.len() - 9;
+                let word = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8"));
+                (&raw[..at], word)
+            }
+            _ => (raw, 0),
+        };
         if raw.len() < Self::FIXED {
             return Err(Error::storage_msg(
                 Retry::No,
@@ -106,6 +133,7 @@ impl Meta {
             last_touch: word(4),
             idle_key: word(5),
             tail: unpack_seqs(&raw[Self::FIXED..])?,
+            delivered,
         })
     }
 }

@@ -441,6 +441,11 @@ fn init(db: &Database) -> Result<()> {
                     ),
                 ));
             }
+            // Format 3 reads as format 4 without watermarks; marked 4 so that an older build,
+            // which would not read them, refuses the file from now on.
+            Some(format) if format < FORMAT => {
+                info.insert("format", FORMAT).map_err(db_error)?;
+            }
             Some(_) => {}
             None => {
                 let foreign = txn
@@ -551,7 +556,17 @@ impl Storage for RedbStorage {
         let Some(ack) = ack else {
             let batch = self.read(recipient, after, limit, now).await?;
             let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
-            self.mark_delivered(recipient, &seqs).await?;
+            if !seqs.is_empty() {
+                let (recipient, expired) = (recipient.clone(), batch.expired.clone());
+                self.submit(|reply| Job::CountRead {
+                    recipient,
+                    after,
+                    seqs,
+                    expired,
+                    reply,
+                })
+                .await?;
+            }
             return Ok(DeliveryRead { acked: 0, batch });
         };
         let (recipient, ack, now) = (recipient.clone(), ack.clone(), now.as_millis());
@@ -662,10 +677,8 @@ where
         {
             return Ok(false);
         }
-        let delivery_count = deliveries
-            .get(seq)
-            .map_err(db_error)?
-            .map_or(0, |v| v.value());
+        let own = deliveries.get(seq).map_err(db_error)?.map(|v| v.value());
+        let delivery_count = meta.delivery_count(seq, own);
         bytes += record.body.len();
         batch.records.push(StoredRecord {
             seq: Seq(seq),

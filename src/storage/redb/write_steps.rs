@@ -473,31 +473,96 @@ fn prune_dedup(t: &mut Tables<'_>, now: u64, window: u64, budget: usize) -> Resu
     Ok(())
 }
 
+/// One more hand-over for each of `seqs`, each in its own `deliveries` row
+/// (`Storage::mark_delivered`).
 pub(super) fn mark_delivered(
     t: &mut Tables<'_>,
     recipient: &RecipientId,
     seqs: &[Seq],
 ) -> Result<()> {
     let who = recipient.as_bytes();
+    let Some(meta) = meta_get(t, who)? else {
+        return Ok(());
+    };
     for seq in seqs {
-        // Only a record of this recipient (its log value names it) is marked; a damaged one
-        // is caught when it is read, so the header suffices here.
-        let ours = t
-            .log
-            .get(seq.0)
-            .map_err(db_error)?
-            .is_some_and(|value| peek_record(value.value()).is_some_and(|r| r.who == who));
-        if !ours {
-            continue;
+        set_count(t, who, seq.0, |own| {
+            Some(meta.delivery_count(seq.0, own).saturating_add(1))
+        })?;
+    }
+    Ok(())
+}
+
+/// Counts the hand-overs of a read for delivery: `seqs` the records it returned, `expired`
+/// those it passed over, read after `after`. A read that saw every record from the
+/// recipient's watermark on (its cursor at or below it) moves the watermark to its last
+/// record: the records it handed over for the first time need no `deliveries` row, the
+/// common case, so draining a queue in order writes one `meta` row per batch instead of a
+/// row per message. The rest (a redelivery, a record with a count of its own, a read from
+/// past the watermark) are counted as `mark_delivered` counts; a record passed over under
+/// the new watermark gets a count of 0, since passing over is not handing over.
+pub(super) fn count_read(
+    t: &mut Tables<'_>,
+    recipient: &RecipientId,
+    after: Option<Seq>,
+    seqs: &[Seq],
+    expired: &[Seq],
+) -> Result<()> {
+    let who = recipient.as_bytes();
+    let Some(mut meta) = meta_get(t, who)? else {
+        return Ok(());
+    };
+    let Some(high) = seqs.iter().map(|seq| seq.0).max() else {
+        return Ok(());
+    };
+    let watermark = meta.delivered;
+    let advance = after.map_or(0, |after| after.0) <= watermark && high > watermark;
+    for seq in seqs.iter().map(|seq| seq.0) {
+        if advance && seq > watermark {
+            // The new watermark counts it, unless it has a count of its own.
+            let own = t.deliveries.get(seq).map_err(db_error)?.map(|v| v.value());
+            if let Some(own) = own {
+                t.deliveries
+                    .insert(seq, own.saturating_add(1))
+                    .map_err(db_error)?;
+            }
+        } else {
+            set_count(t, who, seq, |own| {
+                Some(meta.delivery_count(seq, own).saturating_add(1))
+            })?;
         }
-        let count = t
-            .deliveries
-            .get(seq.0)
-            .map_err(db_error)?
-            .map_or(0, |v| v.value());
-        t.deliveries
-            .insert(seq.0, count.saturating_add(1))
-            .map_err(db_error)?;
+    }
+    if advance {
+        for seq in expired.iter().map(|seq| seq.0) {
+            if seq > watermark && seq <= high {
+                set_count(t, who, seq, |own| own.is_none().then_some(0))?;
+            }
+        }
+        meta.delivered = high;
+        meta_set(t, who, Some(meta));
+    }
+    Ok(())
+}
+
+/// Sets the `deliveries` row of `seq` to what `count` makes of its current one (`None`: leave
+/// it), if `seq` is a record of `who` (its log value names it; a damaged one is caught when it
+/// is read, so the header suffices here).
+fn set_count(
+    t: &mut Tables<'_>,
+    who: &[u8],
+    seq: u64,
+    count: impl FnOnce(Option<u32>) -> Option<u32>,
+) -> Result<()> {
+    let ours = t
+        .log
+        .get(seq)
+        .map_err(db_error)?
+        .is_some_and(|value| peek_record(value.value()).is_some_and(|r| r.who == who));
+    if !ours {
+        return Ok(());
+    }
+    let own = t.deliveries.get(seq).map_err(db_error)?.map(|v| v.value());
+    if let Some(count) = count(own) {
+        t.deliveries.insert(seq, count).map_err(db_error)?;
     }
     Ok(())
 }
