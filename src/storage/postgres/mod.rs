@@ -54,8 +54,8 @@
 //! `synchronous_commit` on unless relaxed): `oq_append` decides dedup, quota, overflow and the
 //! storage-wide budget without writing, then writes only a plan that fits; `oq_read` applies a
 //! session's ack, reads from the cursor (stopping at the batch's bounds, so it costs the batch,
-//! not the queue) and counts the deliveries; `oq_ack`, `oq_purge` and `oq_remove` do the rest.
-//! `mark_delivered` and `stats` are single statements.
+//! not the queue) and counts the deliveries; `oq_ack`, `oq_mark` (`mark_delivered`),
+//! `oq_purge` and `oq_remove` do the rest. `stats` is a single statement.
 //!
 //! # Nodes
 //! Each storage is a node with a random id. While it holds sessions it keeps a row in
@@ -123,7 +123,11 @@
 //! watermark and the counts move together. A record passed over (expired) under a moved
 //! watermark gets an explicit 0: passing over is not handing over. Before, every delivered
 //! record was rewritten once: a dead version per message, and one `UPDATE` of the batch per
-//! read. Draining 10,000 in batches of 100 is now about twice as fast (BENCHMARKS.md).
+//! read. Draining 10,000 in batches of 100 is now about twice as fast (BENCHMARKS.md). A
+//! session whose cursor is past the watermark and past `head` (after a migration, whose
+//! queues start at watermark 0, a session that neither acked nor reconnected since) counts
+//! each record explicitly, as before, until it acks through its cursor or reads from the
+//! start again.
 //!
 //! Measured (`benches/postgres_bloat.rs`, BENCHMARKS.md): 100,000 messages sent and drained
 //! under a held snapshot leave one dead version per record (the delete; two before the

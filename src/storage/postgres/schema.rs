@@ -174,8 +174,47 @@ impl Statements {
     }
 }
 
+/// Times a migration that met other nodes' traffic (a lock wait past [`MIGRATION_LOCK_TIMEOUT`],
+/// or a deadlock) is tried before its error is returned (retryable).
+const MIGRATION_ATTEMPTS: usize = 5;
+/// How long a migration waits for a table lock: `ALTER TABLE` takes an exclusive lock, and
+/// every step of the nodes still running queues behind a waiting one.
+const MIGRATION_LOCK_TIMEOUT: &str = "2s";
+
 /// Creates or migrates the schema, or refuses it (see the module docs).
 pub(super) async fn prepare(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    quoted: &str,
+) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match prepare_once(client, schema, quoted).await {
+            Err(error) if attempt < MIGRATION_ATTEMPTS && met_traffic(&error) => attempt += 1,
+            outcome => return outcome,
+        }
+    }
+}
+
+/// A lock wait that timed out, or a deadlock: the migration met a running node's step.
+fn met_traffic(error: &Error) -> bool {
+    let Error::Storage {
+        source: Some(source),
+        ..
+    } = error
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        .is_some_and(|code| {
+            *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE
+                || *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+        })
+}
+
+async fn prepare_once(
     client: &mut tokio_postgres::Client,
     schema: &str,
     quoted: &str,
@@ -185,6 +224,11 @@ pub(super) async fn prepare(
         "SELECT pg_advisory_xact_lock($1)",
         &[&lock_key(schema, "migrate")],
     )
+    .await
+    .map_err(pg_error)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'"
+    ))
     .await
     .map_err(pg_error)?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {quoted}"))

@@ -16,6 +16,8 @@
 -- `oq_mark`, count each record explicitly, as before. Existing records keep their counts
 -- (explicit), and existing queues start at watermark 0.
 
+-- Both tables are locked (briefly: nothing is rewritten) while other nodes may be running;
+-- `prepare` bounds the wait with a lock timeout and tries again.
 ALTER TABLE @schema@.oq_queues ADD COLUMN delivered bigint NOT NULL DEFAULT 0;
 ALTER TABLE @schema@.oq_records ALTER COLUMN deliveries DROP NOT NULL,
     ALTER COLUMN deliveries DROP DEFAULT;
@@ -152,13 +154,16 @@ BEGIN
         RETURN;
     END IF;
     -- The chosen records whole, in one statement (a record acked since the walk is left out:
-    -- a plain read holds no lock).
+    -- a plain read holds no lock), with the watermark of the same snapshot, so a plain read
+    -- never pairs a newer watermark's records with an older one.
     SELECT array_agg(rec.seq ORDER BY rec.seq), array_agg(rec.id ORDER BY rec.seq),
            array_agg(rec.sent_at ORDER BY rec.seq), array_agg(rec.expires_at ORDER BY rec.seq),
-           array_agg(coalesce(rec.deliveries, (rec.seq <= watermark)::int) ORDER BY rec.seq),
-           array_agg(rec.body ORDER BY rec.seq), array_agg(rec.deliveries ORDER BY rec.seq)
-    INTO seqs, ids, sent, expires, counts, bodies, explicit
-    FROM @schema@.oq_records rec WHERE rec.rid = p_rid AND rec.seq = ANY (chosen);
+           array_agg(coalesce(rec.deliveries, (rec.seq <= q.delivered)::int) ORDER BY rec.seq),
+           array_agg(rec.body ORDER BY rec.seq), array_agg(rec.deliveries ORDER BY rec.seq),
+           max(q.delivered)
+    INTO seqs, ids, sent, expires, counts, bodies, explicit, watermark
+    FROM @schema@.oq_records rec JOIN @schema@.oq_queues q ON q.rid = rec.rid
+    WHERE rec.rid = p_rid AND rec.seq = ANY (chosen);
     IF seqs IS NULL THEN
         seqs := '{}';
         ids := '{}';
