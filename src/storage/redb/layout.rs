@@ -339,3 +339,40 @@ pub(crate) fn fuzz_decoders(data: &[u8]) {
     let peeked = peek_record(&encoded).expect("own record peeks");
     assert_eq!((peeked.who, peeked.expires_at), (who, 2));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Meta;
+
+    fn meta(delivered: u64, tail: Vec<u64>) -> Meta {
+        Meta {
+            count: 3,
+            bytes: 30,
+            lost_total: 7,
+            lost_confirmed: 5,
+            last_touch: 11,
+            idle_key: 13,
+            tail,
+            delivered,
+        }
+    }
+
+    /// A row with a watermark reads back whole; one without (as format 3 wrote every row)
+    /// reads with watermark 0, whatever its tail; a mark byte that is not ours is refused.
+    #[test]
+    fn meta_rows_carry_the_watermark_and_format_three_rows_read_as_before() {
+        for tail in [vec![], vec![21], vec![21, 22, 23]] {
+            let with = meta(22, tail.clone());
+            let row = with.encode();
+            assert_eq!(row.len() % 8, 1);
+            assert_eq!(Meta::decode(&row).unwrap(), with);
+            let without = meta(0, tail);
+            let row = without.encode();
+            assert_eq!(row.len() % 8, 0, "the format 3 layout");
+            assert_eq!(Meta::decode(&row).unwrap(), without);
+        }
+        let mut row = meta(22, vec![21]).encode();
+        *row.last_mut().unwrap() = 9;
+        assert!(Meta::decode(&row).is_err());
+    }
+}

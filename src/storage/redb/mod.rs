@@ -16,9 +16,9 @@
 //! | table | key | value | why |
 //! |---|---|---|---|
 //! | `log` | seq | checksum, flags, recipient, id, sent_at, expires_at, body | records, appended in seq order |
-//! | `meta` | recipient | count, bytes, lost, last touch, idle key, newest seqs | quotas, stats and the list's tail in one row |
+//! | `meta` | recipient | count, bytes, lost, last touch, idle key, newest seqs, delivery watermark | quotas, stats, the list's tail and what was handed over, in one row |
 //! | `chunks` | (recipient, first seq) | up to 32 older seqs | the rest of the recipient's list, in order |
-//! | `deliveries` | seq | times delivered | rewritten per delivery without copying bodies |
+//! | `deliveries` | seq | times delivered | a record's own count, where the watermark is not enough |
 //! | `expiry` | (deadline, recipient, seq) | - | deadlines that arrived out of order |
 //! | `idle` | (touch time, recipient) | - | idle queues are found in touch order |
 //! | `dedup` | (recipient, message id) | seq, time | sender-chosen ids within the window |
@@ -39,6 +39,17 @@
 //! filed ones that lie before the newest unfiled record with a deadline (stepping over reads
 //! only the header). A record the cursor finds damaged is removed and counted as lost: it
 //! could never be delivered.
+//!
+//! **Deliveries by watermark** (format 4): a session reads its queue in order, so a
+//! record's first hand-over is not written on its own: the recipient's `meta` row keeps a
+//! watermark, every record at or below it handed over at least once, moved by a read for
+//! delivery that saw every record from the watermark on. A record gets a `deliveries` row only
+//! when that is not enough (a redelivery, `mark_delivered`, a read from past the watermark,
+//! or 0 for an expired record passed over under it). Draining in order therefore writes one
+//! `meta` row per batch, which the ack riding on the read writes anyway, instead of a row per
+//! message and its removal at the ack: about a third faster (BENCHMARKS.md, "Drain on
+//! reconnect"). A format 3 file opens as one whose watermarks are all 0 and is marked
+//! format 4, which older builds refuse.
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.
