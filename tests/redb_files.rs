@@ -531,6 +531,17 @@ fn a_format_three_file_is_upgraded_in_place() {
     let storage = RedbStorage::open(&path).unwrap();
     let records = block_on(storage.read_all(who, NOW)).unwrap();
     assert_eq!(counts(&records), [2, 0]);
+    // Its own count and the watermark together: one more each.
+    let two = offline_queue::BatchLimit {
+        max_messages: 2,
+        max_bytes: usize::MAX,
+    };
+    let read = block_on(storage.read_for_delivery(who, None, None, two, NOW)).unwrap();
+    assert_eq!(counts(&read.batch.records), [2, 0]);
+    assert_eq!(
+        counts(&block_on(storage.read_all(who, NOW)).unwrap()),
+        [3, 1]
+    );
     drop(storage);
     let db = redb::Database::open(&path).unwrap();
     let format = db
@@ -542,4 +553,52 @@ fn a_format_three_file_is_upgraded_in_place() {
         .unwrap()
         .map(|v| v.value());
     assert_eq!(format, Some(4));
+}
+
+/// A session whose queue emptied (its `meta` row went with it) and filled again reads on from
+/// its cursor, past the new row's watermark of 0 with nothing listed between: the watermark
+/// still moves, and no row per message is written.
+#[test]
+fn the_watermark_moves_on_after_the_queue_emptied_and_filled_again() {
+    use offline_queue::storage::{Ack, NewRecord};
+    use offline_queue::{BatchLimit, MessageId, Quota};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refilled.redb");
+    let storage = RedbStorage::open(&path).unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let ten = || -> Vec<NewRecord> {
+        (0..10u8)
+            .map(|i| NewRecord {
+                id: MessageId::generate(),
+                dedup: false,
+                sent_at: NOW,
+                expires_at: None,
+                body: vec![i],
+            })
+            .collect()
+    };
+    let all = BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    block_on(storage.append(&bob, ten(), &Quota::UNLIMITED, NOW)).unwrap();
+    let first = block_on(storage.read_for_delivery(&bob, None, None, all, NOW)).unwrap();
+    let cursor = first.batch.records.last().unwrap().seq;
+    let ack = Ack {
+        through: Some(cursor),
+        ..Ack::default()
+    };
+    let emptied =
+        block_on(storage.read_for_delivery(&bob, Some(&ack), Some(cursor), all, NOW)).unwrap();
+    assert_eq!((emptied.acked, emptied.batch.records.len()), (10, 0));
+    block_on(storage.append(&bob, ten(), &Quota::UNLIMITED, NOW)).unwrap();
+    let again = block_on(storage.read_for_delivery(&bob, None, Some(cursor), all, NOW)).unwrap();
+    assert_eq!(counts(&again.batch.records), vec![0; 10]);
+    assert_eq!(
+        counts(&block_on(storage.read_all(&bob, NOW)).unwrap()),
+        vec![1; 10]
+    );
+    drop(storage);
+    assert_eq!(delivery_rows(&path), 0, "no row per message");
 }

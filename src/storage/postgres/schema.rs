@@ -79,8 +79,12 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
     // 3: purge reports the entries it examined (`PurgeOutcome::examined`).
     &[include_str!("sql/v3_purge_work.sql")],
-    // 4: deliveries counted by a watermark in the queue row (`oq_read`, `oq_mark`).
-    &[include_str!("sql/v4_delivered_watermark.sql")],
+    // 4: deliveries counted by a watermark in the queue row (`oq_read`, `oq_mark`); purge
+    // counts only idle queues that held something.
+    &[
+        include_str!("sql/v4_delivered_watermark.sql"),
+        include_str!("sql/v4_purge_idle_count.sql"),
+    ],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.

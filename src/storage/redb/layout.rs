@@ -56,9 +56,9 @@ pub(super) struct Meta {
     /// The newest seqs of the recipient's list (fewer than `TAIL_MAX`), above every seq in
     /// its `chunks` rows.
     pub(super) tail: Vec<u64>,
-    /// The delivery watermark: every record of the recipient at or below it was handed over
-    /// at least once, so a record without a `deliveries` row counts one delivery if at or
-    /// below it, none if above (see `write_steps::count_read`).
+    /// The delivery watermark: a record of the recipient at or below it counts one delivery
+    /// unless it has a `deliveries` row of its own, one above it none (see
+    /// `write_steps::count_read`).
     pub(super) delivered: u64,
 }
 

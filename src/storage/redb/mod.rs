@@ -42,14 +42,17 @@
 //!
 //! **Deliveries by watermark** (format 4): a session reads its queue in order, so a
 //! record's first hand-over is not written on its own: the recipient's `meta` row keeps a
-//! watermark, every record at or below it handed over at least once, moved by a read for
-//! delivery that saw every record from the watermark on. A record gets a `deliveries` row only
-//! when that is not enough (a redelivery, `mark_delivered`, a read from past the watermark,
-//! or 0 for an expired record passed over under it). Draining in order therefore writes one
-//! `meta` row per batch, which the ack riding on the read writes anyway, instead of a row per
-//! message and its removal at the ack: about a third faster (BENCHMARKS.md, "Drain on
-//! reconnect"). A format 3 file opens as one whose watermarks are all 0 and is marked
-//! format 4, which older builds refuse.
+//! watermark, and a record at or below it counts one delivery unless it has a `deliveries`
+//! row of its own. A read for delivery that saw every record from the watermark on (its
+//! cursor at or below it, or nothing listed between the two) moves the watermark to its last
+//! record. A record gets a row only when that is not enough: a redelivery, `mark_delivered`,
+//! a read from past the watermark with records listed between, or 0 for an expired record
+//! passed over under the moved watermark. Draining in order therefore writes one `meta` row
+//! per batch, which the ack riding on the read writes anyway, instead of a row per message
+//! and its removal at the ack: the storage's drain bench is about a third faster
+//! (BENCHMARKS.md, "Drain on reconnect"; through the chat server's load run, where the time
+//! goes elsewhere, it does not show). A format 3 file opens as one whose watermarks are all 0
+//! and is marked format 4, which older builds refuse.
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.
@@ -59,7 +62,8 @@
 //!
 //! # Group commit
 //! One writer thread owns all writes. Concurrent `append`, `mark_delivered`, `ack`,
-//! `read_for_delivery` with an ack, `purge` and `remove_recipient` calls queue up while a
+//! `read_for_delivery` (with an ack, the ack, read and counts; without one, the counts after
+//! a read outside the writer), `purge` and `remove_recipient` calls queue up while a
 //! commit is in flight; the writer applies each in one write transaction as it arrives, waits
 //! a moment (200 µs at most) for as many callers as the last group held, then commits with one
 //! fsync and answers each caller. A lone caller still gets its answer only after its data is

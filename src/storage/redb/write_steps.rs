@@ -515,7 +515,27 @@ pub(super) fn count_read(
         return Ok(());
     };
     let watermark = meta.delivered;
-    let advance = after.map_or(0, |after| after.0) <= watermark && high > watermark;
+    // The read saw every record from the watermark on if its cursor was at or below it, or
+    // if the recipient lists nothing between the two (acked, or a queue emptied and started
+    // again, whose new meta begins at watermark 0).
+    let contiguous = match after {
+        Some(after) if after.0 > watermark => {
+            let mut first = None;
+            each_seq(
+                &t.chunks,
+                who,
+                &meta.tail,
+                watermark.saturating_add(1),
+                |seq| {
+                    first = Some(seq);
+                    Ok(false)
+                },
+            )?;
+            first.is_none_or(|first| first > after.0)
+        }
+        _ => true,
+    };
+    let advance = contiguous && high > watermark;
     for seq in seqs.iter().map(|seq| seq.0) {
         if advance && seq > watermark {
             // The new watermark counts it, unless it has a count of its own.
