@@ -494,8 +494,8 @@ pub(super) fn mark_delivered(
 
 /// Counts the hand-overs of a read for delivery: `seqs` the records it returned, `expired`
 /// those it passed over, read after `after`. A read that saw every record from the
-/// recipient's watermark on (its cursor at or below it) moves the watermark to its last
-/// record: the records it handed over for the first time need no `deliveries` row, the
+/// recipient's watermark on (its cursor at or below it, or nothing listed between the two)
+/// moves the watermark to its last record: the records it handed over for the first time need no `deliveries` row, the
 /// common case, so draining a queue in order writes one `meta` row per batch instead of a
 /// row per message. The rest (a redelivery, a record with a count of its own, a read from
 /// past the watermark) are counted as `mark_delivered` counts; a record passed over under
