@@ -33,6 +33,11 @@ async fn postgres_storage_passes_the_conformance_suite() {
     drop_schemas(&url, &schemas).await;
 }
 
+/// The delivery counts of `records`, in order.
+fn counts(records: &[offline_queue::storage::StoredRecord]) -> Vec<u32> {
+    records.iter().map(|r| r.delivery_count).collect()
+}
+
 fn record(body: &[u8]) -> NewRecord {
     NewRecord {
         id: MessageId::generate(),
@@ -994,9 +999,6 @@ async fn a_version_one_schema_is_migrated_in_place() {
     let bob = RecipientId::new("bob").unwrap();
     // Version 4 counts deliveries by a watermark; the count version 1 wrote stands, and
     // grows by one per hand-over.
-    let counts = |records: &[offline_queue::storage::StoredRecord]| {
-        records.iter().map(|r| r.delivery_count).collect::<Vec<_>>()
-    };
     let all = offline_queue::BatchLimit {
         max_messages: 100,
         max_bytes: usize::MAX,
@@ -1108,9 +1110,6 @@ async fn in_order_reads_count_deliveries_without_rewriting_records() {
         delivered as u64, seqs[299].0,
         "the watermark is the last seq handed over"
     );
-    let counts = |records: &[offline_queue::storage::StoredRecord]| {
-        records.iter().map(|r| r.delivery_count).collect::<Vec<_>>()
-    };
     let left = storage.read_all(&bob, testing::T0).await.unwrap();
     assert_eq!(counts(&left), vec![1; 100], "handed over once");
     // The session reconnects: the same records again, each counted explicitly now.
