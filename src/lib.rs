@@ -113,6 +113,8 @@ pub use queue::{
     DeadLetterHook, MaintenanceReport, OfflineQueue, OfflineQueueBuilder, QueueStats, Session,
     SessionEnd, SessionHandle,
 };
+#[cfg(feature = "amqp")]
+pub use storage::{AmqpOptions, AmqpStorage};
 pub use storage::{MemoryStorage, Storage, StorageExt};
 #[cfg(feature = "nats")]
 pub use storage::{NatsOptions, NatsStorage};

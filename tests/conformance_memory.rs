@@ -32,6 +32,7 @@ impl Storage for PurgesNothing {
     fn capabilities(&self) -> Capabilities {
         let full = self.0.capabilities();
         Capabilities::default()
+            .with_exact_contract()
             .with_max_read_batch(full.max_read_batch)
             .with_total_byte_budget(full.total_byte_budget)
     }

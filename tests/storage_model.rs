@@ -475,6 +475,7 @@ impl Storage for Model {
     fn capabilities(&self) -> Capabilities {
         self.claims.unwrap_or_else(|| {
             Capabilities::default()
+                .with_exact_contract()
                 .with_total_byte_budget(true)
                 .with_purge_expired(true)
                 .with_idle_removal(true)

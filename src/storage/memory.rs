@@ -555,6 +555,7 @@ impl Shard {
 impl Storage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+            .with_exact_contract()
             .with_total_byte_budget(true)
             .with_purge_expired(true)
             .with_idle_removal(true)

@@ -37,6 +37,8 @@
 //! 8. **Cost.** An offline recipient costs storage for its records and small metadata, and no
 //!    memory beyond what the backend's medium needs.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -47,6 +49,8 @@ pub mod redb;
 #[cfg(feature = "redis")]
 pub mod redis;
 
+#[cfg(feature = "amqp")]
+pub use self::amqp::{AmqpOptions, AmqpStorage, QueueType};
 #[cfg(feature = "nats")]
 pub use self::nats::{NatsOptions, NatsStorage};
 #[cfg(feature = "postgres")]
@@ -249,6 +253,23 @@ pub struct Capabilities {
     /// clock). False: the medium removes idle queues by its own clock (the backend's docs say
     /// how), and the suite skips `idle_removal` and `idle_refiling_is_bounded`.
     pub idle_removal: bool,
+    /// True if appends keep [`Quota::dedup_window`]: an id appended again within it is not
+    /// stored twice. False: the suite skips `dedup` and the dedup cases of `append_one`.
+    pub dedup: bool,
+    /// True if the backend counts losses: [`AppendOutcome::dropped`], and
+    /// [`ReadBatch::lost_unconfirmed`] / [`ReadBatch::lost_total`] with their confirmation
+    /// (contract rules 4 and 6). False: gap reports are never made, and the suite skips
+    /// the loss counts in `quota_drop_oldest`, `loss_confirmation_is_idempotent` and
+    /// `passed_over_counts_once`.
+    pub loss_counts: bool,
+    /// True if appends keep [`Quota::max_messages`] and [`Quota::max_bytes`] exactly. False:
+    /// the medium admits a record while the queue is under its limits, so a queue can pass
+    /// them by one record; the suite skips the appends that would cross a limit.
+    pub exact_quotas: bool,
+    /// True if [`Storage::stats`] reports bytes, the oldest record and the newest seq exactly,
+    /// and [`Error::QueueFull`](crate::Error::QueueFull) the bytes stored. False: the suite
+    /// checks only the message counts.
+    pub exact_stats: bool,
 }
 
 impl Default for Capabilities {
@@ -261,6 +282,10 @@ impl Default for Capabilities {
             total_byte_budget: false,
             purge_expired: false,
             idle_removal: false,
+            dedup: false,
+            loss_counts: false,
+            exact_quotas: false,
+            exact_stats: false,
         }
     }
 }
@@ -299,6 +324,46 @@ impl Capabilities {
     pub fn with_idle_removal(mut self, removes: bool) -> Self {
         self.idle_removal = removes;
         self
+    }
+
+    /// Sets [`Capabilities::dedup`].
+    #[must_use]
+    pub fn with_dedup(mut self, keeps: bool) -> Self {
+        self.dedup = keeps;
+        self
+    }
+
+    /// Sets [`Capabilities::loss_counts`].
+    #[must_use]
+    pub fn with_loss_counts(mut self, counts: bool) -> Self {
+        self.loss_counts = counts;
+        self
+    }
+
+    /// Sets [`Capabilities::exact_quotas`].
+    #[must_use]
+    pub fn with_exact_quotas(mut self, exact: bool) -> Self {
+        self.exact_quotas = exact;
+        self
+    }
+
+    /// Sets [`Capabilities::exact_stats`].
+    #[must_use]
+    pub fn with_exact_stats(mut self, exact: bool) -> Self {
+        self.exact_stats = exact;
+        self
+    }
+
+    /// Sets the four exactness flags at once ([`dedup`](Self::dedup),
+    /// [`loss_counts`](Self::loss_counts), [`exact_quotas`](Self::exact_quotas),
+    /// [`exact_stats`](Self::exact_stats)): what a backend that builds the whole contract on
+    /// its medium claims.
+    #[must_use]
+    pub fn with_exact_contract(self) -> Self {
+        self.with_dedup(true)
+            .with_loss_counts(true)
+            .with_exact_quotas(true)
+            .with_exact_stats(true)
     }
 }
 

@@ -10,7 +10,12 @@ use crate::storage::{Appended, Storage, StorageExt};
 
 /// A sender-chosen id is stored once per recipient within the window, even after it was acked
 /// and within one append; other recipients and generated ids are unaffected.
+///
+/// Skipped without [`Capabilities::dedup`](crate::storage::Capabilities::dedup).
 pub async fn dedup(storage: &dyn Storage) {
+    if !storage.capabilities().dedup {
+        return;
+    }
     let (bob, carol) = (recipient("bob"), recipient("carol"));
     let id = MessageId::from_bytes([7; 16]);
     let quota = Quota {

@@ -1348,6 +1348,7 @@ impl NatsStorage {
 impl Storage for NatsStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+            .with_exact_contract()
             .with_max_read_batch(10_000)
             .with_durable(true)
     }

@@ -432,6 +432,7 @@ fn append_outcome(
 impl Storage for PostgresStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+            .with_exact_contract()
             .with_max_read_batch(10_000)
             .with_durable(self.shared.durable)
             .with_total_byte_budget(true)

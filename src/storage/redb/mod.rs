@@ -492,6 +492,7 @@ fn init(db: &Database) -> Result<()> {
 impl Storage for RedbStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+            .with_exact_contract()
             .with_durable(true)
             .with_total_byte_budget(true)
             .with_purge_expired(true)

@@ -206,6 +206,7 @@ impl RedisStorage {
 impl Storage for RedisStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+            .with_exact_contract()
             .with_max_read_batch(10_000)
             .with_durable(self.shared.durable)
             .with_total_byte_budget(self.shared.options.track_total_bytes)

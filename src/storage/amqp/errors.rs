@@ -1,0 +1,42 @@
+//! Broker and client errors as the crate's: which are retryable, and what a user is told.
+
+use std::sync::Arc;
+
+use lapin::ErrorKind;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+use crate::error::Error;
+
+/// Maps a client error during `what` to ours. Retryable: the connection or channel lost or
+/// refused, and the broker's codes for faults that pass (a resource locked, a broker
+/// shutting down or out of resources, a connection forced closed). Anything else (access
+/// refused, a queue declared with other arguments, a frame the broker refused) will not pass
+/// by itself.
+pub(super) fn broker_error(error: lapin::Error, what: &str) -> Error {
+    let retryable = match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => matches!(soft, AMQPSoftError::RESOURCELOCKED),
+            AMQPErrorKind::Hard(hard) => matches!(
+                hard,
+                AMQPHardError::CONNECTIONFORCED | AMQPHardError::RESOURCEERROR
+            ),
+        },
+        ErrorKind::IOError(_)
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::ChannelsLimitReached
+        | ErrorKind::MissingHeartbeatError => true,
+        _ => false,
+    };
+    Error::Storage {
+        message: format!("amqp {what}: {error}"),
+        retryable,
+        source: Some(Arc::new(error)),
+    }
+}
+
+/// True if `error` is the broker saying the queue does not exist (404 NOT_FOUND).
+pub(super) fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}

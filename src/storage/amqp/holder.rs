@@ -1,0 +1,291 @@
+//! What one node holds of one recipient's queue: the records it took with `basic.get` and has
+//! not acked, on a channel of its own, in seq order. Reads are served from here and extended
+//! from the broker, so a read does not take a record from the queue for good: the same node
+//! reads it again until it is acked, and the broker hands it to another node (marked
+//! redelivered) once this node lets go (`release`, the channel closed).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel};
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::limits::BatchLimit;
+use crate::message::{MessageId, RecipientId, Seq};
+use crate::storage::{Ack, ReadBatch, StoredRecord};
+
+use super::errors::broker_error;
+use super::record::{self, Decoded};
+
+/// One record held: its delivery tag on the holder's channel, and what it was read as.
+struct Held {
+    seq: u64,
+    tag: u64,
+    deliveries: u32,
+    /// `None`: the body is not a record of ours (damaged); reported, never delivered.
+    record: Option<HeldRecord>,
+}
+
+struct HeldRecord {
+    id: MessageId,
+    sent_at: Timestamp,
+    expires_at: Option<Timestamp>,
+    body: Bytes,
+}
+
+/// A recipient's held records on this node.
+pub(super) struct Holder {
+    channel: Channel,
+    queue: String,
+    recipient: RecipientId,
+    held: VecDeque<Held>,
+    /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
+    /// another node whose publish overtook it) is renumbered above it, so seqs increase.
+    last_seq: Option<u64>,
+    /// The last read, mark or ack: `purge` releases holders idle past `hold_idle`.
+    pub(super) last_used: Instant,
+}
+
+impl Holder {
+    pub(super) fn new(channel: Channel, queue: String, recipient: RecipientId) -> Self {
+        Self {
+            channel,
+            queue,
+            recipient,
+            held: VecDeque::new(),
+            last_seq: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// True while the channel is open; a holder whose channel closed holds nothing any more
+    /// (the broker took the records back).
+    pub(super) fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Hands every held record back to the broker, marked redelivered.
+    pub(super) async fn release(self) {
+        // Closing can only fail if the channel is gone already, which hands them back too.
+        let _ = self.channel.close(200, "released".into()).await;
+    }
+
+    /// Records held, and their body bytes.
+    pub(super) fn held(&self) -> (u64, u64, Option<Timestamp>, Option<Seq>) {
+        let bytes = self
+            .held
+            .iter()
+            .filter_map(|h| h.record.as_ref())
+            .map(|r| r.body.len() as u64)
+            .sum();
+        let oldest = self
+            .held
+            .iter()
+            .filter_map(|h| h.record.as_ref())
+            .map(|r| r.sent_at)
+            .min();
+        let newest = self.held.back().map(|h| Seq(h.seq));
+        (self.held.len() as u64, bytes, oldest, newest)
+    }
+
+    /// Takes one more record from the queue; false if none is ready.
+    async fn fetch(&mut self) -> Result<bool> {
+        let got = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(|e| broker_error(e, "basic.get"))?;
+        let Some(message) = got else {
+            return Ok(false);
+        };
+        let delivery = message.delivery;
+        let earlier = deliveries_before(&delivery.properties, delivery.redelivered);
+        let decoded = record::decode(&delivery.properties, delivery.data, &self.recipient);
+        let stamp = decoded.as_ref().map_or(0, |d| d.seq);
+        let seq = match self.last_seq {
+            Some(last) => stamp.max(last + 1),
+            None => stamp,
+        };
+        self.last_seq = Some(seq);
+        self.held.push_back(Held {
+            seq,
+            tag: delivery.delivery_tag,
+            deliveries: earlier,
+            record: decoded.map(
+                |Decoded {
+                     id,
+                     sent_at,
+                     expires_at,
+                     body,
+                     ..
+                 }| HeldRecord {
+                    id,
+                    sent_at,
+                    expires_at,
+                    body,
+                },
+            ),
+        });
+        Ok(true)
+    }
+
+    /// Fetches until a record above `seq` is held or the queue has nothing ready.
+    async fn fetch_through(&mut self, seq: u64) -> Result<()> {
+        while self.last_seq.is_none_or(|last| last < seq) {
+            if !self.fetch().await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.held.binary_search_by_key(&seq, |h| h.seq).ok()
+    }
+
+    /// Reads as [`Storage::read`](crate::Storage::read) does, counting one delivery for each
+    /// record returned when `count` is set.
+    pub(super) async fn read(
+        &mut self,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        count: bool,
+    ) -> Result<ReadBatch> {
+        self.last_used = Instant::now();
+        let mut batch = ReadBatch::default();
+        if limit.max_messages == 0 {
+            return Ok(batch);
+        }
+        let mut index = match after {
+            Some(after) => self.held.partition_point(|h| h.seq <= after.0),
+            None => 0,
+        };
+        let mut bytes = 0usize;
+        loop {
+            if index == self.held.len() && !self.fetch().await? {
+                break;
+            }
+            let held = &mut self.held[index];
+            let Some(record) = &held.record else {
+                batch.damaged.push(Seq(held.seq));
+                index += 1;
+                continue;
+            };
+            if record.expires_at.is_some_and(|at| at <= now) {
+                batch.expired.push(Seq(held.seq));
+                index += 1;
+                continue;
+            }
+            let len = record.body.len();
+            if !batch.records.is_empty() && bytes.saturating_add(len) > limit.max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(len);
+            batch.records.push(StoredRecord {
+                seq: Seq(held.seq),
+                id: record.id,
+                sent_at: record.sent_at,
+                expires_at: record.expires_at,
+                delivery_count: held.deliveries,
+                body: record.body.clone(),
+            });
+            if count {
+                held.deliveries = held.deliveries.saturating_add(1);
+            }
+            index += 1;
+            if batch.records.len() >= limit.max_messages {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Counts one more delivery for each listed record (fetching up to them).
+    pub(super) async fn mark_delivered(&mut self, seqs: &[Seq]) -> Result<()> {
+        self.last_used = Instant::now();
+        if let Some(max) = seqs.iter().max() {
+            self.fetch_through(max.0).await?;
+        }
+        for seq in seqs {
+            if let Some(at) = self.position(seq.0) {
+                self.held[at].deliveries = self.held[at].deliveries.saturating_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Acks as [`Storage::ack`](crate::Storage::ack) does: the records named are acked to the
+    /// broker (gone for good); passed-over ones are rejected without requeueing.
+    pub(super) async fn ack(&mut self, ack: &Ack) -> Result<u64> {
+        self.last_used = Instant::now();
+        let highest = ack
+            .through
+            .iter()
+            .chain(&ack.seqs)
+            .chain(&ack.passed_over)
+            .max();
+        if let Some(highest) = highest {
+            self.fetch_through(highest.0).await?;
+        }
+        let mut removed = 0;
+        if let Some(through) = ack.through {
+            let count = self.held.partition_point(|h| h.seq <= through.0);
+            if count > 0 {
+                // Tags grow with seqs, so one multiple ack settles exactly these.
+                let tag = self.held[count - 1].tag;
+                self.channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|e| broker_error(e, "basic.ack"))?;
+                self.held.drain(..count);
+                removed += count as u64;
+            }
+        }
+        for seq in &ack.seqs {
+            if let Some(at) = self.position(seq.0) {
+                self.channel
+                    .basic_ack(self.held[at].tag, BasicAckOptions { multiple: false })
+                    .await
+                    .map_err(|e| broker_error(e, "basic.ack"))?;
+                self.held.remove(at);
+                removed += 1;
+            }
+        }
+        for seq in &ack.passed_over {
+            if let Some(at) = self.position(seq.0) {
+                let reject = BasicNackOptions {
+                    multiple: false,
+                    requeue: false,
+                };
+                self.channel
+                    .basic_nack(self.held[at].tag, reject)
+                    .await
+                    .map_err(|e| broker_error(e, "basic.nack"))?;
+                self.held.remove(at);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Deliveries a record had before this `basic.get`: a quorum queue counts the times it was
+/// handed back in `x-delivery-count`; a classic queue only says whether it was.
+fn deliveries_before(properties: &BasicProperties, redelivered: bool) -> u32 {
+    let counted = properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get("x-delivery-count")? {
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            _ => None,
+        }
+    });
+    counted.unwrap_or(u32::from(redelivered))
+}

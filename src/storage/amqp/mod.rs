@@ -1,0 +1,661 @@
+//! [`AmqpStorage`]: a RabbitMQ queue per recipient (feature `amqp`; needs a tokio runtime).
+//!
+//! ```no_run
+//! # async fn node() -> Result<(), offline_queue::Error> {
+//! use std::sync::Arc;
+//! use offline_queue::{AmqpStorage, OfflineQueue};
+//!
+//! let storage = AmqpStorage::options()
+//!     .prefix("chat")
+//!     .connect("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .await?;
+//! let queue = OfflineQueue::builder().storage(Arc::new(storage)).build()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Issue 18 goes on: this is the storage. Not built yet: node coordination over the broker
+//! (wake-ups through a topic exchange), loss reports for what the broker drops or expires by
+//! itself, and the measurements. What the broker cannot do is declared by
+//! [`Capabilities`], and the conformance suite skips exactly those checks.
+//!
+//! # Layout
+//! - **A queue per recipient**, `<prefix>.<hex of the id>`, or `<prefix>.h.<SHA-256 of the
+//!   id>` when that would pass AMQP's 255-byte limit (those records also carry the id, checked
+//!   on read). Declared durable, quorum by default ([`QueueType`]), on the first append this
+//!   process makes to it, with the [`Quota`] as the broker's own limits: `x-max-length`,
+//!   `x-max-length-bytes` and `x-overflow` (`reject-publish` for
+//!   [`Overflow::Reject`](crate::Overflow::Reject), `drop-head` for
+//!   [`Overflow::DropOldest`](crate::Overflow::DropOldest)), and `x-expires` for
+//!   [`Quota::idle_timeout`] when it is within the broker's cap (2^32 - 1 ms, 49.7 days;
+//!   longer, and the queue is not removed by idleness). A queue that exists with other
+//!   arguments is refused with an error naming the broker's complaint, never reused.
+//! - **A record is a message** whose body is the engine's payload, byte for byte (so the
+//!   broker's byte limit counts what [`Quota::max_bytes`] counts); seq, id and times are
+//!   headers. Persistent, published with `mandatory` (a queue gone since this process
+//!   declared it comes back as a return, and is declared again), and an append returns only
+//!   after the broker's confirm: with a quorum queue, a majority of its replicas has it on
+//!   disk. A `reject-publish` nack is [`Error::QueueFull`].
+//! - **Seqs** are stamped by the sending node: `max(last + 1, wall clock ms × 1024)`, so they
+//!   grow across restarts and stay below 2^53 (JavaScript's exact integers) for centuries.
+//!   The broker keeps the order it received. When another node's record arrives after a
+//!   higher stamp, the reading node renumbers it above the last seq it handed out, so a
+//!   session's seqs always increase; that record's seq then differs from the one its append
+//!   returned. The [`MessageId`](crate::MessageId) is the stable identity.
+//! - **Expiry**: each record with a deadline also gets a broker TTL (its remaining time plus
+//!   a minute, when within the broker's cap), a backstop for queues nobody reads. Reads
+//!   filter on the deadline themselves.
+//!
+//! # Reads take and hold
+//! RabbitMQ cannot read a queue without taking from it. A read here takes records with
+//! `basic.get` (manual acks) on a channel of this node's for the recipient, and holds them
+//! unacked: the node's later reads, marks and acks for the recipient are served from what it
+//! holds, and extended from the queue, so a repeated read sees the same records with the same
+//! seqs. Acks settle held records with the broker (one `basic.ack` with `multiple` for a
+//! cumulative ack); passed-over records are rejected without requeueing. While one node holds
+//! records, another node cannot read them: `purge` hands back records held idle past
+//! [`AmqpOptions::hold_idle`] (default 30 s) by closing the channel, and the broker then
+//! redelivers them to whichever node reads next, marked redelivered (a quorum queue counts
+//! the returns in `x-delivery-count`, which becomes the record's delivery count). A node that
+//! dies hands back what it held the same way.
+//!
+//! # What the broker does not do, and the capabilities that say so
+//! - **No deduplication** ([`Capabilities::dedup`] false): a sender's retry stores twice.
+//! - **No loss counters** ([`Capabilities::loss_counts`] false): a record the broker drops
+//!   (`drop-head`) or expires is gone without a gap report, and an append cannot say how many
+//!   it dropped. (Planned: dead-lettering into a per-recipient ledger.)
+//! - **Stats from the broker are counts of ready messages** ([`Capabilities::exact_stats`]
+//!   false): `stats` adds what this node holds, and reports bytes and times of held records
+//!   only; [`Error::QueueFull`] reports the broker's ready count and no bytes.
+//! - **Batches are atomic on one node only**: under [`Overflow::Reject`](crate::Overflow)
+//!   a batch is checked against the ready count before it is published, but two nodes
+//!   filling one queue at once can have a batch stored in part. A single record is always
+//!   all or nothing.
+//! - **Length limits count ready messages**: records a node holds do not count, so a queue
+//!   can pass its quota by what its readers hold.
+//! - **Expiry and idleness by the broker's clock**: `purge` removes no records and no queues
+//!   ([`Capabilities::purge_expired`] and [`Capabilities::idle_removal`] false); the broker
+//!   does, by TTL and `x-expires`.
+//! - **No storage-wide byte budget** ([`Capabilities::total_byte_budget`] false).
+
+mod errors;
+mod holder;
+mod names;
+mod options;
+mod record;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::limits::{BatchLimit, Overflow, Quota};
+use crate::message::{RecipientId, Seq};
+use crate::storage::{
+    Ack, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats, Storage,
+};
+
+use errors::{broker_error, is_not_found};
+use holder::Holder;
+use names::{QueueName, queue_name};
+pub use options::{AmqpOptions, QueueType};
+
+/// The broker's cap on a TTL or `x-expires`, in ms.
+const BROKER_MAX_MS: u64 = u32::MAX as u64;
+/// Added to a record's remaining time for its broker TTL: the broker's expiry is a backstop,
+/// and the engine should see an expired record first when someone reads.
+const BROKER_TTL_GRACE_MS: u64 = 60_000;
+/// Queue names this process has declared, remembered to skip the declare; cleared when full.
+const DECLARED_CACHE: usize = 65_536;
+/// How often a batch is published again after its queue vanished in between.
+const REDECLARE_TRIES: usize = 3;
+
+/// Queues in RabbitMQ, a queue per recipient. See the [module docs](self).
+pub struct AmqpStorage {
+    url: String,
+    options: AmqpOptions,
+    link: parking_lot::Mutex<Option<Arc<Link>>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// The last seq stamped, across reconnects.
+    last_stamp: parking_lot::Mutex<u64>,
+    declared: parking_lot::Mutex<HashSet<String>>,
+    holders: parking_lot::Mutex<HashMap<RecipientId, Arc<tokio::sync::Mutex<Option<Holder>>>>>,
+}
+
+/// One connection: a channel in confirm mode for publishes, one for declares and stats.
+struct Link {
+    connection: Connection,
+    publish: tokio::sync::Mutex<Channel>,
+    control: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl std::fmt::Debug for AmqpStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpStorage")
+            .field("prefix", &self.options.prefix)
+            .field("queue_type", &self.options.queue_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpStorage {
+    /// Settings, then [`AmqpOptions::connect`].
+    pub fn options() -> AmqpOptions {
+        AmqpOptions::default()
+    }
+
+    /// Connects with the default options.
+    ///
+    /// # Errors
+    /// As [`AmqpOptions::connect`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        AmqpOptions::default().connect(url).await
+    }
+
+    async fn connect_with(url: &str, options: AmqpOptions) -> Result<Self> {
+        let storage = Self {
+            url: url.to_owned(),
+            options,
+            link: parking_lot::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            last_stamp: parking_lot::Mutex::new(0),
+            declared: parking_lot::Mutex::new(HashSet::new()),
+            holders: parking_lot::Mutex::new(HashMap::new()),
+        };
+        storage.link().await?;
+        Ok(storage)
+    }
+
+    /// The open connection, or a new one if it was lost.
+    async fn link(&self) -> Result<Arc<Link>> {
+        if let Some(link) = self.open_link() {
+            return Ok(link);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(link) = self.open_link() {
+            return Ok(link);
+        }
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| broker_error(e, "connect"))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(|e| broker_error(e, "channel.open"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| broker_error(e, "confirm.select"))?;
+        let link = Arc::new(Link {
+            connection,
+            publish: tokio::sync::Mutex::new(publish),
+            control: tokio::sync::Mutex::new(None),
+        });
+        // Queues declared on the old connection may have gone with it (x-expires).
+        self.declared.lock().clear();
+        *self.link.lock() = Some(link.clone());
+        Ok(link)
+    }
+
+    fn open_link(&self) -> Option<Arc<Link>> {
+        self.link
+            .lock()
+            .clone()
+            .filter(|link| link.connection.status().connected())
+    }
+
+    /// A channel for declares, deletes and counts; a broker error closes a channel, so a
+    /// closed one is replaced.
+    async fn control(&self) -> Result<Channel> {
+        let link = self.link().await?;
+        let mut control = link.control.lock().await;
+        if let Some(channel) = control.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| broker_error(e, "channel.open"))?;
+        *control = Some(channel.clone());
+        Ok(channel)
+    }
+
+    fn name(&self, recipient: &RecipientId) -> QueueName {
+        queue_name(&self.options.prefix, recipient)
+    }
+
+    /// The queue's arguments for `quota`.
+    fn arguments(&self, quota: &Quota) -> FieldTable {
+        let mut args = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        args.insert(
+            "x-queue-type".into(),
+            text(self.options.queue_type.argument()),
+        );
+        if let Ok(max) = i64::try_from(quota.max_messages) {
+            args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+        }
+        if let Ok(max) = i64::try_from(quota.max_bytes) {
+            args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(max));
+        }
+        let overflow = match quota.overflow {
+            Overflow::Reject => "reject-publish",
+            Overflow::DropOldest => "drop-head",
+        };
+        args.insert("x-overflow".into(), text(overflow));
+        if let Some(idle) = quota.idle_timeout {
+            let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+            if (1..=BROKER_MAX_MS).contains(&ms) {
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+                );
+            }
+        }
+        args
+    }
+
+    /// Declares the queue unless this process did already.
+    async fn declare(&self, name: &str, quota: &Quota) -> Result<()> {
+        if self.declared.lock().contains(name) {
+            return Ok(());
+        }
+        let channel = self.control().await?;
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(name.into(), options, self.arguments(quota))
+            .await
+            .map_err(|e| {
+                let mut error = broker_error(e, "queue.declare");
+                if let Error::Storage { message, .. } = &mut error {
+                    message.push_str(&format!(
+                        " (queue {name}; this storage declares it with {:?})",
+                        self.arguments(quota)
+                    ));
+                }
+                error
+            })?;
+        let mut declared = self.declared.lock();
+        if declared.len() >= DECLARED_CACHE {
+            declared.clear();
+        }
+        declared.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Messages ready in the queue (not held by any node); `None` if it does not exist.
+    async fn ready(&self, name: &str) -> Result<Option<u64>> {
+        let channel = self.control().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        match channel
+            .queue_declare(name.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(queue) => Ok(Some(u64::from(queue.message_count()))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(broker_error(e, "queue.declare passive")),
+        }
+    }
+
+    /// The next seq to stamp.
+    fn stamp(&self) -> u64 {
+        let clock = Timestamp::now_system().as_millis().saturating_mul(1024);
+        let mut last = self.last_stamp.lock();
+        *last = clock.max(*last + 1);
+        *last
+    }
+
+    /// Publishes `records` in order with their stamps; returns each one's confirmation.
+    async fn publish(
+        &self,
+        name: &QueueName,
+        recipient: &RecipientId,
+        records: &[(u64, &NewRecord)],
+        now: Timestamp,
+    ) -> Result<Vec<Confirmation>> {
+        let link = self.link().await?;
+        let hashed = name.hashed.then_some(recipient);
+        let mut pending = Vec::with_capacity(records.len());
+        {
+            // One publisher at a time keeps each append's records together and in seq order.
+            let channel = link.publish.lock().await;
+            for (seq, record) in records {
+                let ttl = record.expires_at.and_then(|at| {
+                    let ms = at.as_millis().saturating_sub(now.as_millis());
+                    let ms = ms.saturating_add(BROKER_TTL_GRACE_MS);
+                    (ms <= BROKER_MAX_MS).then_some(ms)
+                });
+                let properties = record::properties(record, *seq, hashed, ttl);
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        name.name.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &record.body,
+                        properties,
+                    )
+                    .await
+                    .map_err(|e| broker_error(e, "basic.publish"))?;
+                pending.push(confirm);
+            }
+        }
+        let mut confirmations = Vec::with_capacity(pending.len());
+        for confirm in pending {
+            confirmations.push(
+                confirm
+                    .await
+                    .map_err(|e| broker_error(e, "publish confirm"))?,
+            );
+        }
+        Ok(confirmations)
+    }
+
+    fn queue_full(&self, ready: u64, records: &[NewRecord], quota: &Quota) -> Error {
+        Error::QueueFull {
+            messages: ready,
+            bytes: 0,
+            adding_messages: records.len() as u64,
+            adding_bytes: records.iter().map(|r| r.body.len() as u64).sum(),
+            max_messages: quota.max_messages,
+            max_bytes: quota.max_bytes,
+        }
+    }
+
+    /// The holder slot for `recipient`, made if missing.
+    fn slot(&self, recipient: &RecipientId) -> Arc<tokio::sync::Mutex<Option<Holder>>> {
+        self.holders
+            .lock()
+            .entry(recipient.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `step` on the recipient's holder (opening a channel for it if needed). A broker
+    /// error drops the holder: its channel is gone, and the broker took its records back.
+    async fn with_holder<T>(
+        &self,
+        recipient: &RecipientId,
+        step: impl AsyncFnOnce(&mut Holder) -> Result<T>,
+    ) -> Result<T> {
+        let slot = self.slot(recipient);
+        let mut guard = slot.lock().await;
+        if guard.as_ref().is_some_and(|h| !h.is_open()) {
+            *guard = None;
+        }
+        if guard.is_none() {
+            let name = self.name(recipient).name;
+            let link = self.link().await?;
+            let channel = link
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| broker_error(e, "channel.open"))?;
+            *guard = Some(Holder::new(channel, name, recipient.clone()));
+        }
+        let holder = guard.as_mut().expect("set above");
+        match step(holder).await {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                if let Some(holder) = guard.take() {
+                    holder.release().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// True if the broker says the queue does not exist (so there is nothing to hold).
+    async fn missing(&self, recipient: &RecipientId) -> Result<bool> {
+        let held = self.holders.lock().contains_key(recipient);
+        Ok(!held && self.ready(&self.name(recipient).name).await?.is_none())
+    }
+}
+
+#[async_trait]
+impl Storage for AmqpStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_durable(true)
+            .with_max_read_batch(self.options.max_read_batch)
+            // A quorum queue admits a record while under its limits (one may cross them).
+            .with_exact_quotas(self.options.queue_type == QueueType::Classic)
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        if records.is_empty() {
+            return Ok(AppendOutcome::default());
+        }
+        let adding_bytes: u64 = records.iter().map(|r| r.body.len() as u64).sum();
+        if records.len() as u64 > quota.max_messages || adding_bytes > quota.max_bytes {
+            return Err(self.queue_full(0, &records, quota));
+        }
+        let name = self.name(recipient);
+        self.declare(&name.name, quota).await?;
+        if records.len() > 1 && quota.overflow == Overflow::Reject {
+            // The broker rejects record by record: check the batch whole first.
+            let ready = self.ready(&name.name).await?.unwrap_or(0);
+            if ready.saturating_add(records.len() as u64) > quota.max_messages {
+                return Err(self.queue_full(ready, &records, quota));
+            }
+        }
+        let stamped: Vec<(u64, &NewRecord)> = records.iter().map(|r| (self.stamp(), r)).collect();
+        let mut to_send = stamped.clone();
+        let mut rejected = 0;
+        for attempt in 0..=REDECLARE_TRIES {
+            let confirmations = self.publish(&name, recipient, &to_send, now).await?;
+            let mut returned = Vec::new();
+            for (sent, confirmation) in to_send.iter().zip(confirmations) {
+                match confirmation {
+                    Confirmation::Ack(None) => {}
+                    Confirmation::Ack(Some(_)) => returned.push(*sent),
+                    Confirmation::Nack(_) => rejected += 1,
+                    Confirmation::NotRequested => {
+                        return Err(Error::storage_msg(
+                            crate::error::Retry::No,
+                            "amqp: the publish channel is not in confirm mode",
+                        ));
+                    }
+                }
+            }
+            if returned.is_empty() {
+                break;
+            }
+            if attempt == REDECLARE_TRIES {
+                return Err(Error::storage_msg(
+                    crate::error::Retry::Yes,
+                    format!(
+                        "amqp: queue {} vanished while {} records were published to it",
+                        name.name,
+                        returned.len()
+                    ),
+                ));
+            }
+            // The queue is gone (removed, or idle past x-expires) since it was declared here.
+            self.declared.lock().remove(&name.name);
+            self.declare(&name.name, quota).await?;
+            to_send = returned;
+        }
+        if rejected > 0 {
+            let ready = self.ready(&name.name).await?.unwrap_or(0);
+            return Err(self.queue_full(ready, &records, quota));
+        }
+        Ok(AppendOutcome {
+            records: stamped
+                .iter()
+                .map(|(seq, _)| Appended::Stored(Seq(*seq)))
+                .collect(),
+            dropped: 0,
+            pending: records.len() as u64,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        if self.missing(recipient).await? {
+            return Ok(ReadBatch::default());
+        }
+        self.with_holder(recipient, async |h| h.read(after, limit, now, false).await)
+            .await
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<DeliveryRead> {
+        if self.missing(recipient).await? {
+            return Ok(DeliveryRead::default());
+        }
+        self.with_holder(recipient, async |h| {
+            let acked = match ack {
+                Some(ack) => h.ack(ack).await?,
+                None => 0,
+            };
+            let batch = h.read(after, limit, now, true).await?;
+            Ok(DeliveryRead { acked, batch })
+        })
+        .await
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() || self.missing(recipient).await? {
+            return Ok(());
+        }
+        self.with_holder(recipient, async |h| h.mark_delivered(seqs).await)
+            .await
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
+        let names_records = ack.through.is_some() || !ack.seqs.is_empty();
+        if (!names_records && ack.passed_over.is_empty()) || self.missing(recipient).await? {
+            return Ok(0);
+        }
+        self.with_holder(recipient, async |h| h.ack(ack).await)
+            .await
+    }
+
+    async fn purge(
+        &self,
+        _now: Timestamp,
+        _idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> Result<PurgeOutcome> {
+        // Records and queues expire by the broker's clock; what is left to do here is to
+        // hand back records held by sessions that went quiet.
+        let idle = self.options.hold_idle;
+        let slots: Vec<(RecipientId, Arc<tokio::sync::Mutex<Option<Holder>>>)> = self
+            .holders
+            .lock()
+            .iter()
+            .map(|(r, s)| (r.clone(), s.clone()))
+            .collect();
+        let mut examined = 0;
+        let mut more = false;
+        for (recipient, slot) in slots {
+            if examined as usize >= budget {
+                more = true;
+                break;
+            }
+            examined += 1;
+            let Ok(mut guard) = slot.try_lock() else {
+                continue; // in use right now: not idle
+            };
+            let quiet = guard
+                .as_ref()
+                .is_none_or(|h| !h.is_open() || h.last_used.elapsed() >= idle);
+            if quiet {
+                if let Some(holder) = guard.take() {
+                    holder.release().await;
+                }
+                drop(guard);
+                let mut holders = self.holders.lock();
+                // Only if nobody took the slot up again meanwhile.
+                if holders
+                    .get(&recipient)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && Arc::strong_count(s) == 2)
+                {
+                    holders.remove(&recipient);
+                }
+            }
+        }
+        Ok(PurgeOutcome {
+            expired: 0,
+            idle_recipients: 0,
+            more,
+            examined,
+        })
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let Some(ready) = self.ready(&self.name(recipient).name).await? else {
+            return Ok(RecipientStats::default());
+        };
+        let slot = self.holders.lock().get(recipient).cloned();
+        let (held, bytes, oldest, newest) = match slot {
+            Some(slot) => match slot.lock().await.as_ref().filter(|h| h.is_open()) {
+                Some(holder) => holder.held(),
+                None => (0, 0, None, None),
+            },
+            None => (0, 0, None, None),
+        };
+        Ok(RecipientStats {
+            messages: ready + held,
+            bytes,
+            oldest_sent_at: oldest,
+            newest_seq: newest,
+            lost: 0,
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let slot = self.holders.lock().remove(recipient);
+        if let Some(slot) = slot
+            && let Some(holder) = slot.lock().await.take()
+        {
+            holder.release().await;
+        }
+        let name = self.name(recipient).name;
+        self.declared.lock().remove(&name);
+        let channel = self.control().await?;
+        match channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            Ok(count) => Ok(u64::from(count)),
+            Err(e) if is_not_found(&e) => Ok(0),
+            Err(e) => Err(broker_error(e, "queue.delete")),
+        }
+    }
+}

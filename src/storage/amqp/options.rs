@@ -1,0 +1,107 @@
+//! [`AmqpOptions`]: how [`AmqpStorage`](super::AmqpStorage) names and declares its queues.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+use super::AmqpStorage;
+use super::names::check_prefix;
+
+/// The kind of queue each recipient gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// One node's queue, persistent messages written to disk before a publish is confirmed
+    /// (the default): cheap per queue, limits kept exactly, not replicated.
+    #[default]
+    Classic,
+    /// Replicated over the broker's cluster by Raft, on a majority's disks before a publish
+    /// is confirmed. Each is a Raft group, a broker process per member, so each recipient
+    /// costs more; and the broker admits a record while the queue is under its limits, so a
+    /// queue can pass `max_messages` or `max_bytes` by one record
+    /// ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is false).
+    Quorum,
+}
+
+impl QueueType {
+    pub(super) fn argument(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// Settings for [`AmqpStorage`]; from [`AmqpStorage::options`].
+#[derive(Clone, Debug)]
+pub struct AmqpOptions {
+    pub(super) prefix: String,
+    pub(super) queue_type: QueueType,
+    pub(super) hold_idle: Duration,
+    pub(super) max_read_batch: usize,
+}
+
+impl Default for AmqpOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "oq".to_owned(),
+            queue_type: QueueType::Classic,
+            hold_idle: Duration::from_secs(30),
+            max_read_batch: 1_000,
+        }
+    }
+}
+
+impl AmqpOptions {
+    /// The start of every queue name (default `oq`): ASCII letters, digits, `_`, `-` and `.`,
+    /// 1 to 64 bytes, not `amq.`. Two applications on one virtual host need different
+    /// prefixes (or a virtual host each, in the URL).
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The kind of queue each recipient gets (default [`QueueType::Classic`]).
+    #[must_use]
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// How long this node keeps holding the records it read for a recipient after the last
+    /// read or ack (default 30 s). Held records are invisible to other nodes; `purge` (the
+    /// engine's maintenance) hands back those idle this long, and the broker hands them on.
+    #[must_use]
+    pub fn hold_idle(mut self, idle: Duration) -> Self {
+        self.hold_idle = idle;
+        self
+    }
+
+    /// The most records one read returns (default 1,000): a read is one `basic.get` per
+    /// record.
+    #[must_use]
+    pub fn max_read_batch(mut self, max: usize) -> Self {
+        self.max_read_batch = max;
+        self
+    }
+
+    /// Connects to the broker at `url` (`amqp://user:password@host:port/vhost`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bad prefix or batch size; a retryable storage error if
+    /// the broker does not answer.
+    pub async fn connect(self, url: &str) -> Result<AmqpStorage> {
+        check_prefix(&self.prefix).map_err(|reason| Error::InvalidConfig {
+            field: "AmqpOptions::prefix",
+            reason,
+        })?;
+        if self.max_read_batch == 0 {
+            return Err(Error::InvalidConfig {
+                field: "AmqpOptions::max_read_batch",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        AmqpStorage::connect_with(url, self).await
+    }
+}
