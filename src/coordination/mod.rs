@@ -102,18 +102,31 @@ impl Coordination for SingleNode {
 /// every wake-up from its creation on. A stream dropped by its reader is forgotten at the next
 /// wake-up.
 #[cfg_attr(
-    not(any(feature = "redis", feature = "postgres", feature = "nats")),
+    not(any(
+        feature = "redis",
+        feature = "postgres",
+        feature = "nats",
+        feature = "amqp"
+    )),
     allow(dead_code)
 )]
 #[derive(Clone, Default)]
 pub(crate) struct Listeners(Arc<Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>>);
 
 #[cfg_attr(
-    not(any(feature = "redis", feature = "postgres", feature = "nats")),
+    not(any(
+        feature = "redis",
+        feature = "postgres",
+        feature = "nats",
+        feature = "amqp"
+    )),
     allow(dead_code)
 )]
 impl Listeners {
-    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "postgres", feature = "amqp")),
+        allow(dead_code)
+    )]
     pub(crate) fn subscribe(&self) -> mpsc::UnboundedReceiver<RecipientId> {
         self.subscribe_with(None)
     }

@@ -80,10 +80,11 @@
 mod errors;
 mod holder;
 mod names;
+mod nodes;
 mod options;
 mod record;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -94,7 +95,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::clock::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 use crate::limits::{BatchLimit, Overflow, Quota};
 use crate::message::{RecipientId, Seq};
 use crate::storage::{
@@ -105,6 +106,7 @@ use crate::storage::{
 use errors::{broker_error, is_not_found};
 use holder::Holder;
 use names::{QueueName, queue_name};
+use nodes::{Holders, Node};
 pub use options::{AmqpOptions, QueueType};
 
 /// The broker's cap on a TTL or `x-expires`, in ms.
@@ -114,6 +116,8 @@ const BROKER_MAX_MS: u64 = u32::MAX as u64;
 const BROKER_TTL_GRACE_MS: u64 = 60_000;
 /// Queue names this process has declared, remembered to skip the declare; cleared when full.
 const DECLARED_CACHE: usize = 65_536;
+/// Publishing channels per connection: appends in flight at once, each on its own channel.
+const PUBLISH_CHANNELS: usize = 64;
 /// How often a batch is published again after its queue vanished in between.
 const REDECLARE_TRIES: usize = 3;
 
@@ -126,14 +130,33 @@ pub struct AmqpStorage {
     /// The last seq stamped, across reconnects.
     last_stamp: parking_lot::Mutex<u64>,
     declared: parking_lot::Mutex<HashSet<String>>,
-    holders: parking_lot::Mutex<HashMap<RecipientId, Arc<tokio::sync::Mutex<Option<Holder>>>>>,
+    holders: Holders,
+    node: Node,
 }
 
-/// One connection: a channel in confirm mode for publishes, one for declares and stats.
+/// One connection: a pool of channels in confirm mode for publishes, one channel for
+/// declares and stats.
 struct Link {
     connection: Connection,
-    publish: tokio::sync::Mutex<Channel>,
+    publishers: parking_lot::Mutex<Vec<Channel>>,
+    publish_slots: Arc<tokio::sync::Semaphore>,
     control: tokio::sync::Mutex<Option<Channel>>,
+}
+
+/// A publishing channel taken from the pool.
+struct Publisher {
+    channel: Channel,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What became of one published record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Published {
+    Stored,
+    /// No such queue (returned as unroutable): declare it and publish again.
+    Returned,
+    /// Nacked: `reject-publish` refused it.
+    Rejected,
 }
 
 impl std::fmt::Debug for AmqpStorage {
@@ -160,6 +183,8 @@ impl AmqpStorage {
     }
 
     async fn connect_with(url: &str, options: AmqpOptions) -> Result<Self> {
+        let holders = Holders::default();
+        let node = Node::start(url.to_owned(), options.prefix.clone(), holders.clone());
         let storage = Self {
             url: url.to_owned(),
             options,
@@ -167,7 +192,8 @@ impl AmqpStorage {
             connecting: tokio::sync::Mutex::new(()),
             last_stamp: parking_lot::Mutex::new(0),
             declared: parking_lot::Mutex::new(HashSet::new()),
-            holders: parking_lot::Mutex::new(HashMap::new()),
+            holders,
+            node,
         };
         storage.link().await?;
         Ok(storage)
@@ -185,18 +211,17 @@ impl AmqpStorage {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .map_err(|e| broker_error(e, "connect"))?;
-        let publish = connection
+        let control = connection
             .create_channel()
             .await
             .map_err(|e| broker_error(e, "channel.open"))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| broker_error(e, "confirm.select"))?;
+        // Declared before any publish to it: publishing to a missing exchange closes the channel.
+        nodes::declare_exchange(&control, &self.options.prefix).await?;
         let link = Arc::new(Link {
             connection,
-            publish: tokio::sync::Mutex::new(publish),
-            control: tokio::sync::Mutex::new(None),
+            publishers: parking_lot::Mutex::new(Vec::new()),
+            publish_slots: Arc::new(tokio::sync::Semaphore::new(PUBLISH_CHANNELS)),
+            control: tokio::sync::Mutex::new(Some(control)),
         });
         // Queues declared on the old connection may have gone with it (x-expires).
         self.declared.lock().clear();
@@ -319,52 +344,125 @@ impl AmqpStorage {
         *last
     }
 
-    /// Publishes `records` in order with their stamps; returns each one's confirmation.
+    /// A publishing channel of this connection's pool, in confirm mode, for one caller at a
+    /// time: lapin hands a returned message to whichever confirmation completes next, so a
+    /// channel shared by concurrent appends could credit one append with another's return.
+    async fn publisher(&self) -> Result<(Arc<Link>, Publisher)> {
+        let link = self.link().await?;
+        let permit = link
+            .publish_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let pooled = link.publishers.lock().pop();
+        let channel = match pooled.filter(|c| c.status().connected()) {
+            Some(channel) => channel,
+            None => {
+                let channel = link
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| broker_error(e, "channel.open"))?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| broker_error(e, "confirm.select"))?;
+                channel
+            }
+        };
+        Ok((
+            link,
+            Publisher {
+                channel,
+                _permit: permit,
+            },
+        ))
+    }
+
+    /// Publishes `records` in order with their stamps, and a wake-up behind them when `wake`
+    /// (a node woken by it finds them). Returns what became of each record, and whether the
+    /// wake-up reached a node.
     async fn publish(
         &self,
         name: &QueueName,
         recipient: &RecipientId,
         records: &[(u64, &NewRecord)],
         now: Timestamp,
-    ) -> Result<Vec<Confirmation>> {
-        let link = self.link().await?;
+        wake: bool,
+    ) -> Result<(Vec<Published>, Option<bool>)> {
         let hashed = name.hashed.then_some(recipient);
-        let mut pending = Vec::with_capacity(records.len());
-        {
-            // One publisher at a time keeps each append's records together and in seq order.
-            let channel = link.publish.lock().await;
-            for (seq, record) in records {
-                let ttl = record.expires_at.and_then(|at| {
-                    let ms = at.as_millis().saturating_sub(now.as_millis());
-                    let ms = ms.saturating_add(BROKER_TTL_GRACE_MS);
-                    (ms <= BROKER_MAX_MS).then_some(ms)
-                });
-                let properties = record::properties(record, *seq, hashed, ttl);
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        name.name.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &record.body,
-                        properties,
-                    )
-                    .await
-                    .map_err(|e| broker_error(e, "basic.publish"))?;
-                pending.push(confirm);
+        let (link, publisher) = self.publisher().await?;
+        let channel = &publisher.channel;
+        let mut pending = Vec::with_capacity(records.len() + 1);
+        for (seq, record) in records {
+            let ttl = record.expires_at.and_then(|at| {
+                let ms = at.as_millis().saturating_sub(now.as_millis());
+                let ms = ms.saturating_add(BROKER_TTL_GRACE_MS);
+                (ms <= BROKER_MAX_MS).then_some(ms)
+            });
+            let properties = record::properties(record, *seq, hashed, ttl);
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    name.name.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &record.body,
+                    properties,
+                )
+                .await
+                .map_err(|e| broker_error(e, "basic.publish"))?;
+            pending.push(confirm);
+        }
+        if wake {
+            pending.push(self.publish_wake(channel, recipient, false).await?);
+        }
+        // Which message a return belongs to is read from the return itself (its seq header,
+        // or the wake-up exchange); an ack or a nack is exact per message.
+        let mut acked = Vec::with_capacity(pending.len());
+        let mut returned_seqs = HashSet::new();
+        let mut wake_returned = false;
+        for confirm in pending {
+            let confirmation = confirm
+                .await
+                .map_err(|e| broker_error(e, "publish confirm"))?;
+            let (ok, returned) = match confirmation {
+                Confirmation::Ack(returned) => (true, returned),
+                Confirmation::Nack(returned) => (false, returned),
+                Confirmation::NotRequested => {
+                    return Err(Error::storage_msg(
+                        Retry::No,
+                        "amqp: the publish channel is not in confirm mode",
+                    ));
+                }
+            };
+            acked.push(ok);
+            if let Some(returned) = returned {
+                if returned.delivery.exchange.as_str().is_empty() {
+                    returned_seqs.extend(record::seq_of(&returned.delivery.properties));
+                } else {
+                    wake_returned = true;
+                }
             }
         }
-        let mut confirmations = Vec::with_capacity(pending.len());
-        for confirm in pending {
-            confirmations.push(
-                confirm
-                    .await
-                    .map_err(|e| broker_error(e, "publish confirm"))?,
-            );
-        }
-        Ok(confirmations)
+        link.publishers.lock().push(publisher.channel);
+        let woke = wake.then(|| {
+            acked.pop();
+            !wake_returned
+        });
+        let outcomes = records
+            .iter()
+            .zip(acked)
+            .map(|((seq, _), ok)| match (ok, returned_seqs.contains(seq)) {
+                (_, true) => Published::Returned,
+                (true, false) => Published::Stored,
+                (false, false) => Published::Rejected,
+            })
+            .collect();
+        Ok((outcomes, woke))
     }
 
     fn queue_full(&self, ready: u64, records: &[NewRecord], quota: &Quota) -> Error {
@@ -464,20 +562,21 @@ impl Storage for AmqpStorage {
         let stamped: Vec<(u64, &NewRecord)> = records.iter().map(|r| (self.stamp(), r)).collect();
         let mut to_send = stamped.clone();
         let mut rejected = 0;
+        let mut live_elsewhere = false;
         for attempt in 0..=REDECLARE_TRIES {
-            let confirmations = self.publish(&name, recipient, &to_send, now).await?;
+            // The first try also wakes the nodes holding a session for the recipient.
+            let (confirmations, woke) = self
+                .publish(&name, recipient, &to_send, now, attempt == 0)
+                .await?;
+            if let Some(routed) = woke {
+                live_elsewhere = routed && !self.node.live.lock().contains(recipient);
+            }
             let mut returned = Vec::new();
-            for (sent, confirmation) in to_send.iter().zip(confirmations) {
-                match confirmation {
-                    Confirmation::Ack(None) => {}
-                    Confirmation::Ack(Some(_)) => returned.push(*sent),
-                    Confirmation::Nack(_) => rejected += 1,
-                    Confirmation::NotRequested => {
-                        return Err(Error::storage_msg(
-                            crate::error::Retry::No,
-                            "amqp: the publish channel is not in confirm mode",
-                        ));
-                    }
+            for (sent, outcome) in to_send.iter().zip(confirmations) {
+                match outcome {
+                    Published::Stored => {}
+                    Published::Returned => returned.push(*sent),
+                    Published::Rejected => rejected += 1,
                 }
             }
             if returned.is_empty() {
@@ -485,7 +584,7 @@ impl Storage for AmqpStorage {
             }
             if attempt == REDECLARE_TRIES {
                 return Err(Error::storage_msg(
-                    crate::error::Retry::Yes,
+                    Retry::Yes,
                     format!(
                         "amqp: queue {} vanished while {} records were published to it",
                         name.name,
@@ -509,7 +608,7 @@ impl Storage for AmqpStorage {
                 .collect(),
             dropped: 0,
             pending: records.len() as u64,
-            live_elsewhere: false,
+            live_elsewhere,
         })
     }
 

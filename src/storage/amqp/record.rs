@@ -73,6 +73,14 @@ fn as_long(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// The seq a message was published with, if it is a record of ours.
+pub(super) fn seq_of(properties: &BasicProperties) -> Option<u64> {
+    match properties.headers().as_ref()?.inner().get(SEQ)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
 /// A record read back.
 #[derive(Debug)]
 pub(super) struct Decoded {
