@@ -8,6 +8,8 @@
 #[path = "../examples/chat_server/server/mod.rs"]
 mod server;
 
+#[cfg(feature = "amqp")]
+mod amqp_support;
 mod chat_support;
 #[cfg(feature = "nats")]
 mod nats_support;
@@ -82,6 +84,25 @@ async fn the_protocol_holds_on_nats() {
             acked_gone_unacked_back(&flags).await;
         }
         nats_support::delete(&url, &[name]).await;
+    }
+}
+
+/// The same protocol on RabbitMQ (`OFFLINE_QUEUE_AMQP_URL`; skipped, and says so, when it is
+/// unset), each scenario in a virtual host of its own.
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn the_protocol_holds_on_amqp() {
+    let Some(url) = amqp_support::url() else {
+        return;
+    };
+    for scenario in 0..2 {
+        let vhost = amqp_support::Vhost::new(&url, "chat");
+        let flags = ["--storage", &vhost.url];
+        if scenario == 0 {
+            offline_then_batches(&flags).await;
+        } else {
+            acked_gone_unacked_back(&flags).await;
+        }
     }
 }
 
@@ -646,6 +667,15 @@ fn bad_flags_fail_at_start_naming_the_flag() {
                 "built without the `nats` feature"
             },
         ),
+        // And for RabbitMQ.
+        (
+            vec!["--storage", "amqp://guest:guest@127.0.0.1:1/%2f"],
+            if cfg!(feature = "amqp") {
+                "does not answer"
+            } else {
+                "built without the `amqp` feature"
+            },
+        ),
         (vec!["--storage", "floppy:a"], "--storage \"floppy:a\""),
         (
             vec!["--notify-webhook", "https://push.example"],
@@ -799,7 +829,7 @@ async fn two_servers_on_one_postgres_deliver_across() {
 
 /// Two server processes started with `flags`: bob, connected to the second, receives at once
 /// what alice sends through the first, which sees him online.
-#[cfg(any(feature = "postgres", feature = "nats"))]
+#[cfg(any(feature = "postgres", feature = "nats", feature = "amqp"))]
 async fn two_servers_deliver_across(flags: &[&str]) {
     let first = Server::start(flags);
     let second = Server::start(flags);
@@ -833,6 +863,19 @@ async fn two_servers_on_one_nats_deliver_across() {
     let name = nats_support::unique_name();
     two_servers_deliver_across(&["--storage", &url, "--nats-stream", &name]).await;
     nats_support::delete(&url, &[name]).await;
+}
+
+/// Two server processes on one RabbitMQ virtual host: a user connected to the second receives,
+/// at once, what was sent through the first (woken through the exchange), and the first sees
+/// him online (no push).
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn two_servers_on_one_amqp_deliver_across() {
+    let Some(url) = amqp_support::url() else {
+        return;
+    };
+    let vhost = amqp_support::Vhost::new(&url, "chat2");
+    two_servers_deliver_across(&["--storage", &vhost.url]).await;
 }
 
 /// A client that sends without waiting (300 frames, some refused) gets one reply per frame, in

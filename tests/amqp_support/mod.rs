@@ -4,8 +4,9 @@
 
 #![allow(dead_code)]
 
+#[allow(clippy::duplicate_mod)]
 #[path = "../skip_support/mod.rs"]
-mod skip_support;
+pub mod skip_support;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

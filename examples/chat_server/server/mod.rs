@@ -40,9 +40,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where messages wait: `redb:<path>` (durable, one file), `memory`, `redis://host:port`
     /// (several, comma separated, for a Redis Cluster; needs the `redis` feature),
-    /// `postgres://user@host:port/db` (needs the `postgres` feature) or `nats://host:port`
-    /// (NATS JetStream; needs the `nats` feature). Redis, PostgreSQL and NATS are shared by
-    /// every node that names them: each node delivers what any node stored.
+    /// `postgres://user@host:port/db` (needs the `postgres` feature), `nats://host:port`
+    /// (NATS JetStream; needs the `nats` feature) or `amqp://user:password@host:port/vhost`
+    /// (RabbitMQ, a queue per user; needs the `amqp` feature). Redis, PostgreSQL, NATS and
+    /// RabbitMQ are shared by every node that names them: each node delivers what any node
+    /// stored.
     #[arg(long, default_value = "redb:offline-queue-data/chat.redb")]
     pub storage: String,
     /// With Redis storage: the prefix of every key, so several deployments can share a Redis.
@@ -52,6 +54,11 @@ pub struct Config {
     /// and the first token of its subjects, so several deployments can share a server.
     #[arg(long, default_value = "CHAT")]
     pub nats_stream: String,
+    /// With RabbitMQ storage: the start of every queue's name (`<prefix>.<user id in hex>`)
+    /// and of the wake-up exchange (`<prefix>.wake`), so several deployments can share a
+    /// virtual host.
+    #[arg(long, default_value = "chat")]
+    pub amqp_prefix: String,
     /// With PostgreSQL storage: the schema the queues live in.
     #[arg(long, default_value = "chat")]
     pub postgres_schema: String,
@@ -248,10 +255,39 @@ async fn with_storage(
     if spec.starts_with("nats://") {
         return with_nats(builder, spec, config).await;
     }
+    if spec.starts_with("amqp://") || spec.starts_with("amqps://") {
+        return with_amqp(builder, spec, config).await;
+    }
     Err(format!(
-        "--storage {spec:?}: expected redb:<path>, memory, redis://.., postgres://.. or nats://.."
+        "--storage {spec:?}: expected redb:<path>, memory, redis://.., postgres://.., nats://.. \
+         or amqp://.."
     )
     .into())
+}
+
+/// Several nodes share one RabbitMQ virtual host: a queue per user, and each node binds its
+/// own queue on the wake-up exchange for the users connected to it. RabbitMQ is both the
+/// storage and the coordination between the nodes.
+#[cfg(feature = "amqp")]
+async fn with_amqp(
+    builder: OfflineQueueBuilder,
+    spec: &str,
+    config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    let storage = offline_queue::AmqpStorage::options()
+        .prefix(config.amqp_prefix.clone())
+        .connect(spec)
+        .await?;
+    Ok(builder.shared_storage(Arc::new(storage)))
+}
+
+#[cfg(not(feature = "amqp"))]
+async fn with_amqp(
+    _builder: OfflineQueueBuilder,
+    _spec: &str,
+    _config: &Config,
+) -> Result<OfflineQueueBuilder, BoxError> {
+    Err("--storage amqp://: built without the `amqp` feature (cargo run --features amqp --example chat_server)".into())
 }
 
 /// Several nodes share one NATS JetStream: the queues in its streams, and the nodes find and

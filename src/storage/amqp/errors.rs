@@ -40,3 +40,41 @@ pub(super) fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), ErrorKind::ProtocolError(amqp)
         if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
+
+/// A connection refused or failed: retryable, naming the broker without the URL's password.
+pub(super) fn connect_error(error: lapin::Error, url: &str) -> Error {
+    let shown = match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    };
+    let mut mapped = broker_error(error, "connect");
+    if let Error::Storage {
+        message, retryable, ..
+    } = &mut mapped
+    {
+        *message = format!("amqp at {shown} does not answer: {message}");
+        // A refused login will be refused again; anything else (no route, reset) may pass.
+        *retryable = *retryable || message.contains("os error");
+    }
+    mapped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_error_names_the_broker_but_not_the_password() {
+        let io = lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let error = connect_error(io, "amqp://guest:secret@127.0.0.1:1/%2f");
+        let text = error.to_string();
+        assert!(
+            text.contains("amqp at amqp://127.0.0.1:1/%2f does not answer"),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+        assert!(error.is_retryable());
+    }
+}

@@ -210,7 +210,7 @@ impl AmqpStorage {
         }
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
-            .map_err(|e| broker_error(e, "connect"))?;
+            .map_err(|e| errors::connect_error(e, &self.url))?;
         let control = connection
             .create_channel()
             .await

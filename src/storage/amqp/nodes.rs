@@ -134,7 +134,7 @@ impl Task {
     ) -> Result<()> {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
-            .map_err(|e| broker_error(e, "connect"))?;
+            .map_err(|e| super::errors::connect_error(e, &self.url))?;
         let channel = connection
             .create_channel()
             .await
