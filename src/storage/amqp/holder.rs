@@ -21,6 +21,11 @@ use crate::storage::{Ack, ReadBatch, StoredRecord};
 use super::errors::broker_error;
 use super::record::{self, Decoded};
 
+/// The most `basic.get`s sent at once.
+const MAX_BURST: usize = 100;
+/// The burst for fetching up to a seq (an ack or a mark naming records not read yet).
+const THROUGH_BURST: usize = 16;
+
 /// One record held: its delivery tag on the holder's channel, and what it was read as.
 struct Held {
     seq: u64,
@@ -92,20 +97,29 @@ impl Holder {
         (self.held.len() as u64, bytes, oldest, newest)
     }
 
-    /// Takes one more record from the queue; false if none is ready.
-    async fn fetch(&mut self) -> Result<bool> {
-        let got = self
-            .channel
-            .basic_get(
-                self.queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(|e| broker_error(e, "basic.get"))?;
-        let Some(message) = got else {
-            return Ok(false);
-        };
-        let delivery = message.delivery;
+    /// Takes up to `count` more records from the queue, with that many `basic.get`s sent at
+    /// once (the broker answers them in order, so a burst costs about one round trip); false
+    /// if none was ready.
+    async fn fetch(&mut self, count: usize) -> Result<bool> {
+        let queue: lapin::types::ShortString = self.queue.as_str().into();
+        let gets = (0..count.clamp(1, MAX_BURST)).map(|_| {
+            self.channel
+                .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
+        });
+        let mut got_any = false;
+        // Every record a get returned is held (unacked on this channel), even past an empty
+        // answer: a record can arrive between two gets.
+        for got in futures::future::join_all(gets).await {
+            let Some(message) = got.map_err(|e| broker_error(e, "basic.get"))? else {
+                continue;
+            };
+            got_any = true;
+            self.hold(message.delivery);
+        }
+        Ok(got_any)
+    }
+
+    fn hold(&mut self, delivery: lapin::message::Delivery) {
         let earlier = deliveries_before(&delivery.properties, delivery.redelivered);
         let decoded = record::decode(&delivery.properties, delivery.data, &self.recipient);
         let stamp = decoded.as_ref().map_or(0, |d| d.seq);
@@ -133,13 +147,12 @@ impl Holder {
                 },
             ),
         });
-        Ok(true)
     }
 
     /// Fetches until a record above `seq` is held or the queue has nothing ready.
     async fn fetch_through(&mut self, seq: u64) -> Result<()> {
         while self.last_seq.is_none_or(|last| last < seq) {
-            if !self.fetch().await? {
+            if !self.fetch(THROUGH_BURST).await? {
                 break;
             }
         }
@@ -170,8 +183,11 @@ impl Holder {
         };
         let mut bytes = 0usize;
         loop {
-            if index == self.held.len() && !self.fetch().await? {
-                break;
+            if index == self.held.len() {
+                let wanted = limit.max_messages - batch.records.len();
+                if !self.fetch(wanted).await? {
+                    break;
+                }
             }
             let held = &mut self.held[index];
             let Some(record) = &held.record else {
