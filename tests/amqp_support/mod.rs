@@ -8,6 +8,8 @@
 #[path = "../skip_support/mod.rs"]
 pub mod skip_support;
 
+pub mod own_broker;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 

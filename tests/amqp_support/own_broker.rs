@@ -1,0 +1,113 @@
+//! A RabbitMQ node a test starts itself (Debian's `rabbitmq-server`, a free loopback port, its
+//! database and logs in a temporary directory), killed with SIGKILL or stopped as the test
+//! needs, and stopped on drop.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bounds each wait for the broker (it starts in about 7 s here), so a hang fails.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One RabbitMQ node on its own ports and files.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    node: String,
+    pub port: u16,
+    dist_port: u16,
+}
+
+impl OwnBroker {
+    /// Starts a node and waits until it listens.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // The server runs as the `rabbitmq` user when started by root: let it write here.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq"])
+            .arg(dir.path())
+            .status();
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        let broker = Self {
+            node: format!("oqtest{}x{port}@localhost", std::process::id()),
+            port,
+            dist_port: free_port(),
+            dir,
+        };
+        broker.launch();
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn launch(&self) {
+        Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_CONFIG_FILE", self.path("rabbitmq.conf"))
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.path("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.path("log"))
+            .env("RABBITMQ_PID_FILE", self.path("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.path("plugins"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server starts");
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "rabbitmq-server never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL to the node's Erlang VM: no shutdown, no flush. Returns once it is gone.
+    pub fn kill(&self) {
+        let pid = std::fs::read_to_string(self.path("pid")).expect("the node wrote its pid");
+        let pid = pid.trim();
+        Command::new("kill").args(["-9", pid]).status().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        {
+            assert!(Instant::now() < deadline, "the killed node is still there");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again on its files.
+    pub fn restart(&self) {
+        self.launch();
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(pid) = std::fs::read_to_string(self.path("pid")) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+}
