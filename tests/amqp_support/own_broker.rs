@@ -23,6 +23,8 @@ pub struct OwnBroker {
     node: String,
     pub port: u16,
     dist_port: u16,
+    /// The `rabbitmq-server` started last (a script that waits on the VM), reaped after it.
+    child: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl OwnBroker {
@@ -45,6 +47,7 @@ impl OwnBroker {
             port,
             dist_port: free_port(),
             dir,
+            child: std::sync::Mutex::new(None),
         };
         broker.launch();
         broker
@@ -59,7 +62,7 @@ impl OwnBroker {
     }
 
     fn launch(&self) {
-        Command::new("rabbitmq-server")
+        let child = Command::new("rabbitmq-server")
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_CONFIG_FILE", self.path("rabbitmq.conf"))
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -72,6 +75,7 @@ impl OwnBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("rabbitmq-server starts");
+        *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + PATIENCE;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "rabbitmq-server never listened");
@@ -91,6 +95,22 @@ impl OwnBroker {
             assert!(Instant::now() < deadline, "the killed node is still there");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.reap();
+    }
+
+    /// Waits for the script started last to exit (it does when its VM is gone).
+    fn reap(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let deadline = Instant::now() + PATIENCE;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Starts the node again on its files.
@@ -109,5 +129,6 @@ impl Drop for OwnBroker {
         if let Ok(pid) = std::fs::read_to_string(self.path("pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
+        self.reap();
     }
 }

@@ -112,10 +112,8 @@ pub(super) fn decode(
         None => None,
         Some(_) => Some(Timestamp::from_millis(long(EXPIRES)?)),
     };
-    if let Some(named) = headers.get(RECIPIENT).map(|_| bytes(RECIPIENT)) {
-        if named? != recipient.as_bytes() {
-            return None;
-        }
+    if headers.contains_key(RECIPIENT) && bytes(RECIPIENT)? != recipient.as_bytes() {
+        return None;
     }
     Some(Decoded {
         seq: long(SEQ)?,
