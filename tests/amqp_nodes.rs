@@ -182,3 +182,101 @@ async fn two_engines_on_one_broker_deliver_across_each_other() {
     handle.close();
     driver.await.unwrap().unwrap();
 }
+
+/// A node that dies holding a record it handed over, unacked, hands it back with its
+/// connection: the next node's session gets it marked redelivered, counted. Once it has been
+/// handed over `max_deliveries` times, the next read gives it to the dead-letter hook,
+/// exactly once, and removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_records_of_a_dead_node_come_back_then_reach_the_dead_letter_hook_once() {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "dead");
+    let dead = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let engine = |storage: AmqpStorage| {
+        let dead = dead.clone();
+        OfflineQueue::builder()
+            .shared_storage(Arc::new(storage))
+            .max_deliveries(3)
+            .on_dead_letter(move |who, delivery| dead.lock().push((who.clone(), delivery)))
+            .build()
+            .unwrap()
+    };
+    let bob = id("bob");
+    let sender = engine(node(&vhost.url).await);
+    sender
+        .send(Envelope::new(bob.clone(), "doomed"))
+        .await
+        .unwrap();
+    for round in 1..=3u32 {
+        let queue = engine(node(&vhost.url).await);
+        eventually("what the last node held is back in the queue", || async {
+            queue.stats(&bob).await.unwrap().messages == 1
+        })
+        .await;
+        let (transport, mut inbox) = channel_transport(16);
+        let driver = tokio::spawn(queue.connect(bob.clone(), transport).run());
+        let item = tokio::time::timeout(PATIENCE, inbox.next())
+            .await
+            .expect("a batch")
+            .unwrap();
+        let Outbound::Batch(batch) = item else {
+            panic!("round {round}: a batch, not {item:?}");
+        };
+        let got = &batch.messages[0];
+        assert_eq!(got.payload, &b"doomed"[..]);
+        assert_eq!(
+            (got.delivery_count, got.redelivered),
+            (round, round > 1),
+            "round {round}"
+        );
+        // The node dies holding it: no ack, and its connection goes with it.
+        driver.abort();
+        let _ = driver.await;
+        drop(queue);
+    }
+    let queue = engine(node(&vhost.url).await);
+    eventually("the record is back a third time", || async {
+        queue.stats(&bob).await.unwrap().messages == 1
+    })
+    .await;
+    let (transport, mut inbox) = channel_transport(16);
+    let session = queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let driver = tokio::spawn(session.run());
+    loop {
+        let item = tokio::time::timeout(PATIENCE, inbox.next())
+            .await
+            .expect("the session answers")
+            .unwrap();
+        match item {
+            Outbound::Batch(batch) => {
+                assert!(batch.messages.is_empty(), "never delivered a fourth time");
+                assert_eq!(batch.gap, 1, "and reported as a gap");
+                handle.ack_through(batch.position);
+            }
+            Outbound::CaughtUp => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    handle.close();
+    driver.await.unwrap().unwrap();
+    let letters = dead.lock().clone();
+    assert_eq!(letters.len(), 1, "the hook saw it once");
+    assert_eq!(
+        (&letters[0].0, &letters[0].1.payload[..]),
+        (&bob, &b"doomed"[..])
+    );
+    assert_eq!(
+        queue.stats(&bob).await.unwrap().messages,
+        0,
+        "and it is gone"
+    );
+    let again = engine(node(&vhost.url).await);
+    let (transport, mut inbox) = channel_transport(16);
+    let driver = tokio::spawn(again.connect(bob.clone(), transport).run());
+    assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+    driver.abort();
+    assert_eq!(dead.lock().len(), 1, "never twice");
+}

@@ -11,16 +11,22 @@ use super::names::check_prefix;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QueueType {
-    /// One node's queue, persistent messages written to disk before a publish is confirmed
-    /// (the default): cheap per queue, limits kept exactly, not replicated.
-    #[default]
-    Classic,
     /// Replicated over the broker's cluster by Raft, on a majority's disks before a publish
-    /// is confirmed. Each is a Raft group, a broker process per member, so each recipient
-    /// costs more; and the broker admits a record while the queue is under its limits, so a
-    /// queue can pass `max_messages` or `max_bytes` by one record
-    /// ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is false).
+    /// is confirmed (the default). The broker counts every hand-back of a record
+    /// (`x-delivery-count`), so `max_deliveries` ends a record that keeps coming back from
+    /// nodes that die holding it. Each queue is a Raft group, a broker process per member, so
+    /// each recipient costs more than a classic queue; and the broker admits a record while
+    /// the queue is under its limits, so a queue can pass `max_messages` or `max_bytes` by one
+    /// record ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is
+    /// false).
+    #[default]
     Quorum,
+    /// One broker node's queue, persistent messages on disk before a publish is confirmed:
+    /// cheaper per queue, limits kept exactly, not replicated. The broker only marks a
+    /// handed-back record redelivered, without a count: a record read again after its holder
+    /// died counts as delivered once before, however often that happened, so
+    /// `max_deliveries` only counts the deliveries one node made.
+    Classic,
 }
 
 impl QueueType {
@@ -45,7 +51,7 @@ impl Default for AmqpOptions {
     fn default() -> Self {
         Self {
             prefix: "oq".to_owned(),
-            queue_type: QueueType::Classic,
+            queue_type: QueueType::Quorum,
             hold_idle: Duration::from_secs(30),
             max_read_batch: 1_000,
         }
@@ -62,7 +68,7 @@ impl AmqpOptions {
         self
     }
 
-    /// The kind of queue each recipient gets (default [`QueueType::Classic`]).
+    /// The kind of queue each recipient gets (default [`QueueType::Quorum`]).
     #[must_use]
     pub fn queue_type(mut self, queue_type: QueueType) -> Self {
         self.queue_type = queue_type;
