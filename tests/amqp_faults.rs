@@ -1,9 +1,16 @@
-//! RabbitMQ killed mid-load: a broker the test starts itself (Debian's `rabbitmq-server`, a
-//! free loopback port, its files in a temporary directory) is killed with SIGKILL while four
-//! senders keep sending, and started again on the same files. Sends during the outage fail,
-//! retryably and within a bound; the same engine reconnects by itself; then each recipient's
-//! session delivers every send that returned `Ok`, with its body, each sender's messages in
-//! the order sent, and nothing that was never sent.
+//! RabbitMQ stopped or killed mid-load: a broker the test starts itself (Debian's
+//! `rabbitmq-server`, a free loopback port, its files in a temporary directory) is stopped
+//! (`rabbitmqctl stop`) with quorum queues, or killed with SIGKILL with classic queues, while
+//! four senders keep sending, and started again on the same files. Sends during the outage
+//! fail, retryably and within a bound; the same engine reconnects by itself; then each
+//! recipient's session delivers every send that returned `Ok`, with its body, each sender's
+//! messages in the order sent, and nothing that was never sent.
+//!
+//! Quorum queues are not killed here: on this single-node RabbitMQ 3.10.8, a quorum queue
+//! whose node was killed with SIGKILL found no leader again once the node restarted (its
+//! log says "leader not known" for as long as we waited, 80 s; after a clean stop it has one
+//! within a second). The storage then fails each step after `operation_timeout` instead of
+//! hanging.
 //!
 //! The broker does not deduplicate: a send that failed after the broker stored it (its
 //! confirm lost with the connection) and was then retried is stored twice. That is the only
@@ -24,6 +31,7 @@ use std::time::{Duration, Instant};
 use amqp_support::own_broker::OwnBroker;
 use amqp_support::skip_support;
 use futures::StreamExt;
+use offline_queue::storage::QueueType;
 use offline_queue::{
     AmqpStorage, Delivery, Envelope, Error, MessageId, OfflineQueue, Outbound, RecipientId,
     SessionEnd, channel_transport,
@@ -174,8 +182,25 @@ async fn drain(queue: &OfflineQueue, who: &RecipientId) -> Vec<Delivery> {
     delivered
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// `rabbitmqctl stop`, then start.
+    Stop,
+    /// SIGKILL to the broker's VM, then start.
+    Kill,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_broker_mid_load_loses_no_acknowledged_send() {
+async fn a_broker_stopped_mid_load_loses_no_acknowledged_send_on_quorum_queues() {
+    under_load(Fault::Stop, QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_load_loses_no_acknowledged_send_on_classic_queues() {
+    under_load(Fault::Kill, QueueType::Classic).await;
+}
+
+async fn under_load(fault: Fault, queue_type: QueueType) {
     if skip_support::program_missing(
         "/usr/sbin/rabbitmq-server",
         "rabbitmq-server",
@@ -186,6 +211,8 @@ async fn a_killed_broker_mid_load_loses_no_acknowledged_send() {
     let started = Instant::now();
     let broker = tokio::task::block_in_place(OwnBroker::start);
     let storage = AmqpStorage::options()
+        .queue_type(queue_type)
+        .operation_timeout(Duration::from_secs(5))
         .connect(&broker.url())
         .await
         .expect("the test's broker answers");
@@ -211,7 +238,10 @@ async fn a_killed_broker_mid_load_loses_no_acknowledged_send() {
     let failed = count(|c| &c.failed);
     wait_until("sends flow", &mut senders, || ok() >= PER_PHASE).await;
     let failed_before = failed();
-    tokio::task::block_in_place(|| broker.kill());
+    tokio::task::block_in_place(|| match fault {
+        Fault::Stop => broker.stop(),
+        Fault::Kill => broker.kill(),
+    });
     wait_until("sends fail during the outage", &mut senders, || {
         failed() >= failed_before + SENDERS
     })
@@ -281,7 +311,7 @@ async fn a_killed_broker_mid_load_loses_no_acknowledged_send() {
         lost.len()
     );
     eprintln!(
-        "{} sends returned Ok, {} failed during the outage, {} stored twice (a failed try \
+        "{fault:?} on {queue_type:?} queues: {} sends returned Ok, {} failed during the outage, {} stored twice (a failed try \
          the broker had kept, then its retry); none lost; {:.1?}",
         ledger.acknowledged.len(),
         counters.failed.load(Ordering::Relaxed),

@@ -113,6 +113,30 @@ impl OwnBroker {
         }
     }
 
+    /// The node's log, for a failure's message.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.path("log").join(format!("{}.log", self.node)))
+            .unwrap_or_default()
+    }
+
+    /// Stops the node cleanly (`rabbitmqctl stop`: connections closed, queues shut down).
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.path("pid")).unwrap_or_default();
+        let status = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success(), "rabbitmqctl stop: {status}");
+        let deadline = Instant::now() + PATIENCE;
+        while std::path::Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            assert!(Instant::now() < deadline, "the stopped node is still there");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.reap();
+    }
+
     /// Starts the node again on its files.
     pub fn restart(&self) {
         self.launch();

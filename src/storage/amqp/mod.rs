@@ -134,13 +134,15 @@ pub struct AmqpStorage {
     node: Node,
 }
 
-/// One connection: a pool of channels in confirm mode for publishes, one channel for
-/// declares and stats.
+/// One connection: a pool of channels in confirm mode for publishes, and one of channels for
+/// declares, counts and deletes. A step takes a channel for itself: a broker error (a queue
+/// not found, arguments that differ) closes the channel it came on, and must not fail
+/// another step sharing it.
 struct Link {
     connection: Connection,
     publishers: parking_lot::Mutex<Vec<Channel>>,
     publish_slots: Arc<tokio::sync::Semaphore>,
-    control: tokio::sync::Mutex<Option<Channel>>,
+    controls: parking_lot::Mutex<Vec<Channel>>,
 }
 
 /// A publishing channel taken from the pool.
@@ -221,7 +223,7 @@ impl AmqpStorage {
             connection,
             publishers: parking_lot::Mutex::new(Vec::new()),
             publish_slots: Arc::new(tokio::sync::Semaphore::new(PUBLISH_CHANNELS)),
-            control: tokio::sync::Mutex::new(Some(control)),
+            controls: parking_lot::Mutex::new(vec![control]),
         });
         // Queues declared on the old connection may have gone with it (x-expires).
         self.declared.lock().clear();
@@ -238,19 +240,25 @@ impl AmqpStorage {
 
     /// A channel for declares, deletes and counts; a broker error closes a channel, so a
     /// closed one is replaced.
-    async fn control(&self) -> Result<Channel> {
+    async fn control(&self) -> Result<(Arc<Link>, Channel)> {
         let link = self.link().await?;
-        let mut control = link.control.lock().await;
-        if let Some(channel) = control.as_ref().filter(|c| c.status().connected()) {
-            return Ok(channel.clone());
+        let pooled = link.controls.lock().pop();
+        if let Some(channel) = pooled.filter(|c| c.status().connected()) {
+            return Ok((link, channel));
         }
         let channel = link
             .connection
             .create_channel()
             .await
             .map_err(|e| broker_error(e, "channel.open"))?;
-        *control = Some(channel.clone());
-        Ok(channel)
+        Ok((link, channel))
+    }
+
+    /// Hands a control channel back after a step that succeeded (an error closed it).
+    fn control_done(link: &Link, channel: Channel, succeeded: bool) {
+        if succeeded && channel.status().connected() {
+            link.controls.lock().push(channel);
+        }
     }
 
     fn name(&self, recipient: &RecipientId) -> QueueName {
@@ -293,24 +301,27 @@ impl AmqpStorage {
         if self.declared.lock().contains(name) {
             return Ok(());
         }
-        let channel = self.control().await?;
+        let (link, channel) = self.control().await?;
         let options = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        channel
-            .queue_declare(name.into(), options, self.arguments(quota))
-            .await
-            .map_err(|e| {
-                let mut error = broker_error(e, "queue.declare");
-                if let Error::Storage { message, .. } = &mut error {
-                    message.push_str(&format!(
-                        " (queue {name}; this storage declares it with {:?})",
-                        self.arguments(quota)
-                    ));
-                }
-                error
-            })?;
+        let declared = self
+            .within(
+                "queue.declare",
+                channel.queue_declare(name.into(), options, self.arguments(quota)),
+            )
+            .await;
+        Self::control_done(&link, channel, declared.is_ok());
+        declared.map_err(|mut error| {
+            if let Error::Storage { message, .. } = &mut error {
+                message.push_str(&format!(
+                    " (queue {name}; this storage declares it with {:?})",
+                    self.arguments(quota)
+                ));
+            }
+            error
+        })?;
         let mut declared = self.declared.lock();
         if declared.len() >= DECLARED_CACHE {
             declared.clear();
@@ -321,19 +332,47 @@ impl AmqpStorage {
 
     /// Messages ready in the queue (not held by any node); `None` if it does not exist.
     async fn ready(&self, name: &str) -> Result<Option<u64>> {
-        let channel = self.control().await?;
+        let (link, channel) = self.control().await?;
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        match channel
-            .queue_declare(name.into(), options, FieldTable::default())
-            .await
-        {
-            Ok(queue) => Ok(Some(u64::from(queue.message_count()))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(broker_error(e, "queue.declare passive")),
+        let found = tokio::time::timeout(
+            self.options.operation_timeout,
+            channel.queue_declare(name.into(), options, FieldTable::default()),
+        )
+        .await;
+        let answered = matches!(found, Ok(Ok(_)));
+        Self::control_done(&link, channel, answered);
+        match found {
+            Ok(Ok(queue)) => Ok(Some(u64::from(queue.message_count()))),
+            Ok(Err(e)) if is_not_found(&e) => Ok(None),
+            Ok(Err(e)) => Err(broker_error(e, "queue.declare passive")),
+            Err(_) => Err(self.timed_out("queue.declare passive")),
         }
+    }
+
+    /// `step` within [`AmqpOptions::operation_timeout`]; past it, a retryable error.
+    async fn within<T>(
+        &self,
+        what: &str,
+        step: impl std::future::Future<Output = lapin::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.options.operation_timeout, step).await {
+            Ok(result) => result.map_err(|e| broker_error(e, what)),
+            Err(_) => Err(self.timed_out(what)),
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> Error {
+        Error::storage_msg(
+            Retry::Yes,
+            format!(
+                "amqp {what}: no answer from the broker within {:?} (a queue without a leader, \
+                 a broker out of memory or disk, a network partition)",
+                self.options.operation_timeout
+            ),
+        )
     }
 
     /// The next seq to stamp.
@@ -426,9 +465,11 @@ impl AmqpStorage {
         let mut returned_seqs = HashSet::new();
         let mut wake_returned = false;
         for confirm in pending {
-            let confirmation = confirm
-                .await
-                .map_err(|e| broker_error(e, "publish confirm"))?;
+            // Past the bound the channel is dropped, not pooled: its late confirms and returns
+            // must not reach another append.
+            let confirmation = self
+                .within("publish confirm (the record may have been stored)", confirm)
+                .await?;
             let (ok, returned) = match confirmation {
                 Confirmation::Ack(returned) => (true, returned),
                 Confirmation::Nack(returned) => (false, returned),
@@ -508,7 +549,10 @@ impl AmqpStorage {
             *guard = Some(Holder::new(channel, name, recipient.clone()));
         }
         let holder = guard.as_mut().expect("set above");
-        match step(holder).await {
+        let bounded = tokio::time::timeout(self.options.operation_timeout, step(holder)).await;
+        // A step cut short may have taken records it never held: letting go of the channel
+        // hands them back.
+        match bounded.unwrap_or_else(|_| Err(self.timed_out("read or ack"))) {
             Ok(value) => Ok(value),
             Err(error) => {
                 if let Some(holder) = guard.take() {
@@ -747,11 +791,12 @@ impl Storage for AmqpStorage {
         }
         let name = self.name(recipient).name;
         self.declared.lock().remove(&name);
-        let channel = self.control().await?;
-        match channel
+        let (link, channel) = self.control().await?;
+        let deleted = channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await
-        {
+            .await;
+        Self::control_done(&link, channel, deleted.is_ok());
+        match deleted {
             Ok(count) => Ok(u64::from(count)),
             Err(e) if is_not_found(&e) => Ok(0),
             Err(e) => Err(broker_error(e, "queue.delete")),

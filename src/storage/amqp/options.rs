@@ -45,6 +45,7 @@ pub struct AmqpOptions {
     pub(super) queue_type: QueueType,
     pub(super) hold_idle: Duration,
     pub(super) max_read_batch: usize,
+    pub(super) operation_timeout: Duration,
 }
 
 impl Default for AmqpOptions {
@@ -54,6 +55,7 @@ impl Default for AmqpOptions {
             queue_type: QueueType::Quorum,
             hold_idle: Duration::from_secs(30),
             max_read_batch: 1_000,
+            operation_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -92,6 +94,17 @@ impl AmqpOptions {
         self
     }
 
+    /// How long one step waits for the broker (default 10 s): a publish's confirm, a read's
+    /// `basic.get`s, a declare. Past it the step fails with a retryable error, so a queue the
+    /// broker cannot serve (a quorum queue without a leader, a broker blocked on memory or
+    /// disk) fails sends instead of hanging them. A publish that timed out may still have
+    /// been stored.
+    #[must_use]
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
     /// Connects to the broker at `url` (`amqp://user:password@host:port/vhost`).
     ///
     /// # Errors
@@ -102,6 +115,12 @@ impl AmqpOptions {
             field: "AmqpOptions::prefix",
             reason,
         })?;
+        if self.operation_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "AmqpOptions::operation_timeout",
+                reason: "must be above zero".to_owned(),
+            });
+        }
         if self.max_read_batch == 0 {
             return Err(Error::InvalidConfig {
                 field: "AmqpOptions::max_read_batch",
