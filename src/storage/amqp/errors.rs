@@ -41,6 +41,39 @@ pub(super) fn is_not_found(error: &lapin::Error) -> bool {
         if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
+/// Connects within `timeout`: a broker still booting (or wedged) takes the TCP connection and
+/// never answers the handshake.
+pub(super) async fn connect(
+    url: &str,
+    timeout: std::time::Duration,
+) -> Result<lapin::Connection, Error> {
+    match tokio::time::timeout(
+        timeout,
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(connected) => connected.map_err(|e| connect_error(e, url)),
+        Err(_) => Err(Error::storage_msg(
+            crate::error::Retry::Yes,
+            format!(
+                "amqp at {} does not answer: no handshake within {timeout:?}",
+                shown(url)
+            ),
+        )),
+    }
+}
+
+/// `url` without its user and password.
+fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A connection refused or failed: retryable, naming the broker without the URL's password.
 pub(super) fn connect_error(error: lapin::Error, url: &str) -> Error {
     let shown = match (url.find("://"), url.rfind('@')) {

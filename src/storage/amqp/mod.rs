@@ -92,7 +92,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Confirmation, Connection};
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Result, Retry};
@@ -186,7 +186,12 @@ impl AmqpStorage {
 
     async fn connect_with(url: &str, options: AmqpOptions) -> Result<Self> {
         let holders = Holders::default();
-        let node = Node::start(url.to_owned(), options.prefix.clone(), holders.clone());
+        let node = Node::start(
+            url.to_owned(),
+            options.prefix.clone(),
+            options.operation_timeout,
+            holders.clone(),
+        );
         let storage = Self {
             url: url.to_owned(),
             options,
@@ -210,9 +215,7 @@ impl AmqpStorage {
         if let Some(link) = self.open_link() {
             return Ok(link);
         }
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| errors::connect_error(e, &self.url))?;
+        let connection = errors::connect(&self.url, self.options.operation_timeout).await?;
         let control = connection
             .create_channel()
             .await
@@ -642,8 +645,25 @@ impl Storage for AmqpStorage {
             to_send = returned;
         }
         if rejected > 0 {
+            // A nack is `reject-publish` refusing a full queue, or the broker unable to take
+            // the record at all (a quorum queue electing its leader, or shutting down): only
+            // a queue that may be at a limit is full. The broker does not say its bytes, so
+            // a queue holding anything under a byte limit may be.
             let ready = self.ready(&name.name).await?.unwrap_or(0);
-            return Err(self.queue_full(ready, &records, quota));
+            let count_reached = ready.saturating_add(records.len() as u64) > quota.max_messages;
+            let bytes_reached = quota.max_bytes < u64::MAX && ready > 0;
+            if count_reached || bytes_reached {
+                return Err(self.queue_full(ready, &records, quota));
+            }
+            return Err(Error::storage_msg(
+                Retry::Yes,
+                format!(
+                    "amqp: the broker refused {rejected} of {} records for queue {} while it \
+                     was under its limits (the others were stored)",
+                    records.len(),
+                    name.name
+                ),
+            ));
         }
         Ok(AppendOutcome {
             records: stamped

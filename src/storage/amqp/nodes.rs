@@ -18,10 +18,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
-};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
 use parking_lot::Mutex;
 
 use super::AmqpStorage;
@@ -74,7 +71,7 @@ pub(super) struct Node {
 
 impl Node {
     /// Starts the node task, on a connection of its own; it ends with the storage.
-    pub(super) fn start(url: String, prefix: String, holders: Holders) -> Self {
+    pub(super) fn start(url: String, prefix: String, timeout: Duration, holders: Holders) -> Self {
         let id = u64::from_be_bytes(
             crate::MessageId::generate().to_bytes()[..8]
                 .try_into()
@@ -86,6 +83,7 @@ impl Node {
         let task = Task {
             url,
             prefix,
+            timeout,
             id,
             live: live.clone(),
             listeners: listeners.clone(),
@@ -104,6 +102,8 @@ impl Node {
 struct Task {
     url: String,
     prefix: String,
+    /// Bounds the connect (a broker can take a connection and never answer it).
+    timeout: Duration,
     id: u64,
     live: Arc<Mutex<HashSet<RecipientId>>>,
     listeners: Listeners,
@@ -132,9 +132,7 @@ impl Task {
         &self,
         events: &mut mpsc::UnboundedReceiver<(RecipientId, Presence)>,
     ) -> Result<()> {
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| super::errors::connect_error(e, &self.url))?;
+        let connection = super::errors::connect(&self.url, self.timeout).await?;
         let channel = connection
             .create_channel()
             .await
