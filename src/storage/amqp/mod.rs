@@ -24,8 +24,8 @@
 //!   on read). Declared durable, quorum by default ([`QueueType`]), on the first append this
 //!   process makes to it, with the [`Quota`] as the broker's own limits: `x-max-length`,
 //!   `x-max-length-bytes` and `x-overflow` (`reject-publish` for
-//!   [`Overflow::Reject`](crate::Overflow::Reject), `drop-head` for
-//!   [`Overflow::DropOldest`](crate::Overflow::DropOldest)), and `x-expires` for
+//!   [`Overflow::Reject`], `drop-head` for
+//!   [`Overflow::DropOldest`]), and `x-expires` for
 //!   [`Quota::idle_timeout`] when it is within the broker's cap (2^32 - 1 ms, 49.7 days;
 //!   longer, and the queue is not removed by idleness). A queue that exists with other
 //!   arguments is refused with an error naming the broker's complaint, never reused.
