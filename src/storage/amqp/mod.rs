@@ -13,10 +13,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Issue 18 goes on: this is the storage. Not built yet: node coordination over the broker
-//! (wake-ups through a topic exchange), loss reports for what the broker drops or expires by
-//! itself, and the measurements. What the broker cannot do is declared by
-//! [`Capabilities`], and the conformance suite skips exactly those checks.
+//! Several nodes on one virtual host: set it with `OfflineQueueBuilder::shared_storage`, and
+//! it is also their coordination (see Nodes, below). Not built yet (issue 18 goes on): loss
+//! reports for what the broker drops or expires by itself. What the broker cannot do is
+//! declared by [`Capabilities`], and the conformance suite skips exactly those checks.
 //!
 //! # Layout
 //! - **A queue per recipient**, `<prefix>.<hex of the id>`, or `<prefix>.h.<SHA-256 of the
@@ -57,6 +57,16 @@
 //! redelivers them to whichever node reads next, marked redelivered (a quorum queue counts
 //! the returns in `x-delivery-count`, which becomes the record's delivery count). A node that
 //! dies hands back what it held the same way.
+//!
+//! # Nodes
+//! Each node keeps an exclusive, auto-delete queue of its own (on a connection of its own)
+//! bound to the direct exchange `<prefix>.wake` with the queue name of every recipient it
+//! holds a session for: the binding is the presence, and it dies with the node's connection.
+//! An append publishes a wake-up behind its records, `mandatory`, on the same channel; the
+//! broker returns it when no node is bound, which is how the engine knows to push. A
+//! session's end on a node (`Presence::Disconnected`) hands back what the node held for the
+//! recipient at once. After its connection comes back, a node binds again and wakes every
+//! session it holds.
 //!
 //! # What the broker does not do, and the capabilities that say so
 //! - **No deduplication** ([`Capabilities::dedup`] false): a sender's retry stores twice.
