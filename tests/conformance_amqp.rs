@@ -133,6 +133,51 @@ async fn a_queue_with_other_limits_is_refused() {
     assert_eq!(first.read_all(&bob, testing::T0).await.unwrap().len(), 1);
 }
 
+/// The first sends to a new quorum queue, from many tasks on two nodes at once, are all
+/// stored. (A quorum queue declared again while its first declare is still starting it used
+/// to nack the publishes that followed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_sends_racing_to_a_new_queue_are_all_stored() {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "first");
+    let bob = RecipientId::new("bob").unwrap();
+    for round in 0..30 {
+        let prefix = format!("first{round}");
+        let nodes = [
+            Arc::new(storage(&vhost.url, &prefix).await),
+            Arc::new(storage(&vhost.url, &prefix).await),
+        ];
+        let sends = (0..16u8).map(|i| {
+            let node = nodes[usize::from(i % 2)].clone();
+            let bob = bob.clone();
+            async move {
+                node.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, testing::T0)
+                    .await
+            }
+        });
+        for (i, sent) in futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            if let Err(error) = sent {
+                panic!("round {round}, send {i}: {error}");
+            }
+        }
+        let mut bodies: Vec<u8> = nodes[0]
+            .read_all(&bob, testing::T0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.body[0])
+            .collect();
+        bodies.sort();
+        assert_eq!(bodies, (0..16).collect::<Vec<_>>(), "round {round}");
+    }
+}
+
 /// Records one node read and still holds are invisible to another until the first lets go
 /// (its purge after `hold_idle`, or its end); then the other reads them in order, with their
 /// seqs, each counted once more: the broker counts every hand-back, whether the node that

@@ -34,7 +34,9 @@
 //!   headers. Persistent, published with `mandatory` (a queue gone since this process
 //!   declared it comes back as a return, and is declared again), and an append returns only
 //!   after the broker's confirm: with a quorum queue, a majority of its replicas has it on
-//!   disk. A `reject-publish` nack is [`Error::QueueFull`].
+//!   disk. A `reject-publish` nack is [`Error::QueueFull`]. A nack while the queue is under
+//!   its limits (a quorum queue still starting, or electing its leader) publishes the
+//!   batch's unstored tail again, a few times, before it is a retryable error.
 //! - **Seqs** are stamped by the sending node: `max(last + 1, wall clock ms × 1024)`, so they
 //!   grow across restarts and stay below 2^53 (JavaScript's exact integers) for centuries.
 //!   The broker keeps the order it received. When another node's record arrives after a
@@ -94,8 +96,9 @@ mod nodes;
 mod options;
 mod record;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{
@@ -128,8 +131,11 @@ const BROKER_TTL_GRACE_MS: u64 = 60_000;
 const DECLARED_CACHE: usize = 65_536;
 /// Publishing channels per connection: appends in flight at once, each on its own channel.
 const PUBLISH_CHANNELS: usize = 64;
-/// How often a batch is published again after its queue vanished in between.
-const REDECLARE_TRIES: usize = 3;
+/// How often the tail of a batch is published again after its queue vanished in between, or
+/// the broker refused it while the queue was under its limits.
+const PUBLISH_TRIES: usize = 3;
+/// The pause before the first publish again after a refusal; it doubles each time.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(25);
 
 /// Queues in RabbitMQ, a queue per recipient. See the [module docs](self).
 pub struct AmqpStorage {
@@ -140,6 +146,9 @@ pub struct AmqpStorage {
     /// The last seq stamped, across reconnects.
     last_stamp: parking_lot::Mutex<u64>,
     declared: parking_lot::Mutex<HashSet<String>>,
+    /// A turn per queue being declared: a quorum queue declared again while its first
+    /// declare is still starting it answers at once, and publishes that follow are nacked.
+    declaring: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     holders: Holders,
     node: Node,
 }
@@ -167,7 +176,7 @@ enum Published {
     Stored,
     /// No such queue (returned as unroutable): declare it and publish again.
     Returned,
-    /// Nacked: `reject-publish` refused it.
+    /// Nacked: `reject-publish` refused it, or the queue could not take it yet.
     Rejected,
 }
 
@@ -209,6 +218,7 @@ impl AmqpStorage {
             connecting: tokio::sync::Mutex::new(()),
             last_stamp: parking_lot::Mutex::new(0),
             declared: parking_lot::Mutex::new(HashSet::new()),
+            declaring: parking_lot::Mutex::new(HashMap::new()),
             holders,
             node,
         };
@@ -309,10 +319,26 @@ impl AmqpStorage {
         args
     }
 
-    /// Declares the queue unless this process did already.
+    /// Declares the queue unless this process did already, one declare per queue at a time.
     async fn declare(&self, name: &str, quota: &Quota) -> Result<()> {
         if self.declared.lock().contains(name) {
             return Ok(());
+        }
+        let turn = self
+            .declaring
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        let declared = self.declare_now(name, quota).await;
+        self.declaring.lock().remove(name);
+        declared
+    }
+
+    async fn declare_now(&self, name: &str, quota: &Quota) -> Result<()> {
+        if self.declared.lock().contains(name) {
+            return Ok(()); // declared while this caller waited its turn
         }
         let (link, channel) = self.control().await?;
         let options = QueueDeclareOptions {
@@ -618,62 +644,61 @@ impl Storage for AmqpStorage {
         }
         let stamped: Vec<(u64, &NewRecord)> = records.iter().map(|r| (self.stamp(), r)).collect();
         let mut to_send = stamped.clone();
-        let mut rejected = 0;
         let mut live_elsewhere = false;
-        for attempt in 0..=REDECLARE_TRIES {
+        for attempt in 0..=PUBLISH_TRIES {
             // The first try also wakes the nodes holding a session for the recipient.
-            let (confirmations, woke) = self
+            let (outcomes, woke) = self
                 .publish(&name, recipient, &to_send, now, attempt == 0)
                 .await?;
             if let Some(routed) = woke {
                 live_elsewhere = routed && !self.node.live.lock().contains(recipient);
             }
-            let mut returned = Vec::new();
-            for (sent, outcome) in to_send.iter().zip(confirmations) {
-                match outcome {
-                    Published::Stored => {}
-                    Published::Returned => returned.push(*sent),
-                    Published::Rejected => rejected += 1,
+            let Some(first_failed) = outcomes.iter().position(|o| *o != Published::Stored) else {
+                break;
+            };
+            let failed = &outcomes[first_failed..];
+            let returned = failed.contains(&Published::Returned);
+            let rejected = failed.iter().filter(|o| **o == Published::Rejected).count();
+            if rejected > 0 {
+                // A nack is `reject-publish` refusing a full queue, or the broker unable to
+                // take the record yet (a quorum queue still starting or electing its leader):
+                // only a queue that may be at a limit is full. The broker does not say its
+                // bytes, so a queue holding anything under a byte limit may be.
+                let ready = self.ready(&name.name).await?.unwrap_or(0);
+                let count_reached = ready.saturating_add(records.len() as u64) > quota.max_messages;
+                let bytes_reached = quota.max_bytes < u64::MAX && ready > 0;
+                if count_reached || bytes_reached {
+                    return Err(self.queue_full(ready, &records, quota));
                 }
             }
-            if returned.is_empty() {
-                break;
-            }
-            if attempt == REDECLARE_TRIES {
+            // Publishing again keeps the append's order only while what failed is a tail.
+            let tail = !failed.contains(&Published::Stored);
+            if !tail || attempt == PUBLISH_TRIES {
+                let what = if returned {
+                    "the queue vanished while they were published"
+                } else {
+                    "the broker refused them while the queue was under its limits"
+                };
+                let unstored = failed.iter().filter(|o| **o != Published::Stored).count();
                 return Err(Error::storage_msg(
                     Retry::Yes,
                     format!(
-                        "amqp: queue {} vanished while {} records were published to it",
+                        "amqp: {unstored} of {} records for queue {} were not stored, {what}; the \
+                         other {} were stored",
+                        records.len(),
                         name.name,
-                        returned.len()
+                        records.len() - unstored
                     ),
                 ));
             }
-            // The queue is gone (removed, or idle past x-expires) since it was declared here.
-            self.declared.lock().remove(&name.name);
-            self.declare(&name.name, quota).await?;
-            to_send = returned;
-        }
-        if rejected > 0 {
-            // A nack is `reject-publish` refusing a full queue, or the broker unable to take
-            // the record at all (a quorum queue electing its leader, or shutting down): only
-            // a queue that may be at a limit is full. The broker does not say its bytes, so
-            // a queue holding anything under a byte limit may be.
-            let ready = self.ready(&name.name).await?.unwrap_or(0);
-            let count_reached = ready.saturating_add(records.len() as u64) > quota.max_messages;
-            let bytes_reached = quota.max_bytes < u64::MAX && ready > 0;
-            if count_reached || bytes_reached {
-                return Err(self.queue_full(ready, &records, quota));
+            if returned {
+                // The queue is gone (removed, or idle past x-expires) since it was declared.
+                self.declared.lock().remove(&name.name);
+                self.declare(&name.name, quota).await?;
+            } else {
+                tokio::time::sleep(PUBLISH_RETRY_PAUSE * (1 << attempt)).await;
             }
-            return Err(Error::storage_msg(
-                Retry::Yes,
-                format!(
-                    "amqp: the broker refused {rejected} of {} records for queue {} while it \
-                     was under its limits (the others were stored)",
-                    records.len(),
-                    name.name
-                ),
-            ));
+            to_send = to_send[first_failed..].to_vec();
         }
         Ok(AppendOutcome {
             records: stamped
