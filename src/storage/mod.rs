@@ -267,8 +267,10 @@ pub struct Capabilities {
     /// them by one record; the suite skips the appends that would cross a limit.
     pub exact_quotas: bool,
     /// True if [`Storage::stats`] reports bytes, the oldest record and the newest seq exactly,
-    /// and [`Error::QueueFull`](crate::Error::QueueFull) the bytes stored. False: the suite
-    /// checks only the message counts.
+    /// [`Error::QueueFull`](crate::Error::QueueFull) the bytes stored, and
+    /// [`AppendOutcome::pending`] the records in the queue. False: `pending` may count only
+    /// the records of that append (a push's badge then says at least that many), and the
+    /// suite and the storage model check only the message counts.
     pub exact_stats: bool,
 }
 

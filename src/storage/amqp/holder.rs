@@ -51,6 +51,9 @@ pub(super) struct Holder {
     /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
     /// another node whose publish overtook it) is renumbered above it, so seqs increase.
     last_seq: Option<u64>,
+    /// How many records the broker last said were ready behind the one it handed over
+    /// (`message-count` of a get): a burst asks for no more.
+    ready_hint: usize,
     /// The last read, mark or ack: `purge` releases holders idle past `hold_idle`.
     pub(super) last_used: Instant,
 }
@@ -63,6 +66,7 @@ impl Holder {
             recipient,
             held: VecDeque::new(),
             last_seq: None,
+            ready_hint: MAX_BURST,
             last_used: Instant::now(),
         }
     }
@@ -97,26 +101,47 @@ impl Holder {
         (self.held.len() as u64, bytes, oldest, newest)
     }
 
-    /// Takes up to `count` more records from the queue, with that many `basic.get`s sent at
-    /// once (the broker answers them in order, so a burst costs about one round trip); false
-    /// if none was ready.
+    /// Takes up to `count` more records from the queue (at most a burst); false if none was
+    /// ready.
     async fn fetch(&mut self, count: usize) -> Result<bool> {
+        let wanted = count.clamp(1, MAX_BURST);
+        // As many gets as the broker last said were ready (a lone one when none were, to see
+        // whether any came since); when that lone get finds more, a second burst for them.
+        let first = wanted.min(self.ready_hint.max(1));
+        let got = self.burst(first).await?;
+        if got == first && first < wanted && self.ready_hint > 0 {
+            let second = (wanted - first).min(self.ready_hint);
+            self.burst(second).await?;
+        }
+        Ok(got > 0)
+    }
+
+    /// Sends `gets` gets at once (the broker answers them in order, so a burst costs about one
+    /// round trip) and holds what they return; returns how many did.
+    async fn burst(&mut self, gets: usize) -> Result<usize> {
         let queue: lapin::types::ShortString = self.queue.as_str().into();
-        let gets = (0..count.clamp(1, MAX_BURST)).map(|_| {
+        let gets = (0..gets).map(|_| {
             self.channel
                 .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
         });
-        let mut got_any = false;
+        let mut got = 0;
+        let mut empty = false;
         // Every record a get returned is held (unacked on this channel), even past an empty
         // answer: a record can arrive between two gets.
-        for got in futures::future::join_all(gets).await {
-            let Some(message) = got.map_err(|e| broker_error(e, "basic.get"))? else {
-                continue;
-            };
-            got_any = true;
-            self.hold(message.delivery);
+        for answer in futures::future::join_all(gets).await {
+            match answer.map_err(|e| broker_error(e, "basic.get"))? {
+                Some(message) => {
+                    got += 1;
+                    self.ready_hint = message.message_count as usize;
+                    self.hold(message.delivery);
+                }
+                None => empty = true,
+            }
         }
-        Ok(got_any)
+        if empty && got == 0 {
+            self.ready_hint = 0;
+        }
+        Ok(got)
     }
 
     fn hold(&mut self, delivery: lapin::message::Delivery) {
@@ -184,8 +209,11 @@ impl Holder {
         let mut bytes = 0usize;
         loop {
             if index == self.held.len() {
+                // A full batch still reports the expired records held right after it (as
+                // every backend does), but takes no more from the queue to look for them:
+                // what this node takes, no other node can read until it lets go.
                 let wanted = limit.max_messages - batch.records.len();
-                if !self.fetch(wanted).await? {
+                if wanted == 0 || !self.fetch(wanted).await? {
                     break;
                 }
             }
@@ -198,10 +226,15 @@ impl Holder {
             if record.expires_at.is_some_and(|at| at <= now) {
                 batch.expired.push(Seq(held.seq));
                 index += 1;
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
                 continue;
             }
             let len = record.body.len();
-            if !batch.records.is_empty() && bytes.saturating_add(len) > limit.max_bytes {
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes.saturating_add(len) > limit.max_bytes)
+            {
                 break;
             }
             bytes = bytes.saturating_add(len);
@@ -217,9 +250,6 @@ impl Holder {
                 held.deliveries = held.deliveries.saturating_add(1);
             }
             index += 1;
-            if batch.records.len() >= limit.max_messages {
-                break;
-            }
         }
         Ok(batch)
     }

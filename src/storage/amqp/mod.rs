@@ -150,6 +150,8 @@ pub struct AmqpStorage {
     /// declare is still starting it answers at once, and publishes that follow are nacked.
     declaring: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     holders: Holders,
+    /// Where `purge`'s sweep of the holders resumes (after this recipient).
+    purge_cursor: parking_lot::Mutex<Option<RecipientId>>,
     node: Node,
 }
 
@@ -220,6 +222,7 @@ impl AmqpStorage {
             declared: parking_lot::Mutex::new(HashSet::new()),
             declaring: parking_lot::Mutex::new(HashMap::new()),
             holders,
+            purge_cursor: parking_lot::Mutex::new(None),
             node,
         };
         storage.link().await?;
@@ -615,8 +618,9 @@ impl Storage for AmqpStorage {
         Capabilities::default()
             .with_durable(true)
             .with_max_read_batch(self.options.max_read_batch)
-            // A quorum queue admits a record while under its limits (one may cross them).
-            .with_exact_quotas(self.options.queue_type == QueueType::Classic)
+            // Not exact on either queue type: limits count ready records only, so what
+            // readers hold comes on top; a quorum queue admits one more record besides.
+            .with_exact_quotas(false)
     }
 
     async fn append(
@@ -706,6 +710,7 @@ impl Storage for AmqpStorage {
                 .map(|(seq, _)| Appended::Stored(Seq(*seq)))
                 .collect(),
             dropped: 0,
+            // The queue's count would cost a round trip per send (`exact_stats` false).
             pending: records.len() as u64,
             live_elsewhere,
         })
@@ -772,21 +777,25 @@ impl Storage for AmqpStorage {
     ) -> Result<PurgeOutcome> {
         // Records and queues expire by the broker's clock; what is left to do here is to
         // hand back records held by sessions that went quiet.
+        // A sweep goes through the holders in id order, `budget` a call, resuming after the
+        // last one examined: every call makes progress, and a sweep ends.
         let idle = self.options.hold_idle;
-        let slots: Vec<(RecipientId, Arc<tokio::sync::Mutex<Option<Holder>>>)> = self
+        let cursor = self.purge_cursor.lock().take();
+        let mut slots: Vec<(RecipientId, Arc<tokio::sync::Mutex<Option<Holder>>>)> = self
             .holders
             .lock()
             .iter()
+            .filter(|(r, _)| cursor.as_ref().is_none_or(|after| *r > after))
             .map(|(r, s)| (r.clone(), s.clone()))
             .collect();
-        let mut examined = 0;
-        let mut more = false;
+        slots.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = slots.len() > budget;
+        slots.truncate(budget);
+        if more {
+            *self.purge_cursor.lock() = slots.last().map(|(r, _)| r.clone()).or(cursor);
+        }
+        let examined = slots.len() as u64;
         for (recipient, slot) in slots {
-            if examined as usize >= budget {
-                more = true;
-                break;
-            }
-            examined += 1;
             let Ok(mut guard) = slot.try_lock() else {
                 continue; // in use right now: not idle
             };
@@ -838,23 +847,39 @@ impl Storage for AmqpStorage {
     }
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        // The queue is deleted while this node still holds what it took: the broker's count
+        // is of ready records, so the held ones are added, not counted twice after a hand-back
+        // the broker may not have finished.
         let slot = self.holders.lock().remove(recipient);
-        if let Some(slot) = slot
-            && let Some(holder) = slot.lock().await.take()
-        {
-            holder.release().await;
-        }
+        let holder = match slot {
+            Some(slot) => slot.lock().await.take(),
+            None => None,
+        };
+        let held = holder
+            .as_ref()
+            .filter(|h| h.is_open())
+            .map_or(0, |h| h.held().0);
         let name = self.name(recipient).name;
         self.declared.lock().remove(&name);
-        let (link, channel) = self.control().await?;
-        let deleted = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        Self::control_done(&link, channel, deleted.is_ok());
-        match deleted {
-            Ok(count) => Ok(u64::from(count)),
-            Err(e) if is_not_found(&e) => Ok(0),
-            Err(e) => Err(broker_error(e, "queue.delete")),
+        let deleted = match self.control().await {
+            Ok((link, channel)) => {
+                let deleted = channel
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                Self::control_done(&link, channel, deleted.is_ok());
+                match deleted {
+                    Ok(count) => Ok(u64::from(count) + held),
+                    Err(e) if is_not_found(&e) => Ok(0),
+                    Err(e) => Err(broker_error(e, "queue.delete")),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        if let Some(holder) = holder {
+            // After a delete this closes a channel on records that are gone; after a failed
+            // one it hands them back.
+            holder.release().await;
         }
+        deleted
     }
 }

@@ -15,10 +15,11 @@ pub enum QueueType {
     /// is confirmed (the default). The broker counts every hand-back of a record
     /// (`x-delivery-count`), so `max_deliveries` ends a record that keeps coming back from
     /// nodes that die holding it. Each queue is a Raft group, a broker process per member, so
-    /// each recipient costs more than a classic queue; and the broker admits a record while
-    /// the queue is under its limits, so a queue can pass `max_messages` or `max_bytes` by one
-    /// record ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is
-    /// false).
+    /// each recipient costs more than a classic queue (BENCHMARKS.md: about twice the
+    /// memory); and the broker admits a record while the queue is under its limits, so a
+    /// queue can pass `max_messages` or `max_bytes` by one record beyond what readers hold
+    /// ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is false
+    /// on both types).
     #[default]
     Quorum,
     /// One broker node's queue, persistent messages on disk before a publish is confirmed:
