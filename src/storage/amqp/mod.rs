@@ -205,6 +205,23 @@ impl AmqpStorage {
         AmqpOptions::default().connect(url).await
     }
 
+    /// Hands back every record this node holds and closes its connection, so other nodes can
+    /// read those records at once. Dropping the storage hands them back too, but only when the
+    /// broker notices the connection is gone. A later call connects again.
+    pub async fn close(&self) {
+        let slots: Vec<_> = self.holders.lock().drain().map(|(_, slot)| slot).collect();
+        for slot in slots {
+            if let Some(holder) = slot.lock().await.take() {
+                holder.release().await;
+            }
+        }
+        let link = self.link.lock().take();
+        if let Some(link) = link {
+            // Failing only if the connection is gone already.
+            let _ = link.connection.close(200, "closed".into()).await;
+        }
+    }
+
     async fn connect_with(url: &str, options: AmqpOptions) -> Result<Self> {
         let holders = Holders::default();
         let node = Node::start(
