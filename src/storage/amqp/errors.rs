@@ -76,12 +76,7 @@ fn shown(url: &str) -> String {
 
 /// A connection refused or failed: retryable, naming the broker without the URL's password.
 pub(super) fn connect_error(error: lapin::Error, url: &str) -> Error {
-    let shown = match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    };
+    let shown = shown(url);
     let mut mapped = broker_error(error, "connect");
     if let Error::Storage {
         message, retryable, ..

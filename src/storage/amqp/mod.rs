@@ -878,20 +878,19 @@ impl Storage for AmqpStorage {
             .map_or(0, |h| h.held().0);
         let name = self.name(recipient).name;
         self.declared.lock().remove(&name);
-        let deleted = match self.control().await {
-            Ok((link, channel)) => {
-                let deleted = channel
-                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-                Self::control_done(&link, channel, deleted.is_ok());
-                match deleted {
-                    Ok(count) => Ok(u64::from(count) + held),
-                    Err(e) if is_not_found(&e) => Ok(0),
-                    Err(e) => Err(broker_error(e, "queue.delete")),
-                }
+        let deleted = async {
+            let (link, channel) = self.control().await?;
+            let deleted = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            Self::control_done(&link, channel, deleted.is_ok());
+            match deleted {
+                Ok(count) => Ok(u64::from(count) + held),
+                Err(e) if is_not_found(&e) => Ok(0),
+                Err(e) => Err(broker_error(e, "queue.delete")),
             }
-            Err(error) => Err(error),
-        };
+        }
+        .await;
         if let Some(holder) = holder {
             // After a delete this closes a channel on records that are gone; after a failed
             // one it hands them back.
