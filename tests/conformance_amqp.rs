@@ -9,6 +9,7 @@ mod amqp_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use amqp_support::{Vhost, url};
 use offline_queue::storage::NewRecord;
@@ -33,7 +34,8 @@ fn record(body: &[u8]) -> NewRecord {
     }
 }
 
-async fn conformance(queue_type: QueueType) {
+/// The suite on `queue_type`, with `consumer_wait` if given (else the default).
+async fn conformance(queue_type: QueueType, consumer_wait: Option<Duration>) {
     let Some(url) = url() else {
         return;
     };
@@ -43,12 +45,11 @@ async fn conformance(queue_type: QueueType) {
         let prefix = format!("c{}", next.fetch_add(1, Ordering::Relaxed));
         let url = vhost.url.clone();
         async move {
-            let storage = AmqpStorage::options()
-                .prefix(prefix)
-                .queue_type(queue_type)
-                .connect(&url)
-                .await
-                .expect("connect");
+            let mut options = AmqpStorage::options().prefix(prefix).queue_type(queue_type);
+            if let Some(wait) = consumer_wait {
+                options = options.consumer_wait(wait);
+            }
+            let storage = options.connect(&url).await.expect("connect");
             Arc::new(storage) as Arc<dyn Storage>
         }
     })
@@ -57,12 +58,21 @@ async fn conformance(queue_type: QueueType) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_pass_the_conformance_suite() {
-    conformance(QueueType::Quorum).await;
+    conformance(QueueType::Quorum, None).await;
+}
+
+/// A read's consumer cancelled the moment it has taken what already arrived: deliveries are
+/// still on their way at every cancel, so this is the fence's test. What reached the client
+/// before the cancel's answer is held, the broker takes back the rest, and the next
+/// `basic.get` sees it: no record is skipped, held unseen, or read out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_pass_the_conformance_suite_with_consumers_cancelled_at_once() {
+    conformance(QueueType::Quorum, Some(Duration::ZERO)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classic_queues_pass_the_conformance_suite() {
-    conformance(QueueType::Classic).await;
+    conformance(QueueType::Classic, None).await;
 }
 
 /// Ids with dots, stars, NUL and every byte value, up to the 255-byte limit (a hashed queue
@@ -255,5 +265,125 @@ async fn records_held_by_one_node_pass_to_another_when_it_lets_go() {
         again.iter().map(|r| r.seq).collect::<Vec<_>>(),
         read,
         "the next node reads them in the same order, at the same seqs"
+    );
+}
+
+/// On a quorum queue a read takes its batch with a consumer of its own, prefetching what the
+/// broker said was ready. Another consumer on the queue (a raw one, taking and acking one
+/// record at a time) gets part of that, so the read waits for deliveries that never come and
+/// cancels its consumer. Every record is still read exactly once by one of the two: none is
+/// left taken and unseen by the reading node, and none is read twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_sharing_a_queue_with_another_consumer_hide_nothing() {
+    use futures::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+    };
+
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "share");
+    let bob = RecipientId::new("bob").unwrap();
+    let reader = storage(&vhost.url, "share").await;
+    const SENT: u16 = 300;
+    let records = (0..SENT).map(|i| record(&i.to_be_bytes())).collect();
+    reader
+        .append(&bob, records, &Quota::UNLIMITED, testing::T0)
+        .await
+        .unwrap();
+
+    let connection = lapin::Connection::connect(&vhost.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut other = channel
+        .basic_consume(
+            "share.626f62".into(),
+            "other".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let other_task = tokio::spawn(async move {
+        let mut taken = Vec::new();
+        while let Some(delivery) = other.next().await {
+            let delivery = delivery.unwrap();
+            taken.push(u16::from_be_bytes([delivery.data[0], delivery.data[1]]));
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        taken
+    });
+
+    let limit = offline_queue::BatchLimit {
+        max_messages: 50,
+        max_bytes: usize::MAX,
+    };
+    let mut read = Vec::new();
+    let mut after = None;
+    loop {
+        let batch = reader.read(&bob, after, limit, testing::T0).await.unwrap();
+        let Some(last) = batch.records.last() else {
+            break;
+        };
+        reader
+            .ack_through(&bob, last.seq, testing::T0)
+            .await
+            .unwrap();
+        after = Some(last.seq);
+        read.extend(
+            batch
+                .records
+                .iter()
+                .map(|r| u16::from_be_bytes([r.body[0], r.body[1]])),
+        );
+    }
+    channel
+        .basic_cancel("other".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    let taken = other_task.await.unwrap();
+    // What the other consumer had on its way when it was cancelled went back to the queue.
+    let rest = reader.read_all(&bob, testing::T0).await.unwrap();
+    if let Some(last) = rest.last() {
+        reader
+            .ack_through(&bob, last.seq, testing::T0)
+            .await
+            .unwrap();
+    }
+    read.extend(
+        rest.iter()
+            .map(|r| u16::from_be_bytes([r.body[0], r.body[1]])),
+    );
+
+    assert!(
+        !read.is_empty() && !taken.is_empty(),
+        "both consumers got some: read {}, taken {}",
+        read.len(),
+        taken.len()
+    );
+    let mut all: Vec<u16> = read.iter().chain(&taken).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..SENT).collect::<Vec<_>>(),
+        "each record once: read {}, taken by the other {}",
+        read.len(),
+        taken.len()
+    );
+    reader.close().await;
+    let after_close = storage(&vhost.url, "share").await;
+    assert!(
+        after_close
+            .read_all(&bob, testing::T0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing was held unseen, to come back when the reader let go"
     );
 }

@@ -3,13 +3,23 @@
 //! from the broker, so a read does not take a record from the queue for good: the same node
 //! reads it again until it is acked, and the broker hands it to another node (marked
 //! redelivered) once this node lets go (`release`, the channel closed).
+//!
+//! On a quorum queue each `basic.get` is a command through the queue's Raft log, answered one
+//! at a time, so a holder there takes a batch with a short-lived consumer instead (see
+//! [`Holder::consume`]). Either way, "nothing more is ready" is only ever decided by an empty
+//! `basic.get` on the holder's channel: the broker orders it after everything the channel did
+//! before, including records a cancelled consumer handed back.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use lapin::types::AMQPValue;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 use crate::clock::Timestamp;
@@ -47,7 +57,15 @@ pub(super) struct Holder {
     channel: Channel,
     queue: String,
     recipient: RecipientId,
+    /// Take batches with a consumer (quorum queues) rather than a burst of gets, waiting this
+    /// long for the deliveries the broker said were ready ([`AmqpOptions::consumer_wait`]).
+    ///
+    /// [`AmqpOptions::consumer_wait`]: super::AmqpOptions::consumer_wait
+    consumer_wait: Option<Duration>,
     held: VecDeque<Held>,
+    /// The highest delivery tag seen on the channel: a tag beyond the next one means the
+    /// broker delivered a record this holder never saw, which is handed back at once.
+    last_tag: u64,
     /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
     /// another node whose publish overtook it) is renumbered above it, so seqs increase.
     last_seq: Option<u64>,
@@ -59,12 +77,19 @@ pub(super) struct Holder {
 }
 
 impl Holder {
-    pub(super) fn new(channel: Channel, queue: String, recipient: RecipientId) -> Self {
+    pub(super) fn new(
+        channel: Channel,
+        queue: String,
+        recipient: RecipientId,
+        consumer_wait: Option<Duration>,
+    ) -> Self {
         Self {
             channel,
             queue,
             recipient,
+            consumer_wait,
             held: VecDeque::new(),
+            last_tag: 0,
             last_seq: None,
             ready_hint: MAX_BURST,
             last_used: Instant::now(),
@@ -105,6 +130,17 @@ impl Holder {
     /// ready.
     async fn fetch(&mut self, count: usize) -> Result<bool> {
         let wanted = count.clamp(1, MAX_BURST);
+        if let Some(wait) = self.consumer_wait {
+            // One get: a record, and how many are ready behind it; a consumer for those.
+            if self.burst(1).await? == 0 {
+                return Ok(false);
+            }
+            let more = (wanted - 1).min(self.ready_hint);
+            if more > 0 {
+                self.consume(more, wait).await?;
+            }
+            return Ok(true);
+        }
         // As many gets as the broker last said were ready (a lone one when none were, to see
         // whether any came since); when that lone get finds more, a second burst for them.
         let first = wanted.min(self.ready_hint.max(1));
@@ -133,7 +169,7 @@ impl Holder {
                 Some(message) => {
                     got += 1;
                     self.ready_hint = message.message_count as usize;
-                    self.hold(message.delivery);
+                    self.hold(message.delivery).await?;
                 }
                 None => empty = true,
             }
@@ -144,7 +180,71 @@ impl Holder {
         Ok(got)
     }
 
-    fn hold(&mut self, delivery: lapin::message::Delivery) {
+    /// Takes up to `count` records with a consumer whose prefetch is `count`, then cancels
+    /// it. Deliveries that reached this client before the cancel's answer are in the
+    /// consumer's stream ahead of its end, and are held; a quorum queue hands back any that
+    /// were still on their way to the channel, and the next `basic.get` sees them.
+    async fn consume(&mut self, count: usize, wait: Duration) -> Result<()> {
+        let prefetch = u16::try_from(count).unwrap_or(u16::MAX);
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| broker_error(e, "basic.qos"))?;
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| broker_error(e, "basic.consume"))?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut taken = 0;
+        let mut ended = false;
+        while taken < count {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(delivery)) => {
+                    self.hold(delivery.map_err(|e| broker_error(e, "basic.deliver"))?)
+                        .await?;
+                    taken += 1;
+                }
+                // The broker cancelled it (the queue was deleted).
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !ended {
+            self.channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(|e| broker_error(e, "basic.cancel"))?;
+            while let Some(delivery) = consumer.next().await {
+                self.hold(delivery.map_err(|e| broker_error(e, "basic.deliver"))?)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn hold(&mut self, delivery: lapin::message::Delivery) -> Result<()> {
+        // Tags on a channel count up by one per delivery: one skipped was delivered to a
+        // consumer this client had already let go of, and nobody would ever ack it.
+        for skipped in self.last_tag + 1..delivery.delivery_tag {
+            let hand_back = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            self.channel
+                .basic_nack(skipped, hand_back)
+                .await
+                .map_err(|e| broker_error(e, "basic.nack"))?;
+        }
+        self.last_tag = self.last_tag.max(delivery.delivery_tag);
         let earlier = deliveries_before(&delivery.properties, delivery.redelivered);
         let decoded = record::decode(&delivery.properties, delivery.data, &self.recipient);
         let stamp = decoded.as_ref().map_or(0, |d| d.seq);
@@ -172,6 +272,7 @@ impl Holder {
                 },
             ),
         });
+        Ok(())
     }
 
     /// Fetches until a record above `seq` is held or the queue has nothing ready.

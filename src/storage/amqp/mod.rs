@@ -605,7 +605,9 @@ impl AmqpStorage {
                 .create_channel()
                 .await
                 .map_err(|e| broker_error(e, "channel.open"))?;
-            *guard = Some(Holder::new(channel, name, recipient.clone()));
+            let consumer_wait = (self.options.queue_type == QueueType::Quorum)
+                .then_some(self.options.consumer_wait);
+            *guard = Some(Holder::new(channel, name, recipient.clone(), consumer_wait));
         }
         let holder = guard.as_mut().expect("set above");
         let bounded = tokio::time::timeout(self.options.operation_timeout, step(holder)).await;

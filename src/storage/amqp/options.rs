@@ -49,6 +49,7 @@ pub struct AmqpOptions {
     pub(super) hold_idle: Duration,
     pub(super) max_read_batch: usize,
     pub(super) operation_timeout: Duration,
+    pub(super) consumer_wait: Duration,
 }
 
 impl Default for AmqpOptions {
@@ -59,6 +60,7 @@ impl Default for AmqpOptions {
             hold_idle: Duration::from_secs(30),
             max_read_batch: 1_000,
             operation_timeout: Duration::from_secs(10),
+            consumer_wait: Duration::from_millis(250),
         }
     }
 }
@@ -89,8 +91,9 @@ impl AmqpOptions {
         self
     }
 
-    /// The most records one read returns (default 1,000): a read is one `basic.get` per
-    /// record.
+    /// The most records one read returns (default 1,000). A read takes at most 100 records
+    /// from the broker at a time: a burst of `basic.get`s on a classic queue, a consumer on a
+    /// quorum queue.
     #[must_use]
     pub fn max_read_batch(mut self, max: usize) -> Self {
         self.max_read_batch = max;
@@ -105,6 +108,19 @@ impl AmqpOptions {
     #[must_use]
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+
+    /// On a quorum queue, how long a read's consumer waits for the records the broker said
+    /// were ready before it is cancelled (default 250 ms). It only runs out when fewer come
+    /// (they expired, a length limit dropped them, or another node took them meanwhile), and
+    /// then costs the read that long. The broker takes back what was still on its way, and
+    /// counts that as a hand-back in the record's `x-delivery-count`, so a short wait can
+    /// count deliveries no session saw. Zero cancels each consumer at once: nothing is lost,
+    /// but reads are slower. Classic queues read with `basic.get` and do not wait.
+    #[must_use]
+    pub fn consumer_wait(mut self, wait: Duration) -> Self {
+        self.consumer_wait = wait;
         self
     }
 
