@@ -66,11 +66,14 @@ pub(super) struct Holder {
     /// The highest delivery tag seen on the channel: a tag beyond the next one means the
     /// broker delivered a record this holder never saw, which is handed back at once.
     last_tag: u64,
+    /// The consumer prefetch last set on the channel (`basic.qos`), so it is sent on change only.
+    prefetch: Option<u16>,
     /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
     /// another node whose publish overtook it) is renumbered above it, so seqs increase.
     last_seq: Option<u64>,
     /// How many records the broker last said were ready behind the one it handed over
-    /// (`message-count` of a get): a burst asks for no more.
+    /// (`message-count` of a get), less what was taken since: a burst asks for no more, a
+    /// consumer prefetches that many.
     ready_hint: usize,
     /// The last read, mark or ack: `purge` releases holders idle past `hold_idle`.
     pub(super) last_used: Instant,
@@ -90,8 +93,14 @@ impl Holder {
             consumer_wait,
             held: VecDeque::new(),
             last_tag: 0,
+            prefetch: None,
             last_seq: None,
-            ready_hint: MAX_BURST,
+            // A consumer's prefetch trusts the hint, so it starts from a get's count.
+            ready_hint: if consumer_wait.is_some() {
+                0
+            } else {
+                MAX_BURST
+            },
             last_used: Instant::now(),
         }
     }
@@ -131,15 +140,31 @@ impl Holder {
     async fn fetch(&mut self, count: usize) -> Result<bool> {
         let wanted = count.clamp(1, MAX_BURST);
         if let Some(wait) = self.consumer_wait {
-            // One get: a record, and how many are ready behind it; a consumer for those.
-            if self.burst(1).await? == 0 {
-                return Ok(false);
+            // A consumer for as many as the broker last said were ready, less those taken
+            // since; when that is none, a get first: a record, and how many are behind it.
+            loop {
+                let mut got = 0;
+                if self.ready_hint == 0 {
+                    got = self.burst(1).await?;
+                    if got == 0 {
+                        return Ok(false);
+                    }
+                }
+                let more = (wanted - got).min(self.ready_hint);
+                if more > 0 {
+                    let taken = self.consume(more, wait).await?;
+                    // Fewer than promised: the count is stale, ask the broker again.
+                    self.ready_hint = if taken < more {
+                        0
+                    } else {
+                        self.ready_hint - taken.min(self.ready_hint)
+                    };
+                    got += taken;
+                }
+                if got > 0 {
+                    return Ok(true);
+                }
             }
-            let more = (wanted - 1).min(self.ready_hint);
-            if more > 0 {
-                self.consume(more, wait).await?;
-            }
-            return Ok(true);
         }
         // As many gets as the broker last said were ready (a lone one when none were, to see
         // whether any came since); when that lone get finds more, a second burst for them.
@@ -184,12 +209,15 @@ impl Holder {
     /// it. Deliveries that reached this client before the cancel's answer are in the
     /// consumer's stream ahead of its end, and are held; a quorum queue hands back any that
     /// were still on their way to the channel, and the next `basic.get` sees them.
-    async fn consume(&mut self, count: usize, wait: Duration) -> Result<()> {
+    async fn consume(&mut self, count: usize, wait: Duration) -> Result<usize> {
         let prefetch = u16::try_from(count).unwrap_or(u16::MAX);
-        self.channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(|e| broker_error(e, "basic.qos"))?;
+        if self.prefetch != Some(prefetch) {
+            self.channel
+                .basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| broker_error(e, "basic.qos"))?;
+            self.prefetch = Some(prefetch);
+        }
         let mut consumer = self
             .channel
             .basic_consume(
@@ -226,9 +254,10 @@ impl Holder {
             while let Some(delivery) = consumer.next().await {
                 self.hold(delivery.map_err(|e| broker_error(e, "basic.deliver"))?)
                     .await?;
+                taken += 1;
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     async fn hold(&mut self, delivery: lapin::message::Delivery) -> Result<()> {
