@@ -48,9 +48,15 @@
 //!   filter on the deadline themselves.
 //!
 //! # Reads take and hold
-//! RabbitMQ cannot read a queue without taking from it. A read here takes records with
-//! `basic.get` (manual acks) on a channel of this node's for the recipient, and holds them
-//! unacked: the node's later reads, marks and acks for the recipient are served from what it
+//! RabbitMQ cannot read a queue without taking from it. A read here takes records (manual
+//! acks) on a channel of this node's for the recipient, and holds them unacked: on a classic
+//! queue with bursts of `basic.get`, on a quorum queue with a consumer whose prefetch is what
+//! the broker last said was ready, cancelled once that many came (or after
+//! [`AmqpOptions::consumer_wait`]). Deliveries that reached this node before the cancel was
+//! answered are held; the broker takes back any still on their way. "Nothing more is ready"
+//! is only ever an empty `basic.get` on the same channel, which the broker answers after all
+//! it did for that channel before, including those taken-back records: a session never
+//! thinks it caught up while a record is on the wire to it. The node's later reads, marks and acks for the recipient are served from what it
 //! holds, and extended from the queue, so a repeated read sees the same records with the same
 //! seqs. Acks settle held records with the broker (one `basic.ack` with `multiple` for a
 //! cumulative ack); passed-over records are rejected without requeueing. While one node holds

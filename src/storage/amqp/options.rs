@@ -15,13 +15,14 @@ pub enum QueueType {
     /// is confirmed (the default). The broker counts every hand-back of a record
     /// (`x-delivery-count`), so `max_deliveries` ends a record that keeps coming back from
     /// nodes that die holding it. Each queue is a Raft group, a broker process per member, so
-    /// each recipient costs more than a classic queue (BENCHMARKS.md: about twice the
-    /// memory); and the broker admits a record while the queue is under its limits, so a
+    /// each recipient costs more than a classic queue (BENCHMARKS.md: about 130 KiB of broker
+    /// memory against 35 KiB); and the broker admits a record while the queue is under its limits, so a
     /// queue can pass `max_messages` or `max_bytes` by one record beyond what readers hold
     /// ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is false
-    /// on both types). Reads are slow here: each `basic.get` goes through the queue's Raft
-    /// log, so a backlog drains at about 2 k msg/s on this project's 2-core machine, against
-    /// 21–23 k on classic queues (BENCHMARKS.md).
+    /// on both types). Reads take a batch with a short-lived consumer (a `basic.get` here is
+    /// a command through the queue's Raft log, one at a time): a backlog drains at about
+    /// 33 k msg/s on this project's 2-core machine, two thirds of a raw consumer
+    /// (BENCHMARKS.md). See [`AmqpOptions::consumer_wait`].
     #[default]
     Quorum,
     /// One broker node's queue, persistent messages on disk before a publish is confirmed:
