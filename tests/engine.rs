@@ -50,6 +50,43 @@ fn caught_up_comes_at_once_when_nothing_waits_and_only_once() {
     assert!(matches!(&items[0], Outbound::Batch(b) if b.messages[0].payload == b"live"[..]));
 }
 
+/// A storage whose stats cannot name the newest seq (`exact_stats` false, as RabbitMQ's for a
+/// recipient the node holds nothing of): `caught_up` comes after the whole backlog, not after
+/// the first window of it.
+#[test]
+fn caught_up_waits_for_the_whole_backlog_when_stats_cannot_name_its_end() {
+    let storage = Arc::new(common::Shaped::new().with_inexact_stats());
+    let mut h = Harness::with(|b| b.storage(storage.clone()).max_in_flight(4));
+    for i in 0..10u8 {
+        h.send("bob", &[i]);
+    }
+    let mut bob = h.connect("bob");
+    let mut got = Vec::new();
+    loop {
+        let items = bob.drain(&mut h);
+        assert!(!items.is_empty(), "stalled after {got:?}, no caught_up");
+        let caught_up = items.contains(&Outbound::CaughtUp);
+        for item in items {
+            if let Outbound::Batch(batch) = item {
+                got.extend(batch.messages.iter().map(|m| m.payload[0]));
+                if let Some(last) = batch.messages.last() {
+                    bob.handle.ack_through(last.seq);
+                }
+            } else {
+                assert_eq!(item, Outbound::CaughtUp);
+                assert_eq!(
+                    got,
+                    (0..10u8).collect::<Vec<_>>(),
+                    "all of it before caught_up"
+                );
+            }
+        }
+        if caught_up {
+            break;
+        }
+    }
+}
+
 #[test]
 fn batches_are_bounded_by_count_and_bytes() {
     let mut h = Harness::with(|b| {

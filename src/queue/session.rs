@@ -285,7 +285,11 @@ impl Session {
         let inner = self.registration.inner.clone();
         let recipient = self.registration.recipient.clone();
         let shared = self.registration.shared.clone();
-        let backlog_end = inner.storage.stats(&recipient).await?.newest_seq;
+        // Where the backlog present at connect ends, for `caught_up`; a storage whose stats do
+        // not name the newest seq exactly (RabbitMQ's name only what the node holds) has none,
+        // and the session is caught up when a read finds nothing more.
+        let newest = inner.storage.stats(&recipient).await?.newest_seq;
+        let backlog_end = inner.capabilities.exact_stats.then_some(newest);
         let mut cursor = Cursor {
             last: None,
             in_flight: VecDeque::new(),
@@ -336,7 +340,8 @@ impl Session {
                 }
             }
             self.send_ack(&inner, &recipient, pending).await?;
-            if !caught_up && (cursor.exhausted || cursor.last >= backlog_end) {
+            let past_backlog = backlog_end.is_some_and(|end| cursor.last >= end);
+            if !caught_up && (cursor.exhausted || past_backlog) {
                 if let Err(closed) = self.transport.send(Outbound::CaughtUp).await {
                     return Ok(SessionEnd::TransportClosed(closed.0));
                 }

@@ -269,8 +269,10 @@ pub struct Capabilities {
     /// True if [`Storage::stats`] reports bytes, the oldest record and the newest seq exactly,
     /// [`Error::QueueFull`](crate::Error::QueueFull) the bytes stored, and
     /// [`AppendOutcome::pending`] the records in the queue. False: `pending` may count only
-    /// the records of that append (a push's badge then says at least that many), and the
-    /// suite and the storage model check only the message counts.
+    /// the records of that append (a push's badge then says at least that many), a session
+    /// is caught up only when a read finds nothing more (not at the newest seq its stats
+    /// named at connect), and the suite and the storage model check only the message
+    /// counts.
     pub exact_stats: bool,
 }
 

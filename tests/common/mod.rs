@@ -264,6 +264,8 @@ impl<S: offline_queue::Storage> offline_queue::Storage for Settled<S> {
 pub struct Shaped {
     inner: offline_queue::MemoryStorage,
     total_byte_budget: bool,
+    /// Stats that name no newest seq, with `exact_stats` false.
+    inexact_stats: bool,
     listeners: parking_lot::Mutex<Vec<mpsc::UnboundedSender<RecipientId>>>,
     pub fail_purges: std::sync::atomic::AtomicBool,
     pub purges: Arc<std::sync::atomic::AtomicU64>,
@@ -276,6 +278,7 @@ impl Shaped {
         Self {
             inner: offline_queue::MemoryStorage::new(),
             total_byte_budget: true,
+            inexact_stats: false,
             listeners: parking_lot::Mutex::default(),
             fail_purges: false.into(),
             purges: Arc::default(),
@@ -286,6 +289,13 @@ impl Shaped {
     /// Says it keeps no storage-wide byte budget.
     pub fn without_byte_budget(mut self) -> Self {
         self.total_byte_budget = false;
+        self
+    }
+
+    /// Says its stats are not exact, and names no newest seq in them (as RabbitMQ's, for a
+    /// recipient the node holds nothing of).
+    pub fn with_inexact_stats(mut self) -> Self {
+        self.inexact_stats = true;
         self
     }
 
@@ -303,6 +313,7 @@ impl offline_queue::Storage for Shaped {
         self.inner
             .capabilities()
             .with_total_byte_budget(self.total_byte_budget)
+            .with_exact_stats(!self.inexact_stats)
     }
     async fn append(
         &self,
@@ -378,7 +389,11 @@ impl offline_queue::Storage for Shaped {
         &self,
         recipient: &RecipientId,
     ) -> Result<offline_queue::storage::RecipientStats> {
-        self.inner.stats(recipient).await
+        let mut stats = self.inner.stats(recipient).await?;
+        if self.inexact_stats {
+            stats.newest_seq = None;
+        }
+        Ok(stats)
     }
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         self.inner.remove_recipient(recipient).await
