@@ -39,10 +39,13 @@
 //!   batch's unstored tail again, a few times, before it is a retryable error.
 //! - **Seqs** are stamped by the sending node: `max(last + 1, wall clock ms × 1024)`, so they
 //!   grow across restarts and stay below 2^53 (JavaScript's exact integers) for centuries.
-//!   The broker keeps the order it received. When another node's record arrives after a
-//!   higher stamp, the reading node renumbers it above the last seq it handed out, so a
-//!   session's seqs always increase; that record's seq then differs from the one its append
-//!   returned. The [`MessageId`](crate::MessageId) is the stable identity.
+//!   The broker keeps the order it received. A node's appends to one queue take turns (each
+//!   stamped, published and confirmed before the next starts), so the queue holds one node's
+//!   records in stamp order, and each is read at the seq its append returned. Only when two
+//!   nodes send to one recipient at once can a record arrive after a higher stamp; the
+//!   reading node then renumbers it above the last seq it handed out, so a session's seqs
+//!   always increase, and that record's seq differs from the one its append returned. The
+//!   [`MessageId`](crate::MessageId) is the stable identity.
 //! - **Expiry**: each record with a deadline also gets a broker TTL (its remaining time plus
 //!   a minute, when within the broker's cap), a backstop for queues nobody reads. Reads
 //!   filter on the deadline themselves.
@@ -101,8 +104,9 @@ mod names;
 mod nodes;
 mod options;
 mod record;
+mod turns;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,6 +131,7 @@ use holder::Holder;
 use names::{QueueName, queue_name};
 use nodes::{Holders, Node};
 pub use options::{AmqpOptions, QueueType};
+use turns::Turns;
 
 /// The broker's cap on a TTL or `x-expires`, in ms.
 const BROKER_MAX_MS: u64 = u32::MAX as u64;
@@ -154,7 +159,10 @@ pub struct AmqpStorage {
     declared: parking_lot::Mutex<HashSet<String>>,
     /// A turn per queue being declared: a quorum queue declared again while its first
     /// declare is still starting it answers at once, and publishes that follow are nacked.
-    declaring: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    declaring: Turns,
+    /// A turn per queue being appended to: two appends racing on two channels could reach
+    /// the queue in the other order than their stamps, and a reader would renumber one.
+    appending: Turns,
     holders: Holders,
     /// Where `purge`'s sweep of the holders resumes (after this recipient).
     purge_cursor: parking_lot::Mutex<Option<RecipientId>>,
@@ -243,7 +251,8 @@ impl AmqpStorage {
             connecting: tokio::sync::Mutex::new(()),
             last_stamp: parking_lot::Mutex::new(0),
             declared: parking_lot::Mutex::new(HashSet::new()),
-            declaring: parking_lot::Mutex::new(HashMap::new()),
+            declaring: Turns::default(),
+            appending: Turns::default(),
             holders,
             purge_cursor: parking_lot::Mutex::new(None),
             node,
@@ -350,16 +359,8 @@ impl AmqpStorage {
         if self.declared.lock().contains(name) {
             return Ok(());
         }
-        let turn = self
-            .declaring
-            .lock()
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
-        let _turn = turn.lock().await;
-        let declared = self.declare_now(name, quota).await;
-        self.declaring.lock().remove(name);
-        declared
+        let _turn = self.declaring.take(name).await;
+        self.declare_now(name, quota).await
     }
 
     async fn declare_now(&self, name: &str, quota: &Quota) -> Result<()> {
@@ -664,6 +665,9 @@ impl Storage for AmqpStorage {
         }
         let name = self.name(recipient);
         self.declare(&name.name, quota).await?;
+        // One append per queue at a time on this node, stamped and confirmed in turn, so the
+        // queue holds this node's records in stamp order and no reader renumbers them.
+        let _turn = self.appending.take(&name.name).await;
         if records.len() > 1 && quota.overflow == Overflow::Reject {
             // The broker rejects record by record: check the batch whole first.
             let ready = self.ready(&name.name).await?.unwrap_or(0);
