@@ -5,6 +5,9 @@
 //!   to the same queues, persistent, from 64 tasks each with a channel of its own in confirm
 //!   mode, each waiting for its confirm before its next publish (pipelined as the senders
 //!   are).
+//! - send to one recipient (`amqp_send_64_one_recipient`): the same, all to one recipient,
+//!   whose appends on a node take turns (stamped and confirmed one append at a time, so the
+//!   queue holds them in stamp order); the raw publishes do not.
 //! - drain: 10,000 records pending for one recipient, read by `read_for_delivery` in batches
 //!   of 100, each call carrying the previous batch's cumulative ack (as a session does), until
 //!   a read comes back empty. The raw way consumes the same queue with a prefetch of 100 and
@@ -104,7 +107,7 @@ fn time_appends(
                 let next = next.clone();
                 tokio::spawn(async move {
                     for _ in 0..PER_SENDER {
-                        let i = next.fetch_add(1, Ordering::Relaxed) % RECIPIENTS;
+                        let i = next.fetch_add(1, Ordering::Relaxed) % recipients.len();
                         let now = Timestamp::now_system();
                         storage
                             .append_one(&recipients[i], record(now), &Quota::UNLIMITED, now)
@@ -146,7 +149,7 @@ fn time_raw_publishes(
                 let next = next.clone();
                 tokio::spawn(async move {
                     for _ in 0..PER_SENDER {
-                        let i = next.fetch_add(1, Ordering::Relaxed) % RECIPIENTS;
+                        let i = next.fetch_add(1, Ordering::Relaxed) % queues.len();
                         let confirm = channel
                             .basic_publish(
                                 "".into(),
@@ -188,14 +191,24 @@ fn connect(
 }
 
 fn send(c: &mut Criterion) {
+    send_to(c, "amqp_send_64", RECIPIENTS);
+}
+
+/// All 64 senders to one recipient: a node's appends to one queue take turns (so the queue
+/// holds them in stamp order), where raw publishes from 64 channels do not.
+fn send_one_recipient(c: &mut Criterion) {
+    send_to(c, "amqp_send_64_one_recipient", 1);
+}
+
+fn send_to(c: &mut Criterion, group_name: &str, recipient_count: usize) {
     let Some(url) = url() else {
         return;
     };
     let runtime = runtime();
-    let prefix = prefix("send");
+    let prefix = prefix(group_name);
     let (storage, connection) = connect(&runtime, &url, &prefix);
     let recipients: Arc<Vec<RecipientId>> = Arc::new(
-        (0..RECIPIENTS)
+        (0..recipient_count)
             .map(|i| RecipientId::new(format!("user-{i}")).unwrap())
             .collect(),
     );
@@ -217,7 +230,7 @@ fn send(c: &mut Criterion) {
                 .unwrap();
         }
     });
-    let mut group = c.benchmark_group("amqp_send_64");
+    let mut group = c.benchmark_group(group_name);
     group
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
@@ -368,5 +381,5 @@ fn drain(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, send, drain);
+criterion_group!(benches, send, send_one_recipient, drain);
 criterion_main!(benches);

@@ -14,7 +14,9 @@ use std::time::Duration;
 use amqp_support::{Vhost, url};
 use offline_queue::storage::NewRecord;
 use offline_queue::storage::QueueType;
-use offline_queue::{AmqpStorage, MessageId, Quota, RecipientId, Storage, StorageExt, testing};
+use offline_queue::{
+    AmqpStorage, MessageId, Quota, RecipientId, Seq, Storage, StorageExt, testing,
+};
 
 async fn storage(url: &str, prefix: &str) -> AmqpStorage {
     AmqpStorage::options()
@@ -386,4 +388,130 @@ async fn reads_sharing_a_queue_with_another_consumer_hide_nothing() {
             .is_empty(),
         "nothing was held unseen, to come back when the reader let go"
     );
+}
+
+/// One node's concurrent appends to one recipient reach its queue in stamp order: every
+/// record is read at the seq its append returned (none renumbered), so a seq means the same
+/// record to every reader, before and after a hand-back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nodes_concurrent_appends_are_read_at_the_seqs_they_returned() {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "stamps");
+    let bob = RecipientId::new("bob").unwrap();
+    let node = Arc::new(storage(&vhost.url, "stamps").await);
+    let senders = (0..16u8).map(|sender| {
+        let node = node.clone();
+        let bob = bob.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..20u8 {
+                let outcome = node
+                    .append(
+                        &bob,
+                        vec![record(&[sender, i])],
+                        &Quota::UNLIMITED,
+                        testing::T0,
+                    )
+                    .await
+                    .unwrap();
+                sent.push(([sender, i], outcome.records[0].seq()));
+            }
+            sent
+        })
+    });
+    let mut sent = std::collections::HashMap::new();
+    for task in futures::future::join_all(senders).await {
+        sent.extend(task.unwrap());
+    }
+    let read = node.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(read.len(), sent.len());
+    for record in &read {
+        let body = [record.body[0], record.body[1]];
+        assert_eq!(
+            record.seq, sent[&body],
+            "record {body:?} read at the seq its append returned"
+        );
+    }
+}
+
+/// Records one node took over several reads and then let go all come back to the next node,
+/// each once. On a classic queue they come back in the order sent, at the seqs their appends
+/// returned; a quorum queue hands back what each consumer (each get, each batch's consumer)
+/// took in no set order between them, and the next reader renumbers so its seqs increase
+/// (the known gap in README).
+async fn records_taken_in_many_reads_come_back_when_let_go(queue_type: QueueType) {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "handback");
+    let bob = RecipientId::new("bob").unwrap();
+    let node = async || {
+        AmqpStorage::options()
+            .prefix("handback")
+            .queue_type(queue_type)
+            .connect(&vhost.url)
+            .await
+            .unwrap()
+    };
+    let one = node().await;
+    let sent: Vec<Seq> = one
+        .append(
+            &bob,
+            (0..300u16).map(|i| record(&i.to_be_bytes())).collect(),
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|a| a.seq())
+        .collect();
+    let limit = offline_queue::BatchLimit {
+        max_messages: 40,
+        max_bytes: usize::MAX,
+    };
+    let body =
+        |r: &offline_queue::storage::StoredRecord| u16::from_be_bytes([r.body[0], r.body[1]]);
+    let mut after = None;
+    let mut taken = Vec::new();
+    while taken.len() < 300 {
+        let batch = one.read(&bob, after, limit, testing::T0).await.unwrap();
+        assert!(
+            !batch.records.is_empty(),
+            "a read came back empty after {}",
+            taken.len()
+        );
+        taken.extend(batch.records.iter().map(body));
+        after = batch.records.last().map(|r| r.seq);
+    }
+    assert_eq!(
+        taken,
+        (0..300u16).collect::<Vec<_>>(),
+        "the first node reads them in order"
+    );
+    one.close().await;
+    let two = node().await;
+    let again = two.read_all(&bob, testing::T0).await.unwrap();
+    let seqs: Vec<Seq> = again.iter().map(|r| r.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs increase");
+    let mut bodies: Vec<u16> = again.iter().map(body).collect();
+    if queue_type == QueueType::Classic {
+        assert_eq!(bodies, (0..300u16).collect::<Vec<_>>(), "in the order sent");
+        assert_eq!(seqs, sent, "at the seqs their appends returned");
+    }
+    bodies.sort_unstable();
+    assert_eq!(bodies, (0..300u16).collect::<Vec<_>>(), "each once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_taken_in_many_reads_come_back_in_order_from_a_classic_queue() {
+    records_taken_in_many_reads_come_back_when_let_go(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_taken_in_many_reads_all_come_back_from_a_quorum_queue() {
+    records_taken_in_many_reads_come_back_when_let_go(QueueType::Quorum).await;
 }

@@ -68,6 +68,8 @@ pub(super) struct Holder {
     last_tag: u64,
     /// The consumer prefetch last set on the channel (`basic.qos`), so it is sent on change only.
     prefetch: Option<u16>,
+    /// Consumers opened on the channel so far, for the next one's tag.
+    consumers: u64,
     /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
     /// another node whose publish overtook it) is renumbered above it, so seqs increase.
     last_seq: Option<u64>,
@@ -94,6 +96,7 @@ impl Holder {
             held: VecDeque::new(),
             last_tag: 0,
             prefetch: None,
+            consumers: 0,
             last_seq: None,
             // A consumer's prefetch trusts the hint, so it starts from a get's count.
             ready_hint: if consumer_wait.is_some() {
@@ -111,10 +114,16 @@ impl Holder {
         self.channel.status().connected()
     }
 
-    /// Hands every held record back to the broker, marked redelivered.
-    pub(super) async fn release(self) {
+    /// Hands every held record back to the broker, marked redelivered. A classic queue puts
+    /// them back where they were; a quorum queue puts back what each consumer took (each
+    /// `basic.get` is a consumer of its own there) in no set order between them, so the next
+    /// reader may get them in another order (and renumbers them). Handing them back one
+    /// `basic.nack` at a time, oldest first, was tried: RabbitMQ 3.10 reorders them too.
+    /// True if it held any.
+    pub(super) async fn release(self) -> bool {
         // Closing can only fail if the channel is gone already, which hands them back too.
         let _ = self.channel.close(200, "released".into()).await;
+        !self.held.is_empty()
     }
 
     /// Records held, and their body bytes.
@@ -222,12 +231,18 @@ impl Holder {
             .channel
             .basic_consume(
                 self.queue.as_str().into(),
-                "".into(),
+                // Tags that sort in the order the consumers were opened: when the channel
+                // closes, a quorum queue hands back each consumer's share in the order of
+                // their tags (for a queue with up to 32 consumers), so they come back in
+                // the order taken. A tag is never used again on a channel: RabbitMQ 3.10
+                // fails the channel when a consumer that still holds records comes back.
+                format!("oq.{:020}", self.consumers).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .map_err(|e| broker_error(e, "basic.consume"))?;
+        self.consumers += 1;
         let deadline = tokio::time::Instant::now() + wait;
         let mut taken = 0;
         let mut ended = false;

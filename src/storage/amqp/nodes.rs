@@ -182,8 +182,19 @@ impl Task {
                     if on == live {
                         self.bind(&channel, &queue, &recipient, on).await?;
                     }
-                    if !live {
-                        self.release(&recipient).await;
+                    if !live && self.release(&recipient).await {
+                        // A session for the recipient on another node may have read while
+                        // this node held these records, found none, and now waits: wake it.
+                        channel
+                            .basic_publish(
+                                exchange(&self.prefix).as_str().into(),
+                                queue_name(&self.prefix, &recipient).name.as_str().into(),
+                                BasicPublishOptions::default(),
+                                recipient.as_bytes(),
+                                wake_properties(self.id, false),
+                            )
+                            .await
+                            .map_err(|e| broker_error(e, "basic.publish wake-up"))?;
                     }
                 }
                 delivery = consumer.next() => {
@@ -246,18 +257,31 @@ impl Task {
 
     /// The session ended: hands back what this node held for the recipient, so another node
     /// can deliver it at once (unless a read is running, which means a new session here).
-    async fn release(&self, recipient: &RecipientId) {
+    /// True if it held anything.
+    async fn release(&self, recipient: &RecipientId) -> bool {
         let slot = self.holders.lock().get(recipient).cloned();
         let Some(slot) = slot else {
-            return;
+            return false;
         };
         let Ok(mut guard) = slot.try_lock() else {
-            return;
+            return false;
         };
-        if let Some(holder) = guard.take() {
-            holder.release().await;
+        match guard.take() {
+            Some(holder) => holder.release().await,
+            None => false,
         }
     }
+}
+
+/// A wake-up's headers: the node that sent it (which ignores its own), and whether it is
+/// only a ping (asking whether any node is bound, waking none).
+fn wake_properties(node: u64, ping: bool) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(NODE.into(), AMQPValue::LongLongInt(node as i64));
+    if ping {
+        headers.insert(PING.into(), AMQPValue::Boolean(true));
+    }
+    BasicProperties::default().with_headers(headers)
 }
 
 /// Whether a confirmed wake-up reached a node (a return means no node is bound).
@@ -281,11 +305,6 @@ impl AmqpStorage {
         recipient: &RecipientId,
         ping: bool,
     ) -> Result<PublisherConfirm> {
-        let mut headers = FieldTable::default();
-        headers.insert(NODE.into(), AMQPValue::LongLongInt(self.node.id as i64));
-        if ping {
-            headers.insert(PING.into(), AMQPValue::Boolean(true));
-        }
         let key = self.name(recipient).name;
         channel
             .basic_publish(
@@ -296,7 +315,7 @@ impl AmqpStorage {
                     immediate: false,
                 },
                 recipient.as_bytes(),
-                BasicProperties::default().with_headers(headers),
+                wake_properties(self.node.id, ping),
             )
             .await
             .map_err(|e| broker_error(e, "basic.publish wake-up"))
