@@ -114,12 +114,14 @@ impl Holder {
         self.channel.status().connected()
     }
 
-    /// Hands every held record back to the broker, marked redelivered. A classic queue puts
-    /// them back where they were; a quorum queue puts back what each consumer took (each
-    /// `basic.get` is a consumer of its own there) in no set order between them, so the next
-    /// reader may get them in another order (and renumbers them). Handing them back one
-    /// `basic.nack` at a time, oldest first, was tried: RabbitMQ 3.10 reorders them too.
-    /// True if it held any.
+    /// Hands every held record back to the broker, marked redelivered; true if it held any.
+    /// A classic queue puts them back where they were. A quorum queue puts back what each
+    /// consumer took, consumer by consumer in the order of their keys (while the queue has
+    /// up to 32 consumers; past that, in no set order): the batch consumers' shares in the
+    /// order taken, but each record a `basic.get` took (a consumer of its own there, keyed by
+    /// its delivery tag, which sorts first) ahead of them all. The next reader may then get
+    /// them in another order, and renumbers them. Handing them back one `basic.nack` at a
+    /// time, oldest first, was tried: RabbitMQ 3.10 reordered them too.
     pub(super) async fn release(self) -> bool {
         // Closing can only fail if the channel is gone already, which hands them back too.
         let _ = self.channel.close(200, "released".into()).await;
