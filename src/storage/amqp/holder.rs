@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions,
+    BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -152,20 +152,34 @@ impl Holder {
         let wanted = count.clamp(1, MAX_BURST);
         if let Some(wait) = self.consumer_wait {
             // A consumer for as many as the broker last said were ready, less those taken
-            // since; when that is none, a get first: a record, and how many are behind it.
+            // since. When that is none: holding nothing, a get (a record, and how many are
+            // behind it); holding records, the queue's count first, because a record a get
+            // takes comes back ahead of them all at a hand-back (see `release`). A get also
+            // decides that nothing is ready, and follows a consumer that came up short.
+            let mut short = false;
             loop {
                 let mut got = 0;
                 if self.ready_hint == 0 {
-                    got = self.burst(1).await?;
-                    if got == 0 {
-                        return Ok(false);
+                    let count = if self.held.is_empty() || short {
+                        0
+                    } else {
+                        self.ready_count().await?
+                    };
+                    if count > 0 {
+                        self.ready_hint = count;
+                    } else {
+                        got = self.burst(1).await?;
+                        if got == 0 {
+                            return Ok(false);
+                        }
                     }
                 }
                 let more = (wanted - got).min(self.ready_hint);
                 if more > 0 {
                     let taken = self.consume(more, wait).await?;
                     // Fewer than promised: the count is stale, ask the broker again.
-                    self.ready_hint = if taken < more {
+                    short = taken < more;
+                    self.ready_hint = if short {
                         0
                     } else {
                         self.ready_hint - taken.min(self.ready_hint)
@@ -214,6 +228,21 @@ impl Holder {
             self.ready_hint = 0;
         }
         Ok(got)
+    }
+
+    /// How many records the queue has ready (a passive declare): a hint, not ordered with
+    /// what the channel hands back.
+    async fn ready_count(&mut self) -> Result<usize> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = self
+            .channel
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .map_err(|e| broker_error(e, "queue.declare (passive)"))?;
+        Ok(queue.message_count() as usize)
     }
 
     /// Takes up to `count` records with a consumer whose prefetch is `count`, then cancels
