@@ -36,6 +36,11 @@ fn record(body: &[u8]) -> NewRecord {
     }
 }
 
+/// The number a test record's body starts with (`record(&n.to_be_bytes())`).
+fn number(body: &[u8]) -> u16 {
+    u16::from_be_bytes([body[0], body[1]])
+}
+
 /// The suite on `queue_type`, with `consumer_wait` if given (else the default).
 async fn conformance(queue_type: QueueType, consumer_wait: Option<Duration>) {
     let Some(url) = url() else {
@@ -316,7 +321,7 @@ async fn reads_sharing_a_queue_with_another_consumer_hide_nothing() {
         let mut taken = Vec::new();
         while let Some(delivery) = other.next().await {
             let delivery = delivery.unwrap();
-            taken.push(u16::from_be_bytes([delivery.data[0], delivery.data[1]]));
+            taken.push(number(&delivery.data));
             delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
         taken
@@ -338,12 +343,7 @@ async fn reads_sharing_a_queue_with_another_consumer_hide_nothing() {
             .await
             .unwrap();
         after = Some(last.seq);
-        read.extend(
-            batch
-                .records
-                .iter()
-                .map(|r| u16::from_be_bytes([r.body[0], r.body[1]])),
-        );
+        read.extend(batch.records.iter().map(|r| number(&r.body)));
     }
     channel
         .basic_cancel("other".into(), BasicCancelOptions::default())
@@ -358,10 +358,7 @@ async fn reads_sharing_a_queue_with_another_consumer_hide_nothing() {
             .await
             .unwrap();
     }
-    read.extend(
-        rest.iter()
-            .map(|r| u16::from_be_bytes([r.body[0], r.body[1]])),
-    );
+    read.extend(rest.iter().map(|r| number(&r.body)));
 
     assert!(
         !read.is_empty() && !taken.is_empty(),
@@ -461,8 +458,7 @@ async fn records_taken_in_many_reads_come_back_in_order_when_let_go(queue_type: 
         max_messages: 40,
         max_bytes: usize::MAX,
     };
-    let body =
-        |r: &offline_queue::storage::StoredRecord| u16::from_be_bytes([r.body[0], r.body[1]]);
+    let body = |r: &offline_queue::storage::StoredRecord| number(&r.body);
     // Three waves, each read to its end before the next is sent: later reads start with the
     // node already holding records.
     let mut sent: Vec<Seq> = Vec::new();

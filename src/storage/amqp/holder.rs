@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, QueueDeclareOptions,
+    BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -163,7 +163,11 @@ impl Holder {
                     let count = if self.held.is_empty() || short {
                         0
                     } else {
-                        self.ready_count().await?
+                        // A hint, not ordered with what the channel hands back.
+                        super::ready_count(&self.channel, &self.queue)
+                            .await
+                            .map_err(|e| broker_error(e, "queue.declare passive"))?
+                            as usize
                     };
                     if count > 0 {
                         self.ready_hint = count;
@@ -228,21 +232,6 @@ impl Holder {
             self.ready_hint = 0;
         }
         Ok(got)
-    }
-
-    /// How many records the queue has ready (a passive declare): a hint, not ordered with
-    /// what the channel hands back.
-    async fn ready_count(&mut self) -> Result<usize> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = self
-            .channel
-            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
-            .await
-            .map_err(|e| broker_error(e, "queue.declare (passive)"))?;
-        Ok(queue.message_count() as usize)
     }
 
     /// Takes up to `count` records with a consumer whose prefetch is `count`, then cancels

@@ -60,9 +60,9 @@
 //! answered are held; the broker takes back any still on their way. "Nothing more is ready"
 //! is only ever an empty `basic.get` on the same channel, which the broker answers after all
 //! it did for that channel before, including those taken-back records: a session never
-//! thinks it caught up while a record is on the wire to it. The node's later reads, marks and acks for the recipient are served from what it
-//! holds, and extended from the queue, so a repeated read sees the same records with the same
-//! seqs. Acks settle held records with the broker (one `basic.ack` with `multiple` for a
+//! thinks it caught up while a record is on the wire to it. The node's later reads, marks and
+//! acks for the recipient are served from what it holds, and extended from the queue, so a
+//! repeated read sees the same records with the same seqs. Acks settle held records with the broker (one `basic.ack` with `multiple` for a
 //! cumulative ack); passed-over records are rejected without requeueing. While one node holds
 //! records, another node cannot read them: `purge` hands back records held idle past
 //! [`AmqpOptions::hold_idle`] (default 30 s) by closing the channel, and the broker then
@@ -139,6 +139,19 @@ const BROKER_MAX_MS: u64 = u32::MAX as u64;
 /// Added to a record's remaining time for its broker TTL: the broker's expiry is a backstop,
 /// and the engine should see an expired record first when someone reads.
 const BROKER_TTL_GRACE_MS: u64 = 60_000;
+/// How many records the queue `name` has ready (a passive declare); a missing queue is an
+/// error that closes `channel`.
+async fn ready_count(channel: &Channel, name: &str) -> lapin::Result<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
+}
+
 /// Queue names this process has declared, remembered to skip the declare; cleared when full.
 const DECLARED_CACHE: usize = 65_536;
 /// Publishing channels per connection: appends in flight at once, each on its own channel.
@@ -400,19 +413,12 @@ impl AmqpStorage {
     /// Messages ready in the queue (not held by any node); `None` if it does not exist.
     async fn ready(&self, name: &str) -> Result<Option<u64>> {
         let (link, channel) = self.control().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let found = tokio::time::timeout(
-            self.options.operation_timeout,
-            channel.queue_declare(name.into(), options, FieldTable::default()),
-        )
-        .await;
+        let found =
+            tokio::time::timeout(self.options.operation_timeout, ready_count(&channel, name)).await;
         let answered = matches!(found, Ok(Ok(_)));
         Self::control_done(&link, channel, answered);
         match found {
-            Ok(Ok(queue)) => Ok(Some(u64::from(queue.message_count()))),
+            Ok(Ok(count)) => Ok(Some(u64::from(count))),
             Ok(Err(e)) if is_not_found(&e) => Ok(None),
             Ok(Err(e)) => Err(broker_error(e, "queue.declare passive")),
             Err(_) => Err(self.timed_out("queue.declare passive")),

@@ -185,16 +185,14 @@ impl Task {
                     if !live && self.release(&recipient).await {
                         // A session for the recipient on another node may have read while
                         // this node held these records, found none, and now waits: wake it.
-                        channel
-                            .basic_publish(
-                                exchange(&self.prefix).as_str().into(),
-                                queue_name(&self.prefix, &recipient).name.as_str().into(),
-                                BasicPublishOptions::default(),
-                                recipient.as_bytes(),
-                                wake_properties(self.id, false),
-                            )
-                            .await
-                            .map_err(|e| broker_error(e, "basic.publish wake-up"))?;
+                        // Not `mandatory`: this channel takes no confirms, and nobody would
+                        // collect a return.
+                        let wake = Wake {
+                            node: self.id,
+                            ping: false,
+                            mandatory: false,
+                        };
+                        wake.publish(&channel, &self.prefix, &recipient).await?;
                     }
                 }
                 delivery = consumer.next() => {
@@ -273,15 +271,42 @@ impl Task {
     }
 }
 
-/// A wake-up's headers: the node that sent it (which ignores its own), and whether it is
-/// only a ping (asking whether any node is bound, waking none).
-fn wake_properties(node: u64, ping: bool) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(NODE.into(), AMQPValue::LongLongInt(node as i64));
-    if ping {
-        headers.insert(PING.into(), AMQPValue::Boolean(true));
+/// A wake-up to publish for a recipient.
+struct Wake {
+    /// The sending node, which ignores its own wake-ups.
+    node: u64,
+    /// Only asks whether any node is bound; wakes none.
+    ping: bool,
+    /// Returned when no node is bound, so a confirm-mode channel's confirmation says so.
+    mandatory: bool,
+}
+
+impl Wake {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        prefix: &str,
+        recipient: &RecipientId,
+    ) -> Result<PublisherConfirm> {
+        let mut headers = FieldTable::default();
+        headers.insert(NODE.into(), AMQPValue::LongLongInt(self.node as i64));
+        if self.ping {
+            headers.insert(PING.into(), AMQPValue::Boolean(true));
+        }
+        channel
+            .basic_publish(
+                exchange(prefix).as_str().into(),
+                queue_name(prefix, recipient).name.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: self.mandatory,
+                    immediate: false,
+                },
+                recipient.as_bytes(),
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .map_err(|e| broker_error(e, "basic.publish wake-up"))
     }
-    BasicProperties::default().with_headers(headers)
 }
 
 /// Whether a confirmed wake-up reached a node (a return means no node is bound).
@@ -305,20 +330,12 @@ impl AmqpStorage {
         recipient: &RecipientId,
         ping: bool,
     ) -> Result<PublisherConfirm> {
-        let key = self.name(recipient).name;
-        channel
-            .basic_publish(
-                exchange(&self.options.prefix).as_str().into(),
-                key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                recipient.as_bytes(),
-                wake_properties(self.node.id, ping),
-            )
-            .await
-            .map_err(|e| broker_error(e, "basic.publish wake-up"))
+        let wake = Wake {
+            node: self.node.id,
+            ping,
+            mandatory: true,
+        };
+        wake.publish(channel, &self.options.prefix, recipient).await
     }
 
     /// Publishes a wake-up (or a ping); Some(routed) once confirmed, None when not waited for.
