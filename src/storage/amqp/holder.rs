@@ -9,8 +9,14 @@
 //! [`Holder::consume`]). Either way, "nothing more is ready" is only ever decided by an empty
 //! `basic.get` on the holder's channel: the broker orders it after everything the channel did
 //! before, including records a cancelled consumer handed back.
+//!
+//! Seqs: a record is held at its stamp unless that is at or below the last seq handed out
+//! here or the ledger's floor (then just above them), or the ledger pins it (then at its
+//! pin). A holder reads the ledger before it takes its first record, and writes it before
+//! it hands out a seq the ledger could not tell the next reader (a renumbered record), and
+//! before it acks (the new floor). See `ledger.rs`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +35,7 @@ use crate::message::{MessageId, RecipientId, Seq};
 use crate::storage::{Ack, ReadBatch, StoredRecord};
 
 use super::errors::broker_error;
+use super::ledger::{Ledger, LedgerQueue};
 use super::record::{self, Decoded};
 
 /// The most `basic.get`s sent at once.
@@ -39,6 +46,8 @@ const THROUGH_BURST: usize = 16;
 /// One record held: its delivery tag on the holder's channel, and what it was read as.
 struct Held {
     seq: u64,
+    /// The seq its sending node stamped; `seq` differs when this node renumbered it.
+    stamp: u64,
     tag: u64,
     deliveries: u32,
     /// `None`: the body is not a record of ours (damaged); reported, never delivered.
@@ -71,8 +80,18 @@ pub(super) struct Holder {
     /// Consumers opened on the channel so far, for the next one's tag.
     consumers: u64,
     /// The highest seq handed out here: a record that arrives with a lower stamp (sent by
-    /// another node whose publish overtook it) is renumbered above it, so seqs increase.
+    /// another node whose publish overtook it, or whose clock is behind) is renumbered
+    /// above it, so seqs increase.
     last_seq: Option<u64>,
+    ledger_queue: LedgerQueue,
+    /// Read from the ledger at the first fetch (see `ledger.rs`).
+    ledger_loaded: bool,
+    /// The highest seq removed from the queue, by this node or by those before it.
+    floor: u64,
+    /// The ledger's pins of records not held here yet.
+    unheld_pins: HashMap<MessageId, u64>,
+    /// A record is held at a seq the ledger does not say yet, or the floor moved.
+    ledger_dirty: bool,
     /// How many records the broker last said were ready behind the one it handed over
     /// (`message-count` of a get), less what was taken since: a burst asks for no more, a
     /// consumer prefetches that many.
@@ -85,6 +104,7 @@ impl Holder {
     pub(super) fn new(
         channel: Channel,
         queue: String,
+        ledger_queue: LedgerQueue,
         recipient: RecipientId,
         consumer_wait: Option<Duration>,
     ) -> Self {
@@ -98,6 +118,11 @@ impl Holder {
             prefetch: None,
             consumers: 0,
             last_seq: None,
+            ledger_queue,
+            ledger_loaded: false,
+            floor: 0,
+            unheld_pins: HashMap::new(),
+            ledger_dirty: false,
             // A consumer's prefetch trusts the hint, so it starts from a get's count.
             ready_hint: if consumer_wait.is_some() {
                 0
@@ -147,8 +172,61 @@ impl Holder {
     }
 
     /// Takes up to `count` more records from the queue (at most a burst); false if none was
-    /// ready.
+    /// ready. The ledger is read first, and written after if what was taken needs it.
     async fn fetch(&mut self, count: usize) -> Result<bool> {
+        self.load_ledger().await?;
+        let got = self.take(count).await?;
+        if !got {
+            // Nothing ready: a pinned record not held by now has left the queue without
+            // this node (expired, or dropped by a length limit), or another node holds it
+            // and will say its seq. Its pin is not written again.
+            self.unheld_pins.clear();
+        }
+        if self.ledger_dirty {
+            self.write_ledger().await?;
+        }
+        Ok(got)
+    }
+
+    /// Reads the ledger, once, before this holder takes its first record or acks.
+    async fn load_ledger(&mut self) -> Result<()> {
+        if self.ledger_loaded {
+            return Ok(());
+        }
+        let (ledger, tag) = self.ledger_queue.load(&self.channel).await?;
+        // The ledger's get used a delivery tag: the next record's is one more.
+        if let Some(tag) = tag {
+            self.last_tag = self.last_tag.max(tag);
+        }
+        self.floor = ledger.floor;
+        self.unheld_pins = ledger.pins;
+        self.ledger_loaded = true;
+        Ok(())
+    }
+
+    /// Writes the floor, and a pin for every record still in the queue whose seq the next
+    /// reader could not work out from its stamp and the floor.
+    async fn write_ledger(&mut self) -> Result<()> {
+        let mut pins = self.unheld_pins.clone();
+        for held in &self.held {
+            if let Some(record) = &held.record
+                && (held.seq != held.stamp || held.seq <= self.floor)
+            {
+                pins.insert(record.id, held.seq);
+            }
+        }
+        let ledger = Ledger {
+            floor: self.floor,
+            pins,
+        };
+        self.ledger_queue.write(&self.channel, &ledger).await?;
+        self.ledger_dirty = false;
+        Ok(())
+    }
+
+    /// Takes up to `count` more records from the queue (at most a burst); false if none was
+    /// ready.
+    async fn take(&mut self, count: usize) -> Result<bool> {
         let wanted = count.clamp(1, MAX_BURST);
         if let Some(wait) = self.consumer_wait {
             // A consumer for as many as the broker last said were ready, less those taken
@@ -312,13 +390,26 @@ impl Holder {
         let earlier = deliveries_before(&delivery.properties, delivery.redelivered);
         let decoded = record::decode(&delivery.properties, delivery.data, &self.recipient);
         let stamp = decoded.as_ref().map_or(0, |d| d.seq);
-        let seq = match self.last_seq {
-            Some(last) => stamp.max(last + 1),
-            None => stamp,
+        let pinned = decoded
+            .as_ref()
+            .and_then(|d| self.unheld_pins.remove(&d.id));
+        let above = self
+            .last_seq
+            .map_or(self.floor, |last| last.max(self.floor))
+            + 1;
+        let seq = match pinned {
+            // A pin below the floor is a record handed out before a later one was acked:
+            // it keeps its seq, as long as seqs still increase here.
+            Some(pin) if self.last_seq.is_none_or(|last| pin > last) => pin,
+            _ => stamp.max(above),
         };
+        if decoded.is_some() && pinned.map_or(seq != stamp, |pin| pin != seq) {
+            self.ledger_dirty = true;
+        }
         self.last_seq = Some(seq);
         self.held.push_back(Held {
             seq,
+            stamp,
             tag: delivery.delivery_tag,
             deliveries: earlier,
             record: decoded.map(
@@ -443,45 +534,66 @@ impl Holder {
             .chain(&ack.seqs)
             .chain(&ack.passed_over)
             .max();
-        if let Some(highest) = highest {
-            self.fetch_through(highest.0).await?;
-        }
+        let Some(highest) = highest else {
+            return Ok(0);
+        };
+        self.fetch_through(highest.0).await?;
+        // What goes is settled here first, then the ledger with its new floor is written,
+        // then the broker is told: it gets the floor before the acks on the same channel.
+        let mut acks = Vec::new();
+        let mut rejects = Vec::new();
+        let mut top = None;
         let mut removed = 0;
         if let Some(through) = ack.through {
             let count = self.held.partition_point(|h| h.seq <= through.0);
             if count > 0 {
                 // Tags grow with seqs, so one multiple ack settles exactly these.
-                let tag = self.held[count - 1].tag;
-                self.channel
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|e| broker_error(e, "basic.ack"))?;
+                let last = &self.held[count - 1];
+                acks.push((last.tag, true));
+                top = top.max(Some(last.seq));
                 self.held.drain(..count);
                 removed += count as u64;
             }
         }
         for seq in &ack.seqs {
             if let Some(at) = self.position(seq.0) {
-                self.channel
-                    .basic_ack(self.held[at].tag, BasicAckOptions { multiple: false })
-                    .await
-                    .map_err(|e| broker_error(e, "basic.ack"))?;
+                acks.push((self.held[at].tag, false));
+                top = top.max(Some(seq.0));
                 self.held.remove(at);
                 removed += 1;
             }
         }
         for seq in &ack.passed_over {
             if let Some(at) = self.position(seq.0) {
-                let reject = BasicNackOptions {
-                    multiple: false,
-                    requeue: false,
-                };
-                self.channel
-                    .basic_nack(self.held[at].tag, reject)
-                    .await
-                    .map_err(|e| broker_error(e, "basic.nack"))?;
+                rejects.push(self.held[at].tag);
+                top = top.max(Some(seq.0));
                 self.held.remove(at);
             }
+        }
+        if let Some(top) = top
+            && top > self.floor
+        {
+            self.floor = top;
+            self.ledger_dirty = true;
+        }
+        if self.ledger_dirty {
+            self.write_ledger().await?;
+        }
+        for (tag, multiple) in acks {
+            self.channel
+                .basic_ack(tag, BasicAckOptions { multiple })
+                .await
+                .map_err(|e| broker_error(e, "basic.ack"))?;
+        }
+        for tag in rejects {
+            let reject = BasicNackOptions {
+                multiple: false,
+                requeue: false,
+            };
+            self.channel
+                .basic_nack(tag, reject)
+                .await
+                .map_err(|e| broker_error(e, "basic.nack"))?;
         }
         Ok(removed)
     }

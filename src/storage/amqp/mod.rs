@@ -101,6 +101,7 @@
 
 mod errors;
 mod holder;
+mod ledger;
 mod names;
 mod nodes;
 mod options;
@@ -129,7 +130,8 @@ use crate::storage::{
 
 use errors::{broker_error, is_not_found};
 use holder::Holder;
-use names::{QueueName, queue_name};
+use ledger::LedgerQueue;
+use names::{QueueName, ledger_name, queue_name};
 use nodes::{Holders, Node};
 pub use options::{AmqpOptions, QueueType};
 use turns::Turns;
@@ -621,7 +623,18 @@ impl AmqpStorage {
                 .map_err(|e| broker_error(e, "channel.open"))?;
             let consumer_wait = (self.options.queue_type == QueueType::Quorum)
                 .then_some(self.options.consumer_wait);
-            *guard = Some(Holder::new(channel, name, recipient.clone(), consumer_wait));
+            let ledger = LedgerQueue {
+                name: ledger_name(&self.options.prefix, recipient),
+                expires_ms: u64::try_from(self.options.ledger_expiry.as_millis())
+                    .unwrap_or(BROKER_MAX_MS),
+            };
+            *guard = Some(Holder::new(
+                channel,
+                name,
+                ledger,
+                recipient.clone(),
+                consumer_wait,
+            ));
         }
         let holder = guard.as_mut().expect("set above");
         let bounded = tokio::time::timeout(self.options.operation_timeout, step(holder)).await;
@@ -903,10 +916,23 @@ impl Storage for AmqpStorage {
                 .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await;
             Self::control_done(&link, channel, deleted.is_ok());
+            let count = match deleted {
+                Ok(count) => u64::from(count) + held,
+                Err(e) if is_not_found(&e) => 0,
+                Err(e) => return Err(broker_error(e, "queue.delete")),
+            };
+            // The ledger after the records: a ledger left behind by a failure is only a floor
+            // below every seq stamped from now on.
+            let ledger = ledger_name(&self.options.prefix, recipient);
+            let (link, channel) = self.control().await?;
+            let deleted = channel
+                .queue_delete(ledger.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            Self::control_done(&link, channel, deleted.is_ok());
             match deleted {
-                Ok(count) => Ok(u64::from(count) + held),
-                Err(e) if is_not_found(&e) => Ok(0),
-                Err(e) => Err(broker_error(e, "queue.delete")),
+                Ok(_) => Ok(count),
+                Err(e) if is_not_found(&e) => Ok(count),
+                Err(e) => Err(broker_error(e, "queue.delete (ledger)")),
             }
         }
         .await;

@@ -29,6 +29,13 @@ pub(super) fn queue_name(prefix: &str, recipient: &RecipientId) -> QueueName {
     }
 }
 
+/// The queue that holds `recipient`'s ledger (see `ledger.rs`): `<prefix>.l.<hex of the id>`
+/// when that fits in 255 bytes, else `<prefix>.l.h.<hex of the id's SHA-256>`. Neither can
+/// be a record queue's name: those go on after the prefix with hex digits or `h.`.
+pub(super) fn ledger_name(prefix: &str, recipient: &RecipientId) -> String {
+    queue_name(&format!("{prefix}.l"), recipient).name
+}
+
 /// A recipient's queue name, and whether it is a hash (then records carry the id).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct QueueName {
@@ -76,6 +83,9 @@ mod tests {
         let prefix = "p".repeat(64);
         let edge = RecipientId::new(vec![7u8; (MAX_NAME - 65) / 2]).unwrap();
         assert!(queue_name(&prefix, &edge).name.len() <= MAX_NAME);
+        assert_eq!(ledger_name("oq", &short), "oq.l.626f62");
+        assert!(ledger_name(&prefix, &edge).len() <= MAX_NAME);
+        assert!(ledger_name("oq", &long).starts_with("oq.l.h."));
     }
 
     #[test]
