@@ -507,3 +507,212 @@ async fn records_taken_in_many_reads_come_back_in_order_from_a_classic_queue() {
 async fn records_taken_in_many_reads_come_back_in_order_from_a_quorum_queue() {
     records_taken_in_many_reads_come_back_in_order_when_let_go(QueueType::Quorum).await;
 }
+
+/// A node of prefix `prefix` on `queue_type` queues whose clock is `behind` the others'.
+async fn skewed_node(
+    url: &str,
+    prefix: &str,
+    queue_type: QueueType,
+    behind: Duration,
+) -> AmqpStorage {
+    AmqpStorage::options()
+        .prefix(prefix)
+        .queue_type(queue_type)
+        .clock_behind_for_tests(behind)
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+/// What a read returned: (the number in each body, its seq).
+fn numbered(records: &[offline_queue::storage::StoredRecord]) -> Vec<(u16, Seq)> {
+    records.iter().map(|r| (number(&r.body), r.seq)).collect()
+}
+
+/// Waits until `bob`'s queue has `count` records ready (a hand-back the broker finishes in
+/// its own time), at most 10 s.
+async fn until_ready(node: &AmqpStorage, bob: &RecipientId, count: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.stats(bob).await.unwrap().messages != count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never had {count} ready"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A node whose clock is a minute behind sends after another node's record was read and
+/// acked: its stamp is below the acked seq. The next node to read the queue, which never saw
+/// the ack, must still number it above (the ledger's floor), or the client would see a seq
+/// it already acked come back.
+async fn a_late_stamp_is_read_above_the_acked_seq(queue_type: QueueType) {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "floor");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let ahead = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
+    let behind = skewed_node(url, "floor", queue_type, MINUTE).await;
+    let sent = ahead
+        .append(
+            &bob,
+            vec![record(&1u16.to_be_bytes())],
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    let first = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
+    let read = first.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(numbered(&read), [(1, sent)]);
+    assert_eq!(first.ack_through(&bob, sent, testing::T0).await.unwrap(), 1);
+    first.close().await;
+    let late = behind
+        .append(
+            &bob,
+            vec![record(&2u16.to_be_bytes())],
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    assert!(late < sent, "stamped a minute behind: {late:?} < {sent:?}");
+    let second = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
+    let read = second.read_all(&bob, testing::T0).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(number(&read[0].body), 2);
+    assert!(
+        read[0].seq > sent,
+        "read at {:?}, at or below the acked {sent:?}",
+        read[0].seq
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_stamp_is_read_above_the_acked_seq_on_a_classic_queue() {
+    a_late_stamp_is_read_above_the_acked_seq(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_stamp_is_read_above_the_acked_seq_on_a_quorum_queue() {
+    a_late_stamp_is_read_above_the_acked_seq(QueueType::Quorum).await;
+}
+
+/// A record a node renumbered (stamped below one read before it) keeps that seq when the
+/// next node reads it, even when the record it was numbered after is gone without an ack
+/// (here dropped by a length limit): the ledger pins it.
+async fn a_renumbered_record_keeps_its_seq_on_the_next_node(queue_type: QueueType) {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "pins");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let two = Quota {
+        max_messages: 2,
+        overflow: offline_queue::Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let ahead = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
+    let behind = skewed_node(url, "pins", queue_type, MINUTE).await;
+    let append = async |node: &AmqpStorage, n: u16| {
+        node.append(&bob, vec![record(&n.to_be_bytes())], &two, testing::T0)
+            .await
+            .unwrap()
+            .records[0]
+            .seq()
+    };
+    let first_sent = append(&ahead, 1).await;
+    let late = append(&behind, 2).await;
+    assert!(late < first_sent);
+    let first = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
+    let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0], (1, first_sent));
+    let (number, renumbered) = read[1];
+    assert!(number == 2 && renumbered > first_sent, "{read:?}");
+    first.close().await;
+    until_ready(&ahead, &bob, 2).await;
+    // A third record: the queue holds two, so the broker drops the oldest, record 1.
+    let third = append(&ahead, 3).await;
+    until_ready(&ahead, &bob, 2).await;
+    let second = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
+    let read = numbered(&second.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read.len(), 2, "{read:?}");
+    assert_eq!(
+        read[0],
+        (2, renumbered),
+        "the seq the first node handed out"
+    );
+    assert_eq!(read[1].0, 3);
+    assert!(read[1].1 > renumbered && read[1].1 >= third, "{read:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renumbered_record_keeps_its_seq_on_the_next_node_from_a_classic_queue() {
+    a_renumbered_record_keeps_its_seq_on_the_next_node(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renumbered_record_keeps_its_seq_on_the_next_node_from_a_quorum_queue() {
+    a_renumbered_record_keeps_its_seq_on_the_next_node(QueueType::Quorum).await;
+}
+
+/// A record left unacked below one acked on its own (an ack of seqs, not through) keeps its
+/// seq on the next node, rather than coming back above the acked one.
+async fn a_record_left_below_an_acked_one_keeps_its_seq(queue_type: QueueType) {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "below");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let node = skewed_node(url, "below", queue_type, Duration::ZERO).await;
+    let sent: Vec<Seq> = node
+        .append(
+            &bob,
+            (1..=3u16).map(|n| record(&n.to_be_bytes())).collect(),
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|a| a.seq())
+        .collect();
+    let first = skewed_node(url, "below", queue_type, Duration::ZERO).await;
+    let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read, [(1, sent[0]), (2, sent[1]), (3, sent[2])]);
+    assert_eq!(
+        first.ack_seqs(&bob, &[sent[1]], testing::T0).await.unwrap(),
+        1
+    );
+    first.close().await;
+    until_ready(&node, &bob, 2).await;
+    let second = skewed_node(url, "below", queue_type, Duration::ZERO).await;
+    let read = numbered(&second.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(
+        read,
+        [(1, sent[0]), (3, sent[2])],
+        "at the seqs handed out before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_left_below_an_acked_one_keeps_its_seq_on_a_classic_queue() {
+    a_record_left_below_an_acked_one_keeps_its_seq(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_left_below_an_acked_one_keeps_its_seq_on_a_quorum_queue() {
+    a_record_left_below_an_acked_one_keeps_its_seq(QueueType::Quorum).await;
+}

@@ -452,7 +452,11 @@ impl AmqpStorage {
 
     /// The next seq to stamp.
     fn stamp(&self) -> u64 {
-        let clock = Timestamp::now_system().as_millis().saturating_mul(1024);
+        let behind = u64::try_from(self.options.clock_behind.as_millis()).unwrap_or(u64::MAX);
+        let clock = Timestamp::now_system()
+            .as_millis()
+            .saturating_sub(behind)
+            .saturating_mul(1024);
         let mut last = self.last_stamp.lock();
         *last = clock.max(*last + 1);
         *last

@@ -52,6 +52,8 @@ pub struct AmqpOptions {
     pub(super) operation_timeout: Duration,
     pub(super) consumer_wait: Duration,
     pub(super) ledger_expiry: Duration,
+    /// How far behind the wall clock this node stamps (tests only: a node whose clock lags).
+    pub(super) clock_behind: Duration,
 }
 
 impl Default for AmqpOptions {
@@ -64,6 +66,7 @@ impl Default for AmqpOptions {
             operation_timeout: Duration::from_secs(10),
             consumer_wait: Duration::from_millis(250),
             ledger_expiry: Duration::from_millis(super::BROKER_MAX_MS),
+            clock_behind: Duration::ZERO,
         }
     }
 }
@@ -139,6 +142,16 @@ impl AmqpOptions {
     #[must_use]
     pub fn ledger_expiry(mut self, expiry: Duration) -> Self {
         self.ledger_expiry = expiry;
+        self
+    }
+
+    /// Stamps seqs as if this node's clock were `by` behind (for tests of nodes whose clocks
+    /// differ).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn clock_behind_for_tests(mut self, by: Duration) -> Self {
+        self.clock_behind = by;
         self
     }
 
