@@ -716,3 +716,155 @@ async fn a_record_left_below_an_acked_one_keeps_its_seq_on_a_classic_queue() {
 async fn a_record_left_below_an_acked_one_keeps_its_seq_on_a_quorum_queue() {
     a_record_left_below_an_acked_one_keeps_its_seq(QueueType::Quorum).await;
 }
+
+/// Two nodes send to one recipient at once, one with its clock `skew` behind, while readers
+/// on two other nodes take the queue over in turn: each reads a batch, acks part of it (up to
+/// a seq, or single seqs, or nothing), and lets go. Across all of it, a seq names one
+/// record, a record first read after an ack is above every seq acked, no acked record comes
+/// back, and every record is read. Where hand-backs keep the queue's order (`in_order`:
+/// classic queues), a record also keeps the seq it was first read at, and each sender's
+/// records are read in the order sent. A quorum queue puts a record handed back a second
+/// time behind those handed back once, and the next reader renumbers it.
+async fn two_senders_with_clocks_apart_and_readers_taking_over(queue_type: QueueType) {
+    let in_order = queue_type == QueueType::Classic;
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "takeover");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let senders = [
+        skewed_node(url, "takeover", queue_type, Duration::ZERO).await,
+        skewed_node(url, "takeover", queue_type, Duration::from_millis(40)).await,
+    ];
+    let readers = [
+        skewed_node(url, "takeover", queue_type, Duration::ZERO).await,
+        skewed_node(url, "takeover", queue_type, Duration::ZERO).await,
+    ];
+    // A fixed walk (an LCG), the same every run.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |below: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % below
+    };
+    // Record body: [sender, n as u16]; what each was read at, and what each seq named.
+    let mut seq_of: std::collections::HashMap<(u8, u16), Seq> = Default::default();
+    let mut record_at: std::collections::HashMap<Seq, (u8, u16)> = Default::default();
+    let mut acked: std::collections::HashSet<(u8, u16)> = Default::default();
+    let mut floor: Option<Seq> = None;
+    let mut sent = [0u16; 2];
+    let body = |r: &offline_queue::storage::StoredRecord| {
+        (r.body[0], u16::from_be_bytes([r.body[1], r.body[2]]))
+    };
+    for round in 0..40 {
+        if round < 32 {
+            // Both send a few at once, each in its own order.
+            let mut sends = Vec::new();
+            for (sender, node) in senders.iter().enumerate() {
+                let count = 1 + next(4) as u16;
+                let from = sent[sender];
+                sent[sender] += count;
+                let bob = &bob;
+                sends.push(async move {
+                    for n in from..from + count {
+                        let mut record = record(&[]);
+                        record.body = [&[sender as u8][..], &n.to_be_bytes()].concat();
+                        node.append(bob, vec![record], &Quota::UNLIMITED, testing::T0)
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+            futures::future::join_all(sends).await;
+        }
+        let reader = &readers[round % 2];
+        let limit = offline_queue::BatchLimit {
+            max_messages: 1 + next(12) as usize,
+            max_bytes: usize::MAX,
+        };
+        let batch = reader.read(&bob, None, limit, testing::T0).await.unwrap();
+        for record in &batch.records {
+            let key = body(record);
+            assert!(
+                !acked.contains(&key),
+                "round {round}: {key:?} read after its ack"
+            );
+            match seq_of.get(&key) {
+                Some(&seq) if in_order => {
+                    assert_eq!(seq, record.seq, "round {round}: {key:?} renumbered");
+                }
+                Some(_) => {}
+                None => {
+                    assert!(
+                        floor.is_none_or(|floor| record.seq > floor),
+                        "round {round}: {key:?} first read at {:?}, at or below the acked {floor:?}",
+                        record.seq
+                    );
+                    seq_of.insert(key, record.seq);
+                }
+            }
+            let named = *record_at.entry(record.seq).or_insert(key);
+            assert_eq!(
+                named, key,
+                "round {round}: {:?} names two records",
+                record.seq
+            );
+        }
+        let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+        let ack = match (next(3), seqs.len()) {
+            (_, 0) | (0, _) => Vec::new(),
+            (1, n) => seqs[..=next(n as u64) as usize].to_vec(),
+            (_, n) => seqs
+                .iter()
+                .copied()
+                .filter(|_| next(2) == 0)
+                .take(n)
+                .collect(),
+        };
+        if !ack.is_empty() {
+            reader.ack_seqs(&bob, &ack, testing::T0).await.unwrap();
+            for seq in &ack {
+                acked.insert(record_at[seq]);
+                floor = floor.max(Some(*seq));
+            }
+        }
+        reader.close().await;
+        let waiting = u64::from(sent[0]) + u64::from(sent[1]) - acked.len() as u64;
+        until_ready(&readers[(round + 1) % 2], &bob, waiting).await;
+    }
+    // The rest, by one node.
+    let rest = readers[0].read_all(&bob, testing::T0).await.unwrap();
+    for record in &rest {
+        let key = body(record);
+        assert!(!acked.contains(&key), "{key:?} read after its ack");
+        if let Some(&seq) = seq_of.get(&key) {
+            assert!(
+                !in_order || seq == record.seq,
+                "{key:?} renumbered at the end"
+            );
+        }
+        seq_of.entry(key).or_insert(record.seq);
+    }
+    for sender in (0..2u8).filter(|_| in_order) {
+        let order: Vec<Seq> = (0..sent[sender as usize])
+            .map(|n| seq_of[&(sender, n)])
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "sender {sender}'s records out of order: {order:?}"
+        );
+    }
+    assert_eq!(seq_of.len(), usize::from(sent[0]) + usize::from(sent[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_with_clocks_apart_and_readers_taking_over_a_classic_queue() {
+    two_senders_with_clocks_apart_and_readers_taking_over(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_with_clocks_apart_and_readers_taking_over_a_quorum_queue() {
+    two_senders_with_clocks_apart_and_readers_taking_over(QueueType::Quorum).await;
+}
