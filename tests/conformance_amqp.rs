@@ -719,14 +719,12 @@ async fn a_record_left_below_an_acked_one_keeps_its_seq_on_a_quorum_queue() {
 
 /// Two nodes send to one recipient at once, one with its clock `skew` behind, while readers
 /// on two other nodes take the queue over in turn: each reads a batch, acks part of it (up to
-/// a seq, or single seqs, or nothing), and lets go. Across all of it, a seq names one
-/// record, a record first read after an ack is above every seq acked, no acked record comes
-/// back, and every record is read. Where hand-backs keep the queue's order (`in_order`:
-/// classic queues), a record also keeps the seq it was first read at, and each sender's
-/// records are read in the order sent. A quorum queue puts a record handed back a second
-/// time behind those handed back once, and the next reader renumbers it.
+/// a seq, or single seqs, or nothing), and lets go. Across all of it, a record keeps the seq
+/// it was first read at, a seq names one record, a record first read after an ack is above
+/// every seq acked, no acked record comes back, every record is read, and each sender's
+/// records are read in the order sent. (A quorum queue puts a record handed back a second
+/// time behind those handed back once: the reader that takes over puts them in order.)
 async fn two_senders_with_clocks_apart_and_readers_taking_over(queue_type: QueueType) {
-    let in_order = queue_type == QueueType::Classic;
     let Some(url) = url() else {
         return;
     };
@@ -792,10 +790,7 @@ async fn two_senders_with_clocks_apart_and_readers_taking_over(queue_type: Queue
                 "round {round}: {key:?} read after its ack"
             );
             match seq_of.get(&key) {
-                Some(&seq) if in_order => {
-                    assert_eq!(seq, record.seq, "round {round}: {key:?} renumbered");
-                }
-                Some(_) => {}
+                Some(&seq) => assert_eq!(seq, record.seq, "round {round}: {key:?} renumbered"),
                 None => {
                     assert!(
                         floor.is_none_or(|floor| record.seq > floor),
@@ -840,14 +835,11 @@ async fn two_senders_with_clocks_apart_and_readers_taking_over(queue_type: Queue
         let key = body(record);
         assert!(!acked.contains(&key), "{key:?} read after its ack");
         if let Some(&seq) = seq_of.get(&key) {
-            assert!(
-                !in_order || seq == record.seq,
-                "{key:?} renumbered at the end"
-            );
+            assert!(seq == record.seq, "{key:?} renumbered at the end");
         }
         seq_of.entry(key).or_insert(record.seq);
     }
-    for sender in (0..2u8).filter(|_| in_order) {
+    for sender in 0..2u8 {
         let order: Vec<Seq> = (0..sent[sender as usize])
             .map(|n| seq_of[&(sender, n)])
             .collect();

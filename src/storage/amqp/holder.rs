@@ -48,6 +48,8 @@ struct Held {
     seq: u64,
     /// The seq its sending node stamped; `seq` differs when this node renumbered it.
     stamp: u64,
+    /// The seq the ledger pinned it at, if it did.
+    pin: Option<u64>,
     tag: u64,
     deliveries: u32,
     /// `None`: the body is not a record of ours (damaged); reported, never delivered.
@@ -92,6 +94,8 @@ pub(super) struct Holder {
     unheld_pins: HashMap<MessageId, u64>,
     /// A record is held at a seq the ledger does not say yet, or the floor moved.
     ledger_dirty: bool,
+    /// The first take is done (see [`Holder::take_over`]).
+    taken_over: bool,
     /// How many records the broker last said were ready behind the one it handed over
     /// (`message-count` of a get), less what was taken since: a burst asks for no more, a
     /// consumer prefetches that many.
@@ -123,6 +127,7 @@ impl Holder {
             floor: 0,
             unheld_pins: HashMap::new(),
             ledger_dirty: false,
+            taken_over: false,
             // A consumer's prefetch trusts the hint, so it starts from a get's count.
             ready_hint: if consumer_wait.is_some() {
                 0
@@ -175,7 +180,11 @@ impl Holder {
     /// ready. The ledger is read first, and written after if what was taken needs it.
     async fn fetch(&mut self, count: usize) -> Result<bool> {
         self.load_ledger().await?;
-        let got = self.take(count).await?;
+        let got = if self.taken_over {
+            self.take(count).await?
+        } else {
+            self.take_over(count).await?
+        };
         if !got {
             // Nothing ready: a pinned record not held by now has left the queue without
             // this node (expired, or dropped by a length limit), or another node holds it
@@ -186,6 +195,57 @@ impl Holder {
             self.write_ledger().await?;
         }
         Ok(got)
+    }
+
+    /// The first take. A quorum queue serves the records handed back before the rest, but in
+    /// the order they came back, and a record handed back a second time comes back behind
+    /// those handed back once (a session that read part of a returned backlog, then moved).
+    /// So on a quorum queue this takes every handed-back record (up to the first never
+    /// delivered, or the end), and puts them back in the order they were handed out: by the
+    /// seq each had, which is its pin if the ledger has one, else its stamp (an unpinned
+    /// record is handed out at its stamp). Then it numbers them all.
+    async fn take_over(&mut self, count: usize) -> Result<bool> {
+        self.taken_over = true;
+        let got = self.take(count).await?;
+        if self.consumer_wait.is_none() || !got {
+            return Ok(got);
+        }
+        while self.held.back().is_some_and(|h| h.deliveries > 0) {
+            if !self.take(MAX_BURST).await? {
+                break;
+            }
+        }
+        let mut held: Vec<Held> = std::mem::take(&mut self.held).into();
+        let returned = held.iter().take_while(|h| h.deliveries > 0).count();
+        held[..returned].sort_by_key(|h| h.pin.unwrap_or(h.stamp));
+        self.last_seq = None;
+        self.ledger_dirty = false;
+        for h in &mut held {
+            h.seq = self.number(h.stamp, h.pin, h.record.is_some());
+        }
+        self.held = held.into();
+        Ok(true)
+    }
+
+    /// The seq for a record stamped `stamp` that the ledger pinned at `pin` (if it did),
+    /// taken after every record held: its pin while seqs still increase (a pin at or below
+    /// the floor is a record handed out before a later one was acked), else its stamp or,
+    /// when that is not above the floor and the last seq, just above them. A record numbered
+    /// other than the ledger says (`pinnable`: one with an id) makes the ledger due.
+    fn number(&mut self, stamp: u64, pin: Option<u64>, pinnable: bool) -> u64 {
+        let above = self
+            .last_seq
+            .map_or(self.floor, |last| last.max(self.floor))
+            + 1;
+        let seq = match pin {
+            Some(pin) if self.last_seq.is_none_or(|last| pin > last) => pin,
+            _ => stamp.max(above),
+        };
+        if pinnable && pin.map_or(seq != stamp, |pin| pin != seq) {
+            self.ledger_dirty = true;
+        }
+        self.last_seq = Some(seq);
+        seq
     }
 
     /// Reads the ledger, once, before this holder takes its first record or acks.
@@ -390,26 +450,14 @@ impl Holder {
         let earlier = deliveries_before(&delivery.properties, delivery.redelivered);
         let decoded = record::decode(&delivery.properties, delivery.data, &self.recipient);
         let stamp = decoded.as_ref().map_or(0, |d| d.seq);
-        let pinned = decoded
+        let pin = decoded
             .as_ref()
             .and_then(|d| self.unheld_pins.remove(&d.id));
-        let above = self
-            .last_seq
-            .map_or(self.floor, |last| last.max(self.floor))
-            + 1;
-        let seq = match pinned {
-            // A pin below the floor is a record handed out before a later one was acked:
-            // it keeps its seq, as long as seqs still increase here.
-            Some(pin) if self.last_seq.is_none_or(|last| pin > last) => pin,
-            _ => stamp.max(above),
-        };
-        if decoded.is_some() && pinned.map_or(seq != stamp, |pin| pin != seq) {
-            self.ledger_dirty = true;
-        }
-        self.last_seq = Some(seq);
+        let seq = self.number(stamp, pin, decoded.is_some());
         self.held.push_back(Held {
             seq,
             stamp,
+            pin,
             tag: delivery.delivery_tag,
             deliveries: earlier,
             record: decoded.map(
@@ -547,10 +595,16 @@ impl Holder {
         if let Some(through) = ack.through {
             let count = self.held.partition_point(|h| h.seq <= through.0);
             if count > 0 {
-                // Tags grow with seqs, so one multiple ack settles exactly these.
-                let last = &self.held[count - 1];
-                acks.push((last.tag, true));
-                top = top.max(Some(last.seq));
+                // Tags grow with seqs, so one multiple ack settles exactly these; unless a
+                // take-over put handed-back records in order (then one ack each).
+                let tags = || self.held.iter().take(count).map(|h| h.tag);
+                let highest = tags().max().expect("count > 0");
+                if self.held.iter().skip(count).all(|h| h.tag > highest) {
+                    acks.push((highest, true));
+                } else {
+                    acks.extend(tags().map(|tag| (tag, false)));
+                }
+                top = top.max(Some(self.held[count - 1].seq));
                 self.held.drain(..count);
                 removed += count as u64;
             }
