@@ -42,11 +42,21 @@
 //!   The broker keeps the order it received. A node's appends to one queue take turns (each
 //!   stamped, published and confirmed before the next starts), so the queue holds one node's
 //!   records in stamp order, and each is read at the seq its append returned. The cost: one
-//!   recipient takes about 1.6 k appends a second from one node (BENCHMARKS.md). Only when two
-//!   nodes send to one recipient at once can a record arrive after a higher stamp; the
-//!   reading node then renumbers it above the last seq it handed out, so a session's seqs
-//!   always increase, and that record's seq differs from the one its append returned. The
-//!   [`MessageId`](crate::MessageId) is the stable identity.
+//!   recipient takes about 1.6 k appends a second from one node (BENCHMARKS.md). When two
+//!   nodes send to one recipient at once, or their clocks differ, a record can arrive after
+//!   a higher stamp; the reading node then renumbers it above the last seq it handed out,
+//!   so seqs always increase, and that record's seq differs from the one its append
+//!   returned (the [`MessageId`](crate::MessageId) is the identity that never changes).
+//! - **A ledger per recipient** carries the numbering from one reading node to the next: a
+//!   small classic queue, `<prefix>.l.<hex of the id>`, holding one message with the
+//!   highest seq removed from the queue (the floor) and the seq of each record still waiting
+//!   that a reader renumbered, or left unacked below the floor (the pins). A node reads it
+//!   when it takes a queue over, and writes it on the holder's channel before it hands out a
+//!   renumbered seq and before each ack, so the broker has it first. So every reader numbers
+//!   a queue as the last one did: a record keeps its seq from one node to the next, a seq
+//!   names one record, and a record that arrives stamped at or below an acked seq is read
+//!   above it. It is made on a recipient's first read, costs the broker about 35 KiB, and
+//!   expires [`AmqpOptions::ledger_expiry`] after the last node read it.
 //! - **Expiry**: each record with a deadline also gets a broker TTL (its remaining time plus
 //!   a minute, when within the broker's cap), a backstop for queues nobody reads. Reads
 //!   filter on the deadline themselves.
@@ -62,8 +72,14 @@
 //! it did for that channel before, including those taken-back records: a session never
 //! thinks it caught up while a record is on the wire to it. The node's later reads, marks and
 //! acks for the recipient are served from what it holds, and extended from the queue, so a
-//! repeated read sees the same records with the same seqs. Acks settle held records with the broker (one `basic.ack` with `multiple` for a
-//! cumulative ack); passed-over records are rejected without requeueing. While one node holds
+//! repeated read sees the same records with the same seqs. Acks settle held records with the
+//! broker (one `basic.ack` with `multiple` for a cumulative ack); passed-over records are
+//! rejected without requeueing.
+//!
+//! A quorum queue serves the records handed back before the rest, in the order they came
+//! back, so a record handed back a second time comes after those handed back once. The node
+//! that takes such a queue over takes every handed-back record first and puts them back in
+//! the order they were handed out (by the seq each had: its pin, else its stamp). While one node holds
 //! records, another node cannot read them: `purge` hands back records held idle past
 //! [`AmqpOptions::hold_idle`] (default 30 s) by closing the channel, and the broker then
 //! redelivers them to whichever node reads next, marked redelivered (a quorum queue counts
