@@ -20,10 +20,9 @@
 //! that do not remove idle queues (JetStream removes them by its own clock). Every 50th of
 //! those also runs on `AmqpStorage` when `OFFLINE_QUEUE_AMQP_URL` is set (feature `amqp`):
 //! classic queues under a prefix of the seed's own, in a virtual host of the run's own; at
-//! each restart the old storage is closed, handing back what it held. `SIM_AMQP=quorum` runs
-//! those seeds on quorum queues instead, which fail some of them today (issue 18): a quorum
-//! queue hands back a node's held records in another order than they were taken, the next
-//! reader renumbers them, and a seq acked before can come again. A backend without
+//! each restart the old storage is closed, handing back what it held. Those seeds take turns
+//! between classic and quorum queues (`SIM_AMQP=classic` or `SIM_AMQP=quorum` runs them all
+//! on one type). A backend without
 //! dedup gets no sender retries of an id, and one without loss counts gets `Reject` overflow
 //! and no gap-count check (its capabilities say it reports no gaps). A quarter of the
 //! seeds remove idle queues: at the end of the run, a queue touched within the timeout keeps
@@ -664,7 +663,7 @@ impl World {
             (None, _) if let Some((url, prefix)) = &self.amqp => {
                 let storage = offline_queue::AmqpStorage::options()
                     .prefix(prefix.as_str())
-                    .queue_type(amqp_queue_type())
+                    .queue_type(amqp_queue_type(self.seed))
                     .connect(url);
                 let storage = Arc::new(common::wait(storage).expect("connect to RabbitMQ"));
                 self.amqp_open = Some(storage.clone());
@@ -1322,7 +1321,7 @@ fn run(seed: u64, amqp: Option<&str>) -> (Backend, u64, usize) {
     if let Some((url, prefix)) = amqp {
         let storage = offline_queue::AmqpStorage::options()
             .prefix(prefix)
-            .queue_type(amqp_queue_type())
+            .queue_type(amqp_queue_type(seed))
             .connect(&url);
         let storage = common::wait(storage).expect("connect to RabbitMQ");
         for r in 0..RECIPIENTS {
@@ -1333,13 +1332,16 @@ fn run(seed: u64, amqp: Option<&str>) -> (Backend, u64, usize) {
     (backend, acked_reads.load(Ordering::Relaxed), dead_letters)
 }
 
-/// The queue type of the RabbitMQ seeds: classic, or quorum with `SIM_AMQP=quorum` (where a
-/// hand-back can reorder records: the known gap in README).
+/// The queue type of a RabbitMQ seed: classic and quorum in turn, or all of one type with
+/// `SIM_AMQP=classic` or `SIM_AMQP=quorum`.
 #[cfg(feature = "amqp")]
-fn amqp_queue_type() -> offline_queue::storage::QueueType {
+fn amqp_queue_type(seed: u64) -> offline_queue::storage::QueueType {
+    use offline_queue::storage::QueueType;
     match std::env::var("SIM_AMQP").as_deref() {
-        Ok("quorum") => offline_queue::storage::QueueType::Quorum,
-        _ => offline_queue::storage::QueueType::Classic,
+        Ok("quorum") => QueueType::Quorum,
+        Ok("classic") => QueueType::Classic,
+        _ if (seed / 50) % 2 == 1 => QueueType::Quorum,
+        _ => QueueType::Classic,
     }
 }
 
