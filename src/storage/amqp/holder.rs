@@ -150,7 +150,8 @@ impl Holder {
     /// up to 32 consumers; past that, in no set order): the batch consumers' shares in the
     /// order taken, but each record a `basic.get` took (a consumer of its own there, keyed by
     /// its delivery tag, which sorts first) ahead of them all. The next reader may then get
-    /// them in another order, and renumbers them. Handing them back one `basic.nack` at a
+    /// them in another order; on a quorum queue it puts them back in order when it takes the
+    /// queue over ([`Holder::take_over`]). Handing them back one `basic.nack` at a
     /// time, oldest first, was tried: RabbitMQ 3.10 reordered them too.
     pub(super) async fn release(self) -> bool {
         // Closing can only fail if the channel is gone already, which hands them back too.
