@@ -545,7 +545,7 @@ async fn until_ready(node: &AmqpStorage, bob: &RecipientId, count: u64) {
             std::time::Instant::now() < deadline,
             "the queue never had {count} ready"
         );
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -611,6 +611,70 @@ async fn a_late_stamp_is_read_above_the_acked_seq_on_a_classic_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_stamp_is_read_above_the_acked_seq_on_a_quorum_queue() {
     a_late_stamp_is_read_above_the_acked_seq(QueueType::Quorum).await;
+}
+
+/// A node that reads while another still holds the records finds nothing. The other then
+/// acks and lets go, and a late stamp below that ack arrives: the first node's next read
+/// still numbers it above the ack, because a holder that has taken nothing yet reads the
+/// ledger again before each read.
+async fn a_reader_that_found_nothing_sees_the_acks_made_meanwhile(queue_type: QueueType) {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "meanwhile");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let ahead = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
+    let behind = skewed_node(url, "meanwhile", queue_type, MINUTE).await;
+    let sent = ahead
+        .append(
+            &bob,
+            vec![record(&1u16.to_be_bytes())],
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    let first = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
+    let second = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
+    let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read, [(1, sent)]);
+    assert!(
+        second.read_all(&bob, testing::T0).await.unwrap().is_empty(),
+        "held by the first node"
+    );
+    assert_eq!(first.ack_through(&bob, sent, testing::T0).await.unwrap(), 1);
+    first.close().await;
+    let late = behind
+        .append(
+            &bob,
+            vec![record(&2u16.to_be_bytes())],
+            &Quota::UNLIMITED,
+            testing::T0,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    assert!(late < sent);
+    let read = numbered(&second.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read.len(), 1);
+    assert!(
+        read[0].0 == 2 && read[0].1 > sent,
+        "read {read:?}, at or below the acked {sent:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_found_nothing_sees_the_acks_made_meanwhile_on_a_classic_queue() {
+    a_reader_that_found_nothing_sees_the_acks_made_meanwhile(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_found_nothing_sees_the_acks_made_meanwhile_on_a_quorum_queue() {
+    a_reader_that_found_nothing_sees_the_acks_made_meanwhile(QueueType::Quorum).await;
 }
 
 /// A record a node renumbered (stamped below one read before it) keeps that seq when the

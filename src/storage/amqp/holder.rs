@@ -35,11 +35,13 @@ use crate::message::{MessageId, RecipientId, Seq};
 use crate::storage::{Ack, ReadBatch, StoredRecord};
 
 use super::errors::broker_error;
-use super::ledger::{Ledger, LedgerQueue};
+use super::ledger::{Ledger, LedgerQueue, PinKey};
 use super::record::{self, Decoded};
 
 /// The most `basic.get`s sent at once.
 const MAX_BURST: usize = 100;
+/// The most records a take-over gathers to put handed-back records in order.
+const MAX_TAKE_OVER: usize = 5_000;
 /// The burst for fetching up to a seq (an ack or a mark naming records not read yet).
 const THROUGH_BURST: usize = 16;
 
@@ -86,12 +88,10 @@ pub(super) struct Holder {
     /// above it, so seqs increase.
     last_seq: Option<u64>,
     ledger_queue: LedgerQueue,
-    /// Read from the ledger at the first fetch (see `ledger.rs`).
-    ledger_loaded: bool,
     /// The highest seq removed from the queue, by this node or by those before it.
     floor: u64,
     /// The ledger's pins of records not held here yet.
-    unheld_pins: HashMap<MessageId, u64>,
+    unheld_pins: HashMap<PinKey, u64>,
     /// A record is held at a seq the ledger does not say yet, or the floor moved.
     ledger_dirty: bool,
     /// The first take is done (see [`Holder::take_over`]).
@@ -123,7 +123,6 @@ impl Holder {
             consumers: 0,
             last_seq: None,
             ledger_queue,
-            ledger_loaded: false,
             floor: 0,
             unheld_pins: HashMap::new(),
             ledger_dirty: false,
@@ -180,18 +179,16 @@ impl Holder {
     /// Takes up to `count` more records from the queue (at most a burst); false if none was
     /// ready. The ledger is read first, and written after if what was taken needs it.
     async fn fetch(&mut self, count: usize) -> Result<bool> {
-        self.load_ledger().await?;
+        if self.last_seq.is_none() {
+            // Until it takes a record, a holder reads the ledger before each take: another
+            // node may still hold records, and ack or renumber some, before it lets go.
+            self.load_ledger().await?;
+        }
         let got = if self.taken_over {
             self.take(count).await?
         } else {
             self.take_over(count).await?
         };
-        if !got {
-            // Nothing ready: a pinned record not held by now has left the queue without
-            // this node (expired, or dropped by a length limit), or another node holds it
-            // and will say its seq. Its pin is not written again.
-            self.unheld_pins.clear();
-        }
         if self.ledger_dirty {
             self.write_ledger().await?;
         }
@@ -205,20 +202,27 @@ impl Holder {
     /// delivered, or the end), and puts them back in the order they were handed out: by the
     /// seq each had, which is its pin if the ledger has one, else its stamp (an unpinned
     /// record is handed out at its stamp). Then it numbers them all.
+    ///
+    /// It is the first take that finds a record: a read that finds the queue empty (another
+    /// node still holds its records) leaves it for the next.
     async fn take_over(&mut self, count: usize) -> Result<bool> {
-        self.taken_over = true;
         let got = self.take(count).await?;
+        self.taken_over = got;
         if self.consumer_wait.is_none() || !got {
             return Ok(got);
         }
-        while self.held.back().is_some_and(|h| h.deliveries > 0) {
+        // Bounded, so a take-over fits in `operation_timeout`; past it, records handed back
+        // out of order are renumbered.
+        while self.held.back().is_some_and(|h| h.deliveries > 0) && self.held.len() < MAX_TAKE_OVER
+        {
             if !self.take(MAX_BURST).await? {
                 break;
             }
         }
         let mut held: Vec<Held> = std::mem::take(&mut self.held).into();
         let returned = held.iter().take_while(|h| h.deliveries > 0).count();
-        held[..returned].sort_by_key(|h| h.pin.unwrap_or(h.stamp));
+        // Damaged records (no stamp to sort by) go after the rest of the run.
+        held[..returned].sort_by_key(|h| (h.record.is_none(), h.pin.unwrap_or(h.stamp)));
         self.last_seq = None;
         self.ledger_dirty = false;
         for h in &mut held {
@@ -249,31 +253,32 @@ impl Holder {
         seq
     }
 
-    /// Reads the ledger, once, before this holder takes its first record or acks.
+    /// Reads the ledger.
     async fn load_ledger(&mut self) -> Result<()> {
-        if self.ledger_loaded {
-            return Ok(());
-        }
         let (ledger, tag) = self.ledger_queue.load(&self.channel).await?;
         // The ledger's get used a delivery tag: the next record's is one more.
         if let Some(tag) = tag {
             self.last_tag = self.last_tag.max(tag);
         }
-        self.floor = ledger.floor;
+        self.floor = self.floor.max(ledger.floor);
         self.unheld_pins = ledger.pins;
-        self.ledger_loaded = true;
         Ok(())
     }
 
     /// Writes the floor, and a pin for every record still in the queue whose seq the next
     /// reader could not work out from its stamp and the floor.
     async fn write_ledger(&mut self) -> Result<()> {
+        // A pin at or below the last seq handed out here can never be kept (seqs go up):
+        // its record is gone, or will be numbered anew.
+        let last = self.last_seq;
+        self.unheld_pins
+            .retain(|_, pin| last.is_none_or(|last| *pin > last));
         let mut pins = self.unheld_pins.clone();
         for held in &self.held {
             if let Some(record) = &held.record
-                && (held.seq != held.stamp || held.seq <= self.floor)
+                && self.needs_pin(held)
             {
-                pins.insert(record.id, held.seq);
+                pins.insert((record.id, held.stamp), held.seq);
             }
         }
         let ledger = Ledger {
@@ -283,6 +288,11 @@ impl Holder {
         self.ledger_queue.write(&self.channel, &ledger).await?;
         self.ledger_dirty = false;
         Ok(())
+    }
+
+    /// Whether the next reader needs a pin to give `held` the seq it has here.
+    fn needs_pin(&self, held: &Held) -> bool {
+        held.seq != held.stamp || held.seq <= self.floor
     }
 
     /// Takes up to `count` more records from the queue (at most a burst); false if none was
@@ -453,7 +463,7 @@ impl Holder {
         let stamp = decoded.as_ref().map_or(0, |d| d.seq);
         let pin = decoded
             .as_ref()
-            .and_then(|d| self.unheld_pins.remove(&d.id));
+            .and_then(|d| self.unheld_pins.remove(&(d.id, d.seq)));
         let seq = self.number(stamp, pin, decoded.is_some());
         self.held.push_back(Held {
             seq,
@@ -593,6 +603,8 @@ impl Holder {
         let mut rejects = Vec::new();
         let mut top = None;
         let mut removed = 0;
+        // A record going that the ledger pins: the pin goes too.
+        let mut unpinned = false;
         if let Some(through) = ack.through {
             let count = self.held.partition_point(|h| h.seq <= through.0);
             if count > 0 {
@@ -606,6 +618,7 @@ impl Holder {
                     acks.extend(tags().map(|tag| (tag, false)));
                 }
                 top = top.max(Some(self.held[count - 1].seq));
+                unpinned |= self.held.iter().take(count).any(|h| self.needs_pin(h));
                 self.held.drain(..count);
                 removed += count as u64;
             }
@@ -614,6 +627,7 @@ impl Holder {
             if let Some(at) = self.position(seq.0) {
                 acks.push((self.held[at].tag, false));
                 top = top.max(Some(seq.0));
+                unpinned |= self.needs_pin(&self.held[at]);
                 self.held.remove(at);
                 removed += 1;
             }
@@ -622,6 +636,7 @@ impl Holder {
             if let Some(at) = self.position(seq.0) {
                 rejects.push(self.held[at].tag);
                 top = top.max(Some(seq.0));
+                unpinned |= self.needs_pin(&self.held[at]);
                 self.held.remove(at);
             }
         }
@@ -631,6 +646,7 @@ impl Holder {
             self.floor = top;
             self.ledger_dirty = true;
         }
+        self.ledger_dirty |= unpinned;
         if self.ledger_dirty {
             self.write_ledger().await?;
         }

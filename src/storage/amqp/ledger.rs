@@ -13,45 +13,59 @@
 //! With both, a reader that takes over numbers the queue, from its head, as the last one did.
 //! Every other record gets `max(stamp, floor + 1, last seq + 1)`, as it did then.
 //!
-//! The ledger is one message in a classic queue of its own per recipient (`x-max-length` 1,
-//! `drop-head`: each write replaces the last), read with a `basic.get` handed straight back.
-//! It is written on the holder's channel ahead of the acks and deliveries it covers, so the
-//! broker has it before them; it is not confirmed (a broker crash can lose the last write,
-//! see the backend docs).
+//! The ledger is one message in a queue of its own per recipient, of the record queues' type
+//! (`x-max-length` 1, `drop-head`: each write replaces the last). A node reads it when it
+//! takes the queue over, and writes it on the holder's channel ahead of the deliveries and
+//! acks it covers, so the broker gets it before them (on a cluster, before them on that
+//! channel: the two queues' leaders may be on different broker nodes). Writes are not
+//! confirmed: a broker crash can lose the last one (see the backend docs).
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 
-use crate::error::Result;
+use crate::error::{Error, Result, Retry};
 use crate::message::MessageId;
 
 use super::errors::broker_error;
+use super::options::QueueType;
 
 /// The first byte of a ledger's body: its layout's version.
 const VERSION: u8 = 1;
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
+/// A pin's bytes: the message id, its stamp and its seq.
+const PIN: usize = 32;
+/// How often a holder that keeps a queue for long declares its ledger again: a publish does
+/// not count as use for `x-expires`, a declare does.
+const DECLARE_AGAIN: Duration = Duration::from_secs(24 * 3600);
+
+/// A record the ledger pins: its message id and stamp. Both, because a resend with the same
+/// id is stored again on this backend (no dedup), with another stamp.
+pub(super) type PinKey = (MessageId, u64);
 
 /// The floor and the pins (see the module docs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Ledger {
     pub(super) floor: u64,
-    pub(super) pins: HashMap<MessageId, u64>,
+    pub(super) pins: HashMap<PinKey, u64>,
 }
 
 impl Ledger {
-    /// `[version][floor: u64 BE][count: u32 BE]` then `[id: 16 bytes][seq: u64 BE]` per pin.
+    /// `[version][floor: u64 BE][count: u32 BE]` then `[id: 16 bytes][stamp: u64 BE][seq: u64
+    /// BE]` per pin.
     fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(13 + self.pins.len() * 24);
+        let mut body = Vec::with_capacity(13 + self.pins.len() * PIN);
         body.push(VERSION);
         body.extend_from_slice(&self.floor.to_be_bytes());
         let count = u32::try_from(self.pins.len()).unwrap_or(u32::MAX);
         body.extend_from_slice(&count.to_be_bytes());
-        for (id, seq) in self.pins.iter().take(count as usize) {
+        for ((id, stamp), seq) in self.pins.iter().take(count as usize) {
             body.extend_from_slice(&id.to_bytes());
+            body.extend_from_slice(&stamp.to_be_bytes());
             body.extend_from_slice(&seq.to_be_bytes());
         }
         body
@@ -66,47 +80,78 @@ impl Ledger {
         let floor = u64::from_be_bytes(rest[..8].try_into().ok()?);
         let count = u32::from_be_bytes(rest[8..12].try_into().ok()?) as usize;
         let pins = &rest[12..];
-        if pins.len() != count.checked_mul(24)? {
+        if pins.len() != count.checked_mul(PIN)? {
             return None;
         }
+        let word = |bytes: &[u8]| u64::from_be_bytes(bytes.try_into().expect("8 bytes"));
         let pins = pins
-            .chunks_exact(24)
+            .chunks_exact(PIN)
             .map(|pin| {
                 let id = MessageId::from_bytes(pin[..16].try_into().expect("16 bytes"));
-                let seq = u64::from_be_bytes(pin[16..].try_into().expect("8 bytes"));
-                (id, seq)
+                ((id, word(&pin[16..24])), word(&pin[24..]))
             })
             .collect();
         Some(Self { floor, pins })
     }
 }
 
-/// Where a recipient's ledger lives, and the arguments its queue is declared with.
-#[derive(Clone, Debug)]
+/// Where a recipient's ledger lives.
+#[derive(Debug)]
 pub(super) struct LedgerQueue {
     pub(super) name: String,
-    pub(super) expires_ms: u64,
+    /// The record queues' type: a quorum ledger is as available as the records it numbers.
+    pub(super) queue_type: QueueType,
+    /// When this holder last declared it.
+    declared: Option<Instant>,
 }
 
 impl LedgerQueue {
+    pub(super) fn new(name: String, queue_type: QueueType) -> Self {
+        Self {
+            name,
+            queue_type,
+            declared: None,
+        }
+    }
+
+    /// Fixed, so every node declares the same queue: `x-expires` at the broker's cap
+    /// (2^32 - 1 ms, about 49.7 days), renewed by each node that takes the queue over.
     fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-        args.insert("x-queue-type".into(), text("classic"));
+        args.insert("x-queue-type".into(), text(self.queue_type.argument()));
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         args.insert("x-overflow".into(), text("drop-head"));
         args.insert(
             "x-expires".into(),
-            AMQPValue::LongLongInt(i64::try_from(self.expires_ms).unwrap_or(i64::MAX)),
+            AMQPValue::LongLongInt(i64::from(u32::MAX)),
         );
         args
     }
 
-    /// Declares the ledger's queue (made if missing) and reads the ledger, handing the
-    /// message straight back. Returns the ledger (empty if none was written, or if it was
-    /// written by a layout this version cannot read) and the delivery tag the read used on
+    fn declare_error(&self, error: lapin::Error) -> Error {
+        let mut error = broker_error(error, "queue.declare (ledger)");
+        if let Error::Storage { message, .. } = &mut error {
+            message.push_str(&format!(
+                " (queue {}; this storage declares it with {:?})",
+                self.name,
+                self.arguments()
+            ));
+        }
+        error
+    }
+
+    /// Declares the ledger's queue (made if missing) and reads the ledger: a `basic.get`,
+    /// then the same body published again, then the ack of the one read (a requeue would
+    /// count a delivery on a quorum queue, and a delivery limit would drop it in the end).
+    /// Returns the ledger (empty if none was written) and the delivery tag the read used on
     /// `channel`, if any.
-    pub(super) async fn load(&self, channel: &Channel) -> Result<(Ledger, Option<u64>)> {
+    ///
+    /// # Errors
+    /// A broker error; [`Error::Storage`], not retryable, for a ledger in a layout this
+    /// version cannot read (a newer version wrote it): reading on would number records
+    /// without what it says.
+    pub(super) async fn load(&mut self, channel: &Channel) -> Result<(Ledger, Option<u64>)> {
         let options = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -115,46 +160,57 @@ impl LedgerQueue {
         let declare = channel.queue_declare(name.clone(), options, self.arguments());
         let get = channel.basic_get(name, BasicGetOptions { no_ack: false });
         let (declared, got) = futures::join!(declare, get);
-        declared.map_err(|e| {
-            let mut error = broker_error(e, "queue.declare (ledger)");
-            if let crate::Error::Storage { message, .. } = &mut error {
-                message.push_str(&format!(
-                    " (queue {}; this storage declares it with {:?})",
-                    self.name,
-                    self.arguments()
-                ));
-            }
-            error
-        })?;
+        declared.map_err(|e| self.declare_error(e))?;
+        self.declared = Some(Instant::now());
         let Some(message) = got.map_err(|e| broker_error(e, "basic.get (ledger)"))? else {
             return Ok((Ledger::default(), None));
         };
         let tag = message.delivery.delivery_tag;
-        let hand_back = BasicNackOptions {
-            multiple: false,
-            requeue: true,
+        let body = &message.delivery.data;
+        let Some(ledger) = Ledger::decode(body) else {
+            return Err(Error::storage_msg(
+                Retry::No,
+                format!(
+                    "amqp: the ledger in queue {} is in a layout this version cannot read \
+                     (version byte {:?}, this version writes {VERSION}); upgrade this node",
+                    self.name,
+                    body.first()
+                ),
+            ));
         };
+        self.publish(channel, body).await?;
         channel
-            .basic_nack(tag, hand_back)
+            .basic_ack(tag, BasicAckOptions { multiple: false })
             .await
-            .map_err(|e| broker_error(e, "basic.nack (ledger)"))?;
-        let ledger = Ledger::decode(&message.delivery.data).unwrap_or_else(|| {
-            tracing::warn!(queue = %self.name, "a ledger this version cannot read; ignored");
-            Ledger::default()
-        });
+            .map_err(|e| broker_error(e, "basic.ack (ledger)"))?;
         Ok((ledger, Some(tag)))
     }
 
     /// Publishes `ledger` to the queue on `channel`, replacing the last one. Not confirmed:
     /// the channel hands it to the broker ahead of whatever is sent after it.
-    pub(super) async fn write(&self, channel: &Channel, ledger: &Ledger) -> Result<()> {
+    pub(super) async fn write(&mut self, channel: &Channel, ledger: &Ledger) -> Result<()> {
+        if self.declared.is_none_or(|at| at.elapsed() >= DECLARE_AGAIN) {
+            let options = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(self.name.as_str().into(), options, self.arguments())
+                .await
+                .map_err(|e| self.declare_error(e))?;
+            self.declared = Some(Instant::now());
+        }
+        self.publish(channel, &ledger.encode()).await
+    }
+
+    async fn publish(&self, channel: &Channel, body: &[u8]) -> Result<()> {
         let properties = BasicProperties::default().with_delivery_mode(PERSISTENT);
         channel
             .basic_publish(
                 "".into(),
                 self.name.as_str().into(),
                 BasicPublishOptions::default(),
-                &ledger.encode(),
+                body,
                 properties,
             )
             .await
@@ -174,10 +230,13 @@ mod tests {
             pins: HashMap::new(),
         };
         assert_eq!(Ledger::decode(&ledger.encode()), Some(ledger.clone()));
-        ledger.pins.insert(MessageId::from_bytes([3; 16]), 9 << 40);
-        ledger.pins.insert(MessageId::from_bytes([4; 16]), 1);
+        let id = MessageId::from_bytes([3; 16]);
+        // One id twice (a resend stored again), told apart by stamp.
+        ledger.pins.insert((id, 5 << 40), 9 << 40);
+        ledger.pins.insert((id, 6 << 40), (9 << 40) + 1);
+        ledger.pins.insert((MessageId::from_bytes([4; 16]), 1), 1);
         let body = ledger.encode();
-        assert_eq!(body.len(), 13 + 2 * 24);
+        assert_eq!(body.len(), 13 + 3 * PIN);
         assert_eq!(Ledger::decode(&body), Some(ledger));
         assert_eq!(Ledger::decode(&body[..body.len() - 1]), None, "cut short");
         let mut other = body.clone();

@@ -51,7 +51,6 @@ pub struct AmqpOptions {
     pub(super) max_read_batch: usize,
     pub(super) operation_timeout: Duration,
     pub(super) consumer_wait: Duration,
-    pub(super) ledger_expiry: Duration,
     /// How far behind the wall clock this node stamps (tests only: a node whose clock lags).
     pub(super) clock_behind: Duration,
 }
@@ -65,7 +64,6 @@ impl Default for AmqpOptions {
             max_read_batch: 1_000,
             operation_timeout: Duration::from_secs(10),
             consumer_wait: Duration::from_millis(250),
-            ledger_expiry: Duration::from_millis(super::BROKER_MAX_MS),
             clock_behind: Duration::ZERO,
         }
     }
@@ -130,21 +128,6 @@ impl AmqpOptions {
         self
     }
 
-    /// How long a recipient's ledger queue stays after the last node read it (default, and
-    /// most, 2^32 - 1 ms: about 49.7 days, the broker's cap on `x-expires`). The ledger (one
-    /// small classic queue per recipient that was ever read, about 35 KiB of broker memory)
-    /// carries the highest seq acked and the seqs of records a reader renumbered, so the next
-    /// node to read the queue numbers it the same way. Once it is gone, a record still waiting
-    /// that was renumbered, or that another node stamped below a seq already acked, can come
-    /// back at its stamp. Keep it at least as long as the engine's `idle_recipient_timeout`
-    /// (queues idle longer are removed anyway). Every node must use the same value: a ledger
-    /// queue declared with another is refused.
-    #[must_use]
-    pub fn ledger_expiry(mut self, expiry: Duration) -> Self {
-        self.ledger_expiry = expiry;
-        self
-    }
-
     /// Stamps seqs as if this node's clock were `by` behind (for tests of nodes whose clocks
     /// differ).
     #[cfg(feature = "testing")]
@@ -169,16 +152,6 @@ impl AmqpOptions {
             return Err(Error::InvalidConfig {
                 field: "AmqpOptions::operation_timeout",
                 reason: "must be above zero".to_owned(),
-            });
-        }
-        let expiry_ms = self.ledger_expiry.as_millis();
-        if expiry_ms == 0 || expiry_ms > u128::from(super::BROKER_MAX_MS) {
-            return Err(Error::InvalidConfig {
-                field: "AmqpOptions::ledger_expiry",
-                reason: format!(
-                    "must be 1 ms to {} ms (the broker's cap on x-expires), is {expiry_ms} ms",
-                    super::BROKER_MAX_MS
-                ),
             });
         }
         if self.max_read_batch == 0 {
