@@ -48,15 +48,17 @@
 //!   so seqs always increase, and that record's seq differs from the one its append
 //!   returned (the [`MessageId`](crate::MessageId) is the identity that never changes).
 //! - **A ledger per recipient** carries the numbering from one reading node to the next: a
-//!   small classic queue, `<prefix>.l.<hex of the id>`, holding one message with the
-//!   highest seq removed from the queue (the floor) and the seq of each record still waiting
-//!   that a reader renumbered, or left unacked below the floor (the pins). A node reads it
-//!   when it takes a queue over, and writes it on the holder's channel before it hands out a
-//!   renumbered seq and before each ack, so the broker has it first. So every reader numbers
-//!   a queue as the last one did: a record keeps its seq from one node to the next, a seq
-//!   names one record, and a record that arrives stamped at or below an acked seq is read
-//!   above it. It is made on a recipient's first read, costs the broker about 35 KiB, and
-//!   expires [`AmqpOptions::ledger_expiry`] after the last node read it.
+//!   queue of the record queues' type, `<prefix>.l.<hex of the id>`, holding one message
+//!   with the highest seq removed from the queue (the floor) and the seq of each record still
+//!   waiting that a reader renumbered, or left unacked below the floor (the pins). A node
+//!   reads it when it takes a queue over (and again before each read until it takes a
+//!   record), and writes it on the holder's channel before it hands out a renumbered seq and
+//!   before an ack that moves the floor or removes a pinned record, so the broker has it
+//!   first. So every reader numbers a queue as the last one did: a record keeps its seq from
+//!   one node to the next, a seq names one record, and a record that arrives stamped at or
+//!   below an acked seq is read above it. It is made on a recipient's first read, costs the
+//!   broker a queue (about 130 KiB quorum, 35 KiB classic), and expires 2^32 - 1 ms (about
+//!   49.7 days, the broker's cap) after the last node took the queue over.
 //! - **Expiry**: each record with a deadline also gets a broker TTL (its remaining time plus
 //!   a minute, when within the broker's cap), a backstop for queues nobody reads. Reads
 //!   filter on the deadline themselves.
@@ -100,7 +102,7 @@
 //! - **No deduplication** ([`Capabilities::dedup`] false): a sender's retry stores twice.
 //! - **No loss counters** ([`Capabilities::loss_counts`] false): a record the broker drops
 //!   (`drop-head`) or expires is gone without a gap report, and an append cannot say how many
-//!   it dropped. (Planned: dead-lettering into a per-recipient ledger.)
+//!   it dropped. (Planned: dead-lettering into a per-recipient queue that counts them.)
 //! - **Stats from the broker are counts of ready messages** ([`Capabilities::exact_stats`]
 //!   false): `stats` adds what this node holds, and reports bytes and times of held records
 //!   only; [`Error::QueueFull`] reports the broker's ready count and no bytes.
