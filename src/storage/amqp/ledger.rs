@@ -13,9 +13,13 @@
 //! With both, a reader that takes over numbers the queue, from its head, as the last one did.
 //! Every other record gets `max(stamp, floor + 1, last seq + 1)`, as it did then.
 //!
-//! The ledger is one message in a queue of its own per recipient, of the record queues' type
-//! (`x-max-length` 1, `drop-head`: each write replaces the last). A node reads it when it
-//! takes the queue over, and writes it on the holder's channel ahead of the deliveries and
+//! The ledger is one message in a classic queue of its own per recipient (`x-max-length` 1,
+//! `drop-head`: each write replaces the last). A node reads it with a `basic.get` handed
+//! straight back (a requeueing `basic.nack`): a classic queue puts it back at its head, so a
+//! write that came meanwhile pushes the old one out. (A quorum queue keeps the one handed
+//! back and drops the newer write, and a copy published back can land after a newer write
+//! and push it out: so the ledger is classic whatever the records are.) A node reads it when
+//! it takes the queue over, and writes it on the holder's channel ahead of the deliveries and
 //! acks it covers, so the broker gets it before them (on a cluster, before them on that
 //! channel: the two queues' leaders may be on different broker nodes). Writes are not
 //! confirmed: a broker crash can lose the last one (see the backend docs).
@@ -23,7 +27,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 
@@ -31,7 +35,6 @@ use crate::error::{Error, Result, Retry};
 use crate::message::MessageId;
 
 use super::errors::broker_error;
-use super::options::QueueType;
 
 /// The first byte of a ledger's body: its layout's version.
 const VERSION: u8 = 1;
@@ -99,17 +102,14 @@ impl Ledger {
 #[derive(Debug)]
 pub(super) struct LedgerQueue {
     pub(super) name: String,
-    /// The record queues' type: a quorum ledger is as available as the records it numbers.
-    pub(super) queue_type: QueueType,
     /// When this holder last declared it.
     declared: Option<Instant>,
 }
 
 impl LedgerQueue {
-    pub(super) fn new(name: String, queue_type: QueueType) -> Self {
+    pub(super) fn new(name: String) -> Self {
         Self {
             name,
-            queue_type,
             declared: None,
         }
     }
@@ -119,7 +119,7 @@ impl LedgerQueue {
     fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-        args.insert("x-queue-type".into(), text(self.queue_type.argument()));
+        args.insert("x-queue-type".into(), text("classic"));
         args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         args.insert("x-overflow".into(), text("drop-head"));
         args.insert(
@@ -141,10 +141,8 @@ impl LedgerQueue {
         error
     }
 
-    /// Declares the ledger's queue (made if missing) and reads the ledger: a `basic.get`,
-    /// then the same body published again, then the ack of the one read (a requeue would
-    /// count a delivery on a quorum queue, and a delivery limit would drop it in the end).
-    /// Returns the ledger (empty if none was written) and the delivery tag the read used on
+    /// Declares the ledger's queue (made if missing) and reads the ledger, handing the
+    /// message straight back. Returns the ledger (empty if none was written) and the delivery tag the read used on
     /// `channel`, if any.
     ///
     /// # Errors
@@ -178,11 +176,14 @@ impl LedgerQueue {
                 ),
             ));
         };
-        self.publish(channel, body).await?;
+        let hand_back = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
         channel
-            .basic_ack(tag, BasicAckOptions { multiple: false })
+            .basic_nack(tag, hand_back)
             .await
-            .map_err(|e| broker_error(e, "basic.ack (ledger)"))?;
+            .map_err(|e| broker_error(e, "basic.nack (ledger)"))?;
         Ok((ledger, Some(tag)))
     }
 

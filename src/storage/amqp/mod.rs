@@ -48,7 +48,7 @@
 //!   so seqs always increase, and that record's seq differs from the one its append
 //!   returned (the [`MessageId`](crate::MessageId) is the identity that never changes).
 //! - **A ledger per recipient** carries the numbering from one reading node to the next: a
-//!   queue of the record queues' type, `<prefix>.l.<hex of the id>`, holding one message
+//!   classic queue, `<prefix>.l.<hex of the id>`, holding one message
 //!   with the highest seq removed from the queue (the floor) and the seq of each record still
 //!   waiting that a reader renumbered, or left unacked below the floor (the pins). A node
 //!   reads it when it takes a queue over (and again before each read until it takes a
@@ -57,7 +57,7 @@
 //!   first. So every reader numbers a queue as the last one did: a record keeps its seq from
 //!   one node to the next, a seq names one record, and a record that arrives stamped at or
 //!   below an acked seq is read above it. It is made on a recipient's first read, costs the
-//!   broker a queue (about 130 KiB quorum, 35 KiB classic), and expires 2^32 - 1 ms (about
+//!   broker a classic queue (about 35 KiB), and expires 2^32 - 1 ms (about
 //!   49.7 days, the broker's cap) after the last node took the queue over.
 //! - **Expiry**: each record with a deadline also gets a broker TTL (its remaining time plus
 //!   a minute, when within the broker's cap), a backstop for queues nobody reads. Reads
@@ -645,10 +645,7 @@ impl AmqpStorage {
                 .map_err(|e| broker_error(e, "channel.open"))?;
             let consumer_wait = (self.options.queue_type == QueueType::Quorum)
                 .then_some(self.options.consumer_wait);
-            let ledger = LedgerQueue::new(
-                ledger_name(&self.options.prefix, recipient),
-                self.options.queue_type,
-            );
+            let ledger = LedgerQueue::new(ledger_name(&self.options.prefix, recipient));
             *guard = Some(Holder::new(
                 channel,
                 name,

@@ -16,8 +16,8 @@ pub enum QueueType {
     /// (`x-delivery-count`), so `max_deliveries` ends a record that keeps coming back from
     /// nodes that die holding it. Each queue is a Raft group, a broker process per member, so
     /// each recipient costs more than a classic queue (BENCHMARKS.md: about 130 KiB of broker
-    /// memory against 35 KiB, twice that once the recipient was read, for its ledger: a queue
-    /// of the same type, see the [module docs](super)); and the broker admits a record while
+    /// memory against 35 KiB, and 35 KiB more once the recipient was read, for its ledger, a
+    /// classic queue: see the [module docs](super)); and the broker admits a record while
     /// the queue is under its limits, so a queue can pass `max_messages` or `max_bytes` by one record beyond what readers hold
     /// ([`Capabilities::exact_quotas`](crate::storage::Capabilities::exact_quotas) is false
     /// on both types). Reads take a batch with a short-lived consumer (a `basic.get` here is
