@@ -737,6 +737,41 @@ async fn a_renumbered_record_keeps_its_seq_on_the_next_node_from_a_quorum_queue(
     a_renumbered_record_keeps_its_seq_on_the_next_node(QueueType::Quorum).await;
 }
 
+/// This backend stores a resend again (no dedup): two records with one message id. When
+/// the resend, from a node whose clock lags, is renumbered, the next node still gives each
+/// copy the seq it had: a pin names a record by id and stamp, not by id alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renumbered_resend_and_its_original_keep_their_seqs_on_the_next_node() {
+    let Some(url) = url() else {
+        return;
+    };
+    let vhost = Vhost::new(&url, "resend");
+    let bob = RecipientId::new("bob").unwrap();
+    let url = vhost.url.as_str();
+    let ahead = skewed_node(url, "resend", QueueType::Classic, Duration::ZERO).await;
+    let behind = skewed_node(url, "resend", QueueType::Classic, MINUTE).await;
+    let original = record(&1u16.to_be_bytes());
+    let mut resend = record(&2u16.to_be_bytes());
+    resend.id = original.id;
+    for (node, record) in [(&ahead, original), (&behind, resend)] {
+        node.append(&bob, vec![record], &Quota::UNLIMITED, testing::T0)
+            .await
+            .unwrap();
+    }
+    let first = skewed_node(url, "resend", QueueType::Classic, Duration::ZERO).await;
+    let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(read.len(), 2);
+    assert!(
+        read[0].0 == 1 && read[1].0 == 2 && read[1].1 > read[0].1,
+        "{read:?}"
+    );
+    first.close().await;
+    until_ready(&ahead, &bob, 2).await;
+    let second = skewed_node(url, "resend", QueueType::Classic, Duration::ZERO).await;
+    let again = numbered(&second.read_all(&bob, testing::T0).await.unwrap());
+    assert_eq!(again, read, "each copy at the seq it had");
+}
+
 /// A record left unacked below one acked on its own (an ack of seqs, not through) keeps its
 /// seq on the next node, rather than coming back above the acked one.
 async fn a_record_left_below_an_acked_one_keeps_its_seq(queue_type: QueueType) {

@@ -12,9 +12,10 @@
 //!
 //! Seqs: a record is held at its stamp unless that is at or below the last seq handed out
 //! here or the ledger's floor (then just above them), or the ledger pins it (then at its
-//! pin). A holder reads the ledger before it takes its first record, and writes it before
-//! it hands out a seq the ledger could not tell the next reader (a renumbered record), and
-//! before it acks (the new floor). See `ledger.rs`.
+//! pin). A holder reads the ledger before each take until it has taken a record, and writes
+//! it before it hands out a seq the ledger could not tell the next reader (a renumbered
+//! record), and before an ack that moves the floor or removes a pinned record. See
+//! `ledger.rs`.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
