@@ -10,12 +10,21 @@
 #   stripe   + the byte stripe (UPDATE oq_bytes)
 #   locked   + the queue rows locked first (FOR UPDATE, in rid order)
 #   function oq_append_many as it is (2 single-record appends)
+# and two whole appends written as one SQL statement each, no PL/pgSQL on the way (the form a
+# client-side fast path for groups that need no decision would take): records, seqs taken
+# after the queue rows are locked, counters checked against the quota, the stripe, the other
+# nodes' presence and its NOTIFY, all-or-nothing (a missing or full queue makes the statement
+# fail, and the caller would fall back to oq_append_many):
+#   statement         the queue rows locked by the UPDATE that checks the quota
+#   statement_locked  the queue rows locked first, in rid order (what keeps two groups from
+#                     deadlocking whatever plan the UPDATE gets)
 # ROUNDS rounds of RUN_SECONDS seconds per step, the steps alternating within a round; prints each
 # round's tps and the mean, against the floor. Builds a throwaway schema from
-# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 6 x ROUNDS x
-# RUN_SECONDS seconds (90 s by default).
+# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 8 x ROUNDS x
+# RUN_SECONDS seconds (2 minutes by default).
 #
 #   benches/scripts/pg_contract_writes.sh            # ROUNDS=3 RUN_SECONDS=5 CLIENTS=16
+#   EXTRA_PGOPTIONS='-c plan_cache_mode=force_generic_plan' benches/scripts/pg_contract_writes.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./pg_lib.sh
@@ -78,10 +87,66 @@ $vars
 SELECT status FROM $S.oq_append_many(ARRAY[$ra, $rb], ARRAY[1, 1], ARRAY[uuid_send(gen_random_uuid()), uuid_send(gen_random_uuid())], ARRAY[false, false], ARRAY[$PG_NOW, $PG_NOW], ARRAY[$PG_NOW + $PG_TTL_MS, $PG_NOW + $PG_TTL_MS], ARRAY[$PG_BODY, $PG_BODY], ARRAY[1000000, 1000000]::bigint[], ARRAY[1073741824, 1073741824]::bigint[], ARRAY[false, false], ARRAY[NULL, NULL]::bigint[], ARRAY[1800000, 1800000]::bigint[], ARRAY[$PG_NOW, $PG_NOW], '\\x00'::bytea, 'oq_script');
 SQL
 
-steps=(floor records queues stripe locked function)
+# The whole append as one statement. A queue missing or over its quota fails it (SQLSTATE
+# OQ001, raised by a helper only this script makes), so nothing of it is written.
+pg <<SQL
+CREATE FUNCTION $S.oq_script_refused() RETURNS boolean LANGUAGE plpgsql AS \$\$
+BEGIN RAISE EXCEPTION USING ERRCODE = 'OQ001', MESSAGE = 'a queue is missing or full'; END;
+\$\$;
+SQL
+pair="ARRAY[$ra, $rb]"
+by_rid="ARRAY(SELECT x FROM unnest($pair) AS x ORDER BY x)"
+per="per AS (SELECT * FROM unnest($by_rid, ARRAY[1, 1]::bigint[], ARRAY[100, 100]::bigint[],
+    ARRAY[1000000, 1000000]::bigint[], ARRAY[1073741824, 1073741824]::bigint[],
+    ARRAY[$PG_NOW, $PG_NOW]) AS p(rid, adding, adding_bytes, max_messages, max_bytes, now))"
+new_records="unnest($pair, ARRAY[uuid_send(gen_random_uuid()), uuid_send(gen_random_uuid())],
+    ARRAY[$PG_NOW, $PG_NOW], ARRAY[$PG_NOW + $PG_TTL_MS, $PG_NOW + $PG_TTL_MS],
+    ARRAY[$PG_BODY, $PG_BODY]) WITH ORDINALITY AS r(rid, id, sent_at, expires_at, body, ord)"
+fits="per.adding <= per.max_messages AND %s.live <= per.max_messages - per.adding
+    AND per.adding_bytes <= per.max_bytes AND %s.bytes <= per.max_bytes - per.adding_bytes"
+# Seqs only once every queue row is held (the one-time filter on `checked`), so a recipient's
+# seqs grow in commit order as oq_plan_append's do.
+rest="seqs AS MATERIALIZED (SELECT o.ord, nextval('$S.oq_seq') AS seq
+    FROM (SELECT g AS ord FROM generate_series(1, 2) AS g ORDER BY g) AS o
+    WHERE (SELECT ok FROM checked)),
+ins AS (INSERT INTO $S.oq_records (rid, seq, id, sent_at, expires_at, body)
+    SELECT r.rid, s.seq, r.id, r.sent_at, r.expires_at, r.body FROM $new_records JOIN seqs s USING (ord)),
+b AS ($stripe),
+woken AS (SELECT per.rid, pg_notify('oq_script', encode(per.rid, 'hex')) FROM per
+    WHERE EXISTS (SELECT 1 FROM $S.oq_presence p JOIN $S.oq_nodes n ON n.node = p.node
+        WHERE p.rid = per.rid AND p.node <> '\\x00'::bytea AND n.lease_until > clock_timestamp()))
+SELECT (SELECT array_agg(seq ORDER BY ord) FROM seqs), (SELECT array_agg(rid ORDER BY rid) FROM u),
+    (SELECT array_agg(live ORDER BY rid) FROM u), ARRAY(SELECT rid FROM woken)"
+# shellcheck disable=SC2059 # $fits is the format
+cat >"$dir/statement.sql" <<SQL
+$vars
+WITH $per,
+u AS (UPDATE $S.oq_queues q SET live = q.live + per.adding, bytes = q.bytes + per.adding_bytes,
+        touched = greatest(q.touched, per.now)
+    FROM per WHERE q.rid = ANY ($by_rid) AND q.rid = per.rid AND $(printf "$fits" q q)
+    RETURNING q.rid, q.live),
+checked AS MATERIALIZED (SELECT CASE WHEN count(*) = 2 THEN true ELSE $S.oq_script_refused() END AS ok FROM u),
+$rest;
+SQL
+# shellcheck disable=SC2059
+cat >"$dir/statement_locked.sql" <<SQL
+$vars
+WITH $per,
+l AS MATERIALIZED (SELECT q.rid, q.live, q.bytes FROM $S.oq_queues q
+    WHERE q.rid = ANY ($by_rid) ORDER BY q.rid FOR UPDATE),
+checked AS MATERIALIZED (SELECT CASE WHEN count(*) = 2 AND bool_and($(printf "$fits" l l)) THEN true
+    ELSE $S.oq_script_refused() END AS ok FROM l JOIN per USING (rid)),
+u AS (UPDATE $S.oq_queues q SET live = q.live + per.adding, bytes = q.bytes + per.adding_bytes,
+        touched = greatest(q.touched, per.now)
+    FROM per WHERE q.rid = per.rid AND (SELECT ok FROM checked)
+    RETURNING q.rid, q.live),
+$rest;
+SQL
+
+steps=(floor records queues stripe locked function statement statement_locked)
 declare -A sum
 for step in "${steps[@]}"; do sum[$step]=0; done
-export PGOPTIONS="-c synchronous_commit=on"
+export PGOPTIONS="-c synchronous_commit=on ${EXTRA_PGOPTIONS:-}"
 printf '%-6s' round; printf ' %9s' "${steps[@]}"; echo
 for round in $(seq "$ROUNDS"); do
   printf '%-6s' "$round"
