@@ -18,9 +18,14 @@
 #   statement         the queue rows locked by the UPDATE that checks the quota
 #   statement_locked  the queue rows locked first, in rid order (what keeps two groups from
 #                     deadlocking whatever plan the UPDATE gets)
+# and one step towards another layout, for comparison:
+#   page      records kept in the queue row itself (a `page` column the script adds), each
+#             append one UPDATE that checks the quota, takes a seq and appends the record's
+#             bytes; a page past 1,500 bytes is sealed into a table of pages (a row of about
+#             ten records) and the row starts a new one
 # ROUNDS rounds of RUN_SECONDS seconds per step, the steps alternating within a round; prints each
 # round's tps and the mean, against the floor. Builds a throwaway schema from
-# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 8 x ROUNDS x
+# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 9 x ROUNDS x
 # RUN_SECONDS seconds (2 minutes by default).
 #
 #   benches/scripts/pg_contract_writes.sh            # ROUNDS=3 RUN_SECONDS=5 CLIENTS=16
@@ -143,7 +148,25 @@ u AS (UPDATE $S.oq_queues q SET live = q.live + per.adding, bytes = q.bytes + pe
 $rest;
 SQL
 
-steps=(floor records queues stripe locked function statement statement_locked)
+pg <<SQL
+ALTER TABLE $S.oq_queues ADD COLUMN page bytea NOT NULL DEFAULT '';
+CREATE TABLE $S.pages (rid bytea NOT NULL, seq bigint NOT NULL, page bytea NOT NULL,
+    PRIMARY KEY (rid, seq));
+SQL
+paged="(int8send(nextval('$S.oq_seq')) || uuid_send(gen_random_uuid()) || int8send($PG_NOW)
+    || int8send($PG_NOW + $PG_TTL_MS) || $PG_BODY)"
+cat >"$dir/page.sql" <<SQL
+$vars
+WITH u AS (UPDATE $S.oq_queues q SET live = q.live + 1, bytes = q.bytes + 100,
+        touched = greatest(q.touched, $PG_NOW),
+        page = CASE WHEN octet_length(q.page) > 1500 THEN $paged ELSE q.page || $paged END
+    WHERE q.rid = ANY (ARRAY[$ra, $rb]) AND q.live < 1000000 AND q.bytes < 1073741724
+    RETURNING q.rid, q.live, q.page),
+sealed AS (INSERT INTO $S.pages SELECT u.rid, u.live, u.page FROM u WHERE octet_length(u.page) > 1500)
+SELECT array_agg(live) FROM u;
+SQL
+
+steps=(floor records queues stripe locked function statement statement_locked page)
 declare -A sum
 for step in "${steps[@]}"; do sum[$step]=0; done
 export PGOPTIONS="-c synchronous_commit=on ${EXTRA_PGOPTIONS:-}"
