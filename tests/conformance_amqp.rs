@@ -536,6 +536,15 @@ fn numbered(records: &[offline_queue::storage::StoredRecord]) -> Vec<(u16, Seq)>
     records.iter().map(|r| (number(&r.body), r.seq)).collect()
 }
 
+/// Appends record number `n` for `bob` within `quota`; the seq the node stamped.
+async fn append_numbered(node: &AmqpStorage, bob: &RecipientId, n: u16, quota: &Quota) -> Seq {
+    node.append(bob, vec![record(&n.to_be_bytes())], quota, testing::T0)
+        .await
+        .unwrap()
+        .records[0]
+        .seq()
+}
+
 /// Waits until `bob`'s queue has `count` records ready (a hand-back the broker finishes in
 /// its own time), at most 10 s.
 async fn until_ready(node: &AmqpStorage, bob: &RecipientId, count: u64) {
@@ -564,33 +573,13 @@ async fn a_late_stamp_is_read_above_the_acked_seq(queue_type: QueueType) {
     let url = vhost.url.as_str();
     let ahead = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
     let behind = skewed_node(url, "floor", queue_type, MINUTE).await;
-    let sent = ahead
-        .append(
-            &bob,
-            vec![record(&1u16.to_be_bytes())],
-            &Quota::UNLIMITED,
-            testing::T0,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
+    let sent = append_numbered(&ahead, &bob, 1, &Quota::UNLIMITED).await;
     let first = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
     let read = first.read_all(&bob, testing::T0).await.unwrap();
     assert_eq!(numbered(&read), [(1, sent)]);
     assert_eq!(first.ack_through(&bob, sent, testing::T0).await.unwrap(), 1);
     first.close().await;
-    let late = behind
-        .append(
-            &bob,
-            vec![record(&2u16.to_be_bytes())],
-            &Quota::UNLIMITED,
-            testing::T0,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
+    let late = append_numbered(&behind, &bob, 2, &Quota::UNLIMITED).await;
     assert!(late < sent, "stamped a minute behind: {late:?} < {sent:?}");
     let second = skewed_node(url, "floor", queue_type, Duration::ZERO).await;
     let read = second.read_all(&bob, testing::T0).await.unwrap();
@@ -626,17 +615,7 @@ async fn a_reader_that_found_nothing_sees_the_acks_made_meanwhile(queue_type: Qu
     let url = vhost.url.as_str();
     let ahead = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
     let behind = skewed_node(url, "meanwhile", queue_type, MINUTE).await;
-    let sent = ahead
-        .append(
-            &bob,
-            vec![record(&1u16.to_be_bytes())],
-            &Quota::UNLIMITED,
-            testing::T0,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
+    let sent = append_numbered(&ahead, &bob, 1, &Quota::UNLIMITED).await;
     let first = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
     let second = skewed_node(url, "meanwhile", queue_type, Duration::ZERO).await;
     let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
@@ -647,17 +626,7 @@ async fn a_reader_that_found_nothing_sees_the_acks_made_meanwhile(queue_type: Qu
     );
     assert_eq!(first.ack_through(&bob, sent, testing::T0).await.unwrap(), 1);
     first.close().await;
-    let late = behind
-        .append(
-            &bob,
-            vec![record(&2u16.to_be_bytes())],
-            &Quota::UNLIMITED,
-            testing::T0,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
+    let late = append_numbered(&behind, &bob, 2, &Quota::UNLIMITED).await;
     assert!(late < sent);
     let read = numbered(&second.read_all(&bob, testing::T0).await.unwrap());
     assert_eq!(read.len(), 1);
@@ -694,13 +663,7 @@ async fn a_renumbered_record_keeps_its_seq_on_the_next_node(queue_type: QueueTyp
     };
     let ahead = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
     let behind = skewed_node(url, "pins", queue_type, MINUTE).await;
-    let append = async |node: &AmqpStorage, n: u16| {
-        node.append(&bob, vec![record(&n.to_be_bytes())], &two, testing::T0)
-            .await
-            .unwrap()
-            .records[0]
-            .seq()
-    };
+    let append = async |node: &AmqpStorage, n: u16| append_numbered(node, &bob, n, &two).await;
     let first_sent = append(&ahead, 1).await;
     let late = append(&behind, 2).await;
     assert!(late < first_sent);
