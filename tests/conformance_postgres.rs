@@ -945,7 +945,7 @@ async fn a_migration_gives_way_to_running_traffic() {
     };
     assert_eq!(version().await, "1", "nothing of the migration stayed");
     drop(fresh(&url, &schema).await);
-    assert_eq!(version().await, "4");
+    assert_eq!(version().await, "5");
     drop_schemas(&url, &[schema]).await;
 }
 
@@ -990,7 +990,7 @@ async fn a_version_one_schema_is_migrated_in_place() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "4");
+    assert_eq!(version, "5");
     let purged = storage
         .purge(testing::T0, None, 100)
         .await

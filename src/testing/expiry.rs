@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{ALL, T0, append, bodies, expiring, recipient, record};
 use crate::limits::Quota;
-use crate::storage::Storage;
+use crate::storage::{Ack, Storage};
 
 /// Expired records are never read, are reported as passed over, and purge removes them,
 /// whatever order their deadlines arrived in; each one removed before an ack counts as lost.
@@ -121,6 +121,49 @@ pub async fn idle_removal(storage: &dyn Storage) {
         1,
         "active queue kept"
     );
+}
+
+/// A queue emptied by an ack is no queue: filled again, it is idle from that append's time
+/// on, even when the clock stepped back between the ack and the append (a backend that keeps
+/// an emptied queue's row must not keep its old activity time). Skipped without
+/// [`Capabilities::idle_removal`](crate::storage::Capabilities::idle_removal).
+pub async fn idle_from_the_append_that_refilled(storage: &dyn Storage) {
+    if !storage.capabilities().idle_removal {
+        return;
+    }
+    let who = recipient("refilled");
+    let acked_at = T0.saturating_add(Duration::from_secs(10));
+    let first = storage
+        .append(&who, vec![record(b"a")], &Quota::UNLIMITED, acked_at)
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    let ack = Ack {
+        through: Some(first),
+        ..Ack::default()
+    };
+    assert_eq!(storage.ack(&who, &ack, acked_at).await.unwrap(), 1);
+    // The clock stepped back ten seconds: the append is stamped T0.
+    storage
+        .append(&who, vec![record(b"b")], &Quota::UNLIMITED, T0)
+        .await
+        .unwrap();
+    let now = T0.saturating_add(Duration::from_secs(60));
+    let kept = storage.purge(now, Some(T0), 100).await.unwrap();
+    assert_eq!(
+        kept.idle_recipients, 0,
+        "untouched since T0 is not before T0"
+    );
+    let purged = storage
+        .purge(now, Some(T0.saturating_add(Duration::from_secs(5))), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        purged.idle_recipients, 1,
+        "idle since the append at T0, whatever the emptied queue did at T0 + 10 s"
+    );
+    assert_eq!(storage.stats(&who).await.unwrap().messages, 0);
 }
 
 /// Refiling queues touched since they were filed counts against purge's budget: one call does

@@ -35,7 +35,8 @@ pub use dedup::dedup;
 pub use delivery::{delivery_counts, read_for_delivery, read_for_delivery_with_ack};
 pub use engine::engine_round_trip;
 pub use expiry::{
-    expiry, idle_refiling_is_bounded, idle_removal, purge_budget, purge_work_is_proportional,
+    expiry, idle_from_the_append_that_refilled, idle_refiling_is_bounded, idle_removal,
+    purge_budget, purge_work_is_proportional,
 };
 pub use isolation::isolation;
 pub use order::{concurrent_appends, order_and_seqs, read_bounds, seqs_never_reused_after_empty};
@@ -131,6 +132,7 @@ where
     purge_work_is_proportional(&*make().await).await;
     idle_removal(&*make().await).await;
     idle_refiling_is_bounded(&*make().await).await;
+    idle_from_the_append_that_refilled(&*make().await).await;
     isolation(&*make().await).await;
     stats_and_remove(&*make().await).await;
     concurrent_appends(make().await).await;

@@ -20,7 +20,7 @@ use crate::fnv::{OFFSET_64, fnv1a_64};
 use super::errors::pg_error;
 
 /// The layout this build reads and writes.
-pub(super) const VERSION: i64 = 4;
+pub(super) const VERSION: i64 = 5;
 
 /// What `oq_info`'s owner row says in a schema this crate created.
 const OWNER: &str = "offline-queue";
@@ -85,6 +85,8 @@ const MIGRATIONS: &[&[&str]] = &[
         include_str!("sql/v4_delivered_watermark.sql"),
         include_str!("sql/v4_purge_idle_count.sql"),
     ],
+    // 5: the append that fills an emptied queue again starts its idle time (`oq_plan_append`).
+    &[include_str!("sql/v5_idle_after_refill.sql")],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.

@@ -218,6 +218,10 @@ else
     -- Leftovers of a queue whose metadata expired first are not this queue's.
     redis.call('DEL', LOG, EXCEPTIONS, DELIVERIES, DEDUP, DEDUP_AT)
   end
+  -- A queue that held nothing (no record, no loss to report) is no queue: this append starts
+  -- its idle time, even if the clock stepped back since its last step (as on backends that
+  -- delete an emptied queue).
+  local refilled = m.live <= 0 and m.lt == m.lc
   -- A key about to be created needs its TTL now: then every key's TTL is set together.
   local fresh = m.live <= 0 or m.ttl_at < 0
   local before = m.bytes
@@ -268,12 +272,17 @@ else
     m.ud = math.max(m.ud, 0) + call_chunked('HSET', DEDUP, ids)
     call_chunked('ZADD', DEDUP_AT, id_times)
   end
-  if now > m.touch then m.touch = now end
   -- Index entries to write beside this script: only when they would change.
   local file_idle, file_deadline = -1, -1
-  if m.touch - m.filed >= FILE_EVERY then
-    m.filed = m.touch
-    file_idle = m.touch
+  if refilled and now < m.touch then
+    -- Filed again under the earlier time, so purge finds it by then (filed <= touch holds).
+    m.touch, m.filed, file_idle = now, now, now
+  else
+    if now > m.touch then m.touch = now end
+    if m.touch - m.filed >= FILE_EVERY then
+      m.filed = m.touch
+      file_idle = m.touch
+    end
   end
   if earliest >= 0 and (m.xi < 0 or earliest < m.xi) then
     m.xi = earliest
