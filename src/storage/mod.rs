@@ -251,7 +251,8 @@ pub struct Capabilities {
     pub purge_expired: bool,
     /// True if [`Storage::purge`] removes queues idle since `idle_before` (the engine's
     /// clock). False: the medium removes idle queues by its own clock (the backend's docs say
-    /// how), and the suite skips `idle_removal` and `idle_refiling_is_bounded`.
+    /// how), and the suite skips `idle_removal`, `idle_refiling_is_bounded` and
+    /// `idle_from_the_append_that_refilled`.
     pub idle_removal: bool,
     /// True if appends keep [`Quota::dedup_window`]: an id appended again within it is not
     /// stored twice. False: the suite skips `dedup` and the dedup cases of `append_one`.

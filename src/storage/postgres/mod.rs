@@ -91,16 +91,16 @@
 //! # Expiry and idleness
 //! Reads skip records past their deadline and report them. Purge takes due records in deadline
 //! order through the deadline index, so removing k costs O(k log n) whatever is stored; then
-//! queues idle since `idle_before` through the `idle_key` index. Appends and acks move only
+//! queues idle since `idle_before` through the `idle_key` index. Appends and acks move
 //! `touched` (not indexed, so their updates of the queue row stay HOT and add no index
 //! entries); purge re-files a queue touched since it was filed, one unit of its budget each, as
-//! the memory backend does. A queue emptied by acks keeps its row, but is no queue: the
-//! append that fills it again sets `touched` to its own time (even when the clock stepped
-//! back since the last step) and, only then, moves `idle_key` down to it (schema version 5),
-//! so it goes idle when a backend that deletes emptied queues says. Dedup ids past their
-//! window go the same way. Purges are
-//! serialized by an advisory lock, since a purge locks many queue rows; a queue or id another
-//! step holds is skipped (the call says `more`), so a send never waits behind a purge.
+//! the memory backend does. One exception (schema version 5): a queue emptied by acks keeps
+//! its row but is no queue, so the append that fills it again sets `touched` to its own time,
+//! even when the clock stepped back since the last step, and moves `idle_key` down to that
+//! time when it was later. It then goes idle when a backend that deletes emptied queues says.
+//! Dedup ids past their window go the same way. Purges are serialized by an advisory lock,
+//! since a purge locks many queue rows; a queue or id another step holds is skipped (the call
+//! says `more`), so a send never waits behind a purge.
 //!
 //! # Storage-wide budget
 //! `oq_bytes` holds the body bytes stored in 16 stripes: a step adds to its connection's stripe

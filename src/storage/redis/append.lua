@@ -275,8 +275,12 @@ else
   -- Index entries to write beside this script: only when they would change.
   local file_idle, file_deadline = -1, -1
   if refilled and now < m.touch then
-    -- Filed again under the earlier time, so purge finds it by then (filed <= touch holds).
-    m.touch, m.filed, file_idle = now, now, now
+    m.touch = now
+    -- Filed again under the earlier time if it was filed later, or not at all (an entry
+    -- that failed is forgotten, -1): filed <= touch holds, so purge finds the queue by then.
+    if m.filed < 0 or now < m.filed then
+      m.filed, file_idle = now, now
+    end
   else
     if now > m.touch then m.touch = now end
     if m.touch - m.filed >= FILE_EVERY then
