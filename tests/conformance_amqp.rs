@@ -663,9 +663,8 @@ async fn a_renumbered_record_keeps_its_seq_on_the_next_node(queue_type: QueueTyp
     };
     let ahead = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
     let behind = skewed_node(url, "pins", queue_type, MINUTE).await;
-    let append = async |node: &AmqpStorage, n: u16| append_numbered(node, &bob, n, &two).await;
-    let first_sent = append(&ahead, 1).await;
-    let late = append(&behind, 2).await;
+    let first_sent = append_numbered(&ahead, &bob, 1, &two).await;
+    let late = append_numbered(&behind, &bob, 2, &two).await;
     assert!(late < first_sent);
     let first = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
     let read = numbered(&first.read_all(&bob, testing::T0).await.unwrap());
@@ -676,7 +675,7 @@ async fn a_renumbered_record_keeps_its_seq_on_the_next_node(queue_type: QueueTyp
     first.close().await;
     until_ready(&ahead, &bob, 2).await;
     // A third record: the queue holds two, so the broker drops the oldest, record 1.
-    let third = append(&ahead, 3).await;
+    let third = append_numbered(&ahead, &bob, 3, &two).await;
     until_ready(&ahead, &bob, 2).await;
     let second = skewed_node(url, "pins", queue_type, Duration::ZERO).await;
     let read = numbered(&second.read_all(&bob, testing::T0).await.unwrap());

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{ALL, T0, append, bodies, expiring, recipient, record};
 use crate::limits::Quota;
-use crate::storage::{Ack, Storage};
+use crate::storage::{Storage, StorageExt};
 
 /// Expired records are never read, are reported as passed over, and purge removes them,
 /// whatever order their deadlines arrived in; each one removed before an ack counts as lost.
@@ -139,16 +139,9 @@ pub async fn idle_from_the_append_that_refilled(storage: &dyn Storage) {
         .unwrap()
         .records[0]
         .seq();
-    let ack = Ack {
-        through: Some(first),
-        ..Ack::default()
-    };
-    assert_eq!(storage.ack(&who, &ack, acked_at).await.unwrap(), 1);
+    assert_eq!(storage.ack_through(&who, first, acked_at).await.unwrap(), 1);
     // The clock stepped back ten seconds: the append is stamped T0.
-    storage
-        .append(&who, vec![record(b"b")], &Quota::UNLIMITED, T0)
-        .await
-        .unwrap();
+    append(storage, &who, vec![record(b"b")]).await;
     let now = T0.saturating_add(Duration::from_secs(60));
     let kept = storage.purge(now, Some(T0), 100).await.unwrap();
     assert_eq!(
