@@ -81,6 +81,21 @@ impl OwnBroker {
             assert!(Instant::now() < deadline, "rabbitmq-server never listened");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The listener opens before the node has finished booting, and a client that
+        // connects in between can be cut off (CI saw "connection aborted" on the first
+        // connect): wait until the node says it has started.
+        let status = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "await_startup", "--timeout"])
+            .arg(PATIENCE.as_secs().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(
+            status.success(),
+            "rabbitmq-server never finished starting ({status}); its log:\n{}",
+            self.log_text()
+        );
     }
 
     /// SIGKILL to the node's Erlang VM: no shutdown, no flush. Returns once it is gone.
