@@ -57,7 +57,9 @@ struct Args {
     /// server could read a recipient's backlog from JetStream without
     /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
     /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
-    /// filtered to the subject); both ack by purging the subject through the last message.
+    /// filtered to the subject); both ack by purging the subject through the last message;
+    /// `nats-keyed` (a subject per message); `nats-paged` (a recipient's records in pages of
+    /// `--page-records`, one subject each, the open page republished with every append).
     #[arg(long, default_value = "chat:redb,mosquitto,nats")]
     systems: String,
     /// The chat_server binary.
@@ -78,6 +80,9 @@ struct Args {
     /// as a cursor, would cost the drain).
     #[arg(long, default_value = "purge")]
     nats_ack: String,
+    /// Records per page for `nats-paged`.
+    #[arg(long, default_value_t = 10)]
+    page_records: usize,
 }
 
 impl Args {
@@ -148,6 +153,7 @@ async fn main() -> Result<(), BoxError> {
                 None if system == "nats-direct" => nats::run(&args, nats::Read::Direct).await?,
                 None if system == "nats-ordered" => nats::run(&args, nats::Read::Ordered).await?,
                 None if system == "nats-keyed" => nats::run(&args, nats::Read::Keyed).await?,
+                None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
                 _ => return Err(format!("--systems: unknown {system:?}").into()),
             };
             let store = args.total() as f64 / timing.store.as_secs_f64();
@@ -617,6 +623,12 @@ mod nats {
         /// A subject per message (`u.<recipient>.<index>`, as a key-value bucket keys its
         /// entries), read by direct get of the last message on each, one request each.
         Keyed,
+        /// A recipient's records in pages of `--page-records`, a subject each
+        /// (`u.<recipient>.<page>`, one message kept per subject). An append republishes the
+        /// open page with its record added, by compare-and-set on the page's last sequence;
+        /// appends that wait for the recipient's write in flight share the next one. A drain
+        /// reads a batch's pages by direct get, all at once, and removes each page read.
+        Paged,
     }
 
     /// The subject a message is published to.
@@ -649,13 +661,29 @@ mod nats {
                 name: STREAM.into(),
                 subjects: vec!["u.>".into()],
                 storage: stream::StorageType::File,
-                allow_direct: matches!(read, Read::Direct | Read::Keyed),
+                allow_direct: matches!(read, Read::Direct | Read::Keyed | Read::Paged),
+                // A page's older versions go as its newer one is stored.
+                max_messages_per_subject: if read == Read::Paged { 1 } else { 0 },
                 ..Default::default()
             })
             .await?;
         if read != Read::Durable {
             // One connection for every drain, made before the clock starts.
             let shared = stream.clone();
+            if read == Read::Paged {
+                return timed_phases(
+                    args,
+                    |publisher| paged::publish(args.clone(), url.clone(), publisher),
+                    |recipient, reads| {
+                        let (args, stream) = (args.clone(), shared.clone());
+                        async move {
+                            let _permit = reads.acquire().await?;
+                            paged::drain(&args, &stream, recipient).await
+                        }
+                    },
+                )
+                .await;
+            }
             return timed_phases(
                 args,
                 |publisher| publish(args.clone(), url.clone(), publisher, read),
@@ -829,5 +857,166 @@ mod nats {
             }
         }
         Ok(())
+    }
+
+    /// `nats-paged`: what a backend keeping a recipient's records in pages would cost, without
+    /// the rest of a backend (no metadata, quotas, dedup or expiry: each recipient here has one
+    /// writer, so nothing else changes its pages).
+    mod paged {
+        use super::*;
+        use async_nats::jetstream::context::Publish;
+        use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+        fn page_subject(recipient: usize, page: usize) -> String {
+            format!("u.{recipient}.{page}")
+        }
+
+        /// A page: each record's length (u32, little-endian), then its bytes.
+        fn encode(records: &[bytes::Bytes]) -> bytes::Bytes {
+            let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4).sum());
+            for record in records {
+                out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+                out.extend_from_slice(record);
+            }
+            out.into()
+        }
+
+        fn decode(mut page: &[u8]) -> Result<Vec<&[u8]>, BoxError> {
+            let mut records = Vec::new();
+            while !page.is_empty() {
+                let (len, rest) = page.split_at_checked(4).ok_or("a page cut short")?;
+                let len = u32::from_le_bytes(len.try_into()?) as usize;
+                let (record, rest) = rest.split_at_checked(len).ok_or("a page cut short")?;
+                records.push(record);
+                page = rest;
+            }
+            Ok(records)
+        }
+
+        /// One sender: each of its recipients has a writer task; a send is answered (its permit
+        /// of the `--in-flight` window let go) once the page holding it is stored.
+        pub async fn publish(args: Args, url: String, publisher: usize) -> Result<(), BoxError> {
+            let js = jetstream::new(async_nats::connect(&url).await?);
+            let window = Arc::new(Semaphore::new(args.in_flight));
+            let mut inboxes = Vec::new();
+            let mut writers = Vec::new();
+            for recipient in args.recipients_of(publisher) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                inboxes.push((recipient, tx));
+                writers.push(tokio::spawn(writer(
+                    js.clone(),
+                    recipient,
+                    args.page_records,
+                    rx,
+                )));
+            }
+            for index in 0..args.per_recipient {
+                for (recipient, inbox) in &inboxes {
+                    let permit = window.clone().acquire_owned().await?;
+                    let body = bytes::Bytes::from(args.body(*recipient, index));
+                    inbox
+                        .send((body, permit))
+                        .map_err(|_| "a page writer stopped")?;
+                }
+            }
+            drop(inboxes);
+            join_all(writers).await
+        }
+
+        /// Appends a recipient's records: every record waiting when the last write was
+        /// answered goes into the next one.
+        async fn writer(
+            js: jetstream::Context,
+            recipient: usize,
+            page_records: usize,
+            mut inbox: mpsc::UnboundedReceiver<(bytes::Bytes, OwnedSemaphorePermit)>,
+        ) -> Result<(), BoxError> {
+            let (mut page, mut open, mut last_seq) = (0, Vec::new(), 0u64);
+            while let Some(first) = inbox.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(next) = inbox.try_recv() {
+                    waiting.push(next);
+                }
+                let mut waiting = waiting.into_iter().peekable();
+                while waiting.peek().is_some() {
+                    let mut answered = Vec::new();
+                    while open.len() < page_records
+                        && let Some((body, permit)) = waiting.next()
+                    {
+                        open.push(body);
+                        answered.push(permit);
+                    }
+                    let ack = js
+                        .send_publish(
+                            page_subject(recipient, page),
+                            Publish::build()
+                                .payload(encode(&open))
+                                .expected_last_subject_sequence(last_seq),
+                        )
+                        .await?
+                        .await?;
+                    last_seq = ack.sequence;
+                    drop(answered);
+                    if open.len() == page_records {
+                        (page, last_seq) = (page + 1, 0);
+                        open.clear();
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        /// Reads the recipient's pages a batch (100 records) at a time, the batch's pages
+        /// fetched at once, checks every record, and removes each page read.
+        pub async fn drain(
+            args: &Args,
+            stream: &stream::Stream,
+            recipient: usize,
+        ) -> Result<(), BoxError> {
+            let pages = args.per_recipient.div_ceil(args.page_records);
+            let per_batch = 100usize.div_ceil(args.page_records).max(1);
+            let mut index = 0;
+            for first in (0..pages).step_by(per_batch) {
+                let batch =
+                    futures::future::try_join_all((first..pages.min(first + per_batch)).map(
+                        |page| stream.direct_get_last_for_subject(page_subject(recipient, page)),
+                    ))
+                    .await?;
+                for message in &batch {
+                    for record in decode(&message.payload)? {
+                        check(args, recipient, index, record)?;
+                        index += 1;
+                    }
+                }
+                match args.nats_ack.as_str() {
+                    "purge" => {
+                        futures::future::try_join_all((first..pages.min(first + per_batch)).map(
+                            |page| async move {
+                                stream.purge().filter(page_subject(recipient, page)).await
+                            },
+                        ))
+                        .await?;
+                    }
+                    "delete" => {
+                        futures::future::try_join_all(
+                            batch
+                                .iter()
+                                .map(|message| stream.delete_message(message.sequence)),
+                        )
+                        .await?;
+                    }
+                    "none" => {}
+                    other => return Err(format!("--nats-ack: unknown {other:?}").into()),
+                }
+            }
+            if index != args.per_recipient {
+                return Err(format!(
+                    "recipient {recipient}: {index} records, not {}",
+                    args.per_recipient
+                )
+                .into());
+            }
+            Ok(())
+        }
     }
 }
