@@ -58,8 +58,9 @@ struct Args {
     /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
     /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
     /// filtered to the subject); both ack by purging the subject through the last message;
-    /// `nats-keyed` (a subject per message); `nats-paged` (a recipient's records in pages of
-    /// `--page-records`, one subject each, the open page republished with every append).
+    /// `nats-keyed` (a subject per message); `nats-paged` and `nats-paged-open` (a
+    /// recipient's records in pages of `--page-records`, the open page rewritten with every
+    /// append: with the queue's state in a tail subject, or in the open page itself).
     #[arg(long, default_value = "chat:redb,mosquitto,nats")]
     systems: String,
     /// The chat_server binary.
@@ -77,11 +78,12 @@ struct Args {
     /// How `nats-direct`, `nats-ordered` and `nats-keyed` ack what a recipient read: `purge`
     /// (the recipient's subject purged through the last message), `delete` (each message
     /// deleted by its seq) or `none` (nothing removed: what acks kept apart from the stream,
-    /// as a cursor, would cost the drain).
+    /// as a cursor, would cost the drain). The page modes remove each page read by a purge
+    /// of its subject or a delete by its seq, and write the state back unless `none`.
     #[arg(long, default_value = "purge")]
     nats_ack: String,
-    /// Records per page for `nats-paged`.
-    #[arg(long, default_value_t = 10)]
+    /// Records per page for `nats-paged` and `nats-paged-open`.
+    #[arg(long, default_value_t = 15)]
     page_records: usize,
 }
 
@@ -154,6 +156,9 @@ async fn main() -> Result<(), BoxError> {
                 None if system == "nats-ordered" => nats::run(&args, nats::Read::Ordered).await?,
                 None if system == "nats-keyed" => nats::run(&args, nats::Read::Keyed).await?,
                 None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
+                None if system == "nats-paged-open" => {
+                    nats::run(&args, nats::Read::PagedOpen).await?
+                }
                 _ => return Err(format!("--systems: unknown {system:?}").into()),
             };
             let store = args.total() as f64 / timing.store.as_secs_f64();
@@ -623,12 +628,19 @@ mod nats {
         /// A subject per message (`u.<recipient>.<index>`, as a key-value bucket keys its
         /// entries), read by direct get of the last message on each, one request each.
         Keyed,
-        /// A recipient's records in pages of `--page-records`, a subject each
-        /// (`u.<recipient>.<page>`, one message kept per subject). An append republishes the
-        /// open page with its record added, by compare-and-set on the page's last sequence;
-        /// appends that wait for the recipient's write in flight share the next one. A drain
-        /// reads a batch's pages by direct get, all at once, and removes each page read.
+        /// A recipient's records in pages of `--page-records`: the open page in the tail
+        /// (`u.<recipient>.t`) beside the queue's state, each sealed page on a subject of its
+        /// own (`u.<recipient>.<page>`), one message kept per subject. An append rewrites the
+        /// tail by compare-and-set, after publishing the open page as a sealed one when it is
+        /// full; appends that wait for the recipient's write in flight share the next one. A
+        /// drain reads the tail, then a batch's pages by direct get, all at once; each
+        /// batch's ack removes its pages and writes the tail back.
         Paged,
+        /// As `Paged`, but the queue's state rides in the open page, on the page's own
+        /// subject: an append is one compare-and-set of the open page, and a full page is
+        /// followed by the next (expected empty) and a pointer to it (`u.<recipient>.h`)
+        /// written without waiting; a reader starts at the pointer and looks one page on.
+        PagedOpen,
     }
 
     /// The subject a message is published to.
@@ -661,24 +673,32 @@ mod nats {
                 name: STREAM.into(),
                 subjects: vec!["u.>".into()],
                 storage: stream::StorageType::File,
-                allow_direct: matches!(read, Read::Direct | Read::Keyed | Read::Paged),
+                allow_direct: !matches!(read, Read::Durable | Read::Ordered),
                 // A page's older versions go as its newer one is stored.
-                max_messages_per_subject: if read == Read::Paged { 1 } else { 0 },
+                max_messages_per_subject: if matches!(read, Read::Paged | Read::PagedOpen) {
+                    1
+                } else {
+                    0
+                },
                 ..Default::default()
             })
             .await?;
         if read != Read::Durable {
             // One connection for every drain, made before the clock starts.
             let shared = stream.clone();
-            if read == Read::Paged {
+            if let Some(layout) = match read {
+                Read::Paged => Some(paged::Layout::Tail),
+                Read::PagedOpen => Some(paged::Layout::Open),
+                _ => None,
+            } {
                 return timed_phases(
                     args,
-                    |publisher| paged::publish(args.clone(), url.clone(), publisher),
+                    |publisher| paged::publish(args.clone(), url.clone(), publisher, layout),
                     |recipient, reads| {
-                        let (args, stream) = (args.clone(), shared.clone());
+                        let (args, js, stream) = (args.clone(), setup.clone(), shared.clone());
                         async move {
                             let _permit = reads.acquire().await?;
-                            paged::drain(&args, &stream, recipient).await
+                            paged::drain(&args, &js, &stream, recipient, layout).await
                         }
                     },
                 )
@@ -859,9 +879,10 @@ mod nats {
         Ok(())
     }
 
-    /// `nats-paged`: what a backend keeping a recipient's records in pages would cost, without
-    /// the rest of a backend (no metadata, quotas, dedup or expiry: each recipient here has one
-    /// writer, so nothing else changes its pages).
+    /// `nats-paged` and `nats-paged-open`: what a backend keeping a recipient's records in
+    /// pages would cost. Every write carries the queue's state (its size, not its logic);
+    /// the rest of a backend is left out (no quotas, dedup or expiry, and each recipient
+    /// has one writer here, so nothing else changes its pages).
     mod paged {
         use super::*;
         use async_nats::jetstream::context::Publish;
@@ -895,7 +916,21 @@ mod nats {
 
         /// One sender: each of its recipients has a writer task; a send is answered (its permit
         /// of the `--in-flight` window let go) once the page holding it is stored.
-        pub async fn publish(args: Args, url: String, publisher: usize) -> Result<(), BoxError> {
+        /// Where the queue's state and open page live.
+        #[derive(Clone, Copy, PartialEq)]
+        pub enum Layout {
+            /// A tail subject of their own; a full page is published to its own subject.
+            Tail,
+            /// The open page's subject; a pointer to it is written when a page fills.
+            Open,
+        }
+
+        pub async fn publish(
+            args: Args,
+            url: String,
+            publisher: usize,
+            layout: Layout,
+        ) -> Result<(), BoxError> {
             let js = jetstream::new(async_nats::connect(&url).await?);
             let window = Arc::new(Semaphore::new(args.in_flight));
             let mut inboxes = Vec::new();
@@ -903,12 +938,14 @@ mod nats {
             for recipient in args.recipients_of(publisher) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 inboxes.push((recipient, tx));
-                writers.push(tokio::spawn(writer(
-                    js.clone(),
-                    recipient,
-                    args.page_records,
-                    rx,
-                )));
+                writers.push(match layout {
+                    Layout::Tail => {
+                        tokio::spawn(writer(js.clone(), recipient, args.page_records, rx))
+                    }
+                    Layout::Open => {
+                        tokio::spawn(open_writer(js.clone(), recipient, args.page_records, rx))
+                    }
+                });
             }
             for index in 0..args.per_recipient {
                 for (recipient, inbox) in &inboxes {
@@ -923,15 +960,47 @@ mod nats {
             join_all(writers).await
         }
 
+        /// The tail's subject: the queue's state and its open page.
+        fn tail_subject(recipient: usize) -> String {
+            format!("u.{recipient}.t")
+        }
+
+        /// The queue's state as a backend would keep it beside the open page: sealed pages,
+        /// then a few bytes per live record (a size and a delivery count, as `NatsStorage`'s
+        /// meta keeps them). Only its length and the page count matter here.
+        fn state(sealed: usize, live: usize) -> Vec<u8> {
+            let mut state = (sealed as u64).to_le_bytes().to_vec();
+            state.resize(24 + 3 * live, 0);
+            state
+        }
+
+        /// A tail: the state's length (u32), the state, then the open page's records.
+        fn encode_tail(state: &[u8], open: &[bytes::Bytes]) -> bytes::Bytes {
+            let mut out = (state.len() as u32).to_le_bytes().to_vec();
+            out.extend_from_slice(state);
+            out.extend_from_slice(&encode(open));
+            out.into()
+        }
+
+        /// (sealed pages, the open page's records)
+        fn decode_tail(tail: &[u8]) -> Result<(usize, Vec<&[u8]>), BoxError> {
+            let (len, rest) = tail.split_at_checked(4).ok_or("a tail cut short")?;
+            let len = u32::from_le_bytes(len.try_into()?) as usize;
+            let (state, records) = rest.split_at_checked(len).ok_or("a tail cut short")?;
+            let sealed = u64::from_le_bytes(state.get(..8).ok_or("no state")?.try_into()?);
+            Ok((sealed as usize, decode(records)?))
+        }
+
         /// Appends a recipient's records: every record waiting when the last write was
-        /// answered goes into the next one.
+        /// answered goes into the next one. A write is one compare-and-set of the tail; when
+        /// the open page is full, the next write first publishes it as a sealed page.
         async fn writer(
             js: jetstream::Context,
             recipient: usize,
             page_records: usize,
             mut inbox: mpsc::UnboundedReceiver<(bytes::Bytes, OwnedSemaphorePermit)>,
         ) -> Result<(), BoxError> {
-            let (mut page, mut open, mut last_seq) = (0, Vec::new(), 0u64);
+            let (mut sealed, mut open, mut live, mut tail_seq) = (0, Vec::new(), 0, 0u64);
             while let Some(first) = inbox.recv().await {
                 let mut waiting = vec![first];
                 while let Ok(next) = inbox.try_recv() {
@@ -939,6 +1008,18 @@ mod nats {
                 }
                 let mut waiting = waiting.into_iter().peekable();
                 while waiting.peek().is_some() {
+                    if open.len() == page_records {
+                        js.send_publish(
+                            page_subject(recipient, sealed),
+                            Publish::build()
+                                .payload(encode(&open))
+                                .expected_last_subject_sequence(0),
+                        )
+                        .await?
+                        .await?;
+                        sealed += 1;
+                        open.clear();
+                    }
                     let mut answered = Vec::new();
                     while open.len() < page_records
                         && let Some((body, permit)) = waiting.next()
@@ -946,34 +1027,183 @@ mod nats {
                         open.push(body);
                         answered.push(permit);
                     }
+                    live += answered.len();
                     let ack = js
                         .send_publish(
-                            page_subject(recipient, page),
+                            tail_subject(recipient),
                             Publish::build()
-                                .payload(encode(&open))
-                                .expected_last_subject_sequence(last_seq),
+                                .payload(encode_tail(&state(sealed, live), &open))
+                                .expected_last_subject_sequence(tail_seq),
                         )
                         .await?
                         .await?;
-                    last_seq = ack.sequence;
+                    tail_seq = ack.sequence;
                     drop(answered);
-                    if open.len() == page_records {
-                        (page, last_seq) = (page + 1, 0);
-                        open.clear();
-                    }
                 }
             }
             Ok(())
         }
 
-        /// Reads the recipient's pages a batch (100 records) at a time, the batch's pages
-        /// fetched at once, checks every record, and removes each page read.
-        pub async fn drain(
+        fn head_subject(recipient: usize) -> String {
+            format!("u.{recipient}.h")
+        }
+
+        /// `Layout::Open`'s writer: each write is one compare-and-set of the open page,
+        /// the queue's state in it; a full page's successor starts empty (expected so), and
+        /// the pointer to it is written without holding up the sends.
+        async fn open_writer(
+            js: jetstream::Context,
+            recipient: usize,
+            page_records: usize,
+            mut inbox: mpsc::UnboundedReceiver<(bytes::Bytes, OwnedSemaphorePermit)>,
+        ) -> Result<(), BoxError> {
+            let (mut page, mut open, mut live, mut page_seq) = (0, Vec::new(), 0, 0u64);
+            let mut pointers = Vec::new();
+            while let Some(first) = inbox.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(next) = inbox.try_recv() {
+                    waiting.push(next);
+                }
+                let mut waiting = waiting.into_iter().peekable();
+                while waiting.peek().is_some() {
+                    if open.len() == page_records {
+                        (page, page_seq) = (page + 1, 0);
+                        open.clear();
+                        let pointer = js
+                            .publish(
+                                head_subject(recipient),
+                                (page as u64).to_le_bytes().to_vec().into(),
+                            )
+                            .await?;
+                        pointers.push(tokio::spawn(pointer.into_future()));
+                    }
+                    let mut answered = Vec::new();
+                    while open.len() < page_records
+                        && let Some((body, permit)) = waiting.next()
+                    {
+                        open.push(body);
+                        answered.push(permit);
+                    }
+                    live += answered.len();
+                    let ack = js
+                        .send_publish(
+                            page_subject(recipient, page),
+                            Publish::build()
+                                .payload(encode_tail(&state(page, live), &open))
+                                .expected_last_subject_sequence(page_seq),
+                        )
+                        .await?
+                        .await?;
+                    page_seq = ack.sequence;
+                    drop(answered);
+                }
+            }
+            for pointer in pointers {
+                pointer.await??;
+            }
+            Ok(())
+        }
+
+        /// `Layout::Open`'s drain: the pointer, a look one page past it, then every page a
+        /// batch at a time as `drain` reads them; each batch's ack removes its sealed pages,
+        /// and the last one writes the open page back with the state alone.
+        async fn drain_open(
             args: &Args,
+            js: &jetstream::Context,
             stream: &stream::Stream,
             recipient: usize,
         ) -> Result<(), BoxError> {
-            let pages = args.per_recipient.div_ceil(args.page_records);
+            use async_nats::jetstream::stream::DirectGetErrorKind;
+            let mut last = match stream
+                .direct_get_last_for_subject(head_subject(recipient))
+                .await
+            {
+                Ok(message) => u64::from_le_bytes(message.payload[..].try_into()?) as usize,
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => 0,
+                Err(error) => return Err(error.into()),
+            };
+            loop {
+                match stream
+                    .direct_get_last_for_subject(page_subject(recipient, last + 1))
+                    .await
+                {
+                    Ok(_) => last += 1,
+                    Err(error) if error.kind() == DirectGetErrorKind::NotFound => break,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            let per_batch = 100usize.div_ceil(args.page_records).max(1);
+            let mut index = 0;
+            for first in (0..=last).step_by(per_batch) {
+                let batch =
+                    futures::future::try_join_all((first..=last.min(first + per_batch - 1)).map(
+                        |page| stream.direct_get_last_for_subject(page_subject(recipient, page)),
+                    ))
+                    .await?;
+                for message in &batch {
+                    let (_, records) = decode_tail(&message.payload)?;
+                    for record in records {
+                        check(args, recipient, index, record)?;
+                        index += 1;
+                    }
+                }
+                let removals = batch.iter().map(|message| async move {
+                    let is_open = message.subject.as_str() == page_subject(recipient, last);
+                    match args.nats_ack.as_str() {
+                        "none" => {}
+                        _ if is_open => {
+                            js.send_publish(
+                                message.subject.to_string(),
+                                Publish::build()
+                                    .payload(encode_tail(&state(last, 0), &[]))
+                                    .expected_last_subject_sequence(message.sequence),
+                            )
+                            .await?
+                            .await?;
+                        }
+                        "purge" => {
+                            stream.purge().filter(message.subject.to_string()).await?;
+                        }
+                        _ => {
+                            stream.delete_message(message.sequence).await?;
+                        }
+                    }
+                    Ok::<_, BoxError>(())
+                });
+                futures::future::try_join_all(removals).await?;
+            }
+            if index != args.per_recipient {
+                return Err(format!(
+                    "recipient {recipient}: {index} records, not {}",
+                    args.per_recipient
+                )
+                .into());
+            }
+            Ok(())
+        }
+
+        /// Reads the recipient's tail, then its sealed pages a batch (100 records) at a
+        /// time, the batch's pages fetched at once, then the open page; checks every record.
+        /// Each batch's ack (`--nats-ack purge` or `delete`) removes the pages read and
+        /// writes the tail's state back by compare-and-set, as a session's next read would.
+        pub async fn drain(
+            args: &Args,
+            js: &jetstream::Context,
+            stream: &stream::Stream,
+            recipient: usize,
+            layout: Layout,
+        ) -> Result<(), BoxError> {
+            if !matches!(args.nats_ack.as_str(), "purge" | "delete" | "none") {
+                return Err(format!("--nats-ack: unknown {:?}", args.nats_ack).into());
+            }
+            if layout == Layout::Open {
+                return drain_open(args, js, stream, recipient).await;
+            }
+            let tail = stream
+                .direct_get_last_for_subject(tail_subject(recipient))
+                .await?;
+            let mut tail_seq = tail.sequence;
+            let (pages, open) = decode_tail(&tail.payload)?;
             let per_batch = 100usize.div_ceil(args.page_records).max(1);
             let mut index = 0;
             for first in (0..pages).step_by(per_batch) {
@@ -988,26 +1218,47 @@ mod nats {
                         index += 1;
                     }
                 }
-                match args.nats_ack.as_str() {
-                    "purge" => {
-                        futures::future::try_join_all((first..pages.min(first + per_batch)).map(
-                            |page| async move {
-                                stream.purge().filter(page_subject(recipient, page)).await
-                            },
-                        ))
-                        .await?;
+                let removals = batch.iter().map(|message| async move {
+                    match args.nats_ack.as_str() {
+                        "purge" => {
+                            stream.purge().filter(message.subject.to_string()).await?;
+                        }
+                        "delete" => {
+                            stream.delete_message(message.sequence).await?;
+                        }
+                        _ => {}
                     }
-                    "delete" => {
-                        futures::future::try_join_all(
-                            batch
-                                .iter()
-                                .map(|message| stream.delete_message(message.sequence)),
+                    Ok::<_, BoxError>(())
+                });
+                futures::future::try_join_all(removals).await?;
+                if args.nats_ack != "none" {
+                    let live = args.per_recipient - index;
+                    let written = js
+                        .send_publish(
+                            tail_subject(recipient),
+                            Publish::build()
+                                .payload(encode_tail(&state(pages, live), &[]))
+                                .expected_last_subject_sequence(tail_seq),
                         )
+                        .await?
                         .await?;
-                    }
-                    "none" => {}
-                    other => return Err(format!("--nats-ack: unknown {other:?}").into()),
+                    tail_seq = written.sequence;
                 }
+            }
+            for record in open {
+                check(args, recipient, index, record)?;
+                index += 1;
+            }
+            if args.nats_ack != "none" {
+                // The open page's records acked: the tail keeps the state alone.
+                js.send_publish(
+                    tail_subject(recipient),
+                    Publish::build()
+                        .payload(encode_tail(&state(pages, 0), &[]))
+                        .expected_last_subject_sequence(tail_seq),
+                )
+                .await?
+                .await?;
             }
             if index != args.per_recipient {
                 return Err(format!(
