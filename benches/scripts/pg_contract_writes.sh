@@ -28,8 +28,16 @@
 # src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 9 x ROUNDS x
 # RUN_SECONDS seconds (2 minutes by default).
 #
+# STEPS (space separated) runs some steps only. HOLD_SNAPSHOT=1 keeps a second connection in a
+# REPEATABLE READ transaction with its snapshot taken, from before the first step to the end,
+# holding the xmin horizon as a long transaction or an idle replication slot would; the script
+# then also prints each table's size at the end (`pg_total_relation_size`), so a layout's
+# growth under a held horizon shows (floor: `floor`; records steps: `oq_records`; queue-row
+# steps: `oq_queues`; page: `oq_queues` and `pages`).
+#
 #   benches/scripts/pg_contract_writes.sh            # ROUNDS=3 RUN_SECONDS=5 CLIENTS=16
 #   EXTRA_PGOPTIONS='-c plan_cache_mode=force_generic_plan' benches/scripts/pg_contract_writes.sh
+#   STEPS='floor locked page' HOLD_SNAPSHOT=1 benches/scripts/pg_contract_writes.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./pg_lib.sh
@@ -166,7 +174,24 @@ sealed AS (INSERT INTO $S.pages SELECT u.rid, u.live, u.page FROM u WHERE octet_
 SELECT array_agg(live) FROM u;
 SQL
 
-steps=(floor records queues stripe locked function statement statement_locked page)
+read -r -a steps <<<"${STEPS:-floor records queues stripe locked function statement statement_locked page}"
+[[ " ${steps[*]} " == *" floor "* ]] || { echo "STEPS must include floor (the baseline)" >&2; exit 1; }
+if [[ ${HOLD_SNAPSHOT:-0} == 1 ]]; then
+  # The snapshot is taken by the SELECT and held until this script ends (the EXIT trap below
+  # closes the pipe, which ends psql and its transaction).
+  mkfifo "$dir/hold"
+  PGAPPNAME=oq_hold_snapshot psql -X -q <"$dir/hold" >/dev/null 2>&1 &
+  exec 9>"$dir/hold"
+  echo "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1;" >&9
+  trap 'exec 9>&-; pg_schema_drop "$schema"; rm -rf "$dir"' EXIT
+  for _ in $(seq 50); do
+    held=$(pg -c "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'oq_hold_snapshot' AND backend_xmin IS NOT NULL")
+    [[ $held -ge 1 ]] && break
+    sleep 0.1
+  done
+  [[ $held -ge 1 ]] || { echo "the snapshot holder did not start" >&2; exit 1; }
+  echo "holding a snapshot (xmin horizon) for the whole run"
+fi
 declare -A sum
 for step in "${steps[@]}"; do sum[$step]=0; done
 export PGOPTIONS="-c synchronous_commit=on ${EXTRA_PGOPTIONS:-}"
@@ -192,3 +217,11 @@ for step in "${steps[@]}"; do
   mean=$(echo "${sum[$step]} / $ROUNDS" | bc -l)
   printf '| %s | %.0f | %.0f %% |\n' "$step" "$mean" "$(echo "100 * $mean / $floor" | bc -l)"
 done
+if [[ ${HOLD_SNAPSHOT:-0} == 1 || -n ${STEPS:-} ]]; then
+  echo
+  echo "| table | size (MiB) |"
+  echo "|---|---|"
+  for table in floor oq_records oq_queues pages; do
+    printf '| %s | %s |\n' "$table" "$(pg -c "SELECT round(pg_total_relation_size('$S.$table') / 1048576.0, 2)")"
+  done
+fi
