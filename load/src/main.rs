@@ -691,6 +691,9 @@ mod nats {
                 Read::PagedOpen => Some(paged::Layout::Open),
                 _ => None,
             } {
+                if args.page_records == 0 {
+                    return Err("--page-records must be at least 1".into());
+                }
                 return timed_phases(
                     args,
                     |publisher| paged::publish(args.clone(), url.clone(), publisher, layout),
@@ -892,30 +895,37 @@ mod nats {
             format!("u.{recipient}.{page}")
         }
 
-        /// A page: each record's length (u32, little-endian), then its bytes.
+        /// Bytes a backend keeps with each record besides its body: its id (16), sent time (8) and
+        /// expiry (8), as `NatsStorage` does. Written as zeros here, and skipped on reading.
+        const ENVELOPE: usize = 32;
+
+        /// A page: each record's body length (u32, little-endian), its envelope, its body.
         fn encode(records: &[bytes::Bytes]) -> bytes::Bytes {
-            let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4).sum());
+            let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4 + ENVELOPE).sum());
             for record in records {
                 out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+                out.extend_from_slice(&[0; ENVELOPE]);
                 out.extend_from_slice(record);
             }
             out.into()
         }
 
+        /// A page's bodies.
         fn decode(mut page: &[u8]) -> Result<Vec<&[u8]>, BoxError> {
             let mut records = Vec::new();
             while !page.is_empty() {
                 let (len, rest) = page.split_at_checked(4).ok_or("a page cut short")?;
                 let len = u32::from_le_bytes(len.try_into()?) as usize;
-                let (record, rest) = rest.split_at_checked(len).ok_or("a page cut short")?;
+                let (record, rest) = rest
+                    .get(ENVELOPE..)
+                    .and_then(|rest| rest.split_at_checked(len))
+                    .ok_or("a page cut short")?;
                 records.push(record);
                 page = rest;
             }
             Ok(records)
         }
 
-        /// One sender: each of its recipients has a writer task; a send is answered (its permit
-        /// of the `--in-flight` window let go) once the page holding it is stored.
         /// Where the queue's state and open page live.
         #[derive(Clone, Copy, PartialEq)]
         pub enum Layout {
@@ -925,6 +935,8 @@ mod nats {
             Open,
         }
 
+        /// One sender: each of its recipients has a writer task; a send is answered (its permit
+        /// of the `--in-flight` window let go) once the page holding it is stored.
         pub async fn publish(
             args: Args,
             url: String,
@@ -1104,88 +1116,15 @@ mod nats {
             Ok(())
         }
 
-        /// `Layout::Open`'s drain: the pointer, a look one page past it, then every page a
-        /// batch at a time as `drain` reads them; each batch's ack removes its sealed pages,
-        /// and the last one writes the open page back with the state alone.
-        async fn drain_open(
-            args: &Args,
-            js: &jetstream::Context,
-            stream: &stream::Stream,
-            recipient: usize,
-        ) -> Result<(), BoxError> {
-            use async_nats::jetstream::stream::DirectGetErrorKind;
-            let mut last = match stream
-                .direct_get_last_for_subject(head_subject(recipient))
-                .await
-            {
-                Ok(message) => u64::from_le_bytes(message.payload[..].try_into()?) as usize,
-                Err(error) if error.kind() == DirectGetErrorKind::NotFound => 0,
-                Err(error) => return Err(error.into()),
-            };
-            loop {
-                match stream
-                    .direct_get_last_for_subject(page_subject(recipient, last + 1))
-                    .await
-                {
-                    Ok(_) => last += 1,
-                    Err(error) if error.kind() == DirectGetErrorKind::NotFound => break,
-                    Err(error) => return Err(error.into()),
-                }
-            }
-            let per_batch = 100usize.div_ceil(args.page_records).max(1);
-            let mut index = 0;
-            for first in (0..=last).step_by(per_batch) {
-                let batch =
-                    futures::future::try_join_all((first..=last.min(first + per_batch - 1)).map(
-                        |page| stream.direct_get_last_for_subject(page_subject(recipient, page)),
-                    ))
-                    .await?;
-                for message in &batch {
-                    let (_, records) = decode_tail(&message.payload)?;
-                    for record in records {
-                        check(args, recipient, index, record)?;
-                        index += 1;
-                    }
-                }
-                let removals = batch.iter().map(|message| async move {
-                    let is_open = message.subject.as_str() == page_subject(recipient, last);
-                    match args.nats_ack.as_str() {
-                        "none" => {}
-                        _ if is_open => {
-                            js.send_publish(
-                                message.subject.to_string(),
-                                Publish::build()
-                                    .payload(encode_tail(&state(last, 0), &[]))
-                                    .expected_last_subject_sequence(message.sequence),
-                            )
-                            .await?
-                            .await?;
-                        }
-                        "purge" => {
-                            stream.purge().filter(message.subject.to_string()).await?;
-                        }
-                        _ => {
-                            stream.delete_message(message.sequence).await?;
-                        }
-                    }
-                    Ok::<_, BoxError>(())
-                });
-                futures::future::try_join_all(removals).await?;
-            }
-            if index != args.per_recipient {
-                return Err(format!(
-                    "recipient {recipient}: {index} records, not {}",
-                    args.per_recipient
-                )
-                .into());
-            }
-            Ok(())
-        }
-
-        /// Reads the recipient's tail, then its sealed pages a batch (100 records) at a
-        /// time, the batch's pages fetched at once, then the open page; checks every record.
-        /// Each batch's ack (`--nats-ack purge` or `delete`) removes the pages read and
-        /// writes the tail's state back by compare-and-set, as a session's next read would.
+        /// Reads a recipient's queue as a session would, then acks it all:
+        /// 1. finds its state: the tail (`Layout::Tail`), or the pointer, the page it names and a
+        ///    look one page on (`Layout::Open`, the state being in the open page);
+        /// 2. per batch (100 records): gets the batch's sealed pages at once, writes the state
+        ///    back by compare-and-set (the batch's delivery counts, and the previous batch's
+        ///    ack, which rides on this read) while the previous batch's pages are removed,
+        ///    then checks every record; the open page's records come last;
+        /// 3. writes the state back once more for the last batch's ack, while its pages are
+        ///    removed (`--nats-ack none`: no removals, no ack writes).
         pub async fn drain(
             args: &Args,
             js: &jetstream::Context,
@@ -1193,71 +1132,152 @@ mod nats {
             recipient: usize,
             layout: Layout,
         ) -> Result<(), BoxError> {
+            use async_nats::jetstream::stream::DirectGetErrorKind;
             if !matches!(args.nats_ack.as_str(), "purge" | "delete" | "none") {
                 return Err(format!("--nats-ack: unknown {:?}", args.nats_ack).into());
             }
-            if layout == Layout::Open {
-                return drain_open(args, js, stream, recipient).await;
-            }
-            let tail = stream
-                .direct_get_last_for_subject(tail_subject(recipient))
-                .await?;
-            let mut tail_seq = tail.sequence;
-            let (pages, open) = decode_tail(&tail.payload)?;
-            let per_batch = 100usize.div_ceil(args.page_records).max(1);
+            let found =
+                |result: Result<jetstream::message::StreamMessage, stream::DirectGetError>| {
+                    match result {
+                        Ok(message) => Ok(Some(message)),
+                        Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                        Err(error) => Err(BoxError::from(error)),
+                    }
+                };
+            // The message holding the state and the open page.
+            let holder = match layout {
+                Layout::Tail => {
+                    stream
+                        .direct_get_last_for_subject(tail_subject(recipient))
+                        .await?
+                }
+                Layout::Open => {
+                    let pointer = found(
+                        stream
+                            .direct_get_last_for_subject(head_subject(recipient))
+                            .await,
+                    )?;
+                    let mut page = match pointer {
+                        Some(message) => {
+                            u64::from_le_bytes(message.payload[..].try_into()?) as usize
+                        }
+                        None => 0,
+                    };
+                    let mut holder = stream
+                        .direct_get_last_for_subject(page_subject(recipient, page))
+                        .await?;
+                    while let Some(next) = found(
+                        stream
+                            .direct_get_last_for_subject(page_subject(recipient, page + 1))
+                            .await,
+                    )? {
+                        (holder, page) = (next, page + 1);
+                    }
+                    holder
+                }
+            };
+            let holder_subject = holder.subject.to_string();
+            let mut holder_seq = holder.sequence;
+            let (sealed, open) = decode_tail(&holder.payload)?;
+            let open: Vec<bytes::Bytes> = open
+                .into_iter()
+                .map(bytes::Bytes::copy_from_slice)
+                .collect();
+            let per_batch = 100usize.div_ceil(args.page_records);
+            let acking = args.nats_ack != "none";
             let mut index = 0;
-            for first in (0..pages).step_by(per_batch) {
-                let batch =
-                    futures::future::try_join_all((first..pages.min(first + per_batch)).map(
-                        |page| stream.direct_get_last_for_subject(page_subject(recipient, page)),
-                    ))
+            let mut unremoved: Vec<jetstream::message::StreamMessage> = Vec::new();
+            let mut live = args.per_recipient;
+            // The state write, with the removal of the pages an ack took, at once.
+            async fn settle(
+                args: &Args,
+                js: &jetstream::Context,
+                stream: &stream::Stream,
+                subject: &str,
+                expected: u64,
+                payload: bytes::Bytes,
+                acked: Vec<jetstream::message::StreamMessage>,
+            ) -> Result<u64, BoxError> {
+                let write = async {
+                    let ack = js
+                        .send_publish(
+                            subject.to_string(),
+                            Publish::build()
+                                .payload(payload)
+                                .expected_last_subject_sequence(expected),
+                        )
+                        .await?
+                        .await?;
+                    Ok::<_, BoxError>(ack.sequence)
+                };
+                let removals = futures::future::try_join_all(acked.iter().map(|page| async move {
+                    if args.nats_ack == "purge" {
+                        stream.purge().filter(page.subject.to_string()).await?;
+                    } else {
+                        stream.delete_message(page.sequence).await?;
+                    }
+                    Ok::<_, BoxError>(())
+                }));
+                let (seq, _) = futures::future::try_join(write, removals).await?;
+                Ok(seq)
+            }
+            // Batches of `per_batch` pages over the sealed pages, then the open one.
+            let mut first = 0;
+            loop {
+                let last = (first + per_batch).min(sealed + 1);
+                let pages =
+                    futures::future::try_join_all((first..last.min(sealed)).map(|page| {
+                        stream.direct_get_last_for_subject(page_subject(recipient, page))
+                    }))
                     .await?;
-                for message in &batch {
-                    for record in decode(&message.payload)? {
+                let with_open = last > sealed;
+                if acking {
+                    let kept: &[bytes::Bytes] = &open;
+                    holder_seq = settle(
+                        args,
+                        js,
+                        stream,
+                        &holder_subject,
+                        holder_seq,
+                        encode_tail(&state(sealed, live), kept),
+                        std::mem::take(&mut unremoved),
+                    )
+                    .await?;
+                }
+                for page in &pages {
+                    // An open layout's sealed page keeps the state it was last written with.
+                    let records = match layout {
+                        Layout::Tail => decode(&page.payload)?,
+                        Layout::Open => decode_tail(&page.payload)?.1,
+                    };
+                    for record in records {
                         check(args, recipient, index, record)?;
                         index += 1;
                     }
                 }
-                let removals = batch.iter().map(|message| async move {
-                    match args.nats_ack.as_str() {
-                        "purge" => {
-                            stream.purge().filter(message.subject.to_string()).await?;
-                        }
-                        "delete" => {
-                            stream.delete_message(message.sequence).await?;
-                        }
-                        _ => {}
+                if with_open {
+                    for record in &open {
+                        check(args, recipient, index, record)?;
+                        index += 1;
                     }
-                    Ok::<_, BoxError>(())
-                });
-                futures::future::try_join_all(removals).await?;
-                if args.nats_ack != "none" {
-                    let live = args.per_recipient - index;
-                    let written = js
-                        .send_publish(
-                            tail_subject(recipient),
-                            Publish::build()
-                                .payload(encode_tail(&state(pages, live), &[]))
-                                .expected_last_subject_sequence(tail_seq),
-                        )
-                        .await?
-                        .await?;
-                    tail_seq = written.sequence;
                 }
+                live = args.per_recipient - index;
+                unremoved = pages;
+                if with_open {
+                    break;
+                }
+                first = last;
             }
-            for record in open {
-                check(args, recipient, index, record)?;
-                index += 1;
-            }
-            if args.nats_ack != "none" {
-                // The open page's records acked: the tail keeps the state alone.
-                js.send_publish(
-                    tail_subject(recipient),
-                    Publish::build()
-                        .payload(encode_tail(&state(pages, 0), &[]))
-                        .expected_last_subject_sequence(tail_seq),
+            if acking {
+                settle(
+                    args,
+                    js,
+                    stream,
+                    &holder_subject,
+                    holder_seq,
+                    encode_tail(&state(sealed, 0), &[]),
+                    unremoved,
                 )
-                .await?
                 .await?;
             }
             if index != args.per_recipient {
