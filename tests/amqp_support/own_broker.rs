@@ -28,7 +28,7 @@ pub struct OwnBroker {
 }
 
 impl OwnBroker {
-    /// Starts a node and waits until it listens.
+    /// Starts a node and waits until it has finished starting (`rabbitmqctl await_startup`).
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         // The server runs as the `rabbitmq` user when started by root: let it write here.
@@ -78,7 +78,23 @@ impl OwnBroker {
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + PATIENCE;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "rabbitmq-server never listened");
+            if let Some(status) = self
+                .child
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!(
+                    "rabbitmq-server exited ({status}) before it listened; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq-server never listened; its log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         // The listener opens before the node has finished booting, and a client that
