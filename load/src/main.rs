@@ -950,14 +950,13 @@ mod nats {
             for recipient in args.recipients_of(publisher) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 inboxes.push((recipient, tx));
-                writers.push(match layout {
-                    Layout::Tail => {
-                        tokio::spawn(writer(js.clone(), recipient, args.page_records, rx))
-                    }
-                    Layout::Open => {
-                        tokio::spawn(open_writer(js.clone(), recipient, args.page_records, rx))
-                    }
-                });
+                writers.push(tokio::spawn(writer(
+                    js.clone(),
+                    recipient,
+                    args.page_records,
+                    layout,
+                    rx,
+                )));
             }
             for index in 0..args.per_recipient {
                 for (recipient, inbox) in &inboxes {
@@ -1003,16 +1002,25 @@ mod nats {
             Ok((sealed as usize, decode(records)?))
         }
 
+        fn head_subject(recipient: usize) -> String {
+            format!("u.{recipient}.h")
+        }
+
         /// Appends a recipient's records: every record waiting when the last write was
-        /// answered goes into the next one. A write is one compare-and-set of the tail; when
-        /// the open page is full, the next write first publishes it as a sealed page.
+        /// answered goes into the next one. A write is one compare-and-set of the message that
+        /// holds the state and the open page. When the open page is full, the next write
+        /// first seals it: `Layout::Tail` publishes it to a subject of its own and waits;
+        /// `Layout::Open` leaves it where it is, starts the next page (its first write expects
+        /// the subject empty) and writes the pointer to it without waiting.
         async fn writer(
             js: jetstream::Context,
             recipient: usize,
             page_records: usize,
+            layout: Layout,
             mut inbox: mpsc::UnboundedReceiver<(bytes::Bytes, OwnedSemaphorePermit)>,
         ) -> Result<(), BoxError> {
-            let (mut sealed, mut open, mut live, mut tail_seq) = (0, Vec::new(), 0, 0u64);
+            let (mut sealed, mut open, mut live, mut holder_seq) = (0, Vec::new(), 0, 0u64);
+            let mut pointers = Vec::new();
             while let Some(first) = inbox.recv().await {
                 let mut waiting = vec![first];
                 while let Ok(next) = inbox.try_recv() {
@@ -1021,14 +1029,28 @@ mod nats {
                 let mut waiting = waiting.into_iter().peekable();
                 while waiting.peek().is_some() {
                     if open.len() == page_records {
-                        js.send_publish(
-                            page_subject(recipient, sealed),
-                            Publish::build()
-                                .payload(encode(&open))
-                                .expected_last_subject_sequence(0),
-                        )
-                        .await?
-                        .await?;
+                        match layout {
+                            Layout::Tail => {
+                                js.send_publish(
+                                    page_subject(recipient, sealed),
+                                    Publish::build()
+                                        .payload(encode(&open))
+                                        .expected_last_subject_sequence(0),
+                                )
+                                .await?
+                                .await?;
+                            }
+                            Layout::Open => {
+                                holder_seq = 0;
+                                let pointer = js
+                                    .publish(
+                                        head_subject(recipient),
+                                        (sealed as u64 + 1).to_le_bytes().to_vec().into(),
+                                    )
+                                    .await?;
+                                pointers.push(tokio::spawn(pointer.into_future()));
+                            }
+                        }
                         sealed += 1;
                         open.clear();
                     }
@@ -1040,73 +1062,20 @@ mod nats {
                         answered.push(permit);
                     }
                     live += answered.len();
+                    let holder = match layout {
+                        Layout::Tail => tail_subject(recipient),
+                        Layout::Open => page_subject(recipient, sealed),
+                    };
                     let ack = js
                         .send_publish(
-                            tail_subject(recipient),
+                            holder,
                             Publish::build()
                                 .payload(encode_tail(&state(sealed, live), &open))
-                                .expected_last_subject_sequence(tail_seq),
+                                .expected_last_subject_sequence(holder_seq),
                         )
                         .await?
                         .await?;
-                    tail_seq = ack.sequence;
-                    drop(answered);
-                }
-            }
-            Ok(())
-        }
-
-        fn head_subject(recipient: usize) -> String {
-            format!("u.{recipient}.h")
-        }
-
-        /// `Layout::Open`'s writer: each write is one compare-and-set of the open page,
-        /// the queue's state in it; a full page's successor starts empty (expected so), and
-        /// the pointer to it is written without holding up the sends.
-        async fn open_writer(
-            js: jetstream::Context,
-            recipient: usize,
-            page_records: usize,
-            mut inbox: mpsc::UnboundedReceiver<(bytes::Bytes, OwnedSemaphorePermit)>,
-        ) -> Result<(), BoxError> {
-            let (mut page, mut open, mut live, mut page_seq) = (0, Vec::new(), 0, 0u64);
-            let mut pointers = Vec::new();
-            while let Some(first) = inbox.recv().await {
-                let mut waiting = vec![first];
-                while let Ok(next) = inbox.try_recv() {
-                    waiting.push(next);
-                }
-                let mut waiting = waiting.into_iter().peekable();
-                while waiting.peek().is_some() {
-                    if open.len() == page_records {
-                        (page, page_seq) = (page + 1, 0);
-                        open.clear();
-                        let pointer = js
-                            .publish(
-                                head_subject(recipient),
-                                (page as u64).to_le_bytes().to_vec().into(),
-                            )
-                            .await?;
-                        pointers.push(tokio::spawn(pointer.into_future()));
-                    }
-                    let mut answered = Vec::new();
-                    while open.len() < page_records
-                        && let Some((body, permit)) = waiting.next()
-                    {
-                        open.push(body);
-                        answered.push(permit);
-                    }
-                    live += answered.len();
-                    let ack = js
-                        .send_publish(
-                            page_subject(recipient, page),
-                            Publish::build()
-                                .payload(encode_tail(&state(page, live), &open))
-                                .expected_last_subject_sequence(page_seq),
-                        )
-                        .await?
-                        .await?;
-                    page_seq = ack.sequence;
+                    holder_seq = ack.sequence;
                     drop(answered);
                 }
             }
