@@ -900,9 +900,14 @@ mod nats {
         const ENVELOPE: usize = 32;
 
         /// A page: each record's body length (u32, little-endian), its envelope, its body.
-        fn encode(records: &[bytes::Bytes]) -> bytes::Bytes {
-            let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + 4 + ENVELOPE).sum());
-            for record in records {
+        fn encode(records: &[impl AsRef<[u8]>]) -> bytes::Bytes {
+            let mut out = Vec::with_capacity(
+                records
+                    .iter()
+                    .map(|r| r.as_ref().len() + 4 + ENVELOPE)
+                    .sum(),
+            );
+            for record in records.iter().map(AsRef::as_ref) {
                 out.extend_from_slice(&(record.len() as u32).to_le_bytes());
                 out.extend_from_slice(&[0; ENVELOPE]);
                 out.extend_from_slice(record);
@@ -986,7 +991,7 @@ mod nats {
         }
 
         /// A tail: the state's length (u32), the state, then the open page's records.
-        fn encode_tail(state: &[u8], open: &[bytes::Bytes]) -> bytes::Bytes {
+        fn encode_tail(state: &[u8], open: &[impl AsRef<[u8]>]) -> bytes::Bytes {
             let mut out = (state.len() as u32).to_le_bytes().to_vec();
             out.extend_from_slice(state);
             out.extend_from_slice(&encode(open));
@@ -1148,15 +1153,10 @@ mod nats {
             let holder_subject = holder.subject.to_string();
             let mut holder_seq = holder.sequence;
             let (sealed, open) = decode_tail(&holder.payload)?;
-            let open: Vec<bytes::Bytes> = open
-                .into_iter()
-                .map(bytes::Bytes::copy_from_slice)
-                .collect();
             let per_batch = 100usize.div_ceil(args.page_records);
             let acking = args.nats_ack != "none";
             let mut index = 0;
             let mut unremoved: Vec<jetstream::message::StreamMessage> = Vec::new();
-            let mut live = args.per_recipient;
             // The state write, with the removal of the pages an ack took, at once.
             async fn settle(
                 args: &Args,
@@ -1201,14 +1201,14 @@ mod nats {
                     .await?;
                 let with_open = last > sealed;
                 if acking {
-                    let kept: &[bytes::Bytes] = &open;
+                    // Live: everything not yet checked (the previous batches are acked).
                     holder_seq = settle(
                         args,
                         js,
                         stream,
                         &holder_subject,
                         holder_seq,
-                        encode_tail(&state(sealed, live), kept),
+                        encode_tail(&state(sealed, args.per_recipient - index), &open),
                         std::mem::take(&mut unremoved),
                     )
                     .await?;
@@ -1225,12 +1225,11 @@ mod nats {
                     }
                 }
                 if with_open {
-                    for record in &open {
+                    for &record in &open {
                         check(args, recipient, index, record)?;
                         index += 1;
                     }
                 }
-                live = args.per_recipient - index;
                 unremoved = pages;
                 if with_open {
                     break;
@@ -1244,7 +1243,7 @@ mod nats {
                     stream,
                     &holder_subject,
                     holder_seq,
-                    encode_tail(&state(sealed, 0), &[]),
+                    encode_tail(&state(sealed, 0), &[] as &[&[u8]]),
                     unremoved,
                 )
                 .await?;
