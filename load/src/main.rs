@@ -58,9 +58,10 @@ struct Args {
     /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
     /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
     /// filtered to the subject); both ack by purging the subject through the last message;
-    /// `nats-keyed` (a subject per message); `nats-paged` and `nats-paged-open` (a
-    /// recipient's records in pages of `--page-records`, the open page rewritten with every
-    /// append: with the queue's state in a tail subject, or in the open page itself).
+    /// `nats-keyed` (a subject per message); `nats-paged`, `nats-paged-open` and
+    /// `nats-paged-lazy` (a recipient's records in pages of `--page-records`, the open page
+    /// rewritten with every append: with the queue's state in a tail subject, or in the open
+    /// page itself, or in a tail that keeps a full page until its publish is answered).
     #[arg(long, default_value = "chat:redb,mosquitto,nats")]
     systems: String,
     /// The chat_server binary.
@@ -82,7 +83,7 @@ struct Args {
     /// of its subject or a delete by its seq, and write the state back unless `none`.
     #[arg(long, default_value = "purge")]
     nats_ack: String,
-    /// Records per page for `nats-paged` and `nats-paged-open`.
+    /// Records per page for the `nats-paged` modes.
     #[arg(long, default_value_t = 15)]
     page_records: usize,
 }
@@ -158,6 +159,9 @@ async fn main() -> Result<(), BoxError> {
                 None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
                 None if system == "nats-paged-open" => {
                     nats::run(&args, nats::Read::PagedOpen).await?
+                }
+                None if system == "nats-paged-lazy" => {
+                    nats::run(&args, nats::Read::PagedLazy).await?
                 }
                 _ => return Err(format!("--systems: unknown {system:?}").into()),
             };
@@ -641,6 +645,10 @@ mod nats {
         /// followed by the next (expected empty) and a pointer to it (`u.<recipient>.h`)
         /// written without waiting; a reader starts at the pointer and looks one page on.
         PagedOpen,
+        /// As `Paged`, but a full page's publish is not waited for: the tail keeps its
+        /// records until the page is stored, and the first tail write after that drops them.
+        /// The tail stays the one message changed by compare-and-set.
+        PagedLazy,
     }
 
     /// The subject a message is published to.
@@ -675,7 +683,10 @@ mod nats {
                 storage: stream::StorageType::File,
                 allow_direct: !matches!(read, Read::Durable | Read::Ordered),
                 // A page's older versions go as its newer one is stored.
-                max_messages_per_subject: if matches!(read, Read::Paged | Read::PagedOpen) {
+                max_messages_per_subject: if matches!(
+                    read,
+                    Read::Paged | Read::PagedOpen | Read::PagedLazy
+                ) {
                     1
                 } else {
                     0
@@ -689,6 +700,7 @@ mod nats {
             if let Some(layout) = match read {
                 Read::Paged => Some(paged::Layout::Tail),
                 Read::PagedOpen => Some(paged::Layout::Open),
+                Read::PagedLazy => Some(paged::Layout::Lazy),
                 _ => None,
             } {
                 if args.page_records == 0 {
@@ -882,7 +894,7 @@ mod nats {
         Ok(())
     }
 
-    /// `nats-paged` and `nats-paged-open`: what a backend keeping a recipient's records in
+    /// The `nats-paged` modes: what a backend keeping a recipient's records in
     /// pages would cost. Every write carries the queue's state (its size, not its logic);
     /// the rest of a backend is left out (no quotas, dedup or expiry, and each recipient
     /// has one writer here, so nothing else changes its pages).
@@ -938,6 +950,8 @@ mod nats {
             Tail,
             /// The open page's subject; a pointer to it is written when a page fills.
             Open,
+            /// As `Tail`, but a full page's publish is not waited for (see `writer`).
+            Lazy,
         }
 
         /// One sender: each of its recipients has a writer task; a send is answered (its permit
@@ -1016,7 +1030,10 @@ mod nats {
         /// holds the state and the open page. When the open page is full, the next write
         /// first seals it: `Layout::Tail` publishes it to a subject of its own and waits;
         /// `Layout::Open` leaves it where it is, starts the next page (its first write expects
-        /// the subject empty) and writes the pointer to it without waiting.
+        /// the subject empty) and writes the pointer to it without waiting. `Layout::Lazy`
+        /// publishes each full page without waiting and keeps its records in the tail (so the
+        /// tail may hold more than a page) until that publish is answered; the next tail write
+        /// after it drops them and counts the page sealed.
         async fn writer(
             js: jetstream::Context,
             recipient: usize,
@@ -1026,6 +1043,10 @@ mod nats {
         ) -> Result<(), BoxError> {
             let (mut sealed, mut open, mut live, mut holder_seq) = (0, Vec::new(), 0, 0u64);
             let mut pointers = Vec::new();
+            // `Layout::Lazy`: pages published (sealed or not), and the publishes not yet
+            // taken into account, oldest first.
+            let mut published = 0;
+            let mut seals = std::collections::VecDeque::new();
             while let Some(first) = inbox.recv().await {
                 let mut waiting = vec![first];
                 while let Ok(next) = inbox.try_recv() {
@@ -1033,7 +1054,7 @@ mod nats {
                 }
                 let mut waiting = waiting.into_iter().peekable();
                 while waiting.peek().is_some() {
-                    if open.len() == page_records {
+                    if layout != Layout::Lazy && open.len() == page_records {
                         match layout {
                             Layout::Tail => {
                                 js.send_publish(
@@ -1055,20 +1076,50 @@ mod nats {
                                     .await?;
                                 pointers.push(tokio::spawn(pointer.into_future()));
                             }
+                            Layout::Lazy => unreachable!(),
                         }
                         sealed += 1;
                         open.clear();
                     }
+                    if layout == Layout::Lazy {
+                        // Pages whose publish is answered leave the tail, in order; a tail
+                        // four pages long waits for its oldest.
+                        while seals
+                            .front()
+                            .is_some_and(|seal: &tokio::task::JoinHandle<_>| {
+                                seal.is_finished() || open.len() >= 4 * page_records
+                            })
+                        {
+                            seals.pop_front().expect("looked at").await??;
+                            open.drain(..page_records);
+                            sealed += 1;
+                        }
+                    }
                     let mut answered = Vec::new();
-                    while open.len() < page_records
+                    while (layout == Layout::Lazy || open.len() < page_records)
                         && let Some((body, permit)) = waiting.next()
                     {
                         open.push(body);
                         answered.push(permit);
                     }
                     live += answered.len();
+                    if layout == Layout::Lazy {
+                        while (published + 1 - sealed) * page_records <= open.len() {
+                            let from = (published - sealed) * page_records;
+                            let page = js
+                                .send_publish(
+                                    page_subject(recipient, published),
+                                    Publish::build()
+                                        .payload(encode(&open[from..from + page_records]))
+                                        .expected_last_subject_sequence(0),
+                                )
+                                .await?;
+                            seals.push_back(tokio::spawn(page.into_future()));
+                            published += 1;
+                        }
+                    }
                     let holder = match layout {
-                        Layout::Tail => tail_subject(recipient),
+                        Layout::Tail | Layout::Lazy => tail_subject(recipient),
                         Layout::Open => page_subject(recipient, sealed),
                     };
                     let ack = js
@@ -1086,6 +1137,9 @@ mod nats {
             }
             for pointer in pointers {
                 pointer.await??;
+            }
+            for seal in seals {
+                seal.await??;
             }
             Ok(())
         }
@@ -1120,7 +1174,7 @@ mod nats {
                 };
             // The message holding the state and the open page.
             let holder = match layout {
-                Layout::Tail => {
+                Layout::Tail | Layout::Lazy => {
                     stream
                         .direct_get_last_for_subject(tail_subject(recipient))
                         .await?
@@ -1158,6 +1212,7 @@ mod nats {
             let mut index = 0;
             let mut unremoved: Vec<jetstream::message::StreamMessage> = Vec::new();
             // The state write, with the removal of the pages an ack took, at once.
+            #[allow(clippy::too_many_arguments)] // one call site each; a struct would only rename them
             async fn settle(
                 args: &Args,
                 js: &jetstream::Context,
@@ -1166,6 +1221,7 @@ mod nats {
                 expected: u64,
                 payload: bytes::Bytes,
                 acked: Vec<jetstream::message::StreamMessage>,
+                also_purged: Vec<String>,
             ) -> Result<u64, BoxError> {
                 let write = async {
                     let ack = js
@@ -1187,7 +1243,13 @@ mod nats {
                     }
                     Ok::<_, BoxError>(())
                 }));
-                let (seq, _) = futures::future::try_join(write, removals).await?;
+                let purges = futures::future::try_join_all(also_purged.into_iter().map(
+                    |subject| async move {
+                        stream.purge().filter(subject).await?;
+                        Ok::<_, BoxError>(())
+                    },
+                ));
+                let (seq, _, _) = futures::future::try_join3(write, removals, purges).await?;
                 Ok(seq)
             }
             // Batches of `per_batch` pages over the sealed pages, then the open one.
@@ -1210,13 +1272,14 @@ mod nats {
                         holder_seq,
                         encode_tail(&state(sealed, args.per_recipient - index), &open),
                         std::mem::take(&mut unremoved),
+                        Vec::new(),
                     )
                     .await?;
                 }
                 for page in &pages {
                     // An open layout's sealed page keeps the state it was last written with.
                     let records = match layout {
-                        Layout::Tail => decode(&page.payload)?,
+                        Layout::Tail | Layout::Lazy => decode(&page.payload)?,
                         Layout::Open => decode_tail(&page.payload)?.1,
                     };
                     for record in records {
@@ -1245,6 +1308,13 @@ mod nats {
                     holder_seq,
                     encode_tail(&state(sealed, 0), &[] as &[&[u8]]),
                     unremoved,
+                    // `Layout::Lazy`: pages stored whose records the tail still held.
+                    match layout {
+                        Layout::Lazy => (sealed..sealed + open.len() / args.page_records)
+                            .map(|page| page_subject(recipient, page))
+                            .collect(),
+                        _ => Vec::new(),
+                    },
                 )
                 .await?;
             }
