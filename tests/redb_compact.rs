@@ -6,6 +6,7 @@
 use futures::executor::block_on;
 use offline_queue::storage::NewRecord;
 use offline_queue::{MessageId, Quota, RecipientId, RedbStorage, Storage, StorageExt, Timestamp};
+use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
 const NOW: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 
@@ -101,4 +102,61 @@ fn compaction_amid_concurrent_writes_loses_nothing() {
         let want: Vec<Vec<u8>> = (0..20).map(|i| record(i).body).collect();
         assert_eq!(got, want, "{who}: every append kept, in order");
     }
+}
+
+/// A backlog stored among another recipient's messages lies scattered over the log, so its ack
+/// only retires the records (module docs); compaction deletes them first.
+#[test]
+fn compaction_deletes_records_retired_by_an_ack_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.redb");
+    let (spike, chatter) = (
+        RecipientId::new("spike").unwrap(),
+        RecipientId::new("chatter").unwrap(),
+    );
+    let storage = RedbStorage::open(&path).unwrap();
+    let small = |i: usize| NewRecord {
+        body: format!("{i}").into_bytes(),
+        ..record(i)
+    };
+    // Each large message between two small ones of another recipient.
+    for i in 0..2_000 {
+        block_on(storage.append(&spike, vec![record(i)], &Quota::UNLIMITED, NOW)).unwrap();
+        let records = vec![small(2 * i), small(2 * i + 1)];
+        block_on(storage.append(&chatter, records, &Quota::UNLIMITED, NOW)).unwrap();
+    }
+    let pending = bodies(&storage, &chatter);
+    let last = block_on(storage.stats(&spike)).unwrap().newest_seq.unwrap();
+    assert_eq!(
+        block_on(storage.ack_through(&spike, last, NOW)).unwrap(),
+        2_000
+    );
+    assert_eq!(block_on(storage.stats(&spike)).unwrap().messages, 0);
+    let drained = std::fs::metadata(&path).unwrap().len();
+
+    assert!(block_on(storage.compact()).unwrap(), "the file changed");
+    let compacted = std::fs::metadata(&path).unwrap().len();
+    println!("drained: {drained} bytes, compacted: {compacted} bytes");
+    // (redb compacts this interleaved file to about half, deleted at the ack or retired.)
+    assert!(compacted < drained, "{drained} -> {compacted} bytes");
+    assert_eq!(
+        bodies(&storage, &chatter),
+        pending,
+        "pending messages intact"
+    );
+    drop(storage);
+    // Only the other recipient's rows are left, and nothing waits to be deleted.
+    let db = redb::Database::open(&path).unwrap();
+    let read = db.begin_read().unwrap();
+    let rows = |name: &str| {
+        let table: TableDefinition<u64, &[u8]> = TableDefinition::new(name);
+        read.open_table(table).unwrap().len().unwrap()
+    };
+    assert_eq!(rows("log"), 4_000);
+    let retired: TableDefinition<u64, ()> = TableDefinition::new("retired");
+    assert_eq!(read.open_table(retired).unwrap().len().unwrap(), 0);
+    drop((read, db));
+    let reopened = RedbStorage::open(&path).unwrap();
+    assert_eq!(bodies(&reopened, &chatter), pending, "and after reopening");
+    assert_eq!(block_on(reopened.stats(&spike)).unwrap().messages, 0);
 }

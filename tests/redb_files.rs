@@ -506,8 +506,9 @@ fn in_order_reads_count_deliveries_without_a_row_per_message() {
     assert_eq!(delivery_rows(&path), 100, "a redelivery writes each count");
 }
 
-/// A format 3 file (no watermarks) opens, keeps its counts, and is marked format 4, so an
-/// older build, which would not read the watermarks, refuses it from then on.
+/// A format 3 file (no watermarks) opens, keeps its counts, and is marked with the newest
+/// format (5), so an older build, which would read neither the watermarks nor the retired
+/// records, refuses it from then on.
 #[test]
 fn a_format_three_file_is_upgraded_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -552,7 +553,7 @@ fn a_format_three_file_is_upgraded_in_place() {
         .get("format")
         .unwrap()
         .map(|v| v.value());
-    assert_eq!(format, Some(4));
+    assert_eq!(format, Some(5));
 }
 
 /// A session whose queue emptied (its `meta` row went with it) and filled again reads on from

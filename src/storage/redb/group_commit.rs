@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use futures::channel::oneshot;
-use redb::Database;
+use redb::{Database, ReadableDatabase, ReadableTable};
 
+use super::layout::RETIRED;
 use super::write_steps::{
-    Tables, ack_records, append, count_read, mark_delivered, meta_get, open_tables, purge,
-    remove_recipient,
+    SWEEP_STEP, Tables, ack_records, append, count_read, mark_delivered, meta_get, open_tables,
+    purge, remove_recipient, sweep_retired,
 };
 use super::{damaged, db_error};
 use crate::error::{Error, Result, Retry};
@@ -20,6 +21,8 @@ use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome, ReadBatch};
 
 /// Longest the writer waits to gather a group as large as the last one.
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+/// How long the writer must have had nothing to do before it deletes retired `log` rows.
+const SWEEP_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(20);
 /// What the writer thread is asked to do.
 pub(super) enum Request {
     /// A write, applied in a group.
@@ -192,14 +195,39 @@ impl Writer {
         let mut last_group = 1;
         // A compaction that arrived while a group gathered runs right after its commit.
         let mut held_back = None;
+        // Whether retired `log` rows may be waiting (the file may hold some when opened), and
+        // whether the writer has had nothing to do since its last sweep.
+        let mut retired_waiting = true;
+        let mut idle = false;
         loop {
             let request = match held_back.take() {
                 Some(reply) => Request::Compact(reply),
+                // Sweeps wait until nothing has come for a moment: between the groups of a
+                // busy drain they would take the writer's time from the groups. Then they go
+                // on, a step at a time, while nothing comes; a write waits for one step at most.
+                None if retired_waiting => {
+                    let wait = if idle {
+                        std::time::Duration::ZERO
+                    } else {
+                        SWEEP_AFTER_IDLE
+                    };
+                    match inbox.recv_timeout(wait) {
+                        Ok(request) => request,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            retired_waiting = self.sweep_step(false);
+                            idle = true;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
                 None => match inbox.recv() {
                     Ok(request) => request,
                     Err(_) => return,
                 },
             };
+            idle = false;
+            retired_waiting = true;
             match request {
                 Request::Compact(reply) => {
                     // A caller that stopped waiting is not an error.
@@ -212,11 +240,56 @@ impl Writer {
         }
     }
 
+    /// Deletes up to [`SWEEP_STEP`] retired `log` rows in a transaction of their own, committed
+    /// without an fsync unless `durable`; returns whether more may wait. A failure is logged and left for the next group, which
+    /// reopens the file if it must: the rows stay retired and are swept later.
+    fn sweep_step(&mut self, durable: bool) -> bool {
+        if self.needs_reopen {
+            return false;
+        }
+        let Some(db) = self.db.read().clone() else {
+            return false;
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool> {
+            // Mostly there is nothing retired: a read says so without a commit.
+            let read = db.begin_read().map_err(db_error)?;
+            let retired = read.open_table(RETIRED).map_err(db_error)?;
+            if retired.first().map_err(db_error)?.is_none() {
+                return Ok(false);
+            }
+            drop((retired, read));
+            let mut txn = db.begin_write().map_err(db_error)?;
+            // Without an fsync of its own: the next group's commit makes it durable, and a
+            // sweep lost in a crash leaves the rows retired, to be swept again. So a write
+            // that arrives meanwhile waits for the step's deletions only.
+            if !durable && txn.set_durability(redb::Durability::None).is_err() {
+                tracing::debug!("redb: a sweep without an fsync was refused; syncing it");
+            }
+            let swept = {
+                let mut tables = open_tables(&txn)?;
+                let swept = sweep_retired(&mut tables, SWEEP_STEP)?;
+                tables.finish()?;
+                swept
+            };
+            txn.commit().map_err(db_error)?;
+            Ok(swept == SWEEP_STEP as u64)
+        }))
+        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
+        outcome.unwrap_or_else(|error| {
+            tracing::error!(%error, "redb: deleting retired records failed");
+            self.needs_reopen |= error.is_retryable();
+            false
+        })
+    }
+
     /// Rewrites the file so that freed pages go back to the file system.
     fn compact(&mut self) -> Result<bool> {
         if self.needs_reopen {
             self.reopen()?;
         }
+        // Retired records first: their rows hold the space compaction is asked to free (and
+        // synced, or redb would not free their pages).
+        while self.sweep_step(true) {}
         let Some(mut db) = self.take_database() else {
             return Err(Error::storage_msg(
                 Retry::Yes,

@@ -25,12 +25,17 @@ pub(super) const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition:
 pub(super) const DEDUP_ORDER: TableDefinition<(u64, &[u8], [u8; 16]), ()> =
     TableDefinition::new("dedup_order");
 pub(super) const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
+/// Seqs of `log` records taken off their recipient's list (acked, dropped, expired, removed)
+/// whose `log` row is not deleted yet: deleted later, oldest first, many at a time.
+pub(super) const RETIRED: TableDefinition<u64, ()> = TableDefinition::new("retired");
 
 /// The file format this code writes; a file with a higher number was written by a newer
 /// version and is refused. Format 4 added the delivery watermark to `meta` rows (see
-/// [`Meta::delivered`]); a format 3 file reads as one whose watermarks are all 0, and is
-/// marked format 4 when opened.
-pub(super) const FORMAT: u64 = 4;
+/// [`Meta::delivered`]); a format 3 file reads as one whose watermarks are all 0. Format 5
+/// added `retired`: a `log` row may outlive its place on a list until it is swept, which
+/// an older build would count again if purge found it. A format 3 or 4 file has nothing
+/// retired, and is marked format 5 when opened.
+pub(super) const FORMAT: u64 = 5;
 /// The oldest format this code reads (format 2 keyed records by recipient).
 pub(super) const OLDEST_FORMAT: u64 = 3;
 pub(super) const NEVER: u64 = u64::MAX;

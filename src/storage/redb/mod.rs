@@ -23,7 +23,8 @@
 //! | `idle` | (touch time, recipient) | - | idle queues are found in touch order |
 //! | `dedup` | (recipient, message id) | seq, time | sender-chosen ids within the window |
 //! | `dedup_order` | (time, recipient, message id) | - | to forget them in order |
-//! | `info` | name | u64 | format version, next seq, total bytes, purge cursor and its bounds |
+//! | `retired` | seq | - | `log` rows off every list, not yet deleted (below) |
+//! | `info` | name | u64 | format version, next seq, total bytes, purge cursor and its bounds, retired rows |
 //!
 //! Recipient keys start with the recipient's bytes as a length-delimited tuple element, so no
 //! id can reach into another id's range, whatever bytes it holds; a log record names its
@@ -52,7 +53,21 @@
 //! and its removal at the ack: the storage's drain bench is about a third faster
 //! (BENCHMARKS.md, "Drain on reconnect"; through the chat server's load run, where the time
 //! goes elsewhere, it does not show). A format 3 file opens as one whose watermarks are all 0
-//! and is marked format 4, which older builds refuse.
+//! and is marked with the newest format, which older builds refuse.
+//!
+//! **Scattered removed records leave the log later** (format 5). An ack (or a drop, an
+//! expiry, a removal) takes its records off the recipient's list and out of the counts at
+//! once. Records that lie together in the log (a backlog sent while nothing else was) are
+//! deleted at once too: their rows share a leaf or two. Records scattered among other
+//! recipients' are only filed in `retired`, and their `log` rows are deleted afterwards,
+//! oldest first, many per transaction. Deleting each at the ack rewrote a leaf per record and
+//! cost the chat server's drain about a fifth (BENCHMARKS.md, "Acked records leave the log
+//! later"). The writer deletes them in steps of 256 once it has had nothing to do for 20 ms,
+//! each step without an fsync of its own (the next commit makes it durable; a step lost in a
+//! crash leaves its rows retired, deleted again later). Past 131,072 waiting, every group
+//! also deletes as many as it retired, so they never pile up under a load with no idle
+//! moment. [`RedbStorage::compact`] deletes them all first. A retired row is never read,
+//! since no list holds it; purge's log cursor deletes one it meets without counting it again.
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.
@@ -107,7 +122,7 @@ pub(crate) use layout::fuzz_decoders;
 use group_commit::{Job, Request, SharedDb, Writer};
 use layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, EXPIRY, FORMAT, IDLE, INFO, LOG, META, OLDEST_FORMAT,
-    decode_record, each_seq, opt_time, read_meta, unpack_seqs,
+    RETIRED, decode_record, each_seq, opt_time, read_meta, unpack_seqs,
 };
 
 /// Durable storage in one redb file. See the [module docs](crate::storage::redb) for the
@@ -456,8 +471,9 @@ fn init(db: &Database) -> Result<()> {
                     ),
                 ));
             }
-            // Format 3 reads as format 4 without watermarks; marked 4 so that an older build,
-            // which would not read them, refuses the file from now on.
+            // Formats 3 and 4 read as format 5 (without watermarks, for 3; with nothing
+            // retired); marked 5 so that an older build, which would read neither, refuses
+            // the file from now on.
             Some(format) if format < FORMAT => {
                 info.insert("format", FORMAT).map_err(db_error)?;
             }
@@ -485,6 +501,7 @@ fn init(db: &Database) -> Result<()> {
     txn.open_table(IDLE).map_err(db_error)?;
     txn.open_table(DEDUP).map_err(db_error)?;
     txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    txn.open_table(RETIRED).map_err(db_error)?;
     txn.commit().map_err(db_error)
 }
 

@@ -5,8 +5,8 @@ use redb::ReadableTable;
 use super::db_error;
 use super::layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, DedupKey, DedupValue, EXPIRY, FILED, HEADER, IDLE,
-    INFO, Key, LOG, META, Meta, NEVER, TAIL_MAX, decode_record, each_seq, encode_record, pack_seqs,
-    peek_record, read_meta, unpack_seqs,
+    INFO, Key, LOG, META, Meta, NEVER, RETIRED, TAIL_MAX, decode_record, each_seq, encode_record,
+    pack_seqs, peek_record, read_meta, unpack_seqs,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -25,6 +25,7 @@ pub(super) struct Tables<'t> {
     pub(super) dedup: redb::Table<'t, DedupKey<'static>, DedupValue>,
     pub(super) dedup_order: redb::Table<'t, (u64, &'static [u8], [u8; 16]), ()>,
     pub(super) info: redb::Table<'t, &'static str, u64>,
+    pub(super) retired: redb::Table<'t, u64, ()>,
     // Values read once per group and written back once, before the commit: the hot rows.
     pub(super) next_seq: u64,
     pub(super) total_bytes: u64,
@@ -37,6 +38,10 @@ pub(super) struct Tables<'t> {
     /// deadline is gone (purged when due); records without one, filed ones and damaged ones
     /// were stepped over.
     pub(super) purge_cursor: u64,
+    /// Rows in `retired`: `log` rows off every list and not deleted yet.
+    pub(super) retired_count: u64,
+    /// Rows this transaction added to `retired`.
+    pub(super) retired_here: u64,
     /// Recipients' metadata as read, and changed, by this group (`None`: none, or to remove;
     /// `true`: changed, to write back).
     pub(super) metas: std::collections::HashMap<Vec<u8>, (Option<Meta>, bool)>,
@@ -46,11 +51,21 @@ pub(super) struct Tables<'t> {
 }
 
 impl Tables<'_> {
-    /// Ends the group: forgets expired dedup ids, and writes the cached rows back.
+    /// Ends the group: forgets expired dedup ids, deletes retired `log` rows if too many wait
+    /// (see [`RETIRED_HIGH`]), and writes the cached rows back.
     pub(super) fn finish(&mut self) -> Result<()> {
         if let Some((now, window, budget)) = self.dedup_prune.take() {
             prune_dedup(self, now, window, budget)?;
         }
+        if self.retired_count > RETIRED_HIGH {
+            // At least as many as this group retired, so the backlog never grows past the
+            // mark by more than one group's worth.
+            let budget = usize::try_from(self.retired_here).unwrap_or(usize::MAX);
+            sweep_retired(self, budget.saturating_add(SWEEP_STEP))?;
+        }
+        self.info
+            .insert("retired_count", self.retired_count)
+            .map_err(db_error)?;
         self.info
             .insert("next_seq", self.next_seq)
             .map_err(db_error)?;
@@ -86,6 +101,13 @@ impl Tables<'_> {
 /// never does unbounded work.
 const DEDUP_PRUNE_PER_GROUP: usize = 64;
 
+/// Retired `log` rows a group leaves for the writer's idle time. Past this, each group also
+/// deletes as many as it retired, plus [`SWEEP_STEP`]. About 32 MiB of 256-byte records.
+pub(super) const RETIRED_HIGH: u64 = 131_072;
+/// Retired `log` rows one sweep deletes at most (the writer sweeps when it has nothing else
+/// to do, one transaction of this many at a time, so a write never waits long behind one).
+pub(super) const SWEEP_STEP: usize = 256;
+
 pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
     let info = txn.open_table(INFO).map_err(db_error)?;
     let read =
@@ -96,6 +118,8 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         deadline_high: read("deadline_high")?,
         last_dated: read("last_dated")?,
         purge_cursor: read("purge_cursor")?,
+        retired_count: read("retired_count")?,
+        retired_here: 0,
         metas: std::collections::HashMap::new(),
         dedup_prune: None,
         log: txn.open_table(LOG).map_err(db_error)?,
@@ -106,6 +130,7 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         idle: txn.open_table(IDLE).map_err(db_error)?,
         dedup: txn.open_table(DEDUP).map_err(db_error)?,
         dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
+        retired: txn.open_table(RETIRED).map_err(db_error)?,
         info,
     })
 }
@@ -226,33 +251,85 @@ fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
     Ok(())
 }
 
-/// Removes the `log` record `seq` (already taken off `who`'s list) with its delivery count
-/// and expiry entry; returns its body length. A record that names another recipient is left
-/// alone (only a damaged list points at one).
-fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
-    let Some(value) = t.log.remove(seq).map_err(db_error)? else {
+/// Retires the `log` record `seq` (already taken off `who`'s list): removes its delivery
+/// count and expiry entry now, and files its `log` row in `retired`, deleted later by
+/// [`sweep_retired`] with many others in seq order. (Deleting it here, one row per record
+/// scattered over the log, cost a drain about a third of its rate: BENCHMARKS.md.) Returns
+/// its body length. A record that names another recipient is left alone (only a damaged
+/// list points at one).
+fn retire(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
+    let Some(found) = filed_body(t, who, seq, false)? else {
         return Ok(None);
     };
-    // A damaged record is still removed; an expiry entry it had is dropped when purge
-    // reaches it.
-    let (len, filed_at) = match decode_record(seq, value.value()) {
-        Ok(record) if record.who != who => {
-            // Rare enough to put back rather than look before every removal.
-            let other = value.value().to_vec();
-            drop(value);
-            t.log.insert(seq, &other[..]).map_err(db_error)?;
+    if t.retired.insert(seq, ()).map_err(db_error)?.is_none() {
+        t.retired_count += 1;
+        t.retired_here += 1;
+    }
+    Ok(Some(found))
+}
+
+/// Deletes up to `budget` retired `log` rows, oldest first; returns how many.
+pub(super) fn sweep_retired(t: &mut Tables<'_>, budget: usize) -> Result<u64> {
+    let mut seqs = Vec::new();
+    for entry in t.retired.iter().map_err(db_error)?.take(budget) {
+        seqs.push(entry.map_err(db_error)?.0.value());
+    }
+    for &seq in &seqs {
+        t.retired.remove(seq).map_err(db_error)?;
+        t.log.remove(seq).map_err(db_error)?;
+        // A delivery count made after it retired (`mark_delivered` of an acked seq finds its
+        // row still there).
+        t.deliveries.remove(seq).map_err(db_error)?;
+    }
+    t.retired_count = t.retired_count.saturating_sub(seqs.len() as u64);
+    Ok(seqs.len() as u64)
+}
+
+/// Removes the `log` record `seq`, listed by nobody, with its delivery count and expiry
+/// entry, at once; returns its body length (`None`: not there, or another recipient's).
+fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
+    filed_body(t, who, seq, true)
+}
+
+/// The body length of `who`'s `log` record `seq`, with its delivery count and expiry entry
+/// removed, and the row itself with `delete`. `None`: no such row, or it names another
+/// recipient (then nothing is touched).
+fn filed_body(t: &mut Tables<'_>, who: &[u8], seq: u64, delete: bool) -> Result<Option<u64>> {
+    // (body length and filed deadline of `who`'s record; or the other recipient's row, to
+    // put back if it was deleted)
+    let found = {
+        let value = if delete {
+            t.log.remove(seq).map_err(db_error)?
+        } else {
+            t.log.get(seq).map_err(db_error)?
+        };
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        // A damaged record is still removed; an expiry entry it had is dropped when purge
+        // reaches it.
+        match decode_record(seq, value.value()) {
+            Ok(record) if record.who != who => Err(value.value().to_vec()),
+            Ok(record) => Ok((
+                record.body.len() as u64,
+                (record.flags & FILED != 0).then_some(record.expires_at),
+            )),
+            Err(_) => Ok((
+                value.value().len().saturating_sub(HEADER + who.len()) as u64,
+                None,
+            )),
+        }
+    };
+    let (len, filed_at) = match found {
+        Ok(found) => found,
+        Err(other) => {
+            if delete {
+                // Rare enough to put back rather than look before every removal.
+                t.log.insert(seq, &other[..]).map_err(db_error)?;
+            }
             return Ok(None);
         }
-        Ok(record) => (
-            record.body.len() as u64,
-            (record.flags & FILED != 0).then_some(record.expires_at),
-        ),
-        Err(_) => (
-            value.value().len().saturating_sub(HEADER + who.len()) as u64,
-            None,
-        ),
     };
-    drop(value);
     if let Some(deadline) = filed_at {
         t.expiry.remove((deadline, who, seq)).map_err(db_error)?;
     }
@@ -260,8 +337,8 @@ fn remove_logged(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>
     Ok(Some(len))
 }
 
-/// Takes `seqs` (ascending) off the recipient's list and out of the log; returns (records
-/// removed, bytes freed). Seqs the recipient does not hold are left alone.
+/// Takes `seqs` (ascending) off the recipient's list and retires their `log` rows; returns
+/// (records removed, bytes freed). Seqs the recipient does not hold are left alone.
 fn remove_records(
     t: &mut Tables<'_>,
     who: &[u8],
@@ -269,9 +346,22 @@ fn remove_records(
     seqs: &[u64],
 ) -> Result<(u64, u64)> {
     let (mut removed, mut freed) = (0, 0);
-    for seq in unlist(t, who, meta, seqs)? {
+    let held = unlist(t, who, meta, seqs)?;
+    // Records that lie together in the log (a backlog sent while nothing else was) are
+    // deleted at once: their rows share a leaf or two. Records scattered among other
+    // recipients' would each rewrite a leaf of their own, so they are retired instead.
+    let scattered = match (held.first(), held.last()) {
+        (Some(&first), Some(&last)) if held.len() > 1 => last - first >= 2 * held.len() as u64,
+        _ => false,
+    };
+    for seq in held {
         removed += 1;
-        freed += remove_logged(t, who, seq)?.unwrap_or(0);
+        let len = if scattered {
+            retire(t, who, seq)?
+        } else {
+            remove_logged(t, who, seq)?
+        };
+        freed += len.unwrap_or(0);
     }
     meta.count = meta.count.saturating_sub(removed);
     meta.bytes = meta.bytes.saturating_sub(freed);
@@ -629,6 +719,13 @@ fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64
     };
     let (removed, freed) = remove_records(t, who, &mut meta, &[seq])?;
     if removed == 0 {
+        if t.retired.remove(seq).map_err(db_error)?.is_some() {
+            // Retired already (counted when it left its list): only its row was left.
+            t.retired_count = t.retired_count.saturating_sub(1);
+            t.log.remove(seq).map_err(db_error)?;
+            t.deliveries.remove(seq).map_err(db_error)?;
+            return Ok(Some((0, false)));
+        }
         // Listed by nobody we can tell (its recipient bytes were damaged, or a list was):
         // reclaim it all the same; a list that still holds it reports it missing on read.
         return Ok(remove_logged(t, who, seq)?.map(|freed| (freed, false)));
@@ -809,4 +906,168 @@ pub(super) fn remove_recipient(t: &mut Tables<'_>, recipient: &RecipientId) -> R
     let (removed, freed) = remove_all(t, recipient.as_bytes())?;
     t.total_bytes = t.total_bytes.saturating_sub(freed);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::backends::InMemoryBackend;
+    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+
+    use super::*;
+
+    const LONG_AGO: u64 = 1_000;
+
+    fn database() -> redb::Database {
+        let db = redb::Database::builder()
+            .create_with_backend(InMemoryBackend::new())
+            .unwrap();
+        super::super::init(&db).unwrap();
+        db
+    }
+
+    /// Runs `step` in one write transaction, committed as a group is.
+    fn in_group<T>(db: &redb::Database, step: impl FnOnce(&mut Tables<'_>) -> T) -> T {
+        let txn = db.begin_write().unwrap();
+        let out = {
+            let mut tables = open_tables(&txn).unwrap();
+            let out = step(&mut tables);
+            tables.finish().unwrap();
+            out
+        };
+        txn.commit().unwrap();
+        out
+    }
+
+    fn rows<K: redb::Key + 'static, V: redb::Value + 'static>(
+        db: &redb::Database,
+        table: TableDefinition<K, V>,
+    ) -> u64 {
+        let read = db.begin_read().unwrap();
+        read.open_table(table).unwrap().len().unwrap()
+    }
+
+    fn total_bytes(db: &redb::Database) -> u64 {
+        let read = db.begin_read().unwrap();
+        let info = read.open_table(INFO).unwrap();
+        info.get("total_bytes").unwrap().map_or(0, |v| v.value())
+    }
+
+    fn records(count: usize, body: &[u8], expires_at: Option<u64>) -> Vec<NewRecord> {
+        (0..count)
+            .map(|_| NewRecord {
+                id: MessageId::generate(),
+                dedup: false,
+                sent_at: Timestamp::from_millis(LONG_AGO),
+                expires_at: expires_at.map(Timestamp::from_millis),
+                body: body.to_vec(),
+            })
+            .collect()
+    }
+
+    fn ack_through(t: &mut Tables<'_>, who: &RecipientId, through: u64) -> u64 {
+        let ack = Ack {
+            through: Some(Seq(through)),
+            ..Ack::default()
+        };
+        ack_records(t, who, &ack, LONG_AGO).unwrap()
+    }
+
+    #[test]
+    fn an_acked_record_is_retired_then_removed_by_purge_and_counted_once() {
+        let db = database();
+        let (acked, kept) = (
+            RecipientId::new("acked").unwrap(),
+            RecipientId::new("kept").unwrap(),
+        );
+        // `acked`'s records scattered among `kept`'s, as a busy server's are.
+        let last = in_group(&db, |t| {
+            let mut last = 0;
+            for _ in 0..3 {
+                let due = records(1, b"due soon", Some(2_000));
+                let outcome = append(t, &acked, due, &Quota::UNLIMITED, LONG_AGO).unwrap();
+                last = outcome.records[0].seq().0;
+                append(
+                    t,
+                    &kept,
+                    records(2, b"12345", None),
+                    &Quota::UNLIMITED,
+                    LONG_AGO,
+                )
+                .unwrap();
+            }
+            last
+        });
+        assert_eq!(total_bytes(&db), 3 * 8 + 6 * 5);
+
+        assert_eq!(in_group(&db, |t| ack_through(t, &acked, last)), 3);
+        // Off the list and out of the byte count at once; the rows wait to be swept.
+        assert_eq!(total_bytes(&db), 6 * 5);
+        assert_eq!(rows(&db, RETIRED), 3);
+        assert_eq!(rows(&db, LOG), 9);
+
+        // Purge's log cursor meets them when they fall due: it deletes them, and neither
+        // counts them expired nor takes their bytes off a second time.
+        let outcome = in_group(&db, |t| purge(t, 3_000, None, 100).unwrap());
+        assert_eq!(outcome.expired, 0);
+        assert_eq!(rows(&db, RETIRED), 0);
+        assert_eq!(rows(&db, LOG), 6);
+        assert_eq!(total_bytes(&db), 6 * 5);
+    }
+
+    #[test]
+    fn records_lying_together_are_deleted_at_once() {
+        let db = database();
+        let (who, other) = (
+            RecipientId::new("backlog").unwrap(),
+            RecipientId::new("other").unwrap(),
+        );
+        let last = in_group(&db, |t| {
+            let outcome = append(t, &who, records(50, b"body", None), &Quota::UNLIMITED, 0);
+            append(t, &other, records(1, b"body", None), &Quota::UNLIMITED, 0).unwrap();
+            outcome.unwrap().records.last().unwrap().seq().0
+        });
+        assert_eq!(in_group(&db, |t| ack_through(t, &who, last)), 50);
+        assert_eq!(rows(&db, RETIRED), 0);
+        assert_eq!(rows(&db, LOG), 1);
+    }
+
+    #[test]
+    fn a_sweep_deletes_the_oldest_retired_rows_first_and_leaves_the_rest_readable() {
+        let db = database();
+        let who = RecipientId::new("someone").unwrap();
+        let seqs: Vec<u64> = in_group(&db, |t| {
+            let outcome = append(t, &who, records(10, b"body", None), &Quota::UNLIMITED, 0);
+            outcome.unwrap().records.iter().map(|r| r.seq().0).collect()
+        });
+        in_group(&db, |t| {
+            let ack = Ack {
+                seqs: [seqs[7], seqs[1], seqs[4]].map(Seq).to_vec(),
+                ..Ack::default()
+            };
+            assert_eq!(ack_records(t, &who, &ack, 0).unwrap(), 3);
+            assert_eq!(t.retired_here, 3);
+        });
+        assert_eq!(in_group(&db, |t| sweep_retired(t, 2).unwrap()), 2);
+        let read = db.begin_read().unwrap();
+        let log = read.open_table(LOG).unwrap();
+        let left: Vec<u64> = log.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+        let retired = read.open_table(RETIRED).unwrap();
+        let waiting: Vec<u64> = retired
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect();
+        assert_eq!(waiting, [seqs[7]], "the oldest two went first");
+        let mut expected: Vec<u64> = seqs.clone();
+        expected.retain(|s| *s != seqs[1] && *s != seqs[4]);
+        assert_eq!(left, expected);
+        assert_eq!(
+            read.open_table(INFO)
+                .unwrap()
+                .get("retired_count")
+                .unwrap()
+                .map(|v| v.value()),
+            Some(1)
+        );
+    }
 }
