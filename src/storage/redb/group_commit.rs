@@ -23,6 +23,9 @@ use crate::storage::{Ack, AppendOutcome, NewRecord, PurgeOutcome, ReadBatch};
 const GATHER_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
 /// How long the writer must have had nothing to do before it deletes retired `log` rows.
 const SWEEP_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Idle sweep steps committed without an fsync before one is synced: bounds the unsynced
+/// work a write arriving after them pays for with its own commit.
+const SYNC_EVERY_SWEEPS: u32 = 16;
 /// What the writer thread is asked to do.
 pub(super) enum Request {
     /// A write, applied in a group.
@@ -128,6 +131,8 @@ pub(super) struct Writer {
     needs_reopen: bool,
     /// False on a custom backend, which has no path to reopen.
     reopenable: bool,
+    /// Sweep steps committed without an fsync since the last synced commit.
+    unsynced_sweeps: u32,
 }
 
 /// The database, shared by readers and the writer, which replaces it when it reopens.
@@ -142,6 +147,7 @@ impl Writer {
             max_group,
             needs_reopen: false,
             reopenable: true,
+            unsynced_sweeps: 0,
         }
     }
 
@@ -214,7 +220,7 @@ impl Writer {
                     match inbox.recv_timeout(wait) {
                         Ok(request) => request,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            retired_waiting = self.sweep_step(false);
+                            retired_waiting = self.idle_sweep_step();
                             idle = true;
                             continue;
                         }
@@ -235,51 +241,65 @@ impl Writer {
                 }
                 Request::Job(first) => {
                     last_group = self.commit_group(first, &inbox, last_group, &mut held_back);
+                    // A group's commit syncs whatever sweeps left unsynced.
+                    self.unsynced_sweeps = 0;
                 }
             }
         }
     }
 
-    /// Deletes up to [`SWEEP_STEP`] retired `log` rows in a transaction of their own, committed
-    /// without an fsync unless `durable`; returns whether more may wait. A failure is logged and left for the next group, which
-    /// reopens the file if it must: the rows stay retired and are swept later.
-    fn sweep_step(&mut self, durable: bool) -> bool {
+    /// One step of the writer's idle sweep (see [`Writer::sweep_step`]); a failure is logged
+    /// and left for the next group, which reopens the file if it must: the rows stay retired
+    /// and are swept later. Returns whether more may wait.
+    fn idle_sweep_step(&mut self) -> bool {
         if self.needs_reopen {
             return false;
         }
-        let Some(db) = self.db.read().clone() else {
-            return false;
-        };
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool> {
-            // Mostly there is nothing retired: a read says so without a commit.
-            let read = db.begin_read().map_err(db_error)?;
-            let retired = read.open_table(RETIRED).map_err(db_error)?;
-            if retired.first().map_err(db_error)?.is_none() {
-                return Ok(false);
-            }
-            drop((retired, read));
-            let mut txn = db.begin_write().map_err(db_error)?;
-            // Without an fsync of its own: the next group's commit makes it durable, and a
-            // sweep lost in a crash leaves the rows retired, to be swept again. So a write
-            // that arrives meanwhile waits for the step's deletions only.
-            if !durable && txn.set_durability(redb::Durability::None).is_err() {
-                tracing::debug!("redb: a sweep without an fsync was refused; syncing it");
-            }
-            let swept = {
-                let mut tables = open_tables(&txn)?;
-                let swept = sweep_retired(&mut tables, SWEEP_STEP)?;
-                tables.finish()?;
-                swept
-            };
-            txn.commit().map_err(db_error)?;
-            Ok(swept == SWEEP_STEP as u64)
-        }))
-        .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
-        outcome.unwrap_or_else(|error| {
+        self.sweep_step(false).unwrap_or_else(|error| {
             tracing::error!(%error, "redb: deleting retired records failed");
             self.needs_reopen |= error.is_retryable();
             false
         })
+    }
+
+    /// Deletes up to [`SWEEP_STEP`] retired `log` rows (more past the high marks) in a
+    /// transaction of its own; returns whether more may wait. Committed without an fsync
+    /// unless `durable`, it is the last step of a run, or [`SYNC_EVERY_SWEEPS`] steps went
+    /// unsynced: a step lost in a crash leaves its rows retired, swept again later, and the
+    /// pages such a commit frees are reused only after a synced one.
+    fn sweep_step(&mut self, durable: bool) -> Result<bool> {
+        let Some(db) = self.db.read().clone() else {
+            return Ok(false);
+        };
+        let unsynced = self.unsynced_sweeps;
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(u64, bool)> {
+                // Mostly there is nothing retired: a read says so without a commit.
+                let read = db.begin_read().map_err(db_error)?;
+                let retired = read.open_table(RETIRED).map_err(db_error)?;
+                if retired.first().map_err(db_error)?.is_none() {
+                    return Ok((0, true));
+                }
+                drop((retired, read));
+                let mut txn = db.begin_write().map_err(db_error)?;
+                let swept = {
+                    let mut tables = open_tables(&txn)?;
+                    let swept = sweep_retired(&mut tables, SWEEP_STEP)?;
+                    tables.finish()?;
+                    swept
+                };
+                let last = swept < SWEEP_STEP as u64;
+                let synced = durable || last || unsynced + 1 >= SYNC_EVERY_SWEEPS;
+                if !synced && txn.set_durability(redb::Durability::None).is_err() {
+                    tracing::debug!("redb: a sweep without an fsync was refused; syncing it");
+                }
+                txn.commit().map_err(db_error)?;
+                Ok((swept, synced))
+            }))
+            .unwrap_or_else(|panic| Err(damaged(&self.path, &panic)));
+        let (swept, synced) = outcome?;
+        self.unsynced_sweeps = if synced { 0 } else { unsynced + 1 };
+        Ok(swept == SWEEP_STEP as u64)
     }
 
     /// Rewrites the file so that freed pages go back to the file system.
@@ -289,7 +309,7 @@ impl Writer {
         }
         // Retired records first: their rows hold the space compaction is asked to free (and
         // synced, or redb would not free their pages).
-        while self.sweep_step(true) {}
+        while self.sweep_step(true)? {}
         let Some(mut db) = self.take_database() else {
             return Err(Error::storage_msg(
                 Retry::Yes,

@@ -25,8 +25,9 @@ pub(super) const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition:
 pub(super) const DEDUP_ORDER: TableDefinition<(u64, &[u8], [u8; 16]), ()> =
     TableDefinition::new("dedup_order");
 pub(super) const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
-/// Seqs of `log` records taken off their recipient's list (acked, dropped, expired, removed)
-/// whose `log` row is not deleted yet: deleted later, oldest first, many at a time.
+/// Seqs of `log` records taken off their recipient's list (acked, dropped, removed) while
+/// scattered among other recipients' records, whose `log` row is not deleted yet: deleted
+/// later, oldest first, many at a time.
 pub(super) const RETIRED: TableDefinition<u64, ()> = TableDefinition::new("retired");
 
 /// The file format this code writes; a file with a higher number was written by a newer

@@ -55,19 +55,25 @@
 //! goes elsewhere, it does not show). A format 3 file opens as one whose watermarks are all 0
 //! and is marked with the newest format, which older builds refuse.
 //!
-//! **Scattered removed records leave the log later** (format 5). An ack (or a drop, an
-//! expiry, a removal) takes its records off the recipient's list and out of the counts at
-//! once. Records that lie together in the log (a backlog sent while nothing else was) are
-//! deleted at once too: their rows share a leaf or two. Records scattered among other
-//! recipients' are only filed in `retired`, and their `log` rows are deleted afterwards,
-//! oldest first, many per transaction. Deleting each at the ack rewrote a leaf per record and
-//! cost the chat server's drain about a fifth (BENCHMARKS.md, "Acked records leave the log
-//! later"). The writer deletes them in steps of 256 once it has had nothing to do for 20 ms,
-//! each step without an fsync of its own (the next commit makes it durable; a step lost in a
-//! crash leaves its rows retired, deleted again later). Past 131,072 waiting, every group
-//! also deletes as many as it retired, so they never pile up under a load with no idle
-//! moment. [`RedbStorage::compact`] deletes them all first. A retired row is never read,
-//! since no list holds it; purge's log cursor deletes one it meets without counting it again.
+//! **Scattered removed records leave the log later** (format 5). An ack (or a drop, a
+//! removal) takes its records off the recipient's list and out of the counts at once.
+//! Records that lie together in the log (a backlog sent while nothing else was), and a
+//! single record, are deleted at once too: their rows share a leaf or two. Two or more
+//! scattered among other recipients' records are only filed in `retired`, and their `log`
+//! rows are deleted afterwards, oldest first, many per transaction. Deleting each at the ack
+//! rewrote a leaf per record and cost the chat server's drain about a fifth (BENCHMARKS.md,
+//! "Acked records leave the log later").
+//! - The writer deletes them in steps of 256 once it has had nothing to do for 20 ms. A write
+//!   that arrives meanwhile waits for one step. Steps commit without an fsync, except every
+//!   16th and the last of a run: the next commit makes them durable, and a step lost in a
+//!   crash leaves its rows retired, to be deleted again.
+//! - Past 131,072 retired rows or 64 MiB of them, every group also deletes as many as it
+//!   retired, plus 256, so they never pile up under a load with no idle moment. That space is
+//!   outside `Quota::max_total_bytes`: the file may hold up to that much more than the budget.
+//! - [`RedbStorage::compact`] deletes them all first.
+//! - No list holds a retired row, so no read returns one. A `deliveries` row that
+//!   `mark_delivered` of an acked seq leaves is deleted with it. Purge's log cursor deletes a
+//!   retired row it meets without counting it again.
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.

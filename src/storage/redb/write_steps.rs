@@ -40,6 +40,8 @@ pub(super) struct Tables<'t> {
     pub(super) purge_cursor: u64,
     /// Rows in `retired`: `log` rows off every list and not deleted yet.
     pub(super) retired_count: u64,
+    /// The size of those `log` rows.
+    pub(super) retired_bytes: u64,
     /// Rows this transaction added to `retired`.
     pub(super) retired_here: u64,
     /// Recipients' metadata as read, and changed, by this group (`None`: none, or to remove;
@@ -57,7 +59,7 @@ impl Tables<'_> {
         if let Some((now, window, budget)) = self.dedup_prune.take() {
             prune_dedup(self, now, window, budget)?;
         }
-        if self.retired_count > RETIRED_HIGH {
+        if self.retired_count > RETIRED_HIGH || self.retired_bytes > RETIRED_HIGH_BYTES {
             // At least as many as this group retired, so the backlog never grows past the
             // mark by more than one group's worth.
             let budget = usize::try_from(self.retired_here).unwrap_or(usize::MAX);
@@ -65,6 +67,9 @@ impl Tables<'_> {
         }
         self.info
             .insert("retired_count", self.retired_count)
+            .map_err(db_error)?;
+        self.info
+            .insert("retired_bytes", self.retired_bytes)
             .map_err(db_error)?;
         self.info
             .insert("next_seq", self.next_seq)
@@ -101,9 +106,11 @@ impl Tables<'_> {
 /// never does unbounded work.
 const DEDUP_PRUNE_PER_GROUP: usize = 64;
 
-/// Retired `log` rows a group leaves for the writer's idle time. Past this, each group also
-/// deletes as many as it retired, plus [`SWEEP_STEP`]. About 32 MiB of 256-byte records.
+/// Retired `log` rows, and their bytes, a group leaves for the writer's idle time. Past
+/// either, each group also deletes as many as it retired, plus [`SWEEP_STEP`]. The bytes are
+/// outside `max_total_bytes`: the file may hold this much more than the budget.
 pub(super) const RETIRED_HIGH: u64 = 131_072;
+pub(super) const RETIRED_HIGH_BYTES: u64 = 64 << 20;
 /// Retired `log` rows one sweep deletes at most (the writer sweeps when it has nothing else
 /// to do, one transaction of this many at a time, so a write never waits long behind one).
 pub(super) const SWEEP_STEP: usize = 256;
@@ -119,6 +126,7 @@ pub(super) fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>> {
         last_dated: read("last_dated")?,
         purge_cursor: read("purge_cursor")?,
         retired_count: read("retired_count")?,
+        retired_bytes: read("retired_bytes")?,
         retired_here: 0,
         metas: std::collections::HashMap::new(),
         dedup_prune: None,
@@ -254,8 +262,8 @@ fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
 /// Retires the `log` record `seq` (already taken off `who`'s list): removes its delivery
 /// count and expiry entry now, and files its `log` row in `retired`, deleted later by
 /// [`sweep_retired`] with many others in seq order. (Deleting it here, one row per record
-/// scattered over the log, cost a drain about a third of its rate: BENCHMARKS.md.) Returns
-/// its body length. A record that names another recipient is left alone (only a damaged
+/// scattered over the log, cost the chat server's drain about a fifth: BENCHMARKS.md.)
+/// Returns its body length. A record that names another recipient is left alone (only a damaged
 /// list points at one).
 fn retire(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
     let Some(found) = filed_body(t, who, seq, false)? else {
@@ -264,6 +272,8 @@ fn retire(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
     if t.retired.insert(seq, ()).map_err(db_error)?.is_none() {
         t.retired_count += 1;
         t.retired_here += 1;
+        // The row's size: a damaged record's length was taken from it the same way.
+        t.retired_bytes += found + (HEADER + who.len()) as u64;
     }
     Ok(Some(found))
 }
@@ -276,7 +286,9 @@ pub(super) fn sweep_retired(t: &mut Tables<'_>, budget: usize) -> Result<u64> {
     }
     for &seq in &seqs {
         t.retired.remove(seq).map_err(db_error)?;
-        t.log.remove(seq).map_err(db_error)?;
+        if let Some(row) = t.log.remove(seq).map_err(db_error)? {
+            t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
+        }
         // A delivery count made after it retired (`mark_delivered` of an acked seq finds its
         // row still there).
         t.deliveries.remove(seq).map_err(db_error)?;
@@ -337,8 +349,9 @@ fn filed_body(t: &mut Tables<'_>, who: &[u8], seq: u64, delete: bool) -> Result<
     Ok(Some(len))
 }
 
-/// Takes `seqs` (ascending) off the recipient's list and retires their `log` rows; returns
-/// (records removed, bytes freed). Seqs the recipient does not hold are left alone.
+/// Takes `seqs` (ascending) off the recipient's list, and deletes their `log` rows at once if
+/// they lie together in the log, or retires them if they are scattered (two or more records
+/// only); returns (records removed, bytes freed). Seqs the recipient does not hold are left alone.
 fn remove_records(
     t: &mut Tables<'_>,
     who: &[u8],
@@ -351,7 +364,10 @@ fn remove_records(
     // deleted at once: their rows share a leaf or two. Records scattered among other
     // recipients' would each rewrite a leaf of their own, so they are retired instead.
     let scattered = match (held.first(), held.last()) {
-        (Some(&first), Some(&last)) if held.len() > 1 => last - first >= 2 * held.len() as u64,
+        // (A damaged list may hold seqs out of order: no subtraction that could overflow.)
+        (Some(&first), Some(&last)) if held.len() > 1 => {
+            last.abs_diff(first) >= 2 * held.len() as u64
+        }
         _ => false,
     };
     for seq in held {
@@ -713,19 +729,22 @@ pub(super) fn ack_records(
 /// lost, and out of the log. Returns (bytes freed, whether the recipient listed it), or `None`
 /// if it was already gone.
 fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64, bool)>> {
+    // A retired record left its list, and the counts, already: only its row is left. Looked
+    // at first, so a damaged `meta` row of its recipient cannot stop purge here.
+    if t.retired.remove(seq).map_err(db_error)?.is_some() {
+        t.retired_count = t.retired_count.saturating_sub(1);
+        if let Some(row) = t.log.remove(seq).map_err(db_error)? {
+            t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
+        }
+        t.deliveries.remove(seq).map_err(db_error)?;
+        return Ok(Some((0, false)));
+    }
     let mut meta = match meta_get(t, who)? {
         Some(meta) => meta,
         None => Meta::new(t.next_seq),
     };
     let (removed, freed) = remove_records(t, who, &mut meta, &[seq])?;
     if removed == 0 {
-        if t.retired.remove(seq).map_err(db_error)?.is_some() {
-            // Retired already (counted when it left its list): only its row was left.
-            t.retired_count = t.retired_count.saturating_sub(1);
-            t.log.remove(seq).map_err(db_error)?;
-            t.deliveries.remove(seq).map_err(db_error)?;
-            return Ok(Some((0, false)));
-        }
         // Listed by nobody we can tell (its recipient bytes were damaged, or a list was):
         // reclaim it all the same; a list that still holds it reports it missing on read.
         return Ok(remove_logged(t, who, seq)?.map(|freed| (freed, false)));
@@ -946,10 +965,14 @@ mod tests {
         read.open_table(table).unwrap().len().unwrap()
     }
 
-    fn total_bytes(db: &redb::Database) -> u64 {
+    fn info(db: &redb::Database, name: &str) -> u64 {
         let read = db.begin_read().unwrap();
         let info = read.open_table(INFO).unwrap();
-        info.get("total_bytes").unwrap().map_or(0, |v| v.value())
+        info.get(name).unwrap().map_or(0, |v| v.value())
+    }
+
+    fn total_bytes(db: &redb::Database) -> u64 {
+        info(db, "total_bytes")
     }
 
     fn records(count: usize, body: &[u8], expires_at: Option<u64>) -> Vec<NewRecord> {
@@ -1004,6 +1027,8 @@ mod tests {
         assert_eq!(total_bytes(&db), 6 * 5);
         assert_eq!(rows(&db, RETIRED), 3);
         assert_eq!(rows(&db, LOG), 9);
+        let row = (HEADER + "acked".len() + 8) as u64;
+        assert_eq!(info(&db, "retired_bytes"), 3 * row);
 
         // Purge's log cursor meets them when they fall due: it deletes them, and neither
         // counts them expired nor takes their bytes off a second time.
@@ -1012,6 +1037,8 @@ mod tests {
         assert_eq!(rows(&db, RETIRED), 0);
         assert_eq!(rows(&db, LOG), 6);
         assert_eq!(total_bytes(&db), 6 * 5);
+        assert_eq!(info(&db, "retired_bytes"), 0);
+        assert_eq!(info(&db, "retired_count"), 0);
     }
 
     #[test]
