@@ -285,16 +285,24 @@ pub(super) fn sweep_retired(t: &mut Tables<'_>, budget: usize) -> Result<u64> {
         seqs.push(entry.map_err(db_error)?.0.value());
     }
     for &seq in &seqs {
-        t.retired.remove(seq).map_err(db_error)?;
-        if let Some(row) = t.log.remove(seq).map_err(db_error)? {
-            t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
-        }
-        // A delivery count made after it retired (`mark_delivered` of an acked seq finds its
-        // row still there).
-        t.deliveries.remove(seq).map_err(db_error)?;
+        delete_retired(t, seq)?;
     }
-    t.retired_count = t.retired_count.saturating_sub(seqs.len() as u64);
     Ok(seqs.len() as u64)
+}
+
+/// If `seq` is retired, deletes its `log` row and its `retired` one; says whether it was.
+fn delete_retired(t: &mut Tables<'_>, seq: u64) -> Result<bool> {
+    if t.retired.remove(seq).map_err(db_error)?.is_none() {
+        return Ok(false);
+    }
+    t.retired_count = t.retired_count.saturating_sub(1);
+    if let Some(row) = t.log.remove(seq).map_err(db_error)? {
+        t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
+    }
+    // A delivery count made after it retired (`mark_delivered` of an acked seq finds its row
+    // still there).
+    t.deliveries.remove(seq).map_err(db_error)?;
+    Ok(true)
 }
 
 /// Removes the `log` record `seq`, listed by nobody, with its delivery count and expiry
@@ -731,12 +739,7 @@ pub(super) fn ack_records(
 fn expire_record(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<(u64, bool)>> {
     // A retired record left its list, and the counts, already: only its row is left. Looked
     // at first, so a damaged `meta` row of its recipient cannot stop purge here.
-    if t.retired.remove(seq).map_err(db_error)?.is_some() {
-        t.retired_count = t.retired_count.saturating_sub(1);
-        if let Some(row) = t.log.remove(seq).map_err(db_error)? {
-            t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
-        }
-        t.deliveries.remove(seq).map_err(db_error)?;
+    if delete_retired(t, seq)? {
         return Ok(Some((0, false)));
     }
     let mut meta = match meta_get(t, who)? {
