@@ -14,6 +14,10 @@
 //! (file store, a durable pull consumer per recipient, `AckAll`). The chat_server runs from
 //! `target/release/examples/chat_server` on each `--systems` storage.
 //!
+//! With `--cpu`, each phase's CPU time is printed too: the system's process by thread name and
+//! this tool's own, per message. On two cores shared by both, a phase can take no less than
+//! their sum over two; a phase much longer than that spent its time waiting (on an fsync, say).
+//!
 //! ```text
 //! cargo build --release --features redis --example chat_server
 //! cargo run --release --manifest-path load/Cargo.toml -- --systems chat:redb,mosquitto,nats
@@ -86,6 +90,11 @@ struct Args {
     /// Records per page for the `nats-paged` modes.
     #[arg(long, default_value_t = 15)]
     page_records: usize,
+    /// Also print the CPU time each phase took: the system's process by thread name (the
+    /// chat_server, mosquitto or nats-server; not a Redis or PostgreSQL behind the
+    /// chat_server) and this tool's own, from the kernel's per-thread accounting.
+    #[arg(long)]
+    cpu: bool,
 }
 
 impl Args {
@@ -124,6 +133,95 @@ fn check(args: &Args, recipient: usize, index: usize, body: &[u8]) -> Result<(),
 struct Timing {
     store: Duration,
     drain: Duration,
+    /// CPU each phase took: the system's process, by thread name, and this tool's own.
+    store_cpu: PhaseCpu,
+    drain_cpu: PhaseCpu,
+}
+
+/// CPU time one phase took, from the kernel's per-thread accounting.
+struct PhaseCpu {
+    /// The system's process (the chat_server, mosquitto or nats-server; not a Redis or
+    /// PostgreSQL the chat_server uses), summed by thread name, most first.
+    system: Vec<(String, Duration)>,
+    /// This load tool's own threads.
+    tool: Duration,
+}
+
+impl PhaseCpu {
+    fn between(system: (&CpuSnapshot, &CpuSnapshot), tool: (&CpuSnapshot, &CpuSnapshot)) -> Self {
+        let mut by_name: Vec<(String, Duration)> = Vec::new();
+        for (name, spent) in system.1.since(system.0) {
+            match by_name.iter_mut().find(|(n, _)| *n == name) {
+                Some(entry) => entry.1 += spent,
+                None => by_name.push((name, spent)),
+            }
+        }
+        by_name.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        Self {
+            system: by_name,
+            tool: tool.1.since(tool.0).map(|(_, spent)| spent).sum(),
+        }
+    }
+
+    /// One line: CPU seconds, and microseconds per message on both sides.
+    fn describe(&self, messages: usize) -> String {
+        let system: Duration = self.system.iter().map(|(_, spent)| *spent).sum();
+        let per_message = |d: Duration| d.as_secs_f64() * 1e6 / messages as f64;
+        let threads: Vec<String> = self
+            .system
+            .iter()
+            .take(3)
+            .map(|(name, spent)| format!("{name} {:.2}", spent.as_secs_f64()))
+            .collect();
+        format!(
+            "system {:.2} s ({}), tool {:.2} s; per message {:.1} + {:.1} us",
+            system.as_secs_f64(),
+            threads.join(", "),
+            self.tool.as_secs_f64(),
+            per_message(system),
+            per_message(self.tool)
+        )
+    }
+}
+
+/// Each thread's CPU time so far (`/proc/<pid>/task/<tid>/schedstat`, nanoseconds on a CPU),
+/// by thread id, with its name. Empty where /proc has no such accounting.
+struct CpuSnapshot(Vec<(u64, String, Duration)>);
+
+impl CpuSnapshot {
+    fn take(pid: u32) -> Self {
+        let mut threads = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Self(threads);
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let ran = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+            let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if let Some(ns) = ran {
+                threads.push((tid, name.trim().to_string(), Duration::from_nanos(ns)));
+            }
+        }
+        Self(threads)
+    }
+
+    /// Each thread's CPU since `earlier` (a thread born since counts from zero; one that
+    /// ended meanwhile is not counted: none of the systems' threads end during a phase).
+    fn since<'a>(&'a self, earlier: &'a Self) -> impl Iterator<Item = (String, Duration)> + 'a {
+        self.0.iter().map(move |(tid, name, ran)| {
+            let before = earlier
+                .0
+                .iter()
+                .find(|(t, _, _)| t == tid)
+                .map_or(Duration::ZERO, |(_, _, r)| *r);
+            (name.clone(), ran.saturating_sub(before))
+        })
+    }
 }
 
 #[tokio::main]
@@ -173,6 +271,13 @@ async fn main() -> Result<(), BoxError> {
                 timing.drain.as_secs_f64(),
                 args.total()
             );
+            if args.cpu {
+                println!(
+                    "    cpu, store: {}\n    cpu, drain: {}",
+                    timing.store_cpu.describe(args.total()),
+                    timing.drain_cpu.describe(args.total())
+                );
+            }
             match best.iter_mut().find(|(name, _, _)| name == system) {
                 Some(entry) => {
                     entry.1 = entry.1.max(store);
@@ -239,6 +344,7 @@ async fn await_port(port: u16, what: &str) -> Result<(), BoxError> {
 /// the drain phase (a task per recipient, at most `--connecting` of them mid-handshake).
 async fn timed_phases<Store, Drain>(
     args: &Args,
+    system_pid: u32,
     publish: impl Fn(usize) -> Store,
     drain: impl Fn(usize, Handshakes) -> Drain,
 ) -> Result<Timing, BoxError>
@@ -246,6 +352,13 @@ where
     Store: Future<Output = Result<(), BoxError>> + Send + 'static,
     Drain: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
+    let snapshot = || {
+        (
+            CpuSnapshot::take(system_pid),
+            CpuSnapshot::take(std::process::id()),
+        )
+    };
+    let before_store = snapshot();
     let started = Instant::now();
     join_all(
         (0..args.publishers)
@@ -254,6 +367,7 @@ where
     )
     .await?;
     let store = started.elapsed();
+    let before_drain = snapshot();
     let started = Instant::now();
     let handshakes = Arc::new(Semaphore::new(args.connecting));
     join_all(
@@ -262,9 +376,16 @@ where
             .collect(),
     )
     .await?;
+    let drain = started.elapsed();
+    let after = snapshot();
     Ok(Timing {
         store,
-        drain: started.elapsed(),
+        drain,
+        store_cpu: PhaseCpu::between(
+            (&before_store.0, &before_drain.0),
+            (&before_store.1, &before_drain.1),
+        ),
+        drain_cpu: PhaseCpu::between((&before_drain.0, &after.0), (&before_drain.1, &after.1)),
     })
 }
 
@@ -343,6 +464,7 @@ mod chat {
                 )
             })?;
         let stdout = child.stdout.take().unwrap();
+        let pid = child.id();
         let _server = Process(child);
         let addr: SocketAddr = tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
@@ -358,6 +480,7 @@ mod chat {
 
         timed_phases(
             args,
+            pid,
             |publisher| publish(args.clone(), addr, publisher),
             |recipient, handshakes| drain(args.clone(), addr, recipient, handshakes),
         )
@@ -509,6 +632,7 @@ mod mqtt {
 
         timed_phases(
             args,
+            _broker.0.id(),
             |publisher| publish(args.clone(), port, publisher),
             |recipient, handshakes| drain(args.clone(), port, recipient, handshakes),
         )
@@ -708,6 +832,7 @@ mod nats {
                 }
                 return timed_phases(
                     args,
+                    _server.0.id(),
                     |publisher| paged::publish(args.clone(), url.clone(), publisher, layout),
                     |recipient, reads| {
                         let (args, js, stream) = (args.clone(), setup.clone(), shared.clone());
@@ -721,6 +846,7 @@ mod nats {
             }
             return timed_phases(
                 args,
+                _server.0.id(),
                 |publisher| publish(args.clone(), url.clone(), publisher, read),
                 |recipient, reads| {
                     let (args, stream) = (args.clone(), shared.clone());
@@ -769,6 +895,7 @@ mod nats {
 
         timed_phases(
             args,
+            _server.0.id(),
             |publisher| publish(args.clone(), url.clone(), publisher, read),
             |recipient, handshakes| drain(args.clone(), url.clone(), recipient, handshakes),
         )
