@@ -880,10 +880,34 @@ async fn two_servers_on_one_amqp_deliver_across() {
 
 /// A client that sends without waiting (300 frames, some refused) gets one reply per frame, in
 /// the order of its frames, and each recipient gets its messages in the order they were sent,
-/// with a bound of 8 sends in flight (the server stops reading past it, then goes on).
+/// with a bound of 8 sends in flight (the server stops reading past it, then goes on). On redb
+/// the sends are polled once as read, and none waits for another.
 #[tokio::test]
 async fn pipelined_sends_are_answered_and_stored_in_order() {
-    let server = Server::start(&["--max-sends-in-flight", "8"]);
+    pipelined_sends_in_order(&[]).await;
+}
+
+/// The same on Redis, whose appends do not keep poll order: there each send waits for the
+/// connection's previous one to the same recipient.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn pipelined_sends_on_redis_are_answered_and_stored_in_order() {
+    let Ok(url) = std::env::var("OFFLINE_QUEUE_REDIS_URL") else {
+        assert!(
+            std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "OFFLINE_QUEUE_REQUIRE_SERVERS=1 needs OFFLINE_QUEUE_REDIS_URL"
+        );
+        skip_support::record("OFFLINE_QUEUE_REDIS_URL is unset");
+        return;
+    };
+    let prefix = format!("chat-test-{}", offline_queue::MessageId::generate());
+    pipelined_sends_in_order(&["--storage", &url, "--redis-prefix", &prefix]).await;
+}
+
+async fn pipelined_sends_in_order(storage: &[&str]) {
+    let mut flags = vec!["--max-sends-in-flight", "8"];
+    flags.extend_from_slice(storage);
+    let server = Server::start(&flags);
     let mut alice = Client::connect(&server, "alice").await;
     alice.expect_caught_up_empty().await;
     let frames: Vec<(String, Value)> = (0..300)

@@ -389,6 +389,9 @@ impl OfflineQueue {
     /// error after it applied the append (the connection dropped before the reply). Send with a
     /// sender-chosen id ([`Envelope::with_id`]) and retry with the same id: the dedup window
     /// stores it once.
+    ///
+    /// Nothing awaits before the storage's append: with a storage that keeps poll order,
+    /// sends are stored in the order of their first polls ([`OfflineQueue::sends_keep_poll_order`]).
     pub async fn send(&self, envelope: Envelope) -> Result<SendReceipt> {
         let (recipient, record, urgency) = self.prepare(envelope)?;
         let inner = &self.inner;
@@ -738,6 +741,45 @@ impl OfflineQueue {
     /// own server ([`Capabilities::durable`]).
     pub fn storage_is_durable(&self) -> bool {
         self.inner.capabilities.durable
+    }
+
+    /// True if sends to one recipient are stored in the order their futures were first
+    /// polled, even while earlier ones are still in flight: [`OfflineQueue::send`] reaches
+    /// the storage in its first poll, and the storage keeps that order
+    /// ([`Capabilities::appends_in_poll_order`]). A caller that sends on behalf of one
+    /// client may then poll each send once as it is made and keep many in flight, so they
+    /// share commits, and still store them in the client's order. False: await each send
+    /// before the next to the same recipient (or use [`OfflineQueue::send_many`]).
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// use offline_queue::{Envelope, OfflineQueue, RecipientId};
+    /// use std::task::{Context, Poll, Waker};
+    ///
+    /// let queue = OfflineQueue::builder().build()?; // memory storage keeps poll order
+    /// assert!(queue.sends_keep_poll_order());
+    /// let bob = RecipientId::new("bob")?;
+    /// let mut sends = Vec::new();
+    /// for text in ["one", "two"] {
+    ///     let mut send = Box::pin(queue.send(Envelope::new(bob.clone(), text)));
+    ///     // The first poll puts it in the storage's order; finish it later.
+    ///     let first = send.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    ///     sends.push((first, send));
+    /// }
+    /// let mut seqs = Vec::new();
+    /// for (first, send) in sends {
+    ///     let receipt = match first {
+    ///         Poll::Ready(receipt) => receipt,
+    ///         Poll::Pending => send.await,
+    ///     }?;
+    ///     seqs.push(receipt.seq);
+    /// }
+    /// assert!(seqs[0] < seqs[1]);
+    /// # Ok::<(), offline_queue::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn sends_keep_poll_order(&self) -> bool {
+        self.inner.capabilities.appends_in_poll_order
     }
 
     /// The recipient's queue at a glance.

@@ -559,6 +559,8 @@ impl Storage for MemoryStorage {
             .with_total_byte_budget(true)
             .with_purge_expired(true)
             .with_idle_removal(true)
+            // An append runs whole under its shard's lock in its first poll.
+            .with_appends_in_poll_order(true)
     }
 
     async fn append(

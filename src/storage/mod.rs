@@ -275,6 +275,14 @@ pub struct Capabilities {
     /// named at connect), and the suite and the storage model check only the message
     /// counts.
     pub exact_stats: bool,
+    /// True if an append takes its place in the storage's order on the first poll of its
+    /// future: of two appends to one recipient, the one polled first gets the lower seq, even
+    /// when the second is polled before the first completes. A caller may then keep several
+    /// appends to one recipient in flight and still have them stored in the order it made
+    /// them (poll each once as it is made), which lets them share commits. False: a caller
+    /// that needs that order awaits each append before it starts the next to the same
+    /// recipient. The suite checks it in `appends_in_poll_order`.
+    pub appends_in_poll_order: bool,
 }
 
 impl Default for Capabilities {
@@ -291,6 +299,7 @@ impl Default for Capabilities {
             loss_counts: false,
             exact_quotas: false,
             exact_stats: false,
+            appends_in_poll_order: false,
         }
     }
 }
@@ -356,6 +365,13 @@ impl Capabilities {
     #[must_use]
     pub fn with_exact_stats(mut self, exact: bool) -> Self {
         self.exact_stats = exact;
+        self
+    }
+
+    /// Sets [`Capabilities::appends_in_poll_order`].
+    #[must_use]
+    pub fn with_appends_in_poll_order(mut self, ordered: bool) -> Self {
+        self.appends_in_poll_order = ordered;
         self
     }
 

@@ -86,3 +86,36 @@ pub async fn engine_round_trip(storage: Arc<dyn Storage>) {
     end.unwrap();
     assert_eq!(queue.stats(&bob).await.unwrap().messages, 0, "all acked");
 }
+
+/// Where the storage keeps poll order, so does the engine: sends to one recipient, each polled
+/// once as it is made and all left in flight, are stored in that order
+/// ([`OfflineQueue::sends_keep_poll_order`]), however they are awaited afterwards.
+pub async fn engine_sends_keep_poll_order(storage: Arc<dyn Storage>) {
+    let queue = OfflineQueue::builder().storage(storage).build().unwrap();
+    if !queue.sends_keep_poll_order() {
+        return;
+    }
+    let bob = recipient("bob");
+    let mut in_flight = Vec::new();
+    for i in 0..40u8 {
+        let mut send = Box::pin(queue.send(Envelope::new(bob.clone(), vec![i])));
+        let first = send
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        in_flight.push((first, send));
+    }
+    let mut seqs = Vec::new();
+    // Awaited last to first, so the order of completion is no help.
+    for (first, send) in in_flight.into_iter().rev() {
+        let receipt = match first {
+            std::task::Poll::Ready(receipt) => receipt,
+            std::task::Poll::Pending => send.await,
+        };
+        seqs.push(receipt.expect("send").seq);
+    }
+    seqs.reverse();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sends stored in the order of their first polls: {seqs:?}"
+    );
+}

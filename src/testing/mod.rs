@@ -33,13 +33,16 @@ mod stats;
 pub use acks::{acks, loss_confirmation_is_idempotent, passed_over_counts_once};
 pub use dedup::dedup;
 pub use delivery::{delivery_counts, read_for_delivery, read_for_delivery_with_ack};
-pub use engine::engine_round_trip;
+pub use engine::{engine_round_trip, engine_sends_keep_poll_order};
 pub use expiry::{
     expiry, idle_from_the_append_that_refilled, idle_refiling_is_bounded, idle_removal,
     purge_budget, purge_work_is_proportional,
 };
 pub use isolation::isolation;
-pub use order::{concurrent_appends, order_and_seqs, read_bounds, seqs_never_reused_after_empty};
+pub use order::{
+    appends_in_poll_order, concurrent_appends, order_and_seqs, read_bounds,
+    seqs_never_reused_after_empty,
+};
 pub use quotas::{
     append_one, global_budget, global_budget_full_then_retry, quota_drop_oldest,
     quota_reject_is_atomic,
@@ -136,5 +139,7 @@ where
     isolation(&*make().await).await;
     stats_and_remove(&*make().await).await;
     concurrent_appends(make().await).await;
+    appends_in_poll_order(make().await).await;
     engine_round_trip(make().await).await;
+    engine_sends_keep_poll_order(make().await).await;
 }

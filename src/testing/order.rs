@@ -151,3 +151,46 @@ pub async fn concurrent_appends(storage: Arc<dyn Storage>) {
         assert_eq!(mine, (0..25).collect::<Vec<_>>(), "writer {writer}'s order");
     }
 }
+
+/// With [`Capabilities::appends_in_poll_order`](crate::storage::Capabilities): appends to one
+/// recipient, each polled once as it is made and all left in flight, are stored in the order
+/// of those first polls, however their futures are awaited afterwards.
+pub async fn appends_in_poll_order(storage: Arc<dyn Storage>) {
+    if !storage.capabilities().appends_in_poll_order {
+        return;
+    }
+    let bob = recipient("bob");
+    let mut in_flight = Vec::new();
+    for i in 0..40u8 {
+        let mut append = storage.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, T0);
+        let mut first_poll = std::task::Context::from_waker(std::task::Waker::noop());
+        // Done already, or in the storage's order and still to be awaited.
+        let done = append.as_mut().poll(&mut first_poll);
+        in_flight.push((i, done, append));
+    }
+    let mut seqs = vec![Seq(0); in_flight.len()];
+    // Awaited last to first, so the order of completion is no help.
+    for (i, done, append) in in_flight.into_iter().rev() {
+        let outcome = match done {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => append.await,
+        };
+        let outcome = outcome.expect("append");
+        seqs[usize::from(i)] = match outcome.records[..] {
+            [crate::storage::Appended::Stored(seq)] => seq,
+            ref other => panic!("append {i}: {other:?}"),
+        };
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs follow the first polls: {seqs:?}"
+    );
+    let stored: Vec<u8> = storage
+        .read_all(&bob, T0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.body[0])
+        .collect();
+    assert_eq!(stored, (0..40).collect::<Vec<_>>(), "stored in poll order");
+}

@@ -5,11 +5,16 @@
 //! share the storage's commits), up to `--max-sends-in-flight`; past it the loop stops
 //! reading the socket until one is answered (backpressure, nothing buffered without bound).
 //! Replies go out in the order of the client's frames, and sends to one recipient are stored
-//! in that order too: each waits for the connection's previous send to the same recipient.
+//! in that order too. Where the storage keeps the order in which appends are first polled
+//! (redb, memory: `OfflineQueue::sends_keep_poll_order`), each send is polled once as its
+//! frame is read and none waits for another; elsewhere each waits for the connection's
+//! previous send to the same recipient, which keeps a recipient's sends out of each other's
+//! commits.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -258,6 +263,22 @@ async fn in_time<E>(step: impl Future<Output = Result<(), E>>) -> bool {
     matches!(tokio::time::timeout(WRITE_TIMEOUT, step).await, Ok(Ok(())))
 }
 
+/// The reply to a send: `sent`, or the error.
+fn sent(
+    id: Option<String>,
+    outcome: offline_queue::Result<offline_queue::SendReceipt>,
+) -> ServerFrame {
+    match outcome {
+        // `message_id` is what the recipient's `deliver` carries for it.
+        Ok(receipt) => ServerFrame::Sent {
+            id,
+            message_id: receipt.id.to_string(),
+            seq: receipt.seq.0,
+        },
+        Err(error) => ServerFrame::from_error(id, &error),
+    }
+}
+
 /// Acts on one text frame: an ack at once; a send started in `in_flight`, which answers it.
 /// Returns the reply of a frame answered at once (an error), if any.
 fn handle_frame(
@@ -270,22 +291,26 @@ fn handle_frame(
     match parse_frame(user, text) {
         Err(refused) => Some(refused),
         Ok(Request::Send { id, to, envelope }) => {
-            let (before, done) = in_flight.chain(&to);
             let queue = app.queue.clone();
+            if queue.sends_keep_poll_order() {
+                let mut reply: Reply =
+                    Box::pin(async move { Some(sent(id, queue.send(envelope).await)) });
+                // This first poll gives the send its place in the storage's order, in the
+                // order of the frames; the connection's loop polls it on from there.
+                let first = reply.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+                if let Poll::Ready(frame) = first {
+                    reply = Box::pin(std::future::ready(frame));
+                }
+                in_flight.replies.push_back(reply);
+                return None;
+            }
+            let (before, done) = in_flight.chain(&to);
             in_flight.replies.push_back(Box::pin(async move {
                 if let Some(before) = before {
                     // Stored or refused, or its connection's future dropped: go on.
                     let _ = before.await;
                 }
-                let reply = match queue.send(envelope).await {
-                    // `message_id` is what the recipient's `deliver` carries for it.
-                    Ok(receipt) => ServerFrame::Sent {
-                        id,
-                        message_id: receipt.id.to_string(),
-                        seq: receipt.seq.0,
-                    },
-                    Err(error) => ServerFrame::from_error(id, &error),
-                };
+                let reply = sent(id, queue.send(envelope).await);
                 let _ = done.send(());
                 Some(reply)
             }));

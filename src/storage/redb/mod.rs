@@ -301,7 +301,9 @@ impl RedbStorage {
         self.ask(|reply| Request::Job(make(reply))).await
     }
 
-    /// Sends a request to the writer thread and waits for its answer.
+    /// Sends a request to the writer thread and waits for its answer. The request is sent
+    /// before the first await, so jobs enter the writer in the order their futures were
+    /// first polled (`Capabilities::appends_in_poll_order`).
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request) -> Result<T> {
         let (reply, answer) = oneshot::channel();
         let jobs = self.jobs.as_ref().expect("writer runs until drop");
@@ -520,6 +522,9 @@ impl Storage for RedbStorage {
             .with_total_byte_budget(true)
             .with_purge_expired(true)
             .with_idle_removal(true)
+            // An append's job enters the writer's channel in its first poll (`ask` sends it
+            // before it awaits), and the writer applies jobs in the channel's order.
+            .with_appends_in_poll_order(true)
     }
 
     async fn append(
