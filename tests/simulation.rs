@@ -205,7 +205,8 @@ macro_rules! faulty {
 #[async_trait]
 impl Storage for FaultyStorage {
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        // Its appends may wait (a delay) before they reach the inner storage.
+        self.inner.capabilities().with_appends_in_poll_order(false)
     }
     async fn append(
         &self,

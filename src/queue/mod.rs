@@ -743,8 +743,8 @@ impl OfflineQueue {
         self.inner.capabilities.durable
     }
 
-    /// True if sends to one recipient are stored in the order their futures were first
-    /// polled, even while earlier ones are still in flight: [`OfflineQueue::send`] reaches
+    /// True if sends to one recipient that are stored are stored in the order their futures
+    /// were first polled, even while earlier ones are still in flight: [`OfflineQueue::send`] reaches
     /// the storage in its first poll, and the storage keeps that order
     /// ([`Capabilities::appends_in_poll_order`]). A caller that sends on behalf of one
     /// client may then poll each send once as it is made and keep many in flight, so they

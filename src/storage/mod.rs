@@ -276,12 +276,17 @@ pub struct Capabilities {
     /// counts.
     pub exact_stats: bool,
     /// True if an append takes its place in the storage's order on the first poll of its
-    /// future: of two appends to one recipient, the one polled first gets the lower seq, even
-    /// when the second is polled before the first completes. A caller may then keep several
-    /// appends to one recipient in flight and still have them stored in the order it made
-    /// them (poll each once as it is made), which lets them share commits. False: a caller
-    /// that needs that order awaits each append before it starts the next to the same
-    /// recipient. The suite checks it in `appends_in_poll_order`.
+    /// future: of two appends to one recipient that are both stored, the one polled first
+    /// gets the lower seq, even when the second is polled before the first completes (an
+    /// earlier one may still fail, or be refused, while a later one is stored). A caller may
+    /// then keep several appends to one recipient in flight and still have them stored in
+    /// the order it made them (poll each once as it is made), which lets them share commits.
+    /// False: a caller that needs that order awaits each append before it starts the next to
+    /// the same recipient. The suite checks it in `appends_in_poll_order`.
+    ///
+    /// A wrapper that passes its inner storage's capabilities on must clear this flag unless
+    /// its `append` and `append_one` call the inner ones, once, without waiting for anything
+    /// first (no delay, retry, rate limit or lock held across an await).
     pub appends_in_poll_order: bool,
 }
 

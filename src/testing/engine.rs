@@ -99,17 +99,15 @@ pub async fn engine_sends_keep_poll_order(storage: Arc<dyn Storage>) {
     let mut in_flight = Vec::new();
     for i in 0..40u8 {
         let mut send = Box::pin(queue.send(Envelope::new(bob.clone(), vec![i])));
-        let first = send
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-        in_flight.push((first, send));
+        let done = super::poll_once(&mut send);
+        in_flight.push((done, send));
     }
     let mut seqs = Vec::new();
     // Awaited last to first, so the order of completion is no help.
-    for (first, send) in in_flight.into_iter().rev() {
-        let receipt = match first {
-            std::task::Poll::Ready(receipt) => receipt,
-            std::task::Poll::Pending => send.await,
+    for (done, send) in in_flight.into_iter().rev() {
+        let receipt = match done {
+            Some(receipt) => receipt,
+            None => send.await,
         };
         seqs.push(receipt.expect("send").seq);
     }

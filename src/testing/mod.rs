@@ -109,6 +109,16 @@ async fn append(storage: &dyn Storage, who: &RecipientId, records: Vec<NewRecord
         .collect()
 }
 
+/// Polls `future` once with a waker that does nothing, so it does now whatever it does before
+/// it first waits; its output if that finished it. Poll it on (or await it) otherwise.
+fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(future).poll(&mut context) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Runs every check, each against a fresh storage from `make`.
 pub async fn run_all<F, Fut>(make: F)
 where

@@ -153,44 +153,66 @@ pub async fn concurrent_appends(storage: Arc<dyn Storage>) {
 }
 
 /// With [`Capabilities::appends_in_poll_order`](crate::storage::Capabilities): appends to one
-/// recipient, each polled once as it is made and all left in flight, are stored in the order
-/// of those first polls, however their futures are awaited afterwards.
+/// recipient (by `append` and `append_one` in turn, with another recipient's in between), each
+/// polled once as it is made and all left in flight, are stored in the order of those first
+/// polls, however their futures are awaited afterwards.
 pub async fn appends_in_poll_order(storage: Arc<dyn Storage>) {
     if !storage.capabilities().appends_in_poll_order {
         return;
     }
-    let bob = recipient("bob");
+    let (bob, carol) = (recipient("bob"), recipient("carol"));
+    let store: &dyn Storage = &*storage;
     let mut in_flight = Vec::new();
     for i in 0..40u8 {
-        let mut append = storage.append(&bob, vec![record(&[i])], &Quota::UNLIMITED, T0);
-        let mut first_poll = std::task::Context::from_waker(std::task::Waker::noop());
-        // Done already, or in the storage's order and still to be awaited.
-        let done = append.as_mut().poll(&mut first_poll);
+        let who = if i % 3 == 2 { &carol } else { &bob };
+        let mut append: futures::future::BoxFuture<'_, crate::Result<Seq>> = if i % 2 == 0 {
+            Box::pin(async move {
+                let outcome = store
+                    .append(who, vec![record(&[i])], &Quota::UNLIMITED, T0)
+                    .await?;
+                Ok(outcome.records[0].seq())
+            })
+        } else {
+            Box::pin(async move {
+                let outcome = store
+                    .append_one(who, record(&[i]), &Quota::UNLIMITED, T0)
+                    .await?;
+                Ok(outcome.record.seq())
+            })
+        };
+        let done = super::poll_once(&mut append);
         in_flight.push((i, done, append));
     }
-    let mut seqs = vec![Seq(0); in_flight.len()];
+    let mut seqs = Vec::new();
     // Awaited last to first, so the order of completion is no help.
     for (i, done, append) in in_flight.into_iter().rev() {
-        let outcome = match done {
-            std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => append.await,
+        let seq = match done {
+            Some(seq) => seq,
+            None => append.await,
         };
-        let outcome = outcome.expect("append");
-        seqs[usize::from(i)] = match outcome.records[..] {
-            [crate::storage::Appended::Stored(seq)] => seq,
-            ref other => panic!("append {i}: {other:?}"),
-        };
+        seqs.push((i, seq.expect("append")));
     }
-    assert!(
-        seqs.windows(2).all(|w| w[0] < w[1]),
-        "seqs follow the first polls: {seqs:?}"
-    );
-    let stored: Vec<u8> = storage
-        .read_all(&bob, T0)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.body[0])
-        .collect();
-    assert_eq!(stored, (0..40).collect::<Vec<_>>(), "stored in poll order");
+    seqs.reverse();
+    for (who, name) in [(&bob, "bob"), (&carol, "carol")] {
+        let polled: Vec<u8> = (0..40u8)
+            .filter(|i| (i % 3 == 2) == (name == "carol"))
+            .collect();
+        let mine: Vec<Seq> = seqs
+            .iter()
+            .filter(|(i, _)| polled.contains(i))
+            .map(|(_, seq)| *seq)
+            .collect();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "{name}'s seqs follow the first polls: {mine:?}"
+        );
+        let stored: Vec<u8> = storage
+            .read_all(who, T0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.body[0])
+            .collect();
+        assert_eq!(stored, polled, "{name}'s records stored in poll order");
+    }
 }

@@ -7,9 +7,9 @@
 //! Replies go out in the order of the client's frames, and sends to one recipient are stored
 //! in that order too. Where the storage keeps the order in which appends are first polled
 //! (redb, memory: `OfflineQueue::sends_keep_poll_order`), each send is polled once as its
-//! frame is read and none waits for another; elsewhere each waits for the connection's
-//! previous send to the same recipient, which keeps a recipient's sends out of each other's
-//! commits.
+//! frame is read and none waits for another, so a connection's sends to one recipient share
+//! commits; elsewhere each waits for the connection's previous send to the same recipient,
+//! which is what keeps their order there.
 
 use std::collections::HashMap;
 use std::future::Future;
