@@ -51,6 +51,19 @@ fn main() {
     let baseline_send_counts = per_message(|| baseline_send(&store, &payload));
     let baseline_drain_counts = per_message(|| assert_eq!(baseline_drain(&store), MESSAGES));
 
+    let value = workload::typed_payload();
+    let bob = offline_queue::RecipientId::new("bob").unwrap();
+    let encode_counts = per_message(|| {
+        for _ in 0..MESSAGES {
+            std::hint::black_box(workload::codec_encode(&bob, &value));
+        }
+    });
+    let bincode_counts = per_message(|| {
+        for _ in 0..MESSAGES {
+            std::hint::black_box(workload::bincode_encode(&bob, &value));
+        }
+    });
+
     println!("allocator calls per message ({MESSAGES} messages of {PAYLOAD} B, warm):");
     println!("| | allocations | frees | reallocations |");
     println!("|---|---|---|---|");
@@ -59,6 +72,8 @@ fn main() {
         ("baseline send", baseline_send_counts),
         ("engine deliver + ack", engine_drain_counts),
         ("baseline drain", baseline_drain_counts),
+        ("Envelope::encode of a typed payload", encode_counts),
+        ("bincode's encode_to_vec of the same", bincode_counts),
     ] {
         println!("| {what} | {alloc:.2} | {free:.2} | {realloc:.2} |");
     }

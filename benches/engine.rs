@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::executor::block_on;
+use offline_queue::RecipientId;
 use workload::{
     Baseline, MESSAGES, PAYLOAD, baseline_drain, baseline_send, engine_drain, engine_send, ids,
     queue,
@@ -134,5 +135,21 @@ fn bench_warm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_warm);
+/// A typed payload encoded by [`Envelope::encode`] (sized, then written into one buffer)
+/// beside bincode's `encode_to_vec` (a buffer grown as it writes).
+fn bench_encode(c: &mut Criterion) {
+    let value = workload::typed_payload();
+    let recipient = RecipientId::new("bob").unwrap();
+    let mut group = c.benchmark_group("envelope_encode");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("codec", |b| {
+        b.iter(|| workload::codec_encode(&recipient, &value))
+    });
+    group.bench_function("bincode_encode_to_vec", |b| {
+        b.iter(|| workload::bincode_encode(&recipient, &value))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_warm, bench_encode);
 criterion_main!(benches);

@@ -77,3 +77,33 @@ pub fn baseline_drain(store: &Baseline) -> usize {
     }
     delivered
 }
+
+/// A typed payload as a chat server sends one: who from, a text of [`PAYLOAD`] bytes, when.
+#[derive(serde::Serialize)]
+pub struct TypedPayload {
+    pub from: String,
+    pub text: String,
+    pub sent_at: u64,
+}
+
+pub fn typed_payload() -> TypedPayload {
+    TypedPayload {
+        from: "alice".into(),
+        text: "x".repeat(PAYLOAD),
+        sent_at: 1_796_600_000_000,
+    }
+}
+
+/// [`Envelope::encode`]: the crate's codec.
+pub fn codec_encode(recipient: &RecipientId, value: &TypedPayload) -> Envelope {
+    Envelope::encode(recipient.clone(), value).unwrap()
+}
+
+/// The baseline: bincode's own `encode_to_vec`, with the codec's configuration.
+pub fn bincode_encode(recipient: &RecipientId, value: &TypedPayload) -> Envelope {
+    let config = bincode::config::standard().with_limit::<{ 16 << 20 }>();
+    Envelope::new(
+        recipient.clone(),
+        bincode::serde::encode_to_vec(value, config).unwrap(),
+    )
+}
