@@ -507,8 +507,8 @@ fn in_order_reads_count_deliveries_without_a_row_per_message() {
 }
 
 /// A format 3 file (no watermarks) opens, keeps its counts, and is marked with the newest
-/// format (5), so an older build, which would read neither the watermarks nor the retired
-/// records, refuses it from then on.
+/// format (6), so an older build, which would read neither the watermarks, the retired
+/// records nor the lengths in lists, refuses it from then on.
 #[test]
 fn a_format_three_file_is_upgraded_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -553,7 +553,163 @@ fn a_format_three_file_is_upgraded_in_place() {
         .get("format")
         .unwrap()
         .map(|v| v.value());
-    assert_eq!(format, Some(5));
+    assert_eq!(format, Some(6));
+}
+
+/// Rewrites every list row of the file at `path` as format 5 wrote it (seqs only, no lengths)
+/// and marks the file format 5.
+fn strip_list_lengths(path: &Path) {
+    let db = redb::Database::create(path).unwrap();
+    let meta: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("meta");
+    let chunks: redb::TableDefinition<(&[u8], u64), &[u8]> = redb::TableDefinition::new("chunks");
+    let info: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("info");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(meta).unwrap();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value().to_vec(), v.value().to_vec())
+            })
+            .collect();
+        for (who, row) in rows {
+            // Format 6: 48 fixed bytes, n seqs, n lengths, the watermark, the mark 2.
+            assert_eq!(row.last(), Some(&2));
+            let n = (row.len() - 48 - 9) / 12;
+            let mut older = row[..48 + 8 * n].to_vec();
+            let delivered = &row[row.len() - 9..row.len() - 1];
+            if delivered != [0; 8] {
+                older.extend_from_slice(delivered);
+                older.push(1);
+            }
+            table.insert(&who[..], &older[..]).unwrap();
+        }
+        let mut table = txn.open_table(chunks).unwrap();
+        type ChunkRow = ((Vec<u8>, u64), Vec<u8>);
+        let rows: Vec<ChunkRow> = table
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                let (who, seq) = k.value();
+                ((who.to_vec(), seq), v.value().to_vec())
+            })
+            .collect();
+        assert!(!rows.is_empty(), "the test needs chunk rows");
+        for ((who, seq), value) in rows {
+            let n = (value.len() - 1) / 12;
+            table.insert((&who[..], seq), &value[..8 * n]).unwrap();
+        }
+        txn.open_table(info).unwrap().insert("format", 5).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Lists written by format 5 hold no lengths: their records are read when they leave, and
+/// the byte counts come out the same as for records listed with their lengths (appended
+/// after the upgrade, in the same lists), whether acked scattered among other recipients'
+/// records or dropped by the quota; and every row leaves the file.
+#[test]
+fn format_five_lists_read_and_count_bytes_as_format_six_lists() {
+    use offline_queue::storage::{Ack, NewRecord};
+    use offline_queue::{Overflow, Quota};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("five.redb");
+    let (bob, carol) = (
+        RecipientId::new("bob").unwrap(),
+        RecipientId::new("carol").unwrap(),
+    );
+    let record = |len: usize| NewRecord {
+        id: offline_queue::MessageId::generate(),
+        dedup: false,
+        sent_at: NOW,
+        expires_at: None,
+        body: vec![7; len],
+    };
+    let dave = RecipientId::new("dave").unwrap();
+    let fill = |storage: &RedbStorage, lens: std::ops::Range<usize>| {
+        // Each recipient's records lie one in three in the log: scattered.
+        for len in lens {
+            for who in [&bob, &carol, &dave] {
+                block_on(storage.append(who, vec![record(len)], &Quota::UNLIMITED, NOW)).unwrap();
+            }
+        }
+    };
+    let stats = |storage: &RedbStorage, who: &RecipientId| {
+        let s = block_on(storage.stats(who)).unwrap();
+        (s.messages, s.bytes)
+    };
+    {
+        let storage = RedbStorage::open(&path).unwrap();
+        fill(&storage, 1..41);
+    }
+    strip_list_lengths(&path);
+
+    let storage = RedbStorage::open(&path).unwrap();
+    let older: u64 = (1..41).sum();
+    assert_eq!(stats(&storage, &bob), (40, older));
+    fill(&storage, 41..61);
+    let newer: u64 = (41..61).sum();
+    assert_eq!(stats(&storage, &bob), (60, older + newer));
+
+    // bob acks his first 50 (40 listed before the upgrade, 10 after), scattered.
+    let seqs: Vec<_> = block_on(storage.read_all(&bob, NOW))
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let ack = Ack {
+        through: Some(seqs[49]),
+        ..Ack::default()
+    };
+    assert_eq!(block_on(storage.ack(&bob, &ack, NOW)).unwrap(), 50);
+    let left: u64 = (51..61).sum();
+    assert_eq!(stats(&storage, &bob), (10, left));
+
+    // carol's oldest are dropped to make room: lengths from the older rows.
+    let two = Quota {
+        max_messages: 2,
+        overflow: Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    let outcome = block_on(storage.append(&carol, vec![record(3)], &two, NOW)).unwrap();
+    assert_eq!(outcome.dropped, 59);
+    assert_eq!(stats(&storage, &carol), (2, 60 + 3));
+
+    // Selective acks of the rest, then nothing is left of either.
+    let rest: Vec<_> = block_on(storage.read_all(&bob, NOW))
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let ack = Ack {
+        seqs: rest,
+        ..Ack::default()
+    };
+    assert_eq!(block_on(storage.ack(&bob, &ack, NOW)).unwrap(), 10);
+    assert_eq!(stats(&storage, &bob), (0, 0));
+    assert_eq!(block_on(storage.remove_recipient(&carol)).unwrap(), 2);
+    assert_eq!(stats(&storage, &carol), (0, 0));
+    assert_eq!(block_on(storage.remove_recipient(&dave)).unwrap(), 60);
+    drop(storage);
+    // Compaction sweeps every retired row: the file holds no record any more.
+    let storage = RedbStorage::open(&path).unwrap();
+    block_on(storage.compact()).unwrap();
+    drop(storage);
+    let db = redb::Database::open(&path).unwrap();
+    let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+    assert_eq!(
+        db.begin_read()
+            .unwrap()
+            .open_table(log)
+            .unwrap()
+            .len()
+            .unwrap(),
+        0
+    );
 }
 
 /// A session whose queue emptied (its `meta` row went with it) and filled again reads on from

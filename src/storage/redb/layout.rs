@@ -35,8 +35,10 @@ pub(super) const RETIRED: TableDefinition<u64, ()> = TableDefinition::new("retir
 /// [`Meta::delivered`]); a format 3 file reads as one whose watermarks are all 0. Format 5
 /// added `retired`: a `log` row may outlive its place on a list until it is swept, which
 /// an older build would count again if purge found it. A format 3 or 4 file has nothing
-/// retired, and is marked format 5 when opened.
-pub(super) const FORMAT: u64 = 5;
+/// retired, and is marked format 5 when opened. Format 6 keeps each listed record's body
+/// length beside its seq (in `chunks` rows and `meta` tails), so an ack need not read the
+/// record; lists written before it read with every length unknown ([`UNKNOWN_LEN`]).
+pub(super) const FORMAT: u64 = 6;
 /// The oldest format this code reads (format 2 keyed records by recipient).
 pub(super) const OLDEST_FORMAT: u64 = 3;
 pub(super) const NEVER: u64 = u64::MAX;
@@ -47,6 +49,18 @@ pub(super) const HEADER: usize = 4 + 1 + 1 + 16 + 8 + 8;
 pub(super) const FILED: u8 = 1;
 /// Seqs kept in a recipient's `meta` row before they move to a `chunks` row.
 pub(super) const TAIL_MAX: usize = 32;
+/// A listed record's length when the list cannot tell it: the list was written before format
+/// 6, or the record is filed in `expiry` (removing it needs its deadline, which only its `log`
+/// row holds). Such a record's row is read when it leaves its list.
+pub(super) const UNKNOWN_LEN: u32 = u32::MAX;
+
+/// The length a list keeps for a record of `body_len` bytes, `filed` in `expiry` or not.
+pub(super) fn listed_len(body_len: usize, filed: bool) -> u32 {
+    match u32::try_from(body_len) {
+        Ok(len) if !filed && len != UNKNOWN_LEN => len,
+        _ => UNKNOWN_LEN,
+    }
+}
 /// A recipient's row in `meta`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Meta {
@@ -62,6 +76,9 @@ pub(super) struct Meta {
     /// The newest seqs of the recipient's list (fewer than `TAIL_MAX`), above every seq in
     /// its `chunks` rows.
     pub(super) tail: Vec<u64>,
+    /// The body length of each record in `tail`, at the same index ([`UNKNOWN_LEN`] where the
+    /// list cannot tell).
+    pub(super) tail_lens: Vec<u32>,
     /// The delivery watermark: a record of the recipient at or below it counts one delivery
     /// unless it has a `deliveries` row of its own, one above it none (see
     /// `write_steps::count_read`).
@@ -70,9 +87,13 @@ pub(super) struct Meta {
 
 impl Meta {
     const FIXED: usize = 48;
-    /// A row with a watermark ends with it and this byte: 8k + 1 bytes long, a length no row
-    /// without one has (8k), so format 3 rows read unchanged.
+    /// A format 4 or 5 row with a watermark ends with it and this byte: 8k + 1 bytes long, a
+    /// length no row without one has (8k), so format 3 rows read unchanged.
     const WATERMARK_MARK: u8 = 1;
+    /// A format 6 row: the fixed words, the tail's seqs, their lengths (4 bytes each), the
+    /// watermark, then this byte. 48 + 12n + 9 bytes, odd, so never a format 3 row; its last
+    /// byte tells it from a format 4 or 5 row.
+    const LISTED_MARK: u8 = 2;
 
     /// The times `seq` (a record of this recipient) was handed over, from its own count if
     /// it has one.
@@ -96,7 +117,8 @@ impl Meta {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::FIXED + 8 * self.tail.len() + 9);
+        debug_assert_eq!(self.tail.len(), self.tail_lens.len());
+        let mut out = Vec::with_capacity(Self::FIXED + 12 * self.tail.len() + 9);
         for v in [
             self.count,
             self.bytes,
@@ -108,14 +130,19 @@ impl Meta {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend(self.tail.iter().flat_map(|seq| seq.to_le_bytes()));
-        if self.delivered > 0 {
-            out.extend_from_slice(&self.delivered.to_le_bytes());
-            out.push(Self::WATERMARK_MARK);
-        }
+        out.extend(self.tail_lens.iter().flat_map(|len| len.to_le_bytes()));
+        out.extend_from_slice(&self.delivered.to_le_bytes());
+        out.push(Self::LISTED_MARK);
         out
     }
 
     pub(super) fn decode(raw: &[u8]) -> Result<Self> {
+        if !raw.len().is_multiple_of(2)
+            && raw.len() >= Self::FIXED + 9
+            && raw[raw.len() - 1] == Self::LISTED_MARK
+        {
+            return Self::decode_listed(raw);
+        }
         let (raw, delivered) = match raw.len() % 8 {
             1 if raw.len() >= Self::FIXED + 9 && raw[raw.len() - 1] == Self::WATERMARK_MARK => {
                 let at = raw.len() - 9;
@@ -130,17 +157,45 @@ impl Meta {
                 format!("corrupt recipient metadata: {} bytes", raw.len()),
             ));
         }
+        let tail = unpack_seqs(&raw[Self::FIXED..])?;
+        let tail_lens = vec![UNKNOWN_LEN; tail.len()];
+        Ok(Self::with_fixed(raw, tail, tail_lens, delivered))
+    }
+
+    /// A format 6 row (see [`Meta::LISTED_MARK`]).
+    fn decode_listed(raw: &[u8]) -> Result<Self> {
+        let listed = raw.len() - Self::FIXED - 9;
+        if !listed.is_multiple_of(12) {
+            return Err(Error::storage_msg(
+                Retry::No,
+                format!("corrupt recipient metadata: {} bytes", raw.len()),
+            ));
+        }
+        let n = listed / 12;
+        let seqs_end = Self::FIXED + 8 * n;
+        let (tail, tail_lens) = unpack_entries(
+            &raw[Self::FIXED..seqs_end],
+            &raw[seqs_end..seqs_end + 4 * n],
+        );
+        let at = raw.len() - 9;
+        let delivered = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8"));
+        Ok(Self::with_fixed(raw, tail, tail_lens, delivered))
+    }
+
+    /// The row's fixed words (its first [`Meta::FIXED`] bytes, checked present) with a tail.
+    fn with_fixed(raw: &[u8], tail: Vec<u64>, tail_lens: Vec<u32>, delivered: u64) -> Self {
         let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8"));
-        Ok(Self {
+        Self {
             count: word(0),
             bytes: word(1),
             lost_total: word(2),
             lost_confirmed: word(3),
             last_touch: word(4),
             idle_key: word(5),
-            tail: unpack_seqs(&raw[Self::FIXED..])?,
+            tail,
+            tail_lens,
             delivered,
-        })
+        }
     }
 }
 
@@ -154,13 +209,11 @@ pub(super) fn read_meta(
     }
 }
 
-/// Seqs packed as little-endian u64s (a `chunks` value, or a `meta` row's tail).
-pub(super) fn unpack_seqs(raw: &[u8]) -> Result<Vec<u64>> {
+/// Seqs packed as little-endian u64s (a format 3 to 5 `chunks` value, or a `meta` row's
+/// tail before format 6).
+fn unpack_seqs(raw: &[u8]) -> Result<Vec<u64>> {
     if !raw.len().is_multiple_of(8) {
-        return Err(Error::storage_msg(
-            Retry::No,
-            format!("corrupt seq list: {} bytes", raw.len()),
-        ));
+        return Err(corrupt_list(raw));
     }
     Ok(raw
         .chunks_exact(8)
@@ -168,8 +221,55 @@ pub(super) fn unpack_seqs(raw: &[u8]) -> Result<Vec<u64>> {
         .collect())
 }
 
-pub(super) fn pack_seqs(seqs: &[u64]) -> Vec<u8> {
-    seqs.iter().flat_map(|seq| seq.to_le_bytes()).collect()
+fn corrupt_list(raw: &[u8]) -> Error {
+    Error::storage_msg(Retry::No, format!("corrupt seq list: {} bytes", raw.len()))
+}
+
+/// Seqs (8 bytes each) and their lengths (4 bytes each), as many of one as of the other.
+fn unpack_entries(seqs: &[u8], lens: &[u8]) -> (Vec<u64>, Vec<u32>) {
+    (
+        seqs.chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+            .collect(),
+        lens.chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+            .collect(),
+    )
+}
+
+/// A format 6 `chunks` value ends with this byte after its seqs and their lengths: 12n + 1
+/// bytes, odd, where an older value (8n) is even.
+const CHUNK_MARK: u8 = 2;
+
+/// A `chunks` value: seqs, ascending, and each one's body length ([`UNKNOWN_LEN`] if the
+/// value was written before format 6).
+pub(super) fn unpack_list(raw: &[u8]) -> Result<(Vec<u64>, Vec<u32>)> {
+    if raw.len().is_multiple_of(2) {
+        let seqs = unpack_seqs(raw)?;
+        let lens = vec![UNKNOWN_LEN; seqs.len()];
+        return Ok((seqs, lens));
+    }
+    let listed = raw.len() - 1;
+    if raw[listed] != CHUNK_MARK || !listed.is_multiple_of(12) {
+        return Err(corrupt_list(raw));
+    }
+    let n = listed / 12;
+    Ok(unpack_entries(&raw[..8 * n], &raw[8 * n..listed]))
+}
+
+/// The seqs of a `chunks` value.
+pub(super) fn list_seqs(raw: &[u8]) -> Result<Vec<u64>> {
+    unpack_list(raw).map(|(seqs, _)| seqs)
+}
+
+/// A `chunks` value of `seqs` with their `lens`, as many of one as of the other.
+pub(super) fn pack_list(seqs: &[u64], lens: &[u32]) -> Vec<u8> {
+    debug_assert_eq!(seqs.len(), lens.len());
+    let mut out = Vec::with_capacity(12 * seqs.len() + 1);
+    out.extend(seqs.iter().flat_map(|seq| seq.to_le_bytes()));
+    out.extend(lens.iter().flat_map(|len| len.to_le_bytes()));
+    out.push(CHUNK_MARK);
+    out
 }
 
 /// Visits the recipient's seqs from `start` on, in order (its `chunks` rows, then the tail),
@@ -196,7 +296,7 @@ pub(super) fn each_seq(
             .range((who, from)..=(who, u64::MAX))
             .map_err(db_error)?
         {
-            for seq in unpack_seqs(entry.map_err(db_error)?.1.value())? {
+            for seq in list_seqs(entry.map_err(db_error)?.1.value())? {
                 if seq >= start && !visit(seq)? {
                     return Ok(());
                 }
@@ -303,10 +403,10 @@ pub(crate) fn fuzz_decoders(data: &[u8]) {
         let again = Meta::decode(&meta.encode()).expect("own metadata decodes");
         assert_eq!(again.encode(), meta.encode(), "metadata round trip");
     }
-    if let Ok(seqs) = unpack_seqs(data) {
+    if let Ok((seqs, lens)) = unpack_list(data) {
         assert_eq!(
-            unpack_seqs(&pack_seqs(&seqs)).expect("own seq list decodes"),
-            seqs,
+            unpack_list(&pack_list(&seqs, &lens)).expect("own seq list decodes"),
+            (seqs, lens),
             "seq list round trip"
         );
     }
@@ -348,9 +448,9 @@ pub(crate) fn fuzz_decoders(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::Meta;
+    use super::{Meta, UNKNOWN_LEN, list_seqs, listed_len, pack_list, unpack_list};
 
-    fn meta(delivered: u64, tail: Vec<u64>) -> Meta {
+    fn meta(delivered: u64, tail: Vec<u64>, tail_lens: Vec<u32>) -> Meta {
         Meta {
             count: 3,
             bytes: 30,
@@ -359,26 +459,91 @@ mod tests {
             last_touch: 11,
             idle_key: 13,
             tail,
+            tail_lens,
             delivered,
         }
     }
 
-    /// A row with a watermark reads back whole; one without (as format 3 wrote every row)
-    /// reads with watermark 0, whatever its tail; a mark byte that is not ours is refused.
-    #[test]
-    fn meta_rows_carry_the_watermark_and_format_three_rows_read_as_before() {
-        for tail in [vec![], vec![21], vec![21, 22, 23]] {
-            let with = meta(22, tail.clone());
-            let row = with.encode();
-            assert_eq!(row.len() % 8, 1);
-            assert_eq!(Meta::decode(&row).unwrap(), with);
-            let without = meta(0, tail);
-            let row = without.encode();
-            assert_eq!(row.len() % 8, 0, "the format 3 layout");
-            assert_eq!(Meta::decode(&row).unwrap(), without);
+    /// A row as formats 3 to 5 wrote it: the fixed words and the tail's seqs, then, with a
+    /// watermark (formats 4 and 5), the watermark and the byte 1.
+    fn older_row(meta: &Meta) -> Vec<u8> {
+        let mut row = Vec::new();
+        for v in [
+            meta.count,
+            meta.bytes,
+            meta.lost_total,
+            meta.lost_confirmed,
+            meta.last_touch,
+            meta.idle_key,
+        ] {
+            row.extend_from_slice(&v.to_le_bytes());
         }
-        let mut row = meta(22, vec![21]).encode();
-        *row.last_mut().unwrap() = 9;
+        row.extend(meta.tail.iter().flat_map(|seq| seq.to_le_bytes()));
+        if meta.delivered > 0 {
+            row.extend_from_slice(&meta.delivered.to_le_bytes());
+            row.push(1);
+        }
+        row
+    }
+
+    /// A row reads back whole, lengths included; rows of formats 3 to 5 read with their
+    /// watermark (0 for format 3) and every length unknown; a mark byte that is not ours is
+    /// refused.
+    #[test]
+    fn meta_rows_carry_lengths_and_older_rows_read_as_before() {
+        for (tail, lens) in [
+            (vec![], vec![]),
+            (vec![21], vec![256]),
+            (vec![21, 22, 23], vec![0, UNKNOWN_LEN, 7]),
+        ] {
+            for delivered in [0, 22] {
+                let now = meta(delivered, tail.clone(), lens.clone());
+                let row = now.encode();
+                assert_eq!(row.len(), 48 + 12 * tail.len() + 9);
+                assert_eq!(Meta::decode(&row).unwrap(), now);
+                let older = older_row(&now);
+                let expected = meta(delivered, tail.clone(), vec![UNKNOWN_LEN; tail.len()]);
+                assert_eq!(Meta::decode(&older).unwrap(), expected);
+            }
+        }
+        for mut row in [
+            meta(22, vec![21], vec![5]).encode(),
+            older_row(&meta(22, vec![21], vec![5])),
+        ] {
+            *row.last_mut().unwrap() = 9;
+            assert!(Meta::decode(&row).is_err());
+        }
+        // A format 6 row whose tail is not whole entries.
+        let mut row = meta(22, vec![21], vec![5]).encode();
+        row.insert(48, 0);
+        row.insert(48, 0);
         assert!(Meta::decode(&row).is_err());
+    }
+
+    /// A `chunks` value reads back whole; one written before format 6 (seqs only) reads with
+    /// every length unknown; odd bytes that are not whole entries and the mark are refused.
+    #[test]
+    fn chunk_values_carry_lengths_and_older_values_read_as_before() {
+        let (seqs, lens) = (vec![3u64, 9, 40], vec![256u32, UNKNOWN_LEN, 0]);
+        let value = pack_list(&seqs, &lens);
+        assert_eq!(unpack_list(&value).unwrap(), (seqs.clone(), lens));
+        let older: Vec<u8> = seqs.iter().flat_map(|s| s.to_le_bytes()).collect();
+        assert_eq!(
+            unpack_list(&older).unwrap(),
+            (seqs.clone(), vec![UNKNOWN_LEN; 3])
+        );
+        assert_eq!(list_seqs(&older).unwrap(), seqs);
+        let mut wrong_mark = pack_list(&[3], &[1]);
+        *wrong_mark.last_mut().unwrap() = 1;
+        assert!(unpack_list(&wrong_mark).is_err());
+        assert!(unpack_list(&[0; 14]).is_err(), "neither 8n nor 12n + 1");
+        assert!(unpack_list(&[2]).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn a_filed_or_huge_record_is_listed_with_its_length_unknown() {
+        assert_eq!(listed_len(256, false), 256);
+        assert_eq!(listed_len(256, true), UNKNOWN_LEN);
+        assert_eq!(listed_len(u32::MAX as usize, false), UNKNOWN_LEN);
     }
 }

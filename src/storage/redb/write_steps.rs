@@ -5,8 +5,8 @@ use redb::ReadableTable;
 use super::db_error;
 use super::layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, DedupKey, DedupValue, EXPIRY, FILED, HEADER, IDLE,
-    INFO, Key, LOG, META, Meta, NEVER, RETIRED, TAIL_MAX, decode_record, each_seq, encode_record,
-    pack_seqs, peek_record, read_meta, unpack_seqs,
+    INFO, Key, LOG, META, Meta, NEVER, RETIRED, TAIL_MAX, UNKNOWN_LEN, decode_record, each_seq,
+    encode_record, listed_len, pack_list, peek_record, read_meta, unpack_list,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -194,8 +194,14 @@ fn seqs_while(
     Ok(seqs)
 }
 
-/// Takes `seqs` (ascending) off the recipient's list; returns those it held, ascending.
-fn unlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Result<Vec<u64>> {
+/// Takes `seqs` (ascending) off the recipient's list; returns those it held, ascending, each
+/// with the body length the list kept for it ([`UNKNOWN_LEN`] if none).
+fn unlist(
+    t: &mut Tables<'_>,
+    who: &[u8],
+    meta: &mut Meta,
+    seqs: &[u64],
+) -> Result<Vec<(u64, u32)>> {
     let mut held = Vec::with_capacity(seqs.len());
     let tail_start = meta.tail.first().copied().unwrap_or(u64::MAX);
     let mut i = 0;
@@ -208,11 +214,11 @@ fn unlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
         {
             Some(entry) => {
                 let (key, value) = entry.map_err(db_error)?;
-                Some((key.value().1, unpack_seqs(value.value())?))
+                Some((key.value().1, unpack_list(value.value())?))
             }
             None => None,
         };
-        let Some((key, mut members)) = found else {
+        let Some((key, (mut members, mut lens))) = found else {
             i += 1;
             continue;
         };
@@ -226,7 +232,7 @@ fn unlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
         while i < seqs.len() && seqs[i] <= last {
             if let Ok(at) = members.binary_search(&seqs[i]) {
                 members.remove(at);
-                held.push(seqs[i]);
+                held.push((seqs[i], lens.remove(at)));
             }
             i += 1;
         }
@@ -234,26 +240,35 @@ fn unlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
             t.chunks.remove((who, key)).map_err(db_error)?;
         } else if members.len() != before {
             t.chunks
-                .insert((who, key), &pack_seqs(&members)[..])
+                .insert((who, key), &pack_list(&members, &lens)[..])
                 .map_err(db_error)?;
         }
     }
     for &seq in &seqs[i..] {
         if let Ok(at) = meta.tail.binary_search(&seq) {
             meta.tail.remove(at);
-            held.push(seq);
+            held.push((seq, meta.tail_lens.remove(at)));
         }
     }
     Ok(held)
 }
 
-/// Appends new seqs to the recipient's list, moving full runs of the tail to `chunks`.
-fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Result<()> {
+/// Appends new seqs, with their `lens`, to the recipient's list, moving full runs of the tail
+/// to `chunks`.
+fn enlist(
+    t: &mut Tables<'_>,
+    who: &[u8],
+    meta: &mut Meta,
+    seqs: &[u64],
+    lens: &[u32],
+) -> Result<()> {
     meta.tail.extend_from_slice(seqs);
+    meta.tail_lens.extend_from_slice(lens);
     while meta.tail.len() >= TAIL_MAX {
         let run: Vec<u64> = meta.tail.drain(..TAIL_MAX).collect();
+        let run_lens: Vec<u32> = meta.tail_lens.drain(..TAIL_MAX).collect();
         t.chunks
-            .insert((who, run[0]), &pack_seqs(&run)[..])
+            .insert((who, run[0]), &pack_list(&run, &run_lens)[..])
             .map_err(db_error)?;
     }
     Ok(())
@@ -263,11 +278,18 @@ fn enlist(t: &mut Tables<'_>, who: &[u8], meta: &mut Meta, seqs: &[u64]) -> Resu
 /// count and expiry entry now, and files its `log` row in `retired`, deleted later by
 /// [`sweep_retired`] with many others in seq order. (Deleting it here, one row per record
 /// scattered over the log, cost the chat server's drain about a fifth: BENCHMARKS.md.)
-/// Returns its body length. A record that names another recipient is left alone (only a damaged
-/// list points at one).
-fn retire(t: &mut Tables<'_>, who: &[u8], seq: u64) -> Result<Option<u64>> {
-    let Some(found) = filed_body(t, who, seq, false)? else {
-        return Ok(None);
+/// Returns its body length. With the length its list kept (`listed`), the record is not read:
+/// it has no expiry entry (a filed record is listed with its length unknown). Otherwise a
+/// record that names another recipient is left alone (only a damaged list points at one).
+fn retire(t: &mut Tables<'_>, who: &[u8], seq: u64, listed: u32) -> Result<Option<u64>> {
+    let found = if listed == UNKNOWN_LEN {
+        match filed_body(t, who, seq, false)? {
+            Some(found) => found,
+            None => return Ok(None),
+        }
+    } else {
+        t.deliveries.remove(seq).map_err(db_error)?;
+        u64::from(listed)
     };
     if t.retired.insert(seq, ()).map_err(db_error)?.is_none() {
         t.retired_count += 1;
@@ -373,15 +395,15 @@ fn remove_records(
     // recipients' would each rewrite a leaf of their own, so they are retired instead.
     let scattered = match (held.first(), held.last()) {
         // (A damaged list may hold seqs out of order: no subtraction that could overflow.)
-        (Some(&first), Some(&last)) if held.len() > 1 => {
+        (Some(&(first, _)), Some(&(last, _))) if held.len() > 1 => {
             last.abs_diff(first) >= 2 * held.len() as u64
         }
         _ => false,
     };
-    for seq in held {
+    for (seq, listed) in held {
         removed += 1;
         let len = if scattered {
-            retire(t, who, seq)?
+            retire(t, who, seq, listed)?
         } else {
             remove_logged(t, who, seq)?
         };
@@ -483,6 +505,7 @@ pub(super) fn append(
     }
     let mut next_seq = t.next_seq;
     let mut assigned = vec![0u64; records.len()];
+    let mut new_lens = Vec::with_capacity(adding as usize);
     for (index, record) in records.iter().enumerate() {
         if !matches!(plan[index], Plan::New) {
             continue;
@@ -516,12 +539,13 @@ pub(super) fn append(
                 .insert((now, who, record.id.to_bytes()), ())
                 .map_err(db_error)?;
         }
+        new_lens.push(listed_len(record.body.len(), flags & FILED != 0));
         meta.count += 1;
         meta.bytes += record.body.len() as u64;
     }
     if adding > 0 {
         let new: Vec<u64> = assigned.iter().copied().filter(|&seq| seq != 0).collect();
-        enlist(t, who, &mut meta, &new)?;
+        enlist(t, who, &mut meta, &new, &new_lens)?;
         t.next_seq = next_seq;
         t.total_bytes = total + adding_bytes - drop_bytes;
         touch(t, who, &mut meta, now)?;
