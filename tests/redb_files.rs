@@ -655,12 +655,15 @@ fn format_five_lists_read_and_count_bytes_as_format_six_lists() {
     let newer: u64 = (41..61).sum();
     assert_eq!(stats(&storage, &bob), (60, older + newer));
 
+    let bobs_seqs = || -> Vec<_> {
+        block_on(storage.read_all(&bob, NOW))
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    };
     // bob acks his first 50 (40 listed before the upgrade, 10 after), scattered.
-    let seqs: Vec<_> = block_on(storage.read_all(&bob, NOW))
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let seqs = bobs_seqs();
     let ack = Ack {
         through: Some(seqs[49]),
         ..Ack::default()
@@ -680,13 +683,8 @@ fn format_five_lists_read_and_count_bytes_as_format_six_lists() {
     assert_eq!(stats(&storage, &carol), (2, 60 + 3));
 
     // Selective acks of the rest, then nothing is left of either.
-    let rest: Vec<_> = block_on(storage.read_all(&bob, NOW))
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
     let ack = Ack {
-        seqs: rest,
+        seqs: bobs_seqs(),
         ..Ack::default()
     };
     assert_eq!(block_on(storage.ack(&bob, &ack, NOW)).unwrap(), 10);
