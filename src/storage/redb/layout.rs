@@ -91,8 +91,8 @@ impl Meta {
     /// length no row without one has (8k), so format 3 rows read unchanged.
     const WATERMARK_MARK: u8 = 1;
     /// A format 6 row: the fixed words, the tail's seqs, their lengths (4 bytes each), the
-    /// watermark, then this byte. 48 + 12n + 9 bytes, odd, so never a format 3 row; its last
-    /// byte tells it from a format 4 or 5 row.
+    /// watermark, a CRC-32 of all that, then this byte. 48 + 12n + 13 bytes, odd, so never a
+    /// format 3 row; its last byte tells it from a format 4 or 5 row.
     const LISTED_MARK: u8 = 2;
 
     /// The times `seq` (a record of this recipient) was handed over, from its own count if
@@ -118,7 +118,7 @@ impl Meta {
 
     pub(super) fn encode(&self) -> Vec<u8> {
         debug_assert_eq!(self.tail.len(), self.tail_lens.len());
-        let mut out = Vec::with_capacity(Self::FIXED + 12 * self.tail.len() + 9);
+        let mut out = Vec::with_capacity(Self::FIXED + 12 * self.tail.len() + 13);
         for v in [
             self.count,
             self.bytes,
@@ -132,13 +132,12 @@ impl Meta {
         out.extend(self.tail.iter().flat_map(|seq| seq.to_le_bytes()));
         out.extend(self.tail_lens.iter().flat_map(|len| len.to_le_bytes()));
         out.extend_from_slice(&self.delivered.to_le_bytes());
-        out.push(Self::LISTED_MARK);
-        out
+        seal(out, Self::LISTED_MARK)
     }
 
     pub(super) fn decode(raw: &[u8]) -> Result<Self> {
         if !raw.len().is_multiple_of(2)
-            && raw.len() >= Self::FIXED + 9
+            && raw.len() >= Self::FIXED + 13
             && raw[raw.len() - 1] == Self::LISTED_MARK
         {
             return Self::decode_listed(raw);
@@ -163,13 +162,17 @@ impl Meta {
     }
 
     /// A format 6 row (see [`Meta::LISTED_MARK`]).
-    fn decode_listed(raw: &[u8]) -> Result<Self> {
-        let listed = raw.len() - Self::FIXED - 9;
-        if !listed.is_multiple_of(12) {
-            return Err(Error::storage_msg(
+    fn decode_listed(row: &[u8]) -> Result<Self> {
+        let corrupt = |what: &str| {
+            Error::storage_msg(
                 Retry::No,
-                format!("corrupt recipient metadata: {} bytes", raw.len()),
-            ));
+                format!("corrupt recipient metadata: {} bytes, {what}", row.len()),
+            )
+        };
+        let raw = unseal(row).ok_or_else(|| corrupt("checksum mismatch"))?;
+        let listed = raw.len() - Self::FIXED - 8;
+        if !listed.is_multiple_of(12) {
+            return Err(corrupt("not whole list entries"));
         }
         let n = listed / 12;
         let seqs_end = Self::FIXED + 8 * n;
@@ -177,8 +180,8 @@ impl Meta {
             &raw[Self::FIXED..seqs_end],
             &raw[seqs_end..seqs_end + 4 * n],
         );
-        let at = raw.len() - 9;
-        let delivered = u64::from_le_bytes(raw[at..at + 8].try_into().expect("8"));
+        let at = raw.len() - 8;
+        let delivered = u64::from_le_bytes(raw[at..].try_into().expect("8"));
         Ok(Self::with_fixed(raw, tail, tail_lens, delivered))
     }
 
@@ -237,9 +240,26 @@ fn unpack_entries(seqs: &[u8], lens: &[u8]) -> (Vec<u64>, Vec<u32>) {
     )
 }
 
-/// A format 6 `chunks` value ends with this byte after its seqs and their lengths: 12n + 1
-/// bytes, odd, where an older value (8n) is even.
+/// A format 6 `chunks` value ends with this byte after its seqs, their lengths and a CRC-32
+/// of both: 12n + 5 bytes, odd, where an older value (8n) is even.
 const CHUNK_MARK: u8 = 2;
+
+/// Ends `out` with a CRC-32 of it and then `mark`, as format 6 list rows end: a flipped bit
+/// in a list is found, not trusted (an ack takes the lengths a list holds without reading
+/// the records).
+fn seal(mut out: Vec<u8>, mark: u8) -> Vec<u8> {
+    let sum = crc32fast::hash(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.push(mark);
+    out
+}
+
+/// What [`seal`] sealed (the mark is checked by the caller); `None` if the checksum fails.
+fn unseal(raw: &[u8]) -> Option<&[u8]> {
+    let at = raw.len().checked_sub(5)?;
+    let (payload, sum) = (&raw[..at], &raw[at..at + 4]);
+    (crc32fast::hash(payload).to_le_bytes() == sum).then_some(payload)
+}
 
 /// A `chunks` value: seqs, ascending, and each one's body length ([`UNKNOWN_LEN`] if the
 /// value was written before format 6).
@@ -249,12 +269,14 @@ pub(super) fn unpack_list(raw: &[u8]) -> Result<(Vec<u64>, Vec<u32>)> {
         let lens = vec![UNKNOWN_LEN; seqs.len()];
         return Ok((seqs, lens));
     }
-    let listed = raw.len() - 1;
-    if raw[listed] != CHUNK_MARK || !listed.is_multiple_of(12) {
-        return Err(corrupt_list(raw));
-    }
-    let n = listed / 12;
-    Ok(unpack_entries(&raw[..8 * n], &raw[8 * n..listed]))
+    let listed = match unseal(raw) {
+        Some(listed) if raw[raw.len() - 1] == CHUNK_MARK && listed.len().is_multiple_of(12) => {
+            listed
+        }
+        _ => return Err(corrupt_list(raw)),
+    };
+    let n = listed.len() / 12;
+    Ok(unpack_entries(&listed[..8 * n], &listed[8 * n..]))
 }
 
 /// The seqs of a `chunks` value.
@@ -265,11 +287,10 @@ pub(super) fn list_seqs(raw: &[u8]) -> Result<Vec<u64>> {
 /// A `chunks` value of `seqs` with their `lens`, as many of one as of the other.
 pub(super) fn pack_list(seqs: &[u64], lens: &[u32]) -> Vec<u8> {
     debug_assert_eq!(seqs.len(), lens.len());
-    let mut out = Vec::with_capacity(12 * seqs.len() + 1);
+    let mut out = Vec::with_capacity(12 * seqs.len() + 5);
     out.extend(seqs.iter().flat_map(|seq| seq.to_le_bytes()));
     out.extend(lens.iter().flat_map(|len| len.to_le_bytes()));
-    out.push(CHUNK_MARK);
-    out
+    seal(out, CHUNK_MARK)
 }
 
 /// Visits the recipient's seqs from `start` on, in order (its `chunks` rows, then the tail),
@@ -499,7 +520,7 @@ mod tests {
             for delivered in [0, 22] {
                 let now = meta(delivered, tail.clone(), lens.clone());
                 let row = now.encode();
-                assert_eq!(row.len(), 48 + 12 * tail.len() + 9);
+                assert_eq!(row.len(), 48 + 12 * tail.len() + 13);
                 assert_eq!(Meta::decode(&row).unwrap(), now);
                 let older = older_row(&now);
                 let expected = meta(delivered, tail.clone(), vec![UNKNOWN_LEN; tail.len()]);
@@ -513,11 +534,16 @@ mod tests {
             *row.last_mut().unwrap() = 9;
             assert!(Meta::decode(&row).is_err());
         }
-        // A format 6 row whose tail is not whole entries.
-        let mut row = meta(22, vec![21], vec![5]).encode();
-        row.insert(48, 0);
-        row.insert(48, 0);
-        assert!(Meta::decode(&row).is_err());
+        // Any flipped bit of a format 6 row is found, in its counts, its list or its mark.
+        let row = meta(22, vec![21, 40], vec![5, 6]).encode();
+        for bit in 0..row.len() * 8 {
+            let mut flipped = row.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                Meta::decode(&flipped).is_err(),
+                "bit {bit} flipped was read"
+            );
+        }
     }
 
     /// A `chunks` value reads back whole; one written before format 6 (seqs only) reads with
@@ -533,11 +559,14 @@ mod tests {
             (seqs.clone(), vec![UNKNOWN_LEN; 3])
         );
         assert_eq!(list_seqs(&older).unwrap(), seqs);
-        let mut wrong_mark = pack_list(&[3], &[1]);
-        *wrong_mark.last_mut().unwrap() = 1;
-        assert!(unpack_list(&wrong_mark).is_err());
-        assert!(unpack_list(&[0; 14]).is_err(), "neither 8n nor 12n + 1");
-        assert!(unpack_list(&[2]).unwrap().0.is_empty());
+        for bit in 0..value.len() * 8 {
+            let mut flipped = value.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(unpack_list(&flipped).is_err(), "bit {bit} flipped was read");
+        }
+        assert!(unpack_list(&[0; 14]).is_err(), "neither 8n nor 12n + 5");
+        assert!(unpack_list(&[2]).is_err(), "too short to be sealed");
+        assert_eq!(unpack_list(&pack_list(&[], &[])).unwrap(), (vec![], vec![]));
     }
 
     #[test]

@@ -80,8 +80,14 @@
 //! `log` rows: the writer's share of the chat server's drain fell by a fifth (BENCHMARKS.md,
 //! "Lengths in lists"). A record filed in `expiry` is listed with its length unknown, as is
 //! every record in a list written before format 6: such a record's row is read when it leaves
-//! (for its deadline, or its length), as before. A list is trusted for its own records: a
-//! retired row is not checked to name the recipient, which every other removal still does.
+//! (for its deadline, or its length), as before. A record retired by the length its list
+//! holds is trusted to be the recipient's and to be there; every other removal still reads
+//! the row and checks that it names the recipient. So list rows carry a CRC-32 of their own
+//! (the `meta` row's counts and the `chunks` row alike): a flipped bit in a list is an error
+//! for its recipient, as a damaged record is, not a seq of someone else's to retire. What a
+//! damaged `log` header can still cost: purge reclaims such a record under whatever recipient
+//! it names, and if its real recipient acks it later by its listed length, the file's byte
+//! total loses that record's length a second time (the budget may be overshot by it).
 //!
 //! Seqs come from one counter for the whole file, so a recipient whose queue empties leaves no
 //! row behind and still never sees a seq reused.

@@ -321,6 +321,11 @@ fn delete_retired(t: &mut Tables<'_>, seq: u64) -> Result<bool> {
     if let Some(row) = t.log.remove(seq).map_err(db_error)? {
         t.retired_bytes = t.retired_bytes.saturating_sub(row.value().len() as u64);
     }
+    if t.retired_count == 0 {
+        // A row retired by its listed length but already gone (a damaged record purge
+        // reclaimed) counted bytes no row gives back: none are left once nothing is retired.
+        t.retired_bytes = 0;
+    }
     // A delivery count made after it retired (`mark_delivered` of an acked seq finds its row
     // still there).
     t.deliveries.remove(seq).map_err(db_error)?;
@@ -1066,6 +1071,76 @@ mod tests {
         assert_eq!(total_bytes(&db), 6 * 5);
         assert_eq!(info(&db, "retired_bytes"), 0);
         assert_eq!(info(&db, "retired_count"), 0);
+    }
+
+    /// A list keeps each record's body length, except a record filed in `expiry`, listed with
+    /// its length unknown: a scattered ack reads that one's row, and removes its expiry
+    /// entry; the bytes freed are the bodies' either way.
+    #[test]
+    fn lists_keep_lengths_and_a_filed_record_is_read_when_it_retires() {
+        let db = database();
+        let (who, other) = (
+            RecipientId::new("who").unwrap(),
+            RecipientId::new("other").unwrap(),
+        );
+        // Due later, then sooner (filed), in turn, scattered among `other`'s records; 40 in
+        // all, so the oldest 32 move to a `chunks` row.
+        let last = in_group(&db, |t| {
+            let mut last = 0;
+            for i in 0..40u64 {
+                let deadline = if i % 2 == 0 { 9_000 } else { 5_000 };
+                let body = vec![b'x'; 1 + i as usize];
+                let mine = records(1, &body, Some(deadline));
+                last = append(t, &who, mine, &Quota::UNLIMITED, LONG_AGO)
+                    .unwrap()
+                    .records[0]
+                    .seq()
+                    .0;
+                append(
+                    t,
+                    &other,
+                    records(2, b"12345", None),
+                    &Quota::UNLIMITED,
+                    LONG_AGO,
+                )
+                .unwrap();
+            }
+            last
+        });
+        assert_eq!(rows(&db, EXPIRY), 20, "every sooner deadline is filed");
+        let read = db.begin_read().unwrap();
+        let meta = read_meta(&read.open_table(META).unwrap(), b"who")
+            .unwrap()
+            .unwrap();
+        let chunk_lens = {
+            let chunks = read.open_table(CHUNKS).unwrap();
+            let mine: &[u8] = b"who";
+            let mut range = chunks.range((mine, 0)..=(mine, u64::MAX)).unwrap();
+            let (_, chunk) = range.next().unwrap().unwrap();
+            assert!(range.next().is_none(), "one chunk row of 32");
+            unpack_list(chunk.value()).unwrap().1
+        };
+        let lens: Vec<u32> = chunk_lens.into_iter().chain(meta.tail_lens).collect();
+        let expected: Vec<u32> = (0..40u32)
+            .map(|i| if i % 2 == 0 { 1 + i } else { UNKNOWN_LEN })
+            .collect();
+        assert_eq!(lens, expected);
+        drop(read);
+
+        assert_eq!(in_group(&db, |t| ack_through(t, &who, last)), 40);
+        assert_eq!(rows(&db, RETIRED), 40);
+        assert_eq!(
+            rows(&db, EXPIRY),
+            0,
+            "the filed records' entries went with them"
+        );
+        assert_eq!(
+            total_bytes(&db),
+            40 * 2 * 5,
+            "only `other`'s bodies are left"
+        );
+        let headers = 40 * (HEADER + "who".len()) as u64;
+        assert_eq!(info(&db, "retired_bytes"), (1..=40).sum::<u64>() + headers);
     }
 
     #[test]
