@@ -2,7 +2,8 @@
 //! payloads), beside (a) the same backend with one write transaction per message and (b) the
 //! raw floor: the same bytes appended to a plain file with one `fdatasync` per group of the
 //! same size. Then the drain rate on reconnect: 10,000 pending messages delivered and acked in
-//! batches of 100, beside the same drain on `MemoryStorage`.
+//! batches of 100, beside the same drain on `MemoryStorage`; and the drain of 100 backlogs
+//! whose records lie scattered among each other's.
 //!
 //! `cargo bench --bench redb`
 
@@ -121,5 +122,57 @@ async fn send_concurrently_to(queue: &OfflineQueue, who: &RecipientId, count: us
     }
 }
 
-criterion_group!(benches, durable_send, drain_on_reconnect);
+/// 100 recipients' backlogs of 100, their records scattered through the log (sent at once by
+/// one sender each, so every group commit holds some of each), then all reconnecting at once
+/// and draining: each ack retires records lying among other recipients' (the chat server's
+/// drain after a busy store), and the acks share group commits. Beside the same on
+/// `MemoryStorage`.
+fn drain_scattered(c: &mut Criterion) {
+    const RECIPIENTS: usize = 100;
+    const EACH: usize = 100;
+    let mut group = c.benchmark_group("drain_scattered_100x100");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((RECIPIENTS * EACH) as u64));
+    let who: Vec<RecipientId> = (0..RECIPIENTS)
+        .map(|r| RecipientId::new(format!("scattered-{r}")).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let redb = queue(Arc::new(
+        RedbStorage::open(dir.path().join("scattered.redb")).unwrap(),
+    ));
+    let memory = queue(Arc::new(MemoryStorage::new()));
+    for (name, queue) in [("redb", &redb), ("memory", &memory)] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || block_on(send_each_at_once(queue, &who, EACH)),
+                |()| {
+                    block_on(futures::future::join_all(
+                        who.iter().map(|who| support::drain(queue, who)),
+                    ))
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// One sender per recipient, all at once, each sending `each` messages one after another.
+async fn send_each_at_once(queue: &OfflineQueue, who: &[RecipientId], each: usize) {
+    let payload = vec![7u8; PAYLOAD];
+    let tasks = who.iter().map(|who| {
+        let (queue, payload) = (queue.clone(), payload.clone());
+        async move {
+            for _ in 0..each {
+                queue
+                    .send(Envelope::new(who.clone(), payload.clone()))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(tasks).await;
+}
+
+criterion_group!(benches, durable_send, drain_on_reconnect, drain_scattered);
 criterion_main!(benches);
