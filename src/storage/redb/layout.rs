@@ -293,16 +293,28 @@ pub(super) fn pack_list(seqs: &[u64], lens: &[u32]) -> Vec<u8> {
     seal(out, CHUNK_MARK)
 }
 
-/// Visits the recipient's seqs from `start` on, in order (its `chunks` rows, then the tail),
-/// until `visit` returns `false`.
+/// Visits the recipient's seqs from `start` on, in order (its `chunks` rows, then the tail
+/// of its `meta`), until `visit` returns `false`.
 pub(super) fn each_seq(
     chunks: &impl ReadableTable<Key<'static>, &'static [u8]>,
     who: &[u8],
-    tail: &[u64],
+    meta: &Meta,
     start: u64,
     mut visit: impl FnMut(u64) -> Result<bool>,
 ) -> Result<()> {
-    if tail.first().is_none_or(|&first| start < first) {
+    each_entry(chunks, who, meta, start, |seq, _| visit(seq))
+}
+
+/// [`each_seq`], with each record's listed length ([`UNKNOWN_LEN`] where the list cannot
+/// tell).
+pub(super) fn each_entry(
+    chunks: &impl ReadableTable<Key<'static>, &'static [u8]>,
+    who: &[u8],
+    meta: &Meta,
+    start: u64,
+    mut visit: impl FnMut(u64, u32) -> Result<bool>,
+) -> Result<()> {
+    if meta.tail.first().is_none_or(|&first| start < first) {
         // A chunk is keyed by its first seq when written, so the one holding `start` is the
         // last keyed at or below it.
         let from = match chunks
@@ -317,15 +329,16 @@ pub(super) fn each_seq(
             .range((who, from)..=(who, u64::MAX))
             .map_err(db_error)?
         {
-            for seq in list_seqs(entry.map_err(db_error)?.1.value())? {
-                if seq >= start && !visit(seq)? {
+            let (seqs, lens) = unpack_list(entry.map_err(db_error)?.1.value())?;
+            for (seq, len) in seqs.into_iter().zip(lens) {
+                if seq >= start && !visit(seq, len)? {
                     return Ok(());
                 }
             }
         }
     }
-    for &seq in tail {
-        if seq >= start && !visit(seq)? {
+    for (&seq, &len) in meta.tail.iter().zip(&meta.tail_lens) {
+        if seq >= start && !visit(seq, len)? {
             return Ok(());
         }
     }

@@ -390,7 +390,7 @@ impl RedbStorage {
         };
         let chunks = txn.open_table(CHUNKS).map_err(db_error)?;
         let mut oldest_seq = None;
-        each_seq(&chunks, who, &meta.tail, 0, |seq| {
+        each_seq(&chunks, who, &meta, 0, |seq| {
             oldest_seq = Some(seq);
             Ok(false)
         })?;
@@ -707,7 +707,7 @@ where
     }
     let start = after.map_or(0, |after| after.0 + 1);
     let mut bytes = 0usize;
-    each_seq(chunks, who, &meta.tail, start, |seq| {
+    each_seq(chunks, who, meta, start, |seq| {
         let value = log.get(seq).map_err(db_error)?;
         let record = match value.as_ref().map(|v| decode_record(seq, v.value())) {
             Some(Ok(record)) if record.who == who => record,

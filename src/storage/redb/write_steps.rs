@@ -5,8 +5,8 @@ use redb::ReadableTable;
 use super::db_error;
 use super::layout::{
     CHUNKS, DEDUP, DEDUP_ORDER, DELIVERIES, DedupKey, DedupValue, EXPIRY, FILED, HEADER, IDLE,
-    INFO, Key, LOG, META, Meta, NEVER, RETIRED, TAIL_MAX, UNKNOWN_LEN, decode_record, each_seq,
-    encode_record, listed_len, pack_list, peek_record, read_meta, unpack_list,
+    INFO, Key, LOG, META, Meta, NEVER, RETIRED, TAIL_MAX, UNKNOWN_LEN, decode_record, each_entry,
+    each_seq, encode_record, listed_len, pack_list, peek_record, read_meta, unpack_list,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -176,16 +176,17 @@ fn meta_put(t: &mut Tables<'_>, who: &[u8], meta: Meta) -> Result<()> {
     Ok(())
 }
 
-/// The recipient's seqs from the oldest on, while `keep_going` says so.
+/// The recipient's seqs from the oldest on, while `keep_going` (given each one's listed
+/// length) says so.
 fn seqs_while(
     t: &Tables<'_>,
     who: &[u8],
     meta: &Meta,
-    mut keep_going: impl FnMut(u64) -> Result<bool>,
+    mut keep_going: impl FnMut(u64, u32) -> Result<bool>,
 ) -> Result<Vec<u64>> {
     let mut seqs = Vec::new();
-    each_seq(&t.chunks, who, &meta.tail, 0, |seq| {
-        let more = keep_going(seq)?;
+    each_entry(&t.chunks, who, meta, 0, |seq, len| {
+        let more = keep_going(seq, len)?;
         if more {
             seqs.push(seq);
         }
@@ -476,13 +477,16 @@ pub(super) fn append(
     if quota.admit(meta.count, meta.bytes, adding, adding_bytes)? == Admission::DropOldestFirst {
         let (mut keep, mut keep_bytes) = (meta.count, meta.bytes);
         let log = &t.log;
-        drop_seqs = seqs_while(t, who, &meta, |seq| {
+        drop_seqs = seqs_while(t, who, &meta, |seq, listed| {
             if quota.fits(keep, keep_bytes, adding, adding_bytes) {
                 return Ok(false);
             }
-            let len = log.get(seq).map_err(db_error)?.map_or(0, |value| {
-                value.value().len().saturating_sub(HEADER + who.len()) as u64
-            });
+            let len = match listed {
+                UNKNOWN_LEN => log.get(seq).map_err(db_error)?.map_or(0, |value| {
+                    value.value().len().saturating_sub(HEADER + who.len()) as u64
+                }),
+                known => u64::from(known),
+            };
             keep -= 1;
             keep_bytes = keep_bytes.saturating_sub(len);
             drop_bytes += len;
@@ -664,16 +668,10 @@ pub(super) fn count_read(
     let contiguous = match after {
         Some(after) if after.0 > watermark => {
             let mut first = None;
-            each_seq(
-                &t.chunks,
-                who,
-                &meta.tail,
-                watermark.saturating_add(1),
-                |seq| {
-                    first = Some(seq);
-                    Ok(false)
-                },
-            )?;
+            each_seq(&t.chunks, who, &meta, watermark.saturating_add(1), |seq| {
+                first = Some(seq);
+                Ok(false)
+            })?;
             first.is_none_or(|first| first > after.0)
         }
         _ => true,
@@ -741,7 +739,7 @@ pub(super) fn ack_records(
         return Ok(0);
     };
     let mut seqs = match ack.through {
-        Some(through) => seqs_while(t, who, &meta, |seq| Ok(seq <= through.0))?,
+        Some(through) => seqs_while(t, who, &meta, |seq, _| Ok(seq <= through.0))?,
         None => Vec::new(),
     };
     seqs.extend(ack.seqs.iter().map(|s| s.0));
@@ -946,7 +944,7 @@ fn remove_all(t: &mut Tables<'_>, who: &[u8]) -> Result<(u64, u64)> {
     let Some(mut meta) = meta_get(t, who)? else {
         return Ok((0, 0));
     };
-    let seqs = seqs_while(t, who, &meta, |_| Ok(true))?;
+    let seqs = seqs_while(t, who, &meta, |_, _| Ok(true))?;
     let (removed, freed) = remove_records(t, who, &mut meta, &seqs)?;
     t.idle.remove((meta.idle_key, who)).map_err(db_error)?;
     meta_set(t, who, None);
@@ -1141,6 +1139,33 @@ mod tests {
         );
         let headers = 40 * (HEADER + "who".len()) as u64;
         assert_eq!(info(&db, "retired_bytes"), (1..=40).sum::<u64>() + headers);
+    }
+
+    /// DropOldest decides by the lengths the list holds (or, unknown, the records' own): 10
+    /// and 20 bytes stored, 30 allowed, 11 more need both gone, where one byte counted too
+    /// many on the first would have dropped it alone.
+    #[test]
+    fn drop_oldest_by_bytes_counts_the_listed_lengths_exactly() {
+        for filed in [false, true] {
+            let db = database();
+            let who = RecipientId::new("who").unwrap();
+            let quota = Quota {
+                max_messages: 100,
+                max_bytes: 30,
+                overflow: crate::limits::Overflow::DropOldest,
+                ..Quota::UNLIMITED
+            };
+            let outcome = in_group(&db, |t| {
+                // With `filed`, the second falls due before the first: listed length unknown.
+                let (first, second) = if filed { (9_000, 5_000) } else { (9_000, 9_000) };
+                append(t, &who, records(1, &[1; 10], Some(first)), &quota, LONG_AGO).unwrap();
+                append(t, &who, records(1, &[2; 20], Some(second)), &quota, LONG_AGO).unwrap();
+                append(t, &who, records(1, &[3; 11], None), &quota, LONG_AGO).unwrap()
+            });
+            assert_eq!(outcome.dropped, 2, "filed: {filed}");
+            assert_eq!(total_bytes(&db), 11);
+            assert_eq!(rows(&db, EXPIRY), 0);
+        }
     }
 
     #[test]
