@@ -77,7 +77,7 @@
 //!
 //! **Lengths in lists** (format 6). A list keeps each record's body length beside its seq, so
 //! an ack that retires scattered records counts the bytes it frees without reading their
-//! `log` rows: a drain of backlogs scattered among each other's is 15 % faster, and the
+//! `log` rows (and a DropOldest append the bytes it would drop): a drain of backlogs scattered among each other's is 15 % faster, and the
 //! writer's CPU in the chat server's drain fell by a seventh to a fifth (BENCHMARKS.md,
 //! "Lengths in lists"). A record filed in `expiry` is listed with its length unknown, as is
 //! every record in a list written before format 6: such a record's row is read when it leaves
