@@ -1157,9 +1157,20 @@ mod tests {
             };
             let outcome = in_group(&db, |t| {
                 // With `filed`, the second falls due before the first: listed length unknown.
-                let (first, second) = if filed { (9_000, 5_000) } else { (9_000, 9_000) };
+                let (first, second) = if filed {
+                    (9_000, 5_000)
+                } else {
+                    (9_000, 9_000)
+                };
                 append(t, &who, records(1, &[1; 10], Some(first)), &quota, LONG_AGO).unwrap();
-                append(t, &who, records(1, &[2; 20], Some(second)), &quota, LONG_AGO).unwrap();
+                append(
+                    t,
+                    &who,
+                    records(1, &[2; 20], Some(second)),
+                    &quota,
+                    LONG_AGO,
+                )
+                .unwrap();
                 append(t, &who, records(1, &[3; 11], None), &quota, LONG_AGO).unwrap()
             });
             assert_eq!(outcome.dropped, 2, "filed: {filed}");
