@@ -128,6 +128,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_TTL;
 use async_nats::jetstream::context::{Publish, PublishErrorKind};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
@@ -277,27 +278,50 @@ impl NatsOptions {
                  instant may both win its compare-and-set (see NatsStorage's docs)"
             );
         }
+        let version = client.server_info().version;
         let context = jetstream::new(client);
         // Metas apart from records: a meta is rewritten at every change, and the holes its
         // old versions leave in a stream slow the server's purges of records (measured:
         // 35,000 exact-subject purges a second beside no metas, 7,300 beside metas).
-        let records = self
-            .open_stream(&context, &self.stream, &["r"], self.max_age)
+        // Per-message TTL (`Nats-TTL`) came with server 2.11; an older server keeps every
+        // record until `max_age`. Asked of the stream too: a cluster's older leader ignores
+        // the setting, and then no record carries the header it would refuse.
+        let (records, message_ttl) = self
+            .open_stream(
+                &context,
+                &self.stream,
+                &["r"],
+                self.max_age,
+                keeps_message_ttl(&version),
+            )
             .await?;
-        let meta = self
+        let ttl_grace = message_ttl.then(|| self.dedup_window + self.stale_reservation);
+        tracing::info!(
+            server = %version,
+            per_message_ttl = message_ttl,
+            "nats: expired records leave the stream {}",
+            if message_ttl {
+                "by their own TTL (Nats-TTL)"
+            } else {
+                "at the stream's max_age (the server predates 2.11)"
+            }
+        );
+        let (meta, _) = self
             .open_stream(
                 &context,
                 &format!("{}_META", self.stream),
                 &["m"],
                 self.max_age,
+                false,
             )
             .await?;
-        let dedup = self
+        let (dedup, _) = self
             .open_stream(
                 &context,
                 &format!("{}_DEDUP", self.stream),
                 &["d"],
                 self.dedup_window,
+                false,
             )
             .await?;
         let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
@@ -314,6 +338,7 @@ impl NatsOptions {
                 records,
                 meta,
                 dedup,
+                ttl_grace,
                 options: self,
             }),
         })
@@ -365,14 +390,17 @@ impl NatsOptions {
     }
 
     /// The stream `name` over `<prefix>.<kind>.>` for each of `kinds`, made if missing; an
-    /// existing one must have the same layout.
+    /// existing one must have the same layout. With `message_ttl`, the stream is made (or
+    /// changed in place: a stream made before the server was upgraded to 2.11) to allow
+    /// per-message TTL; returns whether it does.
     async fn open_stream(
         &self,
         context: &Context,
         name: &str,
         kinds: &[&str],
         max_age: Duration,
-    ) -> Result<Stream> {
+        message_ttl: bool,
+    ) -> Result<(Stream, bool)> {
         let wanted = Config {
             name: name.to_owned(),
             subjects: kinds
@@ -385,17 +413,30 @@ impl NatsOptions {
             storage: StorageType::File,
             num_replicas: self.replicas,
             allow_direct: true,
+            allow_message_ttl: message_ttl,
             ..Config::default()
         };
         let mut stream = context
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|error| Error::storage(Retry::Yes, error))?;
-        let have = &stream
+        let mut have = stream
             .info()
             .await
             .map_err(|error| Error::storage(Retry::Yes, error))?
-            .config;
+            .config
+            .clone();
+        if message_ttl && !have.allow_message_ttl {
+            // Turning it on changes nothing stored (2.11 allows it on an existing stream, and
+            // never turning it off).
+            have.allow_message_ttl = true;
+            have = context
+                .update_stream(have)
+                .await
+                .map_err(|error| Error::storage(Retry::Yes, error))?
+                .config;
+            tracing::info!(stream = name, "nats: per-message TTL turned on");
+        }
         let differences: Vec<String> = [
             (
                 "subjects",
@@ -437,7 +478,7 @@ impl NatsOptions {
                 ),
             ));
         }
-        Ok(stream)
+        Ok((stream, have.allow_message_ttl))
     }
 }
 
@@ -462,6 +503,9 @@ struct Shared {
     records: Stream,
     meta: Stream,
     dedup: Stream,
+    /// With per-message TTL (server 2.11 on): how long past its deadline a record stays, and
+    /// how long a tombstone stays. See [`NatsStorage::per_message_ttl`].
+    ttl_grace: Option<Duration>,
     options: NatsOptions,
 }
 
@@ -545,6 +589,19 @@ impl NatsStorage {
     /// As [`NatsOptions::connect`].
     pub async fn connect(url: &str) -> Result<Self> {
         Self::options().connect(url).await
+    }
+
+    /// Whether the server removes expired records by their own TTL: true when the server is
+    /// 2.11 or later (its per-message TTL, the `Nats-TTL` header).
+    ///
+    /// A record with a deadline is then kept until that deadline plus
+    /// [`NatsOptions::dedup_window`] and [`NatsOptions::stale_reservation`] (1 hour 30 s by
+    /// default), and a tombstone for as long: a retried send within the dedup window must
+    /// still find the record, or the tombstone that voids its claim. Before 2.11, or with
+    /// no deadline, the stream's [`NatsOptions::max_age`] removes it. Reads never return a
+    /// record past its deadline either way.
+    pub fn per_message_ttl(&self) -> bool {
+        self.shared.ttl_grace.is_some()
     }
 
     fn key(recipient: &RecipientId) -> String {
@@ -1061,6 +1118,10 @@ impl NatsStorage {
     ) -> Result<bool> {
         let mut headers = HeaderMap::new();
         headers.insert(GONE, if lost { GONE_LOST } else { "1" });
+        if let Some(grace) = self.shared.ttl_grace {
+            // Kept while a claim may point here, so a retried send still finds it voided.
+            headers.insert(NATS_MESSAGE_TTL, ttl_seconds(0, grace).as_str());
+        }
         let publish = Publish::build()
             .headers(headers)
             .expected_last_subject_sequence(expected);
@@ -1091,6 +1152,12 @@ impl NatsStorage {
         headers.insert(SENT, record.sent_at.as_millis().to_string().as_str());
         if let Some(expires_at) = record.expires_at {
             headers.insert(EXPIRES, expires_at.as_millis().to_string().as_str());
+            if let Some(grace) = self.shared.ttl_grace {
+                let lifetime = expires_at
+                    .as_millis()
+                    .saturating_sub(record.sent_at.as_millis());
+                headers.insert(NATS_MESSAGE_TTL, ttl_seconds(lifetime, grace).as_str());
+            }
         }
         let publish = Publish::build()
             .headers(headers)
@@ -1410,6 +1477,8 @@ impl Storage for NatsStorage {
             mut pending,
             dropped_at_once,
         } = self.reserve(&key, sizes, quota).await?;
+        let reserved_at = std::time::Instant::now();
+        let options = &self.shared.options;
         let positions: HashMap<usize, u64> = to_store
             .iter()
             .enumerate()
@@ -1448,6 +1517,20 @@ impl Storage for NatsStorage {
             .copied()
             .filter(|&i| outcome[i].is_none() && !dropped_at_once.contains(&positions[&i]))
             .collect();
+        if self.shared.ttl_grace.is_some() && reserved_at.elapsed() > options.stale_reservation {
+            // Tombstones expire with per-message TTL: a reader's tombstone at these positions
+            // may be gone by now, and a record published there would never be read.
+            let unpublished: Vec<u64> = publishing.iter().map(|i| positions[i]).collect();
+            self.give_up(&key, unpublished).await;
+            return Err(Error::storage_msg(
+                Retry::Yes,
+                format!(
+                    "nats: the append took longer than stale_reservation ({:?}); its records \
+                     were not stored",
+                    options.stale_reservation
+                ),
+            ));
+        }
         let publishes = futures::future::join_all(
             publishing
                 .iter()
@@ -1687,6 +1770,28 @@ async fn publish_ack(context: &Context, subject: String, publish: Publish) -> Re
     }
 }
 
+/// Whether a server of `version` (`2.11.0`, `2.12.0-RC.1`) keeps a per-message TTL: 2.11 and
+/// later.
+fn keeps_message_ttl(version: &str) -> bool {
+    let mut numbers = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u64>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
+        _ => false,
+    }
+}
+
+/// A `Nats-TTL` value: `lifetime_ms` rounded up to whole seconds, plus `grace`.
+fn ttl_seconds(lifetime_ms: u64, grace: Duration) -> String {
+    lifetime_ms
+        .div_ceil(1000)
+        .saturating_add(grace.as_secs())
+        .saturating_add(u64::from(grace.subsec_nanos() > 0))
+        .to_string()
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1708,6 +1813,35 @@ fn invalid(field: &'static str, reason: String) -> Error {
 mod tests {
     use super::*;
     use crate::storage::StorageExt;
+
+    #[test]
+    fn per_message_ttl_is_used_from_server_2_11() {
+        for (version, keeps) in [
+            ("2.9.10", false),
+            ("2.10.26", false),
+            ("2.11.0", true),
+            ("2.11.0-RC.1", true),
+            ("v2.12.3", true),
+            ("3.0.0", true),
+            ("", false),
+            ("dev", false),
+        ] {
+            assert_eq!(keeps_message_ttl(version), keeps, "{version:?}");
+        }
+    }
+
+    #[test]
+    fn a_ttl_is_whole_seconds_rounded_up_plus_the_grace() {
+        let grace = Duration::from_secs(3630);
+        assert_eq!(ttl_seconds(0, grace), "3630");
+        assert_eq!(ttl_seconds(1, grace), "3631");
+        assert_eq!(ttl_seconds(60_000, grace), "3690");
+        assert_eq!(ttl_seconds(60_001, Duration::from_millis(1_500)), "63");
+        assert_eq!(
+            ttl_seconds(u64::MAX, grace),
+            (u64::MAX / 1000 + 1 + 3630).to_string()
+        );
+    }
 
     fn url() -> Option<String> {
         let url = std::env::var("OFFLINE_QUEUE_NATS_URL").ok();
