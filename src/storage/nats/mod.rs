@@ -1135,10 +1135,12 @@ impl NatsStorage {
     }
 
     /// Marks `position` as holding nothing in the meta (`lost`: see [`Meta::abandon`]).
-    async fn abandon(&self, key: &str, position: u64, lost: bool) -> Result<()> {
-        self.update(key, |meta| Ok(meta.abandon(position, lost).then_some(())))
+    /// Returns the queue's loss total after, if this call changed the meta.
+    async fn abandon(&self, key: &str, position: u64, lost: bool) -> Result<Option<u64>> {
+        let changed = self
+            .update(key, |meta| Ok(meta.abandon(position, lost).then_some(())))
             .await?;
-        Ok(())
+        Ok(changed.map(|((), meta, _)| meta.lost_total))
     }
 
     async fn publish_record(
@@ -1338,7 +1340,13 @@ impl NatsStorage {
             let mut record = match found {
                 Found::Record(record) => record,
                 Found::Gone { lost } => {
-                    self.abandon(&key, position, lost).await?;
+                    if let Some(total) = self.abandon(&key, position, lost).await? {
+                        // A loss this read counted is reported with this batch, as an
+                        // expired record passed over would be.
+                        batch.lost_total = batch.lost_total.max(total);
+                        batch.lost_unconfirmed =
+                            batch.lost_total.saturating_sub(meta.lost_confirmed);
+                    }
                     closed = true;
                     continue;
                 }

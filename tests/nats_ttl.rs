@@ -1,0 +1,282 @@
+//! Per-message TTL on NATS servers of 2.11 and later: expired records and tombstones leave the
+//! stream by the server's clock, and a stream made on 2.9 gains it when its server is upgraded.
+//! Runs on servers the tests start themselves: Debian's 2.9.10 and the newer server named by
+//! `OFFLINE_QUEUE_NEWER_NATS_SERVER` (skipped, and says so, when it is unset; `.ci/run`
+//! fetches one with `.ci/newer-nats-server`).
+
+#![cfg(all(feature = "nats", feature = "testing"))]
+
+mod nats_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use futures::StreamExt;
+use nats_support::own_server::{NATS_SERVER, OwnNats, free_port, newer_nats_server};
+use nats_support::skip_support;
+use offline_queue::storage::NewRecord;
+use offline_queue::{
+    BatchLimit, Envelope, MessageId, NatsOptions, NatsStorage, OfflineQueue, Outbound, Quota,
+    RecipientId, Seq, Storage, Timestamp, channel_transport,
+};
+
+/// Bounds each wait for the server to remove something.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Options whose grace (dedup window plus stale reservation) is 2 s, so a record of 1 s
+/// leaves 3 s after it was sent.
+fn options(name: &str) -> NatsOptions {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .dedup_window(Duration::from_secs(1))
+        .stale_reservation(Duration::from_secs(1))
+}
+
+async fn connect(url: &str, name: &str) -> NatsStorage {
+    nats_support::own_server::connect_when_ready(|| options(name), url).await
+}
+
+fn record(body: &[u8], sent_at: Timestamp, lifetime: Option<Duration>) -> NewRecord {
+    NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at,
+        expires_at: lifetime.map(|ttl| sent_at.saturating_add(ttl)),
+        body: body.to_vec(),
+    }
+}
+
+fn record_subject(name: &str, who: &RecipientId, seq: Seq) -> String {
+    let hex: String = who.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name}.r.{hex}.{}", seq.0)
+}
+
+/// The message stored at `subject` in the records stream `name`, asked of its leader.
+async fn stored(url: &str, name: &str, subject: &str) -> Option<StreamMessage> {
+    let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = context.get_stream(name).await.unwrap();
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Some(message),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+        Err(error) => panic!("{subject}: {error}"),
+    }
+}
+
+fn ttl_header(message: &StreamMessage) -> Option<String> {
+    message
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_TTL)
+        .map(|value| value.as_str().to_owned())
+}
+
+async fn allows_message_ttl(url: &str, name: &str) -> bool {
+    let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut stream = context.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().config.allow_message_ttl
+}
+
+/// Waits until the server no longer holds a message at `subject`.
+async fn wait_until_removed(url: &str, name: &str, subject: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while stored(url, name, subject).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "{subject} still stored after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn debian_server_missing() -> bool {
+    skip_support::program_missing(
+        NATS_SERVER,
+        "nats-server",
+        ("OFFLINE_QUEUE_REQUIRE_SERVERS", "1"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_records_and_their_tombstones_leave_by_the_servers_clock() {
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = OwnNats::new(dir.path(), "newer", port, None);
+    server.program(&newer).start();
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = "TTL";
+    let storage = connect(&url, name).await;
+    assert!(storage.per_message_ttl());
+    assert!(allows_message_ttl(&url, name).await);
+
+    let who = RecipientId::new("alice").unwrap();
+    let now = Timestamp::now_system();
+    let outcome = storage
+        .append(
+            &who,
+            vec![
+                record(b"short", now, Some(Duration::from_secs(1))),
+                record(b"kept", now, None),
+            ],
+            &Quota::UNLIMITED,
+            now,
+        )
+        .await
+        .unwrap();
+    let (short, kept) = (outcome.records[0].seq(), outcome.records[1].seq());
+    let short_subject = record_subject(name, &who, short);
+    let kept_subject = record_subject(name, &who, kept);
+    // 1 s of life, plus the 2 s grace in which a retried send may still look for it.
+    let message = stored(&url, name, &short_subject).await.unwrap();
+    assert_eq!(ttl_header(&message).as_deref(), Some("3"));
+    let message = stored(&url, name, &kept_subject).await.unwrap();
+    assert_eq!(ttl_header(&message), None, "no deadline, no TTL");
+
+    wait_until_removed(&url, name, &short_subject).await;
+
+    // The reader finds the expired record gone, closes its position and counts it lost.
+    let later = Timestamp::now_system();
+    let batch = storage
+        .read(&who, None, BatchLimit::default(), later)
+        .await
+        .unwrap();
+    let read: Vec<(Seq, Vec<u8>)> = batch
+        .records
+        .into_iter()
+        .map(|r| (r.seq, r.body.to_vec()))
+        .collect();
+    assert_eq!(read, vec![(kept, b"kept".to_vec())]);
+    let stats = storage.stats(&who).await.unwrap();
+    assert_eq!((stats.messages, stats.bytes, stats.lost), (1, 4, 1));
+
+    // Its tombstone stays as long as a claim on it could matter (the grace), then goes too.
+    let tombstone = stored(&url, name, &short_subject).await.unwrap();
+    assert!(tombstone.payload.is_empty());
+    assert_eq!(ttl_header(&tombstone).as_deref(), Some("2"));
+    wait_until_removed(&url, name, &short_subject).await;
+    assert!(stored(&url, name, &kept_subject).await.is_some());
+}
+
+/// The engine on a newer server, end to end: a message past its TTL is never delivered and is
+/// reported lost, whether the server removed it first or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_delivers_around_records_the_server_expired() {
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = OwnNats::new(dir.path(), "newer", port, None);
+    server.program(&newer).start();
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = "ENGINE";
+    let storage = connect(&url, name).await;
+    let queue = OfflineQueue::builder()
+        .storage(Arc::new(storage.clone()))
+        .build()
+        .unwrap();
+    let bob = RecipientId::new("bob").unwrap();
+    let short = queue
+        .send(Envelope::new(bob.clone(), "short").with_ttl(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    queue
+        .send(Envelope::new(bob.clone(), "long").with_ttl(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    wait_until_removed(&url, name, &record_subject(name, &bob, short.seq)).await;
+
+    let (transport, mut inbox) = channel_transport(16);
+    let session = queue.connect(bob.clone(), transport);
+    let handle = session.handle();
+    let driver = session.run();
+    let client = async {
+        let Some(Outbound::Batch(batch)) = inbox.next().await else {
+            panic!("a batch first")
+        };
+        let bodies: Vec<&[u8]> = batch.messages.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(bodies, vec![b"long".as_slice()]);
+        assert_eq!(batch.gap, 1, "the expired message is reported lost");
+        handle.ack_through(batch.messages[0].seq);
+        assert_eq!(inbox.next().await, Some(Outbound::CaughtUp));
+        handle.close();
+    };
+    let (end, ()) = futures::join!(driver, client);
+    end.unwrap();
+    assert_eq!(queue.stats(&bob).await.unwrap().messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_on_2_9_gains_per_message_ttl_when_its_server_is_upgraded() {
+    if debian_server_missing() {
+        return;
+    }
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = "UPGRADE";
+    let who = RecipientId::new("carol").unwrap();
+    let now = Timestamp::now_system();
+    let hour = Some(Duration::from_secs(3600));
+
+    let mut server = OwnNats::new(dir.path(), "solo", port, None);
+    server.start();
+    let storage = connect(&url, name).await;
+    assert!(!storage.per_message_ttl(), "Debian's 2.9.10 has no TTL");
+    let old = storage
+        .append(
+            &who,
+            vec![record(b"old", now, hour)],
+            &Quota::UNLIMITED,
+            now,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    let message = stored(&url, name, &record_subject(name, &who, old))
+        .await
+        .unwrap();
+    assert_eq!(ttl_header(&message), None);
+    assert!(!allows_message_ttl(&url, name).await);
+    drop(storage);
+    server.kill();
+
+    // The same files, served by the newer server.
+    server.program(&newer).start();
+    let storage = connect(&url, name).await;
+    assert!(storage.per_message_ttl());
+    assert!(allows_message_ttl(&url, name).await);
+    let new = storage
+        .append(
+            &who,
+            vec![record(b"new", now, hour)],
+            &Quota::UNLIMITED,
+            now,
+        )
+        .await
+        .unwrap()
+        .records[0]
+        .seq();
+    let message = stored(&url, name, &record_subject(name, &who, new))
+        .await
+        .unwrap();
+    assert_eq!(ttl_header(&message).as_deref(), Some("3602"));
+    let batch = storage
+        .read(&who, None, BatchLimit::default(), now)
+        .await
+        .unwrap();
+    let read: Vec<(Seq, Vec<u8>)> = batch
+        .records
+        .into_iter()
+        .map(|r| (r.seq, r.body.to_vec()))
+        .collect();
+    assert_eq!(read, vec![(old, b"old".to_vec()), (new, b"new".to_vec())]);
+}
