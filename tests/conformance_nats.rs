@@ -25,6 +25,31 @@ async fn nats_storage_passes_the_conformance_suite() {
     streams.delete(&url).await;
 }
 
+/// The same suite on a server of 2.11 or later (`OFFLINE_QUEUE_NEWER_NATS_SERVER`), where
+/// records with a deadline carry a per-message TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_storage_passes_the_conformance_suite_on_a_newer_server() {
+    use nats_support::newer_nats_server;
+    use nats_support::own_server::{OwnNats, free_port};
+
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = OwnNats::new(dir.path(), "newer", port, None);
+    server.program(&newer).start();
+    let url = format!("nats://127.0.0.1:{port}");
+    let streams = Arc::new(Streams::default());
+    let first = streams.storage(&url).await;
+    assert!(first.per_message_ttl(), "a server of 2.11 or later");
+    testing::run_all(|| {
+        let (streams, url) = (streams.clone(), url.clone());
+        async move { Arc::new(streams.storage(&url).await) as Arc<dyn Storage> }
+    })
+    .await;
+}
+
 /// What the queues acked leaves the stream: after 300 records over three recipients are read
 /// and acked in batches (acks out of order too), the records stream is soon empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

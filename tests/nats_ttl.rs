@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::StreamExt;
-use nats_support::own_server::{NATS_SERVER, OwnNats, free_port, newer_nats_server};
+use nats_support::newer_nats_server;
+use nats_support::own_server::{NATS_SERVER, OwnNats, free_port};
 use nats_support::skip_support;
 use offline_queue::storage::NewRecord;
 use offline_queue::{

