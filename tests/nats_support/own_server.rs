@@ -70,6 +70,13 @@ impl OwnNats {
         }
     }
 
+    /// Serves the monitoring endpoints (`/varz`: the server's message counts) on `port`
+    /// from the next [`OwnNats::start`] on.
+    pub fn monitor(&mut self, port: u16) -> &mut Self {
+        self.args.extend(["-m".to_owned(), port.to_string()]);
+        self
+    }
+
     /// Runs `program` instead of Debian's server from the next [`OwnNats::start`] on.
     pub fn program(&mut self, program: &str) -> &mut Self {
         program.clone_into(&mut self.program);

@@ -144,6 +144,7 @@ mod meta;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
@@ -180,8 +181,11 @@ const GONE: &str = "Oq-Gone";
 /// retryable error: each conflict means another node changed the queue, so this only runs
 /// out under a storm of writers on one recipient.
 const CAS_ATTEMPTS: usize = 64;
-/// Records fetched at once by a read.
+/// Records asked for in one request by a read (one batched direct get, or as many direct
+/// gets in flight).
 const READ_AHEAD: usize = 64;
+/// How long a batched direct get may take to end.
+const BATCH_GET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Gone records waiting for removal, per storage: past it, acks wait for room.
 const REMOVALS_QUEUED: usize = 65_536;
 /// Removal requests in flight at once, per storage.
@@ -203,6 +207,7 @@ pub struct NatsOptions {
     max_age: Duration,
     dedup_window: Duration,
     stale_reservation: Duration,
+    batched_reads: bool,
 }
 
 impl Default for NatsOptions {
@@ -214,6 +219,7 @@ impl Default for NatsOptions {
             max_age: Duration::from_secs(91 * 24 * 3600),
             dedup_window: Duration::from_secs(3600),
             stale_reservation: Duration::from_secs(30),
+            batched_reads: true,
         }
     }
 }
@@ -277,6 +283,16 @@ impl NatsOptions {
         self
     }
 
+    /// Whether a read asks a server of 2.11 or later for up to 64 records in one request
+    /// (its batched direct get; default true), or one request a record as on older servers.
+    /// A server that refuses a batched get turns it off for the storage by itself (a replica
+    /// older than 2.11 in a cluster being upgraded), so this is for comparing the two.
+    #[must_use]
+    pub fn batched_reads(mut self, on: bool) -> Self {
+        self.batched_reads = on;
+        self
+    }
+
     /// Connects to `url` (`nats://host:port`, several separated by commas), and creates the
     /// three streams, or checks that existing ones have this layout.
     ///
@@ -300,7 +316,8 @@ impl NatsOptions {
             );
         }
         let version = client.server_info().version;
-        let context = jetstream::new(client);
+        let batched_gets = self.batched_reads && from_2_11(&version);
+        let context = jetstream::new(client.clone());
         // Metas apart from records: a meta is rewritten at every change, and the holes its
         // old versions leave in a stream slow the server's purges of records (measured:
         // 35,000 exact-subject purges a second beside no metas, 7,300 beside metas).
@@ -313,7 +330,7 @@ impl NatsOptions {
                 &self.stream,
                 &["r"],
                 self.max_age,
-                keeps_message_ttl(&version),
+                from_2_11(&version),
             )
             .await?;
         let ttl_grace = message_ttl.then(|| self.dedup_window + self.stale_reservation);
@@ -360,6 +377,8 @@ impl NatsOptions {
                 meta,
                 dedup,
                 ttl_grace,
+                batched_gets: AtomicBool::new(batched_gets),
+                client,
                 options: self,
             }),
         })
@@ -527,6 +546,10 @@ struct Shared {
     /// With per-message TTL (server 2.11 on): how long past its deadline a record stays, and
     /// how long a tombstone stays. See [`NatsStorage::per_message_ttl`].
     ttl_grace: Option<Duration>,
+    /// Whether reads ask for several records in one request (server 2.11's batched direct
+    /// get); cleared if the server refuses one. See [`NatsStorage::get_records`].
+    batched_gets: AtomicBool,
+    client: async_nats::Client,
     options: NatsOptions,
 }
 
@@ -958,6 +981,93 @@ impl NatsStorage {
         })
     }
 
+    /// The records at `positions`, in that order: one batched direct get (server 2.11: the
+    /// last message of each listed subject, answered by any replica, then an end-of-batch
+    /// status) where the server answers them, else a direct get each.
+    async fn get_records(&self, key: &str, positions: &[u64]) -> Result<Vec<Found>> {
+        if self.shared.batched_gets.load(Ordering::Relaxed) {
+            if let Some(found) = self.get_batch(key, positions).await? {
+                return Ok(found);
+            }
+            // A replica older than 2.11 (a cluster being upgraded) does not know the request.
+            self.shared.batched_gets.store(false, Ordering::Relaxed);
+            tracing::warn!(
+                "nats: a server refused a batched direct get; reading one record a request"
+            );
+        }
+        futures::future::join_all(
+            positions
+                .iter()
+                .map(|&position| self.get_record(key, position, false)),
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+
+    /// One batched direct get of `positions`; `None` if the server does not answer it as a
+    /// 2.11 server does.
+    async fn get_batch(&self, key: &str, positions: &[u64]) -> Result<Option<Vec<Found>>> {
+        let client = &self.shared.client;
+        let subjects: Vec<String> = positions
+            .iter()
+            .map(|&position| self.record_subject(key, position))
+            .collect();
+        // Subjects are the prefix's plain tokens, `r`, hex and digits: nothing to escape.
+        let request = format!(
+            r#"{{"multi_last":["{}"],"batch":{}}}"#,
+            subjects.join(r#"",""#),
+            positions.len()
+        );
+        let inbox = client.new_inbox();
+        let mut answers = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.shared.options.stream),
+                inbox,
+                request.into(),
+            )
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        let mut found: Vec<Found> = positions.iter().map(|_| Found::Missing).collect();
+        let index: HashMap<&str, usize> = subjects
+            .iter()
+            .enumerate()
+            .map(|(i, subject)| (subject.as_str(), i))
+            .collect();
+        let deadline = tokio::time::Instant::now() + BATCH_GET_TIMEOUT;
+        loop {
+            let Ok(answer) = tokio::time::timeout_at(deadline, answers.next()).await else {
+                return Err(Error::storage_msg(
+                    Retry::Yes,
+                    format!("nats: a batched direct get had no end within {BATCH_GET_TIMEOUT:?}"),
+                ));
+            };
+            let Some(answer) = answer else {
+                return Err(Error::storage_msg(
+                    Retry::Yes,
+                    "nats: the connection closed during a batched direct get",
+                ));
+            };
+            match answer.status.map(|status| status.as_u16()) {
+                None => {}
+                // End of batch; no listed subject holds a message.
+                Some(204 | 404) => return Ok(Some(found)),
+                Some(_) => return Ok(None),
+            }
+            let message = StreamMessage::try_from(answer)
+                .map_err(|error| Error::storage(Retry::Yes, error))?;
+            let Some(&i) = index.get(message.subject.as_str()) else {
+                return Ok(None);
+            };
+            let subject = subjects[i].clone();
+            found[i] = self::found(&subject, positions[i], message)?;
+        }
+    }
+
     /// A position the meta holds whose record a read did not find: its appender may still
     /// publish it (a reservation younger than `stale_reservation`), or the replica that
     /// answered lags. Asks the leader again, more slowly each time, until the record shows
@@ -1328,18 +1438,31 @@ impl NatsStorage {
             .live_from(start)
             .map(|(position, slot)| (position, slot.deliveries))
             .collect();
-        let mut gets = futures::stream::iter(candidates)
-            .map(|(position, deliveries)| {
+        // In requests of up to READ_AHEAD records, the next one asked while this one is read.
+        let per_request = READ_AHEAD.min(limit.max_messages.max(1));
+        let chunks: Vec<Vec<(u64, u32)>> =
+            candidates.chunks(per_request).map(<[_]>::to_vec).collect();
+        let mut gets = futures::stream::iter(chunks)
+            .map(|chunk: Vec<(u64, u32)>| {
                 let key = &key;
                 async move {
-                    (
-                        position,
-                        deliveries,
-                        self.get_record(key, position, false).await,
+                    let positions: Vec<u64> = chunk.iter().map(|&(position, _)| position).collect();
+                    let answers: Vec<Result<Found>> = match self.get_records(key, &positions).await
+                    {
+                        Ok(found) => found.into_iter().map(Ok).collect(),
+                        // The first record's error stops the read (or ends a full batch).
+                        Err(error) => vec![Err(error)],
+                    };
+                    futures::stream::iter(
+                        chunk
+                            .into_iter()
+                            .zip(answers)
+                            .map(|((position, deliveries), found)| (position, deliveries, found)),
                     )
                 }
             })
-            .buffered(READ_AHEAD.min(limit.max_messages.max(1)));
+            .buffered(2)
+            .flatten();
         let mut bytes = 0usize;
         let mut closed = false;
         while let Some((position, deliveries, found)) = gets.next().await {
@@ -1799,9 +1922,9 @@ async fn publish_ack(context: &Context, subject: String, publish: Publish) -> Re
     }
 }
 
-/// Whether a server of `version` (`2.11.0`, `2.12.0-RC.1`) keeps a per-message TTL: 2.11 and
-/// later.
-fn keeps_message_ttl(version: &str) -> bool {
+/// Whether a server of `version` (`2.11.0`, `2.12.0-RC.1`) is 2.11 or later: it keeps a
+/// per-message TTL and answers batched direct gets.
+fn from_2_11(version: &str) -> bool {
     let mut numbers = version
         .trim_start_matches('v')
         .split(|c: char| !c.is_ascii_digit())
@@ -1855,7 +1978,7 @@ mod tests {
             ("", false),
             ("dev", false),
         ] {
-            assert_eq!(keeps_message_ttl(version), keeps, "{version:?}");
+            assert_eq!(from_2_11(version), keeps, "{version:?}");
         }
     }
 
@@ -1914,6 +2037,42 @@ mod tests {
             expires_at: None,
             body: body.to_vec(),
         }
+    }
+
+    /// A server that does not answer a batched direct get as 2.11 does (here 2.9's "408
+    /// Empty Request", or any server when the read is forced to ask) turns batching off for
+    /// the storage, and the read it failed still returns every record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_refuses_batched_gets_is_read_one_record_a_request() {
+        let Some(url) = url() else { return };
+        let (storage, name) = own_storage(&url, Duration::from_secs(30)).await;
+        let version = storage.shared.client.server_info().version;
+        let who = RecipientId::new("erin").unwrap();
+        let now = Timestamp::now_system();
+        let bodies: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i]).collect();
+        storage
+            .append(
+                &who,
+                bodies.iter().map(|b| record(b)).collect(),
+                &Quota::UNLIMITED,
+                now,
+            )
+            .await
+            .unwrap();
+        storage.shared.batched_gets.store(true, Ordering::Relaxed);
+        let limit = BatchLimit {
+            max_messages: 100,
+            max_bytes: usize::MAX,
+        };
+        let batch = storage.read(&who, None, limit, now).await.unwrap();
+        let read: Vec<Vec<u8>> = batch.records.iter().map(|r| r.body.to_vec()).collect();
+        assert_eq!(read, bodies);
+        assert_eq!(
+            storage.shared.batched_gets.load(Ordering::Relaxed),
+            from_2_11(&version),
+            "server {version}"
+        );
+        delete_streams(&url, &name).await;
     }
 
     /// An appender that reserved a position and never published it (it died) leaves a hole.

@@ -1,6 +1,7 @@
-//! Per-message TTL on NATS servers of 2.11 and later: expired records and tombstones leave the
-//! stream by the server's clock, and a stream made on 2.9 gains it when its server is upgraded.
-//! Runs on servers the tests start themselves: Debian's 2.9.10 and the newer server named by
+//! What NATS servers of 2.11 and later add: per-message TTL (expired records and tombstones
+//! leave the stream by the server's clock, and a stream made on 2.9 gains it when its server is
+//! upgraded), and batched direct gets (a read asks for 64 records in one request). Runs on
+//! servers the tests start themselves: Debian's 2.9.10 and the newer server named by
 //! `OFFLINE_QUEUE_NEWER_NATS_SERVER` (skipped, and says so, when it is unset; `.ci/run`
 //! fetches one with `.ci/newer-nats-server`).
 
@@ -280,4 +281,72 @@ async fn a_stream_made_on_2_9_gains_per_message_ttl_when_its_server_is_upgraded(
         .map(|r| (r.seq, r.body.to_vec()))
         .collect();
     assert_eq!(read, vec![(old, b"old".to_vec()), (new, b"new".to_vec())]);
+}
+
+/// The server's count of messages received (`/varz` on its monitoring port).
+fn messages_in(monitor: u16) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", monitor)).unwrap();
+    http.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    let body = &response[response.find("\r\n\r\n").expect("an HTTP answer") + 4..];
+    let varz: serde_json::Value = serde_json::from_str(body).unwrap();
+    varz["in_msgs"].as_u64().expect("in_msgs")
+}
+
+/// A read of 200 records asks a newer server in a few requests (64 records each), not one
+/// request a record; both ways read the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_asks_a_newer_server_for_64_records_a_request() {
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (port, monitor) = (free_port(), free_port());
+    let mut server = OwnNats::new(dir.path(), "newer", port, None);
+    server.program(&newer).monitor(monitor).start();
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = "BATCH";
+    let who = RecipientId::new("dave").unwrap();
+    let now = Timestamp::now_system();
+    let batched = connect(&url, name).await;
+    let bodies: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    let sent: Vec<Seq> = batched
+        .append(
+            &who,
+            bodies.iter().map(|b| record(b, now, None)).collect(),
+            &Quota::UNLIMITED,
+            now,
+        )
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq())
+        .collect();
+    let one_each =
+        nats_support::own_server::connect_when_ready(|| options(name).batched_reads(false), &url)
+            .await;
+    let limit = BatchLimit {
+        max_messages: 200,
+        max_bytes: usize::MAX,
+    };
+    let mut asked = Vec::new();
+    for storage in [&batched, &one_each] {
+        let before = messages_in(monitor);
+        let batch = storage.read(&who, None, limit, now).await.unwrap();
+        asked.push(messages_in(monitor) - before);
+        let read: Vec<(Seq, Vec<u8>)> = batch
+            .records
+            .into_iter()
+            .map(|r| (r.seq, r.body.to_vec()))
+            .collect();
+        let expected: Vec<(Seq, Vec<u8>)> = sent.iter().copied().zip(bodies.clone()).collect();
+        assert_eq!(read, expected);
+    }
+    // The meta's read and four batched gets (64, 64, 64, 8): 5 seen here. One a record: 201.
+    assert!(asked[0] <= 6, "batched: {} requests", asked[0]);
+    assert!(asked[1] >= 201, "one each: {} requests", asked[1]);
 }
