@@ -22,23 +22,13 @@ fn queue(storage: Arc<dyn Storage>) -> OfflineQueue {
     support::queue(storage)
 }
 
-/// `senders` concurrent senders, each sending `per_sender` messages one after another.
+/// `senders` concurrent senders, each sending `per_sender` messages one after another, to 64
+/// recipients in turn.
 async fn send_concurrently(queue: &OfflineQueue, senders: usize, per_sender: usize) {
-    let payload = vec![7u8; PAYLOAD];
-    let tasks = (0..senders).map(|s| {
-        let queue = queue.clone();
-        let payload = payload.clone();
-        let who = RecipientId::new(format!("user-{}", s % 64)).unwrap();
-        async move {
-            for _ in 0..per_sender {
-                queue
-                    .send(Envelope::new(who.clone(), payload.clone()))
-                    .await
-                    .unwrap();
-            }
-        }
-    });
-    futures::future::join_all(tasks).await;
+    let who: Vec<RecipientId> = (0..senders)
+        .map(|s| RecipientId::new(format!("user-{}", s % 64)).unwrap())
+        .collect();
+    send_each_at_once(queue, &who, per_sender).await;
 }
 
 /// The floor: `groups` rounds of writing `group` payloads to a plain file and one fdatasync.
