@@ -101,7 +101,7 @@ fn debian_server_missing() -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_records_and_their_tombstones_leave_by_the_servers_clock() {
+async fn expired_records_leave_by_the_servers_clock_and_are_counted_lost() {
     let Some(newer) = newer_nats_server() else {
         return;
     };
@@ -155,12 +155,65 @@ async fn expired_records_and_their_tombstones_leave_by_the_servers_clock() {
     let stats = storage.stats(&who).await.unwrap();
     assert_eq!((stats.messages, stats.bytes, stats.lost), (1, 4, 1));
 
-    // Its tombstone stays as long as a claim on it could matter (the grace), then goes too.
+    // A tombstone holds the position, so no late record can land where readers have passed,
+    // and it stays until max_age, as a claim on the position may still need it.
     let tombstone = stored(&url, name, &short_subject).await.unwrap();
     assert!(tombstone.payload.is_empty());
-    assert_eq!(ttl_header(&tombstone).as_deref(), Some("2"));
-    wait_until_removed(&url, name, &short_subject).await;
+    assert_eq!(ttl_header(&tombstone), None);
     assert!(stored(&url, name, &kept_subject).await.is_some());
+}
+
+/// A backlog the server expired is passed a batch's worth at a time, each record counted lost
+/// once, and what follows it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
+    let Some(newer) = newer_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = OwnNats::new(dir.path(), "newer", port, None);
+    server.program(&newer).start();
+    let url = format!("nats://127.0.0.1:{port}");
+    let name = "BACKLOG";
+    let storage = connect(&url, name).await;
+    let who = RecipientId::new("frank").unwrap();
+    let now = Timestamp::now_system();
+    let mut records: Vec<NewRecord> = (0..150u8)
+        .map(|i| record(&[i], now, Some(Duration::from_secs(1))))
+        .collect();
+    records.push(record(b"kept", now, None));
+    let kept = storage
+        .append(&who, records, &Quota::UNLIMITED, now)
+        .await
+        .unwrap()
+        .records[150]
+        .seq();
+    let context = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let mut stream = context.get_stream(name).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while stream.info().await.unwrap().state.messages > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept the expired records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let later = Timestamp::now_system();
+    let limit = BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    let first = storage.read(&who, None, limit, later).await.unwrap();
+    assert!(first.records.is_empty());
+    assert_eq!((first.lost_total, first.lost_unconfirmed), (100, 100));
+    let second = storage.read(&who, None, limit, later).await.unwrap();
+    let read: Vec<Seq> = second.records.iter().map(|r| r.seq).collect();
+    assert_eq!(read, vec![kept]);
+    assert_eq!(second.lost_total, 150);
+    let stats = storage.stats(&who).await.unwrap();
+    assert_eq!((stats.messages, stats.lost), (1, 150));
 }
 
 /// The engine on a newer server, end to end: a message past its TTL is never delivered and is

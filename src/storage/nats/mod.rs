@@ -99,6 +99,10 @@
 //!   frees the rest by its own clock. A record lives at most `max_age`
 //!   ([`NatsOptions::max_age`]) from its send, whatever its TTL; a queue untouched for
 //!   `max_age` goes whole (its meta with it).
+//! - **A storage-wide byte budget** ([`Capabilities::total_byte_budget`] is false).
+//! - **Atomic multi-record appends** across a failure: JetStream 2.9 publishes one message at
+//!   a time, so a connection lost in the middle of an append of several records can leave
+//!   some stored (`send` appends one).
 //!
 //! # Per-message TTL (server 2.11 and later)
 //! The storage asks the server's version at connect. From 2.11 on, the records stream allows
@@ -106,22 +110,19 @@
 //! changes), and each record with a deadline carries a `Nats-TTL` header, so the server
 //! removes it by its own clock instead of at `max_age`: at its deadline plus a grace of
 //! [`NatsOptions::dedup_window`] and [`NatsOptions::stale_reservation`] (1 hour 30 s by
-//! default). Tombstones carry the grace alone. [`NatsStorage::per_message_ttl`] says which way
-//! a storage runs; a stream that does not report the setting (an older leader) gets no
-//! header.
+//! default). [`NatsStorage::per_message_ttl`] says which way a storage runs; a stream that
+//! does not report the setting (an older leader) gets no header.
 //!
-//! Why the grace: a record the server removed is a position with nothing in it, which a
-//! reader meets as a dead appender's hole. Past the grace its reservation is stale, so the
-//! reader closes it at once and counts it lost, as it would have passed it over expired (the
-//! engine reports it in that batch's gap). And a send retried with the record's id within
-//! the dedup window must still find the record, or the tombstone that voids its claim ("Claims
-//! go first", above): both outlive the window. For the same reason an append that took longer
-//! than `stale_reservation` publishes nothing and fails retryably: the tombstone a reader left
-//! at its position may have expired.
-//! - **A storage-wide byte budget** ([`Capabilities::total_byte_budget`] is false).
-//! - **Atomic multi-record appends** across a failure: JetStream 2.9 publishes one message at
-//!   a time, so a connection lost in the middle of an append of several records can leave
-//!   some stored (`send` appends one).
+//! A record the server removed is a position with nothing in it, met by a reader as a dead
+//! appender's hole. The grace makes its reservation stale by then, so the reader closes it at
+//! once (a tombstone, one publish) and counts it lost in the read's one meta write, as many
+//! in a read as a batch holds: the engine reports them in that batch's gap, as it would have
+//! passed them over expired. The grace also keeps the record while a send retried with its id
+//! may still look for it (the dedup window). Tombstones keep no TTL: they stay until
+//! `max_age`, so no late record can land at a closed position and a claim on one stays void
+//! ("Claims go first", above). A node whose clock runs ahead of the others by more than
+//! `stale_reservation` (see there) can make a retried send, after its original expired and
+//! left, store the message again: a duplicate, never a loss.
 //!
 //! # Durability
 //! File storage. With one replica the server writes each message before its ack and syncs
@@ -288,8 +289,10 @@ impl NatsOptions {
 
     /// Whether a read asks a server of 2.11 or later for up to 64 records in one request
     /// (its batched direct get; default true), or one request a record as on older servers.
-    /// A server that refuses a batched get turns it off for the storage by itself (a replica
-    /// older than 2.11 in a cluster being upgraded), so this is for comparing the two.
+    /// A server that answers a batched get as an older one does (`408` or `400`: a replica
+    /// older than 2.11 in a cluster being upgraded) turns it off for the rest of the
+    /// storage's life by itself; other failures are retryable errors and leave it on. So
+    /// this is for comparing the two.
     #[must_use]
     pub fn batched_reads(mut self, on: bool) -> Self {
         self.batched_reads = on;
@@ -469,17 +472,6 @@ impl NatsOptions {
             .map_err(|error| Error::storage(Retry::Yes, error))?
             .config
             .clone();
-        if message_ttl && !have.allow_message_ttl {
-            // Turning it on changes nothing stored (2.11 allows it on an existing stream, and
-            // never turning it off).
-            have.allow_message_ttl = true;
-            have = context
-                .update_stream(have)
-                .await
-                .map_err(|error| Error::storage(Retry::Yes, error))?
-                .config;
-            tracing::info!(stream = name, "nats: per-message TTL turned on");
-        }
         let differences: Vec<String> = [
             (
                 "subjects",
@@ -521,6 +513,17 @@ impl NatsOptions {
                 ),
             ));
         }
+        if message_ttl && !have.allow_message_ttl {
+            // After the layout check: turning it on cannot be undone (2.11 allows it on an
+            // existing stream), and it changes nothing stored.
+            have.allow_message_ttl = true;
+            have = context
+                .update_stream(have)
+                .await
+                .map_err(|error| Error::storage(Retry::Yes, error))?
+                .config;
+            tracing::info!(stream = name, "nats: per-message TTL turned on");
+        }
         Ok((stream, have.allow_message_ttl))
     }
 }
@@ -546,8 +549,8 @@ struct Shared {
     records: Stream,
     meta: Stream,
     dedup: Stream,
-    /// With per-message TTL (server 2.11 on): how long past its deadline a record stays, and
-    /// how long a tombstone stays. See [`NatsStorage::per_message_ttl`].
+    /// With per-message TTL (server 2.11 on): how long past its deadline a record stays. See
+    /// [`NatsStorage::per_message_ttl`].
     ttl_grace: Option<Duration>,
     /// Whether reads ask for several records in one request (server 2.11's batched direct
     /// get); cleared if the server refuses one. See [`NatsStorage::get_records`].
@@ -643,10 +646,10 @@ impl NatsStorage {
     ///
     /// A record with a deadline is then kept until that deadline plus
     /// [`NatsOptions::dedup_window`] and [`NatsOptions::stale_reservation`] (1 hour 30 s by
-    /// default), and a tombstone for as long: a retried send within the dedup window must
-    /// still find the record, or the tombstone that voids its claim. Before 2.11, or with
-    /// no deadline, the stream's [`NatsOptions::max_age`] removes it. Reads never return a
-    /// record past its deadline either way.
+    /// default): a send retried within the dedup window must still find it, and a reader
+    /// must meet its position as stale. Before 2.11, or with no deadline, the stream's
+    /// [`NatsOptions::max_age`] removes it. Reads never return a record past its deadline
+    /// either way. See the [module docs](self).
     pub fn per_message_ttl(&self) -> bool {
         self.shared.ttl_grace.is_some()
     }
@@ -986,8 +989,9 @@ impl NatsStorage {
 
     /// The records at `positions`, in that order: one batched direct get (server 2.11: the
     /// last message of each listed subject, answered by any replica, then an end-of-batch
-    /// status) where the server answers them, else a direct get each.
-    async fn get_records(&self, key: &str, positions: &[u64]) -> Result<Vec<Found>> {
+    /// status) where the server answers them, else a direct get each. The outer error is the
+    /// request's; an inner one is that record's (damaged, say).
+    async fn get_records(&self, key: &str, positions: &[u64]) -> Result<Vec<Result<Found>>> {
         if self.shared.batched_gets.load(Ordering::Relaxed) {
             if let Some(found) = self.get_batch(key, positions).await? {
                 return Ok(found);
@@ -995,22 +999,21 @@ impl NatsStorage {
             // A replica older than 2.11 (a cluster being upgraded) does not know the request.
             self.shared.batched_gets.store(false, Ordering::Relaxed);
             tracing::warn!(
-                "nats: a server refused a batched direct get; reading one record a request"
+                "nats: a server answered a batched direct get as a server before 2.11 does; \
+                 reading one record a request from now on"
             );
         }
-        futures::future::join_all(
+        Ok(futures::future::join_all(
             positions
                 .iter()
                 .map(|&position| self.get_record(key, position, false)),
         )
-        .await
-        .into_iter()
-        .collect()
+        .await)
     }
 
-    /// One batched direct get of `positions`; `None` if the server does not answer it as a
-    /// 2.11 server does.
-    async fn get_batch(&self, key: &str, positions: &[u64]) -> Result<Option<Vec<Found>>> {
+    /// One batched direct get of `positions`; `None` if the server does not know the request
+    /// (`408 Empty Request` from 2.9 and 2.10, or `400`).
+    async fn get_batch(&self, key: &str, positions: &[u64]) -> Result<Option<Vec<Result<Found>>>> {
         let client = &self.shared.client;
         let subjects: Vec<String> = positions
             .iter()
@@ -1023,6 +1026,7 @@ impl NatsStorage {
             positions.len()
         );
         let inbox = client.new_inbox();
+        // Dropped on return, which unsubscribes.
         let mut answers = client
             .subscribe(inbox.clone())
             .await
@@ -1035,7 +1039,7 @@ impl NatsStorage {
             )
             .await
             .map_err(|error| Error::storage(Retry::Yes, error))?;
-        let mut found: Vec<Found> = positions.iter().map(|_| Found::Missing).collect();
+        let mut found: Vec<Result<Found>> = positions.iter().map(|_| Ok(Found::Missing)).collect();
         let index: HashMap<&str, usize> = subjects
             .iter()
             .enumerate()
@@ -1043,32 +1047,62 @@ impl NatsStorage {
             .collect();
         let deadline = tokio::time::Instant::now() + BATCH_GET_TIMEOUT;
         loop {
-            let Ok(answer) = tokio::time::timeout_at(deadline, answers.next()).await else {
-                return Err(Error::storage_msg(
-                    Retry::Yes,
-                    format!("nats: a batched direct get had no end within {BATCH_GET_TIMEOUT:?}"),
-                ));
-            };
-            let Some(answer) = answer else {
-                return Err(Error::storage_msg(
-                    Retry::Yes,
-                    "nats: the connection closed during a batched direct get",
-                ));
+            let answer = match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => {
+                    return Err(Error::storage_msg(
+                        Retry::Yes,
+                        "nats: the connection closed during a batched direct get",
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::storage_msg(
+                        Retry::Yes,
+                        format!(
+                            "nats: a batched direct get had no end within {BATCH_GET_TIMEOUT:?}"
+                        ),
+                    ));
+                }
             };
             match answer.status.map(|status| status.as_u16()) {
                 None => {}
-                // End of batch; no listed subject holds a message.
+                // The end of the batch; or no listed subject holds a message.
                 Some(204 | 404) => return Ok(Some(found)),
-                Some(_) => return Ok(None),
+                Some(400 | 408) => return Ok(None),
+                // 503 (no responders: the stream is moving, or the server restarts) and the
+                // rest: this request failed, the next may not.
+                Some(status) => {
+                    return Err(Error::storage_msg(
+                        Retry::Yes,
+                        format!(
+                            "nats: a batched direct get answered {status} {}",
+                            answer.description.as_deref().unwrap_or("")
+                        ),
+                    ));
+                }
             }
             let message = StreamMessage::try_from(answer)
                 .map_err(|error| Error::storage(Retry::Yes, error))?;
             let Some(&i) = index.get(message.subject.as_str()) else {
-                return Ok(None);
+                return Err(Error::storage_msg(
+                    Retry::Yes,
+                    format!(
+                        "nats: a batched direct get answered {}, which it was not asked for",
+                        message.subject
+                    ),
+                ));
             };
-            let subject = subjects[i].clone();
-            found[i] = self::found(&subject, positions[i], message)?;
+            found[i] = self::found(&subjects[i], positions[i], message);
         }
+    }
+
+    /// Whether `position`'s reservation (if any) is older than `stale_reservation`: nothing
+    /// will be published there any more, and a reader may close it at once.
+    fn reservation_stale(&self, meta: &Meta, position: u64) -> bool {
+        let stale =
+            u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        meta.reserved_at(position)
+            .is_none_or(|at| wall_ms() >= at.saturating_add(stale))
     }
 
     /// A position the meta holds whose record a read did not find: its appender may still
@@ -1252,10 +1286,6 @@ impl NatsStorage {
     ) -> Result<bool> {
         let mut headers = HeaderMap::new();
         headers.insert(GONE, if lost { GONE_LOST } else { "1" });
-        if let Some(grace) = self.shared.ttl_grace {
-            // Kept while a claim may point here, so a retried send still finds it voided.
-            headers.insert(NATS_MESSAGE_TTL, ttl_seconds(0, grace).as_str());
-        }
         let publish = Publish::build()
             .headers(headers)
             .expected_last_subject_sequence(expected);
@@ -1269,12 +1299,10 @@ impl NatsStorage {
     }
 
     /// Marks `position` as holding nothing in the meta (`lost`: see [`Meta::abandon`]).
-    /// Returns the queue's loss total after, if this call changed the meta.
-    async fn abandon(&self, key: &str, position: u64, lost: bool) -> Result<Option<u64>> {
-        let changed = self
-            .update(key, |meta| Ok(meta.abandon(position, lost).then_some(())))
+    async fn abandon(&self, key: &str, position: u64, lost: bool) -> Result<()> {
+        self.update(key, |meta| Ok(meta.abandon(position, lost).then_some(())))
             .await?;
-        Ok(changed.map(|((), meta, _)| meta.lost_total))
+        Ok(())
     }
 
     async fn publish_record(
@@ -1441,19 +1469,18 @@ impl NatsStorage {
             .live_from(start)
             .map(|(position, slot)| (position, slot.deliveries))
             .collect();
-        // In requests of up to READ_AHEAD records, the next one asked while this one is read.
         let per_request = READ_AHEAD.min(limit.max_messages.max(1));
-        let chunks: Vec<Vec<(u64, u32)>> =
-            candidates.chunks(per_request).map(<[_]>::to_vec).collect();
-        let mut gets = futures::stream::iter(chunks)
-            .map(|chunk: Vec<(u64, u32)>| {
-                let key = &key;
-                async move {
+        let queue = key.as_str();
+        let mut gets = if self.shared.batched_gets.load(Ordering::Relaxed) {
+            // In requests of up to READ_AHEAD records, the next asked while one is read.
+            let chunks: Vec<Vec<(u64, u32)>> =
+                candidates.chunks(per_request).map(<[_]>::to_vec).collect();
+            futures::stream::iter(chunks)
+                .map(|chunk: Vec<(u64, u32)>| async move {
                     let positions: Vec<u64> = chunk.iter().map(|&(position, _)| position).collect();
-                    let answers: Vec<Result<Found>> = match self.get_records(key, &positions).await
-                    {
-                        Ok(found) => found.into_iter().map(Ok).collect(),
-                        // The first record's error stops the read (or ends a full batch).
+                    let answers = match self.get_records(queue, &positions).await {
+                        Ok(found) => found,
+                        // The request failed: its first record carries the error.
                         Err(error) => vec![Err(error)],
                     };
                     futures::stream::iter(
@@ -1462,39 +1489,58 @@ impl NatsStorage {
                             .zip(answers)
                             .map(|((position, deliveries), found)| (position, deliveries, found)),
                     )
-                }
-            })
-            .buffered(2)
-            .flatten();
+                })
+                .buffered(2)
+                .flatten()
+                .boxed()
+        } else {
+            futures::stream::iter(candidates)
+                .map(|(position, deliveries)| async move {
+                    let found = self.get_record(queue, position, false).await;
+                    (position, deliveries, found)
+                })
+                .buffered(per_request)
+                .boxed()
+        };
         let mut bytes = 0usize;
-        let mut closed = false;
+        // Positions found closed (a tombstone there) or closed by this read, and whether each
+        // counts as lost: marked in the meta by the read's one write.
+        let mut abandoned: Vec<(u64, bool)> = Vec::new();
         while let Some((position, deliveries, found)) = gets.next().await {
             // Once full, only passed-over records still join the batch (as every backend
             // reports them); a fault further on is the next read's, not this one's.
             let full = batch.records.len() >= limit.max_messages;
             let mut found = match found {
                 Ok(found) => found,
-                Err(_) if full => break,
+                Err(_) if full || !batch.records.is_empty() => break,
                 Err(error) => return Err(error),
             };
             if matches!(found, Found::Missing) {
-                if !batch.records.is_empty() || !batch.expired.is_empty() {
+                if self.reservation_stale(&meta, position) {
+                    // Its appender is long gone, or the server removed the record at the end
+                    // of its TTL: closed now, one publish, no wait and no meta write of its
+                    // own. A record that landed first (or that a lagging replica missed)
+                    // refuses the tombstone, and the leader has it.
+                    found = if self.close(queue, position, true).await? {
+                        Found::Gone { lost: true }
+                    } else {
+                        self.get_record(queue, position, true).await?
+                    };
+                } else if !batch.records.is_empty() || !batch.expired.is_empty() {
                     // Return what was read; the next read waits at the hole.
                     break;
+                } else {
+                    found = self.await_missing(queue, &meta, position).await?;
                 }
-                found = self.await_missing(&key, &meta, position).await?;
             }
             let mut record = match found {
                 Found::Record(record) => record,
                 Found::Gone { lost } => {
-                    if let Some(total) = self.abandon(&key, position, lost).await? {
-                        // A loss this read counted is reported with this batch, as an
-                        // expired record passed over would be.
-                        batch.lost_total = batch.lost_total.max(total);
-                        batch.lost_unconfirmed =
-                            batch.lost_total.saturating_sub(meta.lost_confirmed);
+                    abandoned.push((position, lost));
+                    // As many as a batch holds, like expired records passed over.
+                    if abandoned.len() >= limit.max_messages {
+                        break;
                     }
-                    closed = true;
                     continue;
                 }
                 Found::Missing => break,
@@ -1524,13 +1570,19 @@ impl NatsStorage {
         } else {
             Vec::new()
         };
+        let abandon = |meta: &mut Meta| {
+            for &(position, lost) in &abandoned {
+                meta.abandon(position, lost);
+            }
+        };
+        abandon(&mut meta);
         meta.mark_delivered(&seqs);
         if meta == original {
             return Ok((0, batch));
         }
-        // Written against the meta read, unless a close changed it (or another node did):
-        // then the ack and the marks are applied again to the meta as it now is.
-        let mut current = (!closed).then_some((meta, revision));
+        // Written against the meta read, unless another node changed it: then the ack, the
+        // closes and the marks are applied again to the meta as it now is.
+        let mut current = Some((meta, revision));
         let turn = self.queue_turn(&key).await;
         for _ in 0..CAS_ATTEMPTS {
             let (meta, revision) = match current.take() {
@@ -1540,11 +1592,16 @@ impl NatsStorage {
                         return Ok((0, batch));
                     };
                     acked = ack.map(|ack| meta.ack(ack)).unwrap_or_default();
+                    abandon(&mut meta);
                     meta.mark_delivered(&seqs);
                     (meta, revision)
                 }
             };
             if self.store(&key, &meta, revision).await?.is_some() {
+                // The losses this read counted (its closes) go out with this batch, as
+                // expired records passed over would.
+                batch.lost_total = meta.lost_total;
+                batch.lost_unconfirmed = meta.lost_total - meta.lost_confirmed;
                 // Out of the turn: waiting for room among the removals holds up no one.
                 drop(turn);
                 self.remove_later(&key, acked.positions).await;
@@ -1632,8 +1689,6 @@ impl Storage for NatsStorage {
             mut pending,
             dropped_at_once,
         } = self.reserve(&key, sizes, quota).await?;
-        let reserved_at = std::time::Instant::now();
-        let options = &self.shared.options;
         let positions: HashMap<usize, u64> = to_store
             .iter()
             .enumerate()
@@ -1672,20 +1727,6 @@ impl Storage for NatsStorage {
             .copied()
             .filter(|&i| outcome[i].is_none() && !dropped_at_once.contains(&positions[&i]))
             .collect();
-        if self.shared.ttl_grace.is_some() && reserved_at.elapsed() > options.stale_reservation {
-            // Tombstones expire with per-message TTL: a reader's tombstone at these positions
-            // may be gone by now, and a record published there would never be read.
-            let unpublished: Vec<u64> = publishing.iter().map(|i| positions[i]).collect();
-            self.give_up(&key, unpublished).await;
-            return Err(Error::storage_msg(
-                Retry::Yes,
-                format!(
-                    "nats: the append took longer than stale_reservation ({:?}); its records \
-                     were not stored",
-                    options.stale_reservation
-                ),
-            ));
-        }
         let publishes = futures::future::join_all(
             publishing
                 .iter()
