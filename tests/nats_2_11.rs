@@ -171,9 +171,9 @@ async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let (port, monitor) = (free_port(), free_port());
     let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).start();
+    server.program(&newer).monitor(monitor).start();
     let url = format!("nats://127.0.0.1:{port}");
     let name = "BACKLOG";
     let storage = connect(&url, name).await;
@@ -205,6 +205,7 @@ async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
         max_messages: 100,
         max_bytes: usize::MAX,
     };
+    let before = messages_in(monitor);
     let first = storage.read(&who, None, limit, later).await.unwrap();
     assert!(first.records.is_empty());
     assert_eq!((first.lost_total, first.lost_unconfirmed), (100, 100));
@@ -212,6 +213,10 @@ async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
     let read: Vec<Seq> = second.records.iter().map(|r| r.seq).collect();
     assert_eq!(read, vec![kept]);
     assert_eq!(second.lost_total, 150);
+    // One tombstone a record, besides each read's meta get and write and its batched gets:
+    // not a wait, a get from the leader and a meta write a record.
+    let asked = messages_in(monitor) - before;
+    assert!(asked <= 170, "{asked} requests");
     let stats = storage.stats(&who).await.unwrap();
     assert_eq!((stats.messages, stats.lost), (1, 150));
 }
