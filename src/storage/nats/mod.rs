@@ -45,7 +45,7 @@
 //! One step: read the meta; apply the client's ack to it; fetch the next records by direct
 //! gets of their subjects (64 at a time); count their deliveries; write the meta back once.
 //! On a server of 2.11 or later the 64 are one request (a batched direct get of the last
-//! message of each listed subject), which drains 30 % faster (BENCHMARKS.md); a server that
+//! message of each listed subject), which drained 0–14 % faster on 2.15.1 (BENCHMARKS.md); a server that
 //! refuses it is read one record a request ([`NatsOptions::batched_reads`]).
 //! The records the ack took are queued for removal and purged in the background, one purge
 //! of an exact subject each, 64 in flight (a purge by wildcard walks every subject of the
