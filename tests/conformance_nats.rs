@@ -29,17 +29,10 @@ async fn nats_storage_passes_the_conformance_suite() {
 /// records with a deadline carry a per-message TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_storage_passes_the_conformance_suite_on_a_newer_server() {
-    use nats_support::newer_nats_server;
-    use nats_support::own_server::{OwnNats, free_port};
-
-    let Some(newer) = newer_nats_server() else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = nats_support::start_newer_server(dir.path(), None) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).start();
-    let url = format!("nats://127.0.0.1:{port}");
     let streams = Arc::new(Streams::default());
     let first = streams.storage(&url).await;
     assert!(first.per_message_ttl(), "a server of 2.11 or later");

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use futures::StreamExt;
-use nats_support::newer_nats_server;
 use nats_support::own_server::{NATS_SERVER, OwnNats, free_port};
 use nats_support::skip_support;
+use nats_support::{newer_nats_server, start_newer_server};
 use offline_queue::storage::NewRecord;
 use offline_queue::{
     BatchLimit, Envelope, MessageId, NatsOptions, NatsStorage, OfflineQueue, Outbound, Quota,
@@ -74,6 +74,23 @@ fn ttl_header(message: &StreamMessage) -> Option<String> {
         .map(|value| value.as_str().to_owned())
 }
 
+/// Appends `record` alone; its seq.
+async fn append_one(storage: &NatsStorage, who: &RecipientId, record: NewRecord) -> Seq {
+    let now = record.sent_at;
+    storage
+        .append(who, vec![record], &Quota::UNLIMITED, now)
+        .await
+        .unwrap()
+        .records[0]
+        .seq()
+}
+
+/// The `Nats-TTL` header of the record stored at `seq` (which must be there).
+async fn ttl_header_at(url: &str, name: &str, who: &RecipientId, seq: Seq) -> Option<String> {
+    let message = stored(url, name, &record_subject(name, who, seq)).await;
+    ttl_header(&message.expect("the record is stored"))
+}
+
 async fn allows_message_ttl(url: &str, name: &str) -> bool {
     let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     let mut stream = context.get_stream(name).await.unwrap();
@@ -102,14 +119,10 @@ fn debian_server_missing() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_records_leave_by_the_servers_clock_and_are_counted_lost() {
-    let Some(newer) = newer_nats_server() else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = start_newer_server(dir.path(), None) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).start();
-    let url = format!("nats://127.0.0.1:{port}");
     let name = "TTL";
     let storage = connect(&url, name).await;
     assert!(storage.per_message_ttl());
@@ -167,14 +180,11 @@ async fn expired_records_leave_by_the_servers_clock_and_are_counted_lost() {
 /// once, and what follows it is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
-    let Some(newer) = newer_nats_server() else {
+    let dir = tempfile::tempdir().unwrap();
+    let monitor = free_port();
+    let Some((_server, url)) = start_newer_server(dir.path(), Some(monitor)) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (port, monitor) = (free_port(), free_port());
-    let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).monitor(monitor).start();
-    let url = format!("nats://127.0.0.1:{port}");
     let name = "BACKLOG";
     let storage = connect(&url, name).await;
     let who = RecipientId::new("frank").unwrap();
@@ -225,14 +235,10 @@ async fn a_backlog_the_server_expired_is_passed_a_batch_at_a_time() {
 /// reported lost, whether the server removed it first or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_delivers_around_records_the_server_expired() {
-    let Some(newer) = newer_nats_server() else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = start_newer_server(dir.path(), None) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).start();
-    let url = format!("nats://127.0.0.1:{port}");
     let name = "ENGINE";
     let storage = connect(&url, name).await;
     let queue = OfflineQueue::builder()
@@ -290,21 +296,8 @@ async fn a_stream_made_on_2_9_gains_per_message_ttl_when_its_server_is_upgraded(
     server.start();
     let storage = connect(&url, name).await;
     assert!(!storage.per_message_ttl(), "Debian's 2.9.10 has no TTL");
-    let old = storage
-        .append(
-            &who,
-            vec![record(b"old", now, hour)],
-            &Quota::UNLIMITED,
-            now,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
-    let message = stored(&url, name, &record_subject(name, &who, old))
-        .await
-        .unwrap();
-    assert_eq!(ttl_header(&message), None);
+    let old = append_one(&storage, &who, record(b"old", now, hour)).await;
+    assert_eq!(ttl_header_at(&url, name, &who, old).await, None);
     assert!(!allows_message_ttl(&url, name).await);
     drop(storage);
     server.kill();
@@ -314,21 +307,11 @@ async fn a_stream_made_on_2_9_gains_per_message_ttl_when_its_server_is_upgraded(
     let storage = connect(&url, name).await;
     assert!(storage.per_message_ttl());
     assert!(allows_message_ttl(&url, name).await);
-    let new = storage
-        .append(
-            &who,
-            vec![record(b"new", now, hour)],
-            &Quota::UNLIMITED,
-            now,
-        )
-        .await
-        .unwrap()
-        .records[0]
-        .seq();
-    let message = stored(&url, name, &record_subject(name, &who, new))
-        .await
-        .unwrap();
-    assert_eq!(ttl_header(&message).as_deref(), Some("3602"));
+    let new = append_one(&storage, &who, record(b"new", now, hour)).await;
+    assert_eq!(
+        ttl_header_at(&url, name, &who, new).await.as_deref(),
+        Some("3602")
+    );
     let batch = storage
         .read(&who, None, BatchLimit::default(), now)
         .await
@@ -358,14 +341,11 @@ fn messages_in(monitor: u16) -> u64 {
 /// request a record; both ways read the same records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_asks_a_newer_server_for_64_records_a_request() {
-    let Some(newer) = newer_nats_server() else {
+    let dir = tempfile::tempdir().unwrap();
+    let monitor = free_port();
+    let Some((_server, url)) = start_newer_server(dir.path(), Some(monitor)) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (port, monitor) = (free_port(), free_port());
-    let mut server = OwnNats::new(dir.path(), "newer", port, None);
-    server.program(&newer).monitor(monitor).start();
-    let url = format!("nats://127.0.0.1:{port}");
     let name = "BATCH";
     let who = RecipientId::new("dave").unwrap();
     let now = Timestamp::now_system();

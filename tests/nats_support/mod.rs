@@ -53,6 +53,24 @@ pub fn newer_nats_server() -> Option<String> {
     }
 }
 
+/// A newer server ([`newer_nats_server`]) of the test's own on a free port, storing under
+/// `dir` and serving its monitoring endpoints on `monitor` if given, started; with its URL.
+/// `None` (the skip recorded) when no newer server is named.
+pub fn start_newer_server(
+    dir: &std::path::Path,
+    monitor: Option<u16>,
+) -> Option<(own_server::OwnNats, String)> {
+    let newer = newer_nats_server()?;
+    let port = own_server::free_port();
+    let mut server = own_server::OwnNats::new(dir, "newer", port, None);
+    server.program(&newer);
+    if let Some(monitor) = monitor {
+        server.monitor(monitor);
+    }
+    server.start();
+    Some((server, format!("nats://127.0.0.1:{port}")))
+}
+
 /// A subject prefix no other run uses.
 pub fn unique_prefix() -> String {
     format!("oqtest.{}", MessageId::generate())
