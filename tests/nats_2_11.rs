@@ -74,6 +74,21 @@ fn ttl_header(message: &StreamMessage) -> Option<String> {
         .map(|value| value.as_str().to_owned())
 }
 
+/// What one read from the start returns: each record's seq and body.
+async fn read_bodies(
+    storage: &NatsStorage,
+    who: &RecipientId,
+    limit: BatchLimit,
+    now: Timestamp,
+) -> Vec<(Seq, Vec<u8>)> {
+    let batch = storage.read(who, None, limit, now).await.unwrap();
+    batch
+        .records
+        .into_iter()
+        .map(|r| (r.seq, r.body.to_vec()))
+        .collect()
+}
+
 /// Appends `record` alone; its seq.
 async fn append_one(storage: &NatsStorage, who: &RecipientId, record: NewRecord) -> Seq {
     let now = record.sent_at;
@@ -155,15 +170,7 @@ async fn expired_records_leave_by_the_servers_clock_and_are_counted_lost() {
 
     // The reader finds the expired record gone, closes its position and counts it lost.
     let later = Timestamp::now_system();
-    let batch = storage
-        .read(&who, None, BatchLimit::default(), later)
-        .await
-        .unwrap();
-    let read: Vec<(Seq, Vec<u8>)> = batch
-        .records
-        .into_iter()
-        .map(|r| (r.seq, r.body.to_vec()))
-        .collect();
+    let read = read_bodies(&storage, &who, BatchLimit::default(), later).await;
     assert_eq!(read, vec![(kept, b"kept".to_vec())]);
     let stats = storage.stats(&who).await.unwrap();
     assert_eq!((stats.messages, stats.bytes, stats.lost), (1, 4, 1));
@@ -312,15 +319,7 @@ async fn a_stream_made_on_2_9_gains_per_message_ttl_when_its_server_is_upgraded(
         ttl_header_at(&url, name, &who, new).await.as_deref(),
         Some("3602")
     );
-    let batch = storage
-        .read(&who, None, BatchLimit::default(), now)
-        .await
-        .unwrap();
-    let read: Vec<(Seq, Vec<u8>)> = batch
-        .records
-        .into_iter()
-        .map(|r| (r.seq, r.body.to_vec()))
-        .collect();
+    let read = read_bodies(&storage, &who, BatchLimit::default(), now).await;
     assert_eq!(read, vec![(old, b"old".to_vec()), (new, b"new".to_vec())]);
 }
 
@@ -374,13 +373,8 @@ async fn a_read_asks_a_newer_server_for_64_records_a_request() {
     let mut asked = Vec::new();
     for storage in [&batched, &one_each] {
         let before = messages_in(monitor);
-        let batch = storage.read(&who, None, limit, now).await.unwrap();
+        let read = read_bodies(storage, &who, limit, now).await;
         asked.push(messages_in(monitor) - before);
-        let read: Vec<(Seq, Vec<u8>)> = batch
-            .records
-            .into_iter()
-            .map(|r| (r.seq, r.body.to_vec()))
-            .collect();
         let expected: Vec<(Seq, Vec<u8>)> = sent.iter().copied().zip(bodies.clone()).collect();
         assert_eq!(read, expected);
     }
