@@ -1099,10 +1099,9 @@ impl NatsStorage {
     /// Whether `position`'s reservation (if any) is older than `stale_reservation`: nothing
     /// will be published there any more, and a reader may close it at once.
     fn reservation_stale(&self, meta: &Meta, position: u64) -> bool {
-        let stale =
-            u64::try_from(self.shared.options.stale_reservation.as_millis()).unwrap_or(u64::MAX);
+        let stale_before = self.stale_before_ms();
         meta.reserved_at(position)
-            .is_none_or(|at| wall_ms() >= at.saturating_add(stale))
+            .is_none_or(|at| at <= stale_before)
     }
 
     /// A position the meta holds whose record a read did not find: its appender may still
