@@ -23,9 +23,21 @@
 #             append one UPDATE that checks the quota, takes a seq and appends the record's
 #             bytes; a page past 1,500 bytes is sealed into a table of pages (a row of about
 #             ten records) and the row starts a new one
+# and one step towards an insert-only layout (no row updated by an append, the only kind a
+# held xmin horizon cannot bloat once old records are truncated rather than deleted):
+#   insert_only            each record's seq is its queue's last seq + 1 (one lookup by the
+#                          primary key from past `head`, and one of the queue row), the unique
+#                          key orders two appends racing for one queue, and the quota's count
+#                          and bytes come from the seqs and a running byte total on each record;
+#                          the stripe and the presence check as in `statement`
+#   insert_only_key_share  the same with the queue rows share-locked (FOR KEY SHARE), which a
+#                          queue's removal would need to wait for
+#   insert_only_bare       the same without the stripe and the presence check
+# (these write a records table of their own, `oq_records_io`, so their seqs never meet the
+# sequence's)
 # ROUNDS rounds of RUN_SECONDS seconds per step, the steps alternating within a round; prints each
 # round's tps and the mean, against the floor. Builds a throwaway schema from
-# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 9 x ROUNDS x
+# src/storage/postgres/sql (dropped at exit); needs psql and pgbench. About 12 x ROUNDS x
 # RUN_SECONDS seconds (2 minutes by default).
 #
 # STEPS (space separated) runs some steps only. HOLD_SNAPSHOT=1 keeps a second connection in a
@@ -174,7 +186,50 @@ sealed AS (INSERT INTO $S.pages SELECT u.rid, u.live, u.page FROM u WHERE octet_
 SELECT array_agg(live) FROM u;
 SQL
 
-read -r -a steps <<<"${STEPS:-floor records queues stripe locked function statement statement_locked page}"
+# Another layout, insert-only appends: a record's seq is its queue's last seq + 1 (found by
+# the primary key, from past `head`), the unique key (rid, seq) orders two appends racing for
+# one queue (the second waits for the first, then finds its seq taken and, in a real append,
+# retries), and the count and bytes a quota needs come from the seqs and a running byte total
+# on each record (`cum_bytes`) less what was removed, so an append updates no queue row.
+pg <<SQL
+-- A records table of its own (same columns, keys and indexes), so these seqs and the
+-- sequence's never meet.
+CREATE TABLE $S.oq_records_io (LIKE $S.oq_records INCLUDING ALL);
+ALTER TABLE $S.oq_records_io ADD COLUMN cum_bytes bigint NOT NULL DEFAULT 0;
+ALTER TABLE $S.oq_queues ADD COLUMN head_bytes bigint NOT NULL DEFAULT 0,
+    ADD COLUMN holes bigint NOT NULL DEFAULT 0, ADD COLUMN holes_bytes bigint NOT NULL DEFAULT 0;
+SQL
+cat >"$dir/insert_only.sql" <<SQL
+$vars
+WITH x AS (SELECT * FROM unnest(ARRAY[$ra, $rb], ARRAY[uuid_send(gen_random_uuid()), uuid_send(gen_random_uuid())])
+    WITH ORDINALITY AS x(rid, id, ord)),
+p AS MATERIALIZED (SELECT x.ord, x.rid, x.id, greatest(l.seq, q.head) + 1 AS seq,
+        coalesce(l.cum_bytes, q.head_bytes) + 100 AS cum, q.head, q.holes, q.head_bytes, q.holes_bytes
+    FROM x JOIN $S.oq_queues q ON q.rid = x.rid
+    LEFT JOIN LATERAL (SELECT r.seq, r.cum_bytes FROM $S.oq_records_io r
+        WHERE r.rid = x.rid AND r.seq > q.head ORDER BY r.seq DESC LIMIT 1) l ON true),
+ins AS (INSERT INTO $S.oq_records_io (rid, seq, id, sent_at, expires_at, body, cum_bytes)
+    SELECT p.rid, p.seq, p.id, $PG_NOW, $PG_NOW + $PG_TTL_MS, $PG_BODY, p.cum FROM p
+    WHERE p.seq - p.head - p.holes <= 1000000 AND p.cum - p.head_bytes - p.holes_bytes <= 1073741824
+    ON CONFLICT DO NOTHING RETURNING rid, seq),
+b AS ($stripe),
+woken AS (SELECT p.rid, pg_notify('oq_script', encode(p.rid, 'hex')) FROM p
+    WHERE EXISTS (SELECT 1 FROM $S.oq_presence pr JOIN $S.oq_nodes n ON n.node = pr.node
+        WHERE pr.rid = p.rid AND pr.node <> '\\x00'::bytea AND n.lease_until > clock_timestamp()))
+SELECT (SELECT array_agg(seq) FROM ins), ARRAY(SELECT rid FROM woken);
+SQL
+# The same with each queue row share-locked (FOR KEY SHARE, as a foreign key check would): what
+# keeps an idle removal (which deletes the row) from passing an append in flight, while appends
+# and the counters' updates (FOR NO KEY UPDATE) do not wait on one another.
+sed -e 's/^WITH x AS (SELECT/WITH x AS MATERIALIZED (SELECT/' \
+  -e 's/ORDER BY r.seq DESC LIMIT 1) l ON true),$/ORDER BY r.seq DESC LIMIT 1) l ON true FOR KEY SHARE OF q),/' \
+  "$dir/insert_only.sql" >"$dir/insert_only_key_share.sql"
+grep -q 'FOR KEY SHARE OF q' "$dir/insert_only_key_share.sql"
+# The same without the byte stripe and the presence check: the records and their lookups alone.
+sed -e '/^b AS/,/^SELECT/{/^SELECT/!d}' -e 's/^SELECT (SELECT array_agg(seq) FROM ins), .*/SELECT (SELECT array_agg(seq) FROM ins);/' \
+  -e 's/RETURNING rid, seq),$/RETURNING rid, seq)/' "$dir/insert_only.sql" >"$dir/insert_only_bare.sql"
+
+read -r -a steps <<<"${STEPS:-floor records queues stripe locked function statement statement_locked page insert_only insert_only_key_share insert_only_bare}"
 [[ " ${steps[*]} " == *" floor "* ]] || { echo "STEPS must include floor (the baseline)" >&2; exit 1; }
 if [[ ${HOLD_SNAPSHOT:-0} == 1 ]]; then
   # The snapshot is taken by the SELECT and held until this script ends (the EXIT trap below
@@ -221,7 +276,7 @@ if [[ ${HOLD_SNAPSHOT:-0} == 1 || -n ${STEPS:-} ]]; then
   echo
   echo "| table | size (MiB) |"
   echo "|---|---|"
-  for table in floor oq_records oq_queues pages; do
+  for table in floor oq_records oq_queues pages oq_records_io; do
     printf '| %s | %s |\n' "$table" "$(pg -c "SELECT round(pg_total_relation_size('$S.$table') / 1048576.0, 2)")"
   done
 fi
