@@ -77,6 +77,14 @@ impl OwnNats {
         self
     }
 
+    /// Reads the configuration file at `path` from the next [`OwnNats::start`] on (the
+    /// command line's options take precedence).
+    pub fn config_file(&mut self, path: &Path) -> &mut Self {
+        self.args
+            .extend(["-c".to_owned(), path.display().to_string()]);
+        self
+    }
+
     /// Runs `program` instead of Debian's server from the next [`OwnNats::start`] on.
     pub fn program(&mut self, program: &str) -> &mut Self {
         program.clone_into(&mut self.program);

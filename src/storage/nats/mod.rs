@@ -190,6 +190,8 @@ const CAS_ATTEMPTS: usize = 64;
 const READ_AHEAD: usize = 64;
 /// How long a batched direct get may take to end.
 const BATCH_GET_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header of a batched direct get's end saying how many records it left out.
+const NUM_PENDING: &str = "Nats-Num-Pending";
 /// Gone records waiting for removal, per storage: past it, acks wait for room.
 const REMOVALS_QUEUED: usize = 65_536;
 /// Removal requests in flight at once, per storage.
@@ -613,6 +615,13 @@ enum Claim {
     Free(u64),
 }
 
+/// What one batched direct get answered: a result per position asked, in order, and how many
+/// records the server left out of it (the request's `max_bytes` reached).
+struct BatchAnswer {
+    found: Vec<Result<Found>>,
+    left_out: u64,
+}
+
 /// What a direct get of a record's subject found.
 enum Found {
     Record(StoredRecord),
@@ -1011,17 +1020,54 @@ impl NatsStorage {
         .await)
     }
 
-    /// One batched direct get of `positions`; `None` if the server does not know the request
-    /// (`408 Empty Request` from 2.9 and 2.10, or `400`).
+    /// A batched direct get of `positions`; `None` if the server does not know the request
+    /// (`408 Empty Request` from 2.9 and 2.10, or `400`). A server ends an answer early once
+    /// it has sent the request's `max_bytes` and says how many it left out
+    /// (`Nats-Num-Pending`): those are asked for again, so a record an answer left out is
+    /// never taken for a hole (which a read would try to close, one publish and one get from
+    /// the leader each).
     async fn get_batch(&self, key: &str, positions: &[u64]) -> Result<Option<Vec<Result<Found>>>> {
+        let mut found: Vec<Result<Found>> = positions.iter().map(|_| Ok(Found::Missing)).collect();
+        let mut asking: Vec<usize> = (0..positions.len()).collect();
+        loop {
+            let asked: Vec<u64> = asking.iter().map(|&i| positions[i]).collect();
+            let Some(answer) = self.get_batch_once(key, &asked).await? else {
+                return Ok(None);
+            };
+            let mut left = Vec::new();
+            for (&i, one) in asking.iter().zip(answer.found) {
+                if matches!(one, Ok(Found::Missing)) {
+                    left.push(i);
+                } else {
+                    found[i] = one;
+                }
+            }
+            // An answer that brought nothing new would come again: what is left is Missing,
+            // and the read's own checks take it from there.
+            if answer.left_out == 0 || left.is_empty() || left.len() == asking.len() {
+                return Ok(Some(found));
+            }
+            asking = left;
+        }
+    }
+
+    /// One request of [`Self::get_batch`]: what it answered for each of `positions`, and how
+    /// many records the server said it left out.
+    async fn get_batch_once(&self, key: &str, positions: &[u64]) -> Result<Option<BatchAnswer>> {
         let client = &self.shared.client;
         let subjects: Vec<String> = positions
             .iter()
             .map(|&position| self.record_subject(key, position))
             .collect();
+        // The server ends an answer once it holds `max_bytes` (by at most one record more).
+        // Without a bound it would use its `max_pending` (64 MiB by default): two such answers
+        // in flight then exceed it, and the server closes the connection as a slow consumer.
+        // Its `max_payload`, which `max_pending` may not be below, keeps what is in flight
+        // within four of them (4 MiB by default); records of a few KiB come 64 an answer.
+        let max_bytes = client.server_info().max_payload.max(1);
         // Subjects are the prefix's plain tokens, `r`, hex and digits: nothing to escape.
         let request = format!(
-            r#"{{"multi_last":["{}"],"batch":{}}}"#,
+            r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
             subjects.join(r#"",""#),
             positions.len()
         );
@@ -1066,8 +1112,18 @@ impl NatsStorage {
             };
             match answer.status.map(|status| status.as_u16()) {
                 None => {}
-                // The end of the batch; or no listed subject holds a message.
-                Some(204 | 404) => return Ok(Some(found)),
+                // The end of the batch, and how many it left out; or no listed subject holds
+                // a message.
+                Some(204) => {
+                    let left_out = answer
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get(NUM_PENDING))
+                        .and_then(|value| value.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    return Ok(Some(BatchAnswer { found, left_out }));
+                }
+                Some(404) => return Ok(Some(BatchAnswer { found, left_out: 0 })),
                 Some(400 | 408) => return Ok(None),
                 // 503 (no responders: the stream is moving, or the server restarts) and the
                 // rest: this request failed, the next may not.
