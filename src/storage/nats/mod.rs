@@ -46,7 +46,9 @@
 //! gets of their subjects (64 at a time); count their deliveries; write the meta back once.
 //! On a server of 2.11 or later the 64 are one request (a batched direct get of the last
 //! message of each listed subject), which drained 0–14 % faster on 2.15.1 (BENCHMARKS.md); a server that
-//! refuses it is read one record a request ([`NatsOptions::batched_reads`]).
+//! refuses it is read one record a request ([`NatsOptions::batched_reads`]). Each answer is
+//! bounded by the server's `max_payload` in bytes, so two in flight never make the
+//! connection a slow consumer; what an answer leaves out is asked for again.
 //! The records the ack took are queued for removal and purged in the background, one purge
 //! of an exact subject each, 64 in flight (a purge by wildcard walks every subject of the
 //! stream's blocks: 5 ms each on 10,000 records). On 2.9 a removal costs the server about as
