@@ -18,7 +18,7 @@ use futures::StreamExt;
 use nats_support::own_server::{NATS_SERVER, OwnNats, free_port};
 use nats_support::skip_support;
 use nats_support::{newer_nats_server, start_newer_server};
-use offline_queue::storage::NewRecord;
+use offline_queue::storage::{Appended, NewRecord};
 use offline_queue::{
     BatchLimit, Envelope, MessageId, NatsOptions, NatsStorage, OfflineQueue, Outbound, Quota,
     RecipientId, Seq, Storage, Timestamp, channel_transport,
@@ -431,4 +431,70 @@ async fn a_batched_answer_cut_short_is_asked_again_for_the_rest() {
     assert!(asked <= 40, "{asked} requests");
     let stats = storage.stats(&who).await.unwrap();
     assert_eq!((stats.messages, stats.lost), (100, 0));
+}
+
+/// A send retried with its id is a duplicate while the server keeps the record (its TTL's
+/// grace outlasts the dedup window), and is stored again once the window has passed and the
+/// server has removed the record: never answered as a duplicate of a record that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_is_a_duplicate_while_its_record_is_kept_and_stored_again_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = start_newer_server(dir.path(), None) else {
+        return;
+    };
+    let name = "RETRY";
+    let storage = connect(&url, name).await;
+    let who = RecipientId::new("frank").unwrap();
+    // The storage's dedup window (see `options`): a quota may not ask for more.
+    let quota = Quota {
+        dedup_window: Duration::from_secs(1),
+        ..Quota::UNLIMITED
+    };
+    let id = MessageId::generate();
+    let send = |sent_at: Timestamp, lifetime: Option<Duration>| NewRecord {
+        id,
+        dedup: true,
+        ..record(b"once", sent_at, lifetime)
+    };
+    let now = Timestamp::now_system();
+    let first = storage
+        .append(
+            &who,
+            vec![send(now, Some(Duration::from_secs(1)))],
+            &quota,
+            now,
+        )
+        .await
+        .unwrap()
+        .records[0];
+    let Appended::Stored(stored_at) = first else {
+        panic!("the first send was not stored: {first:?}");
+    };
+    let retried = storage
+        .append(
+            &who,
+            vec![send(now, Some(Duration::from_secs(1)))],
+            &quota,
+            now,
+        )
+        .await
+        .unwrap()
+        .records[0];
+    assert_eq!(retried, Appended::Duplicate(stored_at));
+
+    wait_until_removed(&url, name, &record_subject(name, &who, stored_at)).await;
+    let later = Timestamp::now_system();
+    let late = storage
+        .append(&who, vec![send(later, None)], &quota, later)
+        .await
+        .unwrap()
+        .records[0];
+    let Appended::Stored(stored_again) = late else {
+        panic!("a retry after the record left was not stored: {late:?}");
+    };
+    assert!(stored_again > stored_at);
+    let read = read_bodies(&storage, &who, BatchLimit::default(), later).await;
+    assert_eq!(read, vec![(stored_again, b"once".to_vec())]);
+    let stats = storage.stats(&who).await.unwrap();
+    assert_eq!((stats.messages, stats.lost), (1, 1));
 }
