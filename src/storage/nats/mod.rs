@@ -47,8 +47,9 @@
 //! On a server of 2.11 or later the 64 are one request (a batched direct get of the last
 //! message of each listed subject), which drained 0–14 % faster on 2.15.1 (BENCHMARKS.md); a server that
 //! refuses it is read one record a request ([`NatsOptions::batched_reads`]). Each answer is
-//! bounded by the server's `max_payload` in bytes, so two in flight never make the
-//! connection a slow consumer; what an answer leaves out is asked for again.
+//! bounded by the server's `max_payload` in bytes (unbounded, one could fill the server's
+//! whole `max_pending` for the connection, which the server then closes as a slow
+//! consumer), and what an answer leaves out is asked for again.
 //! The records the ack took are queued for removal and purged in the background, one purge
 //! of an exact subject each, 64 in flight (a purge by wildcard walks every subject of the
 //! stream's blocks: 5 ms each on 10,000 records). On 2.9 a removal costs the server about as
@@ -326,7 +327,7 @@ impl NatsOptions {
             );
         }
         let version = client.server_info().version;
-        let batched_gets = self.batched_reads && from_2_11(&version);
+        let batched_gets = self.batched_reads && version_at_least(&version, (2, 11));
         let context = jetstream::new(client.clone());
         // Metas apart from records: a meta is rewritten at every change, and the holes its
         // old versions leave in a stream slow the server's purges of records (measured:
@@ -340,7 +341,7 @@ impl NatsOptions {
                 &self.stream,
                 &["r"],
                 self.max_age,
-                from_2_11(&version),
+                version_at_least(&version, (2, 11)),
             )
             .await?;
         let ttl_grace = message_ttl.then(|| self.dedup_window + self.stale_reservation);
@@ -1029,12 +1030,23 @@ impl NatsStorage {
     /// never taken for a hole (which a read would try to close, one publish and one get from
     /// the leader each).
     async fn get_batch(&self, key: &str, positions: &[u64]) -> Result<Option<Vec<Result<Found>>>> {
+        // 2.11 counts one record fewer than an answer left out (2.12 counts exactly): there,
+        // an answer that brought records may have left one out whatever it says.
+        let exact_count = version_at_least(&self.shared.client.server_info().version, (2, 12));
         let mut found: Vec<Result<Found>> = positions.iter().map(|_| Ok(Found::Missing)).collect();
         let mut asking: Vec<usize> = (0..positions.len()).collect();
         loop {
             let asked: Vec<u64> = asking.iter().map(|&i| positions[i]).collect();
-            let Some(answer) = self.get_batch_once(key, &asked).await? else {
-                return Ok(None);
+            let answer = match self.get_batch_once(key, &asked).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => return Ok(None),
+                // A later request failed: what came stands, and the first position still
+                // unanswered carries the error (a read returns what it has before it).
+                Err(error) if asking.len() < positions.len() => {
+                    found[asking[0]] = Err(error);
+                    return Ok(Some(found));
+                }
+                Err(error) => return Err(error),
             };
             let mut left = Vec::new();
             for (&i, one) in asking.iter().zip(answer.found) {
@@ -1046,7 +1058,9 @@ impl NatsStorage {
             }
             // An answer that brought nothing new would come again: what is left is Missing,
             // and the read's own checks take it from there.
-            if answer.left_out == 0 || left.is_empty() || left.len() == asking.len() {
+            let progressed = left.len() < asking.len();
+            let maybe_more = answer.left_out > 0 || (!exact_count && progressed);
+            if left.is_empty() || !progressed || !maybe_more {
                 return Ok(Some(found));
             }
             asking = left;
@@ -1062,10 +1076,11 @@ impl NatsStorage {
             .map(|&position| self.record_subject(key, position))
             .collect();
         // The server ends an answer once it holds `max_bytes` (by at most one record more).
-        // Without a bound it would use its `max_pending` (64 MiB by default): two such answers
-        // in flight then exceed it, and the server closes the connection as a slow consumer.
-        // Its `max_payload`, which `max_pending` may not be below, keeps what is in flight
-        // within four of them (4 MiB by default); records of a few KiB come 64 an answer.
+        // Without a bound it would fill it to its `max_pending` (64 MiB by default), and two
+        // such answers in flight made it close the connection as a slow consumer. Bounded by
+        // its `max_payload`, a read has about four of them in flight at most (4 MiB by
+        // default; reads of other queues share the connection); records of a few KiB still
+        // come 64 an answer.
         let max_bytes = client.server_info().max_payload.max(1);
         // Subjects are the prefix's plain tokens, `r`, hex and digits: nothing to escape.
         let request = format!(
@@ -1114,8 +1129,7 @@ impl NatsStorage {
             };
             match answer.status.map(|status| status.as_u16()) {
                 None => {}
-                // The end of the batch, and how many it left out; or no listed subject holds
-                // a message.
+                // The end of the batch, and how many it left out.
                 Some(204) => {
                     let left_out = answer
                         .headers
@@ -1125,7 +1139,13 @@ impl NatsStorage {
                         .unwrap_or(0);
                     return Ok(Some(BatchAnswer { found, left_out }));
                 }
-                Some(404) => return Ok(Some(BatchAnswer { found, left_out: 0 })),
+                // After some records (2.11, or a record the server failed to load): the rest
+                // may be there, so it is asked for again.
+                Some(404) => {
+                    let left_out =
+                        u64::from(found.iter().any(|one| !matches!(one, Ok(Found::Missing))));
+                    return Ok(Some(BatchAnswer { found, left_out }));
+                }
                 Some(400 | 408) => return Ok(None),
                 // 503 (no responders: the stream is moving, or the server restarts) and the
                 // rest: this request failed, the next may not.
@@ -2023,15 +2043,16 @@ async fn publish_ack(context: &Context, subject: String, publish: Publish) -> Re
     }
 }
 
-/// Whether a server of `version` (`2.11.0`, `2.12.0-RC.1`) is 2.11 or later: it keeps a
-/// per-message TTL and answers batched direct gets.
-fn from_2_11(version: &str) -> bool {
+/// Whether a server of `version` (`2.11.0`, `v2.12.0-RC.1`) is at least `wanted` (major,
+/// minor): 2.11 keeps a per-message TTL and answers batched direct gets; 2.12 counts what an
+/// answer left out exactly.
+fn version_at_least(version: &str, wanted: (u64, u64)) -> bool {
     let mut numbers = version
         .trim_start_matches('v')
         .split(|c: char| !c.is_ascii_digit())
         .map(str::parse::<u64>);
     match (numbers.next(), numbers.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= wanted,
         _ => false,
     }
 }
@@ -2079,8 +2100,10 @@ mod tests {
             ("", false),
             ("dev", false),
         ] {
-            assert_eq!(from_2_11(version), keeps, "{version:?}");
+            assert_eq!(version_at_least(version, (2, 11)), keeps, "{version:?}");
         }
+        assert!(!version_at_least("2.11.17", (2, 12)));
+        assert!(version_at_least("2.12.0", (2, 12)));
     }
 
     #[test]
@@ -2170,7 +2193,7 @@ mod tests {
         assert_eq!(read, bodies);
         assert_eq!(
             storage.shared.batched_gets.load(Ordering::Relaxed),
-            from_2_11(&version),
+            version_at_least(&version, (2, 11)),
             "server {version}"
         );
         delete_streams(&url, &name).await;
