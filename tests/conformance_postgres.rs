@@ -425,11 +425,17 @@ async fn concurrent_steps_keep_the_counters_exact() {
     let row = client
         .query_one(
             &format!(
-                "SELECT (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_bytes), \
+                "WITH q AS (SELECT qu.live + coalesce(n.cum_count, 0) AS live, \
+                     qu.bytes + coalesce(n.cum_bytes, 0) AS bytes \
+                 FROM \"{schema}\".oq_queues qu LEFT JOIN LATERAL ( \
+                     SELECT r.cum_count, r.cum_bytes FROM \"{schema}\".oq_records r \
+                     WHERE r.rid = qu.rid AND r.seq > qu.folded ORDER BY r.seq DESC LIMIT 1 \
+                 ) AS n ON true) \
+                 SELECT (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_bytes), \
                  (SELECT coalesce(sum(octet_length(body)), 0)::bigint FROM \"{schema}\".oq_records), \
-                 (SELECT coalesce(sum(bytes), 0)::bigint FROM \"{schema}\".oq_queues), \
+                 (SELECT coalesce(sum(bytes), 0)::bigint FROM q), \
                  (SELECT count(*) FROM \"{schema}\".oq_records), \
-                 (SELECT coalesce(sum(live), 0)::bigint FROM \"{schema}\".oq_queues)"
+                 (SELECT coalesce(sum(live), 0)::bigint FROM q)"
             ),
             &[],
         )
@@ -945,7 +951,7 @@ async fn a_migration_gives_way_to_running_traffic() {
     };
     assert_eq!(version().await, "1", "nothing of the migration stayed");
     drop(fresh(&url, &schema).await);
-    assert_eq!(version().await, "5");
+    assert_eq!(version().await, "6");
     drop_schemas(&url, &[schema]).await;
 }
 
@@ -990,7 +996,7 @@ async fn a_version_one_schema_is_migrated_in_place() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, "5");
+    assert_eq!(version, "6");
     let purged = storage
         .purge(testing::T0, None, 100)
         .await
@@ -1023,6 +1029,8 @@ async fn a_version_one_schema_is_migrated_in_place() {
     let ones: Vec<[u8; 1]> = (0..8u8).map(|i| [i]).collect();
     expected.extend(ones.iter().map(|b| &b[..]));
     assert_eq!(bodies, expected);
+    // Version 6's appends update no row; the counts take them in.
+    assert_eq!(storage.stats(&bob).await.unwrap().messages, 9);
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }
@@ -1133,6 +1141,150 @@ async fn in_order_reads_count_deliveries_without_rewriting_records() {
             .all(|(new, old)| new.1 != old.1),
         "a redelivery writes each record's count"
     );
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// Appends that need no decision update no queue row: many at once to one recipient race for
+/// its next seq at the primary key, and those that lose go through the locking path. Every one
+/// is stored once, at its own seq, and read back in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_racing_for_one_queue_are_each_stored_once() {
+    use offline_queue::BatchLimit;
+    use offline_queue::storage::Appended;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("racing");
+    let storage = Arc::new(
+        PostgresStorage::options()
+            .schema(&schema)
+            .pool_size(8)
+            .connect(&url)
+            .await
+            .unwrap(),
+    );
+    let client = raw(&url).await;
+    let bob = RecipientId::new("bob").unwrap();
+    // The queue exists and holds a record: later appends may take the fast path.
+    storage
+        .append(&bob, vec![record(b"first")], &Quota::UNLIMITED, testing::T0)
+        .await
+        .unwrap();
+    let bodies: Vec<Vec<u8>> = (0..200u16).map(|i| i.to_be_bytes().to_vec()).collect();
+    let outcomes = futures::future::join_all(bodies.iter().map(|body| {
+        let storage = storage.clone();
+        let bob = bob.clone();
+        let body = body.clone();
+        async move {
+            storage
+                .append(&bob, vec![record(&body)], &Quota::UNLIMITED, testing::T0)
+                .await
+        }
+    }))
+    .await;
+    let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (outcome, body) in outcomes.into_iter().zip(&bodies) {
+        match outcome.unwrap().records[..] {
+            [Appended::Stored(seq)] => stored.push((seq.0, body.clone())),
+            ref other => panic!("{other:?}"),
+        }
+    }
+    stored.sort();
+    let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
+    let mut distinct = seqs.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 200, "each append has a seq of its own");
+    let read = storage
+        .read(
+            &bob,
+            None,
+            BatchLimit {
+                max_messages: 1_000,
+                max_bytes: usize::MAX,
+            },
+            testing::T0,
+        )
+        .await
+        .unwrap();
+    let got: Vec<(u64, Vec<u8>)> = read
+        .records
+        .iter()
+        .skip(1)
+        .map(|r| (r.seq.0, r.body.to_vec()))
+        .collect();
+    assert_eq!(got, stored, "read back in seq order, exactly");
+    let stats = storage.stats(&bob).await.unwrap();
+    assert_eq!(stats.messages, 201);
+    // Records stored by the fast path carry running totals; the locking path's carry none.
+    let fast: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".oq_records WHERE cum_count > 0"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fast > 0, "no append took the fast path");
+    drop(storage);
+    drop_schemas(&url, &[schema]).await;
+}
+
+/// A queue removed and seen again numbers its records above every seq it had, though its
+/// appends took seqs from its own newest record, not from the shared sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_queue_seen_again_never_reuses_a_seq() {
+    use std::time::Duration;
+
+    use offline_queue::storage::Ack;
+
+    let Some(url) = url() else {
+        return;
+    };
+    let schema = unique_schema("reseen");
+    let storage = fresh(&url, &schema).await;
+    let bob = RecipientId::new("bob").unwrap();
+    let quota = Quota::UNLIMITED;
+    let mut highest = 0;
+    for round in 0..3u64 {
+        let now = testing::T0.saturating_add(Duration::from_secs(10 * round));
+        for _ in 0..5 {
+            let outcome = storage
+                .append(&bob, vec![record(b"x")], &quota, now)
+                .await
+                .unwrap();
+            let seq = outcome.records[0].seq().0;
+            assert!(seq > highest, "round {round}: seq {seq} after {highest}");
+            highest = seq;
+        }
+        // Acked (its last records counted only by the running totals), then removed.
+        if round == 1 {
+            storage
+                .ack(
+                    &bob,
+                    &Ack {
+                        through: Some(offline_queue::Seq(highest)),
+                        ..Ack::default()
+                    },
+                    now,
+                )
+                .await
+                .unwrap();
+        }
+        let later = now.saturating_add(Duration::from_secs(5));
+        if round == 2 {
+            storage.remove_recipient(&bob).await.unwrap();
+        } else {
+            storage.purge(later, Some(later), 100).await.unwrap();
+        }
+        assert_eq!(storage.stats(&bob).await.unwrap().messages, 0);
+    }
+    let outcome = storage
+        .append(&bob, vec![record(b"x")], &quota, testing::T0)
+        .await
+        .unwrap();
+    assert!(outcome.records[0].seq().0 > highest);
     drop(storage);
     drop_schemas(&url, &[schema]).await;
 }

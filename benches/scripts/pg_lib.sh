@@ -11,12 +11,12 @@ export PGHOST PGPORT PGUSER PGDATABASE
 SQL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../src/storage/postgres/sql" && pwd)
 # The schema's files in the order the crate runs them: version 1, then each migration.
 SQL_FILES=(tables ack read append purge remove v2_nodes v2_group_commit v3_purge_work
-  v4_delivered_watermark v4_purge_idle_count v5_idle_after_refill)
+  v4_delivered_watermark v4_purge_idle_count v5_idle_after_refill v6_appends_update_no_row)
 
 # psql, quiet, stopping at the first error, unaligned output.
 pg() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
-# pg_schema_create NAME: the schema at version 5, with the crate's owner and version rows.
+# pg_schema_create NAME: the schema at version 6, with the crate's owner and version rows.
 pg_schema_create() {
   local schema=$1 file
   {
@@ -24,7 +24,7 @@ pg_schema_create() {
     for file in "${SQL_FILES[@]}"; do
       sed "s/@schema@/\"$schema\"/g" "$SQL_DIR/$file.sql"
     done
-    echo "INSERT INTO \"$schema\".oq_info (key, value) VALUES ('owner', 'offline-queue'), ('version', '5');"
+    echo "INSERT INTO \"$schema\".oq_info (key, value) VALUES ('owner', 'offline-queue'), ('version', '6');"
   } | pg -1 -f -
 }
 

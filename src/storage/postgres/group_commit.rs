@@ -23,12 +23,12 @@ use futures::channel::{mpsc, oneshot};
 use tokio::sync::Semaphore;
 
 use super::errors::{pg_error, pool_error};
-use super::{Shared, append_outcome, to_i64};
+use super::{Shared, append_outcome, to_i64, to_u64};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result, Retry};
 use crate::limits::{Overflow, Quota};
-use crate::message::RecipientId;
-use crate::storage::{AppendOutcome, NewRecord};
+use crate::message::{RecipientId, Seq};
+use crate::storage::{AppendOutcome, Appended, NewRecord};
 
 /// Most body bytes one group carries (a larger append still goes, alone).
 pub(super) const GROUP_BYTES: usize = 4 << 20;
@@ -135,7 +135,6 @@ async fn gather(
 
 /// Runs one group and answers each of its callers.
 async fn commit(pool: &Pool, shared: &Shared, group: Vec<Job>) {
-    shared.counters.commits.fetch_add(1, Ordering::Relaxed);
     shared
         .counters
         .appends
@@ -150,10 +149,154 @@ async fn commit(pool: &Pool, shared: &Shared, group: Vec<Job>) {
     }
 }
 
+/// The group's appends that need no decision go in one statement that updates no row
+/// ([`fast`]); the rest, and those it leaves, through `oq_append` or `oq_append_many`.
 async fn run(pool: &Pool, shared: &Shared, group: &[Job]) -> Result<Vec<Result<AppendOutcome>>> {
     let client = pool.get().await.map_err(pool_error)?;
+    let mut answers: Vec<Option<Result<AppendOutcome>>> = group.iter().map(|_| None).collect();
+    let candidates = fast_candidates(group);
+    if !candidates.is_empty() {
+        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+        let jobs: Vec<&Job> = candidates.iter().map(|&k| &group[k]).collect();
+        match fast(&client, shared, &jobs).await {
+            Ok(done) => {
+                for (&k, outcome) in candidates.iter().zip(done) {
+                    answers[k] = outcome.map(Ok);
+                }
+            }
+            // Another group took a seq first, or met this one in a deadlock: the decisions
+            // go to the locking path.
+            Err(error) if lost_race(&error) => {}
+            Err(error) => return Err(pg_error(error)),
+        }
+    }
+    let rest: Vec<&Job> = group
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|(job, _)| job)
+        .collect();
+    if !rest.is_empty() {
+        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+        let mut decided = locking(&client, shared, &rest).await?.into_iter();
+        for answer in answers.iter_mut().filter(|answer| answer.is_none()) {
+            *answer = decided.next();
+        }
+    }
+    answers
+        .into_iter()
+        .map(|answer| answer.ok_or_else(|| broken("an append of a group was not answered")))
+        .collect()
+}
+
+/// The appends [`fast`] may take: no sender-chosen id to check, no storage-wide budget, and
+/// every other append to the same recipient in the group alike (a recipient's appends go one
+/// way, in order).
+fn fast_candidates(group: &[Job]) -> Vec<usize> {
+    let simple = |job: &Job| {
+        !job.records.is_empty()
+            && job.quota.max_total_bytes.is_none()
+            && job.records.iter().all(|record| !record.dedup)
+    };
+    (0..group.len())
+        .filter(|&k| {
+            group
+                .iter()
+                .filter(|other| other.recipient == group[k].recipient)
+                .all(simple)
+        })
+        .collect()
+}
+
+/// SQLSTATE 23505 (the unique key: another group took the seq) and 40P01 (a deadlock).
+fn lost_race(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        *code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            || *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
+/// Runs `jobs` through `Statements::fast_append`: per job, its outcome, or `None` where the
+/// statement left its recipient to the locking path.
+async fn fast(
+    client: &deadpool_postgres::Object,
+    shared: &Shared,
+    jobs: &[&Job],
+) -> std::result::Result<Vec<Option<AppendOutcome>>, tokio_postgres::Error> {
+    let records = || {
+        jobs.iter()
+            .flat_map(|j| j.records.iter().map(move |r| (*j, r)))
+    };
+    let rids: Vec<&[u8]> = records().map(|(j, _)| j.recipient.as_bytes()).collect();
+    let ids: Vec<Vec<u8>> = records().map(|(_, r)| r.id.to_bytes().to_vec()).collect();
+    let sent: Vec<i64> = records()
+        .map(|(_, r)| to_i64(r.sent_at.as_millis()))
+        .collect();
+    let expires: Vec<Option<i64>> = records()
+        .map(|(_, r)| r.expires_at.map(|t| to_i64(t.as_millis())))
+        .collect();
+    let bodies: Vec<&[u8]> = records().map(|(_, r)| &r.body[..]).collect();
+    let max_messages: Vec<i64> = records()
+        .map(|(j, _)| to_i64(j.quota.max_messages))
+        .collect();
+    let max_bytes: Vec<i64> = records().map(|(j, _)| to_i64(j.quota.max_bytes)).collect();
+    let now: Vec<i64> = records().map(|(j, _)| to_i64(j.now.as_millis())).collect();
+    let statement = client
+        .prepare_cached(&shared.statements.fast_append)
+        .await?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &rids,
+                &ids,
+                &sent,
+                &expires,
+                &bodies,
+                &max_messages,
+                &max_bytes,
+                &now,
+                &&shared.node[..],
+                &shared.channel,
+            ],
+        )
+        .await?;
+    let seqs: Vec<Option<i64>> = row.try_get(0)?;
+    let pending: Vec<Option<i64>> = row.try_get(1)?;
+    let elsewhere: Vec<Option<bool>> = row.try_get(2)?;
+    let mut first = 0;
+    Ok(jobs
+        .iter()
+        .map(|job| {
+            let range = first..first + job.records.len();
+            first = range.end;
+            let seqs: Option<Vec<i64>> = seqs.get(range.clone())?.iter().copied().collect();
+            Some(AppendOutcome {
+                records: seqs?
+                    .into_iter()
+                    .map(|seq| Appended::Stored(Seq(to_u64(seq))))
+                    .collect(),
+                dropped: 0,
+                pending: to_u64(pending.get(range.end - 1).copied().flatten()?),
+                live_elsewhere: elsewhere
+                    .get(range.start)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(false),
+            })
+        })
+        .collect())
+}
+
+/// Runs `group` through `oq_append` (one append) or `oq_append_many`, which lock each queue
+/// row and decide dedup, quotas, overflow and the budget.
+async fn locking(
+    client: &deadpool_postgres::Object,
+    shared: &Shared,
+    group: &[&Job],
+) -> Result<Vec<Result<AppendOutcome>>> {
     if let [job] = group {
-        let params = Params::of(std::slice::from_ref(job));
+        let params = Params::of(group);
         let statement = client
             .prepare_cached(&shared.statements.append)
             .await
@@ -251,7 +394,7 @@ struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
-    fn of(group: &'a [Job]) -> Self {
+    fn of(group: &[&'a Job]) -> Self {
         let records = || group.iter().flat_map(|j| j.records.iter());
         Self {
             ids: records().map(|r| r.id.to_bytes().to_vec()).collect(),

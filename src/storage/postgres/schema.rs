@@ -20,7 +20,7 @@ use crate::fnv::{OFFSET_64, fnv1a_64};
 use super::errors::pg_error;
 
 /// The layout this build reads and writes.
-pub(super) const VERSION: i64 = 5;
+pub(super) const VERSION: i64 = 6;
 
 /// What `oq_info`'s owner row says in a schema this crate created.
 const OWNER: &str = "offline-queue";
@@ -55,6 +55,8 @@ const FUNCTIONS: &[&str] = &[
     "oq_node_update",
     "oq_node_leave",
     "oq_mark",
+    "oq_fold",
+    "oq_seq_past",
 ];
 
 /// The DDL of version 1, in order.
@@ -87,6 +89,9 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
     // 5: the append that fills an emptied queue again starts its idle time (`oq_plan_append`).
     &[include_str!("sql/v5_idle_after_refill.sql")],
+    // 6: appends that update no row (`Statements::fast_append`), counted into the queue row by
+    // the next step that changes it (`oq_fold`); seqs per queue.
+    &[include_str!("sql/v6_appends_update_no_row.sql")],
 ];
 
 /// A schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit), not `pg_*`.
@@ -127,6 +132,7 @@ pub(super) fn lock_key(schema: &str, what: &str) -> i64 {
 pub(super) struct Statements {
     pub(super) append: String,
     pub(super) append_many: String,
+    pub(super) fast_append: String,
     pub(super) read: String,
     pub(super) ack: String,
     pub(super) mark: String,
@@ -155,6 +161,7 @@ impl Statements {
                  FROM @schema@.oq_append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
                  $12, $13, $14, $15)",
             ),
+            fast_append: s(FAST_APPEND),
             read: s(
                 "SELECT acked, seqs, ids, sent, expires, counts, bodies, expired, \
                  lost_total, lost_confirmed \
@@ -163,12 +170,19 @@ impl Statements {
             ack: s("SELECT @schema@.oq_ack($1, $2, $3, $4, $5, $6)"),
             mark: s("SELECT @schema@.oq_mark($1, $2)"),
             purge: s("SELECT expired, idle, more, examined FROM @schema@.oq_purge($1, $2, $3, $4)"),
-            stats: s("SELECT q.live, q.bytes, q.lost_total - q.lost_confirmed, \
+            // With the appends not yet folded in (the newest record above `folded`).
+            stats: s(
+                "SELECT q.live + coalesce(n.cum_count, 0), q.bytes + coalesce(n.cum_bytes, 0), \
+                 q.lost_total - q.lost_confirmed, \
                  (SELECT r.sent_at FROM @schema@.oq_records r \
                   WHERE r.rid = q.rid AND r.seq > q.head ORDER BY r.seq LIMIT 1), \
                  (SELECT r.seq FROM @schema@.oq_records r \
                   WHERE r.rid = q.rid ORDER BY r.seq DESC LIMIT 1) \
-                 FROM @schema@.oq_queues q WHERE q.rid = $1"),
+                 FROM @schema@.oq_queues q LEFT JOIN LATERAL ( \
+                     SELECT r.cum_count, r.cum_bytes FROM @schema@.oq_records r \
+                     WHERE r.rid = q.rid AND r.seq > q.folded ORDER BY r.seq DESC LIMIT 1 \
+                 ) AS n ON true WHERE q.rid = $1",
+            ),
             remove: s("SELECT @schema@.oq_remove($1)"),
             wake_others: s("SELECT @schema@.oq_wake_others($1, $2, $3)"),
             live_elsewhere: s("SELECT EXISTS (SELECT 1 FROM @schema@.oq_presence p \
@@ -179,6 +193,78 @@ impl Statements {
         }
     }
 }
+
+/// Appends that need no decision, in one statement that updates no row (schema version 6, see
+/// `sql/v6_appends_update_no_row.sql`). Parameters, one element per record: recipient, id,
+/// sent, deadline, body, and its append's `max_messages`, `max_bytes` and time; then this
+/// node's id and wake-up channel. Returns, per record in order, its seq, the queue's length
+/// after it, and whether another node holds the recipient; all NULL for a recipient it left
+/// (missing, empty with no loss to report, or without room): those go through
+/// `oq_append_many`. Each queue row is share-locked in `rid` order, as every step takes them,
+/// and records are inserted in `(rid, seq)` order, so two groups racing for a seq wait on one
+/// another in one order, never in a cycle.
+const FAST_APPEND: &str = "\
+WITH a AS (
+    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bytea[],
+        $6::bigint[], $7::bigint[], $8::bigint[])
+        WITH ORDINALITY AS a (rid, id, sent_at, expires_at, body, max_messages, max_bytes, now, ord)
+), per AS (
+    SELECT a.rid, count(*) AS adding, sum(octet_length(a.body)) AS adding_bytes,
+        min(a.max_messages) AS max_messages, min(a.max_bytes) AS max_bytes
+    FROM a GROUP BY a.rid
+), q AS MATERIALIZED (
+    SELECT qu.rid, qu.live, qu.bytes, qu.folded, qu.head, qu.lost_total, qu.lost_confirmed,
+        l.seq AS newest, l.cum_count, l.cum_bytes
+    FROM @schema@.oq_queues qu
+    LEFT JOIN LATERAL (
+        SELECT r.seq, r.cum_count, r.cum_bytes FROM @schema@.oq_records r
+        WHERE r.rid = qu.rid AND r.seq > qu.folded ORDER BY r.seq DESC LIMIT 1
+    ) AS l ON true
+    WHERE qu.rid = ANY (ARRAY(SELECT per.rid FROM per))
+    ORDER BY qu.rid
+    FOR KEY SHARE OF qu
+), counted AS (
+    -- A newest record at or below `folded` (a fold came after this snapshot) is counted in.
+    SELECT q.rid, q.lost_total, q.lost_confirmed,
+        greatest(q.newest, q.folded, q.head) AS base_seq,
+        CASE WHEN q.newest > q.folded THEN q.cum_count ELSE 0 END AS base_count,
+        CASE WHEN q.newest > q.folded THEN q.cum_bytes ELSE 0 END AS base_bytes,
+        q.live, q.bytes
+    FROM q
+), ok AS (
+    SELECT c.rid, c.base_seq, c.base_count, c.base_bytes, per.adding_bytes,
+        c.live + c.base_count AS live_now
+    FROM counted c JOIN per ON per.rid = c.rid
+    WHERE (c.live + c.base_count > 0 OR c.lost_total > c.lost_confirmed)
+      AND per.adding <= per.max_messages
+      AND c.live + c.base_count <= per.max_messages - per.adding
+      AND per.adding_bytes <= per.max_bytes
+      AND c.bytes + c.base_bytes <= per.max_bytes - per.adding_bytes
+), planned AS MATERIALIZED (
+    SELECT a.ord, a.rid, ok.base_seq + row_number() OVER w AS seq, a.id, a.sent_at,
+        a.expires_at, a.body, a.now,
+        ok.base_count + row_number() OVER w AS cum_count,
+        ok.base_bytes + sum(octet_length(a.body)) OVER w AS cum_bytes,
+        ok.live_now + row_number() OVER w AS pending
+    FROM a JOIN ok ON ok.rid = a.rid
+    WINDOW w AS (PARTITION BY a.rid ORDER BY a.ord)
+), ins AS (
+    INSERT INTO @schema@.oq_records (rid, seq, id, sent_at, expires_at, body, cum_count,
+        cum_bytes, stored_at)
+    SELECT p.rid, p.seq, p.id, p.sent_at, p.expires_at, p.body, p.cum_count, p.cum_bytes, p.now
+    FROM planned p ORDER BY p.rid, p.seq
+    RETURNING 1
+), stripe AS (
+    -- After the records (the count reads them all first), as every step takes its stripe last.
+    UPDATE @schema@.oq_bytes b SET bytes = b.bytes + (SELECT sum(ok.adding_bytes) FROM ok)
+    WHERE b.stripe = pg_backend_pid() % 16 AND (SELECT count(*) FROM ins) > 0
+    RETURNING 1
+), woken AS MATERIALIZED (
+    SELECT ok.rid, @schema@.oq_wake_others(ok.rid, $9, $10) AS elsewhere FROM ok
+)
+SELECT array_agg(p.seq ORDER BY a.ord), array_agg(p.pending ORDER BY a.ord),
+    array_agg(w.elsewhere ORDER BY a.ord), (SELECT count(*) FROM stripe)
+FROM a LEFT JOIN planned p ON p.ord = a.ord LEFT JOIN woken w ON w.rid = a.rid";
 
 /// Times a migration that met other nodes' traffic (a lock wait past [`MIGRATION_LOCK_TIMEOUT`],
 /// or a deadlock) is tried before its error is returned (retryable).
