@@ -3,8 +3,10 @@
 //! `append` hands its job to one gatherer task and waits for its answer. The gatherer runs up
 //! to `pool_size` commits at once; while all are busy, jobs wait in the channel, and the next
 //! commit takes every job waiting (up to [`PostgresOptions::max_group`] appends and
-//! [`GROUP_BYTES`] of bodies) in one `oq_append_many` call. A lone append waits for nothing:
-//! it goes at once, through `oq_append`. Each caller is answered only after its group
+//! [`GROUP_BYTES`] of bodies). Its appends that need no decision go in one statement that
+//! updates no row (`Statements::fast_append`, schema version 6); the rest, and those that
+//! statement leaves, in one `oq_append_many` call (`oq_append` for one). A lone append waits
+//! for nothing. Each caller is answered only after its group
 //! committed, so an Ok is as durable as a single append's. A group that fails (the connection
 //! dropped, the server restarted) fails every append in it with the same error, and none of
 //! them was written; an append refused by its quota does not affect the others.
@@ -156,10 +158,12 @@ async fn run(pool: &Pool, shared: &Shared, group: &[Job]) -> Result<Vec<Result<A
     let mut answers: Vec<Option<Result<AppendOutcome>>> = group.iter().map(|_| None).collect();
     let candidates = fast_candidates(group);
     if !candidates.is_empty() {
-        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
         let jobs: Vec<&Job> = candidates.iter().map(|&k| &group[k]).collect();
         match fast(&client, shared, &jobs).await {
             Ok(done) => {
+                if done.iter().any(Option::is_some) {
+                    shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+                }
                 for (&k, outcome) in candidates.iter().zip(done) {
                     answers[k] = outcome.map(Ok);
                 }
