@@ -7,9 +7,11 @@
 //! updates no row (`Statements::fast_append`, schema version 6); the rest, and those that
 //! statement leaves, in one `oq_append_many` call (`oq_append` for one). A lone append waits
 //! for nothing. Each caller is answered only after its group
-//! committed, so an Ok is as durable as a single append's. A group that fails (the connection
+//! committed, so an Ok is as durable as a single append's. A commit that fails (the connection
 //! dropped, the server restarted) fails every append in it with the same error, and none of
-//! them was written; an append refused by its quota does not affect the others.
+//! them was written; when a group takes two commits (some appends through the statement that
+//! updates no row, the rest locking), the first one's appends stand whatever the second does.
+//! An append refused by its quota does not affect the others.
 //!
 //! A caller that stops waiting (its future dropped) does not withdraw its append: the group it
 //! joined commits it, as a single append whose answer is lost would be.
@@ -182,9 +184,20 @@ async fn run(pool: &Pool, shared: &Shared, group: &[Job]) -> Result<Vec<Result<A
         .collect();
     if !rest.is_empty() {
         shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-        let mut decided = locking(&client, shared, &rest).await?.into_iter();
-        for answer in answers.iter_mut().filter(|answer| answer.is_none()) {
-            *answer = decided.next();
+        match locking(&client, shared, &rest).await {
+            Ok(decided) => {
+                let mut decided = decided.into_iter();
+                for answer in answers.iter_mut().filter(|answer| answer.is_none()) {
+                    *answer = decided.next();
+                }
+            }
+            // Only the appends of this second commit failed: those the first one stored stand
+            // and are answered so (told otherwise, their callers would send them again).
+            Err(error) => {
+                for answer in answers.iter_mut().filter(|answer| answer.is_none()) {
+                    *answer = Some(Err(error.clone()));
+                }
+            }
         }
     }
     answers

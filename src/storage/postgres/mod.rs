@@ -112,6 +112,10 @@
 //! commits. Measured (BENCHMARKS.md): sends 4–51 % faster than the build before it, though
 //! the same share (about a fifth) of raw multi-row `INSERT`s grouped as its appends are.
 //!
+//! Not yet load-tested: PostgreSQL grants a share lock ahead of a waiting `FOR UPDATE` while
+//! only share lockers hold the row, so a queue under a steady stream of such appends may keep
+//! its acks and purges waiting for a while.
+//!
 //! # Seqs
 //! A queue numbers its records on from `greatest(its newest record, folded, head)`: dense, in
 //! commit order (a seq is taken only once the one before it is committed, or in the same
