@@ -244,15 +244,9 @@ async fn fast(
         jobs.iter()
             .flat_map(|j| j.records.iter().map(move |r| (*j, r)))
     };
+    // The records' own columns as the locking path sends them; quotas and times per record.
+    let params = Params::of(jobs);
     let rids: Vec<&[u8]> = records().map(|(j, _)| j.recipient.as_bytes()).collect();
-    let ids: Vec<Vec<u8>> = records().map(|(_, r)| r.id.to_bytes().to_vec()).collect();
-    let sent: Vec<i64> = records()
-        .map(|(_, r)| to_i64(r.sent_at.as_millis()))
-        .collect();
-    let expires: Vec<Option<i64>> = records()
-        .map(|(_, r)| r.expires_at.map(|t| to_i64(t.as_millis())))
-        .collect();
-    let bodies: Vec<&[u8]> = records().map(|(_, r)| &r.body[..]).collect();
     let max_messages: Vec<i64> = records()
         .map(|(j, _)| to_i64(j.quota.max_messages))
         .collect();
@@ -266,10 +260,10 @@ async fn fast(
             &statement,
             &[
                 &rids,
-                &ids,
-                &sent,
-                &expires,
-                &bodies,
+                &params.ids,
+                &params.sent,
+                &params.expires,
+                &params.bodies,
                 &max_messages,
                 &max_bytes,
                 &now,
