@@ -23,7 +23,7 @@
 //! cargo run --release --manifest-path load/Cargo.toml -- --systems chat:redb,mosquitto,nats
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,9 +60,14 @@ struct Args {
     /// with `--features nats`), `mosquitto`, `nats`; and two ways a storage backend inside a
     /// server could read a recipient's backlog from JetStream without
     /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
-    /// by subject, one request each) and `nats-ordered` (a short-lived ordered consumer
-    /// filtered to the subject); both ack by purging the subject through the last message;
-    /// `nats-keyed` (a subject per message); `nats-paged`, `nats-paged-open` and
+    /// by subject, one request each), `nats-batched` (the same, a batch of up to 100 per
+    /// request: nats-server 2.11 or later, see `--nats-server`) and `nats-ordered` (a
+    /// short-lived ordered consumer filtered to the subject); all three ack by purging the
+    /// subject through the last message;
+    /// `nats-keyed` (a subject per message) and `nats-keyed-batched` (the same, up to 100
+    /// subjects a request: 2.11 or later; `nats-keyed-checked` also stores each
+    /// message expecting its recipient's previous one as the last of the recipient's
+    /// subjects); `nats-paged`, `nats-paged-open` and
     /// `nats-paged-lazy` (a recipient's records in pages of `--page-records`, the open page
     /// rewritten with every append: with the queue's state in a tail subject, or in the open
     /// page itself, or in a tail that keeps a full page until its publish is answered).
@@ -95,6 +100,10 @@ struct Args {
     /// chat_server) and this tool's own, from the kernel's per-thread accounting.
     #[arg(long)]
     cpu: bool,
+    /// The nats-server the NATS systems start (Debian's by default; `nats-batched` needs
+    /// 2.11 or later, such as the one `.ci/newer-nats-server` fetches).
+    #[arg(long, default_value = "nats-server")]
+    nats_server: PathBuf,
 }
 
 impl Args {
@@ -253,7 +262,14 @@ async fn main() -> Result<(), BoxError> {
                 None if system == "nats" => nats::run(&args, nats::Read::Durable).await?,
                 None if system == "nats-direct" => nats::run(&args, nats::Read::Direct).await?,
                 None if system == "nats-ordered" => nats::run(&args, nats::Read::Ordered).await?,
+                None if system == "nats-batched" => nats::run(&args, nats::Read::Batched).await?,
+                None if system == "nats-keyed-batched" => {
+                    nats::run(&args, nats::Read::KeyedBatched).await?
+                }
                 None if system == "nats-keyed" => nats::run(&args, nats::Read::Keyed).await?,
+                None if system == "nats-keyed-checked" => {
+                    nats::run(&args, nats::Read::KeyedChecked).await?
+                }
                 None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
                 None if system == "nats-paged-open" => {
                     nats::run(&args, nats::Read::PagedOpen).await?
@@ -750,12 +766,22 @@ mod nats {
         /// Direct get of the next message on the recipient's subject, one request each, over
         /// the one connection a server-side backend would hold.
         Direct,
+        /// As `Direct`, but up to a batch of 100 messages a request (`next_by_subj` with
+        /// `batch`, answered message by message and closed by a `204` status): nats-server
+        /// 2.11 or later.
+        Batched,
         /// An ordered (ephemeral) consumer filtered to the recipient's subject, made for the
         /// drain, over that one connection.
         Ordered,
         /// A subject per message (`u.<recipient>.<index>`, as a key-value bucket keys its
         /// entries), read by direct get of the last message on each, one request each.
         Keyed,
+        /// As `Keyed`, the last message of up to 100 listed subjects a request
+        /// (`multi_last`): nats-server 2.11 or later.
+        KeyedBatched,
+        /// As `KeyedBatched`, each publish expecting the recipient's previous one as the
+        /// last of its subjects: 2.11 or later.
+        KeyedChecked,
         /// A recipient's records in pages of `--page-records`: the open page in the tail
         /// (`u.<recipient>.t`) beside the queue's state, each sealed page on a subject of its
         /// own (`u.<recipient>.<page>`), one message kept per subject. An append rewrites the
@@ -778,7 +804,9 @@ mod nats {
     /// The subject a message is published to.
     fn subject(read: Read, recipient: usize, index: usize) -> String {
         match read {
-            Read::Keyed => format!("u.{recipient}.{index}"),
+            Read::Keyed | Read::KeyedBatched | Read::KeyedChecked => {
+                format!("u.{recipient}.{index}")
+            }
             _ => format!("u.{recipient}"),
         }
     }
@@ -787,7 +815,7 @@ mod nats {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let _server = Process(
-            Command::new("nats-server")
+            Command::new(&args.nats_server)
                 .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
                 .arg(dir.path())
                 .stdout(Stdio::null())
@@ -799,7 +827,8 @@ mod nats {
         let url = format!("nats://127.0.0.1:{port}");
 
         // A file-stored stream over every recipient's subject, and a durable consumer each.
-        let setup = jetstream::new(async_nats::connect(&url).await?);
+        let client = async_nats::connect(&url).await?;
+        let setup = jetstream::new(client.clone());
         let stream = setup
             .create_stream(stream::Config {
                 name: STREAM.into(),
@@ -849,13 +878,17 @@ mod nats {
                 _server.0.id(),
                 |publisher| publish(args.clone(), url.clone(), publisher, read),
                 |recipient, reads| {
-                    let (args, stream) = (args.clone(), shared.clone());
+                    let (args, stream, client) = (args.clone(), shared.clone(), client.clone());
                     async move {
                         // A backend bounds its concurrent reads (`--connecting` of them); a
                         // thousand at once time out in JetStream's API.
                         let _permit = reads.acquire().await?;
                         let seqs = match read {
                             Read::Direct => drain_direct(&args, &stream, recipient).await?,
+                            Read::Batched => drain_batched(&args, &client, recipient).await?,
+                            Read::KeyedBatched | Read::KeyedChecked => {
+                                drain_keyed_batched(&args, &client, recipient).await?
+                            }
                             Read::Keyed => drain_keyed(&args, &stream, recipient).await?,
                             _ => drain_ordered(&args, &stream, recipient).await?,
                         };
@@ -863,7 +896,9 @@ mod nats {
                         match args.nats_ack.as_str() {
                             "purge" => {
                                 let filter = match read {
-                                    Read::Keyed => format!("u.{recipient}.>"),
+                                    Read::Keyed | Read::KeyedBatched | Read::KeyedChecked => {
+                                        format!("u.{recipient}.>")
+                                    }
                                     _ => format!("u.{recipient}"),
                                 };
                                 stream.purge().filter(filter).sequence(last + 1).await?;
@@ -909,6 +944,9 @@ mod nats {
         read: Read,
     ) -> Result<(), BoxError> {
         let js = jetstream::new(async_nats::connect(&url).await?);
+        if read == Read::KeyedChecked {
+            return publish_checked(args, js, publisher).await;
+        }
         let mut unanswered = VecDeque::new();
         for index in 0..args.per_recipient {
             for recipient in args.recipients_of(publisher) {
@@ -923,6 +961,52 @@ mod nats {
         }
         for ack in unanswered {
             ack.await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes as `publish`, each message to a subject of its own, expecting the last
+    /// sequence of all the recipient's subjects (`Nats-Expected-Last-Subject-Sequence` with
+    /// `-Subject` `u.<recipient>.>`, nats-server 2.11 or later) to be its previous message's:
+    /// an append checked by the record's own publish. Each recipient has one publish in
+    /// flight at a time (the next needs the previous one's sequence).
+    async fn publish_checked(
+        args: Args,
+        js: jetstream::Context,
+        publisher: usize,
+    ) -> Result<(), BoxError> {
+        let mut last: HashMap<usize, u64> = HashMap::new();
+        let mut unanswered: VecDeque<(usize, jetstream::context::PublishAckFuture)> =
+            VecDeque::new();
+        async fn answered(
+            last: &mut HashMap<usize, u64>,
+            (recipient, ack): (usize, jetstream::context::PublishAckFuture),
+        ) -> Result<(), BoxError> {
+            last.insert(recipient, ack.await?.sequence);
+            Ok(())
+        }
+        for index in 0..args.per_recipient {
+            for recipient in args.recipients_of(publisher) {
+                while unanswered.len() == args.in_flight
+                    || unanswered.iter().any(|(waiting, _)| *waiting == recipient)
+                {
+                    answered(&mut last, unanswered.pop_front().unwrap()).await?;
+                }
+                let mut headers = async_nats::HeaderMap::new();
+                let expected = last.get(&recipient).copied().unwrap_or(0);
+                headers.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string());
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence-Subject",
+                    format!("u.{recipient}.>"),
+                );
+                let body = bytes::Bytes::from(args.body(recipient, index));
+                let subject = subject(Read::KeyedChecked, recipient, index);
+                let ack = js.publish_with_headers(subject, headers, body).await?;
+                unanswered.push_back((recipient, ack));
+            }
+        }
+        while let Some(one) = unanswered.pop_front() {
+            answered(&mut last, one).await?;
         }
         Ok(())
     }
@@ -945,6 +1029,101 @@ mod nats {
             seqs.push(message.sequence);
         }
         Ok(seqs)
+    }
+
+    /// Reads the recipient's messages a batch of up to 100 a request (`next_by_subj`, the
+    /// answer bounded by the server's `max_payload`, what it leaves out asked for again);
+    /// returns their seqs.
+    async fn drain_batched(
+        args: &Args,
+        client: &async_nats::Client,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let subject = format!("u.{recipient}");
+        let max_bytes = client.server_info().max_payload.max(1);
+        let mut seqs: Vec<u64> = Vec::with_capacity(args.per_recipient);
+        while seqs.len() < args.per_recipient {
+            let next = seqs.last().map_or(1, |seq| seq + 1);
+            let batch = (args.per_recipient - seqs.len()).min(100);
+            let request = format!(
+                r#"{{"seq":{next},"next_by_subj":"{subject}","batch":{batch},"max_bytes":{max_bytes}}}"#
+            );
+            let messages = batched_get(client, request).await?;
+            if messages.is_empty() {
+                return Err(format!("recipient {recipient}: no message at {next}").into());
+            }
+            for message in messages {
+                check(args, recipient, seqs.len(), &message.payload)?;
+                seqs.push(message.sequence);
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Reads the recipient's messages by their own subjects, the last message of up to 100
+    /// listed subjects a request (`multi_last`); returns their seqs.
+    async fn drain_keyed_batched(
+        args: &Args,
+        client: &async_nats::Client,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let max_bytes = client.server_info().max_payload.max(1);
+        let mut seqs: Vec<u64> = Vec::with_capacity(args.per_recipient);
+        while seqs.len() < args.per_recipient {
+            let first = seqs.len();
+            let subjects: Vec<String> = (first..args.per_recipient.min(first + 100))
+                .map(|index| subject(Read::Keyed, recipient, index))
+                .collect();
+            let request = format!(
+                r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
+                subjects.join(r#"",""#),
+                subjects.len()
+            );
+            let messages = batched_get(client, request).await?;
+            if messages.is_empty() {
+                return Err(format!("recipient {recipient}: no message {first}").into());
+            }
+            for message in messages {
+                check(args, recipient, seqs.len(), &message.payload)?;
+                seqs.push(message.sequence);
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// One batched direct get: the messages it answers with, until its `204` (the end) or
+    /// `404` (nothing more).
+    async fn batched_get(
+        client: &async_nats::Client,
+        request: String,
+    ) -> Result<Vec<jetstream::message::StreamMessage>, BoxError> {
+        let inbox = client.new_inbox();
+        // Dropped on return, which unsubscribes.
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{STREAM}"),
+                inbox,
+                request.into(),
+            )
+            .await?;
+        let mut messages = Vec::new();
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
+                .await?
+                .ok_or("the connection closed during a batched direct get")?;
+            match answer.status.map(|status| status.as_u16()) {
+                None => messages.push(jetstream::message::StreamMessage::try_from(answer)?),
+                Some(204 | 404) => return Ok(messages),
+                Some(status) => {
+                    return Err(format!(
+                        "a batched direct get answered {status} {} (nats-server 2.11 or later needed)",
+                        answer.description.unwrap_or_default()
+                    )
+                    .into());
+                }
+            }
+        }
     }
 
     /// Reads the recipient's messages by their own subjects; returns their seqs.
