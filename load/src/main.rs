@@ -885,9 +885,8 @@ mod nats {
                         let _permit = reads.acquire().await?;
                         let seqs = match read {
                             Read::Direct => drain_direct(&args, &stream, recipient).await?,
-                            Read::Batched => drain_batched(&args, &client, recipient).await?,
-                            Read::KeyedBatched | Read::KeyedChecked => {
-                                drain_keyed_batched(&args, &client, recipient).await?
+                            Read::Batched | Read::KeyedBatched | Read::KeyedChecked => {
+                                drain_batched(&args, &client, recipient, read).await?
                             }
                             Read::Keyed => drain_keyed(&args, &stream, recipient).await?,
                             _ => drain_ordered(&args, &stream, recipient).await?,
@@ -1031,54 +1030,35 @@ mod nats {
         Ok(seqs)
     }
 
-    /// Reads the recipient's messages a batch of up to 100 a request (`next_by_subj`, the
-    /// answer bounded by the server's `max_payload`, what it leaves out asked for again);
-    /// returns their seqs.
+    /// Reads the recipient's messages a batch of up to 100 a request, each answer bounded
+    /// by the server's `max_payload` (what it leaves out is asked for next): by `next_by_subj`
+    /// on the recipient's subject (`Read::Batched`), or by `multi_last` of the next messages'
+    /// own subjects (`Read::KeyedBatched`, `Read::KeyedChecked`). Returns their seqs.
     async fn drain_batched(
         args: &Args,
         client: &async_nats::Client,
         recipient: usize,
-    ) -> Result<Vec<u64>, BoxError> {
-        let subject = format!("u.{recipient}");
-        let max_bytes = client.server_info().max_payload.max(1);
-        let mut seqs: Vec<u64> = Vec::with_capacity(args.per_recipient);
-        while seqs.len() < args.per_recipient {
-            let next = seqs.last().map_or(1, |seq| seq + 1);
-            let batch = (args.per_recipient - seqs.len()).min(100);
-            let request = format!(
-                r#"{{"seq":{next},"next_by_subj":"{subject}","batch":{batch},"max_bytes":{max_bytes}}}"#
-            );
-            let messages = batched_get(client, request).await?;
-            if messages.is_empty() {
-                return Err(format!("recipient {recipient}: no message at {next}").into());
-            }
-            for message in messages {
-                check(args, recipient, seqs.len(), &message.payload)?;
-                seqs.push(message.sequence);
-            }
-        }
-        Ok(seqs)
-    }
-
-    /// Reads the recipient's messages by their own subjects, the last message of up to 100
-    /// listed subjects a request (`multi_last`); returns their seqs.
-    async fn drain_keyed_batched(
-        args: &Args,
-        client: &async_nats::Client,
-        recipient: usize,
+        read: Read,
     ) -> Result<Vec<u64>, BoxError> {
         let max_bytes = client.server_info().max_payload.max(1);
         let mut seqs: Vec<u64> = Vec::with_capacity(args.per_recipient);
         while seqs.len() < args.per_recipient {
             let first = seqs.len();
-            let subjects: Vec<String> = (first..args.per_recipient.min(first + 100))
-                .map(|index| subject(Read::Keyed, recipient, index))
-                .collect();
-            let request = format!(
-                r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
-                subjects.join(r#"",""#),
-                subjects.len()
-            );
+            let batch = (args.per_recipient - first).min(100);
+            let request = if read == Read::Batched {
+                let next = seqs.last().map_or(1, |seq| seq + 1);
+                format!(
+                    r#"{{"seq":{next},"next_by_subj":"u.{recipient}","batch":{batch},"max_bytes":{max_bytes}}}"#
+                )
+            } else {
+                let subjects: Vec<String> = (first..first + batch)
+                    .map(|index| subject(read, recipient, index))
+                    .collect();
+                format!(
+                    r#"{{"multi_last":["{}"],"batch":{batch},"max_bytes":{max_bytes}}}"#,
+                    subjects.join(r#"",""#)
+                )
+            };
             let messages = batched_get(client, request).await?;
             if messages.is_empty() {
                 return Err(format!("recipient {recipient}: no message {first}").into());
