@@ -67,7 +67,11 @@ struct Args {
     /// `nats-keyed` (a subject per message) and `nats-keyed-batched` (the same, up to 100
     /// subjects a request: 2.11 or later; `nats-keyed-checked` also stores each
     /// message expecting its recipient's previous one as the last of the recipient's
-    /// subjects); `nats-paged`, `nats-paged-open` and
+    /// subjects) and `nats-keyed-owned` (each publish expecting its own subject empty, as a
+    /// node owning the recipient's positions would append; read in batches on 2.11+;
+    /// `nats-keyed-owned-limit` the same with plain publishes the stream refuses on a
+    /// subject that holds one; `nats-owned-paged` as that, each `--page-records` of a
+    /// recipient's records also published as a sealed page, read page by page); `nats-paged`, `nats-paged-open` and
     /// `nats-paged-lazy` (a recipient's records in pages of `--page-records`, the open page
     /// rewritten with every append: with the queue's state in a tail subject, or in the open
     /// page itself, or in a tail that keeps a full page until its publish is answered).
@@ -269,6 +273,15 @@ async fn main() -> Result<(), BoxError> {
                 None if system == "nats-keyed" => nats::run(&args, nats::Read::Keyed).await?,
                 None if system == "nats-keyed-checked" => {
                     nats::run(&args, nats::Read::KeyedChecked).await?
+                }
+                None if system == "nats-keyed-owned" => {
+                    nats::run(&args, nats::Read::KeyedOwned).await?
+                }
+                None if system == "nats-keyed-owned-limit" => {
+                    nats::run(&args, nats::Read::KeyedOwnedLimit).await?
+                }
+                None if system == "nats-owned-paged" => {
+                    nats::run(&args, nats::Read::OwnedPaged).await?
                 }
                 None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
                 None if system == "nats-paged-open" => {
@@ -782,6 +795,19 @@ mod nats {
         /// As `KeyedBatched`, each publish expecting the recipient's previous one as the
         /// last of its subjects: 2.11 or later.
         KeyedChecked,
+        /// As `Keyed`, each publish expecting its own subject empty, as a node that owned the
+        /// recipient's positions would append (positions from its memory, every publish
+        /// pipelined); read 100 a request as `KeyedBatched` on 2.11 or later, one request
+        /// each as `Keyed` on older servers.
+        KeyedOwned,
+        /// As `KeyedOwned`, but plain publishes to a stream that refuses a second message on
+        /// a subject (`max_messages_per_subject` 1, `discard_new_per_subject`).
+        KeyedOwnedLimit,
+        /// As `KeyedOwnedLimit`, and each `--page-records` records of a recipient are also
+        /// published together as a sealed page (`u.<recipient>.p<n>`), as the recipient's
+        /// owner could without a compare-and-set: a read gets the full pages, then the
+        /// records after the last (in one batched request on 2.11 or later).
+        OwnedPaged,
         /// A recipient's records in pages of `--page-records`: the open page in the tail
         /// (`u.<recipient>.t`) beside the queue's state, each sealed page on a subject of its
         /// own (`u.<recipient>.<page>`), one message kept per subject. An append rewrites the
@@ -804,9 +830,12 @@ mod nats {
     /// The subject a message is published to.
     fn subject(read: Read, recipient: usize, index: usize) -> String {
         match read {
-            Read::Keyed | Read::KeyedBatched | Read::KeyedChecked => {
-                format!("u.{recipient}.{index}")
-            }
+            Read::Keyed
+            | Read::KeyedBatched
+            | Read::KeyedChecked
+            | Read::KeyedOwned
+            | Read::KeyedOwnedLimit
+            | Read::OwnedPaged => format!("u.{recipient}.{index}"),
             _ => format!("u.{recipient}"),
         }
     }
@@ -835,15 +864,26 @@ mod nats {
                 subjects: vec!["u.>".into()],
                 storage: stream::StorageType::File,
                 allow_direct: !matches!(read, Read::Durable | Read::Ordered),
-                // A page's older versions go as its newer one is stored.
+                // A page's older versions go as its newer one is stored; with
+                // `KeyedOwnedLimit` a second message on a subject is refused.
                 max_messages_per_subject: if matches!(
                     read,
-                    Read::Paged | Read::PagedOpen | Read::PagedLazy
+                    Read::Paged
+                        | Read::PagedOpen
+                        | Read::PagedLazy
+                        | Read::KeyedOwnedLimit
+                        | Read::OwnedPaged
                 ) {
                     1
                 } else {
                     0
                 },
+                discard: if matches!(read, Read::KeyedOwnedLimit | Read::OwnedPaged) {
+                    stream::DiscardPolicy::New
+                } else {
+                    stream::DiscardPolicy::Old
+                },
+                discard_new_per_subject: matches!(read, Read::KeyedOwnedLimit | Read::OwnedPaged),
                 ..Default::default()
             })
             .await?;
@@ -888,6 +928,15 @@ mod nats {
                             Read::Batched | Read::KeyedBatched | Read::KeyedChecked => {
                                 drain_batched(&args, &client, recipient, read).await?
                             }
+                            Read::KeyedOwned | Read::KeyedOwnedLimit if batched_gets(&client) => {
+                                drain_batched(&args, &client, recipient, read).await?
+                            }
+                            Read::KeyedOwned | Read::KeyedOwnedLimit => {
+                                drain_keyed(&args, &stream, recipient).await?
+                            }
+                            Read::OwnedPaged => {
+                                drain_owned_paged(&args, &client, &stream, recipient).await?
+                            }
                             Read::Keyed => drain_keyed(&args, &stream, recipient).await?,
                             _ => drain_ordered(&args, &stream, recipient).await?,
                         };
@@ -895,9 +944,12 @@ mod nats {
                         match args.nats_ack.as_str() {
                             "purge" => {
                                 let filter = match read {
-                                    Read::Keyed | Read::KeyedBatched | Read::KeyedChecked => {
-                                        format!("u.{recipient}.>")
-                                    }
+                                    Read::Keyed
+                                    | Read::KeyedBatched
+                                    | Read::KeyedChecked
+                                    | Read::KeyedOwned
+                                    | Read::KeyedOwnedLimit
+                                    | Read::OwnedPaged => format!("u.{recipient}.>"),
                                     _ => format!("u.{recipient}"),
                                 };
                                 stream.purge().filter(filter).sequence(last + 1).await?;
@@ -946,6 +998,8 @@ mod nats {
         if read == Read::KeyedChecked {
             return publish_checked(args, js, publisher).await;
         }
+        // `OwnedPaged`: each recipient's records since its last sealed page.
+        let mut open: HashMap<usize, Vec<u8>> = HashMap::new();
         let mut unanswered = VecDeque::new();
         for index in 0..args.per_recipient {
             for recipient in args.recipients_of(publisher) {
@@ -955,7 +1009,23 @@ mod nats {
                 }
                 let body = bytes::Bytes::from(args.body(recipient, index));
                 let subject = subject(read, recipient, index);
-                unanswered.push_back(js.publish(subject, body).await?);
+                unanswered.push_back(if read == Read::KeyedOwned {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                    js.publish_with_headers(subject, headers, body.clone()).await?
+                } else {
+                    js.publish(subject, body.clone()).await?
+                });
+                if read == Read::OwnedPaged {
+                    let page = open.entry(recipient).or_default();
+                    page.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                    page.extend_from_slice(&body);
+                    if (index + 1) % args.page_records == 0 {
+                        let sealed = bytes::Bytes::from(std::mem::take(page));
+                        let name = format!("u.{recipient}.p{}", index / args.page_records);
+                        unanswered.push_back(js.publish(name, sealed).await?);
+                    }
+                }
             }
         }
         for ack in unanswered {
@@ -1071,6 +1141,16 @@ mod nats {
         Ok(seqs)
     }
 
+    /// Whether the server answers batched direct gets (2.11 or later).
+    fn batched_gets(client: &async_nats::Client) -> bool {
+        let version = client.server_info().version;
+        let mut parts = version
+            .split('.')
+            .map(|part| part.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (2, 11)
+    }
+
     /// One batched direct get: the messages it answers with, until its `204` (the end) or
     /// `404` (nothing more).
     async fn batched_get(
@@ -1121,6 +1201,76 @@ mod nats {
             seqs.push(message.sequence);
         }
         Ok(seqs)
+    }
+
+    /// Reads the recipient's sealed pages, then the records after the last; returns the
+    /// seqs of what it read (pages and records).
+    async fn drain_owned_paged(
+        args: &Args,
+        client: &async_nats::Client,
+        stream: &stream::Stream,
+        recipient: usize,
+    ) -> Result<Vec<u64>, BoxError> {
+        let pages = args.per_recipient / args.page_records;
+        let subjects: Vec<String> = (0..pages)
+            .map(|page| format!("u.{recipient}.p{page}"))
+            .chain(
+                (pages * args.page_records..args.per_recipient)
+                    .map(|index| subject(Read::OwnedPaged, recipient, index)),
+            )
+            .collect();
+        let messages = if batched_gets(client) {
+            let max_bytes = client.server_info().max_payload.max(1);
+            let mut messages = Vec::with_capacity(subjects.len());
+            for chunk in subjects.chunks(100) {
+                let request = format!(
+                    r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
+                    chunk.join(r#"",""#),
+                    chunk.len()
+                );
+                messages.extend(batched_get(client, request).await?);
+            }
+            messages
+        } else {
+            let mut messages = Vec::with_capacity(subjects.len());
+            for subject in &subjects {
+                messages.push(stream.direct_get_last_for_subject(subject).await?);
+            }
+            messages
+        };
+        if messages.len() != subjects.len() {
+            return Err(format!(
+                "recipient {recipient}: {} of {} pages and records read",
+                messages.len(),
+                subjects.len()
+            )
+            .into());
+        }
+        let mut index = 0;
+        for (message, subject) in messages.iter().zip(&subjects) {
+            if message.subject.as_str() != subject {
+                return Err(
+                    format!("recipient {recipient}: {} for {subject}", message.subject).into(),
+                );
+            }
+            if subject.contains(".p") {
+                let mut page = &message.payload[..];
+                while let Some((length, rest)) = page.split_first_chunk::<4>() {
+                    let length = u32::from_be_bytes(*length) as usize;
+                    let record = rest.get(..length).ok_or("a page cut short")?;
+                    check(args, recipient, index, record)?;
+                    index += 1;
+                    page = &rest[length..];
+                }
+            } else {
+                check(args, recipient, index, &message.payload)?;
+                index += 1;
+            }
+        }
+        if index != args.per_recipient {
+            return Err(format!("recipient {recipient}: {index} records read").into());
+        }
+        Ok(messages.iter().map(|message| message.sequence).collect())
     }
 
     /// Reads the recipient's messages through an ordered consumer made for the purpose;
