@@ -92,7 +92,9 @@ struct Args {
     /// How `nats-direct`, `nats-ordered` and `nats-keyed` ack what a recipient read: `purge`
     /// (the recipient's subject purged through the last message), `delete` (each message
     /// deleted by its seq) or `none` (nothing removed: what acks kept apart from the stream,
-    /// as a cursor, would cost the drain). The page modes remove each page read by a purge
+    /// as a cursor, would cost the drain), or, for the modes with a subject per message,
+    /// `exact` (a purge of each message's own subject, and of each page's with
+    /// `nats-owned-paged`). The page modes remove each page read by a purge
     /// of its subject or a delete by its seq, and write the state back unless `none`.
     #[arg(long, default_value = "purge")]
     nats_ack: String,
@@ -887,6 +889,9 @@ mod nats {
                 ..Default::default()
             })
             .await?;
+        if read == Read::OwnedPaged && args.page_records == 0 {
+            return Err("--page-records must be at least 1".into());
+        }
         if read != Read::Durable {
             // One connection for every drain, made before the clock starts.
             let shared = stream.clone();
@@ -959,8 +964,31 @@ mod nats {
                                     stream.delete_message(seq).await?;
                                 }
                             }
+                            // One purge of an exact subject per stored message (records, and
+                            // pages with `OwnedPaged`), as `NatsStorage` removes them.
+                            "exact" if subject(read, recipient, 0).ends_with(".0") => {
+                                let pages = if read == Read::OwnedPaged {
+                                    args.per_recipient / args.page_records
+                                } else {
+                                    0
+                                };
+                                let subjects = (0..pages)
+                                    .map(|page| format!("u.{recipient}.p{page}"))
+                                    .chain(
+                                        (0..args.per_recipient)
+                                            .map(|index| subject(read, recipient, index)),
+                                    );
+                                for subject in subjects {
+                                    stream.purge().filter(subject).await?;
+                                }
+                            }
                             "none" => {}
-                            other => return Err(format!("--nats-ack: unknown {other:?}").into()),
+                            other => {
+                                return Err(format!(
+                                    "--nats-ack: {other:?} is unknown or not for this mode"
+                                )
+                                .into());
+                            }
                         }
                         Ok(())
                     }
@@ -1003,7 +1031,8 @@ mod nats {
         let mut unanswered = VecDeque::new();
         for index in 0..args.per_recipient {
             for recipient in args.recipients_of(publisher) {
-                if unanswered.len() == args.in_flight {
+                // `>=`: a sealed page is one more publish in flight after its record's.
+                while unanswered.len() >= args.in_flight {
                     let ack: jetstream::context::PublishAckFuture = unanswered.pop_front().unwrap();
                     ack.await?;
                 }
@@ -1012,7 +1041,8 @@ mod nats {
                 unanswered.push_back(if read == Read::KeyedOwned {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-                    js.publish_with_headers(subject, headers, body.clone()).await?
+                    js.publish_with_headers(subject, headers, body.clone())
+                        .await?
                 } else {
                     js.publish(subject, body.clone()).await?
                 });
