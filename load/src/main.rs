@@ -1200,7 +1200,11 @@ mod nats {
         let mut messages = Vec::new();
         loop {
             let answer = tokio::time::timeout(Duration::from_secs(10), answers.next())
-                .await?
+                .await
+                .map_err(|_| {
+                    "a batched direct get had no end within 10 s (a server before 2.11 \
+                     answers one message and no end: nats-server 2.11 or later needed)"
+                })?
                 .ok_or("the connection closed during a batched direct get")?;
             match answer.status.map(|status| status.as_u16()) {
                 None => messages.push(jetstream::message::StreamMessage::try_from(answer)?),
