@@ -71,7 +71,9 @@ struct Args {
     /// node owning the recipient's positions would append; read in batches on 2.11+;
     /// `nats-keyed-owned-limit` the same with plain publishes the stream refuses on a
     /// subject that holds one; `nats-owned-paged` as that, each `--page-records` of a
-    /// recipient's records also published as a sealed page, read page by page); `nats-paged`, `nats-paged-open` and
+    /// recipient's records also published as a sealed page, read page by page;
+    /// `nats-owned-log` the same with the records in a log stream of their own and the last
+    /// records sealed as a shorter page, so a read gets pages only); `nats-paged`, `nats-paged-open` and
     /// `nats-paged-lazy` (a recipient's records in pages of `--page-records`, the open page
     /// rewritten with every append: with the queue's state in a tail subject, or in the open
     /// page itself, or in a tail that keeps a full page until its publish is answered).
@@ -284,6 +286,9 @@ async fn main() -> Result<(), BoxError> {
                 }
                 None if system == "nats-owned-paged" => {
                     nats::run(&args, nats::Read::OwnedPaged).await?
+                }
+                None if system == "nats-owned-log" => {
+                    nats::run(&args, nats::Read::OwnedLog).await?
                 }
                 None if system == "nats-paged" => nats::run(&args, nats::Read::Paged).await?,
                 None if system == "nats-paged-open" => {
@@ -771,6 +776,8 @@ mod nats {
     use async_nats::jetstream::{self, consumer, stream};
 
     const STREAM: &str = "OFFLINE";
+    /// `OwnedLog`'s records.
+    const LOG_STREAM: &str = "OFFLINE_LOG";
 
     /// How recipients read their backlog.
     #[derive(Clone, Copy, PartialEq)]
@@ -810,6 +817,11 @@ mod nats {
         /// owner could without a compare-and-set: a read gets the full pages, then the
         /// records after the last (in one batched request on 2.11 or later).
         OwnedPaged,
+        /// As `OwnedPaged`, but records go to a stream of their own (`w.<recipient>.<index>`,
+        /// a write-ahead log its limits would empty, so no record is ever purged), and a
+        /// recipient's last records are sealed as a shorter page once the sends stop (as an
+        /// owner would after a pause): a read gets pages only, and an ack purges pages only.
+        OwnedLog,
         /// A recipient's records in pages of `--page-records`: the open page in the tail
         /// (`u.<recipient>.t`) beside the queue's state, each sealed page on a subject of its
         /// own (`u.<recipient>.<page>`), one message kept per subject. An append rewrites the
@@ -838,6 +850,7 @@ mod nats {
             | Read::KeyedOwned
             | Read::KeyedOwnedLimit
             | Read::OwnedPaged => format!("u.{recipient}.{index}"),
+            Read::OwnedLog => format!("w.{recipient}.{index}"),
             _ => format!("u.{recipient}"),
         }
     }
@@ -875,22 +888,45 @@ mod nats {
                         | Read::PagedLazy
                         | Read::KeyedOwnedLimit
                         | Read::OwnedPaged
+                        | Read::OwnedLog
                 ) {
                     1
                 } else {
                     0
                 },
-                discard: if matches!(read, Read::KeyedOwnedLimit | Read::OwnedPaged) {
+                discard: if matches!(
+                    read,
+                    Read::KeyedOwnedLimit | Read::OwnedPaged | Read::OwnedLog
+                ) {
                     stream::DiscardPolicy::New
                 } else {
                     stream::DiscardPolicy::Old
                 },
-                discard_new_per_subject: matches!(read, Read::KeyedOwnedLimit | Read::OwnedPaged),
+                discard_new_per_subject: matches!(
+                    read,
+                    Read::KeyedOwnedLimit | Read::OwnedPaged | Read::OwnedLog
+                ),
                 ..Default::default()
             })
             .await?;
-        if read == Read::OwnedPaged && args.page_records == 0 {
+        if matches!(read, Read::OwnedPaged | Read::OwnedLog) && args.page_records == 0 {
             return Err("--page-records must be at least 1".into());
+        }
+        if read == Read::OwnedLog {
+            // The records' log: the same refusal of a second message on a subject; its
+            // `max_age` is what would empty it (nothing here lives that long).
+            setup
+                .create_stream(stream::Config {
+                    name: LOG_STREAM.into(),
+                    subjects: vec!["w.>".into()],
+                    storage: stream::StorageType::File,
+                    max_messages_per_subject: 1,
+                    discard: stream::DiscardPolicy::New,
+                    discard_new_per_subject: true,
+                    max_age: Duration::from_secs(3600),
+                    ..Default::default()
+                })
+                .await?;
         }
         if read != Read::Durable {
             // One connection for every drain, made before the clock starts.
@@ -939,8 +975,8 @@ mod nats {
                             Read::KeyedOwned | Read::KeyedOwnedLimit => {
                                 drain_keyed(&args, &stream, recipient).await?
                             }
-                            Read::OwnedPaged => {
-                                drain_owned_paged(&args, &client, &stream, recipient).await?
+                            Read::OwnedPaged | Read::OwnedLog => {
+                                drain_owned_paged(&args, &client, &stream, recipient, read).await?
                             }
                             Read::Keyed => drain_keyed(&args, &stream, recipient).await?,
                             _ => drain_ordered(&args, &stream, recipient).await?,
@@ -967,17 +1003,17 @@ mod nats {
                             // One purge of an exact subject per stored message (records, and
                             // pages with `OwnedPaged`), as `NatsStorage` removes them.
                             "exact" if subject(read, recipient, 0).ends_with(".0") => {
-                                let pages = if read == Read::OwnedPaged {
-                                    args.per_recipient / args.page_records
-                                } else {
-                                    0
-                                };
-                                let subjects = (0..pages)
-                                    .map(|page| format!("u.{recipient}.p{page}"))
-                                    .chain(
-                                        (0..args.per_recipient)
+                                // With `OwnedPaged` also the records sealed into pages; with
+                                // `OwnedLog` the pages alone (its log empties itself).
+                                let mut subjects = owned_subjects(&args, recipient, read);
+                                if read == Read::OwnedPaged {
+                                    let sealed =
+                                        subjects.len() - args.per_recipient % args.page_records;
+                                    subjects.extend(
+                                        (0..sealed * args.page_records)
                                             .map(|index| subject(read, recipient, index)),
                                     );
+                                }
                                 for subject in subjects {
                                     stream.purge().filter(subject).await?;
                                 }
@@ -1046,7 +1082,7 @@ mod nats {
                 } else {
                     js.publish(subject, body.clone()).await?
                 });
-                if read == Read::OwnedPaged {
+                if matches!(read, Read::OwnedPaged | Read::OwnedLog) {
                     let page = open.entry(recipient).or_default();
                     page.extend_from_slice(&(body.len() as u32).to_be_bytes());
                     page.extend_from_slice(&body);
@@ -1055,6 +1091,15 @@ mod nats {
                         let name = format!("u.{recipient}.p{}", index / args.page_records);
                         unanswered.push_back(js.publish(name, sealed).await?);
                     }
+                }
+            }
+        }
+        if read == Read::OwnedLog {
+            // The sends stopped: each recipient's last records become a shorter page.
+            for (recipient, page) in open {
+                if !page.is_empty() {
+                    let name = format!("u.{recipient}.p{}", args.per_recipient / args.page_records);
+                    unanswered.push_back(js.publish(name, bytes::Bytes::from(page)).await?);
                 }
             }
         }
@@ -1237,6 +1282,25 @@ mod nats {
         Ok(seqs)
     }
 
+    /// Where the recipient's messages are to be read, in order: with `OwnedPaged` its full
+    /// pages, then the records after the last; with `OwnedLog` its pages (the last may be
+    /// shorter); otherwise each message's own subject.
+    fn owned_subjects(args: &Args, recipient: usize, read: Read) -> Vec<String> {
+        let pages = match read {
+            Read::OwnedPaged => args.per_recipient / args.page_records,
+            Read::OwnedLog => args.per_recipient.div_ceil(args.page_records),
+            _ => 0,
+        };
+        let records = match read {
+            Read::OwnedLog => args.per_recipient..args.per_recipient,
+            _ => pages * args.page_records..args.per_recipient,
+        };
+        (0..pages)
+            .map(|page| format!("u.{recipient}.p{page}"))
+            .chain(records.map(|index| subject(read, recipient, index)))
+            .collect()
+    }
+
     /// Reads the recipient's sealed pages, then the records after the last; returns the
     /// seqs of what it read (pages and records).
     async fn drain_owned_paged(
@@ -1244,15 +1308,9 @@ mod nats {
         client: &async_nats::Client,
         stream: &stream::Stream,
         recipient: usize,
+        read: Read,
     ) -> Result<Vec<u64>, BoxError> {
-        let pages = args.per_recipient / args.page_records;
-        let subjects: Vec<String> = (0..pages)
-            .map(|page| format!("u.{recipient}.p{page}"))
-            .chain(
-                (pages * args.page_records..args.per_recipient)
-                    .map(|index| subject(Read::OwnedPaged, recipient, index)),
-            )
-            .collect();
+        let subjects = owned_subjects(args, recipient, read);
         let messages = if batched_gets(client) {
             let max_bytes = client.server_info().max_payload.max(1);
             let mut messages = Vec::with_capacity(subjects.len());
