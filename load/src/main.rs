@@ -57,26 +57,24 @@ struct Args {
     in_flight: usize,
     /// What to run, comma separated, in this order: `chat:redb`, `chat:memory`,
     /// `chat:redis://host:port`, `chat:postgres://..`, `chat:nats://..` (a chat_server built
-    /// with `--features nats`), `mosquitto`, `nats`; and two ways a storage backend inside a
-    /// server could read a recipient's backlog from JetStream without
-    /// a durable consumer each, over one connection: `nats-direct` (direct get, next message
-    /// by subject, one request each), `nats-batched` (the same, a batch of up to 100 per
-    /// request: nats-server 2.11 or later, see `--nats-server`) and `nats-ordered` (a
-    /// short-lived ordered consumer filtered to the subject); all three ack by purging the
-    /// subject through the last message;
-    /// `nats-keyed` (a subject per message) and `nats-keyed-batched` (the same, up to 100
-    /// subjects a request: 2.11 or later; `nats-keyed-checked` also stores each
-    /// message expecting its recipient's previous one as the last of the recipient's
-    /// subjects) and `nats-keyed-owned` (each publish expecting its own subject empty, as a
-    /// node owning the recipient's positions would append; read in batches on 2.11+;
-    /// `nats-keyed-owned-limit` the same with plain publishes the stream refuses on a
-    /// subject that holds one; `nats-owned-paged` as that, each `--page-records` of a
-    /// recipient's records also published as a sealed page, read page by page;
-    /// `nats-owned-log` the same with the records in a log stream of their own and the last
-    /// records sealed as a shorter page, so a read gets pages only); `nats-paged`, `nats-paged-open` and
-    /// `nats-paged-lazy` (a recipient's records in pages of `--page-records`, the open page
-    /// rewritten with every append: with the queue's state in a tail subject, or in the open
-    /// page itself, or in a tail that keeps a full page until its publish is answered).
+    /// with `--features nats`), `mosquitto`, `nats` (a durable consumer per recipient); and
+    /// ways a storage backend inside a server could keep and read a recipient's backlog in
+    /// JetStream without a consumer each, over one connection (each mode's doc comment on
+    /// `nats::Read` says more; "2.11+" needs such a server, see `--nats-server`):
+    /// - a subject per recipient: `nats-direct` (read by direct get of the next message, one
+    ///   request each), `nats-batched` (the same, 100 a request, 2.11+), `nats-ordered` (a
+    ///   short-lived ordered consumer filtered to the subject);
+    /// - a subject per message: `nats-keyed` (one direct get each), `nats-keyed-batched`
+    ///   (100 a request, 2.11+), `nats-keyed-checked` (each publish expecting the
+    ///   recipient's previous one as the last of its subjects, 2.11+);
+    /// - appends by a recipient's single owner, with no compare-and-set:
+    ///   `nats-keyed-owned` (each publish expecting its subject empty),
+    ///   `nats-keyed-owned-limit` (the stream refuses a second message on a subject),
+    ///   `nats-owned-paged` (also a sealed page every `--page-records` records),
+    ///   `nats-owned-log` (records in a log stream of their own, read and removed by page);
+    /// - pages rewritten with every append: `nats-paged`, `nats-paged-open` and
+    ///   `nats-paged-lazy` (the queue's state in a tail subject, or in the open page itself,
+    ///   or in a tail that keeps a full page until its publish is answered).
     #[arg(long, default_value = "chat:redb,mosquitto,nats")]
     systems: String,
     /// The chat_server binary.
@@ -91,12 +89,13 @@ struct Args {
     /// the system.
     #[arg(long, default_value_t = 64)]
     connecting: usize,
-    /// How `nats-direct`, `nats-ordered` and `nats-keyed` ack what a recipient read: `purge`
-    /// (the recipient's subject purged through the last message), `delete` (each message
-    /// deleted by its seq) or `none` (nothing removed: what acks kept apart from the stream,
-    /// as a cursor, would cost the drain), or, for the modes with a subject per message,
-    /// `exact` (a purge of each message's own subject, and of each page's with
-    /// `nats-owned-paged`). The page modes remove each page read by a purge
+    /// How the modes without a consumer ack what a recipient read: `purge` (the
+    /// recipient's subjects purged through the last message), `delete` (each message
+    /// deleted by its seq), `none` (nothing removed: what acks kept apart from the stream,
+    /// as a cursor, would cost the drain) or, for the modes with a subject per message,
+    /// `exact` (a purge of each stored message's own subject: records and pages with
+    /// `nats-owned-paged`, pages alone with `nats-owned-log`). The `nats-paged` modes
+    /// remove each page read by a purge
     /// of its subject or a delete by its seq, and write the state back unless `none`.
     #[arg(long, default_value = "purge")]
     nats_ack: String,
