@@ -840,16 +840,37 @@ mod nats {
         PagedLazy,
     }
 
+    impl Read {
+        /// Whether each message is published to a subject of its own (`u.<recipient>.<index>`,
+        /// or `w.` in `OwnedLog`'s log) rather than the recipient's one subject.
+        fn subject_per_message(self) -> bool {
+            matches!(
+                self,
+                Read::Keyed
+                    | Read::KeyedBatched
+                    | Read::KeyedChecked
+                    | Read::KeyedOwned
+                    | Read::KeyedOwnedLimit
+                    | Read::OwnedPaged
+                    | Read::OwnedLog
+            )
+        }
+
+        /// Whether the stream refuses a second message on a subject (the single owner's
+        /// fence, from the stream's limits).
+        fn refuses_second_message(self) -> bool {
+            matches!(
+                self,
+                Read::KeyedOwnedLimit | Read::OwnedPaged | Read::OwnedLog
+            )
+        }
+    }
+
     /// The subject a message is published to.
     fn subject(read: Read, recipient: usize, index: usize) -> String {
         match read {
-            Read::Keyed
-            | Read::KeyedBatched
-            | Read::KeyedChecked
-            | Read::KeyedOwned
-            | Read::KeyedOwnedLimit
-            | Read::OwnedPaged => format!("u.{recipient}.{index}"),
             Read::OwnedLog => format!("w.{recipient}.{index}"),
+            _ if read.subject_per_message() => format!("u.{recipient}.{index}"),
             _ => format!("u.{recipient}"),
         }
     }
@@ -878,33 +899,21 @@ mod nats {
                 subjects: vec!["u.>".into()],
                 storage: stream::StorageType::File,
                 allow_direct: !matches!(read, Read::Durable | Read::Ordered),
-                // A page's older versions go as its newer one is stored; with
-                // `KeyedOwnedLimit` a second message on a subject is refused.
-                max_messages_per_subject: if matches!(
-                    read,
-                    Read::Paged
-                        | Read::PagedOpen
-                        | Read::PagedLazy
-                        | Read::KeyedOwnedLimit
-                        | Read::OwnedPaged
-                        | Read::OwnedLog
-                ) {
+                // A page's older versions go as its newer one is stored; for the single
+                // owner a second message on a subject is refused.
+                max_messages_per_subject: if read.refuses_second_message()
+                    || matches!(read, Read::Paged | Read::PagedOpen | Read::PagedLazy)
+                {
                     1
                 } else {
                     0
                 },
-                discard: if matches!(
-                    read,
-                    Read::KeyedOwnedLimit | Read::OwnedPaged | Read::OwnedLog
-                ) {
+                discard: if read.refuses_second_message() {
                     stream::DiscardPolicy::New
                 } else {
                     stream::DiscardPolicy::Old
                 },
-                discard_new_per_subject: matches!(
-                    read,
-                    Read::KeyedOwnedLimit | Read::OwnedPaged | Read::OwnedLog
-                ),
+                discard_new_per_subject: read.refuses_second_message(),
                 ..Default::default()
             })
             .await?;
@@ -983,14 +992,11 @@ mod nats {
                         let last = seqs.iter().max().copied().unwrap_or(0);
                         match args.nats_ack.as_str() {
                             "purge" => {
-                                let filter = match read {
-                                    Read::Keyed
-                                    | Read::KeyedBatched
-                                    | Read::KeyedChecked
-                                    | Read::KeyedOwned
-                                    | Read::KeyedOwnedLimit
-                                    | Read::OwnedPaged => format!("u.{recipient}.>"),
-                                    _ => format!("u.{recipient}"),
+                                // (`OwnedLog`: its pages; the log empties itself.)
+                                let filter = if read.subject_per_message() {
+                                    format!("u.{recipient}.>")
+                                } else {
+                                    format!("u.{recipient}")
                                 };
                                 stream.purge().filter(filter).sequence(last + 1).await?;
                             }
@@ -1001,7 +1007,7 @@ mod nats {
                             }
                             // One purge of an exact subject per stored message (records, and
                             // pages with `OwnedPaged`), as `NatsStorage` removes them.
-                            "exact" if subject(read, recipient, 0).ends_with(".0") => {
+                            "exact" if read.subject_per_message() => {
                                 // With `OwnedPaged` also the records sealed into pages; with
                                 // `OwnedLog` the pages alone (its log empties itself).
                                 let mut subjects = owned_subjects(&args, recipient, read);
@@ -1198,10 +1204,7 @@ mod nats {
                 let subjects: Vec<String> = (first..first + batch)
                     .map(|index| subject(read, recipient, index))
                     .collect();
-                format!(
-                    r#"{{"multi_last":["{}"],"batch":{batch},"max_bytes":{max_bytes}}}"#,
-                    subjects.join(r#"",""#)
-                )
+                multi_last(&subjects, max_bytes)
             };
             let messages = batched_get(client, request).await?;
             if messages.is_empty() {
@@ -1213,6 +1216,16 @@ mod nats {
             }
         }
         Ok(seqs)
+    }
+
+    /// A batched direct get of the last message on each of `subjects` (digits and dots:
+    /// nothing to escape), answers bounded by `max_bytes`.
+    fn multi_last(subjects: &[String], max_bytes: usize) -> String {
+        format!(
+            r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
+            subjects.join(r#"",""#),
+            subjects.len()
+        )
     }
 
     /// Whether the server answers batched direct gets (2.11 or later).
@@ -1314,12 +1327,7 @@ mod nats {
             let max_bytes = client.server_info().max_payload.max(1);
             let mut messages = Vec::with_capacity(subjects.len());
             for chunk in subjects.chunks(100) {
-                let request = format!(
-                    r#"{{"multi_last":["{}"],"batch":{},"max_bytes":{max_bytes}}}"#,
-                    chunk.join(r#"",""#),
-                    chunk.len()
-                );
-                messages.extend(batched_get(client, request).await?);
+                messages.extend(batched_get(client, multi_last(chunk, max_bytes)).await?);
             }
             messages
         } else {
