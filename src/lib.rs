@@ -117,7 +117,7 @@ pub use queue::{
 pub use storage::{AmqpOptions, AmqpStorage};
 pub use storage::{MemoryStorage, Storage, StorageExt};
 #[cfg(feature = "nats")]
-pub use storage::{NatsOptions, NatsStorage};
+pub use storage::{NatsOptions, NatsStorage, OwnedNatsStorage};
 #[cfg(feature = "postgres")]
 pub use storage::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]

@@ -25,6 +25,21 @@ async fn nats_storage_passes_the_conformance_suite() {
     streams.delete(&url).await;
 }
 
+/// The suite against the single-owner layout, `OwnedNatsStorage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_nats_storage_passes_the_conformance_suite() {
+    let Some(url) = url() else {
+        return;
+    };
+    let streams = Arc::new(Streams::default());
+    testing::run_all(|| {
+        let (streams, url) = (streams.clone(), url.clone());
+        async move { Arc::new(streams.owned_storage(&url).await) as Arc<dyn Storage> }
+    })
+    .await;
+    streams.delete(&url).await;
+}
+
 /// The same suite on a server of 2.11 or later (`OFFLINE_QUEUE_NEWER_NATS_SERVER`), where
 /// records with a deadline carry a per-message TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,7 @@ pub mod redis;
 #[cfg(feature = "amqp")]
 pub use self::amqp::{AmqpOptions, AmqpStorage, QueueType};
 #[cfg(feature = "nats")]
-pub use self::nats::{NatsOptions, NatsStorage};
+pub use self::nats::{NatsOptions, NatsStorage, OwnedNatsStorage};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresOptions, PostgresStorage};
 #[cfg(feature = "redb")]

@@ -9,7 +9,7 @@ pub mod skip_support;
 
 pub mod own_server;
 
-use offline_queue::{MessageId, NatsStorage};
+use offline_queue::{MessageId, NatsStorage, OwnedNatsStorage};
 use own_server::NEWER_NATS_SERVER;
 use parking_lot::Mutex;
 
@@ -88,6 +88,18 @@ impl Streams {
         connect(url, &name).await
     }
 
+    /// An [`OwnedNatsStorage`] on streams and a prefix of its own.
+    pub async fn owned_storage(&self, url: &str) -> OwnedNatsStorage {
+        let name = unique_name();
+        self.0.lock().push(name.clone());
+        NatsStorage::options()
+            .stream(&name)
+            .prefix(&name)
+            .connect_owned(url)
+            .await
+            .expect("nats answers")
+    }
+
     pub async fn delete(&self, url: &str) {
         let names = std::mem::take(&mut *self.0.lock());
         delete(url, &names).await;
@@ -115,7 +127,7 @@ pub async fn connect(url: &str, name: &str) -> NatsStorage {
 pub async fn delete(url: &str, names: &[String]) {
     let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     for name in names {
-        for suffix in ["", "_META", "_DEDUP"] {
+        for suffix in ["", "_META", "_DEDUP", "_LOG", "_PAGES", "_STATE"] {
             let _ = context.delete_stream(format!("{name}{suffix}")).await;
         }
     }

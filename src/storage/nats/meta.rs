@@ -192,6 +192,31 @@ impl Meta {
         Ok(Reserved { first, dropped })
     }
 
+    /// Takes in a position found beyond [`Meta::next`] (a single owner's append the state
+    /// did not record yet): positions skipped on the way hold nothing; `position` holds a
+    /// record of `size`, or nothing (`None`). A position below `next()` is left as it is.
+    pub fn adopt(&mut self, position: u64, size: Option<u32>) {
+        let empty = Slot {
+            size: 0,
+            deliveries: 0,
+            removed: true,
+        };
+        while self.next() < position {
+            self.slots.push_back(empty);
+        }
+        if self.next() == position {
+            self.slots.push_back(match size {
+                Some(size) => Slot {
+                    size,
+                    deliveries: 0,
+                    removed: false,
+                },
+                None => empty,
+            });
+        }
+        self.compact();
+    }
+
     /// Forgets reservations made before `stale_before_ms` (wall clock), and those wholly at
     /// or below the floor: a position they held is either published by now or never will be.
     pub fn forget_reservations(&mut self, stale_before_ms: u64) {

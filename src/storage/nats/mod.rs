@@ -148,6 +148,10 @@
 //! than surviving a server's loss. A storage built with more replicas logs this at connect.
 
 mod meta;
+mod owned;
+mod page;
+
+pub use owned::OwnedNatsStorage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -338,9 +342,7 @@ impl NatsOptions {
         let (records, message_ttl) = self
             .open_stream(
                 &context,
-                &self.stream,
-                &["r"],
-                self.max_age,
+                self.stream_config(&self.stream, "r"),
                 version_at_least(&version, (2, 11)),
             )
             .await?;
@@ -355,24 +357,13 @@ impl NatsOptions {
                 "at the stream's max_age (the server predates 2.11)"
             }
         );
-        let (meta, _) = self
-            .open_stream(
-                &context,
-                &format!("{}_META", self.stream),
-                &["m"],
-                self.max_age,
-                false,
-            )
-            .await?;
-        let (dedup, _) = self
-            .open_stream(
-                &context,
-                &format!("{}_DEDUP", self.stream),
-                &["d"],
-                self.dedup_window,
-                false,
-            )
-            .await?;
+        let meta_config = self.stream_config(&format!("{}_META", self.stream), "m");
+        let (meta, _) = self.open_stream(&context, meta_config, false).await?;
+        let dedup_config = Config {
+            max_age: self.dedup_window,
+            ..self.stream_config(&format!("{}_DEDUP", self.stream), "d")
+        };
+        let (dedup, _) = self.open_stream(&context, dedup_config, false).await?;
         let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
         tokio::spawn(remove_in_background(records.clone(), queued));
         Ok(NatsStorage {
@@ -440,33 +431,32 @@ impl NatsOptions {
         Ok(())
     }
 
-    /// The stream `name` over `<prefix>.<kind>.>` for each of `kinds`, made if missing; an
-    /// existing one must have the same layout. With `message_ttl`, the stream is made (or
-    /// changed in place: a stream made before the server was upgraded to 2.11) to allow
-    /// per-message TTL; returns whether it does.
-    async fn open_stream(
-        &self,
-        context: &Context,
-        name: &str,
-        kinds: &[&str],
-        max_age: Duration,
-        message_ttl: bool,
-    ) -> Result<(Stream, bool)> {
-        let wanted = Config {
+    /// A stream over `<prefix>.<kind>.>` with one message a subject and direct gets.
+    fn stream_config(&self, name: &str, kind: &str) -> Config {
+        Config {
             name: name.to_owned(),
-            subjects: kinds
-                .iter()
-                .map(|kind| format!("{}.{kind}.>", self.prefix))
-                .collect(),
+            subjects: vec![format!("{}.{kind}.>", self.prefix)],
             max_messages_per_subject: 1,
             discard: DiscardPolicy::Old,
-            max_age,
+            max_age: self.max_age,
             storage: StorageType::File,
             num_replicas: self.replicas,
             allow_direct: true,
-            allow_message_ttl: message_ttl,
             ..Config::default()
-        };
+        }
+    }
+
+    /// The stream `wanted`, made if missing; an existing one must have the same layout. With
+    /// `message_ttl`, the stream is made (or changed in place: a stream made before the
+    /// server was upgraded to 2.11) to allow per-message TTL; returns whether it does.
+    async fn open_stream(
+        &self,
+        context: &Context,
+        mut wanted: Config,
+        message_ttl: bool,
+    ) -> Result<(Stream, bool)> {
+        let name = wanted.name.clone();
+        wanted.allow_message_ttl = message_ttl;
         let mut stream = context
             .get_or_create_stream(wanted.clone())
             .await
@@ -487,6 +477,29 @@ impl NatsOptions {
                 "max_msgs_per_subject",
                 have.max_messages_per_subject.to_string(),
                 "1".to_owned(),
+            ),
+            (
+                "discard",
+                format!("{:?}", have.discard),
+                format!("{:?}", wanted.discard),
+            ),
+            (
+                "discard_new_per_subject",
+                have.discard_new_per_subject.to_string(),
+                wanted.discard_new_per_subject.to_string(),
+            ),
+            (
+                "duplicate_window",
+                format!("{:?}", have.duplicate_window),
+                // Unset, the server picks its default: any is this layout's.
+                format!(
+                    "{:?}",
+                    if wanted.duplicate_window.is_zero() {
+                        have.duplicate_window
+                    } else {
+                        wanted.duplicate_window
+                    }
+                ),
             ),
             ("storage", format!("{:?}", have.storage), "File".to_owned()),
             (

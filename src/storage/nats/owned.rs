@@ -1,0 +1,1226 @@
+//! [`OwnedNatsStorage`]: the single-owner layout for NATS JetStream, the first step of the
+//! plan in docs/backends.md ("a single owner per recipient"). One node owns every queue of
+//! its streams: it decides each append in memory and publishes the record once, with no
+//! compare-and-set on the send's path.
+//!
+//! **One node at a time.** Nothing here yet forwards another node's sends to the owner or
+//! hands a queue over when its owner dies; that is the next step. Two nodes on the same
+//! streams do not overwrite each other's records (see "Fences"), but each sees a stale queue
+//! and fails or misreads: run one node per stream name. [`NatsStorage`](super::NatsStorage)
+//! is the layout for several nodes.
+//!
+//! # Layout
+//! Three streams named after [`NatsOptions::stream`] (`OFFLINE_QUEUE` by default), subjects
+//! under [`NatsOptions::prefix`], the recipient id in hex:
+//! - `OFFLINE_QUEUE_LOG`, `oq.l.<hex>.<position>`: **each record once**, on its position's
+//!   subject, in a stream that refuses a second message on a subject
+//!   (`max_messages_per_subject` 1 with `discard_new_per_subject`, as on 2.9). The log is the
+//!   records' truth; nothing on the read's path removes from it: its `max_age` does (or,
+//!   from server 2.11, each record's own TTL), so an ack costs no removal per record.
+//! - `OFFLINE_QUEUE_PAGES`, `oq.p.<hex>.<page>`: a **sealed page** per 15 positions once
+//!   every one of them is settled: copies of its records in one message, so a read gets 15
+//!   records with one request. A cache of the log: a position a page lacks is read from the
+//!   log. A page goes (one purge) once every position in it is acked.
+//! - `OFFLINE_QUEUE_STATE`, `oq.s.<hex>`: the queue's state (the meta of
+//!   [`NatsStorage`](super::NatsStorage): per position its size, delivery count and whether
+//!   it is gone, plus the loss totals), written by compare-and-set **once per read batch or
+//!   ack**, not per append, and once when the queue is made.
+//!
+//! # Loading a queue
+//! The owner reads the state, then asks the log for the recipient's last record (one direct
+//! get by wildcard subject) and, when that lies past the state, reads the positions from the
+//! state's end to 64 past it (a node has at most 64 publishes in flight per queue): each
+//! record found is taken in, each position with nothing in it below the last found is closed
+//! with a tombstone, which the log's one-message-a-subject rule makes final, and counted as
+//! lost (an append that failed is over-counted, as the contract allows).
+//!
+//! # Fences
+//! A stale writer cannot overwrite: a record's subject takes one message, and the state
+//! changes only by compare-and-set. A refused state write unloads the queue and fails the
+//! call, retryably; the next call loads the queue afresh.
+//!
+//! # What this layout does not do (yet)
+//! As [`NatsStorage`](super::NatsStorage): no purge of expired records or idle queues by the
+//! engine's clock, no storage-wide byte budget, no atomic multi-record append across a
+//! failure. A drop (`Overflow::DropOldest`) is written with the queue's next state, so a node
+//! that stops before then forgets it: the records come back, never fewer. Queues stay loaded
+//! in memory for the storage's life (their state, and the records not yet in a page).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_TTL;
+use async_nats::jetstream::context::Publish;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{
+    DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, Stream,
+};
+use async_nats::jetstream::{self, Context};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::meta::Meta;
+use super::page::{self, PAGE_RECORDS};
+use super::{
+    EXPIRES, Found, GONE, GONE_LOST, ID, NatsOptions, SENT, found, invalid, publish_ack,
+    remove_in_background, ttl_seconds, version_at_least,
+};
+use crate::clock::Timestamp;
+use crate::coordination::nats::{connect_error, servers};
+use crate::error::{Error, Result, Retry};
+use crate::limits::{BatchLimit, Quota};
+use crate::message::{MessageId, RecipientId, Seq};
+use crate::storage::{
+    Ack, AppendOutcome, Appended, Capabilities, DeliveryRead, NewRecord, PurgeOutcome, ReadBatch,
+    RecipientStats, Storage, StoredRecord,
+};
+
+/// Publishes a node keeps in flight per queue; a load looks this far past the log's last
+/// record for the ones that landed out of order.
+const IN_FLIGHT_PER_QUEUE: usize = 64;
+/// A record's header holding when its sender-chosen id was appended (engine ms), which its
+/// dedup window counts from.
+const APPENDED: &str = "Oq-Appended";
+/// The state's header naming the first page not sealed yet.
+const SEALED: &str = "Oq-Sealed";
+/// Gets in flight at once for one read or load.
+const GETS_IN_FLIGHT: usize = 64;
+/// Largest read batch; a read may look at twice as many positions (expired ones passed over).
+const MAX_READ_BATCH: usize = 1_000;
+/// Pages removed per storage waiting for the background task (past it, acks wait).
+const REMOVALS_QUEUED: usize = 65_536;
+
+/// Tells apart one loading of a queue from the next, so an append that finishes after its
+/// queue was unloaded changes nothing of the new load.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+/// Queues in NATS JetStream, owned by this one node. See the [module docs](self).
+///
+/// Cheap to clone: clones share one connection and one view of the queues.
+#[derive(Clone)]
+pub struct OwnedNatsStorage {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    context: Context,
+    log: Stream,
+    pages: Stream,
+    states: Stream,
+    queues: parking_lot::Mutex<HashMap<String, Arc<Queue>>>,
+    /// Subjects of pages wholly acked, for [`remove_in_background`].
+    removals: tokio::sync::mpsc::Sender<String>,
+    /// With per-message TTL (server 2.11 on): how long past its deadline a record stays.
+    ttl_grace: Option<Duration>,
+    /// The most bytes a page takes: below the server's `max_payload`.
+    page_budget: usize,
+    options: NatsOptions,
+}
+
+impl std::fmt::Debug for OwnedNatsStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedNatsStorage")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One recipient's queue on its owner.
+struct Queue {
+    /// Held to load the queue and to write its state: one at a time.
+    turn: tokio::sync::Mutex<()>,
+    owned: parking_lot::Mutex<Option<Owned>>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+/// What the owner knows of a loaded queue.
+struct Owned {
+    epoch: u64,
+    meta: Meta,
+    /// The state's stream sequence, which its next write expects (0: none written yet).
+    revision: u64,
+    /// Records at or past the first unsealed page's first position, by position: appended
+    /// here (from the moment their position is decided) or found at load.
+    open: BTreeMap<u64, StoredRecord>,
+    /// Positions whose publish has not answered yet: a read stops before the first.
+    unsettled: std::collections::BTreeSet<u64>,
+    /// Pages below this one are sealed.
+    sealed_below: u64,
+    /// An append is sealing a page.
+    sealing: bool,
+    /// Pages below this one are removed, or queued for removal.
+    removed_below: u64,
+    /// Sender-chosen ids appended here: their position and when they were appended (engine
+    /// ms).
+    ids: HashMap<MessageId, (u64, u64)>,
+}
+
+impl Owned {
+    /// Positions a read may return: live, after `start`, before the first unsettled one.
+    fn readable_from(&self, start: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let stop = self.unsettled.first().copied().unwrap_or(u64::MAX);
+        self.meta
+            .live_from(start)
+            .take_while(move |(position, _)| *position < stop)
+            .map(|(position, slot)| (position, slot.deliveries))
+    }
+
+    /// Pages wholly below the floor that are not yet removed: marks them removed.
+    fn pages_to_remove(&mut self) -> std::ops::Range<u64> {
+        let below = page::page_of(self.meta.floor + 1).min(self.sealed_below);
+        let pages = self.removed_below..below.max(self.removed_below);
+        self.removed_below = pages.end;
+        pages
+    }
+}
+
+impl NatsOptions {
+    /// Connects to `url` for an [`OwnedNatsStorage`], and creates its three streams
+    /// (`<stream>_LOG`, `<stream>_PAGES`, `<stream>_STATE`), or checks that existing ones
+    /// have this layout.
+    ///
+    /// # Errors
+    /// As [`NatsOptions::connect`].
+    pub async fn connect_owned(self, url: &str) -> Result<OwnedNatsStorage> {
+        self.check()?;
+        let client = async_nats::ConnectOptions::new()
+            .name("offline-queue owned storage")
+            .connect(servers(url))
+            .await
+            .map_err(|error| connect_error(url, error))?;
+        let info = client.server_info();
+        let newer = version_at_least(&info.version, (2, 11));
+        let context = jetstream::new(client.clone());
+        let mut log_config = self.stream_config(&format!("{}_LOG", self.stream), "l");
+        log_config.discard = DiscardPolicy::New;
+        log_config.discard_new_per_subject = true;
+        log_config.duplicate_window = self.dedup_window;
+        let (log, message_ttl) = self.open_stream(&context, log_config, newer).await?;
+        let pages_config = self.stream_config(&format!("{}_PAGES", self.stream), "p");
+        let (pages, _) = self.open_stream(&context, pages_config, false).await?;
+        let states_config = self.stream_config(&format!("{}_STATE", self.stream), "s");
+        let (states, _) = self.open_stream(&context, states_config, false).await?;
+        let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
+        tokio::spawn(remove_in_background(pages.clone(), queued));
+        Ok(OwnedNatsStorage {
+            shared: Arc::new(Shared {
+                context,
+                log,
+                pages,
+                states,
+                queues: parking_lot::Mutex::new(HashMap::new()),
+                removals,
+                ttl_grace: message_ttl.then(|| self.dedup_window + self.stale_reservation),
+                // Headroom for the headers and the server's framing.
+                page_budget: info.max_payload.saturating_sub(4096).max(4096),
+                options: self,
+            }),
+        })
+    }
+}
+
+/// The outcome of one record's publish to the log.
+enum Published {
+    Stored,
+    /// The log already held a record with this sender-chosen id: at this stream sequence.
+    Duplicate(u64),
+}
+
+impl OwnedNatsStorage {
+    /// Connects with the default settings; see [`NatsOptions::connect_owned`].
+    ///
+    /// # Errors
+    /// As [`NatsOptions::connect`].
+    pub async fn connect(url: &str) -> Result<Self> {
+        NatsOptions::default().connect_owned(url).await
+    }
+
+    /// Whether the server removes expired records by their own TTL (server 2.11 on), as
+    /// [`NatsStorage::per_message_ttl`](super::NatsStorage::per_message_ttl).
+    pub fn per_message_ttl(&self) -> bool {
+        self.shared.ttl_grace.is_some()
+    }
+
+    fn log_subject(&self, key: &str, position: u64) -> String {
+        format!("{}.l.{key}.{position}", self.shared.options.prefix)
+    }
+
+    fn page_subject(&self, key: &str, page: u64) -> String {
+        format!("{}.p.{key}.{page}", self.shared.options.prefix)
+    }
+
+    fn state_subject(&self, key: &str) -> String {
+        format!("{}.s.{key}", self.shared.options.prefix)
+    }
+
+    fn queue(&self, key: &str) -> Arc<Queue> {
+        self.shared
+            .queues
+            .lock()
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Queue {
+                    turn: tokio::sync::Mutex::new(()),
+                    owned: parking_lot::Mutex::new(None),
+                    in_flight: tokio::sync::Semaphore::new(IN_FLIGHT_PER_QUEUE),
+                })
+            })
+            .clone()
+    }
+
+    /// The queue of `key`, loaded.
+    async fn loaded(&self, key: &str) -> Result<Arc<Queue>> {
+        let queue = self.queue(key);
+        if queue.owned.lock().is_some() {
+            return Ok(queue);
+        }
+        {
+            let _turn = queue.turn.lock().await;
+            if queue.owned.lock().is_none() {
+                let owned = self.load(key).await?;
+                *queue.owned.lock() = Some(owned);
+            }
+        }
+        Ok(queue)
+    }
+
+    /// Reads a queue's state, and takes in what the log holds past it (module docs,
+    /// "Loading a queue").
+    async fn load(&self, key: &str) -> Result<Owned> {
+        let (mut meta, revision, mut sealed_below) = match self
+            .shared
+            .states
+            .get_last_raw_message_by_subject(&self.state_subject(key))
+            .await
+        {
+            Ok(message) => {
+                let meta = Meta::decode(&message.payload)?;
+                let sealed = message
+                    .headers
+                    .get(SEALED)
+                    .and_then(|value| value.as_str().parse::<u64>().ok())
+                    .unwrap_or_else(|| page::page_of(meta.floor + 1));
+                (meta, message.sequence, sealed)
+            }
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                // A new queue: above every position an earlier one of this recipient used
+                // (each was published at or after its own log sequence).
+                let mut log = self.shared.log.clone();
+                let info = log
+                    .info()
+                    .await
+                    .map_err(|error| Error::storage(Retry::Yes, error))?;
+                let meta = Meta::new(info.state.last_sequence);
+                let sealed = page::page_of(meta.next());
+                (meta, 0, sealed)
+            }
+            Err(error) => return Err(Error::storage(Retry::Yes, error)),
+        };
+        // Pages sealed after the state was written.
+        while self.get_page(key, sealed_below).await?.is_some() {
+            sealed_below += 1;
+        }
+        let mut open = BTreeMap::new();
+        // Live positions of unsealed pages the state knows: their records, for reads and
+        // for sealing.
+        let first_open = sealed_below * PAGE_RECORDS;
+        let known: Vec<u64> = meta.live_from(first_open).map(|(p, _)| p).collect();
+        let mut gone = Vec::new();
+        for (position, found) in self.get_logged(key, &known).await? {
+            match found {
+                Found::Record(record) => {
+                    open.insert(position, record);
+                }
+                // Nothing there: closed, or the server removed it (its TTL, `max_age`).
+                Found::Gone { .. } | Found::Missing => gone.push(position),
+            }
+        }
+        for position in gone {
+            self.close(key, position).await?;
+            meta.abandon(position, true);
+        }
+        // Records past the state: appends it did not record yet. (No state, no records: a
+        // queue's state is written before its first record.)
+        if revision != 0
+            && let Some(last) = self.last_logged(key).await?
+            && last >= meta.next()
+        {
+            let beyond: Vec<u64> =
+                (meta.next()..=last.saturating_add(IN_FLIGHT_PER_QUEUE as u64)).collect();
+            let found = self.get_logged(key, &beyond).await?;
+            let end = found
+                .iter()
+                .rposition(|(_, found)| !matches!(found, Found::Missing))
+                .map_or(0, |i| i + 1);
+            for (position, found) in found.into_iter().take(end) {
+                match found {
+                    Found::Record(record) => {
+                        meta.adopt(position, Some(record.body.len() as u32));
+                        if position >= first_open {
+                            open.insert(position, record);
+                        }
+                    }
+                    Found::Gone { .. } => meta.adopt(position, None),
+                    Found::Missing => {
+                        if self.close(key, position).await? {
+                            meta.adopt(position, None);
+                            meta.lost_total += 1;
+                        } else if let Found::Record(record) =
+                            self.get_log(key, position, true).await?
+                        {
+                            meta.adopt(position, Some(record.body.len() as u32));
+                            if position >= first_open {
+                                open.insert(position, record);
+                            }
+                        } else {
+                            meta.adopt(position, None);
+                        }
+                    }
+                }
+            }
+        }
+        let removed_below = page::page_of(meta.floor + 1).min(sealed_below);
+        Ok(Owned {
+            epoch: EPOCHS.fetch_add(1, Ordering::Relaxed),
+            meta,
+            revision,
+            open,
+            unsettled: Default::default(),
+            sealed_below,
+            sealing: false,
+            removed_below,
+            ids: HashMap::new(),
+        })
+    }
+
+    /// Forgets a queue's loaded state: the next call loads it afresh.
+    fn unload(&self, queue: &Queue, epoch: u64) {
+        let mut owned = queue.owned.lock();
+        if owned.as_ref().is_some_and(|owned| owned.epoch == epoch) {
+            *owned = None;
+        }
+    }
+
+    /// The position of the recipient's last record in the log (by arrival), if any.
+    async fn last_logged(&self, key: &str) -> Result<Option<u64>> {
+        let filter = format!("{}.l.{key}.*", self.shared.options.prefix);
+        match self.shared.log.direct_get_last_for_subject(&filter).await {
+            Ok(message) => Ok(message
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|position| position.parse().ok())),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    /// What the log holds at `position`; `from_leader` asks the stream's leader (after a
+    /// refused write, where a replica may lag).
+    async fn get_log(&self, key: &str, position: u64, from_leader: bool) -> Result<Found> {
+        let subject = self.log_subject(key, position);
+        let log = &self.shared.log;
+        let message: Option<StreamMessage> = if from_leader {
+            match log.get_last_raw_message_by_subject(&subject).await {
+                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+                other => Some(other.map_err(|error| Error::storage(Retry::Yes, error))?),
+            }
+        } else {
+            match log.direct_get_last_for_subject(&subject).await {
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => None,
+                other => Some(other.map_err(|error| Error::storage(Retry::Yes, error))?),
+            }
+        };
+        message.map_or(Ok(Found::Missing), |message| {
+            found(&subject, position, message)
+        })
+    }
+
+    /// What the log holds at each of `positions`, in order, `GETS_IN_FLIGHT` at a time.
+    async fn get_logged(&self, key: &str, positions: &[u64]) -> Result<Vec<(u64, Found)>> {
+        futures::stream::iter(positions.iter().copied())
+            .map(
+                |position| async move { Ok((position, self.get_log(key, position, false).await?)) },
+            )
+            .buffered(GETS_IN_FLIGHT)
+            .collect::<Vec<Result<(u64, Found)>>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Page `page`'s records, if it is sealed.
+    async fn get_page(&self, key: &str, page: u64) -> Result<Option<Vec<StoredRecord>>> {
+        let subject = self.page_subject(key, page);
+        match self
+            .shared
+            .pages
+            .direct_get_last_for_subject(&subject)
+            .await
+        {
+            Ok(message) => Ok(Some(page::decode(&subject, &message.payload)?)),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    /// Closes `position` with a tombstone, which the log keeps as the position's one
+    /// message. False if a record got there first.
+    async fn close(&self, key: &str, position: u64) -> Result<bool> {
+        let mut headers = HeaderMap::new();
+        headers.insert(GONE, GONE_LOST);
+        let publish = Publish::build().headers(headers);
+        match self.publish(self.log_subject(key, position), publish).await {
+            Ok(_) => Ok(true),
+            Err(_) => match self.get_log(key, position, true).await? {
+                Found::Record(_) => Ok(false),
+                Found::Gone { .. } => Ok(true),
+                Found::Missing => Err(Error::storage_msg(
+                    Retry::Yes,
+                    format!("nats: could not close position {position} of a queue; retry"),
+                )),
+            },
+        }
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        publish: Publish,
+    ) -> Result<async_nats::jetstream::publish::PublishAck> {
+        let pending = self
+            .shared
+            .context
+            .send_publish(subject, publish)
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        pending
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))
+    }
+
+    /// Publishes a record to its position in the log.
+    async fn publish_record(
+        &self,
+        key: &str,
+        position: u64,
+        record: &StoredRecord,
+        dedup: Option<Timestamp>,
+    ) -> Result<Published> {
+        let mut headers = HeaderMap::new();
+        if let Some(now) = dedup {
+            headers.insert(APPENDED, now.as_millis().to_string().as_str());
+        }
+        headers.insert(ID, record.id.to_string().as_str());
+        headers.insert(SENT, record.sent_at.as_millis().to_string().as_str());
+        if let Some(expires_at) = record.expires_at {
+            headers.insert(EXPIRES, expires_at.as_millis().to_string().as_str());
+            if let Some(grace) = self.shared.ttl_grace {
+                let lifetime = expires_at
+                    .as_millis()
+                    .saturating_sub(record.sent_at.as_millis());
+                headers.insert(NATS_MESSAGE_TTL, ttl_seconds(lifetime, grace).as_str());
+            }
+        }
+        let mut publish = Publish::build()
+            .headers(headers)
+            .payload(record.body.clone());
+        if dedup.is_some() {
+            publish = publish.message_id(format!("{key}.{}", record.id));
+        }
+        let ack = self
+            .publish(self.log_subject(key, position), publish)
+            .await?;
+        Ok(if ack.duplicate {
+            Published::Duplicate(ack.sequence)
+        } else {
+            Published::Stored
+        })
+    }
+
+    /// The position of the record at log sequence `sequence` and when its id was appended,
+    /// if it is still there.
+    async fn logged_at(&self, sequence: u64) -> Result<Option<(u64, Timestamp)>> {
+        let message = match self.shared.log.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(Error::storage(Retry::Yes, error)),
+        };
+        let Some(position) = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u64>().ok())
+        else {
+            return Ok(None);
+        };
+        let appended = message
+            .headers
+            .get(APPENDED)
+            .and_then(|value| value.as_str().parse::<u64>().ok());
+        let subject = message.subject.to_string();
+        Ok(match found(&subject, position, message)? {
+            Found::Record(record) => Some((
+                position,
+                appended.map_or(record.sent_at, Timestamp::from_millis),
+            )),
+            _ => None,
+        })
+    }
+
+    /// Writes the queue's state by compare-and-set; the caller holds its turn. A refused
+    /// write (another writer) unloads the queue and fails, retryably.
+    async fn write_state(&self, key: &str, queue: &Queue) -> Result<()> {
+        let (epoch, payload, revision, sealed_below) = {
+            let owned = queue.owned.lock();
+            let owned = owned.as_ref().ok_or_else(reloaded)?;
+            (
+                owned.epoch,
+                owned.meta.encode(),
+                owned.revision,
+                owned.sealed_below,
+            )
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(SEALED, sealed_below.to_string().as_str());
+        let publish = Publish::build()
+            .headers(headers)
+            .payload(Bytes::from(payload))
+            .expected_last_subject_sequence(revision);
+        match publish_ack(&self.shared.context, self.state_subject(key), publish).await {
+            Ok(Some(sequence)) => {
+                if let Some(owned) = queue.owned.lock().as_mut()
+                    && owned.epoch == epoch
+                {
+                    owned.revision = sequence;
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                self.unload(queue, epoch);
+                Err(Error::storage_msg(
+                    Retry::Yes,
+                    "nats: another writer changed this queue's state (is a second node using \
+                     the same streams?); it is loaded afresh on the next call",
+                ))
+            }
+            Err(error) => {
+                self.unload(queue, epoch);
+                Err(error)
+            }
+        }
+    }
+
+    /// Queues the pages wholly acked for removal.
+    async fn remove_pages(&self, key: &str, pages: std::ops::Range<u64>) {
+        for page in pages {
+            if self
+                .shared
+                .removals
+                .send(self.page_subject(key, page))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Seals the queue's next pages whose positions are all settled (module docs, "Layout").
+    /// Best effort: a page not sealed now is sealed by a later append, and until then read
+    /// from the log.
+    async fn seal_ready(&self, key: &str, queue: &Queue) {
+        loop {
+            let (epoch, page, records) = {
+                let mut owned = queue.owned.lock();
+                let Some(owned) = owned.as_mut() else {
+                    return;
+                };
+                let page = owned.sealed_below;
+                let range = page::positions_of(page);
+                if owned.sealing
+                    || owned.meta.next() < range.end
+                    || owned.unsettled.range(range.clone()).next().is_some()
+                {
+                    return;
+                }
+                let live: Vec<u64> = owned
+                    .meta
+                    .live_from(range.start)
+                    .map(|(p, _)| p)
+                    .take_while(|p| *p < range.end)
+                    .collect();
+                // A live record not in memory (loaded from a state that was behind): read
+                // from the log when this page is.
+                if live.iter().any(|p| !owned.open.contains_key(p)) {
+                    return;
+                }
+                let mut budget = self.shared.page_budget;
+                let records: Vec<StoredRecord> = live
+                    .iter()
+                    .map(|p| owned.open[p].clone())
+                    .filter(|record| {
+                        let size = page::encoded_len([record]);
+                        let fits = size <= budget;
+                        budget = budget.saturating_sub(size);
+                        fits
+                    })
+                    .collect();
+                owned.sealing = true;
+                (owned.epoch, page, records)
+            };
+            let sealed = records.is_empty()
+                || self
+                    .publish(
+                        self.page_subject(key, page),
+                        Publish::build().payload(Bytes::from(page::encode(&records))),
+                    )
+                    .await
+                    .is_ok();
+            let mut owned = queue.owned.lock();
+            let Some(owned) = owned.as_mut().filter(|owned| owned.epoch == epoch) else {
+                return;
+            };
+            owned.sealing = false;
+            if !sealed {
+                return;
+            }
+            owned.sealed_below = page + 1;
+            let range = page::positions_of(page);
+            owned.open.retain(|p, _| !range.contains(p));
+        }
+    }
+
+    /// A session's read, with its ack and marks (see [`Storage::read_for_delivery`]).
+    async fn ack_read_mark(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<(u64, ReadBatch)> {
+        let key = key(recipient);
+        let queue = self.loaded(&key).await?;
+        let _turn = queue.turn.lock().await;
+        let start = after.map_or(0, |after| after.0.saturating_add(1));
+        // Under the queue's lock: the ack, and what to read where.
+        let (epoch, acked, candidates, sealed_below, mut in_memory) = {
+            let mut owned = queue.owned.lock();
+            let owned = owned.as_mut().ok_or_else(reloaded)?;
+            let acked = ack.map(|ack| owned.meta.ack(ack)).unwrap_or_default();
+            for position in &acked.positions {
+                owned.open.remove(position);
+            }
+            let candidates: Vec<(u64, u32)> = owned
+                .readable_from(start)
+                .take(limit.max_messages.clamp(1, MAX_READ_BATCH) * 2)
+                .collect();
+            let in_memory: HashMap<u64, StoredRecord> = candidates
+                .iter()
+                .filter_map(|(p, _)| owned.open.get(p).map(|r| (*p, r.clone())))
+                .collect();
+            (
+                owned.epoch,
+                acked,
+                candidates,
+                owned.sealed_below,
+                in_memory,
+            )
+        };
+        // The rest from their pages, one request a page, then the log.
+        let wanted_pages: Vec<u64> = {
+            let mut pages: Vec<u64> = candidates
+                .iter()
+                .filter(|(p, _)| !in_memory.contains_key(p) && page::page_of(*p) < sealed_below)
+                .map(|(p, _)| page::page_of(*p))
+                .collect();
+            pages.dedup();
+            pages
+        };
+        let fetched: Vec<Result<Option<Vec<StoredRecord>>>> = futures::stream::iter(wanted_pages)
+            .map(|page| self.get_page(&key, page))
+            .buffered(GETS_IN_FLIGHT)
+            .collect()
+            .await;
+        for page in fetched {
+            // A page that cannot be read is read from the log.
+            for record in page.ok().flatten().unwrap_or_default() {
+                in_memory.insert(record.seq.0, record);
+            }
+        }
+        let from_log: Vec<u64> = candidates
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| !in_memory.contains_key(p))
+            .collect();
+        let mut missing = Vec::new();
+        for (position, found) in self.get_logged(&key, &from_log).await? {
+            match found {
+                Found::Record(record) => {
+                    in_memory.insert(position, record);
+                }
+                Found::Gone { .. } | Found::Missing => missing.push(position),
+            }
+        }
+        let mut batch = ReadBatch::default();
+        let mut bytes = 0usize;
+        for (position, deliveries) in candidates {
+            let Some(mut record) = in_memory.remove(&position) else {
+                continue;
+            };
+            if record.expires_at.is_some_and(|at| at <= now) {
+                batch.expired.push(Seq(position));
+                if batch.expired.len() >= limit.max_messages {
+                    break;
+                }
+                continue;
+            }
+            if batch.records.len() >= limit.max_messages
+                || (!batch.records.is_empty() && bytes + record.body.len() > limit.max_bytes)
+            {
+                break;
+            }
+            bytes += record.body.len();
+            record.delivery_count = deliveries;
+            batch.records.push(record);
+        }
+        // What changed, written once.
+        let (changed, pages) = {
+            let mut owned = queue.owned.lock();
+            let owned = owned
+                .as_mut()
+                .filter(|owned| owned.epoch == epoch)
+                .ok_or_else(reloaded)?;
+            // A live position with nothing in the log nor a page: the server removed it
+            // (its TTL, or `max_age`). Counted as lost.
+            for position in &missing {
+                owned.meta.abandon(*position, true);
+                owned.open.remove(position);
+            }
+            if mark {
+                let seqs: Vec<Seq> = batch.records.iter().map(|r| r.seq).collect();
+                owned.meta.mark_delivered(&seqs);
+            }
+            batch.lost_total = owned.meta.lost_total;
+            batch.lost_unconfirmed = owned.meta.lost_total - owned.meta.lost_confirmed;
+            let changed = !acked.positions.is_empty()
+                || !missing.is_empty()
+                || (mark && !batch.records.is_empty())
+                || ack.is_some_and(|ack| ack.lost_confirmed_through.is_some());
+            (changed, owned.pages_to_remove())
+        };
+        if changed {
+            self.write_state(&key, &queue).await?;
+        }
+        self.remove_pages(&key, pages).await;
+        Ok((acked.acked, batch))
+    }
+}
+
+fn key(recipient: &RecipientId) -> String {
+    crate::hex::encode(recipient.as_bytes())
+}
+
+fn reloaded() -> Error {
+    Error::storage_msg(
+        Retry::Yes,
+        "nats: the queue was unloaded while the call ran (a failed write); retry",
+    )
+}
+
+#[async_trait]
+impl Storage for OwnedNatsStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_exact_contract()
+            .with_max_read_batch(MAX_READ_BATCH)
+            .with_durable(true)
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let key = key(recipient);
+        if records.iter().any(|r| r.dedup) && quota.dedup_window > self.shared.options.dedup_window
+        {
+            return Err(invalid(
+                "dedup_window",
+                format!(
+                    "is {:?}, above this NATS storage's dedup_window of {:?} \
+                     (NatsOptions::dedup_window)",
+                    quota.dedup_window, self.shared.options.dedup_window
+                ),
+            ));
+        }
+        let mut sizes = Vec::with_capacity(records.len());
+        for record in &records {
+            sizes.push(
+                u32::try_from(record.body.len()).map_err(|_| Error::MessageTooLarge {
+                    size: record.body.len(),
+                    max: u32::MAX as usize,
+                })?,
+            );
+        }
+        let queue = self.loaded(&key).await?;
+        let permits = records.len().clamp(1, IN_FLIGHT_PER_QUEUE) as u32;
+        let _permits = queue
+            .in_flight
+            .acquire_many(permits)
+            .await
+            .map_err(|_| reloaded())?;
+        // A new queue's state is written before its first record, so a load always finds
+        // the state its records follow.
+        let unwritten = queue.owned.lock().as_ref().ok_or_else(reloaded)?.revision == 0;
+        if unwritten {
+            let _turn = queue.turn.lock().await;
+            let still = queue.owned.lock().as_ref().ok_or_else(reloaded)?.revision == 0;
+            if still {
+                self.write_state(&key, &queue).await?;
+            }
+        }
+        let window = quota.dedup_window_ms();
+        let mut outcome: Vec<Option<Appended>> = vec![None; records.len()];
+        // A sender-chosen id repeated within the append: (its index, the first one's).
+        let mut same_as: Vec<(usize, usize)> = Vec::new();
+        // Decided in memory, under the queue's lock: duplicates, then positions.
+        let (epoch, dropped, pending, stored) = {
+            let mut owned = queue.owned.lock();
+            let owned = owned.as_mut().ok_or_else(reloaded)?;
+            let mut seen: HashMap<MessageId, usize> = HashMap::new();
+            for (i, record) in records.iter().enumerate().filter(|(_, r)| r.dedup) {
+                if let Some(&first) = seen.get(&record.id) {
+                    same_as.push((i, first));
+                    continue;
+                }
+                seen.insert(record.id, i);
+                if let Some(&(position, sent)) = owned.ids.get(&record.id)
+                    && now.as_millis().saturating_sub(sent) <= window
+                {
+                    outcome[i] = Some(Appended::Duplicate(Seq(position)));
+                }
+            }
+            let storing: Vec<usize> = (0..records.len())
+                .filter(|i| outcome[*i].is_none() && !same_as.iter().any(|(j, _)| j == i))
+                .collect();
+            let storing_sizes: Vec<u32> = storing.iter().map(|&i| sizes[i]).collect();
+            let plan = owned.meta.reserve(&storing_sizes, quota, 0, 0)?;
+            owned.meta.forget_reservations(u64::MAX);
+            for position in &plan.dropped {
+                owned.open.remove(position);
+            }
+            let mut stored = Vec::with_capacity(storing.len());
+            for (k, &i) in storing.iter().enumerate() {
+                let position = plan.first + k as u64;
+                let record = &records[i];
+                let stored_record = StoredRecord {
+                    seq: Seq(position),
+                    id: record.id,
+                    sent_at: record.sent_at,
+                    expires_at: record.expires_at,
+                    delivery_count: 0,
+                    body: Bytes::from(record.body.clone()),
+                };
+                owned.unsettled.insert(position);
+                owned.open.insert(position, stored_record.clone());
+                if record.dedup {
+                    owned.ids.insert(record.id, (position, now.as_millis()));
+                }
+                stored.push((i, stored_record));
+            }
+            if owned.ids.len() > 4 * IN_FLIGHT_PER_QUEUE {
+                let oldest = now
+                    .as_millis()
+                    .saturating_sub(self.shared.options.dedup_window.as_millis() as u64);
+                owned.ids.retain(|_, (_, sent)| *sent >= oldest);
+            }
+            (
+                owned.epoch,
+                plan.dropped.len() as u64,
+                owned.meta.live().0,
+                stored,
+            )
+        };
+        // Published `IN_FLIGHT_PER_QUEUE` at a time, so a load finds every record that
+        // landed out of order within that distance of the last.
+        let mut failure = None;
+        let mut duplicates: Vec<(usize, u64, u64)> = Vec::new();
+        for chunk in stored.chunks(IN_FLIGHT_PER_QUEUE) {
+            let answers = futures::future::join_all(chunk.iter().map(|(i, record)| {
+                self.publish_record(&key, record.seq.0, record, records[*i].dedup.then_some(now))
+            }))
+            .await;
+            for ((i, record), answer) in chunk.iter().zip(answers) {
+                match answer {
+                    Ok(Published::Stored) => outcome[*i] = Some(Appended::Stored(record.seq)),
+                    Ok(Published::Duplicate(sequence)) => {
+                        duplicates.push((*i, record.seq.0, sequence));
+                    }
+                    Err(error) => {
+                        failure.get_or_insert(error);
+                    }
+                }
+            }
+        }
+        // The log knew an id this node had not seen (appended before a restart): the
+        // original's position, if it is within the window; else stored after all.
+        for (i, position, sequence) in duplicates {
+            match self.logged_at(sequence).await {
+                Ok(Some((original, sent)))
+                    if now.as_millis().saturating_sub(sent.as_millis()) <= window =>
+                {
+                    outcome[i] = Some(Appended::Duplicate(Seq(original)));
+                    if let Some(owned) = queue.owned.lock().as_mut()
+                        && owned.epoch == epoch
+                    {
+                        owned.meta.abandon(position, false);
+                        owned.open.remove(&position);
+                        owned
+                            .ids
+                            .insert(records[i].id, (original, sent.as_millis()));
+                    }
+                }
+                Ok(_) => {
+                    let record = stored.iter().find(|(j, _)| *j == i).map(|(_, r)| r);
+                    match self
+                        .publish_record(&key, position, record.expect("stored"), None)
+                        .await
+                    {
+                        Ok(_) => outcome[i] = Some(Appended::Stored(Seq(position))),
+                        Err(error) => {
+                            failure.get_or_insert(error);
+                        }
+                    }
+                }
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(error) = failure {
+            // Whatever landed, the next load finds (and closes what did not).
+            self.unload(&queue, epoch);
+            return Err(error);
+        }
+        {
+            let mut owned = queue.owned.lock();
+            if let Some(owned) = owned.as_mut().filter(|owned| owned.epoch == epoch) {
+                for (_, record) in &stored {
+                    owned.unsettled.remove(&record.seq.0);
+                }
+            }
+        }
+        self.seal_ready(&key, &queue).await;
+        for (i, first) in same_as {
+            outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
+        }
+        Ok(AppendOutcome {
+            records: outcome
+                .into_iter()
+                .map(|o| o.expect("every record decided"))
+                .collect(),
+            dropped,
+            pending,
+            live_elsewhere: false,
+        })
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let (_, batch) = self
+            .ack_read_mark(recipient, None, after, limit, now, false)
+            .await?;
+        Ok(batch)
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<DeliveryRead> {
+        let (acked, batch) = self
+            .ack_read_mark(recipient, ack, after, limit, now, true)
+            .await?;
+        Ok(DeliveryRead { acked, batch })
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let key = key(recipient);
+        let queue = self.loaded(&key).await?;
+        let _turn = queue.turn.lock().await;
+        let changed = {
+            let mut owned = queue.owned.lock();
+            let owned = owned.as_mut().ok_or_else(reloaded)?;
+            let before = owned.meta.clone();
+            owned.meta.mark_delivered(seqs);
+            owned.meta != before
+        };
+        if changed {
+            self.write_state(&key, &queue).await?;
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
+        let key = key(recipient);
+        let queue = self.loaded(&key).await?;
+        let _turn = queue.turn.lock().await;
+        let (acked, changed, pages) = {
+            let mut owned = queue.owned.lock();
+            let owned = owned.as_mut().ok_or_else(reloaded)?;
+            let before = owned.meta.clone();
+            let acked = owned.meta.ack(ack);
+            for position in &acked.positions {
+                owned.open.remove(position);
+            }
+            (acked.acked, owned.meta != before, owned.pages_to_remove())
+        };
+        if changed {
+            self.write_state(&key, &queue).await?;
+        }
+        self.remove_pages(&key, pages).await;
+        Ok(acked)
+    }
+
+    async fn purge(
+        &self,
+        _now: Timestamp,
+        _idle_before: Option<Timestamp>,
+        _budget: usize,
+    ) -> Result<PurgeOutcome> {
+        // The streams' max_age (and from 2.11 each record's TTL) remove by the server's clock.
+        Ok(PurgeOutcome::default())
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let key = key(recipient);
+        let queue = self.loaded(&key).await?;
+        let (stats, oldest, in_memory, sealed) = {
+            let owned = queue.owned.lock();
+            let owned = owned.as_ref().ok_or_else(reloaded)?;
+            let (messages, bytes) = owned.meta.live();
+            let oldest = owned.meta.live_from(0).next().map(|(p, _)| p);
+            let in_memory = oldest.and_then(|p| owned.open.get(&p).map(|r| r.sent_at));
+            (
+                RecipientStats {
+                    messages,
+                    bytes,
+                    oldest_sent_at: None,
+                    newest_seq: owned.meta.newest().map(Seq),
+                    lost: owned.meta.lost_total - owned.meta.lost_confirmed,
+                },
+                oldest,
+                in_memory,
+                owned.sealed_below,
+            )
+        };
+        let mut oldest_sent_at = in_memory;
+        if let (Some(position), None) = (oldest, oldest_sent_at) {
+            if page::page_of(position) < sealed
+                && let Some(records) = self.get_page(&key, page::page_of(position)).await?
+            {
+                oldest_sent_at = records
+                    .iter()
+                    .find(|r| r.seq.0 == position)
+                    .map(|r| r.sent_at);
+            }
+            if oldest_sent_at.is_none()
+                && let Found::Record(record) = self.get_log(&key, position, false).await?
+            {
+                oldest_sent_at = Some(record.sent_at);
+            }
+        }
+        Ok(RecipientStats {
+            oldest_sent_at,
+            ..stats
+        })
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let key = key(recipient);
+        let queue = self.loaded(&key).await?;
+        let _turn = queue.turn.lock().await;
+        let mut log = self.shared.log.clone();
+        let log_bound = log
+            .info()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?
+            .state
+            .last_sequence;
+        let mut pages = self.shared.pages.clone();
+        let pages_bound = pages
+            .info()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?
+            .state
+            .last_sequence;
+        // The state stays, emptied, so the next queue's positions and loss total go on from
+        // this one's.
+        let (messages, written) = {
+            let mut owned = queue.owned.lock();
+            let owned = owned.as_mut().ok_or_else(reloaded)?;
+            let (messages, _) = owned.meta.live();
+            let next = owned.meta.next();
+            owned.meta = Meta {
+                floor: next - 1,
+                slots: Default::default(),
+                lost_total: owned.meta.lost_total,
+                lost_confirmed: owned.meta.lost_total,
+                reservations: Vec::new(),
+            };
+            owned.open.clear();
+            owned.ids.clear();
+            owned.sealed_below = owned.sealed_below.max(page::page_of(next));
+            owned.removed_below = owned.sealed_below;
+            (messages, owned.revision != 0)
+        };
+        if !written {
+            return Ok(0);
+        }
+        self.write_state(&key, &queue).await?;
+        // One purge by wildcard each: it walks the stream's subjects, fine for a call this
+        // rare. Bounded, so records appended from here on stay. (Up to sequence 1 the
+        // server reads as "no bound": skip it.)
+        for (stream, kind, bound) in [
+            (&self.shared.log, "l", log_bound),
+            (&self.shared.pages, "p", pages_bound),
+        ] {
+            if bound > 0 {
+                stream
+                    .purge()
+                    .filter(format!("{}.{kind}.{key}.*", self.shared.options.prefix))
+                    .sequence(bound + 1)
+                    .await
+                    .map_err(|error| Error::storage(Retry::Yes, error))?;
+            }
+        }
+        Ok(messages)
+    }
+}
