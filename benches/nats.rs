@@ -38,7 +38,8 @@ use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_
 use futures::StreamExt;
 use offline_queue::storage::{Ack, NewRecord};
 use offline_queue::{
-    BatchLimit, MessageId, NatsStorage, Quota, RecipientId, Seq, Storage, Timestamp,
+    BatchLimit, MessageId, NatsStorage, OwnedNatsStorage, Quota, RecipientId, Seq, Storage,
+    Timestamp,
 };
 
 #[allow(dead_code)]
@@ -48,6 +49,34 @@ mod own_server;
 const RECIPIENTS: usize = 200;
 const PER_RECIPIENT: usize = 50;
 const MESSAGES: usize = RECIPIENTS * PER_RECIPIENT;
+/// The usual messages to 10 hot recipients.
+const HOT: Shape = Shape {
+    recipients: 10,
+    per_recipient: MESSAGES / 10,
+};
+/// The bench's usual workload.
+const USUAL: Shape = Shape {
+    recipients: RECIPIENTS,
+    per_recipient: PER_RECIPIENT,
+};
+/// Issue 17's drain workload: 1,000 recipients × 100 messages.
+const ISSUE_SCALE: Shape = Shape {
+    recipients: 1_000,
+    per_recipient: 100,
+};
+
+/// How many recipients, and messages each.
+#[derive(Clone, Copy)]
+struct Shape {
+    recipients: usize,
+    per_recipient: usize,
+}
+
+impl Shape {
+    fn messages(self) -> usize {
+        self.recipients * self.per_recipient
+    }
+}
 const BODY: usize = 256;
 const SENDERS: usize = 64;
 const DRAINING: usize = 16;
@@ -86,6 +115,17 @@ async fn storage(url: &str, name: &str, replicas: usize) -> NatsStorage {
 
 /// A storage whose reads are batched direct gets on a server of 2.11 or later (`batched`), or
 /// one direct get a record.
+/// The single-owner layout on streams called `name`.
+async fn owned_storage(url: &str, name: &str, replicas: usize) -> OwnedNatsStorage {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .replicas(replicas)
+        .connect_owned(url)
+        .await
+        .unwrap()
+}
+
 async fn storage_reading(url: &str, name: &str, replicas: usize, batched: bool) -> NatsStorage {
     NatsStorage::options()
         .stream(name)
@@ -108,20 +148,21 @@ async fn client(url: &str) -> Result<async_nats::Client, async_nats::ConnectErro
 
 async fn delete(url: &str, name: &str) {
     let context = jetstream::new(client(url).await.unwrap());
-    for suffix in ["", "_META", "_DEDUP", "_BASE"] {
+    for suffix in ["", "_META", "_DEDUP", "_BASE", "_LOG", "_PAGES", "_STATE"] {
         let _ = context.delete_stream(format!("{name}{suffix}")).await;
     }
 }
 
 /// Every message appended by `SENDERS` tasks, each taking every `SENDERS`-th message, spread
 /// over `recipients`.
-async fn store_with_storage(storage: &NatsStorage, recipients: usize) {
+async fn store_with_storage<S: Storage + Clone>(storage: &S, shape: Shape) {
+    let (recipients, messages) = (shape.recipients, shape.messages());
     let now = Timestamp::now_system();
     let tasks: Vec<_> = (0..SENDERS)
         .map(|sender| {
             let storage = storage.clone();
             tokio::spawn(async move {
-                for n in (sender..MESSAGES).step_by(SENDERS) {
+                for n in (sender..messages).step_by(SENDERS) {
                     let record = NewRecord {
                         id: MessageId::generate(),
                         dedup: false,
@@ -166,13 +207,13 @@ async fn base_stream(context: &jetstream::Context, name: &str, replicas: usize) 
         .unwrap()
 }
 
-async fn store_with_publish(context: &jetstream::Context, name: &str) {
+async fn store_with_publish(context: &jetstream::Context, name: &str, shape: Shape) {
     let tasks: Vec<_> = (0..SENDERS)
         .map(|sender| {
             let (context, name) = (context.clone(), name.to_owned());
             tokio::spawn(async move {
-                for n in (sender..MESSAGES).step_by(SENDERS) {
-                    let subject = format!("{name}.base.{}", n % RECIPIENTS);
+                for n in (sender..shape.messages()).step_by(SENDERS) {
+                    let subject = format!("{name}.base.{}", n % shape.recipients);
                     let ack = context.publish(subject, vec![b'x'; BODY].into()).await;
                     ack.unwrap().await.unwrap();
                 }
@@ -184,13 +225,13 @@ async fn store_with_publish(context: &jetstream::Context, name: &str) {
     }
 }
 
-async fn drain_with_storage(storage: &NatsStorage) -> usize {
+async fn drain_with_storage<S: Storage>(storage: &S, shape: Shape) -> usize {
     let now = Timestamp::now_system();
     let limit = BatchLimit {
         max_messages: BATCH,
         max_bytes: usize::MAX,
     };
-    futures::stream::iter(0..RECIPIENTS)
+    futures::stream::iter(0..shape.recipients)
         .map(|r| async move {
             let who = recipient(r);
             let (mut after, mut ack, mut got): (Option<Seq>, Option<Ack>, usize) = (None, None, 0);
@@ -215,13 +256,13 @@ async fn drain_with_storage(storage: &NatsStorage) -> usize {
         .await
 }
 
-async fn drain_with_consumers(stream: &stream::Stream) -> usize {
-    futures::stream::iter(0..RECIPIENTS)
+async fn drain_with_consumers(stream: &stream::Stream, shape: Shape) -> usize {
+    futures::stream::iter(0..shape.recipients)
         .map(|r| async move {
             let consumer: consumer::PullConsumer =
                 stream.get_consumer(&format!("r{r}")).await.unwrap();
             let mut got = 0;
-            while got < PER_RECIPIENT {
+            while got < shape.per_recipient {
                 let mut batch = consumer
                     .fetch()
                     .max_messages(BATCH)
@@ -263,6 +304,7 @@ fn single(c: &mut Criterion) {
     };
     store(c, &target, "nats_store_10k_64_senders");
     drain(c, &target, "nats_drain_10k_200_recipients");
+    drain_at_issue_scale(c, &target, "nats_drain_100k_1000_recipients");
     report_retries("one server");
 }
 
@@ -305,6 +347,7 @@ fn cluster(c: &mut Criterion) {
     };
     store(c, &target, "nats_r3_store_10k_64_senders");
     drain(c, &target, "nats_r3_drain_10k_200_recipients");
+    drain_at_issue_scale(c, &target, "nats_r3_drain_100k_1000_recipients");
     drop(nodes);
     report_retries("the R3 cluster");
 }
@@ -331,8 +374,8 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
     let mut group = group(c, group_name);
     // Then hot queues: the same messages to 10 recipients, about six appends to each in flight.
     for (function, recipients) in [
-        ("storage_append_one", RECIPIENTS),
-        ("storage_append_one_10_recipients", 10),
+        ("storage_append_one", USUAL),
+        ("storage_append_one_10_recipients", HOT),
     ] {
         group.bench_function(function, |b| {
             b.iter_custom(|iters| {
@@ -341,6 +384,28 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
                     for _ in 0..iters {
                         let name = name();
                         let storage = storage(url, &name, replicas).await;
+                        let start = Instant::now();
+                        store_with_storage(&storage, recipients).await;
+                        total += start.elapsed();
+                        delete(url, &name).await;
+                    }
+                    total
+                })
+            });
+        });
+    }
+    // The single-owner layout (`OwnedNatsStorage`): one publish a record.
+    for (function, recipients) in [
+        ("owned_append_one", USUAL),
+        ("owned_append_one_10_recipients", HOT),
+    ] {
+        group.bench_function(function, |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let name = name();
+                        let storage = owned_storage(url, &name, replicas).await;
                         let start = Instant::now();
                         store_with_storage(&storage, recipients).await;
                         total += start.elapsed();
@@ -360,7 +425,7 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
                     let name = name();
                     base_stream(&context, &name, replicas).await;
                     let start = Instant::now();
-                    store_with_publish(&context, &name).await;
+                    store_with_publish(&context, &name, USUAL).await;
                     total += start.elapsed();
                     delete(url, &name).await;
                 }
@@ -391,9 +456,9 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
                     for _ in 0..iters {
                         let name = name();
                         let storage = storage_reading(url, &name, replicas, batched).await;
-                        store_with_storage(&storage, RECIPIENTS).await;
+                        store_with_storage(&storage, USUAL).await;
                         let start = Instant::now();
-                        let got = drain_with_storage(&storage).await;
+                        let got = drain_with_storage(&storage, USUAL).await;
                         total += start.elapsed();
                         assert_eq!(got, MESSAGES);
                         delete(url, &name).await;
@@ -413,13 +478,32 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
                 for _ in 0..iters {
                     let name = name();
                     let storage = storage(url, &name, replicas).await;
-                    store_with_storage(&storage, RECIPIENTS).await;
+                    store_with_storage(&storage, USUAL).await;
                     let mut records = context.get_stream(&name).await.unwrap();
                     let start = Instant::now();
-                    let got = drain_with_storage(&storage).await;
+                    let got = drain_with_storage(&storage, USUAL).await;
                     while records.info().await.unwrap().state.messages > 0 {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    total += start.elapsed();
+                    assert_eq!(got, MESSAGES);
+                    delete(url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    // The single-owner layout: pages of 15 records a request; acked pages purged behind.
+    group.bench_function("owned_read_for_delivery", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = owned_storage(url, &name, replicas).await;
+                    store_with_storage(&storage, USUAL).await;
+                    let start = Instant::now();
+                    let got = drain_with_storage(&storage, USUAL).await;
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
                     delete(url, &name).await;
@@ -436,20 +520,10 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
                 for _ in 0..iters {
                     let name = name();
                     let stream = Arc::new(base_stream(&context, &name, replicas).await);
-                    for r in 0..RECIPIENTS {
-                        stream
-                            .create_consumer(consumer::pull::Config {
-                                durable_name: Some(format!("r{r}")),
-                                filter_subject: format!("{name}.base.{r}"),
-                                ack_policy: consumer::AckPolicy::All,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    store_with_publish(&context, &name).await;
+                    consumers_for(&stream, &name, USUAL).await;
+                    store_with_publish(&context, &name, USUAL).await;
                     let start = Instant::now();
-                    let got = drain_with_consumers(&stream).await;
+                    let got = drain_with_consumers(&stream, USUAL).await;
                     total += start.elapsed();
                     assert_eq!(got, MESSAGES);
                     delete(url, &name).await;
@@ -459,6 +533,77 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
         });
     });
     group.finish();
+}
+
+/// Issue 17's drain at its own scale, 1,000 recipients × 100 messages: the single-owner
+/// layout against a durable consumer per recipient, the two drains alone (the storage made
+/// by `NatsStorage` drains at about the consumers' rate: see the usual group).
+fn drain_at_issue_scale(c: &mut Criterion, target: &Target, group_name: &str) {
+    let Target {
+        url,
+        replicas,
+        runtime,
+    } = *target;
+    let shape = ISSUE_SCALE;
+    let mut group = c.benchmark_group(group_name);
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(30));
+    group.throughput(Throughput::Elements(shape.messages() as u64));
+    group.bench_function("owned_read_for_delivery", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let storage = owned_storage(url, &name, replicas).await;
+                    store_with_storage(&storage, shape).await;
+                    let start = Instant::now();
+                    let got = drain_with_storage(&storage, shape).await;
+                    total += start.elapsed();
+                    assert_eq!(got, shape.messages());
+                    delete(url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("durable_consumer_per_recipient", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let context = jetstream::new(client(url).await.unwrap());
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = name();
+                    let stream = Arc::new(base_stream(&context, &name, replicas).await);
+                    consumers_for(&stream, &name, shape).await;
+                    store_with_publish(&context, &name, shape).await;
+                    let start = Instant::now();
+                    let got = drain_with_consumers(&stream, shape).await;
+                    total += start.elapsed();
+                    assert_eq!(got, shape.messages());
+                    delete(url, &name).await;
+                }
+                total
+            })
+        });
+    });
+    group.finish();
+}
+
+/// A durable pull consumer per recipient, acking all up to the one acked.
+async fn consumers_for(stream: &stream::Stream, name: &str, shape: Shape) {
+    for r in 0..shape.recipients {
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(format!("r{r}")),
+                filter_subject: format!("{name}.base.{r}"),
+                ack_policy: consumer::AckPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
 }
 
 criterion_group!(benches, single, cluster);

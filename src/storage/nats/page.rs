@@ -135,7 +135,11 @@ mod tests {
         for cut in [0, 10, bytes.len() - 1] {
             assert!(decode("s", &bytes.slice(..cut)).is_err(), "cut at {cut}");
         }
-        assert_eq!(decode("s", &bytes.slice(..1)).unwrap(), [], "a page of nothing");
+        assert_eq!(
+            decode("s", &bytes.slice(..1)).unwrap(),
+            [],
+            "a page of nothing"
+        );
         let mut newer = bytes.to_vec();
         newer[0] = VERSION + 1;
         let error = decode("s", &Bytes::from(newer)).unwrap_err().to_string();
