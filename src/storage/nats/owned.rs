@@ -39,6 +39,15 @@
 //! changes only by compare-and-set. A refused state write unloads the queue and fails the
 //! call, retryably; the next call loads the queue afresh.
 //!
+//! # What the log costs
+//! Nothing removes a record from the log when it is acked: on a server before 2.11 it stays
+//! until the log's `max_age` ([`NatsOptions::max_age`], 91 days by default), so size the
+//! server's storage for that long a traffic, or set a shorter `max_age` (it also bounds how
+//! long a queue may wait). From 2.11 a record with a deadline leaves at its deadline plus
+//! the dedup window and `stale_reservation`, as [`NatsStorage`](super::NatsStorage)'s do.
+//! Purging each record instead, even off the read's path, brought the drain down to the
+//! rate of a consumer per recipient (BENCHMARKS.md, "A recipient's single owner").
+//!
 //! # What this layout does not do (yet)
 //! As [`NatsStorage`](super::NatsStorage): no purge of expired records or idle queues by the
 //! engine's clock, no storage-wide byte budget, no atomic multi-record append across a

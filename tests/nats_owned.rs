@@ -1,0 +1,142 @@
+//! `OwnedNatsStorage` beyond the conformance suite: a node that restarts loads each queue from
+//! its state, its sealed pages and the log, and goes on where the last one stopped. Needs
+//! `OFFLINE_QUEUE_NATS_URL` (skipped, and says so, when it is unset).
+
+#![cfg(all(feature = "nats", feature = "testing"))]
+
+mod nats_support;
+
+use nats_support::url;
+use offline_queue::storage::{Ack, Appended, NewRecord};
+use offline_queue::{
+    BatchLimit, MessageId, NatsStorage, OwnedNatsStorage, Quota, RecipientId, Seq, Storage,
+    StorageExt, Timestamp,
+};
+
+fn record(body: &[u8]) -> NewRecord {
+    NewRecord {
+        id: MessageId::generate(),
+        dedup: false,
+        sent_at: Timestamp::now_system(),
+        expires_at: None,
+        body: body.to_vec(),
+    }
+}
+
+async fn owned(url: &str, name: &str) -> OwnedNatsStorage {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .connect_owned(url)
+        .await
+        .expect("nats answers")
+}
+
+/// 40 records (two sealed pages and ten in the log alone), five read and marked delivered
+/// (the state then knows 40 positions), then 7 more the state never hears of: a new node on
+/// the same streams reads all 47 in order, with the first five's delivery counts, and its
+/// next append takes the next position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_owner_reads_every_record_and_goes_on_from_the_last() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let who = RecipientId::new("restarted").unwrap();
+    let now = Timestamp::now_system();
+    let mut seqs = Vec::new();
+    {
+        let first = owned(&url, &name).await;
+        for i in 0..40u8 {
+            let outcome = first
+                .append_one(&who, record(&[i]), &Quota::UNLIMITED, now)
+                .await
+                .unwrap();
+            seqs.push(outcome.record.seq());
+        }
+        let limit = BatchLimit {
+            max_messages: 5,
+            max_bytes: usize::MAX,
+        };
+        let read = first
+            .read_for_delivery(&who, None, None, limit, now)
+            .await
+            .unwrap();
+        assert_eq!(read.batch.records.len(), 5);
+        for i in 40..47u8 {
+            let outcome = first
+                .append_one(&who, record(&[i]), &Quota::UNLIMITED, now)
+                .await
+                .unwrap();
+            seqs.push(outcome.record.seq());
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{seqs:?}");
+    let second = owned(&url, &name).await;
+    let all = second.read_all(&who, now).await.unwrap();
+    let bodies: Vec<u8> = all.iter().map(|r| r.body[0]).collect();
+    assert_eq!(bodies, (0..47).collect::<Vec<u8>>());
+    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<Seq>>(), seqs);
+    let counts: Vec<u32> = all.iter().map(|r| r.delivery_count).collect();
+    assert_eq!(counts[..5], [1; 5]);
+    assert!(counts[5..].iter().all(|&c| c == 0), "{counts:?}");
+    let stats = second.stats(&who).await.unwrap();
+    assert_eq!(stats.messages, 47);
+    assert_eq!(stats.newest_seq, seqs.last().copied());
+    let next = second
+        .append_one(&who, record(b"next"), &Quota::UNLIMITED, now)
+        .await
+        .unwrap();
+    assert_eq!(next.record, Appended::Stored(Seq(seqs[46].0 + 1)));
+    // Acked through the first page and a half, then loaded a third time: the rest remain.
+    second
+        .ack(
+            &who,
+            &Ack {
+                through: Some(seqs[22]),
+                ..Ack::default()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    drop(second);
+    let third = owned(&url, &name).await;
+    let rest = third.read_all(&who, now).await.unwrap();
+    assert_eq!(rest.len(), 47 - 23 + 1);
+    assert_eq!(rest[0].seq, seqs[23]);
+    nats_support::delete(&url, &[name]).await;
+}
+
+/// A sender-chosen id appended before a restart is still a duplicate after it, answered with
+/// the original's position (the log's `Nats-Msg-Id` window, not the node's memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_id_is_a_duplicate_across_a_restart() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let who = RecipientId::new("retried").unwrap();
+    let now = Timestamp::now_system();
+    let retried = NewRecord {
+        dedup: true,
+        ..record(b"once")
+    };
+    let stored = owned(&url, &name)
+        .await
+        .append_one(&who, retried.clone(), &Quota::UNLIMITED, now)
+        .await
+        .unwrap();
+    let Appended::Stored(original) = stored.record else {
+        panic!("stored first: {stored:?}");
+    };
+    // The same streams, a new node: nothing in memory.
+    let second = owned(&url, &name).await;
+    let again = second
+        .append_one(&who, retried, &Quota::UNLIMITED, now)
+        .await
+        .unwrap();
+    assert_eq!(again.record, Appended::Duplicate(original));
+    assert_eq!(second.read_all(&who, now).await.unwrap().len(), 1);
+    nats_support::delete(&url, &[name]).await;
+}
