@@ -58,6 +58,24 @@ async fn nats_storage_passes_the_conformance_suite_on_a_newer_server() {
     .await;
 }
 
+/// The single-owner layout's suite on a server of 2.11 or later, where the log's records
+/// with a deadline carry a per-message TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_nats_storage_passes_the_conformance_suite_on_a_newer_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_server, url)) = nats_support::start_newer_server(dir.path(), None) else {
+        return;
+    };
+    let streams = Arc::new(Streams::default());
+    let first = streams.owned_storage(&url).await;
+    assert!(first.per_message_ttl(), "a server of 2.11 or later");
+    testing::run_all(|| {
+        let (streams, url) = (streams.clone(), url.clone());
+        async move { Arc::new(streams.owned_storage(&url).await) as Arc<dyn Storage> }
+    })
+    .await;
+}
+
 /// What the queues acked leaves the stream: after 300 records over three recipients are read
 /// and acked in batches (acks out of order too), the records stream is soon empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
