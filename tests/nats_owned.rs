@@ -140,3 +140,71 @@ async fn a_retried_id_is_a_duplicate_across_a_restart() {
     assert_eq!(second.read_all(&who, now).await.unwrap().len(), 1);
     nats_support::delete(&url, &[name]).await;
 }
+
+/// Acked pages leave the pages stream (one purge each, in the background), and the log keeps
+/// its copies for its `max_age` (module docs, "What the log costs"): 3 recipients × 45
+/// records, read and acked in batches of 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_pages_leave_and_the_log_keeps_its_copies() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let storage = owned(&url, &name).await;
+    let now = Timestamp::now_system();
+    let who: Vec<RecipientId> = (0..3)
+        .map(|i| RecipientId::new(format!("r{i}")).unwrap())
+        .collect();
+    for r in &who {
+        let records = (0..45u8).map(|i| record(&[i])).collect();
+        storage
+            .append(r, records, &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+    }
+    let context = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let mut pages = context.get_stream(format!("{name}_PAGES")).await.unwrap();
+    assert!(
+        pages.info().await.unwrap().state.messages >= 6,
+        "pages sealed"
+    );
+    let limit = BatchLimit {
+        max_messages: 20,
+        max_bytes: usize::MAX,
+    };
+    for r in &who {
+        let (mut after, mut ack, mut got) = (None, None, 0);
+        loop {
+            let read = storage
+                .read_for_delivery(r, ack.as_ref(), after, limit, now)
+                .await
+                .unwrap();
+            let Some(last) = read.batch.records.last().map(|r| r.seq) else {
+                break;
+            };
+            got += read.batch.records.len();
+            after = Some(last);
+            ack = Some(Ack {
+                through: Some(last),
+                ..Ack::default()
+            });
+        }
+        assert_eq!(got, 45);
+        assert_eq!(storage.stats(r).await.unwrap().messages, 0);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let messages = pages.info().await.unwrap().state.messages;
+        if messages == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{messages} pages left, none expected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut log = context.get_stream(format!("{name}_LOG")).await.unwrap();
+    assert_eq!(log.info().await.unwrap().state.messages, 135);
+    nats_support::delete(&url, &[name]).await;
+}
