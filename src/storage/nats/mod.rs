@@ -148,7 +148,7 @@
 //! than surviving a server's loss. A storage built with more replicas logs this at connect.
 
 mod meta;
-mod owned;
+pub mod owned;
 mod page;
 
 pub use owned::OwnedNatsStorage;
