@@ -208,3 +208,71 @@ async fn acked_pages_leave_and_the_log_keeps_its_copies() {
     assert_eq!(log.info().await.unwrap().state.messages, 135);
     nats_support::delete(&url, &[name]).await;
 }
+
+/// Two nodes on the same streams: the first to touch a queue owns it, and the other's calls
+/// on it are forwarded there (appends, reads, stats); once the owner is gone, the other
+/// takes the queue over and finds everything the owner stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_node_forwards_to_the_owner_and_takes_over_when_it_is_gone() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let who = RecipientId::new("shared").unwrap();
+    let now = Timestamp::now_system();
+    let owner = owned(&url, &name).await;
+    let other = owned(&url, &name).await;
+    let mut seqs = Vec::new();
+    for i in 0..20u8 {
+        let node = if i % 2 == 0 { &owner } else { &other };
+        let outcome = node
+            .append_one(&who, record(&[i]), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+        seqs.push(outcome.record.seq());
+    }
+    assert!(seqs.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{seqs:?}");
+    // A read on the other node, through the owner, counts deliveries there.
+    let limit = BatchLimit {
+        max_messages: 8,
+        max_bytes: usize::MAX,
+    };
+    let read = other
+        .read_for_delivery(&who, None, None, limit, now)
+        .await
+        .unwrap();
+    let bodies: Vec<u8> = read.batch.records.iter().map(|r| r.body[0]).collect();
+    assert_eq!(bodies, (0..8).collect::<Vec<u8>>());
+    let all = owner.read_all(&who, now).await.unwrap();
+    assert_eq!(all.len(), 20);
+    assert!(all[..8].iter().all(|r| r.delivery_count == 1));
+    assert_eq!(other.stats(&who).await.unwrap().messages, 20);
+    // A bad append is refused as on the owner, with its typed error.
+    let tight = Quota {
+        max_messages: 20,
+        ..Quota::UNLIMITED
+    };
+    let refused = other.append_one(&who, record(b"full"), &tight, now).await;
+    assert!(
+        matches!(
+            refused,
+            Err(offline_queue::Error::QueueFull { messages: 20, .. })
+        ),
+        "{refused:?}"
+    );
+    drop(owner);
+    // The owner is gone: the other node takes the queue over on its next call.
+    let after = other
+        .append_one(&who, record(&[20]), &Quota::UNLIMITED, now)
+        .await
+        .unwrap();
+    assert_eq!(after.record, Appended::Stored(Seq(seqs[19].0 + 1)));
+    let all = other.read_all(&who, now).await.unwrap();
+    let bodies: Vec<u8> = all.iter().map(|r| r.body[0]).collect();
+    assert_eq!(bodies, (0..21).collect::<Vec<u8>>());
+    assert!(
+        all[..8].iter().all(|r| r.delivery_count == 1),
+        "counts kept"
+    );
+    nats_support::delete(&url, &[name]).await;
+}

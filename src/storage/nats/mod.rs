@@ -150,6 +150,7 @@
 mod meta;
 pub mod owned;
 mod page;
+mod wire;
 
 pub use owned::OwnedNatsStorage;
 

@@ -74,6 +74,7 @@ use futures::StreamExt;
 
 use super::meta::Meta;
 use super::page::{self, PAGE_RECORDS};
+use super::wire::{self, Answer, Call, WireAck};
 use super::{
     EXPIRES, Found, GONE, GONE_LOST, ID, NatsOptions, SENT, found, invalid, publish_ack,
     remove_in_background, ttl_seconds, version_at_least,
@@ -103,6 +104,11 @@ const MAX_READ_BATCH: usize = 1_000;
 /// Pages removed per storage waiting for the background task (past it, acks wait).
 const REMOVALS_QUEUED: usize = 65_536;
 
+/// The header naming the queue a forwarded call is for.
+const QUEUE: &str = "Oq-Queue";
+/// Routes a call tries before giving up, retryably (the owner moving under it each time).
+const ROUTE_ATTEMPTS: usize = 4;
+
 /// Tells apart one loading of a queue from the next, so an append that finishes after its
 /// queue was unloaded changes nothing of the new load.
 static EPOCHS: AtomicU64 = AtomicU64::new(1);
@@ -128,6 +134,28 @@ struct Shared {
     /// The most bytes a page takes: below the server's `max_payload`.
     page_budget: usize,
     options: NatsOptions,
+    client: async_nats::Client,
+    /// This node's id: its owner entries name it, and it answers on `<prefix>.own.<id>`.
+    node: String,
+    /// Queues owned elsewhere, as last seen: their owner's id.
+    owners: parking_lot::Mutex<HashMap<String, String>>,
+    /// The task answering calls forwarded to this node, stopped with the storage.
+    serving: parking_lot::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(serving) = self.serving.lock().take() {
+            serving.abort();
+        }
+    }
+}
+
+/// Where a queue's calls run.
+enum Route {
+    Here(Arc<Queue>),
+    /// On the node of this id.
+    Owner(String),
 }
 
 impl std::fmt::Debug for OwnedNatsStorage {
@@ -215,7 +243,12 @@ impl NatsOptions {
         let (states, _) = self.open_stream(&context, states_config, false).await?;
         let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
         tokio::spawn(remove_in_background(pages.clone(), queued));
-        Ok(OwnedNatsStorage {
+        let node = MessageId::generate().to_string();
+        let calls = client
+            .subscribe(format!("{}.own.{node}", self.prefix))
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))?;
+        let storage = OwnedNatsStorage {
             shared: Arc::new(Shared {
                 context,
                 log,
@@ -227,8 +260,15 @@ impl NatsOptions {
                 // Headroom for the headers and the server's framing.
                 page_budget: info.max_payload.saturating_sub(4096).max(4096),
                 options: self,
+                client,
+                node,
+                owners: parking_lot::Mutex::new(HashMap::new()),
+                serving: parking_lot::Mutex::new(None),
             }),
-        })
+        };
+        let serving = tokio::spawn(serve(Arc::downgrade(&storage.shared), calls));
+        *storage.shared.serving.lock() = Some(serving.abort_handle());
+        Ok(storage)
     }
 }
 
@@ -279,22 +319,6 @@ impl OwnedNatsStorage {
                 })
             })
             .clone()
-    }
-
-    /// The queue of `key`, loaded.
-    async fn loaded(&self, key: &str) -> Result<Arc<Queue>> {
-        let queue = self.queue(key);
-        if queue.owned.lock().is_some() {
-            return Ok(queue);
-        }
-        {
-            let _turn = queue.turn.lock().await;
-            if queue.owned.lock().is_none() {
-                let owned = self.load(key).await?;
-                *queue.owned.lock() = Some(owned);
-            }
-        }
-        Ok(queue)
     }
 
     /// Reads a queue's state, and takes in what the log holds past it (module docs,
@@ -412,6 +436,237 @@ impl OwnedNatsStorage {
         if owned.as_ref().is_some_and(|owned| owned.epoch == epoch) {
             *owned = None;
         }
+    }
+
+    fn owner_subject(&self, key: &str) -> String {
+        format!("{}.s.{key}.owner", self.shared.options.prefix)
+    }
+
+    /// The node owning `key`'s queue by its entry, and the entry's sequence (0: none).
+    async fn owner_of(&self, key: &str) -> Result<(Option<String>, u64)> {
+        match self
+            .shared
+            .states
+            .get_last_raw_message_by_subject(&self.owner_subject(key))
+            .await
+        {
+            Ok(message) => Ok((
+                Some(String::from_utf8_lossy(&message.payload).into_owned()),
+                message.sequence,
+            )),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((None, 0)),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    /// Makes this node `key`'s owner, over the entry at `expected` (0: none). False if
+    /// another node wrote the entry first.
+    async fn claim(&self, key: &str, expected: u64) -> Result<bool> {
+        let publish = Publish::build()
+            .payload(Bytes::from(self.shared.node.clone()))
+            .expected_last_subject_sequence(expected);
+        Ok(
+            publish_ack(&self.shared.context, self.owner_subject(key), publish)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Where `key`'s calls run: here (the queue loaded, claimed first if no node owns it),
+    /// or on its owner.
+    async fn route(&self, key: &str) -> Result<Route> {
+        let queue = self.queue(key);
+        if queue.owned.lock().is_some() {
+            return Ok(Route::Here(queue));
+        }
+        if let Some(node) = self.shared.owners.lock().get(key).cloned() {
+            return Ok(Route::Owner(node));
+        }
+        let _turn = queue.turn.lock().await;
+        for _ in 0..ROUTE_ATTEMPTS {
+            if queue.owned.lock().is_some() {
+                return Ok(Route::Here(queue.clone()));
+            }
+            match self.owner_of(key).await? {
+                (Some(node), _) if node != self.shared.node => {
+                    self.shared
+                        .owners
+                        .lock()
+                        .insert(key.to_owned(), node.clone());
+                    return Ok(Route::Owner(node));
+                }
+                (None, expected) if !self.claim(key, expected).await? => continue,
+                _ => {
+                    let owned = self.load(key).await?;
+                    *queue.owned.lock() = Some(owned);
+                }
+            }
+        }
+        Err(moving())
+    }
+
+    /// The queue of `key` if this node owns it (loaded, or loaded now); `None` if another
+    /// node does. For a call forwarded here.
+    async fn owned_here(&self, key: &str) -> Result<Option<Arc<Queue>>> {
+        self.shared.owners.lock().remove(key);
+        match self.route(key).await? {
+            Route::Here(queue) => Ok(Some(queue)),
+            Route::Owner(_) => Ok(None),
+        }
+    }
+
+    /// Sends `call` to `node`, `key`'s owner as last seen. `None`: the owner moved (it
+    /// answered that it does not own the queue, or it is gone and this node claimed the
+    /// queue): route again.
+    async fn forward(&self, key: &str, node: &str, call: &Call) -> Result<Option<Answer>> {
+        let mut headers = HeaderMap::new();
+        headers.insert(QUEUE, key);
+        let payload = Bytes::from(crate::codec::to_bytes(call)?);
+        let subject = format!("{}.own.{node}", self.shared.options.prefix);
+        match self
+            .shared
+            .client
+            .request_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(reply) => match crate::codec::from_bytes::<Answer>(&reply.payload)? {
+                Answer::NotOwner => {
+                    self.shared.owners.lock().remove(key);
+                    Ok(None)
+                }
+                Answer::Failed(error) => Err(error.into()),
+                answer => Ok(Some(answer)),
+            },
+            // Nobody listens for that node: it is gone. Its queues go to whoever asks first.
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                self.shared.owners.lock().remove(key);
+                if let (Some(owner), expected) = self.owner_of(key).await?
+                    && owner == node
+                {
+                    tracing::info!(
+                        queue = key,
+                        from = node,
+                        "nats: taking over a queue whose owner is gone"
+                    );
+                    self.claim(key, expected).await?;
+                }
+                Ok(None)
+            }
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
+    /// Runs a call forwarded here.
+    async fn answer(&self, key: &str, call: Call) -> Answer {
+        let queue = match self.owned_here(key).await {
+            Ok(Some(queue)) => queue,
+            Ok(None) => return Answer::NotOwner,
+            Err(error) => return Answer::failed(&error),
+        };
+        let result = match call {
+            Call::Append {
+                records,
+                quota,
+                now,
+            } => self
+                .local_append(
+                    key,
+                    &queue,
+                    records.into_iter().map(NewRecord::from).collect(),
+                    &quota.into(),
+                    Timestamp::from_millis(now),
+                )
+                .await
+                .map(Answer::appended),
+            Call::Read {
+                ack,
+                after,
+                max_messages,
+                max_bytes,
+                now,
+                mark,
+            } => {
+                let ack = ack.map(Ack::from);
+                self.local_read(
+                    key,
+                    &queue,
+                    ack.as_ref(),
+                    after.map(Seq),
+                    wire::batch_limit(max_messages, max_bytes),
+                    Timestamp::from_millis(now),
+                    mark,
+                )
+                .await
+                .map(|(acked, batch)| Answer::read(acked, batch))
+            }
+            Call::MarkDelivered { seqs } => {
+                let seqs: Vec<Seq> = seqs.into_iter().map(Seq).collect();
+                self.local_mark_delivered(key, &queue, &seqs)
+                    .await
+                    .map(|()| Answer::Done)
+            }
+            Call::Ack { ack } => self
+                .local_ack(key, &queue, &ack.into())
+                .await
+                .map(Answer::Count),
+            Call::Stats => self.local_stats(key, &queue).await.map(Answer::stats),
+            Call::Remove => self.local_remove(key, &queue).await.map(Answer::Count),
+        };
+        result.unwrap_or_else(|error| Answer::failed(&error))
+    }
+
+    /// A read, here or on the owner.
+    #[allow(clippy::too_many_arguments)]
+    async fn routed_read(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+        mark: bool,
+    ) -> Result<(u64, ReadBatch)> {
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => {
+                    return self
+                        .local_read(&key, &queue, ack, after, limit, now, mark)
+                        .await;
+                }
+                Route::Owner(node) => node,
+            };
+            let call = Call::Read {
+                ack: ack.map(WireAck::from),
+                after: after.map(|seq| seq.0),
+                max_messages: limit.max_messages as u64,
+                max_bytes: limit.max_bytes as u64,
+                now: now.as_millis(),
+                mark,
+            };
+            match self.forward(&key, &node, &call).await? {
+                Some(Answer::Read {
+                    acked,
+                    records,
+                    expired,
+                    damaged,
+                    lost_unconfirmed,
+                    lost_total,
+                }) => {
+                    let batch = ReadBatch {
+                        records: records.into_iter().map(StoredRecord::from).collect(),
+                        expired: expired.into_iter().map(Seq).collect(),
+                        damaged: damaged.into_iter().map(Seq).collect(),
+                        lost_unconfirmed,
+                        lost_total,
+                    };
+                    return Ok((acked, batch));
+                }
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
     }
 
     /// The position of the recipient's last record in the log (by arrival), if any.
@@ -712,17 +967,17 @@ impl OwnedNatsStorage {
     }
 
     /// A session's read, with its ack and marks (see [`Storage::read_for_delivery`]).
-    async fn ack_read_mark(
+    #[allow(clippy::too_many_arguments)]
+    async fn local_read(
         &self,
-        recipient: &RecipientId,
+        key: &str,
+        queue: &Queue,
         ack: Option<&Ack>,
         after: Option<Seq>,
         limit: BatchLimit,
         now: Timestamp,
         mark: bool,
     ) -> Result<(u64, ReadBatch)> {
-        let key = key(recipient);
-        let queue = self.loaded(&key).await?;
         let _turn = queue.turn.lock().await;
         let start = after.map_or(0, |after| after.0.saturating_add(1));
         // Under the queue's lock: the ack, and what to read where.
@@ -760,7 +1015,7 @@ impl OwnedNatsStorage {
             pages
         };
         let fetched: Vec<Result<Option<Vec<StoredRecord>>>> = futures::stream::iter(wanted_pages)
-            .map(|page| self.get_page(&key, page))
+            .map(|page| self.get_page(key, page))
             .buffered(GETS_IN_FLIGHT)
             .collect()
             .await;
@@ -776,7 +1031,7 @@ impl OwnedNatsStorage {
             .filter(|p| !in_memory.contains_key(p))
             .collect();
         let mut missing = Vec::new();
-        for (position, found) in self.get_logged(&key, &from_log).await? {
+        for (position, found) in self.get_logged(key, &from_log).await? {
             match found {
                 Found::Record(record) => {
                     in_memory.insert(position, record);
@@ -832,15 +1087,69 @@ impl OwnedNatsStorage {
             (changed, owned.pages_to_remove())
         };
         if changed {
-            self.write_state(&key, &queue).await?;
+            self.write_state(key, queue).await?;
         }
-        self.remove_pages(&key, pages).await;
+        self.remove_pages(key, pages).await;
         Ok((acked.acked, batch))
     }
 }
 
 fn key(recipient: &RecipientId) -> String {
     crate::hex::encode(recipient.as_bytes())
+}
+
+fn moving() -> Error {
+    Error::storage_msg(
+        Retry::Yes,
+        format!("nats: the queue's owner changed {ROUTE_ATTEMPTS} times during the call; retry"),
+    )
+}
+
+fn mismatched() -> Error {
+    Error::storage_msg(
+        Retry::No,
+        "nats: the queue's owner answered another call than the one asked (a node of another \
+         build?)",
+    )
+}
+
+/// Answers the calls other nodes forward to this one, each in a task of its own, until the
+/// storage is dropped.
+async fn serve(shared: std::sync::Weak<Shared>, mut calls: async_nats::Subscriber) {
+    while let Some(message) = calls.next().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let storage = OwnedNatsStorage { shared };
+        tokio::spawn(async move {
+            let Some(reply) = message.reply.clone() else {
+                return;
+            };
+            let key = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(QUEUE))
+                .map(|value| value.as_str().to_owned());
+            let answer = match (key, crate::codec::from_bytes::<Call>(&message.payload)) {
+                (Some(key), Ok(call)) => storage.answer(&key, call).await,
+                (_, Err(error)) => Answer::failed(&error),
+                (None, _) => Answer::failed(&Error::storage_msg(
+                    Retry::No,
+                    "nats: a forwarded call without its queue",
+                )),
+            };
+            match crate::codec::to_bytes(&answer) {
+                Ok(bytes) => {
+                    if let Err(error) = storage.shared.client.publish(reply, bytes.into()).await {
+                        tracing::debug!(%error, "nats: answering a forwarded call failed");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "nats: a forwarded call's answer did not encode")
+                }
+            }
+        });
+    }
 }
 
 fn reloaded() -> Error {
@@ -850,23 +1159,16 @@ fn reloaded() -> Error {
     )
 }
 
-#[async_trait]
-impl Storage for OwnedNatsStorage {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-            .with_exact_contract()
-            .with_max_read_batch(MAX_READ_BATCH)
-            .with_durable(true)
-    }
-
-    async fn append(
+/// The calls on a queue this node owns.
+impl OwnedNatsStorage {
+    async fn local_append(
         &self,
-        recipient: &RecipientId,
+        key: &str,
+        queue: &Queue,
         records: Vec<NewRecord>,
         quota: &Quota,
         now: Timestamp,
     ) -> Result<AppendOutcome> {
-        let key = key(recipient);
         if records.iter().any(|r| r.dedup) && quota.dedup_window > self.shared.options.dedup_window
         {
             return Err(invalid(
@@ -887,7 +1189,6 @@ impl Storage for OwnedNatsStorage {
                 })?,
             );
         }
-        let queue = self.loaded(&key).await?;
         let permits = records.len().clamp(1, IN_FLIGHT_PER_QUEUE) as u32;
         let _permits = queue
             .in_flight
@@ -901,7 +1202,7 @@ impl Storage for OwnedNatsStorage {
             let _turn = queue.turn.lock().await;
             let still = queue.owned.lock().as_ref().ok_or_else(reloaded)?.revision == 0;
             if still {
-                self.write_state(&key, &queue).await?;
+                self.write_state(key, queue).await?;
             }
         }
         let window = quota.dedup_window_ms();
@@ -972,7 +1273,7 @@ impl Storage for OwnedNatsStorage {
         let mut duplicates: Vec<(usize, u64, u64)> = Vec::new();
         for chunk in stored.chunks(IN_FLIGHT_PER_QUEUE) {
             let answers = futures::future::join_all(chunk.iter().map(|(i, record)| {
-                self.publish_record(&key, record.seq.0, record, records[*i].dedup.then_some(now))
+                self.publish_record(key, record.seq.0, record, records[*i].dedup.then_some(now))
             }))
             .await;
             for ((i, record), answer) in chunk.iter().zip(answers) {
@@ -1008,7 +1309,7 @@ impl Storage for OwnedNatsStorage {
                 Ok(_) => {
                     let record = stored.iter().find(|(j, _)| *j == i).map(|(_, r)| r);
                     match self
-                        .publish_record(&key, position, record.expect("stored"), None)
+                        .publish_record(key, position, record.expect("stored"), None)
                         .await
                     {
                         Ok(_) => outcome[i] = Some(Appended::Stored(Seq(position))),
@@ -1024,7 +1325,7 @@ impl Storage for OwnedNatsStorage {
         }
         if let Some(error) = failure {
             // Whatever landed, the next load finds (and closes what did not).
-            self.unload(&queue, epoch);
+            self.unload(queue, epoch);
             return Err(error);
         }
         {
@@ -1035,7 +1336,7 @@ impl Storage for OwnedNatsStorage {
                 }
             }
         }
-        self.seal_ready(&key, &queue).await;
+        self.seal_ready(key, queue).await;
         for (i, first) in same_as {
             outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
         }
@@ -1050,39 +1351,7 @@ impl Storage for OwnedNatsStorage {
         })
     }
 
-    async fn read(
-        &self,
-        recipient: &RecipientId,
-        after: Option<Seq>,
-        limit: BatchLimit,
-        now: Timestamp,
-    ) -> Result<ReadBatch> {
-        let (_, batch) = self
-            .ack_read_mark(recipient, None, after, limit, now, false)
-            .await?;
-        Ok(batch)
-    }
-
-    async fn read_for_delivery(
-        &self,
-        recipient: &RecipientId,
-        ack: Option<&Ack>,
-        after: Option<Seq>,
-        limit: BatchLimit,
-        now: Timestamp,
-    ) -> Result<DeliveryRead> {
-        let (acked, batch) = self
-            .ack_read_mark(recipient, ack, after, limit, now, true)
-            .await?;
-        Ok(DeliveryRead { acked, batch })
-    }
-
-    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let key = key(recipient);
-        let queue = self.loaded(&key).await?;
+    async fn local_mark_delivered(&self, key: &str, queue: &Queue, seqs: &[Seq]) -> Result<()> {
         let _turn = queue.turn.lock().await;
         let changed = {
             let mut owned = queue.owned.lock();
@@ -1092,14 +1361,12 @@ impl Storage for OwnedNatsStorage {
             owned.meta != before
         };
         if changed {
-            self.write_state(&key, &queue).await?;
+            self.write_state(key, queue).await?;
         }
         Ok(())
     }
 
-    async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
-        let key = key(recipient);
-        let queue = self.loaded(&key).await?;
+    async fn local_ack(&self, key: &str, queue: &Queue, ack: &Ack) -> Result<u64> {
         let _turn = queue.turn.lock().await;
         let (acked, changed, pages) = {
             let mut owned = queue.owned.lock();
@@ -1112,25 +1379,13 @@ impl Storage for OwnedNatsStorage {
             (acked.acked, owned.meta != before, owned.pages_to_remove())
         };
         if changed {
-            self.write_state(&key, &queue).await?;
+            self.write_state(key, queue).await?;
         }
-        self.remove_pages(&key, pages).await;
+        self.remove_pages(key, pages).await;
         Ok(acked)
     }
 
-    async fn purge(
-        &self,
-        _now: Timestamp,
-        _idle_before: Option<Timestamp>,
-        _budget: usize,
-    ) -> Result<PurgeOutcome> {
-        // The streams' max_age (and from 2.11 each record's TTL) remove by the server's clock.
-        Ok(PurgeOutcome::default())
-    }
-
-    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
-        let key = key(recipient);
-        let queue = self.loaded(&key).await?;
+    async fn local_stats(&self, key: &str, queue: &Queue) -> Result<RecipientStats> {
         let (stats, oldest, in_memory, sealed) = {
             let owned = queue.owned.lock();
             let owned = owned.as_ref().ok_or_else(reloaded)?;
@@ -1153,7 +1408,7 @@ impl Storage for OwnedNatsStorage {
         let mut oldest_sent_at = in_memory;
         if let (Some(position), None) = (oldest, oldest_sent_at) {
             if page::page_of(position) < sealed
-                && let Some(records) = self.get_page(&key, page::page_of(position)).await?
+                && let Some(records) = self.get_page(key, page::page_of(position)).await?
             {
                 oldest_sent_at = records
                     .iter()
@@ -1161,7 +1416,7 @@ impl Storage for OwnedNatsStorage {
                     .map(|r| r.sent_at);
             }
             if oldest_sent_at.is_none()
-                && let Found::Record(record) = self.get_log(&key, position, false).await?
+                && let Found::Record(record) = self.get_log(key, position, false).await?
             {
                 oldest_sent_at = Some(record.sent_at);
             }
@@ -1172,9 +1427,7 @@ impl Storage for OwnedNatsStorage {
         })
     }
 
-    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
-        let key = key(recipient);
-        let queue = self.loaded(&key).await?;
+    async fn local_remove(&self, key: &str, queue: &Queue) -> Result<u64> {
         let _turn = queue.turn.lock().await;
         let mut log = self.shared.log.clone();
         let log_bound = log
@@ -1213,7 +1466,7 @@ impl Storage for OwnedNatsStorage {
         if !written {
             return Ok(0);
         }
-        self.write_state(&key, &queue).await?;
+        self.write_state(key, queue).await?;
         // One purge by wildcard each: it walks the stream's subjects, fine for a call this
         // rare. Bounded, so records appended from here on stay. (Up to sequence 1 the
         // server reads as "no bound": skip it.)
@@ -1231,5 +1484,172 @@ impl Storage for OwnedNatsStorage {
             }
         }
         Ok(messages)
+    }
+}
+
+#[async_trait]
+impl Storage for OwnedNatsStorage {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_exact_contract()
+            .with_max_read_batch(MAX_READ_BATCH)
+            .with_durable(true)
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> Result<AppendOutcome> {
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => {
+                    return self.local_append(&key, &queue, records, quota, now).await;
+                }
+                Route::Owner(node) => node,
+            };
+            let call = Call::Append {
+                records: records.iter().cloned().map(wire::Record::from).collect(),
+                quota: quota.into(),
+                now: now.as_millis(),
+            };
+            match self.forward(&key, &node, &call).await? {
+                Some(Answer::Appended {
+                    records,
+                    dropped,
+                    pending,
+                }) => return Ok(wire::append_outcome(records, dropped, pending)),
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<ReadBatch> {
+        let (_, batch) = self
+            .routed_read(recipient, None, after, limit, now, false)
+            .await?;
+        Ok(batch)
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> Result<DeliveryRead> {
+        let (acked, batch) = self
+            .routed_read(recipient, ack, after, limit, now, true)
+            .await?;
+        Ok(DeliveryRead { acked, batch })
+    }
+
+    async fn mark_delivered(&self, recipient: &RecipientId, seqs: &[Seq]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => return self.local_mark_delivered(&key, &queue, seqs).await,
+                Route::Owner(node) => node,
+            };
+            let call = Call::MarkDelivered {
+                seqs: seqs.iter().map(|seq| seq.0).collect(),
+            };
+            match self.forward(&key, &node, &call).await? {
+                Some(Answer::Done) => return Ok(()),
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
+    }
+
+    async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => return self.local_ack(&key, &queue, ack).await,
+                Route::Owner(node) => node,
+            };
+            match self
+                .forward(&key, &node, &Call::Ack { ack: ack.into() })
+                .await?
+            {
+                Some(Answer::Count(acked)) => return Ok(acked),
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
+    }
+
+    async fn purge(
+        &self,
+        _now: Timestamp,
+        _idle_before: Option<Timestamp>,
+        _budget: usize,
+    ) -> Result<PurgeOutcome> {
+        // The streams' max_age (and from 2.11 each record's TTL) remove by the server's clock.
+        Ok(PurgeOutcome::default())
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => return self.local_stats(&key, &queue).await,
+                Route::Owner(node) => node,
+            };
+            match self.forward(&key, &node, &Call::Stats).await? {
+                Some(Answer::Stats {
+                    messages,
+                    bytes,
+                    oldest_sent_at,
+                    newest_seq,
+                    lost,
+                }) => {
+                    return Ok(RecipientStats {
+                        messages,
+                        bytes,
+                        oldest_sent_at: oldest_sent_at.map(Timestamp::from_millis),
+                        newest_seq: newest_seq.map(Seq),
+                        lost,
+                    });
+                }
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
+        let key = key(recipient);
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(&key).await? {
+                Route::Here(queue) => return self.local_remove(&key, &queue).await,
+                Route::Owner(node) => node,
+            };
+            match self.forward(&key, &node, &Call::Remove).await? {
+                Some(Answer::Count(removed)) => return Ok(removed),
+                Some(_) => return Err(mismatched()),
+                None => continue,
+            }
+        }
+        Err(moving())
     }
 }
