@@ -1,13 +1,23 @@
-//! [`OwnedNatsStorage`]: the single-owner layout for NATS JetStream, the first step of the
-//! plan in docs/backends.md ("a single owner per recipient"). One node owns every queue of
-//! its streams: it decides each append in memory and publishes the record once, with no
-//! compare-and-set on the send's path.
+//! [`OwnedNatsStorage`]: the single-owner layout for NATS JetStream, the plan in
+//! docs/backends.md ("a single owner per recipient") built. Each queue has one owner, the
+//! node that first touched it: it decides the queue's appends in memory and publishes each
+//! record once, with no compare-and-set on the send's path. Other nodes forward their calls
+//! on that queue to it over core NATS.
 //!
-//! **One node at a time.** Nothing here yet forwards another node's sends to the owner or
-//! hands a queue over when its owner dies; that is the next step. Two nodes on the same
-//! streams do not overwrite each other's records (see "Fences"), but each sees a stale queue
-//! and fails or misreads: run one node per stream name. [`NatsStorage`](super::NatsStorage)
-//! is the layout for several nodes.
+//! ```no_run
+//! # async fn run() -> offline_queue::Result<()> {
+//! use std::sync::Arc;
+//! use offline_queue::{NatsCoordination, NatsStorage, OfflineQueue};
+//!
+//! let url = "nats://127.0.0.1:4222";
+//! let queue = OfflineQueue::builder()
+//!     .storage(Arc::new(NatsStorage::options().connect_owned(url).await?))
+//!     .coordination(Arc::new(NatsCoordination::connect(url).await?))
+//!     .build()?;
+//! tokio::spawn(queue.wakeup_listener());
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Layout
 //! Three streams named after [`NatsOptions::stream`] (`OFFLINE_QUEUE` by default), subjects
@@ -34,10 +44,24 @@
 //! with a tombstone, which the log's one-message-a-subject rule makes final, and counted as
 //! lost (an append that failed is over-counted, as the contract allows).
 //!
+//! # Owners
+//! A queue's owner is named in `OFFLINE_QUEUE_STATE` at `oq.s.<hex>.owner`, written by
+//! compare-and-set: the first node to touch the queue claims it, and keeps it for its life.
+//! Each node answers on `oq.own.<node id>` (a random id per storage); a call on a queue
+//! owned elsewhere goes there as a request, the call and its answer in the crate's codec,
+//! typed errors (`QueueFull`, `MessageTooLarge`) kept. When nobody answers there (the NATS
+//! server says so at once: the owner's connection, and its subscription, are gone), the
+//! calling node claims the queue over the dead owner's entry and loads it (above). A node
+//! that reconnects forgets every queue it had loaded, since another may have taken them
+//! while it was away, and asks again on the next call.
+//!
 //! # Fences
-//! A stale writer cannot overwrite: a record's subject takes one message, and the state
-//! changes only by compare-and-set. A refused state write unloads the queue and fails the
-//! call, retryably; the next call loads the queue afresh.
+//! A stale owner cannot overwrite: a record's subject takes one message, and the state
+//! changes only by compare-and-set. An owner that lost its queue without noticing (cut off
+//! from the server that answered for it, but not from its own) collides with the new owner
+//! at the next position or state write; the loser's call fails, retryably, and its node
+//! unloads the queue and asks who owns it on the next call. Until that collision it may
+//! read a stale view of the queue: never fewer records than it had, and never a lost one.
 //!
 //! # What the log costs
 //! Nothing removes a record from the log when it is acked: on a server before 2.11 it stays
@@ -52,8 +76,10 @@
 //! As [`NatsStorage`](super::NatsStorage): no purge of expired records or idle queues by the
 //! engine's clock, no storage-wide byte budget, no atomic multi-record append across a
 //! failure. A drop (`Overflow::DropOldest`) is written with the queue's next state, so a node
-//! that stops before then forgets it: the records come back, never fewer. Queues stay loaded
-//! in memory for the storage's life (their state, and the records not yet in a page).
+//! that stops before then forgets it: the records come back, never fewer. Ownership never
+//! moves to where a queue is read: a recipient connected to another node reads through its
+//! queue's owner, one request a batch. Queues stay loaded in memory for the storage's life
+//! (their state, and the records not yet in a page).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -113,7 +139,8 @@ const ROUTE_ATTEMPTS: usize = 4;
 /// queue was unloaded changes nothing of the new load.
 static EPOCHS: AtomicU64 = AtomicU64::new(1);
 
-/// Queues in NATS JetStream, owned by this one node. See the [module docs](self).
+/// Queues in NATS JetStream, each owned by one node, the others forwarding to it. See the
+/// [module docs](self).
 ///
 /// Cheap to clone: clones share one connection and one view of the queues.
 #[derive(Clone)]
@@ -224,8 +251,19 @@ impl NatsOptions {
     /// As [`NatsOptions::connect`].
     pub async fn connect_owned(self, url: &str) -> Result<OwnedNatsStorage> {
         self.check()?;
+        // Each reconnection: queues this node owned may have been taken over while it was
+        // away (its calls went unanswered), so it forgets them all (see `forget_queues`).
+        let (reconnected, mut reconnections) = tokio::sync::mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::new()
             .name("offline-queue owned storage")
+            .event_callback(move |event| {
+                let reconnected = reconnected.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        let _ = reconnected.send(());
+                    }
+                }
+            })
             .connect(servers(url))
             .await
             .map_err(|error| connect_error(url, error))?;
@@ -268,6 +306,15 @@ impl NatsOptions {
         };
         let serving = tokio::spawn(serve(Arc::downgrade(&storage.shared), calls));
         *storage.shared.serving.lock() = Some(serving.abort_handle());
+        let shared = Arc::downgrade(&storage.shared);
+        tokio::spawn(async move {
+            while reconnections.recv().await.is_some() {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                OwnedNatsStorage { shared }.forget_queues();
+            }
+        });
         Ok(storage)
     }
 }
@@ -428,6 +475,16 @@ impl OwnedNatsStorage {
             removed_below,
             ids: HashMap::new(),
         })
+    }
+
+    /// Forgets every queue this node loaded and every owner it saw: after a reconnection,
+    /// another node may own them now, and the next call on each asks.
+    fn forget_queues(&self) {
+        let queues: Vec<Arc<Queue>> = self.shared.queues.lock().values().cloned().collect();
+        for queue in queues {
+            *queue.owned.lock() = None;
+        }
+        self.shared.owners.lock().clear();
     }
 
     /// Forgets a queue's loaded state: the next call loads it afresh.
