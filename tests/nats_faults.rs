@@ -3,7 +3,8 @@
 //! started again on its files, and a 3-node cluster with replicated streams (R3) losing a node
 //! to SIGKILL under load and getting it back. Sends fail with retryable errors while nothing
 //! can store them, the engine recovers by itself, and every send that returned `Ok` is
-//! delivered, exactly as sent, in each sender's order.
+//! delivered, exactly as sent, in each sender's order. Each fault runs against both NATS
+//! layouts: `NatsStorage` and the single-owner `OwnedNatsStorage`.
 
 #![cfg(feature = "nats")]
 
@@ -15,11 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nats_support::own_server::{
-    NATS_SERVER, OwnNats, connect_when_ready, free_port, start_cluster,
+    NATS_SERVER, OwnNats, connect_owned_when_ready, connect_when_ready, free_port, start_cluster,
 };
 use nats_support::skip_support;
 use offline_queue::{
-    Envelope, Limits, MessageId, NatsStorage, OfflineQueue, RecipientId, StorageExt, Timestamp,
+    Envelope, Limits, MessageId, NatsStorage, OfflineQueue, RecipientId, Storage, StorageExt,
+    Timestamp,
 };
 use parking_lot::Mutex;
 
@@ -38,16 +40,18 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("never true: {what}"));
 }
 
-async fn connect(url: &str, replicas: usize) -> NatsStorage {
-    connect_when_ready(
-        || {
-            NatsStorage::options()
-                .replicas(replicas)
-                .stale_reservation(Duration::from_secs(1))
-        },
-        url,
-    )
-    .await
+/// A storage of either layout on `url`.
+async fn connect(url: &str, replicas: usize, owned: bool) -> Arc<dyn Storage> {
+    let options = || {
+        NatsStorage::options()
+            .replicas(replicas)
+            .stale_reservation(Duration::from_secs(1))
+    };
+    if owned {
+        Arc::new(connect_owned_when_ready(options, url).await)
+    } else {
+        Arc::new(connect_when_ready(options, url).await)
+    }
 }
 
 /// What the senders had acknowledged, per recipient in send order.
@@ -111,7 +115,7 @@ impl Load {
 
     /// Stops the senders, then checks that every acknowledged send is stored, in its
     /// sender's order, exactly as sent.
-    async fn finish(self, storage: &NatsStorage) {
+    async fn finish(self, storage: &dyn Storage) {
         self.stop.store(true, Ordering::Relaxed);
         for sender in self.senders {
             sender.await.unwrap();
@@ -158,9 +162,9 @@ impl Load {
     }
 }
 
-fn queue_on(storage: &NatsStorage) -> OfflineQueue {
+fn queue_on(storage: &Arc<dyn Storage>) -> OfflineQueue {
     OfflineQueue::builder()
-        .storage(Arc::new(storage.clone()))
+        .storage(storage.clone())
         .limits(Limits {
             max_messages_per_recipient: 1_000_000,
             default_ttl: None,
@@ -180,6 +184,25 @@ fn nats_server_missing() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_under_load_loses_no_acknowledged_send() {
+    a_server_killed_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_under_load_loses_no_send_acknowledged_by_an_owner() {
+    a_server_killed_under_load(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_under_load_loses_no_acknowledged_send() {
+    a_cluster_node_killed_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_under_load_loses_no_send_acknowledged_by_an_owner() {
+    a_cluster_node_killed_under_load(true).await;
+}
+
+async fn a_server_killed_under_load(owned: bool) {
     if nats_server_missing() {
         return;
     }
@@ -187,7 +210,7 @@ async fn a_server_killed_under_load_loses_no_acknowledged_send() {
     let port = free_port();
     let mut server = OwnNats::new(dir.path(), "solo", port, None);
     server.start();
-    let storage = connect(&format!("nats://127.0.0.1:{port}"), 1).await;
+    let storage = connect(&format!("nats://127.0.0.1:{port}"), 1, owned).await;
     let queue = queue_on(&storage);
     let load = Load::start(&queue);
 
@@ -203,17 +226,16 @@ async fn a_server_killed_under_load_loses_no_acknowledged_send() {
         load.acked() >= before + 200
     })
     .await;
-    load.finish(&storage).await;
+    load.finish(storage.as_ref()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_killed_under_load_loses_no_acknowledged_send() {
+async fn a_cluster_node_killed_under_load(owned: bool) {
     if nats_server_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, url) = start_cluster(dir.path());
-    let storage = connect(&url, 3).await;
+    let storage = connect(&url, 3, owned).await;
     let queue = queue_on(&storage);
     let load = Load::start(&queue);
 
@@ -231,5 +253,5 @@ async fn a_cluster_node_killed_under_load_loses_no_acknowledged_send() {
         load.acked() >= before + 200
     })
     .await;
-    load.finish(&storage).await;
+    load.finish(storage.as_ref()).await;
 }

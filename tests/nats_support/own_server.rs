@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use offline_queue::{NatsOptions, NatsStorage};
+use offline_queue::{NatsOptions, NatsStorage, OwnedNatsStorage};
 
 /// Where Debian installs the server.
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
@@ -150,9 +150,25 @@ pub fn start_cluster(dir: &Path) -> (Vec<OwnNats>, String) {
 /// Connects with `options` once JetStream answers (a new server or cluster elects its
 /// leaders first); a non-retryable error fails at once.
 pub async fn connect_when_ready(options: impl Fn() -> NatsOptions, url: &str) -> NatsStorage {
+    when_ready(|| options().connect(url)).await
+}
+
+/// As [`connect_when_ready`], for the single-owner layout.
+#[allow(dead_code)]
+pub async fn connect_owned_when_ready(
+    options: impl Fn() -> NatsOptions,
+    url: &str,
+) -> OwnedNatsStorage {
+    when_ready(|| options().connect_owned(url)).await
+}
+
+async fn when_ready<T, F>(attempt: impl Fn() -> F) -> T
+where
+    F: std::future::Future<Output = offline_queue::Result<T>>,
+{
     let deadline = Instant::now() + PATIENCE;
     loop {
-        match options().connect(url).await {
+        match attempt().await {
             Ok(storage) => return storage,
             Err(error) => {
                 assert!(error.is_retryable(), "{error}");
