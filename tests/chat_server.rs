@@ -68,22 +68,31 @@ async fn the_protocol_holds_on_postgres() {
 }
 
 /// The same protocol on NATS JetStream (`OFFLINE_QUEUE_NATS_URL`; skipped, and says so, when
-/// it is unset), each scenario on streams of its own.
+/// it is unset), in both layouts, each scenario on streams of its own.
 #[cfg(feature = "nats")]
 #[tokio::test]
 async fn the_protocol_holds_on_nats() {
     let Some(url) = nats_support::url() else {
         return;
     };
-    for scenario in 0..2 {
-        let name = nats_support::unique_name();
-        let flags = ["--storage", &url, "--nats-stream", &name];
-        if scenario == 0 {
-            offline_then_batches(&flags).await;
-        } else {
-            acked_gone_unacked_back(&flags).await;
+    for layout in ["shared", "owned"] {
+        for scenario in 0..2 {
+            let name = nats_support::unique_name();
+            let flags = [
+                "--storage",
+                &url,
+                "--nats-stream",
+                &name,
+                "--nats-layout",
+                layout,
+            ];
+            if scenario == 0 {
+                offline_then_batches(&flags).await;
+            } else {
+                acked_gone_unacked_back(&flags).await;
+            }
+            nats_support::delete(&url, &[name]).await;
         }
-        nats_support::delete(&url, &[name]).await;
     }
 }
 
@@ -851,18 +860,29 @@ async fn two_servers_deliver_across(flags: &[&str]) {
     }
 }
 
-/// Two server processes on one NATS JetStream: a user connected to the second receives, at
-/// once, what was sent through the first (woken by its request on core NATS), and the first
-/// sees him online (no push).
+/// Two server processes on one NATS JetStream, in each layout: a user connected to the second
+/// receives, at once, what was sent through the first (woken by its request on core NATS),
+/// and the first sees him online (no push). With `owned`, the first to touch a queue owns
+/// it and the other forwards to it.
 #[cfg(feature = "nats")]
 #[tokio::test]
 async fn two_servers_on_one_nats_deliver_across() {
     let Some(url) = nats_support::url() else {
         return;
     };
-    let name = nats_support::unique_name();
-    two_servers_deliver_across(&["--storage", &url, "--nats-stream", &name]).await;
-    nats_support::delete(&url, &[name]).await;
+    for layout in ["shared", "owned"] {
+        let name = nats_support::unique_name();
+        let flags = [
+            "--storage",
+            &url,
+            "--nats-stream",
+            &name,
+            "--nats-layout",
+            layout,
+        ];
+        two_servers_deliver_across(&flags).await;
+        nats_support::delete(&url, &[name]).await;
+    }
 }
 
 /// Two server processes on one RabbitMQ virtual host: a user connected to the second receives,

@@ -54,6 +54,12 @@ pub struct Config {
     /// and the first token of its subjects, so several deployments can share a server.
     #[arg(long, default_value = "CHAT")]
     pub nats_stream: String,
+    /// With NATS storage: `shared` (`NatsStorage`: any node appends to any queue, each change
+    /// a compare-and-set) or `owned` (`OwnedNatsStorage`: each queue has one owner node, the
+    /// others forward to it; streams `<name>_LOG`, `<name>_PAGES`, `<name>_STATE`). The two
+    /// keep different streams: every node of a deployment names the same layout.
+    #[arg(long, default_value = "shared", value_parser = ["shared", "owned"])]
+    pub nats_layout: String,
     /// With RabbitMQ storage: the start of every queue's name (`<prefix>.<user id in hex>`)
     /// and of the wake-up exchange (`<prefix>.wake`), so several deployments can share a
     /// virtual host.
@@ -299,17 +305,20 @@ async fn with_nats(
     config: &Config,
 ) -> Result<OfflineQueueBuilder, BoxError> {
     let name = config.nats_stream.as_str();
-    let storage = offline_queue::NatsStorage::options()
+    let options = offline_queue::NatsStorage::options()
         .stream(name)
-        .prefix(name)
-        .connect(spec)
-        .await?;
+        .prefix(name);
+    let storage: Arc<dyn offline_queue::Storage> = if config.nats_layout == "owned" {
+        Arc::new(options.connect_owned(spec).await?)
+    } else {
+        Arc::new(options.connect(spec).await?)
+    };
     let coordination = offline_queue::NatsCoordination::options()
         .prefix(name)
         .connect(spec)
         .await?;
     Ok(builder
-        .storage(Arc::new(storage))
+        .storage(storage)
         .coordination(Arc::new(coordination)))
 }
 
