@@ -276,3 +276,83 @@ async fn the_other_node_forwards_to_the_owner_and_takes_over_when_it_is_gone() {
     );
     nats_support::delete(&url, &[name]).await;
 }
+
+/// Drops made by `Overflow::DropOldest` are written with the append that made them: a new
+/// node finds the queue as the old one left it, and the loss still to report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_outlive_the_node_that_made_them() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let who = RecipientId::new("dropping").unwrap();
+    let now = Timestamp::now_system();
+    let quota = Quota {
+        max_messages: 2,
+        overflow: offline_queue::Overflow::DropOldest,
+        ..Quota::UNLIMITED
+    };
+    {
+        let first = owned(&url, &name).await;
+        let mut dropped = 0;
+        for i in 0..5u8 {
+            dropped += first
+                .append_one(&who, record(&[i]), &quota, now)
+                .await
+                .unwrap()
+                .dropped;
+        }
+        assert_eq!(dropped, 3);
+    }
+    let second = owned(&url, &name).await;
+    let stats = second.stats(&who).await.unwrap();
+    assert_eq!((stats.messages, stats.lost), (2, 3));
+    let bodies: Vec<u8> = second
+        .read_all(&who, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.body[0])
+        .collect();
+    assert_eq!(bodies, [3, 4]);
+    nats_support::delete(&url, &[name]).await;
+}
+
+/// A read forwarded to the owner comes back in one message, whatever its byte limit: 20
+/// records of 64 KiB (1.25 MiB, over the server's 1 MiB `max_payload`) read through the other
+/// node arrive over two reads or more, in order, none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_read_fits_in_one_message() {
+    let Some(url) = url() else {
+        return;
+    };
+    let name = nats_support::unique_name();
+    let who = RecipientId::new("large").unwrap();
+    let now = Timestamp::now_system();
+    let owner = owned(&url, &name).await;
+    let other = owned(&url, &name).await;
+    for i in 0..20u8 {
+        owner
+            .append_one(&who, record(&vec![i; 64 * 1024]), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+    }
+    let limit = BatchLimit {
+        max_messages: 100,
+        max_bytes: usize::MAX,
+    };
+    let (mut after, mut got, mut reads) = (None, Vec::new(), 0);
+    loop {
+        let batch = other.read(&who, after, limit, now).await.unwrap();
+        let Some(last) = batch.records.last().map(|r| r.seq) else {
+            break;
+        };
+        reads += 1;
+        after = Some(last);
+        got.extend(batch.records.iter().map(|r| r.body[0]));
+    }
+    assert_eq!(got, (0..20).collect::<Vec<u8>>());
+    assert!(reads >= 2, "{reads} reads");
+    drop(owner);
+    nats_support::delete(&url, &[name]).await;
+}

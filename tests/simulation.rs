@@ -15,8 +15,9 @@
 //! When `OFFLINE_QUEUE_POSTGRES_URL` is set (feature `postgres`), every 50th runs on
 //! `PostgresStorage` with restarts (the engine and the storage dropped and connected again to
 //! the same schema), and likewise every 50th on `RedisStorage` when `OFFLINE_QUEUE_REDIS_URL`
-//! is set (feature `redis`), and every 50th on `NatsStorage` (streams of its own, connected
-//! again at each restart) when `OFFLINE_QUEUE_NATS_URL` is (feature `nats`), among the seeds
+//! is set (feature `redis`), and every 50th on `NatsStorage` or, in turn, `OwnedNatsStorage`
+//! (streams of its own, connected again at each restart: a new owner taking the queues over)
+//! when `OFFLINE_QUEUE_NATS_URL` is (feature `nats`), among the seeds
 //! that do not remove idle queues (JetStream removes them by its own clock). Every 50th of
 //! those also runs on `AmqpStorage` when `OFFLINE_QUEUE_AMQP_URL` is set (feature `amqp`):
 //! classic queues under a prefix of the seed's own, in a virtual host of the run's own; at
@@ -656,6 +657,15 @@ impl World {
                 let target = redis_support::Target::Single(url.clone());
                 Arc::new(common::wait(redis_support::fresh(&target, prefix)))
             }
+            // Every other NATS seed on the single-owner layout: each restart is a new node,
+            // which takes the queues over from the one dropped.
+            #[cfg(feature = "nats")]
+            (None, _)
+                if let Some((url, name)) = &self.nats
+                    && owned_nats(self.seed) =>
+            {
+                Arc::new(common::wait(nats_support::connect_owned(url, name)))
+            }
             #[cfg(feature = "nats")]
             (None, _) if let Some((url, name)) = &self.nats => {
                 Arc::new(common::wait(nats_support::connect(url, name)))
@@ -1205,6 +1215,12 @@ enum Backend {
     Redis,
     Nats,
     Amqp,
+}
+
+/// Which NATS seeds run on `OwnedNatsStorage` (the others on `NatsStorage`).
+#[cfg(feature = "nats")]
+fn owned_nats(seed: u64) -> bool {
+    seed / 50 % 2 == 1
 }
 
 /// A quarter of the seeds remove idle queues (after 30 days, at the end of the run).

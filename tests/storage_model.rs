@@ -10,7 +10,8 @@
 //! Runs on `MemoryStorage`, `RedbStorage`, on `RedisStorage` (one server and a cluster) when
 //! `OFFLINE_QUEUE_REDIS_URL` / `OFFLINE_QUEUE_REDIS_CLUSTER_URLS` are set, and on
 //! `PostgresStorage` (a schema per case) when `OFFLINE_QUEUE_POSTGRES_URL` is, and on
-//! `NatsStorage` (streams per case) when `OFFLINE_QUEUE_NATS_URL` is, and on `AmqpStorage`
+//! `NatsStorage` and `OwnedNatsStorage` (streams per case) when `OFFLINE_QUEUE_NATS_URL` is,
+//! and on `AmqpStorage`
 //! (quorum queues, a prefix per case) when `OFFLINE_QUEUE_AMQP_URL` is. A backend that leaves
 //! the global budget or purging to its medium (its `Capabilities` say so) is checked against a
 //! model that leaves them too; one without dedup, loss counts, exact quotas or exact stats,
@@ -916,6 +917,20 @@ proptest! {
         let _context = runtime.enter();
         let streams = nats_support::Streams::default();
         let storage = runtime.block_on(streams.storage(&url));
+        run(ops, &storage);
+        drop(storage);
+        runtime.block_on(streams.delete(&url));
+    }
+
+    #[test]
+    fn owned_nats_holds_what_the_model_holds(ops in proptest::collection::vec(op(), 1..80)) {
+        let Some(url) = nats_support::url() else {
+            return Ok(());
+        };
+        let runtime = server_runtime();
+        let _context = runtime.enter();
+        let streams = nats_support::Streams::default();
+        let storage = runtime.block_on(streams.owned_storage(&url));
         run(ops, &storage);
         drop(storage);
         runtime.block_on(streams.delete(&url));

@@ -92,12 +92,7 @@ impl Streams {
     pub async fn owned_storage(&self, url: &str) -> OwnedNatsStorage {
         let name = unique_name();
         self.0.lock().push(name.clone());
-        NatsStorage::options()
-            .stream(&name)
-            .prefix(&name)
-            .connect_owned(url)
-            .await
-            .expect("nats answers")
+        connect_owned(url, &name).await
     }
 
     pub async fn delete(&self, url: &str) {
@@ -119,6 +114,18 @@ pub async fn connect(url: &str, name: &str) -> NatsStorage {
         .stream(name)
         .prefix(name)
         .connect(url)
+        .await
+        .expect("nats answers")
+}
+
+/// An `OwnedNatsStorage` on the streams called `name` (made if missing), subjects under a
+/// prefix of the same name.
+#[allow(dead_code)]
+pub async fn connect_owned(url: &str, name: &str) -> OwnedNatsStorage {
+    NatsStorage::options()
+        .stream(name)
+        .prefix(name)
+        .connect_owned(url)
         .await
         .expect("nats answers")
 }

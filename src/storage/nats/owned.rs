@@ -80,6 +80,21 @@
 //! moves to where a queue is read: a recipient connected to another node reads through its
 //! queue's owner, one request a batch. Queues stay loaded in memory for the storage's life
 //! (their state, and the records not yet in a page).
+//!
+//! Narrow cases where it falls short of the contract, all found by review, none yet seen in
+//! a test:
+//! - **Sender-chosen ids after a restart or takeover.** The owner remembers the ids it
+//!   appended; a new owner has only the log's `Nats-Msg-Id` window
+//!   ([`NatsOptions::dedup_window`]). An id resent after the engine's window ended is stored
+//!   again, as asked, without a `Nats-Msg-Id` (the log still names the first copy); resent
+//!   once more within the window of that second copy, after a restart, it is stored a third
+//!   time. And a new owner decides a resend's quota before the log calls it a duplicate: in a
+//!   full queue, `DropOldest` drops the oldest record for it, `Reject` answers `QueueFull`.
+//! - **A forwarded call that times out** (the owner alive but slow, 10 s) fails retryably
+//!   though the owner may still finish it: an append retried then is stored twice unless
+//!   its id is sender-chosen. An owner that hangs keeps its queues until it dies.
+//! - **A read stops before the first append still in flight.** A later record already
+//!   stored waits for the next read, and so for the next wake-up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -91,7 +106,7 @@ use async_nats::header::NATS_MESSAGE_TTL;
 use async_nats::jetstream::context::Publish;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
-    DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, Stream,
+    Config, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, Stream,
 };
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
@@ -277,7 +292,12 @@ impl NatsOptions {
         let (log, message_ttl) = self.open_stream(&context, log_config, newer).await?;
         let pages_config = self.stream_config(&format!("{}_PAGES", self.stream), "p");
         let (pages, _) = self.open_stream(&context, pages_config, false).await?;
-        let states_config = self.stream_config(&format!("{}_STATE", self.stream), "s");
+        // Without max_age: a queue's state is written only when it is made, read or acked, and
+        // must outlive any wait for a read (its records' own ages bound them).
+        let states_config = Config {
+            max_age: Duration::ZERO,
+            ..self.stream_config(&format!("{}_STATE", self.stream), "s")
+        };
         let (states, _) = self.open_stream(&context, states_config, false).await?;
         let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
         tokio::spawn(remove_in_background(pages.clone(), queued));
@@ -400,8 +420,9 @@ impl OwnedNatsStorage {
             }
             Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
-        // Pages sealed after the state was written.
-        while self.get_page(key, sealed_below).await?.is_some() {
+        // Pages sealed after the state was written. (One that cannot be decoded is there all
+        // the same; reads take its records from the log.)
+        while self.page_exists(key, sealed_below).await? {
             sealed_below += 1;
         }
         let mut open = BTreeMap::new();
@@ -409,19 +430,20 @@ impl OwnedNatsStorage {
         // for sealing.
         let first_open = sealed_below * PAGE_RECORDS;
         let known: Vec<u64> = meta.live_from(first_open).map(|(p, _)| p).collect();
-        let mut gone = Vec::new();
         for (position, found) in self.get_logged(key, &known).await? {
+            let found = match found {
+                Found::Missing => self.settle_missing(key, position).await?,
+                found => found,
+            };
             match found {
                 Found::Record(record) => {
                     open.insert(position, record);
                 }
-                // Nothing there: closed, or the server removed it (its TTL, `max_age`).
-                Found::Gone { .. } | Found::Missing => gone.push(position),
+                // Closed, or the server removed it (its TTL, `max_age`): lost.
+                Found::Gone { .. } | Found::Missing => {
+                    meta.abandon(position, true);
+                }
             }
-        }
-        for position in gone {
-            self.close(key, position).await?;
-            meta.abandon(position, true);
         }
         // Records past the state: appends it did not record yet. (No state, no records: a
         // queue's state is written before its first record.)
@@ -445,21 +467,18 @@ impl OwnedNatsStorage {
                         }
                     }
                     Found::Gone { .. } => meta.adopt(position, None),
-                    Found::Missing => {
-                        if self.close(key, position).await? {
-                            meta.adopt(position, None);
-                            meta.lost_total += 1;
-                        } else if let Found::Record(record) =
-                            self.get_log(key, position, true).await?
-                        {
+                    Found::Missing => match self.settle_missing(key, position).await? {
+                        Found::Record(record) => {
                             meta.adopt(position, Some(record.body.len() as u32));
                             if position >= first_open {
                                 open.insert(position, record);
                             }
-                        } else {
-                            meta.adopt(position, None);
                         }
-                    }
+                        _ => {
+                            meta.adopt(position, None);
+                            meta.lost_total += 1;
+                        }
+                    },
                 }
             }
         }
@@ -539,6 +558,14 @@ impl OwnedNatsStorage {
         if let Some(node) = self.shared.owners.lock().get(key).cloned() {
             return Ok(Route::Owner(node));
         }
+        // Every publish of an earlier loading answered first: one landing after the load's
+        // scan would hold a position the new loading does not know of. (Permits before the
+        // turn, as an append takes them.)
+        let _quiet = queue
+            .in_flight
+            .acquire_many(IN_FLIGHT_PER_QUEUE as u32)
+            .await
+            .map_err(|_| reloaded())?;
         let _turn = queue.turn.lock().await;
         for _ in 0..ROUTE_ATTEMPTS {
             if queue.owned.lock().is_some() {
@@ -556,6 +583,7 @@ impl OwnedNatsStorage {
                 _ => {
                     let owned = self.load(key).await?;
                     *queue.owned.lock() = Some(owned);
+                    return Ok(Route::Here(queue.clone()));
                 }
             }
         }
@@ -611,6 +639,12 @@ impl OwnedNatsStorage {
             }
             Err(error) => Err(Error::storage(Retry::Yes, error)),
         }
+    }
+
+    /// The most record bytes a forwarded read's answer carries: below the server's
+    /// `max_payload`, with room for the records' other fields.
+    fn forwarded_bytes(&self) -> usize {
+        self.shared.page_budget.saturating_sub(64 * 1024).max(4096)
     }
 
     /// Runs a call forwarded here.
@@ -697,7 +731,8 @@ impl OwnedNatsStorage {
                 ack: ack.map(WireAck::from),
                 after: after.map(|seq| seq.0),
                 max_messages: limit.max_messages as u64,
-                max_bytes: limit.max_bytes as u64,
+                // The answer must fit in one message (its first record always goes).
+                max_bytes: limit.max_bytes.min(self.forwarded_bytes()) as u64,
                 now: now.as_millis(),
                 mark,
             };
@@ -728,14 +763,20 @@ impl OwnedNatsStorage {
 
     /// The position of the recipient's last record in the log (by arrival), if any.
     async fn last_logged(&self, key: &str) -> Result<Option<u64>> {
+        // From the leader: a lagging replica could miss the last records.
         let filter = format!("{}.l.{key}.*", self.shared.options.prefix);
-        match self.shared.log.direct_get_last_for_subject(&filter).await {
+        match self
+            .shared
+            .log
+            .get_last_raw_message_by_subject(&filter)
+            .await
+        {
             Ok(message) => Ok(message
                 .subject
                 .rsplit('.')
                 .next()
                 .and_then(|position| position.parse().ok())),
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => Err(Error::storage(Retry::Yes, error)),
         }
     }
@@ -789,6 +830,21 @@ impl OwnedNatsStorage {
         }
     }
 
+    /// Whether page `page` is sealed.
+    async fn page_exists(&self, key: &str, page: u64) -> Result<bool> {
+        let subject = self.page_subject(key, page);
+        match self
+            .shared
+            .pages
+            .direct_get_last_for_subject(&subject)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(error) => Err(Error::storage(Retry::Yes, error)),
+        }
+    }
+
     /// Closes `position` with a tombstone, which the log keeps as the position's one
     /// message. False if a record got there first.
     async fn close(&self, key: &str, position: u64) -> Result<bool> {
@@ -806,6 +862,22 @@ impl OwnedNatsStorage {
                 )),
             },
         }
+    }
+
+    /// A position a direct get found empty, settled: asked of the stream's leader (a replica
+    /// may lag), then closed with a tombstone if it is empty there too. A record that lands
+    /// first refuses the tombstone and is returned; otherwise the position holds nothing
+    /// for good.
+    async fn settle_missing(&self, key: &str, position: u64) -> Result<Found> {
+        if let found @ (Found::Record(_) | Found::Gone { .. }) =
+            self.get_log(key, position, true).await?
+        {
+            return Ok(found);
+        }
+        if self.close(key, position).await? {
+            return Ok(Found::Gone { lost: true });
+        }
+        self.get_log(key, position, true).await
     }
 
     async fn publish(
@@ -1017,7 +1089,7 @@ impl OwnedNatsStorage {
             if !sealed {
                 return;
             }
-            owned.sealed_below = page + 1;
+            owned.sealed_below = owned.sealed_below.max(page + 1);
             let range = page::positions_of(page);
             owned.open.retain(|p, _| !range.contains(p));
         }
@@ -1089,6 +1161,10 @@ impl OwnedNatsStorage {
             .collect();
         let mut missing = Vec::new();
         for (position, found) in self.get_logged(key, &from_log).await? {
+            let found = match found {
+                Found::Missing => self.settle_missing(key, position).await?,
+                found => found,
+            };
             match found {
                 Found::Record(record) => {
                     in_memory.insert(position, record);
@@ -1195,7 +1271,23 @@ async fn serve(shared: std::sync::Weak<Shared>, mut calls: async_nats::Subscribe
                     "nats: a forwarded call without its queue",
                 )),
             };
-            match crate::codec::to_bytes(&answer) {
+            let max_payload = storage.shared.client.server_info().max_payload;
+            let encoded = crate::codec::to_bytes(&answer).and_then(|bytes| {
+                if bytes.len() <= max_payload {
+                    return Ok(bytes);
+                }
+                // Not sent: the caller would wait out its timeout. What the call changed
+                // stands (an ack is idempotent; a delivery counted twice errs safe).
+                crate::codec::to_bytes(&Answer::failed(&Error::storage_msg(
+                    Retry::Yes,
+                    format!(
+                        "nats: the owner's answer is {} bytes, over the server's max_payload \
+                         of {max_payload}; retry",
+                        bytes.len()
+                    ),
+                )))
+            });
+            match encoded {
                 Ok(bytes) => {
                     if let Err(error) = storage.shared.client.publish(reply, bytes.into()).await {
                         tracing::debug!(%error, "nats: answering a forwarded call failed");
@@ -1280,6 +1372,13 @@ impl OwnedNatsStorage {
                 if let Some(&(position, sent)) = owned.ids.get(&record.id)
                     && now.as_millis().saturating_sub(sent) <= window
                 {
+                    if owned.unsettled.contains(&position) {
+                        // Its original's publish has not answered: it may yet fail.
+                        return Err(Error::storage_msg(
+                            Retry::Yes,
+                            "nats: the first append of this id is still being stored; retry",
+                        ));
+                    }
                     outcome[i] = Some(Appended::Duplicate(Seq(position)));
                 }
             }
@@ -1393,6 +1492,14 @@ impl OwnedNatsStorage {
                 }
             }
         }
+        // A drop is a loss the next read reports: written now, so a node that stops before
+        // then does not forget it. The records are stored whatever this write does.
+        if dropped > 0 {
+            let _turn = queue.turn.lock().await;
+            if let Err(error) = self.write_state(key, queue).await {
+                tracing::debug!(%error, "nats: writing a queue's drops failed; the next read writes them");
+            }
+        }
         self.seal_ready(key, queue).await;
         for (i, first) in same_as {
             outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
@@ -1465,7 +1572,7 @@ impl OwnedNatsStorage {
         let mut oldest_sent_at = in_memory;
         if let (Some(position), None) = (oldest, oldest_sent_at) {
             if page::page_of(position) < sealed
-                && let Some(records) = self.get_page(key, page::page_of(position)).await?
+                && let Ok(Some(records)) = self.get_page(key, page::page_of(position)).await
             {
                 oldest_sent_at = records
                     .iter()
@@ -1516,6 +1623,10 @@ impl OwnedNatsStorage {
             };
             owned.open.clear();
             owned.ids.clear();
+            // Appends still in flight settle into nothing: their positions are below the
+            // new floor.
+            owned.unsettled.clear();
+            owned.epoch = EPOCHS.fetch_add(1, Ordering::Relaxed);
             owned.sealed_below = owned.sealed_below.max(page::page_of(next));
             owned.removed_below = owned.sealed_below;
             (messages, owned.revision != 0)
