@@ -164,10 +164,12 @@ async fn acked_pages_leave_and_the_log_keeps_its_copies() {
     }
     let context = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
     let mut pages = context.get_stream(format!("{name}_PAGES")).await.unwrap();
-    assert!(
-        pages.info().await.unwrap().state.messages >= 6,
-        "pages sealed"
-    );
+    // Pages are sealed off the sends' path: wait for them, within a bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pages.info().await.unwrap().state.messages < 6 {
+        assert!(std::time::Instant::now() < deadline, "pages never sealed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let limit = BatchLimit {
         max_messages: 20,
         max_bytes: usize::MAX,

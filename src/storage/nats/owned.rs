@@ -239,6 +239,14 @@ struct Owned {
 }
 
 impl Owned {
+    /// Whether the next page to seal has every position settled, and no seal is running.
+    fn page_ready(&self) -> bool {
+        let range = page::positions_of(self.sealed_below);
+        !self.sealing
+            && self.meta.next() >= range.end
+            && self.unsettled.range(range).next().is_none()
+    }
+
     /// Positions a read may return: live, after `start`, before the first unsettled one.
     fn readable_from(&self, start: u64) -> impl Iterator<Item = (u64, u32)> + '_ {
         let stop = self.unsettled.first().copied().unwrap_or(u64::MAX);
@@ -391,12 +399,14 @@ impl OwnedNatsStorage {
     /// Reads a queue's state, and takes in what the log holds past it (module docs,
     /// "Loading a queue").
     async fn load(&self, key: &str) -> Result<Owned> {
-        let (mut meta, revision, mut sealed_below) = match self
-            .shared
-            .states
-            .get_last_raw_message_by_subject(&self.state_subject(key))
-            .await
-        {
+        // The log's last sequence, asked at once: a new queue's base.
+        let subject = self.state_subject(key);
+        let mut log = self.shared.log.clone();
+        let (state, info) = futures::join!(
+            self.shared.states.get_last_raw_message_by_subject(&subject),
+            log.info()
+        );
+        let (mut meta, revision, mut sealed_below) = match state {
             Ok(message) => {
                 let meta = Meta::decode(&message.payload)?;
                 let sealed = message
@@ -409,20 +419,17 @@ impl OwnedNatsStorage {
             Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
                 // A new queue: above every position an earlier one of this recipient used
                 // (each was published at or after its own log sequence).
-                let mut log = self.shared.log.clone();
-                let info = log
-                    .info()
-                    .await
-                    .map_err(|error| Error::storage(Retry::Yes, error))?;
+                let info = info.map_err(|error| Error::storage(Retry::Yes, error))?;
                 let meta = Meta::new(info.state.last_sequence);
                 let sealed = page::page_of(meta.next());
                 (meta, 0, sealed)
             }
             Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
-        // Pages sealed after the state was written. (One that cannot be decoded is there all
-        // the same; reads take its records from the log.)
-        while self.page_exists(key, sealed_below).await? {
+        // Pages sealed after the state was written (none without a state: a queue's state
+        // is written before its first record). One that cannot be decoded is there all the
+        // same; reads take its records from the log.
+        while revision != 0 && self.page_exists(key, sealed_below).await? {
             sealed_below += 1;
         }
         let mut open = BTreeMap::new();
@@ -1042,10 +1049,7 @@ impl OwnedNatsStorage {
                 };
                 let page = owned.sealed_below;
                 let range = page::positions_of(page);
-                if owned.sealing
-                    || owned.meta.next() < range.end
-                    || owned.unsettled.range(range.clone()).next().is_some()
-                {
+                if !owned.page_ready() {
                     return;
                 }
                 let live: Vec<u64> = owned
@@ -1313,7 +1317,7 @@ impl OwnedNatsStorage {
     async fn local_append(
         &self,
         key: &str,
-        queue: &Queue,
+        queue: &Arc<Queue>,
         records: Vec<NewRecord>,
         quota: &Quota,
         now: Timestamp,
@@ -1500,7 +1504,12 @@ impl OwnedNatsStorage {
                 tracing::debug!(%error, "nats: writing a queue's drops failed; the next read writes them");
             }
         }
-        self.seal_ready(key, queue).await;
+        // Sealed off the send's path: its publish would add a round trip to one send in 15.
+        let page_ready = queue.owned.lock().as_ref().is_some_and(Owned::page_ready);
+        if page_ready {
+            let (storage, key, queue) = (self.clone(), key.to_owned(), queue.clone());
+            tokio::spawn(async move { storage.seal_ready(&key, &queue).await });
+        }
         for (i, first) in same_as {
             outcome[i] = outcome[first].map(|o| Appended::Duplicate(o.seq()));
         }
