@@ -493,63 +493,22 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
             })
         });
     });
-    // The single-owner layout: pages of 15 records a request; acked pages purged behind.
-    group.bench_function("owned_read_for_delivery", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let storage = owned_storage(url, &name, replicas).await;
-                    store_with_storage(&storage, USUAL).await;
-                    let start = Instant::now();
-                    let got = drain_with_storage(&storage, USUAL).await;
-                    total += start.elapsed();
-                    assert_eq!(got, MESSAGES);
-                    delete(url, &name).await;
-                }
-                total
-            })
-        });
-    });
-    group.bench_function("durable_consumer_per_recipient", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let context = jetstream::new(client(url).await.unwrap());
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let stream = Arc::new(base_stream(&context, &name, replicas).await);
-                    consumers_for(&stream, &name, USUAL).await;
-                    store_with_publish(&context, &name, USUAL).await;
-                    let start = Instant::now();
-                    let got = drain_with_consumers(&stream, USUAL).await;
-                    total += start.elapsed();
-                    assert_eq!(got, MESSAGES);
-                    delete(url, &name).await;
-                }
-                total
-            })
-        });
-    });
+    owned_and_consumers_drain(&mut group, target, USUAL);
     group.finish();
 }
 
-/// Issue 17's drain at its own scale, 1,000 recipients × 100 messages: the single-owner
-/// layout against a durable consumer per recipient, the two drains alone (the storage made
-/// by `NatsStorage` drains at about the consumers' rate: see the usual group).
-fn drain_at_issue_scale(c: &mut Criterion, target: &Target, group_name: &str) {
+/// The single-owner layout's drain (pages of 15 records a request; acked pages purged
+/// behind), then the consumer-per-recipient way's, on `shape`.
+fn owned_and_consumers_drain(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    target: &Target,
+    shape: Shape,
+) {
     let Target {
         url,
         replicas,
         runtime,
     } = *target;
-    let shape = ISSUE_SCALE;
-    let mut group = c.benchmark_group(group_name);
-    group.sample_size(10);
-    group.sampling_mode(SamplingMode::Flat);
-    group.measurement_time(Duration::from_secs(30));
-    group.throughput(Throughput::Elements(shape.messages() as u64));
     group.bench_function("owned_read_for_delivery", |b| {
         b.iter_custom(|iters| {
             runtime.block_on(async {
@@ -588,6 +547,19 @@ fn drain_at_issue_scale(c: &mut Criterion, target: &Target, group_name: &str) {
             })
         });
     });
+}
+
+/// Issue 17's drain at its own scale, 1,000 recipients × 100 messages: the single-owner
+/// layout against a durable consumer per recipient, the two drains alone (the storage made
+/// by `NatsStorage` drains at about the consumers' rate: see the usual group).
+fn drain_at_issue_scale(c: &mut Criterion, target: &Target, group_name: &str) {
+    let shape = ISSUE_SCALE;
+    let mut group = c.benchmark_group(group_name);
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(30));
+    group.throughput(Throughput::Elements(shape.messages() as u64));
+    owned_and_consumers_drain(&mut group, target, shape);
     group.finish();
 }
 

@@ -9,8 +9,8 @@ mod nats_support;
 use nats_support::url;
 use offline_queue::storage::{Ack, Appended, NewRecord};
 use offline_queue::{
-    BatchLimit, MessageId, NatsStorage, OwnedNatsStorage, Quota, RecipientId, Seq, Storage,
-    StorageExt, Timestamp,
+    BatchLimit, MessageId, OwnedNatsStorage, Quota, RecipientId, Seq, Storage, StorageExt,
+    Timestamp,
 };
 
 fn record(body: &[u8]) -> NewRecord {
@@ -24,12 +24,7 @@ fn record(body: &[u8]) -> NewRecord {
 }
 
 async fn owned(url: &str, name: &str) -> OwnedNatsStorage {
-    NatsStorage::options()
-        .stream(name)
-        .prefix(name)
-        .connect_owned(url)
-        .await
-        .expect("nats answers")
+    nats_support::connect_owned(url, name).await
 }
 
 /// 40 records (two sealed pages and ten in the log alone), five read and marked delivered

@@ -437,11 +437,7 @@ impl OwnedNatsStorage {
         // for sealing.
         let first_open = sealed_below * PAGE_RECORDS;
         let known: Vec<u64> = meta.live_from(first_open).map(|(p, _)| p).collect();
-        for (position, found) in self.get_logged(key, &known).await? {
-            let found = match found {
-                Found::Missing => self.settle_missing(key, position).await?,
-                found => found,
-            };
+        for (position, found) in self.get_logged_settled(key, &known).await? {
             match found {
                 Found::Record(record) => {
                     open.insert(position, record);
@@ -822,6 +818,18 @@ impl OwnedNatsStorage {
             .collect()
     }
 
+    /// As [`OwnedNatsStorage::get_logged`], each position found empty settled
+    /// ([`OwnedNatsStorage::settle_missing`]): a record, or a position closed for good.
+    async fn get_logged_settled(&self, key: &str, positions: &[u64]) -> Result<Vec<(u64, Found)>> {
+        let mut found = self.get_logged(key, positions).await?;
+        for (position, found) in &mut found {
+            if matches!(found, Found::Missing) {
+                *found = self.settle_missing(key, *position).await?;
+            }
+        }
+        Ok(found)
+    }
+
     /// Page `page`'s records, if it is sealed.
     async fn get_page(&self, key: &str, page: u64) -> Result<Option<Vec<StoredRecord>>> {
         let subject = self.page_subject(key, page);
@@ -1164,11 +1172,7 @@ impl OwnedNatsStorage {
             .filter(|p| !in_memory.contains_key(p))
             .collect();
         let mut missing = Vec::new();
-        for (position, found) in self.get_logged(key, &from_log).await? {
-            let found = match found {
-                Found::Missing => self.settle_missing(key, position).await?,
-                found => found,
-            };
+        for (position, found) in self.get_logged_settled(key, &from_log).await? {
             match found {
                 Found::Record(record) => {
                     in_memory.insert(position, record);
