@@ -98,7 +98,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -276,14 +276,20 @@ impl NatsOptions {
         self.check()?;
         // Each reconnection: queues this node owned may have been taken over while it was
         // away (its calls went unanswered), so it forgets them all (see `forget_queues`).
+        // (Not the first connection: its event may come after the first queue is loaded.)
         let (reconnected, mut reconnections) = tokio::sync::mpsc::unbounded_channel();
+        let away = Arc::new(AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("offline-queue owned storage")
             .event_callback(move |event| {
-                let reconnected = reconnected.clone();
+                let (reconnected, away) = (reconnected.clone(), away.clone());
                 async move {
-                    if matches!(event, async_nats::Event::Connected) {
-                        let _ = reconnected.send(());
+                    match event {
+                        async_nats::Event::Disconnected => away.store(true, Ordering::Relaxed),
+                        async_nats::Event::Connected if away.swap(false, Ordering::Relaxed) => {
+                            let _ = reconnected.send(());
+                        }
+                        _ => {}
                     }
                 }
             })
