@@ -257,8 +257,18 @@ async fn the_other_node_forwards_to_the_owner_and_takes_over_when_it_is_gone() {
         ),
         "{refused:?}"
     );
+    // The owner hands its queues over (a graceful shutdown) and is gone: the other node takes
+    // the queue over on its next call. (Dropped without `close`, the owner's subscription
+    // could still be live when that call arrived, which would then wait out its timeout.)
+    owner.close().await.unwrap();
+    assert!(
+        owner
+            .append_one(&who, record(b"closed"), &Quota::UNLIMITED, now)
+            .await
+            .is_err(),
+        "a closed storage refuses calls"
+    );
     drop(owner);
-    // The owner is gone: the other node takes the queue over on its next call.
     let after = other
         .append_one(&who, record(&[20]), &Quota::UNLIMITED, now)
         .await

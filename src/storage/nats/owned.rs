@@ -181,17 +181,15 @@ struct Shared {
     node: String,
     /// Queues owned elsewhere, as last seen: their owner's id.
     owners: parking_lot::Mutex<HashMap<String, String>>,
-    /// The task answering calls forwarded to this node, stopped with the storage.
-    serving: parking_lot::Mutex<Option<tokio::task::AbortHandle>>,
+    /// Stops the task answering calls forwarded to this node (dropped with the storage, it
+    /// stops it too); the task answers on the sender it is given once the server has it.
+    stop_serving: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<Stopped>>>,
+    /// [`OwnedNatsStorage::close`] ran: calls fail.
+    closed: AtomicBool,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(serving) = self.serving.lock().take() {
-            serving.abort();
-        }
-    }
-}
+/// Told once a node no longer answers for its queues.
+type Stopped = tokio::sync::oneshot::Sender<()>;
 
 /// Where a queue's calls run.
 enum Route {
@@ -316,6 +314,7 @@ impl NatsOptions {
         let (removals, queued) = tokio::sync::mpsc::channel(REMOVALS_QUEUED);
         tokio::spawn(remove_in_background(pages.clone(), queued));
         let node = MessageId::generate().to_string();
+        let (stop_serving, stopping) = tokio::sync::oneshot::channel();
         let calls = client
             .subscribe(format!("{}.own.{node}", self.prefix))
             .await
@@ -335,11 +334,11 @@ impl NatsOptions {
                 client,
                 node,
                 owners: parking_lot::Mutex::new(HashMap::new()),
-                serving: parking_lot::Mutex::new(None),
+                stop_serving: parking_lot::Mutex::new(Some(stop_serving)),
+                closed: AtomicBool::new(false),
             }),
         };
-        let serving = tokio::spawn(serve(Arc::downgrade(&storage.shared), calls));
-        *storage.shared.serving.lock() = Some(serving.abort_handle());
+        tokio::spawn(serve(Arc::downgrade(&storage.shared), calls, stopping));
         let shared = Arc::downgrade(&storage.shared);
         tokio::spawn(async move {
             while reconnections.recv().await.is_some() {
@@ -367,6 +366,31 @@ impl OwnedNatsStorage {
     /// As [`NatsOptions::connect`].
     pub async fn connect(url: &str) -> Result<Self> {
         NatsOptions::default().connect_owned(url).await
+    }
+
+    /// Hands this node's queues over, for a graceful shutdown: stops answering the calls
+    /// other nodes forward here, waits until the server has that, and forgets the queues.
+    /// Each other node's next call on one of them then takes it over at once (without this,
+    /// a call that reaches a node being dropped may wait out its timeout first). Calls on
+    /// this storage fail from here on.
+    ///
+    /// # Errors
+    /// A retryable [`Error::Storage`] if the server could not be reached to confirm.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        let stop = self.shared.stop_serving.lock().take();
+        if let Some(stop) = stop {
+            let (stopped, confirmed) = tokio::sync::oneshot::channel();
+            if stop.send(stopped).is_ok() {
+                let _ = confirmed.await;
+            }
+        }
+        self.forget_queues();
+        self.shared
+            .client
+            .flush()
+            .await
+            .map_err(|error| Error::storage(Retry::Yes, error))
     }
 
     /// Whether the server removes expired records by their own TTL (server 2.11 on), as
@@ -560,6 +584,12 @@ impl OwnedNatsStorage {
     /// Where `key`'s calls run: here (the queue loaded, claimed first if no node owns it),
     /// or on its owner.
     async fn route(&self, key: &str) -> Result<Route> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(Error::storage_msg(
+                Retry::No,
+                "nats: this storage was closed (OwnedNatsStorage::close)",
+            ));
+        }
         let queue = self.queue(key);
         if queue.owned.lock().is_some() {
             return Ok(Route::Here(queue));
@@ -868,7 +898,7 @@ impl OwnedNatsStorage {
 
     /// Closes `position` with a tombstone, which the log keeps as the position's one
     /// message. False if a record got there first.
-    async fn close(&self, key: &str, position: u64) -> Result<bool> {
+    async fn close_position(&self, key: &str, position: u64) -> Result<bool> {
         let mut headers = HeaderMap::new();
         headers.insert(GONE, GONE_LOST);
         let publish = Publish::build().headers(headers);
@@ -895,7 +925,7 @@ impl OwnedNatsStorage {
         {
             return Ok(found);
         }
-        if self.close(key, position).await? {
+        if self.close_position(key, position).await? {
             return Ok(Found::Gone { lost: true });
         }
         self.get_log(key, position, true).await
@@ -1262,8 +1292,26 @@ fn mismatched() -> Error {
 
 /// Answers the calls other nodes forward to this one, each in a task of its own, until the
 /// storage is dropped.
-async fn serve(shared: std::sync::Weak<Shared>, mut calls: async_nats::Subscriber) {
-    while let Some(message) = calls.next().await {
+async fn serve(
+    shared: std::sync::Weak<Shared>,
+    mut calls: async_nats::Subscriber,
+    mut stop: tokio::sync::oneshot::Receiver<Stopped>,
+) {
+    loop {
+        let message = tokio::select! {
+            message = calls.next() => message,
+            stopped = &mut stop => {
+                // Closed, or the storage dropped: the server stops routing calls here.
+                let _ = calls.unsubscribe().await;
+                if let Ok(stopped) = stopped {
+                    let _ = stopped.send(());
+                }
+                return;
+            }
+        };
+        let Some(message) = message else {
+            return;
+        };
         let Some(shared) = shared.upgrade() else {
             return;
         };
