@@ -1432,7 +1432,7 @@ impl OwnedNatsStorage {
                 }
                 seen.insert(record.id, i);
                 if let Some(&(position, sent)) = owned.ids.get(&record.id)
-                    && now.as_millis().saturating_sub(sent) <= window
+                    && now.as_millis().saturating_sub(sent) < window
                 {
                     if owned.unsettled.contains(&position) {
                         // Its original's publish has not answered: it may yet fail.
@@ -1511,7 +1511,7 @@ impl OwnedNatsStorage {
         for (i, position, sequence) in duplicates {
             match self.logged_at(sequence).await {
                 Ok(Some((original, sent)))
-                    if now.as_millis().saturating_sub(sent.as_millis()) <= window =>
+                    if now.as_millis().saturating_sub(sent.as_millis()) < window =>
                 {
                     outcome[i] = Some(Appended::Duplicate(Seq(original)));
                     if let Some(owned) = queue.owned.lock().as_mut()
