@@ -45,7 +45,10 @@ pub(super) struct Reservation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Meta {
     pub floor: u64,
-    pub slots: VecDeque<Slot>,
+    slots: VecDeque<Slot>,
+    /// Slots holding a record, and their bytes: kept as slots change, so a quota check
+    /// costs the same on a deep queue as on an empty one.
+    live: (u64, u64),
     /// Grows by one per record lost; never goes back, even across the queue being removed
     /// and made again (a new queue starts it at its base, above any earlier total).
     pub lost_total: u64,
@@ -78,6 +81,7 @@ impl Meta {
         Self {
             floor: base,
             slots: VecDeque::new(),
+            live: (0, 0),
             lost_total: base,
             lost_confirmed: base,
             reservations: Vec::new(),
@@ -106,12 +110,40 @@ impl Meta {
 
     /// Records stored, and their bytes.
     pub fn live(&self) -> (u64, u64) {
-        self.slots
-            .iter()
-            .filter(|slot| !slot.removed)
-            .fold((0, 0), |(n, bytes), slot| {
-                (n + 1, bytes + u64::from(slot.size))
-            })
+        debug_assert_eq!(self.live, count_live(&self.slots));
+        self.live
+    }
+
+    /// Positions from the floor up to the last appended, removed ones included.
+    pub fn span(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The same recipient's queue once removed: nothing in it, its next position and its
+    /// losses (all confirmed) kept, so nothing of it is taken for the next one's.
+    pub fn emptied(&self) -> Self {
+        Self {
+            floor: self.next() - 1,
+            slots: VecDeque::new(),
+            live: (0, 0),
+            lost_total: self.lost_total,
+            lost_confirmed: self.lost_total,
+            reservations: Vec::new(),
+        }
+    }
+
+    /// Marks the slot at `position` removed, keeping the totals; false if it held nothing.
+    fn remove(&mut self, position: u64) -> bool {
+        let Some(slot) = self.slot_mut(position) else {
+            return false;
+        };
+        if slot.removed {
+            return false;
+        }
+        slot.removed = true;
+        let size = u64::from(slot.size);
+        self.live = (self.live.0 - 1, self.live.1 - size);
+        true
     }
 
     /// The highest position holding a record.
@@ -172,6 +204,7 @@ impl Meta {
             deliveries: 0,
             removed: false,
         }));
+        self.live = (messages + adding, bytes + adding_bytes);
         match self.reservations.last_mut() {
             _ if adding == 0 => {}
             // Dated by its first reservation: a merged position goes stale at most
@@ -206,11 +239,14 @@ impl Meta {
         }
         if self.next() == position {
             self.slots.push_back(match size {
-                Some(size) => Slot {
-                    size,
-                    deliveries: 0,
-                    removed: false,
-                },
+                Some(size) => {
+                    self.live = (self.live.0 + 1, self.live.1 + u64::from(size));
+                    Slot {
+                        size,
+                        deliveries: 0,
+                        removed: false,
+                    }
+                }
                 None => empty,
             });
         }
@@ -241,11 +277,7 @@ impl Meta {
     /// contract allows); not for a record that gave way to its duplicate. False if it held
     /// nothing any more.
     pub fn abandon(&mut self, position: u64, lost: bool) -> bool {
-        let Some(slot) = self.slot_mut(position) else {
-            return false;
-        };
-        let was = !slot.removed;
-        slot.removed = true;
+        let was = self.remove(position);
         if was && lost {
             self.lost_total += 1;
         }
@@ -271,10 +303,7 @@ impl Meta {
         if let Some(through) = ack.through {
             let last = through.0.min(self.next() - 1);
             for position in self.floor + 1..=last {
-                if let Some(slot) = self.slot_mut(position)
-                    && !slot.removed
-                {
-                    slot.removed = true;
+                if self.remove(position) {
                     out.acked += 1;
                     out.positions.push(position);
                 }
@@ -282,10 +311,7 @@ impl Meta {
         }
         for (seqs, lost) in [(&ack.seqs, false), (&ack.passed_over, true)] {
             for seq in seqs {
-                if let Some(slot) = self.slot_mut(seq.0)
-                    && !slot.removed
-                {
-                    slot.removed = true;
+                if self.remove(seq.0) {
                     out.positions.push(seq.0);
                     if lost {
                         self.lost_total += 1;
@@ -383,12 +409,23 @@ impl Meta {
         }
         Ok(Self {
             floor,
+            live: count_live(&slots),
             slots,
             lost_total,
             lost_confirmed,
             reservations,
         })
     }
+}
+
+/// Slots holding a record, and their bytes, counted.
+fn count_live(slots: &VecDeque<Slot>) -> (u64, u64) {
+    slots
+        .iter()
+        .filter(|slot| !slot.removed)
+        .fold((0, 0), |(n, bytes), slot| {
+            (n + 1, bytes + u64::from(slot.size))
+        })
 }
 
 fn damaged(what: &str) -> Error {

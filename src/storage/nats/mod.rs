@@ -878,7 +878,7 @@ impl NatsStorage {
     /// without reading it (see [`NatsStorage::cached`]).
     fn remember(&self, key: &str, meta: &Meta, revision: u64) {
         let mut cache = self.shared.metas.lock();
-        if meta.slots.len() > META_CACHE_SLOTS {
+        if meta.span() > META_CACHE_SLOTS {
             // A deep queue's meta is large to copy and keep; its appends read it.
             cache.remove(key);
             return;
@@ -1976,14 +1976,7 @@ impl Storage for NatsStorage {
         let removed = self
             .update(&key, |meta| {
                 let (messages, _) = meta.live();
-                let next = meta.next();
-                *meta = Meta {
-                    floor: next - 1,
-                    slots: Default::default(),
-                    lost_total: meta.lost_total,
-                    lost_confirmed: meta.lost_total,
-                    reservations: Vec::new(),
-                };
+                *meta = meta.emptied();
                 Ok(Some(messages))
             })
             .await?;
@@ -2133,7 +2126,8 @@ mod tests {
         );
     }
 
-    fn url() -> Option<String> {
+    /// The server's URL, or `None` (saying the test is skipped) when it is unset.
+    pub(super) fn url() -> Option<String> {
         let url = std::env::var("OFFLINE_QUEUE_NATS_URL").ok();
         if url.is_none() {
             assert_ne!(

@@ -72,14 +72,24 @@
 //! Purging each record instead, even off the read's path, brought the drain down to the
 //! rate of a consumer per recipient (BENCHMARKS.md, "A recipient's single owner").
 //!
+//! # Memory
+//! An owner keeps each loaded queue's state in memory (per position its size and delivery
+//! count), with the records not yet sealed in a page and the sender-chosen ids of its dedup
+//! window. A queue no call has asked for in [`NatsOptions::dedup_window`] plus
+//! [`NatsOptions::stale_reservation`] (1 hour 30 s by default) is unloaded, checked once a
+//! minute: past it the ids it remembers are spent, and its state is written first if
+//! appends changed it, so the next call loads it from its state, the pages sealed since and
+//! the log past them. The node stays its owner. A node forgets the owner it saw of a queue
+//! owned elsewhere after the same time. So memory follows the recipients active within the
+//! window, not every recipient the node ever served.
+//!
 //! # What this layout does not do (yet)
 //! As [`NatsStorage`](super::NatsStorage): no purge of expired records or idle queues by the
-//! engine's clock, no storage-wide byte budget, no atomic multi-record append across a
+//! engine's clock (an idle queue leaves memory, above, not the streams), no storage-wide byte budget, no atomic multi-record append across a
 //! failure. A drop (`Overflow::DropOldest`) is written with the queue's next state, so a node
 //! that stops before then forgets it: the records come back, never fewer. Ownership never
 //! moves to where a queue is read: a recipient connected to another node reads through its
-//! queue's owner, one request a batch. Queues stay loaded in memory for the storage's life
-//! (their state, and the records not yet in a page).
+//! queue's owner, one request a batch.
 //!
 //! Narrow cases where it falls short of the contract, all found by review, none yet seen in
 //! a test:
@@ -93,6 +103,9 @@
 //! - **A forwarded call that times out** (the owner alive but slow, 10 s) fails retryably
 //!   though the owner may still finish it: an append retried then is stored twice unless
 //!   its id is sender-chosen. An owner that hangs keeps its queues until it dies.
+//! - **An expired record not yet sealed in a page**, removed from the log by its TTL (server
+//!   2.11 on) while its queue was unloaded or its node stopped, is counted lost when the
+//!   queue loads again, not reported expired: the state does not hold deadlines.
 //! - **A read stops before the first append still in flight.** A later record already
 //!   stored waits for the next read, and so for the next wake-up.
 
@@ -186,6 +199,8 @@ struct Shared {
     stop_serving: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<Stopped>>>,
     /// [`OwnedNatsStorage::close`] ran: calls fail.
     closed: AtomicBool,
+    /// When the storage was made: queues' last use counts from here.
+    started: std::time::Instant,
 }
 
 /// Told once a node no longer answers for its queues.
@@ -198,6 +213,12 @@ enum Route {
     Owner(String),
 }
 
+/// A call routed: to be run here, on this queue, or answered by the owner.
+enum Ran<T> {
+    Here(Arc<Queue>),
+    Owner(T),
+}
+
 impl std::fmt::Debug for OwnedNatsStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OwnedNatsStorage")
@@ -206,12 +227,15 @@ impl std::fmt::Debug for OwnedNatsStorage {
     }
 }
 
-/// One recipient's queue on its owner.
+/// One recipient's queue on its owner (or, `owned` empty, a queue this node forwards).
 struct Queue {
     /// Held to load the queue and to write its state: one at a time.
     turn: tokio::sync::Mutex<()>,
     owned: parking_lot::Mutex<Option<Owned>>,
     in_flight: tokio::sync::Semaphore,
+    /// When a call last asked for it (ms from [`Shared::started`]), for
+    /// [`OwnedNatsStorage::unload_idle`].
+    last_used: AtomicU64,
 }
 
 /// What the owner knows of a loaded queue.
@@ -234,6 +258,9 @@ struct Owned {
     /// Sender-chosen ids appended here: their position and when they were appended (engine
     /// ms).
     ids: HashMap<MessageId, (u64, u64)>,
+    /// The next position and loss total of the state as last written or loaded: appends
+    /// (and losses a load finds) change them without a write, which unloading then makes.
+    written: (u64, u64),
 }
 
 impl Owned {
@@ -336,6 +363,7 @@ impl NatsOptions {
                 owners: parking_lot::Mutex::new(HashMap::new()),
                 stop_serving: parking_lot::Mutex::new(Some(stop_serving)),
                 closed: AtomicBool::new(false),
+                started: std::time::Instant::now(),
             }),
         };
         tokio::spawn(serve(Arc::downgrade(&storage.shared), calls, stopping));
@@ -348,6 +376,7 @@ impl NatsOptions {
                 OwnedNatsStorage { shared }.forget_queues();
             }
         });
+        tokio::spawn(unload_idle_in_background(Arc::downgrade(&storage.shared)));
         Ok(storage)
     }
 }
@@ -412,7 +441,9 @@ impl OwnedNatsStorage {
     }
 
     fn queue(&self, key: &str) -> Arc<Queue> {
-        self.shared
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        let queue = self
+            .shared
             .queues
             .lock()
             .entry(key.to_owned())
@@ -421,9 +452,60 @@ impl OwnedNatsStorage {
                     turn: tokio::sync::Mutex::new(()),
                     owned: parking_lot::Mutex::new(None),
                     in_flight: tokio::sync::Semaphore::new(IN_FLIGHT_PER_QUEUE),
+                    last_used: AtomicU64::new(now),
                 })
             })
-            .clone()
+            .clone();
+        queue.last_used.store(now, Ordering::Relaxed);
+        queue
+    }
+
+    /// Unloads every queue no call has asked for in `idle`, and forgets the owner of each
+    /// such queue owned elsewhere; returns how many it unloaded or forgot. A loaded queue's
+    /// state is written first if appends (or a load) changed it since it was last written:
+    /// the next load starts from there, needing nothing of the log a TTL may have removed.
+    /// A queue a call holds, or whose write fails, stays. This node stays the owner of what
+    /// it unloads (module docs, "Memory").
+    async fn unload_idle(&self, idle: Duration) -> usize {
+        let used_before = |queue: &Queue| {
+            let now = self.shared.started.elapsed().as_millis() as u64;
+            now.saturating_sub(queue.last_used.load(Ordering::Relaxed)) >= idle.as_millis() as u64
+        };
+        // Every call takes its queue from the map, under its lock: a queue held by the map
+        // alone (and here by `idle_queues`) is in no call's hands.
+        let idle_queues: Vec<(String, Arc<Queue>)> = self
+            .shared
+            .queues
+            .lock()
+            .iter()
+            .filter(|(_, queue)| Arc::strong_count(queue) == 1 && used_before(queue))
+            .map(|(key, queue)| (key.clone(), queue.clone()))
+            .collect();
+        let mut unloaded = 0;
+        for (key, queue) in idle_queues {
+            let unwritten = queue.owned.lock().as_ref().is_some_and(|owned| {
+                owned.revision != 0 && (owned.meta.next(), owned.meta.lost_total) != owned.written
+            });
+            if unwritten {
+                let _turn = queue.turn.lock().await;
+                if let Err(error) = self.write_state(&key, &queue).await {
+                    tracing::debug!(%error, queue = key, "nats: an idle queue stays loaded");
+                    continue;
+                }
+            }
+            let mut queues = self.shared.queues.lock();
+            // No call took it meanwhile (nor came and went).
+            if queues.get(&key).is_some_and(|held| Arc::ptr_eq(held, &queue))
+                && Arc::strong_count(&queue) == 2
+                && used_before(&queue)
+            {
+                queues.remove(&key);
+                drop(queues);
+                self.shared.owners.lock().remove(&key);
+                unloaded += 1;
+            }
+        }
+        unloaded
     }
 
     /// Reads a queue's state, and takes in what the log holds past it (module docs,
@@ -456,11 +538,11 @@ impl OwnedNatsStorage {
             }
             Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
+        let written = (meta.next(), meta.lost_total);
         // Pages sealed after the state was written (none without a state: a queue's state
-        // is written before its first record). One that cannot be decoded is there all the
-        // same; reads take its records from the log.
-        while revision != 0 && self.page_exists(key, sealed_below).await? {
-            sealed_below += 1;
+        // is written before its first record).
+        if revision != 0 {
+            sealed_below = self.take_in_pages(key, &mut meta, sealed_below).await?;
         }
         let mut open = BTreeMap::new();
         // Live positions of unsealed pages the state knows: their records, for reads and
@@ -499,7 +581,13 @@ impl OwnedNatsStorage {
                             open.insert(position, record);
                         }
                     }
-                    Found::Gone { .. } => meta.adopt(position, None),
+                    // Closed by an earlier load whose count of it was never written.
+                    Found::Gone { lost } => {
+                        meta.adopt(position, None);
+                        if lost {
+                            meta.lost_total += 1;
+                        }
+                    }
                     Found::Missing => match self.settle_missing(key, position).await? {
                         Found::Record(record) => {
                             meta.adopt(position, Some(record.body.len() as u32));
@@ -526,7 +614,36 @@ impl OwnedNatsStorage {
             sealing: false,
             removed_below,
             ids: HashMap::new(),
+            written,
         })
+    }
+
+    /// Finds the pages sealed from `page` on, and takes in their records past `meta`'s
+    /// positions (the log's copies may be gone by their TTL); returns the first page not
+    /// sealed. One that cannot be decoded is there all the same; reads take its records from
+    /// the log.
+    async fn take_in_pages(&self, key: &str, meta: &mut Meta, mut page: u64) -> Result<u64> {
+        loop {
+            let subject = self.page_subject(key, page);
+            let payload = match self
+                .shared
+                .pages
+                .direct_get_last_for_subject(&subject)
+                .await
+            {
+                Ok(message) => message.payload,
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(page),
+                Err(error) => return Err(Error::storage(Retry::Yes, error)),
+            };
+            if page::positions_of(page).end > meta.next() {
+                for record in page::decode(&subject, &payload).unwrap_or_default() {
+                    if record.seq.0 >= meta.next() {
+                        meta.adopt(record.seq.0, Some(record.body.len() as u32));
+                    }
+                }
+            }
+            page += 1;
+        }
     }
 
     /// Forgets every queue this node loaded and every owner it saw: after a reconnection,
@@ -745,6 +862,27 @@ impl OwnedNatsStorage {
         result.unwrap_or_else(|error| Answer::failed(&error))
     }
 
+    /// Routes a call on `key`: `Here` with the queue if this node owns it (the caller runs
+    /// the call on it), else the owner's answer to `call()`, taken apart by `answered`
+    /// (`None`: not an answer to this call).
+    async fn routed<T>(
+        &self,
+        key: &str,
+        call: impl Fn() -> Call,
+        answered: impl Fn(Answer) -> Option<T>,
+    ) -> Result<Ran<T>> {
+        for _ in 0..ROUTE_ATTEMPTS {
+            let node = match self.route(key).await? {
+                Route::Here(queue) => return Ok(Ran::Here(queue)),
+                Route::Owner(node) => node,
+            };
+            if let Some(answer) = self.forward(key, &node, &call()).await? {
+                return answered(answer).map(Ran::Owner).ok_or_else(mismatched);
+            }
+        }
+        Err(moving())
+    }
+
     /// A read, here or on the owner.
     #[allow(clippy::too_many_arguments)]
     async fn routed_read(
@@ -757,47 +895,22 @@ impl OwnedNatsStorage {
         mark: bool,
     ) -> Result<(u64, ReadBatch)> {
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => {
-                    return self
-                        .local_read(&key, &queue, ack, after, limit, now, mark)
-                        .await;
-                }
-                Route::Owner(node) => node,
-            };
-            let call = Call::Read {
-                ack: ack.map(WireAck::from),
-                after: after.map(|seq| seq.0),
-                max_messages: limit.max_messages as u64,
-                // The answer must fit in one message (its first record always goes).
-                max_bytes: limit.max_bytes.min(self.forwarded_bytes()) as u64,
-                now: now.as_millis(),
-                mark,
-            };
-            match self.forward(&key, &node, &call).await? {
-                Some(Answer::Read {
-                    acked,
-                    records,
-                    expired,
-                    damaged,
-                    lost_unconfirmed,
-                    lost_total,
-                }) => {
-                    let batch = ReadBatch {
-                        records: records.into_iter().map(StoredRecord::from).collect(),
-                        expired: expired.into_iter().map(Seq).collect(),
-                        damaged: damaged.into_iter().map(Seq).collect(),
-                        lost_unconfirmed,
-                        lost_total,
-                    };
-                    return Ok((acked, batch));
-                }
-                Some(_) => return Err(mismatched()),
-                None => continue,
+        let call = || Call::Read {
+            ack: ack.map(WireAck::from),
+            after: after.map(|seq| seq.0),
+            max_messages: limit.max_messages as u64,
+            // The answer must fit in one message (its first record always goes).
+            max_bytes: limit.max_bytes.min(self.forwarded_bytes()) as u64,
+            now: now.as_millis(),
+            mark,
+        };
+        match self.routed(&key, call, Answer::into_read).await? {
+            Ran::Here(queue) => {
+                self.local_read(&key, &queue, ack, after, limit, now, mark)
+                    .await
             }
+            Ran::Owner(read) => Ok(read),
         }
-        Err(moving())
     }
 
     /// The position of the recipient's last record in the log (by arrival), if any.
@@ -877,21 +990,6 @@ impl OwnedNatsStorage {
         {
             Ok(message) => Ok(Some(page::decode(&subject, &message.payload)?)),
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(error) => Err(Error::storage(Retry::Yes, error)),
-        }
-    }
-
-    /// Whether page `page` is sealed.
-    async fn page_exists(&self, key: &str, page: u64) -> Result<bool> {
-        let subject = self.page_subject(key, page);
-        match self
-            .shared
-            .pages
-            .direct_get_last_for_subject(&subject)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(false),
             Err(error) => Err(Error::storage(Retry::Yes, error)),
         }
     }
@@ -1026,7 +1124,7 @@ impl OwnedNatsStorage {
     /// Writes the queue's state by compare-and-set; the caller holds its turn. A refused
     /// write (another writer) unloads the queue and fails, retryably.
     async fn write_state(&self, key: &str, queue: &Queue) -> Result<()> {
-        let (epoch, payload, revision, sealed_below) = {
+        let (epoch, payload, revision, sealed_below, written) = {
             let owned = queue.owned.lock();
             let owned = owned.as_ref().ok_or_else(reloaded)?;
             (
@@ -1034,6 +1132,7 @@ impl OwnedNatsStorage {
                 owned.meta.encode(),
                 owned.revision,
                 owned.sealed_below,
+                (owned.meta.next(), owned.meta.lost_total),
             )
         };
         let mut headers = HeaderMap::new();
@@ -1048,6 +1147,7 @@ impl OwnedNatsStorage {
                     && owned.epoch == epoch
                 {
                     owned.revision = sequence;
+                    owned.written = written;
                 }
                 Ok(())
             }
@@ -1155,7 +1255,6 @@ impl OwnedNatsStorage {
         now: Timestamp,
         mark: bool,
     ) -> Result<(u64, ReadBatch)> {
-        let _turn = queue.turn.lock().await;
         let start = after.map_or(0, |after| after.0.saturating_add(1));
         // Under the queue's lock: the ack, and what to read where.
         let (epoch, acked, candidates, sealed_below, mut in_memory) = {
@@ -1263,11 +1362,42 @@ impl OwnedNatsStorage {
                 || ack.is_some_and(|ack| ack.lost_confirmed_through.is_some());
             (changed, owned.pages_to_remove())
         };
+        // The turn only for the write (a read that changes nothing waits for no other's):
+        // the state written is the queue's as it is then, this read's changes included,
+        // unless the queue was loaded afresh meanwhile, without them.
         if changed {
+            let _turn = queue.turn.lock().await;
+            if queue.owned.lock().as_ref().map(|owned| owned.epoch) != Some(epoch) {
+                return Err(reloaded());
+            }
             self.write_state(key, queue).await?;
         }
         self.remove_pages(key, pages).await;
         Ok((acked.acked, batch))
+    }
+}
+
+/// Unloads the queues idle for the dedup window and `stale_reservation` (a margin for the
+/// nodes' clocks), once a minute (or a quarter of the window), while the storage lives. Past
+/// it the sender-chosen ids a queue remembers are spent.
+async fn unload_idle_in_background(shared: std::sync::Weak<Shared>) {
+    let Some(idle) = shared
+        .upgrade()
+        .map(|shared| shared.options.dedup_window + shared.options.stale_reservation)
+    else {
+        return;
+    };
+    let mut ticks = tokio::time::interval((idle / 4).min(Duration::from_secs(60)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let unloaded = OwnedNatsStorage { shared }.unload_idle(idle).await;
+        if unloaded > 0 {
+            tracing::debug!(unloaded, "nats: unloaded idle queues");
+        }
     }
 }
 
@@ -1366,7 +1496,7 @@ async fn serve(
 fn reloaded() -> Error {
     Error::storage_msg(
         Retry::Yes,
-        "nats: the queue was unloaded while the call ran (a failed write); retry",
+        "nats: the queue was unloaded or removed while the call ran; retry",
     )
 }
 
@@ -1559,7 +1689,9 @@ impl OwnedNatsStorage {
         if dropped > 0 {
             let _turn = queue.turn.lock().await;
             if let Err(error) = self.write_state(key, queue).await {
-                tracing::debug!(%error, "nats: writing a queue's drops failed; the next read writes them");
+                // The queue is unloaded: the next call loads the state before the drops, so
+                // the dropped records come back (module docs).
+                tracing::debug!(%error, "nats: writing a queue's drops failed");
             }
         }
         // Sealed off the send's path: its publish would add a round trip to one send in 15.
@@ -1681,13 +1813,7 @@ impl OwnedNatsStorage {
             let owned = owned.as_mut().ok_or_else(reloaded)?;
             let (messages, _) = owned.meta.live();
             let next = owned.meta.next();
-            owned.meta = Meta {
-                floor: next - 1,
-                slots: Default::default(),
-                lost_total: owned.meta.lost_total,
-                lost_confirmed: owned.meta.lost_total,
-                reservations: Vec::new(),
-            };
+            owned.meta = owned.meta.emptied();
             owned.open.clear();
             owned.ids.clear();
             // Appends still in flight settle into nothing: their positions are below the
@@ -1739,29 +1865,15 @@ impl Storage for OwnedNatsStorage {
         now: Timestamp,
     ) -> Result<AppendOutcome> {
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => {
-                    return self.local_append(&key, &queue, records, quota, now).await;
-                }
-                Route::Owner(node) => node,
-            };
-            let call = Call::Append {
-                records: records.iter().cloned().map(wire::Record::from).collect(),
-                quota: quota.into(),
-                now: now.as_millis(),
-            };
-            match self.forward(&key, &node, &call).await? {
-                Some(Answer::Appended {
-                    records,
-                    dropped,
-                    pending,
-                }) => return Ok(wire::append_outcome(records, dropped, pending)),
-                Some(_) => return Err(mismatched()),
-                None => continue,
-            }
+        let call = || Call::Append {
+            records: records.iter().cloned().map(wire::Record::from).collect(),
+            quota: quota.into(),
+            now: now.as_millis(),
+        };
+        match self.routed(&key, call, Answer::into_appended).await? {
+            Ran::Here(queue) => self.local_append(&key, &queue, records, quota, now).await,
+            Ran::Owner(outcome) => Ok(outcome),
         }
-        Err(moving())
     }
 
     async fn read(
@@ -1796,40 +1908,22 @@ impl Storage for OwnedNatsStorage {
             return Ok(());
         }
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => return self.local_mark_delivered(&key, &queue, seqs).await,
-                Route::Owner(node) => node,
-            };
-            let call = Call::MarkDelivered {
-                seqs: seqs.iter().map(|seq| seq.0).collect(),
-            };
-            match self.forward(&key, &node, &call).await? {
-                Some(Answer::Done) => return Ok(()),
-                Some(_) => return Err(mismatched()),
-                None => continue,
-            }
+        let call = || Call::MarkDelivered {
+            seqs: seqs.iter().map(|seq| seq.0).collect(),
+        };
+        match self.routed(&key, call, Answer::into_done).await? {
+            Ran::Here(queue) => self.local_mark_delivered(&key, &queue, seqs).await,
+            Ran::Owner(()) => Ok(()),
         }
-        Err(moving())
     }
 
     async fn ack(&self, recipient: &RecipientId, ack: &Ack, _now: Timestamp) -> Result<u64> {
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => return self.local_ack(&key, &queue, ack).await,
-                Route::Owner(node) => node,
-            };
-            match self
-                .forward(&key, &node, &Call::Ack { ack: ack.into() })
-                .await?
-            {
-                Some(Answer::Count(acked)) => return Ok(acked),
-                Some(_) => return Err(mismatched()),
-                None => continue,
-            }
+        let call = || Call::Ack { ack: ack.into() };
+        match self.routed(&key, call, Answer::into_count).await? {
+            Ran::Here(queue) => self.local_ack(&key, &queue, ack).await,
+            Ran::Owner(acked) => Ok(acked),
         }
-        Err(moving())
     }
 
     async fn purge(
@@ -1844,47 +1938,152 @@ impl Storage for OwnedNatsStorage {
 
     async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => return self.local_stats(&key, &queue).await,
-                Route::Owner(node) => node,
-            };
-            match self.forward(&key, &node, &Call::Stats).await? {
-                Some(Answer::Stats {
-                    messages,
-                    bytes,
-                    oldest_sent_at,
-                    newest_seq,
-                    lost,
-                }) => {
-                    return Ok(RecipientStats {
-                        messages,
-                        bytes,
-                        oldest_sent_at: oldest_sent_at.map(Timestamp::from_millis),
-                        newest_seq: newest_seq.map(Seq),
-                        lost,
-                    });
-                }
-                Some(_) => return Err(mismatched()),
-                None => continue,
-            }
+        match self.routed(&key, || Call::Stats, Answer::into_stats).await? {
+            Ran::Here(queue) => self.local_stats(&key, &queue).await,
+            Ran::Owner(stats) => Ok(stats),
         }
-        Err(moving())
     }
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         let key = key(recipient);
-        for _ in 0..ROUTE_ATTEMPTS {
-            let node = match self.route(&key).await? {
-                Route::Here(queue) => return self.local_remove(&key, &queue).await,
-                Route::Owner(node) => node,
-            };
-            match self.forward(&key, &node, &Call::Remove).await? {
-                Some(Answer::Count(removed)) => return Ok(removed),
-                Some(_) => return Err(mismatched()),
-                None => continue,
-            }
+        match self.routed(&key, || Call::Remove, Answer::into_count).await? {
+            Ran::Here(queue) => self.local_remove(&key, &queue).await,
+            Ran::Owner(removed) => Ok(removed),
         }
-        Err(moving())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageExt;
+
+    fn record(i: u8) -> NewRecord {
+        NewRecord {
+            id: MessageId::generate(),
+            dedup: false,
+            sent_at: Timestamp::now_system(),
+            expires_at: None,
+            body: vec![i],
+        }
+    }
+
+    /// Waits until only the storage's map holds `key`'s queue (a page being sealed in the
+    /// background holds it too), for at most 10 s.
+    async fn only_the_map_holds(storage: &OwnedNatsStorage, key: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let count = storage.shared.queues.lock().get(key).map(Arc::strong_count);
+            if count == Some(1) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{key}: held {count:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// 20 records, three read and marked, two of them acked (the state written), then five
+    /// more the state does not hear of. Unloaded, the queue's state is written first: with
+    /// the five gone from the log (as a TTL would remove them), the queue loads with its
+    /// records and counts, the five counted lost, and its next append takes the next
+    /// position, not one of theirs. A queue a call holds stays loaded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_queue_is_unloaded_and_loads_again_as_it_was() {
+        let Some(url) = super::super::tests::url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsOptions::default()
+            .stream(&name)
+            .prefix(&name)
+            .connect_owned(&url)
+            .await
+            .unwrap();
+        let (idle, held) = (
+            RecipientId::new("idle").unwrap(),
+            RecipientId::new("held").unwrap(),
+        );
+        let now = Timestamp::now_system();
+        let mut seqs = Vec::new();
+        let append = async |who: &RecipientId, i: u8| {
+            let outcome = storage
+                .append_one(who, record(i), &Quota::UNLIMITED, now)
+                .await
+                .unwrap();
+            outcome.record.seq()
+        };
+        for i in 0..20 {
+            seqs.push(append(&idle, i).await);
+            append(&held, i).await;
+        }
+        let limit = BatchLimit {
+            max_messages: 3,
+            max_bytes: usize::MAX,
+        };
+        let read = storage
+            .read_for_delivery(&idle, None, None, limit, now)
+            .await
+            .unwrap();
+        assert_eq!(read.batch.records.len(), 3);
+        let ack = Ack {
+            through: Some(seqs[1]),
+            ..Ack::default()
+        };
+        assert_eq!(storage.ack(&idle, &ack, now).await.unwrap(), 2);
+        for i in 20..25 {
+            seqs.push(append(&idle, i).await);
+        }
+        let lost_before = storage.stats(&idle).await.unwrap().lost;
+        only_the_map_holds(&storage, &key(&idle)).await;
+        let holding = storage.queue(&key(&held));
+
+        assert_eq!(storage.unload_idle(Duration::ZERO).await, 1);
+        assert!(!storage.shared.queues.lock().contains_key(&key(&idle)));
+        assert!(
+            holding.owned.lock().is_some(),
+            "a queue a call holds stays loaded"
+        );
+        let state = storage
+            .shared
+            .states
+            .get_last_raw_message_by_subject(&storage.state_subject(&key(&idle)))
+            .await
+            .unwrap();
+        assert_eq!(
+            Meta::decode(&state.payload).unwrap().next(),
+            seqs[24].0 + 1,
+            "the state written on unloading knows every position"
+        );
+        for seq in &seqs[20..] {
+            let subject = storage.log_subject(&key(&idle), seq.0);
+            storage.shared.log.purge().filter(subject).await.unwrap();
+        }
+
+        let all = storage.read_all(&idle, now).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            seqs[2..20].to_vec()
+        );
+        assert_eq!(
+            all.iter().map(|r| r.body[0]).collect::<Vec<_>>(),
+            (2..20).collect::<Vec<u8>>()
+        );
+        let counts: Vec<u32> = all.iter().map(|r| r.delivery_count).collect();
+        assert_eq!(counts[0], 1, "{counts:?}");
+        assert!(counts[1..].iter().all(|&c| c == 0), "{counts:?}");
+        let next = storage
+            .append_one(&idle, record(25), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+        assert_eq!(next.record.seq().0, seqs[24].0 + 1);
+        let stats = storage.stats(&idle).await.unwrap();
+        assert_eq!((stats.messages, stats.lost - lost_before), (19, 5));
+
+        drop(holding);
+        storage.close().await.unwrap();
+        let context = jetstream::new(async_nats::connect(&url).await.unwrap());
+        for suffix in ["_LOG", "_PAGES", "_STATE"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
     }
 }

@@ -264,6 +264,91 @@ impl Answer {
         }
     }
 
+    /// An append's outcome, if this answers one.
+    pub fn into_appended(self) -> Option<AppendOutcome> {
+        let Answer::Appended {
+            records,
+            dropped,
+            pending,
+        } = self
+        else {
+            return None;
+        };
+        let records = records
+            .into_iter()
+            .map(|(stored, seq)| {
+                if stored {
+                    Appended::Stored(Seq(seq))
+                } else {
+                    Appended::Duplicate(Seq(seq))
+                }
+            })
+            .collect();
+        Some(AppendOutcome {
+            records,
+            dropped,
+            pending,
+            live_elsewhere: false,
+        })
+    }
+
+    /// A read's acked count and batch, if this answers one.
+    pub fn into_read(self) -> Option<(u64, ReadBatch)> {
+        let Answer::Read {
+            acked,
+            records,
+            expired,
+            damaged,
+            lost_unconfirmed,
+            lost_total,
+        } = self
+        else {
+            return None;
+        };
+        let batch = ReadBatch {
+            records: records.into_iter().map(StoredRecord::from).collect(),
+            expired: expired.into_iter().map(Seq).collect(),
+            damaged: damaged.into_iter().map(Seq).collect(),
+            lost_unconfirmed,
+            lost_total,
+        };
+        Some((acked, batch))
+    }
+
+    /// A queue's stats, if this answers for them.
+    pub fn into_stats(self) -> Option<RecipientStats> {
+        let Answer::Stats {
+            messages,
+            bytes,
+            oldest_sent_at,
+            newest_seq,
+            lost,
+        } = self
+        else {
+            return None;
+        };
+        Some(RecipientStats {
+            messages,
+            bytes,
+            oldest_sent_at: oldest_sent_at.map(Timestamp::from_millis),
+            newest_seq: newest_seq.map(Seq),
+            lost,
+        })
+    }
+
+    /// The count an ack or a removal answers with.
+    pub fn into_count(self) -> Option<u64> {
+        match self {
+            Answer::Count(count) => Some(count),
+            _ => None,
+        }
+    }
+
+    /// Whether this says a call that returns nothing was done.
+    pub fn into_done(self) -> Option<()> {
+        matches!(self, Answer::Done).then_some(())
+    }
+
     pub fn failed(error: &Error) -> Self {
         Answer::Failed(match *error {
             Error::QueueFull {
@@ -319,29 +404,6 @@ impl From<WireError> for Error {
                 Error::storage_msg(if retryable { Retry::Yes } else { Retry::No }, message)
             }
         }
-    }
-}
-
-/// The answer to an append, as the caller's outcome.
-pub(super) fn append_outcome(
-    records: Vec<(bool, u64)>,
-    dropped: u64,
-    pending: u64,
-) -> AppendOutcome {
-    AppendOutcome {
-        records: records
-            .into_iter()
-            .map(|(stored, seq)| {
-                if stored {
-                    Appended::Stored(Seq(seq))
-                } else {
-                    Appended::Duplicate(Seq(seq))
-                }
-            })
-            .collect(),
-        dropped,
-        pending,
-        live_elsewhere: false,
     }
 }
 
