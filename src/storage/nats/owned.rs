@@ -258,9 +258,30 @@ struct Owned {
     /// Sender-chosen ids appended here: their position and when they were appended (engine
     /// ms).
     ids: HashMap<MessageId, (u64, u64)>,
-    /// The next position and loss total of the state as last written or loaded: appends
-    /// (and losses a load finds) change them without a write, which unloading then makes.
-    written: (u64, u64),
+    /// The state as last written or loaded, in brief: appends (and a load) change it
+    /// without a write, which unloading then makes.
+    written: Written,
+}
+
+/// What a queue's state says of its positions, in brief: if it differs from the one last
+/// written, the state must be written before the queue is unloaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Written {
+    next: u64,
+    lost_total: u64,
+    live: (u64, u64),
+    sealed_below: u64,
+}
+
+impl Written {
+    fn of(meta: &Meta, sealed_below: u64) -> Self {
+        Written {
+            next: meta.next(),
+            lost_total: meta.lost_total,
+            live: meta.live(),
+            sealed_below,
+        }
+    }
 }
 
 impl Owned {
@@ -483,9 +504,16 @@ impl OwnedNatsStorage {
             .collect();
         let mut unloaded = 0;
         for (key, queue) in idle_queues {
-            let unwritten = queue.owned.lock().as_ref().is_some_and(|owned| {
-                owned.revision != 0 && (owned.meta.next(), owned.meta.lost_total) != owned.written
-            });
+            let (unwritten, pages) = match queue.owned.lock().as_mut() {
+                Some(owned) => (
+                    owned.revision != 0
+                        && Written::of(&owned.meta, owned.sealed_below) != owned.written,
+                    // Pages a seal finished after the last ack moved the floor past them.
+                    owned.pages_to_remove(),
+                ),
+                None => (false, 0..0),
+            };
+            self.remove_pages(&key, pages).await;
             if unwritten {
                 let _turn = queue.turn.lock().await;
                 if let Err(error) = self.write_state(&key, &queue).await {
@@ -514,9 +542,11 @@ impl OwnedNatsStorage {
         // The log's last sequence, asked at once: a new queue's base.
         let subject = self.state_subject(key);
         let mut log = self.shared.log.clone();
-        let (state, info) = futures::join!(
+        // The last record to arrive asked now, before this load closes any position.
+        let (state, info, last) = futures::join!(
             self.shared.states.get_last_raw_message_by_subject(&subject),
-            log.info()
+            log.info(),
+            self.last_logged(key)
         );
         let (mut meta, revision, mut sealed_below) = match state {
             Ok(message) => {
@@ -538,11 +568,13 @@ impl OwnedNatsStorage {
             }
             Err(error) => return Err(Error::storage(Retry::Yes, error)),
         };
-        let written = (meta.next(), meta.lost_total);
+        let (written, state_next) = (Written::of(&meta, sealed_below), meta.next());
         // Pages sealed after the state was written (none without a state: a queue's state
-        // is written before its first record).
+        // is written before its first record), and their records past it.
+        let mut paged = BTreeMap::new();
         if revision != 0 {
-            sealed_below = self.take_in_pages(key, &mut meta, sealed_below).await?;
+            let from = sealed_below.max(page::page_of(meta.floor + 1));
+            (sealed_below, paged) = self.sealed_pages(key, from, state_next).await?;
         }
         let mut open = BTreeMap::new();
         // Live positions of unsealed pages the state knows: their records, for reads and
@@ -562,18 +594,21 @@ impl OwnedNatsStorage {
         }
         // Records past the state: appends it did not record yet. (No state, no records: a
         // queue's state is written before its first record.)
+        let highest = last?.into_iter().chain(paged.keys().next_back().copied()).max();
         if revision != 0
-            && let Some(last) = self.last_logged(key).await?
-            && last >= meta.next()
+            && let Some(highest) = highest
+            && highest + IN_FLIGHT_PER_QUEUE as u64 >= state_next
         {
-            let beyond: Vec<u64> =
-                (meta.next()..=last.saturating_add(IN_FLIGHT_PER_QUEUE as u64)).collect();
-            let found = self.get_logged(key, &beyond).await?;
+            let found = self.scan_past(key, state_next, highest, &mut paged).await?;
             let end = found
                 .iter()
                 .rposition(|(_, found)| !matches!(found, Found::Missing))
                 .map_or(0, |i| i + 1);
             for (position, found) in found.into_iter().take(end) {
+                let found = match found {
+                    Found::Missing => self.settle_missing(key, position).await?,
+                    found => found,
+                };
                 match found {
                     Found::Record(record) => {
                         meta.adopt(position, Some(record.body.len() as u32));
@@ -588,18 +623,10 @@ impl OwnedNatsStorage {
                             meta.lost_total += 1;
                         }
                     }
-                    Found::Missing => match self.settle_missing(key, position).await? {
-                        Found::Record(record) => {
-                            meta.adopt(position, Some(record.body.len() as u32));
-                            if position >= first_open {
-                                open.insert(position, record);
-                            }
-                        }
-                        _ => {
-                            meta.adopt(position, None);
-                            meta.lost_total += 1;
-                        }
-                    },
+                    Found::Missing => {
+                        meta.adopt(position, None);
+                        meta.lost_total += 1;
+                    }
                 }
             }
         }
@@ -618,11 +645,17 @@ impl OwnedNatsStorage {
         })
     }
 
-    /// Finds the pages sealed from `page` on, and takes in their records past `meta`'s
-    /// positions (the log's copies may be gone by their TTL); returns the first page not
-    /// sealed. One that cannot be decoded is there all the same; reads take its records from
-    /// the log.
-    async fn take_in_pages(&self, key: &str, meta: &mut Meta, mut page: u64) -> Result<u64> {
+    /// Finds the pages sealed from `page` on: returns the first page not sealed, and the
+    /// records they hold from position `from` on (the log's copies of them may be gone by
+    /// their TTL). One that cannot be decoded is there all the same; reads take its records
+    /// from the log.
+    async fn sealed_pages(
+        &self,
+        key: &str,
+        mut page: u64,
+        from: u64,
+    ) -> Result<(u64, BTreeMap<u64, StoredRecord>)> {
+        let mut records = BTreeMap::new();
         loop {
             let subject = self.page_subject(key, page);
             let payload = match self
@@ -632,18 +665,53 @@ impl OwnedNatsStorage {
                 .await
             {
                 Ok(message) => message.payload,
-                Err(error) if error.kind() == DirectGetErrorKind::NotFound => return Ok(page),
+                Err(error) if error.kind() == DirectGetErrorKind::NotFound => {
+                    return Ok((page, records));
+                }
                 Err(error) => return Err(Error::storage(Retry::Yes, error)),
             };
-            if page::positions_of(page).end > meta.next() {
-                for record in page::decode(&subject, &payload).unwrap_or_default() {
-                    if record.seq.0 >= meta.next() {
-                        meta.adopt(record.seq.0, Some(record.body.len() as u32));
-                    }
-                }
+            if page::positions_of(page).end > from {
+                let decoded = page::decode(&subject, &payload).unwrap_or_default();
+                records.extend(
+                    decoded
+                        .into_iter()
+                        .filter(|record| record.seq.0 >= from)
+                        .map(|record| (record.seq.0, record)),
+                );
             }
             page += 1;
         }
+    }
+
+    /// What the log holds from `from` to `highest` and 64 past it, and on while records
+    /// turn up within 64 of the end (a node has at most 64 publishes in flight per queue).
+    /// A position the log lacks is taken from `paged` if a page holds it.
+    async fn scan_past(
+        &self,
+        key: &str,
+        from: u64,
+        highest: u64,
+        paged: &mut BTreeMap<u64, StoredRecord>,
+    ) -> Result<Vec<(u64, Found)>> {
+        let reach = IN_FLIGHT_PER_QUEUE as u64;
+        let mut found = Vec::new();
+        let (mut start, mut end) = (from, highest.max(from) + reach);
+        while start <= end {
+            let positions: Vec<u64> = (start..=end).collect();
+            for (position, mut got) in self.get_logged(key, &positions).await? {
+                if matches!(got, Found::Missing)
+                    && let Some(record) = paged.remove(&position)
+                {
+                    got = Found::Record(record);
+                }
+                if !matches!(got, Found::Missing) {
+                    end = end.max(position + reach);
+                }
+                found.push((position, got));
+            }
+            start = positions.last().map_or(end, |last| last + 1);
+        }
+        Ok(found)
     }
 
     /// Forgets every queue this node loaded and every owner it saw: after a reconnection,
@@ -1132,7 +1200,7 @@ impl OwnedNatsStorage {
                 owned.meta.encode(),
                 owned.revision,
                 owned.sealed_below,
-                (owned.meta.next(), owned.meta.lost_total),
+                Written::of(&owned.meta, owned.sealed_below),
             )
         };
         let mut headers = HeaderMap::new();
@@ -2080,6 +2148,72 @@ mod tests {
         assert_eq!((stats.messages, stats.lost - lost_before), (19, 5));
 
         drop(holding);
+        storage.close().await.unwrap();
+        let context = jetstream::new(async_nats::connect(&url).await.unwrap());
+        for suffix in ["_LOG", "_PAGES", "_STATE"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
+    /// 35 records and no state written past the queue's making (nobody read): pages 0 and 1
+    /// sealed, 1..=10 gone from the log (as a TTL removes them), and position 20 arriving
+    /// last. A node that loads the queue anew takes 1..=10 from their page, finds 30..=35
+    /// past the pages though the last arrival lies before them, and loses nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_takes_records_from_pages_and_the_log_past_a_stale_state() {
+        let Some(url) = super::super::tests::url() else {
+            return;
+        };
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsOptions::default()
+            .stream(&name)
+            .prefix(&name)
+            .connect_owned(&url)
+            .await
+            .unwrap();
+        let who = RecipientId::new("stale").unwrap();
+        let key = key(&who);
+        let now = Timestamp::now_system();
+        let mut seqs = Vec::new();
+        for i in 0..35 {
+            let outcome = storage
+                .append_one(&who, record(i), &Quota::UNLIMITED, now)
+                .await
+                .unwrap();
+            seqs.push(outcome.record.seq().0);
+        }
+        assert_eq!(seqs, (1..=35).collect::<Vec<u64>>(), "fresh streams start at 1");
+        only_the_map_holds(&storage, &key).await;
+        assert_eq!(storage.queue(&key).owned.lock().as_ref().unwrap().sealed_below, 2);
+        for position in 1..=10 {
+            let subject = storage.log_subject(&key, position);
+            storage.shared.log.purge().filter(subject).await.unwrap();
+        }
+        let page = storage.get_page(&key, 1).await.unwrap().unwrap();
+        let twenty = page.into_iter().find(|r| r.seq.0 == 20).unwrap();
+        let subject = storage.log_subject(&key, 20);
+        storage.shared.log.purge().filter(subject).await.unwrap();
+        storage.publish_record(&key, 20, &twenty, None).await.unwrap();
+        assert_eq!(storage.last_logged(&key).await.unwrap(), Some(20));
+
+        storage.forget_queues();
+        let all = storage.read_all(&who, now).await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.seq.0).collect::<Vec<_>>(),
+            (1..=35).collect::<Vec<u64>>()
+        );
+        assert_eq!(
+            all.iter().map(|r| r.body[0]).collect::<Vec<_>>(),
+            (0..35).collect::<Vec<u8>>()
+        );
+        let stats = storage.stats(&who).await.unwrap();
+        assert_eq!((stats.messages, stats.lost), (35, 0));
+        let next = storage
+            .append_one(&who, record(35), &Quota::UNLIMITED, now)
+            .await
+            .unwrap();
+        assert_eq!(next.record.seq().0, 36);
+
         storage.close().await.unwrap();
         let context = jetstream::new(async_nats::connect(&url).await.unwrap());
         for suffix in ["_LOG", "_PAGES", "_STATE"] {
