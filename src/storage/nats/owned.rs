@@ -37,12 +37,15 @@
 //!   ack**, not per append, and once when the queue is made.
 //!
 //! # Loading a queue
-//! The owner reads the state, then asks the log for the recipient's last record (one direct
-//! get by wildcard subject) and, when that lies past the state, reads the positions from the
-//! state's end to 64 past it (a node has at most 64 publishes in flight per queue): each
-//! record found is taken in, each position with nothing in it below the last found is closed
-//! with a tombstone, which the log's one-message-a-subject rule makes final, and counted as
-//! lost (an append that failed is over-counted, as the contract allows).
+//! The owner reads the state and, at once, asks the log for the recipient's last record to
+//! arrive (one direct get by wildcard subject). It finds the pages sealed since the state was
+//! written, keeping their copies of records past it. Then it reads the positions from the
+//! state's end to 64 past the highest of that last arrival and the pages' last record, and
+//! on while records turn up within 64 of the end (a node has at most 64 publishes in flight
+//! per queue): each record found is taken in, from a page where the log's copy is gone (its
+//! TTL); each position with nothing in it below the last found is closed with a tombstone,
+//! which the log's one-message-a-subject rule makes final, and counted as lost (an append
+//! that failed is over-counted, as the contract allows).
 //!
 //! # Owners
 //! A queue's owner is named in `OFFLINE_QUEUE_STATE` at `oq.s.<hex>.owner`, written by
