@@ -26,10 +26,9 @@
 //! ```
 //!
 //! Without `OFFLINE_QUEUE_NATS_URL` the single-server groups say so and measure nothing;
-//! without `/usr/sbin/nats-server`, the cluster's. Each iteration works on streams of its own
-//! (`OQB_*`), deleted after it.
+//! without `/usr/sbin/nats-server`, the cluster's. Each fill works on streams of its own
+//! (`OQB_*`), deleted once it is drained (a drain's fill serves one or more iterations).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -64,6 +63,8 @@ const ISSUE_SCALE: Shape = Shape {
     recipients: 1_000,
     per_recipient: 100,
 };
+/// The recipients a consumer-per-recipient iteration drains at `ISSUE_SCALE`.
+const ISSUE_SLICE: usize = 100;
 
 /// How many recipients, and messages each.
 #[derive(Clone, Copy)]
@@ -226,12 +227,17 @@ async fn store_with_publish(context: &jetstream::Context, name: &str, shape: Sha
 }
 
 async fn drain_with_storage<S: Storage>(storage: &S, shape: Shape) -> usize {
+    drain_recipients(storage, 0..shape.recipients).await
+}
+
+/// Drains `recipients`, 16 at once, each in batches of 100 with the previous batch's ack.
+async fn drain_recipients<S: Storage>(storage: &S, recipients: std::ops::Range<usize>) -> usize {
     let now = Timestamp::now_system();
     let limit = BatchLimit {
         max_messages: BATCH,
         max_bytes: usize::MAX,
     };
-    futures::stream::iter(0..shape.recipients)
+    futures::stream::iter(recipients)
         .map(|r| async move {
             let who = recipient(r);
             let (mut after, mut ack, mut got): (Option<Seq>, Option<Ack>, usize) = (None, None, 0);
@@ -256,13 +262,18 @@ async fn drain_with_storage<S: Storage>(storage: &S, shape: Shape) -> usize {
         .await
 }
 
-async fn drain_with_consumers(stream: &stream::Stream, shape: Shape) -> usize {
-    futures::stream::iter(0..shape.recipients)
+/// Drains `recipients` through their consumers, `per_recipient` messages each.
+async fn drain_with_consumers(
+    stream: &stream::Stream,
+    recipients: std::ops::Range<usize>,
+    per_recipient: usize,
+) -> usize {
+    futures::stream::iter(recipients)
         .map(|r| async move {
             let consumer: consumer::PullConsumer =
                 stream.get_consumer(&format!("r{r}")).await.unwrap();
             let mut got = 0;
-            while got < shape.per_recipient {
+            while got < per_recipient {
                 let mut batch = consumer
                     .fetch()
                     .max_messages(BATCH)
@@ -283,6 +294,64 @@ async fn drain_with_consumers(stream: &stream::Stream, shape: Shape) -> usize {
         .buffer_unordered(DRAINING)
         .fold(0, |sum, got| async move { sum + got })
         .await
+}
+
+/// Recipients filled with messages (untimed), on streams called `name`, and the first
+/// recipient not yet drained.
+struct Prepared<T> {
+    name: String,
+    filled: T,
+    next: usize,
+}
+
+/// Times draining `shape`, `slice` recipients an iteration, 16 at once: `fill` makes
+/// streams called as it is given and fills them (untimed), once every recipient of the last
+/// fill was drained; `drain` drains a range of recipients and returns how many messages it
+/// got. Each iteration's throughput is `slice` recipients' messages.
+fn drain_in_slices<T>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    function: &str,
+    target: &Target,
+    (shape, slice): (Shape, usize),
+    fill: impl AsyncFn(&str) -> T,
+    drain: impl AsyncFn(&T, std::ops::Range<usize>) -> usize,
+) {
+    assert_eq!(shape.recipients % slice, 0, "slices of equal size");
+    let Target { url, runtime, .. } = *target;
+    group.throughput(Throughput::Elements((slice * shape.per_recipient) as u64));
+    let mut prepared: Option<Prepared<T>> = None;
+    group.bench_function(function, |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if prepared.as_ref().is_none_or(|p| p.next == shape.recipients) {
+                        if let Some(drained) = prepared.take() {
+                            delete(url, &drained.name).await;
+                        }
+                        let name = name();
+                        let filled = fill(&name).await;
+                        prepared = Some(Prepared {
+                            name,
+                            filled,
+                            next: 0,
+                        });
+                    }
+                    let prepared = prepared.as_mut().unwrap();
+                    let recipients = prepared.next..prepared.next + slice;
+                    prepared.next = recipients.end;
+                    let start = Instant::now();
+                    let got = drain(&prepared.filled, recipients).await;
+                    total += start.elapsed();
+                    assert_eq!(got, slice * shape.per_recipient);
+                }
+                total
+            })
+        });
+    });
+    if let Some(left) = prepared {
+        runtime.block_on(delete(url, &left.name));
+    }
 }
 
 /// Where a group runs: the server's URL and the streams' replicas.
@@ -394,10 +463,13 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
             });
         });
     }
-    // The single-owner layout (`OwnedNatsStorage`): one publish a record.
-    for (function, recipients) in [
-        ("owned_append_one", USUAL),
-        ("owned_append_one_10_recipients", HOT),
+    // The single-owner layout (`OwnedNatsStorage`): one publish a record. New queues (each
+    // recipient's first send claims, loads and writes its queue), or `_warm`: queues already
+    // in use, as on a node that has been running, each given one message untimed first.
+    for (function, recipients, warm) in [
+        ("owned_append_one", USUAL, false),
+        ("owned_append_one_warm", USUAL, true),
+        ("owned_append_one_10_recipients", HOT, false),
     ] {
         group.bench_function(function, |b| {
             b.iter_custom(|iters| {
@@ -406,6 +478,16 @@ fn store(c: &mut Criterion, target: &Target, group_name: &str) {
                     for _ in 0..iters {
                         let name = name();
                         let storage = owned_storage(url, &name, replicas).await;
+                        if warm {
+                            store_with_storage(
+                                &storage,
+                                Shape {
+                                    recipients: recipients.recipients,
+                                    per_recipient: 1,
+                                },
+                            )
+                            .await;
+                        }
                         let start = Instant::now();
                         store_with_storage(&storage, recipients).await;
                         total += start.elapsed();
@@ -493,73 +575,62 @@ fn drain(c: &mut Criterion, target: &Target, group_name: &str) {
             })
         });
     });
-    owned_and_consumers_drain(&mut group, target, USUAL);
+    owned_and_consumers_drain(&mut group, target, USUAL, USUAL.recipients);
     group.finish();
 }
 
 /// The single-owner layout's drain (pages of 15 records a request; acked pages purged
-/// behind), then the consumer-per-recipient way's, on `shape`.
+/// behind), then the consumer-per-recipient way's, on `shape`, `slice` recipients an
+/// iteration (see [`drain_in_slices`]).
 fn owned_and_consumers_drain(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     target: &Target,
     shape: Shape,
+    slice: usize,
 ) {
-    let Target {
-        url,
-        replicas,
-        runtime,
-    } = *target;
-    group.bench_function("owned_read_for_delivery", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let storage = owned_storage(url, &name, replicas).await;
-                    store_with_storage(&storage, shape).await;
-                    let start = Instant::now();
-                    let got = drain_with_storage(&storage, shape).await;
-                    total += start.elapsed();
-                    assert_eq!(got, shape.messages());
-                    delete(url, &name).await;
-                }
-                total
-            })
-        });
-    });
-    group.bench_function("durable_consumer_per_recipient", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let context = jetstream::new(client(url).await.unwrap());
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = name();
-                    let stream = Arc::new(base_stream(&context, &name, replicas).await);
-                    consumers_for(&stream, &name, shape).await;
-                    store_with_publish(&context, &name, shape).await;
-                    let start = Instant::now();
-                    let got = drain_with_consumers(&stream, shape).await;
-                    total += start.elapsed();
-                    assert_eq!(got, shape.messages());
-                    delete(url, &name).await;
-                }
-                total
-            })
-        });
-    });
+    let Target { url, replicas, .. } = *target;
+    drain_in_slices(
+        group,
+        "owned_read_for_delivery",
+        target,
+        (shape, slice),
+        async |name: &str| {
+            let storage = owned_storage(url, name, replicas).await;
+            store_with_storage(&storage, shape).await;
+            storage
+        },
+        async |storage: &OwnedNatsStorage, recipients| drain_recipients(storage, recipients).await,
+    );
+    drain_in_slices(
+        group,
+        "durable_consumer_per_recipient",
+        target,
+        (shape, slice),
+        async |name: &str| {
+            let context = jetstream::new(client(url).await.unwrap());
+            let stream = base_stream(&context, name, replicas).await;
+            consumers_for(&stream, name, shape).await;
+            store_with_publish(&context, name, shape).await;
+            stream
+        },
+        async |stream: &stream::Stream, recipients| {
+            drain_with_consumers(stream, recipients, shape.per_recipient).await
+        },
+    );
 }
 
 /// Issue 17's drain at its own scale, 1,000 recipients × 100 messages: the single-owner
 /// layout against a durable consumer per recipient, the two drains alone (the storage made
-/// by `NatsStorage` drains at about the consumers' rate: see the usual group).
+/// by `NatsStorage` drains at about the consumers' rate: see the usual group). Both drain
+/// `ISSUE_SLICE` recipients an iteration, 16 at once, from one fill of all 1,000: on the R3
+/// cluster making a thousand consumers takes minutes, so each fill serves several samples.
 fn drain_at_issue_scale(c: &mut Criterion, target: &Target, group_name: &str) {
     let shape = ISSUE_SCALE;
     let mut group = c.benchmark_group(group_name);
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
     group.measurement_time(Duration::from_secs(30));
-    group.throughput(Throughput::Elements(shape.messages() as u64));
-    owned_and_consumers_drain(&mut group, target, shape);
+    owned_and_consumers_drain(&mut group, target, shape, ISSUE_SLICE);
     group.finish();
 }
 
