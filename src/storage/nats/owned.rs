@@ -526,7 +526,9 @@ impl OwnedNatsStorage {
             }
             let mut queues = self.shared.queues.lock();
             // No call took it meanwhile (nor came and went).
-            if queues.get(&key).is_some_and(|held| Arc::ptr_eq(held, &queue))
+            if queues
+                .get(&key)
+                .is_some_and(|held| Arc::ptr_eq(held, &queue))
                 && Arc::strong_count(&queue) == 2
                 && used_before(&queue)
             {
@@ -597,7 +599,10 @@ impl OwnedNatsStorage {
         }
         // Records past the state: appends it did not record yet. (No state, no records: a
         // queue's state is written before its first record.)
-        let highest = last?.into_iter().chain(paged.keys().next_back().copied()).max();
+        let highest = last?
+            .into_iter()
+            .chain(paged.keys().next_back().copied())
+            .max();
         if revision != 0
             && let Some(highest) = highest
             && highest + IN_FLIGHT_PER_QUEUE as u64 >= state_next
@@ -2009,7 +2014,10 @@ impl Storage for OwnedNatsStorage {
 
     async fn stats(&self, recipient: &RecipientId) -> Result<RecipientStats> {
         let key = key(recipient);
-        match self.routed(&key, || Call::Stats, Answer::into_stats).await? {
+        match self
+            .routed(&key, || Call::Stats, Answer::into_stats)
+            .await?
+        {
             Ran::Here(queue) => self.local_stats(&key, &queue).await,
             Ran::Owner(stats) => Ok(stats),
         }
@@ -2017,7 +2025,10 @@ impl Storage for OwnedNatsStorage {
 
     async fn remove_recipient(&self, recipient: &RecipientId) -> Result<u64> {
         let key = key(recipient);
-        match self.routed(&key, || Call::Remove, Answer::into_count).await? {
+        match self
+            .routed(&key, || Call::Remove, Answer::into_count)
+            .await?
+        {
             Ran::Here(queue) => self.local_remove(&key, &queue).await,
             Ran::Owner(removed) => Ok(removed),
         }
@@ -2048,7 +2059,10 @@ mod tests {
             if count == Some(1) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "{key}: held {count:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key}: held {count:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -2185,9 +2199,22 @@ mod tests {
                 .unwrap();
             seqs.push(outcome.record.seq().0);
         }
-        assert_eq!(seqs, (1..=35).collect::<Vec<u64>>(), "fresh streams start at 1");
+        assert_eq!(
+            seqs,
+            (1..=35).collect::<Vec<u64>>(),
+            "fresh streams start at 1"
+        );
         only_the_map_holds(&storage, &key).await;
-        assert_eq!(storage.queue(&key).owned.lock().as_ref().unwrap().sealed_below, 2);
+        assert_eq!(
+            storage
+                .queue(&key)
+                .owned
+                .lock()
+                .as_ref()
+                .unwrap()
+                .sealed_below,
+            2
+        );
         for position in 1..=10 {
             let subject = storage.log_subject(&key, position);
             storage.shared.log.purge().filter(subject).await.unwrap();
@@ -2196,7 +2223,10 @@ mod tests {
         let twenty = page.into_iter().find(|r| r.seq.0 == 20).unwrap();
         let subject = storage.log_subject(&key, 20);
         storage.shared.log.purge().filter(subject).await.unwrap();
-        storage.publish_record(&key, 20, &twenty, None).await.unwrap();
+        storage
+            .publish_record(&key, 20, &twenty, None)
+            .await
+            .unwrap();
         assert_eq!(storage.last_logged(&key).await.unwrap(), Some(20));
 
         storage.forget_queues();
