@@ -935,6 +935,117 @@ proptest! {
         drop(storage);
         runtime.block_on(streams.delete(&url));
     }
+
+    /// The same, every queue unloaded before each call (as an idle one is), so each call
+    /// loads its queue from the streams afresh.
+    #[test]
+    fn owned_nats_loading_each_call_holds_what_the_model_holds(
+        ops in proptest::collection::vec(op(), 1..80)
+    ) {
+        let Some(url) = nats_support::url() else {
+            return Ok(());
+        };
+        let runtime = server_runtime();
+        let _context = runtime.enter();
+        let streams = nats_support::Streams::default();
+        let storage = Unloading(runtime.block_on(streams.owned_storage(&url)));
+        run(ops, &storage);
+        drop(storage);
+        runtime.block_on(streams.delete(&url));
+    }
+}
+
+/// An `OwnedNatsStorage` that unloads every queue no call holds before each call.
+#[cfg(feature = "nats")]
+struct Unloading(offline_queue::OwnedNatsStorage);
+
+#[cfg(feature = "nats")]
+impl Unloading {
+    async fn unload(&self) {
+        self.0.unload_idle_queues(Duration::ZERO).await;
+    }
+}
+
+#[cfg(feature = "nats")]
+#[async_trait]
+impl Storage for Unloading {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn append(
+        &self,
+        recipient: &RecipientId,
+        records: Vec<NewRecord>,
+        quota: &Quota,
+        now: Timestamp,
+    ) -> offline_queue::Result<AppendOutcome> {
+        self.unload().await;
+        self.0.append(recipient, records, quota, now).await
+    }
+
+    async fn read(
+        &self,
+        recipient: &RecipientId,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> offline_queue::Result<ReadBatch> {
+        self.unload().await;
+        self.0.read(recipient, after, limit, now).await
+    }
+
+    async fn read_for_delivery(
+        &self,
+        recipient: &RecipientId,
+        ack: Option<&Ack>,
+        after: Option<Seq>,
+        limit: BatchLimit,
+        now: Timestamp,
+    ) -> offline_queue::Result<DeliveryRead> {
+        self.unload().await;
+        self.0
+            .read_for_delivery(recipient, ack, after, limit, now)
+            .await
+    }
+
+    async fn mark_delivered(
+        &self,
+        recipient: &RecipientId,
+        seqs: &[Seq],
+    ) -> offline_queue::Result<()> {
+        self.unload().await;
+        self.0.mark_delivered(recipient, seqs).await
+    }
+
+    async fn ack(
+        &self,
+        recipient: &RecipientId,
+        ack: &Ack,
+        now: Timestamp,
+    ) -> offline_queue::Result<u64> {
+        self.unload().await;
+        self.0.ack(recipient, ack, now).await
+    }
+
+    async fn purge(
+        &self,
+        now: Timestamp,
+        idle_before: Option<Timestamp>,
+        budget: usize,
+    ) -> offline_queue::Result<PurgeOutcome> {
+        self.0.purge(now, idle_before, budget).await
+    }
+
+    async fn stats(&self, recipient: &RecipientId) -> offline_queue::Result<RecipientStats> {
+        self.unload().await;
+        self.0.stats(recipient).await
+    }
+
+    async fn remove_recipient(&self, recipient: &RecipientId) -> offline_queue::Result<u64> {
+        self.unload().await;
+        self.0.remove_recipient(recipient).await
+    }
 }
 
 /// RabbitMQ, quorum queues (the default), in a virtual host of the test's own with a queue

@@ -264,6 +264,10 @@ struct Owned {
     /// The state as last written or loaded, in brief: appends (and a load) change it
     /// without a write, which unloading then makes.
     written: Written,
+    /// When this node last remembered a sender-chosen id (ms from [`Shared::started`]): the
+    /// queue stays loaded for the dedup window after it, since a new owner knows ids only
+    /// through the log's window (module docs).
+    id_remembered_at: Option<u64>,
 }
 
 /// What a queue's state says of its positions, in brief: if it differs from the one last
@@ -464,8 +468,22 @@ impl OwnedNatsStorage {
         format!("{}.s.{key}", self.shared.options.prefix)
     }
 
+    /// Milliseconds since this storage was made, by this node's clock.
+    fn since_started(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// For tests: unloads the queues idle for `idle`, as a background task does once a
+    /// minute for the dedup window plus `stale_reservation`; returns how many. A queue that
+    /// remembers a sender-chosen id from within the dedup window stays loaded.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub async fn unload_idle_queues(&self, idle: Duration) -> usize {
+        self.unload_idle(idle).await
+    }
+
     fn queue(&self, key: &str) -> Arc<Queue> {
-        let now = self.shared.started.elapsed().as_millis() as u64;
+        let now = self.since_started();
         let queue = self
             .shared
             .queues
@@ -492,9 +510,11 @@ impl OwnedNatsStorage {
     /// it unloads (module docs, "Memory").
     async fn unload_idle(&self, idle: Duration) -> usize {
         let used_before = |queue: &Queue| {
-            let now = self.shared.started.elapsed().as_millis() as u64;
-            now.saturating_sub(queue.last_used.load(Ordering::Relaxed)) >= idle.as_millis() as u64
+            self.since_started()
+                .saturating_sub(queue.last_used.load(Ordering::Relaxed))
+                >= idle.as_millis() as u64
         };
+        let window = self.shared.options.dedup_window.as_millis() as u64;
         // Every call takes its queue from the map, under its lock: a queue held by the map
         // alone (and here by `idle_queues`) is in no call's hands.
         let idle_queues: Vec<(String, Arc<Queue>)> = self
@@ -508,6 +528,14 @@ impl OwnedNatsStorage {
         let mut unloaded = 0;
         for (key, queue) in idle_queues {
             let (unwritten, pages) = match queue.owned.lock().as_mut() {
+                // Ids still within the window (only when `idle` is shorter than it).
+                Some(owned)
+                    if owned
+                        .id_remembered_at
+                        .is_some_and(|at| self.since_started().saturating_sub(at) < window) =>
+                {
+                    continue;
+                }
                 Some(owned) => (
                     owned.revision != 0
                         && Written::of(&owned.meta, owned.sealed_below) != owned.written,
@@ -650,6 +678,7 @@ impl OwnedNatsStorage {
             removed_below,
             ids: HashMap::new(),
             written,
+            id_remembered_at: None,
         })
     }
 
@@ -1675,6 +1704,7 @@ impl OwnedNatsStorage {
                 owned.open.insert(position, stored_record.clone());
                 if record.dedup {
                     owned.ids.insert(record.id, (position, now.as_millis()));
+                    owned.id_remembered_at = Some(self.since_started());
                 }
                 stored.push((i, stored_record));
             }
@@ -1728,6 +1758,7 @@ impl OwnedNatsStorage {
                         owned
                             .ids
                             .insert(records[i].id, (original, sent.as_millis()));
+                        owned.id_remembered_at = Some(self.since_started());
                     }
                 }
                 Ok(_) => {
