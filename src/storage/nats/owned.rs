@@ -2081,6 +2081,27 @@ mod tests {
         }
     }
 
+    /// A storage on streams of its own (`OQT_*`), and their name.
+    async fn own_storage(url: &str) -> (OwnedNatsStorage, String) {
+        let name = format!("OQT_{}", MessageId::generate());
+        let storage = NatsOptions::default()
+            .stream(&name)
+            .prefix(&name)
+            .connect_owned(url)
+            .await
+            .unwrap();
+        (storage, name)
+    }
+
+    /// Closes `storage` and deletes the streams of [`own_storage`].
+    async fn delete_streams(url: &str, name: &str, storage: OwnedNatsStorage) {
+        storage.close().await.unwrap();
+        let context = jetstream::new(async_nats::connect(url).await.unwrap());
+        for suffix in ["_LOG", "_PAGES", "_STATE"] {
+            let _ = context.delete_stream(format!("{name}{suffix}")).await;
+        }
+    }
+
     /// Waits until only the storage's map holds `key`'s queue (a page being sealed in the
     /// background holds it too), for at most 10 s.
     async fn only_the_map_holds(storage: &OwnedNatsStorage, key: &str) {
@@ -2108,13 +2129,7 @@ mod tests {
         let Some(url) = super::super::tests::url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsOptions::default()
-            .stream(&name)
-            .prefix(&name)
-            .connect_owned(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url).await;
         let (idle, held) = (
             RecipientId::new("idle").unwrap(),
             RecipientId::new("held").unwrap(),
@@ -2196,11 +2211,7 @@ mod tests {
         assert_eq!((stats.messages, stats.lost - lost_before), (19, 5));
 
         drop(holding);
-        storage.close().await.unwrap();
-        let context = jetstream::new(async_nats::connect(&url).await.unwrap());
-        for suffix in ["_LOG", "_PAGES", "_STATE"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name, storage).await;
     }
 
     /// 35 records and no state written past the queue's making (nobody read): pages 0 and 1
@@ -2212,13 +2223,7 @@ mod tests {
         let Some(url) = super::super::tests::url() else {
             return;
         };
-        let name = format!("OQT_{}", MessageId::generate());
-        let storage = NatsOptions::default()
-            .stream(&name)
-            .prefix(&name)
-            .connect_owned(&url)
-            .await
-            .unwrap();
+        let (storage, name) = own_storage(&url).await;
         let who = RecipientId::new("stale").unwrap();
         let key = key(&who);
         let now = Timestamp::now_system();
@@ -2278,10 +2283,6 @@ mod tests {
             .unwrap();
         assert_eq!(next.record.seq().0, 36);
 
-        storage.close().await.unwrap();
-        let context = jetstream::new(async_nats::connect(&url).await.unwrap());
-        for suffix in ["_LOG", "_PAGES", "_STATE"] {
-            let _ = context.delete_stream(format!("{name}{suffix}")).await;
-        }
+        delete_streams(&url, &name, storage).await;
     }
 }
