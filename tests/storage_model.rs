@@ -924,16 +924,7 @@ proptest! {
 
     #[test]
     fn owned_nats_holds_what_the_model_holds(ops in proptest::collection::vec(op(), 1..80)) {
-        let Some(url) = nats_support::url() else {
-            return Ok(());
-        };
-        let runtime = server_runtime();
-        let _context = runtime.enter();
-        let streams = nats_support::Streams::default();
-        let storage = runtime.block_on(streams.owned_storage(&url));
-        run(ops, &storage);
-        drop(storage);
-        runtime.block_on(streams.delete(&url));
+        on_owned_nats(ops, false);
     }
 
     /// The same, every queue unloaded before each call (as an idle one is), so each call
@@ -942,17 +933,27 @@ proptest! {
     fn owned_nats_loading_each_call_holds_what_the_model_holds(
         ops in proptest::collection::vec(op(), 1..80)
     ) {
-        let Some(url) = nats_support::url() else {
-            return Ok(());
-        };
-        let runtime = server_runtime();
-        let _context = runtime.enter();
-        let streams = nats_support::Streams::default();
-        let storage = Unloading(runtime.block_on(streams.owned_storage(&url)));
-        run(ops, &storage);
-        drop(storage);
-        runtime.block_on(streams.delete(&url));
+        on_owned_nats(ops, true);
     }
+}
+
+/// Runs `ops` on an `OwnedNatsStorage` on streams of its own, every queue unloaded before
+/// each call if `loading_each_call`.
+#[cfg(feature = "nats")]
+fn on_owned_nats(ops: Vec<Op>, loading_each_call: bool) {
+    let Some(url) = nats_support::url() else {
+        return;
+    };
+    let runtime = server_runtime();
+    let _context = runtime.enter();
+    let streams = nats_support::Streams::default();
+    let storage = runtime.block_on(streams.owned_storage(&url));
+    if loading_each_call {
+        run(ops, &Unloading(storage));
+    } else {
+        run(ops, &storage);
+    }
+    runtime.block_on(streams.delete(&url));
 }
 
 /// An `OwnedNatsStorage` that unloads every queue no call holds before each call.
