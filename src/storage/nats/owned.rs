@@ -88,11 +88,12 @@
 //!
 //! # What this layout does not do (yet)
 //! As [`NatsStorage`](super::NatsStorage): no purge of expired records or idle queues by the
-//! engine's clock (an idle queue leaves memory, above, not the streams), no storage-wide byte budget, no atomic multi-record append across a
-//! failure. A drop (`Overflow::DropOldest`) is written with the queue's next state, so a node
-//! that stops before then forgets it: the records come back, never fewer. Ownership never
-//! moves to where a queue is read: a recipient connected to another node reads through its
-//! queue's owner, one request a batch.
+//! engine's clock (an idle queue leaves memory, above, not the streams), no storage-wide
+//! byte budget, no atomic multi-record append across a failure. A drop
+//! (`Overflow::DropOldest`) is written with the append that made it; if that write fails,
+//! or the node stops first, the queue loads from the state before it: the records come
+//! back, never fewer. Ownership never moves to where a queue is read: a recipient connected
+//! to another node reads through its queue's owner, one request a batch.
 //!
 //! Narrow cases where it falls short of the contract, all found by review, none yet seen in
 //! a test:
@@ -506,8 +507,9 @@ impl OwnedNatsStorage {
     /// such queue owned elsewhere; returns how many it unloaded or forgot. A loaded queue's
     /// state is written first if appends (or a load) changed it since it was last written:
     /// the next load starts from there, needing nothing of the log a TTL may have removed.
-    /// A queue a call holds, or whose write fails, stays. This node stays the owner of what
-    /// it unloads (module docs, "Memory").
+    /// A queue a call holds, or whose write fails, or that remembers a sender-chosen id from
+    /// within the dedup window (when `idle` is shorter), stays. This node stays the owner of
+    /// what it unloads (module docs, "Memory").
     async fn unload_idle(&self, idle: Duration) -> usize {
         let used_before = |queue: &Queue| {
             self.since_started()
