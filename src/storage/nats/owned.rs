@@ -695,20 +695,7 @@ impl OwnedNatsStorage {
         from: u64,
     ) -> Result<(u64, BTreeMap<u64, StoredRecord>)> {
         let mut records = BTreeMap::new();
-        loop {
-            let subject = self.page_subject(key, page);
-            let payload = match self
-                .shared
-                .pages
-                .direct_get_last_for_subject(&subject)
-                .await
-            {
-                Ok(message) => message.payload,
-                Err(error) if error.kind() == DirectGetErrorKind::NotFound => {
-                    return Ok((page, records));
-                }
-                Err(error) => return Err(Error::storage(Retry::Yes, error)),
-            };
+        while let Some((subject, payload)) = self.page_message(key, page).await? {
             if page::positions_of(page).end > from {
                 let decoded = page::decode(&subject, &payload).unwrap_or_default();
                 records.extend(
@@ -720,6 +707,7 @@ impl OwnedNatsStorage {
             }
             page += 1;
         }
+        Ok((page, records))
     }
 
     /// What the log holds from `from` to `highest` and 64 past it, and on while records
@@ -1088,6 +1076,14 @@ impl OwnedNatsStorage {
 
     /// Page `page`'s records, if it is sealed.
     async fn get_page(&self, key: &str, page: u64) -> Result<Option<Vec<StoredRecord>>> {
+        match self.page_message(key, page).await? {
+            Some((subject, payload)) => Ok(Some(page::decode(&subject, &payload)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Page `page` as stored, its subject and payload, if it is sealed.
+    async fn page_message(&self, key: &str, page: u64) -> Result<Option<(String, Bytes)>> {
         let subject = self.page_subject(key, page);
         match self
             .shared
@@ -1095,7 +1091,7 @@ impl OwnedNatsStorage {
             .direct_get_last_for_subject(&subject)
             .await
         {
-            Ok(message) => Ok(Some(page::decode(&subject, &message.payload)?)),
+            Ok(message) => Ok(Some((subject, message.payload))),
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(error) => Err(Error::storage(Retry::Yes, error)),
         }
